@@ -1,0 +1,80 @@
+#include "contracts/outbox_message.hpp"
+
+#include <charconv>
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
+#include "contracts/status.hpp"
+
+namespace pop {
+
+std::string make_message_id(std::uint64_t version, std::uint32_t index) {
+  char buf[32];
+  const int n =
+      std::snprintf(buf, sizeof buf, "%020llu-%06u", static_cast<unsigned long long>(version),
+                    static_cast<unsigned>(index));
+  return std::string(buf, static_cast<std::size_t>(n));
+}
+
+absl::StatusOr<std::pair<std::uint64_t, std::uint32_t>> parse_message_id(std::string_view id) {
+  const auto bad = [&] {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", detail::to_absl(id), "' is not a message id (20 digits, '-', 6 digits)"));
+  };
+  if (id.size() != 27 || id[20] != '-') return bad();
+  std::uint64_t version = 0;
+  std::uint32_t index = 0;
+  const char* b = id.data();
+  if (auto r = std::from_chars(b, b + 20, version); r.ec != std::errc() || r.ptr != b + 20)
+    return bad();
+  if (auto r = std::from_chars(b + 21, b + 27, index); r.ec != std::errc() || r.ptr != b + 27)
+    return bad();
+  return std::pair{version, index};
+}
+
+json outbox_message::to_json() const {
+  return json{{"id", id},
+              {"topic", topic},
+              {"key", key},
+              {"payload", payload},
+              {"headers", headers},
+              {"created_at_us", created_at_us},
+              {"version", version},
+              {"attempts", attempts},
+              {"last_error", last_error},
+              {"next_attempt_at_us", next_attempt_at_us}};
+}
+
+absl::StatusOr<outbox_message> outbox_message::from_json(const json& j) {
+  if (!j.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("an outbox message must be a JSON object, not ", j.type_name()));
+  }
+  outbox_message m;
+  const auto field = [&](const char* name, auto& out) -> absl::Status {
+    const auto it = j.find(name);
+    if (it == j.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("outbox message has no field '", name, "'"));
+    }
+    try {
+      it->get_to(out);
+    } catch (const json::exception& e) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("outbox message field '", name, "' has the wrong type: ", e.what()));
+    }
+    return absl::OkStatus();
+  };
+  POP_RETURN_IF_ERROR(field("id", m.id));
+  POP_RETURN_IF_ERROR(field("topic", m.topic));
+  POP_RETURN_IF_ERROR(field("key", m.key));
+  if (const auto it = j.find("payload"); it != j.end()) m.payload = *it;
+  POP_RETURN_IF_ERROR(field("headers", m.headers));
+  POP_RETURN_IF_ERROR(field("created_at_us", m.created_at_us));
+  POP_RETURN_IF_ERROR(field("version", m.version));
+  POP_RETURN_IF_ERROR(field("attempts", m.attempts));
+  POP_RETURN_IF_ERROR(field("last_error", m.last_error));
+  POP_RETURN_IF_ERROR(field("next_attempt_at_us", m.next_attempt_at_us));
+  return m;
+}
+
+}  // namespace pop

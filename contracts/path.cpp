@@ -1,0 +1,199 @@
+#include "contracts/path.hpp"
+
+#include <algorithm>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "contracts/status.hpp"
+
+namespace pop {
+namespace {
+
+bool is_segment_char(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+         c == '-';
+}
+
+// Maps '.' below every other character so plain character order becomes segment-wise order.
+unsigned char rank(char c) {
+  return c == '.' ? 0 : static_cast<unsigned char>(c);
+}
+
+}  // namespace
+
+absl::Status validate_segment(std::string_view segment) {
+  if (segment.empty()) return absl::InvalidArgumentError("path segment is empty");
+  if (segment.size() > max_segment_length) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("path segment '", detail::to_absl(segment.substr(0, 32)),
+                     "...' is longer than ", max_segment_length, " characters"));
+  }
+  for (std::size_t i = 0; i < segment.size(); ++i) {
+    if (!is_segment_char(segment[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("path segment '", detail::to_absl(segment), "' has character '",
+                       absl::string_view(&segment[i], 1), "' at offset ", i,
+                       "; segments may hold only letters, digits, '_' and '-'"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<path> path::parse(std::string_view text) {
+  const auto quoted = [&] {
+    return absl::StrCat("invalid path '", detail::to_absl(text.substr(0, 64)),
+                        text.size() > 64 ? "...'" : "'");
+  };
+  if (text.empty())
+    return absl::InvalidArgumentError("invalid path '': a path needs at least one segment");
+  if (text.size() > max_path_length) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(quoted(), ": ", text.size(), " characters, the limit is ", max_path_length));
+  }
+  std::size_t depth = 0;
+  std::string_view rest = text;
+  while (true) {
+    const std::size_t dot = rest.find('.');
+    const std::string_view segment = rest.substr(0, dot);
+    ++depth;
+    if (segment.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(quoted(), ": segment ", depth, " is empty"));
+    }
+    if (absl::Status s = validate_segment(segment); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(quoted(), ": ", s.message()));
+    }
+    if (dot == std::string_view::npos) break;
+    rest.remove_prefix(dot + 1);
+    if (rest.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(quoted(), ": segment ", depth + 1, " is empty"));
+    }
+  }
+  if (depth > max_path_depth) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(quoted(), ": ", depth, " segments, the limit is ", max_path_depth));
+  }
+  return path(std::string(text));
+}
+
+std::size_t path::depth() const {
+  return static_cast<std::size_t>(std::count(text_.begin(), text_.end(), '.')) + 1;
+}
+
+std::vector<std::string_view> path::segments() const {
+  std::vector<std::string_view> out;
+  std::string_view rest = text_;
+  while (!rest.empty()) out.push_back(detail::take_segment(rest));
+  return out;
+}
+
+absl::StatusOr<path> path::child(std::string_view segment) const {
+  std::string text;
+  text.reserve(text_.size() + 1 + segment.size());
+  text += text_;
+  text += '.';
+  text += segment;
+  return parse(text);
+}
+
+bool path::contains(const path& other) const {
+  return detail::path_contains(text_, other.text_);
+}
+
+bool path::overlaps(const path& other) const {
+  return detail::path_contains(text_, other.text_) || detail::path_contains(other.text_, text_);
+}
+
+bool operator<(const path& a, const path& b) {
+  return detail::compare_paths(a.text_, b.text_) < 0;
+}
+
+namespace detail {
+
+int compare_paths(std::string_view a, std::string_view b) {
+  const std::size_t n = std::min(a.size(), b.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    const unsigned char x = rank(a[i]);
+    const unsigned char y = rank(b[i]);
+    if (x != y) return x < y ? -1 : 1;
+  }
+  if (a.size() == b.size()) return 0;
+  return a.size() < b.size() ? -1 : 1;
+}
+
+bool path_contains(std::string_view a, std::string_view b) {
+  if (b.size() < a.size() || b.substr(0, a.size()) != a) return false;
+  return b.size() == a.size() || b[a.size()] == '.';
+}
+
+std::string_view take_segment(std::string_view& rest) {
+  const std::size_t dot = rest.find('.');
+  const std::string_view segment = rest.substr(0, dot);
+  rest = dot == std::string_view::npos ? std::string_view() : rest.substr(dot + 1);
+  return segment;
+}
+
+}  // namespace detail
+
+path_set::path_set(std::initializer_list<path> paths) {
+  for (const path& p : paths) insert(p);
+}
+
+void path_set::insert(const path& p) {
+  const auto it = std::lower_bound(paths_.begin(), paths_.end(), p);
+  if (it != paths_.end() && *it == p) return;
+  paths_.insert(it, p);
+}
+
+void path_set::insert_all(const path_set& other) {
+  if (other.empty()) return;
+  std::vector<path> merged;
+  merged.reserve(paths_.size() + other.paths_.size());
+  std::set_union(paths_.begin(), paths_.end(), other.paths_.begin(), other.paths_.end(),
+                 std::back_inserter(merged));
+  paths_ = std::move(merged);
+}
+
+bool path_set::covers(const path& p) const {
+  // An ancestor of p sorts at or before p; check each prefix of p by exact search.
+  const std::string& text = p.str();
+  std::size_t end = 0;
+  while (true) {
+    end = text.find('.', end);
+    const std::string_view prefix(text.data(), end == std::string::npos ? text.size() : end);
+    const auto it = std::lower_bound(
+        paths_.begin(), paths_.end(), prefix,
+        [](const path& m, std::string_view t) { return detail::compare_paths(m.str(), t) < 0; });
+    if (it != paths_.end() && it->str() == prefix) return true;
+    if (end == std::string::npos) return false;
+    ++end;
+  }
+}
+
+bool path_set::overlaps(const path& p) const {
+  if (covers(p)) return true;
+  // Descendants of p form a contiguous run directly after where p would sort.
+  const auto it = std::lower_bound(paths_.begin(), paths_.end(), p);
+  return it != paths_.end() && p.contains(*it);
+}
+
+bool path_set::overlaps(const path_set& other) const {
+  const path_set& small = size() <= other.size() ? *this : other;
+  const path_set& large = size() <= other.size() ? other : *this;
+  for (const path& p : small) {
+    if (large.overlaps(p)) return true;
+  }
+  return false;
+}
+
+std::string path_set::to_string() const {
+  std::string out = "[";
+  for (std::size_t i = 0; i < paths_.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += paths_[i].str();
+  }
+  out += "]";
+  return out;
+}
+
+}  // namespace pop

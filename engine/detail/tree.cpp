@@ -1,0 +1,185 @@
+#include "engine/detail/tree.hpp"
+
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "contracts/path.hpp"
+#include "contracts/status.hpp"
+
+namespace pop::detail {
+namespace {
+
+bool fits_blob(const json& j, std::size_t& budget) {
+  if (j.is_object() && j.size() > blob_max_members) return false;
+  if (!j.is_structured()) return true;
+  for (const json& element : j) {
+    if (budget == 0) return false;
+    --budget;
+    if (!fits_blob(element, budget)) return false;
+  }
+  return true;
+}
+
+node_ptr make_blob(json value) {
+  auto n = std::make_shared<value_node>();
+  n->blob = std::move(value);
+  return n;
+}
+
+node_ptr make_map(pmap<node_ptr> members) {
+  auto n = std::make_shared<value_node>();
+  n->is_map = true;
+  n->members = std::move(members);
+  return n;
+}
+
+// The prefix of `full` that ends with `segment` (a view into `full`), for error messages.
+std::string_view prefix_through(std::string_view full, std::string_view segment) {
+  return full.substr(0, static_cast<std::size_t>(segment.data() + segment.size() - full.data()));
+}
+
+absl::Status not_an_object(std::string_view full, std::string_view prefix, const json& holder) {
+  return absl::FailedPreconditionError(absl::StrCat("cannot write '", to_absl(full), "': '",
+                                                    to_absl(prefix), "' holds a ",
+                                                    holder.type_name(), ", not an object"));
+}
+
+// Writes `value` at `rest` inside the JSON object `doc`, creating missing objects.
+absl::Status json_assign(json& doc, std::string_view rest, json value, std::string_view full) {
+  json* cur = &doc;
+  while (true) {
+    const std::string_view segment = take_segment(rest);
+    auto& object = cur->get_ref<json::object_t&>();
+    if (rest.empty()) {
+      object.insert_or_assign(std::string(segment), std::move(value));
+      return absl::OkStatus();
+    }
+    auto it = object.find(segment);
+    if (it == object.end()) {
+      it = object.emplace(std::string(segment), json::object()).first;
+    } else if (!it->second.is_object()) {
+      return not_an_object(full, prefix_through(full, segment), it->second);
+    }
+    cur = &it->second;
+  }
+}
+
+// Removes `rest` inside JSON object `doc`; returns whether something was removed.
+bool json_erase(json& doc, std::string_view rest) {
+  json* cur = &doc;
+  while (true) {
+    const std::string_view segment = take_segment(rest);
+    if (!cur->is_object()) return false;
+    auto& object = cur->get_ref<json::object_t&>();
+    const auto it = object.find(segment);
+    if (it == object.end()) return false;
+    if (rest.empty()) {
+      object.erase(it);
+      return true;
+    }
+    cur = &it->second;
+  }
+}
+
+absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, node_ptr value,
+                                   std::string_view full) {
+  if (rest.empty()) return value;
+  if (node && node->is_map) {
+    const std::string_view segment = take_segment(rest);
+    const node_ptr* child = node->members.find(segment);
+    POP_ASSIGN_OR_RETURN(node_ptr updated,
+                         assign_at(child ? *child : node_ptr(), rest, std::move(value), full));
+    return make_map(node->members.set(segment, std::move(updated)));
+  }
+  // A blob or a missing object: write at the JSON level and let make_node choose the form again,
+  // so an object that grows too large becomes a member map.
+  json doc = node ? node->blob : json::object();
+  if (!doc.is_object()) {
+    return not_an_object(
+        full, full.substr(0, static_cast<std::size_t>(rest.data() - full.data()) - 1), doc);
+  }
+  POP_RETURN_IF_ERROR(json_assign(doc, rest, materialise({value.get(), nullptr}), full));
+  return make_node(std::move(doc));
+}
+
+node_ptr erase_at(const node_ptr& node, std::string_view rest) {
+  if (node->is_map) {
+    const std::string_view segment = take_segment(rest);
+    if (rest.empty()) {
+      pmap<node_ptr> members = node->members.erase(segment);
+      return members.same_root(node->members) ? node : make_map(std::move(members));
+    }
+    const node_ptr* child = node->members.find(segment);
+    if (!child) return node;
+    node_ptr updated = erase_at(*child, rest);
+    if (updated == *child) return node;
+    return make_map(node->members.set(segment, std::move(updated)));
+  }
+  if (!node->blob.is_object()) return node;
+  json doc = node->blob;
+  if (!json_erase(doc, rest)) return node;
+  return make_blob(std::move(doc));
+}
+
+}  // namespace
+
+node_ptr make_node(json value) {
+  std::size_t budget = blob_max_elements;
+  if (!value.is_object() || fits_blob(value, budget)) return make_blob(std::move(value));
+  auto& object = value.get_ref<json::object_t&>();
+  std::vector<std::pair<std::string, node_ptr>> entries;
+  entries.reserve(object.size());
+  for (auto& [key, member] : object) entries.emplace_back(key, make_node(std::move(member)));
+  return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
+}
+
+node_ptr make_root(json object) {
+  node_ptr n = make_node(std::move(object));
+  if (n->is_map) return n;
+  std::vector<std::pair<std::string, node_ptr>> entries;
+  for (auto& [key, member] : n->blob.items()) entries.emplace_back(key, make_node(member));
+  return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
+}
+
+location member(const location& at, std::string_view key) {
+  if (!at.exists()) return {};
+  const json* holder = at.inner ? at.inner : (at.node->is_map ? nullptr : &at.node->blob);
+  if (holder) {
+    if (!holder->is_object()) return {};
+    const auto& object = holder->get_ref<const json::object_t&>();
+    const auto it = object.find(key);
+    if (it == object.end()) return {};
+    return {at.node, &it->second};
+  }
+  const node_ptr* child = at.node->members.find(key);
+  if (!child) return {};
+  return {child->get(), nullptr};
+}
+
+location lookup(const value_node& root, std::string_view path_text) {
+  location at{&root, nullptr};
+  while (!path_text.empty() && at.exists()) at = member(at, take_segment(path_text));
+  return at;
+}
+
+json materialise(const location& at) {
+  if (at.inner) return *at.inner;
+  if (!at.node->is_map) return at.node->blob;
+  json out = json::object();
+  auto& object = out.get_ref<json::object_t&>();
+  for (auto it = at.node->members.begin(); it != at.node->members.end(); ++it) {
+    object.emplace_hint(object.end(), it.key(), materialise({it.value().get(), nullptr}));
+  }
+  return out;
+}
+
+absl::StatusOr<node_ptr> assign(const node_ptr& root, std::string_view path_text, node_ptr value) {
+  return assign_at(root, path_text, std::move(value), path_text);
+}
+
+node_ptr erase(const node_ptr& root, std::string_view path_text) {
+  return erase_at(root, path_text);
+}
+
+}  // namespace pop::detail

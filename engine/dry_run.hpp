@@ -1,0 +1,40 @@
+// Defines pop::dry_run, which runs one process against a fixture state without an engine.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "contracts/json.hpp"
+#include "contracts/outbox_message.hpp"
+#include "contracts/process_spec.hpp"
+#include "engine/engine.hpp"
+#include "engine/result.hpp"
+
+namespace pop {
+
+// What one process run would commit, as plain values for assertions.
+struct dry_run_result {
+  std::vector<write> writes;             // state writes, in order (outbox diffs included)
+  std::vector<outbox_message> messages;  // messages with the ids they would get
+  std::vector<std::string> reads;        // paths the process read
+  json state;                            // the whole state after the commit
+};
+
+// Settings of a dry run.
+struct dry_run_options {
+  std::uint64_t version = 0;  // the fixture's version; messages get version+1
+  std::string outbox_path = "domain.outbox_queue";
+};
+
+// Runs `fn` under `spec` once on `fixture` (a JSON object) with `args`, with the same contract
+// enforcement and validation as engine::execute, and returns what it would commit. Nothing needs
+// mocking: a process is a function of its snapshot. Errors are those of engine::execute (except
+// kNotFound and kAborted), plus kInvalidArgument for a bad spec, fixture or outbox path.
+[[nodiscard]] absl::StatusOr<dry_run_result> dry_run(const process_spec& spec, const process_fn& fn,
+                                                     const json& fixture, const json& args,
+                                                     const dry_run_options& opts = {});
+
+}  // namespace pop

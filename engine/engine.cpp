@@ -1,0 +1,639 @@
+#include "engine/engine.hpp"
+
+#include <algorithm>
+#include <random>
+#include <stdexcept>
+#include <thread>
+#include <utility>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "contracts/status.hpp"
+#include "engine/dry_run.hpp"
+
+namespace pop {
+namespace detail {
+
+struct registered {
+  process_contract contract;
+  process_fn fn;
+};
+
+// One state change, validated, with its new value already built as a node (null: delete).
+struct prepared_write {
+  path target;
+  node_ptr value;
+};
+
+// What one run of a process returned, validated against its contract and ready to apply.
+struct prepared {
+  path_set reads;
+  path_set access;  // reads and written paths: what a newer commit must not overlap
+  std::vector<prepared_write> writes;
+  std::vector<message_draft> messages;
+  bool empty() const { return writes.empty() && messages.empty(); }
+};
+
+// A prepared change applied on top of one version.
+struct applied {
+  std::uint64_t version = 0;
+  node_ptr root;
+  std::vector<path> written;  // every path written, message paths included
+  std::vector<std::string> message_ids;
+};
+
+std::int64_t now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string process_at(const process_contract& c, std::uint64_t version) {
+  return absl::StrCat("process '", c.name(), "' (version ", version, ")");
+}
+
+// Runs processes and turns what they return into a prepared change.
+struct process_runner {
+  static snapshot make_snapshot(std::shared_ptr<const version_state> state) {
+    return snapshot(std::move(state));
+  }
+
+  // Runs `proc` once on `snap`; `reads` receives what it read even when it fails.
+  static absl::StatusOr<prepared> run(const registered& proc, const snapshot& snap,
+                                      const json& args) {
+    const process_contract& c = proc.contract;
+    const auto start = std::chrono::steady_clock::now();
+    std::optional<std::chrono::steady_clock::time_point> deadline;
+    if (c.timeout().count() > 0) deadline = start + c.timeout();
+    context ctx(c, snap, deadline);
+
+    absl::StatusOr<result> r = absl::UnknownError("process did not run");
+    try {
+      r = proc.fn(ctx, args);
+    } catch (const process_error& e) {
+      r = e.status();
+    } catch (const std::exception& e) {
+      r = absl::UnknownError(absl::StrCat("threw an exception: ", e.what()));
+    } catch (...) {
+      r = absl::UnknownError("threw an exception that is not a std::exception");
+    }
+    // A breach found by the context stands even if the process caught the exception.
+    if (!ctx.failure_.ok()) return ctx.failure_;
+    if (deadline && std::chrono::steady_clock::now() > *deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          process_at(c, snap.version()), " ran past its timeout of ", c.timeout().count(), " us"));
+    }
+    if (!r.ok()) return annotate(r.status(), process_at(c, snap.version()));
+
+    prepared out;
+    out.reads = ctx.reads();
+    out.access = out.reads;
+    POP_RETURN_IF_ERROR(prepare_writes(c, snap, *r, out));
+    for (message_draft& m : r->messages()) {
+      if (!c.may_emit(m.topic)) {
+        return absl::PermissionDeniedError(absl::StrCat(
+            "contract violation: ", process_at(c, snap.version()), " emitted topic '", m.topic,
+            "', which is not among its declared topics [", absl::StrJoin(c.emits(), ", "), "]"));
+      }
+      out.messages.push_back(std::move(m));
+    }
+    if (out.messages.size() > max_messages_per_commit) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(process_at(c, snap.version()), " emitted ", out.messages.size(),
+                       " messages; the limit is ", max_messages_per_commit, " per commit"));
+    }
+    return out;
+  }
+
+  static absl::Status prepare_writes(const process_contract& c, const snapshot& snap, result& r,
+                                     prepared& out) {
+    const path& outbox = snap.outbox_path();
+    for (write& w : r.writes()) {
+      absl::StatusOr<path> p = path::parse(w.path);
+      if (!p.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            process_at(c, snap.version()), " wrote a bad path: ", p.status().message()));
+      }
+      if (!c.may_write(*p)) {
+        return absl::PermissionDeniedError(
+            absl::StrCat("contract violation: ", process_at(c, snap.version()), " wrote '",
+                         p->str(), "', outside its declared outputs ", c.outputs().to_string()));
+      }
+      if (*p == outbox) {
+        POP_RETURN_IF_ERROR(diff_outbox(c, snap, std::move(w.value), out));
+        continue;
+      }
+      POP_RETURN_IF_ERROR(check_not_outbox_parent(*p, outbox, process_at(c, snap.version())));
+      out.access.insert(*p);
+      out.writes.push_back({*std::move(p), w.value ? make_node(*std::move(w.value)) : nullptr});
+    }
+    return absl::OkStatus();
+  }
+
+  static absl::Status check_not_outbox_parent(const path& p, const path& outbox,
+                                              const std::string& who) {
+    if (p.contains(outbox) && !(p == outbox)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(who, " wrote '", p.str(), "', which would replace the outbox at '",
+                       outbox.str(), "'; write the paths below '", p.str(), "' instead"));
+    }
+    return absl::OkStatus();
+  }
+
+  // The seed-style outbox form: a new whole queue (a list, or an object of id -> message) is
+  // turned into removals of the ids it dropped, updates of the ids it changed, and appends of the
+  // entries without an id.
+  static absl::Status diff_outbox(const process_contract& c, const snapshot& snap,
+                                  std::optional<json> queue, prepared& out) {
+    const std::string who = process_at(c, snap.version());
+    const path& outbox = snap.outbox_path();
+    std::vector<const json*> entries;
+    if (queue && queue->is_array()) {
+      for (const json& e : *queue) entries.push_back(&e);
+    } else if (queue && queue->is_object()) {
+      for (const auto& [id, e] : queue->items()) entries.push_back(&e);
+    } else if (queue) {
+      return absl::InvalidArgumentError(absl::StrCat(who, " wrote the outbox '", outbox.str(),
+                                                     "' as a ", queue->type_name(),
+                                                     "; write a list or an object of messages"));
+    }
+    const value_view current = snap.view(outbox);
+    absl::flat_hash_set<std::string> kept;
+    for (const json* e : entries) {
+      if (!e->is_object()) {
+        return absl::InvalidArgumentError(absl::StrCat(who, " wrote an outbox entry that is a ",
+                                                       e->type_name(), ", not a message object"));
+      }
+      const auto id = e->find("id");
+      if (id == e->end() || (id->is_string() && id->get_ref<const std::string&>().empty())) {
+        message_draft m;
+        const auto topic = e->find("topic");
+        if (topic == e->end() || !topic->is_string()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(who, " wrote a new outbox entry without a string 'topic'"));
+        }
+        m.topic = topic->get<std::string>();
+        if (const auto it = e->find("payload"); it != e->end()) m.payload = *it;
+        try {
+          if (const auto it = e->find("key"); it != e->end()) m.key = it->get<std::string>();
+          if (const auto it = e->find("headers"); it != e->end()) {
+            m.headers = it->get<std::map<std::string, std::string>>();
+          }
+        } catch (const json::exception& ex) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              who, " wrote a new outbox entry with a bad key or headers: ", ex.what()));
+        }
+        if (!c.may_emit(m.topic)) {
+          return absl::PermissionDeniedError(absl::StrCat(
+              "contract violation: ", who, " emitted topic '", m.topic,
+              "', which is not among its declared topics [", absl::StrJoin(c.emits(), ", "), "]"));
+        }
+        out.messages.push_back(std::move(m));
+        continue;
+      }
+      if (!id->is_string()) {
+        return absl::InvalidArgumentError(absl::StrCat(who, " wrote an outbox entry whose id is a ",
+                                                       id->type_name(), ", not a string"));
+      }
+      const std::string& key = id->get_ref<const std::string&>();
+      const value_view stored = current.member(key);
+      if (!stored) {
+        return absl::InvalidArgumentError(absl::StrCat(who, " wrote outbox entry '", key,
+                                                       "', which is not pending in version ",
+                                                       snap.version()));
+      }
+      if (!kept.insert(key).second) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(who, " wrote outbox entry '", key, "' twice"));
+      }
+      if (stored.to_json() != *e) {
+        POP_ASSIGN_OR_RETURN(path p, outbox.child(key));
+        out.access.insert(p);
+        out.writes.push_back({std::move(p), make_node(*e)});
+      }
+    }
+    absl::Status status;
+    current.for_each_member([&](std::string_view key, const value_view&) {
+      if (kept.contains(detail::to_absl(key))) return true;
+      absl::StatusOr<path> p = outbox.child(key);
+      if (!p.ok()) {
+        status = p.status();
+        return false;
+      }
+      out.access.insert(*p);
+      out.writes.push_back({*std::move(p), nullptr});
+      return true;
+    });
+    // Reading the whole queue is what this form depends on.
+    out.access.insert(outbox);
+    return status;
+  }
+
+  // Applies `prep` on top of `base`, giving its messages ids of version base.version + 1.
+  static absl::StatusOr<applied> apply(const version_state& base, const prepared& prep,
+                                       const std::string& who) {
+    applied out;
+    out.version = base.version + 1;
+    node_ptr root = base.root;
+    out.written.reserve(prep.writes.size() + prep.messages.size());
+    for (const prepared_write& w : prep.writes) {
+      if (w.value) {
+        absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value);
+        if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
+        root = *std::move(r);
+      } else {
+        root = erase(root, w.target.str());
+      }
+      out.written.push_back(w.target);
+    }
+    const std::int64_t created = prep.messages.empty() ? 0 : now_us();
+    const path& outbox = *base.outbox_path;
+    for (std::size_t i = 0; i < prep.messages.size(); ++i) {
+      const message_draft& m = prep.messages[i];
+      std::string id = make_message_id(out.version, static_cast<std::uint32_t>(i));
+      POP_ASSIGN_OR_RETURN(path target, outbox.child(id));
+      json stored = {{"id", id},
+                     {"topic", m.topic},
+                     {"key", m.key},
+                     {"payload", m.payload},
+                     {"headers", m.headers},
+                     {"created_at_us", created},
+                     {"version", out.version},
+                     {"attempts", 0},
+                     {"last_error", ""},
+                     {"next_attempt_at_us", 0}};
+      absl::StatusOr<node_ptr> r = assign(root, target.str(), make_node(std::move(stored)));
+      if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
+      root = *std::move(r);
+      out.written.push_back(std::move(target));
+      out.message_ids.push_back(std::move(id));
+    }
+    out.root = std::move(root);
+    return out;
+  }
+};
+
+}  // namespace detail
+
+namespace {
+
+using detail::process_runner;
+
+absl::Status validate_options(const options& o) {
+  if (absl::StatusOr<path> p = path::parse(o.outbox_path); !p.ok()) {
+    return annotate(p.status(), "options.outbox_path");
+  }
+  if (!o.initial_state.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "options.initial_state must be a JSON object, not ", o.initial_state.type_name()));
+  }
+  if (o.retry.max_attempts < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("options.retry.max_attempts must be at least 1, not ", o.retry.max_attempts));
+  }
+  if (o.retry.initial_backoff.count() < 0 || o.retry.max_backoff < o.retry.initial_backoff) {
+    return absl::InvalidArgumentError(
+        "options.retry backoffs must satisfy 0 <= initial_backoff <= max_backoff");
+  }
+  if (o.conflict_window < 1) {
+    return absl::InvalidArgumentError("options.conflict_window must be at least 1");
+  }
+  return absl::OkStatus();
+}
+
+options checked(options o) {
+  if (absl::Status s = validate_options(o); !s.ok()) throw std::invalid_argument(s.ToString());
+  return o;
+}
+
+void backoff(const retry_policy& policy, int attempt) {
+  thread_local std::minstd_rand rng(std::random_device{}());
+  const int shift = std::min(attempt - 1, 20);
+  const auto ceiling = std::min<std::int64_t>(policy.max_backoff.count(),
+                                              policy.initial_backoff.count() * (1LL << shift));
+  if (ceiling <= 0) return;
+  std::uniform_int_distribution<std::int64_t> pick(0, ceiling);
+  std::this_thread::sleep_for(std::chrono::microseconds(pick(rng)));
+}
+
+attempt_outcome outcome_of(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kPermissionDenied ? attempt_outcome::contract_violation
+                                                         : attempt_outcome::failed;
+}
+
+std::vector<std::string> texts(const path_set& paths) {
+  std::vector<std::string> out;
+  out.reserve(paths.size());
+  for (const path& p : paths) out.push_back(p.str());
+  return out;
+}
+
+}  // namespace
+
+engine::engine() : engine(options{}) {}
+
+engine::engine(options opts)
+    : options_(checked(std::move(opts))),
+      outbox_(std::make_shared<const path>(path::parse(options_.outbox_path).value())),
+      listeners_(std::make_shared<detail::commit_listeners>()),
+      audit_(options_.audit_capacity) {
+  auto initial = std::make_shared<detail::version_state>();
+  initial->version = 0;
+  initial->root = detail::make_root(options_.initial_state);
+  initial->outbox_path = outbox_;
+  absl::MutexLock lock(&head_mu_);
+  head_ = std::move(initial);
+}
+
+engine::~engine() = default;
+
+absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
+  POP_RETURN_IF_ERROR(validate_options(opts));
+  return std::make_unique<engine>(std::move(opts));
+}
+
+absl::Status engine::register_process(process_spec spec, process_fn fn) {
+  POP_ASSIGN_OR_RETURN(process_contract contract, process_contract::from_spec(spec));
+  if (!fn) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("process '", contract.name(), "' was registered with an empty function"));
+  }
+  for (const path& p : contract.outputs()) {
+    POP_RETURN_IF_ERROR(process_runner::check_not_outbox_parent(
+        p, *outbox_, absl::StrCat("process '", contract.name(), "' declares an output that")));
+  }
+  auto entry = std::make_shared<const registered>(registered{std::move(contract), std::move(fn)});
+  absl::MutexLock lock(&registry_mu_);
+  const auto [it, inserted] = registry_.try_emplace(entry->contract.name(), entry);
+  if (!inserted) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("a process named '", entry->contract.name(), "' is already registered"));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<std::string> engine::processes() const {
+  std::vector<std::string> names;
+  {
+    absl::ReaderMutexLock lock(&registry_mu_);
+    for (const auto& [name, entry] : registry_) names.push_back(name);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::shared_ptr<const engine::registered> engine::find(std::string_view name) const {
+  absl::ReaderMutexLock lock(&registry_mu_);
+  const auto it = registry_.find(detail::to_absl(name));
+  return it == registry_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<const detail::version_state> engine::head() const {
+  absl::ReaderMutexLock lock(&head_mu_);
+  return head_;
+}
+
+pop::snapshot engine::snapshot() const {
+  return pop::snapshot(head());
+}
+
+std::uint64_t engine::version() const {
+  return head()->version;
+}
+
+subscription engine::on_commit(std::function<void(std::uint64_t version)> on_version) {
+  const std::uint64_t id = listeners_->add(std::move(on_version));
+  return subscription(listeners_, id);
+}
+
+std::string engine::find_conflict(const path_set& access, std::uint64_t since) const {
+  // Versions in the log are consecutive, so the first entry after `since` is found by offset.
+  if (log_.empty() || log_.back().version <= since) return {};
+  if (log_.front().version > since + 1) {
+    return absl::StrCat("its snapshot (version ", since, ") is older than the conflict window of ",
+                        options_.conflict_window, " commits");
+  }
+  for (auto it = log_.begin() + static_cast<std::ptrdiff_t>(since + 1 - log_.front().version);
+       it != log_.end(); ++it) {
+    for (const path& p : it->written) {
+      if (access.overlaps(p))
+        return absl::StrCat("'", p.str(), "' (written by version ", it->version, ")");
+    }
+  }
+  return {};
+}
+
+void engine::install(std::uint64_t version, detail::node_ptr root, std::vector<path> written) {
+  auto next = std::make_shared<detail::version_state>();
+  next->version = version;
+  next->root = std::move(root);
+  next->outbox_path = outbox_;
+  std::shared_ptr<const detail::version_state> previous;
+  {
+    absl::MutexLock lock(&head_mu_);
+    previous = std::exchange(head_, std::move(next));
+  }
+  log_.push_back({version, std::move(written)});
+  while (log_.size() > options_.conflict_window) log_.pop_front();
+  // `previous` is released here, outside head_mu_: freeing an old version can take a while.
+}
+
+absl::StatusOr<engine::commit_status> engine::commit_prepared(
+    std::shared_ptr<const detail::version_state> base, const prepared& prep, applied& out,
+    std::string& conflict) {
+  const std::string who = "commit";
+  // Build the new version outside the lock; if commits slipped in meanwhile and do not overlap,
+  // rebuild on the newer head. After two such rounds, build under the lock so a busy engine
+  // cannot starve this commit.
+  for (int round = 0;; ++round) {
+    const bool build_locked = round >= 2;
+    bool built = false;
+    if (!build_locked) {
+      POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, who));
+      built = true;
+    }
+    absl::MutexLock lock(&commit_mu_);
+    std::shared_ptr<const detail::version_state> current = head();
+    if (current->version != base->version) {
+      conflict = find_conflict(prep.access, base->version);
+      if (!conflict.empty()) return commit_status::conflict;
+      base = std::move(current);
+      built = false;
+      if (!build_locked) continue;
+    }
+    if (!built) {
+      POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, who));
+    }
+    install(out.version, out.root, out.written);
+    break;
+  }
+  listeners_->notify(out.version);
+  return commit_status::committed;
+}
+
+void engine::record(const registered& proc, int attempt, const pop::snapshot& snap,
+                    const prepared* prep, const applied* done, attempt_outcome outcome,
+                    std::string detail, std::chrono::steady_clock::time_point start) {
+  if (!audit_.enabled()) return;
+  audit_record r;
+  r.process = proc.contract.name();
+  r.attempt = attempt;
+  r.snapshot_version = snap.version();
+  r.outcome = outcome;
+  r.detail = std::move(detail);
+  if (prep) {
+    r.reads = texts(prep->reads);
+    for (const auto& w : prep->writes) r.writes.push_back(w.target.str());
+    for (const auto& m : prep->messages) r.topics.push_back(m.topic);
+  }
+  if (done) {
+    r.commit_version = done->version;
+    r.message_ids = done->message_ids;
+  }
+  r.duration = std::chrono::steady_clock::now() - start;
+  r.at = std::chrono::system_clock::now();
+  audit_.append(std::move(r));
+}
+
+absl::StatusOr<commit> engine::execute(std::string_view name, const json& args) {
+  const std::shared_ptr<const registered> proc = find(name);
+  if (!proc) {
+    return absl::NotFoundError(
+        absl::StrCat("no process named '", detail::to_absl(name), "' is registered"));
+  }
+  const int max_attempts = options_.retry.max_attempts;
+  std::string conflict;
+  for (int attempt = 1; attempt <= max_attempts; ++attempt) {
+    const auto start = std::chrono::steady_clock::now();
+    const pop::snapshot snap(head());
+    absl::StatusOr<prepared> prep = process_runner::run(*proc, snap, args);
+    if (!prep.ok()) {
+      record(*proc, attempt, snap, nullptr, nullptr, outcome_of(prep.status()),
+             prep.status().ToString(), start);
+      return prep.status();
+    }
+    if (prep->empty()) {
+      record(*proc, attempt, snap, &*prep, nullptr, attempt_outcome::committed, {}, start);
+      return commit{snap.version(), false, attempt, {}};
+    }
+    applied done;
+    absl::StatusOr<commit_status> status = commit_prepared(snap.state_, *prep, done, conflict);
+    if (!status.ok()) {
+      record(*proc, attempt, snap, &*prep, nullptr, outcome_of(status.status()),
+             status.status().ToString(), start);
+      return status.status();
+    }
+    if (*status == commit_status::committed) {
+      record(*proc, attempt, snap, &*prep, &done, attempt_outcome::committed, {}, start);
+      return commit{done.version, true, attempt, std::move(done.message_ids)};
+    }
+    const bool last = attempt == max_attempts;
+    record(*proc, attempt, snap, &*prep, nullptr,
+           last ? attempt_outcome::aborted : attempt_outcome::conflict_retried,
+           absl::StrCat("conflict on ", conflict), start);
+    if (!last) backoff(options_.retry, attempt);
+  }
+  return absl::AbortedError(absl::StrCat("process '", proc->contract.name(), "' conflicted ",
+                                         max_attempts, " times; the last conflict was on ",
+                                         conflict, "; nothing was committed"));
+}
+
+absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_version,
+                                                    std::vector<write> writes, cas_mode mode) {
+  const std::string who = absl::StrCat("compare_and_swap(expected version ", expected_version, ")");
+  if (writes.empty()) return absl::InvalidArgumentError(absl::StrCat(who, ": no writes given"));
+  prepared prep;
+  for (write& w : writes) {
+    absl::StatusOr<path> p = path::parse(w.path);
+    if (!p.ok()) return annotate(p.status(), who);
+    POP_RETURN_IF_ERROR(process_runner::check_not_outbox_parent(*p, *outbox_, who));
+    prep.access.insert(*p);
+    prep.writes.push_back(
+        {*std::move(p), w.value ? detail::make_node(*std::move(w.value)) : nullptr});
+  }
+  applied out;
+  {
+    absl::MutexLock lock(&commit_mu_);
+    const std::shared_ptr<const detail::version_state> current = head();
+    if (expected_version > current->version) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          who, ": the expected version is ahead of the head version ", current->version));
+    }
+    if (expected_version != current->version) {
+      if (mode == cas_mode::strict) return cas_result{false, current->version};
+      if (!find_conflict(prep.access, expected_version).empty()) {
+        return cas_result{false, current->version};
+      }
+    }
+    POP_ASSIGN_OR_RETURN(out, process_runner::apply(*current, prep, who));
+    install(out.version, out.root, out.written);
+  }
+  listeners_->notify(out.version);
+  return cas_result{true, out.version};
+}
+
+namespace {
+
+absl::StatusOr<dry_run_result> dry_run_contract(const detail::registered& proc, const json& fixture,
+                                                const json& args, std::uint64_t version,
+                                                std::shared_ptr<const path> outbox) {
+  if (!fixture.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat("dry run of process '", proc.contract.name(),
+                                                   "': the fixture must be a JSON object, not ",
+                                                   fixture.type_name()));
+  }
+  auto state = std::make_shared<detail::version_state>();
+  state->version = version;
+  state->root = detail::make_root(fixture);
+  state->outbox_path = outbox;
+  const snapshot snap = process_runner::make_snapshot(state);
+  POP_ASSIGN_OR_RETURN(detail::prepared prep, process_runner::run(proc, snap, args));
+  POP_ASSIGN_OR_RETURN(
+      detail::applied done,
+      process_runner::apply(*state, prep, absl::StrCat("process '", proc.contract.name(), "'")));
+  dry_run_result out;
+  out.reads = texts(prep.reads);
+  for (const auto& w : prep.writes) {
+    std::optional<json> value;
+    if (w.value) value = detail::materialise({w.value.get(), nullptr});
+    out.writes.push_back({w.target.str(), std::move(value)});
+  }
+  auto after = std::make_shared<detail::version_state>();
+  after->version = done.version;
+  after->root = done.root;
+  after->outbox_path = outbox;
+  const snapshot next = process_runner::make_snapshot(after);
+  for (const std::string& id : done.message_ids) {
+    POP_ASSIGN_OR_RETURN(path p, outbox->child(id));
+    POP_ASSIGN_OR_RETURN(outbox_message m, outbox_message::from_json(next.view(p).to_json()));
+    out.messages.push_back(std::move(m));
+  }
+  out.state = next.to_json();
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<dry_run_result> engine::dry_run(std::string_view name, const json& fixture,
+                                               const json& args) const {
+  const std::shared_ptr<const registered> proc = find(name);
+  if (!proc) {
+    return absl::NotFoundError(
+        absl::StrCat("no process named '", detail::to_absl(name), "' is registered"));
+  }
+  return dry_run_contract(*proc, fixture, args, 0, outbox_);
+}
+
+absl::StatusOr<dry_run_result> dry_run(const process_spec& spec, const process_fn& fn,
+                                       const json& fixture, const json& args,
+                                       const dry_run_options& opts) {
+  POP_ASSIGN_OR_RETURN(process_contract contract, process_contract::from_spec(spec));
+  if (!fn) return absl::InvalidArgumentError("dry run: the process function is empty");
+  POP_ASSIGN_OR_RETURN(path outbox, path::parse(opts.outbox_path));
+  const detail::registered proc{std::move(contract), fn};
+  return dry_run_contract(proc, fixture, args, opts.version,
+                          std::make_shared<const path>(std::move(outbox)));
+}
+
+}  // namespace pop

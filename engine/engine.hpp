@@ -1,0 +1,187 @@
+// Defines pop::engine: the process registry, execution, commits (CAS) and commit notifications.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "contracts/json.hpp"
+#include "contracts/outbox_message.hpp"
+#include "contracts/path.hpp"
+#include "contracts/process_spec.hpp"
+#include "engine/audit_log.hpp"
+#include "engine/context.hpp"
+#include "engine/result.hpp"
+#include "engine/snapshot.hpp"
+#include "engine/subscription.hpp"
+
+namespace pop {
+
+struct dry_run_result;
+namespace detail {
+struct prepared;
+struct applied;
+struct registered;
+}  // namespace detail
+
+// A process: a pure function of the snapshot (through its context) and the call's arguments,
+// returning the writes and messages to commit, or an error status (nothing is committed).
+// A lambda returning pop::result converts to it.
+using process_fn = std::function<absl::StatusOr<result>(const context& ctx, const json& args)>;
+
+// How execute() retries a process whose commit conflicted.
+struct retry_policy {
+  int max_attempts = 16;                          // runs in all, including the first
+  std::chrono::microseconds initial_backoff{10};  // doubled per retry, up to max_backoff,
+  std::chrono::microseconds max_backoff{2000};    // and each wait drawn uniformly below it
+};
+
+// Engine settings; the defaults make a pure in-memory engine.
+struct options {
+  std::string outbox_path = "domain.outbox_queue";  // where pending messages live in the state
+  json initial_state = json::object();              // the state at version 0 (an object)
+  retry_policy retry{};
+  std::size_t audit_capacity = 4096;    // attempts kept in the audit log; 0 disables it
+  std::size_t conflict_window = 65536;  // recent commits whose written paths are kept to
+                                        // validate commits; an attempt on an older snapshot
+                                        // is treated as conflicting and re-run
+};
+
+// What a successful execute() did.
+struct commit {
+  std::uint64_t version = 0;             // the new version, or the snapshot's if nothing changed
+  bool changed = false;                  // false if the process returned no writes or messages
+  int attempts = 1;                      // runs it took (1 + conflict retries)
+  std::vector<std::string> message_ids;  // ids of the messages it emitted, in order
+};
+
+// The two forms of compare_and_swap.
+enum class cas_mode {
+  strict,  // commit only if the state is still exactly at expected_version
+  keys,    // commit if no commit after expected_version wrote a path overlapping these writes
+};
+
+// What compare_and_swap() did; a lost race is an ordinary outcome, not an error.
+struct cas_result {
+  bool committed = false;
+  std::uint64_t version = 0;  // the new version if committed, else the current version
+};
+
+// The embeddable state engine: versioned immutable state, registered processes run under their
+// contracts, and serializable commits of their writes and outbox messages.
+//
+// Thread safety: every member function may be called from any number of threads at once.
+// Processes run outside any lock; only commit validation and the pointer swap are serialized.
+// Lifetime: not copyable or movable; snapshots and views taken from it may outlive it.
+class engine {
+ public:
+  // An in-memory engine with default options.
+  engine();
+  // An engine with `opts`; throws std::invalid_argument naming the bad option. Prefer open().
+  explicit engine(options opts);
+  // Returns a new engine, or kInvalidArgument naming the bad option (outbox path, initial state,
+  // retry policy, conflict window).
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<engine>> open(options opts);
+  ~engine();
+  engine(const engine&) = delete;
+  engine& operator=(const engine&) = delete;
+
+  // Registers `fn` under `spec`. Returns kInvalidArgument for a bad spec (name, paths, topics,
+  // nested or repeated declarations) or an empty function, kAlreadyExists if the name is taken.
+  [[nodiscard]] absl::Status register_process(process_spec spec, process_fn fn);
+  // The registered process names, sorted.
+  std::vector<std::string> processes() const;
+
+  // Runs process `name` with `args` on the newest snapshot and commits what it returns.
+  // Returns the commit, or: kNotFound (no such process); kPermissionDenied (it read, wrote or
+  // emitted outside its contract); kInvalidArgument (a bad path, or a write replacing the outbox);
+  // kFailedPrecondition (a write through a non-object, a failed typed read); kDeadlineExceeded
+  // (ran past its timeout); kAborted (still conflicting after retry.max_attempts runs); or the
+  // status the process returned or threw, annotated with its name (kUnknown for a plain
+  // exception). On any error nothing is committed. Conflicting runs are retried with jittered
+  // exponential backoff on a fresh snapshot; each run starts clean, so messages are never
+  // duplicated.
+  [[nodiscard]] absl::StatusOr<commit> execute(std::string_view name,
+                                               const json& args = json::object());
+
+  // The low-level commit primitive: applies `writes` in order at a new version if `mode` allows.
+  // Returns {committed, new version} or {not committed, current version}; kInvalidArgument for an
+  // empty or bad write list or an expected_version ahead of the head (nothing is written).
+  [[nodiscard]] absl::StatusOr<cas_result> compare_and_swap(std::uint64_t expected_version,
+                                                            std::vector<write> writes,
+                                                            cas_mode mode = cas_mode::strict);
+
+  // The newest committed state. O(1); never blocks a commit for longer than a pointer copy.
+  pop::snapshot snapshot() const;
+  // The newest committed version. O(1).
+  std::uint64_t version() const;
+  // Where the outbox lives in the state.
+  const path& outbox_path() const { return *outbox_; }
+
+  // Calls `on_version` after every commit with a version >= the one just committed, until the
+  // returned subscription is reset or destroyed (which waits for running calls to finish). Calls
+  // come from committing threads, possibly several at once and out of order; keep them short and
+  // do not subscribe or unsubscribe from inside one.
+  [[nodiscard]] subscription on_commit(std::function<void(std::uint64_t version)> on_version);
+
+  // Runs registered process `name` once against `fixture` instead of the engine state, exactly as
+  // pop::dry_run does; the engine state is not touched. kNotFound if no such process.
+  [[nodiscard]] absl::StatusOr<dry_run_result> dry_run(std::string_view name, const json& fixture,
+                                                       const json& args = json::object()) const;
+
+  // The audit records matching `q`, oldest first.
+  std::vector<audit_record> audit(const audit_query& q = {}) const { return audit_.query(q); }
+
+ private:
+  using registered = detail::registered;
+  using prepared = detail::prepared;
+  using applied = detail::applied;
+  struct logged_commit {
+    std::uint64_t version;
+    std::vector<path> written;
+  };
+  enum class commit_status { committed, conflict };
+
+  std::shared_ptr<const detail::version_state> head() const;
+  std::shared_ptr<const registered> find(std::string_view name) const;
+  // Commits `prep`, computed on `snap`, unless a newer commit overlaps prep.access.
+  absl::StatusOr<commit_status> commit_prepared(std::shared_ptr<const detail::version_state> snap,
+                                                const prepared& prep, applied& out,
+                                                std::string& conflict);
+  // The first logged write after `since` that overlaps `access`, as "path (version N)", or empty.
+  std::string find_conflict(const path_set& access, std::uint64_t since) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
+  void install(std::uint64_t version, detail::node_ptr root, std::vector<path> written)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
+  void record(const registered& proc, int attempt, const pop::snapshot& snap, const prepared* prep,
+              const applied* done, attempt_outcome outcome, std::string detail,
+              std::chrono::steady_clock::time_point start);
+
+  const options options_;
+  const std::shared_ptr<const path> outbox_;
+
+  mutable absl::Mutex registry_mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<const registered>> registry_
+      ABSL_GUARDED_BY(registry_mu_);
+
+  // Lock order: commit_mu_ before head_mu_.
+  absl::Mutex commit_mu_;
+  std::deque<logged_commit> log_ ABSL_GUARDED_BY(commit_mu_);
+  mutable absl::Mutex head_mu_;
+  std::shared_ptr<const detail::version_state> head_ ABSL_GUARDED_BY(head_mu_);
+
+  std::shared_ptr<detail::commit_listeners> listeners_;
+  audit_log audit_;
+};
+
+}  // namespace pop

@@ -1,0 +1,47 @@
+#include "engine/subscription.hpp"
+
+#include <utility>
+
+namespace pop {
+namespace detail {
+
+std::uint64_t commit_listeners::add(std::function<void(std::uint64_t)> fn) {
+  absl::MutexLock lock(&mu_);
+  const std::uint64_t id = next_id_++;
+  fns_.emplace(id, std::move(fn));
+  return id;
+}
+
+void commit_listeners::remove(std::uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  fns_.erase(id);
+}
+
+void commit_listeners::notify(std::uint64_t version) const {
+  absl::ReaderMutexLock lock(&mu_);
+  for (const auto& [id, fn] : fns_) fn(version);
+}
+
+}  // namespace detail
+
+subscription::subscription(subscription&& other) noexcept
+    : listeners_(std::move(other.listeners_)), id_(other.id_) {
+  other.listeners_.reset();
+}
+
+subscription& subscription::operator=(subscription&& other) noexcept {
+  if (this != &other) {
+    reset();
+    listeners_ = std::move(other.listeners_);
+    id_ = other.id_;
+    other.listeners_.reset();
+  }
+  return *this;
+}
+
+void subscription::reset() {
+  if (auto l = listeners_.lock()) l->remove(id_);
+  listeners_.reset();
+}
+
+}  // namespace pop

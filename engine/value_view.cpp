@@ -1,0 +1,76 @@
+#include "engine/value_view.hpp"
+
+#include "contracts/path.hpp"
+
+namespace pop {
+
+const json* value_view::direct() const {
+  if (!node_) return nullptr;
+  if (inner_) return inner_;
+  return node_->is_map ? nullptr : &node_->blob;
+}
+
+bool value_view::is_object() const {
+  return node_ && location().is_object();
+}
+
+std::size_t value_view::size() const {
+  if (!node_) return 0;
+  if (const json* j = direct()) return j->is_structured() ? j->size() : 0;
+  return node_->members.size();
+}
+
+value_view value_view::member(std::string_view key) const {
+  if (!node_) return {};
+  if (const json* j = direct()) {
+    if (!j->is_object()) return {};
+    const auto& object = j->get_ref<const json::object_t&>();
+    const auto it = object.find(key);
+    if (it == object.end()) return {};
+    return value_view(node_, &it->second);
+  }
+  const detail::node_ptr* child = node_->members.find(key);
+  if (!child) return {};
+  return value_view(*child, nullptr);
+}
+
+value_view value_view::at(std::string_view relative) const {
+  value_view v = *this;
+  while (!relative.empty() && v.exists()) v = v.member(detail::take_segment(relative));
+  return v;
+}
+
+void value_view::for_each_member(
+    absl::FunctionRef<bool(std::string_view key, const value_view& member)> visit,
+    std::string_view from) const {
+  if (!node_) return;
+  if (const json* j = direct()) {
+    if (!j->is_object()) return;
+    const auto& object = j->get_ref<const json::object_t&>();
+    for (auto it = object.lower_bound(from); it != object.end(); ++it) {
+      if (!visit(it->first, value_view(node_, &it->second))) return;
+    }
+    return;
+  }
+  const auto end = node_->members.end();
+  for (auto it = node_->members.lower_bound(from); it != end; ++it) {
+    if (!visit(it.key(), value_view(it.value(), nullptr))) return;
+  }
+}
+
+std::vector<std::string> value_view::keys() const {
+  std::vector<std::string> out;
+  out.reserve(size());
+  for_each_member([&](std::string_view key, const value_view&) {
+    out.emplace_back(key);
+    return true;
+  });
+  return out;
+}
+
+json value_view::to_json() const {
+  if (!node_) return nullptr;
+  return detail::materialise(location());
+}
+
+}  // namespace pop

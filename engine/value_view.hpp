@@ -1,0 +1,67 @@
+// Defines pop::value_view, a read-only handle on one value of a state snapshot.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/functional/function_ref.h"
+#include "contracts/json.hpp"
+#include "engine/detail/tree.hpp"
+
+namespace pop {
+
+// A read-only handle on one value of a snapshot, or on nothing (an absent value).
+//
+// Holding a view keeps that value alive (not the whole snapshot). Navigating and iterating never
+// copies; only to_json() and get<T>() materialise, and only the viewed value. Cheap to copy;
+// safe to use from any thread.
+class value_view {
+ public:
+  value_view() = default;
+
+  // True if a value is there.
+  bool exists() const { return node_ != nullptr; }
+  explicit operator bool() const { return exists(); }
+  // True if the value is a JSON object.
+  bool is_object() const;
+  // The number of members of an object, elements of an array, 0 for absent and scalar values.
+  std::size_t size() const;
+
+  // The member `key` of an object; absent if this is not an object or has no such member.
+  value_view member(std::string_view key) const;
+  // The value at a dotted `relative` path below this one (assumed valid); absent if missing.
+  value_view at(std::string_view relative) const;
+  // Visits the members of an object in key order, starting at the first key >= `from`, until
+  // `visit` returns false. O(log n + members visited).
+  void for_each_member(
+      absl::FunctionRef<bool(std::string_view key, const value_view& member)> visit,
+      std::string_view from = {}) const;
+  // The member names of an object, in order.
+  std::vector<std::string> keys() const;
+
+  // The value as JSON (null if absent). O(size of this value).
+  json to_json() const;
+  // The value converted with nlohmann's from_json; throws json::exception on a type mismatch.
+  // Scalars and small records convert without an intermediate copy.
+  template <class T>
+  T get() const {
+    if (const json* j = direct()) return j->get<T>();
+    return to_json().get<T>();
+  }
+
+ private:
+  friend class snapshot;
+  friend class context;
+  value_view(detail::node_ptr node, const json* inner) : node_(std::move(node)), inner_(inner) {}
+  detail::location location() const { return {node_.get(), inner_}; }
+  // The JSON value itself when it is stored whole (not a member map), else null.
+  const json* direct() const;
+
+  detail::node_ptr node_;        // the node holding the value (for inner values, the blob)
+  const json* inner_ = nullptr;  // the value inside node_->blob, or null for node_ itself
+};
+
+}  // namespace pop
