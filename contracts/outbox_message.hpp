@@ -28,15 +28,15 @@ std::string make_message_id(std::uint64_t version, std::uint32_t index);
 // Stored in the state at `<outbox path>.<id>` as a JSON object with these field names, so every
 // snapshot shows exactly the pending messages. A value type.
 struct outbox_message {
-  std::string id;     // make_message_id(version, index): unique and in commit order
-  std::string topic;  // one of the emitting process's declared topics
-  std::string key;    // ordering scope: messages with the same key are published in order
-  json payload;       // any JSON value
-  std::map<std::string, std::string> headers;
+  std::string id{};     // make_message_id(version, index): unique and in commit order
+  std::string topic{};  // one of the emitting process's declared topics
+  std::string key{};    // ordering scope: messages with the same key are published in order
+  json payload{};       // any JSON value
+  std::map<std::string, std::string> headers{};
   std::int64_t created_at_us = 0;       // commit time, microseconds since the Unix epoch
   std::uint64_t version = 0;            // the version that committed it
   std::uint32_t attempts = 0;           // failed publish attempts so far
-  std::string last_error;               // the reason of the last failed attempt, if any
+  std::string last_error{};               // the reason of the last failed attempt, if any
   std::int64_t next_attempt_at_us = 0;  // earliest time of the next attempt; 0 means now
 
   // Returns the message read from its stored JSON form, or kInvalidArgument naming the field that

@@ -16,10 +16,10 @@ namespace pop {
 //    .emits = {"order.placed"}}
 // A process may read only under `inputs`, write only under `outputs` and emit only `emits` topics.
 struct process_spec {
-  std::string name;
-  std::vector<std::string> inputs;
-  std::vector<std::string> outputs;
-  std::vector<std::string> emits;
+  std::string name{};
+  std::vector<std::string> inputs{};
+  std::vector<std::string> outputs{};
+  std::vector<std::string> emits{};
   // A process running longer than this commits nothing (kDeadlineExceeded); zero means no limit.
   std::chrono::microseconds timeout{0};
 };
@@ -52,10 +52,10 @@ class process_contract {
   bool may_emit(std::string_view topic) const;
 
  private:
-  std::string name_;
-  path_set inputs_;
-  path_set outputs_;
-  std::vector<std::string> emits_;
+  std::string name_{};
+  path_set inputs_{};
+  path_set outputs_{};
+  std::vector<std::string> emits_{};
   std::chrono::microseconds timeout_{0};
 };
 

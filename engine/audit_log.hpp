@@ -30,24 +30,24 @@ std::string_view to_string(attempt_outcome outcome);
 // One attempt of one process, as the audit log keeps it.
 struct audit_record {
   std::uint64_t sequence = 0;  // increasing, unique per engine
-  std::string process;
+  std::string process{};
   int attempt = 1;                     // 1 for the first run, 2 for the first retry, ...
   std::uint64_t snapshot_version = 0;  // the version it ran on
   std::uint64_t commit_version = 0;    // the version it committed, 0 if none
   attempt_outcome outcome = attempt_outcome::committed;
-  std::vector<std::string> reads;        // paths it read
-  std::vector<std::string> writes;       // paths it wrote (deletes included)
-  std::vector<std::string> topics;       // topics of the messages it emitted
-  std::vector<std::string> message_ids;  // ids they were committed under (committed only)
-  std::string detail;                    // the error or conflict, empty when committed
+  std::vector<std::string> reads{};        // paths it read
+  std::vector<std::string> writes{};       // paths it wrote (deletes included)
+  std::vector<std::string> topics{};       // topics of the messages it emitted
+  std::vector<std::string> message_ids{};  // ids they were committed under (committed only)
+  std::string detail{};                    // the error or conflict, empty when committed
   std::chrono::nanoseconds duration{0};  // from the start of the run to the end of the attempt
-  std::chrono::system_clock::time_point at;
+  std::chrono::system_clock::time_point at{};
 };
 
 // Which records to return; every set field must match.
 struct audit_query {
-  std::string process;                     // empty: any process
-  std::optional<attempt_outcome> outcome;  // empty: any outcome
+  std::string process{};                     // empty: any process
+  std::optional<attempt_outcome> outcome{};  // empty: any outcome
   std::uint64_t after_sequence = 0;        // only records with a larger sequence
   std::size_t limit = 1000;                // at most this many, the newest ones
 };

@@ -17,10 +17,10 @@ namespace pop {
 
 // What one process run would commit, as plain values for assertions.
 struct dry_run_result {
-  std::vector<write> writes;             // state writes, in order (outbox diffs included)
-  std::vector<outbox_message> messages;  // messages with the ids they would get
-  std::vector<std::string> reads;        // paths the process read
-  json state;                            // the whole state after the commit
+  std::vector<write> writes{};             // state writes, in order (outbox diffs included)
+  std::vector<outbox_message> messages{};  // messages with the ids they would get
+  std::vector<std::string> reads{};        // paths the process read
+  json state{};                            // the whole state after the commit
 };
 
 // Settings of a dry run.

@@ -62,7 +62,7 @@ struct commit {
   std::uint64_t version = 0;             // the new version, or the snapshot's if nothing changed
   bool changed = false;                  // false if the process returned no writes or messages
   int attempts = 1;                      // runs it took (1 + conflict retries)
-  std::vector<std::string> message_ids;  // ids of the messages it emitted, in order
+  std::vector<std::string> message_ids{};  // ids of the messages it emitted, in order
 };
 
 // The two forms of compare_and_swap.
@@ -180,7 +180,7 @@ class engine {
   mutable absl::Mutex head_mu_;
   std::shared_ptr<const detail::version_state> head_ ABSL_GUARDED_BY(head_mu_);
 
-  std::shared_ptr<detail::commit_listeners> listeners_;
+  std::shared_ptr<detail::commit_listeners> listeners_{};
   audit_log audit_;
 };
 

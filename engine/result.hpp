@@ -13,18 +13,18 @@ namespace pop {
 
 // One change to the state: set `path` to `value`, or delete `path` when `value` is empty.
 struct write {
-  std::string path;
-  std::optional<json> value;
+  std::string path{};
+  std::optional<json> value{};
 
   friend bool operator==(const write&, const write&) = default;
 };
 
 // A message a process asks to emit; it gets its id, version and time when the process commits.
 struct message_draft {
-  std::string topic;
-  json payload;
-  std::string key;  // ordering scope; messages with equal keys are published in commit order
-  std::map<std::string, std::string> headers;
+  std::string topic{};
+  json payload{};
+  std::string key{};  // ordering scope; messages with equal keys are published in commit order
+  std::map<std::string, std::string> headers{};
 
   friend bool operator==(const message_draft&, const message_draft&) = default;
 };
@@ -34,6 +34,11 @@ struct message_draft {
 // takes effect until the engine commits it.
 class result {
  public:
+  // Sets `path` to `value`.
+  result& set(std::string path, json value) {
+    writes_.push_back({std::move(path), std::move(value)});
+    return *this;
+  }
   // Sets `path` to `value` (anything nlohmann can convert to JSON).
   template <class T>
   result& set(std::string path, T&& value) {
@@ -58,8 +63,8 @@ class result {
   std::vector<message_draft>& messages() { return messages_; }
 
  private:
-  std::vector<write> writes_;
-  std::vector<message_draft> messages_;
+  std::vector<write> writes_{};
+  std::vector<message_draft> messages_{};
 };
 
 }  // namespace pop
