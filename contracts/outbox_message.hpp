@@ -36,7 +36,7 @@ struct outbox_message {
   std::int64_t created_at_us = 0;       // commit time, microseconds since the Unix epoch
   std::uint64_t version = 0;            // the version that committed it
   std::uint32_t attempts = 0;           // failed publish attempts so far
-  std::string last_error{};               // the reason of the last failed attempt, if any
+  std::string last_error{};             // the reason of the last failed attempt, if any
   std::int64_t next_attempt_at_us = 0;  // earliest time of the next attempt; 0 means now
 
   // Returns the message read from its stored JSON form, or kInvalidArgument naming the field that

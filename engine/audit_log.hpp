@@ -40,7 +40,7 @@ struct audit_record {
   std::vector<std::string> topics{};       // topics of the messages it emitted
   std::vector<std::string> message_ids{};  // ids they were committed under (committed only)
   std::string detail{};                    // the error or conflict, empty when committed
-  std::chrono::nanoseconds duration{0};  // from the start of the run to the end of the attempt
+  std::chrono::nanoseconds duration{0};    // from the start of the run to the end of the attempt
   std::chrono::system_clock::time_point at{};
 };
 
@@ -48,8 +48,8 @@ struct audit_record {
 struct audit_query {
   std::string process{};                     // empty: any process
   std::optional<attempt_outcome> outcome{};  // empty: any outcome
-  std::uint64_t after_sequence = 0;        // only records with a larger sequence
-  std::size_t limit = 1000;                // at most this many, the newest ones
+  std::uint64_t after_sequence = 0;          // only records with a larger sequence
+  std::size_t limit = 1000;                  // at most this many, the newest ones
 };
 
 // A bounded, thread-safe log of attempts: it keeps the newest `capacity` records and forgets the

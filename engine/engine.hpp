@@ -59,9 +59,9 @@ struct options {
 
 // What a successful execute() did.
 struct commit {
-  std::uint64_t version = 0;             // the new version, or the snapshot's if nothing changed
-  bool changed = false;                  // false if the process returned no writes or messages
-  int attempts = 1;                      // runs it took (1 + conflict retries)
+  std::uint64_t version = 0;               // the new version, or the snapshot's if nothing changed
+  bool changed = false;                    // false if the process returned no writes or messages
+  int attempts = 1;                        // runs it took (1 + conflict retries)
   std::vector<std::string> message_ids{};  // ids of the messages it emitted, in order
 };
 

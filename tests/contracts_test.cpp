@@ -1,13 +1,15 @@
 // Tests of contracts/: paths, path sets, process specs and outbox messages.
-#include <catch2/catch.hpp>
 #include <rapidcheck/catch.h>
+#include <catch2/catch.hpp>
 
 #include "contracts/outbox_message.hpp"
 #include "contracts/path.hpp"
 #include "contracts/process_spec.hpp"
 
 namespace {
-pop::path P(std::string_view s) { return pop::path::parse(s).value(); }
+pop::path P(std::string_view s) {
+  return pop::path::parse(s).value();
+}
 }  // namespace
 
 TEST_CASE("valid paths parse and report their segments", "[contracts]") {
@@ -92,8 +94,10 @@ TEST_CASE("path sets answer covers and overlaps like a scan of their members", "
 }
 
 TEST_CASE("process specs are validated into contracts", "[contracts]") {
-  const auto c = pop::process_contract::from_spec(
-      {.name = "place_order", .inputs = {"domain.inventory"}, .outputs = {"domain.orders"}, .emits = {"b", "a"}});
+  const auto c = pop::process_contract::from_spec({.name = "place_order",
+                                                   .inputs = {"domain.inventory"},
+                                                   .outputs = {"domain.orders"},
+                                                   .emits = {"b", "a"}});
   REQUIRE(c.ok());
   CHECK(c->may_read(P("domain.inventory.A1")));
   CHECK_FALSE(c->may_read(P("domain")));
@@ -101,7 +105,8 @@ TEST_CASE("process specs are validated into contracts", "[contracts]") {
   CHECK_FALSE(c->may_write(P("domain.ordersX")));
   CHECK(c->may_emit("a"));
   CHECK_FALSE(c->may_emit("c"));
-  const auto nested = pop::process_contract::from_spec({.name = "n", .inputs = {"a.b", "a"}, .outputs = {"x"}});
+  const auto nested =
+      pop::process_contract::from_spec({.name = "n", .inputs = {"a.b", "a"}, .outputs = {"x"}});
   CHECK(nested.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(std::string(nested.status().message()).find("'n'") != std::string::npos);
 }
@@ -115,8 +120,9 @@ TEST_CASE("message ids sort in commit order and round-trip", "[contracts]") {
   CHECK(parsed->first == 123456789);
   CHECK(parsed->second == 42);
   CHECK_FALSE(pop::parse_message_id("17-0").ok());
-  CHECK_FALSE(pop::path::parse("domain.outbox_queue." + pop::make_message_id(1, 1)).status().code() !=
-              absl::StatusCode::kOk);
+  CHECK_FALSE(
+      pop::path::parse("domain.outbox_queue." + pop::make_message_id(1, 1)).status().code() !=
+      absl::StatusCode::kOk);
 }
 
 TEST_CASE("outbox messages round-trip through their stored JSON form", "[contracts]") {

@@ -20,23 +20,23 @@ TEST_CASE("concurrent transfers conserve the total in every snapshot and lose no
   for (int i = 0; i < accounts; ++i) initial["domain"]["accounts"]["a" + std::to_string(i)] = 100;
   pop::engine e(pop::options{.initial_state = initial, .retry = {.max_attempts = 1000}});
   REQUIRE(e.register_process(
-                {.name = "transfer",
-                 .inputs = {"domain.accounts"},
-                 .outputs = {"domain.accounts", "domain.receipts"},
-                 .emits = {"transfer.done"}},
-                [](const pop::context& ctx, const json& args) -> absl::StatusOr<pop::result> {
-                  const std::string from = "domain.accounts." + args.at("from").get<std::string>();
-                  const std::string to = "domain.accounts." + args.at("to").get<std::string>();
-                  const int amount = args.at("amount");
-                  const int balance = ctx.get<int>(from);
-                  pop::result r;
-                  r.set("domain.receipts." + args.at("id").get<std::string>(), amount);
-                  if (balance < amount) return r;  // declined, but the receipt is recorded
-                  r.set(from, balance - amount);
-                  r.set(to, ctx.get<int>(to) + amount);
-                  r.emit("transfer.done", args, args.at("from"));
-                  return r;
-                })
+               {.name = "transfer",
+                .inputs = {"domain.accounts"},
+                .outputs = {"domain.accounts", "domain.receipts"},
+                .emits = {"transfer.done"}},
+               [](const pop::context& ctx, const json& args) -> absl::StatusOr<pop::result> {
+                 const std::string from = "domain.accounts." + args.at("from").get<std::string>();
+                 const std::string to = "domain.accounts." + args.at("to").get<std::string>();
+                 const int amount = args.at("amount");
+                 const int balance = ctx.get<int>(from);
+                 pop::result r;
+                 r.set("domain.receipts." + args.at("id").get<std::string>(), amount);
+                 if (balance < amount) return r;  // declined, but the receipt is recorded
+                 r.set(from, balance - amount);
+                 r.set(to, ctx.get<int>(to) + amount);
+                 r.emit("transfer.done", args, args.at("from"));
+                 return r;
+               })
               .ok());
 
   std::atomic<bool> done{false};
@@ -53,10 +53,11 @@ TEST_CASE("concurrent transfers conserve the total in every snapshot and lose no
         if (s.version() < last) violations.fetch_add(1);  // versions never go back
         last = s.version();
         int total = 0;
-        s.view(pop::path::parse("domain.accounts").value()).for_each_member([&](std::string_view, const pop::value_view& v) {
-          total += v.get<int>();
-          return true;
-        });
+        s.view(pop::path::parse("domain.accounts").value())
+            .for_each_member([&](std::string_view, const pop::value_view& v) {
+              total += v.get<int>();
+              return true;
+            });
         if (total != accounts * 100) violations.fetch_add(1);
         snapshots.fetch_add(1);
       }
@@ -96,7 +97,8 @@ TEST_CASE("concurrent transfers conserve the total in every snapshot and lose no
   CHECK(committed == writers * transfers_per_writer);
   const pop::snapshot end = e.snapshot();
   CHECK(end.version() == static_cast<std::uint64_t>(writers * transfers_per_writer));
-  CHECK(end.read("domain.receipts").value().size() == static_cast<std::size_t>(writers * transfers_per_writer));
+  CHECK(end.read("domain.receipts").value().size() ==
+        static_cast<std::size_t>(writers * transfers_per_writer));
   int total = 0;
   const json final_accounts = end.read("domain.accounts").value();
   for (const auto& [k, v] : final_accounts.items()) total += v.get<int>();
@@ -113,13 +115,12 @@ TEST_CASE("concurrent transfers conserve the total in every snapshot and lose no
 TEST_CASE("concurrent appends to the outbox never conflict with each other or with clears by id",
           "[engine][concurrency]") {
   pop::engine e(pop::options{.retry = {.max_attempts = 1}});  // a conflict would fail the test
-  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}},
-                             [](const pop::context&, const json& args) {
-                               pop::result r;
-                               r.emit("t", args);
-                               return r;
-                             })
-              .ok());
+  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
+                                                                  const json& args) {
+             pop::result r;
+             r.emit("t", args);
+             return r;
+           }).ok());
   constexpr int producers = 3;
   constexpr int per_producer = 500;
   std::atomic<bool> stop{false};
@@ -134,8 +135,10 @@ TEST_CASE("concurrent appends to the outbox never conflict with each other or wi
       std::vector<pop::write> writes;
       for (const auto& m : pending) writes.push_back({"domain.outbox_queue." + m.id, std::nullopt});
       const auto r = e.compare_and_swap(s.version(), writes, pop::cas_mode::keys);
-      if (!r.ok() || !r->committed) failures.fetch_add(1);
-      else cleared.fetch_add(static_cast<int>(pending.size()));
+      if (!r.ok() || !r->committed)
+        failures.fetch_add(1);
+      else
+        cleared.fetch_add(static_cast<int>(pending.size()));
     }
   });
   std::vector<std::thread> threads;

@@ -1,6 +1,6 @@
 // Property test: random execute / compare_and_swap / snapshot sequences against a std::map model.
-#include <catch2/catch.hpp>
 #include <rapidcheck/catch.h>
+#include <catch2/catch.hpp>
 
 #include <map>
 
@@ -15,11 +15,12 @@ using model_map = std::map<std::string, int>;
 
 json materialise(const model_map& m) {
   json out = json::object();
-  for (const auto& [p, v] : m) out[json::json_pointer("/" + [&] {
-    std::string s = p;
-    for (char& c : s) c = c == '.' ? '/' : c;
-    return s;
-  }())] = v;
+  for (const auto& [p, v] : m)
+    out[json::json_pointer("/" + [&] {
+      std::string s = p;
+      for (char& c : s) c = c == '.' ? '/' : c;
+      return s;
+    }())] = v;
   return out;
 }
 
@@ -37,13 +38,12 @@ TEST_CASE("random execute, compare_and_swap and snapshot sequences match a std::
     pop::engine e(pop::options{.outbox_path = "system.outbox", .audit_capacity = 0});
     // put: sets a leaf; move: reads one leaf, adds it to another and deletes the source;
     // wipe: deletes a whole group.
-    RC_ASSERT(e.register_process({.name = "put", .outputs = {"domain"}},
-                                 [](const pop::context&, const json& a) {
-                                   pop::result r;
-                                   r.set(a.at("path").get<std::string>(), a.at("value"));
-                                   return r;
-                                 })
-                  .ok());
+    RC_ASSERT(e.register_process({.name = "put", .outputs = {"domain"}}, [](const pop::context&,
+                                                                            const json& a) {
+                 pop::result r;
+                 r.set(a.at("path").get<std::string>(), a.at("value"));
+                 return r;
+               }).ok());
     RC_ASSERT(e.register_process({.name = "move", .inputs = {"domain"}, .outputs = {"domain"}},
                                  [](const pop::context& ctx, const json& a) {
                                    pop::result r;
@@ -56,13 +56,12 @@ TEST_CASE("random execute, compare_and_swap and snapshot sequences match a std::
                                    return r;
                                  })
                   .ok());
-    RC_ASSERT(e.register_process({.name = "wipe", .outputs = {"domain"}},
-                                 [](const pop::context&, const json& a) {
-                                   pop::result r;
-                                   r.erase(a.at("group").get<std::string>());
-                                   return r;
-                                 })
-                  .ok());
+    RC_ASSERT(e.register_process({.name = "wipe", .outputs = {"domain"}}, [](const pop::context&,
+                                                                             const json& a) {
+                 pop::result r;
+                 r.erase(a.at("group").get<std::string>());
+                 return r;
+               }).ok());
     model_map model;
     std::uint64_t version = 0;
     std::vector<std::vector<std::string>> written{{}};  // written[v]: paths version v wrote
@@ -123,8 +122,10 @@ TEST_CASE("random execute, compare_and_swap and snapshot sequences match a std::
         RC_ASSERT(r->version == version);
       } else if (op == 4) {
         // Key-level CAS on an old version: commits unless that leaf (or its group) changed since.
-        const std::uint64_t back = *rc::gen::inRange<std::uint64_t>(0, std::min<std::uint64_t>(version, 5) + 1);
-        const auto r = e.compare_and_swap(version - back, {{leaf(g, k), std::nullopt}}, pop::cas_mode::keys);
+        const std::uint64_t back =
+            *rc::gen::inRange<std::uint64_t>(0, std::min<std::uint64_t>(version, 5) + 1);
+        const auto r =
+            e.compare_and_swap(version - back, {{leaf(g, k), std::nullopt}}, pop::cas_mode::keys);
         RC_ASSERT(r.ok());
         bool clean = true;
         for (std::uint64_t w = version - back + 1; w <= version; ++w) {
@@ -149,7 +150,10 @@ TEST_CASE("random execute, compare_and_swap and snapshot sequences match a std::
         if (!j.is_object()) return;
         for (auto it = j.begin(); it != j.end();) {
           prune(*it);
-          if (it->is_object() && it->empty()) it = j.erase(it); else ++it;
+          if (it->is_object() && it->empty())
+            it = j.erase(it);
+          else
+            ++it;
         }
       };
       prune(actual);
@@ -161,7 +165,10 @@ TEST_CASE("random execute, compare_and_swap and snapshot sequences match a std::
         if (!j.is_object()) return;
         for (auto it = j.begin(); it != j.end();) {
           prune(*it);
-          if (it->is_object() && it->empty()) it = j.erase(it); else ++it;
+          if (it->is_object() && it->empty())
+            it = j.erase(it);
+          else
+            ++it;
         }
       };
       prune(actual);

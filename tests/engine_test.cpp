@@ -19,41 +19,44 @@ void from_json(const json& j, account& a) {
   j.at("owner").get_to(a.owner);
   j.at("balance").get_to(a.balance);
 }
-void to_json(json& j, const account& a) { j = json{{"owner", a.owner}, {"balance", a.balance}}; }
+void to_json(json& j, const account& a) {
+  j = json{{"owner", a.owner}, {"balance", a.balance}};
+}
 
 // A state-independent writer used to commit "concurrently" from inside another process's run.
 void register_setter(pop::engine& e, const std::string& name, const std::string& output) {
-  REQUIRE(e.register_process({.name = name, .outputs = {output}},
-                             [output](const pop::context&, const json& args) {
-                               pop::result r;
-                               r.set(args.value("path", output), args.at("value"));
-                               return r;
-                             })
-              .ok());
+  REQUIRE(e.register_process({.name = name, .outputs = {output}}, [output](const pop::context&,
+                                                                           const json& args) {
+             pop::result r;
+             r.set(args.value("path", output), args.at("value"));
+             return r;
+           }).ok());
 }
 
-json state_at(const pop::engine& e, const std::string& p) { return e.snapshot().read(p).value(); }
+json state_at(const pop::engine& e, const std::string& p) {
+  return e.snapshot().read(p).value();
+}
 
 }  // namespace
 
 TEST_CASE("a process commits its writes and messages atomically at one new version", "[engine]") {
   pop::engine e(pop::options{.initial_state = {{"domain", {{"inventory", {{"A1", 5}}}}}}});
   REQUIRE(e.register_process(
-                {.name = "place_order",
-                 .inputs = {"domain.inventory"},
-                 .outputs = {"domain.inventory", "domain.orders"},
-                 .emits = {"order.placed"}},
-                [](const pop::context& ctx, const json& args) -> absl::StatusOr<pop::result> {
-                  const std::string sku = args.at("sku");
-                  const int qty = args.at("qty");
-                  const int stock = ctx.get<int>("domain.inventory." + sku);
-                  if (stock < qty) return absl::FailedPreconditionError("out of stock");
-                  pop::result r;
-                  r.set("domain.inventory." + sku, stock - qty);
-                  r.set("domain.orders.o-1", {{"sku", sku}, {"qty", qty}, {"status", "placed"}});
-                  r.emit("order.placed", {{"order", "o-1"}}, "o-1", {{"trace", "t-9"}});
-                  return r;
-                })
+               {.name = "place_order",
+                .inputs = {"domain.inventory"},
+                .outputs = {"domain.inventory", "domain.orders"},
+                .emits = {"order.placed"}},
+               [](const pop::context& ctx, const json& args) -> absl::StatusOr<pop::result> {
+                 const std::string sku = args.at("sku");
+                 const int qty = args.at("qty");
+                 const int stock = ctx.get<int>("domain.inventory." + sku);
+                 if (stock < qty) return absl::FailedPreconditionError("out of stock");
+                 pop::result r;
+                 r.set("domain.inventory." + sku, stock - qty);
+                 r.set("domain.orders.o-1", {{"sku", sku}, {"qty", qty}, {"status", "placed"}});
+                 r.emit("order.placed", {{"order", "o-1"}}, "o-1", {{"trace", "t-9"}});
+                 return r;
+               })
               .ok());
 
   const auto done = e.execute("place_order", {{"sku", "A1"}, {"qty", 2}});
@@ -128,23 +131,25 @@ TEST_CASE("breaking the contract is kPermissionDenied naming process and path, a
                                return r;
                              })
               .ok());
-  REQUIRE(e.register_process({.name = "sneaky", .inputs = {"domain.open"}, .outputs = {"domain.out"}},
-                             [](const pop::context& ctx, const json&) {
-                               pop::result r;
-                               try {
-                                 r.set("domain.out", ctx.get<int>("domain.secret"));
-                               } catch (const pop::process_error&) {
-                                 r.set("domain.out", -1);  // swallowed: must still fail
-                               }
-                               return r;
-                             })
-              .ok());
-  REQUIRE(e.register_process({.name = "parent_reader", .inputs = {"domain.open"}, .outputs = {"domain.out"}},
-                             [](const pop::context& ctx, const json&) {
-                               pop::result r;
-                               r.set("domain.out", ctx.get("domain"));
-                               return r;
-                             })
+  REQUIRE(
+      e.register_process({.name = "sneaky", .inputs = {"domain.open"}, .outputs = {"domain.out"}},
+                         [](const pop::context& ctx, const json&) {
+                           pop::result r;
+                           try {
+                             r.set("domain.out", ctx.get<int>("domain.secret"));
+                           } catch (const pop::process_error&) {
+                             r.set("domain.out", -1);  // swallowed: must still fail
+                           }
+                           return r;
+                         })
+          .ok());
+  REQUIRE(e.register_process(
+               {.name = "parent_reader", .inputs = {"domain.open"}, .outputs = {"domain.out"}},
+               [](const pop::context& ctx, const json&) {
+                 pop::result r;
+                 r.set("domain.out", ctx.get("domain"));
+                 return r;
+               })
               .ok());
 
   const json before = e.snapshot().to_json();
@@ -198,20 +203,23 @@ TEST_CASE("a throwing or failing process leaves version, state and outbox unchan
 
 TEST_CASE("typed reads convert through from_json and a wrong type names the path", "[engine]") {
   pop::engine e(pop::options{
-      .initial_state = {{"domain", {{"accounts", {{"alice", {{"owner", "Alice"}, {"balance", 7}}}}}}}}});
-  REQUIRE(e.register_process({.name = "copy", .inputs = {"domain.accounts"}, .outputs = {"domain.copy"}},
-                             [](const pop::context& ctx, const json& args) {
-                               const account a = ctx.get<account>(args.at("from").get<std::string>());
-                               pop::result r;
-                               r.set("domain.copy", account{a.owner + "!", a.balance + 1});
-                               return r;
-                             })
+      .initial_state = {
+          {"domain", {{"accounts", {{"alice", {{"owner", "Alice"}, {"balance", 7}}}}}}}}});
+  REQUIRE(e.register_process(
+               {.name = "copy", .inputs = {"domain.accounts"}, .outputs = {"domain.copy"}},
+               [](const pop::context& ctx, const json& args) {
+                 const account a = ctx.get<account>(args.at("from").get<std::string>());
+                 pop::result r;
+                 r.set("domain.copy", account{a.owner + "!", a.balance + 1});
+                 return r;
+               })
               .ok());
   REQUIRE(e.execute("copy", {{"from", "domain.accounts.alice"}}).ok());
   CHECK(state_at(e, "domain.copy") == json{{"owner", "Alice!"}, {"balance", 8}});
   const auto wrong = e.execute("copy", {{"from", "domain.accounts.alice.balance"}});
   CHECK(wrong.status().code() == absl::StatusCode::kFailedPrecondition);
-  CHECK(std::string(wrong.status().message()).find("domain.accounts.alice.balance") != std::string::npos);
+  CHECK(std::string(wrong.status().message()).find("domain.accounts.alice.balance") !=
+        std::string::npos);
   const auto missing = e.execute("copy", {{"from", "domain.accounts.bob"}});
   CHECK(missing.status().code() == absl::StatusCode::kNotFound);
   CHECK(std::string(missing.status().message()).find("domain.accounts.bob") != std::string::npos);
@@ -220,15 +228,16 @@ TEST_CASE("typed reads convert through from_json and a wrong type names the path
   CHECK(e.version() == 1);
 }
 
-TEST_CASE("a delete is committed and visible, and deleting a missing path is harmless", "[engine]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"orders", {{"o1", {{"a", 1}}}, {"o2", 2}}}}}}});
-  REQUIRE(e.register_process({.name = "drop", .outputs = {"domain.orders"}},
-                             [](const pop::context&, const json& args) {
-                               pop::result r;
-                               r.erase(args.at("path").get<std::string>());
-                               return r;
-                             })
-              .ok());
+TEST_CASE("a delete is committed and visible, and deleting a missing path is harmless",
+          "[engine]") {
+  pop::engine e(
+      pop::options{.initial_state = {{"domain", {{"orders", {{"o1", {{"a", 1}}}, {"o2", 2}}}}}}});
+  REQUIRE(e.register_process({.name = "drop", .outputs = {"domain.orders"}}, [](const pop::context&,
+                                                                                const json& args) {
+             pop::result r;
+             r.erase(args.at("path").get<std::string>());
+             return r;
+           }).ok());
   REQUIRE(e.execute("drop", {{"path", "domain.orders.o1.a"}}).ok());
   CHECK(e.snapshot().to_json()["domain"]["orders"] == json{{"o1", json::object()}, {"o2", 2}});
   REQUIRE(e.execute("drop", {{"path", "domain.orders.o1"}}).ok());
@@ -238,21 +247,27 @@ TEST_CASE("a delete is committed and visible, and deleting a missing path is har
 }
 
 TEST_CASE("deep disjoint writes never conflict", "[engine]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"accounts", {{"alice", 10}, {"bob", 10}}}}}}});
-  REQUIRE(e.register_process({.name = "bob", .inputs = {"domain.accounts.bob"}, .outputs = {"domain.accounts.bob"}},
-                             [](const pop::context& ctx, const json&) {
-                               pop::result r;
-                               r.set("domain.accounts.bob", ctx.get<int>("domain.accounts.bob") + 1);
-                               return r;
-                             })
-              .ok());
+  pop::engine e(
+      pop::options{.initial_state = {{"domain", {{"accounts", {{"alice", 10}, {"bob", 10}}}}}}});
+  REQUIRE(
+      e.register_process(
+           {.name = "bob", .inputs = {"domain.accounts.bob"}, .outputs = {"domain.accounts.bob"}},
+           [](const pop::context& ctx, const json&) {
+             pop::result r;
+             r.set("domain.accounts.bob", ctx.get<int>("domain.accounts.bob") + 1);
+             return r;
+           })
+          .ok());
   std::atomic<int> runs{0};
-  REQUIRE(e.register_process({.name = "alice", .inputs = {"domain.accounts.alice"}, .outputs = {"domain.accounts.alice"}},
+  REQUIRE(e.register_process({.name = "alice",
+                              .inputs = {"domain.accounts.alice"},
+                              .outputs = {"domain.accounts.alice"}},
                              [&](const pop::context& ctx, const json&) {
                                // Another commit lands while this run is in flight.
                                if (runs++ == 0) REQUIRE(e.execute("bob").ok());
                                pop::result r;
-                               r.set("domain.accounts.alice", ctx.get<int>("domain.accounts.alice") + 1);
+                               r.set("domain.accounts.alice",
+                                     ctx.get<int>("domain.accounts.alice") + 1);
                                return r;
                              })
               .ok());
@@ -264,11 +279,15 @@ TEST_CASE("deep disjoint writes never conflict", "[engine]") {
   CHECK(state_at(e, "domain.accounts") == json{{"alice", 11}, {"bob", 11}});
 }
 
-TEST_CASE("a conflicting process re-runs on the newer snapshot and emits its messages once", "[engine]") {
+TEST_CASE("a conflicting process re-runs on the newer snapshot and emits its messages once",
+          "[engine]") {
   pop::engine e(pop::options{.initial_state = {{"domain", {{"counter", 0}}}}});
   register_setter(e, "bump", "domain.counter");
   std::atomic<int> runs{0};
-  REQUIRE(e.register_process({.name = "incr", .inputs = {"domain.counter"}, .outputs = {"domain.counter"}, .emits = {"counted"}},
+  REQUIRE(e.register_process({.name = "incr",
+                              .inputs = {"domain.counter"},
+                              .outputs = {"domain.counter"},
+                              .emits = {"counted"}},
                              [&](const pop::context& ctx, const json&) {
                                const int seen = ctx.get<int>("domain.counter");
                                if (runs++ == 0) REQUIRE(e.execute("bump", {{"value", 100}}).ok());
@@ -299,24 +318,28 @@ TEST_CASE("write skew never commits both sides", "[engine]") {
   // Each withdrawal keeps alice + bob >= 0 on its own snapshot; together they would break it.
   pop::engine e(pop::options{.initial_state = {{"domain", {{"a", 50}, {"b", 50}}}}});
   const auto withdraw = [&e](std::string mine, std::function<void()> meanwhile) {
-    return [mine, meanwhile, &e](const pop::context& ctx, const json&) -> absl::StatusOr<pop::result> {
-      const int total = ctx.get<int>("domain.a") + ctx.get<int>("domain.b");
-      if (meanwhile) meanwhile();
-      if (total < 100) return absl::FailedPreconditionError("insufficient funds");
-      pop::result r;
-      r.set("domain." + mine, ctx.get<int>("domain." + mine) - 100);
-      return r;
-    };
+    return
+        [mine, meanwhile, &e](const pop::context& ctx, const json&) -> absl::StatusOr<pop::result> {
+          const int total = ctx.get<int>("domain.a") + ctx.get<int>("domain.b");
+          if (meanwhile) meanwhile();
+          if (total < 100) return absl::FailedPreconditionError("insufficient funds");
+          pop::result r;
+          r.set("domain." + mine, ctx.get<int>("domain." + mine) - 100);
+          return r;
+        };
   };
   int b_runs = 0;
-  REQUIRE(e.register_process({.name = "withdraw_b", .inputs = {"domain.a", "domain.b"}, .outputs = {"domain.b"}},
-                             withdraw("b", [&] { ++b_runs; }))
+  REQUIRE(e.register_process(
+               {.name = "withdraw_b", .inputs = {"domain.a", "domain.b"}, .outputs = {"domain.b"}},
+               withdraw("b", [&] { ++b_runs; }))
               .ok());
   int a_runs = 0;
-  REQUIRE(e.register_process({.name = "withdraw_a", .inputs = {"domain.a", "domain.b"}, .outputs = {"domain.a"}},
-                             withdraw("a", [&] {
-                               if (a_runs++ == 0) REQUIRE(e.execute("withdraw_b").ok());
-                             }))
+  REQUIRE(e.register_process(
+               {.name = "withdraw_a", .inputs = {"domain.a", "domain.b"}, .outputs = {"domain.a"}},
+               withdraw("a",
+                        [&] {
+                          if (a_runs++ == 0) REQUIRE(e.execute("withdraw_b").ok());
+                        }))
               .ok());
   const auto a = e.execute("withdraw_a");
   CHECK(a.status().code() == absl::StatusCode::kFailedPrecondition);
@@ -335,29 +358,32 @@ TEST_CASE("reads of missing paths, parents and children are validated at any dep
     bool conflicts;
   };
   const scenario scenarios[] = {
-      {"domain.flag", "domain.flag", true},           // read of a missing path, then created
-      {"domain.x", "domain.x.y.z", true},             // read a parent, a deep child changes
-      {"domain.x.y.z", "domain.x", true},             // read a deep child, its parent is replaced
-      {"domain.x.y.z", "domain.x.y.w", false},        // a sibling deep down
-      {"domain.x.y", "domain.x.yy", false},           // a prefix as text, not as a path
-      {"domain.x.y.z", "domain.x.y.z.q", true},       // below what was read
+      {"domain.flag", "domain.flag", true},      // read of a missing path, then created
+      {"domain.x", "domain.x.y.z", true},        // read a parent, a deep child changes
+      {"domain.x.y.z", "domain.x", true},        // read a deep child, its parent is replaced
+      {"domain.x.y.z", "domain.x.y.w", false},   // a sibling deep down
+      {"domain.x.y", "domain.x.yy", false},      // a prefix as text, not as a path
+      {"domain.x.y.z", "domain.x.y.z.q", true},  // below what was read
   };
   int n = 0;
   for (const scenario& s : scenarios) {
     INFO(s.read << " vs " << s.concurrent_write);
     const std::string name = "reader" + std::to_string(n++);
     int runs = 0;
-    REQUIRE(e.register_process({.name = name, .inputs = {"domain"}, .outputs = {"domain.out"}},
-                               [&, s](const pop::context& ctx, const json&) {
-                                 (void)ctx.find(s.read);
-                                 if (runs++ == 0) {
-                                   REQUIRE(e.execute("set", {{"path", s.concurrent_write}, {"value", {{"v", n}}}}).ok());
-                                 }
-                                 pop::result r;
-                                 r.set("domain.out", n);
-                                 return r;
-                               })
-                .ok());
+    REQUIRE(
+        e.register_process(
+             {.name = name, .inputs = {"domain"}, .outputs = {"domain.out"}},
+             [&, s](const pop::context& ctx, const json&) {
+               (void)ctx.find(s.read);
+               if (runs++ == 0) {
+                 REQUIRE(
+                     e.execute("set", {{"path", s.concurrent_write}, {"value", {{"v", n}}}}).ok());
+               }
+               pop::result r;
+               r.set("domain.out", n);
+               return r;
+             })
+            .ok());
     const auto done = e.execute(name);
     REQUIRE(done.ok());
     CHECK(done->attempts == (s.conflicts ? 2 : 1));
@@ -368,16 +394,18 @@ TEST_CASE("a process that keeps conflicting is aborted after the retry budget", 
   pop::engine e(pop::options{.retry = {.max_attempts = 3}});
   register_setter(e, "set", "domain.hot");
   int runs = 0;
-  REQUIRE(e.register_process({.name = "loser", .inputs = {"domain.hot"}, .outputs = {"domain.out"}, .emits = {"t"}},
-                             [&](const pop::context& ctx, const json&) {
-                               (void)ctx.find("domain.hot");
-                               REQUIRE(e.execute("set", {{"value", ++runs}}).ok());
-                               pop::result r;
-                               r.set("domain.out", 1);
-                               r.emit("t", 1);
-                               return r;
-                             })
-              .ok());
+  REQUIRE(
+      e.register_process(
+           {.name = "loser", .inputs = {"domain.hot"}, .outputs = {"domain.out"}, .emits = {"t"}},
+           [&](const pop::context& ctx, const json&) {
+             (void)ctx.find("domain.hot");
+             REQUIRE(e.execute("set", {{"value", ++runs}}).ok());
+             pop::result r;
+             r.set("domain.out", 1);
+             r.emit("t", 1);
+             return r;
+           })
+          .ok());
   const auto r = e.execute("loser");
   CHECK(r.status().code() == absl::StatusCode::kAborted);
   CHECK(std::string(r.status().message()).find("domain.hot") != std::string::npos);
@@ -385,7 +413,8 @@ TEST_CASE("a process that keeps conflicting is aborted after the retry budget", 
   CHECK(e.snapshot().read("domain.out").status().code() == absl::StatusCode::kNotFound);
   CHECK(e.snapshot().pending_count() == 0);
   CHECK(e.audit({.process = "loser", .outcome = pop::attempt_outcome::aborted}).size() == 1);
-  CHECK(e.audit({.process = "loser", .outcome = pop::attempt_outcome::conflict_retried}).size() == 2);
+  CHECK(e.audit({.process = "loser", .outcome = pop::attempt_outcome::conflict_retried}).size() ==
+        2);
 }
 
 TEST_CASE("registration rejects bad specs with clear errors", "[engine]") {
@@ -423,27 +452,27 @@ TEST_CASE("registration rejects bad specs with clear errors", "[engine]") {
 
 TEST_CASE("invalid writes are refused and commit nothing", "[engine]") {
   pop::engine e(pop::options{.initial_state = {{"domain", {{"n", 1}}}}});
-  REQUIRE(e.register_process({.name = "w", .outputs = {"domain"}},
-                             [](const pop::context&, const json& args) {
-                               pop::result r;
-                               r.set("domain.ok", 1);
-                               r.set(args.at("path").get<std::string>(), 2);
-                               return r;
-                             })
-              .ok()
-          == false);  // "domain" is the outbox's parent: refused at registration
-  REQUIRE(e.register_process({.name = "w", .outputs = {"domain.n", "domain.ok", "domain.outbox_queue"}},
-                             [](const pop::context&, const json& args) {
-                               pop::result r;
-                               r.set("domain.ok", 1);
-                               r.set(args.at("path").get<std::string>(), args.value("value", json(2)));
-                               return r;
-                             })
-              .ok());
+  REQUIRE(e.register_process({.name = "w", .outputs = {"domain"}}, [](const pop::context&,
+                                                                      const json& args) {
+             pop::result r;
+             r.set("domain.ok", 1);
+             r.set(args.at("path").get<std::string>(), 2);
+             return r;
+           }).ok() == false);  // "domain" is the outbox's parent: refused at registration
+  REQUIRE(
+      e.register_process({.name = "w", .outputs = {"domain.n", "domain.ok", "domain.outbox_queue"}},
+                         [](const pop::context&, const json& args) {
+                           pop::result r;
+                           r.set("domain.ok", 1);
+                           r.set(args.at("path").get<std::string>(), args.value("value", json(2)));
+                           return r;
+                         })
+          .ok());
   const json before = e.snapshot().to_json();
   CHECK(e.execute("w", {{"path", "domain.n.deeper"}}).status().code() ==
         absl::StatusCode::kFailedPrecondition);  // through a number
-  CHECK(e.execute("w", {{"path", "domain.ok."}}).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(e.execute("w", {{"path", "domain.ok."}}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
   CHECK(e.execute("w", {{"path", "domain.outbox_queue"}, {"value", 5}}).status().code() ==
         absl::StatusCode::kInvalidArgument);
   CHECK(e.version() == 0);
@@ -452,13 +481,14 @@ TEST_CASE("invalid writes are refused and commit nothing", "[engine]") {
 
 TEST_CASE("a process past its timeout commits nothing", "[engine]") {
   pop::engine e;
-  REQUIRE(e.register_process({.name = "slow", .outputs = {"domain.x"}, .timeout = std::chrono::milliseconds(5)},
-                             [](const pop::context&, const json&) {
-                               std::this_thread::sleep_for(std::chrono::milliseconds(20));
-                               pop::result r;
-                               r.set("domain.x", 1);
-                               return r;
-                             })
+  REQUIRE(e.register_process(
+               {.name = "slow", .outputs = {"domain.x"}, .timeout = std::chrono::milliseconds(5)},
+               [](const pop::context&, const json&) {
+                 std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                 pop::result r;
+                 r.set("domain.x", 1);
+                 return r;
+               })
               .ok());
   CHECK(e.execute("slow").status().code() == absl::StatusCode::kDeadlineExceeded);
   CHECK(e.version() == 0);
@@ -515,7 +545,8 @@ TEST_CASE("compare_and_swap commits only at the expected version, or when its ke
   CHECK(e.compare_and_swap(3, {}).status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(e.compare_and_swap(3, {{"domain.ok", 1}, {"bad..path", 1}}).status().code() ==
         absl::StatusCode::kInvalidArgument);
-  CHECK(e.compare_and_swap(3, {{"domain", 1}}).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(e.compare_and_swap(3, {{"domain", 1}}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
   CHECK(e.version() == 3);
 }
 
@@ -527,9 +558,9 @@ TEST_CASE("outbox appends commute with each other and with clearing by id", "[en
         // A second producer commits while this one runs, and a relay clears its message by id.
         const auto other = e.execute("p2");
         REQUIRE(other.ok());
-        const auto cleared = e.compare_and_swap(other->version,
-                                                {{"domain.outbox_queue." + other->message_ids[0], std::nullopt}},
-                                                pop::cas_mode::keys);
+        const auto cleared = e.compare_and_swap(
+            other->version, {{"domain.outbox_queue." + other->message_ids[0], std::nullopt}},
+            pop::cas_mode::keys);
         REQUIRE(cleared.ok());
         REQUIRE(cleared->committed);
       }
@@ -552,30 +583,30 @@ TEST_CASE("outbox appends commute with each other and with clearing by id", "[en
 TEST_CASE("the seed-style form returns a whole new queue and is diffed into appends and removals",
           "[engine]") {
   pop::engine e;
-  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}},
-                             [](const pop::context&, const json& args) {
-                               pop::result r;
-                               r.emit("t", args);
-                               return r;
-                             })
-              .ok());
+  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
+                                                                  const json& args) {
+             pop::result r;
+             r.emit("t", args);
+             return r;
+           }).ok());
   for (int i = 0; i < 3; ++i) REQUIRE(e.execute("emit", {{"n", i}}).ok());
-  REQUIRE(e.register_process({.name = "rewrite",
-                              .inputs = {"domain.outbox_queue"},
-                              .outputs = {"domain.outbox_queue"},
-                              .emits = {"t"}},
-                             [](const pop::context& ctx, const json&) {
-                               json queue = json::array();
-                               const json current = ctx.get("domain.outbox_queue");
-                               for (const auto& [id, m] : current.items()) {
-                                 if (m["payload"]["n"] != 0) queue.push_back(m);  // drop n == 0
-                               }
-                               queue.push_back({{"topic", "t"}, {"payload", {{"n", 3}}}, {"key", "k"}});
-                               pop::result r;
-                               r.set("domain.outbox_queue", queue);
-                               return r;
-                             })
-              .ok());
+  REQUIRE(
+      e.register_process({.name = "rewrite",
+                          .inputs = {"domain.outbox_queue"},
+                          .outputs = {"domain.outbox_queue"},
+                          .emits = {"t"}},
+                         [](const pop::context& ctx, const json&) {
+                           json queue = json::array();
+                           const json current = ctx.get("domain.outbox_queue");
+                           for (const auto& [id, m] : current.items()) {
+                             if (m["payload"]["n"] != 0) queue.push_back(m);  // drop n == 0
+                           }
+                           queue.push_back({{"topic", "t"}, {"payload", {{"n", 3}}}, {"key", "k"}});
+                           pop::result r;
+                           r.set("domain.outbox_queue", queue);
+                           return r;
+                         })
+          .ok());
   const auto done = e.execute("rewrite");
   REQUIRE(done.ok());
   REQUIRE(done->message_ids.size() == 1);
@@ -601,15 +632,17 @@ TEST_CASE("commit notifications report every commit until the subscription ends"
   CHECK(seen.size() == 2);
 }
 
-TEST_CASE("the audit log records reads, writes, messages and outcome, and stays bounded", "[engine]") {
+TEST_CASE("the audit log records reads, writes, messages and outcome, and stays bounded",
+          "[engine]") {
   pop::engine e(pop::options{.initial_state = {{"domain", {{"x", 1}}}}, .audit_capacity = 3});
-  REQUIRE(e.register_process({.name = "p", .inputs = {"domain.x"}, .outputs = {"domain.y"}, .emits = {"t"}},
-                             [](const pop::context& ctx, const json&) {
-                               pop::result r;
-                               r.set("domain.y", ctx.get<int>("domain.x"));
-                               r.emit("t", 1);
-                               return r;
-                             })
+  REQUIRE(e.register_process(
+               {.name = "p", .inputs = {"domain.x"}, .outputs = {"domain.y"}, .emits = {"t"}},
+               [](const pop::context& ctx, const json&) {
+                 pop::result r;
+                 r.set("domain.y", ctx.get<int>("domain.x"));
+                 r.emit("t", 1);
+                 return r;
+               })
               .ok());
   for (int i = 0; i < 5; ++i) REQUIRE(e.execute("p").ok());
   const auto records = e.audit();
@@ -625,7 +658,8 @@ TEST_CASE("the audit log records reads, writes, messages and outcome, and stays 
   CHECK(e.audit({.limit = 2}).front().sequence == 4);
 }
 
-TEST_CASE("a process is tested against a fixture with no engine and nothing mocked", "[engine][dry_run]") {
+TEST_CASE("a process is tested against a fixture with no engine and nothing mocked",
+          "[engine][dry_run]") {
   const pop::process_spec spec{.name = "reserve",
                                .inputs = {"domain.inventory"},
                                .outputs = {"domain.inventory"},
@@ -647,8 +681,9 @@ TEST_CASE("a process is tested against a fixture with no engine and nothing mock
   CHECK(run->reads == std::vector<std::string>{"domain.inventory.A1"});
   CHECK(run->state["domain"]["inventory"] == json{{"A1", 2}, {"B2", 1}});
 
-  const auto denied = pop::dry_run({.name = "x", .inputs = {"domain.other"}, .outputs = {"domain.inventory"}},
-                                   reserve, fixture, {{"sku", "A1"}});
+  const auto denied =
+      pop::dry_run({.name = "x", .inputs = {"domain.other"}, .outputs = {"domain.inventory"}},
+                   reserve, fixture, {{"sku", "A1"}});
   CHECK(denied.status().code() == absl::StatusCode::kPermissionDenied);
 
   pop::engine e;
@@ -660,7 +695,8 @@ TEST_CASE("a process is tested against a fixture with no engine and nothing mock
 }
 
 TEST_CASE("engine options are validated", "[engine]") {
-  CHECK(pop::engine::open({.outbox_path = "a..b"}).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(pop::engine::open({.outbox_path = "a..b"}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
   CHECK(pop::engine::open({.initial_state = json::array()}).status().code() ==
         absl::StatusCode::kInvalidArgument);
   CHECK(pop::engine::open({.retry = {.max_attempts = 0}}).status().code() ==
@@ -668,12 +704,13 @@ TEST_CASE("engine options are validated", "[engine]") {
   CHECK_THROWS_AS(pop::engine(pop::options{.outbox_path = ""}), std::invalid_argument);
   const auto custom = pop::engine::open({.outbox_path = "system.out"});
   REQUIRE(custom.ok());
-  REQUIRE((*custom)->register_process({.name = "e", .emits = {"t"}},
-                                      [](const pop::context&, const json&) {
-                                        pop::result r;
-                                        r.emit("t", 1);
-                                        return r;
-                                      })
+  REQUIRE((*custom)
+              ->register_process({.name = "e", .emits = {"t"}},
+                                 [](const pop::context&, const json&) {
+                                   pop::result r;
+                                   r.emit("t", 1);
+                                   return r;
+                                 })
               .ok());
   REQUIRE((*custom)->execute("e").ok());
   CHECK((*custom)->snapshot().read("system.out").value().size() == 1);

@@ -1,6 +1,6 @@
 // Tests of the persistent state tree (engine/detail/tree.hpp) and value views.
-#include <catch2/catch.hpp>
 #include <rapidcheck/catch.h>
+#include <catch2/catch.hpp>
 
 #include "engine/detail/tree.hpp"
 #include "engine/snapshot.hpp"
@@ -77,11 +77,21 @@ TEST_CASE("the state tree behaves like a plain JSON document under any writes an
       } else {
         json value;
         switch (kind) {
-          case 1: value = *rc::gen::inRange(-5, 5); break;
-          case 2: value = json{{"x", i}, {"y", {{"z", "s"}}}}; break;
-          case 3: value = big_object(*rc::gen::inRange(10, 40), i); break;
-          case 4: value = json::array({1, 2, i}); break;
-          default: value = json::object(); break;
+          case 1:
+            value = *rc::gen::inRange(-5, 5);
+            break;
+          case 2:
+            value = json{{"x", i}, {"y", {{"z", "s"}}}};
+            break;
+          case 3:
+            value = big_object(*rc::gen::inRange(10, 40), i);
+            break;
+          case 4:
+            value = json::array({1, 2, i});
+            break;
+          default:
+            value = json::object();
+            break;
         }
         json next = model;
         const bool ok = model_assign(next, segs, value);
@@ -126,7 +136,8 @@ TEST_CASE("large objects become member maps and small records stay whole", "[sta
 }
 
 TEST_CASE("a write shares every untouched subtree with the previous version", "[state]") {
-  d::node_ptr root = d::make_root(json{{"domain", {{"big", big_object(5000, 3)}, {"other", big_object(50, 1)}}}});
+  d::node_ptr root =
+      d::make_root(json{{"domain", {{"big", big_object(5000, 3)}, {"other", big_object(50, 1)}}}});
   const d::node_ptr before_other = *(*root->members.find("domain"))->members.find("other");
   const d::node_ptr next = d::assign(root, "domain.big.k7", d::make_node(-1)).value();
   const d::value_node& domain = **next->members.find("domain");
