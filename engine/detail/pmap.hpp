@@ -1,0 +1,455 @@
+// pop::detail::pmap: a persistent ordered map from std::string keys to values, as a B+-tree.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cassert>
+#include <cstddef>
+#include <iterator>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace pop::detail {
+
+// An immutable ordered map from std::string keys (plain byte order) to values of type V.
+// "Modifying" calls return a new map that shares every untouched node with the old one.
+//
+// Structure: a B+-tree. Leaves hold the entries; an inner node holds, for each child, the
+// child's minimum key and the child pointer. Every node stores the number of entries in its
+// subtree. Invariants:
+//   - an empty map has a null root;
+//   - every node has at most max_width (32) entries or children, and every node except the
+//     root has at least min_width (8); an inner root has at least 2 children;
+//   - keys are strictly increasing within and across leaves, and all leaves are at one depth;
+//   - an inner node's keys[i] is the minimum key of the subtree children[i].
+// check_invariants() verifies all of these.
+//
+// Threading and lifetime: nodes are never mutated once published (a write copies the path from
+// the root to the changed leaf, O(log n) nodes), so any number of threads may read the same or
+// different versions concurrently. A pmap is a single shared_ptr: cheap to copy. V must be
+// copyable; copying a V happens when a leaf holding it is copied.
+template <class V>
+class pmap {
+ public:
+  // One entry of the map, as stored in a leaf and as seen through an iterator.
+  struct entry {
+    std::string key;
+    V value;
+  };
+  class iterator;
+
+  static constexpr std::size_t max_width = 32;
+  static constexpr std::size_t min_width = 8;
+
+  pmap() = default;
+
+  // Returns a map holding `entries`, which must be sorted by key with unique keys (checked by
+  // assert only). Nodes are filled evenly bottom-up, so no node except the root is under
+  // min_width. O(n).
+  static pmap from_sorted(std::vector<std::pair<std::string, V>> entries) {
+    assert(std::adjacent_find(entries.begin(), entries.end(), [](const auto& a, const auto& b) {
+             return a.first >= b.first;
+           }) == entries.end());
+    if (entries.empty()) return pmap();
+    std::vector<node_ptr> level;
+    std::size_t next = 0;
+    for (std::size_t size : even_groups(entries.size())) {
+      auto leaf = std::make_shared<node>();
+      leaf->leaf = true;
+      leaf->count = size;
+      leaf->entries.reserve(size);
+      for (std::size_t i = 0; i < size; ++i, ++next) {
+        leaf->entries.push_back(
+            entry{std::move(entries[next].first), std::move(entries[next].second)});
+      }
+      level.push_back(std::move(leaf));
+    }
+    while (level.size() > 1) {
+      std::vector<node_ptr> parents;
+      next = 0;
+      for (std::size_t size : even_groups(level.size())) {
+        auto inner = std::make_shared<node>();
+        inner->leaf = false;
+        inner->count = 0;
+        inner->keys.reserve(size);
+        inner->children.reserve(size);
+        for (std::size_t i = 0; i < size; ++i, ++next) {
+          inner->count += level[next]->count;
+          inner->keys.push_back(min_key(*level[next]));
+          inner->children.push_back(std::move(level[next]));
+        }
+        parents.push_back(std::move(inner));
+      }
+      level = std::move(parents);
+    }
+    return pmap(std::move(level.front()));
+  }
+
+  // Returns the number of entries. O(1).
+  std::size_t size() const { return root_ ? root_->count : 0; }
+  // Returns whether the map has no entries. O(1).
+  bool empty() const { return root_ == nullptr; }
+
+  // Returns a pointer to the value stored under `key`, or nullptr if there is none. The
+  // pointer stays valid while any pmap sharing the node that holds it is alive. O(log n), no
+  // allocation.
+  const V* find(std::string_view key) const {
+    const node* n = root_.get();
+    if (n == nullptr) return nullptr;
+    while (!n->leaf) n = n->children[child_index(*n, key)].get();
+    std::size_t i = entry_index(*n, key);
+    if (i < n->entries.size() && n->entries[i].key == key) return &n->entries[i].value;
+    return nullptr;
+  }
+
+  // Returns a map equal to this one with `key` mapped to `value` (inserted, or replacing the
+  // old value). *this is unchanged. O(log n) nodes copied.
+  pmap set(std::string_view key, V value) const {
+    if (!root_) {
+      auto leaf = std::make_shared<node>();
+      leaf->leaf = true;
+      leaf->count = 1;
+      leaf->entries.push_back(entry{std::string(key), std::move(value)});
+      return pmap(std::move(leaf));
+    }
+    auto [left, right] = insert(*root_, key, std::move(value));
+    if (!right) return pmap(std::move(left));
+    auto root = std::make_shared<node>();
+    root->leaf = false;
+    root->count = left->count + right->count;
+    root->keys = {min_key(*left), min_key(*right)};
+    root->children = {std::move(left), std::move(right)};
+    return pmap(std::move(root));
+  }
+
+  // Returns a map equal to this one without `key`. If `key` is absent, returns *this (same
+  // root, see same_root). *this is unchanged. O(log n) nodes copied.
+  pmap erase(std::string_view key) const {
+    if (!root_) return *this;
+    auto [found, root] = remove(*root_, key);
+    if (!found) return *this;
+    if (root->count == 0) return pmap();
+    while (!root->leaf && root->children.size() == 1) root = root->children.front();
+    return pmap(std::move(root));
+  }
+
+  // Returns whether both maps have the same root node, in which case they are equal; a write
+  // that changed nothing (erase of an absent key) is detected this way. O(1).
+  bool same_root(const pmap& other) const { return root_ == other.root_; }
+
+  // Returns an iterator to the first entry, or end() when empty. O(log n), no allocation.
+  iterator begin() const {
+    iterator it;
+    if (root_) it.descend_leftmost(root_.get());
+    return it;
+  }
+  // Returns the past-the-end iterator. O(1).
+  iterator end() const { return iterator(); }
+
+  // Returns an iterator to the first entry whose key is >= `key`, or end() if there is none.
+  // O(log n), no allocation.
+  iterator lower_bound(std::string_view key) const {
+    iterator it;
+    const node* n = root_.get();
+    if (n == nullptr) return it;
+    while (!n->leaf) {
+      std::size_t c = child_index(*n, key);
+      it.push(n, c);
+      n = n->children[c].get();
+    }
+    it.push(n, entry_index(*n, key));
+    it.skip_exhausted();
+    return it;
+  }
+
+  // Returns whether every invariant listed on the class holds. A debugging aid for tests.
+  // O(n).
+  bool check_invariants() const {
+    if (!root_) return true;
+    if (!root_->leaf && root_->children.size() < 2) return false;
+    if (root_->count == 0) return false;
+    std::size_t leaf_depth = 0;
+    const std::string* previous = nullptr;
+    return check_node(*root_, true, 0, leaf_depth, previous);
+  }
+
+ private:
+  struct node;
+  using node_ptr = std::shared_ptr<const node>;
+
+  // Leaves use `entries`; inner nodes use `keys` (minimum key of each child) and `children`.
+  struct node {
+    bool leaf = true;
+    std::size_t count = 0;
+    std::vector<entry> entries;
+    std::vector<std::string> keys;
+    std::vector<node_ptr> children;
+  };
+
+  // Iterator frames per level; a tree obeying the invariants with at most 2^64 entries has at
+  // most 22 levels (2 * 8^(levels-1) <= 2^64).
+  static constexpr std::size_t max_depth = 24;
+
+  explicit pmap(node_ptr root) : root_(std::move(root)) {}
+
+  static std::size_t width(const node& n) { return n.leaf ? n.entries.size() : n.children.size(); }
+
+  static const std::string& min_key(const node& n) {
+    return n.leaf ? n.entries.front().key : n.keys.front();
+  }
+
+  // Index of the child of inner node `n` whose subtree would hold `key`.
+  static std::size_t child_index(const node& n, std::string_view key) {
+    auto it = std::upper_bound(n.keys.begin(), n.keys.end(), key,
+                               [](std::string_view k, const std::string& s) { return k < s; });
+    return it == n.keys.begin() ? 0 : static_cast<std::size_t>(it - n.keys.begin()) - 1;
+  }
+
+  // Index of the first entry of leaf `n` whose key is >= `key`.
+  static std::size_t entry_index(const node& n, std::string_view key) {
+    auto it = std::lower_bound(
+        n.entries.begin(), n.entries.end(), key,
+        [](const entry& e, std::string_view k) { return std::string_view(e.key) < k; });
+    return static_cast<std::size_t>(it - n.entries.begin());
+  }
+
+  // Sizes of ceil(n / max_width) groups that split n items as evenly as possible.
+  static std::vector<std::size_t> even_groups(std::size_t n) {
+    std::size_t groups = (n + max_width - 1) / max_width;
+    std::vector<std::size_t> sizes(groups, n / groups);
+    for (std::size_t i = 0; i < n % groups; ++i) ++sizes[i];
+    return sizes;
+  }
+
+  static void recount(node& n) {
+    if (n.leaf) {
+      n.count = n.entries.size();
+      return;
+    }
+    n.count = 0;
+    for (const auto& child : n.children) n.count += child->count;
+  }
+
+  // Splits an overfull node into two halves; the first half stays in `n`.
+  static std::pair<node_ptr, node_ptr> split(std::shared_ptr<node> n) {
+    auto right = std::make_shared<node>();
+    right->leaf = n->leaf;
+    std::size_t half = width(*n) / 2;
+    if (n->leaf) {
+      right->entries.assign(std::make_move_iterator(n->entries.begin() + half),
+                            std::make_move_iterator(n->entries.end()));
+      n->entries.resize(half);
+    } else {
+      right->keys.assign(std::make_move_iterator(n->keys.begin() + half),
+                         std::make_move_iterator(n->keys.end()));
+      right->children.assign(std::make_move_iterator(n->children.begin() + half),
+                             std::make_move_iterator(n->children.end()));
+      n->keys.resize(half);
+      n->children.resize(half);
+    }
+    recount(*n);
+    recount(*right);
+    return {std::move(n), std::move(right)};
+  }
+
+  // Returns the subtree `n` with `key` set to `value`: one node, or two (second non-null) when
+  // it had to split.
+  static std::pair<node_ptr, node_ptr> insert(const node& n, std::string_view key, V&& value) {
+    auto copy = std::make_shared<node>(n);
+    if (n.leaf) {
+      std::size_t i = entry_index(n, key);
+      if (i < n.entries.size() && n.entries[i].key == key) {
+        copy->entries[i].value = std::move(value);
+        return {std::move(copy), nullptr};
+      }
+      copy->entries.insert(copy->entries.begin() + static_cast<std::ptrdiff_t>(i),
+                           entry{std::string(key), std::move(value)});
+      copy->count = copy->entries.size();
+    } else {
+      std::size_t c = child_index(n, key);
+      auto [left, right] = insert(*n.children[c], key, std::move(value));
+      copy->count = copy->count - n.children[c]->count + left->count;
+      copy->keys[c] = min_key(*left);
+      copy->children[c] = std::move(left);
+      if (right) {
+        copy->count += right->count;
+        auto at = static_cast<std::ptrdiff_t>(c) + 1;
+        copy->keys.insert(copy->keys.begin() + at, min_key(*right));
+        copy->children.insert(copy->children.begin() + at, std::move(right));
+      }
+    }
+    if (width(*copy) > max_width) return split(std::move(copy));
+    return {std::move(copy), nullptr};
+  }
+
+  // Concatenates siblings `a` and `b` (a before b, same level); splits the result evenly when
+  // it is wider than max_width.
+  static std::pair<node_ptr, node_ptr> concatenate(const node& a, const node& b) {
+    auto joined = std::make_shared<node>(a);
+    if (a.leaf) {
+      joined->entries.insert(joined->entries.end(), b.entries.begin(), b.entries.end());
+    } else {
+      joined->keys.insert(joined->keys.end(), b.keys.begin(), b.keys.end());
+      joined->children.insert(joined->children.end(), b.children.begin(), b.children.end());
+    }
+    joined->count = a.count + b.count;
+    if (width(*joined) > max_width) return split(std::move(joined));
+    return {std::move(joined), nullptr};
+  }
+
+  // Returns whether `key` was in subtree `n` and, if so, the subtree without it. The result
+  // may be under min_width (the parent fixes that) or empty (only for a root leaf).
+  static std::pair<bool, node_ptr> remove(const node& n, std::string_view key) {
+    if (n.leaf) {
+      std::size_t i = entry_index(n, key);
+      if (i == n.entries.size() || n.entries[i].key != key) return {false, nullptr};
+      auto copy = std::make_shared<node>(n);
+      copy->entries.erase(copy->entries.begin() + static_cast<std::ptrdiff_t>(i));
+      copy->count = copy->entries.size();
+      return {true, std::move(copy)};
+    }
+    std::size_t c = child_index(n, key);
+    auto [found, child] = remove(*n.children[c], key);
+    if (!found) return {false, nullptr};
+    auto copy = std::make_shared<node>(n);
+    copy->count -= 1;
+    if (width(*child) >= min_width || n.children.size() == 1) {
+      copy->keys[c] = min_key(*child);
+      copy->children[c] = std::move(child);
+      return {true, std::move(copy)};
+    }
+    // Fix the underfull child with its right sibling, or its left one if it is the last.
+    std::size_t lo = c + 1 < n.children.size() ? c : c - 1;
+    const node& a = lo == c ? *child : *n.children[lo];
+    const node& b = lo == c ? *n.children[lo + 1] : *child;
+    auto [first, second] = concatenate(a, b);
+    auto at = copy->children.begin() + static_cast<std::ptrdiff_t>(lo);
+    auto key_at = copy->keys.begin() + static_cast<std::ptrdiff_t>(lo);
+    *key_at = min_key(*first);
+    *at = std::move(first);
+    if (second) {
+      *(key_at + 1) = min_key(*second);
+      *(at + 1) = std::move(second);
+    } else {
+      copy->keys.erase(key_at + 1);
+      copy->children.erase(at + 1);
+    }
+    return {true, std::move(copy)};
+  }
+
+  // Checks subtree `n` at `depth`; `previous` is the last key seen in order.
+  static bool check_node(const node& n, bool is_root, std::size_t depth, std::size_t& leaf_depth,
+                         const std::string*& previous) {
+    if (width(n) > max_width || (!is_root && width(n) < min_width)) return false;
+    if (n.leaf) {
+      if (!n.keys.empty() || !n.children.empty()) return false;
+      if (n.count != n.entries.size()) return false;
+      if (leaf_depth == 0) leaf_depth = depth + 1;
+      if (leaf_depth != depth + 1) return false;
+      for (const auto& e : n.entries) {
+        if (previous != nullptr && !(*previous < e.key)) return false;
+        previous = &e.key;
+      }
+      return true;
+    }
+    if (!n.entries.empty() || n.keys.size() != n.children.size()) return false;
+    std::size_t count = 0;
+    for (std::size_t i = 0; i < n.children.size(); ++i) {
+      const node& child = *n.children[i];
+      if (width(child) == 0 || n.keys[i] != min_key(child)) return false;
+      if (!check_node(child, false, depth + 1, leaf_depth, previous)) return false;
+      count += child.count;
+    }
+    return count == n.count;
+  }
+
+  node_ptr root_;
+};
+
+// A forward iterator over a pmap's entries in key order. It holds the path from the root to
+// the current entry as (node, index) frames; it stays valid while any pmap sharing that root
+// is alive. Incrementing is O(1) amortized, O(log n) worst case; nothing allocates.
+template <class V>
+class pmap<V>::iterator {
+ public:
+  using iterator_category = std::forward_iterator_tag;
+  using value_type = entry;
+  using difference_type = std::ptrdiff_t;
+  using pointer = const entry*;
+  using reference = const entry&;
+
+  iterator() = default;
+
+  // The current entry's key and value. Undefined at end().
+  const std::string& key() const { return current().key; }
+  const V& value() const { return current().value; }
+  reference operator*() const { return current(); }
+  pointer operator->() const { return &current(); }
+
+  iterator& operator++() {
+    ++path_[depth_ - 1].index;
+    skip_exhausted();
+    return *this;
+  }
+  iterator operator++(int) {
+    iterator old = *this;
+    ++*this;
+    return old;
+  }
+
+  // Iterators are equal when both are end() or both point at the same entry of the same leaf.
+  friend bool operator==(const iterator& a, const iterator& b) {
+    if (a.depth_ == 0 || b.depth_ == 0) return a.depth_ == b.depth_;
+    const frame& x = a.path_[a.depth_ - 1];
+    const frame& y = b.path_[b.depth_ - 1];
+    return x.n == y.n && x.index == y.index;
+  }
+
+ private:
+  friend class pmap;
+
+  struct frame {
+    const node* n = nullptr;
+    std::size_t index = 0;
+  };
+
+  const entry& current() const {
+    const frame& f = path_[depth_ - 1];
+    return f.n->entries[f.index];
+  }
+
+  void push(const node* n, std::size_t index) {
+    assert(depth_ < max_depth);
+    path_[depth_++] = frame{n, index};
+  }
+
+  void descend_leftmost(const node* n) {
+    while (!n->leaf) {
+      push(n, 0);
+      n = n->children.front().get();
+    }
+    push(n, 0);
+  }
+
+  // Moves from a leaf position one past its last entry to the next entry, or to end().
+  void skip_exhausted() {
+    if (path_[depth_ - 1].index < path_[depth_ - 1].n->entries.size()) return;
+    --depth_;
+    while (depth_ > 0) {
+      frame& f = path_[depth_ - 1];
+      if (++f.index < f.n->children.size()) {
+        descend_leftmost(f.n->children[f.index].get());
+        return;
+      }
+      --depth_;
+    }
+  }
+
+  std::array<frame, max_depth> path_{};
+  std::size_t depth_ = 0;
+};
+
+}  // namespace pop::detail
