@@ -22,7 +22,7 @@ std::string_view to_string(attempt_outcome outcome) {
 
 void audit_log::append(audit_record record) {
   if (capacity_ == 0) return;
-  absl::MutexLock lock(&mu_);
+  std::unique_lock lock(mu_);
   record.sequence = next_sequence_++;
   if (records_.size() == capacity_) records_.pop_front();
   records_.push_back(std::move(record));
@@ -30,7 +30,7 @@ void audit_log::append(audit_record record) {
 
 std::vector<audit_record> audit_log::query(const audit_query& q) const {
   std::vector<audit_record> out;
-  absl::MutexLock lock(&mu_);
+  std::unique_lock lock(mu_);
   for (auto it = records_.rbegin(); it != records_.rend() && out.size() < q.limit; ++it) {
     if (it->sequence <= q.after_sequence) break;
     if (!q.process.empty() && it->process != q.process) continue;

@@ -10,8 +10,9 @@
 #include <string_view>
 #include <vector>
 
+#include <mutex>
+#include <shared_mutex>
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
 
 namespace pop {
 
@@ -66,7 +67,7 @@ class audit_log {
 
  private:
   const std::size_t capacity_;
-  mutable absl::Mutex mu_;
+  mutable std::shared_mutex mu_;
   std::uint64_t next_sequence_ ABSL_GUARDED_BY(mu_) = 1;
   std::deque<audit_record> records_ ABSL_GUARDED_BY(mu_);
 };

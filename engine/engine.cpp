@@ -342,7 +342,7 @@ engine::engine(options opts)
   initial->version = 0;
   initial->root = detail::make_root(options_.initial_state);
   initial->outbox_path = outbox_;
-  absl::MutexLock lock(&head_mu_);
+  std::unique_lock lock(head_mu_);
   head_ = std::move(initial);
 }
 
@@ -364,7 +364,7 @@ absl::Status engine::register_process(process_spec spec, process_fn fn) {
         p, *outbox_, absl::StrCat("process '", contract.name(), "' declares an output that")));
   }
   auto entry = std::make_shared<const registered>(registered{std::move(contract), std::move(fn)});
-  absl::MutexLock lock(&registry_mu_);
+  std::unique_lock lock(registry_mu_);
   const auto [it, inserted] = registry_.try_emplace(entry->contract.name(), entry);
   if (!inserted) {
     return absl::AlreadyExistsError(
@@ -376,7 +376,7 @@ absl::Status engine::register_process(process_spec spec, process_fn fn) {
 std::vector<std::string> engine::processes() const {
   std::vector<std::string> names;
   {
-    absl::ReaderMutexLock lock(&registry_mu_);
+    std::shared_lock lock(registry_mu_);
     for (const auto& [name, entry] : registry_) names.push_back(name);
   }
   std::sort(names.begin(), names.end());
@@ -384,13 +384,13 @@ std::vector<std::string> engine::processes() const {
 }
 
 std::shared_ptr<const engine::registered> engine::find(std::string_view name) const {
-  absl::ReaderMutexLock lock(&registry_mu_);
+  std::shared_lock lock(registry_mu_);
   const auto it = registry_.find(detail::to_absl(name));
   return it == registry_.end() ? nullptr : it->second;
 }
 
 std::shared_ptr<const detail::version_state> engine::head() const {
-  absl::ReaderMutexLock lock(&head_mu_);
+  std::shared_lock lock(head_mu_);
   return head_;
 }
 
@@ -431,7 +431,7 @@ void engine::install(std::uint64_t version, detail::node_ptr root, std::vector<p
   next->outbox_path = outbox_;
   std::shared_ptr<const detail::version_state> previous;
   {
-    absl::MutexLock lock(&head_mu_);
+    std::unique_lock lock(head_mu_);
     previous = std::exchange(head_, std::move(next));
   }
   log_.push_back({version, std::move(written)});
@@ -453,7 +453,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
       POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, who));
       built = true;
     }
-    absl::MutexLock lock(&commit_mu_);
+    std::unique_lock lock(commit_mu_);
     std::shared_ptr<const detail::version_state> current = head();
     if (current->version != base->version) {
       conflict = find_conflict(prep.access, base->version);
@@ -554,7 +554,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
   }
   applied out;
   {
-    absl::MutexLock lock(&commit_mu_);
+    std::unique_lock lock(commit_mu_);
     const std::shared_ptr<const detail::version_state> current = head();
     if (expected_version > current->version) {
       return absl::InvalidArgumentError(absl::StrCat(

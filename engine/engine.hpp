@@ -11,10 +11,11 @@
 #include <string_view>
 #include <vector>
 
+#include <mutex>
+#include <shared_mutex>
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "contracts/json.hpp"
 #include "contracts/outbox_message.hpp"
 #include "contracts/path.hpp"
@@ -170,14 +171,14 @@ class engine {
   const options options_;
   const std::shared_ptr<const path> outbox_;
 
-  mutable absl::Mutex registry_mu_;
+  mutable std::shared_mutex registry_mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<const registered>> registry_
       ABSL_GUARDED_BY(registry_mu_);
 
   // Lock order: commit_mu_ before head_mu_.
-  absl::Mutex commit_mu_;
+  std::mutex commit_mu_;
   std::deque<logged_commit> log_ ABSL_GUARDED_BY(commit_mu_);
-  mutable absl::Mutex head_mu_;
+  mutable std::shared_mutex head_mu_;
   std::shared_ptr<const detail::version_state> head_ ABSL_GUARDED_BY(head_mu_);
 
   std::shared_ptr<detail::commit_listeners> listeners_{};

@@ -6,19 +6,19 @@ namespace pop {
 namespace detail {
 
 std::uint64_t commit_listeners::add(std::function<void(std::uint64_t)> fn) {
-  absl::MutexLock lock(&mu_);
+  std::unique_lock lock(mu_);
   const std::uint64_t id = next_id_++;
   fns_.emplace(id, std::move(fn));
   return id;
 }
 
 void commit_listeners::remove(std::uint64_t id) {
-  absl::MutexLock lock(&mu_);
+  std::unique_lock lock(mu_);
   fns_.erase(id);
 }
 
 void commit_listeners::notify(std::uint64_t version) const {
-  absl::ReaderMutexLock lock(&mu_);
+  std::shared_lock lock(mu_);
   for (const auto& [id, fn] : fns_) fn(version);
 }
 

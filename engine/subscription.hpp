@@ -6,8 +6,9 @@
 #include <map>
 #include <memory>
 
+#include <mutex>
+#include <shared_mutex>
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
 
 namespace pop {
 
@@ -21,7 +22,7 @@ class commit_listeners {
   void notify(std::uint64_t version) const;
 
  private:
-  mutable absl::Mutex mu_;
+  mutable std::shared_mutex mu_;
   std::uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<std::uint64_t, std::function<void(std::uint64_t)>> fns_ ABSL_GUARDED_BY(mu_);
 };

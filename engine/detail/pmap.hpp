@@ -21,8 +21,8 @@ namespace pop::detail {
 // child's minimum key and the child pointer. Every node stores the number of entries in its
 // subtree. Invariants:
 //   - an empty map has a null root;
-//   - every node has at most max_width (32) entries or children, and every node except the
-//     root has at least min_width (8); an inner root has at least 2 children;
+//   - every node has at most max_width (16) entries or children, and every node except the
+//     root has at least min_width (4); an inner root has at least 2 children;
 //   - keys are strictly increasing within and across leaves, and all leaves are at one depth;
 //   - an inner node's keys[i] is the minimum key of the subtree children[i].
 // check_invariants() verifies all of these.
@@ -41,8 +41,8 @@ class pmap {
   };
   class iterator;
 
-  static constexpr std::size_t max_width = 32;
-  static constexpr std::size_t min_width = 8;
+  static constexpr std::size_t max_width = 16;
+  static constexpr std::size_t min_width = 4;
 
   pmap() = default;
 
