@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
+#include <initializer_list>
 #include <iostream>
 #include <iterator>
 #include <map>
@@ -143,7 +144,10 @@ std::vector<op> grow_mix_shrink(const rc::Gen<std::string>& keys, int max_phase)
 }  // namespace
 
 TEST_CASE("from_sorted builds a map whose iteration yields every entry in order", "[pmap]") {
-  for (int n : {0, 1, 7, 8, 31, 32, 33, 64, 65, 1000, 1025, 100000}) {
+  constexpr int low = static_cast<int>(map::min_width);
+  constexpr int high = static_cast<int>(map::max_width);
+  for (int n : {0, 1, low - 1, low, high - 1, high, high + 1, 2 * high, 2 * high + 1, high * high,
+                high * high + 1, 1000, 100000}) {
     CAPTURE(n);
     map m = map::from_sorted(numbered_entries(n));
     REQUIRE(m.size() == static_cast<std::size_t>(n));
@@ -218,9 +222,11 @@ TEST_CASE("random histories over few keys agree with std::map at every step", "[
 }
 
 TEST_CASE("random histories deep enough for three levels agree with std::map", "[pmap]") {
-  rc::prop("grow, mix and shrink over 2000 keys", [] {
-    auto key = rc::gen::map(rc::gen::inRange(0, 2000), numbered_key);
-    check_history(grow_mix_shrink(key, 2000), "k0123456789");
+  // The root splits into a third level after about max_width^2 / 2 live entries.
+  constexpr int keys = static_cast<int>(2 * map::max_width * map::max_width);
+  rc::prop("grow, mix and shrink over 2 * max_width^2 keys", [] {
+    auto key = rc::gen::map(rc::gen::inRange(0, keys), numbered_key);
+    check_history(grow_mix_shrink(key, keys), "k0123456789");
   });
 }
 

@@ -5,6 +5,7 @@
 #include <array>
 #include <cassert>
 #include <cstddef>
+#include <cstdint>
 #include <iterator>
 #include <memory>
 #include <string>
@@ -189,9 +190,18 @@ class pmap {
     std::vector<node_ptr> children;
   };
 
-  // Iterator frames per level; a tree obeying the invariants with at most 2^64 entries has at
-  // most 22 levels (2 * 8^(levels-1) <= 2^64).
-  static constexpr std::size_t max_depth = 24;
+  // Returns the most levels a tree obeying the invariants can have: one with h levels holds at
+  // least 2 * min_width^(h-1) entries, and the entry count fits a size_t.
+  static constexpr std::size_t depth_bound() {
+    std::size_t levels = 1;
+    for (std::size_t smallest = 2; smallest <= SIZE_MAX / min_width; smallest *= min_width) {
+      ++levels;
+    }
+    return levels;
+  }
+
+  // Iterator frames, one per level (21 levels for min_width 8).
+  static constexpr std::size_t max_depth = depth_bound();
 
   explicit pmap(node_ptr root) : root_(std::move(root)) {}
 
