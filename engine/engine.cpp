@@ -91,11 +91,7 @@ struct process_runner {
     out.access = out.reads;
     POP_RETURN_IF_ERROR(prepare_writes(c, snap, *r, out));
     for (message_draft& m : r->messages()) {
-      if (!c.may_emit(m.topic)) {
-        return absl::PermissionDeniedError(absl::StrCat(
-            "contract violation: ", process_at(c, snap.version()), " emitted topic '", m.topic,
-            "', which is not among its declared topics [", absl::StrJoin(c.emits(), ", "), "]"));
-      }
+      POP_RETURN_IF_ERROR(check_topic(c, snap.version(), m.topic));
       out.messages.push_back(std::move(m));
     }
     if (out.messages.size() > max_messages_per_commit) {
@@ -104,6 +100,14 @@ struct process_runner {
                        " messages; the limit is ", max_messages_per_commit, " per commit"));
     }
     return out;
+  }
+
+  static absl::Status check_topic(const process_contract& c, std::uint64_t version,
+                                  const std::string& topic) {
+    if (c.may_emit(topic)) return absl::OkStatus();
+    return absl::PermissionDeniedError(absl::StrCat(
+        "contract violation: ", process_at(c, version), " emitted topic '", topic,
+        "', which is not among its declared topics [", absl::StrJoin(c.emits(), ", "), "]"));
   }
 
   static absl::Status prepare_writes(const process_contract& c, const snapshot& snap, result& r,
@@ -184,11 +188,7 @@ struct process_runner {
           return absl::InvalidArgumentError(absl::StrCat(
               who, " wrote a new outbox entry with a bad key or headers: ", ex.what()));
         }
-        if (!c.may_emit(m.topic)) {
-          return absl::PermissionDeniedError(absl::StrCat(
-              "contract violation: ", who, " emitted topic '", m.topic,
-              "', which is not among its declared topics [", absl::StrJoin(c.emits(), ", "), "]"));
-        }
+        POP_RETURN_IF_ERROR(check_topic(c, snap.version(), m.topic));
         out.messages.push_back(std::move(m));
         continue;
       }

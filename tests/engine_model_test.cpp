@@ -24,6 +24,19 @@ json materialise(const model_map& m) {
   return out;
 }
 
+// Drops empty objects: groups and the domain may linger empty after deletes; the model has none.
+void prune(json& j) {
+  if (!j.is_object()) return;
+  for (auto it = j.begin(); it != j.end();) {
+    prune(*it);
+    if (it->is_object() && it->empty()) {
+      it = j.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
 const std::vector<std::string> keys = {"k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"};
 
 std::string leaf(int group, int key) {
@@ -145,32 +158,13 @@ TEST_CASE("random execute, compare_and_swap and snapshot sequences match a std::
       RC_ASSERT(now.version() == version);
       json expected = materialise(model);
       json actual = now.to_json();
-      // Groups and the domain object may linger empty after deletes; the model has no empties.
-      std::function<void(json&)> prune = [&](json& j) {
-        if (!j.is_object()) return;
-        for (auto it = j.begin(); it != j.end();) {
-          prune(*it);
-          if (it->is_object() && it->empty())
-            it = j.erase(it);
-          else
-            ++it;
-        }
-      };
+
       prune(actual);
       RC_ASSERT(actual == expected);
     }
     for (auto& [snap, state, v] : kept) {
       json actual = snap.to_json();
-      std::function<void(json&)> prune = [&](json& j) {
-        if (!j.is_object()) return;
-        for (auto it = j.begin(); it != j.end();) {
-          prune(*it);
-          if (it->is_object() && it->empty())
-            it = j.erase(it);
-          else
-            ++it;
-        }
-      };
+
       prune(actual);
       RC_ASSERT(snap.version() == v);
       RC_ASSERT(actual == state);
