@@ -465,7 +465,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     if (!built) {
       POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, who));
     }
-    install(out.version, out.root, out.written);
+    install(out.version, out.root, std::move(out.written));
     break;
   }
   listeners_->notify(out.version);
@@ -567,7 +567,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
       }
     }
     POP_ASSIGN_OR_RETURN(out, process_runner::apply(*current, prep, who));
-    install(out.version, out.root, out.written);
+    install(out.version, out.root, std::move(out.written));
   }
   listeners_->notify(out.version);
   return cas_result{true, out.version};
