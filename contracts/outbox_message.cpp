@@ -42,7 +42,18 @@ json outbox_message::to_json() const {
               {"version", version},
               {"attempts", attempts},
               {"last_error", last_error},
-              {"next_attempt_at_us", next_attempt_at_us}};
+              {"next_attempt_at_us", next_attempt_at_us},
+              {"failures", failures}};
+}
+
+void to_json(json& j, const delivery_failure& f) {
+  j = json{{"attempt", f.attempt}, {"at_us", f.at_us}, {"error", f.error}};
+}
+
+void from_json(const json& j, delivery_failure& f) {
+  j.at("attempt").get_to(f.attempt);
+  j.at("at_us").get_to(f.at_us);
+  j.at("error").get_to(f.error);
 }
 
 absl::StatusOr<outbox_message> outbox_message::from_json(const json& j) {
@@ -74,6 +85,7 @@ absl::StatusOr<outbox_message> outbox_message::from_json(const json& j) {
   POP_RETURN_IF_ERROR(field("attempts", m.attempts));
   POP_RETURN_IF_ERROR(field("last_error", m.last_error));
   POP_RETURN_IF_ERROR(field("next_attempt_at_us", m.next_attempt_at_us));
+  if (j.contains("failures")) POP_RETURN_IF_ERROR(field("failures", m.failures));
   return m;
 }
 

@@ -5,6 +5,7 @@
 #include <map>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "contracts/json.hpp"
@@ -23,6 +24,18 @@ std::string make_message_id(std::uint64_t version, std::uint32_t index);
 [[nodiscard]] absl::StatusOr<std::pair<std::uint64_t, std::uint32_t>> parse_message_id(
     std::string_view id);
 
+// One failed publish attempt of a message, kept so a dead letter shows every reason.
+struct delivery_failure {
+  std::uint32_t attempt = 0;  // 1 for the first publish of the message
+  std::int64_t at_us = 0;     // when it failed, microseconds since the Unix epoch
+  std::string error{};        // the sink's status, as text
+
+  friend bool operator==(const delivery_failure&, const delivery_failure&) = default;
+};
+
+void to_json(json& j, const delivery_failure& f);
+void from_json(const json& j, delivery_failure& f);
+
 // A message emitted by a committed process, waiting in the outbox until a sink acknowledges it.
 //
 // Stored in the state at `<outbox path>.<id>` as a JSON object with these field names, so every
@@ -33,14 +46,15 @@ struct outbox_message {
   std::string key{};    // ordering scope: messages with the same key are published in order
   json payload{};       // any JSON value
   std::map<std::string, std::string> headers{};
-  std::int64_t created_at_us = 0;       // commit time, microseconds since the Unix epoch
-  std::uint64_t version = 0;            // the version that committed it
-  std::uint32_t attempts = 0;           // failed publish attempts so far
-  std::string last_error{};             // the reason of the last failed attempt, if any
-  std::int64_t next_attempt_at_us = 0;  // earliest time of the next attempt; 0 means now
+  std::int64_t created_at_us = 0;            // commit time, microseconds since the Unix epoch
+  std::uint64_t version = 0;                 // the version that committed it
+  std::uint32_t attempts = 0;                // failed publish attempts so far
+  std::string last_error{};                  // the reason of the last failed attempt, if any
+  std::int64_t next_attempt_at_us = 0;       // earliest time of the next attempt; 0 means now
+  std::vector<delivery_failure> failures{};  // every failed attempt, oldest first
 
   // Returns the message read from its stored JSON form, or kInvalidArgument naming the field that
-  // is missing or of the wrong type.
+  // is missing or of the wrong type. "failures" may be absent (no failures).
   [[nodiscard]] static absl::StatusOr<outbox_message> from_json(const json& j);
   // The stored JSON form.
   json to_json() const;

@@ -262,7 +262,8 @@ struct process_runner {
                      {"version", out.version},
                      {"attempts", 0},
                      {"last_error", ""},
-                     {"next_attempt_at_us", 0}};
+                     {"next_attempt_at_us", 0},
+                     {"failures", json::array()}};
       absl::StatusOr<node_ptr> r = assign(root, target.str(), make_node(std::move(stored)));
       if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
       root = *std::move(r);
@@ -439,9 +440,29 @@ void engine::install(std::uint64_t version, detail::node_ptr root, std::vector<p
   // `previous` is released here, outside head_mu_: freeing an old version can take a while.
 }
 
+absl::Status engine::check_pending_bound(const detail::version_state& base,
+                                         const detail::node_ptr& next, std::string_view who) const {
+  if (options_.max_pending == 0) return absl::OkStatus();
+  const std::string& outbox = outbox_->str();
+  const auto count = [&](const detail::value_node& root) -> std::size_t {
+    const detail::location at = detail::lookup(root, outbox);
+    if (!at.exists()) return 0;
+    const json* j = at.inner ? at.inner : (at.node->is_map ? nullptr : &at.node->blob);
+    if (j) return j->is_structured() ? j->size() : 0;
+    return at.node->members.size();
+  };
+  const std::size_t after = count(*next);
+  // Commits that do not grow the queue always pass, so a full outbox can still be drained.
+  if (after <= options_.max_pending || after <= count(*base.root)) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      detail::to_absl(who), " would leave ", after, " messages pending in '", outbox,
+      "' at version ", base.version + 1, ", above options.max_pending = ", options_.max_pending,
+      "; nothing was committed: retry once the relay has drained the outbox"));
+}
+
 absl::StatusOr<engine::commit_status> engine::commit_prepared(
     std::shared_ptr<const detail::version_state> base, const prepared& prep, applied& out,
-    std::string& conflict) {
+    std::string& conflict, std::string_view process_name) {
   const std::string who = "commit";
   // Build the new version outside the lock; if commits slipped in meanwhile and do not overlap,
   // rebuild on the newer head. After two such rounds, build under the lock so a busy engine
@@ -465,6 +486,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     if (!built) {
       POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, who));
     }
+    POP_RETURN_IF_ERROR(check_pending_bound(*base, out.root, process_name));
     install(out.version, out.root, std::move(out.written));
     break;
   }
@@ -518,7 +540,8 @@ absl::StatusOr<commit> engine::execute(std::string_view name, const json& args) 
       return commit{snap.version(), false, attempt, {}};
     }
     applied done;
-    absl::StatusOr<commit_status> status = commit_prepared(snap.state_, *prep, done, conflict);
+    absl::StatusOr<commit_status> status = commit_prepared(
+        snap.state_, *prep, done, conflict, absl::StrCat("process '", proc->contract.name(), "'"));
     if (!status.ok()) {
       record(*proc, attempt, snap, &*prep, nullptr, outcome_of(status.status()),
              status.status().ToString(), start);
@@ -567,6 +590,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
       }
     }
     POP_ASSIGN_OR_RETURN(out, process_runner::apply(*current, prep, who));
+    POP_RETURN_IF_ERROR(check_pending_bound(*current, out.root, who));
     install(out.version, out.root, std::move(out.written));
   }
   listeners_->notify(out.version);

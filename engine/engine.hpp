@@ -56,6 +56,8 @@ struct options {
   std::size_t conflict_window = 65536;  // recent commits whose written paths are kept to
                                         // validate commits; an attempt on an older snapshot
                                         // is treated as conflicting and re-run
+  std::size_t max_pending = 0;          // backpressure: a commit that would leave more messages
+                                        // pending fails with kResourceExhausted; 0: no bound
 };
 
 // What a successful execute() did.
@@ -107,7 +109,8 @@ class engine {
   // Returns the commit, or: kNotFound (no such process); kPermissionDenied (it read, wrote or
   // emitted outside its contract); kInvalidArgument (a bad path, or a write replacing the outbox);
   // kFailedPrecondition (a write through a non-object, a failed typed read); kDeadlineExceeded
-  // (ran past its timeout); kAborted (still conflicting after retry.max_attempts runs); or the
+  // (ran past its timeout); kAborted (still conflicting after retry.max_attempts runs);
+  // kResourceExhausted (its messages would exceed options.max_pending; not retried); or the
   // status the process returned or threw, annotated with its name (kUnknown for a plain
   // exception). On any error nothing is committed. Conflicting runs are retried with jittered
   // exponential backoff on a fresh snapshot; each run starts clean, so messages are never
@@ -117,7 +120,8 @@ class engine {
 
   // The low-level commit primitive: applies `writes` in order at a new version if `mode` allows.
   // Returns {committed, new version} or {not committed, current version}; kInvalidArgument for an
-  // empty or bad write list or an expected_version ahead of the head (nothing is written).
+  // empty or bad write list or an expected_version ahead of the head; kResourceExhausted if it
+  // would grow the outbox past options.max_pending (nothing is written on any error).
   [[nodiscard]] absl::StatusOr<cas_result> compare_and_swap(std::uint64_t expected_version,
                                                             std::vector<write> writes,
                                                             cas_mode mode = cas_mode::strict);
@@ -158,7 +162,11 @@ class engine {
   // Commits `prep`, computed on `snap`, unless a newer commit overlaps prep.access.
   absl::StatusOr<commit_status> commit_prepared(std::shared_ptr<const detail::version_state> snap,
                                                 const prepared& prep, applied& out,
-                                                std::string& conflict);
+                                                std::string& conflict,
+                                                std::string_view process_name);
+  // kResourceExhausted naming `who` if `next` grows the outbox of `base` past max_pending.
+  absl::Status check_pending_bound(const detail::version_state& base, const detail::node_ptr& next,
+                                   std::string_view who) const;
   // The first logged write after `since` that overlaps `access`, as "path (version N)", or empty.
   std::string find_conflict(const path_set& access, std::uint64_t since) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);

@@ -715,3 +715,39 @@ TEST_CASE("engine options are validated", "[engine]") {
   REQUIRE((*custom)->execute("e").ok());
   CHECK((*custom)->snapshot().read("system.out").value().size() == 1);
 }
+
+TEST_CASE(
+    "a commit that would exceed max_pending fails with kResourceExhausted and commits nothing",
+    "[engine][backpressure]") {
+  pop::engine e(pop::options{.max_pending = 3});
+  REQUIRE(e.register_process({.name = "emit", .outputs = {"domain.n"}, .emits = {"t"}},
+                             [](const pop::context&, const json& args) {
+                               pop::result r;
+                               r.set("domain.n", args.at("n"));
+                               for (int i = 0; i < args.at("n").get<int>(); ++i) r.emit("t", i);
+                               return r;
+                             })
+              .ok());
+  REQUIRE(e.execute("emit", {{"n", 2}}).ok());
+  const pop::snapshot before = e.snapshot();
+  const absl::StatusOr<pop::commit> over = e.execute("emit", {{"n", 2}});
+  REQUIRE(over.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(std::string(over.status().message()).find("process 'emit'") != std::string::npos);
+  CHECK(std::string(over.status().message()).find("max_pending = 3") != std::string::npos);
+  CHECK(e.version() == before.version());
+  CHECK(e.snapshot().to_json() == before.to_json());
+  // Exactly at the bound is fine; so is a commit that shrinks a full queue.
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  CHECK(e.snapshot().pending_count() == 3);
+  const auto pending = e.snapshot().pending_messages().value();
+  const auto cleared =
+      e.compare_and_swap(e.version(), {{"domain.outbox_queue." + pending[0].id, std::nullopt}});
+  REQUIRE(cleared.ok());
+  CHECK(cleared->committed);
+  // compare_and_swap that would grow a full queue is refused the same way.
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  const auto grow = e.compare_and_swap(
+      e.version(), {{"domain.outbox_queue." + pop::make_message_id(999, 0), pending[0].to_json()}});
+  CHECK(grow.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(e.snapshot().pending_count() == 3);
+}

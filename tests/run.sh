@@ -39,7 +39,7 @@ case "$sanitize" in
   thread)
     cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPOP_SANITIZE=thread \
       -DPOP_BUILD_BENCH=OFF -DPOP_BUILD_EXAMPLES=OFF >/dev/null
-    cmake --build build-tsan -j "$jobs" --target engine_concurrency_test
+    cmake --build build-tsan -j "$jobs" --target engine_concurrency_test relay_concurrency_test
     TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
       ctest --test-dir build-tsan --no-tests=error --output-on-failure -j "$jobs" -R concurrency
     ;;

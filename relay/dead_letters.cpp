@@ -1,0 +1,119 @@
+#include "relay/dead_letters.hpp"
+
+#include <stdexcept>
+
+#include "absl/strings/str_cat.h"
+#include "contracts/status.hpp"
+
+namespace pop {
+namespace {
+
+path checked_path(std::string_view text, const path& outbox) {
+  absl::StatusOr<path> p = path::parse(text);
+  if (!p.ok()) throw std::invalid_argument(annotate(p.status(), "dead_letters").ToString());
+  if (p->overlaps(outbox)) {
+    throw std::invalid_argument(absl::StrCat("dead_letters: path '", p->str(),
+                                             "' overlaps the outbox at '", outbox.str(), "'"));
+  }
+  return *std::move(p);
+}
+
+absl::StatusOr<dead_letter> parse_letter(const json& j) {
+  dead_letter d;
+  if (!j.is_object() || !j.contains("message")) {
+    return absl::InvalidArgumentError("a dead letter must be an object with a 'message' field");
+  }
+  POP_ASSIGN_OR_RETURN(d.message, outbox_message::from_json(j.at("message")));
+  try {
+    if (const auto it = j.find("dead_at_us"); it != j.end()) d.dead_at_us = it->get<std::int64_t>();
+    if (const auto it = j.find("reason"); it != j.end()) d.reason = it->get<std::string>();
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dead letter field of the wrong type: ", e.what()));
+  }
+  return d;
+}
+
+}  // namespace
+
+dead_letters::dead_letters(engine& e, std::string_view letters_path)
+    : engine_(e), path_(checked_path(letters_path, e.outbox_path())) {}
+
+std::size_t dead_letters::count() const {
+  return engine_.snapshot().view(path_).size();
+}
+
+absl::StatusOr<std::vector<dead_letter>> dead_letters::list(std::size_t limit) const {
+  const snapshot snap = engine_.snapshot();
+  std::vector<dead_letter> out;
+  absl::Status error;
+  snap.view(path_).for_each_member([&](std::string_view id, const value_view& v) {
+    if (out.size() >= limit) return false;
+    absl::StatusOr<dead_letter> d = parse_letter(v.to_json());
+    if (!d.ok()) {
+      error = absl::DataLossError(absl::StrCat("dead letter '", path_.str(), ".",
+                                               detail::to_absl(id), "' in version ", snap.version(),
+                                               ": ", d.status().message()));
+      return false;
+    }
+    out.push_back(*std::move(d));
+    return true;
+  });
+  if (!error.ok()) return error;
+  return out;
+}
+
+absl::StatusOr<std::uint64_t> dead_letters::requeue(std::string_view id) {
+  POP_ASSIGN_OR_RETURN(const auto done, requeue_ids({std::string(id)}, false));
+  return done.second;
+}
+
+absl::StatusOr<std::size_t> dead_letters::requeue_all() {
+  POP_ASSIGN_OR_RETURN(const auto done, requeue_ids({}, true));
+  return done.first;
+}
+
+absl::StatusOr<std::pair<std::size_t, std::uint64_t>> dead_letters::requeue_ids(
+    const std::vector<std::string>& ids, bool all) {
+  const std::string& outbox = engine_.outbox_path().str();
+  for (;;) {
+    const snapshot snap = engine_.snapshot();
+    const value_view letters = snap.view(path_);
+    const value_view queue = snap.view(snap.outbox_path());
+    std::vector<std::string> chosen = ids;
+    if (all) chosen = letters.keys();
+    if (chosen.empty()) return std::pair<std::size_t, std::uint64_t>{0, snap.version()};
+    std::vector<write> writes;
+    for (const std::string& id : chosen) {
+      const value_view stored = letters.member(id);
+      if (!stored) {
+        return absl::NotFoundError(absl::StrCat("no dead letter '", id, "' at '", path_.str(),
+                                                "' in version ", snap.version()));
+      }
+      if (queue.member(id)) {
+        return absl::AlreadyExistsError(absl::StrCat("cannot requeue dead letter '", id,
+                                                     "': the outbox already holds that id in "
+                                                     "version ",
+                                                     snap.version()));
+      }
+      absl::StatusOr<dead_letter> d = parse_letter(stored.to_json());
+      if (!d.ok()) {
+        return absl::DataLossError(absl::StrCat("dead letter '", path_.str(), ".", id,
+                                                "' in version ", snap.version(), ": ",
+                                                d.status().message()));
+      }
+      outbox_message m = std::move(d->message);
+      m.attempts = 0;
+      m.last_error.clear();
+      m.next_attempt_at_us = 0;
+      writes.push_back({absl::StrCat(path_.str(), ".", id), std::nullopt});
+      writes.push_back({absl::StrCat(outbox, ".", id), m.to_json()});
+    }
+    POP_ASSIGN_OR_RETURN(
+        cas_result r, engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys));
+    if (r.committed) return std::pair{chosen.size(), r.version};
+    // Someone else wrote these dead letters or ids meanwhile: look again on the newer state.
+  }
+}
+
+}  // namespace pop

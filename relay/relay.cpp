@@ -1,0 +1,555 @@
+#include "relay/relay.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <random>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/error.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/system/system_error.hpp>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "contracts/status.hpp"
+
+namespace pop {
+
+namespace asio = boost::asio;
+
+namespace detail {
+
+struct relay_counters {
+  std::atomic<std::size_t> in_flight{0};
+  std::atomic<std::uint64_t> published{0};
+  std::atomic<std::uint64_t> delivered{0};
+  std::atomic<std::uint64_t> retried{0};
+  std::atomic<std::uint64_t> dead_lettered{0};
+  std::atomic<std::uint64_t> clears{0};
+  std::atomic<std::uint64_t> clear_conflicts{0};
+  atomic_histogram publish_latency;
+  atomic_histogram commit_to_publish;
+};
+
+namespace {
+
+std::int64_t now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+using strand_type = asio::strand<asio::any_io_executor>;
+using steady = std::chrono::steady_clock;
+
+// One message being published asynchronously.
+struct flight {
+  outbox_message message;
+  asio::cancellation_signal cancel;
+  steady::time_point started;
+  steady::time_point deadline;
+  bool timed_out = false;
+};
+
+// A publish's result, waiting to be recorded in the state.
+struct outcome {
+  enum class kind { delivered, failed, malformed };
+  kind what = kind::delivered;
+  std::string id;
+  std::string key;
+  std::uint32_t attempts_before = 0;  // the stored attempt count when it was published
+  absl::Status status;                // why it failed
+  std::int64_t at_us = 0;
+  json raw;  // malformed: the stored value
+};
+
+// One active run of a relay. Everything but the counters and `notified_` is touched only on
+// strand_.
+class relay_run : public std::enable_shared_from_this<relay_run> {
+ public:
+  relay_run(engine& e, sink& s, const relay_options& opts, const path& dead_letters,
+            relay_counters& counters, strand_type strand)
+      : engine_(e),
+        sink_(s),
+        options_(opts),
+        outbox_(e.outbox_path().str()),
+        dead_letters_(dead_letters.str()),
+        counters_(counters),
+        strand_(std::move(strand)),
+        timer_(strand_),
+        rng_(opts.seed != 0 ? opts.seed : std::random_device{}()) {}
+
+  const strand_type& strand() const { return strand_; }
+
+  asio::awaitable<absl::Status> loop(bool until_empty) {
+    co_await asio::this_coro::throw_if_cancelled(false);
+    std::weak_ptr<relay_run> weak = weak_from_this();
+    subscription sub = engine_.on_commit([weak](std::uint64_t) {
+      const std::shared_ptr<relay_run> self = weak.lock();
+      if (!self || self->notified_.exchange(true)) return;
+      asio::post(self->strand_, [self] { self->wake(); });
+    });
+
+    absl::Status status = absl::OkStatus();
+    for (;;) {
+      if (co_await cancelled()) {
+        status =
+            absl::CancelledError("relay stopped by cancellation; in-flight messages stay queued");
+        break;
+      }
+      notified_.store(false);
+      if (status = flush(); !status.ok()) break;
+      const snapshot snap = engine_.snapshot();
+      const std::optional<std::int64_t> earliest = schedule(snap);
+      if (!outcomes_.empty()) {
+        // Synchronous publishes finished: record them and look again, letting other work (and a
+        // cancellation) in between rounds.
+        co_await asio::post(strand_, asio::use_awaitable);
+        continue;
+      }
+      if (until_empty && flights_.empty() && snap.pending_count() == 0) break;
+      if (!wake_pending_ && !(co_await cancelled())) {
+        timer_.expires_at(next_deadline(earliest));
+        co_await timer_.async_wait(asio::as_tuple(asio::use_awaitable));
+      }
+      wake_pending_ = false;
+      expire_flights();
+    }
+    sub.reset();
+    co_await stop_flights();
+    if (absl::Status s = flush(); !s.ok() && status.ok()) status = s;
+    co_return status;
+  }
+
+ private:
+  asio::awaitable<bool> cancelled() {
+    const asio::cancellation_state state = co_await asio::this_coro::cancellation_state;
+    co_return state.cancelled() != asio::cancellation_type::none;
+  }
+
+  void wake() {
+    wake_pending_ = true;
+    timer_.cancel();
+  }
+
+  steady::time_point next_deadline(std::optional<std::int64_t> earliest_due_us) const {
+    steady::time_point deadline = steady::time_point::max();
+    if (earliest_due_us) {
+      const std::int64_t wait = std::max<std::int64_t>(*earliest_due_us - now_us(), 0);
+      deadline = steady::now() + std::chrono::microseconds(wait);
+    }
+    for (const auto& [id, f] : flights_) {
+      if (!f->timed_out) deadline = std::min(deadline, f->deadline);
+    }
+    return deadline;
+  }
+
+  void expire_flights() {
+    const steady::time_point now = steady::now();
+    std::vector<std::shared_ptr<flight>> expired;
+    for (const auto& [id, f] : flights_) {
+      if (!f->timed_out && f->deadline <= now) expired.push_back(f);
+    }
+    for (const std::shared_ptr<flight>& f : expired) {
+      f->timed_out = true;
+      f->cancel.emit(asio::cancellation_type::terminal);
+    }
+  }
+
+  // Cancels every publish in flight and waits for all of them to return.
+  asio::awaitable<void> stop_flights() {
+    stopping_ = true;
+    std::vector<std::shared_ptr<flight>> all;
+    for (const auto& [id, f] : flights_) all.push_back(f);
+    for (const std::shared_ptr<flight>& f : all) f->cancel.emit(asio::cancellation_type::terminal);
+    co_await asio::this_coro::reset_cancellation_state();
+    while (!flights_.empty()) {
+      if (!wake_pending_) {
+        timer_.expires_at(steady::time_point::max());
+        co_await timer_.async_wait(asio::as_tuple(asio::use_awaitable));
+      }
+      wake_pending_ = false;
+    }
+  }
+
+  // Starts publishing what is due in `snap`, in commit order, at most one message per non-empty
+  // key at a time. Returns the earliest time a message held back by its backoff becomes due.
+  std::optional<std::int64_t> schedule(const snapshot& snap) {
+    std::optional<std::int64_t> earliest;
+    const std::int64_t now = now_us();
+    blocked_.clear();
+    const auto block = [&](const std::string& key) {
+      if (!key.empty()) blocked_.insert(key);
+    };
+    snap.view(snap.outbox_path())
+        .for_each_member([&](std::string_view id, const value_view& stored) {
+          const std::string id_text(id);
+          if (const auto f = flights_.find(id_text); f != flights_.end()) {
+            block(f->second->message.key);
+            return true;
+          }
+          if (const auto o = recorded_.find(id_text); o != recorded_.end()) {
+            if (o->second.failed) block(o->second.key);
+            return true;
+          }
+          if (outcomes_.size() >= options_.batch_size ||
+              flights_.size() >= options_.max_in_flight) {
+            return false;
+          }
+          std::string key;
+          std::int64_t due = 0;
+          try {
+            if (const value_view k = stored.member("key")) key = k.get<std::string>();
+            if (const value_view d = stored.member("next_attempt_at_us"))
+              due = d.get<std::int64_t>();
+          } catch (const json::exception&) {
+            // Left to from_json below, which names the bad field.
+          }
+          if (!key.empty() && blocked_.contains(key)) return true;
+          if (due > now) {
+            earliest = earliest ? std::min(*earliest, due) : due;
+            block(key);
+            return true;
+          }
+          json raw = stored.to_json();
+          absl::StatusOr<outbox_message> m = outbox_message::from_json(raw);
+          if (!m.ok() || m->id != id_text) {
+            outcome o;
+            o.what = outcome::kind::malformed;
+            o.id = id_text;
+            o.status = m.ok() ? absl::DataLossError(absl::StrCat("its id field is '", m->id, "'"))
+                              : m.status();
+            o.at_us = now;
+            o.raw = std::move(raw);
+            add_outcome(std::move(o));
+            return true;
+          }
+          if (!start_publish(*std::move(m))) block(key);
+          return true;
+        });
+    return earliest;
+  }
+
+  // Publishes `m` synchronously if the sink can, else launches it. Returns true if `m` was
+  // acknowledged already (so its key is free for the next message).
+  bool start_publish(outbox_message m) {
+    const steady::time_point start = steady::now();
+    std::optional<absl::Status> now;
+    try {
+      now = sink_.publish_now(m);
+    } catch (const std::exception& e) {
+      now = absl::UnknownError(absl::StrCat("the sink threw: ", e.what()));
+    } catch (...) {
+      now = absl::UnknownError("the sink threw an exception that is not a std::exception");
+    }
+    if (now) {
+      const bool ok = now->ok();
+      finish(m, *std::move(now), start);
+      return ok;
+    }
+    auto f = std::make_shared<flight>();
+    f->message = std::move(m);
+    f->started = start;
+    f->deadline = start + options_.publish_timeout;
+    flights_.emplace(f->message.id, f);
+    counters_.in_flight.fetch_add(1, std::memory_order_relaxed);
+    // The completion handler keeps the flight, and so its cancellation signal, alive until the
+    // spawned coroutine has detached from the signal's slot.
+    asio::co_spawn(strand_, publish_one(shared_from_this(), f),
+                   asio::bind_cancellation_slot(f->cancel.slot(), [f](std::exception_ptr) {}));
+    return false;
+  }
+
+  static asio::awaitable<void> publish_one(std::shared_ptr<relay_run> self,
+                                           std::shared_ptr<flight> f) {
+    absl::Status status;
+    try {
+      status = co_await self->sink_.publish(f->message);
+    } catch (const boost::system::system_error& e) {
+      status = e.code() == asio::error::operation_aborted
+                   ? absl::CancelledError("the publish was cancelled")
+                   : absl::UnknownError(absl::StrCat("the sink threw: ", e.what()));
+    } catch (const std::exception& e) {
+      status = absl::UnknownError(absl::StrCat("the sink threw: ", e.what()));
+    } catch (...) {
+      status = absl::UnknownError("the sink threw an exception that is not a std::exception");
+    }
+    self->flights_.erase(f->message.id);
+    self->counters_.in_flight.fetch_sub(1, std::memory_order_relaxed);
+    if (f->timed_out && !status.ok()) {
+      status = absl::DeadlineExceededError(absl::StrCat("the publish timed out after ",
+                                                        self->options_.publish_timeout.count(),
+                                                        " ms (", status.message(), ")"));
+    }
+    // A publish cut short by the stop is not an attempt: the message stays queued unchanged.
+    if (!(self->stopping_ && !status.ok())) self->finish(f->message, std::move(status), f->started);
+    self->wake();
+  }
+
+  void finish(const outbox_message& m, absl::Status status, steady::time_point started) {
+    const auto took =
+        std::chrono::duration_cast<std::chrono::microseconds>(steady::now() - started);
+    counters_.publish_latency.record(took);
+    outcome o;
+    o.id = m.id;
+    o.key = m.key;
+    o.attempts_before = m.attempts;
+    o.at_us = now_us();
+    if (status.ok()) {
+      counters_.published.fetch_add(1, std::memory_order_relaxed);
+      counters_.commit_to_publish.record(std::chrono::microseconds(o.at_us - m.created_at_us));
+      o.what = outcome::kind::delivered;
+    } else {
+      o.what = outcome::kind::failed;
+      o.status = std::move(status);
+    }
+    add_outcome(std::move(o));
+  }
+
+  void add_outcome(outcome o) {
+    recorded_[o.id] = {o.what != outcome::kind::delivered, o.key};
+    outcomes_.push_back(std::move(o));
+  }
+
+  // The jittered exponential delay before attempt `failures` + 1: uniform in [d/2, d] with
+  // d = initial_backoff * 2^(failures-1), capped at max_backoff, so delays never shrink.
+  std::int64_t backoff_us(std::uint32_t failures) {
+    const std::int64_t initial = options_.initial_backoff.count();
+    const std::int64_t cap = options_.max_backoff.count();
+    std::int64_t d = initial;
+    for (std::uint32_t i = 1; i < failures && d < cap; ++i) d *= 2;
+    d = std::min(d, cap);
+    std::uniform_int_distribution<std::int64_t> pick(d / 2, d);
+    return pick(rng_);
+  }
+
+  struct tally {
+    std::uint64_t delivered = 0;
+    std::uint64_t retried = 0;
+    std::uint64_t dead = 0;
+  };
+
+  // Adds to `writes` what recording `o` on `snap` takes; nothing if the message is gone or was
+  // changed by someone else since it was published.
+  void build(const value_view& queue, const outcome& o, std::vector<write>& writes, tally& t) {
+    const value_view stored = queue.member(o.id);
+    if (!stored) return;
+    std::string at = absl::StrCat(outbox_, ".", o.id);
+    if (o.what == outcome::kind::delivered) {
+      writes.push_back({std::move(at), std::nullopt});
+      ++t.delivered;
+      return;
+    }
+    if (o.what == outcome::kind::malformed) {
+      writes.push_back({std::move(at), std::nullopt});
+      json letter = {{"message", o.raw},
+                     {"dead_at_us", o.at_us},
+                     {"reason", absl::StrCat("not a valid outbox message: ", o.status.ToString())}};
+      writes.push_back({absl::StrCat(dead_letters_, ".", o.id), std::move(letter)});
+      ++t.dead;
+      return;
+    }
+    json msg = stored.to_json();
+    const auto attempts_it = msg.find("attempts");
+    if (attempts_it == msg.end() || !attempts_it->is_number_integer() ||
+        attempts_it->get<std::int64_t>() != o.attempts_before) {
+      return;
+    }
+    const std::uint32_t attempts = o.attempts_before + 1;
+    const std::string error = o.status.ToString();
+    json& failures = msg["failures"];
+    if (!failures.is_array()) failures = json::array();
+    failures.push_back({{"attempt", attempts}, {"at_us", o.at_us}, {"error", error}});
+    msg["attempts"] = attempts;
+    msg["last_error"] = error;
+    if (attempts >= options_.max_attempts || is_permanent_failure(o.status)) {
+      msg["next_attempt_at_us"] = 0;
+      writes.push_back({std::move(at), std::nullopt});
+      std::string reason =
+          is_permanent_failure(o.status)
+              ? absl::StrCat("permanent failure: ", error)
+              : absl::StrCat("gave up after ", attempts, " failed attempts; the last: ", error);
+      json letter = {
+          {"message", std::move(msg)}, {"dead_at_us", o.at_us}, {"reason", std::move(reason)}};
+      writes.push_back({absl::StrCat(dead_letters_, ".", o.id), std::move(letter)});
+      ++t.dead;
+      return;
+    }
+    msg["next_attempt_at_us"] = o.at_us + backoff_us(attempts);
+    writes.push_back({std::move(at), std::move(msg)});
+    ++t.retried;
+  }
+
+  // Records every known outcome, batch_size per transaction. Conflicts (another writer of the
+  // same ids) are redone on a newer snapshot; other engine errors are returned.
+  absl::Status flush() {
+    while (!outcomes_.empty()) {
+      const std::size_t n = std::min(options_.batch_size, outcomes_.size());
+      for (int tries = 0; tries < 64; ++tries) {
+        const snapshot snap = engine_.snapshot();
+        const value_view queue = snap.view(snap.outbox_path());
+        std::vector<write> writes;
+        writes.reserve(n);
+        tally t;
+        for (std::size_t i = 0; i < n; ++i) build(queue, outcomes_[i], writes, t);
+        if (writes.empty()) break;
+        absl::StatusOr<cas_result> r =
+            engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys);
+        if (!r.ok()) return annotate(r.status(), "relay: recording publish outcomes");
+        if (r->committed) {
+          counters_.clears.fetch_add(1, std::memory_order_relaxed);
+          counters_.delivered.fetch_add(t.delivered, std::memory_order_relaxed);
+          counters_.retried.fetch_add(t.retried, std::memory_order_relaxed);
+          counters_.dead_lettered.fetch_add(t.dead, std::memory_order_relaxed);
+          break;
+        }
+        counters_.clear_conflicts.fetch_add(1, std::memory_order_relaxed);
+      }
+      // After 64 lost races the outcomes are dropped: those messages stay queued and are
+      // published again (a duplicate, never a loss).
+      for (std::size_t i = 0; i < n; ++i) recorded_.erase(outcomes_[i].id);
+      outcomes_.erase(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n));
+    }
+    return absl::OkStatus();
+  }
+
+  struct recorded_outcome {
+    bool failed = false;
+    std::string key;
+  };
+
+  engine& engine_;
+  sink& sink_;
+  const relay_options& options_;
+  const std::string outbox_;
+  const std::string dead_letters_;
+  relay_counters& counters_;
+  strand_type strand_;
+  asio::steady_timer timer_;
+  std::mt19937_64 rng_;
+  std::atomic<bool> notified_{false};
+  bool wake_pending_ = false;
+  bool stopping_ = false;
+  absl::flat_hash_map<std::string, std::shared_ptr<flight>> flights_;
+  std::vector<outcome> outcomes_;
+  absl::flat_hash_map<std::string, recorded_outcome> recorded_;  // ids in outcomes_
+  absl::flat_hash_set<std::string> blocked_;                     // scratch for schedule()
+};
+
+}  // namespace
+}  // namespace detail
+
+absl::Status validate(const relay_options& o, const path& outbox) {
+  if (o.max_in_flight == 0) {
+    return absl::InvalidArgumentError("relay_options.max_in_flight must be at least 1");
+  }
+  if (o.batch_size == 0) {
+    return absl::InvalidArgumentError("relay_options.batch_size must be at least 1");
+  }
+  if (o.max_attempts == 0) {
+    return absl::InvalidArgumentError("relay_options.max_attempts must be at least 1");
+  }
+  if (o.publish_timeout.count() <= 0) {
+    return absl::InvalidArgumentError("relay_options.publish_timeout must be positive");
+  }
+  if (o.initial_backoff.count() <= 0 || o.max_backoff < o.initial_backoff) {
+    return absl::InvalidArgumentError(
+        "relay_options backoffs must satisfy 0 < initial_backoff <= max_backoff");
+  }
+  absl::StatusOr<path> dead = path::parse(o.dead_letter_path);
+  if (!dead.ok()) return annotate(dead.status(), "relay_options.dead_letter_path");
+  if (dead->overlaps(outbox)) {
+    return absl::InvalidArgumentError(absl::StrCat("relay_options.dead_letter_path '", dead->str(),
+                                                   "' overlaps the outbox at '", outbox.str(),
+                                                   "'; choose a path outside it"));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+path checked_dead_letters(const relay_options& o, const path& outbox) {
+  if (absl::Status s = validate(o, outbox); !s.ok()) throw std::invalid_argument(s.ToString());
+  return path::parse(o.dead_letter_path).value();
+}
+
+}  // namespace
+
+relay::relay(engine& e, sink& s, relay_options opts)
+    : engine_(e),
+      sink_(s),
+      options_(std::move(opts)),
+      dead_letters_(checked_dead_letters(options_, e.outbox_path())),
+      counters_(std::make_unique<detail::relay_counters>()) {}
+
+relay::~relay() = default;
+
+asio::awaitable<absl::Status> relay::run() {
+  return start(false);
+}
+
+asio::awaitable<absl::Status> relay::drain() {
+  return start(true);
+}
+
+asio::awaitable<absl::Status> relay::start(bool until_empty) {
+  if (running_.exchange(true)) {
+    co_return absl::FailedPreconditionError(
+        "relay: run() or drain() is already active on this relay; stop it first");
+  }
+  struct running_guard {
+    std::atomic<bool>& flag;
+    ~running_guard() { flag.store(false); }
+  } guard{running_};
+  const asio::any_io_executor executor = co_await asio::this_coro::executor;
+  auto active = std::make_shared<detail::relay_run>(engine_, sink_, options_, dead_letters_,
+                                                    *counters_, asio::make_strand(executor));
+  const absl::Status status =
+      co_await asio::co_spawn(active->strand(), active->loop(until_empty), asio::use_awaitable);
+  co_return status;
+}
+
+relay_metrics relay::metrics() const {
+  relay_metrics m;
+  const snapshot snap = engine_.snapshot();
+  m.version = snap.version();
+  const value_view queue = snap.view(snap.outbox_path());
+  m.pending = queue.size();
+  queue.for_each_member([&](std::string_view, const value_view& first) {
+    try {
+      if (const value_view c = first.member("created_at_us")) {
+        const auto age_us = detail::now_us() - c.get<std::int64_t>();
+        m.oldest_pending_age_s = static_cast<double>(std::max<std::int64_t>(age_us, 0)) / 1e6;
+      }
+    } catch (const json::exception&) {
+      // A malformed entry has no age; the relay dead-letters it.
+    }
+    return false;
+  });
+  m.dead_letters = snap.view(dead_letters_).size();
+  const detail::relay_counters& c = *counters_;
+  m.in_flight = c.in_flight.load(std::memory_order_relaxed);
+  m.published = c.published.load(std::memory_order_relaxed);
+  m.delivered = c.delivered.load(std::memory_order_relaxed);
+  m.retried = c.retried.load(std::memory_order_relaxed);
+  m.dead_lettered = c.dead_lettered.load(std::memory_order_relaxed);
+  m.clears = c.clears.load(std::memory_order_relaxed);
+  m.clear_conflicts = c.clear_conflicts.load(std::memory_order_relaxed);
+  m.publish_latency = c.publish_latency.snapshot();
+  m.commit_to_publish_latency = c.commit_to_publish.snapshot();
+  return m;
+}
+
+}  // namespace pop

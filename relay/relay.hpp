@@ -1,0 +1,96 @@
+// Defines pop::relay, the Boost.Asio coroutine that publishes the outbox and clears it by CAS.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <boost/asio/awaitable.hpp>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/engine.hpp"
+#include "relay/metrics.hpp"
+#include "relay/sink.hpp"
+
+namespace pop {
+
+namespace detail {
+struct relay_counters;
+}  // namespace detail
+
+// How a relay publishes, retries and gives up.
+struct relay_options {
+  std::size_t max_in_flight = 256;  // asynchronous publishes awaiting the sink at once
+  std::size_t batch_size = 4096;    // most outcomes recorded by one clearing transaction
+  std::chrono::milliseconds publish_timeout{10'000};  // then the publish is cancelled and counts
+                                                      // as a failed attempt (kDeadlineExceeded)
+  std::uint32_t max_attempts = 8;  // failed attempts after which a message is dead-lettered
+  std::chrono::microseconds initial_backoff{100'000};    // delay after the first failure; doubled
+  std::chrono::microseconds max_backoff{60'000'000};     // per failure up to this, with jitter
+  std::string dead_letter_path = "system.dead_letters";  // where given-up messages go
+  std::uint64_t seed = 0;                                // jitter seed; 0 draws one at random
+};
+
+// Returns OK, or kInvalidArgument naming the bad option (zero sizes or attempts, backoffs out of
+// order, a bad dead-letter path or one overlapping the outbox at `outbox`).
+[[nodiscard]] absl::Status validate(const relay_options& opts, const path& outbox);
+
+// Publishes an engine's outbox through a sink, at least once and in commit order per key.
+//
+// run() is a coroutine the user spawns on any executor; the relay creates its own strand on it,
+// so the executor may be multi-threaded. It is woken by the engine's commit notifications (no
+// polling; timers only for retry backoff and publish timeouts). Each round it takes the pending
+// messages in commit order from the newest snapshot, publishes those that are due (several in
+// flight at once, at most one per non-empty key; messages with an empty key are not ordered
+// relative to each other), and records every outcome in one compare_and_swap (cas_mode::keys):
+// acknowledged messages are removed by id, failed ones get their attempt count, last error,
+// failure history and next attempt time, and those past max_attempts (or failing permanently)
+// move to the dead-letter path with every failure. Messages committed meanwhile are never
+// touched, and the transaction conflicts only with another writer of the same ids (it is then
+// redone on a newer snapshot). A failing message holds back only later messages with its key.
+//
+// Stopping: cancel the coroutine (terminal cancellation through the completion token's slot).
+// In-flight publishes are cancelled and their messages stay queued unchanged; outcomes already
+// known are recorded first. A new relay on the same engine resumes from the state alone; only
+// messages in flight at the stop can be published twice.
+//
+// Thread safety: metrics() may be called from any thread at any time. Only one run()/drain() of
+// a relay may be active at once. Lifetime: the engine and the sink must outlive the relay, and
+// the relay must outlive any run()/drain() coroutine it started.
+class relay {
+ public:
+  // A relay of `e`'s outbox through `s`; throws std::invalid_argument for bad options.
+  relay(engine& e, sink& s, relay_options opts = {});
+  ~relay();
+  relay(const relay&) = delete;
+  relay& operator=(const relay&) = delete;
+
+  // Publishes until cancelled. Returns kCancelled when stopped by cancellation;
+  // kFailedPrecondition if this relay is already running; or the engine's error if recording
+  // outcomes failed for a reason other than a conflict (the relay stops then, never silently).
+  boost::asio::awaitable<absl::Status> run();
+  // Like run(), but returns OK as soon as the outbox is empty and nothing is in flight (waiting
+  // out retry backoffs on the way). For tests, batch jobs and orderly shutdown.
+  boost::asio::awaitable<absl::Status> drain();
+
+  // The outbox figures from the newest snapshot plus this relay's counters. Any thread.
+  relay_metrics metrics() const;
+
+  const relay_options& options() const { return options_; }
+
+ private:
+  boost::asio::awaitable<absl::Status> start(bool until_empty);
+
+  engine& engine_;
+  sink& sink_;
+  const relay_options options_;
+  const path dead_letters_;
+  std::atomic<bool> running_{false};
+  std::unique_ptr<detail::relay_counters> counters_;
+};
+
+}  // namespace pop
