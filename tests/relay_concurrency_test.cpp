@@ -13,6 +13,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 
+#include "relay/inbox.hpp"
 #include "relay/relay.hpp"
 #include "support/scripted_sink.hpp"
 
@@ -122,4 +123,31 @@ TEST_CASE("concurrency: producers commit while the relay drains and nothing is l
 TEST_CASE("concurrency: asynchronous publishes on a two-thread io_context race producers",
           "[relay][concurrency]") {
   check_race(race(3, 600, true, 12), 1800);
+}
+
+TEST_CASE("concurrency: concurrent applications of one message id change the state once",
+          "[relay][inbox][concurrency]") {
+  pop::engine e(pop::options{.initial_state = {{"domain", {{"n", 0}}}}});
+  pop::inbox in(e);
+  REQUIRE(in.register_handler({.name = "count", .inputs = {"domain.n"}, .outputs = {"domain.n"}},
+                              [](const pop::context& ctx, const pop::outbox_message&) {
+                                pop::result r;
+                                r.set("domain.n", ctx.get<int>("domain.n") + 1);
+                                return r;
+                              })
+              .ok());
+  pop::outbox_message m;
+  m.id = pop::make_message_id(1, 0);
+  std::vector<std::thread> threads;
+  std::atomic<int> applied{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 50; ++i) {
+        if (in.apply("count", m).value().applied) applied.fetch_add(1);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(applied == 1);
+  CHECK(e.snapshot().read("domain.n").value() == 1);
 }

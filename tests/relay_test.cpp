@@ -8,7 +8,6 @@
 #include <map>
 #include <random>
 #include <set>
-#include <thread>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -667,30 +666,4 @@ TEST_CASE("an inbox applies the same message once however often it arrives", "[r
   CHECK(!in.contains(pop::make_message_id(3, 0)));
   CHECK(in.contains(pop::make_message_id(19, 0)));
   CHECK(e.snapshot().read("domain.paid").value() == 55);
-}
-
-TEST_CASE("concurrent applications of one message id change the state once", "[relay][inbox]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"n", 0}}}}});
-  pop::inbox in(e);
-  REQUIRE(in.register_handler({.name = "count", .inputs = {"domain.n"}, .outputs = {"domain.n"}},
-                              [](const pop::context& ctx, const pop::outbox_message&) {
-                                pop::result r;
-                                r.set("domain.n", ctx.get<int>("domain.n") + 1);
-                                return r;
-                              })
-              .ok());
-  pop::outbox_message m;
-  m.id = pop::make_message_id(1, 0);
-  std::vector<std::thread> threads;
-  std::atomic<int> applied{0};
-  for (int t = 0; t < 4; ++t) {
-    threads.emplace_back([&] {
-      for (int i = 0; i < 50; ++i) {
-        if (in.apply("count", m).value().applied) applied.fetch_add(1);
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  CHECK(applied == 1);
-  CHECK(e.snapshot().read("domain.n").value() == 1);
 }

@@ -1,7 +1,12 @@
-// Uses the installed pop headers and libraries: registers, executes, checks the outbox.
+// Uses the installed pop headers and libraries: registers, executes, relays the outbox.
 #include <iostream>
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+
 #include "engine/engine.hpp"
+#include "relay/relay.hpp"
+#include "relay/topic_router.hpp"
 
 int main() {
   pop::engine engine;
@@ -14,10 +19,24 @@ int main() {
         return r;
       });
   const auto done = engine.execute("hello", {{"name", "world"}});
-  if (!registered.ok() || !done.ok() || engine.snapshot().pending_count() != 1) {
+  int delivered = 0;
+  pop::topic_router router;
+  const absl::Status routed = router.on("greeted", [&](const pop::outbox_message&) {
+    ++delivered;
+    return absl::OkStatus();
+  });
+  pop::relay relay(engine, router);
+  boost::asio::io_context io;
+  absl::Status drained = absl::UnknownError("not run");
+  boost::asio::co_spawn(io, relay.drain(),
+                        [&](std::exception_ptr, absl::Status s) { drained = s; });
+  io.run();
+  if (!registered.ok() || !done.ok() || !routed.ok() || !drained.ok() || delivered != 1 ||
+      engine.snapshot().pending_count() != 0) {
     std::cerr << "consumer: pop did not work as installed\n";
     return 1;
   }
-  std::cout << "consumer: find_package(pop) works; greeting at version " << done->version << "\n";
+  std::cout << "consumer: find_package(pop) works; greeting at version " << done->version
+            << " relayed\n";
   return 0;
 }
