@@ -9,7 +9,9 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "contracts/process_error.hpp"
 #include "contracts/status.hpp"
+#include "engine/detail/journal.hpp"
 #include "engine/dry_run.hpp"
 
 namespace pop {
@@ -300,6 +302,15 @@ absl::Status validate_options(const options& o) {
   if (o.conflict_window < 1) {
     return absl::InvalidArgumentError("options.conflict_window must be at least 1");
   }
+  if (!o.journal.empty() && o.durability == durability::none) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "options.durability is none but options.journal is '", o.journal,
+        "': choose durability::process or durability::power, or leave the journal empty"));
+  }
+  if (o.journal_tuning.snapshot_every < 1 || o.journal_tuning.max_group < 1) {
+    return absl::InvalidArgumentError(
+        "options.journal_tuning.snapshot_every and max_group must be at least 1");
+  }
   return absl::OkStatus();
 }
 
@@ -340,9 +351,20 @@ engine::engine(options opts)
       listeners_(std::make_shared<detail::commit_listeners>()),
       audit_(options_.audit_capacity) {
   auto initial = std::make_shared<detail::version_state>();
-  initial->version = 0;
-  initial->root = detail::make_root(options_.initial_state);
   initial->outbox_path = outbox_;
+  if (options_.journal.empty()) {
+    initial->version = 0;
+    initial->root = detail::make_root(options_.initial_state);
+  } else {
+    detail::journal_start start;
+    absl::StatusOr<std::unique_ptr<detail::journal>> j =
+        detail::journal::open(options_.journal, options_.durability, options_.journal_tuning,
+                              outbox_->str(), options_.initial_state, start);
+    if (!j.ok()) throw process_error(j.status());
+    journal_ = *std::move(j);
+    initial->version = start.version;
+    initial->root = std::move(start.root);
+  }
   std::unique_lock lock(head_mu_);
   head_ = std::move(initial);
 }
@@ -351,7 +373,11 @@ engine::~engine() = default;
 
 absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
   POP_RETURN_IF_ERROR(validate_options(opts));
-  return std::make_unique<engine>(std::move(opts));
+  try {
+    return std::make_unique<engine>(std::move(opts));
+  } catch (const process_error& e) {
+    return e.status();
+  }
 }
 
 absl::Status engine::register_process(process_spec spec, process_fn fn) {
@@ -403,6 +429,10 @@ std::uint64_t engine::version() const {
   return head()->version;
 }
 
+std::uint64_t engine::durable_version() const {
+  return journal_ ? journal_->durable_version() : version();
+}
+
 subscription engine::on_commit(std::function<void(std::uint64_t version)> on_version) {
   const std::uint64_t id = listeners_->add(std::move(on_version));
   return subscription(listeners_, id);
@@ -425,11 +455,15 @@ std::string engine::find_conflict(const path_set& access, std::uint64_t since) c
   return {};
 }
 
-void engine::install(std::uint64_t version, detail::node_ptr root, std::vector<path> written) {
+std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
+                                                        detail::node_ptr root,
+                                                        std::vector<path> written) {
   auto next = std::make_shared<detail::version_state>();
   next->version = version;
   next->root = std::move(root);
   next->outbox_path = outbox_;
+  std::shared_ptr<detail::journal_record> record;
+  if (journal_) record = journal_->reserve(version, next);
   std::shared_ptr<const detail::version_state> previous;
   {
     std::unique_lock lock(head_mu_);
@@ -438,6 +472,36 @@ void engine::install(std::uint64_t version, detail::node_ptr root, std::vector<p
   log_.push_back({version, std::move(written)});
   while (log_.size() > options_.conflict_window) log_.pop_front();
   // `previous` is released here, outside head_mu_: freeing an old version can take a while.
+  return record;
+}
+
+absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>& record,
+                                   const prepared& prep, const applied& done,
+                                   std::string_view who) {
+  if (record) {
+    record->at_us = detail::now_us();
+    record->process = std::string(who);
+    json writes = json::array();
+    for (const detail::prepared_write& w : prep.writes) {
+      if (w.value) {
+        writes.push_back(
+            json::array({w.target.str(), detail::materialise({w.value.get(), nullptr})}));
+      } else {
+        writes.push_back(json::array({w.target.str()}));
+      }
+    }
+    for (const std::string& id : done.message_ids) {
+      std::string at = absl::StrCat(outbox_->str(), ".", id);
+      json stored = detail::materialise(detail::lookup(*done.root, at));
+      writes.push_back(json::array({std::move(at), std::move(stored)}));
+    }
+    record->writes = writes.dump();
+    record->messages = json(done.message_ids).dump();
+    journal_->fill(record);
+    POP_RETURN_IF_ERROR(journal_->wait_durable(done.version));
+  }
+  listeners_->notify(done.version);
+  return absl::OkStatus();
 }
 
 absl::Status engine::check_pending_bound(const detail::version_state& base,
@@ -464,6 +528,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     std::shared_ptr<const detail::version_state> base, const prepared& prep, applied& out,
     std::string& conflict, std::string_view process_name) {
   const std::string who = "commit";
+  std::shared_ptr<detail::journal_record> record;
   // Build the new version outside the lock; if commits slipped in meanwhile and do not overlap,
   // rebuild on the newer head. After two such rounds, build under the lock so a busy engine
   // cannot starve this commit.
@@ -486,11 +551,12 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     if (!built) {
       POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, who));
     }
-    POP_RETURN_IF_ERROR(check_pending_bound(*base, out.root, process_name));
-    install(out.version, out.root, std::move(out.written));
+    POP_RETURN_IF_ERROR(check_pending_bound(
+        *base, out.root, absl::StrCat("process '", detail::to_absl(process_name), "'")));
+    record = install(out.version, out.root, std::move(out.written));
     break;
   }
-  listeners_->notify(out.version);
+  POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name));
   return commit_status::committed;
 }
 
@@ -524,6 +590,7 @@ absl::StatusOr<commit> engine::execute(std::string_view name, const json& args) 
     return absl::NotFoundError(
         absl::StrCat("no process named '", detail::to_absl(name), "' is registered"));
   }
+  if (journal_) POP_RETURN_IF_ERROR(journal_->failure());
   const int max_attempts = options_.retry.max_attempts;
   std::string conflict;
   for (int attempt = 1; attempt <= max_attempts; ++attempt) {
@@ -566,6 +633,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
                                                     std::vector<write> writes, cas_mode mode) {
   const std::string who = absl::StrCat("compare_and_swap(expected version ", expected_version, ")");
   if (writes.empty()) return absl::InvalidArgumentError(absl::StrCat(who, ": no writes given"));
+  if (journal_) POP_RETURN_IF_ERROR(journal_->failure());
   prepared prep;
   for (write& w : writes) {
     absl::StatusOr<path> p = path::parse(w.path);
@@ -576,6 +644,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
         {*std::move(p), w.value ? detail::make_node(*std::move(w.value)) : nullptr});
   }
   applied out;
+  std::shared_ptr<detail::journal_record> record;
   {
     std::unique_lock lock(commit_mu_);
     const std::shared_ptr<const detail::version_state> current = head();
@@ -591,9 +660,9 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
     }
     POP_ASSIGN_OR_RETURN(out, process_runner::apply(*current, prep, who));
     POP_RETURN_IF_ERROR(check_pending_bound(*current, out.root, who));
-    install(out.version, out.root, std::move(out.written));
+    record = install(out.version, out.root, std::move(out.written));
   }
-  listeners_->notify(out.version);
+  POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "compare_and_swap"));
   return cas_result{true, out.version};
 }
 

@@ -22,6 +22,7 @@
 #include "contracts/process_spec.hpp"
 #include "engine/audit_log.hpp"
 #include "engine/context.hpp"
+#include "engine/journal.hpp"
 #include "engine/result.hpp"
 #include "engine/snapshot.hpp"
 #include "engine/subscription.hpp"
@@ -30,6 +31,8 @@ namespace pop {
 
 struct dry_run_result;
 namespace detail {
+struct journal_record;
+class journal;
 struct prepared;
 struct applied;
 struct registered;
@@ -58,6 +61,9 @@ struct options {
                                         // is treated as conflicting and re-run
   std::size_t max_pending = 0;          // backpressure: a commit that would leave more messages
                                         // pending fails with kResourceExhausted; 0: no bound
+  std::string journal{};                // SQLite journal file; empty: in memory only
+  pop::durability durability = pop::durability::process;  // with a journal: process or power
+  journal_options journal_tuning{};                       // snapshot interval, group size
 };
 
 // What a successful execute() did.
@@ -90,10 +96,16 @@ class engine {
  public:
   // An in-memory engine with default options.
   engine();
-  // An engine with `opts`; throws std::invalid_argument naming the bad option. Prefer open().
+  // An engine with `opts`; throws pop::process_error carrying what open() would return.
+  // Prefer open().
   explicit engine(options opts);
   // Returns a new engine, or kInvalidArgument naming the bad option (outbox path, initial state,
-  // retry policy, conflict window).
+  // retry policy, conflict window, durability). With options.journal, opens or creates the journal:
+  // a new one starts at version 0 with options.initial_state; an existing one resumes at its last
+  // acknowledged version with its state and outbox (initial_state is ignored). Journal errors:
+  // kFailedPrecondition (open in another engine, a newer format, another outbox path), kDataLoss
+  // (damaged, or its write-ahead log lost after a crash; the file is left as it was),
+  // kUnavailable (cannot be opened).
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<engine>> open(options opts);
   ~engine();
   engine(const engine&) = delete;
@@ -130,6 +142,9 @@ class engine {
   pop::snapshot snapshot() const;
   // The newest committed version. O(1).
   std::uint64_t version() const;
+  // The newest version that is as durable as options.durability promises (every version for an
+  // in-memory engine). Snapshots may show newer versions; the relay publishes only up to this one.
+  std::uint64_t durable_version() const;
   // Where the outbox lives in the state.
   const path& outbox_path() const { return *outbox_; }
 
@@ -170,8 +185,13 @@ class engine {
   // The first logged write after `since` that overlaps `access`, as "path (version N)", or empty.
   std::string find_conflict(const path_set& access, std::uint64_t since) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
-  void install(std::uint64_t version, detail::node_ptr root, std::vector<path> written)
+  // Makes `root` the head at `version`; returns the journal record to fill, if journaling.
+  std::shared_ptr<detail::journal_record> install(std::uint64_t version, detail::node_ptr root,
+                                                  std::vector<path> written)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
+  // Journals the commit `done` of `prep` by `who`, waits until it is durable, then notifies.
+  absl::Status finish_commit(const std::shared_ptr<detail::journal_record>& record,
+                             const prepared& prep, const applied& done, std::string_view who);
   void record(const registered& proc, int attempt, const pop::snapshot& snap, const prepared* prep,
               const applied* done, attempt_outcome outcome, std::string detail,
               std::chrono::steady_clock::time_point start);
@@ -191,6 +211,7 @@ class engine {
 
   std::shared_ptr<detail::commit_listeners> listeners_{};
   audit_log audit_;
+  std::unique_ptr<detail::journal> journal_;
 };
 
 }  // namespace pop

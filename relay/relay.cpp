@@ -189,12 +189,22 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   std::optional<std::int64_t> schedule(const snapshot& snap) {
     std::optional<std::int64_t> earliest;
     const std::int64_t now = now_us();
+    // Only durable messages are published: otherwise a crash could leave a published message
+    // whose commit never happened. Ids sort by version, so the first newer one ends the scan;
+    // its commit notification comes once it is durable.
+    const std::uint64_t durable = engine_.durable_version();
     blocked_.clear();
     const auto block = [&](const std::string& key) {
       if (!key.empty()) blocked_.insert(key);
     };
     snap.view(snap.outbox_path())
         .for_each_member([&](std::string_view id, const value_view& stored) {
+          // (An id claiming a version past the snapshot's was not made by a commit; it is left
+          // to the checks below.)
+          if (const auto v = parse_message_id(id);
+              v.ok() && v->first > durable && v->first <= snap.version()) {
+            return false;
+          }
           const std::string id_text(id);
           if (const auto f = flights_.find(id_text); f != flights_.end()) {
             block(f->second->message.key);

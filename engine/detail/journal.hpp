@@ -1,0 +1,107 @@
+// Defines pop::detail::journal: the SQLite journal with group commit, snapshots and recovery.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "contracts/json.hpp"
+#include "engine/detail/tree.hpp"
+#include "engine/journal.hpp"
+
+struct sqlite3;
+struct sqlite3_stmt;
+
+namespace pop::detail {
+
+struct version_state;
+
+// One committed version on its way to the journal. Reserved in version order under the engine's
+// commit lock, filled afterwards by the committing thread, written by the journal's thread.
+struct journal_record {
+  std::uint64_t version = 0;
+  std::int64_t at_us = 0;
+  std::string process;
+  std::string writes;    // JSON: [[path, value] or [path] (a delete), ...], messages included
+  std::string messages;  // JSON: the ids of the messages it emitted
+  std::shared_ptr<const version_state> state;  // kept only until written, for snapshots
+  bool filled = false;
+};
+
+// The state a journal was opened at.
+struct journal_start {
+  std::uint64_t version = 0;
+  node_ptr root;
+};
+
+// The journal of one engine: an SQLite database in WAL mode holding a snapshot of the whole state
+// and one record per committed version after it.
+//
+// Writing: one thread takes every filled record at the front of the queue (up to max_group) and
+// writes them in one transaction, so concurrent commits share one sync (group commit); then it
+// advances durable_version() and wakes the committers waiting in wait_durable(). Every
+// snapshot_every versions (or snapshot_bytes of records) it writes a snapshot and prunes the
+// records and snapshots before it. Prefix property: a record is written only after every record
+// before it, so a crash loses a suffix, never a hole.
+//
+// Failure: if SQLite fails, the journal stops, failure() returns the error from then on, and
+// every waiter gets it; the engine refuses further commits.
+// Ownership: the journal holds an exclusive advisory lock (flock) on the file while open.
+class journal {
+ public:
+  // Opens or creates the journal at `path`, loads its newest snapshot and replays the records
+  // after it. kFailedPrecondition: held by another engine, a newer format, or a different outbox
+  // path; kDataLoss: damaged (named), with nothing written to the file.
+  static absl::StatusOr<std::unique_ptr<journal>> open(const std::string& path, durability level,
+                                                       const journal_options& opts,
+                                                       const std::string& outbox_path,
+                                                       const json& initial_state,
+                                                       journal_start& start);
+  ~journal();
+  journal(const journal&) = delete;
+  journal& operator=(const journal&) = delete;
+
+  // Reserves the record of `version` (the next version), for `state`. Call in version order.
+  std::shared_ptr<journal_record> reserve(std::uint64_t version,
+                                          std::shared_ptr<const version_state> state);
+  // Marks a reserved record filled and lets the writer take it.
+  void fill(const std::shared_ptr<journal_record>& r);
+  // Blocks until `version` is durable. OK, or the journal's failure.
+  absl::Status wait_durable(std::uint64_t version);
+  std::uint64_t durable_version() const;
+  absl::Status failure() const;
+
+ private:
+  journal(std::string path, durability level, const journal_options& opts, int lock_fd, sqlite3* db,
+          std::uint64_t version, std::uint64_t snapshot_version);
+  void run_writer();
+  absl::Status write_group(std::deque<std::shared_ptr<journal_record>>& group);
+  absl::Status write_snapshot(const journal_record& last);
+  void close_cleanly();
+
+  const std::string path_;
+  const durability level_;
+  const journal_options options_;
+  const int lock_fd_;
+  sqlite3* db_;
+  sqlite3_stmt* insert_ = nullptr;
+  std::uint64_t snapshot_version_;  // writer thread only
+  std::uint64_t bytes_since_snapshot_ = 0;
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::condition_variable done_cv_;
+  std::deque<std::shared_ptr<journal_record>> queue_ ABSL_GUARDED_BY(mu_);
+  std::uint64_t durable_ ABSL_GUARDED_BY(mu_);
+  absl::Status failed_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread writer_;
+};
+
+}  // namespace pop::detail
