@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pop needs, builds it and runs every test.
-#   tests/run.sh                      plain build: all tests, the examples, an installed-package
-#                                     consumer and a benchmark smoke run
+#   tests/run.sh                      plain build: all tests, the kill -9 soak, the examples, an
+#                                     installed-package consumer and benchmark smoke runs
 #   tests/run.sh --sanitize=address   the whole test suite under AddressSanitizer + UBSan
 #   tests/run.sh --sanitize=thread    the concurrency tests under ThreadSanitizer
 set -euo pipefail
@@ -21,6 +21,8 @@ case "$sanitize" in
     cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
     cmake --build build -j "$jobs"
     ctest --test-dir build --no-tests=error --output-on-failure -j "$jobs"
+    # The crash soak: kill -9 at 300 random moments (its seed is printed on failure).
+    ./build/tests/journal_crash_test "[soak]"
     # find_package(pop) from an installed prefix, used by a tiny consumer.
     rm -rf build/install-root build/consumer
     cmake --install build --prefix build/install-root >/dev/null
