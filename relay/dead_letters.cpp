@@ -18,12 +18,18 @@ path checked_path(std::string_view text, const path& outbox) {
   return *std::move(p);
 }
 
-absl::StatusOr<dead_letter> parse_letter(const json& j) {
+absl::StatusOr<dead_letter> parse_letter(std::string_view id, const json& j) {
   dead_letter d;
   if (!j.is_object() || !j.contains("message")) {
     return absl::InvalidArgumentError("a dead letter must be an object with a 'message' field");
   }
-  POP_ASSIGN_OR_RETURN(d.message, outbox_message::from_json(j.at("message")));
+  if (j.value("malformed", false)) {
+    d.malformed = true;
+    d.raw = j.at("message");
+    d.message.id = std::string(id);
+  } else {
+    POP_ASSIGN_OR_RETURN(d.message, outbox_message::from_json(j.at("message")));
+  }
   try {
     if (const auto it = j.find("dead_at_us"); it != j.end()) d.dead_at_us = it->get<std::int64_t>();
     if (const auto it = j.find("reason"); it != j.end()) d.reason = it->get<std::string>();
@@ -49,7 +55,7 @@ absl::StatusOr<std::vector<dead_letter>> dead_letters::list(std::size_t limit) c
   absl::Status error;
   snap.view(path_).for_each_member([&](std::string_view id, const value_view& v) {
     if (out.size() >= limit) return false;
-    absl::StatusOr<dead_letter> d = parse_letter(v.to_json());
+    absl::StatusOr<dead_letter> d = parse_letter(id, v.to_json());
     if (!d.ok()) {
       error = absl::DataLossError(absl::StrCat("dead letter '", path_.str(), ".",
                                                detail::to_absl(id), "' in version ", snap.version(),
@@ -81,7 +87,14 @@ absl::StatusOr<std::pair<std::size_t, std::uint64_t>> dead_letters::requeue_ids(
     const value_view letters = snap.view(path_);
     const value_view queue = snap.view(snap.outbox_path());
     std::vector<std::string> chosen = ids;
-    if (all) chosen = letters.keys();
+    if (all) {
+      chosen.clear();
+      letters.for_each_member([&](std::string_view id, const value_view& v) {
+        const value_view malformed = v.member("malformed");
+        if (!(malformed && malformed.to_json() == true)) chosen.emplace_back(id);
+        return true;
+      });
+    }
     if (chosen.empty()) return std::pair<std::size_t, std::uint64_t>{0, snap.version()};
     std::vector<write> writes;
     for (const std::string& id : chosen) {
@@ -96,7 +109,12 @@ absl::StatusOr<std::pair<std::size_t, std::uint64_t>> dead_letters::requeue_ids(
                                                      "version ",
                                                      snap.version()));
       }
-      absl::StatusOr<dead_letter> d = parse_letter(stored.to_json());
+      absl::StatusOr<dead_letter> d = parse_letter(id, stored.to_json());
+      if (d.ok() && d->malformed) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("dead letter '", id, "' was not a valid outbox message (", d->reason,
+                         "); it cannot be requeued, only discarded"));
+      }
       if (!d.ok()) {
         return absl::DataLossError(absl::StrCat("dead letter '", path_.str(), ".", id,
                                                 "' in version ", snap.version(), ": ",
@@ -113,6 +131,20 @@ absl::StatusOr<std::pair<std::size_t, std::uint64_t>> dead_letters::requeue_ids(
         cas_result r, engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys));
     if (r.committed) return std::pair{chosen.size(), r.version};
     // Someone else wrote these dead letters or ids meanwhile: look again on the newer state.
+  }
+}
+
+absl::StatusOr<std::uint64_t> dead_letters::discard(std::string_view id) {
+  for (;;) {
+    const snapshot snap = engine_.snapshot();
+    if (!snap.view(path_).member(id)) {
+      return absl::NotFoundError(absl::StrCat("no dead letter '", detail::to_absl(id), "' at '",
+                                              path_.str(), "' in version ", snap.version()));
+    }
+    std::vector<write> writes{{absl::StrCat(path_.str(), ".", detail::to_absl(id)), std::nullopt}};
+    POP_ASSIGN_OR_RETURN(
+        cas_result r, engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys));
+    if (r.committed) return r.version;
   }
 }
 

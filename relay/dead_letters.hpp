@@ -20,6 +20,8 @@ struct dead_letter {
   outbox_message message{};  // message.failures holds every failed attempt's reason and time
   std::int64_t dead_at_us = 0;
   std::string reason{};
+  bool malformed = false;  // the outbox entry was not a valid message: `raw` holds it, and only
+  json raw{};              // message.id is set; it cannot be requeued, only discarded
 };
 
 // The dead letters of one engine at one path (relay_options::dead_letter_path). Every operation is
@@ -44,9 +46,11 @@ class dead_letters {
   // such dead letter; kAlreadyExists if the outbox already holds that id; kResourceExhausted if
   // the outbox is at options.max_pending. Nothing changes on error.
   [[nodiscard]] absl::StatusOr<std::uint64_t> requeue(std::string_view id);
-  // Moves every dead letter back in one transaction; returns how many (0 if there were none).
-  // Errors as requeue(); nothing changes on error.
+  // Moves every dead letter except malformed ones back in one transaction; returns how many (0 if
+  // there were none). Errors as requeue(); nothing changes on error.
   [[nodiscard]] absl::StatusOr<std::size_t> requeue_all();
+  // Deletes dead letter `id` for good; returns the version that did it, or kNotFound.
+  [[nodiscard]] absl::StatusOr<std::uint64_t> discard(std::string_view id);
 
  private:
   // {how many, the version that moved them}.

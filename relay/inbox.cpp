@@ -1,5 +1,6 @@
 #include "relay/inbox.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <stdexcept>
 
@@ -112,12 +113,24 @@ absl::StatusOr<std::size_t> inbox::prune() {
     const value_view marks = snap.view(path_);
     if (marks.size() <= options_.retention) return 0;
     const std::size_t excess = marks.size() - options_.retention;
+    // The marks applied longest ago go first (ties by id), whatever their ids' order.
+    std::vector<std::pair<std::int64_t, std::string>> by_age;
+    by_age.reserve(marks.size());
+    marks.for_each_member([&](std::string_view id, const value_view& mark) {
+      std::int64_t at = 0;
+      if (const value_view a = mark.member("applied_at_us"); a && a.to_json().is_number()) {
+        at = a.to_json().get<std::int64_t>();
+      }
+      by_age.emplace_back(at, std::string(id));
+      return true;
+    });
+    std::nth_element(by_age.begin(), by_age.begin() + static_cast<std::ptrdiff_t>(excess - 1),
+                     by_age.end());
     std::vector<write> writes;
     writes.reserve(excess);
-    marks.for_each_member([&](std::string_view id, const value_view&) {
-      writes.push_back({absl::StrCat(path_.str(), ".", detail::to_absl(id)), std::nullopt});
-      return writes.size() < excess;
-    });
+    for (std::size_t i = 0; i < excess; ++i) {
+      writes.push_back({absl::StrCat(path_.str(), ".", by_age[i].second), std::nullopt});
+    }
     POP_ASSIGN_OR_RETURN(
         cas_result r, engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys));
     if (r.committed) return excess;

@@ -16,8 +16,8 @@ namespace pop {
 // Where an inbox records applied message ids, and how many it keeps.
 struct inbox_options {
   std::string path = "system.inbox";  // one inbox per producer: ids are unique per producing engine
-  std::size_t retention = 100'000;    // ids kept; beyond about 1/8 more, the lowest ids (the
-                                      // oldest commits) are pruned; 0 keeps every id
+  std::size_t retention = 100'000;    // ids kept; beyond about 1/8 more, the ids applied
+                                      // longest ago are pruned; 0 keeps every id
 };
 
 // What apply() did.
@@ -56,8 +56,9 @@ class inbox {
   bool contains(std::string_view id) const;
   // The number of marks kept. O(1).
   std::size_t size() const;
-  // Removes the lowest ids beyond the retention in one transaction; returns how many. Called by
-  // apply() when the marks exceed the retention by 1/8; an error is the engine's.
+  // Removes the marks applied longest ago beyond the retention in one transaction; returns how
+  // many. O(marks). Called by apply() when the marks exceed the retention by 1/8 (an error there
+  // is ignored: the next apply prunes again); an error is the engine's.
   [[nodiscard]] absl::StatusOr<std::size_t> prune();
 
  private:

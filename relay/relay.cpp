@@ -109,31 +109,58 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             absl::CancelledError("relay stopped by cancellation; in-flight messages stay queued");
         break;
       }
-      notified_.store(false);
-      if (status = flush(); !status.ok()) break;
-      const snapshot snap = engine_.snapshot();
-      const std::optional<std::int64_t> earliest = schedule(snap);
-      if (!outcomes_.empty()) {
+      expire_flights();
+      round_result r;
+      if (status = run_round(r); !status.ok()) break;
+      if (r.more) {
         // Synchronous publishes finished: record them and look again, letting other work (and a
         // cancellation) in between rounds.
         co_await asio::post(strand_, asio::use_awaitable);
         continue;
       }
-      if (until_empty && flights_.empty() && snap.pending_count() == 0) break;
+      if (until_empty && r.idle) break;
       if (!wake_pending_ && !(co_await cancelled())) {
-        timer_.expires_at(next_deadline(earliest));
+        timer_.expires_at(next_deadline(r.earliest));
         co_await timer_.async_wait(asio::as_tuple(asio::use_awaitable));
       }
       wake_pending_ = false;
-      expire_flights();
     }
     sub.reset();
     co_await stop_flights();
-    if (absl::Status s = flush(); !s.ok() && status.ok()) status = s;
+    if (absl::Status s = guarded([&] { return flush(); }); !s.ok() && status.ok()) status = s;
     co_return status;
   }
 
  private:
+  struct round_result {
+    bool more = false;                     // outcomes are waiting to be recorded: go again at once
+    bool idle = false;                     // nothing pending and nothing in flight
+    std::optional<std::int64_t> earliest;  // when the first held-back message becomes due
+  };
+
+  // Records known outcomes and starts what is due. Never throws: an unexpected exception (say,
+  // bad_alloc) becomes kInternal and stops the relay, which still stops its publishes cleanly.
+  absl::Status run_round(round_result& r) {
+    return guarded([&]() -> absl::Status {
+      notified_.store(false);
+      POP_RETURN_IF_ERROR(flush());
+      const snapshot snap = engine_.snapshot();
+      r.earliest = schedule(snap);
+      r.more = !outcomes_.empty();
+      r.idle = flights_.empty() && snap.pending_count() == 0;
+      return absl::OkStatus();
+    });
+  }
+
+  template <class Fn>
+  static absl::Status guarded(Fn fn) {
+    try {
+      return fn();
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("relay: unexpected exception: ", e.what()));
+    }
+  }
+
   asio::awaitable<bool> cancelled() {
     const asio::cancellation_state state = co_await asio::this_coro::cancellation_state;
     co_return state.cancelled() != asio::cancellation_type::none;
@@ -197,6 +224,12 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     const auto block = [&](const std::string& key) {
       if (!key.empty()) blocked_.insert(key);
     };
+    // Keys busy with a publish, or with a failure not yet recorded, are blocked from the start:
+    // a message with a lower id (a requeued one) must not overtake them.
+    for (const auto& [id, f] : flights_) block(f->message.key);
+    for (const auto& [id, o] : recorded_) {
+      if (o.failed) block(o.key);
+    }
     snap.view(snap.outbox_path())
         .for_each_member([&](std::string_view id, const value_view& stored) {
           // (An id claiming a version past the snapshot's was not made by a commit; it is left
@@ -298,7 +331,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
     self->flights_.erase(f->message.id);
     self->counters_.in_flight.fetch_sub(1, std::memory_order_relaxed);
-    if (f->timed_out && !status.ok()) {
+    if (f->timed_out && !status.ok() && !is_permanent_failure(status)) {
       status = absl::DeadlineExceededError(absl::StrCat("the publish timed out after ",
                                                         self->options_.publish_timeout.count(),
                                                         " ms (", status.message(), ")"));
@@ -365,6 +398,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     if (o.what == outcome::kind::malformed) {
       writes.push_back({std::move(at), std::nullopt});
       json letter = {{"message", o.raw},
+                     {"malformed", true},
                      {"dead_at_us", o.at_us},
                      {"reason", absl::StrCat("not a valid outbox message: ", o.status.ToString())}};
       writes.push_back({absl::StrCat(dead_letters_, ".", o.id), std::move(letter)});
@@ -373,8 +407,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
     json msg = stored.to_json();
     const auto attempts_it = msg.find("attempts");
-    if (attempts_it == msg.end() || !attempts_it->is_number_integer() ||
-        attempts_it->get<std::int64_t>() != o.attempts_before) {
+    if (attempts_it == msg.end() || !attempts_it->is_number() ||
+        attempts_it->get<double>() != static_cast<double>(o.attempts_before)) {
       return;
     }
     const std::uint32_t attempts = o.attempts_before + 1;

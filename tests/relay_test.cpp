@@ -359,6 +359,54 @@ TEST_CASE("a malformed outbox entry is dead-lettered and does not stop the relay
   CHECK(letter.at("message") == json{{"topic", 5}});
   CHECK(letter.at("reason").get<std::string>().find("not a valid outbox message") !=
         std::string::npos);
+  // Dead letters stay listable; the malformed one can only be discarded.
+  pop::dead_letters dead(e);
+  const std::vector<pop::dead_letter> letters = dead.list().value();
+  REQUIRE(letters.size() == 1);
+  CHECK(letters[0].malformed);
+  CHECK(letters[0].message.id == bad);
+  CHECK(letters[0].raw == json{{"topic", 5}});
+  CHECK(dead.requeue(bad).status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(dead.requeue_all().value() == 0);
+  REQUIRE(dead.discard(bad).ok());
+  CHECK(dead.count() == 0);
+  CHECK(dead.discard(bad).status().code() == absl::StatusCode::kNotFound);
+}
+
+TEST_CASE("a requeued message does not overtake a message of its key that is in flight",
+          "[relay]") {
+  pop::engine e;
+  emitting(e);
+  const std::string x = emit(e, "k");
+  scripted_sink sink;
+  sink.synchronous = false;
+  bool first_round = true;
+  sink.script = [&](const pop::outbox_message& m) {
+    if (m.id == x && first_round) return act::permanent;
+    if (m.id != x) return act::timeout;  // y: in flight until its timeout
+    return act::ok;
+  };
+  pop::relay_options o = quick(1);
+  o.publish_timeout = std::chrono::milliseconds(40);
+  pop::relay r(e, sink, o);
+  asio::io_context io;
+  REQUIRE(run_on(io, r.drain()).ok());
+  REQUIRE(pop::dead_letters(e).count() == 1);
+  first_round = false;
+  const std::string y = emit(e, "k");
+  asio::cancellation_signal stop;
+  asio::co_spawn(
+      io, r.run(),
+      asio::bind_cancellation_slot(stop.slot(), [](std::exception_ptr, absl::Status) {}));
+  while (sink.calls.size() < 2) io.run_one();  // y is in flight
+  REQUIRE(sink.calls.back().message.id == y);
+  REQUIRE(pop::dead_letters(e).requeue(x).ok());
+  while (sink.calls.size() < 3) io.run_one();
+  // x (lower id, same key) went only after y's publish ended at its timeout.
+  CHECK(sink.calls[2].message.id == x);
+  CHECK(sink.calls[2].at - sink.calls[1].at >= std::chrono::milliseconds(35));
+  stop.emit(asio::cancellation_type::terminal);
+  io.run();
 }
 
 TEST_CASE("stopping mid-batch keeps in-flight messages queued and a new relay resumes", "[relay]") {
