@@ -607,8 +607,8 @@ absl::StatusOr<commit> engine::execute(std::string_view name, const json& args) 
       return commit{snap.version(), false, attempt, {}};
     }
     applied done;
-    absl::StatusOr<commit_status> status = commit_prepared(
-        snap.state_, *prep, done, conflict, absl::StrCat("process '", proc->contract.name(), "'"));
+    absl::StatusOr<commit_status> status =
+        commit_prepared(snap.state_, *prep, done, conflict, proc->contract.name());
     if (!status.ok()) {
       record(*proc, attempt, snap, &*prep, nullptr, outcome_of(status.status()),
              status.status().ToString(), start);

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -37,6 +38,21 @@ struct journal_info {
   bool clean = false;                  // false: the last engine using it did not close it
   std::string outbox_path{};
 };
+
+// One committed version as the journal recorded it: what the audit needs after a restart.
+struct journal_record_info {
+  std::uint64_t version = 0;
+  std::int64_t at_us = 0;             // commit time, microseconds since the Unix epoch
+  std::string process{};              // the process, or "compare_and_swap"
+  std::vector<std::string> writes{};  // the paths written or deleted, messages included
+  std::vector<std::string> message_ids{};
+};
+
+// Up to `limit` records with versions >= `from_version`, oldest first, read without changing
+// the file (an engine may have it open). Records before the newest snapshot are pruned and not
+// returned. Errors as verify_journal().
+[[nodiscard]] absl::StatusOr<std::vector<journal_record_info>> read_journal(
+    const std::string& path, std::uint64_t from_version = 0, std::size_t limit = 1'000'000);
 
 // Checks the journal at `path` without changing it (and without taking it from an engine that
 // has it open): SQLite integrity, format version, every record's checksum, no gap in versions,

@@ -127,6 +127,19 @@ TEST_CASE("a journaled engine reopens with the same version, state, outbox and d
   const pop::journal_info info = pop::verify_journal(file).value();
   CHECK(info.clean);
   CHECK(info.last_version == version_before);
+  // The audit trail survives: which process made each version, when, what it wrote and emitted.
+  const std::vector<pop::journal_record_info> history = pop::read_journal(file).value();
+  REQUIRE(history.size() == version_before);
+  CHECK(history[0].version == 1);
+  CHECK(history[0].process == "take");
+  CHECK(history[0].at_us > 0);
+  CHECK(history[0].writes ==
+        std::vector<std::string>{"domain.stock.B2", "domain.orders.o-0",
+                                 "domain.outbox_queue." + history[0].message_ids.at(0)});
+  CHECK(history[6].process == "forget");
+  CHECK(history[6].writes == std::vector<std::string>{"domain.orders.o-2"});
+  CHECK(history[7].process == "compare_and_swap");
+  CHECK(history.back().process == "compare_and_swap");  // the relay's last record
   CHECK(info.format_version == pop::journal_format_version);
 
   auto again = open_engine(journaled(file));
@@ -140,6 +153,15 @@ TEST_CASE("a journaled engine reopens with the same version, state, outbox and d
   const json after = again->snapshot().to_json();
   again.reset();
   CHECK(open_engine(journaled(file))->snapshot().to_json() == after);
+  const std::vector<pop::journal_record_info> later = pop::read_journal(file).value();
+  REQUIRE(later.size() == history.size() + 1);
+  for (std::size_t i = 0; i < history.size(); ++i) {
+    CHECK(later[i].version == history[i].version);
+    CHECK(later[i].at_us == history[i].at_us);
+    CHECK(later[i].process == history[i].process);
+    CHECK(later[i].writes == history[i].writes);
+    CHECK(later[i].message_ids == history[i].message_ids);
+  }
 }
 
 TEST_CASE("a relay on a reopened engine delivers what was pending", "[journal][relay]") {

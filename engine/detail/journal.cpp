@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -615,6 +616,66 @@ absl::StatusOr<journal_info> verify_journal(const std::string& path) {
   detail::node_ptr root;
   POP_RETURN_IF_ERROR(detail::load(c.db, path, info, root));
   return info;
+}
+
+absl::StatusOr<std::vector<journal_record_info>> read_journal(const std::string& path,
+                                                              std::uint64_t from_version,
+                                                              std::size_t limit) {
+  if (!detail::file_exists(path)) {
+    return absl::NotFoundError(absl::StrCat("journal '", path, "' does not exist"));
+  }
+  detail::connection c;
+  const bool has_wal = detail::file_exists(path + "-wal");
+  const std::string uri =
+      absl::StrCat("file:", detail::uri_escape(path), has_wal ? "?mode=ro" : "?immutable=1");
+  const int rc =
+      sqlite3_open_v2(uri.c_str(), &c.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr);
+  if (rc != SQLITE_OK) return detail::sql_error(c.db, rc, path, "opening it to read it");
+  journal_info info;
+  bool found = false;
+  POP_RETURN_IF_ERROR(detail::read_meta(c.db, path, info, found));
+  if (!found) {
+    return absl::DataLossError(absl::StrCat("'", path, "' is not a pop journal (no metadata)"));
+  }
+  detail::statement rows;
+  POP_RETURN_IF_ERROR(
+      detail::prepare(c.db, path,
+                      "SELECT version, at_us, process, writes, messages, checksum "
+                      "FROM pop_commits WHERE version >= ? ORDER BY version LIMIT ?",
+                      rows));
+  sqlite3_bind_int64(rows.s, 1, static_cast<std::int64_t>(from_version));
+  sqlite3_bind_int64(rows.s, 2,
+                     static_cast<std::int64_t>(std::min<std::size_t>(limit, 1ULL << 62)));
+  std::vector<journal_record_info> out;
+  int step;
+  while ((step = sqlite3_step(rows.s)) == SQLITE_ROW) {
+    journal_record_info r;
+    r.version = static_cast<std::uint64_t>(sqlite3_column_int64(rows.s, 0));
+    r.at_us = sqlite3_column_int64(rows.s, 1);
+    r.process = detail::column_text(rows.s, 2);
+    const std::string writes = detail::column_text(rows.s, 3);
+    const std::string messages = detail::column_text(rows.s, 4);
+    if (detail::record_checksum(static_cast<std::int64_t>(r.version), r.at_us, r.process, writes,
+                                messages) != sqlite3_column_int64(rows.s, 5)) {
+      return absl::DataLossError(absl::StrCat("journal '", path, "': the record of version ",
+                                              r.version, " fails its checksum"));
+    }
+    const json w = json::parse(writes, nullptr, false);
+    const json m = json::parse(messages, nullptr, false);
+    if (!w.is_array() || !m.is_array()) {
+      return absl::DataLossError(
+          absl::StrCat("journal '", path, "': the record of version ", r.version, " is damaged"));
+    }
+    for (const json& one : w) {
+      if (one.is_array() && !one.empty() && one[0].is_string()) r.writes.push_back(one[0]);
+    }
+    for (const json& id : m) {
+      if (id.is_string()) r.message_ids.push_back(id);
+    }
+    out.push_back(std::move(r));
+  }
+  if (step != SQLITE_DONE) return detail::sql_error(c.db, step, path, "reading its records");
+  return out;
 }
 
 }  // namespace pop
