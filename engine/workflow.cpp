@@ -105,8 +105,10 @@ bool compare(const json& actual, const std::string& op, const json& expected) {
   const bool numbers = actual.is_number() && expected.is_number();
   const bool strings = actual.is_string() && expected.is_string();
   if (!numbers && !strings) return false;
-  if (op == "lt") return numbers ? actual.get<double>() < expected.get<double>() : actual < expected;
-  if (op == "gt") return numbers ? actual.get<double>() > expected.get<double>() : actual > expected;
+  if (op == "lt")
+    return numbers ? actual.get<double>() < expected.get<double>() : actual < expected;
+  if (op == "gt")
+    return numbers ? actual.get<double>() > expected.get<double>() : actual > expected;
   return false;
 }
 
@@ -117,9 +119,8 @@ bool compare(const json& actual, const std::string& op, const json& expected) {
 absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j) {
   workflow_definition d;
   const auto bad = [&](std::string_view where, std::string_view what) {
-    return absl::InvalidArgumentError(absl::StrCat("workflow '", d.name, "': ",
-                                                   detail::to_absl(where), ": ",
-                                                   detail::to_absl(what)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "workflow '", d.name, "': ", detail::to_absl(where), ": ", detail::to_absl(what)));
   };
   if (!j.is_object()) return absl::InvalidArgumentError("a workflow definition must be an object");
   try {
@@ -128,13 +129,14 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
     const json& steps = j.at("steps");
     if (!steps.is_object()) return bad("steps", "must be an object of step name -> step");
     static const std::set<std::string> known = {
-        "process", "branch", "otherwise", "wait", "call", "fail", "end", "next", "on_error",
-        "key", "timeout_ms", "on_timeout", "compensate", "max_visits"};
+        "process", "branch",   "otherwise", "wait",       "call",       "fail",       "end",
+        "next",    "on_error", "key",       "timeout_ms", "on_timeout", "compensate", "max_visits"};
     for (const auto& [name, s] : steps.items()) {
       if (!s.is_object()) return bad(absl::StrCat("step '", name, "'"), "must be an object");
       for (const auto& [field, v] : s.items()) {
         if (!known.contains(field)) {
-          return bad(absl::StrCat("step '", name, "'"), absl::StrCat("unknown field '", field, "'"));
+          return bad(absl::StrCat("step '", name, "'"),
+                     absl::StrCat("unknown field '", field, "'"));
         }
       }
       workflow_step step;
@@ -348,8 +350,8 @@ class instance_txn {
     const int bound = step.max_visits > 0 ? step.max_visits : 1;
     if (n > bound) {
       history(step.name, "loop bound exceeded");
-      fail_path(absl::StrCat("step '", step.name, "' would run ", n, " times; its bound is ",
-                             bound));
+      fail_path(
+          absl::StrCat("step '", step.name, "' would run ", n, " times; its bound is ", bound));
       return false;
     }
     return true;
@@ -384,13 +386,13 @@ class instance_txn {
 
 namespace {
 
-json new_record(std::string_view workflow, const std::string& start, json inputs,
-                std::int64_t now, std::int64_t deadline, std::string_view parent,
-                std::string_view parent_step) {
-  json rec = {{"workflow", workflow},  {"status", "running"},        {"cursor", start},
-              {"inputs", std::move(inputs)}, {"received", json::object()}, {"visits", json::object()},
-              {"done", json::array()}, {"history", json::array()},   {"error", ""},
-              {"started_at_us", now}};
+json new_record(std::string_view workflow, const std::string& start, json inputs, std::int64_t now,
+                std::int64_t deadline, std::string_view parent, std::string_view parent_step) {
+  json rec = {
+      {"workflow", workflow},        {"status", "running"},        {"cursor", start},
+      {"inputs", std::move(inputs)}, {"received", json::object()}, {"visits", json::object()},
+      {"done", json::array()},       {"history", json::array()},   {"error", ""},
+      {"started_at_us", now}};
   if (deadline > 0) rec["deadline_us"] = deadline;
   if (!parent.empty()) {
     rec["parent"] = parent;
@@ -417,9 +419,9 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
       for (const std::string& t : *declared) {
         const path p = path::parse(t).value();
         if (own->contains(p) && !(p == *own)) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "workflow process '", spec.name, "' declares '", t, "', inside '", own->str(),
-              "', which the workflow engine owns"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("workflow process '", spec.name, "' declares '", t, "', inside '",
+                           own->str(), "', which the workflow engine owns"));
         }
         covered = covered || p.contains(*own);
       }
@@ -431,9 +433,10 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
   const workflow_options& o = options_;
   workflows* self = this;
   process_fn step_fn = [entry, &o, self](const context& ctx,
-                                          const json& args) -> absl::StatusOr<result> {
+                                         const json& args) -> absl::StatusOr<result> {
     result out;
-    detail::instance_txn t(o, ctx, out, args.at("id").get<std::string>(), args.at("now").get<std::int64_t>());
+    detail::instance_txn t(o, ctx, out, args.at("id").get<std::string>(),
+                           args.at("now").get<std::int64_t>());
     if (!t.load()) return out;
     const std::string step_name = args.at("step").get<std::string>();
     const std::shared_ptr<const defined> d = self->find_definition(t.rec().value("workflow", ""));
@@ -505,8 +508,8 @@ absl::Status workflows::register_predicate(std::string name, std::vector<std::st
   if (predicates_.contains(name)) {
     return absl::AlreadyExistsError(absl::StrCat("a predicate named '", name, "' exists"));
   }
-  predicates_[name] =
-      std::make_shared<const registered_predicate>(registered_predicate{std::move(inputs), std::move(fn)});
+  predicates_[name] = std::make_shared<const registered_predicate>(
+      registered_predicate{std::move(inputs), std::move(fn)});
   return absl::OkStatus();
 }
 
@@ -538,7 +541,8 @@ void workflows::settle(detail::instance_txn& t) const {
     if (!step->on_error.empty()) {
       parent.go(step->on_error);
     } else {
-      parent.fail_path(absl::StrCat("child '", t.id(), "' ", status, ": ", t.rec().value("error", "")));
+      parent.fail_path(
+          absl::StrCat("child '", t.id(), "' ", status, ": ", t.rec().value("error", "")));
     }
   }
   settle(parent);
@@ -644,16 +648,19 @@ absl::Status workflows::check(const workflow_definition& def) const {
     if (!path::parse(absl::StrCat("s.", s.name)).ok()) {
       return bad(absl::StrCat("step name '", s.name, "' must be letters, digits, '_' or '-'"));
     }
-    if (!steps.emplace(s.name, &s).second) return bad(absl::StrCat("step '", s.name, "' is defined twice"));
+    if (!steps.emplace(s.name, &s).second)
+      return bad(absl::StrCat("step '", s.name, "' is defined twice"));
   }
-  if (!steps.contains(def.start)) return bad(absl::StrCat("the start step '", def.start, "' is missing"));
+  if (!steps.contains(def.start))
+    return bad(absl::StrCat("the start step '", def.start, "' is missing"));
   std::lock_guard lock(mu_);
   std::map<std::string, std::vector<std::string>> edges;
   for (const workflow_step& s : def.steps) {
     const std::string where = absl::StrCat("step '", s.name, "'");
     if (kinds(s) != 1) {
-      return bad(absl::StrCat(where, " must have exactly one of process, branch, wait, call, fail, "
-                                     "end; it has ",
+      return bad(absl::StrCat(where,
+                              " must have exactly one of process, branch, wait, call, fail, "
+                              "end; it has ",
                               kinds(s)));
     }
     std::vector<std::string>& out = edges[s.name];
@@ -697,7 +704,8 @@ absl::Status workflows::check(const workflow_definition& def) const {
           std::string probe = c.path;
           for (std::size_t at; (at = probe.find('{')) != std::string::npos;) {
             const std::size_t close = probe.find('}', at);
-            if (close == std::string::npos) return bad(absl::StrCat(where, ": unclosed '{' in '", c.path, "'"));
+            if (close == std::string::npos)
+              return bad(absl::StrCat(where, ": unclosed '{' in '", c.path, "'"));
             probe.replace(at, close - at + 1, "x");
           }
           if (absl::Status st = path::parse(probe).status(); !st.ok()) {
@@ -711,7 +719,8 @@ absl::Status workflows::check(const workflow_definition& def) const {
     if (!s.wait.empty()) {
       if (s.key.empty()) return bad(absl::StrCat(where, " (wait) needs 'key', an input name"));
       for (const auto& [topic, next] : s.wait) {
-        if (absl::Status st = validate_topic(topic); !st.ok()) return bad(absl::StrCat(where, ": ", st.message()));
+        if (absl::Status st = validate_topic(topic); !st.ok())
+          return bad(absl::StrCat(where, ": ", st.message()));
         POP_RETURN_IF_ERROR(target(absl::StrCat("wait '", topic, "'"), next, true));
       }
       if (s.timeout_ms < 0) return bad(absl::StrCat(where, ": timeout_ms must not be negative"));
@@ -741,7 +750,8 @@ absl::Status workflows::check(const workflow_definition& def) const {
     }
   }
   for (const workflow_step& s : def.steps) {
-    if (!seen.contains(s.name)) return bad(absl::StrCat("step '", s.name, "' is unreachable from '", def.start, "'"));
+    if (!seen.contains(s.name))
+      return bad(absl::StrCat("step '", s.name, "' is unreachable from '", def.start, "'"));
   }
   // Every loop has a bound: a step that can reach itself needs max_visits.
   for (const workflow_step& s : def.steps) {
@@ -754,7 +764,8 @@ absl::Status workflows::check(const workflow_definition& def) const {
       stack.pop_back();
       if (at == s.name) {
         std::vector<std::string> loop{s.name};
-        for (std::string back = came_from[s.name]; back != s.name && loop.size() < 64; back = came_from[back]) {
+        for (std::string back = came_from[s.name]; back != s.name && loop.size() < 64;
+             back = came_from[back]) {
           loop.push_back(back);
         }
         std::reverse(loop.begin() + 1, loop.end());
@@ -816,8 +827,8 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           detail::instance_txn t(o, ctx, out, args.at("id").get<std::string>(),
                                  args.at("now").get<std::int64_t>());
           if (t.load()) {
-            return absl::AlreadyExistsError(absl::StrCat("workflow instance '", t.id(),
-                                                         "' already exists"));
+            return absl::AlreadyExistsError(
+                absl::StrCat("workflow instance '", t.id(), "' already exists"));
           }
           const std::shared_ptr<const defined> def =
               self->find_definition(args.at("workflow").get<std::string>());
@@ -867,8 +878,8 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           const std::string error = args.at("error").get<std::string>();
           if (args.value("mode", "") == "compensate") {
             if (status != "compensating") return out;
-            t.rec()["error"] = absl::StrCat(t.rec().value("error", ""), "; a compensation failed: ",
-                                            error);
+            t.rec()["error"] =
+                absl::StrCat(t.rec().value("error", ""), "; a compensation failed: ", error);
             t.history(args.at("step").get<std::string>(), "compensation failed");
             t.finish("failed");
           } else {
@@ -893,16 +904,16 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
             if (!step->on_timeout.empty()) {
               t.go(step->on_timeout);
             } else {
-              t.fail_path(absl::StrCat("step '", step->name, "' timed out after ",
-                                       step->timeout_ms, " ms"));
+              t.fail_path(absl::StrCat("step '", step->name, "' timed out after ", step->timeout_ms,
+                                       " ms"));
             }
           } else {
             return out;
           }
         } else if (action == "cancel") {
           if (detail::instance_txn::status_is_final(status)) {
-            return absl::FailedPreconditionError(absl::StrCat(
-                "workflow instance '", t.id(), "' has already ended (", status, ")"));
+            return absl::FailedPreconditionError(
+                absl::StrCat("workflow instance '", t.id(), "' has already ended (", status, ")"));
           }
           if (status == "compensating") return out;
           t.history(t.cursor(), "cancelled");
@@ -922,7 +933,8 @@ absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::s
     return absl::NotFoundError(
         absl::StrCat("no workflow named '", detail::to_absl(workflow), "' is defined"));
   }
-  if (absl::Status s = path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id))).status();
+  if (absl::Status s =
+          path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id))).status();
       !s.ok()) {
     return annotate(s, absl::StrCat("workflow instance id '", detail::to_absl(id), "'"));
   }
@@ -1077,9 +1089,9 @@ absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& ne
   for (const std::string& id : due) {
     absl::StatusOr<workflow_instance> w = inspect(id);
     if (!w.ok()) continue;
-    POP_ASSIGN_OR_RETURN(
-        commit c, engine_.execute(control_process(w->workflow),
-                                  {{"id", id}, {"action", "timeout"}, {"now", now}}));
+    POP_ASSIGN_OR_RETURN(commit c,
+                         engine_.execute(control_process(w->workflow),
+                                         {{"id", id}, {"action", "timeout"}, {"now", now}}));
     if (c.changed) ++moved;
   }
   return moved;

@@ -40,14 +40,14 @@ struct workflow_step {
   std::string call{};                         // run this workflow as a child, then go on
   std::string fail{};                         // take the failure path with this reason
   bool end = false;                           // complete the instance
-  std::string next{};      // after a process or call succeeded; a branch's "otherwise"
-  std::string on_error{};  // after a process or call failed; empty: the failure path
-  std::string key{};       // wait: the input whose value the message key must equal
+  std::string next{};           // after a process or call succeeded; a branch's "otherwise"
+  std::string on_error{};       // after a process or call failed; empty: the failure path
+  std::string key{};            // wait: the input whose value the message key must equal
   std::int64_t timeout_ms = 0;  // wait: how long to wait (0: forever)
   std::string on_timeout{};     // wait: where to go after the timeout; empty: the failure path
-  std::string compensate{};  // process that undoes this (process) step on the failure path
-  int max_visits = 0;        // how often the step may run in one instance; required (> 1) for
-                             // a step on a loop, else 1
+  std::string compensate{};     // process that undoes this (process) step on the failure path
+  int max_visits = 0;           // how often the step may run in one instance; required (> 1) for
+                                // a step on a loop, else 1
 };
 
 // A named graph of steps. Load from JSON with from_json or write it in C++; workflows::define
@@ -82,8 +82,8 @@ struct workflow_instance {
 
 // Where workflow records live, and the prefix of the processes it registers.
 struct workflow_options {
-  std::string instances = "system.workflows";      // <instances>.<id>
-  std::string index = "system.workflow_index";     // runnable, waits and timers indexes
+  std::string instances = "system.workflows";   // <instances>.<id>
+  std::string index = "system.workflow_index";  // runnable, waits and timers indexes
 };
 
 // The embedded workflow engine.

@@ -34,7 +34,8 @@ bool transient(const absl::Status& s) {
 
 // What the commit listener and the loop share; kept alive by both.
 struct wake_state {
-  explicit wake_state(asio::strand<asio::any_io_executor> s) : strand(std::move(s)), timer(strand) {}
+  explicit wake_state(asio::strand<asio::any_io_executor> s)
+      : strand(std::move(s)), timer(strand) {}
   asio::strand<asio::any_io_executor> strand;
   asio::steady_timer timer;
   std::atomic<bool> notified{false};
@@ -104,10 +105,12 @@ asio::awaitable<absl::Status> workflow_runner::loop_on_strand(std::shared_ptr<vo
       co_await asio::post(state->strand, asio::use_awaitable);
       continue;
     }
-    if (until_settled && workflows_.runnable(1).empty() && next_due == 0) co_return absl::OkStatus();
+    if (until_settled && workflows_.runnable(1).empty() && next_due == 0)
+      co_return absl::OkStatus();
     if (!state->pending && !(co_await cancelled())) {
       if (next_due > 0) {
-        state->timer.expires_after(std::chrono::microseconds(std::max<std::int64_t>(next_due - now_us(), 0)));
+        state->timer.expires_after(
+            std::chrono::microseconds(std::max<std::int64_t>(next_due - now_us(), 0)));
       } else {
         state->timer.expires_at(asio::steady_timer::time_point::max());
       }
