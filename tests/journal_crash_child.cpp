@@ -53,13 +53,18 @@ int main(int argc, char** argv) {
   const absl::Status registered =
       e.register_process({.name = "place",
                           .inputs = {"domain.count"},
-                          .outputs = {"domain.count", "domain.items"},
+                          .outputs = {"domain.count", "domain.items", "domain.bulk"},
                           .emits = {"item.placed"}},
                          [](const pop::context& ctx, const pop::json&) {
                            const int n = ctx.get_or<int>("domain.count", 0) + 1;
                            pop::result r;
                            r.set("domain.count", n);
                            r.set("domain.items.i" + std::to_string(n), n);
+                           // Bulk, so the write-ahead log fills and SQLite checkpoints often: kills
+                           // then also land in the middle of checkpoints, when the main file alone
+                           // is torn.
+                           r.set("domain.bulk.b" + std::to_string(n % 64),
+                                 std::string(6000, static_cast<char>('a' + n % 26)));
                            r.emit("item.placed", {{"n", n}}, "k" + std::to_string(n % 5));
                            return r;
                          });

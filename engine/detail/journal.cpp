@@ -192,21 +192,39 @@ std::string uri_escape(const std::string& p) {
   return out;
 }
 
-// Checks, reading only the main database file, that the journal's format is readable and that a
-// journal left open by a crash still has its write-ahead log. `found` is false for a journal with
-// no metadata yet (a new, empty file).
-absl::Status precheck(const std::string& path, journal_info& info, bool& found) {
+// Checks a journal whose write-ahead log is absent, reading only the main database file (which is
+// then self-contained): its format is readable, and it was closed cleanly — otherwise its log,
+// holding the last acknowledged commits, was lost. (With the log present the main file alone may
+// be mid-checkpoint and is never read on its own.) `found` is false for a file with no metadata.
+absl::Status precheck_without_wal(const std::string& path, journal_info& info, bool& found) {
   connection c;
   const std::string uri = absl::StrCat("file:", uri_escape(path), "?immutable=1");
   int rc = sqlite3_open_v2(uri.c_str(), &c.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr);
   if (rc != SQLITE_OK) return sql_error(c.db, rc, path, "opening it to check it");
   POP_RETURN_IF_ERROR(read_meta(c.db, path, info, found));
-  if (found && !info.clean && !file_exists(path + "-wal")) {
+  if (found && !info.clean) {
     return absl::DataLossError(absl::StrCat(
         "journal '", path, "' was not closed cleanly and its write-ahead log '", path,
         "-wal' is missing: the last acknowledged commits would be lost; restore the -wal file "
         "(nothing was changed)"));
   }
+  return absl::OkStatus();
+}
+
+// kFailedPrecondition if the database holds tables that are not a pop journal's.
+absl::Status check_foreign(sqlite3* db, const std::string& path) {
+  statement s;
+  POP_RETURN_IF_ERROR(prepare(
+      db, path,
+      "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'pop\\_%' ESCAPE '\\'",
+      s));
+  const int rc = sqlite3_step(s.s);
+  if (rc == SQLITE_ROW) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("'", path, "' is an SQLite database with table '", column_text(s.s, 0),
+                     "', not a pop journal; it was left untouched"));
+  }
+  if (rc != SQLITE_DONE) return sql_error(db, rc, path, "listing its tables");
   return absl::OkStatus();
 }
 
@@ -360,8 +378,8 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
   };
   journal_info info;
   bool existing = false;
-  if (file_size(path) > 0) {
-    if (absl::Status s = precheck(path, info, existing); !s.ok()) return fail(s);
+  if (file_size(path) > 0 && !file_exists(path + "-wal")) {
+    if (absl::Status s = precheck_without_wal(path, info, existing); !s.ok()) return fail(s);
   }
   connection c;
   int rc =
@@ -370,10 +388,15 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
   // Until the journal is known to be sound, closing must not checkpoint into the main file.
   sqlite3_db_config(c.db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, nullptr);
   sqlite3_busy_timeout(c.db, 5000);
+  if (file_size(path) > 0) {
+    // Through the log, if there is one: the metadata as last committed.
+    if (absl::Status s = read_meta(c.db, path, info, existing); !s.ok()) return fail(s);
+    if (!existing) {
+      if (absl::Status s = check_foreign(c.db, path); !s.ok()) return fail(s);
+    }
+  }
   node_ptr root;
   if (existing) {
-    bool found = false;
-    if (absl::Status s = read_meta(c.db, path, info, found); !s.ok()) return fail(s);
     if (info.outbox_path != outbox_path) {
       return fail(absl::FailedPreconditionError(absl::StrCat(
           "journal '", path, "' keeps its outbox at '", info.outbox_path,
@@ -601,18 +624,18 @@ absl::StatusOr<journal_info> verify_journal(const std::string& path) {
   }
   journal_info info;
   bool found = false;
-  POP_RETURN_IF_ERROR(detail::precheck(path, info, found));
-  if (!found) {
-    return absl::DataLossError(absl::StrCat("'", path, "' is not a pop journal (no metadata)"));
-  }
-  detail::connection c;
   const bool has_wal = detail::file_exists(path + "-wal");
+  if (!has_wal) POP_RETURN_IF_ERROR(detail::precheck_without_wal(path, info, found));
+  detail::connection c;
   const std::string uri =
       absl::StrCat("file:", detail::uri_escape(path), has_wal ? "?mode=ro" : "?immutable=1");
   const int rc =
       sqlite3_open_v2(uri.c_str(), &c.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr);
   if (rc != SQLITE_OK) return detail::sql_error(c.db, rc, path, "opening it to verify it");
   POP_RETURN_IF_ERROR(detail::read_meta(c.db, path, info, found));
+  if (!found) {
+    return absl::DataLossError(absl::StrCat("'", path, "' is not a pop journal (no metadata)"));
+  }
   detail::node_ptr root;
   POP_RETURN_IF_ERROR(detail::load(c.db, path, info, root));
   return info;
