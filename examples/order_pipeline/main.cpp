@@ -67,7 +67,7 @@ std::string order_id(int i) {
 // The stock the run starts with: a few SKUs, deliberately short so some orders are rejected.
 json initial_inventory(const settings& s) {
   json inv = json::object();
-  for (int i = 0; i < 5; ++i) inv["sku-" + std::to_string(i)] = s.orders / 3 + 3;
+  for (int i = 0; i < 5; ++i) inv["sku-" + std::to_string(i)] = s.orders / 4 + 3;
   return inv;
 }
 
