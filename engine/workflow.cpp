@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -225,6 +226,7 @@ struct workflows::registered_predicate {
 
 struct workflows::defined {
   workflow_definition def;
+  std::string version;  // a hash of the definition's JSON, recorded in every instance
   std::map<std::string, const workflow_step*, std::less<>> steps;
   const workflow_step* step(std::string_view name) const {
     const auto it = steps.find(name);
@@ -386,13 +388,20 @@ class instance_txn {
 
 namespace {
 
-json new_record(std::string_view workflow, const std::string& start, json inputs, std::int64_t now,
-                std::int64_t deadline, std::string_view parent, std::string_view parent_step) {
-  json rec = {
-      {"workflow", workflow},        {"status", "running"},        {"cursor", start},
-      {"inputs", std::move(inputs)}, {"received", json::object()}, {"visits", json::object()},
-      {"done", json::array()},       {"history", json::array()},   {"error", ""},
-      {"started_at_us", now}};
+json new_record(std::string_view workflow, const std::string& definition_version,
+                const std::string& start, json inputs, std::int64_t now, std::int64_t deadline,
+                std::string_view parent, std::string_view parent_step) {
+  json rec = {{"workflow", workflow},
+              {"definition", {{"name", workflow}, {"version", definition_version}}},
+              {"status", "running"},
+              {"cursor", start},
+              {"inputs", std::move(inputs)},
+              {"received", json::object()},
+              {"visits", json::object()},
+              {"done", json::array()},
+              {"history", json::array()},
+              {"error", ""},
+              {"started_at_us", now}};
   if (deadline > 0) rec["deadline_us"] = deadline;
   if (!parent.empty()) {
     rec["parent"] = parent;
@@ -622,7 +631,8 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
       t.fail_path(absl::StrCat("step '", step.name, "' calls unknown workflow '", step.call, "'"));
       return;
     }
-    json child = new_record(step.call, child_def->def.start, inputs, t.now(), 0, t.id(), step.name);
+    json child = new_record(step.call, child_def->version, child_def->def.start, inputs, t.now(), 0,
+                            t.id(), step.name);
     t.out().set(t.instance_path(child_id), std::move(child));
     t.out().set(t.index_path("runnable", child_id), true);
     t.rec()["child"] = child_id;
@@ -785,6 +795,11 @@ absl::Status workflows::define(workflow_definition def) {
   POP_RETURN_IF_ERROR(check(def));
   auto d = std::make_shared<defined>();
   d->def = std::move(def);
+  std::uint64_t h = 1469598103934665603ULL;
+  for (const unsigned char c : d->def.to_json().dump()) h = (h ^ c) * 1099511628211ULL;
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  d->version = hex;
   for (const workflow_step& s : d->def.steps) d->steps.emplace(s.name, &s);
   {
     std::lock_guard lock(mu_);
@@ -834,8 +849,8 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
               self->find_definition(args.at("workflow").get<std::string>());
           if (!def) return absl::NotFoundError("no such workflow");
           const std::int64_t deadline = args.value("deadline_us", std::int64_t{0});
-          t.rec() = new_record(def->def.name, def->def.start, args.at("inputs"), t.now(), deadline,
-                               "", "");
+          t.rec() = new_record(def->def.name, def->version, def->def.start, args.at("inputs"),
+                               t.now(), deadline, "", "");
           t.set_status("running");
           t.refresh_timer();
           t.save();
@@ -955,6 +970,9 @@ workflow_instance to_instance(std::string_view id, json rec) {
   workflow_instance w;
   w.id = std::string(id);
   w.workflow = rec.value("workflow", "");
+  if (const auto d = rec.find("definition"); d != rec.end() && d->is_object()) {
+    w.definition_version = d->value("version", "");
+  }
   w.status = rec.value("status", "");
   w.cursor = rec.value("cursor", "");
   w.inputs = rec.value("inputs", json::object());

@@ -67,10 +67,13 @@ struct workflow_definition {
 // instance inputs.
 using predicate_fn = std::function<bool(const context& ctx, const json& inputs)>;
 
-// One workflow instance as the state holds it at `system.workflows.<id>`.
+// One workflow instance as the state holds it at `system.workflows.<id>`: its workflow and the
+// version (hash) of the definition it started with, status, cursor, inputs, received messages,
+// visits per step, completed compensable steps, history and error.
 struct workflow_instance {
   std::string id{};
   std::string workflow{};
+  std::string definition_version{};  // hash of the definition it was started with
   std::string status{};  // running, waiting, compensating, completed, failed, compensated
   std::string cursor{};  // the current step
   json inputs{};

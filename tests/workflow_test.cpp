@@ -114,6 +114,8 @@ TEST_CASE("a process step commits its writes and the cursor move in one transact
   const pop::workflow_instance w = wf.inspect("w1").value();
   CHECK(w.status == "completed");
   CHECK(w.history.size() == 3);
+  CHECK(w.definition_version.size() == 16);
+  CHECK(w.raw.at("definition").at("name") == "linear");
   CHECK(!wf.advance("w1").value());  // nothing left to do
   CHECK(state(e, "domain.count") == 2);
   CHECK(wf.runnable().empty());
@@ -391,6 +393,51 @@ TEST_CASE("instances resume after reopening the journal at every kind of step",
     CHECK(wf.inspect("r1").value().status == "waiting");
     // Each step's effect happened once across the three lives of the engine.
     CHECK(state(e, "domain.log") == json::array({"2", "3", "1", "undo:2", "3"}));
+  });
+}
+
+TEST_CASE("instances pending at a branch or inside a child resume after reopening",
+          "[workflow][journal]") {
+  pop::test::temp_dir dir;
+  const std::string file = dir.file("wf2.db");
+  const auto open = [&](auto&& body) {
+    auto e = pop::engine::open(pop::options{.journal = file}).value();
+    pop::workflows wf(*e);
+    register_steps(wf);
+    REQUIRE(wf.define(parse(linear)).ok());
+    REQUIRE(
+        wf
+            .define(parse(
+                {{"name", "outer"},
+                 {"start", "pick"},
+                 {"steps",
+                  {{"pick",
+                    {{"branch",
+                      json::array({{{"path", "domain.count"}, {"op", "exists"}, {"next", "sub"}}})},
+                     {"otherwise", "first"}}},
+                   {"first", {{"process", "append"}, {"next", "sub"}}},
+                   {"sub", {{"call", "linear"}, {"next", "done"}}},
+                   {"done", {{"end", true}}}}}}))
+            .ok());
+    body(*e, wf);
+  };
+  open([&](pop::engine&, pop::workflows& wf) {
+    REQUIRE(wf.start("outer", "q1", {{"tag", "q"}}).ok());  // pending at the branch
+    REQUIRE(wf.start("outer", "q2", {{"tag", "r"}}).ok());
+    REQUIRE(wf.advance("q2").value());        // branch taken: "first"
+    REQUIRE(wf.advance("q2").value());        // "first" ran
+    REQUIRE(wf.advance("q2").value());        // child started
+    REQUIRE(wf.advance("q2-sub-1").value());  // the child ran one step
+  });
+  open([&](pop::engine& e, pop::workflows& wf) {
+    CHECK(wf.inspect("q1").value().cursor == "pick");
+    CHECK(wf.inspect("q2").value().status == "waiting");
+    CHECK(wf.inspect("q2-sub-1").value().cursor == "b");
+    run_all(wf);
+    CHECK(wf.inspect("q1").value().status == "completed");
+    CHECK(wf.inspect("q2").value().status == "completed");
+    // q2: first + 2 child steps; q1: branch saw domain.count, so no "first", then 2 child steps.
+    CHECK(state(e, "domain.count") == 5);
   });
 }
 
