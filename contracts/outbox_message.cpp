@@ -2,6 +2,7 @@
 
 #include <charconv>
 #include <cstdio>
+#include <stdexcept>
 
 #include "absl/strings/str_cat.h"
 #include "contracts/status.hpp"
@@ -87,6 +88,12 @@ absl::StatusOr<outbox_message> outbox_message::from_json(const json& j) {
   POP_RETURN_IF_ERROR(field("next_attempt_at_us", m.next_attempt_at_us));
   if (j.contains("failures")) POP_RETURN_IF_ERROR(field("failures", m.failures));
   return m;
+}
+
+void from_json(const json& j, outbox_message& m) {
+  absl::StatusOr<outbox_message> parsed = outbox_message::from_json(j);
+  if (!parsed.ok()) throw std::invalid_argument(std::string(parsed.status().message()));
+  m = *std::move(parsed);
 }
 
 }  // namespace pop

@@ -62,4 +62,8 @@ struct outbox_message {
   friend bool operator==(const outbox_message&, const outbox_message&) = default;
 };
 
+// nlohmann conversion (json::get<outbox_message>()): as outbox_message::from_json, throwing
+// std::invalid_argument with its message for a malformed message.
+void from_json(const json& j, outbox_message& m);
+
 }  // namespace pop

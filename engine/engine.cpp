@@ -238,14 +238,16 @@ struct process_runner {
     applied out;
     out.version = base.version + 1;
     node_ptr root = base.root;
+    // One batch: nodes copied by one write are changed in place by the next ones.
+    const std::uint64_t edit = new_edit();
     out.written.reserve(prep.writes.size() + prep.messages.size());
     for (const prepared_write& w : prep.writes) {
       if (w.value) {
-        absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value);
+        absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value, edit);
         if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
         root = *std::move(r);
       } else {
-        root = erase(root, w.target.str());
+        root = erase(root, w.target.str(), edit);
       }
       out.written.push_back(w.target);
     }
@@ -266,7 +268,7 @@ struct process_runner {
                      {"last_error", ""},
                      {"next_attempt_at_us", 0},
                      {"failures", json::array()}};
-      absl::StatusOr<node_ptr> r = assign(root, target.str(), make_node(std::move(stored)));
+      absl::StatusOr<node_ptr> r = assign(root, target.str(), make_node(std::move(stored)), edit);
       if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
       root = *std::move(r);
       out.written.push_back(std::move(target));

@@ -266,9 +266,15 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             block(key);
             return true;
           }
-          json raw = stored.to_json();
-          absl::StatusOr<outbox_message> m = outbox_message::from_json(raw);
+          // Read straight from the stored value (no intermediate copy of it).
+          absl::StatusOr<outbox_message> m = absl::UnknownError("unread");
+          try {
+            m = stored.get<outbox_message>();
+          } catch (const std::exception&) {
+            m = outbox_message::from_json(stored.to_json());  // for the precise error
+          }
           if (!m.ok() || m->id != id_text) {
+            json raw = stored.to_json();
             outcome o;
             o.what = outcome::kind::malformed;
             o.id = id_text;

@@ -118,6 +118,37 @@ void check_history(const std::vector<op>& ops, const std::string& probe_alphabet
   }
 }
 
+// Applies `ops` in batches: ops[i].keep ends a batch, and every batch uses a fresh edit token
+// (nodes it created are changed in place by its later ops). Checks every step against a
+// std::map, and that every version published at the end of an earlier batch is unchanged.
+void check_batched_history(const std::vector<op>& ops) {
+  map current;
+  model expected;
+  std::vector<std::pair<map, model>> published{{current, expected}};
+  std::uint64_t edit = map::new_edit();
+  for (const op& o : ops) {
+    if (o.erase) {
+      current = current.erase(o.key, edit);
+      expected.erase(o.key);
+    } else {
+      current = current.set(o.key, make_value(o.value), edit);
+      expected[o.key] = o.value;
+    }
+    RC_ASSERT(current.check_invariants());
+    RC_ASSERT(find_agrees(current, expected, o.key));
+    if (o.keep) {
+      RC_ASSERT(equal_in_order(current, expected));
+      published.emplace_back(current, expected);
+      edit = map::new_edit();
+      for (const auto& [version, model_of] : published) {
+        RC_ASSERT(equal_in_order(version, model_of));
+      }
+    }
+  }
+  RC_ASSERT(equal_in_order(current, expected));
+  for (const auto& [version, model_of] : published) RC_ASSERT(equal_in_order(version, model_of));
+}
+
 // Returns operations on `keys` that erase with probability erase_eighths / 8. Single
 // operations are not shrunk: shrinking each of thousands of elements, each attempt replaying
 // the whole history, takes many minutes. A failing history still shrinks by length.
@@ -227,6 +258,14 @@ TEST_CASE("random histories deep enough for three levels agree with std::map", "
   rc::prop("grow, mix and shrink over 2 * max_width^2 keys", [] {
     auto key = rc::gen::map(rc::gen::inRange(0, keys), numbered_key);
     check_history(grow_mix_shrink(key, keys), "k0123456789");
+  });
+}
+
+TEST_CASE("batched changes agree with std::map and never alter a published version", "[pmap]") {
+  constexpr int keys = static_cast<int>(2 * map::max_width * map::max_width);
+  rc::prop("batches of set and erase over 2 * max_width^2 keys", [] {
+    auto key = rc::gen::map(rc::gen::inRange(0, keys), numbered_key);
+    check_batched_history(grow_mix_shrink(key, keys));
   });
 }
 

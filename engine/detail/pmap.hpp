@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cassert>
 #include <cstddef>
 #include <cstdint>
@@ -106,20 +107,33 @@ class pmap {
     return nullptr;
   }
 
+  // Returns a token for a batch of changes (see `edit` below); unique in the process.
+  static std::uint64_t new_edit() {
+    static std::atomic<std::uint64_t> next{1};
+    return next.fetch_add(1, std::memory_order_relaxed);
+  }
+
   // Returns a map equal to this one with `key` mapped to `value` (inserted, or replacing the
   // old value). *this is unchanged. O(log n) nodes copied.
-  pmap set(std::string_view key, V value) const {
+  //
+  // `edit` batches changes: nodes created by a call with a non-zero token are changed in place
+  // by later calls with the same token instead of being copied again, so k changes cost one copy
+  // of each touched node, not k. Only legal while no map but the batch's own results holds those
+  // nodes: pass a fresh new_edit() per batch and publish only its final map.
+  pmap set(std::string_view key, V value, std::uint64_t edit = 0) const {
     if (!root_) {
       auto leaf = std::make_shared<node>();
       leaf->leaf = true;
       leaf->count = 1;
+      leaf->edit = edit;
       leaf->entries.push_back(entry{std::string(key), std::move(value)});
       return pmap(std::move(leaf));
     }
-    auto [left, right] = insert(*root_, key, std::move(value));
+    auto [left, right] = insert(root_, key, std::move(value), edit);
     if (!right) return pmap(std::move(left));
     auto root = std::make_shared<node>();
     root->leaf = false;
+    root->edit = edit;
     root->count = left->count + right->count;
     root->keys = {min_key(*left), min_key(*right)};
     root->children = {std::move(left), std::move(right)};
@@ -127,10 +141,10 @@ class pmap {
   }
 
   // Returns a map equal to this one without `key`. If `key` is absent, returns *this (same
-  // root, see same_root). *this is unchanged. O(log n) nodes copied.
-  pmap erase(std::string_view key) const {
+  // root, see same_root). *this is unchanged (unless batched, see set). O(log n) nodes copied.
+  pmap erase(std::string_view key, std::uint64_t edit = 0) const {
     if (!root_) return *this;
-    auto [found, root] = remove(*root_, key);
+    auto [found, root] = remove(root_, key, edit);
     if (!found) return *this;
     if (root->count == 0) return pmap();
     while (!root->leaf && root->children.size() == 1) root = root->children.front();
@@ -184,6 +198,7 @@ class pmap {
   // Leaves use `entries`; inner nodes use `keys` (minimum key of each child) and `children`.
   struct node {
     bool leaf = true;
+    std::uint64_t edit = 0;  // the batch that created it; 0: never changed in place
     std::size_t count = 0;
     std::vector<entry> entries;
     std::vector<std::string> keys;
@@ -243,10 +258,19 @@ class pmap {
     for (const auto& child : n.children) n.count += child->count;
   }
 
+  // `n` itself if batch `edit` created it, else a copy owned by that batch.
+  static std::shared_ptr<node> editable(const node_ptr& n, std::uint64_t edit) {
+    if (edit != 0 && n->edit == edit) return std::const_pointer_cast<node>(n);
+    auto copy = std::make_shared<node>(*n);
+    copy->edit = edit;
+    return copy;
+  }
+
   // Splits an overfull node into two halves; the first half stays in `n`.
   static std::pair<node_ptr, node_ptr> split(std::shared_ptr<node> n) {
     auto right = std::make_shared<node>();
     right->leaf = n->leaf;
+    right->edit = n->edit;
     std::size_t half = width(*n) / 2;
     if (n->leaf) {
       right->entries.assign(std::make_move_iterator(n->entries.begin() + half),
@@ -267,21 +291,30 @@ class pmap {
 
   // Returns the subtree `n` with `key` set to `value`: one node, or two (second non-null) when
   // it had to split.
-  static std::pair<node_ptr, node_ptr> insert(const node& n, std::string_view key, V&& value) {
-    auto copy = std::make_shared<node>(n);
+  // (`copy` may be `n` itself when batched: read what is needed from `n` before changing it.)
+  static std::pair<node_ptr, node_ptr> insert(const node_ptr& np, std::string_view key, V&& value,
+                                              std::uint64_t edit) {
+    const node& n = *np;
     if (n.leaf) {
       std::size_t i = entry_index(n, key);
-      if (i < n.entries.size() && n.entries[i].key == key) {
+      const bool replace = i < n.entries.size() && n.entries[i].key == key;
+      auto copy = editable(np, edit);
+      if (replace) {
         copy->entries[i].value = std::move(value);
         return {std::move(copy), nullptr};
       }
       copy->entries.insert(copy->entries.begin() + static_cast<std::ptrdiff_t>(i),
                            entry{std::string(key), std::move(value)});
       copy->count = copy->entries.size();
-    } else {
+      if (width(*copy) > max_width) return split(std::move(copy));
+      return {std::move(copy), nullptr};
+    }
+    {
       std::size_t c = child_index(n, key);
-      auto [left, right] = insert(*n.children[c], key, std::move(value));
-      copy->count = copy->count - n.children[c]->count + left->count;
+      const std::size_t old_count = n.children[c]->count;
+      auto [left, right] = insert(n.children[c], key, std::move(value), edit);
+      auto copy = editable(np, edit);
+      copy->count = copy->count - old_count + left->count;
       copy->keys[c] = min_key(*left);
       copy->children[c] = std::move(left);
       if (right) {
@@ -290,15 +323,17 @@ class pmap {
         copy->keys.insert(copy->keys.begin() + at, min_key(*right));
         copy->children.insert(copy->children.begin() + at, std::move(right));
       }
+      if (width(*copy) > max_width) return split(std::move(copy));
+      return {std::move(copy), nullptr};
     }
-    if (width(*copy) > max_width) return split(std::move(copy));
-    return {std::move(copy), nullptr};
   }
 
   // Concatenates siblings `a` and `b` (a before b, same level); splits the result evenly when
   // it is wider than max_width.
-  static std::pair<node_ptr, node_ptr> concatenate(const node& a, const node& b) {
+  static std::pair<node_ptr, node_ptr> concatenate(const node& a, const node& b,
+                                                   std::uint64_t edit) {
     auto joined = std::make_shared<node>(a);
+    joined->edit = edit;
     if (a.leaf) {
       joined->entries.insert(joined->entries.end(), b.entries.begin(), b.entries.end());
     } else {
@@ -312,30 +347,33 @@ class pmap {
 
   // Returns whether `key` was in subtree `n` and, if so, the subtree without it. The result
   // may be under min_width (the parent fixes that) or empty (only for a root leaf).
-  static std::pair<bool, node_ptr> remove(const node& n, std::string_view key) {
+  static std::pair<bool, node_ptr> remove(const node_ptr& np, std::string_view key,
+                                          std::uint64_t edit) {
+    const node& n = *np;
     if (n.leaf) {
       std::size_t i = entry_index(n, key);
       if (i == n.entries.size() || n.entries[i].key != key) return {false, nullptr};
-      auto copy = std::make_shared<node>(n);
+      auto copy = editable(np, edit);
       copy->entries.erase(copy->entries.begin() + static_cast<std::ptrdiff_t>(i));
       copy->count = copy->entries.size();
       return {true, std::move(copy)};
     }
     std::size_t c = child_index(n, key);
-    auto [found, child] = remove(*n.children[c], key);
+    auto [found, child] = remove(n.children[c], key, edit);
     if (!found) return {false, nullptr};
-    auto copy = std::make_shared<node>(n);
+    auto copy = editable(np, edit);
     copy->count -= 1;
-    if (width(*child) >= min_width || n.children.size() == 1) {
+    if (width(*child) >= min_width || copy->children.size() == 1) {
       copy->keys[c] = min_key(*child);
       copy->children[c] = std::move(child);
       return {true, std::move(copy)};
     }
     // Fix the underfull child with its right sibling, or its left one if it is the last.
-    std::size_t lo = c + 1 < n.children.size() ? c : c - 1;
-    const node& a = lo == c ? *child : *n.children[lo];
-    const node& b = lo == c ? *n.children[lo + 1] : *child;
-    auto [first, second] = concatenate(a, b);
+    std::size_t lo = c + 1 < copy->children.size() ? c : c - 1;
+    const node_ptr sibling = copy->children[lo == c ? lo + 1 : lo];  // kept alive while joined
+    const node& a = lo == c ? *child : *sibling;
+    const node& b = lo == c ? *sibling : *child;
+    auto [first, second] = concatenate(a, b, edit);
     auto at = copy->children.begin() + static_cast<std::ptrdiff_t>(lo);
     auto key_at = copy->keys.begin() + static_cast<std::ptrdiff_t>(lo);
     *key_at = min_key(*first);

@@ -83,14 +83,14 @@ bool json_erase(json& doc, std::string_view rest) {
 }
 
 absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, node_ptr value,
-                                   std::string_view full) {
+                                   std::string_view full, std::uint64_t edit) {
   if (rest.empty()) return value;
   if (node && node->is_map) {
     const std::string_view segment = take_segment(rest);
     const node_ptr* child = node->members.find(segment);
     POP_ASSIGN_OR_RETURN(node_ptr updated,
-                         assign_at(child ? *child : node_ptr(), rest, std::move(value), full));
-    return make_map(node->members.set(segment, std::move(updated)));
+                         assign_at(child ? *child : node_ptr(), rest, std::move(value), full, edit));
+    return make_map(node->members.set(segment, std::move(updated), edit));
   }
   // A blob or a missing object: write at the JSON level and let make_node choose the form again,
   // so an object that grows too large becomes a member map.
@@ -103,18 +103,18 @@ absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, 
   return make_node(std::move(doc));
 }
 
-node_ptr erase_at(const node_ptr& node, std::string_view rest) {
+node_ptr erase_at(const node_ptr& node, std::string_view rest, std::uint64_t edit) {
   if (node->is_map) {
     const std::string_view segment = take_segment(rest);
     if (rest.empty()) {
-      pmap<node_ptr> members = node->members.erase(segment);
-      return members.same_root(node->members) ? node : make_map(std::move(members));
+      if (!node->members.find(segment)) return node;
+      return make_map(node->members.erase(segment, edit));
     }
     const node_ptr* child = node->members.find(segment);
     if (!child) return node;
-    node_ptr updated = erase_at(*child, rest);
+    node_ptr updated = erase_at(*child, rest, edit);
     if (updated == *child) return node;
-    return make_map(node->members.set(segment, std::move(updated)));
+    return make_map(node->members.set(segment, std::move(updated), edit));
   }
   if (!node->blob.is_object()) return node;
   json doc = node->blob;
@@ -174,12 +174,17 @@ json materialise(const location& at) {
   return out;
 }
 
-absl::StatusOr<node_ptr> assign(const node_ptr& root, std::string_view path_text, node_ptr value) {
-  return assign_at(root, path_text, std::move(value), path_text);
+absl::StatusOr<node_ptr> assign(const node_ptr& root, std::string_view path_text, node_ptr value,
+                                std::uint64_t edit) {
+  return assign_at(root, path_text, std::move(value), path_text, edit);
 }
 
-node_ptr erase(const node_ptr& root, std::string_view path_text) {
-  return erase_at(root, path_text);
+node_ptr erase(const node_ptr& root, std::string_view path_text, std::uint64_t edit) {
+  return erase_at(root, path_text, edit);
+}
+
+std::uint64_t new_edit() {
+  return pmap<node_ptr>::new_edit();
 }
 
 }  // namespace pop::detail

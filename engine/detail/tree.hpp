@@ -1,6 +1,7 @@
 // Defines the persistent state tree: value nodes and the pure functions that read and update it.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -54,8 +55,14 @@ json materialise(const location& at);
 
 // Returns a new root with `value` at `path_text`, creating missing parent objects, or
 // kFailedPrecondition if an existing parent on the way is not an object. O(depth * log n).
-absl::StatusOr<node_ptr> assign(const node_ptr& root, std::string_view path_text, node_ptr value);
+// `edit` (from new_edit(), or 0) batches several writes: see pmap::set. With a non-zero token,
+// only the final root of the batch may be published, and `root` must not be shared with a
+// published version except through nodes the batch did not create.
+absl::StatusOr<node_ptr> assign(const node_ptr& root, std::string_view path_text, node_ptr value,
+                                std::uint64_t edit = 0);
 // Returns a new root without `path_text`; the same root if it was absent. O(depth * log n).
-node_ptr erase(const node_ptr& root, std::string_view path_text);
+node_ptr erase(const node_ptr& root, std::string_view path_text, std::uint64_t edit = 0);
+// A fresh batch token for assign / erase.
+std::uint64_t new_edit();
 
 }  // namespace pop::detail
