@@ -314,6 +314,24 @@ TEST_CASE("damaged, foreign, newer and busy journals are refused and left as the
   }
 }
 
+TEST_CASE("a journal whose creation was interrupted is created afresh", "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("half.db");
+  sql(file, "PRAGMA journal_mode=WAL");  // a crash right after this leaves no tables
+  auto e = open_engine(journaled(file));
+  CHECK(e->version() == 0);
+  CHECK(e->snapshot().read("domain.stock.A1").value() == 10);
+  REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-1"}}).ok());
+  e.reset();
+  CHECK(pop::verify_journal(file).value().last_version == 1);
+  // A database of someone else's is refused, not taken over.
+  const std::string foreign = dir.file("foreign.db");
+  sql(foreign, "CREATE TABLE customers(id INTEGER)");
+  const auto refused = pop::engine::open(journaled(foreign));
+  CHECK(refused.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(absl::StrContains(refused.status().message(), "customers"));
+}
+
 TEST_CASE("journal options are validated", "[journal]") {
   pop::options o;
   o.journal = "x.db";

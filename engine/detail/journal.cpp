@@ -405,14 +405,21 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
     if (absl::Status s = load(c.db, path, info, root); !s.ok()) return fail(s);
   } else {
     if (absl::Status s = exec(c.db, path, "PRAGMA journal_mode=WAL"); !s.ok()) return fail(s);
-    if (absl::Status s = exec(c.db, path, schema); !s.ok()) return fail(s);
+    // Schema, metadata and the first snapshot in one transaction: a crash while creating the
+    // journal leaves either all of it or none (then it is created again), never a half journal.
     if (absl::Status s = exec(c.db, path, "BEGIN IMMEDIATE"); !s.ok()) return fail(s);
-    absl::Status s = set_meta(c.db, path, "format_version", std::to_string(journal_format_version));
+    absl::Status s = exec(c.db, path, schema);
+    if (s.ok()) {
+      s = set_meta(c.db, path, "format_version", std::to_string(journal_format_version));
+    }
     if (s.ok()) s = set_meta(c.db, path, "outbox_path", outbox_path);
     if (s.ok()) s = set_meta(c.db, path, "created_at_us", std::to_string(now_us()));
     if (s.ok()) s = insert_snapshot(c.db, path, 0, initial_state.dump());
     if (s.ok()) s = exec(c.db, path, "COMMIT");
-    if (!s.ok()) return fail(s);
+    if (!s.ok()) {
+      static_cast<void>(exec(c.db, path, "ROLLBACK"));
+      return fail(s);
+    }
     root = make_root(initial_state);
   }
   if (absl::Status s = exec(c.db, path, "PRAGMA journal_mode=WAL"); !s.ok()) return fail(s);
