@@ -303,14 +303,20 @@ int main(int argc, char** argv) {
   asio::cancellation_signal stop_runner;
   absl::Status relay_status;
   absl::Status runner_status;
+  bool relay_ended = false;
+  bool runner_ended = false;
   asio::co_spawn(
       io, relay.run(),
-      asio::bind_cancellation_slot(
-          stop_relay.slot(), [&](std::exception_ptr, absl::Status st) { relay_status = st; }));
+      asio::bind_cancellation_slot(stop_relay.slot(), [&](std::exception_ptr, absl::Status st) {
+        relay_status = st;
+        relay_ended = true;
+      }));
   asio::co_spawn(
       io, runner.run(),
-      asio::bind_cancellation_slot(
-          stop_runner.slot(), [&](std::exception_ptr, absl::Status st) { runner_status = st; }));
+      asio::bind_cancellation_slot(stop_runner.slot(), [&](std::exception_ptr, absl::Status st) {
+        runner_status = st;
+        runner_ended = true;
+      }));
 
   const auto started = std::chrono::steady_clock::now();
   int next_order = 1;
@@ -353,6 +359,14 @@ int main(int argc, char** argv) {
                    std::string(static_cast<std::size_t>(filled), '#').c_str(),
                    std::string(static_cast<std::size_t>(width - filled), ' ').c_str(),
                    final_instances, s.orders);
+    }
+    if (relay_ended || runner_ended) {
+      // One of them stopped by itself: an error. Stop the other and report it below.
+      std::cerr << "\norder_pipeline: " << (relay_ended ? "the relay" : "the workflow runner")
+                << " stopped: " << (relay_ended ? relay_status : runner_status) << "\n";
+      stop_relay.emit(asio::cancellation_type::terminal);
+      stop_runner.emit(asio::cancellation_type::terminal);
+      return;
     }
     const bool relay_idle = e.snapshot().pending_count() == 0;
     if (final_instances == s.orders && next_order > s.orders && relay_idle) {
