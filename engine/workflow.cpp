@@ -721,6 +721,11 @@ absl::Status workflows::check(const workflow_definition& def) const {
           if (absl::Status st = path::parse(probe).status(); !st.ok()) {
             return bad(absl::StrCat(where, ": condition path: ", st.message()));
           }
+          if (static_prefix(c.path).empty()) {
+            return bad(
+                absl::StrCat(where, ": condition path '", c.path,
+                             "' must start with a fixed segment (it is declared as an input)"));
+          }
         }
         POP_RETURN_IF_ERROR(target("a condition's next", c.next, true));
       }
@@ -932,6 +937,16 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           }
           if (status == "compensating") return out;
           t.history(t.cursor(), "cancelled");
+          // A child it is waiting for is cancelled with it (it compensates on its own).
+          if (t.rec().contains("child")) {
+            detail::instance_txn child(t.opts(), t.ctx(), t.out(), t.rec()["child"], t.now());
+            if (child.load() && !detail::instance_txn::status_is_final(child.status()) &&
+                child.status() != "compensating") {
+              child.history(child.cursor(), "parent cancelled");
+              child.fail_path(absl::StrCat("its parent '", t.id(), "' was cancelled"));
+              child.save();
+            }
+          }
           t.fail_path(args.value("reason", "cancelled"));
         } else {
           return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));

@@ -342,6 +342,33 @@ TEST_CASE("cancel and instance timeouts take the failure path", "[workflow]") {
   CHECK(wf.list("compensated").size() == 2);
 }
 
+TEST_CASE("cancelling a parent cancels the child it waits for", "[workflow]") {
+  pop::engine e;
+  pop::workflows wf(e);
+  register_steps(wf);
+  REQUIRE(wf.define(parse({{"name", "slow"},
+                           {"start", "a"},
+                           {"steps",
+                            {{"a", {{"process", "append"}, {"next", "w"}, {"compensate", "undo"}}},
+                             {"w", {{"wait", {{"go", "done"}}}, {"key", "tag"}}},
+                             {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(
+      wf.define(parse({{"name", "outer"},
+                       {"start", "c"},
+                       {"steps",
+                        {{"c", {{"call", "slow"}, {"next", "done"}}}, {"done", {{"end", true}}}}}}))
+          .ok());
+  REQUIRE(wf.start("outer", "o", {{"tag", "t"}}).ok());
+  run_all(wf);
+  REQUIRE(wf.inspect("o-c-1").value().status == "waiting");
+  REQUIRE(wf.cancel("o", "stop").ok());
+  run_all(wf);
+  CHECK(wf.inspect("o").value().status == "failed");
+  CHECK(wf.inspect("o-c-1").value().status == "compensated");
+  CHECK(state(e, "domain.log") == json::array({"t", "undo:t"}));
+}
+
 TEST_CASE("instances resume after reopening the journal at every kind of step",
           "[workflow][journal]") {
   pop::test::temp_dir dir;
@@ -504,6 +531,11 @@ TEST_CASE("bad definitions are rejected at load with a precise error", "[workflo
            "calls unknown workflow 'ghost'");
   rejected({{"a", {{"end", true}}}}, "the start step 'zz' is missing", "zz");
   rejected({{"a", {{"end", true}, {"colour", "red"}}}}, "unknown field 'colour'");
+  rejected({{"a",
+             {{"branch", json::array({{{"path", "{x}.y"}, {"op", "exists"}, {"next", "b"}}})},
+              {"otherwise", "b"}}},
+            {"b", {{"end", true}}}},
+           "must start with a fixed segment");
   REQUIRE(wf.define(parse(linear)).ok());
   CHECK(wf.define(parse(linear)).code() == absl::StatusCode::kAlreadyExists);
 }
