@@ -72,7 +72,8 @@ nats_stream_info to_info(const jsStreamInfo* si) {
   if (si->Config != nullptr) {
     if (si->Config->Name != nullptr) out.name = si->Config->Name;
     out.duplicate_window = std::chrono::milliseconds(si->Config->Duplicates / 1'000'000);
-    for (int i = 0; i < si->Config->SubjectsLen; ++i) out.subjects.emplace_back(si->Config->Subjects[i]);
+    for (int i = 0; i < si->Config->SubjectsLen; ++i)
+      out.subjects.emplace_back(si->Config->Subjects[i]);
   }
   out.messages = si->State.Msgs;
   out.bytes = si->State.Bytes;
@@ -86,7 +87,8 @@ nats_stream_info to_info(const jsStreamInfo* si) {
 
 absl::Status validate(const nats_connection_options& o) {
   if (o.servers.empty()) {
-    return absl::InvalidArgumentError("nats_connection_options.servers is empty: name at least one URL");
+    return absl::InvalidArgumentError(
+        "nats_connection_options.servers is empty: name at least one URL");
   }
   for (const std::string& s : o.servers) {
     if (s.empty() || s.find_first_of(" \t\r\n,") != std::string::npos) {
@@ -108,7 +110,8 @@ absl::Status validate(const nats_connection_options& o) {
         "nats_connection_options: give one of credentials_file, user/password or token");
   }
   if (!o.user.empty() && !o.token.empty()) {
-    return absl::InvalidArgumentError("nats_connection_options: give user/password or token, not both");
+    return absl::InvalidArgumentError(
+        "nats_connection_options: give user/password or token, not both");
   }
   if (o.tls.cert_file.empty() != o.tls.key_file.empty()) {
     return absl::InvalidArgumentError(
@@ -138,32 +141,37 @@ absl::StatusOr<std::unique_ptr<nats_connection>> nats_connection::connect(
   const auto check = [&](natsStatus s, const char* what) {
     return detail::from_nats(s, absl::StrCat(where, ": ", what));
   };
-  POP_RETURN_IF_ERROR(check(
-      natsOptions_SetServers(no.get(), servers.data(), static_cast<int>(servers.size())), "servers"));
+  POP_RETURN_IF_ERROR(
+      check(natsOptions_SetServers(no.get(), servers.data(), static_cast<int>(servers.size())),
+            "servers"));
   POP_RETURN_IF_ERROR(check(natsOptions_SetNoRandomize(no.get(), true), "server order"));
   POP_RETURN_IF_ERROR(check(natsOptions_SetName(no.get(), o.name.c_str()), "name"));
-  POP_RETURN_IF_ERROR(check(natsOptions_SetTimeout(no.get(), o.connect_timeout.count()), "timeout"));
-  POP_RETURN_IF_ERROR(check(natsOptions_SetMaxReconnect(no.get(), o.max_reconnect), "max_reconnect"));
+  POP_RETURN_IF_ERROR(
+      check(natsOptions_SetTimeout(no.get(), o.connect_timeout.count()), "timeout"));
+  POP_RETURN_IF_ERROR(
+      check(natsOptions_SetMaxReconnect(no.get(), o.max_reconnect), "max_reconnect"));
   POP_RETURN_IF_ERROR(
       check(natsOptions_SetReconnectWait(no.get(), o.reconnect_wait.count()), "reconnect_wait"));
   POP_RETURN_IF_ERROR(check(natsOptions_SetReconnectBufSize(no.get(), o.reconnect_buffer_bytes),
                             "reconnect_buffer_bytes"));
-  POP_RETURN_IF_ERROR(check(
-      natsOptions_SetDisconnectedCB(no.get(), &nats_connection::on_disconnected, c.get()), "callback"));
-  POP_RETURN_IF_ERROR(check(
-      natsOptions_SetReconnectedCB(no.get(), &nats_connection::on_reconnected, c.get()), "callback"));
+  POP_RETURN_IF_ERROR(
+      check(natsOptions_SetDisconnectedCB(no.get(), &nats_connection::on_disconnected, c.get()),
+            "callback"));
+  POP_RETURN_IF_ERROR(
+      check(natsOptions_SetReconnectedCB(no.get(), &nats_connection::on_reconnected, c.get()),
+            "callback"));
   if (o.retry_initial_connect) {
     POP_RETURN_IF_ERROR(
         check(natsOptions_SetRetryOnFailedConnect(no.get(), true, nullptr, nullptr), "retry"));
   }
   if (!o.credentials_file.empty()) {
-    POP_RETURN_IF_ERROR(check(natsOptions_SetUserCredentialsFromFiles(
-                                  no.get(), o.credentials_file.c_str(), nullptr),
-                              absl::StrCat("credentials file '", o.credentials_file, "'").c_str()));
+    POP_RETURN_IF_ERROR(check(
+        natsOptions_SetUserCredentialsFromFiles(no.get(), o.credentials_file.c_str(), nullptr),
+        absl::StrCat("credentials file '", o.credentials_file, "'").c_str()));
   }
   if (!o.user.empty()) {
-    POP_RETURN_IF_ERROR(check(natsOptions_SetUserInfo(no.get(), o.user.c_str(), o.password.c_str()),
-                              "user"));
+    POP_RETURN_IF_ERROR(
+        check(natsOptions_SetUserInfo(no.get(), o.user.c_str(), o.password.c_str()), "user"));
   }
   if (!o.token.empty()) {
     POP_RETURN_IF_ERROR(check(natsOptions_SetToken(no.get(), o.token.c_str()), "token"));
@@ -171,8 +179,9 @@ absl::StatusOr<std::unique_ptr<nats_connection>> nats_connection::connect(
   if (o.tls.enabled) {
     POP_RETURN_IF_ERROR(check(natsOptions_SetSecure(no.get(), true), "tls"));
     if (!o.tls.ca_file.empty()) {
-      POP_RETURN_IF_ERROR(check(natsOptions_LoadCATrustedCertificates(no.get(), o.tls.ca_file.c_str()),
-                                absl::StrCat("tls ca_file '", o.tls.ca_file, "'").c_str()));
+      POP_RETURN_IF_ERROR(
+          check(natsOptions_LoadCATrustedCertificates(no.get(), o.tls.ca_file.c_str()),
+                absl::StrCat("tls ca_file '", o.tls.ca_file, "'").c_str()));
     }
     if (!o.tls.cert_file.empty()) {
       POP_RETURN_IF_ERROR(check(natsOptions_LoadCertificatesChain(no.get(), o.tls.cert_file.c_str(),
@@ -180,11 +189,13 @@ absl::StatusOr<std::unique_ptr<nats_connection>> nats_connection::connect(
                                 absl::StrCat("tls cert_file '", o.tls.cert_file, "'").c_str()));
     }
     if (!o.tls.expected_hostname.empty()) {
-      POP_RETURN_IF_ERROR(check(
-          natsOptions_SetExpectedHostname(no.get(), o.tls.expected_hostname.c_str()), "tls hostname"));
+      POP_RETURN_IF_ERROR(
+          check(natsOptions_SetExpectedHostname(no.get(), o.tls.expected_hostname.c_str()),
+                "tls hostname"));
     }
     if (!o.tls.ciphers.empty()) {
-      POP_RETURN_IF_ERROR(check(natsOptions_SetCiphers(no.get(), o.tls.ciphers.c_str()), "tls ciphers"));
+      POP_RETURN_IF_ERROR(
+          check(natsOptions_SetCiphers(no.get(), o.tls.ciphers.c_str()), "tls ciphers"));
     }
     if (o.tls.skip_verify) {
       POP_RETURN_IF_ERROR(check(natsOptions_SkipServerVerification(no.get(), true), "tls verify"));
@@ -212,7 +223,8 @@ nats_connection::~nats_connection() {
 
 nats_connection_stats nats_connection::stats() const {
   return {nc_ != nullptr && natsConnection_Status(nc_) == NATS_CONN_STATUS_CONNECTED,
-          disconnects_.load(std::memory_order_relaxed), reconnects_.load(std::memory_order_relaxed)};
+          disconnects_.load(std::memory_order_relaxed),
+          reconnects_.load(std::memory_order_relaxed)};
 }
 
 absl::StatusOr<nats_stream_info> stream_info(nats_connection& c, const std::string& name) {
@@ -227,17 +239,17 @@ absl::StatusOr<nats_stream_info> stream_info(nats_connection& c, const std::stri
 
 absl::StatusOr<nats_stream_info> ensure_stream(nats_connection& c, const nats_stream_options& o) {
   if (!detail::valid_nats_name(o.name)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "nats_stream_options.name '", o.name, "' must be 1-255 letters, digits, '-' or '_'"));
+    return absl::InvalidArgumentError(absl::StrCat("nats_stream_options.name '", o.name,
+                                                   "' must be 1-255 letters, digits, '-' or '_'"));
   }
   if (o.subjects.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat("nats_stream_options.subjects of stream '", o.name, "' is empty"));
   }
   if (o.duplicate_window.count() < 0 || o.max_age.count() < 0 || o.replicas < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "nats_stream_options of stream '", o.name,
-        "': duplicate_window and max_age must not be negative, replicas at least 1"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("nats_stream_options of stream '", o.name,
+                     "': duplicate_window and max_age must not be negative, replicas at least 1"));
   }
   std::vector<const char*> subjects;
   for (const std::string& s : o.subjects) {
@@ -276,9 +288,11 @@ absl::StatusOr<nats_stream_info> ensure_stream(nats_connection& c, const nats_st
     return existing;
   }
   if (s != NATS_OK) {
-    absl::Status st = detail::from_nats(s, absl::StrCat("nats: ", what, " stream '", o.name, "'"), jerr);
+    absl::Status st =
+        detail::from_nats(s, absl::StrCat("nats: ", what, " stream '", o.name, "'"), jerr);
     // A refusal by the server is not a missing stream, whatever its code says.
-    if (st.code() == absl::StatusCode::kNotFound) return absl::FailedPreconditionError(st.message());
+    if (st.code() == absl::StatusCode::kNotFound)
+      return absl::FailedPreconditionError(st.message());
     return st;
   }
   nats_stream_info out = detail::to_info(si);

@@ -44,7 +44,7 @@ struct nats_connection_options {
   std::chrono::milliseconds reconnect_wait{100};     // between attempts to the same server
   int reconnect_buffer_bytes = 8 << 20;  // publishes buffered while disconnected; beyond, a
                                          // publish fails (kUnavailable) and is retried later
-  bool retry_initial_connect = false;  // connect() returns at once and connects in background
+  bool retry_initial_connect = false;    // connect() returns at once and connects in background
 };
 
 // Returns OK or kInvalidArgument naming the bad option.
@@ -97,8 +97,8 @@ enum class nats_storage { file, memory };
 
 // A JetStream stream that sinks publish into and ingresses consume from.
 struct nats_stream_options {
-  std::string name{};                                 // letters, digits, '-' and '_'
-  std::vector<std::string> subjects{};                // e.g. {"orders.>"}
+  std::string name{};                                   // letters, digits, '-' and '_'
+  std::vector<std::string> subjects{};                  // e.g. {"orders.>"}
   std::chrono::milliseconds duplicate_window{120'000};  // publishes with a Nats-Msg-Id seen within
                                                         // it are stored once
   nats_storage storage = nats_storage::file;

@@ -31,7 +31,8 @@ std::int64_t now_us() {
 path checked_dead_letters(const nats_ingress_options& o, const path& outbox) {
   absl::StatusOr<path> p = path::parse(o.dead_letter_path);
   if (!p.ok()) {
-    throw std::invalid_argument(annotate(p.status(), "nats_ingress_options.dead_letter_path").ToString());
+    throw std::invalid_argument(
+        annotate(p.status(), "nats_ingress_options.dead_letter_path").ToString());
   }
   if (p->overlaps(outbox)) {
     throw std::invalid_argument(absl::StrCat("nats_ingress_options.dead_letter_path '", p->str(),
@@ -76,7 +77,8 @@ absl::StatusOr<outbox_message> decode(natsMsg* msg, const std::string& stream, s
   m.key = header(msg, detail::header_key);
   if (const std::string v = header(msg, detail::header_version); !v.empty()) {
     if (!absl::SimpleAtoi(v, &m.version)) {
-      return absl::InvalidArgumentError(absl::StrCat("header Pop-Version '", v, "' is not a number"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("header Pop-Version '", v, "' is not a number"));
     }
   }
   if (const std::string v = header(msg, detail::header_created); !v.empty()) {
@@ -125,16 +127,17 @@ absl::StatusOr<std::unique_ptr<nats_ingress>> nats_ingress::create(engine& e, in
                                                                    nats_connection& c,
                                                                    nats_ingress_options o) {
   if (!detail::valid_nats_name(o.stream)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "nats_ingress_options.stream '", o.stream, "' must be 1-255 letters, digits, '-' or '_'"));
+    return absl::InvalidArgumentError(absl::StrCat("nats_ingress_options.stream '", o.stream,
+                                                   "' must be 1-255 letters, digits, '-' or '_'"));
   }
   if (!detail::valid_nats_name(o.durable) || !validate_segment(o.durable).ok()) {
     return absl::InvalidArgumentError(absl::StrCat("nats_ingress_options.durable '", o.durable,
                                                    "' must be 1-128 letters, digits, '-' or '_'"));
   }
   if (o.handler.empty() && o.routes.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "nats_ingress for stream '", o.stream, "': give a handler or routes (inbox handler names)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("nats_ingress for stream '", o.stream,
+                     "': give a handler or routes (inbox handler names)"));
   }
   if (o.batch < 1 || o.max_ack_pending < 1 || o.ack_wait.count() < 1 || o.fetch_wait.count() < 1 ||
       o.retry_initial.count() < 1 || o.retry_max < o.retry_initial) {
@@ -145,8 +148,8 @@ absl::StatusOr<std::unique_ptr<nats_ingress>> nats_ingress::create(engine& e, in
   }
   for (const auto& [topic, handler] : o.routes) {
     if (topic.empty() || handler.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "nats_ingress for stream '", o.stream, "': a route needs a topic and a handler"));
+      return absl::InvalidArgumentError(absl::StrCat("nats_ingress for stream '", o.stream,
+                                                     "': a route needs a topic and a handler"));
     }
   }
   std::unique_ptr<nats_ingress> in_ptr;
@@ -184,7 +187,8 @@ absl::StatusOr<std::unique_ptr<nats_ingress>> nats_ingress::create(engine& e, in
   if (s != NATS_OK) {
     absl::Status st = detail::from_nats(s, absl::StrCat(where, ": creating the consumer"), jerr);
     if (jerr == JSStreamNotFoundErr) return st;
-    if (st.code() == absl::StatusCode::kNotFound) return absl::FailedPreconditionError(st.message());
+    if (st.code() == absl::StatusCode::kNotFound)
+      return absl::FailedPreconditionError(st.message());
     return st;
   }
   const bool unacked = ci->NumAckPending > 0;
@@ -324,7 +328,8 @@ absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
   if (hold_until_ != std::chrono::steady_clock::time_point{}) {
     const auto now = std::chrono::steady_clock::now();
     if (now < hold_until_) {
-      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(hold_until_ - now, wait));
+      std::this_thread::sleep_for(
+          std::min<std::chrono::steady_clock::duration>(hold_until_ - now, wait));
       if (std::chrono::steady_clock::now() < hold_until_) return 0;
     }
     hold_until_ = {};
@@ -335,9 +340,10 @@ absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
                                               std::max<std::int64_t>(1, wait.count()), &jerr);
   if (s == NATS_TIMEOUT) return 0;
   if (s != NATS_OK) {
-    absl::Status st = detail::from_nats(
-        s, absl::StrCat("nats_ingress '", options_.durable, "': fetching from '", options_.stream, "'"),
-        jerr);
+    absl::Status st = detail::from_nats(s,
+                                        absl::StrCat("nats_ingress '", options_.durable,
+                                                     "': fetching from '", options_.stream, "'"),
+                                        jerr);
     return absl::UnavailableError(st.message());
   }
   counters_->fetched.fetch_add(static_cast<std::uint64_t>(list.Count), std::memory_order_relaxed);

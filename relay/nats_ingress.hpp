@@ -31,13 +31,13 @@ struct nats_ingress_options {
   // else `handler`. A message matching neither is dead-lettered.
   std::string handler{};
   std::map<std::string, std::string> routes{};
-  int batch = 256;                                // most messages one fetch asks for
-  std::chrono::milliseconds fetch_wait{200};      // how long an empty fetch waits in run()
-  std::chrono::milliseconds ack_wait{10'000};     // the server redelivers an unacked message then
-  int max_ack_pending = 4'096;                    // the server sends no more while this many are
-                                                  // unacknowledged: the ingress's backpressure
-  std::chrono::milliseconds retry_initial{1};     // first wait after a retryable engine error,
-  std::chrono::milliseconds retry_max{200};       // doubled per retry up to this
+  int batch = 256;                             // most messages one fetch asks for
+  std::chrono::milliseconds fetch_wait{200};   // how long an empty fetch waits in run()
+  std::chrono::milliseconds ack_wait{10'000};  // the server redelivers an unacked message then
+  int max_ack_pending = 4'096;                 // the server sends no more while this many are
+                                               // unacknowledged: the ingress's backpressure
+  std::chrono::milliseconds retry_initial{1};  // first wait after a retryable engine error,
+  std::chrono::milliseconds retry_max{200};    // doubled per retry up to this
   std::string dead_letter_path = "system.ingress_dead_letters";  // messages that cannot apply
   // After a restart, wait up to ack_wait for messages the previous run fetched but did not
   // acknowledge, so they are applied before newer ones (per-key order across a crash).

@@ -24,7 +24,8 @@ namespace pop {
 // One publish awaiting its acknowledgement. Touched only on `timer`'s executor (the relay's
 // strand), except for being found and removed from pending_ under mu_.
 struct nats_sink::pending {
-  explicit pending(asio::any_io_executor ex) : timer(std::move(ex), asio::steady_timer::time_point::max()) {}
+  explicit pending(asio::any_io_executor ex)
+      : timer(std::move(ex), asio::steady_timer::time_point::max()) {}
   asio::steady_timer timer;
   absl::Status status{};
   bool done = false;
@@ -45,7 +46,8 @@ bool valid_header_value(std::string_view value) {
 }
 
 bool valid_subject(std::string_view s) {
-  if (s.empty() || s.front() == '.' || s.back() == '.' || absl::StrContains(detail::to_absl(s), "..")) {
+  if (s.empty() || s.front() == '.' || s.back() == '.' ||
+      absl::StrContains(detail::to_absl(s), "..")) {
     return false;
   }
   for (const char c : s) {
@@ -70,15 +72,15 @@ absl::StatusOr<std::unique_ptr<nats_sink>> nats_sink::create(nats_connection& c,
                                      "' (the producing engine's name, required)"));
   }
   if (!opts.subject_for && !opts.subject_prefix.empty() &&
-      (opts.subject_prefix.back() != '.' || !valid_subject(opts.subject_prefix.substr(
-                                                 0, opts.subject_prefix.size() - 1)))) {
+      (opts.subject_prefix.back() != '.' ||
+       !valid_subject(opts.subject_prefix.substr(0, opts.subject_prefix.size() - 1)))) {
     return absl::InvalidArgumentError(
         absl::StrCat("nats_sink_options.subject_prefix '", opts.subject_prefix,
                      "' must be subject tokens ending in '.', such as \"orders.\""));
   }
   if (!opts.expect_stream.empty() && !detail::valid_nats_name(opts.expect_stream)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("nats_sink_options.expect_stream '", opts.expect_stream, "' is not a stream name"));
+    return absl::InvalidArgumentError(absl::StrCat("nats_sink_options.expect_stream '",
+                                                   opts.expect_stream, "' is not a stream name"));
   }
   if (opts.ack_timeout.count() <= 0 || opts.max_pending_acks <= 0) {
     return absl::InvalidArgumentError(
@@ -170,9 +172,9 @@ void nats_sink::on_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, voi
 asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
   const std::string subj = subject(m);
   if (!valid_subject(subj)) {
-    co_return permanent_failure(absl::InvalidArgumentError(absl::StrCat(
-        "nats_sink: message ", m.id, " (topic '", m.topic, "') maps to subject '", subj,
-        "', which NATS cannot publish to")));
+    co_return permanent_failure(absl::InvalidArgumentError(
+        absl::StrCat("nats_sink: message ", m.id, " (topic '", m.topic, "') maps to subject '",
+                     subj, "', which NATS cannot publish to")));
   }
   for (const auto& [name, value] : m.headers) {
     if (!valid_header_name(name) || !valid_header_value(value) ||
@@ -186,9 +188,9 @@ asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
   const std::string data = m.payload.dump();
   natsMsg* raw = nullptr;
   const std::string where = absl::StrCat("nats_sink: message ", m.id, " to '", subj, "'");
-  if (absl::Status st = detail::from_nats(natsMsg_Create(&raw, subj.c_str(), nullptr, data.data(),
-                                                         static_cast<int>(data.size())),
-                                          where);
+  if (absl::Status st = detail::from_nats(
+          natsMsg_Create(&raw, subj.c_str(), nullptr, data.data(), static_cast<int>(data.size())),
+          where);
       !st.ok()) {
     co_return st;
   }

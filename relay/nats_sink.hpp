@@ -99,7 +99,7 @@ class nats_sink final : public sink {
   jsCtx* js_ = nullptr;
   mutable std::mutex mu_;
   absl::flat_hash_map<natsMsg*, std::shared_ptr<pending>> pending_;  // guarded by mu_
-  bool closed_ = false;                                               // guarded by mu_
+  bool closed_ = false;                                              // guarded by mu_
   std::atomic<std::uint64_t> published_{0}, acked_{0}, duplicates_{0}, failed_{0}, abandoned_{0};
 };
 

@@ -2,9 +2,14 @@
 // (a free port, its store in a temporary directory, stopped by PID). Nothing about NATS is mocked.
 #include <nats/nats.h>
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <map>
+#include <random>
 #include <thread>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -52,19 +57,22 @@ std::uint64_t stored(pop::nats_connection& c, const std::string& name = "EVENTS"
 std::unique_ptr<pop::engine> producer(pop::options o = {}) {
   auto e = pop::engine::open(std::move(o));
   REQUIRE(e.ok());
-  REQUIRE((*e)->register_process(
-                  {.name = "emit", .inputs = {}, .outputs = {"domain.sent"}, .emits = {"evt.created"}},
-                  [](const pop::context&, const json& args) -> absl::StatusOr<pop::result> {
-                    pop::result r;
-                    const int from = args.value("from", 0);
-                    for (int i = 0; i < args.at("n").get<int>(); ++i) {
-                      r.emit("evt.created", {{"key", args.at("key")}, {"seq", from + i}},
-                             args.at("key").get<std::string>(), {{"trace", "t-" + std::to_string(from + i)}});
-                    }
-                    r.set("domain.sent." + args.at("key").get<std::string>(), from + args.at("n").get<int>());
-                    return r;
-                  })
-              .ok());
+  REQUIRE(
+      (*e)->register_process(
+              {.name = "emit", .inputs = {}, .outputs = {"domain.sent"}, .emits = {"evt.created"}},
+              [](const pop::context&, const json& args) -> absl::StatusOr<pop::result> {
+                pop::result r;
+                const int from = args.value("from", 0);
+                for (int i = 0; i < args.at("n").get<int>(); ++i) {
+                  r.emit("evt.created", {{"key", args.at("key")}, {"seq", from + i}},
+                         args.at("key").get<std::string>(),
+                         {{"trace", "t-" + std::to_string(from + i)}});
+                }
+                r.set("domain.sent." + args.at("key").get<std::string>(),
+                      from + args.at("n").get<int>());
+                return r;
+              })
+          .ok());
   return *std::move(e);
 }
 
@@ -76,19 +84,20 @@ struct consumer {
     REQUIRE(opened.ok());
     e = *std::move(opened);
     in = std::make_unique<pop::inbox>(*e, pop::inbox_options{.path = "system.inbox.nats"});
-    REQUIRE(in->register_handler(
-                  {.name = "apply_event", .inputs = {"domain.got", "domain.count"},
-                   .outputs = {"domain.got", "domain.count"}},
-                  [](const pop::context& ctx, const pop::outbox_message& m) -> absl::StatusOr<pop::result> {
-                    const std::string key = m.payload.at("key");
-                    json got = ctx.get_or<json>("domain.got." + key, json::array());
-                    got.push_back(m.payload.at("seq"));
-                    const int count = ctx.get_or<int>("domain.count." + m.id, 0);
-                    pop::result r;
-                    r.set("domain.got." + key, got);
-                    r.set("domain.count." + m.id, count + 1);
-                    return r;
-                  })
+    REQUIRE(in->register_handler({.name = "apply_event",
+                                  .inputs = {"domain.got", "domain.count"},
+                                  .outputs = {"domain.got", "domain.count"}},
+                                 [](const pop::context& ctx,
+                                    const pop::outbox_message& m) -> absl::StatusOr<pop::result> {
+                                   const std::string key = m.payload.at("key");
+                                   json got = ctx.get_or<json>("domain.got." + key, json::array());
+                                   got.push_back(m.payload.at("seq"));
+                                   const int count = ctx.get_or<int>("domain.count." + m.id, 0);
+                                   pop::result r;
+                                   r.set("domain.got." + key, got);
+                                   r.set("domain.count." + m.id, count + 1);
+                                   return r;
+                                 })
                 .ok());
   }
   json got(const std::string& key) const {
@@ -131,8 +140,10 @@ void poll_until(pop::nats_ingress& in, Pred done) {
 
 }  // namespace
 
-TEST_CASE("relayed messages are stored in JetStream with their id, key and headers and applied once by the ingress",
-          "[nats]") {
+TEST_CASE(
+    "relayed messages are stored in JetStream with their id, key and headers and applied once by "
+    "the ingress",
+    "[nats]") {
   pop::test::nats_server server;
   auto nc = connect_to(server);
   make_stream(*nc);
@@ -175,8 +186,9 @@ TEST_CASE("relayed messages are stored in JetStream with their id, key and heade
   CHECK(in->stats().end_to_end.count == 8);
 }
 
-TEST_CASE("duplicate publishes of one message id store one message; other sources' equal ids are kept",
-          "[nats]") {
+TEST_CASE(
+    "duplicate publishes of one message id store one message; other sources' equal ids are kept",
+    "[nats]") {
   pop::test::nats_server server;
   auto nc = connect_to(server);
   make_stream(*nc);
@@ -244,8 +256,8 @@ TEST_CASE("bad options are refused with errors naming them", "[nats]") {
   CHECK(pop::ensure_stream(*nc, {.name = "S", .subjects = {}}).status().code() ==
         absl::StatusCode::kInvalidArgument);
   consumer c;
-  auto no_stream = pop::nats_ingress::create(*c.e, *c.in, *nc,
-                                             {.stream = "NOPE", .durable = "d", .handler = "apply_event"});
+  auto no_stream = pop::nats_ingress::create(
+      *c.e, *c.in, *nc, {.stream = "NOPE", .durable = "d", .handler = "apply_event"});
   CHECK(no_stream.status().code() == absl::StatusCode::kNotFound);
   CHECK(std::string(no_stream.status().message()).find("NOPE") != std::string::npos);
   make_stream(*nc);
@@ -257,7 +269,9 @@ TEST_CASE("bad options are refused with errors naming them", "[nats]") {
             .status()
             .code() == absl::StatusCode::kInvalidArgument);
   CHECK(pop::nats_ingress::create(*c.e, *c.in, *nc,
-                                  {.stream = "EVENTS", .durable = "d", .handler = "apply_event",
+                                  {.stream = "EVENTS",
+                                   .durable = "d",
+                                   .handler = "apply_event",
                                    .dead_letter_path = "domain.outbox_queue.x"})
             .status()
             .code() == absl::StatusCode::kInvalidArgument);
@@ -275,7 +289,8 @@ TEST_CASE("bad options are refused with errors naming them", "[nats]") {
 TEST_CASE("stream creation is idempotent and updates the duplicate window", "[nats]") {
   pop::test::nats_server server;
   auto nc = connect_to(server);
-  pop::nats_stream_options so{.name = "EVENTS", .subjects = {"evt.>"},
+  pop::nats_stream_options so{.name = "EVENTS",
+                              .subjects = {"evt.>"},
                               .duplicate_window = std::chrono::milliseconds(60'000)};
   auto first = pop::ensure_stream(*nc, so);
   REQUIRE(first.ok());
@@ -294,7 +309,8 @@ TEST_CASE("redelivered and re-published messages change the consuming state once
   pop::test::nats_server server;
   auto nc = connect_to(server);
   // A short duplicate window: re-publishes after it are stored again, and the inbox absorbs them.
-  REQUIRE(pop::ensure_stream(*nc, {.name = "EVENTS", .subjects = {"evt.>"},
+  REQUIRE(pop::ensure_stream(*nc, {.name = "EVENTS",
+                                   .subjects = {"evt.>"},
                                    .duplicate_window = std::chrono::milliseconds(100)})
               .ok());
   auto sink = pop::nats_sink::create(*nc, {.source = "orders"});
@@ -321,8 +337,9 @@ TEST_CASE("redelivered and re-published messages change the consuming state once
   CHECK(c.e->snapshot().read("domain.count.orders-" + m.id).value() == 1);
 }
 
-TEST_CASE("a message that cannot be applied is dead-lettered with its reason and later ones still apply",
-          "[nats]") {
+TEST_CASE(
+    "a message that cannot be applied is dead-lettered with its reason and later ones still apply",
+    "[nats]") {
   pop::test::nats_server server;
   auto nc = connect_to(server);
   make_stream(*nc);
@@ -371,13 +388,14 @@ TEST_CASE("engine backpressure slows the ingress instead of dropping messages", 
   auto e = pop::engine::open(o);
   REQUIRE(e.ok());
   pop::inbox inbox(**e);
-  REQUIRE(inbox.register_handler({.name = "forward", .outputs = {"domain.n"}, .emits = {"fwd"}},
-                                 [](const pop::context&, const pop::outbox_message& m)
-                                     -> absl::StatusOr<pop::result> {
-                                   pop::result r;
-                                   r.emit("fwd", m.payload, m.key);
-                                   return r;
-                                 })
+  REQUIRE(inbox
+              .register_handler({.name = "forward", .outputs = {"domain.n"}, .emits = {"fwd"}},
+                                [](const pop::context&,
+                                   const pop::outbox_message& m) -> absl::StatusOr<pop::result> {
+                                  pop::result r;
+                                  r.emit("fwd", m.payload, m.key);
+                                  return r;
+                                })
               .ok());
   auto in = pop::nats_ingress::create(**e, inbox, *nc,
                                       {.stream = "EVENTS", .durable = "fwd", .handler = "forward"});
@@ -404,7 +422,8 @@ TEST_CASE("engine backpressure slows the ingress instead of dropping messages", 
               .ok());
   pop::relay relay(**e, router);
   asio::io_context io;
-  while (forwarded.size() < 40 && std::chrono::steady_clock::now() < deadline + std::chrono::seconds(20)) {
+  while (forwarded.size() < 40 &&
+         std::chrono::steady_clock::now() < deadline + std::chrono::seconds(20)) {
     REQUIRE(run_on(io, relay.drain()).ok());
   }
   REQUIRE((*in)->stop().ok());
@@ -413,7 +432,8 @@ TEST_CASE("engine backpressure slows the ingress instead of dropping messages", 
   CHECK((*in)->stats().dead_lettered == 0);
 }
 
-TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-key order", "[nats]") {
+TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-key order",
+          "[nats]") {
   pop::test::nats_server server;
   auto nc = connect_to(server);
   make_stream(*nc);
@@ -421,28 +441,32 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
   pop::options po;
   po.journal = dir.file("producer.db");
   auto p = producer(po);
-  auto sink = pop::nats_sink::create(*nc, {.source = "orders", .ack_timeout = std::chrono::milliseconds(500)});
+  auto sink = pop::nats_sink::create(
+      *nc, {.source = "orders", .ack_timeout = std::chrono::milliseconds(500)});
   REQUIRE(sink.ok());
   consumer c;
   auto in = ingress_for(c, *nc);
   REQUIRE(in->start().ok());
 
   constexpr int keys = 8, rounds = 60, per_round = 5;
-  pop::relay relay(*p, **sink, {.publish_timeout = std::chrono::milliseconds(1'000),
-                                .max_attempts = 1'000,
-                                .initial_backoff = std::chrono::milliseconds(20),
-                                .max_backoff = std::chrono::milliseconds(200)});
+  pop::relay relay(*p, **sink,
+                   {.publish_timeout = std::chrono::milliseconds(1'000),
+                    .max_attempts = 1'000,
+                    .initial_backoff = std::chrono::milliseconds(20),
+                    .max_backoff = std::chrono::milliseconds(200)});
   asio::io_context io;
   asio::cancellation_signal stop;
   absl::Status relay_status;
   asio::co_spawn(io, relay.run(),
-                 asio::bind_cancellation_slot(stop.slot(), [&](std::exception_ptr, absl::Status s) {
-                   relay_status = s;
-                 }));
+                 asio::bind_cancellation_slot(
+                     stop.slot(), [&](std::exception_ptr, absl::Status s) { relay_status = s; }));
   std::thread io_thread([&] { io.run(); });
   for (int r = 0; r < rounds; ++r) {
     for (int k = 0; k < keys; ++k) {
-      REQUIRE(p->execute("emit", {{"key", "k" + std::to_string(k)}, {"n", per_round}, {"from", r * per_round}}).ok());
+      REQUIRE(
+          p->execute("emit",
+                     {{"key", "k" + std::to_string(k)}, {"n", per_round}, {"from", r * per_round}})
+              .ok());
     }
     if (r == rounds / 3 || r == 2 * rounds / 3) {
       // Two broker restarts while messages are in flight and unacknowledged; the run goes on once
@@ -477,4 +501,80 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
     CHECK(c.got("k" + std::to_string(k)) == expected);  // each once, in commit order
   }
   CHECK(p->snapshot().pending_count() == 0);
+}
+
+TEST_CASE(
+    "a consumer killed with kill -9 and restarted applies every message exactly once, in order per "
+    "key",
+    "[nats][crash]") {
+  pop::test::nats_server server;
+  auto nc = connect_to(server);
+  make_stream(*nc);
+  constexpr int keys = 8, per_key = 1000;
+  {
+    auto p = producer();
+    for (int k = 0; k < keys; ++k) {
+      for (int from = 0; from < per_key; from += 50) {
+        REQUIRE(
+            p->execute("emit", {{"key", "k" + std::to_string(k)}, {"n", 50}, {"from", from}}).ok());
+      }
+    }
+    auto sink = pop::nats_sink::create(*nc, {.source = "orders"});
+    REQUIRE(sink.ok());
+    pop::relay relay(*p, **sink);
+    asio::io_context io;
+    REQUIRE(run_on(io, relay.drain()).ok());
+  }
+  REQUIRE(stored(*nc) == keys * per_key);
+
+  pop::test::temp_dir dir;
+  const std::string journal = dir.file("consumer.db");
+  const std::string expected = std::to_string(keys * per_key);
+  const auto spawn = [&] {
+    const pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      execl(POP_NATS_INGRESS_CHILD, POP_NATS_INGRESS_CHILD, server.url().c_str(), journal.c_str(),
+            expected.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    return pid;
+  };
+  const std::uint64_t seed = std::random_device{}();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  int kills = 0;
+  for (int round = 0; round < 8; ++round) {
+    const pid_t child = spawn();
+    // Past the child's start and its wait for redeliveries (ack_wait 500 ms), while it applies.
+    std::this_thread::sleep_for(std::chrono::milliseconds(550 + rng() % 600));
+    REQUIRE(::kill(child, SIGKILL) == 0);
+    int status = 0;
+    REQUIRE(::waitpid(child, &status, 0) == child);
+    if (WIFSIGNALED(status)) {
+      ++kills;
+    } else {
+      REQUIRE((WIFEXITED(status) && WEXITSTATUS(status) == 0));  // finished before the kill
+      break;
+    }
+  }
+  // The last run goes to the end.
+  const pid_t child = spawn();
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  REQUIRE((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+  CHECK(kills > 0);
+
+  auto e = pop::engine::open(pop::options{.journal = journal});
+  REQUIRE(e.ok());
+  const json counts = (*e)->snapshot().read("domain.count").value();
+  CHECK(counts.size() == static_cast<std::size_t>(keys * per_key));
+  std::size_t more_than_once = 0;
+  for (const auto& [id, n] : counts.items()) more_than_once += n.get<int>() != 1 ? 1 : 0;
+  CHECK(more_than_once == 0);
+  for (int k = 0; k < keys; ++k) {
+    json expected_seqs = json::array();
+    for (int i = 0; i < per_key; ++i) expected_seqs.push_back(i);
+    CHECK((*e)->snapshot().read("domain.got.k" + std::to_string(k)).value() == expected_seqs);
+  }
 }

@@ -13,7 +13,8 @@ namespace pop::detail {
 // `what` failed with libnats status `s` (and JetStream error `js_err`, if any): kUnavailable for
 // connection and timeout problems, kNotFound for missing streams and consumers, kInvalidArgument
 // for bad arguments, kFailedPrecondition for other refusals. The message carries libnats' text.
-absl::Status from_nats(natsStatus s, std::string_view what, jsErrCode js_err = static_cast<jsErrCode>(0));
+absl::Status from_nats(natsStatus s, std::string_view what,
+                       jsErrCode js_err = static_cast<jsErrCode>(0));
 
 // True if `name` is a valid stream or consumer name: 1-255 letters, digits, '-' or '_'.
 bool valid_nats_name(std::string_view name);
