@@ -494,6 +494,12 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
     t.history(step_name, "ok");
     if (!step->compensate.empty()) t.rec()["done"].push_back(step_name);
     t.go(step->next);
+    // A wait right after a step that emits its request is entered in the same commit: the
+    // reply cannot arrive (through the relay, which publishes only committed messages) before
+    // the instance waits for it.
+    if (const workflow_step* n = d->step(step->next); n != nullptr && !n->wait.empty()) {
+      self->run_control_step(t, *d, *n);
+    }
     t.save();
     return out;
   };

@@ -286,6 +286,32 @@ TEST_CASE("a wait step resumes on its message once, and times out otherwise", "[
   CHECK(wf.inspect("p2").value().status == "failed");
 }
 
+TEST_CASE("a reply cannot overtake its wait: the step before a wait enters it in the same commit",
+          "[workflow]") {
+  pop::engine e;
+  pop::workflows wf(e);
+  register_steps(wf);
+  pop::inbox in(e);
+  REQUIRE(pop::register_workflow_resume(in, wf).ok());
+  REQUIRE(wf.define(parse({{"name", "ask"},
+                           {"start", "request"},
+                           {"steps",
+                            {{"request", {{"process", "append"}, {"next", "await"}}},
+                             {"await", {{"wait", {{"answer", "done"}}}, {"key", "order"}}},
+                             {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(wf.start("ask", "a1", {{"order", "o-1"}, {"tag", "asked"}}).ok());
+  // One step: the request's commit parks the instance at the wait. Before this was so, an answer
+  // applied between the two commits found no waiting instance and was absorbed: the instance then
+  // waited forever (seen with the payment service across NATS).
+  REQUIRE(wf.advance("a1").value());
+  CHECK(wf.inspect("a1").value().status == "waiting");
+  CHECK(wf.runnable().empty());
+  CHECK(in.apply("workflow.resume", message("r1", "answer", "o-1")).value().applied);
+  run_all(wf);
+  CHECK(wf.inspect("a1").value().status == "completed");
+}
+
 TEST_CASE("a sub-workflow runs as a child and its outcome moves the parent", "[workflow]") {
   pop::engine e;
   pop::workflows wf(e);
@@ -393,14 +419,13 @@ TEST_CASE("instances resume after reopening the journal at every kind of step",
   open([&](pop::engine&, pop::workflows& wf, pop::inbox&) {
     REQUIRE(wf.start("long", "r1", {{"k", "k1"}, {"tag", "1"}}).ok());  // at a process step
     REQUIRE(wf.start("long", "r2", {{"k", "k2"}, {"tag", "2"}}).ok());
-    REQUIRE(wf.advance("r2").value());  // r2 at the wait step, not yet parked
+    REQUIRE(wf.advance("r2").value());  // r2 waiting: a step enters the wait after it at once
     REQUIRE(wf.start("long", "r3", {{"k", "k3"}, {"tag", "3"}}).ok());
-    REQUIRE(wf.advance("r3").value());
     REQUIRE(wf.advance("r3").value());  // r3 waiting
   });
   open([&](pop::engine& e, pop::workflows& wf, pop::inbox& in) {
     CHECK(wf.inspect("r1").value().cursor == "a");
-    CHECK(wf.inspect("r2").value().status == "running");
+    CHECK(wf.inspect("r2").value().status == "waiting");
     CHECK(wf.inspect("r3").value().status == "waiting");
     run_all(wf);
     CHECK(wf.inspect("r1").value().status == "waiting");

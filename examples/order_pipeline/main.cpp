@@ -3,6 +3,9 @@
 // service consumes payment.requested from the relay and answers through the inbox, with declines,
 // latency, duplicates and reordering. Journaled by default: kill it and start it again on the same
 // journal and it finishes the same orders. Checks its invariants at the end; exits 1 if one fails.
+// With --broker, the payment service is another process (payments_service, its own engine and
+// journal) and the two talk only through NATS JetStream: payment.requested goes out through a
+// nats_sink, the answers come back through a nats_ingress into the inbox.
 #include <fmt/core.h>
 #include <CLI/CLI.hpp>
 
@@ -31,6 +34,8 @@
 #include "relay/dead_letters.hpp"
 #include "relay/inbox.hpp"
 #include "relay/jsonl_sink.hpp"
+#include "relay/nats_ingress.hpp"
+#include "relay/nats_sink.hpp"
 #include "relay/relay.hpp"
 #include "relay/topic_router.hpp"
 #include "relay/workflow_runner.hpp"
@@ -52,6 +57,8 @@ struct settings {
   std::string sink = "order_pipeline.events.jsonl";  // a file, "-" for stdout, "none"
   std::string workflow_file = POP_ORDER_WORKFLOW_FILE;
   bool progress = true;
+  std::string broker{};             // NATS URL: payments run in payments_service, across JetStream
+  int payment_timeout_ms = 60'000;  // with a broker: how long an order waits for its payment
 };
 
 std::int64_t now_us() {
@@ -236,6 +243,11 @@ int main(int argc, char** argv) {
   app.add_option("--seed", s.seed, "seed of orders, declines and latencies");
   app.add_option("--sink", s.sink, "events: a JSON-lines file, '-' for stdout, 'none'");
   app.add_option("--workflow", s.workflow_file, "the order workflow definition (JSON)");
+  app.add_option("--broker", s.broker,
+                 "NATS URL: talk to payments_service through JetStream instead of simulating it");
+  app.add_option("--payment-timeout-ms", s.payment_timeout_ms,
+                 "with --broker: how long an order waits for its payment")
+      ->check(CLI::Range(1, 3'600'000));
   bool quiet = false;
   app.add_flag("-q,--quiet", quiet, "no progress bar");
   CLI11_PARSE(app, argc, argv);
@@ -259,8 +271,22 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (absl::Status st = wf.define_from_file(s.workflow_file); !st.ok()) {
-    std::cerr << "order_pipeline: " << st << "\n";
+  absl::Status defined;
+  if (s.broker.empty()) {
+    defined = wf.define_from_file(s.workflow_file);
+  } else {
+    // Across processes the payment service may be restarting (its consumer first waits out the
+    // redelivery of what it had fetched): give it longer before an order counts as declined.
+    std::ifstream in(s.workflow_file);
+    json def = json::parse(in, nullptr, false);
+    if (def.is_object() && def.contains("steps") && def["steps"].contains("await_payment")) {
+      def["steps"]["await_payment"]["timeout_ms"] = s.payment_timeout_ms;
+    }
+    absl::StatusOr<pop::workflow_definition> d = pop::workflow_definition::from_json(def);
+    defined = d.ok() ? wf.define(*std::move(d)) : d.status();
+  }
+  if (!defined.ok()) {
+    std::cerr << "order_pipeline: " << defined << "\n";
     return 2;
   }
   pop::inbox payments_inbox(e, {.path = "system.inbox.payments", .retention = 1'000'000});
@@ -290,10 +316,50 @@ int main(int argc, char** argv) {
     if (!router.on(topic, [&](const pop::outbox_message& m) { return events.deliver(m); }).ok())
       return 2;
   }
-  if (!router
-           .on("payment.requested",
-               [&](const pop::outbox_message& m) { return payments.on_request(m); })
-           .ok()) {
+  // Across machines: payment requests leave through JetStream, the answers come back through it.
+  std::unique_ptr<pop::nats_connection> nats;
+  std::unique_ptr<pop::nats_sink> to_payments;
+  std::unique_ptr<pop::nats_ingress> from_payments;
+  if (!s.broker.empty()) {
+    pop::nats_connection_options co;
+    co.servers = {s.broker};
+    co.name = "order_pipeline";
+    auto c = pop::nats_connection::connect(co);
+    if (!c.ok()) {
+      std::cerr << "order_pipeline: " << c.status() << "\n";
+      return 2;
+    }
+    nats = *std::move(c);
+    for (const auto& [name, subjects] :
+         {std::pair{"ORDERS", "orders.>"}, {"PAYMENTS", "payments.>"}}) {
+      if (auto st = pop::ensure_stream(*nats, {.name = name, .subjects = {subjects}}); !st.ok()) {
+        std::cerr << "order_pipeline: " << st.status() << "\n";
+        return 2;
+      }
+    }
+    auto sink = pop::nats_sink::create(*nats, {.source = "orders", .subject_prefix = "orders."});
+    auto ingress = pop::nats_ingress::create(e, payments_inbox, *nats,
+                                             {.stream = "PAYMENTS",
+                                              .durable = "orders",
+                                              .handler = wf.resume_spec().name,
+                                              .ack_wait = std::chrono::milliseconds(2'000)});
+    if (!sink.ok() || !ingress.ok()) {
+      std::cerr << "order_pipeline: " << (sink.ok() ? ingress.status() : sink.status()) << "\n";
+      return 2;
+    }
+    to_payments = *std::move(sink);
+    from_payments = *std::move(ingress);
+    if (!router
+             .on("payment.requested",
+                 [&](const pop::outbox_message& m) { return to_payments->publish(m); })
+             .ok() ||
+        !from_payments->start().ok()) {
+      return 2;
+    }
+  } else if (!router
+                  .on("payment.requested",
+                      [&](const pop::outbox_message& m) { return payments.on_request(m); })
+                  .ok()) {
     return 2;
   }
 
@@ -382,6 +448,8 @@ int main(int argc, char** argv) {
   };
   asio::post(io, drive);
   io.run();
+  absl::Status ingress_status;
+  if (from_payments) ingress_status = from_payments->stop();
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   if (s.progress) std::fprintf(stderr, "\n");
@@ -397,8 +465,15 @@ int main(int argc, char** argv) {
   fmt::print("{:<32}{:>12}\n", "  cancelled (payment declined)", t.cancelled);
   fmt::print("{:<32}{:>12}\n", "  rejected (out of stock)", t.rejected);
   fmt::print("{:<32}{:>12}\n", "messages relayed (this run)", m.delivered);
-  fmt::print("{:<32}{:>12}\n", "payment requests served", payments.requests());
-  fmt::print("{:<32}{:>12}\n", "duplicates absorbed (inbox)", payments.duplicates());
+  if (from_payments) {
+    const pop::nats_ingress_stats is = from_payments->stats();
+    fmt::print("{:<32}{:>12}\n", "payment requests via JetStream", to_payments->stats().acked);
+    fmt::print("{:<32}{:>12}\n", "payment answers applied", is.applied);
+    fmt::print("{:<32}{:>12}\n", "duplicates absorbed (inbox)", is.duplicates);
+  } else {
+    fmt::print("{:<32}{:>12}\n", "payment requests served", payments.requests());
+    fmt::print("{:<32}{:>12}\n", "duplicates absorbed (inbox)", payments.duplicates());
+  }
   fmt::print("{:<32}{:>12}\n", "dead letters", dead);
   fmt::print("{:<32}{:>12}\n", "workflow steps (this run)", runner.steps());
   fmt::print("{:<32}{:>12.0f}\n", "throughput, orders/s", s.orders / std::max(seconds, 1e-9));
@@ -453,5 +528,9 @@ int main(int argc, char** argv) {
             runner_status.code() == absl::StatusCode::kCancelled,
         "relay and runner stopped cleanly");
   check(finished.load(), "the run finished");
+  if (from_payments) {
+    check(ingress_status.ok() && from_payments->stats().dead_lettered == 0,
+          "every payment answer applied");
+  }
   return ok ? 0 : 1;
 }
