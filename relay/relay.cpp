@@ -230,20 +230,26 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     for (const auto& [id, o] : recorded_) {
       if (o.failed) block(o.key);
     }
+    // When the snapshot is durable, no id can be newer than the durable version: skip parsing.
+    const bool all_durable = snap.version() <= durable;
+    if (key_cache_.size() > 4 * options_.batch_size + 65'536) key_cache_.clear();
     snap.view(snap.outbox_path())
         .for_each_member([&](std::string_view id, const value_view& stored) {
           // (An id claiming a version past the snapshot's was not made by a commit; it is left
           // to the checks below.)
-          if (const auto v = parse_message_id(id);
-              v.ok() && v->first > durable && v->first <= snap.version()) {
-            return false;
+          if (!all_durable) {
+            if (const auto v = parse_message_id(id);
+                v.ok() && v->first > durable && v->first <= snap.version()) {
+              return false;
+            }
           }
-          const std::string id_text(id);
-          if (const auto f = flights_.find(id_text); f != flights_.end()) {
+          // Looked up as a view: most entries are skipped, and need no copy of their id.
+          const absl::string_view id_view = detail::to_absl(id);
+          if (const auto f = flights_.find(id_view); f != flights_.end()) {
             block(f->second->message.key);
             return true;
           }
-          if (const auto o = recorded_.find(id_text); o != recorded_.end()) {
+          if (const auto o = recorded_.find(id_view); o != recorded_.end()) {
             if (o->second.failed) block(o->second.key);
             return true;
           }
@@ -251,16 +257,27 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
               flights_.size() >= options_.max_in_flight) {
             return false;
           }
+          // A message's key never changes while it is queued: remember it, so messages behind a
+          // busy key are skipped without reading them (the scan repeats every round).
           std::string key;
+          if (const auto cached = key_cache_.find(id_view); cached != key_cache_.end()) {
+            key = cached->second;
+          } else {
+            try {
+              if (const value_view k = stored.member("key")) key = k.get<std::string>();
+            } catch (const json::exception&) {
+              // Left to from_json below, which names the bad field.
+            }
+            key_cache_.emplace(std::string(id), key);
+          }
+          if (!key.empty() && blocked_.contains(key)) return true;
           std::int64_t due = 0;
           try {
-            if (const value_view k = stored.member("key")) key = k.get<std::string>();
             if (const value_view d = stored.member("next_attempt_at_us"))
               due = d.get<std::int64_t>();
           } catch (const json::exception&) {
             // Left to from_json below, which names the bad field.
           }
-          if (!key.empty() && blocked_.contains(key)) return true;
           if (due > now) {
             earliest = earliest ? std::min(*earliest, due) : due;
             block(key);
@@ -273,6 +290,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
           } catch (const std::exception&) {
             m = outbox_message::from_json(stored.to_json());  // for the precise error
           }
+          const std::string id_text(id);
           if (!m.ok() || m->id != id_text) {
             json raw = stored.to_json();
             outcome o;
@@ -469,7 +487,10 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       }
       // After 64 lost races the outcomes are dropped: those messages stay queued and are
       // published again (a duplicate, never a loss).
-      for (std::size_t i = 0; i < n; ++i) recorded_.erase(outcomes_[i].id);
+      for (std::size_t i = 0; i < n; ++i) {
+        recorded_.erase(outcomes_[i].id);
+        key_cache_.erase(outcomes_[i].id);
+      }
       outcomes_.erase(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n));
     }
     return absl::OkStatus();
@@ -496,6 +517,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   std::vector<outcome> outcomes_;
   absl::flat_hash_map<std::string, recorded_outcome> recorded_;  // ids in outcomes_
   absl::flat_hash_set<std::string> blocked_;                     // scratch for schedule()
+  absl::flat_hash_map<std::string, std::string> key_cache_;      // queued id -> its key
 };
 
 }  // namespace
