@@ -55,25 +55,26 @@ void fresh_stream(pop::nats_connection& c, const std::string& name, const std::s
 // An engine whose process `emit` emits args.n messages over 256 keys.
 std::unique_ptr<pop::engine> producer(pop::options o = {}) {
   auto e = pop::engine::open(std::move(o)).value();
-  const absl::Status st = e->register_process(
-      {.name = "emit", .outputs = {"domain.sent"}, .emits = {"evt.created"}},
-      [](const pop::context&, const json& args) -> absl::StatusOr<pop::result> {
-        pop::result r;
-        const int from = args.at("from").get<int>();
-        for (int i = 0; i < args.at("n").get<int>(); ++i) {
-          const int seq = from + i;
-          r.emit("evt.created", {{"seq", seq}, {"sku", "A1"}, {"qty", 2}},
-                 "k" + std::to_string(seq % 256));
-        }
-        return r;
-      });
+  const absl::Status st =
+      e->register_process({.name = "emit", .outputs = {"domain.sent"}, .emits = {"evt.created"}},
+                          [](const pop::context&, const json& args) -> absl::StatusOr<pop::result> {
+                            pop::result r;
+                            const int from = args.at("from").get<int>();
+                            for (int i = 0; i < args.at("n").get<int>(); ++i) {
+                              const int seq = from + i;
+                              r.emit("evt.created", {{"seq", seq}, {"sku", "A1"}, {"qty", 2}},
+                                     "k" + std::to_string(seq % 256));
+                            }
+                            return r;
+                          });
   if (!st.ok()) std::abort();
   return e;
 }
 
 void fill(pop::engine& e, int n, int per_commit) {
   for (int from = 0; from < n; from += per_commit) {
-    if (!e.execute("emit", {{"from", from}, {"n", std::min(per_commit, n - from)}}).ok()) std::abort();
+    if (!e.execute("emit", {{"from", from}, {"n", std::min(per_commit, n - from)}}).ok())
+      std::abort();
   }
 }
 
@@ -83,7 +84,8 @@ struct consumer {
   explicit consumer(pop::options o = {}) : e(pop::engine::open(std::move(o)).value()), in(*e) {
     const absl::Status st = in.register_handler(
         {.name = "apply", .inputs = {"domain.n"}, .outputs = {"domain.n"}},
-        [this](const pop::context& ctx, const pop::outbox_message& m) -> absl::StatusOr<pop::result> {
+        [this](const pop::context& ctx,
+               const pop::outbox_message& m) -> absl::StatusOr<pop::result> {
           pop::result r;
           r.set("domain.n." + m.key, ctx.get_or<int>("domain.n." + m.key, 0) + 1);
           std::lock_guard lock(mu);
@@ -102,7 +104,8 @@ void report_latency(benchmark::State& state, std::vector<std::int64_t> us) {
   if (us.empty()) return;
   std::sort(us.begin(), us.end());
   const auto at = [&](double q) {
-    return static_cast<double>(us[std::min(us.size() - 1, static_cast<std::size_t>(q * us.size()))]);
+    return static_cast<double>(
+        us[std::min(us.size() - 1, static_cast<std::size_t>(q * us.size()))]);
   };
   state.counters["p50_us"] = at(0.50);
   state.counters["p99_us"] = at(0.99);
@@ -134,7 +137,8 @@ void BM_relay_to_jetstream(benchmark::State& state) {
     done += n;
     state.counters["clears"] = static_cast<double>(r.metrics().clears);
   }
-  state.counters["msgs_per_s"] = benchmark::Counter(static_cast<double>(done), benchmark::Counter::kIsRate);
+  state.counters["msgs_per_s"] =
+      benchmark::Counter(static_cast<double>(done), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_relay_to_jetstream)->Arg(20'000)->Unit(benchmark::kMillisecond)->UseRealTime();
 
@@ -172,9 +176,14 @@ void BM_jetstream_to_engine(benchmark::State& state) {
     }
     done += n;
   }
-  state.counters["msgs_per_s"] = benchmark::Counter(static_cast<double>(done), benchmark::Counter::kIsRate);
+  state.counters["msgs_per_s"] =
+      benchmark::Counter(static_cast<double>(done), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_jetstream_to_engine)->Args({20'000, 0})->Args({20'000, 1})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_jetstream_to_engine)
+    ->Args({20'000, 0})
+    ->Args({20'000, 1})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 // End to end, two engines: a producer commits `rate` messages/s (0: as fast as it can) while its
 // relay publishes to JetStream and an ingress applies them to the consumer; latency is from the
@@ -193,12 +202,17 @@ void BM_engine_to_engine(benchmark::State& state) {
     auto sink = pop::nats_sink::create(*nc, {.source = "bench"}).value();
     pop::relay r(*p, *sink);
     auto in = pop::nats_ingress::create(*c.e, c.in, *nc,
-                                        {.stream = "BENCH", .durable = "e2e", .handler = "apply",
-                                         .batch = 512, .fetch_wait = std::chrono::milliseconds(20)})
+                                        {.stream = "BENCH",
+                                         .durable = "e2e",
+                                         .handler = "apply",
+                                         .batch = 512,
+                                         .fetch_wait = std::chrono::milliseconds(20)})
                   .value();
     asio::io_context io;
     asio::cancellation_signal stop;
-    asio::co_spawn(io, r.run(), asio::bind_cancellation_slot(stop.slot(), [](std::exception_ptr, absl::Status) {}));
+    asio::co_spawn(
+        io, r.run(),
+        asio::bind_cancellation_slot(stop.slot(), [](std::exception_ptr, absl::Status) {}));
     std::thread io_thread([&] { io.run(); });
     if (!in->start().ok()) std::abort();
     state.ResumeTiming();
@@ -224,7 +238,8 @@ void BM_engine_to_engine(benchmark::State& state) {
     }
     state.ResumeTiming();
   }
-  state.counters["msgs_per_s"] = benchmark::Counter(static_cast<double>(done), benchmark::Counter::kIsRate);
+  state.counters["msgs_per_s"] =
+      benchmark::Counter(static_cast<double>(done), benchmark::Counter::kIsRate);
   report_latency(state, std::move(all_latencies));
 }
 BENCHMARK(BM_engine_to_engine)

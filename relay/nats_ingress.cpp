@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <stdexcept>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -139,12 +140,13 @@ absl::StatusOr<std::unique_ptr<nats_ingress>> nats_ingress::create(engine& e, in
         absl::StrCat("nats_ingress for stream '", o.stream,
                      "': give a handler or routes (inbox handler names)"));
   }
-  if (o.batch < 1 || o.max_ack_pending < 1 || o.ack_wait.count() < 1 || o.fetch_wait.count() < 1 ||
-      o.retry_initial.count() < 1 || o.retry_max < o.retry_initial) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "nats_ingress for stream '", o.stream,
-        "': batch, max_ack_pending, ack_wait, fetch_wait and retry_initial must be positive and "
-        "retry_max at least retry_initial"));
+  if (o.batch < 1 || o.apply_threads < 1 || o.max_ack_pending < 1 || o.ack_wait.count() < 1 ||
+      o.fetch_wait.count() < 1 || o.retry_initial.count() < 1 || o.retry_max < o.retry_initial) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("nats_ingress for stream '", o.stream,
+                     "': batch, apply_threads, max_ack_pending, ack_wait, fetch_wait and "
+                     "retry_initial must be positive and "
+                     "retry_max at least retry_initial"));
   }
   for (const auto& [topic, handler] : o.routes) {
     if (topic.empty() || handler.empty()) {
@@ -347,19 +349,67 @@ absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
     return absl::UnavailableError(st.message());
   }
   counters_->fetched.fetch_add(static_cast<std::uint64_t>(list.Count), std::memory_order_relaxed);
-  std::size_t settled = 0;
-  absl::Status failure;
+  // Lanes: one per key, in stream order within it; messages without a key each alone.
+  std::vector<std::vector<natsMsg*>> lanes;
+  absl::flat_hash_map<std::string, std::size_t> lane_of;
   for (int i = 0; i < list.Count; ++i) {
-    if (stopping_.load()) {
-      failure = absl::CancelledError("nats_ingress: stopped mid-batch; the rest is redelivered");
-      break;
+    const std::string key = header(list.Msgs[i], detail::header_key);
+    if (key.empty()) {
+      lanes.push_back({list.Msgs[i]});
+      continue;
     }
-    failure = handle(list.Msgs[i]);
-    if (!failure.ok()) break;
-    ++settled;
+    const auto [it, fresh] = lane_of.try_emplace(key, lanes.size());
+    if (fresh) lanes.emplace_back();
+    lanes[it->second].push_back(list.Msgs[i]);
   }
+  std::atomic<bool> failed{false};
+  std::atomic<std::size_t> next_lane{0};
+  std::atomic<std::size_t> settled{0};
+  std::mutex failure_mu;
+  absl::Status failure;
+  const auto work = [&] {
+    for (std::size_t l = next_lane.fetch_add(1); l < lanes.size(); l = next_lane.fetch_add(1)) {
+      absl::Status lane_failure;
+      settled.fetch_add(handle_lane(lanes[l], lane_failure, failed));
+      if (!lane_failure.ok()) {
+        std::lock_guard lock(failure_mu);
+        // A fatal error outranks a stop: report the engine's error.
+        if (failure.ok() || failure.code() == absl::StatusCode::kCancelled) failure = lane_failure;
+      }
+    }
+  };
+  const std::size_t helpers =
+      std::min<std::size_t>(lanes.size(),
+                            static_cast<std::size_t>(std::max(1, options_.apply_threads))) -
+      1;
+  std::vector<std::thread> threads;
+  threads.reserve(helpers);
+  for (std::size_t t = 0; t < helpers; ++t) threads.emplace_back(work);
+  work();
+  for (std::thread& t : threads) t.join();
   natsMsgList_Destroy(&list);
   if (!failure.ok()) return failure;
+  return settled.load();
+}
+
+std::size_t nats_ingress::handle_lane(const std::vector<natsMsg*>& msgs, absl::Status& failure,
+                                      std::atomic<bool>& failed) {
+  std::size_t settled = 0;
+  for (natsMsg* msg : msgs) {
+    // After a failure elsewhere the rest stays unacknowledged, to be redelivered in order.
+    if (failed.load()) return settled;
+    if (stopping_.load()) {
+      failure = absl::CancelledError("nats_ingress: stopped mid-batch; the rest is redelivered");
+      failed = true;
+      return settled;
+    }
+    failure = handle(msg);
+    if (!failure.ok()) {
+      failed = true;
+      return settled;
+    }
+    ++settled;
+  }
   return settled;
 }
 

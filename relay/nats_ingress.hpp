@@ -10,6 +10,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/engine.hpp"
@@ -31,7 +32,10 @@ struct nats_ingress_options {
   // else `handler`. A message matching neither is dead-lettered.
   std::string handler{};
   std::map<std::string, std::string> routes{};
-  int batch = 256;                             // most messages one fetch asks for
+  int batch = 256;        // most messages one fetch asks for
+  int apply_threads = 4;  // a batch's keys are applied on up to this many threads at once (one
+                          // key's messages always in order, on one thread), so durable commits
+                          // of different keys share the journal's group commit
   std::chrono::milliseconds fetch_wait{200};   // how long an empty fetch waits in run()
   std::chrono::milliseconds ack_wait{10'000};  // the server redelivers an unacked message then
   int max_ack_pending = 4'096;                 // the server sends no more while this many are
@@ -58,7 +62,9 @@ struct nats_ingress_stats {
 // Consumes a JetStream stream into an engine, each message applied once.
 //
 // A durable pull consumer (explicit acks) is created or updated on create(). poll() fetches a
-// batch and handles its messages in stream order, one at a time: decode (payload = the JSON text,
+// batch and handles its messages: those with the same Pop-Key in stream order on one thread,
+// different keys side by side on up to apply_threads threads (messages without a key each on
+// their own). Each message: decode (payload = the JSON text,
 // topic/key/version/created from the Pop-* headers that nats_sink writes, other headers kept),
 // pick the handler, inbox::apply(), and only then acknowledge. The inbox mark is
 // "<Pop-Source>-<Pop-Id>" (else the Nats-Msg-Id, else "<stream>-<sequence>"), so a message that
@@ -107,6 +113,9 @@ class nats_ingress {
   nats_ingress(engine& e, inbox& in, nats_connection& c, nats_ingress_options opts);
   // Handles one message; returns OK once it is settled and acknowledged.
   absl::Status handle(natsMsg* msg);
+  // Handles `msgs` (one key's, in order) until one fails; returns how many were settled.
+  std::size_t handle_lane(const std::vector<natsMsg*>& msgs, absl::Status& failure,
+                          std::atomic<bool>& failed);
   absl::Status dead_letter(natsMsg* msg, std::uint64_t seq, const absl::Status& why);
   const std::string* route(const std::string& topic) const;
 

@@ -1,6 +1,6 @@
 // The child of the ingress kill -9 test: consumes stream EVENTS into an engine on a journal
 // through the inbox until `expected` distinct messages are applied, then exits 0:
-//   nats_ingress_child <nats url> <journal> <expected>
+//   nats_ingress_child <nats url> <journal> <expected> <pause ms between fetches>
 // Its handler appends each event's seq to domain.got.<key> and counts applies per message id at
 // domain.count.<id>, so the test can read from the journal what was applied how often.
 #include <cstdio>
@@ -14,11 +14,13 @@
 using pop::json;
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::fprintf(stderr, "usage: nats_ingress_child <nats url> <journal> <expected>\n");
+  if (argc != 5) {
+    std::fprintf(stderr, "usage: nats_ingress_child <nats url> <journal> <expected> <pause ms>\n");
     return 2;
   }
   const std::size_t expected = std::stoul(argv[3]);
+  // Paced, so the test's kills land while it works however fast the machine is.
+  const std::chrono::milliseconds pause(std::stoi(argv[4]));
   pop::options o;
   o.journal = argv[2];
   auto e = pop::engine::open(o);
@@ -63,6 +65,7 @@ int main(int argc, char** argv) {
     if ((*e)->snapshot().view(pop::path::parse("domain.count").value()).size() >= expected) {
       return 0;
     }
+    std::this_thread::sleep_for(pause);
     auto n = (*ingress)->poll(std::chrono::milliseconds(50));
     if (!n.ok() && n.status().code() != absl::StatusCode::kUnavailable) {
       std::fprintf(stderr, "nats_ingress_child: %s\n", n.status().ToString().c_str());

@@ -535,7 +535,7 @@ TEST_CASE(
     REQUIRE(pid >= 0);
     if (pid == 0) {
       execl(POP_NATS_INGRESS_CHILD, POP_NATS_INGRESS_CHILD, server.url().c_str(), journal.c_str(),
-            expected.c_str(), static_cast<char*>(nullptr));
+            expected.c_str(), "30", static_cast<char*>(nullptr));
       _exit(127);
     }
     return pid;
