@@ -4,6 +4,7 @@
 // latency from a commit in one engine to its apply in the other.
 //   build/bench/nats_bench --benchmark_counters_tabular=true
 #include <benchmark/benchmark.h>
+
 #include <nats/nats.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 
+#include "bench/support/latency.hpp"
 #include "relay/nats_ingress.hpp"
 #include "relay/nats_sink.hpp"
 #include "relay/relay.hpp"
@@ -28,11 +30,8 @@ using pop::json;
 
 namespace {
 
-std::int64_t now_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
+using pop::bench::now_us;
+using pop::bench::report_latency;
 
 // One broker for the whole run; each benchmark makes its own stream.
 pop::test::nats_server& server() {
@@ -99,17 +98,6 @@ struct consumer {
   std::mutex mu;
   std::vector<std::int64_t> latencies_us;
 };
-
-void report_latency(benchmark::State& state, std::vector<std::int64_t> us) {
-  if (us.empty()) return;
-  std::sort(us.begin(), us.end());
-  const auto at = [&](double q) {
-    return static_cast<double>(
-        us[std::min(us.size() - 1, static_cast<std::size_t>(q * us.size()))]);
-  };
-  state.counters["p50_us"] = at(0.50);
-  state.counters["p99_us"] = at(0.99);
-}
 
 absl::Status drain(pop::relay& r) {
   asio::io_context io;
@@ -240,7 +228,7 @@ void BM_engine_to_engine(benchmark::State& state) {
   }
   state.counters["msgs_per_s"] =
       benchmark::Counter(static_cast<double>(done), benchmark::Counter::kIsRate);
-  report_latency(state, std::move(all_latencies));
+  report_latency(state, all_latencies);
 }
 BENCHMARK(BM_engine_to_engine)
     ->Args({20'000, 0})

@@ -13,6 +13,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 
+#include "bench/support/latency.hpp"
 #include "relay/relay.hpp"
 
 namespace asio = boost::asio;
@@ -20,11 +21,8 @@ using pop::json;
 
 namespace {
 
-std::int64_t now_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
+using pop::bench::now_us;
+using pop::bench::report_latency;
 
 // An in-process sink that acknowledges at once and records commit-to-publish latency.
 class counting_sink final : public pop::sink {
@@ -41,17 +39,6 @@ class counting_sink final : public pop::sink {
     co_return *publish_now(m);
   }
 };
-
-void report_latency(benchmark::State& state, std::vector<std::int64_t>& us) {
-  if (us.empty()) return;
-  std::sort(us.begin(), us.end());
-  const auto at = [&](double q) {
-    return static_cast<double>(
-        us[std::min(us.size() - 1, static_cast<std::size_t>(q * us.size()))]);
-  };
-  state.counters["p50_us"] = at(0.50);
-  state.counters["p99_us"] = at(0.99);
-}
 
 // A queue of `n` pending messages over 1024 keys, as the initial state.
 json pending_queue(std::size_t n) {

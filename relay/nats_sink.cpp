@@ -3,11 +3,13 @@
 #include <nats/nats.h>
 
 #include <algorithm>
+#include <optional>
 #include <string_view>
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -24,9 +26,15 @@ namespace pop {
 // One publish awaiting its acknowledgement. Touched only on `timer`'s executor (the relay's
 // strand), except for being found and removed from pending_ under mu_.
 struct nats_sink::pending {
-  explicit pending(asio::any_io_executor ex)
-      : timer(std::move(ex), asio::steady_timer::time_point::max()) {}
+  explicit pending(const asio::any_io_executor& ex)
+      : timer(ex, asio::steady_timer::time_point::max()), executor(ex) {
+    // The relay's strand, held as its concrete type: posting to it from a libnats thread then
+    // copies only a std::shared_ptr, never a type-erased executor's own reference count.
+    if (const auto* s = ex.target<asio::strand<asio::any_io_executor>>()) strand = *s;
+  }
   asio::steady_timer timer;
+  asio::any_io_executor executor;
+  std::optional<asio::strand<asio::any_io_executor>> strand;
   absl::Status status{};
   bool done = false;
 };
@@ -159,13 +167,18 @@ void nats_sink::on_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, voi
   }
   natsMsg_Destroy(msg);
   if (p) {
-    asio::steady_timer::executor_type ex = p->timer.get_executor();
-    asio::post(ex, [p = std::move(p), status = std::move(status)]() mutable {
+    pending& target = *p;
+    auto complete = [p = std::move(p), status = std::move(status)]() mutable {
       p->status = std::move(status);
       p->done = true;
       // An expiry in the past completes the wait now, or at once if it starts later.
       p->timer.expires_at(asio::steady_timer::time_point::min());
-    });
+    };
+    if (target.strand) {
+      asio::post(*target.strand, std::move(complete));
+    } else {
+      asio::post(target.executor, std::move(complete));
+    }
   }
 }
 

@@ -187,7 +187,8 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "duplicate publishes of one message id store one message; other sources' equal ids are kept",
+    "duplicate publishes of one message id store one message, and other sources' equal ids are "
+    "kept",
     "[nats]") {
   pop::test::nats_server server;
   auto nc = connect_to(server);
@@ -211,8 +212,9 @@ TEST_CASE(
   CHECK((*b)->stats().duplicates == 0);
 }
 
-TEST_CASE("a subject or header NATS cannot carry fails permanently; a missing stream is retryable",
-          "[nats]") {
+TEST_CASE(
+    "a subject or header NATS cannot carry fails permanently, and a missing stream is retryable",
+    "[nats]") {
   pop::test::nats_server server;
   auto nc = connect_to(server);
   auto sink = pop::nats_sink::create(*nc, {.source = "a", .subject_prefix = "evt."});

@@ -3,7 +3,7 @@
 #   tests/run.sh                      plain build: all tests, the kill -9 soak, the examples, an
 #                                     installed-package consumer and benchmark smoke runs
 #   tests/run.sh --sanitize=address   the whole test suite under AddressSanitizer + UBSan
-#   tests/run.sh --sanitize=thread    the concurrency tests under ThreadSanitizer
+#   tests/run.sh --sanitize=thread    the concurrency and NATS tests under ThreadSanitizer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sanitize=""
@@ -41,9 +41,13 @@ case "$sanitize" in
   thread)
     cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPOP_SANITIZE=thread \
       -DPOP_BUILD_BENCH=OFF -DPOP_BUILD_EXAMPLES=OFF >/dev/null
-    cmake --build build-tsan -j "$jobs" --target engine_concurrency_test relay_concurrency_test
+    # nats_test is concurrent too: libnats threads acknowledge into the relay's strand, and the
+    # ingress applies a batch on several threads.
+    cmake --build build-tsan -j "$jobs" --target engine_concurrency_test relay_concurrency_test \
+      nats_test nats_ingress_child
     TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
-      ctest --test-dir build-tsan --no-tests=error --output-on-failure -j "$jobs" -R concurrency
+      ctest --test-dir build-tsan --no-tests=error --output-on-failure -j "$jobs" \
+      -R "concurrency|nats_test"
     ;;
   *) echo "unknown sanitizer '$sanitize' (address or thread)" >&2; exit 2 ;;
 esac

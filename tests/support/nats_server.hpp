@@ -3,8 +3,10 @@
 #pragma once
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -54,6 +56,15 @@ class nats_server {
     pid_ = fork();
     if (pid_ < 0) throw std::runtime_error("nats_server: fork failed");
     if (pid_ == 0) {
+      // It dies with the test (even one that crashed), and holds none of the test's pipes, so
+      // CTest never waits on an orphaned server.
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      const int null_fd = open("/dev/null", O_RDWR);
+      if (null_fd >= 0) {
+        dup2(null_fd, 0);
+        dup2(null_fd, 1);
+        dup2(null_fd, 2);
+      }
       // Quiet unless asked: its log goes to the store directory.
       const std::string log = store + "/server.log";
       execlp("nats-server", "nats-server", "-js", "-a", "127.0.0.1", "-p", port.c_str(), "-sd",
