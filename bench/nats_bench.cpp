@@ -233,6 +233,7 @@ void BM_engine_to_engine(benchmark::State& state) {
 BENCHMARK(BM_engine_to_engine)
     ->Args({20'000, 0})
     ->Args({5'000, 2'000})
+    ->Args({20'000, 10'000})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
