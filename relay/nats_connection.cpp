@@ -100,10 +100,10 @@ absl::Status validate(const nats_connection_options& o) {
     return absl::InvalidArgumentError(
         "nats_connection_options: connect_timeout and api_timeout must be positive");
   }
-  if (o.reconnect_wait.count() < 0 || o.max_reconnect < -1 || o.reconnect_buffer_bytes < 0) {
+  if (o.reconnect_wait.count() < 0 || o.max_reconnect < -1 || o.reconnect_buffer_bytes <= 0) {
     return absl::InvalidArgumentError(
-        "nats_connection_options: reconnect_wait and reconnect_buffer_bytes must not be negative, "
-        "max_reconnect must be -1 (forever) or more");
+        "nats_connection_options: reconnect_wait must not be negative, reconnect_buffer_bytes "
+        "must be positive, max_reconnect must be -1 (forever) or more");
   }
   if (!o.credentials_file.empty() && (!o.user.empty() || !o.token.empty())) {
     return absl::InvalidArgumentError(
@@ -125,6 +125,13 @@ void nats_connection::on_disconnected(natsConnection*, void* self) {
 }
 void nats_connection::on_reconnected(natsConnection*, void* self) {
   static_cast<nats_connection*>(self)->reconnects_.fetch_add(1, std::memory_order_relaxed);
+}
+void nats_connection::on_connected(natsConnection*, void*) {}
+void nats_connection::on_closed(natsConnection*, void* closure) {
+  auto* self = static_cast<nats_connection*>(closure);
+  std::lock_guard lock(self->closed_mu_);
+  self->closed_ = true;
+  self->closed_cv_.notify_all();
 }
 
 absl::StatusOr<std::unique_ptr<nats_connection>> nats_connection::connect(
@@ -160,9 +167,14 @@ absl::StatusOr<std::unique_ptr<nats_connection>> nats_connection::connect(
   POP_RETURN_IF_ERROR(
       check(natsOptions_SetReconnectedCB(no.get(), &nats_connection::on_reconnected, c.get()),
             "callback"));
+  POP_RETURN_IF_ERROR(
+      check(natsOptions_SetClosedCB(no.get(), &nats_connection::on_closed, c.get()), "callback"));
   if (o.retry_initial_connect) {
-    POP_RETURN_IF_ERROR(
-        check(natsOptions_SetRetryOnFailedConnect(no.get(), true, nullptr, nullptr), "retry"));
+    // With a connected callback libnats returns at once and connects in the background (without
+    // one it would block until connected).
+    POP_RETURN_IF_ERROR(check(natsOptions_SetRetryOnFailedConnect(
+                                  no.get(), true, &nats_connection::on_connected, c.get()),
+                              "retry"));
   }
   if (!o.credentials_file.empty()) {
     POP_RETURN_IF_ERROR(check(
@@ -217,6 +229,9 @@ nats_connection::~nats_connection() {
   if (js_ != nullptr) jsCtx_Destroy(js_);
   if (nc_ != nullptr) {
     natsConnection_Close(nc_);
+    std::unique_lock lock(closed_mu_);
+    closed_cv_.wait_for(lock, std::chrono::seconds(10), [&] { return closed_; });
+    lock.unlock();
     natsConnection_Destroy(nc_);
   }
 }

@@ -3,8 +3,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -42,8 +44,8 @@ struct nats_connection_options {
   std::chrono::milliseconds api_timeout{5'000};      // JetStream API requests (stream, consumer)
   int max_reconnect = -1;                            // attempts after a disconnect; -1: forever
   std::chrono::milliseconds reconnect_wait{100};     // between attempts to the same server
-  int reconnect_buffer_bytes = 8 << 20;  // publishes buffered while disconnected; beyond, a
-                                         // publish fails (kUnavailable) and is retried later
+  int reconnect_buffer_bytes = 8 << 20;  // publishes buffered while disconnected (positive);
+                                         // beyond, a publish fails (kUnavailable), retried later
   bool retry_initial_connect = false;    // connect() returns at once and connects in background
 };
 
@@ -84,12 +86,19 @@ class nats_connection {
   explicit nats_connection(nats_connection_options opts) : options_(std::move(opts)) {}
   static void on_disconnected(natsConnection*, void* self);
   static void on_reconnected(natsConnection*, void* self);
+  static void on_connected(natsConnection*, void* self);
+  static void on_closed(natsConnection*, void* self);
 
   const nats_connection_options options_;
   natsConnection* nc_ = nullptr;
   jsCtx* js_ = nullptr;
   std::atomic<std::uint64_t> disconnects_{0};
   std::atomic<std::uint64_t> reconnects_{0};
+  // libnats runs connection callbacks on its own thread, the closed one last: the destructor
+  // waits for it, so no callback runs on a destroyed object.
+  std::mutex closed_mu_;
+  std::condition_variable closed_cv_;
+  bool closed_ = false;  // guarded by closed_mu_
 };
 
 // Where a stream keeps its messages.

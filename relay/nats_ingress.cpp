@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -48,6 +49,45 @@ std::string header(natsMsg* msg, const char* name) {
   return v;
 }
 
+// True if `s` is well-formed UTF-8 (the journal stores JSON, which must be).
+bool valid_utf8(std::string_view s) {
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    std::size_t n = 0;
+    if (c < 0x80) {
+      n = 0;
+    } else if ((c >> 5) == 0x6 && c >= 0xC2) {
+      n = 1;
+    } else if ((c >> 4) == 0xE) {
+      n = 2;
+    } else if ((c >> 3) == 0x1E && c <= 0xF4) {
+      n = 3;
+    } else {
+      return false;
+    }
+    if (i + n >= s.size()) return false;  // a sequence cut short
+    for (std::size_t k = 1; k <= n; ++k) {
+      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 0x2) return false;
+    }
+    if (n == 2) {  // no overlongs or surrogates
+      const auto d = static_cast<unsigned char>(s[i + 1]);
+      if ((c == 0xE0 && d < 0xA0) || (c == 0xED && d >= 0xA0)) return false;
+    } else if (n == 3) {
+      const auto d = static_cast<unsigned char>(s[i + 1]);
+      if ((c == 0xF0 && d < 0x90) || (c == 0xF4 && d >= 0x90)) return false;
+    }
+    i += n + 1;
+  }
+  return true;
+}
+
+// `s` as JSON-safe text: itself if UTF-8, else C-escaped.
+std::string printable(std::string_view s) {
+  if (valid_utf8(s)) return std::string(s);
+  return absl::CHexEscape(detail::to_absl(s));
+}
+
 bool retryable(absl::StatusCode c) {
   return c == absl::StatusCode::kAborted || c == absl::StatusCode::kResourceExhausted ||
          c == absl::StatusCode::kUnavailable || c == absl::StatusCode::kDeadlineExceeded;
@@ -69,6 +109,11 @@ absl::StatusOr<outbox_message> decode(natsMsg* msg, const std::string& stream, s
     m.id = dedup;
   } else {
     m.id = absl::StrCat(stream, "-", seq);
+  }
+  for (const char* h : {detail::header_topic, detail::header_key}) {
+    if (!valid_utf8(header(msg, h))) {
+      return absl::InvalidArgumentError(absl::StrCat("header ", h, " is not UTF-8"));
+    }
   }
   if (absl::Status st = validate_segment(m.id); !st.ok()) {
     return annotate(st, absl::StrCat("message id '", m.id, "' cannot be an inbox mark"));
@@ -97,7 +142,12 @@ absl::StatusOr<outbox_message> decode(natsMsg* msg, const std::string& stream, s
           absl::StartsWithIgnoreCase(detail::to_absl(k), "pop-")) {
         continue;
       }
-      m.headers.emplace(std::string(k), header(msg, keys[i]));
+      std::string value = header(msg, keys[i]);
+      if (!valid_utf8(k) || !valid_utf8(value)) {
+        free(static_cast<void*>(keys));
+        return absl::InvalidArgumentError(absl::StrCat("header '", printable(k), "' is not UTF-8"));
+      }
+      m.headers.emplace(std::string(k), std::move(value));
     }
     free(static_cast<void*>(keys));
   }
@@ -242,19 +292,25 @@ absl::Status nats_ingress::dead_letter(natsMsg* msg, std::uint64_t seq, const ab
   const char** keys = nullptr;
   int count = 0;
   if (natsMsgHeader_Keys(msg, &keys, &count) == NATS_OK) {
-    for (int i = 0; i < count; ++i) headers[keys[i]] = header(msg, keys[i]);
+    for (int i = 0; i < count; ++i) headers[printable(keys[i])] = printable(header(msg, keys[i]));
     free(static_cast<void*>(keys));
   }
   const char* data = natsMsg_GetData(msg);
-  const json record = {{"stream", options_.stream},
-                       {"consumer", options_.durable},
-                       {"sequence", seq},
-                       {"subject", natsMsg_GetSubject(msg)},
-                       {"headers", std::move(headers)},
-                       {"data", std::string(data != nullptr ? data : "",
-                                            static_cast<std::size_t>(natsMsg_GetDataLength(msg)))},
-                       {"error", why.ToString()},
-                       {"at_us", now_us()}};
+  const std::string bytes(data != nullptr ? data : "",
+                          static_cast<std::size_t>(natsMsg_GetDataLength(msg)));
+  json record = {{"stream", options_.stream},
+                 {"consumer", options_.durable},
+                 {"sequence", seq},
+                 {"subject", printable(natsMsg_GetSubject(msg))},
+                 {"headers", std::move(headers)},
+                 {"error", printable(why.ToString())},
+                 {"at_us", now_us()}};
+  // Binary data is kept whole, as base64 (the state is JSON, whose strings are UTF-8).
+  if (valid_utf8(bytes)) {
+    record["data"] = bytes;
+  } else {
+    record["data_base64"] = absl::Base64Escape(bytes);
+  }
   for (;;) {
     const std::uint64_t v = engine_.version();
     POP_ASSIGN_OR_RETURN(cas_result r,
@@ -296,6 +352,15 @@ absl::Status nats_ingress::handle(natsMsg* msg) {
             counters_->end_to_end.record(std::chrono::microseconds(now_us() - m->created_at_us));
           }
         } else {
+          // Its mark may be committed by a concurrent apply but not yet durable: ack only once
+          // the version that showed it is.
+          while (engine_.durable_version() < r->done.version && !stopping_.load()) {
+            std::this_thread::sleep_for(std::chrono::microseconds(50));
+          }
+          if (engine_.durable_version() < r->done.version) {
+            return absl::CancelledError(
+                absl::StrCat(where, ": stopped before its mark was durable"));
+          }
           counters_->duplicates.fetch_add(1, std::memory_order_relaxed);
         }
         break;
@@ -363,6 +428,7 @@ absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
     lanes[it->second].push_back(list.Msgs[i]);
   }
   std::atomic<bool> failed{false};
+  std::vector<std::size_t> lane_settled(lanes.size(), 0);
   std::atomic<std::size_t> next_lane{0};
   std::atomic<std::size_t> settled{0};
   std::mutex failure_mu;
@@ -370,7 +436,8 @@ absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
   const auto work = [&] {
     for (std::size_t l = next_lane.fetch_add(1); l < lanes.size(); l = next_lane.fetch_add(1)) {
       absl::Status lane_failure;
-      settled.fetch_add(handle_lane(lanes[l], lane_failure, failed));
+      lane_settled[l] = handle_lane(lanes[l], lane_failure, failed);
+      settled.fetch_add(lane_settled[l]);
       if (!lane_failure.ok()) {
         std::lock_guard lock(failure_mu);
         // A fatal error outranks a stop: report the engine's error.
@@ -387,6 +454,15 @@ absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
   for (std::size_t t = 0; t < helpers; ++t) threads.emplace_back(work);
   work();
   for (std::thread& t : threads) t.join();
+  if (failed.load()) {
+    // What this batch did not settle goes back at once: the server redelivers it before newer
+    // messages, so per-key order holds after a stop or an error too.
+    for (std::size_t l = 0; l < lanes.size(); ++l) {
+      for (std::size_t i = lane_settled[l]; i < lanes[l].size(); ++i) {
+        static_cast<void>(natsMsg_Nak(lanes[l][i], nullptr));
+      }
+    }
+  }
   natsMsgList_Destroy(&list);
   if (!failure.ok()) return failure;
   return settled.load();
@@ -403,7 +479,17 @@ std::size_t nats_ingress::handle_lane(const std::vector<natsMsg*>& msgs, absl::S
       failed = true;
       return settled;
     }
-    failure = handle(msg);
+    try {
+      failure = handle(msg);
+    } catch (const std::exception& e) {
+      // Not expected from pop or a handler (the engine turns handler exceptions into statuses):
+      // stop with it instead of terminating; the message is redelivered.
+      failure = absl::InternalError(
+          absl::StrCat("nats_ingress '", options_.durable, "': unexpected exception: ", e.what()));
+    } catch (...) {
+      failure = absl::InternalError(
+          absl::StrCat("nats_ingress '", options_.durable, "': unexpected exception"));
+    }
     if (!failure.ok()) {
       failed = true;
       return settled;

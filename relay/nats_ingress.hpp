@@ -73,10 +73,12 @@ struct nats_ingress_stats {
 // options.max_pending, kUnavailable, kDeadlineExceeded) are retried in place with backoff while
 // the server is told the message is in progress: engine backpressure slows the consumer, nothing
 // is dropped, and later messages wait (order kept). Other errors (no route, undecodable payload,
-// a handler's contract violation or own error) dead-letter the message at
-// `<dead_letter_path>.<durable>-<sequence>` with the reason, then acknowledge it. An engine that
-// can no longer commit (kDataLoss, kInternal, kFailedPrecondition from a failed journal) stops
-// the ingress with that error, leaving the message unacknowledged.
+// headers that are not UTF-8, a handler's contract violation or own error) dead-letter the
+// message at `<dead_letter_path>.<durable>-<sequence>` with the reason (binary data as
+// data_base64), then acknowledge it. kDataLoss or kInternal (an engine that can no longer commit;
+// a handler returning kInternal is treated the same) stops the ingress with that error. Messages
+// a batch did not settle (a stop, a fatal error) are nak'd, so the server redelivers them before
+// newer ones. A duplicate is acknowledged only once the version showing its mark is durable.
 //
 // Thread safety: poll() from one thread at a time (start() runs it on a thread of its own);
 // stats() from any thread. Lifetime: engine, inbox and connection must outlive the ingress.

@@ -79,6 +79,12 @@ absl::StatusOr<std::unique_ptr<nats_sink>> nats_sink::create(nats_connection& c,
     return annotate(st, absl::StrCat("nats_sink_options.source '", opts.source,
                                      "' (the producing engine's name, required)"));
   }
+  if (opts.source.size() > max_source_length) {
+    // Consumers mark "<source>-<id>" (27 characters) as one path segment of at most 128.
+    return absl::InvalidArgumentError(absl::StrCat("nats_sink_options.source '", opts.source,
+                                                   "' is longer than ", max_source_length,
+                                                   " characters"));
+  }
   if (!opts.subject_for && !opts.subject_prefix.empty() &&
       (opts.subject_prefix.back() != '.' ||
        !valid_subject(opts.subject_prefix.substr(0, opts.subject_prefix.size() - 1)))) {
@@ -123,6 +129,9 @@ nats_sink::~nats_sink() {
   static_cast<void>(js_PublishAsyncComplete(js_, &po));
   natsMsgList unacked{};
   if (js_PublishAsyncGetPendingList(&unacked, js_) == NATS_OK) natsMsgList_Destroy(&unacked);
+  // Now only callbacks already running are counted as pending: wait for exactly those.
+  po.MaxWait = 10'000;
+  static_cast<void>(js_PublishAsyncComplete(js_, &po));
   jsCtx_Destroy(js_);
 }
 
@@ -189,6 +198,11 @@ asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
         absl::StrCat("nats_sink: message ", m.id, " (topic '", m.topic, "') maps to subject '",
                      subj, "', which NATS cannot publish to")));
   }
+  if (!valid_header_value(m.key)) {
+    co_return permanent_failure(absl::InvalidArgumentError(
+        absl::StrCat("nats_sink: message ", m.id,
+                     " has a key with a line break, which a NATS header cannot carry")));
+  }
   for (const auto& [name, value] : m.headers) {
     if (!valid_header_name(name) || !valid_header_value(value) ||
         absl::StartsWithIgnoreCase(name, "nats-") || absl::StartsWithIgnoreCase(name, "pop-")) {
@@ -247,18 +261,27 @@ asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
     co_return absl::UnavailableError(st.message());
   }
   published_.fetch_add(1, std::memory_order_relaxed);
+  // Removes this publish's entry unless on_ack took it (the address may be reused by then).
+  const auto abandon = [&] {
+    std::lock_guard lock(mu_);
+    if (auto it = pending_.find(raw); it != pending_.end() && it->second == p) {
+      pending_.erase(it);
+      abandoned_.fetch_add(1, std::memory_order_relaxed);
+    }
+  };
   if (!p->done) {
-    // Completes when on_ack expires the timer, or with operation_aborted when the relay cancels.
-    auto [ec] = co_await p->timer.async_wait(asio::as_tuple(asio::use_awaitable));
-    static_cast<void>(ec);
+    // Completes when on_ack expires the timer, or with operation_aborted when the relay cancels
+    // (which may also throw here, if the cancellation came first).
+    try {
+      auto [ec] = co_await p->timer.async_wait(asio::as_tuple(asio::use_awaitable));
+      static_cast<void>(ec);
+    } catch (...) {
+      abandon();
+      throw;
+    }
   }
   if (p->done) co_return p->status;
-  bool abandoned = false;
-  {
-    std::lock_guard lock(mu_);
-    abandoned = pending_.erase(raw) > 0;
-  }
-  if (abandoned) abandoned_.fetch_add(1, std::memory_order_relaxed);
+  abandon();
   co_return absl::CancelledError(absl::StrCat(where, ": cancelled before its acknowledgement"));
 }
 

@@ -21,9 +21,13 @@ typedef struct jsPubAckErr jsPubAckErr;
 
 namespace pop {
 
+// The longest nats_sink_options::source.
+inline constexpr std::size_t max_source_length = 100;
+
 // How a nats_sink names and sends messages.
 struct nats_sink_options {
-  // The producing engine's name: a path segment (letters, digits, '_', '-'). Message ids are
+  // The producing engine's name: a path segment (letters, digits, '_', '-'), at most
+  // max_source_length characters. Message ids are
   // unique per engine only, so the Nats-Msg-Id is "<source>:<id>" and consumers keep one inbox
   // mark per source and id. Required.
   std::string source{};

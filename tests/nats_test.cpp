@@ -580,3 +580,44 @@ TEST_CASE(
     CHECK((*e)->snapshot().read("domain.got.k" + std::to_string(k)).value() == expected_seqs);
   }
 }
+
+TEST_CASE("binary data that is not UTF-8 is dead-lettered as base64 by an engine on a journal",
+          "[nats]") {
+  pop::test::nats_server server;
+  auto nc = connect_to(server);
+  make_stream(*nc);
+  const std::string bytes("\xff\xfe\x00\x01", 4);
+  REQUIRE(js_Publish(nullptr, nc->jetstream(), "evt.bin", bytes.data(),
+                     static_cast<int>(bytes.size()), nullptr, nullptr) == NATS_OK);
+  natsMsg* raw = nullptr;
+  REQUIRE(natsMsg_Create(&raw, "evt.good", nullptr, R"({"key":"k","seq":1})", 19) == NATS_OK);
+  REQUIRE(natsMsgHeader_Set(raw, "Pop-Key", "k") == NATS_OK);
+  REQUIRE(natsMsgHeader_Set(raw, "x-bad", "\xc3\x28") == NATS_OK);  // not UTF-8
+  REQUIRE(js_PublishMsg(nullptr, nc->jetstream(), raw, nullptr, nullptr) == NATS_OK);
+  natsMsg_Destroy(raw);
+  pop::test::temp_dir dir;
+  {
+    consumer c(pop::options{.journal = dir.file("c.db")});
+    auto in = ingress_for(c, *nc);
+    poll_until(*in, [&] { return in->stats().dead_lettered == 2; });
+    const json dead = c.e->snapshot().read("system.ingress_dead_letters").value();
+    REQUIRE(dead.size() == 2);
+    CHECK(dead.begin().value().at("data_base64") == "//4AAQ==");
+    CHECK(std::next(dead.begin()).value().at("error").get<std::string>().find("not UTF-8") !=
+          std::string::npos);
+  }
+  // Both records are in the journal: it reopens with them.
+  consumer again(pop::options{.journal = dir.file("c.db")});
+  CHECK(again.e->snapshot().read("system.ingress_dead_letters").value().size() == 2);
+}
+
+TEST_CASE("a background initial connect returns at once and keeps trying", "[nats]") {
+  pop::nats_connection_options o;
+  o.servers = {"nats://127.0.0.1:1"};
+  o.retry_initial_connect = true;
+  const auto start = std::chrono::steady_clock::now();
+  auto c = pop::nats_connection::connect(o);
+  REQUIRE(c.ok());
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));
+  CHECK_FALSE((*c)->stats().connected);
+}
