@@ -42,10 +42,6 @@ latency_histogram atomic_histogram::snapshot() const {
   return h;
 }
 
-}  // namespace detail
-
-namespace {
-
 void append_metric(std::string& out, std::string_view prefix, std::string_view name,
                    std::string_view type, std::string_view help, double value) {
   const std::string full = absl::StrCat(detail::to_absl(prefix), "_", detail::to_absl(name));
@@ -69,7 +65,10 @@ void append_histogram(std::string& out, std::string_view prefix, std::string_vie
                   static_cast<double>(h.sum_us) / 1e6, "\n", full, "_count ", h.count, "\n");
 }
 
-}  // namespace
+}  // namespace detail
+
+using detail::append_histogram;
+using detail::append_metric;
 
 std::string to_prometheus(const relay_metrics& m, std::string_view prefix) {
   std::string out;

@@ -39,6 +39,13 @@ class atomic_histogram {
   std::atomic<std::uint64_t> count_{0};
   std::atomic<std::int64_t> sum_us_{0};
 };
+
+// Appends one Prometheus metric (HELP, TYPE and value) named `<prefix>_<name>` to `out`.
+void append_metric(std::string& out, std::string_view prefix, std::string_view name,
+                   std::string_view type, std::string_view help, double value);
+// Appends `h` as a Prometheus histogram in seconds named `<prefix>_<name>` to `out`.
+void append_histogram(std::string& out, std::string_view prefix, std::string_view name,
+                      std::string_view help, const latency_histogram& h);
 }  // namespace detail
 
 // What a relay reports: the outbox as one snapshot shows it, plus the relay's own counters since

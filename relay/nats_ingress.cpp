@@ -553,4 +553,26 @@ nats_ingress_stats nats_ingress::stats() const {
   return out;
 }
 
+std::string to_prometheus(const nats_ingress_stats& s, std::string_view prefix) {
+  std::string out;
+  const auto d = [](auto v) { return static_cast<double>(v); };
+  detail::append_metric(out, prefix, "fetched_total", "counter",
+                        "Messages received, redeliveries included.", d(s.fetched));
+  detail::append_metric(out, prefix, "applied_total", "counter",
+                        "Messages applied: the state changed once for each.", d(s.applied));
+  detail::append_metric(out, prefix, "duplicates_total", "counter",
+                        "Messages applied before, acknowledged only.", d(s.duplicates));
+  detail::append_metric(out, prefix, "dead_lettered_total", "counter",
+                        "Messages that could not be applied, recorded and acknowledged.",
+                        d(s.dead_lettered));
+  detail::append_metric(out, prefix, "retries_total", "counter",
+                        "Applies retried after a retryable engine error.", d(s.retries));
+  detail::append_metric(out, prefix, "redelivered_total", "counter",
+                        "Messages the server delivered more than once.", d(s.redelivered));
+  detail::append_histogram(out, prefix, "end_to_end_latency_seconds",
+                           "Time from the message's commit in the producer to its apply.",
+                           s.end_to_end);
+  return out;
+}
+
 }  // namespace pop

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -58,6 +59,10 @@ struct nats_ingress_stats {
   std::uint64_t redelivered = 0;    // received more than once from the server
   latency_histogram end_to_end{};   // from the message's commit in the producer to its apply
 };
+
+// `s` in the Prometheus text format, every name starting with `prefix`.
+std::string to_prometheus(const nats_ingress_stats& s,
+                          std::string_view prefix = "pop_nats_ingress");
 
 // Consumes a JetStream stream into an engine, each message applied once.
 //

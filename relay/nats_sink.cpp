@@ -297,4 +297,23 @@ nats_sink_stats nats_sink::stats() const {
   return out;
 }
 
+std::string to_prometheus(const nats_sink_stats& s, std::string_view prefix) {
+  std::string out;
+  const auto d = [](auto v) { return static_cast<double>(v); };
+  detail::append_metric(out, prefix, "published_total", "counter", "Publishes handed to libnats.",
+                        d(s.published));
+  detail::append_metric(out, prefix, "acked_total", "counter",
+                        "Publishes acknowledged by JetStream (incl. duplicates).", d(s.acked));
+  detail::append_metric(out, prefix, "duplicates_total", "counter",
+                        "Publishes the stream already had (by Nats-Msg-Id).", d(s.duplicates));
+  detail::append_metric(out, prefix, "failed_total", "counter",
+                        "Publishes refused, unanswered or not sent.", d(s.failed));
+  detail::append_metric(out, prefix, "abandoned_total", "counter",
+                        "Publishes cancelled by the relay before their acknowledgement.",
+                        d(s.abandoned));
+  detail::append_metric(out, prefix, "in_flight", "gauge", "Publishes awaiting acknowledgement.",
+                        d(s.in_flight));
+  return out;
+}
+
 }  // namespace pop

@@ -9,9 +9,11 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "relay/metrics.hpp"
 #include "relay/nats_connection.hpp"
 #include "relay/sink.hpp"
 
@@ -53,6 +55,9 @@ struct nats_sink_stats {
   std::uint64_t abandoned = 0;   // cancelled by the relay before their acknowledgement
   std::size_t in_flight = 0;     // awaiting acknowledgement now
 };
+
+// `s` in the Prometheus text format, every name starting with `prefix`.
+std::string to_prometheus(const nats_sink_stats& s, std::string_view prefix = "pop_nats_sink");
 
 // A sink publishing each outbox message to NATS JetStream.
 //

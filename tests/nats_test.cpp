@@ -184,6 +184,12 @@ TEST_CASE(
   CHECK(c.in->contains(mark));
   CHECK(c.e->snapshot().read("domain.count." + mark).value() == 1);
   CHECK(in->stats().end_to_end.count == 8);
+  const std::string ingress_text = pop::to_prometheus(in->stats());
+  CHECK(ingress_text.find("pop_nats_ingress_applied_total 8\n") != std::string::npos);
+  CHECK(ingress_text.find("pop_nats_ingress_end_to_end_latency_seconds_count 8\n") !=
+        std::string::npos);
+  CHECK(pop::to_prometheus((*sink)->stats()).find("pop_nats_sink_acked_total 8\n") !=
+        std::string::npos);
 }
 
 TEST_CASE(
