@@ -64,6 +64,25 @@ bool valid_subject(std::string_view s) {
   return true;
 }
 
+// True for the outcomes that say the broker cannot be reached or does not answer — not a fault
+// of the message.
+bool broker_down(natsStatus s) {
+  switch (s) {
+    case NATS_TIMEOUT:
+    case NATS_NO_RESPONDERS:
+    case NATS_CONNECTION_CLOSED:
+    case NATS_CONNECTION_DISCONNECTED:
+    case NATS_NOT_YET_CONNECTED:
+    case NATS_STALE_CONNECTION:
+    case NATS_IO_ERROR:
+    case NATS_NO_SERVER:
+    case NATS_INSUFFICIENT_BUFFER:
+      return true;
+    default:
+      return false;
+  }
+}
+
 struct msg_deleter {
   void operator()(natsMsg* m) const { natsMsg_Destroy(m); }
 };
@@ -161,8 +180,12 @@ void nats_sink::on_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, voi
     if (pae != nullptr && pae->ErrCode != 0) {
       absl::StrAppend(&text, " [JetStream error ", static_cast<int>(pae->ErrCode), "]");
     }
-    // Every failure here is worth retrying: timeouts, a missing stream, a full stream.
+    // Every failure here is worth retrying. One the stream did not refuse (no ack in time, no
+    // stream answering, the connection gone) says the broker is down: not counted as an attempt.
     status = absl::UnavailableError(text);
+    if ((pae == nullptr || pae->ErrCode == 0) && broker_down(err)) {
+      status = destination_unavailable(std::move(status));
+    }
   }
   std::shared_ptr<pending> p;
   {
@@ -258,6 +281,7 @@ asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
     failed_.fetch_add(1, std::memory_order_relaxed);
     absl::Status st = detail::from_nats(s, where);
     if (st.code() == absl::StatusCode::kInvalidArgument) co_return permanent_failure(st);
+    if (broker_down(s)) co_return destination_unavailable(absl::UnavailableError(st.message()));
     co_return absl::UnavailableError(st.message());
   }
   published_.fetch_add(1, std::memory_order_relaxed);

@@ -69,8 +69,10 @@ std::string to_prometheus(const nats_sink_stats& s, std::string_view prefix = "p
 // thread, posted back to the relay's strand), so many acknowledgements are outstanding at once.
 // Only a positive acknowledgement returns OK. Outcomes:
 //   OK                          stored (or already stored: a duplicate)
-//   kUnavailable                disconnected past the reconnect buffer, ack timeout, no
-//                               stream for the subject, or the stream refused it (retried)
+//   kUnavailable                the stream refused it (retried, counted as an attempt), or,
+//     destination_unavailable   marked so, the broker is down: disconnected past the reconnect
+//                               buffer, no ack in time, no stream answering (retried with
+//                               backoff, never counted: an outage dead-letters nothing)
 //   kInvalidArgument, permanent a subject or header that NATS cannot carry, or a header named
 //                               Nats-* or Pop-* (dead-lettered at once)
 //   kCancelled                  the relay cancelled the wait (timeout or stop); a late

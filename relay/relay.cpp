@@ -374,6 +374,11 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     o.key = m.key;
     o.attempts_before = m.attempts;
     o.at_us = now_us();
+    if (is_destination_unavailable(status)) {
+      if (outage_since_us_ == 0) outage_since_us_ = now_us();
+    } else if (status.ok()) {
+      outage_since_us_ = 0;
+    }
     if (status.ok()) {
       counters_.published.fetch_add(1, std::memory_order_relaxed);
       counters_.commit_to_publish.record(std::chrono::microseconds(o.at_us - m.created_at_us));
@@ -435,8 +440,22 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         attempts_it->get<double>() != static_cast<double>(o.attempts_before)) {
       return;
     }
-    const std::uint32_t attempts = o.attempts_before + 1;
     const std::string error = o.status.ToString();
+    if (is_destination_unavailable(o.status) && !is_permanent_failure(o.status)) {
+      // The destination is down: not this message's attempt. It keeps its attempt count and
+      // history (an outage of any length dead-letters nothing) and waits about as long as the
+      // outage has lasted so far, between initial_backoff and max_backoff, with jitter.
+      msg["last_error"] = error;
+      const std::int64_t lasted = outage_since_us_ == 0 ? 0 : o.at_us - outage_since_us_;
+      const std::int64_t d = std::clamp<std::int64_t>(lasted, options_.initial_backoff.count(),
+                                                      options_.max_backoff.count());
+      std::uniform_int_distribution<std::int64_t> pick(d / 2, d);
+      msg["next_attempt_at_us"] = o.at_us + pick(rng_);
+      writes.push_back({std::move(at), std::move(msg)});
+      ++t.retried;
+      return;
+    }
+    const std::uint32_t attempts = o.attempts_before + 1;
     json& failures = msg["failures"];
     if (!failures.is_array()) failures = json::array();
     failures.push_back({{"attempt", attempts}, {"at_us", o.at_us}, {"error", error}});
@@ -518,6 +537,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   absl::flat_hash_map<std::string, recorded_outcome> recorded_;  // ids in outcomes_
   absl::flat_hash_set<std::string> blocked_;                     // scratch for schedule()
   absl::flat_hash_map<std::string, std::string> key_cache_;      // queued id -> its key
+  std::int64_t outage_since_us_ = 0;  // first destination_unavailable since the last delivery
 };
 
 }  // namespace

@@ -49,7 +49,9 @@ struct relay_options {
 // relative to each other), and records every outcome in one compare_and_swap (cas_mode::keys):
 // acknowledged messages are removed by id, failed ones get their attempt count, last error,
 // failure history and next attempt time, and those past max_attempts (or failing permanently)
-// move to the dead-letter path with every failure. Messages committed meanwhile are never
+// move to the dead-letter path with every failure. A failure marked destination_unavailable (the
+// broker is down) is retried with a backoff growing over the outage and is not counted as an
+// attempt, so an outage never dead-letters messages. Messages committed meanwhile are never
 // touched, and the transaction conflicts only with another writer of the same ids (it is then
 // redone on a newer snapshot). A failing message holds back only later messages with its key.
 //

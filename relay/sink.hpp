@@ -44,4 +44,11 @@ absl::Status permanent_failure(absl::Status status);
 // True if `status` was marked by permanent_failure().
 bool is_permanent_failure(const absl::Status& status);
 
+// Returns `status` (which must not be OK) marked as "the destination is down", not a fault of
+// this message: the relay retries it with backoff but does not count the attempt toward
+// max_attempts, so an outage of the broker never dead-letters the queue. Keeps code and message.
+absl::Status destination_unavailable(absl::Status status);
+// True if `status` was marked by destination_unavailable().
+bool is_destination_unavailable(const absl::Status& status);
+
 }  // namespace pop

@@ -18,6 +18,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 
+#include "relay/dead_letters.hpp"
 #include "relay/nats_connection.hpp"
 #include "relay/nats_ingress.hpp"
 #include "relay/nats_sink.hpp"
@@ -234,6 +235,7 @@ TEST_CASE(
   absl::Status none = run_on(io, (*sink)->publish(m));
   CHECK(none.code() == absl::StatusCode::kUnavailable);
   CHECK_FALSE(pop::is_permanent_failure(none));
+  CHECK(pop::is_destination_unavailable(none));  // not counted as an attempt by the relay
   make_stream(*nc);
   CHECK(run_on(io, (*sink)->publish(m)).ok());
   m.headers = {{"Nats-Msg-Id", "forged"}};
@@ -459,7 +461,8 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
   constexpr int keys = 8, rounds = 60, per_round = 5;
   pop::relay relay(*p, **sink,
                    {.publish_timeout = std::chrono::milliseconds(1'000),
-                    .max_attempts = 1'000,
+                    // The outages below outlast two attempts' backoff: they must not count.
+                    .max_attempts = 2,
                     .initial_backoff = std::chrono::milliseconds(20),
                     .max_backoff = std::chrono::milliseconds(200)});
   asio::io_context io;
@@ -482,7 +485,7 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
       // them: a JetStream ack does not mean the message reached the disk — see README.)
       const std::uint64_t before = nc->stats().reconnects;
       server.stop();
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      std::this_thread::sleep_for(std::chrono::milliseconds(r == rounds / 3 ? 50 : 1'500));
       server.start();
       const auto back = std::chrono::steady_clock::now() + std::chrono::seconds(20);
       while (nc->stats().reconnects == before && std::chrono::steady_clock::now() < back) {
@@ -503,6 +506,7 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
   CHECK(nc->stats().reconnects >= 2);
   CHECK(in->stats().applied == total);
   CHECK(in->stats().dead_lettered == 0);
+  CHECK(pop::dead_letters(*p).count() == 0);
   for (int k = 0; k < keys; ++k) {
     json expected = json::array();
     for (int i = 0; i < rounds * per_round; ++i) expected.push_back(i);

@@ -233,6 +233,40 @@ TEST_CASE("failed attempts are recorded in the state and retried with growing ba
   CHECK(r.metrics().retried == 4);
 }
 
+TEST_CASE(
+    "a destination outage longer than max_attempts dead-letters nothing and counts no attempt",
+    "[relay]") {
+  pop::engine e;
+  emitting(e);
+  const std::string a = emit(e, "k");
+  const std::string b = emit(e, "k");
+  scripted_sink sink;
+  int calls = 0;
+  // The destination is down for 12 publishes (max_attempts is 3), then one real failure.
+  sink.script = [&](const pop::outbox_message&) {
+    ++calls;
+    if (calls <= 12) return act::down;
+    return calls == 13 ? act::fail : act::ok;
+  };
+  pop::relay_options o = quick(3);
+  o.initial_backoff = std::chrono::microseconds(500);
+  o.max_backoff = std::chrono::microseconds(4000);
+  pop::relay r(e, sink, o);
+  asio::io_context io;
+  REQUIRE(run_on(io, r.drain()).ok());
+  CHECK(sink.acked == std::vector<std::string>{a, b});  // in order, nothing dead-lettered
+  CHECK(pop::dead_letters(e).count() == 0);
+  // Only the real failure counted: message a was delivered at its second counted attempt.
+  const auto a_calls = std::count_if(sink.calls.begin(), sink.calls.end(),
+                                     [&](const auto& c) { return c.message.id == a; });
+  CHECK(a_calls == 14);
+  CHECK(sink.calls.back().message.attempts == 0);  // b never failed
+  const auto last_a = std::find_if(sink.calls.rbegin(), sink.calls.rend(),
+                                   [&](const auto& c) { return c.message.id == a; });
+  CHECK(last_a->message.attempts == 1);
+  CHECK(last_a->message.failures.size() == 1);
+}
+
 TEST_CASE("after max attempts a message is dead-lettered with every reason and requeue delivers it",
           "[relay]") {
   pop::engine e;

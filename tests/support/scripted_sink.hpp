@@ -20,7 +20,7 @@
 namespace pop::test {
 
 // What one publish of a scripted_sink does.
-enum class act { ok, fail, permanent, timeout, hang, raise };
+enum class act { ok, fail, permanent, timeout, hang, raise, down };
 
 // A sink whose outcome per publish is chosen by `script` (a fake is fine: the sink's failures are
 // what these tests script; the relay is the real one). Records every publish and every
@@ -95,6 +95,8 @@ class scripted_sink final : public pop::sink {
                                       std::to_string(m.attempts + 1));
       case act::permanent:
         return pop::permanent_failure(absl::InvalidArgumentError("rejected " + m.id));
+      case act::down:
+        return pop::destination_unavailable(absl::UnavailableError("destination down"));
       case act::raise:
         throw std::runtime_error("sink exploded on " + m.id);
       case act::timeout:
