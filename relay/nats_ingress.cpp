@@ -166,10 +166,9 @@ absl::StatusOr<outbox_message> decode(natsMsg* msg, const std::string& stream, s
 
 }  // namespace
 
-nats_ingress::nats_ingress(engine& e, inbox& in, nats_connection& c, nats_ingress_options opts)
+nats_ingress::nats_ingress(engine& e, inbox& in, nats_ingress_options opts)
     : engine_(e),
       inbox_(in),
-      connection_(c),
       options_(std::move(opts)),
       dead_letters_(checked_dead_letters(options_, e.outbox_path())),
       counters_(std::make_unique<counters>()) {}
@@ -206,7 +205,7 @@ absl::StatusOr<std::unique_ptr<nats_ingress>> nats_ingress::create(engine& e, in
   }
   std::unique_ptr<nats_ingress> in_ptr;
   try {
-    in_ptr.reset(new nats_ingress(e, in, c, std::move(o)));
+    in_ptr.reset(new nats_ingress(e, in, std::move(o)));
   } catch (const std::invalid_argument& ex) {
     return absl::InvalidArgumentError(ex.what());
   }
@@ -329,17 +328,19 @@ absl::Status nats_ingress::handle(natsMsg* msg) {
     if (meta->NumDelivered > 1) counters_->redelivered.fetch_add(1, std::memory_order_relaxed);
     jsMsgMetaData_Destroy(meta);
   }
-  const std::string where =
-      absl::StrCat("nats_ingress '", options_.durable, "': stream '", options_.stream,
-                   "' sequence ", seq, " (subject '", natsMsg_GetSubject(msg), "')");
+  // Names the message in errors; built only when one happens.
+  const auto where = [&] {
+    return absl::StrCat("nats_ingress '", options_.durable, "': stream '", options_.stream,
+                        "' sequence ", seq, " (subject '", natsMsg_GetSubject(msg), "')");
+  };
   absl::StatusOr<outbox_message> m = decode(msg, options_.stream, seq);
   absl::Status outcome;
   const std::string* handler = nullptr;
   if (!m.ok()) {
-    outcome = annotate(m.status(), where);
+    outcome = annotate(m.status(), where());
   } else if (handler = route(m->topic); handler == nullptr) {
     outcome = absl::NotFoundError(
-        absl::StrCat(where, ": no route for topic '", m->topic, "' and no default handler"));
+        absl::StrCat(where(), ": no route for topic '", m->topic, "' and no default handler"));
   } else {
     auto backoff = options_.retry_initial;
     auto last_progress = std::chrono::steady_clock::now();
@@ -359,19 +360,19 @@ absl::Status nats_ingress::handle(natsMsg* msg) {
           }
           if (engine_.durable_version() < r->done.version) {
             return absl::CancelledError(
-                absl::StrCat(where, ": stopped before its mark was durable"));
+                absl::StrCat(where(), ": stopped before its mark was durable"));
           }
           counters_->duplicates.fetch_add(1, std::memory_order_relaxed);
         }
         break;
       }
-      if (fatal(r.status().code())) return annotate(r.status(), where);
+      if (fatal(r.status().code())) return annotate(r.status(), where());
       if (!retryable(r.status().code())) {
-        outcome = annotate(r.status(), absl::StrCat(where, ": handler '", *handler, "'"));
+        outcome = annotate(r.status(), absl::StrCat(where(), ": handler '", *handler, "'"));
         break;
       }
       if (stopping_.load()) {
-        return absl::CancelledError(absl::StrCat(where, ": stopped while retrying (",
+        return absl::CancelledError(absl::StrCat(where(), ": stopped while retrying (",
                                                  r.status().message(), "); left unacknowledged"));
       }
       counters_->retries.fetch_add(1, std::memory_order_relaxed);

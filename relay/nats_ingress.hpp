@@ -117,7 +117,7 @@ class nats_ingress {
 
  private:
   struct counters;
-  nats_ingress(engine& e, inbox& in, nats_connection& c, nats_ingress_options opts);
+  nats_ingress(engine& e, inbox& in, nats_ingress_options opts);
   // Handles one message; returns OK once it is settled and acknowledged.
   absl::Status handle(natsMsg* msg);
   // Handles `msgs` (one key's, in order) until one fails; returns how many were settled.
@@ -128,7 +128,6 @@ class nats_ingress {
 
   engine& engine_;
   inbox& inbox_;
-  nats_connection& connection_;
   const nats_ingress_options options_;
   const path dead_letters_;
   natsSubscription* sub_ = nullptr;

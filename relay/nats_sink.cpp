@@ -27,13 +27,12 @@ namespace pop {
 // strand), except for being found and removed from pending_ under mu_.
 struct nats_sink::pending {
   explicit pending(const asio::any_io_executor& ex)
-      : timer(ex, asio::steady_timer::time_point::max()), executor(ex) {
+      : timer(ex, asio::steady_timer::time_point::max()) {
     // The relay's strand, held as its concrete type: posting to it from a libnats thread then
     // copies only a std::shared_ptr, never a type-erased executor's own reference count.
     if (const auto* s = ex.target<asio::strand<asio::any_io_executor>>()) strand = *s;
   }
   asio::steady_timer timer;
-  asio::any_io_executor executor;
   std::optional<asio::strand<asio::any_io_executor>> strand;
   absl::Status status{};
   bool done = false;
@@ -89,8 +88,7 @@ struct msg_deleter {
 
 }  // namespace
 
-nats_sink::nats_sink(nats_connection& c, nats_sink_options opts)
-    : connection_(c), options_(std::move(opts)) {}
+nats_sink::nats_sink(nats_sink_options opts) : options_(std::move(opts)) {}
 
 absl::StatusOr<std::unique_ptr<nats_sink>> nats_sink::create(nats_connection& c,
                                                              nats_sink_options opts) {
@@ -119,7 +117,7 @@ absl::StatusOr<std::unique_ptr<nats_sink>> nats_sink::create(nats_connection& c,
     return absl::InvalidArgumentError(
         "nats_sink_options: ack_timeout and max_pending_acks must be positive");
   }
-  std::unique_ptr<nats_sink> s(new nats_sink(c, std::move(opts)));
+  std::unique_ptr<nats_sink> s(new nats_sink(std::move(opts)));
   jsOptions jo;
   jsOptions_Init(&jo);
   jo.Wait = s->options_.ack_timeout.count();
@@ -209,7 +207,7 @@ void nats_sink::on_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, voi
     if (target.strand) {
       asio::post(*target.strand, std::move(complete));
     } else {
-      asio::post(target.executor, std::move(complete));
+      asio::post(target.timer.get_executor(), std::move(complete));
     }
   }
 }

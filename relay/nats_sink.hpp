@@ -102,10 +102,9 @@ class nats_sink final : public sink {
 
  private:
   struct pending;
-  nats_sink(nats_connection& c, nats_sink_options opts);
+  explicit nats_sink(nats_sink_options opts);
   static void on_ack(jsCtx* js, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* self);
 
-  nats_connection& connection_;
   const nats_sink_options options_;
   jsCtx* js_ = nullptr;
   mutable std::mutex mu_;

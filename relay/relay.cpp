@@ -375,7 +375,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     o.attempts_before = m.attempts;
     o.at_us = now_us();
     if (is_destination_unavailable(status)) {
-      if (outage_since_us_ == 0) outage_since_us_ = now_us();
+      if (outage_since_us_ == 0) outage_since_us_ = o.at_us;
     } else if (status.ok()) {
       outage_since_us_ = 0;
     }
@@ -402,7 +402,11 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     const std::int64_t cap = options_.max_backoff.count();
     std::int64_t d = initial;
     for (std::uint32_t i = 1; i < failures && d < cap; ++i) d *= 2;
-    d = std::min(d, cap);
+    return jittered_us(std::min(d, cap));
+  }
+
+  // A delay drawn uniformly from [d/2, d].
+  std::int64_t jittered_us(std::int64_t d) {
     std::uniform_int_distribution<std::int64_t> pick(d / 2, d);
     return pick(rng_);
   }
@@ -447,10 +451,9 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       // outage has lasted so far, between initial_backoff and max_backoff, with jitter.
       msg["last_error"] = error;
       const std::int64_t lasted = outage_since_us_ == 0 ? 0 : o.at_us - outage_since_us_;
-      const std::int64_t d = std::clamp<std::int64_t>(lasted, options_.initial_backoff.count(),
-                                                      options_.max_backoff.count());
-      std::uniform_int_distribution<std::int64_t> pick(d / 2, d);
-      msg["next_attempt_at_us"] = o.at_us + pick(rng_);
+      msg["next_attempt_at_us"] =
+          o.at_us + jittered_us(std::clamp<std::int64_t>(lasted, options_.initial_backoff.count(),
+                                                         options_.max_backoff.count()));
       writes.push_back({std::move(at), std::move(msg)});
       ++t.retried;
       return;
