@@ -35,9 +35,9 @@ pop::result transfer(const pop::context& ctx, const json& args) {
 std::unique_ptr<pop::engine> make_engine(const std::vector<std::string>& names, bool audit) {
   json accounts = json::object();
   for (const auto& n : names) accounts[n] = 1000;
-  auto e = std::make_unique<pop::engine>(
+  auto e = pop::engine::open(
       pop::options{.initial_state = {{"domain", {{"accounts", std::move(accounts)}}}},
-                   .audit_capacity = audit ? 4096u : 0u});
+                   .audit_capacity = audit ? 4096u : 0u}).value();
   const absl::Status s = e->register_process({.name = "transfer",
                                               .inputs = {"domain.accounts"},
                                               .outputs = {"domain.accounts"},

@@ -97,7 +97,7 @@ struct pop_fixture {
           return r;
         });
     if (!s.ok()) std::abort();
-    relay = std::make_unique<pop::relay>(*engine, sink);
+    relay = pop::relay::create(*engine, sink).value();
     asio::co_spawn(
         io, relay->run(),
         asio::bind_cancellation_slot(stop.slot(), [](std::exception_ptr, absl::Status) {}));

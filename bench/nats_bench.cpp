@@ -80,7 +80,9 @@ void fill(pop::engine& e, int n, int per_commit) {
 // The consuming engine: one counter per key, each message applied once through the inbox; the
 // handler records commit-to-apply latency.
 struct consumer {
-  explicit consumer(pop::options o = {}) : e(pop::engine::open(std::move(o)).value()), in(*e) {
+  explicit consumer(pop::options o = {}) : e(pop::engine::open(std::move(o)).value()),
+        in_owner(pop::inbox::create(*e).value()),
+        in(*in_owner) {
     const absl::Status st = in.register_handler(
         {.name = "apply", .inputs = {"domain.n"}, .outputs = {"domain.n"}},
         [this](const pop::context& ctx,
@@ -94,7 +96,8 @@ struct consumer {
     if (!st.ok()) std::abort();
   }
   std::unique_ptr<pop::engine> e;
-  pop::inbox in;
+  std::unique_ptr<pop::inbox> in_owner;
+  pop::inbox& in;
   std::mutex mu;
   std::vector<std::int64_t> latencies_us;
 };
@@ -119,7 +122,8 @@ void BM_relay_to_jetstream(benchmark::State& state) {
     auto p = producer();
     fill(*p, n, 500);
     auto sink = pop::nats_sink::create(*nc, {.source = "bench"}).value();
-    pop::relay r(*p, *sink);
+    auto r_owner = pop::relay::create(*p, *sink).value();
+  pop::relay& r = *r_owner;
     state.ResumeTiming();
     if (!drain(r).ok() || p->snapshot().pending_count() != 0) std::abort();
     done += n;
@@ -141,7 +145,8 @@ void BM_jetstream_to_engine(benchmark::State& state) {
     auto p = producer();
     fill(*p, n, 500);
     auto sink = pop::nats_sink::create(*nc, {.source = "bench"}).value();
-    pop::relay r(*p, *sink);
+    auto r_owner = pop::relay::create(*p, *sink).value();
+  pop::relay& r = *r_owner;
     if (!drain(r).ok()) std::abort();
   }
   std::int64_t done = 0;
@@ -188,7 +193,8 @@ void BM_engine_to_engine(benchmark::State& state) {
     auto p = producer();
     consumer c;
     auto sink = pop::nats_sink::create(*nc, {.source = "bench"}).value();
-    pop::relay r(*p, *sink);
+    auto r_owner = pop::relay::create(*p, *sink).value();
+  pop::relay& r = *r_owner;
     auto in = pop::nats_ingress::create(*c.e, c.in, *nc,
                                         {.stream = "BENCH",
                                          .durable = "e2e",

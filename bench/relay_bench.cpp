@@ -62,10 +62,11 @@ void BM_relay_drain(benchmark::State& state) {
   const json queue = pending_queue(n);
   for (auto _ : state) {
     state.PauseTiming();
-    auto e = std::make_unique<pop::engine>(pop::options{
-        .initial_state = {{"domain", {{"outbox_queue", queue}}}}, .audit_capacity = 0});
+    auto e = pop::engine::open(pop::options{
+        .initial_state = {{"domain", {{"outbox_queue", queue}}}}, .audit_capacity = 0}).value();
     counting_sink sink;
-    pop::relay r(*e, sink);
+    auto r_owner = pop::relay::create(*e, sink).value();
+  pop::relay& r = *r_owner;
     asio::io_context io;
     absl::Status result;
     asio::co_spawn(io, r.drain(), [&](std::exception_ptr, absl::Status s) { result = s; });
@@ -83,7 +84,7 @@ void BM_relay_drain(benchmark::State& state) {
 BENCHMARK(BM_relay_drain)->Arg(100'000)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 std::unique_ptr<pop::engine> emitting_engine() {
-  auto e = std::make_unique<pop::engine>(pop::options{.audit_capacity = 0});
+  auto e = pop::engine::open(pop::options{.audit_capacity = 0}).value();
   const absl::Status s = e->register_process(
       {.name = "place", .emits = {"order.placed"}}, [](const pop::context&, const json& args) {
         pop::result r;
@@ -106,7 +107,8 @@ void relay_with_producer(benchmark::State& state, bool paced) {
     auto e = emitting_engine();
     counting_sink sink;
     sink.latencies_us.reserve(n);
-    pop::relay r(*e, sink);
+    auto r_owner = pop::relay::create(*e, sink).value();
+  pop::relay& r = *r_owner;
     asio::io_context io;
     asio::cancellation_signal stop;
     asio::co_spawn(

@@ -33,18 +33,22 @@ absl::StatusOr<std::pair<std::uint64_t, std::uint32_t>> parse_message_id(std::st
   return std::pair{version, index};
 }
 
-json outbox_message::to_json() const {
-  return json{{"id", id},
-              {"topic", topic},
-              {"key", key},
-              {"payload", payload},
-              {"headers", headers},
+json outbox_message::to_json() const& {
+  return outbox_message(*this).to_json();
+}
+
+json outbox_message::to_json() && {
+  return json{{"id", std::move(id)},
+              {"topic", std::move(topic)},
+              {"key", std::move(key)},
+              {"payload", std::move(payload)},
+              {"headers", std::move(headers)},
               {"created_at_us", created_at_us},
               {"version", version},
               {"attempts", attempts},
-              {"last_error", last_error},
+              {"last_error", std::move(last_error)},
               {"next_attempt_at_us", next_attempt_at_us},
-              {"failures", failures}};
+              {"failures", std::move(failures)}};
 }
 
 void to_json(json& j, const delivery_failure& f) {

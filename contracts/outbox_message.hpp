@@ -56,8 +56,9 @@ struct outbox_message {
   // Returns the message read from its stored JSON form, or kInvalidArgument naming the field that
   // is missing or of the wrong type. "failures" may be absent (no failures).
   [[nodiscard]] static absl::StatusOr<outbox_message> from_json(const json& j);
-  // The stored JSON form.
-  json to_json() const;
+  // The stored JSON form; the rvalue form moves the payload instead of copying it.
+  json to_json() const&;
+  json to_json() &&;
 
   friend bool operator==(const outbox_message&, const outbox_message&) = default;
 };

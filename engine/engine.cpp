@@ -12,6 +12,7 @@
 #include "contracts/process_error.hpp"
 #include "contracts/status.hpp"
 #include "engine/detail/journal.hpp"
+#include "engine/detail/outbox_form.hpp"
 #include "engine/dry_run.hpp"
 
 namespace pop {
@@ -34,6 +35,7 @@ struct prepared {
   path_set access;  // reads and written paths: what a newer commit must not overlap
   std::vector<prepared_write> writes;
   std::vector<message_draft> messages;
+  bool wrote_queue = false;  // wrote the whole outbox (list form): see prepare_writes
   bool empty() const { return writes.empty() && messages.empty(); }
 };
 
@@ -90,12 +92,19 @@ struct process_runner {
 
     prepared out;
     out.reads = ctx.reads();
-    out.access = out.reads;
     POP_RETURN_IF_ERROR(prepare_writes(c, snap, *r, out));
-    for (message_draft& m : r->messages()) {
+    for (message_draft& m : r->messages()) out.messages.push_back(std::move(m));
+    for (const message_draft& m : out.messages) {
       POP_RETURN_IF_ERROR(check_topic(c, snap.version(), m.topic));
-      out.messages.push_back(std::move(m));
+      POP_RETURN_IF_ERROR(check_message(m, process_at(c, snap.version())));
     }
+    // What a newer commit must not overlap: what it read, and what it wrote. A process that
+    // rewrote the whole outbox depends on the messages it removed or changed, not on the queue
+    // as a whole: messages appended meanwhile are kept, so they do not conflict with it.
+    for (const path& p : out.reads) {
+      if (!(out.wrote_queue && p == snap.outbox_path())) out.access.insert(p);
+    }
+    for (const prepared_write& w : out.writes) out.access.insert(w.target);
     if (out.messages.size() > max_messages_per_commit) {
       return absl::InvalidArgumentError(
           absl::StrCat(process_at(c, snap.version()), " emitted ", out.messages.size(),
@@ -115,26 +124,67 @@ struct process_runner {
   static absl::Status prepare_writes(const process_contract& c, const snapshot& snap, result& r,
                                      prepared& out) {
     const path& outbox = snap.outbox_path();
+    const std::string who = process_at(c, snap.version());
     for (write& w : r.writes()) {
       absl::StatusOr<path> p = path::parse(w.path);
       if (!p.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            process_at(c, snap.version()), " wrote a bad path: ", p.status().message()));
+        return absl::InvalidArgumentError(
+            absl::StrCat(who, " wrote a bad path: ", p.status().message()));
       }
       if (!c.may_write(*p)) {
-        return absl::PermissionDeniedError(
-            absl::StrCat("contract violation: ", process_at(c, snap.version()), " wrote '",
-                         p->str(), "', outside its declared outputs ", c.outputs().to_string()));
+        return absl::PermissionDeniedError(absl::StrCat("contract violation: ", who, " wrote '",
+                                                        p->str(), "', outside its declared outputs ",
+                                                        c.outputs().to_string()));
+      }
+      if (w.value) {
+        POP_RETURN_IF_ERROR(check_storable(*w.value, absl::StrCat(who, " wrote '", p->str(), "'")));
       }
       if (*p == outbox) {
-        POP_RETURN_IF_ERROR(diff_outbox(c, snap, std::move(w.value), out));
+        POP_ASSIGN_OR_RETURN(
+            detail::outbox_changes changes,
+            detail::diff_outbox(w.value, snap.view(outbox), snap.version(), who));
+        POP_RETURN_IF_ERROR(add_changes(outbox, std::move(changes), out));
         continue;
       }
-      POP_RETURN_IF_ERROR(check_not_outbox_parent(*p, outbox, process_at(c, snap.version())));
-      out.access.insert(*p);
+      POP_RETURN_IF_ERROR(check_outbox_write(*p, outbox, w.value, who));
       out.writes.push_back({*std::move(p), w.value ? make_node(*std::move(w.value)) : nullptr});
     }
     return absl::OkStatus();
+  }
+
+  // Adds the changes a whole-outbox write means to `out`.
+  static absl::Status add_changes(const path& outbox, outbox_changes changes, prepared& out) {
+    for (auto& [id, stored] : changes.updates) {
+      POP_ASSIGN_OR_RETURN(path p, outbox.child(id));
+      out.writes.push_back({std::move(p), make_node(std::move(stored))});
+    }
+    for (const std::string& id : changes.removals) {
+      POP_ASSIGN_OR_RETURN(path p, outbox.child(id));
+      out.writes.push_back({std::move(p), nullptr});
+    }
+    for (message_draft& m : changes.appends) out.messages.push_back(std::move(m));
+    out.wrote_queue = true;
+    return absl::OkStatus();
+  }
+
+  // OK unless writing `value` at `p` would replace the outbox or break the shape of a message.
+  static absl::Status check_outbox_write(const path& p, const path& outbox,
+                                         const std::optional<json>& value, const std::string& who) {
+    POP_RETURN_IF_ERROR(check_not_outbox_parent(p, outbox, who));
+    if (outbox.contains(p)) return check_message_write(p, outbox, value, who);
+    return absl::OkStatus();
+  }
+
+  // OK if a message can be stored and published: its key, headers and payload are storable JSON.
+  static absl::Status check_message(const message_draft& m, const std::string& who) {
+    const std::string what = absl::StrCat(who, ", message of topic '", m.topic, "'");
+    POP_RETURN_IF_ERROR(check_utf8(m.topic, absl::StrCat(who, ": a message topic")));
+    POP_RETURN_IF_ERROR(check_utf8(m.key, absl::StrCat(what, ": its key")));
+    for (const auto& [name, value] : m.headers) {
+      POP_RETURN_IF_ERROR(check_utf8(name, absl::StrCat(what, ": a header name")));
+      POP_RETURN_IF_ERROR(check_utf8(value, absl::StrCat(what, ": header '", name, "'")));
+    }
+    return check_storable(m.payload, absl::StrCat(what, ": its payload"));
   }
 
   static absl::Status check_not_outbox_parent(const path& p, const path& outbox,
@@ -145,91 +195,6 @@ struct process_runner {
                        outbox.str(), "'; write the paths below '", p.str(), "' instead"));
     }
     return absl::OkStatus();
-  }
-
-  // The seed-style outbox form: a new whole queue (a list, or an object of id -> message) is
-  // turned into removals of the ids it dropped, updates of the ids it changed, and appends of the
-  // entries without an id.
-  static absl::Status diff_outbox(const process_contract& c, const snapshot& snap,
-                                  std::optional<json> queue, prepared& out) {
-    const std::string who = process_at(c, snap.version());
-    const path& outbox = snap.outbox_path();
-    std::vector<const json*> entries;
-    if (queue && queue->is_array()) {
-      for (const json& e : *queue) entries.push_back(&e);
-    } else if (queue && queue->is_object()) {
-      for (const auto& [id, e] : queue->items()) entries.push_back(&e);
-    } else if (queue) {
-      return absl::InvalidArgumentError(absl::StrCat(who, " wrote the outbox '", outbox.str(),
-                                                     "' as a ", queue->type_name(),
-                                                     "; write a list or an object of messages"));
-    }
-    const value_view current = snap.view(outbox);
-    absl::flat_hash_set<std::string> kept;
-    for (const json* e : entries) {
-      if (!e->is_object()) {
-        return absl::InvalidArgumentError(absl::StrCat(who, " wrote an outbox entry that is a ",
-                                                       e->type_name(), ", not a message object"));
-      }
-      const auto id = e->find("id");
-      if (id == e->end() || (id->is_string() && id->get_ref<const std::string&>().empty())) {
-        message_draft m;
-        const auto topic = e->find("topic");
-        if (topic == e->end() || !topic->is_string()) {
-          return absl::InvalidArgumentError(
-              absl::StrCat(who, " wrote a new outbox entry without a string 'topic'"));
-        }
-        m.topic = topic->get<std::string>();
-        if (const auto it = e->find("payload"); it != e->end()) m.payload = *it;
-        try {
-          if (const auto it = e->find("key"); it != e->end()) m.key = it->get<std::string>();
-          if (const auto it = e->find("headers"); it != e->end()) {
-            m.headers = it->get<std::map<std::string, std::string>>();
-          }
-        } catch (const json::exception& ex) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              who, " wrote a new outbox entry with a bad key or headers: ", ex.what()));
-        }
-        POP_RETURN_IF_ERROR(check_topic(c, snap.version(), m.topic));
-        out.messages.push_back(std::move(m));
-        continue;
-      }
-      if (!id->is_string()) {
-        return absl::InvalidArgumentError(absl::StrCat(who, " wrote an outbox entry whose id is a ",
-                                                       id->type_name(), ", not a string"));
-      }
-      const std::string& key = id->get_ref<const std::string&>();
-      const value_view stored = current.member(key);
-      if (!stored) {
-        return absl::InvalidArgumentError(absl::StrCat(who, " wrote outbox entry '", key,
-                                                       "', which is not pending in version ",
-                                                       snap.version()));
-      }
-      if (!kept.insert(key).second) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(who, " wrote outbox entry '", key, "' twice"));
-      }
-      if (stored.to_json() != *e) {
-        POP_ASSIGN_OR_RETURN(path p, outbox.child(key));
-        out.access.insert(p);
-        out.writes.push_back({std::move(p), make_node(*e)});
-      }
-    }
-    absl::Status status;
-    current.for_each_member([&](std::string_view key, const value_view&) {
-      if (kept.contains(detail::to_absl(key))) return true;
-      absl::StatusOr<path> p = outbox.child(key);
-      if (!p.ok()) {
-        status = p.status();
-        return false;
-      }
-      out.access.insert(*p);
-      out.writes.push_back({*std::move(p), nullptr});
-      return true;
-    });
-    // Reading the whole queue is what this form depends on.
-    out.access.insert(outbox);
-    return status;
   }
 
   // Applies `prep` on top of `base`, giving its messages ids of version base.version + 1.
@@ -257,18 +222,16 @@ struct process_runner {
       const message_draft& m = prep.messages[i];
       std::string id = make_message_id(out.version, static_cast<std::uint32_t>(i));
       POP_ASSIGN_OR_RETURN(path target, outbox.child(id));
-      json stored = {{"id", id},
-                     {"topic", m.topic},
-                     {"key", m.key},
-                     {"payload", m.payload},
-                     {"headers", m.headers},
-                     {"created_at_us", created},
-                     {"version", out.version},
-                     {"attempts", 0},
-                     {"last_error", ""},
-                     {"next_attempt_at_us", 0},
-                     {"failures", json::array()}};
-      absl::StatusOr<node_ptr> r = assign(root, target.str(), make_node(std::move(stored)), edit);
+      outbox_message stored;
+      stored.id = id;
+      stored.topic = m.topic;
+      stored.key = m.key;
+      stored.payload = m.payload;
+      stored.headers = m.headers;
+      stored.created_at_us = created;
+      stored.version = out.version;
+      absl::StatusOr<node_ptr> r =
+          assign(root, target.str(), make_node(std::move(stored).to_json()), edit);
       if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
       root = *std::move(r);
       out.written.push_back(std::move(target));
@@ -290,9 +253,11 @@ absl::Status validate_options(const options& o) {
     return annotate(p.status(), "options.outbox_path");
   }
   if (!o.initial_state.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "options.initial_state must be a JSON object, not ", o.initial_state.type_name()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("options.initial_state must be a JSON object, not ",
+                     detail::to_absl(type_with_article(o.initial_state))));
   }
+  POP_RETURN_IF_ERROR(check_storable(o.initial_state, "options.initial_state"));
   if (o.retry.max_attempts < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("options.retry.max_attempts must be at least 1, not ", o.retry.max_attempts));
@@ -314,11 +279,6 @@ absl::Status validate_options(const options& o) {
         "options.journal_tuning.snapshot_every and max_group must be at least 1");
   }
   return absl::OkStatus();
-}
-
-options checked(options o) {
-  if (absl::Status s = validate_options(o); !s.ok()) throw std::invalid_argument(s.ToString());
-  return o;
 }
 
 void backoff(const retry_policy& policy, int attempt) {
@@ -345,28 +305,18 @@ std::vector<std::string> texts(const path_set& paths) {
 
 }  // namespace
 
-engine::engine() : engine(options{}) {}
+engine::engine() : engine(options{}, nullptr, {0, detail::make_root(json::object())}) {}
 
-engine::engine(options opts)
-    : options_(checked(std::move(opts))),
+engine::engine(options opts, std::unique_ptr<detail::journal> journal, detail::journal_start start)
+    : options_(std::move(opts)),
       outbox_(std::make_shared<const path>(path::parse(options_.outbox_path).value())),
       listeners_(std::make_shared<detail::commit_listeners>()),
-      audit_(options_.audit_capacity) {
+      audit_(options_.audit_capacity),
+      journal_(std::move(journal)) {
   auto initial = std::make_shared<detail::version_state>();
   initial->outbox_path = outbox_;
-  if (options_.journal.empty()) {
-    initial->version = 0;
-    initial->root = detail::make_root(options_.initial_state);
-  } else {
-    detail::journal_start start;
-    absl::StatusOr<std::unique_ptr<detail::journal>> j =
-        detail::journal::open(options_.journal, options_.durability, options_.journal_tuning,
-                              outbox_->str(), options_.initial_state, start);
-    if (!j.ok()) throw process_error(j.status());
-    journal_ = *std::move(j);
-    initial->version = start.version;
-    initial->root = std::move(start.root);
-  }
+  initial->version = start.version;
+  initial->root = std::move(start.root);
   std::unique_lock lock(head_mu_);
   head_ = std::move(initial);
 }
@@ -375,11 +325,21 @@ engine::~engine() = default;
 
 absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
   POP_RETURN_IF_ERROR(validate_options(opts));
-  try {
-    return std::make_unique<engine>(std::move(opts));
-  } catch (const process_error& e) {
-    return e.status();
+  const path outbox = path::parse(opts.outbox_path).value();
+  POP_ASSIGN_OR_RETURN(json initial,
+                       detail::initial_outbox(std::move(opts.initial_state), outbox, detail::now_us()));
+  // The engine keeps no copy of the initial state: once in the tree (or the journal) it is gone.
+  opts.initial_state = json();
+  detail::journal_start start;
+  std::unique_ptr<detail::journal> journal;
+  if (opts.journal.empty()) {
+    start.root = detail::make_root(std::move(initial));
+  } else {
+    POP_ASSIGN_OR_RETURN(journal, detail::journal::open(opts.journal, opts.durability,
+                                                        opts.journal_tuning, outbox.str(), initial,
+                                                        start));
   }
+  return std::unique_ptr<engine>(new engine(std::move(opts), std::move(journal), std::move(start)));
 }
 
 absl::Status engine::register_process(process_spec spec, process_fn fn) {
@@ -483,22 +443,31 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
   if (record) {
     record->at_us = detail::now_us();
     record->process = std::string(who);
-    json writes = json::array();
-    for (const detail::prepared_write& w : prep.writes) {
-      if (w.value) {
-        writes.push_back(
-            json::array({w.target.str(), detail::materialise({w.value.get(), nullptr})}));
-      } else {
-        writes.push_back(json::array({w.target.str()}));
+    try {
+      json writes = json::array();
+      for (const detail::prepared_write& w : prep.writes) {
+        if (w.value) {
+          writes.push_back(
+              json::array({w.target.str(), detail::materialise({w.value.get(), nullptr})}));
+        } else {
+          writes.push_back(json::array({w.target.str()}));
+        }
       }
+      for (const std::string& id : done.message_ids) {
+        std::string at = absl::StrCat(outbox_->str(), ".", id);
+        json stored = detail::materialise(detail::lookup(*done.root, at));
+        writes.push_back(json::array({std::move(at), std::move(stored)}));
+      }
+      record->writes = writes.dump();
+      record->messages = json(done.message_ids).dump();
+    } catch (const std::exception& e) {
+      // Values are checked before they are committed, so this is a bug; never leave the record
+      // unfilled (later commits would wait for it forever): fail the journal instead.
+      journal_->fail(record, absl::InternalError(absl::StrCat(
+                                 "cannot encode the journal record of version ", done.version,
+                                 " by '", detail::to_absl(who), "': ", e.what())));
+      return journal_->wait_durable(done.version);
     }
-    for (const std::string& id : done.message_ids) {
-      std::string at = absl::StrCat(outbox_->str(), ".", id);
-      json stored = detail::materialise(detail::lookup(*done.root, at));
-      writes.push_back(json::array({std::move(at), std::move(stored)}));
-    }
-    record->writes = writes.dump();
-    record->messages = json(done.message_ids).dump();
     journal_->fill(record);
     POP_RETURN_IF_ERROR(journal_->wait_durable(done.version));
   }
@@ -637,10 +606,22 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
   if (writes.empty()) return absl::InvalidArgumentError(absl::StrCat(who, ": no writes given"));
   if (journal_) POP_RETURN_IF_ERROR(journal_->failure());
   prepared prep;
+  // A write of the whole outbox is read against the head, under the commit lock, below.
+  std::optional<std::optional<json>> queue;
   for (write& w : writes) {
     absl::StatusOr<path> p = path::parse(w.path);
     if (!p.ok()) return annotate(p.status(), who);
-    POP_RETURN_IF_ERROR(process_runner::check_not_outbox_parent(*p, *outbox_, who));
+    if (w.value) {
+      POP_RETURN_IF_ERROR(check_storable(*w.value, absl::StrCat(who, ", writing '", p->str(), "'")));
+    }
+    if (*p == *outbox_) {
+      if (queue) {
+        return absl::InvalidArgumentError(absl::StrCat(who, ": writes the outbox twice"));
+      }
+      queue = std::move(w.value);
+      continue;
+    }
+    POP_RETURN_IF_ERROR(process_runner::check_outbox_write(*p, *outbox_, w.value, who));
     prep.access.insert(*p);
     prep.writes.push_back(
         {*std::move(p), w.value ? detail::make_node(*std::move(w.value)) : nullptr});
@@ -659,6 +640,21 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
       if (!find_conflict(prep.access, expected_version).empty()) {
         return cas_result{false, current->version};
       }
+      // The queue write removes the messages pending at expected_version: if one of them was
+      // removed or changed since, the state it was based on is gone.
+      if (queue && outbox_entries_changed(expected_version)) {
+        return cas_result{false, current->version};
+      }
+    }
+    if (queue) {
+      const pop::snapshot head_snap(current);
+      POP_ASSIGN_OR_RETURN(
+          detail::outbox_changes changes,
+          detail::diff_outbox(*queue, head_snap.view(*outbox_), expected_version, who));
+      POP_RETURN_IF_ERROR(process_runner::add_changes(*outbox_, std::move(changes), prep));
+      for (const message_draft& m : prep.messages) {
+        POP_RETURN_IF_ERROR(process_runner::check_message(m, who));
+      }
     }
     POP_ASSIGN_OR_RETURN(out, process_runner::apply(*current, prep, who));
     POP_RETURN_IF_ERROR(check_pending_bound(*current, out.root, who));
@@ -666,6 +662,27 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
   }
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "compare_and_swap"));
   return cas_result{true, out.version};
+}
+
+bool engine::outbox_entries_changed(std::uint64_t since) const {
+  if (log_.empty() || log_.back().version <= since) return false;
+  if (log_.front().version > since + 1) return true;  // older than the window: assume so
+  const std::string& outbox = outbox_->str();
+  for (auto it = log_.begin() + static_cast<std::ptrdiff_t>(since + 1 - log_.front().version);
+       it != log_.end(); ++it) {
+    for (const path& p : it->written) {
+      const std::string& text = p.str();
+      if (text.size() <= outbox.size() + 1 || text.compare(0, outbox.size(), outbox) != 0 ||
+          text[outbox.size()] != '.') {
+        continue;
+      }
+      std::string_view rest = std::string_view(text).substr(outbox.size() + 1);
+      const absl::StatusOr<std::pair<std::uint64_t, std::uint32_t>> id =
+          parse_message_id(detail::take_segment(rest));
+      if (!id.ok() || id->first <= since) return true;
+    }
+  }
+  return false;
 }
 
 namespace {

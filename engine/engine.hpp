@@ -32,6 +32,7 @@ namespace pop {
 struct dry_run_result;
 namespace detail {
 struct journal_record;
+struct journal_start;
 class journal;
 struct prepared;
 struct applied;
@@ -94,13 +95,14 @@ struct cas_result {
 // Lifetime: not copyable or movable; snapshots and views taken from it may outlive it.
 class engine {
  public:
-  // An in-memory engine with default options.
+  // An in-memory engine with default options. Cannot fail; every other engine comes from open().
   engine();
-  // An engine with `opts`; throws pop::process_error carrying what open() would return.
-  // Prefer open().
-  explicit engine(options opts);
-  // Returns a new engine, or kInvalidArgument naming the bad option (outbox path, initial state,
-  // retry policy, conflict window, durability). With options.journal, opens or creates the journal:
+  // Returns a new engine, or kInvalidArgument naming the bad option (outbox path; initial state:
+  // not an object, not storable JSON as check_storable says, or an outbox that is not [], a list
+  // of new messages or an object of stored messages; retry policy, conflict window, durability).
+  // An outbox seeded as a list (Theus's `outbox_queue: []`) starts as that many messages of
+  // version 0. The engine keeps no copy of options.initial_state. With options.journal, opens or
+  // creates the journal:
   // a new one starts at version 0 with options.initial_state; an existing one resumes at its last
   // acknowledged version with its state and outbox (initial_state is ignored). Journal errors:
   // kFailedPrecondition (open in another engine, a newer format, another outbox path), kDataLoss
@@ -163,6 +165,8 @@ class engine {
   std::vector<audit_record> audit(const audit_query& q = {}) const { return audit_.query(q); }
 
  private:
+  engine(options opts, std::unique_ptr<detail::journal> journal, detail::journal_start start);
+
   using registered = detail::registered;
   using prepared = detail::prepared;
   using applied = detail::applied;
@@ -185,6 +189,8 @@ class engine {
   // The first logged write after `since` that overlaps `access`, as "path (version N)", or empty.
   std::string find_conflict(const path_set& access, std::uint64_t since) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
+  // True if a commit after `since` removed or changed an outbox message of version <= `since`.
+  bool outbox_entries_changed(std::uint64_t since) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Makes `root` the head at `version`; returns the journal record to fill, if journaling.
   std::shared_ptr<detail::journal_record> install(std::uint64_t version, detail::node_ptr root,
                                                   std::vector<path> written)

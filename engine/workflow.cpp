@@ -234,13 +234,16 @@ struct workflows::defined {
   }
 };
 
-workflows::workflows(engine& e, workflow_options opts) : engine_(e), options_(std::move(opts)) {
-  for (const std::string* p : {&options_.instances, &options_.index}) {
+absl::StatusOr<std::unique_ptr<workflows>> workflows::create(engine& e, workflow_options opts) {
+  for (const std::string* p : {&opts.instances, &opts.index}) {
     if (absl::StatusOr<path> parsed = path::parse(*p); !parsed.ok()) {
-      throw process_error(annotate(parsed.status(), "workflow_options"));
+      return annotate(parsed.status(), "workflow_options");
     }
   }
+  return std::unique_ptr<workflows>(new workflows(e, std::move(opts)));
 }
+
+workflows::workflows(engine& e, workflow_options opts) : engine_(e), options_(std::move(opts)) {}
 
 // ---- the transactions ------------------------------------------------------------------------
 

@@ -107,7 +107,9 @@ struct workflow_options {
 // is driven by workflow_runner (relay/) or by calling advance(). Thread safety: as the engine's.
 class workflows {
  public:
-  explicit workflows(engine& e, workflow_options opts = {});
+  // Returns the workflows of `e`, or kInvalidArgument naming a bad path in `opts`.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<workflows>> create(engine& e,
+                                                                         workflow_options opts = {});
   workflows(const workflows&) = delete;
   workflows& operator=(const workflows&) = delete;
 
@@ -159,6 +161,7 @@ class workflows {
   const workflow_options& options() const { return options_; }
 
  private:
+  workflows(engine& e, workflow_options opts);  // validated by create()
   struct registered_process;
   struct registered_predicate;
   struct defined;

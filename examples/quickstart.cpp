@@ -34,8 +34,13 @@ absl::StatusOr<pop::result> place_order(const pop::context& ctx, const pop::json
 }  // namespace
 
 int main() {
-  pop::engine engine(
+  absl::StatusOr<std::unique_ptr<pop::engine>> opened = pop::engine::open(
       pop::options{.initial_state = {{"domain", {{"inventory", {{"A1", 5}, {"B2", 1}}}}}}});
+  if (!opened.ok()) {
+    std::cerr << opened.status() << "\n";
+    return 1;
+  }
+  pop::engine& engine = **opened;
   const pop::process_spec spec{.name = "place_order",
                                .inputs = {"domain.inventory"},
                                .outputs = {"domain.inventory", "domain.orders"},

@@ -8,12 +8,13 @@
 namespace pop {
 namespace {
 
-path checked_path(std::string_view text, const path& outbox) {
+absl::StatusOr<path> checked_path(std::string_view text, const path& outbox) {
   absl::StatusOr<path> p = path::parse(text);
-  if (!p.ok()) throw std::invalid_argument(annotate(p.status(), "dead_letters").ToString());
+  if (!p.ok()) return annotate(p.status(), "dead_letters");
   if (p->overlaps(outbox)) {
-    throw std::invalid_argument(absl::StrCat("dead_letters: path '", p->str(),
-                                             "' overlaps the outbox at '", outbox.str(), "'"));
+    return absl::InvalidArgumentError(absl::StrCat("dead_letters: path '", p->str(),
+                                                   "' overlaps the outbox at '", outbox.str(),
+                                                   "'; choose a path outside it"));
   }
   return *std::move(p);
 }
@@ -42,8 +43,13 @@ absl::StatusOr<dead_letter> parse_letter(std::string_view id, const json& j) {
 
 }  // namespace
 
-dead_letters::dead_letters(engine& e, std::string_view letters_path)
-    : engine_(e), path_(checked_path(letters_path, e.outbox_path())) {}
+absl::StatusOr<std::unique_ptr<dead_letters>> dead_letters::create(engine& e,
+                                                                   std::string_view letters_path) {
+  POP_ASSIGN_OR_RETURN(path p, checked_path(letters_path, e.outbox_path()));
+  return std::unique_ptr<dead_letters>(new dead_letters(e, std::move(p)));
+}
+
+dead_letters::dead_letters(engine& e, path letters_path) : engine_(e), path_(std::move(letters_path)) {}
 
 std::size_t dead_letters::count() const {
   return engine_.snapshot().view(path_).size();

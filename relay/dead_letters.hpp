@@ -29,9 +29,12 @@ struct dead_letter {
 // Thread safety: as the engine's. Lifetime: the engine must outlive it.
 class dead_letters {
  public:
-  // The dead letters at `letters_path`; throws std::invalid_argument for a bad path or one
+  // Returns the dead letters of `e` at `letters_path`, or kInvalidArgument for a bad path or one
   // overlapping the outbox.
-  explicit dead_letters(engine& e, std::string_view letters_path = "system.dead_letters");
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<dead_letters>> create(
+      engine& e, std::string_view letters_path = "system.dead_letters");
+  dead_letters(const dead_letters&) = delete;
+  dead_letters& operator=(const dead_letters&) = delete;
 
   // The number of dead letters in the newest snapshot. O(1).
   std::size_t count() const;
@@ -53,6 +56,7 @@ class dead_letters {
   [[nodiscard]] absl::StatusOr<std::uint64_t> discard(std::string_view id);
 
  private:
+  dead_letters(engine& e, path letters_path);  // validated by create()
   // {how many, the version that moved them}.
   absl::StatusOr<std::pair<std::size_t, std::uint64_t>> requeue_ids(
       const std::vector<std::string>& ids, bool all);

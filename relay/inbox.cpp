@@ -10,12 +10,13 @@
 namespace pop {
 namespace {
 
-path checked_path(const inbox_options& o, const path& outbox) {
+absl::StatusOr<path> checked_path(const inbox_options& o, const path& outbox) {
   absl::StatusOr<path> p = path::parse(o.path);
-  if (!p.ok()) throw std::invalid_argument(annotate(p.status(), "inbox_options.path").ToString());
+  if (!p.ok()) return annotate(p.status(), "inbox_options.path");
   if (p->overlaps(outbox)) {
-    throw std::invalid_argument(absl::StrCat("inbox_options.path '", p->str(),
-                                             "' overlaps the outbox at '", outbox.str(), "'"));
+    return absl::InvalidArgumentError(absl::StrCat("inbox_options.path '", p->str(),
+                                                   "' overlaps the outbox at '", outbox.str(),
+                                                   "'; choose a path outside it"));
   }
   return *std::move(p);
 }
@@ -45,8 +46,13 @@ absl::Status add_inbox(std::vector<std::string>& declared, const path& inbox,
 
 }  // namespace
 
-inbox::inbox(engine& e, inbox_options opts)
-    : engine_(e), options_(std::move(opts)), path_(checked_path(options_, e.outbox_path())) {}
+absl::StatusOr<std::unique_ptr<inbox>> inbox::create(engine& e, inbox_options opts) {
+  POP_ASSIGN_OR_RETURN(path p, checked_path(opts, e.outbox_path()));
+  return std::unique_ptr<inbox>(new inbox(e, std::move(opts), std::move(p)));
+}
+
+inbox::inbox(engine& e, inbox_options opts, path p)
+    : engine_(e), options_(std::move(opts)), path_(std::move(p)) {}
 
 absl::Status inbox::register_handler(process_spec spec, message_handler fn) {
   if (!fn) {

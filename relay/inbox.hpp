@@ -40,8 +40,11 @@ using message_handler =
 // Thread safety: as the engine's. Lifetime: the engine must outlive the inbox.
 class inbox {
  public:
-  // An inbox on `e`; throws std::invalid_argument for a bad path or one overlapping the outbox.
-  explicit inbox(engine& e, inbox_options opts = {});
+  // Returns an inbox on `e`, or kInvalidArgument for a bad path or one overlapping the outbox.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<inbox>> create(engine& e,
+                                                                     inbox_options opts = {});
+  inbox(const inbox&) = delete;
+  inbox& operator=(const inbox&) = delete;
 
   // Registers `fn` as process `spec.name` (its inputs and outputs gain the inbox path). Errors as
   // engine::register_process, plus kInvalidArgument if a declared path is inside the inbox.
@@ -62,6 +65,7 @@ class inbox {
   [[nodiscard]] absl::StatusOr<std::size_t> prune();
 
  private:
+  inbox(engine& e, inbox_options opts, path p);  // validated by create()
   engine& engine_;
   const inbox_options options_;
   const path path_;

@@ -573,20 +573,16 @@ absl::Status validate(const relay_options& o, const path& outbox) {
   return absl::OkStatus();
 }
 
-namespace {
-
-path checked_dead_letters(const relay_options& o, const path& outbox) {
-  if (absl::Status s = validate(o, outbox); !s.ok()) throw std::invalid_argument(s.ToString());
-  return path::parse(o.dead_letter_path).value();
+absl::StatusOr<std::unique_ptr<relay>> relay::create(engine& e, sink& s, relay_options opts) {
+  POP_RETURN_IF_ERROR(validate(opts, e.outbox_path()));
+  return std::unique_ptr<relay>(new relay(e, s, std::move(opts)));
 }
-
-}  // namespace
 
 relay::relay(engine& e, sink& s, relay_options opts)
     : engine_(e),
       sink_(s),
       options_(std::move(opts)),
-      dead_letters_(checked_dead_letters(options_, e.outbox_path())),
+      dead_letters_(path::parse(options_.dead_letter_path).value()),
       counters_(std::make_unique<detail::relay_counters>()) {}
 
 relay::~relay() = default;

@@ -65,8 +65,10 @@ struct relay_options {
 // the relay must outlive any run()/drain() coroutine it started.
 class relay {
  public:
-  // A relay of `e`'s outbox through `s`; throws std::invalid_argument for bad options.
-  relay(engine& e, sink& s, relay_options opts = {});
+  // Returns a relay of `e`'s outbox through `s`, or kInvalidArgument naming the bad option
+  // (batch sizes, backoffs, attempts, a dead-letter path that is bad or overlaps the outbox).
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<relay>> create(engine& e, sink& s,
+                                                                     relay_options opts = {});
   ~relay();
   relay(const relay&) = delete;
   relay& operator=(const relay&) = delete;
@@ -85,6 +87,7 @@ class relay {
   const relay_options& options() const { return options_; }
 
  private:
+  relay(engine& e, sink& s, relay_options opts);  // opts validated by create()
   boost::asio::awaitable<absl::Status> start(bool until_empty);
 
   engine& engine_;

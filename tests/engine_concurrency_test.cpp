@@ -1,6 +1,8 @@
 // Concurrency tests of pop::engine: many threads executing and reading at once (run under TSan).
 #include <catch2/catch.hpp>
 
+#include "tests/support/must.hpp"
+
 #include <atomic>
 #include <random>
 #include <thread>
@@ -18,7 +20,8 @@ TEST_CASE("concurrent transfers conserve the total in every snapshot and lose no
   INFO("seed " << seed);
   json initial = {{"domain", {{"accounts", json::object()}}}};
   for (int i = 0; i < accounts; ++i) initial["domain"]["accounts"]["a" + std::to_string(i)] = 100;
-  pop::engine e(pop::options{.initial_state = initial, .retry = {.max_attempts = 1000}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = initial, .retry = {.max_attempts = 1000}}));
+  pop::engine& e = *e_owner;
   REQUIRE(e.register_process(
                {.name = "transfer",
                 .inputs = {"domain.accounts"},
@@ -114,7 +117,8 @@ TEST_CASE("concurrent transfers conserve the total in every snapshot and lose no
 
 TEST_CASE("concurrent appends to the outbox never conflict with each other or with clears by id",
           "[engine][concurrency]") {
-  pop::engine e(pop::options{.retry = {.max_attempts = 1}});  // a conflict would fail the test
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.retry = {.max_attempts = 1}}));
+  pop::engine& e = *e_owner;  // a conflict would fail the test
   REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
                                                                   const json& args) {
              pop::result r;

@@ -2,6 +2,8 @@
 #include <rapidcheck/catch.h>
 #include <catch2/catch.hpp>
 
+#include "tests/support/must.hpp"
+
 #include <map>
 
 #include "engine/engine.hpp"
@@ -48,7 +50,8 @@ std::string leaf(int group, int key) {
 TEST_CASE("random execute, compare_and_swap and snapshot sequences match a std::map model",
           "[engine][model]") {
   rc::prop("state and versions equal the model at every step", [] {
-    pop::engine e(pop::options{.outbox_path = "system.outbox", .audit_capacity = 0});
+    auto e_owner = pop::test::must(pop::engine::open(pop::options{.outbox_path = "system.outbox", .audit_capacity = 0}));
+  pop::engine& e = *e_owner;
     // put: sets a leaf; move: reads one leaf, adds it to another and deletes the source;
     // wipe: deletes a whole group.
     RC_ASSERT(e.register_process({.name = "put", .outputs = {"domain"}}, [](const pop::context&,

@@ -1,6 +1,8 @@
 // Tests of pop::engine: contracts, commits, conflicts, CAS, the outbox, notifications and audit.
 #include <catch2/catch.hpp>
 
+#include "tests/support/must.hpp"
+
 #include <atomic>
 #include <thread>
 
@@ -40,7 +42,8 @@ json state_at(const pop::engine& e, const std::string& p) {
 }  // namespace
 
 TEST_CASE("a process commits its writes and messages atomically at one new version", "[engine]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"inventory", {{"A1", 5}}}}}}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"inventory", {{"A1", 5}}}}}}}));
+  pop::engine& e = *e_owner;
   REQUIRE(e.register_process(
                {.name = "place_order",
                 .inputs = {"domain.inventory"},
@@ -107,7 +110,8 @@ TEST_CASE("a snapshot never changes after later commits", "[engine]") {
 
 TEST_CASE("breaking the contract is kPermissionDenied naming process and path, and commits nothing",
           "[engine]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"secret", 1}, {"open", 2}}}}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"secret", 1}, {"open", 2}}}}}));
+  pop::engine& e = *e_owner;
   REQUIRE(e.register_process({.name = "peek", .inputs = {"domain.open"}, .outputs = {"domain.out"}},
                              [](const pop::context& ctx, const json&) {
                                pop::result r;
@@ -202,9 +206,10 @@ TEST_CASE("a throwing or failing process leaves version, state and outbox unchan
 }
 
 TEST_CASE("typed reads convert through from_json and a wrong type names the path", "[engine]") {
-  pop::engine e(pop::options{
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{
       .initial_state = {
-          {"domain", {{"accounts", {{"alice", {{"owner", "Alice"}, {"balance", 7}}}}}}}}});
+          {"domain", {{"accounts", {{"alice", {{"owner", "Alice"}, {"balance", 7}}}}}}}}}));
+  pop::engine& e = *e_owner;
   REQUIRE(e.register_process(
                {.name = "copy", .inputs = {"domain.accounts"}, .outputs = {"domain.copy"}},
                [](const pop::context& ctx, const json& args) {
@@ -230,8 +235,8 @@ TEST_CASE("typed reads convert through from_json and a wrong type names the path
 
 TEST_CASE("a delete is committed and visible, and deleting a missing path is harmless",
           "[engine]") {
-  pop::engine e(
-      pop::options{.initial_state = {{"domain", {{"orders", {{"o1", {{"a", 1}}}, {"o2", 2}}}}}}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"orders", {{"o1", {{"a", 1}}}, {"o2", 2}}}}}}}));
+  pop::engine& e = *e_owner;
   REQUIRE(e.register_process({.name = "drop", .outputs = {"domain.orders"}}, [](const pop::context&,
                                                                                 const json& args) {
              pop::result r;
@@ -247,8 +252,8 @@ TEST_CASE("a delete is committed and visible, and deleting a missing path is har
 }
 
 TEST_CASE("deep disjoint writes never conflict", "[engine]") {
-  pop::engine e(
-      pop::options{.initial_state = {{"domain", {{"accounts", {{"alice", 10}, {"bob", 10}}}}}}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"accounts", {{"alice", 10}, {"bob", 10}}}}}}}));
+  pop::engine& e = *e_owner;
   REQUIRE(
       e.register_process(
            {.name = "bob", .inputs = {"domain.accounts.bob"}, .outputs = {"domain.accounts.bob"}},
@@ -281,7 +286,8 @@ TEST_CASE("deep disjoint writes never conflict", "[engine]") {
 
 TEST_CASE("a conflicting process re-runs on the newer snapshot and emits its messages once",
           "[engine]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"counter", 0}}}}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"counter", 0}}}}}));
+  pop::engine& e = *e_owner;
   register_setter(e, "bump", "domain.counter");
   std::atomic<int> runs{0};
   REQUIRE(e.register_process({.name = "incr",
@@ -316,7 +322,8 @@ TEST_CASE("a conflicting process re-runs on the newer snapshot and emits its mes
 
 TEST_CASE("write skew never commits both sides", "[engine]") {
   // Each withdrawal keeps alice + bob >= 0 on its own snapshot; together they would break it.
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"a", 50}, {"b", 50}}}}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"a", 50}, {"b", 50}}}}}));
+  pop::engine& e = *e_owner;
   const auto withdraw = [&e](std::string mine, std::function<void()> meanwhile) {
     return
         [mine, meanwhile, &e](const pop::context& ctx, const json&) -> absl::StatusOr<pop::result> {
@@ -349,8 +356,9 @@ TEST_CASE("write skew never commits both sides", "[engine]") {
 }
 
 TEST_CASE("reads of missing paths, parents and children are validated at any depth", "[engine]") {
-  pop::engine e(pop::options{.outbox_path = "system.outbox",
-                             .initial_state = {{"domain", {{"x", {{"y", {{"z", 1}}}}}}}}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.outbox_path = "system.outbox",
+                             .initial_state = {{"domain", {{"x", {{"y", {{"z", 1}}}}}}}}}));
+  pop::engine& e = *e_owner;
   register_setter(e, "set", "domain");
   struct scenario {
     const char* read;
@@ -391,7 +399,8 @@ TEST_CASE("reads of missing paths, parents and children are validated at any dep
 }
 
 TEST_CASE("a process that keeps conflicting is aborted after the retry budget", "[engine]") {
-  pop::engine e(pop::options{.retry = {.max_attempts = 3}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.retry = {.max_attempts = 3}}));
+  pop::engine& e = *e_owner;
   register_setter(e, "set", "domain.hot");
   int runs = 0;
   REQUIRE(
@@ -451,7 +460,8 @@ TEST_CASE("registration rejects bad specs with clear errors", "[engine]") {
 }
 
 TEST_CASE("invalid writes are refused and commit nothing", "[engine]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"n", 1}}}}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"n", 1}}}}}));
+  pop::engine& e = *e_owner;
   REQUIRE(e.register_process({.name = "w", .outputs = {"domain"}}, [](const pop::context&,
                                                                       const json& args) {
              pop::result r;
@@ -495,7 +505,8 @@ TEST_CASE("a process past its timeout commits nothing", "[engine]") {
 }
 
 TEST_CASE("a process that changes nothing creates no version", "[engine]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"x", 1}}}}});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"x", 1}}}}}));
+  pop::engine& e = *e_owner;
   REQUIRE(e.register_process({.name = "look", .inputs = {"domain.x"}, .outputs = {"domain.y"}},
                              [](const pop::context& ctx, const json&) {
                                (void)ctx.get<int>("domain.x");
@@ -634,7 +645,8 @@ TEST_CASE("commit notifications report every commit until the subscription ends"
 
 TEST_CASE("the audit log records reads, writes, messages and outcome, and stays bounded",
           "[engine]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"x", 1}}}}, .audit_capacity = 3});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"x", 1}}}}, .audit_capacity = 3}));
+  pop::engine& e = *e_owner;
   REQUIRE(e.register_process(
                {.name = "p", .inputs = {"domain.x"}, .outputs = {"domain.y"}, .emits = {"t"}},
                [](const pop::context& ctx, const json&) {
@@ -701,7 +713,7 @@ TEST_CASE("engine options are validated", "[engine]") {
         absl::StatusCode::kInvalidArgument);
   CHECK(pop::engine::open({.retry = {.max_attempts = 0}}).status().code() ==
         absl::StatusCode::kInvalidArgument);
-  CHECK_THROWS_AS(pop::engine(pop::options{.outbox_path = ""}), std::invalid_argument);
+  CHECK(pop::engine::open({.outbox_path = ""}).status().code() == absl::StatusCode::kInvalidArgument);
   const auto custom = pop::engine::open({.outbox_path = "system.out"});
   REQUIRE(custom.ok());
   REQUIRE((*custom)
@@ -719,7 +731,8 @@ TEST_CASE("engine options are validated", "[engine]") {
 TEST_CASE(
     "a commit that would exceed max_pending fails with kResourceExhausted and commits nothing",
     "[engine][backpressure]") {
-  pop::engine e(pop::options{.max_pending = 3});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.max_pending = 3}));
+  pop::engine& e = *e_owner;
   REQUIRE(e.register_process({.name = "emit", .outputs = {"domain.n"}, .emits = {"t"}},
                              [](const pop::context&, const json& args) {
                                pop::result r;
@@ -746,8 +759,10 @@ TEST_CASE(
   CHECK(cleared->committed);
   // compare_and_swap that would grow a full queue is refused the same way.
   REQUIRE(e.execute("emit", {{"n", 1}}).ok());
-  const auto grow = e.compare_and_swap(
-      e.version(), {{"domain.outbox_queue." + pop::make_message_id(999, 0), pending[0].to_json()}});
+  pop::outbox_message copy = pending[0];
+  copy.id = pop::make_message_id(999, 0);
+  const auto grow =
+      e.compare_and_swap(e.version(), {{"domain.outbox_queue." + copy.id, copy.to_json()}});
   CHECK(grow.status().code() == absl::StatusCode::kResourceExhausted);
   CHECK(e.snapshot().pending_count() == 3);
 }

@@ -74,7 +74,8 @@ int main(int argc, char** argv) {
     return absl::OkStatus();
   });
   if (!registered.ok() || !routed.ok()) return 1;
-  pop::relay relay(e, router);
+  auto relay_owner = pop::relay::create(e, router).value();
+  pop::relay& relay = *relay_owner;
   boost::asio::io_context io;
   std::atomic<bool> relay_stopped{false};
   start_relay(io, relay, relay_stopped);

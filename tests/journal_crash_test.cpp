@@ -3,6 +3,8 @@
 // committed was lost and nothing uncommitted was published. "[soak]" runs many more kill points.
 #include <catch2/catch.hpp>
 
+#include "tests/support/must.hpp"
+
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -152,7 +154,8 @@ void crash_rounds(int rounds, std::uint64_t seed) {
                     return absl::OkStatus();
                   })
               .ok());
-  pop::relay r(*e, router);
+  auto r_owner = pop::test::must(pop::relay::create(*e, router));
+  pop::relay& r = *r_owner;
   boost::asio::io_context io;
   absl::Status drained = absl::UnknownError("not run");
   boost::asio::co_spawn(io, r.drain(), [&](std::exception_ptr, absl::Status s) { drained = s; });

@@ -2,6 +2,8 @@
 // damaged, foreign, newer or busy journals (each leaving the file as it was), verify_journal.
 #include <catch2/catch.hpp>
 
+#include "tests/support/must.hpp"
+
 #include <sqlite3.h>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -110,7 +112,8 @@ TEST_CASE("a journaled engine reopens with the same version, state, outbox and d
     sink.script = [&, base = sink.script](const pop::outbox_message& m) {
       return ++calls <= 3 ? base(m) : pop::test::act::hang;
     };
-    pop::relay r(*e, sink, {.publish_timeout = std::chrono::milliseconds(5), .max_attempts = 100});
+    auto r_owner = pop::test::must(pop::relay::create(*e, sink, {.publish_timeout = std::chrono::milliseconds(5), .max_attempts = 100}));
+  pop::relay& r = *r_owner;
     boost::asio::io_context io;
     boost::asio::cancellation_signal stop;
     boost::asio::co_spawn(
@@ -119,7 +122,7 @@ TEST_CASE("a journaled engine reopens with the same version, state, outbox and d
     while (calls < 4) io.run_one();
     stop.emit(boost::asio::cancellation_type::terminal);
     io.run();
-    CHECK(pop::dead_letters(*e).count() == 1);
+    CHECK(pop::test::must(pop::dead_letters::create(*e))->count() == 1);
     state_before = e->snapshot().to_json();
     version_before = e->version();
     CHECK(e->durable_version() == version_before);
@@ -146,7 +149,7 @@ TEST_CASE("a journaled engine reopens with the same version, state, outbox and d
   CHECK(again->version() == version_before);
   CHECK(again->snapshot().to_json() == state_before);
   CHECK(again->snapshot().pending_count() == 3);  // 6 emitted, 2 delivered, 1 dead letter
-  CHECK(pop::dead_letters(*again).count() == 1);
+  CHECK(pop::test::must(pop::dead_letters::create(*again))->count() == 1);
   // It goes on from there, and the next reopen sees that too.
   REQUIRE(again->execute("take", {{"sku", "A1"}, {"order", "o-9"}}).value().version ==
           version_before + 1);
@@ -178,7 +181,8 @@ TEST_CASE("a relay on a reopened engine delivers what was pending", "[journal][r
   }
   auto e = open_engine(journaled(file, pop::durability::power));
   pop::test::scripted_sink sink;
-  pop::relay r(*e, sink);
+  auto r_owner = pop::test::must(pop::relay::create(*e, sink));
+  pop::relay& r = *r_owner;
   boost::asio::io_context io;
   absl::Status drained = absl::UnknownError("not run");
   boost::asio::co_spawn(io, r.drain(), [&](std::exception_ptr, absl::Status s) { drained = s; });

@@ -28,7 +28,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "nats_ingress_child: %s\n", e.status().ToString().c_str());
     return 3;
   }
-  pop::inbox in(**e, {.path = "system.inbox.nats"});
+  auto in_owner = pop::inbox::create(**e, {.path = "system.inbox.nats"}).value();
+  pop::inbox& in = *in_owner;
   absl::Status st = in.register_handler(
       {.name = "apply_event",
        .inputs = {"domain.got", "domain.count"},

@@ -8,6 +8,8 @@
 
 #include <atomic>
 #include <catch2/catch.hpp>
+
+#include "tests/support/must.hpp"
 #include <map>
 #include <random>
 #include <thread>
@@ -84,7 +86,7 @@ struct consumer {
     auto opened = pop::engine::open(std::move(o));
     REQUIRE(opened.ok());
     e = *std::move(opened);
-    in = std::make_unique<pop::inbox>(*e, pop::inbox_options{.path = "system.inbox.nats"});
+    in = pop::test::must(pop::inbox::create(*e, pop::inbox_options{.path = "system.inbox.nats"}));
     REQUIRE(in->register_handler({.name = "apply_event",
                                   .inputs = {"domain.got", "domain.count"},
                                   .outputs = {"domain.got", "domain.count"}},
@@ -153,7 +155,8 @@ TEST_CASE(
   REQUIRE(p->execute("emit", {{"key", "k2"}, {"n", 3}}).ok());
   auto sink = pop::nats_sink::create(*nc, {.source = "orders"});
   REQUIRE(sink.ok());
-  pop::relay relay(*p, **sink);
+  auto relay_owner = pop::test::must(pop::relay::create(*p, **sink));
+  pop::relay& relay = *relay_owner;
   asio::io_context io;
   REQUIRE(run_on(io, relay.drain()).ok());
   CHECK(p->snapshot().pending_count() == 0);
@@ -390,7 +393,8 @@ TEST_CASE("engine backpressure slows the ingress instead of dropping messages", 
   auto sink = pop::nats_sink::create(*nc, {.source = "orders"});
   REQUIRE(sink.ok());
   {
-    pop::relay relay(*p, **sink);
+    auto relay_owner = pop::test::must(pop::relay::create(*p, **sink));
+  pop::relay& relay = *relay_owner;
     asio::io_context io;
     REQUIRE(run_on(io, relay.drain()).ok());
   }
@@ -399,7 +403,8 @@ TEST_CASE("engine backpressure slows the ingress instead of dropping messages", 
   o.max_pending = 10;
   auto e = pop::engine::open(o);
   REQUIRE(e.ok());
-  pop::inbox inbox(**e);
+  auto inbox_owner = pop::test::must(pop::inbox::create(**e));
+  pop::inbox& inbox = *inbox_owner;
   REQUIRE(inbox
               .register_handler({.name = "forward", .outputs = {"domain.n"}, .emits = {"fwd"}},
                                 [](const pop::context&,
@@ -432,7 +437,8 @@ TEST_CASE("engine backpressure slows the ingress instead of dropping messages", 
                     return absl::OkStatus();
                   })
               .ok());
-  pop::relay relay(**e, router);
+  auto relay_owner = pop::test::must(pop::relay::create(**e, router));
+  pop::relay& relay = *relay_owner;
   asio::io_context io;
   while (forwarded.size() < 40 &&
          std::chrono::steady_clock::now() < deadline + std::chrono::seconds(20)) {
@@ -461,12 +467,13 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
   REQUIRE(in->start().ok());
 
   constexpr int keys = 8, rounds = 60, per_round = 5;
-  pop::relay relay(*p, **sink,
+  auto relay_owner = pop::test::must(pop::relay::create(*p, **sink,
                    {.publish_timeout = std::chrono::milliseconds(1'000),
                     // The outages below outlast two attempts' backoff: they must not count.
                     .max_attempts = 2,
                     .initial_backoff = std::chrono::milliseconds(20),
-                    .max_backoff = std::chrono::milliseconds(200)});
+                    .max_backoff = std::chrono::milliseconds(200)}));
+  pop::relay& relay = *relay_owner;
   asio::io_context io;
   asio::cancellation_signal stop;
   absl::Status relay_status;
@@ -508,7 +515,7 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
   CHECK(nc->stats().reconnects >= 2);
   CHECK(in->stats().applied == total);
   CHECK(in->stats().dead_lettered == 0);
-  CHECK(pop::dead_letters(*p).count() == 0);
+  CHECK(pop::test::must(pop::dead_letters::create(*p))->count() == 0);
   for (int k = 0; k < keys; ++k) {
     json expected = json::array();
     for (int i = 0; i < rounds * per_round; ++i) expected.push_back(i);
@@ -535,7 +542,8 @@ TEST_CASE(
     }
     auto sink = pop::nats_sink::create(*nc, {.source = "orders"});
     REQUIRE(sink.ok());
-    pop::relay relay(*p, **sink);
+    auto relay_owner = pop::test::must(pop::relay::create(*p, **sink));
+  pop::relay& relay = *relay_owner;
     asio::io_context io;
     REQUIRE(run_on(io, relay.drain()).ok());
   }

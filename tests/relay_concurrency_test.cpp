@@ -2,6 +2,8 @@
 // on an io_context thread. Run under ThreadSanitizer in CI.
 #include <catch2/catch.hpp>
 
+#include "tests/support/must.hpp"
+
 #include <atomic>
 #include <map>
 #include <set>
@@ -47,7 +49,7 @@ race_result race(int producers, int per_producer, bool asynchronous, std::uint64
     roll.store(r);
     return (r >> 33) % 10 == 0 ? act::fail : act::ok;
   };
-  pop::relay r(e, sink,
+  auto r_owner = pop::test::must(pop::relay::create(e, sink,
                {.max_in_flight = 32,
                 .batch_size = 128,
                 .publish_timeout = std::chrono::seconds(10),
@@ -55,7 +57,8 @@ race_result race(int producers, int per_producer, bool asynchronous, std::uint64
                 .initial_backoff = std::chrono::microseconds(50),
                 .max_backoff = std::chrono::microseconds(500),
                 .dead_letter_path = "system.dead_letters",
-                .seed = seed});
+                .seed = seed}));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   asio::cancellation_signal stop;
   race_result out;
@@ -127,8 +130,10 @@ TEST_CASE("concurrency: asynchronous publishes on a two-thread io_context race p
 
 TEST_CASE("concurrency: concurrent applications of one message id change the state once",
           "[relay][inbox][concurrency]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"n", 0}}}}});
-  pop::inbox in(e);
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"n", 0}}}}}));
+  pop::engine& e = *e_owner;
+  auto in_owner = pop::test::must(pop::inbox::create(e));
+  pop::inbox& in = *in_owner;
   REQUIRE(in.register_handler({.name = "count", .inputs = {"domain.n"}, .outputs = {"domain.n"}},
                               [](const pop::context& ctx, const pop::outbox_message&) {
                                 pop::result r;

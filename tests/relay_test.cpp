@@ -2,6 +2,8 @@
 // io_context with real Asio timers: deterministic apart from wall-clock backoff.
 #include <catch2/catch.hpp>
 
+#include "tests/support/must.hpp"
+
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -79,7 +81,8 @@ TEST_CASE("the relay publishes every pending message in commit order and empties
   std::vector<std::string> ids;
   for (int i = 0; i < 300; ++i) ids.push_back(emit(e, i % 2 ? "a" : ""));
   scripted_sink sink;
-  pop::relay r(e, sink, quick());
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   CHECK(sink.acked == ids);
@@ -99,7 +102,8 @@ TEST_CASE("asynchronous publishes run several at once and keep per-key order", "
   scripted_sink sink;
   sink.synchronous = false;
   sink.latency = std::chrono::microseconds(500);
-  pop::relay r(e, sink, quick());
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   REQUIRE(sink.acked.size() == 120);
@@ -118,7 +122,8 @@ TEST_CASE("a running relay is woken by commits, not by polling, and stops on can
   pop::engine e;
   emitting(e);
   scripted_sink sink;
-  pop::relay r(e, sink, quick());
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   asio::cancellation_signal stop;
   std::optional<absl::Status> result;
@@ -153,7 +158,8 @@ TEST_CASE("a failing message holds back only later messages with its key", "[rel
   for (int i = 0; i < 10; ++i) others.push_back(emit(e, "k2"));
   scripted_sink sink;
   sink.script = [&](const pop::outbox_message& m) { return m.id == poison ? act::fail : act::ok; };
-  pop::relay r(e, sink, quick(3));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick(3)));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   // k2 went through untouched while k1 waited; k1's second message went only after the poison
@@ -175,7 +181,8 @@ TEST_CASE("a failing message holds back only later messages with its key", "[rel
   CHECK(poison_calls == 3);
   CHECK(after_at > last_poison_at);
   CHECK(sink.calls.size() == 3 + 1 + 10);
-  pop::dead_letters dead(e);
+  auto dead_owner = pop::test::must(pop::dead_letters::create(e));
+  pop::dead_letters& dead = *dead_owner;
   REQUIRE(dead.count() == 1);
   CHECK(dead.list().value().at(0).message.id == poison);
   // Every k2 message was published before the poison message's second attempt.
@@ -199,7 +206,8 @@ TEST_CASE("failed attempts are recorded in the state and retried with growing ba
   pop::relay_options o = quick(10);
   o.initial_backoff = std::chrono::microseconds(2000);
   o.max_backoff = std::chrono::microseconds(64000);
-  pop::relay r(e, sink, o);
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
+  pop::relay& r = *r_owner;
   // Watch the stored message after every commit: the relay's records are in the state.
   std::vector<pop::outbox_message> seen;
   pop::subscription watch = e.on_commit([&](std::uint64_t) {
@@ -251,11 +259,12 @@ TEST_CASE(
   pop::relay_options o = quick(3);
   o.initial_backoff = std::chrono::microseconds(500);
   o.max_backoff = std::chrono::microseconds(4000);
-  pop::relay r(e, sink, o);
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   CHECK(sink.acked == std::vector<std::string>{a, b});  // in order, nothing dead-lettered
-  CHECK(pop::dead_letters(e).count() == 0);
+  CHECK(pop::test::must(pop::dead_letters::create(e))->count() == 0);
   // Only the real failure counted: message a was delivered at its second counted attempt.
   const auto a_calls = std::count_if(sink.calls.begin(), sink.calls.end(),
                                      [&](const auto& c) { return c.message.id == a; });
@@ -275,11 +284,13 @@ TEST_CASE("after max attempts a message is dead-lettered with every reason and r
   scripted_sink sink;
   bool broken = true;
   sink.script = [&](const pop::outbox_message&) { return broken ? act::fail : act::ok; };
-  pop::relay r(e, sink, quick(3));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick(3)));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   CHECK(e.snapshot().pending_count() == 0);
-  pop::dead_letters dead(e);
+  auto dead_owner = pop::test::must(pop::dead_letters::create(e));
+  pop::dead_letters& dead = *dead_owner;
   const std::vector<pop::dead_letter> letters = dead.list().value();
   REQUIRE(letters.size() == 1);
   const pop::dead_letter& d = letters[0];
@@ -325,12 +336,14 @@ TEST_CASE("requeue_all moves every dead letter back in one commit", "[relay]") {
   for (int i = 0; i < 5; ++i) emit(e, "k" + std::to_string(i));
   scripted_sink sink;
   sink.script = [](const pop::outbox_message&) { return act::permanent; };
-  pop::relay r(e, sink, quick());
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   // Permanent failures are dead-lettered at the first attempt.
   CHECK(sink.calls.size() == 5);
-  pop::dead_letters dead(e);
+  auto dead_owner = pop::test::must(pop::dead_letters::create(e));
+  pop::dead_letters& dead = *dead_owner;
   REQUIRE(dead.count() == 5);
   CHECK(dead.list().value().at(0).reason.find("permanent failure") != std::string::npos);
   const std::uint64_t before = e.version();
@@ -349,7 +362,8 @@ TEST_CASE("a publish that times out is cancelled, recorded and retried", "[relay
   sink.script = [](const pop::outbox_message& m) {
     return m.attempts == 0 ? act::timeout : act::ok;
   };
-  pop::relay r(e, sink, quick());
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   REQUIRE(sink.calls.size() == 2);
@@ -368,7 +382,8 @@ TEST_CASE("an exception from the sink is a failed attempt, never a dead relay", 
   sink.script = [&](const pop::outbox_message& m) {
     return m.id == first && m.attempts == 0 ? act::raise : act::ok;
   };
-  pop::relay r(e, sink, quick());
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   CHECK(sink.acked == std::vector<std::string>{first, second});
@@ -376,35 +391,26 @@ TEST_CASE("an exception from the sink is a failed attempt, never a dead relay", 
   CHECK(sink.calls[1].message.last_error.find("sink exploded on " + first) != std::string::npos);
 }
 
-TEST_CASE("a malformed outbox entry is dead-lettered and does not stop the relay", "[relay]") {
+TEST_CASE("an outbox entry that is not a valid message is refused at commit and the relay goes on",
+          "[relay]") {
   pop::engine e;
   emitting(e);
   const std::string good = emit(e, "");
   const std::string bad = pop::make_message_id(99, 0);
-  REQUIRE(e.compare_and_swap(e.version(), {{"domain.outbox_queue." + bad, json{{"topic", 5}}}})
-              .value()
-              .committed);
+  const std::uint64_t before = e.version();
+  const auto refused =
+      e.compare_and_swap(e.version(), {{"domain.outbox_queue." + bad, json{{"topic", 5}}}});
+  CHECK(refused.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(refused.status().message()), Catch::Contains(bad));
+  CHECK(e.version() == before);
+  CHECK(e.snapshot().pending_count() == 1);
   scripted_sink sink;
-  pop::relay r(e, sink, quick());
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   CHECK(sink.acked == std::vector<std::string>{good});
-  const json letter = e.snapshot().read("system.dead_letters." + bad).value();
-  CHECK(letter.at("message") == json{{"topic", 5}});
-  CHECK(letter.at("reason").get<std::string>().find("not a valid outbox message") !=
-        std::string::npos);
-  // Dead letters stay listable; the malformed one can only be discarded.
-  pop::dead_letters dead(e);
-  const std::vector<pop::dead_letter> letters = dead.list().value();
-  REQUIRE(letters.size() == 1);
-  CHECK(letters[0].malformed);
-  CHECK(letters[0].message.id == bad);
-  CHECK(letters[0].raw == json{{"topic", 5}});
-  CHECK(dead.requeue(bad).status().code() == absl::StatusCode::kFailedPrecondition);
-  CHECK(dead.requeue_all().value() == 0);
-  REQUIRE(dead.discard(bad).ok());
-  CHECK(dead.count() == 0);
-  CHECK(dead.discard(bad).status().code() == absl::StatusCode::kNotFound);
+  CHECK(pop::test::must(pop::dead_letters::create(e))->count() == 0);
 }
 
 TEST_CASE("a requeued message does not overtake a message of its key that is in flight",
@@ -422,10 +428,11 @@ TEST_CASE("a requeued message does not overtake a message of its key that is in 
   };
   pop::relay_options o = quick(1);
   o.publish_timeout = std::chrono::milliseconds(40);
-  pop::relay r(e, sink, o);
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
-  REQUIRE(pop::dead_letters(e).count() == 1);
+  REQUIRE(pop::test::must(pop::dead_letters::create(e))->count() == 1);
   first_round = false;
   const std::string y = emit(e, "k");
   asio::cancellation_signal stop;
@@ -434,7 +441,7 @@ TEST_CASE("a requeued message does not overtake a message of its key that is in 
       asio::bind_cancellation_slot(stop.slot(), [](std::exception_ptr, absl::Status) {}));
   while (sink.calls.size() < 2) io.run_one();  // y is in flight
   REQUIRE(sink.calls.back().message.id == y);
-  REQUIRE(pop::dead_letters(e).requeue(x).ok());
+  REQUIRE(pop::test::must(pop::dead_letters::create(e))->requeue(x).ok());
   while (sink.calls.size() < 3) io.run_one();
   // x (lower id, same key) went only after y's publish ended at its timeout.
   CHECK(sink.calls[2].message.id == x);
@@ -460,7 +467,8 @@ TEST_CASE("stopping mid-batch keeps in-flight messages queued and a new relay re
   asio::cancellation_signal stop;
   std::optional<absl::Status> stopped;
   {
-    pop::relay r(e, first, o);
+    auto r_owner = pop::test::must(pop::relay::create(e, first, o));
+  pop::relay& r = *r_owner;
     asio::co_spawn(
         io, r.run(),
         asio::bind_cancellation_slot(
@@ -488,7 +496,8 @@ TEST_CASE("stopping mid-batch keeps in-flight messages queued and a new relay re
     CHECK(std::find(first.acked.begin(), first.acked.end(), m.id) == first.acked.end());
   }
   scripted_sink second;
-  pop::relay resumed(e, second, o);
+  auto resumed_owner = pop::test::must(pop::relay::create(e, second, o));
+  pop::relay& resumed = *resumed_owner;
   REQUIRE(run_on(io, resumed.drain()).ok());
   std::multiset<std::string> all(first.acked.begin(), first.acked.end());
   all.insert(second.acked.begin(), second.acked.end());
@@ -519,11 +528,12 @@ TEST_CASE("seeded faults: every message ends delivered or dead-lettered and the 
   };
   pop::relay_options o = quick(3);
   o.publish_timeout = std::chrono::milliseconds(2);
-  pop::relay r(e, sink, o);
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   CHECK(e.snapshot().pending_count() == 0);
-  const std::vector<pop::dead_letter> dead = pop::dead_letters(e).list().value();
+  const std::vector<pop::dead_letter> dead = pop::test::must(pop::dead_letters::create(e))->list().value();
   std::set<std::string> ended(sink.acked.begin(), sink.acked.end());
   CHECK(ended.size() == sink.acked.size());
   for (const pop::dead_letter& d : dead) {
@@ -547,15 +557,19 @@ TEST_CASE("relay options are validated and a relay runs once at a time", "[relay
   scripted_sink sink;
   pop::relay_options bad;
   bad.max_attempts = 0;
-  CHECK_THROWS_WITH(pop::relay(e, sink, bad), Catch::Contains("max_attempts"));
+  CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
+             Catch::Contains("max_attempts"));
   bad = {};
   bad.dead_letter_path = "domain.outbox_queue.dead";
-  CHECK_THROWS_WITH(pop::relay(e, sink, bad), Catch::Contains("overlaps the outbox"));
+  CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
+             Catch::Contains("overlaps the outbox"));
   bad = {};
   bad.dead_letter_path = "a..b";
-  CHECK_THROWS_WITH(pop::relay(e, sink, bad), Catch::Contains("dead_letter_path"));
+  CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
+             Catch::Contains("dead_letter_path"));
 
-  pop::relay r(e, sink, quick());
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  pop::relay& r = *r_owner;
   asio::io_context io;
   asio::cancellation_signal stop;
   std::optional<absl::Status> first;
@@ -620,7 +634,8 @@ TEST_CASE("the topic router routes by topic and pattern and applies its unknown-
                       co_return absl::OkStatus();
                     })
                 .ok());
-    pop::relay r(e, router, quick());
+    auto r_owner = pop::test::must(pop::relay::create(e, router, quick()));
+  pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
     CHECK(got_t == std::vector<std::string>{to_t});
@@ -635,17 +650,19 @@ TEST_CASE("the topic router routes by topic and pattern and applies its unknown-
                       return absl::OkStatus();
                     })
                 .ok());
-    pop::relay r(e, strict, quick());
+    auto r_owner = pop::test::must(pop::relay::create(e, strict, quick()));
+  pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
-    const auto dead = pop::dead_letters(e).list().value();
+    const auto dead = pop::test::must(pop::dead_letters::create(e))->list().value();
     REQUIRE(dead.size() == 1);
     CHECK(dead[0].message.id == to_u);
     CHECK(dead[0].reason.find("no handler for topic 'u'") != std::string::npos);
   }
   SECTION("unknown topics are acknowledged and counted under unknown_topic::drop") {
     pop::topic_router lenient(pop::unknown_topic::drop);
-    pop::relay r(e, lenient, quick());
+    auto r_owner = pop::test::must(pop::relay::create(e, lenient, quick()));
+  pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
     CHECK(lenient.dropped() == 2);
@@ -661,7 +678,8 @@ TEST_CASE("the JSON-lines sink writes one line per message", "[relay][sink]") {
   std::remove(file.c_str());
   {
     auto sink = pop::jsonl_sink::open(file).value();
-    pop::relay r(e, *sink, quick());
+    auto r_owner = pop::test::must(pop::relay::create(e, *sink, quick()));
+  pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
     CHECK(sink->written() == 1);
@@ -684,7 +702,8 @@ TEST_CASE("metrics render in the Prometheus text format", "[relay][metrics]") {
   emitting(e);
   for (int i = 0; i < 3; ++i) emit(e, "");
   scripted_sink sink;
-  pop::relay r(e, sink, quick());
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  pop::relay& r = *r_owner;
   CHECK(r.metrics().pending == 3);
   CHECK(r.metrics().oldest_pending_age_s >= 0);
   asio::io_context io;
@@ -702,8 +721,10 @@ TEST_CASE("metrics render in the Prometheus text format", "[relay][metrics]") {
 }
 
 TEST_CASE("an inbox applies the same message once however often it arrives", "[relay][inbox]") {
-  pop::engine e(pop::options{.initial_state = {{"domain", {{"paid", 0}}}}});
-  pop::inbox in(e, {.path = "system.inbox.orders", .retention = 8});
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"paid", 0}}}}}));
+  pop::engine& e = *e_owner;
+  auto in_owner = pop::test::must(pop::inbox::create(e, {.path = "system.inbox.orders", .retention = 8}));
+  pop::inbox& in = *in_owner;
   REQUIRE(in.register_handler(
                 {.name = "on_payment", .inputs = {"domain.paid"}, .outputs = {"domain.paid"}},
                 [](const pop::context& ctx, const pop::outbox_message& m) {

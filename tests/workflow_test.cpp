@@ -3,6 +3,8 @@
 // checks of bad definitions.
 #include <catch2/catch.hpp>
 
+#include "tests/support/must.hpp"
+
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 
@@ -99,7 +101,8 @@ const json linear = {{"name", "linear"},
 TEST_CASE("a process step commits its writes and the cursor move in one transaction",
           "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(wf.define(parse(linear)).ok());
   const std::uint64_t started = wf.start("linear", "w1", {{"tag", "x"}}).value();
@@ -125,9 +128,11 @@ TEST_CASE("a process step commits its writes and the cursor move in one transact
 }
 
 TEST_CASE("branches choose by built-in comparisons and named predicates", "[workflow]") {
-  pop::engine e(pop::options{
-      .initial_state = {{"domain", {{"orders", {{"o1", {{"total", 120}, {"tier", "gold"}}}}}}}}});
-  pop::workflows wf(e);
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{
+      .initial_state = {{"domain", {{"orders", {{"o1", {{"total", 120}, {"tier", "gold"}}}}}}}}}));
+  pop::engine& e = *e_owner;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(wf.register_predicate("is_gold", {"domain.orders"},
                                 [](const pop::context& ctx, const json& in) {
@@ -167,7 +172,8 @@ TEST_CASE("branches choose by built-in comparisons and named predicates", "[work
 
 TEST_CASE("a loop runs up to its bound and then takes the failure path", "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(
       wf.define(parse({{"name", "loop"},
@@ -193,7 +199,8 @@ TEST_CASE("a loop runs up to its bound and then takes the failure path", "[workf
 
 TEST_CASE("the failure path runs compensations in reverse order, once each", "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(wf.define(parse({{"name", "saga"},
                            {"start", "a"},
@@ -219,7 +226,8 @@ TEST_CASE("the failure path runs compensations in reverse order, once each", "[w
 
 TEST_CASE("a throwing step process takes the error transition", "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(
       wf.define(parse({{"name", "boom"},
@@ -239,9 +247,11 @@ TEST_CASE("a throwing step process takes the error transition", "[workflow]") {
 
 TEST_CASE("a wait step resumes on its message once, and times out otherwise", "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
-  pop::inbox in(e);
+  auto in_owner = pop::test::must(pop::inbox::create(e));
+  pop::inbox& in = *in_owner;
   REQUIRE(pop::register_workflow_resume(in, wf).ok());
   REQUIRE(wf.define(parse({{"name", "pay"},
                            {"start", "wait"},
@@ -289,9 +299,11 @@ TEST_CASE("a wait step resumes on its message once, and times out otherwise", "[
 TEST_CASE("a reply cannot overtake its wait: the step before a wait enters it in the same commit",
           "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
-  pop::inbox in(e);
+  auto in_owner = pop::test::must(pop::inbox::create(e));
+  pop::inbox& in = *in_owner;
   REQUIRE(pop::register_workflow_resume(in, wf).ok());
   REQUIRE(wf.define(parse({{"name", "ask"},
                            {"start", "request"},
@@ -314,7 +326,8 @@ TEST_CASE("a reply cannot overtake its wait: the step before a wait enters it in
 
 TEST_CASE("a sub-workflow runs as a child and its outcome moves the parent", "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(wf.define(parse(linear)).ok());
   REQUIRE(wf.define(parse({{"name", "failing"},
@@ -341,7 +354,8 @@ TEST_CASE("a sub-workflow runs as a child and its outcome moves the parent", "[w
 
 TEST_CASE("cancel and instance timeouts take the failure path", "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(wf.define(parse({{"name", "held"},
                            {"start", "a"},
@@ -370,7 +384,8 @@ TEST_CASE("cancel and instance timeouts take the failure path", "[workflow]") {
 
 TEST_CASE("cancelling a parent cancels the child it waits for", "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(wf.define(parse({{"name", "slow"},
                            {"start", "a"},
@@ -409,10 +424,12 @@ TEST_CASE("instances resume after reopening the journal at every kind of step",
                       {"done", {{"end", true}}}}}};
   const auto open = [&](auto&& body) {
     auto e = pop::engine::open(pop::options{.journal = file}).value();
-    pop::workflows wf(*e);
+    auto wf_owner = pop::test::must(pop::workflows::create(*e));
+  pop::workflows& wf = *wf_owner;
     register_steps(wf);
     REQUIRE(wf.define(parse(def)).ok());
-    pop::inbox in(*e);
+    auto in_owner = pop::test::must(pop::inbox::create(*e));
+  pop::inbox& in = *in_owner;
     REQUIRE(pop::register_workflow_resume(in, wf).ok());
     body(*e, wf, in);
   };
@@ -454,7 +471,8 @@ TEST_CASE("instances pending at a branch or inside a child resume after reopenin
   const std::string file = dir.file("wf2.db");
   const auto open = [&](auto&& body) {
     auto e = pop::engine::open(pop::options{.journal = file}).value();
-    pop::workflows wf(*e);
+    auto wf_owner = pop::test::must(pop::workflows::create(*e));
+  pop::workflows& wf = *wf_owner;
     register_steps(wf);
     REQUIRE(wf.define(parse(linear)).ok());
     REQUIRE(
@@ -495,7 +513,8 @@ TEST_CASE("instances pending at a branch or inside a child resume after reopenin
 
 TEST_CASE("the runner drives instances to the end with real timers", "[workflow][runner]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(wf.define(parse(linear)).ok());
   REQUIRE(wf.define(parse({{"name", "timed"},
@@ -524,7 +543,8 @@ TEST_CASE("the runner drives instances to the end with real timers", "[workflow]
 
 TEST_CASE("bad definitions are rejected at load with a precise error", "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   const auto rejected = [&](json steps, const std::string& words, std::string start = "a") {
     const absl::StatusOr<pop::workflow_definition> d =
@@ -567,7 +587,8 @@ TEST_CASE("bad definitions are rejected at load with a precise error", "[workflo
 
 TEST_CASE("definitions round-trip through JSON and load from files", "[workflow]") {
   pop::engine e;
-  pop::workflows wf(e);
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
   register_steps(wf);
   const pop::workflow_definition d = parse(linear);
   CHECK(d.to_json() == linear);

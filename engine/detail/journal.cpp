@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
+#include <optional>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -192,23 +194,93 @@ std::string uri_escape(const std::string& p) {
   return out;
 }
 
+// The head file `<journal>-head` holds the newest durable version, rewritten after every group
+// commit. It is the witness that tells a journal whose write-ahead log another SQLite client
+// checkpointed into the main file and deleted (sound: the main file holds every acknowledged
+// commit) from one whose log was lost after a crash (the main file lacks the last commits). It
+// needs no sync: it only ever trails the log, and is read only when the log is absent.
+constexpr std::size_t head_size = 38;  // "pop-journal-head " + 20 digits + '\n'
+
+std::string head_path(const std::string& path) {
+  return path + "-head";
+}
+
+std::string head_text(std::uint64_t version) {
+  char buf[head_size + 1];
+  std::snprintf(buf, sizeof buf, "pop-journal-head %020llu\n",
+                static_cast<unsigned long long>(version));
+  return std::string(buf, head_size);
+}
+
+// The version the head file of `path` names, or nullopt if it is missing or unreadable.
+std::optional<std::uint64_t> read_head(const std::string& path) {
+  const int fd = ::open(head_path(path).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
+  char buf[head_size];
+  const ssize_t n = ::pread(fd, buf, head_size, 0);
+  ::close(fd);
+  constexpr std::string_view prefix = "pop-journal-head ";
+  const std::string_view text(buf, n > 0 ? static_cast<std::size_t>(n) : 0);
+  if (text.size() != head_size || text.substr(0, prefix.size()) != prefix) return std::nullopt;
+  std::uint64_t version = 0;
+  const char* digits = buf + prefix.size();
+  if (auto r = std::from_chars(digits, digits + 20, version); r.ec != std::errc()) {
+    return std::nullopt;
+  }
+  return version;
+}
+
+// The newest version the database holds (in a record or a snapshot), read through `db`.
+absl::StatusOr<std::uint64_t> newest_version(sqlite3* db, const std::string& path) {
+  statement s;
+  POP_RETURN_IF_ERROR(prepare(db, path,
+                              "SELECT max(coalesce((SELECT max(version) FROM pop_commits), 0), "
+                              "coalesce((SELECT max(version) FROM pop_snapshots), 0))",
+                              s));
+  const int rc = sqlite3_step(s.s);
+  if (rc != SQLITE_ROW) return sql_error(db, rc, path, "reading its newest version");
+  return static_cast<std::uint64_t>(sqlite3_column_int64(s.s, 0));
+}
+
+// Records `version` as the newest durable one in the head file `fd`.
+absl::Status write_head(int fd, const std::string& path, std::uint64_t version) {
+  const std::string text = head_text(version);
+  if (::pwrite(fd, text.data(), text.size(), 0) == static_cast<ssize_t>(text.size())) {
+    return absl::OkStatus();
+  }
+  return absl::UnavailableError(absl::StrCat("journal '", path, "': cannot write its head file '",
+                                             head_path(path), "': ", std::strerror(errno)));
+}
+
 // Checks a journal whose write-ahead log is absent, reading only the main database file (which is
-// then self-contained): its format is readable, and it was closed cleanly — otherwise its log,
-// holding the last acknowledged commits, was lost. (With the log present the main file alone may
-// be mid-checkpoint and is never read on its own.) `found` is false for a file with no metadata.
+// then self-contained): its format is readable, and either it was closed cleanly, or it holds
+// every version its head file says was acknowledged (another SQLite client checkpointed the log
+// into it and deleted the log, as the sqlite3 tool does on closing). Otherwise its log, holding
+// the last acknowledged commits, was lost: kDataLoss. (With the log present the main file alone
+// may be mid-checkpoint and is never read on its own.) `found` is false for a file with no
+// metadata.
 absl::Status precheck_without_wal(const std::string& path, journal_info& info, bool& found) {
   connection c;
   const std::string uri = absl::StrCat("file:", uri_escape(path), "?immutable=1");
   int rc = sqlite3_open_v2(uri.c_str(), &c.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr);
   if (rc != SQLITE_OK) return sql_error(c.db, rc, path, "opening it to check it");
   POP_RETURN_IF_ERROR(read_meta(c.db, path, info, found));
-  if (found && !info.clean) {
+  if (!found || info.clean) return absl::OkStatus();
+  const std::optional<std::uint64_t> head = read_head(path);
+  if (!head) {
     return absl::DataLossError(absl::StrCat(
-        "journal '", path, "' was not closed cleanly and its write-ahead log '", path,
-        "-wal' is missing: the last acknowledged commits would be lost; restore the -wal file "
-        "(nothing was changed)"));
+        "journal '", path, "' was not closed cleanly, its write-ahead log '", path,
+        "-wal' is missing and so is its head file '", head_path(path),
+        "' that would tell whether the main file holds every acknowledged commit; restore the "
+        "-wal file (nothing was changed)"));
   }
-  return absl::OkStatus();
+  POP_ASSIGN_OR_RETURN(const std::uint64_t newest, newest_version(c.db, path));
+  if (newest >= *head) return absl::OkStatus();
+  return absl::DataLossError(absl::StrCat(
+      "journal '", path, "' was not closed cleanly and its write-ahead log '", path,
+      "-wal' is missing: version ", *head, " was acknowledged, but the main file holds only up to ",
+      "version ", newest, "; restore the -wal file (nothing was changed). If this file was "
+      "restored from a backup on purpose, delete '", head_path(path), "' to accept it as it is"));
 }
 
 // kFailedPrecondition if the database holds tables that are not a pop journal's.
@@ -433,10 +505,19 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
   if (absl::Status s = set_meta(c.db, path, "clean", "0"); !s.ok()) return fail(s);
   if (absl::Status s = exec(c.db, path, "PRAGMA wal_checkpoint(FULL)"); !s.ok()) return fail(s);
   sqlite3_db_config(c.db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 0, nullptr);
+  const int head_fd = ::open(head_path(path).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (head_fd < 0) {
+    return fail(absl::UnavailableError(absl::StrCat("journal '", path, "': cannot open its head file '",
+                                                    head_path(path), "': ", std::strerror(errno))));
+  }
+  if (absl::Status s = write_head(head_fd, path, info.last_version); !s.ok()) {
+    ::close(head_fd);
+    return fail(s);
+  }
   start.version = info.last_version;
   start.root = std::move(root);
-  std::unique_ptr<journal> j(
-      new journal(path, level, opts, fd, c.release(), info.last_version, info.snapshot_version));
+  std::unique_ptr<journal> j(new journal(path, level, opts, fd, head_fd, c.release(),
+                                         info.last_version, info.snapshot_version));
   if (int prc = sqlite3_prepare_v2(j->db_,
                                    "INSERT INTO pop_commits(version, at_us, process, writes, "
                                    "messages, checksum) VALUES (?, ?, ?, ?, ?, ?)",
@@ -449,11 +530,12 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
 }
 
 journal::journal(std::string path, durability level, const journal_options& opts, int lock_fd,
-                 sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version)
+                 int head_fd, sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version)
     : path_(std::move(path)),
       level_(level),
       options_(opts),
       lock_fd_(lock_fd),
+      head_fd_(head_fd),
       db_(db),
       snapshot_version_(snapshot_version),
       durable_(version) {}
@@ -468,6 +550,7 @@ journal::~journal() {
   close_cleanly();
   if (insert_) sqlite3_finalize(insert_);
   sqlite3_close_v2(db_);
+  ::close(head_fd_);
   ::close(lock_fd_);
 }
 
@@ -497,6 +580,15 @@ void journal::fill(const std::shared_ptr<journal_record>& r) {
   work_cv_.notify_one();
 }
 
+void journal::fail(const std::shared_ptr<journal_record>& r, absl::Status why) {
+  {
+    std::lock_guard lock(mu_);
+    r->error = std::move(why);
+    r->filled = true;
+  }
+  work_cv_.notify_one();
+}
+
 absl::Status journal::wait_durable(std::uint64_t version) {
   std::unique_lock lock(mu_);
   done_cv_.wait(lock, [&] { return durable_ >= version || !failed_.ok(); });
@@ -520,9 +612,18 @@ void journal::run_writer() {
     {
       std::unique_lock lock(mu_);
       work_cv_.wait(lock, [&] { return stop_ || (!queue_.empty() && queue_.front()->filled); });
-      while (!queue_.empty() && queue_.front()->filled && group.size() < options_.max_group) {
+      while (!queue_.empty() && queue_.front()->filled && queue_.front()->error.ok() &&
+             group.size() < options_.max_group) {
         group.push_back(std::move(queue_.front()));
         queue_.pop_front();
+      }
+      if (group.empty() && !queue_.empty() && queue_.front()->filled) {
+        failed_ = annotate(queue_.front()->error,
+                           absl::StrCat("the journal failed after version ", durable_,
+                                        "; the engine refuses further commits"));
+        lock.unlock();
+        done_cv_.notify_all();
+        return;
       }
       if (group.empty()) {
         if (stop_) return;
@@ -531,6 +632,7 @@ void journal::run_writer() {
     }
     absl::Status s = write_group(group);
     const std::uint64_t last = group.back()->version;
+    if (s.ok()) s = write_head(head_fd_, path_, last);
     if (s.ok()) {
       {
         std::lock_guard lock(mu_);
@@ -590,7 +692,13 @@ absl::Status journal::write_group(std::deque<std::shared_ptr<journal_record>>& g
 }
 
 absl::Status journal::write_snapshot(const journal_record& last) {
-  const std::string state = materialise({last.state->root.get(), nullptr}).dump();
+  std::string state;
+  try {
+    state = materialise({last.state->root.get(), nullptr}).dump();
+  } catch (const std::exception& e) {
+    return absl::InternalError(
+        absl::StrCat("cannot encode the snapshot of version ", last.version, ": ", e.what()));
+  }
   POP_RETURN_IF_ERROR(exec(db_, path_, "BEGIN IMMEDIATE"));
   absl::Status s = insert_snapshot(db_, path_, last.version, state);
   if (s.ok()) {

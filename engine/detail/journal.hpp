@@ -32,6 +32,7 @@ struct journal_record {
   std::string messages;  // JSON: the ids of the messages it emitted
   std::shared_ptr<const version_state> state;  // kept only until written, for snapshots
   bool filled = false;
+  absl::Status error;  // set by fail(): the journal stops at this record
 };
 
 // The state a journal was opened at.
@@ -72,14 +73,17 @@ class journal {
                                           std::shared_ptr<const version_state> state);
   // Marks a reserved record filled and lets the writer take it.
   void fill(const std::shared_ptr<journal_record>& r);
+  // Marks a reserved record as impossible to write: the journal fails with `why` when it reaches
+  // it (every waiter gets the failure), so no later commit waits for it forever.
+  void fail(const std::shared_ptr<journal_record>& r, absl::Status why);
   // Blocks until `version` is durable. OK, or the journal's failure.
   absl::Status wait_durable(std::uint64_t version);
   std::uint64_t durable_version() const;
   absl::Status failure() const;
 
  private:
-  journal(std::string path, durability level, const journal_options& opts, int lock_fd, sqlite3* db,
-          std::uint64_t version, std::uint64_t snapshot_version);
+  journal(std::string path, durability level, const journal_options& opts, int lock_fd,
+          int head_fd, sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version);
   void run_writer();
   absl::Status write_group(std::deque<std::shared_ptr<journal_record>>& group);
   absl::Status write_snapshot(const journal_record& last);
@@ -89,6 +93,7 @@ class journal {
   const durability level_;
   const journal_options options_;
   const int lock_fd_;
+  const int head_fd_;  // the head file: the newest durable version (see journal.cpp)
   sqlite3* db_;
   sqlite3_stmt* insert_ = nullptr;
   std::uint64_t snapshot_version_;  // writer thread only

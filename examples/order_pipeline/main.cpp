@@ -264,7 +264,17 @@ int main(int argc, char** argv) {
   pop::engine& e = **opened;
   const json stock_at_start = e.snapshot().read("domain.inventory").value();
 
-  pop::workflows wf(e);
+  auto wf_made = pop::workflows::create(e);
+
+  if (!wf_made.ok()) {
+
+    std::cerr << "order_pipeline: " << wf_made.status() << "\n";
+
+    return 2;
+
+  }
+
+  pop::workflows& wf = **wf_made;
   for (const order_pipeline::order_process& p : order_pipeline::processes()) {
     if (absl::Status st = wf.register_process(p.spec, p.fn); !st.ok()) {
       std::cerr << "order_pipeline: " << st << "\n";
@@ -289,7 +299,12 @@ int main(int argc, char** argv) {
     std::cerr << "order_pipeline: " << defined << "\n";
     return 2;
   }
-  pop::inbox payments_inbox(e, {.path = "system.inbox.payments", .retention = 1'000'000});
+  auto payments_inbox_made = pop::inbox::create(e, {.path = "system.inbox.payments", .retention = 1'000'000});
+  if (!payments_inbox_made.ok()) {
+    std::cerr << "order_pipeline: " << payments_inbox_made.status() << "\n";
+    return 2;
+  }
+  pop::inbox& payments_inbox = **payments_inbox_made;
   if (absl::Status st = pop::register_workflow_resume(payments_inbox, wf); !st.ok()) {
     std::cerr << "order_pipeline: " << st << "\n";
     return 2;
@@ -363,7 +378,17 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  pop::relay relay(e, router, {.publish_timeout = std::chrono::seconds(5)});
+  auto relay_made = pop::relay::create(e, router, {.publish_timeout = std::chrono::seconds(5)});
+
+  if (!relay_made.ok()) {
+
+    std::cerr << "order_pipeline: " << relay_made.status() << "\n";
+
+    return 2;
+
+  }
+
+  pop::relay& relay = **relay_made;
   pop::workflow_runner runner(e, wf);
   asio::cancellation_signal stop_relay;
   asio::cancellation_signal stop_runner;
@@ -457,7 +482,7 @@ int main(int argc, char** argv) {
   // The summary.
   const tally t = count(e, wf, s);
   const pop::relay_metrics m = relay.metrics();
-  const std::size_t dead = pop::dead_letters(e).count();
+  const std::size_t dead = pop::dead_letters::create(e).value()->count();
   fmt::print("\n{:<32}{:>12}\n", "order pipeline", s.in_memory ? "in memory" : s.journal);
   fmt::print("{:-<44}\n", "");
   fmt::print("{:<32}{:>12}\n", "orders", s.orders);

@@ -45,7 +45,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   pop::engine& e = **opened;
-  pop::inbox requests(e, {.path = "system.inbox.orders", .retention = 1'000'000});
+  auto requests_made = pop::inbox::create(e, {.path = "system.inbox.orders", .retention = 1'000'000});
+  if (!requests_made.ok()) {
+    std::cerr << "payments_service: " << requests_made.status() << "\n";
+    return 2;
+  }
+  pop::inbox& requests = **requests_made;
   // charge: a pure function of the request and the snapshot. The decision is deterministic per
   // order, so a restarted service decides the same.
   absl::Status registered = requests.register_handler(
@@ -101,7 +106,12 @@ int main(int argc, char** argv) {
   }
 
   asio::io_context io;
-  pop::relay relay(e, **sink);
+  auto relay_made = pop::relay::create(e, **sink);
+  if (!relay_made.ok()) {
+    std::cerr << "payments_service: " << relay_made.status() << "\n";
+    return 2;
+  }
+  pop::relay& relay = **relay_made;
   asio::cancellation_signal stop_relay;
   absl::Status relay_status;
   asio::co_spawn(
@@ -152,7 +162,7 @@ int main(int argc, char** argv) {
   fmt::print("{:-<44}\n", "");
   check(ingress_status.ok() && is.dead_lettered == 0, "every request applied");
   check(drained.ok() && e.snapshot().pending_count() == 0, "every answer published");
-  check(pop::dead_letters(e).count() == 0, "no dead letters");
+  check(pop::dead_letters::create(e).value()->count() == 0, "no dead letters");
   check(relay_status.code() == absl::StatusCode::kCancelled, "relay stopped cleanly");
   return ok ? 0 : 1;
 }
