@@ -972,15 +972,24 @@ absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::s
     return absl::NotFoundError(
         absl::StrCat("no workflow named '", detail::to_absl(workflow), "' is defined"));
   }
+  // An id is one path segment: "L.1" would nest the instance inside instance "L".
+  if (absl::Status s = validate_segment(id); !s.ok()) {
+    return annotate(s, absl::StrCat("workflow instance id of workflow '",
+                                    detail::to_absl(workflow), "'"));
+  }
   if (absl::Status s =
           path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id))).status();
       !s.ok()) {
     return annotate(s, absl::StrCat("workflow instance id '", detail::to_absl(id), "'"));
   }
+  if (inputs.is_null()) inputs = json::object();  // {} in C++ is null: no inputs
   if (!inputs.is_object()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("workflow instance '", detail::to_absl(id), "': inputs must be an object"));
+    return absl::InvalidArgumentError(absl::StrCat("workflow instance '", detail::to_absl(id),
+                                                   "': inputs must be an object, not ",
+                                                   detail::to_absl(type_with_article(inputs))));
   }
+  POP_RETURN_IF_ERROR(check_storable(
+      inputs, absl::StrCat("workflow instance '", detail::to_absl(id), "': its inputs")));
   const std::int64_t now = now_us();
   json args = {{"workflow", workflow}, {"id", id}, {"inputs", std::move(inputs)}, {"now", now}};
   if (timeout_ms > 0) args["deadline_us"] = now + timeout_ms * 1000;

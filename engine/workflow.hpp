@@ -127,8 +127,11 @@ class workflows {
   // define() of the JSON in file `file_path`; errors name the file.
   [[nodiscard]] absl::Status define_from_file(const std::string& file_path);
 
-  // Starts instance `id` of `workflow` with `inputs` (an object). Returns the commit's version;
-  // kNotFound (no such workflow), kAlreadyExists (id taken), kInvalidArgument (bad id or inputs).
+
+  // Starts instance `id` of `workflow` with `inputs` (an object; null, as `{}` is in C++, means no
+  // inputs). Returns the commit's version; kNotFound (no such workflow), kAlreadyExists (id
+  // taken), kInvalidArgument (an id that is not one path segment, such as "L.1", or inputs that
+  // are not an object or not storable JSON).
   // `timeout_ms` > 0 bounds the instance's life: past it the runner fails it.
   [[nodiscard]] absl::StatusOr<std::uint64_t> start(std::string_view workflow, std::string_view id,
                                                     json inputs = json::object(),

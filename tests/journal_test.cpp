@@ -6,6 +6,9 @@
 
 #include <sqlite3.h>
 
+#include <cstdlib>
+#include <filesystem>
+
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -79,7 +82,7 @@ void sql(const std::string& file, const std::string& statement) {
 
 // Copies the journal's files as they are now: the image a crash at this moment would leave.
 void copy_crash_image(const std::string& from, const std::string& to) {
-  for (const char* suffix : {"", "-wal"}) {
+  for (const char* suffix : {"", "-wal", "-head"}) {
     const std::string bytes = file_bytes(from + suffix);
     if (!bytes.empty()) pop::test::write_bytes(to + suffix, bytes);
   }
@@ -234,6 +237,32 @@ TEST_CASE("a crash image reopens at the last durable commit", "[journal]") {
   CHECK(open_engine(journaled(image))->snapshot().to_json() == expected);
 }
 
+TEST_CASE("a crash image whose log the sqlite3 tool checkpointed reopens with every commit",
+          "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  const std::string image = dir.file("image.db");
+  auto e = open_engine(journaled(file));
+  for (int i = 0; i < 20; ++i) {
+    REQUIRE(e->execute("take", {{"sku", "B2"}, {"order", "o-" + std::to_string(i)}}).ok());
+  }
+  copy_crash_image(file, image);
+  const json expected = e->snapshot().to_json();
+  const std::uint64_t version = e->version();
+  REQUIRE(std::filesystem::exists(image + "-wal"));
+  // The sqlite3 command-line tool checkpoints the log into the main file and deletes it on exit.
+  const std::string command = "sqlite3 '" + image + "' .tables > /dev/null";
+  REQUIRE(std::system(command.c_str()) == 0);
+  REQUIRE(!std::filesystem::exists(image + "-wal"));
+  const pop::journal_info info = pop::verify_journal(image).value();
+  CHECK(info.last_version == version);
+  auto reopened = open_engine(journaled(image));
+  CHECK(reopened->version() == version);
+  CHECK(reopened->snapshot().to_json() == expected);
+  // And it keeps working as a journal.
+  REQUIRE(reopened->execute("take", {{"sku", "A1"}, {"order", "o-after"}}).ok());
+}
+
 TEST_CASE("damaged, foreign, newer and busy journals are refused and left as they were",
           "[journal]") {
   temp_dir dir;
@@ -296,6 +325,11 @@ TEST_CASE("damaged, foreign, newer and busy journals are refused and left as the
       copy_crash_image(file, image);
     }
     std::remove((image + "-wal").c_str());
+    refused(image, absl::StatusCode::kDataLoss, "write-ahead log");
+    CHECK_THAT(std::string(pop::verify_journal(image).status().message()),
+               Catch::Contains("was acknowledged, but the main file holds only"));
+    // Without the head file there is no telling what was lost: still refused.
+    std::remove((image + "-head").c_str());
     refused(image, absl::StatusCode::kDataLoss, "write-ahead log");
   }
   SECTION("a journal with another outbox path") {
