@@ -1,6 +1,7 @@
 #include "engine/engine.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <random>
 #include <stdexcept>
 #include <thread>
@@ -142,7 +143,10 @@ struct process_runner {
       if (*p == outbox) {
         POP_ASSIGN_OR_RETURN(
             detail::outbox_changes changes,
-            detail::diff_outbox(w.value, snap.view(outbox), snap.version(), who));
+            // A process saw every message of its snapshot (a dry run's fixture may hold ids
+            // newer than its version): all of them are in scope.
+            detail::diff_outbox(w.value, snap.view(outbox),
+                                std::numeric_limits<std::uint64_t>::max(), who));
         POP_RETURN_IF_ERROR(add_changes(outbox, std::move(changes), out));
         continue;
       }
@@ -695,9 +699,13 @@ absl::StatusOr<dry_run_result> dry_run_contract(const detail::registered& proc, 
                                                    "': the fixture must be a JSON object, not ",
                                                    fixture.type_name()));
   }
+  POP_RETURN_IF_ERROR(check_storable(fixture, absl::StrCat("dry run of process '",
+                                                           proc.contract.name(), "': the fixture")));
+  // A fixture may seed the outbox as a list, as options.initial_state may.
+  POP_ASSIGN_OR_RETURN(json seeded, detail::initial_outbox(fixture, *outbox, detail::now_us()));
   auto state = std::make_shared<detail::version_state>();
   state->version = version;
-  state->root = detail::make_root(fixture);
+  state->root = detail::make_root(std::move(seeded));
   state->outbox_path = outbox;
   const snapshot snap = process_runner::make_snapshot(state);
   POP_ASSIGN_OR_RETURN(detail::prepared prep, process_runner::run(proc, snap, args));

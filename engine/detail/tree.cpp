@@ -41,8 +41,9 @@ std::string_view prefix_through(std::string_view full, std::string_view segment)
 
 absl::Status not_an_object(std::string_view full, std::string_view prefix, const json& holder) {
   return absl::FailedPreconditionError(absl::StrCat("cannot write '", to_absl(full), "': '",
-                                                    to_absl(prefix), "' holds a ",
-                                                    holder.type_name(), ", not an object"));
+                                                    to_absl(prefix), "' holds ",
+                                                    to_absl(type_with_article(holder)),
+                                                    ", not an object"));
 }
 
 // Writes `value` at `rest` inside the JSON object `doc`, creating missing objects.
