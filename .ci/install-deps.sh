@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages pop needs to build, test and benchmark. Idempotent, noninteractive.
+# Installs the Debian 12 packages pop needs to build, test and benchmark, plus any named as
+# arguments (the fuzz run adds clang). Idempotent, noninteractive.
 set -euo pipefail
 packages=(cmake ninja-build g++ pkg-config ccache clang-format libboost1.81-dev nlohmann-json3-dev
   libabsl-dev catch2 librapidcheck-dev libbenchmark-dev libsqlite3-dev sqlite3 nats-server
-  libnats-dev libcli11-dev libfmt-dev)
+  libnats-dev libcli11-dev libfmt-dev "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

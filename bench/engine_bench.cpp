@@ -36,8 +36,9 @@ std::unique_ptr<pop::engine> make_engine(const std::vector<std::string>& names, 
   json accounts = json::object();
   for (const auto& n : names) accounts[n] = 1000;
   auto e = pop::engine::open(
-      pop::options{.initial_state = {{"domain", {{"accounts", std::move(accounts)}}}},
-                   .audit_capacity = audit ? 4096u : 0u}).value();
+               pop::options{.initial_state = {{"domain", {{"accounts", std::move(accounts)}}}},
+                            .audit_capacity = audit ? 4096u : 0u})
+               .value();
   const absl::Status s = e->register_process({.name = "transfer",
                                               .inputs = {"domain.accounts"},
                                               .outputs = {"domain.accounts"},

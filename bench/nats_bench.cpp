@@ -80,7 +80,8 @@ void fill(pop::engine& e, int n, int per_commit) {
 // The consuming engine: one counter per key, each message applied once through the inbox; the
 // handler records commit-to-apply latency.
 struct consumer {
-  explicit consumer(pop::options o = {}) : e(pop::engine::open(std::move(o)).value()),
+  explicit consumer(pop::options o = {})
+      : e(pop::engine::open(std::move(o)).value()),
         in_owner(pop::inbox::create(*e).value()),
         in(*in_owner) {
     const absl::Status st = in.register_handler(
@@ -123,7 +124,7 @@ void BM_relay_to_jetstream(benchmark::State& state) {
     fill(*p, n, 500);
     auto sink = pop::nats_sink::create(*nc, {.source = "bench"}).value();
     auto r_owner = pop::relay::create(*p, *sink).value();
-  pop::relay& r = *r_owner;
+    pop::relay& r = *r_owner;
     state.ResumeTiming();
     if (!drain(r).ok() || p->snapshot().pending_count() != 0) std::abort();
     done += n;
@@ -146,7 +147,7 @@ void BM_jetstream_to_engine(benchmark::State& state) {
     fill(*p, n, 500);
     auto sink = pop::nats_sink::create(*nc, {.source = "bench"}).value();
     auto r_owner = pop::relay::create(*p, *sink).value();
-  pop::relay& r = *r_owner;
+    pop::relay& r = *r_owner;
     if (!drain(r).ok()) std::abort();
   }
   std::int64_t done = 0;
@@ -194,7 +195,7 @@ void BM_engine_to_engine(benchmark::State& state) {
     consumer c;
     auto sink = pop::nats_sink::create(*nc, {.source = "bench"}).value();
     auto r_owner = pop::relay::create(*p, *sink).value();
-  pop::relay& r = *r_owner;
+    pop::relay& r = *r_owner;
     auto in = pop::nats_ingress::create(*c.e, c.in, *nc,
                                         {.stream = "BENCH",
                                          .durable = "e2e",

@@ -62,11 +62,13 @@ void BM_relay_drain(benchmark::State& state) {
   const json queue = pending_queue(n);
   for (auto _ : state) {
     state.PauseTiming();
-    auto e = pop::engine::open(pop::options{
-        .initial_state = {{"domain", {{"outbox_queue", queue}}}}, .audit_capacity = 0}).value();
+    auto e =
+        pop::engine::open(pop::options{.initial_state = {{"domain", {{"outbox_queue", queue}}}},
+                                       .audit_capacity = 0})
+            .value();
     counting_sink sink;
     auto r_owner = pop::relay::create(*e, sink).value();
-  pop::relay& r = *r_owner;
+    pop::relay& r = *r_owner;
     asio::io_context io;
     absl::Status result;
     asio::co_spawn(io, r.drain(), [&](std::exception_ptr, absl::Status s) { result = s; });
@@ -108,7 +110,7 @@ void relay_with_producer(benchmark::State& state, bool paced) {
     counting_sink sink;
     sink.latencies_us.reserve(n);
     auto r_owner = pop::relay::create(*e, sink).value();
-  pop::relay& r = *r_owner;
+    pop::relay& r = *r_owner;
     asio::io_context io;
     asio::cancellation_signal stop;
     asio::co_spawn(

@@ -141,9 +141,8 @@ absl::Status check_storable(const json& value, std::string_view what) {
 absl::Status check_utf8(std::string_view text, std::string_view what) {
   const std::size_t bad = first_bad_utf8(text);
   if (bad == std::string_view::npos) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(detail::to_absl(what),
-                                                 " is not valid UTF-8 (first bad byte at offset ",
-                                                 bad, ")"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      detail::to_absl(what), " is not valid UTF-8 (first bad byte at offset ", bad, ")"));
 }
 
 std::string_view type_with_article(const json& value) {

@@ -133,20 +133,19 @@ struct process_runner {
             absl::StrCat(who, " wrote a bad path: ", p.status().message()));
       }
       if (!c.may_write(*p)) {
-        return absl::PermissionDeniedError(absl::StrCat("contract violation: ", who, " wrote '",
-                                                        p->str(), "', outside its declared outputs ",
-                                                        c.outputs().to_string()));
+        return absl::PermissionDeniedError(
+            absl::StrCat("contract violation: ", who, " wrote '", p->str(),
+                         "', outside its declared outputs ", c.outputs().to_string()));
       }
       if (w.value) {
         POP_RETURN_IF_ERROR(check_storable(*w.value, absl::StrCat(who, " wrote '", p->str(), "'")));
       }
       if (*p == outbox) {
-        POP_ASSIGN_OR_RETURN(
-            detail::outbox_changes changes,
-            // A process saw every message of its snapshot (a dry run's fixture may hold ids
-            // newer than its version): all of them are in scope.
-            detail::diff_outbox(w.value, snap.view(outbox),
-                                std::numeric_limits<std::uint64_t>::max(), who));
+        POP_ASSIGN_OR_RETURN(detail::outbox_changes changes,
+                             // A process saw every message of its snapshot (a dry run's fixture may
+                             // hold ids newer than its version): all of them are in scope.
+                             detail::diff_outbox(w.value, snap.view(outbox),
+                                                 std::numeric_limits<std::uint64_t>::max(), who));
         POP_RETURN_IF_ERROR(add_changes(outbox, std::move(changes), out));
         continue;
       }
@@ -330,8 +329,8 @@ engine::~engine() = default;
 absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
   POP_RETURN_IF_ERROR(validate_options(opts));
   const path outbox = path::parse(opts.outbox_path).value();
-  POP_ASSIGN_OR_RETURN(json initial,
-                       detail::initial_outbox(std::move(opts.initial_state), outbox, detail::now_us()));
+  POP_ASSIGN_OR_RETURN(json initial, detail::initial_outbox(std::move(opts.initial_state), outbox,
+                                                            detail::now_us()));
   // The engine keeps no copy of the initial state: once in the tree (or the journal) it is gone.
   opts.initial_state = json();
   detail::journal_start start;
@@ -339,9 +338,9 @@ absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
   if (opts.journal.empty()) {
     start.root = detail::make_root(std::move(initial));
   } else {
-    POP_ASSIGN_OR_RETURN(journal, detail::journal::open(opts.journal, opts.durability,
-                                                        opts.journal_tuning, outbox.str(), initial,
-                                                        start));
+    POP_ASSIGN_OR_RETURN(journal,
+                         detail::journal::open(opts.journal, opts.durability, opts.journal_tuning,
+                                               outbox.str(), initial, start));
   }
   return std::unique_ptr<engine>(new engine(std::move(opts), std::move(journal), std::move(start)));
 }
@@ -616,7 +615,8 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
     absl::StatusOr<path> p = path::parse(w.path);
     if (!p.ok()) return annotate(p.status(), who);
     if (w.value) {
-      POP_RETURN_IF_ERROR(check_storable(*w.value, absl::StrCat(who, ", writing '", p->str(), "'")));
+      POP_RETURN_IF_ERROR(
+          check_storable(*w.value, absl::StrCat(who, ", writing '", p->str(), "'")));
     }
     if (*p == *outbox_) {
       if (queue) {
@@ -699,8 +699,8 @@ absl::StatusOr<dry_run_result> dry_run_contract(const detail::registered& proc, 
                                                    "': the fixture must be a JSON object, not ",
                                                    fixture.type_name()));
   }
-  POP_RETURN_IF_ERROR(check_storable(fixture, absl::StrCat("dry run of process '",
-                                                           proc.contract.name(), "': the fixture")));
+  POP_RETURN_IF_ERROR(check_storable(
+      fixture, absl::StrCat("dry run of process '", proc.contract.name(), "': the fixture")));
   // A fixture may seed the outbox as a list, as options.initial_state may.
   POP_ASSIGN_OR_RETURN(json seeded, detail::initial_outbox(fixture, *outbox, detail::now_us()));
   auto state = std::make_shared<detail::version_state>();

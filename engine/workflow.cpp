@@ -974,8 +974,8 @@ absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::s
   }
   // An id is one path segment: "L.1" would nest the instance inside instance "L".
   if (absl::Status s = validate_segment(id); !s.ok()) {
-    return annotate(s, absl::StrCat("workflow instance id of workflow '",
-                                    detail::to_absl(workflow), "'"));
+    return annotate(
+        s, absl::StrCat("workflow instance id of workflow '", detail::to_absl(workflow), "'"));
   }
   if (absl::Status s =
           path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id))).status();

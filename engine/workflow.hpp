@@ -108,8 +108,8 @@ struct workflow_options {
 class workflows {
  public:
   // Returns the workflows of `e`, or kInvalidArgument naming a bad path in `opts`.
-  [[nodiscard]] static absl::StatusOr<std::unique_ptr<workflows>> create(engine& e,
-                                                                         workflow_options opts = {});
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<workflows>> create(
+      engine& e, workflow_options opts = {});
   workflows(const workflows&) = delete;
   workflows& operator=(const workflows&) = delete;
 
@@ -126,7 +126,6 @@ class workflows {
   [[nodiscard]] absl::Status define(workflow_definition def);
   // define() of the JSON in file `file_path`; errors name the file.
   [[nodiscard]] absl::Status define_from_file(const std::string& file_path);
-
 
   // Starts instance `id` of `workflow` with `inputs` (an object; null, as `{}` is in C++, means no
   // inputs). Returns the commit's version; kNotFound (no such workflow), kAlreadyExists (id

@@ -49,7 +49,8 @@ absl::StatusOr<std::unique_ptr<dead_letters>> dead_letters::create(engine& e,
   return std::unique_ptr<dead_letters>(new dead_letters(e, std::move(p)));
 }
 
-dead_letters::dead_letters(engine& e, path letters_path) : engine_(e), path_(std::move(letters_path)) {}
+dead_letters::dead_letters(engine& e, path letters_path)
+    : engine_(e), path_(std::move(letters_path)) {}
 
 std::size_t dead_letters::count() const {
   return engine_.snapshot().view(path_).size();

@@ -51,35 +51,7 @@ std::string header(natsMsg* msg, const char* name) {
 
 // True if `s` is well-formed UTF-8 (the journal stores JSON, which must be).
 bool valid_utf8(std::string_view s) {
-  std::size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    std::size_t n = 0;
-    if (c < 0x80) {
-      n = 0;
-    } else if ((c >> 5) == 0x6 && c >= 0xC2) {
-      n = 1;
-    } else if ((c >> 4) == 0xE) {
-      n = 2;
-    } else if ((c >> 3) == 0x1E && c <= 0xF4) {
-      n = 3;
-    } else {
-      return false;
-    }
-    if (i + n >= s.size()) return false;  // a sequence cut short
-    for (std::size_t k = 1; k <= n; ++k) {
-      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 0x2) return false;
-    }
-    if (n == 2) {  // no overlongs or surrogates
-      const auto d = static_cast<unsigned char>(s[i + 1]);
-      if ((c == 0xE0 && d < 0xA0) || (c == 0xED && d >= 0xA0)) return false;
-    } else if (n == 3) {
-      const auto d = static_cast<unsigned char>(s[i + 1]);
-      if ((c == 0xF0 && d < 0x90) || (c == 0xF4 && d >= 0x90)) return false;
-    }
-    i += n + 1;
-  }
-  return true;
+  return check_utf8(s, "").ok();
 }
 
 // `s` as JSON-safe text: itself if UTF-8, else C-escaped.

@@ -20,7 +20,8 @@ TEST_CASE("concurrent transfers conserve the total in every snapshot and lose no
   INFO("seed " << seed);
   json initial = {{"domain", {{"accounts", json::object()}}}};
   for (int i = 0; i < accounts; ++i) initial["domain"]["accounts"]["a" + std::to_string(i)] = 100;
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = initial, .retry = {.max_attempts = 1000}}));
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.initial_state = initial, .retry = {.max_attempts = 1000}}));
   pop::engine& e = *e_owner;
   REQUIRE(e.register_process(
                {.name = "transfer",

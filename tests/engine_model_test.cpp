@@ -50,8 +50,9 @@ std::string leaf(int group, int key) {
 TEST_CASE("random execute, compare_and_swap and snapshot sequences match a std::map model",
           "[engine][model]") {
   rc::prop("state and versions equal the model at every step", [] {
-    auto e_owner = pop::test::must(pop::engine::open(pop::options{.outbox_path = "system.outbox", .audit_capacity = 0}));
-  pop::engine& e = *e_owner;
+    auto e_owner = pop::test::must(
+        pop::engine::open(pop::options{.outbox_path = "system.outbox", .audit_capacity = 0}));
+    pop::engine& e = *e_owner;
     // put: sets a leaf; move: reads one leaf, adds it to another and deletes the source;
     // wipe: deletes a whole group.
     RC_ASSERT(e.register_process({.name = "put", .outputs = {"domain"}}, [](const pop::context&,

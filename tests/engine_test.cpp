@@ -42,7 +42,8 @@ json state_at(const pop::engine& e, const std::string& p) {
 }  // namespace
 
 TEST_CASE("a process commits its writes and messages atomically at one new version", "[engine]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"inventory", {{"A1", 5}}}}}}}));
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.initial_state = {{"domain", {{"inventory", {{"A1", 5}}}}}}}));
   pop::engine& e = *e_owner;
   REQUIRE(e.register_process(
                {.name = "place_order",
@@ -110,7 +111,8 @@ TEST_CASE("a snapshot never changes after later commits", "[engine]") {
 
 TEST_CASE("breaking the contract is kPermissionDenied naming process and path, and commits nothing",
           "[engine]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"secret", 1}, {"open", 2}}}}}));
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.initial_state = {{"domain", {{"secret", 1}, {"open", 2}}}}}));
   pop::engine& e = *e_owner;
   REQUIRE(e.register_process({.name = "peek", .inputs = {"domain.open"}, .outputs = {"domain.out"}},
                              [](const pop::context& ctx, const json&) {
@@ -235,7 +237,8 @@ TEST_CASE("typed reads convert through from_json and a wrong type names the path
 
 TEST_CASE("a delete is committed and visible, and deleting a missing path is harmless",
           "[engine]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"orders", {{"o1", {{"a", 1}}}, {"o2", 2}}}}}}}));
+  auto e_owner = pop::test::must(pop::engine::open(
+      pop::options{.initial_state = {{"domain", {{"orders", {{"o1", {{"a", 1}}}, {"o2", 2}}}}}}}));
   pop::engine& e = *e_owner;
   REQUIRE(e.register_process({.name = "drop", .outputs = {"domain.orders"}}, [](const pop::context&,
                                                                                 const json& args) {
@@ -252,7 +255,8 @@ TEST_CASE("a delete is committed and visible, and deleting a missing path is har
 }
 
 TEST_CASE("deep disjoint writes never conflict", "[engine]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"accounts", {{"alice", 10}, {"bob", 10}}}}}}}));
+  auto e_owner = pop::test::must(pop::engine::open(
+      pop::options{.initial_state = {{"domain", {{"accounts", {{"alice", 10}, {"bob", 10}}}}}}}));
   pop::engine& e = *e_owner;
   REQUIRE(
       e.register_process(
@@ -286,7 +290,8 @@ TEST_CASE("deep disjoint writes never conflict", "[engine]") {
 
 TEST_CASE("a conflicting process re-runs on the newer snapshot and emits its messages once",
           "[engine]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"counter", 0}}}}}));
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.initial_state = {{"domain", {{"counter", 0}}}}}));
   pop::engine& e = *e_owner;
   register_setter(e, "bump", "domain.counter");
   std::atomic<int> runs{0};
@@ -322,7 +327,8 @@ TEST_CASE("a conflicting process re-runs on the newer snapshot and emits its mes
 
 TEST_CASE("write skew never commits both sides", "[engine]") {
   // Each withdrawal keeps alice + bob >= 0 on its own snapshot; together they would break it.
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"a", 50}, {"b", 50}}}}}));
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.initial_state = {{"domain", {{"a", 50}, {"b", 50}}}}}));
   pop::engine& e = *e_owner;
   const auto withdraw = [&e](std::string mine, std::function<void()> meanwhile) {
     return
@@ -356,8 +362,9 @@ TEST_CASE("write skew never commits both sides", "[engine]") {
 }
 
 TEST_CASE("reads of missing paths, parents and children are validated at any depth", "[engine]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.outbox_path = "system.outbox",
-                             .initial_state = {{"domain", {{"x", {{"y", {{"z", 1}}}}}}}}}));
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.outbox_path = "system.outbox",
+                                     .initial_state = {{"domain", {{"x", {{"y", {{"z", 1}}}}}}}}}));
   pop::engine& e = *e_owner;
   register_setter(e, "set", "domain");
   struct scenario {
@@ -460,7 +467,8 @@ TEST_CASE("registration rejects bad specs with clear errors", "[engine]") {
 }
 
 TEST_CASE("invalid writes are refused and commit nothing", "[engine]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"n", 1}}}}}));
+  auto e_owner =
+      pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"n", 1}}}}}));
   pop::engine& e = *e_owner;
   REQUIRE(e.register_process({.name = "w", .outputs = {"domain"}}, [](const pop::context&,
                                                                       const json& args) {
@@ -505,7 +513,8 @@ TEST_CASE("a process past its timeout commits nothing", "[engine]") {
 }
 
 TEST_CASE("a process that changes nothing creates no version", "[engine]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"x", 1}}}}}));
+  auto e_owner =
+      pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"x", 1}}}}}));
   pop::engine& e = *e_owner;
   REQUIRE(e.register_process({.name = "look", .inputs = {"domain.x"}, .outputs = {"domain.y"}},
                              [](const pop::context& ctx, const json&) {
@@ -645,7 +654,8 @@ TEST_CASE("commit notifications report every commit until the subscription ends"
 
 TEST_CASE("the audit log records reads, writes, messages and outcome, and stays bounded",
           "[engine]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"x", 1}}}}, .audit_capacity = 3}));
+  auto e_owner = pop::test::must(pop::engine::open(
+      pop::options{.initial_state = {{"domain", {{"x", 1}}}}, .audit_capacity = 3}));
   pop::engine& e = *e_owner;
   REQUIRE(e.register_process(
                {.name = "p", .inputs = {"domain.x"}, .outputs = {"domain.y"}, .emits = {"t"}},
@@ -713,7 +723,8 @@ TEST_CASE("engine options are validated", "[engine]") {
         absl::StatusCode::kInvalidArgument);
   CHECK(pop::engine::open({.retry = {.max_attempts = 0}}).status().code() ==
         absl::StatusCode::kInvalidArgument);
-  CHECK(pop::engine::open({.outbox_path = ""}).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(pop::engine::open({.outbox_path = ""}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
   const auto custom = pop::engine::open({.outbox_path = "system.out"});
   REQUIRE(custom.ok());
   REQUIRE((*custom)

@@ -7,9 +7,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <map>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,24 +41,21 @@ const std::string bad_utf8 = std::string("bad\xff", 4);
 // Registers the processes the sweep drives: "put" writes args.v to domain.out; "emit" emits one
 // message of topic "t" with payload args.v, key args.key and header h = args.header.
 void register_sweep_processes(pop::engine& e) {
-  REQUIRE(e.register_process({.name = "put", .outputs = {"domain.out"}},
-                             [](const pop::context&, const json& args) {
-                               pop::result r;
-                               r.set("domain.out", args.at("v"));
-                               return r;
-                             })
-              .ok());
-  REQUIRE(e.register_process(
-               {.name = "emit", .emits = {"t"}},
-               [](const pop::context&, const json& args) {
-                 pop::result r;
-                 std::map<std::string, std::string> headers;
-                 if (args.contains("header")) headers["h"] = args.at("header").get<std::string>();
-                 r.emit(args.value("topic", "t"), args.value("v", json()), args.value("key", ""),
-                        std::move(headers));
-                 return r;
-               })
-              .ok());
+  REQUIRE(e.register_process({.name = "put", .outputs = {"domain.out"}}, [](const pop::context&,
+                                                                            const json& args) {
+             pop::result r;
+             r.set("domain.out", args.at("v"));
+             return r;
+           }).ok());
+  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
+                                                                  const json& args) {
+             pop::result r;
+             std::map<std::string, std::string> headers;
+             if (args.contains("header")) headers["h"] = args.at("header").get<std::string>();
+             r.emit(args.value("topic", "t"), args.value("v", json()), args.value("key", ""),
+                    std::move(headers));
+             return r;
+           }).ok());
 }
 
 // One engine under test, in memory or on a journal, with everything the sweep calls.
@@ -146,19 +143,18 @@ std::vector<value_case> values() {
 // Every public entry point that takes a string: one line each.
 using text_call = std::function<absl::Status(subject&, const std::string&)>;
 const std::vector<std::pair<const char*, text_call>> text_entry_points = {
-    {"execute(name)", [](subject& s, const std::string& t) { return s.engine->execute(t).status(); }},
+    {"execute(name)",
+     [](subject& s, const std::string& t) { return s.engine->execute(t).status(); }},
     {"register_process(name)",
      [](subject& s, const std::string& t) {
-       return s.engine->register_process({.name = t}, [](const pop::context&, const json&) {
-         return pop::result{};
-       });
+       return s.engine->register_process(
+           {.name = t}, [](const pop::context&, const json&) { return pop::result{}; });
      }},
     {"register_process(inputs)",
      [](subject& s, const std::string& t) {
-       return s.engine->register_process({.name = "p_in", .inputs = {t}},
-                                         [](const pop::context&, const json&) {
-                                           return pop::result{};
-                                         });
+       return s.engine->register_process(
+           {.name = "p_in", .inputs = {t}},
+           [](const pop::context&, const json&) { return pop::result{}; });
      }},
     {"snapshot().read(path)",
      [](subject& s, const std::string& t) { return s.engine->snapshot().read(t).status(); }},
@@ -202,9 +198,7 @@ const std::vector<std::pair<const char*, text_call>> text_entry_points = {
     {"dead_letters.discard(id)",
      [](subject& s, const std::string& t) { return s.dead->discard(t).status(); }},
     {"engine::open(outbox_path)",
-     [](subject&, const std::string& t) {
-       return pop::engine::open({.outbox_path = t}).status();
-     }},
+     [](subject&, const std::string& t) { return pop::engine::open({.outbox_path = t}).status(); }},
     {"inbox::create(path)",
      [](subject& s, const std::string& t) {
        return pop::inbox::create(*s.engine, {.path = t}).status();
@@ -215,9 +209,13 @@ const std::vector<std::pair<const char*, text_call>> text_entry_points = {
 using value_call = std::function<absl::Status(subject&, const json&)>;
 const std::vector<std::pair<const char*, value_call>> value_entry_points = {
     {"a process's write",
-     [](subject& s, const json& v) { return s.engine->execute("put", {{"v", v}}).status(); }},
+     [](subject& s, const json& v) {
+       return s.engine->execute("put", {{"v", v}}).status();
+     }},
     {"a message payload",
-     [](subject& s, const json& v) { return s.engine->execute("emit", {{"v", v}}).status(); }},
+     [](subject& s, const json& v) {
+       return s.engine->execute("emit", {{"v", v}}).status();
+     }},
     {"compare_and_swap(value)",
      [](subject& s, const json& v) {
        return s.engine->compare_and_swap(s.engine->version(), {{"domain.cas", v}}).status();
@@ -229,7 +227,9 @@ const std::vector<std::pair<const char*, value_call>> value_entry_points = {
            .status();
      }},
     {"workflows.start(inputs)",
-     [](subject& s, const json& v) { return s.workflows->start("w", "w1", {{"x", v}}).status(); }},
+     [](subject& s, const json& v) {
+       return s.workflows->start("w", "w1", {{"x", v}}).status();
+     }},
     {"inbox.apply(payload)",
      [](subject& s, const json& v) {
        pop::outbox_message m;
@@ -294,9 +294,9 @@ TEST_CASE("a string that is not UTF-8 is refused before commit, and the journal 
   register_sweep_processes(*e);
   const auto written = e->execute("put", {{"v", bad_utf8}});
   CHECK(written.status().code() == absl::StatusCode::kInvalidArgument);
-  CHECK_THAT(std::string(written.status().message()),
-             Catch::Contains("process 'put'") && Catch::Contains("domain.out") &&
-                 Catch::Contains("UTF-8"));
+  CHECK_THAT(std::string(written.status().message()), Catch::Contains("process 'put'") &&
+                                                          Catch::Contains("domain.out") &&
+                                                          Catch::Contains("UTF-8"));
   const auto payload = e->execute("emit", {{"v", {{"to", bad_utf8}}}});
   CHECK(payload.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK_THAT(std::string(payload.status().message()), Catch::Contains("/to"));
@@ -319,7 +319,8 @@ TEST_CASE("an initial state a journal cannot hold is refused before the journal 
   temp_dir dir;
   const std::string file = dir.file("initial.db");
   for (const json& bad : {json(bad_utf8), json(std::nan("")), nested(1000)}) {
-    const auto e = pop::engine::open({.initial_state = {{"domain", {{"x", bad}}}}, .journal = file});
+    const auto e =
+        pop::engine::open({.initial_state = {{"domain", {{"x", bad}}}}, .journal = file});
     CHECK(e.status().code() == absl::StatusCode::kInvalidArgument);
     CHECK_THAT(std::string(e.status().message()), Catch::Contains("options.initial_state"));
     CHECK(!std::filesystem::exists(file));
@@ -328,7 +329,8 @@ TEST_CASE("an initial state a journal cannot hold is refused before the journal 
 
 TEST_CASE("an outbox seeded as an empty list is an empty outbox, and other seeds say what to write",
           "[hardening]") {
-  auto e = must(pop::engine::open({.initial_state = {{"domain", {{"outbox_queue", json::array()}}}}}));
+  auto e =
+      must(pop::engine::open({.initial_state = {{"domain", {{"outbox_queue", json::array()}}}}}));
   register_sweep_processes(*e);
   CHECK(e->snapshot().pending_count() == 0);
   REQUIRE(e->execute("emit", {{"v", 1}}).ok());
@@ -342,8 +344,9 @@ TEST_CASE("an outbox seeded as an empty list is an empty outbox, and other seeds
 TEST_CASE("workflow ids must be one path segment, and null inputs mean none", "[hardening]") {
   pop::engine e;
   auto wf = must(pop::workflows::create(e));
-  REQUIRE(wf->define(must(pop::workflow_definition::from_json(
-                         {{"name", "loan"}, {"start", "done"}, {"steps", {{"done", {{"end", true}}}}}})))
+  REQUIRE(wf
+              ->define(must(pop::workflow_definition::from_json(
+                  {{"name", "loan"}, {"start", "done"}, {"steps", {{"done", {{"end", true}}}}}})))
               .ok());
   const auto dotted = wf->start("loan", "L.1", json::object());
   CHECK(dotted.status().code() == absl::StatusCode::kInvalidArgument);

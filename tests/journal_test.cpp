@@ -115,8 +115,9 @@ TEST_CASE("a journaled engine reopens with the same version, state, outbox and d
     sink.script = [&, base = sink.script](const pop::outbox_message& m) {
       return ++calls <= 3 ? base(m) : pop::test::act::hang;
     };
-    auto r_owner = pop::test::must(pop::relay::create(*e, sink, {.publish_timeout = std::chrono::milliseconds(5), .max_attempts = 100}));
-  pop::relay& r = *r_owner;
+    auto r_owner = pop::test::must(pop::relay::create(
+        *e, sink, {.publish_timeout = std::chrono::milliseconds(5), .max_attempts = 100}));
+    pop::relay& r = *r_owner;
     boost::asio::io_context io;
     boost::asio::cancellation_signal stop;
     boost::asio::co_spawn(

@@ -9,10 +9,10 @@
 #include <atomic>
 #include <catch2/catch.hpp>
 
-#include "tests/support/must.hpp"
 #include <map>
 #include <random>
 #include <thread>
+#include "tests/support/must.hpp"
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -394,7 +394,7 @@ TEST_CASE("engine backpressure slows the ingress instead of dropping messages", 
   REQUIRE(sink.ok());
   {
     auto relay_owner = pop::test::must(pop::relay::create(*p, **sink));
-  pop::relay& relay = *relay_owner;
+    pop::relay& relay = *relay_owner;
     asio::io_context io;
     REQUIRE(run_on(io, relay.drain()).ok());
   }
@@ -467,12 +467,13 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
   REQUIRE(in->start().ok());
 
   constexpr int keys = 8, rounds = 60, per_round = 5;
-  auto relay_owner = pop::test::must(pop::relay::create(*p, **sink,
-                   {.publish_timeout = std::chrono::milliseconds(1'000),
-                    // The outages below outlast two attempts' backoff: they must not count.
-                    .max_attempts = 2,
-                    .initial_backoff = std::chrono::milliseconds(20),
-                    .max_backoff = std::chrono::milliseconds(200)}));
+  auto relay_owner = pop::test::must(
+      pop::relay::create(*p, **sink,
+                         {.publish_timeout = std::chrono::milliseconds(1'000),
+                          // The outages below outlast two attempts' backoff: they must not count.
+                          .max_attempts = 2,
+                          .initial_backoff = std::chrono::milliseconds(20),
+                          .max_backoff = std::chrono::milliseconds(200)}));
   pop::relay& relay = *relay_owner;
   asio::io_context io;
   asio::cancellation_signal stop;
@@ -543,7 +544,7 @@ TEST_CASE(
     auto sink = pop::nats_sink::create(*nc, {.source = "orders"});
     REQUIRE(sink.ok());
     auto relay_owner = pop::test::must(pop::relay::create(*p, **sink));
-  pop::relay& relay = *relay_owner;
+    pop::relay& relay = *relay_owner;
     asio::io_context io;
     REQUIRE(run_on(io, relay.drain()).ok());
   }

@@ -49,15 +49,16 @@ race_result race(int producers, int per_producer, bool asynchronous, std::uint64
     roll.store(r);
     return (r >> 33) % 10 == 0 ? act::fail : act::ok;
   };
-  auto r_owner = pop::test::must(pop::relay::create(e, sink,
-               {.max_in_flight = 32,
-                .batch_size = 128,
-                .publish_timeout = std::chrono::seconds(10),
-                .max_attempts = 1000,
-                .initial_backoff = std::chrono::microseconds(50),
-                .max_backoff = std::chrono::microseconds(500),
-                .dead_letter_path = "system.dead_letters",
-                .seed = seed}));
+  auto r_owner =
+      pop::test::must(pop::relay::create(e, sink,
+                                         {.max_in_flight = 32,
+                                          .batch_size = 128,
+                                          .publish_timeout = std::chrono::seconds(10),
+                                          .max_attempts = 1000,
+                                          .initial_backoff = std::chrono::microseconds(50),
+                                          .max_backoff = std::chrono::microseconds(500),
+                                          .dead_letter_path = "system.dead_letters",
+                                          .seed = seed}));
   pop::relay& r = *r_owner;
   asio::io_context io;
   asio::cancellation_signal stop;
@@ -130,7 +131,8 @@ TEST_CASE("concurrency: asynchronous publishes on a two-thread io_context race p
 
 TEST_CASE("concurrency: concurrent applications of one message id change the state once",
           "[relay][inbox][concurrency]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"n", 0}}}}}));
+  auto e_owner =
+      pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"n", 0}}}}}));
   pop::engine& e = *e_owner;
   auto in_owner = pop::test::must(pop::inbox::create(e));
   pop::inbox& in = *in_owner;

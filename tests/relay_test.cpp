@@ -468,7 +468,7 @@ TEST_CASE("stopping mid-batch keeps in-flight messages queued and a new relay re
   std::optional<absl::Status> stopped;
   {
     auto r_owner = pop::test::must(pop::relay::create(e, first, o));
-  pop::relay& r = *r_owner;
+    pop::relay& r = *r_owner;
     asio::co_spawn(
         io, r.run(),
         asio::bind_cancellation_slot(
@@ -533,7 +533,8 @@ TEST_CASE("seeded faults: every message ends delivered or dead-lettered and the 
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
   CHECK(e.snapshot().pending_count() == 0);
-  const std::vector<pop::dead_letter> dead = pop::test::must(pop::dead_letters::create(e))->list().value();
+  const std::vector<pop::dead_letter> dead =
+      pop::test::must(pop::dead_letters::create(e))->list().value();
   std::set<std::string> ended(sink.acked.begin(), sink.acked.end());
   CHECK(ended.size() == sink.acked.size());
   for (const pop::dead_letter& d : dead) {
@@ -635,7 +636,7 @@ TEST_CASE("the topic router routes by topic and pattern and applies its unknown-
                     })
                 .ok());
     auto r_owner = pop::test::must(pop::relay::create(e, router, quick()));
-  pop::relay& r = *r_owner;
+    pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
     CHECK(got_t == std::vector<std::string>{to_t});
@@ -651,7 +652,7 @@ TEST_CASE("the topic router routes by topic and pattern and applies its unknown-
                     })
                 .ok());
     auto r_owner = pop::test::must(pop::relay::create(e, strict, quick()));
-  pop::relay& r = *r_owner;
+    pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
     const auto dead = pop::test::must(pop::dead_letters::create(e))->list().value();
@@ -662,7 +663,7 @@ TEST_CASE("the topic router routes by topic and pattern and applies its unknown-
   SECTION("unknown topics are acknowledged and counted under unknown_topic::drop") {
     pop::topic_router lenient(pop::unknown_topic::drop);
     auto r_owner = pop::test::must(pop::relay::create(e, lenient, quick()));
-  pop::relay& r = *r_owner;
+    pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
     CHECK(lenient.dropped() == 2);
@@ -679,7 +680,7 @@ TEST_CASE("the JSON-lines sink writes one line per message", "[relay][sink]") {
   {
     auto sink = pop::jsonl_sink::open(file).value();
     auto r_owner = pop::test::must(pop::relay::create(e, *sink, quick()));
-  pop::relay& r = *r_owner;
+    pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
     CHECK(sink->written() == 1);
@@ -721,9 +722,11 @@ TEST_CASE("metrics render in the Prometheus text format", "[relay][metrics]") {
 }
 
 TEST_CASE("an inbox applies the same message once however often it arrives", "[relay][inbox]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"paid", 0}}}}}));
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.initial_state = {{"domain", {{"paid", 0}}}}}));
   pop::engine& e = *e_owner;
-  auto in_owner = pop::test::must(pop::inbox::create(e, {.path = "system.inbox.orders", .retention = 8}));
+  auto in_owner =
+      pop::test::must(pop::inbox::create(e, {.path = "system.inbox.orders", .retention = 8}));
   pop::inbox& in = *in_owner;
   REQUIRE(in.register_handler(
                 {.name = "on_payment", .inputs = {"domain.paid"}, .outputs = {"domain.paid"}},

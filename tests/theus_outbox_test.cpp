@@ -1,8 +1,8 @@
 // Tests of the list-shaped outbox forms of the Theus chapters: seeding the queue as [], producers
 // returning the new queue, clears by process or by compare_and_swap in both modes, free-form
 // messages; and a property test that no interleaving loses, resurrects or breaks anything.
-#include <catch2/catch.hpp>
 #include <rapidcheck/catch.h>
+#include <catch2/catch.hpp>
 
 #include <future>
 #include <set>
@@ -41,9 +41,8 @@ const pop::process_spec register_user_spec{.name = "register_user",
                                            .emits = {"SEND_EMAIL"}};
 
 // A clear through a process: returns [] (every message of the snapshot it ran on is removed).
-const pop::process_spec clear_spec{.name = "clear",
-                                   .inputs = {"domain.outbox_queue"},
-                                   .outputs = {"domain.outbox_queue"}};
+const pop::process_spec clear_spec{
+    .name = "clear", .inputs = {"domain.outbox_queue"}, .outputs = {"domain.outbox_queue"}};
 absl::StatusOr<pop::result> clear_all(const pop::context&, const json&) {
   pop::result r;
   r.set("domain.outbox_queue", json::array());
@@ -62,20 +61,18 @@ std::unique_ptr<pop::engine> theus_engine() {
   auto e = must(pop::engine::open({.initial_state = theus_seed}));
   REQUIRE(e->register_process(register_user_spec, register_user).ok());
   REQUIRE(e->register_process(clear_spec, clear_all).ok());
-  REQUIRE(e->register_process({.name = "emit", .emits = {"SEND_EMAIL"}},
-                              [](const pop::context&, const json& args) {
-                                pop::result r;
-                                r.emit("SEND_EMAIL", args);
-                                return r;
-                              })
-              .ok());
+  REQUIRE(e->register_process({.name = "emit", .emits = {"SEND_EMAIL"}}, [](const pop::context&,
+                                                                            const json& args) {
+             pop::result r;
+             r.emit("SEND_EMAIL", args);
+             return r;
+           }).ok());
   return e;
 }
 
 }  // namespace
 
-TEST_CASE("a free-form list entry becomes a message whose payload is its other fields",
-          "[theus]") {
+TEST_CASE("a free-form list entry becomes a message whose payload is its other fields", "[theus]") {
   auto e = theus_engine();
   REQUIRE(e->execute("register_user", {{"name", "ann"}, {"email", "ann@x"}}).ok());
   const auto messages = e->snapshot().pending_messages().value();
@@ -94,33 +91,35 @@ TEST_CASE("the chapters' unit tests check the returned list with dry_run, no moc
   CHECK(run.messages[0].topic == "SEND_EMAIL");
   CHECK(run.messages[0].payload.at("to") == "cy@x");
   CHECK(run.state.at("domain").at("users").at("cy") == "cy@x");
-  const pop::dry_run_result cleared = must(pop::dry_run(clear_spec, clear_all, run.state, json::object(), {}));
+  const pop::dry_run_result cleared =
+      must(pop::dry_run(clear_spec, clear_all, run.state, json::object(), {}));
   CHECK(cleared.state.at("domain").at("outbox_queue").empty());
 }
 
-TEST_CASE("clearing with compare_and_swap of [] removes what was pending and keeps the outbox usable",
-          "[theus]") {
+TEST_CASE(
+    "clearing with compare_and_swap of [] removes what was pending and keeps the outbox usable",
+    "[theus]") {
   auto e = theus_engine();
   REQUIRE(e->execute("emit", {{"n", 1}}).ok());
   REQUIRE(e->execute("emit", {{"n", 2}}).ok());
   const std::uint64_t seen = e->version();
   SECTION("strict") {
-    const auto r = must(e->compare_and_swap(seen, {{"domain.outbox_queue", json::array()}},
-                                            pop::cas_mode::strict));
+    const auto r = must(
+        e->compare_and_swap(seen, {{"domain.outbox_queue", json::array()}}, pop::cas_mode::strict));
     CHECK(r.committed);
     CHECK(e->snapshot().pending_count() == 0);
     // A strict clear based on an older version loses the race and writes nothing.
     REQUIRE(e->execute("emit", {{"n", 3}}).ok());
-    const auto late = must(e->compare_and_swap(seen, {{"domain.outbox_queue", json::array()}},
-                                               pop::cas_mode::strict));
+    const auto late = must(
+        e->compare_and_swap(seen, {{"domain.outbox_queue", json::array()}}, pop::cas_mode::strict));
     CHECK(!late.committed);
     CHECK(e->snapshot().pending_count() == 1);
   }
   SECTION("keys: messages committed after the version it saw are kept") {
     REQUIRE(e->execute("emit", {{"n", 3}}).ok());
     const std::string newer = e->snapshot().pending_messages().value().back().id;
-    const auto r = must(e->compare_and_swap(seen, {{"domain.outbox_queue", json::array()}},
-                                            pop::cas_mode::keys));
+    const auto r = must(
+        e->compare_and_swap(seen, {{"domain.outbox_queue", json::array()}}, pop::cas_mode::keys));
     CHECK(r.committed);
     CHECK(pending_ids(e->snapshot()) == std::set<std::string>{newer});
   }
@@ -130,8 +129,7 @@ TEST_CASE("clearing with compare_and_swap of [] removes what was pending and kee
   CHECK(e->snapshot().read("domain.outbox_queue").value().is_object());
 }
 
-TEST_CASE("a clear by process removes exactly the messages of the snapshot it ran on",
-          "[theus]") {
+TEST_CASE("a clear by process removes exactly the messages of the snapshot it ran on", "[theus]") {
   auto e = theus_engine();
   REQUIRE(e->execute("emit", {{"n", 1}}).ok());
   std::promise<void> started;
@@ -197,9 +195,8 @@ TEST_CASE("no interleaving of list and emit producers and clears loses, resurrec
       const std::uint64_t base = *rc::gen::inRange<std::uint64_t>(0, head.version() + 1);
       std::set<std::string> expected_gone;
       if (op == 0) {
-        RC_ASSERT(e->execute("register_user", {{"name", "u" + std::to_string(i)},
-                                               {"email", "e"}})
-                      .ok());
+        RC_ASSERT(
+            e->execute("register_user", {{"name", "u" + std::to_string(i)}, {"email", "e"}}).ok());
       } else if (op == 1) {
         RC_ASSERT(e->execute("emit", {{"i", i}}).ok());
       } else if (op == 2) {
@@ -207,8 +204,7 @@ TEST_CASE("no interleaving of list and emit producers and clears loses, resurrec
         RC_ASSERT(e->execute("clear").ok());
       } else {
         const auto mode = op == 3 ? pop::cas_mode::strict : pop::cas_mode::keys;
-        const auto r =
-            e->compare_and_swap(base, {{"domain.outbox_queue", json::array()}}, mode);
+        const auto r = e->compare_and_swap(base, {{"domain.outbox_queue", json::array()}}, mode);
         RC_ASSERT(r.ok());
         if (r->committed) expected_gone = pending_ids(history[base]);
       }

@@ -425,11 +425,11 @@ TEST_CASE("instances resume after reopening the journal at every kind of step",
   const auto open = [&](auto&& body) {
     auto e = pop::engine::open(pop::options{.journal = file}).value();
     auto wf_owner = pop::test::must(pop::workflows::create(*e));
-  pop::workflows& wf = *wf_owner;
+    pop::workflows& wf = *wf_owner;
     register_steps(wf);
     REQUIRE(wf.define(parse(def)).ok());
     auto in_owner = pop::test::must(pop::inbox::create(*e));
-  pop::inbox& in = *in_owner;
+    pop::inbox& in = *in_owner;
     REQUIRE(pop::register_workflow_resume(in, wf).ok());
     body(*e, wf, in);
   };
@@ -472,7 +472,7 @@ TEST_CASE("instances pending at a branch or inside a child resume after reopenin
   const auto open = [&](auto&& body) {
     auto e = pop::engine::open(pop::options{.journal = file}).value();
     auto wf_owner = pop::test::must(pop::workflows::create(*e));
-  pop::workflows& wf = *wf_owner;
+    pop::workflows& wf = *wf_owner;
     register_steps(wf);
     REQUIRE(wf.define(parse(linear)).ok());
     REQUIRE(

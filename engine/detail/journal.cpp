@@ -7,11 +7,11 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <charconv>
-#include <optional>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -276,11 +276,13 @@ absl::Status precheck_without_wal(const std::string& path, journal_info& info, b
   }
   POP_ASSIGN_OR_RETURN(const std::uint64_t newest, newest_version(c.db, path));
   if (newest >= *head) return absl::OkStatus();
-  return absl::DataLossError(absl::StrCat(
-      "journal '", path, "' was not closed cleanly and its write-ahead log '", path,
-      "-wal' is missing: version ", *head, " was acknowledged, but the main file holds only up to ",
-      "version ", newest, "; restore the -wal file (nothing was changed). If this file was "
-      "restored from a backup on purpose, delete '", head_path(path), "' to accept it as it is"));
+  return absl::DataLossError(
+      absl::StrCat("journal '", path, "' was not closed cleanly and its write-ahead log '", path,
+                   "-wal' is missing: version ", *head,
+                   " was acknowledged, but the main file holds only up to ", "version ", newest,
+                   "; restore the -wal file (nothing was changed). If this file was "
+                   "restored from a backup on purpose, delete '",
+                   head_path(path), "' to accept it as it is"));
 }
 
 // kFailedPrecondition if the database holds tables that are not a pop journal's.
@@ -507,8 +509,9 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
   sqlite3_db_config(c.db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 0, nullptr);
   const int head_fd = ::open(head_path(path).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (head_fd < 0) {
-    return fail(absl::UnavailableError(absl::StrCat("journal '", path, "': cannot open its head file '",
-                                                    head_path(path), "': ", std::strerror(errno))));
+    return fail(
+        absl::UnavailableError(absl::StrCat("journal '", path, "': cannot open its head file '",
+                                            head_path(path), "': ", std::strerror(errno))));
   }
   if (absl::Status s = write_head(head_fd, path, info.last_version); !s.ok()) {
     ::close(head_fd);

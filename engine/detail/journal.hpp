@@ -82,8 +82,8 @@ class journal {
   absl::Status failure() const;
 
  private:
-  journal(std::string path, durability level, const journal_options& opts, int lock_fd,
-          int head_fd, sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version);
+  journal(std::string path, durability level, const journal_options& opts, int lock_fd, int head_fd,
+          sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version);
   void run_writer();
   absl::Status write_group(std::deque<std::shared_ptr<journal_record>>& group);
   absl::Status write_snapshot(const journal_record& last);

@@ -53,8 +53,7 @@ absl::StatusOr<message_draft> draft_from_entry(const json& entry, std::string_vi
   }
   message_draft m;
   const auto topic = entry.find("topic");
-  if (topic == entry.end() || !topic->is_string() ||
-      topic->get_ref<const std::string&>().empty()) {
+  if (topic == entry.end() || !topic->is_string() || topic->get_ref<const std::string&>().empty()) {
     return bad("without a non-empty string 'topic'");
   }
   m.topic = topic->get<std::string>();
@@ -109,8 +108,9 @@ absl::StatusOr<outbox_changes> diff_outbox(const std::optional<json>& queue,
     }
     const json& id = e["id"];
     if (!id.is_string()) {
-      return absl::InvalidArgumentError(absl::StrCat(to_absl(who), " wrote an outbox entry whose id is ",
-                                                     to_absl(type_with_article(id)), ", not a string"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(to_absl(who), " wrote an outbox entry whose id is ",
+                       to_absl(type_with_article(id)), ", not a string"));
     }
     const std::string& key = id.get_ref<const std::string&>();
     const value_view stored = pending.member(key);
@@ -150,7 +150,8 @@ absl::Status check_message_write(const path& target, const path& outbox,
   if (!parse_message_id(id).ok()) {
     return absl::InvalidArgumentError(absl::StrCat(
         to_absl(who), " wrote '", target.str(), "': outbox entries are named by message ids, and '",
-        to_absl(id), "' is not one; append new messages with emit (or a list entry without an id)"));
+        to_absl(id),
+        "' is not one; append new messages with emit (or a list entry without an id)"));
   }
   if (!value) return absl::OkStatus();
   return check_stored(*value, id, who);

@@ -40,10 +40,9 @@ std::string_view prefix_through(std::string_view full, std::string_view segment)
 }
 
 absl::Status not_an_object(std::string_view full, std::string_view prefix, const json& holder) {
-  return absl::FailedPreconditionError(absl::StrCat("cannot write '", to_absl(full), "': '",
-                                                    to_absl(prefix), "' holds ",
-                                                    to_absl(type_with_article(holder)),
-                                                    ", not an object"));
+  return absl::FailedPreconditionError(
+      absl::StrCat("cannot write '", to_absl(full), "': '", to_absl(prefix), "' holds ",
+                   to_absl(type_with_article(holder)), ", not an object"));
 }
 
 // Writes `value` at `rest` inside the JSON object `doc`, creating missing objects.
@@ -89,8 +88,8 @@ absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, 
   if (node && node->is_map) {
     const std::string_view segment = take_segment(rest);
     const node_ptr* child = node->members.find(segment);
-    POP_ASSIGN_OR_RETURN(node_ptr updated,
-                         assign_at(child ? *child : node_ptr(), rest, std::move(value), full, edit));
+    POP_ASSIGN_OR_RETURN(node_ptr updated, assign_at(child ? *child : node_ptr(), rest,
+                                                     std::move(value), full, edit));
     return make_map(node->members.set(segment, std::move(updated), edit));
   }
   // A blob or a missing object: write at the JSON level and let make_node choose the form again,

@@ -267,11 +267,9 @@ int main(int argc, char** argv) {
   auto wf_made = pop::workflows::create(e);
 
   if (!wf_made.ok()) {
-
     std::cerr << "order_pipeline: " << wf_made.status() << "\n";
 
     return 2;
-
   }
 
   pop::workflows& wf = **wf_made;
@@ -299,7 +297,8 @@ int main(int argc, char** argv) {
     std::cerr << "order_pipeline: " << defined << "\n";
     return 2;
   }
-  auto payments_inbox_made = pop::inbox::create(e, {.path = "system.inbox.payments", .retention = 1'000'000});
+  auto payments_inbox_made =
+      pop::inbox::create(e, {.path = "system.inbox.payments", .retention = 1'000'000});
   if (!payments_inbox_made.ok()) {
     std::cerr << "order_pipeline: " << payments_inbox_made.status() << "\n";
     return 2;
@@ -381,11 +380,9 @@ int main(int argc, char** argv) {
   auto relay_made = pop::relay::create(e, router, {.publish_timeout = std::chrono::seconds(5)});
 
   if (!relay_made.ok()) {
-
     std::cerr << "order_pipeline: " << relay_made.status() << "\n";
 
     return 2;
-
   }
 
   pop::relay& relay = **relay_made;

@@ -45,7 +45,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   pop::engine& e = **opened;
-  auto requests_made = pop::inbox::create(e, {.path = "system.inbox.orders", .retention = 1'000'000});
+  auto requests_made =
+      pop::inbox::create(e, {.path = "system.inbox.orders", .retention = 1'000'000});
   if (!requests_made.ok()) {
     std::cerr << "payments_service: " << requests_made.status() << "\n";
     return 2;

@@ -6,12 +6,12 @@
 // Usage: theus_outbox [producers] [messages per producer]   (exit 1 if a check fails)
 #include <sqlite3.h>
 
+#include <unistd.h>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
-#include <unistd.h>
 
 #include <map>
 #include <string>
@@ -34,7 +34,8 @@ absl::StatusOr<pop::result> register_user(const pop::context& ctx, const json& a
   json new_queue = json::array();
   for (const auto& [id, message] : queue.items()) new_queue.push_back(message);
   const std::string name = args.at("name");
-  new_queue.push_back({{"topic", "SEND_EMAIL"}, {"to", name + "@example.com"}, {"body", "Hi " + name}});
+  new_queue.push_back(
+      {{"topic", "SEND_EMAIL"}, {"to", name + "@example.com"}, {"body", "Hi " + name}});
   pop::result r;
   r.set("domain.users." + name, true);
   r.set("domain.outbox_queue", std::move(new_queue));
@@ -79,10 +80,9 @@ std::unique_ptr<pop::engine> chapter_engine() {
                                .outputs = {"domain.users", "domain.outbox_queue"},
                                .emits = {"SEND_EMAIL"}},
                               register_user));
-  must((*e)->register_process({.name = "clear_sent",
-                               .inputs = {"domain.outbox_queue"},
-                               .outputs = {"domain.outbox_queue"}},
-                              clear_sent));
+  must((*e)->register_process(
+      {.name = "clear_sent", .inputs = {"domain.outbox_queue"}, .outputs = {"domain.outbox_queue"}},
+      clear_sent));
   return *std::move(e);
 }
 
@@ -153,8 +153,7 @@ bool chapter_18(int producers, int per, pop::cas_mode mode, const std::string& d
     sqlite3_exec(db, "BEGIN", nullptr, nullptr, nullptr);
     for (const pop::outbox_message& m : *buffer) {
       sqlite3_stmt* s = nullptr;
-      sqlite3_prepare_v2(db, "INSERT OR IGNORE INTO sent_events VALUES (?, ?, ?)", -1, &s,
-                         nullptr);
+      sqlite3_prepare_v2(db, "INSERT OR IGNORE INTO sent_events VALUES (?, ?, ?)", -1, &s, nullptr);
       const std::string payload = m.payload.dump();
       sqlite3_bind_text(s, 1, m.id.c_str(), -1, SQLITE_TRANSIENT);
       sqlite3_bind_text(s, 2, m.topic.c_str(), -1, SQLITE_TRANSIENT);
@@ -169,8 +168,9 @@ bool chapter_18(int producers, int per, pop::cas_mode mode, const std::string& d
     if (!r->committed) ++lost_races;  // re-read, re-persist (ignored duplicates), retry
   });
   sqlite3_stmt* count = nullptr;
-  sqlite3_prepare_v2(db, "SELECT count(*), count(DISTINCT json_extract(payload, '$.to')) FROM sent_events",
-                     -1, &count, nullptr);
+  sqlite3_prepare_v2(
+      db, "SELECT count(*), count(DISTINCT json_extract(payload, '$.to')) FROM sent_events", -1,
+      &count, nullptr);
   sqlite3_step(count);
   const int rows = sqlite3_column_int(count, 0);
   const int recipients = sqlite3_column_int(count, 1);
@@ -178,7 +178,8 @@ bool chapter_18(int producers, int per, pop::cas_mode mode, const std::string& d
   sqlite3_close(db);
   std::cout << "  (" << lost_races << " compare_and_swap races lost and retried)\n";
   bool ok = check(produced, "every producer committed");
-  ok &= check(rows == producers * per, "every message persisted once (" + std::to_string(rows) + " rows)");
+  ok &= check(rows == producers * per,
+              "every message persisted once (" + std::to_string(rows) + " rows)");
   ok &= check(recipients == producers * per, "one message per registered user");
   ok &= check(e->snapshot().pending_count() == 0, "the outbox ended empty and usable");
   return ok;
