@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "contracts/status.hpp"
+#include "relay/detail/nats_codec.hpp"
 #include "relay/detail/nats_status.hpp"
 
 namespace pop {
@@ -23,6 +24,20 @@ struct nats_ingress::counters {
 };
 
 namespace {
+
+using detail::decode_ingress_message;
+using detail::header;
+using detail::printable;
+using detail::valid_utf8;
+
+bool retryable(absl::StatusCode c) {
+  return c == absl::StatusCode::kAborted || c == absl::StatusCode::kResourceExhausted ||
+         c == absl::StatusCode::kUnavailable || c == absl::StatusCode::kDeadlineExceeded;
+}
+
+bool fatal(absl::StatusCode c) {
+  return c == absl::StatusCode::kDataLoss || c == absl::StatusCode::kInternal;
+}
 
 std::int64_t now_us() {
   return std::chrono::duration_cast<std::chrono::microseconds>(
@@ -41,99 +56,6 @@ path checked_dead_letters(const nats_ingress_options& o, const path& outbox) {
                                              "' overlaps the outbox at '", outbox.str(), "'"));
   }
   return *std::move(p);
-}
-
-std::string header(natsMsg* msg, const char* name) {
-  const char* v = nullptr;
-  if (natsMsgHeader_Get(msg, name, &v) != NATS_OK || v == nullptr) return {};
-  return v;
-}
-
-// True if `s` is well-formed UTF-8 (the journal stores JSON, which must be).
-bool valid_utf8(std::string_view s) {
-  return check_utf8(s, "").ok();
-}
-
-// `s` as JSON-safe text: itself if UTF-8, else C-escaped.
-std::string printable(std::string_view s) {
-  if (valid_utf8(s)) return std::string(s);
-  return absl::CHexEscape(detail::to_absl(s));
-}
-
-bool retryable(absl::StatusCode c) {
-  return c == absl::StatusCode::kAborted || c == absl::StatusCode::kResourceExhausted ||
-         c == absl::StatusCode::kUnavailable || c == absl::StatusCode::kDeadlineExceeded;
-}
-
-bool fatal(absl::StatusCode c) {
-  return c == absl::StatusCode::kDataLoss || c == absl::StatusCode::kInternal;
-}
-
-// The message as the handler sees it, or kInvalidArgument saying why it cannot be one.
-absl::StatusOr<outbox_message> decode(natsMsg* msg, const std::string& stream, std::uint64_t seq) {
-  outbox_message m;
-  const std::string source = header(msg, detail::header_source);
-  const std::string id = header(msg, detail::header_id);
-  const std::string dedup = header(msg, detail::header_msg_id);
-  if (!source.empty() && !id.empty()) {
-    m.id = absl::StrCat(source, "-", id);
-  } else if (!dedup.empty()) {
-    m.id = dedup;
-  } else {
-    m.id = absl::StrCat(stream, "-", seq);
-  }
-  for (const char* h : {detail::header_topic, detail::header_key}) {
-    if (!valid_utf8(header(msg, h))) {
-      return absl::InvalidArgumentError(absl::StrCat("header ", h, " is not UTF-8"));
-    }
-  }
-  if (absl::Status st = validate_segment(m.id); !st.ok()) {
-    return annotate(st, absl::StrCat("message id '", m.id, "' cannot be an inbox mark"));
-  }
-  m.topic = header(msg, detail::header_topic);
-  if (m.topic.empty()) m.topic = natsMsg_GetSubject(msg);
-  m.key = header(msg, detail::header_key);
-  if (const std::string v = header(msg, detail::header_version); !v.empty()) {
-    if (!absl::SimpleAtoi(v, &m.version)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("header Pop-Version '", v, "' is not a number"));
-    }
-  }
-  if (const std::string v = header(msg, detail::header_created); !v.empty()) {
-    if (!absl::SimpleAtoi(v, &m.created_at_us)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("header Pop-Created-At-Us '", v, "' is not a number"));
-    }
-  }
-  const char** keys = nullptr;
-  int count = 0;
-  if (natsMsgHeader_Keys(msg, &keys, &count) == NATS_OK) {
-    for (int i = 0; i < count; ++i) {
-      const std::string_view k = keys[i];
-      if (absl::StartsWithIgnoreCase(detail::to_absl(k), "nats-") ||
-          absl::StartsWithIgnoreCase(detail::to_absl(k), "pop-")) {
-        continue;
-      }
-      std::string value = header(msg, keys[i]);
-      if (!valid_utf8(k) || !valid_utf8(value)) {
-        free(static_cast<void*>(keys));
-        return absl::InvalidArgumentError(absl::StrCat("header '", printable(k), "' is not UTF-8"));
-      }
-      m.headers.emplace(std::string(k), std::move(value));
-    }
-    free(static_cast<void*>(keys));
-  }
-  const char* data = natsMsg_GetData(msg);
-  const int len = natsMsg_GetDataLength(msg);
-  if (len == 0) {
-    m.payload = nullptr;
-  } else {
-    m.payload = json::parse(data, data + len, nullptr, false);
-    if (m.payload.is_discarded()) {
-      return absl::InvalidArgumentError("the payload is not JSON text");
-    }
-  }
-  return m;
 }
 
 }  // namespace
@@ -305,7 +227,7 @@ absl::Status nats_ingress::handle(natsMsg* msg) {
     return absl::StrCat("nats_ingress '", options_.durable, "': stream '", options_.stream,
                         "' sequence ", seq, " (subject '", natsMsg_GetSubject(msg), "')");
   };
-  absl::StatusOr<outbox_message> m = decode(msg, options_.stream, seq);
+  absl::StatusOr<outbox_message> m = decode_ingress_message(msg, options_.stream, seq);
   absl::Status outcome;
   const std::string* handler = nullptr;
   if (!m.ok()) {

@@ -59,7 +59,7 @@ case "$sanitize" in
     cmake -S . -B build-fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++-14 \
       -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPOP_FUZZ=ON -DPOP_BUILD_TESTS=OFF \
       -DPOP_BUILD_EXAMPLES=OFF -DPOP_BUILD_BENCH=OFF "$werror" >/dev/null
-    targets=(path process_spec workflow_definition stored_message journal)
+    targets=(path process_spec workflow_definition stored_message journal nats_message)
     cmake --build build-fuzz -j "$jobs" --target "${targets[@]/#/fuzz_}"
     # Two at a time, about a minute each, from the seed corpus (new finds go to a scratch copy).
     run_one() {
