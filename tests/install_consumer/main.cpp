@@ -25,10 +25,14 @@ int main() {
     ++delivered;
     return absl::OkStatus();
   });
-  pop::relay relay(engine, router);
+  absl::StatusOr<std::unique_ptr<pop::relay>> relay = pop::relay::create(engine, router);
+  if (!relay.ok()) {
+    std::cerr << "consumer: " << relay.status() << "\n";
+    return 1;
+  }
   boost::asio::io_context io;
   absl::Status drained = absl::UnknownError("not run");
-  boost::asio::co_spawn(io, relay.drain(),
+  boost::asio::co_spawn(io, (*relay)->drain(),
                         [&](std::exception_ptr, absl::Status s) { drained = s; });
   io.run();
   if (!registered.ok() || !done.ok() || !routed.ok() || !drained.ok() || delivered != 1 ||
