@@ -6,7 +6,7 @@
 #include <random>
 #include <unordered_map>
 
-#include "engine/engine.hpp"
+#include "pop/engine/engine.hpp"
 
 using pop::json;
 

@@ -20,7 +20,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 
-#include "relay/relay.hpp"
+#include "pop/relay/relay.hpp"
 
 namespace asio = boost::asio;
 using pop::json;

@@ -19,9 +19,9 @@
 #include <boost/asio/post.hpp>
 
 #include "bench/support/latency.hpp"
-#include "relay/nats_ingress.hpp"
-#include "relay/nats_sink.hpp"
-#include "relay/relay.hpp"
+#include "pop/nats/nats_ingress.hpp"
+#include "pop/nats/nats_sink.hpp"
+#include "pop/relay/relay.hpp"
 #include "tests/support/nats_server.hpp"
 #include "tests/support/temp_dir.hpp"
 

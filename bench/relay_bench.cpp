@@ -14,7 +14,7 @@
 #include <boost/asio/post.hpp>
 
 #include "bench/support/latency.hpp"
-#include "relay/relay.hpp"
+#include "pop/relay/relay.hpp"
 
 namespace asio = boost::asio;
 using pop::json;

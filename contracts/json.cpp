@@ -1,11 +1,11 @@
-#include "contracts/json.hpp"
+#include "pop/contracts/json.hpp"
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 namespace {

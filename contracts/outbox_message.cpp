@@ -1,11 +1,11 @@
-#include "contracts/outbox_message.hpp"
+#include "pop/contracts/outbox_message.hpp"
 
 #include <charconv>
 #include <cstdio>
 #include <stdexcept>
 
 #include "absl/strings/str_cat.h"
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "contracts/json.hpp"
+#include "pop/contracts/json.hpp"
 
 namespace pop {
 

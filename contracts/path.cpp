@@ -1,10 +1,10 @@
-#include "contracts/path.hpp"
+#include "pop/contracts/path.hpp"
 
 #include <algorithm>
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 namespace {

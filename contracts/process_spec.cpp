@@ -1,9 +1,9 @@
-#include "contracts/process_spec.hpp"
+#include "pop/contracts/process_spec.hpp"
 
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 namespace {

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "contracts/path.hpp"
+#include "pop/contracts/path.hpp"
 
 namespace pop {
 

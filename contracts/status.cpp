@@ -1,4 +1,4 @@
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 #include <string>
 

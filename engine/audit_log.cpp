@@ -1,4 +1,4 @@
-#include "engine/audit_log.hpp"
+#include "pop/engine/audit_log.hpp"
 
 #include <algorithm>
 

@@ -1,7 +1,7 @@
-#include "engine/context.hpp"
+#include "pop/engine/context.hpp"
 
 #include "absl/strings/str_cat.h"
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 

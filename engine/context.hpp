@@ -9,12 +9,12 @@
 #include <utility>
 
 #include "absl/status/status.h"
-#include "contracts/json.hpp"
-#include "contracts/path.hpp"
-#include "contracts/process_error.hpp"
-#include "contracts/process_spec.hpp"
-#include "engine/snapshot.hpp"
-#include "engine/value_view.hpp"
+#include "pop/contracts/json.hpp"
+#include "pop/contracts/path.hpp"
+#include "pop/contracts/process_error.hpp"
+#include "pop/contracts/process_spec.hpp"
+#include "pop/engine/snapshot.hpp"
+#include "pop/engine/value_view.hpp"
 
 namespace pop {
 

@@ -7,11 +7,11 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "contracts/json.hpp"
-#include "contracts/outbox_message.hpp"
-#include "contracts/process_spec.hpp"
-#include "engine/engine.hpp"
-#include "engine/result.hpp"
+#include "pop/contracts/json.hpp"
+#include "pop/contracts/outbox_message.hpp"
+#include "pop/contracts/process_spec.hpp"
+#include "pop/engine/engine.hpp"
+#include "pop/engine/result.hpp"
 
 namespace pop {
 

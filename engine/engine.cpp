@@ -1,4 +1,4 @@
-#include "engine/engine.hpp"
+#include "pop/engine/engine.hpp"
 
 #include <algorithm>
 #include <limits>
@@ -10,242 +10,13 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "contracts/process_error.hpp"
-#include "contracts/status.hpp"
-#include "engine/detail/journal.hpp"
-#include "engine/detail/outbox_form.hpp"
-#include "engine/dry_run.hpp"
+#include "pop/contracts/process_error.hpp"
+#include "pop/contracts/status.hpp"
+#include "pop/engine/detail/journal.hpp"
+#include "pop/engine/detail/outbox_form.hpp"
+#include "pop/engine/detail/process_runner.hpp"
 
 namespace pop {
-namespace detail {
-
-struct registered {
-  process_contract contract;
-  process_fn fn;
-};
-
-// One state change, validated, with its new value already built as a node (null: delete).
-struct prepared_write {
-  path target;
-  node_ptr value;
-};
-
-// What one run of a process returned, validated against its contract and ready to apply.
-struct prepared {
-  path_set reads;
-  path_set access;  // reads and written paths: what a newer commit must not overlap
-  std::vector<prepared_write> writes;
-  std::vector<message_draft> messages;
-  bool wrote_queue = false;  // wrote the whole outbox (list form): see prepare_writes
-  bool empty() const { return writes.empty() && messages.empty(); }
-};
-
-// A prepared change applied on top of one version.
-struct applied {
-  std::uint64_t version = 0;
-  node_ptr root;
-  std::vector<path> written;  // every path written, message paths included
-  std::vector<std::string> message_ids;
-};
-
-std::int64_t now_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-std::string process_at(const process_contract& c, std::uint64_t version) {
-  return absl::StrCat("process '", c.name(), "' (version ", version, ")");
-}
-
-// Runs processes and turns what they return into a prepared change.
-struct process_runner {
-  static snapshot make_snapshot(std::shared_ptr<const version_state> state) {
-    return snapshot(std::move(state));
-  }
-
-  // Runs `proc` once on `snap`; `reads` receives what it read even when it fails.
-  static absl::StatusOr<prepared> run(const registered& proc, const snapshot& snap,
-                                      const json& args) {
-    const process_contract& c = proc.contract;
-    const auto start = std::chrono::steady_clock::now();
-    std::optional<std::chrono::steady_clock::time_point> deadline;
-    if (c.timeout().count() > 0) deadline = start + c.timeout();
-    context ctx(c, snap, deadline);
-
-    absl::StatusOr<result> r = absl::UnknownError("process did not run");
-    try {
-      r = proc.fn(ctx, args);
-    } catch (const process_error& e) {
-      r = e.status();
-    } catch (const std::exception& e) {
-      r = absl::UnknownError(absl::StrCat("threw an exception: ", e.what()));
-    } catch (...) {
-      r = absl::UnknownError("threw an exception that is not a std::exception");
-    }
-    // A breach found by the context stands even if the process caught the exception.
-    if (!ctx.failure_.ok()) return ctx.failure_;
-    if (deadline && std::chrono::steady_clock::now() > *deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          process_at(c, snap.version()), " ran past its timeout of ", c.timeout().count(), " us"));
-    }
-    if (!r.ok()) return annotate(r.status(), process_at(c, snap.version()));
-
-    prepared out;
-    out.reads = ctx.reads();
-    POP_RETURN_IF_ERROR(prepare_writes(c, snap, *r, out));
-    for (message_draft& m : r->messages()) out.messages.push_back(std::move(m));
-    for (const message_draft& m : out.messages) {
-      POP_RETURN_IF_ERROR(check_topic(c, snap.version(), m.topic));
-      POP_RETURN_IF_ERROR(check_message(m, process_at(c, snap.version())));
-    }
-    // What a newer commit must not overlap: what it read, and what it wrote. A process that
-    // rewrote the whole outbox depends on the messages it removed or changed, not on the queue
-    // as a whole: messages appended meanwhile are kept, so they do not conflict with it.
-    for (const path& p : out.reads) {
-      if (!(out.wrote_queue && p == snap.outbox_path())) out.access.insert(p);
-    }
-    for (const prepared_write& w : out.writes) out.access.insert(w.target);
-    if (out.messages.size() > max_messages_per_commit) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(process_at(c, snap.version()), " emitted ", out.messages.size(),
-                       " messages; the limit is ", max_messages_per_commit, " per commit"));
-    }
-    return out;
-  }
-
-  static absl::Status check_topic(const process_contract& c, std::uint64_t version,
-                                  const std::string& topic) {
-    if (c.may_emit(topic)) return absl::OkStatus();
-    return absl::PermissionDeniedError(absl::StrCat(
-        "contract violation: ", process_at(c, version), " emitted topic '", topic,
-        "', which is not among its declared topics [", absl::StrJoin(c.emits(), ", "), "]"));
-  }
-
-  static absl::Status prepare_writes(const process_contract& c, const snapshot& snap, result& r,
-                                     prepared& out) {
-    const path& outbox = snap.outbox_path();
-    const std::string who = process_at(c, snap.version());
-    for (write& w : r.writes()) {
-      absl::StatusOr<path> p = path::parse(w.path);
-      if (!p.ok()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(who, " wrote a bad path: ", p.status().message()));
-      }
-      if (!c.may_write(*p)) {
-        return absl::PermissionDeniedError(
-            absl::StrCat("contract violation: ", who, " wrote '", p->str(),
-                         "', outside its declared outputs ", c.outputs().to_string()));
-      }
-      if (w.value) {
-        POP_RETURN_IF_ERROR(check_storable(*w.value, absl::StrCat(who, " wrote '", p->str(), "'")));
-      }
-      if (*p == outbox) {
-        POP_ASSIGN_OR_RETURN(detail::outbox_changes changes,
-                             // A process saw every message of its snapshot (a dry run's fixture may
-                             // hold ids newer than its version): all of them are in scope.
-                             detail::diff_outbox(w.value, snap.view(outbox),
-                                                 std::numeric_limits<std::uint64_t>::max(), who));
-        POP_RETURN_IF_ERROR(add_changes(outbox, std::move(changes), out));
-        continue;
-      }
-      POP_RETURN_IF_ERROR(check_outbox_write(*p, outbox, w.value, who));
-      out.writes.push_back({*std::move(p), w.value ? make_node(*std::move(w.value)) : nullptr});
-    }
-    return absl::OkStatus();
-  }
-
-  // Adds the changes a whole-outbox write means to `out`.
-  static absl::Status add_changes(const path& outbox, outbox_changes changes, prepared& out) {
-    for (auto& [id, stored] : changes.updates) {
-      POP_ASSIGN_OR_RETURN(path p, outbox.child(id));
-      out.writes.push_back({std::move(p), make_node(std::move(stored))});
-    }
-    for (const std::string& id : changes.removals) {
-      POP_ASSIGN_OR_RETURN(path p, outbox.child(id));
-      out.writes.push_back({std::move(p), nullptr});
-    }
-    for (message_draft& m : changes.appends) out.messages.push_back(std::move(m));
-    out.wrote_queue = true;
-    return absl::OkStatus();
-  }
-
-  // OK unless writing `value` at `p` would replace the outbox or break the shape of a message.
-  static absl::Status check_outbox_write(const path& p, const path& outbox,
-                                         const std::optional<json>& value, const std::string& who) {
-    POP_RETURN_IF_ERROR(check_not_outbox_parent(p, outbox, who));
-    if (outbox.contains(p)) return check_message_write(p, outbox, value, who);
-    return absl::OkStatus();
-  }
-
-  // OK if a message can be stored and published: its key, headers and payload are storable JSON.
-  static absl::Status check_message(const message_draft& m, const std::string& who) {
-    const std::string what = absl::StrCat(who, ", message of topic '", m.topic, "'");
-    POP_RETURN_IF_ERROR(check_utf8(m.topic, absl::StrCat(who, ": a message topic")));
-    POP_RETURN_IF_ERROR(check_utf8(m.key, absl::StrCat(what, ": its key")));
-    for (const auto& [name, value] : m.headers) {
-      POP_RETURN_IF_ERROR(check_utf8(name, absl::StrCat(what, ": a header name")));
-      POP_RETURN_IF_ERROR(check_utf8(value, absl::StrCat(what, ": header '", name, "'")));
-    }
-    return check_storable(m.payload, absl::StrCat(what, ": its payload"));
-  }
-
-  static absl::Status check_not_outbox_parent(const path& p, const path& outbox,
-                                              const std::string& who) {
-    if (p.contains(outbox) && !(p == outbox)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(who, " wrote '", p.str(), "', which would replace the outbox at '",
-                       outbox.str(), "'; write the paths below '", p.str(), "' instead"));
-    }
-    return absl::OkStatus();
-  }
-
-  // Applies `prep` on top of `base`, giving its messages ids of version base.version + 1.
-  static absl::StatusOr<applied> apply(const version_state& base, const prepared& prep,
-                                       const std::string& who) {
-    applied out;
-    out.version = base.version + 1;
-    node_ptr root = base.root;
-    // One batch: nodes copied by one write are changed in place by the next ones.
-    const std::uint64_t edit = new_edit();
-    out.written.reserve(prep.writes.size() + prep.messages.size());
-    for (const prepared_write& w : prep.writes) {
-      if (w.value) {
-        absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value, edit);
-        if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
-        root = *std::move(r);
-      } else {
-        root = erase(root, w.target.str(), edit);
-      }
-      out.written.push_back(w.target);
-    }
-    const std::int64_t created = prep.messages.empty() ? 0 : now_us();
-    const path& outbox = *base.outbox_path;
-    for (std::size_t i = 0; i < prep.messages.size(); ++i) {
-      const message_draft& m = prep.messages[i];
-      std::string id = make_message_id(out.version, static_cast<std::uint32_t>(i));
-      POP_ASSIGN_OR_RETURN(path target, outbox.child(id));
-      outbox_message stored;
-      stored.id = id;
-      stored.topic = m.topic;
-      stored.key = m.key;
-      stored.payload = m.payload;
-      stored.headers = m.headers;
-      stored.created_at_us = created;
-      stored.version = out.version;
-      absl::StatusOr<node_ptr> r =
-          assign(root, target.str(), make_node(std::move(stored).to_json()), edit);
-      if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
-      root = *std::move(r);
-      out.written.push_back(std::move(target));
-      out.message_ids.push_back(std::move(id));
-    }
-    out.root = std::move(root);
-    return out;
-  }
-};
-
-}  // namespace detail
 
 namespace {
 
@@ -269,6 +40,7 @@ absl::Status validate_options(const options& o) {
     return absl::InvalidArgumentError(
         "options.retry backoffs must satisfy 0 <= initial_backoff <= max_backoff");
   }
+  if (!o.clock) return absl::InvalidArgumentError("options.clock must not be null");
   if (o.conflict_window < 1) {
     return absl::InvalidArgumentError("options.conflict_window must be at least 1");
   }
@@ -299,13 +71,6 @@ attempt_outcome outcome_of(const absl::Status& s) {
                                                          : attempt_outcome::failed;
 }
 
-std::vector<std::string> texts(const path_set& paths) {
-  std::vector<std::string> out;
-  out.reserve(paths.size());
-  for (const path& p : paths) out.push_back(p.str());
-  return out;
-}
-
 }  // namespace
 
 engine::engine() : engine(options{}, nullptr, {0, detail::make_root(json::object())}) {}
@@ -330,7 +95,7 @@ absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
   POP_RETURN_IF_ERROR(validate_options(opts));
   const path outbox = path::parse(opts.outbox_path).value();
   POP_ASSIGN_OR_RETURN(json initial, detail::initial_outbox(std::move(opts.initial_state), outbox,
-                                                            detail::now_us()));
+                                                            opts.clock->now_us()));
   // The engine keeps no copy of the initial state: once in the tree (or the journal) it is gone.
   opts.initial_state = json();
   detail::journal_start start;
@@ -340,7 +105,7 @@ absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
   } else {
     POP_ASSIGN_OR_RETURN(journal,
                          detail::journal::open(opts.journal, opts.durability, opts.journal_tuning,
-                                               outbox.str(), initial, start));
+                                               outbox.str(), initial, opts.clock, start));
   }
   return std::unique_ptr<engine>(new engine(std::move(opts), std::move(journal), std::move(start)));
 }
@@ -444,7 +209,7 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
                                    const prepared& prep, const applied& done,
                                    std::string_view who) {
   if (record) {
-    record->at_us = detail::now_us();
+    record->at_us = options_.clock->now_us();
     record->process = std::string(who);
     try {
       json writes = json::array();
@@ -510,7 +275,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     const bool build_locked = round >= 2;
     bool built = false;
     if (!build_locked) {
-      POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, who));
+      POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, options_.clock->now_us(), who));
       built = true;
     }
     std::unique_lock lock(commit_mu_);
@@ -523,7 +288,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
       if (!build_locked) continue;
     }
     if (!built) {
-      POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, who));
+      POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, options_.clock->now_us(), who));
     }
     POP_RETURN_IF_ERROR(check_pending_bound(
         *base, out.root, absl::StrCat("process '", detail::to_absl(process_name), "'")));
@@ -545,7 +310,7 @@ void engine::record(const registered& proc, int attempt, const pop::snapshot& sn
   r.outcome = outcome;
   r.detail = std::move(detail);
   if (prep) {
-    r.reads = texts(prep->reads);
+    r.reads = detail::path_texts(prep->reads);
     for (const auto& w : prep->writes) r.writes.push_back(w.target.str());
     for (const auto& m : prep->messages) r.topics.push_back(m.topic);
   }
@@ -554,7 +319,7 @@ void engine::record(const registered& proc, int attempt, const pop::snapshot& sn
     r.message_ids = done->message_ids;
   }
   r.duration = std::chrono::steady_clock::now() - start;
-  r.at = std::chrono::system_clock::now();
+  r.at = std::chrono::system_clock::time_point(std::chrono::microseconds(options_.clock->now_us()));
   audit_.append(std::move(r));
 }
 
@@ -660,7 +425,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
         POP_RETURN_IF_ERROR(process_runner::check_message(m, who));
       }
     }
-    POP_ASSIGN_OR_RETURN(out, process_runner::apply(*current, prep, who));
+    POP_ASSIGN_OR_RETURN(out, process_runner::apply(*current, prep, options_.clock->now_us(), who));
     POP_RETURN_IF_ERROR(check_pending_bound(*current, out.root, who));
     record = install(out.version, out.root, std::move(out.written));
   }
@@ -687,73 +452,6 @@ bool engine::outbox_entries_changed(std::uint64_t since) const {
     }
   }
   return false;
-}
-
-namespace {
-
-absl::StatusOr<dry_run_result> dry_run_contract(const detail::registered& proc, const json& fixture,
-                                                const json& args, std::uint64_t version,
-                                                std::shared_ptr<const path> outbox) {
-  if (!fixture.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat("dry run of process '", proc.contract.name(),
-                                                   "': the fixture must be a JSON object, not ",
-                                                   fixture.type_name()));
-  }
-  POP_RETURN_IF_ERROR(check_storable(
-      fixture, absl::StrCat("dry run of process '", proc.contract.name(), "': the fixture")));
-  // A fixture may seed the outbox as a list, as options.initial_state may.
-  POP_ASSIGN_OR_RETURN(json seeded, detail::initial_outbox(fixture, *outbox, detail::now_us()));
-  auto state = std::make_shared<detail::version_state>();
-  state->version = version;
-  state->root = detail::make_root(std::move(seeded));
-  state->outbox_path = outbox;
-  const snapshot snap = process_runner::make_snapshot(state);
-  POP_ASSIGN_OR_RETURN(detail::prepared prep, process_runner::run(proc, snap, args));
-  POP_ASSIGN_OR_RETURN(
-      detail::applied done,
-      process_runner::apply(*state, prep, absl::StrCat("process '", proc.contract.name(), "'")));
-  dry_run_result out;
-  out.reads = texts(prep.reads);
-  for (const auto& w : prep.writes) {
-    std::optional<json> value;
-    if (w.value) value = detail::materialise({w.value.get(), nullptr});
-    out.writes.push_back({w.target.str(), std::move(value)});
-  }
-  auto after = std::make_shared<detail::version_state>();
-  after->version = done.version;
-  after->root = done.root;
-  after->outbox_path = outbox;
-  const snapshot next = process_runner::make_snapshot(after);
-  for (const std::string& id : done.message_ids) {
-    POP_ASSIGN_OR_RETURN(path p, outbox->child(id));
-    POP_ASSIGN_OR_RETURN(outbox_message m, outbox_message::from_json(next.view(p).to_json()));
-    out.messages.push_back(std::move(m));
-  }
-  out.state = next.to_json();
-  return out;
-}
-
-}  // namespace
-
-absl::StatusOr<dry_run_result> engine::dry_run(std::string_view name, const json& fixture,
-                                               const json& args) const {
-  const std::shared_ptr<const registered> proc = find(name);
-  if (!proc) {
-    return absl::NotFoundError(
-        absl::StrCat("no process named '", detail::to_absl(name), "' is registered"));
-  }
-  return dry_run_contract(*proc, fixture, args, 0, outbox_);
-}
-
-absl::StatusOr<dry_run_result> dry_run(const process_spec& spec, const process_fn& fn,
-                                       const json& fixture, const json& args,
-                                       const dry_run_options& opts) {
-  POP_ASSIGN_OR_RETURN(process_contract contract, process_contract::from_spec(spec));
-  if (!fn) return absl::InvalidArgumentError("dry run: the process function is empty");
-  POP_ASSIGN_OR_RETURN(path outbox, path::parse(opts.outbox_path));
-  const detail::registered proc{std::move(contract), fn};
-  return dry_run_contract(proc, fixture, args, opts.version,
-                          std::make_shared<const path>(std::move(outbox)));
 }
 
 }  // namespace pop

@@ -16,16 +16,17 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
-#include "contracts/json.hpp"
-#include "contracts/outbox_message.hpp"
-#include "contracts/path.hpp"
-#include "contracts/process_spec.hpp"
-#include "engine/audit_log.hpp"
-#include "engine/context.hpp"
-#include "engine/journal.hpp"
-#include "engine/result.hpp"
-#include "engine/snapshot.hpp"
-#include "engine/subscription.hpp"
+#include "pop/contracts/clock.hpp"
+#include "pop/contracts/json.hpp"
+#include "pop/contracts/outbox_message.hpp"
+#include "pop/contracts/path.hpp"
+#include "pop/contracts/process_spec.hpp"
+#include "pop/engine/audit_log.hpp"
+#include "pop/engine/context.hpp"
+#include "pop/engine/journal.hpp"
+#include "pop/engine/result.hpp"
+#include "pop/engine/snapshot.hpp"
+#include "pop/engine/subscription.hpp"
 
 namespace pop {
 
@@ -65,6 +66,10 @@ struct options {
   std::string journal{};                // SQLite journal file; empty: in memory only
   pop::durability durability = pop::durability::process;  // with a journal: process or power
   journal_options journal_tuning{};                       // snapshot interval, group size
+  // Where the engine and everything built on it (relay, inbox, workflows, NATS adapters) read
+  // the wall time: commit and message times, retry schedules, deadlines. A pop::manual_clock
+  // lets tests move time instead of waiting.
+  std::shared_ptr<const pop::clock> clock = pop::system_clock();
 };
 
 // What a successful execute() did.
@@ -149,6 +154,8 @@ class engine {
   std::uint64_t durable_version() const;
   // Where the outbox lives in the state.
   const path& outbox_path() const { return *outbox_; }
+  // The clock of options.clock; components built on this engine read the time from it.
+  const pop::clock& clock() const { return *options_.clock; }
 
   // Calls `on_version` after every commit with a version >= the one just committed, until the
   // returned subscription is reset or destroyed (which waits for running calls to finish). Calls

@@ -7,7 +7,7 @@
 #include <utility>
 #include <vector>
 
-#include "contracts/json.hpp"
+#include "pop/contracts/json.hpp"
 
 namespace pop {
 

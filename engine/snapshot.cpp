@@ -1,7 +1,7 @@
-#include "engine/snapshot.hpp"
+#include "pop/engine/snapshot.hpp"
 
 #include "absl/strings/str_cat.h"
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 namespace {

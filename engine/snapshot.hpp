@@ -9,10 +9,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "contracts/json.hpp"
-#include "contracts/outbox_message.hpp"
-#include "contracts/path.hpp"
-#include "engine/value_view.hpp"
+#include "pop/contracts/json.hpp"
+#include "pop/contracts/outbox_message.hpp"
+#include "pop/contracts/path.hpp"
+#include "pop/engine/value_view.hpp"
 
 namespace pop {
 

@@ -1,4 +1,4 @@
-#include "engine/subscription.hpp"
+#include "pop/engine/subscription.hpp"
 
 #include <utility>
 

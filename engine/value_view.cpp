@@ -1,6 +1,6 @@
-#include "engine/value_view.hpp"
+#include "pop/engine/value_view.hpp"
 
-#include "contracts/path.hpp"
+#include "pop/contracts/path.hpp"
 
 namespace pop {
 

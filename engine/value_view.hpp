@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "absl/functional/function_ref.h"
-#include "contracts/json.hpp"
-#include "engine/detail/tree.hpp"
+#include "pop/contracts/json.hpp"
+#include "pop/engine/detail/tree.hpp"
 
 namespace pop {
 

@@ -3,8 +3,8 @@
 #include <cstdlib>
 #include <iostream>
 
-#include "engine/dry_run.hpp"
-#include "engine/engine.hpp"
+#include "pop/engine/dry_run.hpp"
+#include "pop/engine/engine.hpp"
 
 namespace {
 

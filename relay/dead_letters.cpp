@@ -1,9 +1,9 @@
-#include "relay/dead_letters.hpp"
+#include "pop/relay/dead_letters.hpp"
 
 #include <stdexcept>
 
 #include "absl/strings/str_cat.h"
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 namespace {

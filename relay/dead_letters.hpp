@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "engine/engine.hpp"
+#include "pop/engine/engine.hpp"
 
 namespace pop {
 

@@ -1,11 +1,11 @@
-#include "relay/inbox.hpp"
+#include "pop/relay/inbox.hpp"
 
 #include <algorithm>
 #include <chrono>
 #include <stdexcept>
 
 #include "absl/strings/str_cat.h"
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 namespace {
@@ -19,12 +19,6 @@ absl::StatusOr<path> checked_path(const inbox_options& o, const path& outbox) {
                                                    "'; choose a path outside it"));
   }
   return *std::move(p);
-}
-
-std::int64_t now_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
 }
 
 // Adds `inbox` to `declared` unless a declared path already contains it.
@@ -62,7 +56,8 @@ absl::Status inbox::register_handler(process_spec spec, message_handler fn) {
   POP_RETURN_IF_ERROR(add_inbox(spec.inputs, path_, spec.name, "input"));
   POP_RETURN_IF_ERROR(add_inbox(spec.outputs, path_, spec.name, "output"));
   const std::string name = spec.name;
-  process_fn wrapped = [fn = std::move(fn), marks = path_.str(), name](
+  // The engine owns the process and the clock, so the pointer lives as long as the process.
+  process_fn wrapped = [fn = std::move(fn), marks = path_.str(), name, clock = &engine_.clock()](
                            const context& ctx, const json& args) -> absl::StatusOr<result> {
     absl::StatusOr<outbox_message> m = outbox_message::from_json(args);
     if (!m.ok()) {
@@ -71,7 +66,8 @@ absl::Status inbox::register_handler(process_spec spec, message_handler fn) {
     const std::string mark = absl::StrCat(marks, ".", m->id);
     if (ctx.contains(mark)) return result{};
     POP_ASSIGN_OR_RETURN(result r, fn(ctx, *m));
-    r.set(mark, json{{"applied_at_us", now_us()}, {"topic", m->topic}, {"version", m->version}});
+    r.set(mark,
+          json{{"applied_at_us", clock->now_us()}, {"topic", m->topic}, {"version", m->version}});
     return r;
   };
   POP_RETURN_IF_ERROR(engine_.register_process(std::move(spec), std::move(wrapped)));

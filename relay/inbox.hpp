@@ -9,7 +9,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
-#include "engine/engine.hpp"
+#include "pop/engine/engine.hpp"
 
 namespace pop {
 

@@ -1,4 +1,4 @@
-#include "relay/jsonl_sink.hpp"
+#include "pop/relay/jsonl_sink.hpp"
 
 #include <cerrno>
 #include <cstring>

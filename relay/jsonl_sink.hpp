@@ -8,7 +8,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "relay/sink.hpp"
+#include "pop/relay/sink.hpp"
 
 namespace pop {
 

@@ -1,9 +1,9 @@
-#include "relay/metrics.hpp"
+#include "pop/relay/metrics.hpp"
 
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 

@@ -1,4 +1,4 @@
-#include "relay/relay.hpp"
+#include "pop/relay/relay.hpp"
 
 #include <algorithm>
 #include <limits>
@@ -23,7 +23,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
-#include "contracts/status.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 
@@ -45,12 +45,6 @@ struct relay_counters {
 
 namespace {
 
-std::int64_t now_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 using strand_type = asio::strand<asio::any_io_executor>;
 using steady = std::chrono::steady_clock;
 
@@ -58,8 +52,8 @@ using steady = std::chrono::steady_clock;
 struct flight {
   outbox_message message;
   asio::cancellation_signal cancel;
-  steady::time_point started;
-  steady::time_point deadline;
+  steady::time_point started;    // for the latency metric: real time
+  std::int64_t deadline_us = 0;  // on the engine's clock
   bool timed_out = false;
 };
 
@@ -100,6 +94,13 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       const std::shared_ptr<relay_run> self = weak.lock();
       if (!self || self->notified_.exchange(true)) return;
       asio::post(self->strand_, [self] { self->wake(); });
+    });
+    // Backoffs and publish timeouts are times on the engine's clock: a clock moved by hand
+    // (pop::manual_clock) makes the relay look again at once.
+    const std::shared_ptr<void> watch = engine_.clock().on_moved([weak] {
+      if (const std::shared_ptr<relay_run> self = weak.lock()) {
+        asio::post(self->strand_, [self] { self->wake(); });
+      }
     });
 
     absl::Status status = absl::OkStatus();
@@ -171,23 +172,23 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     timer_.cancel();
   }
 
+  // When to look again: the earliest of a backoff's end and a publish timeout, as a real-time
+  // point (the clock's times converted at the current rate); max() if nothing is due.
   steady::time_point next_deadline(std::optional<std::int64_t> earliest_due_us) const {
-    steady::time_point deadline = steady::time_point::max();
-    if (earliest_due_us) {
-      const std::int64_t wait = std::max<std::int64_t>(*earliest_due_us - now_us(), 0);
-      deadline = steady::now() + std::chrono::microseconds(wait);
-    }
+    std::optional<std::int64_t> due = earliest_due_us;
     for (const auto& [id, f] : flights_) {
-      if (!f->timed_out) deadline = std::min(deadline, f->deadline);
+      if (!f->timed_out) due = std::min(due.value_or(f->deadline_us), f->deadline_us);
     }
-    return deadline;
+    if (!due) return steady::time_point::max();
+    const std::int64_t wait = std::max<std::int64_t>(*due - engine_.clock().now_us(), 0);
+    return steady::now() + std::chrono::microseconds(wait);
   }
 
   void expire_flights() {
-    const steady::time_point now = steady::now();
+    const std::int64_t now = engine_.clock().now_us();
     std::vector<std::shared_ptr<flight>> expired;
     for (const auto& [id, f] : flights_) {
-      if (!f->timed_out && f->deadline <= now) expired.push_back(f);
+      if (!f->timed_out && f->deadline_us <= now) expired.push_back(f);
     }
     for (const std::shared_ptr<flight>& f : expired) {
       f->timed_out = true;
@@ -215,7 +216,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   // key at a time. Returns the earliest time a message held back by its backoff becomes due.
   std::optional<std::int64_t> schedule(const snapshot& snap) {
     std::optional<std::int64_t> earliest;
-    const std::int64_t now = now_us();
+    const std::int64_t now = engine_.clock().now_us();
     // Only durable messages are published: otherwise a crash could leave a published message
     // whose commit never happened. Ids sort by version, so the first newer one ends the scan;
     // its commit notification comes once it is durable.
@@ -329,7 +330,9 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     auto f = std::make_shared<flight>();
     f->message = std::move(m);
     f->started = start;
-    f->deadline = start + options_.publish_timeout;
+    f->deadline_us =
+        engine_.clock().now_us() +
+        std::chrono::duration_cast<std::chrono::microseconds>(options_.publish_timeout).count();
     flights_.emplace(f->message.id, f);
     counters_.in_flight.fetch_add(1, std::memory_order_relaxed);
     // The completion handler keeps the flight, and so its cancellation signal, alive until the
@@ -373,7 +376,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     o.id = m.id;
     o.key = m.key;
     o.attempts_before = m.attempts;
-    o.at_us = now_us();
+    o.at_us = engine_.clock().now_us();
     if (is_destination_unavailable(status)) {
       if (outage_since_us_ == 0) outage_since_us_ = o.at_us;
     } else if (status.ok()) {
@@ -621,7 +624,7 @@ relay_metrics relay::metrics() const {
   queue.for_each_member([&](std::string_view, const value_view& first) {
     try {
       if (const value_view c = first.member("created_at_us")) {
-        const auto age_us = detail::now_us() - c.get<std::int64_t>();
+        const auto age_us = engine_.clock().now_us() - c.get<std::int64_t>();
         m.oldest_pending_age_s = static_cast<double>(std::max<std::int64_t>(age_us, 0)) / 1e6;
       }
     } catch (const json::exception&) {

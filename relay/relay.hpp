@@ -12,9 +12,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/engine.hpp"
-#include "relay/metrics.hpp"
-#include "relay/sink.hpp"
+#include "pop/engine/engine.hpp"
+#include "pop/relay/metrics.hpp"
+#include "pop/relay/sink.hpp"
 
 namespace pop {
 

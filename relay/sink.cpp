@@ -1,4 +1,4 @@
-#include "relay/sink.hpp"
+#include "pop/relay/sink.hpp"
 
 #include <utility>
 

@@ -6,7 +6,7 @@
 #include <boost/asio/awaitable.hpp>
 
 #include "absl/status/status.h"
-#include "contracts/outbox_message.hpp"
+#include "pop/contracts/outbox_message.hpp"
 
 namespace pop {
 

@@ -1,10 +1,10 @@
-#include "relay/topic_router.hpp"
+#include "pop/relay/topic_router.hpp"
 
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "contracts/process_spec.hpp"
-#include "contracts/status.hpp"
+#include "pop/contracts/process_spec.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop {
 

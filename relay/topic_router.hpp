@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "relay/sink.hpp"
+#include "pop/relay/sink.hpp"
 
 namespace pop {
 

@@ -34,7 +34,13 @@ case "$sanitize" in
     cmake -S tests/install_consumer -B build/consumer -G Ninja \
       -DCMAKE_PREFIX_PATH="$PWD/build/install-root" >/dev/null
     cmake --build build/consumer
+    ./build/consumer/engine_consumer
     ./build/consumer/consumer
+    # An engine-only program links neither libnats nor anything else of the adapters.
+    if ldd build/consumer/engine_consumer | grep -q libnats; then
+      echo "engine_consumer links libnats" >&2
+      exit 1
+    fi
     ;;
   address)
     cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DPOP_SANITIZE=address \

@@ -11,9 +11,10 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "contracts/json.hpp"
-#include "engine/detail/tree.hpp"
-#include "engine/journal.hpp"
+#include "pop/contracts/clock.hpp"
+#include "pop/contracts/json.hpp"
+#include "pop/engine/detail/tree.hpp"
+#include "pop/engine/journal.hpp"
 
 struct sqlite3;
 struct sqlite3_stmt;
@@ -63,6 +64,7 @@ class journal {
                                                        const journal_options& opts,
                                                        const std::string& outbox_path,
                                                        const json& initial_state,
+                                                       std::shared_ptr<const clock> clock,
                                                        journal_start& start);
   ~journal();
   journal(const journal&) = delete;
@@ -83,13 +85,15 @@ class journal {
 
  private:
   journal(std::string path, durability level, const journal_options& opts, int lock_fd, int head_fd,
-          sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version);
+          sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version,
+          std::shared_ptr<const clock> clock);
   void run_writer();
   absl::Status write_group(std::deque<std::shared_ptr<journal_record>>& group);
   absl::Status write_snapshot(const journal_record& last);
   void close_cleanly();
 
   const std::string path_;
+  const std::shared_ptr<const clock> clock_;
   const durability level_;
   const journal_options options_;
   const int lock_fd_;

@@ -1,10 +1,10 @@
-#include "engine/detail/outbox_form.hpp"
+#include "pop/engine/detail/outbox_form.hpp"
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "contracts/outbox_message.hpp"
-#include "contracts/status.hpp"
+#include "pop/contracts/outbox_message.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop::detail {
 namespace {

@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "contracts/json.hpp"
-#include "contracts/path.hpp"
-#include "engine/result.hpp"
-#include "engine/value_view.hpp"
+#include "pop/contracts/json.hpp"
+#include "pop/contracts/path.hpp"
+#include "pop/engine/result.hpp"
+#include "pop/engine/value_view.hpp"
 
 namespace pop::detail {
 

@@ -1,11 +1,11 @@
-#include "engine/detail/tree.hpp"
+#include "pop/engine/detail/tree.hpp"
 
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "contracts/path.hpp"
-#include "contracts/status.hpp"
+#include "pop/contracts/path.hpp"
+#include "pop/contracts/status.hpp"
 
 namespace pop::detail {
 namespace {

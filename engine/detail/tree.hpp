@@ -7,8 +7,8 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
-#include "contracts/json.hpp"
-#include "engine/detail/pmap.hpp"
+#include "pop/contracts/json.hpp"
+#include "pop/engine/detail/pmap.hpp"
 
 namespace pop::detail {
 

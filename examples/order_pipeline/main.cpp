@@ -29,16 +29,16 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
-#include "engine/workflow.hpp"
 #include "order_processes.hpp"
-#include "relay/dead_letters.hpp"
-#include "relay/inbox.hpp"
-#include "relay/jsonl_sink.hpp"
-#include "relay/nats_ingress.hpp"
-#include "relay/nats_sink.hpp"
-#include "relay/relay.hpp"
-#include "relay/topic_router.hpp"
-#include "relay/workflow_runner.hpp"
+#include "pop/nats/nats_ingress.hpp"
+#include "pop/nats/nats_sink.hpp"
+#include "pop/relay/dead_letters.hpp"
+#include "pop/relay/inbox.hpp"
+#include "pop/relay/jsonl_sink.hpp"
+#include "pop/relay/relay.hpp"
+#include "pop/relay/topic_router.hpp"
+#include "pop/workflow/workflow.hpp"
+#include "pop/workflow/workflow_runner.hpp"
 
 namespace asio = boost::asio;
 using pop::json;

@@ -4,7 +4,7 @@
 
 #include <vector>
 
-#include "engine/engine.hpp"
+#include "pop/engine/engine.hpp"
 
 namespace order_pipeline {
 

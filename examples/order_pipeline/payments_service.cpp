@@ -17,11 +17,11 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 
-#include "relay/dead_letters.hpp"
-#include "relay/inbox.hpp"
-#include "relay/nats_ingress.hpp"
-#include "relay/nats_sink.hpp"
-#include "relay/relay.hpp"
+#include "pop/nats/nats_ingress.hpp"
+#include "pop/nats/nats_sink.hpp"
+#include "pop/relay/dead_letters.hpp"
+#include "pop/relay/inbox.hpp"
+#include "pop/relay/relay.hpp"
 
 namespace asio = boost::asio;
 using pop::json;

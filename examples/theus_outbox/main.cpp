@@ -18,7 +18,7 @@
 #include <thread>
 #include <vector>
 
-#include "engine/engine.hpp"
+#include "pop/engine/engine.hpp"
 
 using pop::json;
 

@@ -7,8 +7,8 @@
 #include <cstdio>
 #include <string>
 
-#include "engine/engine.hpp"
-#include "engine/journal.hpp"
+#include "pop/engine/engine.hpp"
+#include "pop/engine/journal.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static const std::string file = "/tmp/pop-fuzz-journal-" + std::to_string(::getpid()) + ".db";

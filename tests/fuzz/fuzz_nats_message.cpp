@@ -8,8 +8,8 @@
 #include <string>
 #include <string_view>
 
-#include "contracts/json.hpp"
-#include "relay/detail/nats_codec.hpp"
+#include "pop/contracts/json.hpp"
+#include "pop/nats/detail/nats_codec.hpp"
 
 namespace {
 

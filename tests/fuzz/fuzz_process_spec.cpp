@@ -4,8 +4,8 @@
 #include <string>
 #include <vector>
 
-#include "contracts/json.hpp"
-#include "contracts/process_spec.hpp"
+#include "pop/contracts/json.hpp"
+#include "pop/contracts/process_spec.hpp"
 
 namespace {
 

@@ -3,8 +3,8 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "contracts/outbox_message.hpp"
-#include "engine/detail/outbox_form.hpp"
+#include "pop/contracts/outbox_message.hpp"
+#include "pop/engine/detail/outbox_form.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const pop::json j = pop::json::parse(data, data + size, nullptr, false);

@@ -2,7 +2,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "engine/workflow.hpp"
+#include "pop/workflow/workflow.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const pop::json j = pop::json::parse(data, data + size, nullptr, false);

@@ -4,9 +4,9 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 
-#include "engine/engine.hpp"
-#include "relay/relay.hpp"
-#include "relay/topic_router.hpp"
+#include <pop/engine/engine.hpp>
+#include <pop/relay/relay.hpp>
+#include <pop/relay/topic_router.hpp>
 
 int main() {
   pop::engine engine;

@@ -14,8 +14,8 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
-#include "engine/engine.hpp"
-#include "relay/sink.hpp"
+#include "pop/engine/engine.hpp"
+#include "pop/relay/sink.hpp"
 
 namespace pop::test {
 

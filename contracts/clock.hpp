@@ -1,0 +1,53 @@
+// Defines pop::clock, the one source of wall time in pop, and pop::manual_clock for tests.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace pop {
+
+// Where every part of pop reads the time: commit and message times, retry schedules, inbox and
+// dead-letter times, workflow deadlines. Each component takes one through its options (default:
+// system_clock()), so a test can drive time with a manual_clock instead of waiting.
+//
+// Thread safety: now_us() may be called from any thread at any time. Lifetime: shared.
+class clock {
+ public:
+  virtual ~clock() = default;
+  // The current time, microseconds since the Unix epoch.
+  virtual std::int64_t now_us() const = 0;
+  // Calls `moved` (from the thread that moved it) whenever the clock jumps by hand, until the
+  // returned handle is released; components that wait for a time re-check it then. A clock that
+  // follows real time never calls it and may return null. Keep `moved` short.
+  [[nodiscard]] virtual std::shared_ptr<void> on_moved(std::function<void()> moved) const;
+};
+
+// The system's wall clock (std::chrono::system_clock). The same object on every call.
+const std::shared_ptr<const clock>& system_clock();
+
+// A clock that moves only when told: starts at `start_us`, then set() and advance() move it and
+// tell every on_moved() watcher, so a relay or runner waiting for a time looks again at once.
+// Thread safety: every member may be called from any thread at once.
+class manual_clock final : public clock {
+ public:
+  explicit manual_clock(std::int64_t start_us = 1'700'000'000'000'000) : now_(start_us) {}
+  std::int64_t now_us() const override { return now_.load(std::memory_order_acquire); }
+  std::shared_ptr<void> on_moved(std::function<void()> moved) const override;
+  // Moves the clock to `t_us` (it may go backwards, as a wall clock can).
+  void set(std::int64_t t_us);
+  // Moves the clock forward by `delta_us` and returns the new time.
+  std::int64_t advance(std::int64_t delta_us);
+
+ private:
+  void tell_watchers() const;
+
+  std::atomic<std::int64_t> now_;
+  mutable std::mutex mu_;
+  mutable std::vector<std::weak_ptr<std::function<void()>>> watchers_;  // guarded by mu_
+};
+
+}  // namespace pop

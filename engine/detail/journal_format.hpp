@@ -1,0 +1,83 @@
+// Defines the journal's stored format: its schema, record and snapshot checksums, metadata, the
+// head file, and loading (recovery) of a journal into a state tree.
+#pragma once
+
+#include <sqlite3.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "pop/engine/detail/sqlite.hpp"
+#include "pop/engine/detail/tree.hpp"
+#include "pop/engine/journal.hpp"
+
+namespace pop::detail {
+
+// The tables of a journal (format 1).
+inline constexpr const char* journal_schema = R"sql(
+CREATE TABLE IF NOT EXISTS pop_meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pop_commits(
+  version INTEGER PRIMARY KEY,  -- the committed version; consecutive
+  at_us INTEGER NOT NULL,       -- commit time, microseconds since the Unix epoch
+  process TEXT NOT NULL,        -- the process name, or "compare_and_swap"
+  writes TEXT NOT NULL,         -- JSON [[path, value] | [path] (delete), ...], messages included
+  messages TEXT NOT NULL,       -- JSON [message id, ...]
+  checksum INTEGER NOT NULL);   -- FNV-1a 64 of version, at_us, process, writes, messages
+CREATE TABLE IF NOT EXISTS pop_snapshots(
+  version INTEGER PRIMARY KEY,
+  at_us INTEGER NOT NULL,
+  state TEXT NOT NULL,          -- JSON of the whole state at that version
+  checksum INTEGER NOT NULL);   -- FNV-1a 64 of version, at_us, state
+)sql";
+
+// The head file `<journal>-head` holds the newest durable version, rewritten after every group
+// commit. It is the witness that tells a journal whose write-ahead log another SQLite client
+// checkpointed into the main file and deleted (sound: the main file holds every acknowledged
+// commit) from one whose log was lost after a crash (the main file lacks the last commits). It
+// needs no sync: it only ever trails the log, and is read only when the log is absent.
+inline constexpr std::size_t head_size = 38;  // "pop-journal-head " + 20 digits + '\n'
+
+// The checksum of a pop_commits row: FNV-1a 64 over its fields.
+std::int64_t record_checksum(std::int64_t version, std::int64_t at_us, std::string_view process,
+                             std::string_view writes, std::string_view messages);
+// The checksum of a pop_snapshots row: FNV-1a 64 over its fields.
+std::int64_t snapshot_checksum(std::int64_t version, std::int64_t at_us, std::string_view state);
+// Reads pop_meta into `info`; `found` is false if the table does not exist.
+absl::Status read_meta(sqlite3* db, const std::string& path, journal_info& info, bool& found);
+// The head file of journal `path`: "<path>-head".
+std::string head_path(const std::string& path);
+// The head file's content for `version` (head_size bytes).
+std::string head_text(std::uint64_t version);
+// The version the head file of `path` names, or nullopt if it is missing or unreadable.
+std::optional<std::uint64_t> read_head(const std::string& path);
+// The newest version the database holds (in a record or a snapshot), read through `db`.
+absl::StatusOr<std::uint64_t> newest_version(sqlite3* db, const std::string& path);
+// Records `version` as the newest durable one in the head file `fd`.
+absl::Status write_head(int fd, const std::string& path, std::uint64_t version);
+// Checks a journal whose write-ahead log is absent, reading only the main database file (which is
+// then self-contained): its format is readable, and either it was closed cleanly, or it holds
+// every version its head file says was acknowledged (another SQLite client checkpointed the log
+// into it and deleted the log, as the sqlite3 tool does on closing). Otherwise its log, holding
+// the last acknowledged commits, was lost: kDataLoss. (With the log present the main file alone
+// may be mid-checkpoint and is never read on its own.) `found` is false for a file with no
+// metadata.
+absl::Status precheck_without_wal(const std::string& path, journal_info& info, bool& found);
+// kFailedPrecondition if the database holds tables that are not a pop journal's.
+absl::Status check_foreign(sqlite3* db, const std::string& path);
+// Applies one record's writes (JSON text) to `root`.
+absl::Status replay(node_ptr& root, const std::string& writes, std::uint64_t version,
+                    const std::string& path);
+// Loads the newest snapshot and replays every record after it, checking checksums, integrity
+// and that versions are consecutive.
+absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node_ptr& root);
+// Writes metadata `key` = `value` in pop_meta.
+absl::Status set_meta(sqlite3* db, const std::string& path, const char* key,
+                      const std::string& value);
+// Writes the snapshot of `version` (the state as JSON text) taken at `at` microseconds.
+absl::Status insert_snapshot(sqlite3* db, const std::string& path, std::uint64_t version,
+                             const std::string& state, std::int64_t at);
+
+}  // namespace pop::detail

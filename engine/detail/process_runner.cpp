@@ -1,0 +1,210 @@
+#include "pop/engine/detail/process_runner.hpp"
+
+#include <chrono>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "pop/contracts/process_error.hpp"
+#include "pop/contracts/status.hpp"
+
+namespace pop::detail {
+
+std::vector<std::string> path_texts(const path_set& paths) {
+  std::vector<std::string> out;
+  out.reserve(paths.size());
+  for (const path& p : paths) out.push_back(p.str());
+  return out;
+}
+
+std::string process_at(const process_contract& c, std::uint64_t version) {
+  return absl::StrCat("process '", c.name(), "' (version ", version, ")");
+}
+
+snapshot process_runner::make_snapshot(std::shared_ptr<const version_state> state) {
+  return snapshot(std::move(state));
+}
+
+// Runs `proc` once on `snap`; `reads` receives what it read even when it fails.
+absl::StatusOr<prepared> process_runner::run(const registered& proc, const snapshot& snap,
+                                             const json& args) {
+  const process_contract& c = proc.contract;
+  const auto start = std::chrono::steady_clock::now();
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  if (c.timeout().count() > 0) deadline = start + c.timeout();
+  context ctx(c, snap, deadline);
+
+  absl::StatusOr<result> r = absl::UnknownError("process did not run");
+  try {
+    r = proc.fn(ctx, args);
+  } catch (const process_error& e) {
+    r = e.status();
+  } catch (const std::exception& e) {
+    r = absl::UnknownError(absl::StrCat("threw an exception: ", e.what()));
+  } catch (...) {
+    r = absl::UnknownError("threw an exception that is not a std::exception");
+  }
+  // A breach found by the context stands even if the process caught the exception.
+  if (!ctx.failure_.ok()) return ctx.failure_;
+  if (deadline && std::chrono::steady_clock::now() > *deadline) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        process_at(c, snap.version()), " ran past its timeout of ", c.timeout().count(), " us"));
+  }
+  if (!r.ok()) return annotate(r.status(), process_at(c, snap.version()));
+
+  prepared out;
+  out.reads = ctx.reads();
+  POP_RETURN_IF_ERROR(prepare_writes(c, snap, *r, out));
+  for (message_draft& m : r->messages()) out.messages.push_back(std::move(m));
+  for (const message_draft& m : out.messages) {
+    POP_RETURN_IF_ERROR(check_topic(c, snap.version(), m.topic));
+    POP_RETURN_IF_ERROR(check_message(m, process_at(c, snap.version())));
+  }
+  // What a newer commit must not overlap: what it read, and what it wrote. A process that
+  // rewrote the whole outbox depends on the messages it removed or changed, not on the queue
+  // as a whole: messages appended meanwhile are kept, so they do not conflict with it.
+  for (const path& p : out.reads) {
+    if (!(out.wrote_queue && p == snap.outbox_path())) out.access.insert(p);
+  }
+  for (const prepared_write& w : out.writes) out.access.insert(w.target);
+  if (out.messages.size() > max_messages_per_commit) {
+    return absl::InvalidArgumentError(absl::StrCat(process_at(c, snap.version()), " emitted ",
+                                                   out.messages.size(), " messages; the limit is ",
+                                                   max_messages_per_commit, " per commit"));
+  }
+  return out;
+}
+
+absl::Status process_runner::check_topic(const process_contract& c, std::uint64_t version,
+                                         const std::string& topic) {
+  if (c.may_emit(topic)) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(
+      "contract violation: ", process_at(c, version), " emitted topic '", topic,
+      "', which is not among its declared topics [", absl::StrJoin(c.emits(), ", "), "]"));
+}
+
+absl::Status process_runner::prepare_writes(const process_contract& c, const snapshot& snap,
+                                            result& r, prepared& out) {
+  const path& outbox = snap.outbox_path();
+  const std::string who = process_at(c, snap.version());
+  for (write& w : r.writes()) {
+    absl::StatusOr<path> p = path::parse(w.path);
+    if (!p.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(who, " wrote a bad path: ", p.status().message()));
+    }
+    if (!c.may_write(*p)) {
+      return absl::PermissionDeniedError(absl::StrCat("contract violation: ", who, " wrote '",
+                                                      p->str(), "', outside its declared outputs ",
+                                                      c.outputs().to_string()));
+    }
+    if (w.value) {
+      POP_RETURN_IF_ERROR(check_storable(*w.value, absl::StrCat(who, " wrote '", p->str(), "'")));
+    }
+    if (*p == outbox) {
+      POP_ASSIGN_OR_RETURN(detail::outbox_changes changes,
+                           // A process saw every message of its snapshot (a dry run's fixture may
+                           // hold ids newer than its version): all of them are in scope.
+                           detail::diff_outbox(w.value, snap.view(outbox),
+                                               std::numeric_limits<std::uint64_t>::max(), who));
+      POP_RETURN_IF_ERROR(add_changes(outbox, std::move(changes), out));
+      continue;
+    }
+    POP_RETURN_IF_ERROR(check_outbox_write(*p, outbox, w.value, who));
+    out.writes.push_back({*std::move(p), w.value ? make_node(*std::move(w.value)) : nullptr});
+  }
+  return absl::OkStatus();
+}
+
+// Adds the changes a whole-outbox write means to `out`.
+absl::Status process_runner::add_changes(const path& outbox, outbox_changes changes,
+                                         prepared& out) {
+  for (auto& [id, stored] : changes.updates) {
+    POP_ASSIGN_OR_RETURN(path p, outbox.child(id));
+    out.writes.push_back({std::move(p), make_node(std::move(stored))});
+  }
+  for (const std::string& id : changes.removals) {
+    POP_ASSIGN_OR_RETURN(path p, outbox.child(id));
+    out.writes.push_back({std::move(p), nullptr});
+  }
+  for (message_draft& m : changes.appends) out.messages.push_back(std::move(m));
+  out.wrote_queue = true;
+  return absl::OkStatus();
+}
+
+// OK unless writing `value` at `p` would replace the outbox or break the shape of a message.
+absl::Status process_runner::check_outbox_write(const path& p, const path& outbox,
+                                                const std::optional<json>& value,
+                                                const std::string& who) {
+  POP_RETURN_IF_ERROR(check_not_outbox_parent(p, outbox, who));
+  if (outbox.contains(p)) return check_message_write(p, outbox, value, who);
+  return absl::OkStatus();
+}
+
+// OK if a message can be stored and published: its key, headers and payload are storable JSON.
+absl::Status process_runner::check_message(const message_draft& m, const std::string& who) {
+  const std::string what = absl::StrCat(who, ", message of topic '", m.topic, "'");
+  POP_RETURN_IF_ERROR(check_utf8(m.topic, absl::StrCat(who, ": a message topic")));
+  POP_RETURN_IF_ERROR(check_utf8(m.key, absl::StrCat(what, ": its key")));
+  for (const auto& [name, value] : m.headers) {
+    POP_RETURN_IF_ERROR(check_utf8(name, absl::StrCat(what, ": a header name")));
+    POP_RETURN_IF_ERROR(check_utf8(value, absl::StrCat(what, ": header '", name, "'")));
+  }
+  return check_storable(m.payload, absl::StrCat(what, ": its payload"));
+}
+
+absl::Status process_runner::check_not_outbox_parent(const path& p, const path& outbox,
+                                                     const std::string& who) {
+  if (p.contains(outbox) && !(p == outbox)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(who, " wrote '", p.str(), "', which would replace the outbox at '",
+                     outbox.str(), "'; write the paths below '", p.str(), "' instead"));
+  }
+  return absl::OkStatus();
+}
+
+// Applies `prep` on top of `base`, giving its messages ids of version base.version + 1.
+absl::StatusOr<applied> process_runner::apply(const version_state& base, const prepared& prep,
+                                              std::int64_t now_us, const std::string& who) {
+  applied out;
+  out.version = base.version + 1;
+  node_ptr root = base.root;
+  // One batch: nodes copied by one write are changed in place by the next ones.
+  const std::uint64_t edit = new_edit();
+  out.written.reserve(prep.writes.size() + prep.messages.size());
+  for (const prepared_write& w : prep.writes) {
+    if (w.value) {
+      absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value, edit);
+      if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
+      root = *std::move(r);
+    } else {
+      root = erase(root, w.target.str(), edit);
+    }
+    out.written.push_back(w.target);
+  }
+  const std::int64_t created = now_us;
+  const path& outbox = *base.outbox_path;
+  for (std::size_t i = 0; i < prep.messages.size(); ++i) {
+    const message_draft& m = prep.messages[i];
+    std::string id = make_message_id(out.version, static_cast<std::uint32_t>(i));
+    POP_ASSIGN_OR_RETURN(path target, outbox.child(id));
+    outbox_message stored;
+    stored.id = id;
+    stored.topic = m.topic;
+    stored.key = m.key;
+    stored.payload = m.payload;
+    stored.headers = m.headers;
+    stored.created_at_us = created;
+    stored.version = out.version;
+    absl::StatusOr<node_ptr> r =
+        assign(root, target.str(), make_node(std::move(stored).to_json()), edit);
+    if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
+    root = *std::move(r);
+    out.written.push_back(std::move(target));
+    out.message_ids.push_back(std::move(id));
+  }
+  out.root = std::move(root);
+  return out;
+}
+
+}  // namespace pop::detail

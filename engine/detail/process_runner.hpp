@@ -1,0 +1,92 @@
+// Defines pop::detail::process_runner: runs a process under its contract and turns what it returns
+// into a validated change (prepared), then applies a change on top of a version (applied).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "pop/contracts/json.hpp"
+#include "pop/contracts/path.hpp"
+#include "pop/contracts/process_spec.hpp"
+#include "pop/engine/detail/outbox_form.hpp"
+#include "pop/engine/detail/tree.hpp"
+#include "pop/engine/engine.hpp"
+#include "pop/engine/result.hpp"
+#include "pop/engine/snapshot.hpp"
+
+namespace pop::detail {
+
+struct registered {
+  process_contract contract;
+  process_fn fn;
+};
+
+// One state change, validated, with its new value already built as a node (null: delete).
+struct prepared_write {
+  path target;
+  node_ptr value;
+};
+
+// What one run of a process returned, validated against its contract and ready to apply.
+struct prepared {
+  path_set reads;
+  path_set access;  // reads and written paths: what a newer commit must not overlap
+  std::vector<prepared_write> writes;
+  std::vector<message_draft> messages;
+  bool wrote_queue = false;  // wrote the whole outbox (list form): see prepare_writes
+  bool empty() const { return writes.empty() && messages.empty(); }
+};
+
+// A prepared change applied on top of one version.
+struct applied {
+  std::uint64_t version = 0;
+  node_ptr root;
+  std::vector<path> written;  // every path written, message paths included
+  std::vector<std::string> message_ids;
+};
+
+// "process '<name>' (version <version>)", for messages.
+std::string process_at(const process_contract& c, std::uint64_t version);
+
+// Runs processes and turns what they return into a prepared change.
+// The texts of `paths`, in order.
+std::vector<std::string> path_texts(const path_set& paths);
+
+// The steps between a process and a commit, shared by execute, compare_and_swap and dry runs.
+// Stateless; every function is pure apart from running the user's process.
+struct process_runner {
+  static snapshot make_snapshot(std::shared_ptr<const version_state> state);
+  // Runs `proc` once on `snap` and validates what it returned against its contract: writes
+  // (paths, storable values, the outbox's forms), messages (topics, keys, headers, payloads).
+  // Errors: the process's own status annotated with its name and version, kPermissionDenied for
+  // a contract breach, kInvalidArgument for bad paths or values, kDeadlineExceeded past its
+  // timeout.
+  static absl::StatusOr<prepared> run(const registered& proc, const snapshot& snap,
+                                      const json& args);
+  // kPermissionDenied unless `c` may emit `topic`.
+  static absl::Status check_topic(const process_contract& c, std::uint64_t version,
+                                  const std::string& topic);
+  // Validates the writes of `r` into `out` (a whole-outbox write becomes its changes).
+  static absl::Status prepare_writes(const process_contract& c, const snapshot& snap, result& r,
+                                     prepared& out);
+  // Adds the changes a whole-outbox write means to `out`.
+  static absl::Status add_changes(const path& outbox, outbox_changes changes, prepared& out);
+  // OK unless writing `value` at `p` would replace the outbox or break the shape of a message.
+  static absl::Status check_outbox_write(const path& p, const path& outbox,
+                                         const std::optional<json>& value, const std::string& who);
+  // OK if a message can be stored and published: its key, headers and payload are storable.
+  static absl::Status check_message(const message_draft& m, const std::string& who);
+  // kInvalidArgument if writing `p` would replace the outbox at `outbox` (p is its ancestor).
+  static absl::Status check_not_outbox_parent(const path& p, const path& outbox,
+                                              const std::string& who);
+  // Applies `prep` on top of `base`, giving its messages ids of version base.version + 1 and
+  // the creation time `now_us`.
+  static absl::StatusOr<applied> apply(const version_state& base, const prepared& prep,
+                                       std::int64_t now_us, const std::string& who);
+};
+
+}  // namespace pop::detail

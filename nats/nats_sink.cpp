@@ -1,0 +1,341 @@
+#include "pop/nats/nats_sink.hpp"
+
+#include <nats/nats.h>
+
+#include <algorithm>
+#include <optional>
+#include <string_view>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "pop/contracts/path.hpp"
+#include "pop/contracts/status.hpp"
+#include "pop/nats/detail/nats_status.hpp"
+
+namespace asio = boost::asio;
+
+namespace pop {
+
+// One publish awaiting its acknowledgement. Touched only on `timer`'s executor (the relay's
+// strand), except for being found and removed from pending_ under mu_.
+struct nats_sink::pending {
+  explicit pending(const asio::any_io_executor& ex)
+      : timer(ex, asio::steady_timer::time_point::max()) {
+    // The relay's strand, held as its concrete type: posting to it from a libnats thread then
+    // copies only a std::shared_ptr, never a type-erased executor's own reference count.
+    if (const auto* s = ex.target<asio::strand<asio::any_io_executor>>()) strand = *s;
+  }
+  asio::steady_timer timer;
+  std::optional<asio::strand<asio::any_io_executor>> strand;
+  absl::Status status{};
+  bool done = false;
+};
+
+namespace {
+
+bool valid_header_name(std::string_view name) {
+  if (name.empty()) return false;
+  for (const char c : name) {
+    if (c <= ' ' || c >= 127 || c == ':') return false;
+  }
+  return true;
+}
+
+bool valid_header_value(std::string_view value) {
+  return value.find_first_of("\r\n") == std::string_view::npos;
+}
+
+bool valid_subject(std::string_view s) {
+  if (s.empty() || s.front() == '.' || s.back() == '.' ||
+      absl::StrContains(detail::to_absl(s), "..")) {
+    return false;
+  }
+  for (const char c : s) {
+    if (c <= ' ' || c >= 127 || c == '*' || c == '>') return false;
+  }
+  return true;
+}
+
+// True for the outcomes that say the broker cannot be reached or does not answer — not a fault
+// of the message.
+bool broker_down(natsStatus s) {
+  switch (s) {
+    case NATS_TIMEOUT:
+    case NATS_NO_RESPONDERS:
+    case NATS_CONNECTION_CLOSED:
+    case NATS_CONNECTION_DISCONNECTED:
+    case NATS_NOT_YET_CONNECTED:
+    case NATS_STALE_CONNECTION:
+    case NATS_IO_ERROR:
+    case NATS_NO_SERVER:
+    case NATS_INSUFFICIENT_BUFFER:
+      return true;
+    default:
+      return false;
+  }
+}
+
+struct msg_deleter {
+  void operator()(natsMsg* m) const { natsMsg_Destroy(m); }
+};
+
+}  // namespace
+
+nats_sink::nats_sink(nats_sink_options opts) : options_(std::move(opts)) {}
+
+absl::StatusOr<std::unique_ptr<nats_sink>> nats_sink::create(nats_connection& c,
+                                                             nats_sink_options opts) {
+  if (absl::Status st = validate_segment(opts.source); !st.ok()) {
+    return annotate(st, absl::StrCat("nats_sink_options.source '", opts.source,
+                                     "' (the producing engine's name, required)"));
+  }
+  if (opts.source.size() > max_source_length) {
+    // Consumers mark "<source>-<id>" (27 characters) as one path segment of at most 128.
+    return absl::InvalidArgumentError(absl::StrCat("nats_sink_options.source '", opts.source,
+                                                   "' is longer than ", max_source_length,
+                                                   " characters"));
+  }
+  if (!opts.subject_for && !opts.subject_prefix.empty() &&
+      (opts.subject_prefix.back() != '.' ||
+       !valid_subject(opts.subject_prefix.substr(0, opts.subject_prefix.size() - 1)))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("nats_sink_options.subject_prefix '", opts.subject_prefix,
+                     "' must be subject tokens ending in '.', such as \"orders.\""));
+  }
+  if (!opts.expect_stream.empty() && !detail::valid_nats_name(opts.expect_stream)) {
+    return absl::InvalidArgumentError(absl::StrCat("nats_sink_options.expect_stream '",
+                                                   opts.expect_stream, "' is not a stream name"));
+  }
+  if (opts.ack_timeout.count() <= 0 || opts.max_pending_acks <= 0) {
+    return absl::InvalidArgumentError(
+        "nats_sink_options: ack_timeout and max_pending_acks must be positive");
+  }
+  std::unique_ptr<nats_sink> s(new nats_sink(std::move(opts)));
+  jsOptions jo;
+  jsOptions_Init(&jo);
+  jo.Wait = s->options_.ack_timeout.count();
+  jo.PublishAsync.MaxPending = s->options_.max_pending_acks;
+  jo.PublishAsync.AckHandler = &nats_sink::on_ack;
+  jo.PublishAsync.AckHandlerClosure = s.get();
+  // Never stall the relay's thread for long when libnats' bound is reached: fail and retry.
+  jo.PublishAsync.StallWait = 1;
+  POP_RETURN_IF_ERROR(detail::from_nats(natsConnection_JetStream(&s->js_, c.handle(), &jo),
+                                        "nats_sink: creating the JetStream context"));
+  return s;
+}
+
+nats_sink::~nats_sink() {
+  {
+    std::lock_guard lock(mu_);
+    closed_ = true;
+    pending_.clear();
+  }
+  if (js_ == nullptr) return;
+  // No acknowledgement callback may run once this object is gone: wait a little for those still
+  // outstanding, then take the rest back from libnats (it then drops their late acknowledgements).
+  jsPubOptions po;
+  jsPubOptions_Init(&po);
+  po.MaxWait = std::min<std::int64_t>(options_.ack_timeout.count(), 1'000);
+  static_cast<void>(js_PublishAsyncComplete(js_, &po));
+  natsMsgList unacked{};
+  if (js_PublishAsyncGetPendingList(&unacked, js_) == NATS_OK) natsMsgList_Destroy(&unacked);
+  // Now only callbacks already running are counted as pending: wait for exactly those.
+  po.MaxWait = 10'000;
+  static_cast<void>(js_PublishAsyncComplete(js_, &po));
+  jsCtx_Destroy(js_);
+}
+
+std::string nats_sink::msg_id(const outbox_message& m) const {
+  return absl::StrCat(options_.source, ":", m.id);
+}
+
+std::string nats_sink::subject(const outbox_message& m) const {
+  if (options_.subject_for) return options_.subject_for(m);
+  return absl::StrCat(options_.subject_prefix, m.topic);
+}
+
+void nats_sink::on_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* closure) {
+  auto* self = static_cast<nats_sink*>(closure);
+  absl::Status status;
+  if (pa != nullptr) {
+    self->acked_.fetch_add(1, std::memory_order_relaxed);
+    if (pa->Duplicate) self->duplicates_.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    self->failed_.fetch_add(1, std::memory_order_relaxed);
+    const char* id = nullptr;
+    natsMsgHeader_Get(msg, detail::header_msg_id, &id);
+    const natsStatus err = pae != nullptr ? pae->Err : NATS_ERR;
+    std::string text = absl::StrCat("nats_sink: publish of ", id != nullptr ? id : "?", " to '",
+                                    natsMsg_GetSubject(msg), "' failed: ", natsStatus_GetText(err));
+    if (pae != nullptr && pae->ErrText != nullptr) absl::StrAppend(&text, " (", pae->ErrText, ")");
+    if (pae != nullptr && pae->ErrCode != 0) {
+      absl::StrAppend(&text, " [JetStream error ", static_cast<int>(pae->ErrCode), "]");
+    }
+    // Every failure here is worth retrying. One the stream did not refuse (no ack in time, no
+    // stream answering, the connection gone) says the broker is down: not counted as an attempt.
+    status = absl::UnavailableError(text);
+    if ((pae == nullptr || pae->ErrCode == 0) && broker_down(err)) {
+      status = destination_unavailable(std::move(status));
+    }
+  }
+  std::shared_ptr<pending> p;
+  {
+    std::lock_guard lock(self->mu_);
+    if (!self->closed_) {
+      if (auto it = self->pending_.find(msg); it != self->pending_.end()) {
+        p = std::move(it->second);
+        self->pending_.erase(it);
+      }
+    }
+  }
+  natsMsg_Destroy(msg);
+  if (p) {
+    pending& target = *p;
+    auto complete = [p = std::move(p), status = std::move(status)]() mutable {
+      p->status = std::move(status);
+      p->done = true;
+      // An expiry in the past completes the wait now, or at once if it starts later.
+      p->timer.expires_at(asio::steady_timer::time_point::min());
+    };
+    if (target.strand) {
+      asio::post(*target.strand, std::move(complete));
+    } else {
+      asio::post(target.timer.get_executor(), std::move(complete));
+    }
+  }
+}
+
+asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
+  const std::string subj = subject(m);
+  if (!valid_subject(subj)) {
+    co_return permanent_failure(absl::InvalidArgumentError(
+        absl::StrCat("nats_sink: message ", m.id, " (topic '", m.topic, "') maps to subject '",
+                     subj, "', which NATS cannot publish to")));
+  }
+  if (!valid_header_value(m.key)) {
+    co_return permanent_failure(absl::InvalidArgumentError(
+        absl::StrCat("nats_sink: message ", m.id,
+                     " has a key with a line break, which a NATS header cannot carry")));
+  }
+  for (const auto& [name, value] : m.headers) {
+    if (!valid_header_name(name) || !valid_header_value(value) ||
+        absl::StartsWithIgnoreCase(name, "nats-") || absl::StartsWithIgnoreCase(name, "pop-")) {
+      co_return permanent_failure(absl::InvalidArgumentError(absl::StrCat(
+          "nats_sink: message ", m.id, " has header '", name,
+          "', which NATS cannot carry (names are printable without ':' or spaces, values one "
+          "line; Nats-* and Pop-* are reserved)")));
+    }
+  }
+  const std::string data = m.payload.dump();
+  natsMsg* raw = nullptr;
+  const std::string where = absl::StrCat("nats_sink: message ", m.id, " to '", subj, "'");
+  if (absl::Status st = detail::from_nats(
+          natsMsg_Create(&raw, subj.c_str(), nullptr, data.data(), static_cast<int>(data.size())),
+          where);
+      !st.ok()) {
+    co_return st;
+  }
+  std::unique_ptr<natsMsg, msg_deleter> msg(raw);
+  const std::string dedup = msg_id(m);
+  const std::string version = std::to_string(m.version);
+  const std::string created = std::to_string(m.created_at_us);
+  natsStatus s = natsMsgHeader_Set(raw, detail::header_msg_id, dedup.c_str());
+  if (s == NATS_OK) s = natsMsgHeader_Set(raw, detail::header_id, m.id.c_str());
+  if (s == NATS_OK) s = natsMsgHeader_Set(raw, detail::header_source, options_.source.c_str());
+  if (s == NATS_OK) s = natsMsgHeader_Set(raw, detail::header_topic, m.topic.c_str());
+  if (s == NATS_OK && !m.key.empty()) s = natsMsgHeader_Set(raw, detail::header_key, m.key.c_str());
+  if (s == NATS_OK) s = natsMsgHeader_Set(raw, detail::header_version, version.c_str());
+  if (s == NATS_OK) s = natsMsgHeader_Set(raw, detail::header_created, created.c_str());
+  for (auto it = m.headers.begin(); s == NATS_OK && it != m.headers.end(); ++it) {
+    s = natsMsgHeader_Set(raw, it->first.c_str(), it->second.c_str());
+  }
+  if (s != NATS_OK) co_return detail::from_nats(s, absl::StrCat(where, ": setting headers"));
+
+  auto p = std::make_shared<pending>(co_await asio::this_coro::executor);
+  {
+    std::lock_guard lock(mu_);
+    pending_.emplace(raw, p);
+  }
+  jsPubOptions po;
+  jsPubOptions_Init(&po);
+  po.MaxWait = options_.ack_timeout.count();
+  if (!options_.expect_stream.empty()) po.ExpectStream = options_.expect_stream.c_str();
+  natsMsg* handed = msg.release();
+  s = js_PublishMsgAsync(js_, &handed, &po);
+  if (s != NATS_OK) {
+    // libnats did not take the message (handed is still ours): no acknowledgement will come.
+    {
+      std::lock_guard lock(mu_);
+      pending_.erase(raw);
+    }
+    natsMsg_Destroy(handed);
+    failed_.fetch_add(1, std::memory_order_relaxed);
+    absl::Status st = detail::from_nats(s, where);
+    if (st.code() == absl::StatusCode::kInvalidArgument) co_return permanent_failure(st);
+    if (broker_down(s)) co_return destination_unavailable(absl::UnavailableError(st.message()));
+    co_return absl::UnavailableError(st.message());
+  }
+  published_.fetch_add(1, std::memory_order_relaxed);
+  // Removes this publish's entry unless on_ack took it (the address may be reused by then).
+  const auto abandon = [&] {
+    std::lock_guard lock(mu_);
+    if (auto it = pending_.find(raw); it != pending_.end() && it->second == p) {
+      pending_.erase(it);
+      abandoned_.fetch_add(1, std::memory_order_relaxed);
+    }
+  };
+  if (!p->done) {
+    // Completes when on_ack expires the timer, or with operation_aborted when the relay cancels
+    // (which may also throw here, if the cancellation came first).
+    try {
+      auto [ec] = co_await p->timer.async_wait(asio::as_tuple(asio::use_awaitable));
+      static_cast<void>(ec);
+    } catch (...) {
+      abandon();
+      throw;
+    }
+  }
+  if (p->done) co_return p->status;
+  abandon();
+  co_return absl::CancelledError(absl::StrCat(where, ": cancelled before its acknowledgement"));
+}
+
+nats_sink_stats nats_sink::stats() const {
+  nats_sink_stats out;
+  out.published = published_.load(std::memory_order_relaxed);
+  out.acked = acked_.load(std::memory_order_relaxed);
+  out.duplicates = duplicates_.load(std::memory_order_relaxed);
+  out.failed = failed_.load(std::memory_order_relaxed);
+  out.abandoned = abandoned_.load(std::memory_order_relaxed);
+  std::lock_guard lock(mu_);
+  out.in_flight = pending_.size();
+  return out;
+}
+
+std::string to_prometheus(const nats_sink_stats& s, std::string_view prefix) {
+  std::string out;
+  const auto d = [](auto v) { return static_cast<double>(v); };
+  detail::append_metric(out, prefix, "published_total", "counter", "Publishes handed to libnats.",
+                        d(s.published));
+  detail::append_metric(out, prefix, "acked_total", "counter",
+                        "Publishes acknowledged by JetStream (incl. duplicates).", d(s.acked));
+  detail::append_metric(out, prefix, "duplicates_total", "counter",
+                        "Publishes the stream already had (by Nats-Msg-Id).", d(s.duplicates));
+  detail::append_metric(out, prefix, "failed_total", "counter",
+                        "Publishes refused, unanswered or not sent.", d(s.failed));
+  detail::append_metric(out, prefix, "abandoned_total", "counter",
+                        "Publishes cancelled by the relay before their acknowledgement.",
+                        d(s.abandoned));
+  detail::append_metric(out, prefix, "in_flight", "gauge", "Publishes awaiting acknowledgement.",
+                        d(s.in_flight));
+  return out;
+}
+
+}  // namespace pop

@@ -1,0 +1,147 @@
+// Tests of contracts/: paths, path sets, process specs and outbox messages.
+#include <rapidcheck/catch.h>
+#include <catch2/catch.hpp>
+
+#include "pop/contracts/outbox_message.hpp"
+#include "pop/contracts/path.hpp"
+#include "pop/contracts/process_spec.hpp"
+
+namespace {
+pop::path P(std::string_view s) {
+  return pop::path::parse(s).value();
+}
+}  // namespace
+
+TEST_CASE("valid paths parse and report their segments", "[contracts]") {
+  const pop::path p = P("domain.orders.o-17.status");
+  CHECK(p.str() == "domain.orders.o-17.status");
+  CHECK(p.depth() == 4);
+  CHECK(p.segments() == std::vector<std::string_view>{"domain", "orders", "o-17", "status"});
+  CHECK(p.child("x").value().str() == "domain.orders.o-17.status.x");
+  CHECK(P("a_B-9").depth() == 1);
+}
+
+TEST_CASE("bad paths are rejected with a message that says what is wrong", "[contracts]") {
+  const struct {
+    std::string text;
+    const char* says;
+  } cases[] = {
+      {"", "at least one segment"},
+      {"a..b", "segment 2 is empty"},
+      {".a", "segment 1 is empty"},
+      {"a.", "segment 2 is empty"},
+      {"a.b c", "' '"},
+      {"a.b/c", "'/'"},
+      {std::string(1100, 'a'), "limit is 1024"},
+      {std::string(130, 'a'), "longer than 128"},
+      {[] {
+         std::string s = "a";
+         for (int i = 0; i < 40; ++i) s += ".a";
+         return s;
+       }(),
+       "limit is 32"},
+  };
+  for (const auto& c : cases) {
+    const auto r = pop::path::parse(c.text);
+    REQUIRE_FALSE(r.ok());
+    INFO(r.status().message());
+    CHECK(r.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(r.status().message()).find(c.says) != std::string::npos);
+  }
+  CHECK(P("a").child("b.c").status().code() == absl::StatusCode::kOk);  // a child may add segments
+  CHECK(P("a").child("").status().code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("paths overlap when one is a segment-wise prefix of the other", "[contracts]") {
+  CHECK(P("a.b").overlaps(P("a.b.c")));
+  CHECK(P("a.b.c").overlaps(P("a.b")));
+  CHECK(P("a.b").overlaps(P("a.b")));
+  CHECK_FALSE(P("a.b").overlaps(P("a.bc")));
+  CHECK_FALSE(P("a.b").overlaps(P("a.c")));
+  CHECK(P("a.b").contains(P("a.b.c")));
+  CHECK_FALSE(P("a.b.c").contains(P("a.b")));
+  // Segment-wise order: a path sorts directly before its descendants.
+  CHECK(P("a") < P("a.b"));
+  CHECK(P("a.b") < P("a-b"));
+  CHECK(P("a.z") < P("ab"));
+}
+
+TEST_CASE("path sets answer covers and overlaps like a scan of their members", "[contracts]") {
+  const std::vector<std::string> alphabet = {"a", "b", "a-b", "ab", "c"};
+  rc::prop("covers and overlaps match the pairwise definitions", [&] {
+    const auto gen_path = rc::gen::apply(
+        [&](std::vector<int> idx) {
+          std::string s;
+          for (int i : idx) s += (s.empty() ? "" : ".") + alphabet[static_cast<std::size_t>(i)];
+          return P(s);
+        },
+        rc::gen::resize(4, rc::gen::nonEmpty(rc::gen::container<std::vector<int>>(
+                               rc::gen::inRange(0, static_cast<int>(alphabet.size()))))));
+    const auto members = *rc::gen::container<std::vector<pop::path>>(gen_path);
+    const pop::path probe = *gen_path;
+    pop::path_set set;
+    for (const auto& m : members) set.insert(m);
+    bool covers = false;
+    bool overlaps = false;
+    for (const auto& m : members) {
+      covers = covers || m.contains(probe);
+      overlaps = overlaps || m.overlaps(probe);
+    }
+    RC_ASSERT(set.covers(probe) == covers);
+    RC_ASSERT(set.overlaps(probe) == overlaps);
+    RC_ASSERT(set.overlaps(pop::path_set{probe}) == overlaps);
+  });
+}
+
+TEST_CASE("process specs are validated into contracts", "[contracts]") {
+  const auto c = pop::process_contract::from_spec({.name = "place_order",
+                                                   .inputs = {"domain.inventory"},
+                                                   .outputs = {"domain.orders"},
+                                                   .emits = {"b", "a"}});
+  REQUIRE(c.ok());
+  CHECK(c->may_read(P("domain.inventory.A1")));
+  CHECK_FALSE(c->may_read(P("domain")));
+  CHECK(c->may_write(P("domain.orders.o1.status")));
+  CHECK_FALSE(c->may_write(P("domain.ordersX")));
+  CHECK(c->may_emit("a"));
+  CHECK_FALSE(c->may_emit("c"));
+  const auto nested =
+      pop::process_contract::from_spec({.name = "n", .inputs = {"a.b", "a"}, .outputs = {"x"}});
+  CHECK(nested.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(nested.status().message()).find("'n'") != std::string::npos);
+}
+
+TEST_CASE("message ids sort in commit order and round-trip", "[contracts]") {
+  CHECK(pop::make_message_id(17, 0) == "00000000000000000017-000000");
+  CHECK(pop::make_message_id(9, 999999) < pop::make_message_id(10, 0));
+  CHECK(pop::make_message_id(10, 2) < pop::make_message_id(10, 10));
+  const auto parsed = pop::parse_message_id(pop::make_message_id(123456789, 42));
+  REQUIRE(parsed.ok());
+  CHECK(parsed->first == 123456789);
+  CHECK(parsed->second == 42);
+  CHECK_FALSE(pop::parse_message_id("17-0").ok());
+  CHECK_FALSE(
+      pop::path::parse("domain.outbox_queue." + pop::make_message_id(1, 1)).status().code() !=
+      absl::StatusCode::kOk);
+}
+
+TEST_CASE("outbox messages round-trip through their stored JSON form", "[contracts]") {
+  pop::outbox_message m{.id = pop::make_message_id(3, 1),
+                        .topic = "order.placed",
+                        .key = "o-1",
+                        .payload = {{"x", 1}},
+                        .headers = {{"h", "v"}},
+                        .created_at_us = 12,
+                        .version = 3,
+                        .attempts = 2,
+                        .last_error = "timeout",
+                        .next_attempt_at_us = 99};
+  const auto back = pop::outbox_message::from_json(m.to_json());
+  REQUIRE(back.ok());
+  CHECK(*back == m);
+  pop::json broken = m.to_json();
+  broken["attempts"] = "two";
+  const auto bad = pop::outbox_message::from_json(broken);
+  CHECK(bad.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(bad.status().message()).find("attempts") != std::string::npos);
+}

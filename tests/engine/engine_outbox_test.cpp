@@ -1,0 +1,230 @@
+// Tests of pop::engine: compare_and_swap, the outbox forms, commit notifications, the audit log and
+// dry runs.
+#include <catch2/catch.hpp>
+
+#include "tests/support/must.hpp"
+
+#include <atomic>
+#include <thread>
+
+#include "pop/engine/dry_run.hpp"
+#include "pop/engine/engine.hpp"
+
+using pop::json;
+
+namespace {
+
+struct account {
+  std::string owner;
+  int balance = 0;
+};
+void from_json(const json& j, account& a) {
+  j.at("owner").get_to(a.owner);
+  j.at("balance").get_to(a.balance);
+}
+void to_json(json& j, const account& a) {
+  j = json{{"owner", a.owner}, {"balance", a.balance}};
+}
+
+// A state-independent writer used to commit "concurrently" from inside another process's run.
+void register_setter(pop::engine& e, const std::string& name, const std::string& output) {
+  REQUIRE(e.register_process({.name = name, .outputs = {output}}, [output](const pop::context&,
+                                                                           const json& args) {
+             pop::result r;
+             r.set(args.value("path", output), args.at("value"));
+             return r;
+           }).ok());
+}
+
+json state_at(const pop::engine& e, const std::string& p) {
+  return e.snapshot().read(p).value();
+}
+
+}  // namespace
+
+TEST_CASE("compare_and_swap commits only at the expected version, or when its keys are untouched",
+          "[engine]") {
+  pop::engine e;
+  auto first = e.compare_and_swap(0, {{"domain.a", 1}, {"domain.b", 1}});
+  REQUIRE(first.ok());
+  CHECK(first->committed);
+  CHECK(first->version == 1);
+
+  auto stale = e.compare_and_swap(0, {{"domain.a", 2}});
+  REQUIRE(stale.ok());
+  CHECK_FALSE(stale->committed);
+  CHECK(stale->version == 1);
+  CHECK(e.snapshot().read("domain.a").value() == 1);
+
+  auto ahead = e.compare_and_swap(7, {{"domain.a", 2}});
+  CHECK(ahead.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(ahead.status().message()).find("7") != std::string::npos);
+
+  // Key-level: domain.c was not written since version 0, so a stale expected version is fine.
+  auto keyed = e.compare_and_swap(0, {{"domain.c", 3}}, pop::cas_mode::keys);
+  REQUIRE(keyed.ok());
+  CHECK(keyed->committed);
+  CHECK(keyed->version == 2);
+  auto keyed_conflict = e.compare_and_swap(0, {{"domain.a.deep", 3}}, pop::cas_mode::keys);
+  REQUIRE(keyed_conflict.ok());
+  CHECK_FALSE(keyed_conflict->committed);
+  CHECK(keyed_conflict->version == 2);
+
+  auto deleted = e.compare_and_swap(2, {{"domain.b", std::nullopt}});
+  REQUIRE(deleted.ok());
+  CHECK(deleted->committed);
+  CHECK(e.snapshot().to_json() == json{{"domain", {{"a", 1}, {"c", 3}}}});
+
+  CHECK(e.compare_and_swap(3, {}).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(e.compare_and_swap(3, {{"domain.ok", 1}, {"bad..path", 1}}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(e.compare_and_swap(3, {{"domain", 1}}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(e.version() == 3);
+}
+
+TEST_CASE("outbox appends commute with each other and with clearing by id", "[engine]") {
+  pop::engine e;
+  const auto producer = [&e](std::string topic, bool nested) {
+    return [topic, nested, &e](const pop::context&, const json&) {
+      if (nested) {
+        // A second producer commits while this one runs, and a relay clears its message by id.
+        const auto other = e.execute("p2");
+        REQUIRE(other.ok());
+        const auto cleared = e.compare_and_swap(
+            other->version, {{"domain.outbox_queue." + other->message_ids[0], std::nullopt}},
+            pop::cas_mode::keys);
+        REQUIRE(cleared.ok());
+        REQUIRE(cleared->committed);
+      }
+      pop::result r;
+      r.emit(topic, {{"from", topic}});
+      return r;
+    };
+  };
+  REQUIRE(e.register_process({.name = "p2", .emits = {"two"}}, producer("two", false)).ok());
+  REQUIRE(e.register_process({.name = "p1", .emits = {"one"}}, producer("one", true)).ok());
+  const auto done = e.execute("p1");
+  REQUIRE(done.ok());
+  CHECK(done->attempts == 1);
+  CHECK(done->version == 3);
+  const auto pending = e.snapshot().pending_messages().value();
+  REQUIRE(pending.size() == 1);
+  CHECK(pending[0].topic == "one");
+}
+
+TEST_CASE("the seed-style form returns a whole new queue and is diffed into appends and removals",
+          "[engine]") {
+  pop::engine e;
+  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
+                                                                  const json& args) {
+             pop::result r;
+             r.emit("t", args);
+             return r;
+           }).ok());
+  for (int i = 0; i < 3; ++i) REQUIRE(e.execute("emit", {{"n", i}}).ok());
+  REQUIRE(
+      e.register_process({.name = "rewrite",
+                          .inputs = {"domain.outbox_queue"},
+                          .outputs = {"domain.outbox_queue"},
+                          .emits = {"t"}},
+                         [](const pop::context& ctx, const json&) {
+                           json queue = json::array();
+                           const json current = ctx.get("domain.outbox_queue");
+                           for (const auto& [id, m] : current.items()) {
+                             if (m["payload"]["n"] != 0) queue.push_back(m);  // drop n == 0
+                           }
+                           queue.push_back({{"topic", "t"}, {"payload", {{"n", 3}}}, {"key", "k"}});
+                           pop::result r;
+                           r.set("domain.outbox_queue", queue);
+                           return r;
+                         })
+          .ok());
+  const auto done = e.execute("rewrite");
+  REQUIRE(done.ok());
+  REQUIRE(done->message_ids.size() == 1);
+  const auto pending = e.snapshot().pending_messages().value();
+  REQUIRE(pending.size() == 3);
+  CHECK(pending[0].payload == json{{"n", 1}});
+  CHECK(pending[1].payload == json{{"n", 2}});
+  CHECK(pending[2].payload == json{{"n", 3}});
+  CHECK(pending[2].key == "k");
+  CHECK(pending[2].id == done->message_ids[0]);
+}
+
+TEST_CASE("commit notifications report every commit until the subscription ends", "[engine]") {
+  pop::engine e;
+  register_setter(e, "set", "domain.x");
+  std::vector<std::uint64_t> seen;
+  pop::subscription sub = e.on_commit([&](std::uint64_t v) { seen.push_back(v); });
+  REQUIRE(e.execute("set", {{"value", 1}}).ok());
+  REQUIRE(e.compare_and_swap(1, {{"domain.y", 2}}).ok());
+  CHECK(seen == std::vector<std::uint64_t>{1, 2});
+  sub.reset();
+  REQUIRE(e.execute("set", {{"value", 3}}).ok());
+  CHECK(seen.size() == 2);
+}
+
+TEST_CASE("the audit log records reads, writes, messages and outcome, and stays bounded",
+          "[engine]") {
+  auto e_owner = pop::test::must(pop::engine::open(
+      pop::options{.initial_state = {{"domain", {{"x", 1}}}}, .audit_capacity = 3}));
+  pop::engine& e = *e_owner;
+  REQUIRE(e.register_process(
+               {.name = "p", .inputs = {"domain.x"}, .outputs = {"domain.y"}, .emits = {"t"}},
+               [](const pop::context& ctx, const json&) {
+                 pop::result r;
+                 r.set("domain.y", ctx.get<int>("domain.x"));
+                 r.emit("t", 1);
+                 return r;
+               })
+              .ok());
+  for (int i = 0; i < 5; ++i) REQUIRE(e.execute("p").ok());
+  const auto records = e.audit();
+  REQUIRE(records.size() == 3);
+  CHECK(records.back().sequence == 5);
+  CHECK(records.back().reads == std::vector<std::string>{"domain.x"});
+  CHECK(records.back().writes == std::vector<std::string>{"domain.y"});
+  CHECK(records.back().topics == std::vector<std::string>{"t"});
+  CHECK(records.back().message_ids == std::vector<std::string>{pop::make_message_id(5, 0)});
+  CHECK(records.back().commit_version == 5);
+  CHECK(records.back().snapshot_version == 4);
+  CHECK(e.audit({.after_sequence = 4}).size() == 1);
+  CHECK(e.audit({.limit = 2}).front().sequence == 4);
+}
+
+TEST_CASE("a process is tested against a fixture with no engine and nothing mocked",
+          "[engine][dry_run]") {
+  const pop::process_spec spec{.name = "reserve",
+                               .inputs = {"domain.inventory"},
+                               .outputs = {"domain.inventory"},
+                               .emits = {"stock.reserved"}};
+  const pop::process_fn reserve = [](const pop::context& ctx, const json& args) {
+    const std::string p = "domain.inventory." + args.at("sku").get<std::string>();
+    pop::result r;
+    r.set(p, ctx.get<int>(p) - 1);
+    r.emit("stock.reserved", args, args.at("sku"));
+    return r;
+  };
+  const json fixture = {{"domain", {{"inventory", {{"A1", 3}, {"B2", 1}}}}}};
+  const auto run = pop::dry_run(spec, reserve, fixture, {{"sku", "A1"}}, {.version = 41});
+  REQUIRE(run.ok());
+  CHECK(run->writes == std::vector<pop::write>{{"domain.inventory.A1", json(2)}});
+  REQUIRE(run->messages.size() == 1);
+  CHECK(run->messages[0].id == pop::make_message_id(42, 0));
+  CHECK(run->messages[0].key == "A1");
+  CHECK(run->reads == std::vector<std::string>{"domain.inventory.A1"});
+  CHECK(run->state["domain"]["inventory"] == json{{"A1", 2}, {"B2", 1}});
+
+  const auto denied =
+      pop::dry_run({.name = "x", .inputs = {"domain.other"}, .outputs = {"domain.inventory"}},
+                   reserve, fixture, {{"sku", "A1"}});
+  CHECK(denied.status().code() == absl::StatusCode::kPermissionDenied);
+
+  pop::engine e;
+  REQUIRE(e.register_process(spec, reserve).ok());
+  const auto via_engine = e.dry_run("reserve", fixture, {{"sku", "B2"}});
+  REQUIRE(via_engine.ok());
+  CHECK(via_engine->writes == std::vector<pop::write>{{"domain.inventory.B2", json(0)}});
+  CHECK(e.version() == 0);
+}

@@ -1,0 +1,593 @@
+// Tests of pop::engine: contracts, commits, conflicts, retries, registration and options (CAS, the
+// outbox, notifications and audit are in engine_outbox_test.cpp).
+#include <catch2/catch.hpp>
+
+#include "tests/support/must.hpp"
+
+#include <atomic>
+#include <thread>
+
+#include "pop/engine/dry_run.hpp"
+#include "pop/engine/engine.hpp"
+
+using pop::json;
+
+namespace {
+
+struct account {
+  std::string owner;
+  int balance = 0;
+};
+void from_json(const json& j, account& a) {
+  j.at("owner").get_to(a.owner);
+  j.at("balance").get_to(a.balance);
+}
+void to_json(json& j, const account& a) {
+  j = json{{"owner", a.owner}, {"balance", a.balance}};
+}
+
+// A state-independent writer used to commit "concurrently" from inside another process's run.
+void register_setter(pop::engine& e, const std::string& name, const std::string& output) {
+  REQUIRE(e.register_process({.name = name, .outputs = {output}}, [output](const pop::context&,
+                                                                           const json& args) {
+             pop::result r;
+             r.set(args.value("path", output), args.at("value"));
+             return r;
+           }).ok());
+}
+
+json state_at(const pop::engine& e, const std::string& p) {
+  return e.snapshot().read(p).value();
+}
+
+}  // namespace
+
+TEST_CASE("a process commits its writes and messages atomically at one new version", "[engine]") {
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.initial_state = {{"domain", {{"inventory", {{"A1", 5}}}}}}}));
+  pop::engine& e = *e_owner;
+  REQUIRE(e.register_process(
+               {.name = "place_order",
+                .inputs = {"domain.inventory"},
+                .outputs = {"domain.inventory", "domain.orders"},
+                .emits = {"order.placed"}},
+               [](const pop::context& ctx, const json& args) -> absl::StatusOr<pop::result> {
+                 const std::string sku = args.at("sku");
+                 const int qty = args.at("qty");
+                 const int stock = ctx.get<int>("domain.inventory." + sku);
+                 if (stock < qty) return absl::FailedPreconditionError("out of stock");
+                 pop::result r;
+                 r.set("domain.inventory." + sku, stock - qty);
+                 r.set("domain.orders.o-1", {{"sku", sku}, {"qty", qty}, {"status", "placed"}});
+                 r.emit("order.placed", {{"order", "o-1"}}, "o-1", {{"trace", "t-9"}});
+                 return r;
+               })
+              .ok());
+
+  const auto done = e.execute("place_order", {{"sku", "A1"}, {"qty", 2}});
+  REQUIRE(done.ok());
+  CHECK(done->version == 1);
+  CHECK(done->changed);
+  CHECK(done->attempts == 1);
+  REQUIRE(done->message_ids == std::vector<std::string>{pop::make_message_id(1, 0)});
+  CHECK(e.version() == 1);
+  CHECK(state_at(e, "domain.inventory.A1") == 3);
+  CHECK(state_at(e, "domain.orders.o-1.status") == "placed");
+
+  const auto pending = e.snapshot().pending_messages();
+  REQUIRE(pending.ok());
+  REQUIRE(pending->size() == 1);
+  const pop::outbox_message& m = pending->front();
+  CHECK(m.id == "00000000000000000001-000000");
+  CHECK(m.topic == "order.placed");
+  CHECK(m.key == "o-1");
+  CHECK(m.payload == json{{"order", "o-1"}});
+  CHECK(m.headers.at("trace") == "t-9");
+  CHECK(m.version == 1);
+  CHECK(m.attempts == 0);
+  CHECK(m.created_at_us > 0);
+  // The message is in the state itself, at the outbox path.
+  CHECK(state_at(e, "domain.outbox_queue." + m.id + ".topic") == "order.placed");
+
+  const auto refused = e.execute("place_order", {{"sku", "A1"}, {"qty", 9}});
+  CHECK(refused.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(refused.status().message()).find("place_order") != std::string::npos);
+  CHECK(e.version() == 1);
+  CHECK(e.snapshot().pending_count() == 1);
+}
+
+TEST_CASE("a snapshot never changes after later commits", "[engine]") {
+  pop::engine e;
+  register_setter(e, "set", "domain.x");
+  REQUIRE(e.execute("set", {{"value", 1}}).ok());
+  const pop::snapshot before = e.snapshot();
+  const pop::value_view view = before.view(pop::path::parse("domain.x").value());
+  REQUIRE(e.execute("set", {{"value", 2}}).ok());
+  CHECK(before.version() == 1);
+  CHECK(before.read("domain.x").value() == 1);
+  CHECK(view.get<int>() == 1);
+  CHECK(e.snapshot().read("domain.x").value() == 2);
+  CHECK(e.snapshot().version() == 2);
+}
+
+TEST_CASE("breaking the contract is kPermissionDenied naming process and path, and commits nothing",
+          "[engine]") {
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.initial_state = {{"domain", {{"secret", 1}, {"open", 2}}}}}));
+  pop::engine& e = *e_owner;
+  REQUIRE(e.register_process({.name = "peek", .inputs = {"domain.open"}, .outputs = {"domain.out"}},
+                             [](const pop::context& ctx, const json&) {
+                               pop::result r;
+                               r.set("domain.out", ctx.get<int>("domain.secret"));
+                               return r;
+                             })
+              .ok());
+  REQUIRE(e.register_process({.name = "scribble", .inputs = {}, .outputs = {"domain.out"}},
+                             [](const pop::context&, const json&) {
+                               pop::result r;
+                               r.set("domain.out", 1);
+                               r.set("domain.open", 3);
+                               return r;
+                             })
+              .ok());
+  REQUIRE(e.register_process({.name = "shout", .outputs = {"domain.out"}, .emits = {"a.ok"}},
+                             [](const pop::context&, const json&) {
+                               pop::result r;
+                               r.emit("a.ok", 1);
+                               r.emit("b.forbidden", 2);
+                               return r;
+                             })
+              .ok());
+  REQUIRE(
+      e.register_process({.name = "sneaky", .inputs = {"domain.open"}, .outputs = {"domain.out"}},
+                         [](const pop::context& ctx, const json&) {
+                           pop::result r;
+                           try {
+                             r.set("domain.out", ctx.get<int>("domain.secret"));
+                           } catch (const pop::process_error&) {
+                             r.set("domain.out", -1);  // swallowed: must still fail
+                           }
+                           return r;
+                         })
+          .ok());
+  REQUIRE(e.register_process(
+               {.name = "parent_reader", .inputs = {"domain.open"}, .outputs = {"domain.out"}},
+               [](const pop::context& ctx, const json&) {
+                 pop::result r;
+                 r.set("domain.out", ctx.get("domain"));
+                 return r;
+               })
+              .ok());
+
+  const json before = e.snapshot().to_json();
+  const struct {
+    const char* process;
+    const char* path;
+  } cases[] = {{"peek", "domain.secret"},
+               {"scribble", "domain.open"},
+               {"shout", "b.forbidden"},
+               {"sneaky", "domain.secret"},
+               {"parent_reader", "'domain'"}};
+  for (const auto& c : cases) {
+    INFO(c.process);
+    const auto r = e.execute(c.process);
+    REQUIRE(r.status().code() == absl::StatusCode::kPermissionDenied);
+    const std::string message(r.status().message());
+    CHECK(message.find(c.process) != std::string::npos);
+    CHECK(message.find(c.path) != std::string::npos);
+  }
+  CHECK(e.version() == 0);
+  CHECK(e.snapshot().to_json() == before);
+  CHECK(e.audit({.outcome = pop::attempt_outcome::contract_violation}).size() == 5);
+}
+
+TEST_CASE("a throwing or failing process leaves version, state and outbox unchanged", "[engine]") {
+  pop::engine e;
+  register_setter(e, "set", "domain.x");
+  REQUIRE(e.execute("set", {{"value", 1}}).ok());
+  REQUIRE(e.register_process({.name = "thrower", .outputs = {"domain.x"}, .emits = {"t"}},
+                             [](const pop::context&, const json&) -> pop::result {
+                               throw std::runtime_error("boom");
+                             })
+              .ok());
+  REQUIRE(e.register_process({.name = "refuser", .outputs = {"domain.x"}, .emits = {"t"}},
+                             [](const pop::context&, const json&) -> absl::StatusOr<pop::result> {
+                               return absl::UnavailableError("payment gateway down");
+                             })
+              .ok());
+  const json before = e.snapshot().to_json();
+  const auto thrown = e.execute("thrower");
+  CHECK(thrown.status().code() == absl::StatusCode::kUnknown);
+  CHECK(std::string(thrown.status().message()).find("thrower") != std::string::npos);
+  CHECK(std::string(thrown.status().message()).find("boom") != std::string::npos);
+  const auto refused = e.execute("refuser");
+  CHECK(refused.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(std::string(refused.status().message()).find("refuser") != std::string::npos);
+  CHECK(e.version() == 1);
+  CHECK(e.snapshot().to_json() == before);
+  CHECK(e.snapshot().pending_count() == 0);
+}
+
+TEST_CASE("typed reads convert through from_json and a wrong type names the path", "[engine]") {
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{
+      .initial_state = {
+          {"domain", {{"accounts", {{"alice", {{"owner", "Alice"}, {"balance", 7}}}}}}}}}));
+  pop::engine& e = *e_owner;
+  REQUIRE(e.register_process(
+               {.name = "copy", .inputs = {"domain.accounts"}, .outputs = {"domain.copy"}},
+               [](const pop::context& ctx, const json& args) {
+                 const account a = ctx.get<account>(args.at("from").get<std::string>());
+                 pop::result r;
+                 r.set("domain.copy", account{a.owner + "!", a.balance + 1});
+                 return r;
+               })
+              .ok());
+  REQUIRE(e.execute("copy", {{"from", "domain.accounts.alice"}}).ok());
+  CHECK(state_at(e, "domain.copy") == json{{"owner", "Alice!"}, {"balance", 8}});
+  const auto wrong = e.execute("copy", {{"from", "domain.accounts.alice.balance"}});
+  CHECK(wrong.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(wrong.status().message()).find("domain.accounts.alice.balance") !=
+        std::string::npos);
+  const auto missing = e.execute("copy", {{"from", "domain.accounts.bob"}});
+  CHECK(missing.status().code() == absl::StatusCode::kNotFound);
+  CHECK(std::string(missing.status().message()).find("domain.accounts.bob") != std::string::npos);
+  const auto bad = e.execute("copy", {{"from", "domain..accounts"}});
+  CHECK(bad.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(e.version() == 1);
+}
+
+TEST_CASE("a delete is committed and visible, and deleting a missing path is harmless",
+          "[engine]") {
+  auto e_owner = pop::test::must(pop::engine::open(
+      pop::options{.initial_state = {{"domain", {{"orders", {{"o1", {{"a", 1}}}, {"o2", 2}}}}}}}));
+  pop::engine& e = *e_owner;
+  REQUIRE(e.register_process({.name = "drop", .outputs = {"domain.orders"}}, [](const pop::context&,
+                                                                                const json& args) {
+             pop::result r;
+             r.erase(args.at("path").get<std::string>());
+             return r;
+           }).ok());
+  REQUIRE(e.execute("drop", {{"path", "domain.orders.o1.a"}}).ok());
+  CHECK(e.snapshot().to_json()["domain"]["orders"] == json{{"o1", json::object()}, {"o2", 2}});
+  REQUIRE(e.execute("drop", {{"path", "domain.orders.o1"}}).ok());
+  CHECK(e.snapshot().read("domain.orders.o1").status().code() == absl::StatusCode::kNotFound);
+  REQUIRE(e.execute("drop", {{"path", "domain.orders.nothing.here"}}).ok());
+  CHECK(e.snapshot().to_json()["domain"]["orders"] == json{{"o2", 2}});
+}
+
+TEST_CASE("deep disjoint writes never conflict", "[engine]") {
+  auto e_owner = pop::test::must(pop::engine::open(
+      pop::options{.initial_state = {{"domain", {{"accounts", {{"alice", 10}, {"bob", 10}}}}}}}));
+  pop::engine& e = *e_owner;
+  REQUIRE(
+      e.register_process(
+           {.name = "bob", .inputs = {"domain.accounts.bob"}, .outputs = {"domain.accounts.bob"}},
+           [](const pop::context& ctx, const json&) {
+             pop::result r;
+             r.set("domain.accounts.bob", ctx.get<int>("domain.accounts.bob") + 1);
+             return r;
+           })
+          .ok());
+  std::atomic<int> runs{0};
+  REQUIRE(e.register_process({.name = "alice",
+                              .inputs = {"domain.accounts.alice"},
+                              .outputs = {"domain.accounts.alice"}},
+                             [&](const pop::context& ctx, const json&) {
+                               // Another commit lands while this run is in flight.
+                               if (runs++ == 0) REQUIRE(e.execute("bob").ok());
+                               pop::result r;
+                               r.set("domain.accounts.alice",
+                                     ctx.get<int>("domain.accounts.alice") + 1);
+                               return r;
+                             })
+              .ok());
+  const auto done = e.execute("alice");
+  REQUIRE(done.ok());
+  CHECK(done->attempts == 1);
+  CHECK(runs == 1);
+  CHECK(done->version == 2);
+  CHECK(state_at(e, "domain.accounts") == json{{"alice", 11}, {"bob", 11}});
+}
+
+TEST_CASE("a conflicting process re-runs on the newer snapshot and emits its messages once",
+          "[engine]") {
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.initial_state = {{"domain", {{"counter", 0}}}}}));
+  pop::engine& e = *e_owner;
+  register_setter(e, "bump", "domain.counter");
+  std::atomic<int> runs{0};
+  REQUIRE(e.register_process({.name = "incr",
+                              .inputs = {"domain.counter"},
+                              .outputs = {"domain.counter"},
+                              .emits = {"counted"}},
+                             [&](const pop::context& ctx, const json&) {
+                               const int seen = ctx.get<int>("domain.counter");
+                               if (runs++ == 0) REQUIRE(e.execute("bump", {{"value", 100}}).ok());
+                               pop::result r;
+                               r.set("domain.counter", seen + 1);
+                               r.emit("counted", {{"seen", seen}});
+                               return r;
+                             })
+              .ok());
+  const auto done = e.execute("incr");
+  REQUIRE(done.ok());
+  CHECK(done->attempts == 2);
+  CHECK(runs == 2);
+  CHECK(state_at(e, "domain.counter") == 101);  // no lost update
+  const auto pending = e.snapshot().pending_messages().value();
+  REQUIRE(pending.size() == 1);
+  CHECK(pending[0].payload == json{{"seen", 100}});
+  CHECK(pending[0].id == pop::make_message_id(done->version, 0));
+  const auto audit = e.audit({.process = "incr"});
+  REQUIRE(audit.size() == 2);
+  CHECK(audit[0].outcome == pop::attempt_outcome::conflict_retried);
+  CHECK(audit[0].detail.find("domain.counter") != std::string::npos);
+  CHECK(audit[1].outcome == pop::attempt_outcome::committed);
+  CHECK(audit[1].message_ids == done->message_ids);
+}
+
+TEST_CASE("write skew never commits both sides", "[engine]") {
+  // Each withdrawal keeps alice + bob >= 0 on its own snapshot; together they would break it.
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.initial_state = {{"domain", {{"a", 50}, {"b", 50}}}}}));
+  pop::engine& e = *e_owner;
+  const auto withdraw = [&e](std::string mine, std::function<void()> meanwhile) {
+    return
+        [mine, meanwhile, &e](const pop::context& ctx, const json&) -> absl::StatusOr<pop::result> {
+          const int total = ctx.get<int>("domain.a") + ctx.get<int>("domain.b");
+          if (meanwhile) meanwhile();
+          if (total < 100) return absl::FailedPreconditionError("insufficient funds");
+          pop::result r;
+          r.set("domain." + mine, ctx.get<int>("domain." + mine) - 100);
+          return r;
+        };
+  };
+  int b_runs = 0;
+  REQUIRE(e.register_process(
+               {.name = "withdraw_b", .inputs = {"domain.a", "domain.b"}, .outputs = {"domain.b"}},
+               withdraw("b", [&] { ++b_runs; }))
+              .ok());
+  int a_runs = 0;
+  REQUIRE(e.register_process(
+               {.name = "withdraw_a", .inputs = {"domain.a", "domain.b"}, .outputs = {"domain.a"}},
+               withdraw("a",
+                        [&] {
+                          if (a_runs++ == 0) REQUIRE(e.execute("withdraw_b").ok());
+                        }))
+              .ok());
+  const auto a = e.execute("withdraw_a");
+  CHECK(a.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(a_runs == 2);
+  CHECK(state_at(e, "domain.a").get<int>() + state_at(e, "domain.b").get<int>() == 0);
+  CHECK(state_at(e, "domain.a") == 50);
+}
+
+TEST_CASE("reads of missing paths, parents and children are validated at any depth", "[engine]") {
+  auto e_owner = pop::test::must(
+      pop::engine::open(pop::options{.outbox_path = "system.outbox",
+                                     .initial_state = {{"domain", {{"x", {{"y", {{"z", 1}}}}}}}}}));
+  pop::engine& e = *e_owner;
+  register_setter(e, "set", "domain");
+  struct scenario {
+    const char* read;
+    const char* concurrent_write;
+    bool conflicts;
+  };
+  const scenario scenarios[] = {
+      {"domain.flag", "domain.flag", true},      // read of a missing path, then created
+      {"domain.x", "domain.x.y.z", true},        // read a parent, a deep child changes
+      {"domain.x.y.z", "domain.x", true},        // read a deep child, its parent is replaced
+      {"domain.x.y.z", "domain.x.y.w", false},   // a sibling deep down
+      {"domain.x.y", "domain.x.yy", false},      // a prefix as text, not as a path
+      {"domain.x.y.z", "domain.x.y.z.q", true},  // below what was read
+  };
+  int n = 0;
+  for (const scenario& s : scenarios) {
+    INFO(s.read << " vs " << s.concurrent_write);
+    const std::string name = "reader" + std::to_string(n++);
+    int runs = 0;
+    REQUIRE(
+        e.register_process(
+             {.name = name, .inputs = {"domain"}, .outputs = {"domain.out"}},
+             [&, s](const pop::context& ctx, const json&) {
+               (void)ctx.find(s.read);
+               if (runs++ == 0) {
+                 REQUIRE(
+                     e.execute("set", {{"path", s.concurrent_write}, {"value", {{"v", n}}}}).ok());
+               }
+               pop::result r;
+               r.set("domain.out", n);
+               return r;
+             })
+            .ok());
+    const auto done = e.execute(name);
+    REQUIRE(done.ok());
+    CHECK(done->attempts == (s.conflicts ? 2 : 1));
+  }
+}
+
+TEST_CASE("a process that keeps conflicting is aborted after the retry budget", "[engine]") {
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.retry = {.max_attempts = 3}}));
+  pop::engine& e = *e_owner;
+  register_setter(e, "set", "domain.hot");
+  int runs = 0;
+  REQUIRE(
+      e.register_process(
+           {.name = "loser", .inputs = {"domain.hot"}, .outputs = {"domain.out"}, .emits = {"t"}},
+           [&](const pop::context& ctx, const json&) {
+             (void)ctx.find("domain.hot");
+             REQUIRE(e.execute("set", {{"value", ++runs}}).ok());
+             pop::result r;
+             r.set("domain.out", 1);
+             r.emit("t", 1);
+             return r;
+           })
+          .ok());
+  const auto r = e.execute("loser");
+  CHECK(r.status().code() == absl::StatusCode::kAborted);
+  CHECK(std::string(r.status().message()).find("domain.hot") != std::string::npos);
+  CHECK(runs == 3);
+  CHECK(e.snapshot().read("domain.out").status().code() == absl::StatusCode::kNotFound);
+  CHECK(e.snapshot().pending_count() == 0);
+  CHECK(e.audit({.process = "loser", .outcome = pop::attempt_outcome::aborted}).size() == 1);
+  CHECK(e.audit({.process = "loser", .outcome = pop::attempt_outcome::conflict_retried}).size() ==
+        2);
+}
+
+TEST_CASE("registration rejects bad specs with clear errors", "[engine]") {
+  pop::engine e;
+  const auto ok = [](const pop::context&, const json&) { return pop::result{}; };
+  CHECK(e.register_process({.name = "p", .outputs = {"domain.a"}}, ok).ok());
+  const auto dup = e.register_process({.name = "p", .outputs = {"domain.b"}}, ok);
+  CHECK(dup.code() == absl::StatusCode::kAlreadyExists);
+  struct bad {
+    pop::process_spec spec;
+    const char* mentions;
+  };
+  const bad cases[] = {
+      {{.name = "", .outputs = {"domain.a"}}, "empty"},
+      {{.name = "has space", .outputs = {"domain.a"}}, "has space"},
+      {{.name = "q", .inputs = {"domain..a"}, .outputs = {"domain.a"}}, "domain..a"},
+      {{.name = "q", .outputs = {"domain.a", "domain.a.b"}}, "nested"},
+      {{.name = "q", .outputs = {"domain.a", "domain.a"}}, "repeated"},
+      {{.name = "q", .outputs = {"domain.a"}, .emits = {"t", "t"}}, "'t'"},
+      {{.name = "q", .outputs = {"domain.a"}, .emits = {"bad topic"}}, "bad topic"},
+      {{.name = "q", .inputs = {"domain.a"}}, "no outputs"},
+      {{.name = "q", .outputs = {"domain"}}, "outbox"},
+  };
+  for (const bad& c : cases) {
+    const auto s = e.register_process(c.spec, ok);
+    INFO(s.ToString());
+    CHECK(s.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(s.message()).find(c.mentions) != std::string::npos);
+  }
+  CHECK(e.register_process({.name = "nofn", .outputs = {"domain.a"}}, nullptr).code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(e.processes() == std::vector<std::string>{"p"});
+  CHECK(e.execute("nobody").status().code() == absl::StatusCode::kNotFound);
+}
+
+TEST_CASE("invalid writes are refused and commit nothing", "[engine]") {
+  auto e_owner =
+      pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"n", 1}}}}}));
+  pop::engine& e = *e_owner;
+  REQUIRE(e.register_process({.name = "w", .outputs = {"domain"}}, [](const pop::context&,
+                                                                      const json& args) {
+             pop::result r;
+             r.set("domain.ok", 1);
+             r.set(args.at("path").get<std::string>(), 2);
+             return r;
+           }).ok() == false);  // "domain" is the outbox's parent: refused at registration
+  REQUIRE(
+      e.register_process({.name = "w", .outputs = {"domain.n", "domain.ok", "domain.outbox_queue"}},
+                         [](const pop::context&, const json& args) {
+                           pop::result r;
+                           r.set("domain.ok", 1);
+                           r.set(args.at("path").get<std::string>(), args.value("value", json(2)));
+                           return r;
+                         })
+          .ok());
+  const json before = e.snapshot().to_json();
+  CHECK(e.execute("w", {{"path", "domain.n.deeper"}}).status().code() ==
+        absl::StatusCode::kFailedPrecondition);  // through a number
+  CHECK(e.execute("w", {{"path", "domain.ok."}}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(e.execute("w", {{"path", "domain.outbox_queue"}, {"value", 5}}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(e.version() == 0);
+  CHECK(e.snapshot().to_json() == before);
+}
+
+TEST_CASE("a process past its timeout commits nothing", "[engine]") {
+  pop::engine e;
+  REQUIRE(e.register_process(
+               {.name = "slow", .outputs = {"domain.x"}, .timeout = std::chrono::milliseconds(5)},
+               [](const pop::context&, const json&) {
+                 std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                 pop::result r;
+                 r.set("domain.x", 1);
+                 return r;
+               })
+              .ok());
+  CHECK(e.execute("slow").status().code() == absl::StatusCode::kDeadlineExceeded);
+  CHECK(e.version() == 0);
+}
+
+TEST_CASE("a process that changes nothing creates no version", "[engine]") {
+  auto e_owner =
+      pop::test::must(pop::engine::open(pop::options{.initial_state = {{"domain", {{"x", 1}}}}}));
+  pop::engine& e = *e_owner;
+  REQUIRE(e.register_process({.name = "look", .inputs = {"domain.x"}, .outputs = {"domain.y"}},
+                             [](const pop::context& ctx, const json&) {
+                               (void)ctx.get<int>("domain.x");
+                               return pop::result{};
+                             })
+              .ok());
+  const auto r = e.execute("look");
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->changed);
+  CHECK(r->version == 0);
+  CHECK(e.version() == 0);
+}
+
+TEST_CASE("engine options are validated", "[engine]") {
+  CHECK(pop::engine::open({.outbox_path = "a..b"}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(pop::engine::open({.initial_state = json::array()}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(pop::engine::open({.retry = {.max_attempts = 0}}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(pop::engine::open({.outbox_path = ""}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  const auto custom = pop::engine::open({.outbox_path = "system.out"});
+  REQUIRE(custom.ok());
+  REQUIRE((*custom)
+              ->register_process({.name = "e", .emits = {"t"}},
+                                 [](const pop::context&, const json&) {
+                                   pop::result r;
+                                   r.emit("t", 1);
+                                   return r;
+                                 })
+              .ok());
+  REQUIRE((*custom)->execute("e").ok());
+  CHECK((*custom)->snapshot().read("system.out").value().size() == 1);
+}
+
+TEST_CASE(
+    "a commit that would exceed max_pending fails with kResourceExhausted and commits nothing",
+    "[engine][backpressure]") {
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{.max_pending = 3}));
+  pop::engine& e = *e_owner;
+  REQUIRE(e.register_process({.name = "emit", .outputs = {"domain.n"}, .emits = {"t"}},
+                             [](const pop::context&, const json& args) {
+                               pop::result r;
+                               r.set("domain.n", args.at("n"));
+                               for (int i = 0; i < args.at("n").get<int>(); ++i) r.emit("t", i);
+                               return r;
+                             })
+              .ok());
+  REQUIRE(e.execute("emit", {{"n", 2}}).ok());
+  const pop::snapshot before = e.snapshot();
+  const absl::StatusOr<pop::commit> over = e.execute("emit", {{"n", 2}});
+  REQUIRE(over.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(std::string(over.status().message()).find("process 'emit'") != std::string::npos);
+  CHECK(std::string(over.status().message()).find("max_pending = 3") != std::string::npos);
+  CHECK(e.version() == before.version());
+  CHECK(e.snapshot().to_json() == before.to_json());
+  // Exactly at the bound is fine; so is a commit that shrinks a full queue.
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  CHECK(e.snapshot().pending_count() == 3);
+  const auto pending = e.snapshot().pending_messages().value();
+  const auto cleared =
+      e.compare_and_swap(e.version(), {{"domain.outbox_queue." + pending[0].id, std::nullopt}});
+  REQUIRE(cleared.ok());
+  CHECK(cleared->committed);
+  // compare_and_swap that would grow a full queue is refused the same way.
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  pop::outbox_message copy = pending[0];
+  copy.id = pop::make_message_id(999, 0);
+  const auto grow =
+      e.compare_and_swap(e.version(), {{"domain.outbox_queue." + copy.id, copy.to_json()}});
+  CHECK(grow.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(e.snapshot().pending_count() == 3);
+}

@@ -1,0 +1,386 @@
+// Tests of the SQLite journal: round trips, snapshots, recovery of crash images, refusals of
+// damaged, foreign, newer or busy journals (each leaving the file as it was), verify_journal.
+#include <catch2/catch.hpp>
+
+#include "tests/support/must.hpp"
+
+#include <sqlite3.h>
+
+#include <cstdlib>
+#include <filesystem>
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "absl/strings/match.h"
+#include "pop/relay/dead_letters.hpp"
+#include "pop/relay/relay.hpp"
+#include "tests/support/scripted_sink.hpp"
+#include "tests/support/temp_dir.hpp"
+
+using pop::json;
+using pop::test::file_bytes;
+using pop::test::temp_dir;
+
+namespace {
+
+pop::options journaled(const std::string& file, pop::durability level = pop::durability::process) {
+  pop::options o;
+  o.journal = file;
+  o.durability = level;
+  o.initial_state = {{"domain", {{"stock", {{"A1", 10}, {"B2", 5}}}}}};
+  return o;
+}
+
+// Registers "take" (moves stock into an order and emits order.placed) and "forget" (deletes an
+// order) on `e`.
+void register_shop(pop::engine& e) {
+  REQUIRE(e.register_process(
+               {.name = "take",
+                .inputs = {"domain.stock"},
+                .outputs = {"domain.stock", "domain.orders"},
+                .emits = {"order.placed"}},
+               [](const pop::context& ctx, const json& args) {
+                 const std::string sku = args.at("sku");
+                 const std::string order = args.at("order");
+                 pop::result r;
+                 r.set("domain.stock." + sku, ctx.get<int>("domain.stock." + sku) - 1);
+                 r.set("domain.orders." + order, {{"sku", sku}, {"note", args.value("note", "")}});
+                 r.emit("order.placed", {{"order", order}}, order);
+                 return r;
+               })
+              .ok());
+  REQUIRE(
+      e.register_process({.name = "forget", .outputs = {"domain.orders"}}, [](const pop::context&,
+                                                                              const json& args) {
+         pop::result r;
+         r.erase("domain.orders." + args.at("order").get<std::string>());
+         return r;
+       }).ok());
+}
+
+std::unique_ptr<pop::engine> open_engine(const pop::options& o) {
+  absl::StatusOr<std::unique_ptr<pop::engine>> e = pop::engine::open(o);
+  INFO(e.status());
+  REQUIRE(e.ok());
+  register_shop(**e);
+  return *std::move(e);
+}
+
+void sql(const std::string& file, const std::string& statement) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(file.c_str(), &db) == SQLITE_OK);
+  char* err = nullptr;
+  const int rc = sqlite3_exec(db, statement.c_str(), nullptr, nullptr, &err);
+  INFO((err ? err : ""));
+  sqlite3_free(err);
+  sqlite3_close(db);
+  REQUIRE(rc == SQLITE_OK);
+}
+
+// Copies the journal's files as they are now: the image a crash at this moment would leave.
+void copy_crash_image(const std::string& from, const std::string& to) {
+  for (const char* suffix : {"", "-wal", "-head"}) {
+    const std::string bytes = file_bytes(from + suffix);
+    if (!bytes.empty()) pop::test::write_bytes(to + suffix, bytes);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a journaled engine reopens with the same version, state, outbox and dead letters",
+          "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  json state_before;
+  std::uint64_t version_before = 0;
+  {
+    auto e = open_engine(journaled(file));
+    CHECK(e->version() == 0);
+    for (int i = 0; i < 6; ++i) {
+      REQUIRE(
+          e->execute("take", {{"sku", i % 2 ? "A1" : "B2"}, {"order", "o-" + std::to_string(i)}})
+              .ok());
+    }
+    REQUIRE(e->execute("forget", {{"order", "o-2"}}).ok());
+    REQUIRE(e->compare_and_swap(e->version(), {{"domain.flags.open", true}}).value().committed);
+    // The relay delivers some, dead-letters one: its clears and records are commits too.
+    pop::test::scripted_sink sink;
+    sink.script = [](const pop::outbox_message& m) {
+      return m.key == "o-1" ? pop::test::act::permanent : pop::test::act::ok;
+    };
+    int calls = 0;
+    sink.script = [&, base = sink.script](const pop::outbox_message& m) {
+      return ++calls <= 3 ? base(m) : pop::test::act::hang;
+    };
+    auto r_owner = pop::test::must(pop::relay::create(
+        *e, sink, {.publish_timeout = std::chrono::milliseconds(5), .max_attempts = 100}));
+    pop::relay& r = *r_owner;
+    boost::asio::io_context io;
+    boost::asio::cancellation_signal stop;
+    boost::asio::co_spawn(
+        io, r.run(),
+        boost::asio::bind_cancellation_slot(stop.slot(), [](std::exception_ptr, absl::Status) {}));
+    while (calls < 4) io.run_one();
+    stop.emit(boost::asio::cancellation_type::terminal);
+    io.run();
+    CHECK(pop::test::must(pop::dead_letters::create(*e))->count() == 1);
+    state_before = e->snapshot().to_json();
+    version_before = e->version();
+    CHECK(e->durable_version() == version_before);
+  }
+  const pop::journal_info info = pop::verify_journal(file).value();
+  CHECK(info.clean);
+  CHECK(info.last_version == version_before);
+  // The audit trail survives: which process made each version, when, what it wrote and emitted.
+  const std::vector<pop::journal_record_info> history = pop::read_journal(file).value();
+  REQUIRE(history.size() == version_before);
+  CHECK(history[0].version == 1);
+  CHECK(history[0].process == "take");
+  CHECK(history[0].at_us > 0);
+  CHECK(history[0].writes ==
+        std::vector<std::string>{"domain.stock.B2", "domain.orders.o-0",
+                                 "domain.outbox_queue." + history[0].message_ids.at(0)});
+  CHECK(history[6].process == "forget");
+  CHECK(history[6].writes == std::vector<std::string>{"domain.orders.o-2"});
+  CHECK(history[7].process == "compare_and_swap");
+  CHECK(history.back().process == "compare_and_swap");  // the relay's last record
+  CHECK(info.format_version == pop::journal_format_version);
+
+  auto again = open_engine(journaled(file));
+  CHECK(again->version() == version_before);
+  CHECK(again->snapshot().to_json() == state_before);
+  CHECK(again->snapshot().pending_count() == 3);  // 6 emitted, 2 delivered, 1 dead letter
+  CHECK(pop::test::must(pop::dead_letters::create(*again))->count() == 1);
+  // It goes on from there, and the next reopen sees that too.
+  REQUIRE(again->execute("take", {{"sku", "A1"}, {"order", "o-9"}}).value().version ==
+          version_before + 1);
+  const json after = again->snapshot().to_json();
+  again.reset();
+  CHECK(open_engine(journaled(file))->snapshot().to_json() == after);
+  const std::vector<pop::journal_record_info> later = pop::read_journal(file).value();
+  REQUIRE(later.size() == history.size() + 1);
+  for (std::size_t i = 0; i < history.size(); ++i) {
+    CHECK(later[i].version == history[i].version);
+    CHECK(later[i].at_us == history[i].at_us);
+    CHECK(later[i].process == history[i].process);
+    CHECK(later[i].writes == history[i].writes);
+    CHECK(later[i].message_ids == history[i].message_ids);
+  }
+}
+
+TEST_CASE("a relay on a reopened engine delivers what was pending", "[journal][relay]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  std::vector<std::string> ids;
+  {
+    auto e = open_engine(journaled(file));
+    for (int i = 0; i < 5; ++i) {
+      ids.push_back(e->execute("take", {{"sku", "A1"}, {"order", "o-" + std::to_string(i)}})
+                        .value()
+                        .message_ids.at(0));
+    }
+  }
+  auto e = open_engine(journaled(file, pop::durability::power));
+  pop::test::scripted_sink sink;
+  auto r_owner = pop::test::must(pop::relay::create(*e, sink));
+  pop::relay& r = *r_owner;
+  boost::asio::io_context io;
+  absl::Status drained = absl::UnknownError("not run");
+  boost::asio::co_spawn(io, r.drain(), [&](std::exception_ptr, absl::Status s) { drained = s; });
+  io.run();
+  REQUIRE(drained.ok());
+  CHECK(sink.acked == ids);
+  e.reset();
+  CHECK(open_engine(journaled(file))->snapshot().pending_count() == 0);
+}
+
+TEST_CASE("snapshots bound the journal and reopening replays only the records after them",
+          "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  pop::options o = journaled(file);
+  o.journal_tuning.snapshot_every = 10;
+  json expected;
+  {
+    auto e = open_engine(o);
+    for (int i = 0; i < 35; ++i) {
+      REQUIRE(e->compare_and_swap(e->version(),
+                                  {{"domain.counter", i}, {"domain.list.i" + std::to_string(i), i}})
+                  .value()
+                  .committed);
+    }
+    expected = e->snapshot().to_json();
+  }
+  const pop::journal_info info = pop::verify_journal(file).value();
+  CHECK(info.last_version == 35);
+  CHECK(info.snapshot_version >= 30);
+  CHECK(info.records == 35 - info.snapshot_version);
+  CHECK(open_engine(o)->snapshot().to_json() == expected);
+}
+
+TEST_CASE("a crash image reopens at the last durable commit", "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  const std::string image = dir.file("image.db");
+  auto e = open_engine(journaled(file));
+  for (int i = 0; i < 20; ++i) {
+    REQUIRE(e->execute("take", {{"sku", "B2"}, {"order", "o-" + std::to_string(i)}, {"note", "n"}})
+                .ok());
+  }
+  copy_crash_image(file, image);
+  const json expected = e->snapshot().to_json();
+  const pop::journal_info info = pop::verify_journal(image).value();
+  CHECK(!info.clean);
+  CHECK(info.last_version == e->version());
+  CHECK(open_engine(journaled(image))->snapshot().to_json() == expected);
+}
+
+TEST_CASE("a crash image whose log the sqlite3 tool checkpointed reopens with every commit",
+          "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  const std::string image = dir.file("image.db");
+  auto e = open_engine(journaled(file));
+  for (int i = 0; i < 20; ++i) {
+    REQUIRE(e->execute("take", {{"sku", "B2"}, {"order", "o-" + std::to_string(i)}}).ok());
+  }
+  copy_crash_image(file, image);
+  const json expected = e->snapshot().to_json();
+  const std::uint64_t version = e->version();
+  REQUIRE(std::filesystem::exists(image + "-wal"));
+  // The sqlite3 command-line tool checkpoints the log into the main file and deletes it on exit.
+  const std::string command = "sqlite3 '" + image + "' .tables > /dev/null";
+  REQUIRE(std::system(command.c_str()) == 0);
+  REQUIRE(!std::filesystem::exists(image + "-wal"));
+  const pop::journal_info info = pop::verify_journal(image).value();
+  CHECK(info.last_version == version);
+  auto reopened = open_engine(journaled(image));
+  CHECK(reopened->version() == version);
+  CHECK(reopened->snapshot().to_json() == expected);
+  // And it keeps working as a journal.
+  REQUIRE(reopened->execute("take", {{"sku", "A1"}, {"order", "o-after"}}).ok());
+}
+
+TEST_CASE("damaged, foreign, newer and busy journals are refused and left as they were",
+          "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  {
+    auto e = open_engine(journaled(file));
+    for (int i = 0; i < 40; ++i) {
+      REQUIRE(e->execute("take", {{"sku", "A1"},
+                                  {"order", "o-" + std::to_string(i)},
+                                  {"note", "MARK" + std::to_string(1000 + i)}})
+                  .ok());
+    }
+  }
+  const std::string pristine = file_bytes(file);
+  REQUIRE(!pristine.empty());
+  const auto refused = [&](const std::string& path, absl::StatusCode code,
+                           const std::string& words) {
+    const std::string before = file_bytes(path);
+    const absl::StatusOr<std::unique_ptr<pop::engine>> e = pop::engine::open(journaled(path));
+    INFO(e.status());
+    REQUIRE(!e.ok());
+    CHECK(e.status().code() == code);
+    CHECK(absl::StrContains(e.status().message(), words));
+    CHECK(absl::StrContains(e.status().message(), path));
+    CHECK(file_bytes(path) == before);
+    CHECK(pop::verify_journal(path).status().code() == code);
+  };
+
+  SECTION("a file truncated in the middle of a record") {
+    pop::test::write_bytes(file, pristine.substr(0, pristine.size() * 2 / 3));
+    refused(file, absl::StatusCode::kDataLoss, "");
+  }
+  SECTION("a flipped byte inside a record") {
+    std::string bytes = pristine;
+    const std::size_t at = bytes.find("MARK1017");
+    REQUIRE(at != std::string::npos);
+    bytes[at + 5] = '9';
+    pop::test::write_bytes(file, bytes);
+    refused(file, absl::StatusCode::kDataLoss, "fails its checksum");
+  }
+  SECTION("flipped bytes in the database structure") {
+    std::string bytes = pristine;
+    for (std::size_t i = 4096 + 8; i < 4096 + 40; ++i) bytes[i] = static_cast<char>(~bytes[i]);
+    pop::test::write_bytes(file, bytes);
+    refused(file, absl::StatusCode::kDataLoss, "");
+  }
+  SECTION("a gap in versions") {
+    sql(file, "DELETE FROM pop_commits WHERE version = 17");
+    refused(file, absl::StatusCode::kDataLoss, "gap: after version 16 comes version 18");
+  }
+  SECTION("a newer format version") {
+    sql(file, "UPDATE pop_meta SET value = '2' WHERE key = 'format_version'");
+    refused(file, absl::StatusCode::kFailedPrecondition, "journal format 2");
+  }
+  SECTION("a lost write-ahead log after a crash") {
+    const std::string image = dir.file("image.db");
+    {
+      auto e = open_engine(journaled(file));
+      REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-x"}}).ok());
+      copy_crash_image(file, image);
+    }
+    std::remove((image + "-wal").c_str());
+    refused(image, absl::StatusCode::kDataLoss, "write-ahead log");
+    CHECK_THAT(std::string(pop::verify_journal(image).status().message()),
+               Catch::Contains("was acknowledged, but the main file holds only"));
+    // Without the head file there is no telling what was lost: still refused.
+    std::remove((image + "-head").c_str());
+    refused(image, absl::StatusCode::kDataLoss, "write-ahead log");
+  }
+  SECTION("a journal with another outbox path") {
+    pop::options o = journaled(file);
+    o.outbox_path = "domain.other_queue";
+    const auto e = pop::engine::open(o);
+    CHECK(e.status().code() == absl::StatusCode::kFailedPrecondition);
+    CHECK(absl::StrContains(e.status().message(), "domain.outbox_queue"));
+  }
+  SECTION("a journal already open in another engine") {
+    auto first = open_engine(journaled(file));
+    const auto second = pop::engine::open(journaled(file));
+    CHECK(second.status().code() == absl::StatusCode::kFailedPrecondition);
+    CHECK(absl::StrContains(second.status().message(), "already open in another engine"));
+    REQUIRE(first->execute("take", {{"sku", "A1"}, {"order", "o-y"}}).ok());
+  }
+  SECTION("a file that is not a journal") {
+    pop::test::write_bytes(file, std::string(10000, 'x'));
+    refused(file, absl::StatusCode::kDataLoss, "");
+  }
+}
+
+TEST_CASE("a journal whose creation was interrupted is created afresh", "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("half.db");
+  sql(file, "PRAGMA journal_mode=WAL");  // a crash right after this leaves no tables
+  auto e = open_engine(journaled(file));
+  CHECK(e->version() == 0);
+  CHECK(e->snapshot().read("domain.stock.A1").value() == 10);
+  REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-1"}}).ok());
+  e.reset();
+  CHECK(pop::verify_journal(file).value().last_version == 1);
+  // A database of someone else's is refused, not taken over.
+  const std::string foreign = dir.file("foreign.db");
+  sql(foreign, "CREATE TABLE customers(id INTEGER)");
+  const auto refused = pop::engine::open(journaled(foreign));
+  CHECK(refused.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(absl::StrContains(refused.status().message(), "customers"));
+}
+
+TEST_CASE("journal options are validated", "[journal]") {
+  pop::options o;
+  o.journal = "x.db";
+  o.durability = pop::durability::none;
+  CHECK(pop::engine::open(o).status().code() == absl::StatusCode::kInvalidArgument);
+  o.durability = pop::durability::process;
+  o.journal_tuning.max_group = 0;
+  CHECK(pop::engine::open(o).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(pop::engine::open(journaled("/nonexistent-dir/x.db")).status().code() ==
+        absl::StatusCode::kUnavailable);
+  CHECK(pop::verify_journal("/nonexistent-dir/x.db").status().code() ==
+        absl::StatusCode::kNotFound);
+}

@@ -1,0 +1,324 @@
+// Tests for pop::detail::pmap: unit tests and RapidCheck properties against std::map.
+#include "pop/engine/detail/pmap.hpp"
+
+#include <rapidcheck/catch.h>
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <initializer_list>
+#include <iostream>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using value = std::shared_ptr<const int>;
+using map = pop::detail::pmap<value>;
+using model = std::map<std::string, int>;
+
+static_assert(std::forward_iterator<map::iterator>);
+
+value make_value(int v) {
+  return std::make_shared<const int>(v);
+}
+
+// Returns whether `m` holds exactly the entries of `expected`, in order.
+bool equal_in_order(const map& m, const model& expected) {
+  if (m.size() != expected.size() || m.empty() != expected.empty()) return false;
+  auto it = m.begin();
+  for (const auto& [k, v] : expected) {
+    if (it == m.end() || it.key() != k || *it.value() != v) return false;
+    ++it;
+  }
+  return it == m.end();
+}
+
+// Returns whether m.lower_bound(key) lands on the same entry as expected.lower_bound(key).
+bool lower_bound_agrees(const map& m, const model& expected, const std::string& key) {
+  auto got = m.lower_bound(key);
+  auto want = expected.lower_bound(key);
+  if (want == expected.end()) return got == m.end();
+  return got != m.end() && got->key == want->first && *got->value == want->second;
+}
+
+// Returns whether find(key) agrees with the model.
+bool find_agrees(const map& m, const model& expected, const std::string& key) {
+  const value* got = m.find(key);
+  auto want = expected.find(key);
+  if (want == expected.end()) return got == nullptr;
+  return got != nullptr && **got == want->second;
+}
+
+std::string numbered_key(int i) {
+  std::string digits = std::to_string(i);
+  return "k" + std::string(6 - digits.size(), '0') + digits;
+}
+
+std::vector<std::pair<std::string, value>> numbered_entries(int n) {
+  std::vector<std::pair<std::string, value>> entries;
+  for (int i = 0; i < n; ++i) entries.emplace_back(numbered_key(i), make_value(i));
+  return entries;
+}
+
+// One step of a random history: set or erase `key`, optionally keeping the result as the
+// "old" version whose persistence is checked afterwards.
+struct op {
+  bool erase = false;
+  std::string key;
+  int value = 0;
+  bool keep = false;
+};
+
+// Prints an op in RapidCheck counterexamples.
+void showValue(const op& o, std::ostream& os) {
+  os << (o.erase ? "erase " : "set ") << '"' << o.key << '"';
+  if (!o.erase) os << '=' << o.value;
+  if (o.keep) os << " keep";
+}
+
+// Applies `ops` to an empty map and to a std::map, checking after every step that the new
+// version, and an older version kept from earlier in the sequence, agree with their models.
+void check_history(const std::vector<op>& ops, const std::string& probe_alphabet) {
+  map current;
+  model expected;
+  map old_version;
+  model old_expected;
+  std::mt19937 probe_rng(static_cast<unsigned>(ops.size()));
+  std::uniform_int_distribution<std::size_t> probe_length(0, 5);
+  for (const op& o : ops) {
+    if (o.erase) {
+      map next = current.erase(o.key);
+      bool present = expected.erase(o.key) == 1;
+      RC_ASSERT(next.same_root(current) == !present);
+      current = next;
+    } else {
+      current = current.set(o.key, make_value(o.value));
+      expected[o.key] = o.value;
+    }
+    RC_ASSERT(current.check_invariants());
+    RC_ASSERT(current.size() == expected.size());
+    RC_ASSERT(find_agrees(current, expected, o.key));
+    RC_ASSERT(equal_in_order(current, expected));
+    std::string probe;
+    for (std::size_t n = probe_length(probe_rng); n > 0; --n) {
+      probe += probe_alphabet[probe_rng() % probe_alphabet.size()];
+    }
+    RC_ASSERT(lower_bound_agrees(current, expected, probe));
+    RC_ASSERT(lower_bound_agrees(current, expected, o.key));
+    RC_ASSERT(equal_in_order(old_version, old_expected));
+    if (o.keep) {
+      old_version = current;
+      old_expected = expected;
+    }
+  }
+}
+
+// Applies `ops` in batches: ops[i].keep ends a batch, and every batch uses a fresh edit token
+// (nodes it created are changed in place by its later ops). Checks every step against a
+// std::map, and that every version published at the end of an earlier batch is unchanged.
+void check_batched_history(const std::vector<op>& ops) {
+  map current;
+  model expected;
+  std::vector<std::pair<map, model>> published{{current, expected}};
+  std::uint64_t edit = map::new_edit();
+  for (const op& o : ops) {
+    if (o.erase) {
+      current = current.erase(o.key, edit);
+      expected.erase(o.key);
+    } else {
+      current = current.set(o.key, make_value(o.value), edit);
+      expected[o.key] = o.value;
+    }
+    RC_ASSERT(current.check_invariants());
+    RC_ASSERT(find_agrees(current, expected, o.key));
+    if (o.keep) {
+      RC_ASSERT(equal_in_order(current, expected));
+      published.emplace_back(current, expected);
+      edit = map::new_edit();
+      for (const auto& [version, model_of] : published) {
+        RC_ASSERT(equal_in_order(version, model_of));
+      }
+    }
+  }
+  RC_ASSERT(equal_in_order(current, expected));
+  for (const auto& [version, model_of] : published) RC_ASSERT(equal_in_order(version, model_of));
+}
+
+// Returns operations on `keys` that erase with probability erase_eighths / 8. Single
+// operations are not shrunk: shrinking each of thousands of elements, each attempt replaying
+// the whole history, takes many minutes. A failing history still shrinks by length.
+rc::Gen<op> op_over(rc::Gen<std::string> keys, int erase_eighths) {
+  return rc::gen::noShrink(rc::gen::build<op>(
+      rc::gen::set(&op::erase, rc::gen::weightedElement<bool>(
+                                   {{erase_eighths, true}, {8 - erase_eighths, false}})),
+      rc::gen::set(&op::key, std::move(keys)), rc::gen::set(&op::value, rc::gen::inRange(0, 1000)),
+      rc::gen::set(&op::keep, rc::gen::weightedElement<bool>({{1, true}, {30, false}}))));
+}
+
+// Generates a history in three phases of up to `max_phase` operations each: mostly sets (the
+// tree grows and splits), mixed, then mostly erases (nodes underflow, borrow and merge).
+std::vector<op> grow_mix_shrink(const rc::Gen<std::string>& keys, int max_phase) {
+  std::vector<op> ops;
+  for (int erase_eighths : {1, 4, 7}) {
+    const auto count = static_cast<std::size_t>(*rc::gen::inRange(0, max_phase + 1));
+    const auto phase = *rc::gen::container<std::vector<op>>(count, op_over(keys, erase_eighths));
+    ops.insert(ops.end(), phase.begin(), phase.end());
+  }
+  return ops;
+}
+
+}  // namespace
+
+TEST_CASE("from_sorted builds a map whose iteration yields every entry in order", "[pmap]") {
+  constexpr int low = static_cast<int>(map::min_width);
+  constexpr int high = static_cast<int>(map::max_width);
+  for (int n : {0, 1, low - 1, low, high - 1, high, high + 1, 2 * high, 2 * high + 1, high * high,
+                high * high + 1, 1000, 100000}) {
+    CAPTURE(n);
+    map m = map::from_sorted(numbered_entries(n));
+    REQUIRE(m.size() == static_cast<std::size_t>(n));
+    REQUIRE(m.empty() == (n == 0));
+    REQUIRE(m.check_invariants());
+    int i = 0;
+    for (const auto& e : m) {
+      REQUIRE(e.key == numbered_key(i));
+      REQUIRE(*e.value == i);
+      ++i;
+    }
+    REQUIRE(i == n);
+    if (n > 0) {
+      REQUIRE(m.find(numbered_key(n - 1)) != nullptr);
+      REQUIRE(**m.find(numbered_key(n / 2)) == n / 2);
+    }
+    REQUIRE(m.find("k") == nullptr);
+    REQUIRE(m.find(numbered_key(n)) == nullptr);
+  }
+}
+
+TEST_CASE("erasing an absent key returns a map with the same root", "[pmap]") {
+  map empty;
+  REQUIRE(empty.erase("x").same_root(empty));
+  map m = map::from_sorted(numbered_entries(500));
+  map same = m.erase("absent");
+  REQUIRE(same.same_root(m));
+  REQUIRE(same.size() == 500);
+  map fewer = m.erase(numbered_key(3));
+  REQUIRE_FALSE(fewer.same_root(m));
+  REQUIRE(fewer.size() == 499);
+  REQUIRE(m.find(numbered_key(3)) != nullptr);
+  REQUIRE(fewer.find(numbered_key(3)) == nullptr);
+}
+
+TEST_CASE("set replaces an existing value without changing the size or the old version", "[pmap]") {
+  map a = map().set("k", make_value(1));
+  map b = a.set("k", make_value(2));
+  REQUIRE(b.size() == 1);
+  REQUIRE(**a.find("k") == 1);
+  REQUIRE(**b.find("k") == 2);
+}
+
+TEST_CASE("lower_bound finds the first key not less than the probe", "[pmap]") {
+  map m = map::from_sorted(numbered_entries(1000));
+  REQUIRE(m.lower_bound("").key() == numbered_key(0));
+  REQUIRE(m.lower_bound("k000500").key() == numbered_key(500));
+  REQUIRE(m.lower_bound("k0005000").key() == numbered_key(501));
+  REQUIRE(m.lower_bound("k000999~") == m.end());
+  REQUIRE(m.lower_bound("z") == m.end());
+  REQUIRE(map().lower_bound("a") == map().end());
+  // Keys compare as bytes: "\xff" sorts after every ASCII key.
+  map high = m.set("\xff", make_value(-1));
+  REQUIRE(high.lower_bound("z").key() == "\xff");
+}
+
+TEST_CASE("lookups do not depend on string_view being null-terminated", "[pmap]") {
+  map m = map().set("ab", make_value(1)).set("abc", make_value(2));
+  std::string_view prefix = std::string_view("abcd").substr(0, 2);
+  REQUIRE(**m.find(prefix) == 1);
+  REQUIRE(m.lower_bound(prefix).key() == "ab");
+}
+
+TEST_CASE("random histories over few keys agree with std::map at every step", "[pmap]") {
+  rc::prop("set and erase with colliding keys", [] {
+    const std::string alphabet = "abc";
+    auto key = rc::gen::mapcat(rc::gen::inRange<std::size_t>(0, 5), [alphabet](std::size_t n) {
+      return rc::gen::container<std::string>(n, rc::gen::elementOf(alphabet));
+    });
+    check_history(grow_mix_shrink(key, 1000), alphabet);
+  });
+}
+
+TEST_CASE("random histories deep enough for three levels agree with std::map", "[pmap]") {
+  // The root splits into a third level after about max_width^2 / 2 live entries.
+  constexpr int keys = static_cast<int>(2 * map::max_width * map::max_width);
+  rc::prop("grow, mix and shrink over 2 * max_width^2 keys", [] {
+    auto key = rc::gen::map(rc::gen::inRange(0, keys), numbered_key);
+    check_history(grow_mix_shrink(key, keys), "k0123456789");
+  });
+}
+
+TEST_CASE("batched changes agree with std::map and never alter a published version", "[pmap]") {
+  constexpr int keys = static_cast<int>(2 * map::max_width * map::max_width);
+  rc::prop("batches of set and erase over 2 * max_width^2 keys", [] {
+    auto key = rc::gen::map(rc::gen::inRange(0, keys), numbered_key);
+    check_batched_history(grow_mix_shrink(key, keys));
+  });
+}
+
+TEST_CASE("20000 sequential inserts then random erases down to empty agree with std::map",
+          "[pmap]") {
+  for (std::uint32_t seed : {1u, 2u, 3u}) {
+    std::cout << "pmap sequential-then-erase seed " << seed << '\n';
+    CAPTURE(seed);
+    std::mt19937 rng(seed);
+    constexpr int n = 20000;
+    map m;
+    model expected;
+    map kept;
+    model kept_expected;
+    auto full_check = [&] {
+      REQUIRE(m.check_invariants());
+      REQUIRE(equal_in_order(m, expected));
+      REQUIRE(equal_in_order(kept, kept_expected));
+    };
+    for (int i = 0; i < n; ++i) {
+      m = m.set(numbered_key(i), make_value(i));
+      expected[numbered_key(i)] = i;
+      REQUIRE(m.size() == expected.size());
+      REQUIRE(find_agrees(m, expected, numbered_key(i)));
+      if (i % 997 == 0) full_check();
+      if (i == n / 2) {
+        kept = m;
+        kept_expected = expected;
+      }
+    }
+    full_check();
+    std::vector<int> order(n);
+    for (int i = 0; i < n; ++i) order[i] = i;
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int step = 0; step < n; ++step) {
+      const std::string key = numbered_key(order[step]);
+      map next = m.erase(key);
+      REQUIRE_FALSE(next.same_root(m));
+      m = next;
+      expected.erase(key);
+      REQUIRE(m.size() == expected.size());
+      REQUIRE(m.find(key) == nullptr);
+      const std::string probe = numbered_key(static_cast<int>(rng() % (n + 1)));
+      REQUIRE(lower_bound_agrees(m, expected, probe));
+      REQUIRE(lower_bound_agrees(m, expected, key));
+      if (step % 997 == 0 || m.size() < 100) full_check();
+      if (step == n / 3) {
+        kept = m;
+        kept_expected = expected;
+      }
+    }
+    REQUIRE(m.empty());
+    REQUIRE(m.begin() == m.end());
+    full_check();
+  }
+}

@@ -1,0 +1,159 @@
+// Tests of the persistent state tree (engine/detail/tree.hpp) and value views.
+#include <rapidcheck/catch.h>
+#include <catch2/catch.hpp>
+
+#include "pop/engine/detail/tree.hpp"
+#include "pop/engine/snapshot.hpp"
+#include "pop/engine/value_view.hpp"
+
+using pop::json;
+namespace d = pop::detail;
+
+namespace {
+
+// The reference model: plain JSON with the same write semantics.
+bool model_assign(json& doc, const std::vector<std::string>& segs, const json& value) {
+  json* cur = &doc;
+  for (std::size_t i = 0; i + 1 < segs.size(); ++i) {
+    if (!cur->is_object()) return false;
+    if (!cur->contains(segs[i])) (*cur)[segs[i]] = json::object();
+    cur = &(*cur)[segs[i]];
+  }
+  if (!cur->is_object()) return false;
+  (*cur)[segs.back()] = value;
+  return true;
+}
+
+void model_erase(json& doc, const std::vector<std::string>& segs) {
+  json* cur = &doc;
+  for (std::size_t i = 0; i + 1 < segs.size(); ++i) {
+    if (!cur->is_object() || !cur->contains(segs[i])) return;
+    cur = &(*cur)[segs[i]];
+  }
+  if (cur->is_object()) cur->erase(segs.back());
+}
+
+const json* model_find(const json& doc, const std::vector<std::string>& segs) {
+  const json* cur = &doc;
+  for (const auto& s : segs) {
+    if (!cur->is_object()) return nullptr;
+    const auto it = cur->find(s);
+    if (it == cur->end()) return nullptr;
+    cur = &*it;
+  }
+  return cur;
+}
+
+std::string join(const std::vector<std::string>& segs) {
+  std::string s;
+  for (const auto& x : segs) s += (s.empty() ? "" : ".") + x;
+  return s;
+}
+
+json big_object(int n, int salt) {
+  json j = json::object();
+  for (int i = 0; i < n; ++i) j["k" + std::to_string(i)] = i * salt;
+  return j;
+}
+
+}  // namespace
+
+TEST_CASE("the state tree behaves like a plain JSON document under any writes and deletes",
+          "[state]") {
+  rc::prop("random assign/erase sequences match the JSON model, and old roots never change", [] {
+    const auto gen_segs = rc::gen::resize(
+        4, rc::gen::nonEmpty(rc::gen::container<std::vector<std::string>>(
+               rc::gen::elementOf(std::vector<std::string>{"a", "b", "c", "k1", "k2", "zz"}))));
+    const auto steps = *rc::gen::inRange(1, 120);
+    d::node_ptr root = d::make_root(json::object());
+    json model = json::object();
+    std::vector<std::pair<d::node_ptr, json>> history;
+    for (int i = 0; i < steps; ++i) {
+      const auto segs = *gen_segs;
+      const int kind = *rc::gen::inRange(0, 6);
+      if (kind == 0) {
+        model_erase(model, segs);
+        root = d::erase(root, join(segs));
+      } else {
+        json value;
+        switch (kind) {
+          case 1:
+            value = *rc::gen::inRange(-5, 5);
+            break;
+          case 2:
+            value = json{{"x", i}, {"y", {{"z", "s"}}}};
+            break;
+          case 3:
+            value = big_object(*rc::gen::inRange(10, 40), i);
+            break;
+          case 4:
+            value = json::array({1, 2, i});
+            break;
+          default:
+            value = json::object();
+            break;
+        }
+        json next = model;
+        const bool ok = model_assign(next, segs, value);
+        const auto r = d::assign(root, join(segs), d::make_node(value));
+        RC_ASSERT(r.ok() == ok);
+        if (ok) {
+          root = *r;
+          model = std::move(next);
+        } else {
+          RC_ASSERT(r.status().code() == absl::StatusCode::kFailedPrecondition);
+        }
+      }
+      RC_ASSERT(d::materialise({root.get(), nullptr}) == model);
+      const auto probe = *gen_segs;
+      const json* want = model_find(model, probe);
+      const d::location got = d::lookup(*root, join(probe));
+      RC_ASSERT(got.exists() == (want != nullptr));
+      if (want) RC_ASSERT(d::materialise(got) == *want);
+      if (i % 10 == 0) history.emplace_back(root, model);
+    }
+    for (const auto& [old_root, old_model] : history) {
+      RC_ASSERT(d::materialise({old_root.get(), nullptr}) == old_model);
+    }
+  });
+}
+
+TEST_CASE("large objects become member maps and small records stay whole", "[state]") {
+  const d::node_ptr small = d::make_node(json{{"a", 1}, {"b", {{"c", 2}}}});
+  CHECK_FALSE(small->is_map);
+  const d::node_ptr large = d::make_node(big_object(1000, 1));
+  CHECK(large->is_map);
+  CHECK(large->members.size() == 1000);
+  // Growing a small object by writes turns it into a member map.
+  d::node_ptr root = d::make_root(json::object());
+  for (int i = 0; i < 100; ++i) {
+    root = d::assign(root, "domain.accounts.a" + std::to_string(i), d::make_node(i)).value();
+  }
+  const d::location accounts = d::lookup(*root, "domain.accounts");
+  REQUIRE(accounts.exists());
+  CHECK(accounts.node->is_map);
+  CHECK(d::materialise(d::lookup(*root, "domain.accounts.a42")) == 42);
+}
+
+TEST_CASE("a write shares every untouched subtree with the previous version", "[state]") {
+  d::node_ptr root =
+      d::make_root(json{{"domain", {{"big", big_object(5000, 3)}, {"other", big_object(50, 1)}}}});
+  const d::node_ptr before_other = *(*root->members.find("domain"))->members.find("other");
+  const d::node_ptr next = d::assign(root, "domain.big.k7", d::make_node(-1)).value();
+  const d::value_node& domain = **next->members.find("domain");
+  CHECK(domain.members.find("other")->get() == before_other.get());
+  CHECK(d::materialise(d::lookup(*root, "domain.big.k7")) == 21);
+  CHECK(d::materialise(d::lookup(*next, "domain.big.k7")) == -1);
+  // Erasing a missing path returns the same root: no copy at all.
+  CHECK(d::erase(next, "domain.big.nope") == next);
+  CHECK(d::erase(next, "domain.big.k7.deeper") == next);
+}
+
+TEST_CASE("a view reads one deep value and iterates members without materialising", "[state]") {
+  const pop::snapshot empty;
+  CHECK(empty.version() == 0);
+  CHECK(empty.outbox_path().str() == "domain.outbox_queue");
+  CHECK(empty.read("domain.x").status().code() == absl::StatusCode::kNotFound);
+  CHECK(empty.read("bad..path").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(empty.pending_count() == 0);
+}

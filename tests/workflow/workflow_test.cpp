@@ -1,0 +1,603 @@
+// Tests of pop::workflows and the workflow runner: every step kind, the failure path with
+// compensation, timeouts, sub-workflows, resume after reopening a journal, and the load-time
+// checks of bad definitions.
+#include <catch2/catch.hpp>
+
+#include "tests/support/must.hpp"
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "absl/strings/match.h"
+#include "pop/relay/inbox.hpp"
+#include "pop/workflow/workflow.hpp"
+#include "pop/workflow/workflow_runner.hpp"
+#include "tests/support/temp_dir.hpp"
+
+using pop::json;
+
+namespace {
+
+// Registers "append": appends args.tag (or the step's input "tag") to domain.log, and "fail_now"
+// which returns an error, "explode" which throws, and "undo" which appends "undo:<tag>".
+void register_steps(pop::workflows& wf) {
+  const auto append = [](std::string prefix) {
+    return [prefix](const pop::context& ctx, const json& args) -> absl::StatusOr<pop::result> {
+      json log = ctx.get_or<json>("domain.log", json::array());
+      log.push_back(prefix + args.value("tag", std::string("?")));
+      pop::result r;
+      r.set("domain.log", log);
+      r.set("domain.count", ctx.get_or<int>("domain.count", 0) + 1);
+      return r;
+    };
+  };
+  const pop::process_spec spec{.name = "append",
+                               .inputs = {"domain.log", "domain.count"},
+                               .outputs = {"domain.log", "domain.count"},
+                               .emits = {"step.done"}};
+  REQUIRE(wf.register_process(spec, append("")).ok());
+  pop::process_spec undo = spec;
+  undo.name = "undo";
+  REQUIRE(wf.register_process(undo, append("undo:")).ok());
+  REQUIRE(wf.register_process({.name = "fail_now", .outputs = {"domain.never"}},
+                              [](const pop::context&, const json&) -> absl::StatusOr<pop::result> {
+                                return absl::FailedPreconditionError("refused on purpose");
+                              })
+              .ok());
+  REQUIRE(wf.register_process({.name = "explode", .outputs = {"domain.never"}},
+                              [](const pop::context&, const json&) -> absl::StatusOr<pop::result> {
+                                throw std::runtime_error("boom");
+                              })
+              .ok());
+}
+
+pop::workflow_definition parse(const json& j) {
+  absl::StatusOr<pop::workflow_definition> d = pop::workflow_definition::from_json(j);
+  INFO(d.status());
+  REQUIRE(d.ok());
+  return *d;
+}
+
+// Advances every runnable instance until nothing moves; returns the steps taken.
+int run_all(pop::workflows& wf) {
+  int steps = 0;
+  for (bool moved = true; moved;) {
+    moved = false;
+    for (const std::string& id : wf.runnable()) {
+      const absl::StatusOr<bool> r = wf.advance(id);
+      INFO(r.status());
+      REQUIRE(r.ok());
+      if (*r) {
+        moved = true;
+        ++steps;
+      }
+    }
+  }
+  return steps;
+}
+
+json state(const pop::engine& e, const std::string& p) {
+  return e.snapshot().read(p).value_or(json());
+}
+
+pop::outbox_message message(std::string id, std::string topic, std::string key, json payload = {}) {
+  pop::outbox_message m;
+  m.id = std::move(id);
+  m.topic = std::move(topic);
+  m.key = std::move(key);
+  m.payload = std::move(payload);
+  return m;
+}
+
+const json linear = {{"name", "linear"},
+                     {"start", "a"},
+                     {"steps",
+                      {{"a", {{"process", "append"}, {"next", "b"}}},
+                       {"b", {{"process", "append"}, {"next", "done"}}},
+                       {"done", {{"end", true}}}}}};
+
+}  // namespace
+
+TEST_CASE("a process step commits its writes and the cursor move in one transaction",
+          "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse(linear)).ok());
+  const std::uint64_t started = wf.start("linear", "w1", {{"tag", "x"}}).value();
+  CHECK(wf.inspect("w1").value().cursor == "a");
+  REQUIRE(wf.advance("w1").value());
+  // The business write and the new cursor appeared at the same version.
+  CHECK(e.version() == started + 1);
+  CHECK(state(e, "domain.log") == json::array({"x"}));
+  CHECK(wf.inspect("w1").value().cursor == "b");
+  REQUIRE(wf.advance("w1").value());
+  REQUIRE(wf.advance("w1").value());
+  const pop::workflow_instance w = wf.inspect("w1").value();
+  CHECK(w.status == "completed");
+  CHECK(w.history.size() == 3);
+  CHECK(w.definition_version.size() == 16);
+  CHECK(w.raw.at("definition").at("name") == "linear");
+  CHECK(!wf.advance("w1").value());  // nothing left to do
+  CHECK(state(e, "domain.count") == 2);
+  CHECK(wf.runnable().empty());
+  CHECK(wf.start("linear", "w1").status().code() == absl::StatusCode::kAlreadyExists);
+  CHECK(wf.start("nope", "w2").status().code() == absl::StatusCode::kNotFound);
+  CHECK(wf.start("linear", "bad id").status().code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("branches choose by built-in comparisons and named predicates", "[workflow]") {
+  auto e_owner = pop::test::must(pop::engine::open(pop::options{
+      .initial_state = {{"domain", {{"orders", {{"o1", {{"total", 120}, {"tier", "gold"}}}}}}}}}));
+  pop::engine& e = *e_owner;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.register_predicate("is_gold", {"domain.orders"},
+                                [](const pop::context& ctx, const json& in) {
+                                  return ctx.get<std::string>("domain.orders." +
+                                                              in.at("order").get<std::string>() +
+                                                              ".tier") == "gold";
+                                })
+              .ok());
+  const auto flow = [&](const std::string& name, json condition) {
+    condition["next"] = "yes";
+    return parse({{"name", name},
+                  {"start", "check"},
+                  {"steps",
+                   {{"check", {{"branch", json::array({condition})}, {"otherwise", "no"}}},
+                    {"yes", {{"process", "append"}, {"next", "end"}}},
+                    {"no", {{"process", "append"}, {"next", "end"}}},
+                    {"end", {{"end", true}}}}}});
+  };
+  const std::vector<std::pair<json, bool>> cases = {
+      {{{"path", "domain.orders.{order}.total"}, {"op", "gt"}, {"value", 100}}, true},
+      {{{"path", "domain.orders.{order}.total"}, {"op", "lt"}, {"value", 100}}, false},
+      {{{"path", "domain.orders.{order}.tier"}, {"op", "eq"}, {"value", "gold"}}, true},
+      {{{"path", "domain.orders.{order}.tier"}, {"op", "ne"}, {"value", "gold"}}, false},
+      {{{"path", "domain.orders.{order}.coupon"}, {"op", "exists"}}, false},
+      {{{"predicate", "is_gold"}}, true}};
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    INFO("case " << i << ": " << cases[i].first.dump());
+    const std::string name = "b" + std::to_string(i);
+    REQUIRE(wf.define(flow(name, cases[i].first)).ok());
+    REQUIRE(wf.start(name, name, {{"order", "o1"}, {"tag", name}}).ok());
+    run_all(wf);
+    const pop::workflow_instance w = wf.inspect(name).value();
+    CHECK(w.status == "completed");
+    CHECK(w.history.at(1).at("step") == (cases[i].second ? "yes" : "no"));
+  }
+}
+
+TEST_CASE("a loop runs up to its bound and then takes the failure path", "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(
+      wf.define(parse({{"name", "loop"},
+                       {"start", "work"},
+                       {"steps",
+                        {{"work", {{"process", "append"}, {"next", "again"}, {"max_visits", 3}}},
+                         {"again",
+                          {{"branch", json::array({{{"path", "domain.count"},
+                                                    {"op", "lt"},
+                                                    {"value", 10},
+                                                    {"next", "work"}}})},
+                           {"otherwise", "done"},
+                           {"max_visits", 3}}},
+                         {"done", {{"end", true}}}}}}))
+          .ok());
+  REQUIRE(wf.start("loop", "l1", {{"tag", "t"}}).ok());
+  run_all(wf);
+  const pop::workflow_instance w = wf.inspect("l1").value();
+  CHECK(state(e, "domain.count") == 3);
+  CHECK(w.status == "failed");
+  CHECK(absl::StrContains(w.error, "step 'work' would run 4 times; its bound is 3"));
+}
+
+TEST_CASE("the failure path runs compensations in reverse order, once each", "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse({{"name", "saga"},
+                           {"start", "a"},
+                           {"steps",
+                            {{"a", {{"process", "append"}, {"next", "b"}, {"compensate", "undo"}}},
+                             {"b", {{"process", "append"}, {"next", "c"}, {"compensate", "undo"}}},
+                             {"c", {{"process", "append"}, {"next", "d"}}},
+                             {"d", {{"process", "fail_now"}, {"next", "done"}}},
+                             {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(wf.start("saga", "s1", {{"tag", "t"}}).ok());
+  run_all(wf);
+  const pop::workflow_instance w = wf.inspect("s1").value();
+  CHECK(w.status == "compensated");
+  CHECK(absl::StrContains(w.error, "step 'd' failed"));
+  CHECK(absl::StrContains(w.error, "refused on purpose"));
+  // c has no compensation; b's undo runs before a's.
+  CHECK(state(e, "domain.log") == json::array({"t", "t", "t", "undo:t", "undo:t"}));
+  const json history = w.history;
+  CHECK(history[history.size() - 2].at("step") == "b");
+  CHECK(history[history.size() - 1].at("step") == "a");
+}
+
+TEST_CASE("a throwing step process takes the error transition", "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(
+      wf.define(parse({{"name", "boom"},
+                       {"start", "x"},
+                       {"steps",
+                        {{"x", {{"process", "explode"}, {"next", "done"}, {"on_error", "recover"}}},
+                         {"recover", {{"process", "append"}, {"next", "done"}}},
+                         {"done", {{"end", true}}}}}}))
+          .ok());
+  REQUIRE(wf.start("boom", "b1", {{"tag", "r"}}).ok());
+  run_all(wf);
+  const pop::workflow_instance w = wf.inspect("b1").value();
+  CHECK(w.status == "completed");
+  CHECK(absl::StrContains(w.history.at(0).at("outcome").get<std::string>(), "boom"));
+  CHECK(state(e, "domain.log") == json::array({"r"}));
+}
+
+TEST_CASE("a wait step resumes on its message once, and times out otherwise", "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  auto in_owner = pop::test::must(pop::inbox::create(e));
+  pop::inbox& in = *in_owner;
+  REQUIRE(pop::register_workflow_resume(in, wf).ok());
+  REQUIRE(wf.define(parse({{"name", "pay"},
+                           {"start", "wait"},
+                           {"steps",
+                            {{"wait",
+                              {{"wait", {{"payment.confirmed", "ok"}, {"payment.declined", "no"}}},
+                               {"key", "order"},
+                               {"timeout_ms", 30},
+                               {"on_timeout", "no"}}},
+                             {"ok", {{"process", "append"}, {"next", "done"}}},
+                             {"no", {{"fail", "not paid"}}},
+                             {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(wf.start("pay", "p1", {{"order", "o-1"}, {"tag", "paid"}}).ok());
+  REQUIRE(wf.start("pay", "p2", {{"order", "o-2"}, {"tag", "paid"}}).ok());
+  run_all(wf);
+  CHECK(wf.inspect("p1").value().status == "waiting");
+  CHECK(wf.runnable().empty());
+  // An unrelated key and an unrelated topic change nothing; the right message resumes p1 once.
+  CHECK(in.apply("workflow.resume", message("m0", "payment.confirmed", "o-9")).value().applied);
+  CHECK(wf.inspect("p1").value().status == "waiting");
+  CHECK(in.apply("workflow.resume", message("m1", "payment.confirmed", "o-1", {{"ref", 7}}))
+            .value()
+            .applied);
+  CHECK(!in.apply("workflow.resume", message("m1", "payment.confirmed", "o-1")).value().applied);
+  run_all(wf);
+  const pop::workflow_instance p1 = wf.inspect("p1").value();
+  CHECK(p1.status == "completed");
+  CHECK(p1.received.at("payment.confirmed") == json{{"ref", 7}});
+  CHECK(state(e, "domain.log") == json::array({"paid"}));
+  // p2 hears nothing: its timeout takes it to "no", which fails it.
+  std::int64_t next_due = 0;
+  CHECK(wf.expire(0, next_due).value() == 0);
+  CHECK(next_due > 0);
+  CHECK(wf.expire(next_due, next_due).value() == 1);
+  run_all(wf);
+  const pop::workflow_instance p2 = wf.inspect("p2").value();
+  CHECK(p2.status == "failed");
+  CHECK(p2.error == "not paid");
+  // A late reply to p2 is absorbed.
+  CHECK(in.apply("workflow.resume", message("m2", "payment.confirmed", "o-2")).value().applied);
+  CHECK(wf.inspect("p2").value().status == "failed");
+}
+
+TEST_CASE("a reply cannot overtake its wait: the step before a wait enters it in the same commit",
+          "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  auto in_owner = pop::test::must(pop::inbox::create(e));
+  pop::inbox& in = *in_owner;
+  REQUIRE(pop::register_workflow_resume(in, wf).ok());
+  REQUIRE(wf.define(parse({{"name", "ask"},
+                           {"start", "request"},
+                           {"steps",
+                            {{"request", {{"process", "append"}, {"next", "await"}}},
+                             {"await", {{"wait", {{"answer", "done"}}}, {"key", "order"}}},
+                             {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(wf.start("ask", "a1", {{"order", "o-1"}, {"tag", "asked"}}).ok());
+  // One step: the request's commit parks the instance at the wait. Before this was so, an answer
+  // applied between the two commits found no waiting instance and was absorbed: the instance then
+  // waited forever (seen with the payment service across NATS).
+  REQUIRE(wf.advance("a1").value());
+  CHECK(wf.inspect("a1").value().status == "waiting");
+  CHECK(wf.runnable().empty());
+  CHECK(in.apply("workflow.resume", message("r1", "answer", "o-1")).value().applied);
+  run_all(wf);
+  CHECK(wf.inspect("a1").value().status == "completed");
+}
+
+TEST_CASE("a sub-workflow runs as a child and its outcome moves the parent", "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse(linear)).ok());
+  REQUIRE(wf.define(parse({{"name", "failing"},
+                           {"start", "x"},
+                           {"steps", {{"x", {{"fail", "child says no"}}}}}}))
+              .ok());
+  REQUIRE(
+      wf.define(parse({{"name", "parent"},
+                       {"start", "child"},
+                       {"steps",
+                        {{"child", {{"call", "linear"}, {"next", "bad"}}},
+                         {"bad", {{"call", "failing"}, {"next", "done"}, {"on_error", "handled"}}},
+                         {"handled", {{"process", "append"}, {"next", "done"}}},
+                         {"done", {{"end", true}}}}}}))
+          .ok());
+  REQUIRE(wf.start("parent", "p", {{"tag", "h"}}).ok());
+  run_all(wf);
+  const pop::workflow_instance p = wf.inspect("p").value();
+  CHECK(p.status == "completed");
+  CHECK(wf.inspect("p-child-1").value().status == "completed");
+  CHECK(wf.inspect("p-bad-1").value().status == "failed");
+  CHECK(state(e, "domain.log") == json::array({"h", "h", "h"}));
+}
+
+TEST_CASE("cancel and instance timeouts take the failure path", "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse({{"name", "held"},
+                           {"start", "a"},
+                           {"steps",
+                            {{"a", {{"process", "append"}, {"next", "w"}, {"compensate", "undo"}}},
+                             {"w", {{"wait", {{"go", "done"}}}, {"key", "k"}}},
+                             {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(wf.start("held", "c1", {{"k", "x1"}, {"tag", "c"}}).ok());
+  REQUIRE(wf.start("held", "c2", {{"k", "x2"}, {"tag", "d"}}, 1).ok());
+  run_all(wf);
+  REQUIRE(wf.cancel("c1", "customer changed their mind").ok());
+  run_all(wf);
+  const pop::workflow_instance c1 = wf.inspect("c1").value();
+  CHECK(c1.status == "compensated");
+  CHECK(c1.error == "customer changed their mind");
+  CHECK(wf.cancel("c1").code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(wf.cancel("zz").code() == absl::StatusCode::kNotFound);
+  std::int64_t next = 0;
+  CHECK(wf.expire(std::numeric_limits<std::int64_t>::max() / 2, next).value() == 1);
+  run_all(wf);
+  CHECK(wf.inspect("c2").value().status == "compensated");
+  CHECK(wf.inspect("c2").value().error == "the instance ran past its timeout");
+  CHECK(wf.list("compensated").size() == 2);
+}
+
+TEST_CASE("cancelling a parent cancels the child it waits for", "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse({{"name", "slow"},
+                           {"start", "a"},
+                           {"steps",
+                            {{"a", {{"process", "append"}, {"next", "w"}, {"compensate", "undo"}}},
+                             {"w", {{"wait", {{"go", "done"}}}, {"key", "tag"}}},
+                             {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(
+      wf.define(parse({{"name", "outer"},
+                       {"start", "c"},
+                       {"steps",
+                        {{"c", {{"call", "slow"}, {"next", "done"}}}, {"done", {{"end", true}}}}}}))
+          .ok());
+  REQUIRE(wf.start("outer", "o", {{"tag", "t"}}).ok());
+  run_all(wf);
+  REQUIRE(wf.inspect("o-c-1").value().status == "waiting");
+  REQUIRE(wf.cancel("o", "stop").ok());
+  run_all(wf);
+  CHECK(wf.inspect("o").value().status == "failed");
+  CHECK(wf.inspect("o-c-1").value().status == "compensated");
+  CHECK(state(e, "domain.log") == json::array({"t", "undo:t"}));
+}
+
+TEST_CASE("instances resume after reopening the journal at every kind of step",
+          "[workflow][journal]") {
+  pop::test::temp_dir dir;
+  const std::string file = dir.file("wf.db");
+  const json def = {{"name", "long"},
+                    {"start", "a"},
+                    {"steps",
+                     {{"a", {{"process", "append"}, {"next", "w"}, {"compensate", "undo"}}},
+                      {"w", {{"wait", {{"go", "b"}, {"stop", "f"}}}, {"key", "k"}}},
+                      {"b", {{"process", "append"}, {"next", "done"}}},
+                      {"f", {{"fail", "stopped"}}},
+                      {"done", {{"end", true}}}}}};
+  const auto open = [&](auto&& body) {
+    auto e = pop::engine::open(pop::options{.journal = file}).value();
+    auto wf_owner = pop::test::must(pop::workflows::create(*e));
+    pop::workflows& wf = *wf_owner;
+    register_steps(wf);
+    REQUIRE(wf.define(parse(def)).ok());
+    auto in_owner = pop::test::must(pop::inbox::create(*e));
+    pop::inbox& in = *in_owner;
+    REQUIRE(pop::register_workflow_resume(in, wf).ok());
+    body(*e, wf, in);
+  };
+  open([&](pop::engine&, pop::workflows& wf, pop::inbox&) {
+    REQUIRE(wf.start("long", "r1", {{"k", "k1"}, {"tag", "1"}}).ok());  // at a process step
+    REQUIRE(wf.start("long", "r2", {{"k", "k2"}, {"tag", "2"}}).ok());
+    REQUIRE(wf.advance("r2").value());  // r2 waiting: a step enters the wait after it at once
+    REQUIRE(wf.start("long", "r3", {{"k", "k3"}, {"tag", "3"}}).ok());
+    REQUIRE(wf.advance("r3").value());  // r3 waiting
+  });
+  open([&](pop::engine& e, pop::workflows& wf, pop::inbox& in) {
+    CHECK(wf.inspect("r1").value().cursor == "a");
+    CHECK(wf.inspect("r2").value().status == "waiting");
+    CHECK(wf.inspect("r3").value().status == "waiting");
+    run_all(wf);
+    CHECK(wf.inspect("r1").value().status == "waiting");
+    CHECK(wf.inspect("r3").value().status == "waiting");  // still waiting
+    REQUIRE(in.apply("workflow.resume", message("g3", "go", "k3")).value().applied);
+    REQUIRE(in.apply("workflow.resume", message("s2", "stop", "k2")).value().applied);
+    REQUIRE(wf.advance("r2").value());  // r2 now compensating, its undo not yet run
+    CHECK(wf.inspect("r2").value().status == "compensating");
+    static_cast<void>(e);
+  });
+  open([&](pop::engine& e, pop::workflows& wf, pop::inbox& in) {
+    CHECK(wf.inspect("r2").value().status == "compensating");
+    CHECK(!in.apply("workflow.resume", message("g3", "go", "k3")).value().applied);  // seen
+    run_all(wf);
+    CHECK(wf.inspect("r2").value().status == "compensated");
+    CHECK(wf.inspect("r3").value().status == "completed");
+    CHECK(wf.inspect("r1").value().status == "waiting");
+    // Each step's effect happened once across the three lives of the engine.
+    CHECK(state(e, "domain.log") == json::array({"2", "3", "1", "undo:2", "3"}));
+  });
+}
+
+TEST_CASE("instances pending at a branch or inside a child resume after reopening",
+          "[workflow][journal]") {
+  pop::test::temp_dir dir;
+  const std::string file = dir.file("wf2.db");
+  const auto open = [&](auto&& body) {
+    auto e = pop::engine::open(pop::options{.journal = file}).value();
+    auto wf_owner = pop::test::must(pop::workflows::create(*e));
+    pop::workflows& wf = *wf_owner;
+    register_steps(wf);
+    REQUIRE(wf.define(parse(linear)).ok());
+    REQUIRE(
+        wf
+            .define(parse(
+                {{"name", "outer"},
+                 {"start", "pick"},
+                 {"steps",
+                  {{"pick",
+                    {{"branch",
+                      json::array({{{"path", "domain.count"}, {"op", "exists"}, {"next", "sub"}}})},
+                     {"otherwise", "first"}}},
+                   {"first", {{"process", "append"}, {"next", "sub"}}},
+                   {"sub", {{"call", "linear"}, {"next", "done"}}},
+                   {"done", {{"end", true}}}}}}))
+            .ok());
+    body(*e, wf);
+  };
+  open([&](pop::engine&, pop::workflows& wf) {
+    REQUIRE(wf.start("outer", "q1", {{"tag", "q"}}).ok());  // pending at the branch
+    REQUIRE(wf.start("outer", "q2", {{"tag", "r"}}).ok());
+    REQUIRE(wf.advance("q2").value());        // branch taken: "first"
+    REQUIRE(wf.advance("q2").value());        // "first" ran
+    REQUIRE(wf.advance("q2").value());        // child started
+    REQUIRE(wf.advance("q2-sub-1").value());  // the child ran one step
+  });
+  open([&](pop::engine& e, pop::workflows& wf) {
+    CHECK(wf.inspect("q1").value().cursor == "pick");
+    CHECK(wf.inspect("q2").value().status == "waiting");
+    CHECK(wf.inspect("q2-sub-1").value().cursor == "b");
+    run_all(wf);
+    CHECK(wf.inspect("q1").value().status == "completed");
+    CHECK(wf.inspect("q2").value().status == "completed");
+    // q2: first + 2 child steps; q1: branch saw domain.count, so no "first", then 2 child steps.
+    CHECK(state(e, "domain.count") == 5);
+  });
+}
+
+TEST_CASE("the runner drives instances to the end with real timers", "[workflow][runner]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse(linear)).ok());
+  REQUIRE(wf.define(parse({{"name", "timed"},
+                           {"start", "w"},
+                           {"steps",
+                            {{"w",
+                              {{"wait", {{"never", "done"}}},
+                               {"key", "tag"},
+                               {"timeout_ms", 20},
+                               {"on_timeout", "done"}}},
+                             {"done", {{"end", true}}}}}}))
+              .ok());
+  for (int i = 0; i < 20; ++i)
+    REQUIRE(wf.start("linear", "i" + std::to_string(i), {{"tag", "t"}}).ok());
+  REQUIRE(wf.start("timed", "t1", {{"tag", "t"}}).ok());
+  pop::workflow_runner runner(e, wf);
+  boost::asio::io_context io;
+  absl::Status done = absl::UnknownError("not run");
+  boost::asio::co_spawn(io, runner.settle(), [&](std::exception_ptr, absl::Status s) { done = s; });
+  io.run();
+  REQUIRE(done.ok());
+  CHECK(wf.list("completed").size() == 21);
+  CHECK(runner.steps() == 20 * 3 + 2);
+  CHECK(state(e, "domain.count") == 40);
+}
+
+TEST_CASE("bad definitions are rejected at load with a precise error", "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  const auto rejected = [&](json steps, const std::string& words, std::string start = "a") {
+    const absl::StatusOr<pop::workflow_definition> d =
+        pop::workflow_definition::from_json({{"name", "bad"}, {"start", start}, {"steps", steps}});
+    const absl::Status s = d.ok() ? wf.define(*d) : d.status();
+    INFO(s);
+    CHECK(s.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(absl::StrContains(s.message(), words));
+  };
+  rejected({{"a", {{"process", "nope"}, {"next", "a"}}}}, "runs unknown process 'nope'");
+  rejected({{"a", {{"process", "append"}, {"next", "zz"}}}}, "next names a missing step 'zz'");
+  rejected({{"a", {{"end", true}}}, {"b", {{"end", true}}}}, "step 'b' is unreachable from 'a'");
+  rejected({{"a", {{"process", "append"}, {"next", "b"}}},
+            {"b", {{"process", "append"}, {"next", "a"}}}},
+           "is on a loop (a -> b -> a) with no bound");
+  rejected({{"a", {{"process", "append"}, {"end", true}, {"next", "a"}}}}, "exactly one of");
+  rejected({{"a",
+             {{"branch", json::array({{{"predicate", "nope"}, {"next", "a"}}})},
+              {"otherwise", "a"},
+              {"max_visits", 2}}}},
+           "unknown predicate 'nope'");
+  rejected({{"a",
+             {{"branch", json::array({{{"path", "domain.x"}, {"op", "like"}, {"next", "b"}}})},
+              {"otherwise", "b"}}},
+            {"b", {{"end", true}}}},
+           "has op 'like'");
+  rejected({{"a", {{"wait", {{"t", "b"}}}}}, {"b", {{"end", true}}}}, "needs 'key'");
+  rejected({{"a", {{"call", "ghost"}, {"next", "b"}}}, {"b", {{"end", true}}}},
+           "calls unknown workflow 'ghost'");
+  rejected({{"a", {{"end", true}}}}, "the start step 'zz' is missing", "zz");
+  rejected({{"a", {{"end", true}, {"colour", "red"}}}}, "unknown field 'colour'");
+  rejected({{"a",
+             {{"branch", json::array({{{"path", "{x}.y"}, {"op", "exists"}, {"next", "b"}}})},
+              {"otherwise", "b"}}},
+            {"b", {{"end", true}}}},
+           "must start with a fixed segment");
+  REQUIRE(wf.define(parse(linear)).ok());
+  CHECK(wf.define(parse(linear)).code() == absl::StatusCode::kAlreadyExists);
+}
+
+TEST_CASE("definitions round-trip through JSON and load from files", "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  const pop::workflow_definition d = parse(linear);
+  CHECK(d.to_json() == linear);
+  pop::test::temp_dir dir;
+  const std::string file = dir.file("linear.json");
+  pop::test::write_bytes(file, linear.dump(2));
+  REQUIRE(wf.define_from_file(file).ok());
+  const absl::Status missing = wf.define_from_file(dir.file("missing.json"));
+  CHECK(missing.code() == absl::StatusCode::kNotFound);
+  pop::test::write_bytes(file, "{not json");
+  CHECK(absl::StrContains(wf.define_from_file(file).message(), file));
+}

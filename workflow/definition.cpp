@@ -1,0 +1,276 @@
+#include "pop/workflow/workflow.hpp"
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "pop/contracts/status.hpp"
+#include "pop/workflow/detail/workflow_parts.hpp"
+
+namespace pop {
+
+using detail::compare;
+using detail::control_process;
+using detail::kind_name;
+using detail::kinds;
+using detail::new_record;
+using detail::outermost;
+using detail::resume_process;
+using detail::start_process;
+using detail::static_prefix;
+using detail::step_process;
+using detail::substitute;
+
+// ---- definitions -----------------------------------------------------------------------------
+
+absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j) {
+  workflow_definition d;
+  const auto bad = [&](std::string_view where, std::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "workflow '", d.name, "': ", detail::to_absl(where), ": ", detail::to_absl(what)));
+  };
+  if (!j.is_object()) return absl::InvalidArgumentError("a workflow definition must be an object");
+  try {
+    d.name = j.at("name").get<std::string>();
+    d.start = j.at("start").get<std::string>();
+    const json& steps = j.at("steps");
+    if (!steps.is_object()) return bad("steps", "must be an object of step name -> step");
+    static const std::set<std::string> known = {
+        "process", "branch",   "otherwise", "wait",       "call",       "fail",       "end",
+        "next",    "on_error", "key",       "timeout_ms", "on_timeout", "compensate", "max_visits"};
+    for (const auto& [name, s] : steps.items()) {
+      if (!s.is_object()) return bad(absl::StrCat("step '", name, "'"), "must be an object");
+      for (const auto& [field, v] : s.items()) {
+        if (!known.contains(field)) {
+          return bad(absl::StrCat("step '", name, "'"),
+                     absl::StrCat("unknown field '", field, "'"));
+        }
+      }
+      workflow_step step;
+      step.name = name;
+      step.process = s.value("process", "");
+      step.call = s.value("call", "");
+      step.fail = s.value("fail", "");
+      step.end = s.value("end", false);
+      step.next = s.value("next", s.value("otherwise", ""));
+      step.on_error = s.value("on_error", "");
+      step.key = s.value("key", "");
+      step.timeout_ms = s.value("timeout_ms", std::int64_t{0});
+      step.on_timeout = s.value("on_timeout", "");
+      step.compensate = s.value("compensate", "");
+      step.max_visits = s.value("max_visits", 0);
+      if (const auto w = s.find("wait"); w != s.end()) {
+        step.wait = w->get<std::map<std::string, std::string>>();
+      }
+      if (const auto b = s.find("branch"); b != s.end()) {
+        if (!b->is_array()) return bad(absl::StrCat("step '", name, "'"), "branch must be a list");
+        for (const json& c : *b) {
+          workflow_condition cond;
+          cond.path = c.value("path", "");
+          cond.op = c.value("op", "");
+          cond.value = c.value("value", json());
+          cond.predicate = c.value("predicate", "");
+          cond.next = c.value("next", "");
+          step.branch.push_back(std::move(cond));
+        }
+      }
+      d.steps.push_back(std::move(step));
+    }
+  } catch (const json::exception& e) {
+    return bad("definition", e.what());
+  }
+  return d;
+}
+
+json workflow_definition::to_json() const {
+  json steps_json = json::object();
+  for (const workflow_step& s : steps) {
+    json o = json::object();
+    if (!s.process.empty()) o["process"] = s.process;
+    if (!s.call.empty()) o["call"] = s.call;
+    if (!s.fail.empty()) o["fail"] = s.fail;
+    if (s.end) o["end"] = true;
+    if (!s.wait.empty()) o["wait"] = s.wait;
+    if (!s.branch.empty()) {
+      json b = json::array();
+      for (const workflow_condition& c : s.branch) {
+        json cj = {{"next", c.next}};
+        if (!c.predicate.empty()) {
+          cj["predicate"] = c.predicate;
+        } else {
+          cj["path"] = c.path;
+          cj["op"] = c.op;
+          if (c.op != "exists") cj["value"] = c.value;
+        }
+        b.push_back(std::move(cj));
+      }
+      o["branch"] = std::move(b);
+    }
+    if (!s.next.empty()) o[s.branch.empty() ? "next" : "otherwise"] = s.next;
+    if (!s.on_error.empty()) o["on_error"] = s.on_error;
+    if (!s.key.empty()) o["key"] = s.key;
+    if (s.timeout_ms != 0) o["timeout_ms"] = s.timeout_ms;
+    if (!s.on_timeout.empty()) o["on_timeout"] = s.on_timeout;
+    if (!s.compensate.empty()) o["compensate"] = s.compensate;
+    if (s.max_visits != 0) o["max_visits"] = s.max_visits;
+    steps_json[s.name] = std::move(o);
+  }
+  return {{"name", name}, {"start", start}, {"steps", std::move(steps_json)}};
+}
+
+absl::Status workflows::check(const workflow_definition& def) const {
+  const auto bad = [&](std::string_view what) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workflow '", def.name, "': ", detail::to_absl(what)));
+  };
+  if (absl::Status s = process_contract::from_spec({.name = def.name, .emits = {"x"}}).status();
+      !s.ok()) {
+    return annotate(s, "workflow name");
+  }
+  std::map<std::string, const workflow_step*, std::less<>> steps;
+  for (const workflow_step& s : def.steps) {
+    if (!path::parse(absl::StrCat("s.", s.name)).ok()) {
+      return bad(absl::StrCat("step name '", s.name, "' must be letters, digits, '_' or '-'"));
+    }
+    if (!steps.emplace(s.name, &s).second)
+      return bad(absl::StrCat("step '", s.name, "' is defined twice"));
+  }
+  if (!steps.contains(def.start))
+    return bad(absl::StrCat("the start step '", def.start, "' is missing"));
+  std::lock_guard lock(mu_);
+  std::map<std::string, std::vector<std::string>> edges;
+  for (const workflow_step& s : def.steps) {
+    const std::string where = absl::StrCat("step '", s.name, "'");
+    if (kinds(s) != 1) {
+      return bad(absl::StrCat(where,
+                              " must have exactly one of process, branch, wait, call, fail, "
+                              "end; it has ",
+                              kinds(s)));
+    }
+    std::vector<std::string>& out = edges[s.name];
+    const auto target = [&](const std::string& field, const std::string& name,
+                            bool required) -> absl::Status {
+      if (name.empty()) {
+        return required ? bad(absl::StrCat(where, " (", kind_name(s), ") needs '", field, "'"))
+                        : absl::OkStatus();
+      }
+      if (!steps.contains(name)) {
+        return bad(absl::StrCat(where, ": ", field, " names a missing step '", name, "'"));
+      }
+      out.push_back(name);
+      return absl::OkStatus();
+    };
+    if (!s.process.empty()) {
+      if (!processes_.contains(s.process)) {
+        return bad(absl::StrCat(where, " runs unknown process '", s.process,
+                                "' (register it with workflows::register_process)"));
+      }
+      if (!s.compensate.empty() && !processes_.contains(s.compensate)) {
+        return bad(absl::StrCat(where, " compensates with unknown process '", s.compensate, "'"));
+      }
+      POP_RETURN_IF_ERROR(target("next", s.next, true));
+      POP_RETURN_IF_ERROR(target("on_error", s.on_error, false));
+    } else if (!s.compensate.empty()) {
+      return bad(absl::StrCat(where, ": only process steps can have a compensation"));
+    }
+    if (!s.branch.empty()) {
+      for (const workflow_condition& c : s.branch) {
+        if (!c.predicate.empty()) {
+          if (!predicates_.contains(c.predicate)) {
+            return bad(absl::StrCat(where, " uses unknown predicate '", c.predicate, "'"));
+          }
+        } else {
+          static const std::set<std::string> ops = {"eq", "ne", "lt", "gt", "exists"};
+          if (!ops.contains(c.op)) {
+            return bad(absl::StrCat(where, ": condition on '", c.path, "' has op '", c.op,
+                                    "'; use eq, ne, lt, gt or exists"));
+          }
+          std::string probe = c.path;
+          for (std::size_t at; (at = probe.find('{')) != std::string::npos;) {
+            const std::size_t close = probe.find('}', at);
+            if (close == std::string::npos)
+              return bad(absl::StrCat(where, ": unclosed '{' in '", c.path, "'"));
+            probe.replace(at, close - at + 1, "x");
+          }
+          if (absl::Status st = path::parse(probe).status(); !st.ok()) {
+            return bad(absl::StrCat(where, ": condition path: ", st.message()));
+          }
+          if (static_prefix(c.path).empty()) {
+            return bad(
+                absl::StrCat(where, ": condition path '", c.path,
+                             "' must start with a fixed segment (it is declared as an input)"));
+          }
+        }
+        POP_RETURN_IF_ERROR(target("a condition's next", c.next, true));
+      }
+      POP_RETURN_IF_ERROR(target("otherwise", s.next, true));
+    }
+    if (!s.wait.empty()) {
+      if (s.key.empty()) return bad(absl::StrCat(where, " (wait) needs 'key', an input name"));
+      for (const auto& [topic, next] : s.wait) {
+        if (absl::Status st = validate_topic(topic); !st.ok())
+          return bad(absl::StrCat(where, ": ", st.message()));
+        POP_RETURN_IF_ERROR(target(absl::StrCat("wait '", topic, "'"), next, true));
+      }
+      if (s.timeout_ms < 0) return bad(absl::StrCat(where, ": timeout_ms must not be negative"));
+      if (!s.on_timeout.empty() && s.timeout_ms == 0) {
+        return bad(absl::StrCat(where, ": on_timeout needs timeout_ms"));
+      }
+      POP_RETURN_IF_ERROR(target("on_timeout", s.on_timeout, false));
+    }
+    if (!s.call.empty()) {
+      if (s.call == def.name) return bad(absl::StrCat(where, " calls its own workflow"));
+      if (!definitions_.contains(s.call)) {
+        return bad(absl::StrCat(where, " calls unknown workflow '", s.call, "' (define it first)"));
+      }
+      POP_RETURN_IF_ERROR(target("next", s.next, true));
+      POP_RETURN_IF_ERROR(target("on_error", s.on_error, false));
+    }
+    if (s.max_visits < 0) return bad(absl::StrCat(where, ": max_visits must not be negative"));
+  }
+  // Every step reachable from the start.
+  std::set<std::string> seen{def.start};
+  std::vector<std::string> todo{def.start};
+  while (!todo.empty()) {
+    const std::string at = todo.back();
+    todo.pop_back();
+    for (const std::string& n : edges[at]) {
+      if (seen.insert(n).second) todo.push_back(n);
+    }
+  }
+  for (const workflow_step& s : def.steps) {
+    if (!seen.contains(s.name))
+      return bad(absl::StrCat("step '", s.name, "' is unreachable from '", def.start, "'"));
+  }
+  // Every loop has a bound: a step that can reach itself needs max_visits.
+  for (const workflow_step& s : def.steps) {
+    if (s.max_visits > 1) continue;
+    std::map<std::string, std::string> came_from;
+    std::vector<std::string> stack(edges[s.name].begin(), edges[s.name].end());
+    for (const std::string& n : stack) came_from.emplace(n, s.name);
+    while (!stack.empty()) {
+      const std::string at = stack.back();
+      stack.pop_back();
+      if (at == s.name) {
+        std::vector<std::string> loop{s.name};
+        for (std::string back = came_from[s.name]; back != s.name && loop.size() < 64;
+             back = came_from[back]) {
+          loop.push_back(back);
+        }
+        std::reverse(loop.begin() + 1, loop.end());
+        loop.push_back(s.name);
+        return bad(absl::StrCat("step '", s.name, "' is on a loop (", absl::StrJoin(loop, " -> "),
+                                ") with no bound: give it max_visits > 1"));
+      }
+      for (const std::string& n : edges[at]) {
+        if (came_from.emplace(n, at).second) stack.push_back(n);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace pop

@@ -1,0 +1,117 @@
+#include "pop/workflow/detail/workflow_parts.hpp"
+
+#include "absl/strings/str_join.h"
+
+namespace pop::detail {
+
+std::string step_process(std::string_view process) {
+  return absl::StrCat("workflow.step:", detail::to_absl(process));
+}
+std::string control_process(std::string_view workflow) {
+  return absl::StrCat("workflow.control:", detail::to_absl(workflow));
+}
+
+int kinds(const workflow_step& s) {
+  return !s.process.empty() + !s.branch.empty() + !s.wait.empty() + !s.call.empty() +
+         !s.fail.empty() + s.end;
+}
+
+const char* kind_name(const workflow_step& s) {
+  if (!s.process.empty()) return "process";
+  if (!s.branch.empty()) return "branch";
+  if (!s.wait.empty()) return "wait";
+  if (!s.call.empty()) return "call";
+  if (!s.fail.empty()) return "fail";
+  return "end";
+}
+
+// The part of a condition path before its first "{input}" segment: what the control process reads.
+std::string static_prefix(const std::string& p) {
+  const std::size_t brace = p.find('{');
+  if (brace == std::string::npos) return p;
+  std::string prefix = p.substr(0, brace);
+  while (!prefix.empty() && prefix.back() == '.') prefix.pop_back();
+  return prefix;
+}
+
+// `paths` without those inside another one (contracts refuse nested declarations).
+std::vector<std::string> outermost(const std::vector<std::string>& paths) {
+  std::vector<path> parsed;
+  for (const std::string& t : paths) {
+    if (absl::StatusOr<path> p = path::parse(t); p.ok()) parsed.push_back(*std::move(p));
+  }
+  std::vector<std::string> out;
+  for (std::size_t i = 0; i < parsed.size(); ++i) {
+    bool inside = false;
+    for (std::size_t j = 0; j < parsed.size() && !inside; ++j) {
+      if (i == j) continue;
+      inside = parsed[j].contains(parsed[i]) && (!(parsed[i] == parsed[j]) || j < i);
+    }
+    if (!inside) out.push_back(parsed[i].str());
+  }
+  return out;
+}
+
+// `text` with "{name}" replaced by the string value of input `name`.
+absl::StatusOr<std::string> substitute(const std::string& text, const json& inputs) {
+  std::string out;
+  std::size_t at = 0;
+  while (at < text.size()) {
+    const std::size_t open = text.find('{', at);
+    if (open == std::string::npos) {
+      out += text.substr(at);
+      break;
+    }
+    const std::size_t close = text.find('}', open);
+    if (close == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("unclosed '{' in '", text, "'"));
+    }
+    out += text.substr(at, open - at);
+    const std::string name = text.substr(open + 1, close - open - 1);
+    const auto it = inputs.find(name);
+    if (it == inputs.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("'", text, "' refers to input '", name, "', which the instance lacks"));
+    }
+    out += it->is_string() ? it->get<std::string>() : it->dump();
+    at = close + 1;
+  }
+  return out;
+}
+
+bool compare(const json& actual, const std::string& op, const json& expected) {
+  if (op == "eq") return actual == expected;
+  if (op == "ne") return actual != expected;
+  const bool numbers = actual.is_number() && expected.is_number();
+  const bool strings = actual.is_string() && expected.is_string();
+  if (!numbers && !strings) return false;
+  if (op == "lt")
+    return numbers ? actual.get<double>() < expected.get<double>() : actual < expected;
+  if (op == "gt")
+    return numbers ? actual.get<double>() > expected.get<double>() : actual > expected;
+  return false;
+}
+
+json new_record(std::string_view workflow, const std::string& definition_version,
+                const std::string& start, json inputs, std::int64_t now, std::int64_t deadline,
+                std::string_view parent, std::string_view parent_step) {
+  json rec = {{"workflow", workflow},
+              {"definition", {{"name", workflow}, {"version", definition_version}}},
+              {"status", "running"},
+              {"cursor", start},
+              {"inputs", std::move(inputs)},
+              {"received", json::object()},
+              {"visits", json::object()},
+              {"done", json::array()},
+              {"history", json::array()},
+              {"error", ""},
+              {"started_at_us", now}};
+  if (deadline > 0) rec["deadline_us"] = deadline;
+  if (!parent.empty()) {
+    rec["parent"] = parent;
+    rec["parent_step"] = parent_step;
+  }
+  return rec;
+}
+
+}  // namespace pop::detail

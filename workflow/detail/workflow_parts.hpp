@@ -1,0 +1,203 @@
+// Defines the internals the workflow engine's files share: process names, definition helpers, and
+// pop::detail::instance_txn, the one way an instance's state changes.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "pop/contracts/status.hpp"
+#include "pop/engine/context.hpp"
+#include "pop/engine/result.hpp"
+#include "pop/workflow/workflow.hpp"
+
+namespace pop::detail {
+
+inline constexpr std::string_view start_process = "workflow.start";
+inline constexpr std::string_view resume_process = "workflow.resume";
+
+std::string step_process(std::string_view process);
+std::string control_process(std::string_view workflow);
+int kinds(const workflow_step& s);
+const char* kind_name(const workflow_step& s);
+// The part of a condition path before its first "{input}" segment: what the control process reads.
+std::string static_prefix(const std::string& p);
+// `paths` without those inside another one (contracts refuse nested declarations).
+std::vector<std::string> outermost(const std::vector<std::string>& paths);
+// `text` with "{name}" replaced by the string value of input `name`.
+absl::StatusOr<std::string> substitute(const std::string& text, const json& inputs);
+bool compare(const json& actual, const std::string& op, const json& expected);
+
+json new_record(std::string_view workflow, const std::string& definition_version,
+                const std::string& start, json inputs, std::int64_t now, std::int64_t deadline,
+                std::string_view parent, std::string_view parent_step);
+
+// One transaction on one instance, inside a process run: reads through `ctx`, collects writes in
+// `out`. Every state change of an instance goes through here.
+class instance_txn {
+ public:
+  using find_fn = std::function<std::shared_ptr<const void>(std::string_view)>;
+
+  instance_txn(const workflow_options& o, const context& ctx, result& out, std::string id,
+               std::int64_t now)
+      : o_(o), ctx_(ctx), out_(out), id_(std::move(id)), now_(now) {}
+
+  std::string instance_path(std::string_view id) const {
+    return absl::StrCat(o_.instances, ".", detail::to_absl(id));
+  }
+  std::string index_path(std::string_view kind, std::string_view id) const {
+    return absl::StrCat(o_.index, ".", detail::to_absl(kind), ".", detail::to_absl(id));
+  }
+
+  // Loads the record; false if there is none.
+  bool load() {
+    std::optional<json> r = ctx_.find<json>(instance_path(id_));
+    if (!r) return false;
+    rec_ = std::move(*r);
+    return true;
+  }
+  json& rec() { return rec_; }
+  const std::string& id() const { return id_; }
+  std::string status() const { return rec_.value("status", ""); }
+  std::string cursor() const { return rec_.value("cursor", ""); }
+
+  void history(const std::string& step, const std::string& outcome) {
+    rec_["history"].push_back({{"step", step}, {"outcome", outcome}, {"at_us", now_}});
+  }
+
+  // Moves the cursor to `step`, running.
+  void go(const std::string& step) {
+    rec_["cursor"] = step;
+    set_status("running");
+  }
+
+  void set_status(const std::string& status) {
+    rec_["status"] = status;
+    const bool runnable = status == "running" || status == "compensating";
+    if (runnable) {
+      out_.set(index_path("runnable", id_), true);
+    } else {
+      out_.erase(index_path("runnable", id_));
+    }
+  }
+
+  // Removes the wait and timer index entries of a waiting instance.
+  void clear_wait() {
+    if (rec_.contains("wait_key")) {
+      out_.erase(absl::StrCat(o_.index, ".waits.", rec_["wait_key"].get<std::string>(), ".", id_));
+      rec_.erase("wait_key");
+    }
+    rec_.erase("wait_deadline_us");
+    refresh_timer();
+  }
+
+  void refresh_timer() {
+    std::int64_t due = 0;
+    for (const char* f : {"wait_deadline_us", "deadline_us"}) {
+      const std::int64_t d = rec_.value(f, std::int64_t{0});
+      if (d > 0 && (due == 0 || d < due)) due = d;
+    }
+    const bool ended = status_is_final(status());
+    if (due > 0 && !ended) {
+      out_.set(index_path("timers", id_), due);
+    } else {
+      out_.erase(index_path("timers", id_));
+    }
+  }
+
+  static bool status_is_final(const std::string& s) {
+    return s == "completed" || s == "failed" || s == "compensated";
+  }
+
+  // Takes the failure path: compensations if any, else failed.
+  void fail_path(const std::string& reason) {
+    rec_["error"] = reason;
+    clear_wait();
+    if (!rec_["done"].empty()) {
+      set_status("compensating");
+    } else {
+      finish("failed");
+    }
+  }
+
+  // Ends the instance with `status` (completed, failed, compensated).
+  void finish(const std::string& status) {
+    set_status(status);
+    rec_.erase("wait_deadline_us");
+    rec_.erase("deadline_us");
+    refresh_timer();
+    ended_ = true;
+  }
+  bool ended() const { return ended_; }
+
+  // Counts a visit to `step`; false (and the failure path) if that exceeds its bound.
+  bool visit(const workflow_step& step) {
+    json& visits = rec_["visits"];
+    const int n = visits.value(step.name, 0) + 1;
+    visits[step.name] = n;
+    const int bound = step.max_visits > 0 ? step.max_visits : 1;
+    if (n > bound) {
+      history(step.name, "loop bound exceeded");
+      fail_path(
+          absl::StrCat("step '", step.name, "' would run ", n, " times; its bound is ", bound));
+      return false;
+    }
+    return true;
+  }
+
+  // The arguments a step process gets: the inputs, plus "_instance" and "_received".
+  json args() const {
+    json a = rec_.value("inputs", json::object());
+    a["_instance"] = id_;
+    if (rec_.contains("received") && !rec_["received"].empty()) a["_received"] = rec_["received"];
+    return a;
+  }
+
+  void save() { out_.set(instance_path(id_), rec_); }
+
+  const context& ctx() const { return ctx_; }
+  result& out() { return out_; }
+  std::int64_t now() const { return now_; }
+  const workflow_options& opts() const { return o_; }
+
+ private:
+  const workflow_options& o_;
+  const context& ctx_;
+  result& out_;
+  std::string id_;
+  std::int64_t now_;
+  json rec_;
+  bool ended_ = false;
+};
+
+}  // namespace pop::detail
+
+namespace pop {
+
+struct workflows::registered_process {
+  process_contract contract;
+  process_fn fn;
+};
+
+struct workflows::registered_predicate {
+  std::vector<std::string> inputs;
+  predicate_fn fn;
+};
+
+struct workflows::defined {
+  workflow_definition def;
+  std::string version;  // a hash of the definition's JSON, recorded in every instance
+  std::map<std::string, const workflow_step*, std::less<>> steps;
+  const workflow_step* step(std::string_view name) const {
+    const auto it = steps.find(name);
+    return it == steps.end() ? nullptr : it->second;
+  }
+};
+
+}  // namespace pop

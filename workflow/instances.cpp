@@ -1,0 +1,244 @@
+#include "pop/workflow/workflow.hpp"
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "pop/contracts/status.hpp"
+#include "pop/workflow/detail/workflow_parts.hpp"
+
+namespace pop {
+
+using detail::compare;
+using detail::control_process;
+using detail::kind_name;
+using detail::kinds;
+using detail::new_record;
+using detail::outermost;
+using detail::resume_process;
+using detail::start_process;
+using detail::static_prefix;
+using detail::step_process;
+using detail::substitute;
+
+absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::string_view id,
+                                               json inputs, std::int64_t timeout_ms) {
+  if (!find_definition(workflow)) {
+    return absl::NotFoundError(
+        absl::StrCat("no workflow named '", detail::to_absl(workflow), "' is defined"));
+  }
+  // An id is one path segment: "L.1" would nest the instance inside instance "L".
+  if (absl::Status s = validate_segment(id); !s.ok()) {
+    return annotate(
+        s, absl::StrCat("workflow instance id of workflow '", detail::to_absl(workflow), "'"));
+  }
+  if (absl::Status s =
+          path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id))).status();
+      !s.ok()) {
+    return annotate(s, absl::StrCat("workflow instance id '", detail::to_absl(id), "'"));
+  }
+  if (inputs.is_null()) inputs = json::object();  // {} in C++ is null: no inputs
+  if (!inputs.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat("workflow instance '", detail::to_absl(id),
+                                                   "': inputs must be an object, not ",
+                                                   detail::to_absl(type_with_article(inputs))));
+  }
+  POP_RETURN_IF_ERROR(check_storable(
+      inputs, absl::StrCat("workflow instance '", detail::to_absl(id), "': its inputs")));
+  const std::int64_t now = engine_.clock().now_us();
+  json args = {{"workflow", workflow}, {"id", id}, {"inputs", std::move(inputs)}, {"now", now}};
+  if (timeout_ms > 0) args["deadline_us"] = now + timeout_ms * 1000;
+  POP_ASSIGN_OR_RETURN(commit c, engine_.execute(start_process, args));
+  return c.version;
+}
+
+namespace {
+
+workflow_instance to_instance(std::string_view id, json rec) {
+  workflow_instance w;
+  w.id = std::string(id);
+  w.workflow = rec.value("workflow", "");
+  if (const auto d = rec.find("definition"); d != rec.end() && d->is_object()) {
+    w.definition_version = d->value("version", "");
+  }
+  w.status = rec.value("status", "");
+  w.cursor = rec.value("cursor", "");
+  w.inputs = rec.value("inputs", json::object());
+  w.received = rec.value("received", json::object());
+  w.history = rec.value("history", json::array());
+  w.error = rec.value("error", "");
+  w.raw = std::move(rec);
+  return w;
+}
+
+}  // namespace
+
+absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id) const {
+  const snapshot snap = engine_.snapshot();
+  absl::StatusOr<path> p = path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id)));
+  if (!p.ok()) return annotate(p.status(), "workflow instance id");
+  const value_view v = snap.view(*p);
+  if (!v) {
+    return absl::NotFoundError(absl::StrCat("no workflow instance '", detail::to_absl(id),
+                                            "' in version ", snap.version()));
+  }
+  return to_instance(id, v.to_json());
+}
+
+std::vector<workflow_instance> workflows::list(std::string_view status) const {
+  std::vector<workflow_instance> out;
+  const snapshot snap = engine_.snapshot();
+  snap.view(path::parse(options_.instances).value())
+      .for_each_member([&](std::string_view id, const value_view& v) {
+        if (!status.empty()) {
+          const value_view s = v.member("status");
+          if (!s || s.to_json() != status) return true;
+        }
+        out.push_back(to_instance(id, v.to_json()));
+        return true;
+      });
+  return out;
+}
+
+absl::Status workflows::cancel(std::string_view id, std::string reason) {
+  POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id));
+  return engine_
+      .execute(control_process(w.workflow), {{"id", id},
+                                             {"action", "cancel"},
+                                             {"reason", std::move(reason)},
+                                             {"now", engine_.clock().now_us()}})
+      .status();
+}
+
+absl::StatusOr<bool> workflows::advance(std::string_view id) {
+  POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id));
+  const std::shared_ptr<const defined> d = find_definition(w.workflow);
+  if (!d) {
+    return absl::FailedPreconditionError(absl::StrCat("workflow instance '", detail::to_absl(id),
+                                                      "' runs undefined workflow '", w.workflow,
+                                                      "'"));
+  }
+  const std::int64_t now = engine_.clock().now_us();
+  std::string process;
+  json args = {{"id", id}, {"now", now}};
+  std::string step_name;
+  if (w.status == "running") {
+    const workflow_step* step = d->step(w.cursor);
+    if (!step) return false;
+    step_name = step->name;
+    if (!step->process.empty()) {
+      process = step_process(step->process);
+      args["step"] = step->name;
+    } else {
+      process = control_process(w.workflow);
+      args["action"] = "step";
+    }
+  } else if (w.status == "compensating") {
+    const json done = w.raw.value("done", json::array());
+    if (done.empty()) return false;
+    step_name = done.back().get<std::string>();
+    const workflow_step* step = d->step(step_name);
+    if (!step || step->compensate.empty()) return false;
+    process = step_process(step->compensate);
+    args["step"] = step_name;
+    args["mode"] = "compensate";
+  } else {
+    return false;
+  }
+  absl::StatusOr<commit> c = engine_.execute(process, args);
+  if (c.ok()) return c->changed;
+  switch (c.status().code()) {
+    case absl::StatusCode::kAborted:
+    case absl::StatusCode::kResourceExhausted:
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kDataLoss:
+      return c.status();  // the instance is unchanged; try again later
+    default:
+      break;
+  }
+  // The step's process threw or broke its contract: that is the step failing.
+  json failed = {{"id", id},
+                 {"now", now},
+                 {"action", "step_failed"},
+                 {"step", step_name},
+                 {"error", c.status().ToString()}};
+  if (w.status == "compensating") failed["mode"] = "compensate";
+  POP_ASSIGN_OR_RETURN(commit f, engine_.execute(control_process(w.workflow), failed));
+  return f.changed;
+}
+
+std::vector<std::string> workflows::runnable(std::size_t limit) const {
+  std::vector<std::string> out;
+  engine_.snapshot()
+      .view(path::parse(absl::StrCat(options_.index, ".runnable")).value())
+      .for_each_member([&](std::string_view id, const value_view&) {
+        out.emplace_back(id);
+        return out.size() < limit;
+      });
+  return out;
+}
+
+absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& next_due_us) {
+  next_due_us = 0;
+  std::vector<std::string> due;
+  const snapshot snap = engine_.snapshot();
+  snap.view(path::parse(absl::StrCat(options_.index, ".timers")).value())
+      .for_each_member([&](std::string_view id, const value_view& v) {
+        const json at = v.to_json();
+        const std::int64_t when = at.is_number() ? at.get<std::int64_t>() : 0;
+        if (when <= now) {
+          due.emplace_back(id);
+        } else if (next_due_us == 0 || when < next_due_us) {
+          next_due_us = when;
+        }
+        return true;
+      });
+  std::size_t moved = 0;
+  for (const std::string& id : due) {
+    absl::StatusOr<workflow_instance> w = inspect(id);
+    if (!w.ok()) continue;
+    POP_ASSIGN_OR_RETURN(commit c,
+                         engine_.execute(control_process(w->workflow),
+                                         {{"id", id}, {"action", "timeout"}, {"now", now}}));
+    if (c.changed) ++moved;
+  }
+  return moved;
+}
+
+process_spec workflows::resume_spec() const {
+  return {.name = std::string(resume_process),
+          .inputs = {options_.instances, options_.index},
+          .outputs = {options_.instances, options_.index}};
+}
+
+absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_message& m) const {
+  result out;
+  if (!path::parse(absl::StrCat("k.", m.key)).ok()) return out;
+  const std::string waits = absl::StrCat(options_.index, ".waits.", m.key);
+  std::vector<std::string> ids;
+  ctx.view(waits).for_each_member([&](std::string_view id, const value_view&) {
+    ids.emplace_back(id);
+    return true;
+  });
+  const std::int64_t now = m.created_at_us > 0 ? m.created_at_us : 0;
+  for (const std::string& id : ids) {
+    detail::instance_txn t(options_, ctx, out, id, now);
+    if (!t.load() || t.status() != "waiting") continue;
+    const std::shared_ptr<const defined> d = find_definition(t.rec().value("workflow", ""));
+    const workflow_step* step = d ? d->step(t.cursor()) : nullptr;
+    if (!step) continue;
+    const auto next = step->wait.find(m.topic);
+    if (next == step->wait.end()) continue;
+    t.rec()["received"][m.topic] = m.payload;
+    t.clear_wait();
+    t.history(step->name, absl::StrCat("received ", m.topic, " (", m.id, ")"));
+    t.go(next->second);
+    t.save();
+  }
+  return out;
+}
+
+}  // namespace pop

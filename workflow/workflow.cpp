@@ -1,0 +1,442 @@
+#include "pop/workflow/workflow.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "pop/contracts/process_error.hpp"
+#include "pop/contracts/status.hpp"
+#include "pop/workflow/detail/workflow_parts.hpp"
+
+namespace pop {
+
+using detail::compare;
+using detail::control_process;
+using detail::kind_name;
+using detail::kinds;
+using detail::new_record;
+using detail::outermost;
+using detail::resume_process;
+using detail::start_process;
+using detail::static_prefix;
+using detail::step_process;
+using detail::substitute;
+
+// ---- registry --------------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<workflows>> workflows::create(engine& e, workflow_options opts) {
+  for (const std::string* p : {&opts.instances, &opts.index}) {
+    if (absl::StatusOr<path> parsed = path::parse(*p); !parsed.ok()) {
+      return annotate(parsed.status(), "workflow_options");
+    }
+  }
+  return std::unique_ptr<workflows>(new workflows(e, std::move(opts)));
+}
+
+workflows::workflows(engine& e, workflow_options opts) : engine_(e), options_(std::move(opts)) {}
+
+absl::Status workflows::register_process(process_spec spec, process_fn fn) {
+  if (!fn) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workflow process '", spec.name, "' was registered with an empty function"));
+  }
+  POP_ASSIGN_OR_RETURN(process_contract contract, process_contract::from_spec(spec));
+  const path instances = path::parse(options_.instances).value();
+  const path index = path::parse(options_.index).value();
+  process_spec wrapped = spec;
+  wrapped.name = step_process(spec.name);
+  for (std::vector<std::string>* declared : {&wrapped.inputs, &wrapped.outputs}) {
+    for (const path* own : {&instances, &index}) {
+      bool covered = false;
+      for (const std::string& t : *declared) {
+        const path p = path::parse(t).value();
+        if (own->contains(p) && !(p == *own)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("workflow process '", spec.name, "' declares '", t, "', inside '",
+                           own->str(), "', which the workflow engine owns"));
+        }
+        covered = covered || p.contains(*own);
+      }
+      if (!covered) declared->push_back(own->str());
+    }
+  }
+  POP_RETURN_IF_ERROR(engine_.register_process(spec, fn));
+  auto entry = std::make_shared<const registered_process>(registered_process{contract, fn});
+  const workflow_options& o = options_;
+  workflows* self = this;
+  process_fn step_fn = [entry, &o, self](const context& ctx,
+                                         const json& args) -> absl::StatusOr<result> {
+    result out;
+    detail::instance_txn t(o, ctx, out, args.at("id").get<std::string>(),
+                           args.at("now").get<std::int64_t>());
+    if (!t.load()) return out;
+    const std::string step_name = args.at("step").get<std::string>();
+    const std::shared_ptr<const defined> d = self->find_definition(t.rec().value("workflow", ""));
+    if (!d) return out;
+    const workflow_step* step = d->step(step_name);
+    if (!step) return out;
+    if (args.value("mode", "") == "compensate") {
+      json& done = t.rec()["done"];
+      if (t.status() != "compensating" || done.empty() || done.back() != step_name) return out;
+      absl::StatusOr<result> r = entry->fn(ctx, t.args());
+      if (!r.ok()) {
+        t.history(step_name, absl::StrCat("compensation failed: ", r.status().ToString()));
+        t.rec()["error"] = absl::StrCat(t.rec().value("error", ""), "; compensation '",
+                                        step->compensate, "' failed: ", r.status().ToString());
+        t.finish("failed");
+      } else {
+        out = *std::move(r);
+        t.history(step_name, "compensated");
+        done.erase(done.size() - 1);
+        if (done.empty()) t.finish("compensated");
+      }
+      self->settle(t);
+      t.save();
+      return out;
+    }
+    if (t.status() != "running" || t.cursor() != step_name) return out;
+    if (!t.visit(*step)) {
+      self->settle(t);
+      t.save();
+      return out;
+    }
+    absl::StatusOr<result> r = entry->fn(ctx, t.args());
+    if (!r.ok()) {
+      // The process's own writes are dropped; the instance moves on in this same commit.
+      t.history(step_name, absl::StrCat("error: ", r.status().ToString()));
+      if (!step->on_error.empty()) {
+        t.go(step->on_error);
+      } else {
+        t.fail_path(absl::StrCat("step '", step_name, "' failed: ", r.status().ToString()));
+      }
+      self->settle(t);
+      t.save();
+      return out;
+    }
+    out = *std::move(r);
+    t.history(step_name, "ok");
+    if (!step->compensate.empty()) t.rec()["done"].push_back(step_name);
+    t.go(step->next);
+    // A wait right after a step that emits its request is entered in the same commit: the
+    // reply cannot arrive (through the relay, which publishes only committed messages) before
+    // the instance waits for it.
+    if (const workflow_step* n = d->step(step->next); n != nullptr && !n->wait.empty()) {
+      self->run_control_step(t, *d, *n);
+    }
+    t.save();
+    return out;
+  };
+  POP_RETURN_IF_ERROR(engine_.register_process(std::move(wrapped), std::move(step_fn)));
+  std::lock_guard lock(mu_);
+  processes_[spec.name] = std::move(entry);
+  return absl::OkStatus();
+}
+
+absl::Status workflows::register_predicate(std::string name, std::vector<std::string> inputs,
+                                           predicate_fn fn) {
+  if (name.empty() || !fn) {
+    return absl::InvalidArgumentError("a predicate needs a name and a function");
+  }
+  for (const std::string& p : inputs) {
+    if (absl::StatusOr<path> parsed = path::parse(p); !parsed.ok()) {
+      return annotate(parsed.status(), absl::StrCat("predicate '", name, "' input"));
+    }
+  }
+  std::lock_guard lock(mu_);
+  if (predicates_.contains(name)) {
+    return absl::AlreadyExistsError(absl::StrCat("a predicate named '", name, "' exists"));
+  }
+  predicates_[name] = std::make_shared<const registered_predicate>(
+      registered_predicate{std::move(inputs), std::move(fn)});
+  return absl::OkStatus();
+}
+
+std::shared_ptr<const workflows::defined> workflows::find_definition(std::string_view name) const {
+  std::lock_guard lock(mu_);
+  const auto it = definitions_.find(name);
+  return it == definitions_.end() ? nullptr : it->second;
+}
+
+void workflows::settle(detail::instance_txn& t) const {
+  if (!t.ended() || !t.rec().contains("parent")) return;
+  const std::string parent_id = t.rec()["parent"];
+  detail::instance_txn parent(t.opts(), t.ctx(), t.out(), parent_id, t.now());
+  if (!parent.load() || parent.status() != "waiting" || parent.rec().value("child", "") != t.id()) {
+    return;
+  }
+  const std::shared_ptr<const defined> d = find_definition(parent.rec().value("workflow", ""));
+  const workflow_step* step = d ? d->step(parent.rec().value("parent_step_of_child", "")) : nullptr;
+  parent.rec().erase("child");
+  parent.rec().erase("parent_step_of_child");
+  const std::string status = t.status();
+  if (!step) {
+    parent.fail_path("its definition changed while a child ran");
+  } else if (status == "completed") {
+    parent.history(step->name, absl::StrCat("child ", t.id(), " completed"));
+    parent.go(step->next);
+  } else {
+    parent.history(step->name, absl::StrCat("child ", t.id(), " ", status));
+    if (!step->on_error.empty()) {
+      parent.go(step->on_error);
+    } else {
+      parent.fail_path(
+          absl::StrCat("child '", t.id(), "' ", status, ": ", t.rec().value("error", "")));
+    }
+  }
+  settle(parent);
+  parent.save();
+}
+
+void workflows::run_control_step(detail::instance_txn& t, const defined& d,
+                                 const workflow_step& step) const {
+  if (!t.visit(step)) return;
+  const json inputs = t.rec().value("inputs", json::object());
+  if (step.end) {
+    t.history(step.name, "completed");
+    t.finish("completed");
+    return;
+  }
+  if (!step.fail.empty()) {
+    t.history(step.name, "failed");
+    t.fail_path(step.fail);
+    return;
+  }
+  if (!step.branch.empty()) {
+    for (const workflow_condition& c : step.branch) {
+      bool holds = false;
+      if (!c.predicate.empty()) {
+        std::shared_ptr<const registered_predicate> pred;
+        {
+          std::lock_guard lock(mu_);
+          const auto it = predicates_.find(c.predicate);
+          if (it != predicates_.end()) pred = it->second;
+        }
+        holds = pred && pred->fn(t.ctx(), inputs);
+      } else {
+        absl::StatusOr<std::string> at = substitute(c.path, inputs);
+        if (!at.ok()) {
+          t.history(step.name, "bad condition");
+          t.fail_path(absl::StrCat("step '", step.name, "': ", at.status().message()));
+          return;
+        }
+        const std::optional<json> v = t.ctx().find<json>(*at);
+        holds = c.op == "exists" ? v.has_value() : (v && compare(*v, c.op, c.value));
+      }
+      if (holds) {
+        t.history(step.name, absl::StrCat("-> ", c.next));
+        t.go(c.next);
+        return;
+      }
+    }
+    t.history(step.name, absl::StrCat("-> ", step.next));
+    t.go(step.next);
+    return;
+  }
+  if (!step.wait.empty()) {
+    const auto key = inputs.find(step.key);
+    const std::string key_text =
+        key == inputs.end() ? "" : (key->is_string() ? key->get<std::string>() : key->dump());
+    if (!path::parse(absl::StrCat("k.", key_text)).ok()) {
+      t.history(step.name, "bad wait key");
+      t.fail_path(absl::StrCat("step '", step.name, "' waits on input '", step.key,
+                               "', which is missing or not usable as a key"));
+      return;
+    }
+    std::vector<std::string> topics;
+    for (const auto& [topic, next] : step.wait) topics.push_back(topic);
+    t.rec()["wait_key"] = key_text;
+    t.out().set(absl::StrCat(t.opts().index, ".waits.", key_text, ".", t.id()), topics);
+    if (step.timeout_ms > 0) t.rec()["wait_deadline_us"] = t.now() + step.timeout_ms * 1000;
+    t.history(step.name, "waiting");
+    t.set_status("waiting");
+    t.refresh_timer();
+    return;
+  }
+  if (!step.call.empty()) {
+    const std::shared_ptr<const defined> child_def = find_definition(step.call);
+    const std::string child_id =
+        absl::StrCat(t.id(), "-", step.name, "-", t.rec()["visits"].value(step.name, 1));
+    if (!child_def) {
+      t.fail_path(absl::StrCat("step '", step.name, "' calls unknown workflow '", step.call, "'"));
+      return;
+    }
+    json child = new_record(step.call, child_def->version, child_def->def.start, inputs, t.now(), 0,
+                            t.id(), step.name);
+    t.out().set(t.instance_path(child_id), std::move(child));
+    t.out().set(t.index_path("runnable", child_id), true);
+    t.rec()["child"] = child_id;
+    t.rec()["parent_step_of_child"] = step.name;
+    t.history(step.name, absl::StrCat("called ", child_id));
+    t.set_status("waiting");
+    return;
+  }
+  static_cast<void>(d);
+}
+
+absl::Status workflows::define(workflow_definition def) {
+  POP_RETURN_IF_ERROR(check(def));
+  auto d = std::make_shared<defined>();
+  d->def = std::move(def);
+  std::uint64_t h = 1469598103934665603ULL;
+  for (const unsigned char c : d->def.to_json().dump()) h = (h ^ c) * 1099511628211ULL;
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  d->version = hex;
+  for (const workflow_step& s : d->def.steps) d->steps.emplace(s.name, &s);
+  {
+    std::lock_guard lock(mu_);
+    if (definitions_.contains(d->def.name)) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("a workflow named '", d->def.name, "' is already defined"));
+    }
+  }
+  POP_RETURN_IF_ERROR(register_control(d));
+  std::lock_guard lock(mu_);
+  definitions_[d->def.name] = std::move(d);
+  return absl::OkStatus();
+}
+
+absl::Status workflows::define_from_file(const std::string& file_path) {
+  std::ifstream in(file_path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read workflow file '", file_path, "'"));
+  std::stringstream text;
+  text << in.rdbuf();
+  const json j = json::parse(text.str(), nullptr, false);
+  if (j.is_discarded()) {
+    return absl::InvalidArgumentError(absl::StrCat("workflow file '", file_path, "' is not JSON"));
+  }
+  absl::StatusOr<workflow_definition> def = workflow_definition::from_json(j);
+  if (!def.ok()) return annotate(def.status(), absl::StrCat("workflow file '", file_path, "'"));
+  return annotate(define(*std::move(def)), absl::StrCat("workflow file '", file_path, "'"));
+}
+
+absl::Status workflows::register_control(const std::shared_ptr<const defined>& d) {
+  const std::vector<std::string> owned = {options_.instances, options_.index};
+  // The generic processes, once: start, and (for inboxes) resume.
+  const std::vector<std::string> registered = engine_.processes();
+  if (!std::binary_search(registered.begin(), registered.end(), start_process)) {
+    const workflow_options& o = options_;
+    workflows* self = this;
+    POP_RETURN_IF_ERROR(engine_.register_process(
+        {.name = std::string(start_process), .inputs = owned, .outputs = owned},
+        [&o, self](const context& ctx, const json& args) -> absl::StatusOr<result> {
+          result out;
+          detail::instance_txn t(o, ctx, out, args.at("id").get<std::string>(),
+                                 args.at("now").get<std::int64_t>());
+          if (t.load()) {
+            return absl::AlreadyExistsError(
+                absl::StrCat("workflow instance '", t.id(), "' already exists"));
+          }
+          const std::shared_ptr<const defined> def =
+              self->find_definition(args.at("workflow").get<std::string>());
+          if (!def) return absl::NotFoundError("no such workflow");
+          const std::int64_t deadline = args.value("deadline_us", std::int64_t{0});
+          t.rec() = new_record(def->def.name, def->version, def->def.start, args.at("inputs"),
+                               t.now(), deadline, "", "");
+          t.set_status("running");
+          t.refresh_timer();
+          t.save();
+          return out;
+        }));
+  }
+  std::vector<std::string> inputs = owned;
+  for (const workflow_step& s : d->def.steps) {
+    for (const workflow_condition& c : s.branch) {
+      if (!c.predicate.empty()) {
+        std::lock_guard lock(mu_);
+        const auto it = predicates_.find(c.predicate);
+        if (it != predicates_.end()) {
+          inputs.insert(inputs.end(), it->second->inputs.begin(), it->second->inputs.end());
+        }
+      } else {
+        const std::string prefix = static_prefix(c.path);
+        if (!prefix.empty()) inputs.push_back(prefix);
+      }
+    }
+  }
+  const workflows* self = this;
+  std::shared_ptr<const defined> def = d;
+  return engine_.register_process(
+      {.name = control_process(d->def.name), .inputs = outermost(inputs), .outputs = owned},
+      [self, def](const context& ctx, const json& args) -> absl::StatusOr<result> {
+        result out;
+        detail::instance_txn t(self->options_, ctx, out, args.at("id").get<std::string>(),
+                               args.at("now").get<std::int64_t>());
+        if (!t.load()) {
+          return absl::NotFoundError(absl::StrCat("no workflow instance '", t.id(), "'"));
+        }
+        const std::string action = args.at("action").get<std::string>();
+        const std::string status = t.status();
+        const workflow_step* step = def->step(t.cursor());
+        if (action == "step") {
+          if (status != "running" || !step || !step->process.empty()) return out;
+          self->run_control_step(t, *def, *step);
+        } else if (action == "step_failed") {
+          const std::string error = args.at("error").get<std::string>();
+          if (args.value("mode", "") == "compensate") {
+            if (status != "compensating") return out;
+            t.rec()["error"] =
+                absl::StrCat(t.rec().value("error", ""), "; a compensation failed: ", error);
+            t.history(args.at("step").get<std::string>(), "compensation failed");
+            t.finish("failed");
+          } else {
+            if (status != "running" || !step || step->name != args.at("step")) return out;
+            t.history(step->name, absl::StrCat("error: ", error));
+            if (!step->on_error.empty()) {
+              t.go(step->on_error);
+            } else {
+              t.fail_path(absl::StrCat("step '", step->name, "' failed: ", error));
+            }
+          }
+        } else if (action == "timeout") {
+          const std::int64_t wait_due = t.rec().value("wait_deadline_us", std::int64_t{0});
+          const std::int64_t life_due = t.rec().value("deadline_us", std::int64_t{0});
+          if (detail::instance_txn::status_is_final(status)) return out;
+          if (life_due > 0 && life_due <= t.now()) {
+            t.history(t.cursor(), "instance timed out");
+            t.fail_path("the instance ran past its timeout");
+          } else if (status == "waiting" && wait_due > 0 && wait_due <= t.now() && step) {
+            t.clear_wait();
+            t.history(step->name, "timed out");
+            if (!step->on_timeout.empty()) {
+              t.go(step->on_timeout);
+            } else {
+              t.fail_path(absl::StrCat("step '", step->name, "' timed out after ", step->timeout_ms,
+                                       " ms"));
+            }
+          } else {
+            return out;
+          }
+        } else if (action == "cancel") {
+          if (detail::instance_txn::status_is_final(status)) {
+            return absl::FailedPreconditionError(
+                absl::StrCat("workflow instance '", t.id(), "' has already ended (", status, ")"));
+          }
+          if (status == "compensating") return out;
+          t.history(t.cursor(), "cancelled");
+          // A child it is waiting for is cancelled with it (it compensates on its own).
+          if (t.rec().contains("child")) {
+            detail::instance_txn child(t.opts(), t.ctx(), t.out(), t.rec()["child"], t.now());
+            if (child.load() && !detail::instance_txn::status_is_final(child.status()) &&
+                child.status() != "compensating") {
+              child.history(child.cursor(), "parent cancelled");
+              child.fail_path(absl::StrCat("its parent '", t.id(), "' was cancelled"));
+              child.save();
+            }
+          }
+          t.fail_path(args.value("reason", "cancelled"));
+        } else {
+          return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));
+        }
+        self->settle(t);
+        t.save();
+        return out;
+      });
+}
+
+}  // namespace pop

@@ -1,0 +1,186 @@
+// Defines pop::workflows: long-running flows of processes whose instances live in the state.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "pop/engine/engine.hpp"
+
+namespace pop {
+
+namespace detail {
+class instance_txn;
+}  // namespace detail
+
+// A condition a branch step tests: a built-in comparison of the value at `path` with `value`, or
+// a registered predicate. A path segment "{name}" is replaced by the instance input `name`.
+struct workflow_condition {
+  std::string path{};       // e.g. "domain.orders.{order}.status"
+  std::string op{};         // "eq", "ne", "lt", "gt" (numbers or strings), "exists"
+  json value{};             // what eq/ne/lt/gt compare with
+  std::string predicate{};  // instead of path/op: a predicate registered with register_predicate
+  std::string next{};       // the step taken when the condition holds
+};
+
+// One step of a workflow. Exactly one kind is set: process, branch, wait, call, fail or end.
+struct workflow_step {
+  std::string name{};
+  std::string process{};                      // run this process (see workflows::register_process)
+  std::vector<workflow_condition> branch{};   // take the first condition that holds, else `next`
+  std::map<std::string, std::string> wait{};  // park until a message with one of these topics
+                                              // (topic -> next step) is applied through the inbox
+  std::string call{};                         // run this workflow as a child, then go on
+  std::string fail{};                         // take the failure path with this reason
+  bool end = false;                           // complete the instance
+  std::string next{};           // after a process or call succeeded; a branch's "otherwise"
+  std::string on_error{};       // after a process or call failed; empty: the failure path
+  std::string key{};            // wait: the input whose value the message key must equal
+  std::int64_t timeout_ms = 0;  // wait: how long to wait (0: forever)
+  std::string on_timeout{};     // wait: where to go after the timeout; empty: the failure path
+  std::string compensate{};     // process that undoes this (process) step on the failure path
+  int max_visits = 0;           // how often the step may run in one instance; required (> 1) for
+                                // a step on a loop, else 1
+};
+
+// A named graph of steps. Load from JSON with from_json or write it in C++; workflows::define
+// checks it.
+struct workflow_definition {
+  std::string name{};
+  std::string start{};
+  std::vector<workflow_step> steps{};
+
+  // The definition in `j` ({"name", "start", "steps": {name: {...}}}), or kInvalidArgument
+  // naming the step and field that is wrong.
+  [[nodiscard]] static absl::StatusOr<workflow_definition> from_json(const json& j);
+  json to_json() const;
+};
+
+// A named condition written in C++: reads only its declared inputs (like a process) and gets the
+// instance inputs.
+using predicate_fn = std::function<bool(const context& ctx, const json& inputs)>;
+
+// One workflow instance as the state holds it at `system.workflows.<id>`: its workflow and the
+// version (hash) of the definition it started with, status, cursor, inputs, received messages,
+// visits per step, completed compensable steps, history and error.
+struct workflow_instance {
+  std::string id{};
+  std::string workflow{};
+  std::string definition_version{};  // hash of the definition it was started with
+  std::string status{};  // running, waiting, compensating, completed, failed, compensated
+  std::string cursor{};  // the current step
+  json inputs{};
+  json received{};  // topic -> payload of the messages its wait steps received
+  json history{};   // [{"step", "outcome", "at_us"}, ...]
+  std::string error{};
+  json raw{};  // the whole record
+};
+
+// Where workflow records live, and the prefix of the processes it registers.
+struct workflow_options {
+  std::string instances = "system.workflows";   // <instances>.<id>
+  std::string index = "system.workflow_index";  // runnable, waits and timers indexes
+};
+
+// The embedded workflow engine.
+//
+// A step runs as one transaction: a process step's writes and messages commit together with the
+// instance's new cursor and history, so a step's effects happen once in the state and its
+// messages are emitted once, however often the step is retried or the engine restarted. Every
+// other step kind (branch, wait, call, fail, end, timeouts, cancellation, compensation
+// bookkeeping) is a transaction too. Instances therefore resume from the state alone: after
+// reopening a journal, running instances continue at their cursor and waiting ones keep waiting.
+//
+// The failure path: a failing process step (or fail step, exceeded loop bound, timeout without
+// on_timeout, failed child, cancel) runs the compensations of the completed steps in reverse
+// order, one transaction each, then ends "compensated" ("failed" if there was nothing to
+// compensate).
+//
+// Registration (processes, predicates, definitions) must happen before instances run. Advancing
+// is driven by workflow_runner (relay/) or by calling advance(). Thread safety: as the engine's.
+class workflows {
+ public:
+  // Returns the workflows of `e`, or kInvalidArgument naming a bad path in `opts`.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<workflows>> create(
+      engine& e, workflow_options opts = {});
+  workflows(const workflows&) = delete;
+  workflows& operator=(const workflows&) = delete;
+
+  // Registers process `spec.name` on the engine (callable directly too) and as a workflow step.
+  // Errors as engine::register_process, plus kInvalidArgument for declarations inside the
+  // workflow paths.
+  [[nodiscard]] absl::Status register_process(process_spec spec, process_fn fn);
+  // Registers predicate `name` reading `inputs` (paths). kInvalidArgument, kAlreadyExists.
+  [[nodiscard]] absl::Status register_predicate(std::string name, std::vector<std::string> inputs,
+                                                predicate_fn fn);
+  // Checks and registers `def`. kInvalidArgument naming the step and the problem: an unknown
+  // process, predicate, workflow or step, a step with no or several kinds, an unreachable step,
+  // a loop with no bound, a bad condition; kAlreadyExists for a taken name.
+  [[nodiscard]] absl::Status define(workflow_definition def);
+  // define() of the JSON in file `file_path`; errors name the file.
+  [[nodiscard]] absl::Status define_from_file(const std::string& file_path);
+
+  // Starts instance `id` of `workflow` with `inputs` (an object; null, as `{}` is in C++, means no
+  // inputs). Returns the commit's version; kNotFound (no such workflow), kAlreadyExists (id
+  // taken), kInvalidArgument (an id that is not one path segment, such as "L.1", or inputs that
+  // are not an object or not storable JSON).
+  // `timeout_ms` > 0 bounds the instance's life: past it the runner fails it.
+  [[nodiscard]] absl::StatusOr<std::uint64_t> start(std::string_view workflow, std::string_view id,
+                                                    json inputs = json::object(),
+                                                    std::int64_t timeout_ms = 0);
+  // The instance `id` in the newest snapshot, or kNotFound.
+  [[nodiscard]] absl::StatusOr<workflow_instance> inspect(std::string_view id) const;
+  // The instances with `status` (every one if empty), in id order.
+  std::vector<workflow_instance> list(std::string_view status = {}) const;
+  // Cancels a running or waiting instance: it takes the failure path with `reason`.
+  // kNotFound; kFailedPrecondition if it has ended.
+  [[nodiscard]] absl::Status cancel(std::string_view id, std::string reason = "cancelled");
+
+  // Advances instance `id` by one step if it is running or compensating. Returns true if it
+  // changed. A step whose process fails with an exception or a contract breach sends the
+  // instance down its failure path (that is a change too). Errors: the engine's (kAborted after
+  // conflicts, kResourceExhausted, journal errors): the instance is unchanged.
+  [[nodiscard]] absl::StatusOr<bool> advance(std::string_view id);
+  // Up to `limit` instances that advance() would move now, in id order.
+  std::vector<std::string> runnable(std::size_t limit = 1024) const;
+  // Moves waits and instances whose time is up down their timeout or failure paths; returns how
+  // many, and sets `next_due_us` to the earliest remaining deadline (0 if none).
+  [[nodiscard]] absl::StatusOr<std::size_t> expire(std::int64_t now_us, std::int64_t& next_due_us);
+
+  // For the inbox: the handler spec and function that resume instances waiting for a message
+  // (relay's register_workflow_resume wires them). A message matching no waiting instance (a
+  // duplicate, or a reply after a timeout) changes nothing.
+  process_spec resume_spec() const;
+  absl::StatusOr<result> resume(const context& ctx, const outbox_message& m) const;
+
+  const workflow_options& options() const { return options_; }
+
+ private:
+  workflows(engine& e, workflow_options opts);  // validated by create()
+  struct registered_process;
+  struct registered_predicate;
+  struct defined;
+  absl::Status check(const workflow_definition& def) const;
+  absl::Status register_control(const std::shared_ptr<const defined>& d);
+  std::shared_ptr<const defined> find_definition(std::string_view name) const;
+  // If `t`'s instance ended and has a parent waiting on it, moves the parent on (same commit).
+  void settle(detail::instance_txn& t) const;
+  // Runs step `step` (not a process step) of `t`'s instance, of definition `d`.
+  void run_control_step(detail::instance_txn& t, const defined& d, const workflow_step& step) const;
+
+  engine& engine_;
+  const workflow_options options_;
+  mutable std::mutex mu_;
+  std::map<std::string, std::shared_ptr<const registered_process>, std::less<>> processes_;
+  std::map<std::string, std::shared_ptr<const registered_predicate>, std::less<>> predicates_;
+  std::map<std::string, std::shared_ptr<const defined>, std::less<>> definitions_;
+};
+
+}  // namespace pop

@@ -1,0 +1,130 @@
+#include "pop/workflow/workflow_runner.hpp"
+
+#include <chrono>
+#include <memory>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "pop/contracts/status.hpp"
+
+namespace pop {
+
+namespace asio = boost::asio;
+
+namespace {
+
+bool transient(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kAborted ||
+         s.code() == absl::StatusCode::kResourceExhausted ||
+         s.code() == absl::StatusCode::kNotFound;  // an instance gone between list and advance
+}
+
+// What the commit listener and the loop share; kept alive by both.
+struct wake_state {
+  explicit wake_state(asio::strand<asio::any_io_executor> s)
+      : strand(std::move(s)), timer(strand) {}
+  asio::strand<asio::any_io_executor> strand;
+  asio::steady_timer timer;
+  std::atomic<bool> notified{false};
+  bool pending = false;  // strand only
+  void wake() {
+    pending = true;
+    timer.cancel();
+  }
+};
+
+}  // namespace
+
+workflow_runner::workflow_runner(engine& e, workflows& w, workflow_runner_options opts)
+    : engine_(e), workflows_(w), options_(opts) {}
+
+asio::awaitable<absl::Status> workflow_runner::run() {
+  return loop(false);
+}
+
+asio::awaitable<absl::Status> workflow_runner::settle() {
+  return loop(true);
+}
+
+asio::awaitable<absl::Status> workflow_runner::loop(bool until_settled) {
+  const asio::any_io_executor executor = co_await asio::this_coro::executor;
+  auto state = std::make_shared<wake_state>(asio::make_strand(executor));
+  // The work runs as its own coroutine on the strand, so the executor may be multi-threaded.
+  const absl::Status status = co_await asio::co_spawn(
+      state->strand, loop_on_strand(state, until_settled), asio::use_awaitable);
+  co_return status;
+}
+
+asio::awaitable<absl::Status> workflow_runner::loop_on_strand(std::shared_ptr<void> opaque,
+                                                              bool until_settled) {
+  const std::shared_ptr<wake_state> state = std::static_pointer_cast<wake_state>(opaque);
+  co_await asio::this_coro::throw_if_cancelled(false);
+  std::weak_ptr<wake_state> weak = state;
+  subscription sub = engine_.on_commit([weak](std::uint64_t) {
+    const std::shared_ptr<wake_state> s = weak.lock();
+    if (!s || s->notified.exchange(true)) return;
+    asio::post(s->strand, [s] { s->wake(); });
+  });
+  // Deadlines are times on the engine's clock: a clock moved by hand wakes the runner at once.
+  const std::shared_ptr<void> watch = engine_.clock().on_moved([weak] {
+    if (const std::shared_ptr<wake_state> s = weak.lock()) {
+      asio::post(s->strand, [s] { s->wake(); });
+    }
+  });
+  const auto cancelled = []() -> asio::awaitable<bool> {
+    const asio::cancellation_state cs = co_await asio::this_coro::cancellation_state;
+    co_return cs.cancelled() != asio::cancellation_type::none;
+  };
+  for (;;) {
+    if (co_await cancelled()) co_return absl::CancelledError("workflow runner stopped");
+    state->notified.store(false);
+    bool progressed = false;
+    for (const std::string& id : workflows_.runnable(options_.max_steps_per_round)) {
+      const absl::StatusOr<bool> moved = workflows_.advance(id);
+      if (!moved.ok()) {
+        if (transient(moved.status())) continue;
+        co_return annotate(moved.status(), absl::StrCat("workflow runner, instance '", id, "'"));
+      }
+      if (*moved) {
+        progressed = true;
+        steps_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+    std::int64_t next_due = 0;
+    const absl::StatusOr<std::size_t> expired =
+        workflows_.expire(engine_.clock().now_us(), next_due);
+    if (!expired.ok() && !transient(expired.status())) co_return expired.status();
+    if (expired.ok() && *expired > 0) progressed = true;
+    if (progressed) {
+      co_await asio::post(state->strand, asio::use_awaitable);
+      continue;
+    }
+    if (until_settled && workflows_.runnable(1).empty() && next_due == 0)
+      co_return absl::OkStatus();
+    if (!state->pending && !(co_await cancelled())) {
+      if (next_due > 0) {
+        state->timer.expires_after(std::chrono::microseconds(
+            std::max<std::int64_t>(next_due - engine_.clock().now_us(), 0)));
+      } else {
+        state->timer.expires_at(asio::steady_timer::time_point::max());
+      }
+      co_await state->timer.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
+    state->pending = false;
+  }
+}
+
+absl::Status register_workflow_resume(inbox& in, workflows& w) {
+  return in.register_handler(w.resume_spec(), [&w](const context& ctx, const outbox_message& m) {
+    return w.resume(ctx, m);
+  });
+}
+
+}  // namespace pop

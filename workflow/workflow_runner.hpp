@@ -1,0 +1,54 @@
+// Defines pop::workflow_runner, the Asio coroutine that advances workflow instances.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include <boost/asio/awaitable.hpp>
+
+#include "absl/status/status.h"
+#include "pop/relay/inbox.hpp"
+#include "pop/workflow/workflow.hpp"
+
+namespace pop {
+
+struct workflow_runner_options {
+  std::size_t max_steps_per_round = 256;  // instances advanced one step each per round
+};
+
+// Advances the running instances of a pop::workflows one step at a time, round-robin, so many
+// instances progress side by side; fires wait and instance timeouts with real timers. Woken by
+// commit notifications, like the relay; runs on its own strand.
+// Lifetime: the engine and the workflows must outlive it; one run at a time.
+class workflow_runner {
+ public:
+  workflow_runner(engine& e, workflows& w, workflow_runner_options opts = {});
+
+  // Advances instances until cancelled; returns kCancelled then, or an engine error that is not
+  // a transient one (conflicts and backpressure are retried on the next round).
+  boost::asio::awaitable<absl::Status> run();
+  // Like run(), but returns OK once no instance is running or compensating and no timer is
+  // pending (waiting instances without a timeout may remain).
+  boost::asio::awaitable<absl::Status> settle();
+
+  // Steps that changed an instance, since construction. Any thread.
+  std::uint64_t steps() const { return steps_.load(std::memory_order_relaxed); }
+
+ private:
+  boost::asio::awaitable<absl::Status> loop(bool until_settled);
+  boost::asio::awaitable<absl::Status> loop_on_strand(std::shared_ptr<void> state,
+                                                      bool until_settled);
+
+  engine& engine_;
+  workflows& workflows_;
+  const workflow_runner_options options_;
+  std::atomic<std::uint64_t> steps_{0};
+};
+
+// Registers the workflows' resume handler on `in`, so messages applied through the inbox resume
+// the instances waiting for them (exactly once per message id).
+[[nodiscard]] absl::Status register_workflow_resume(inbox& in, workflows& w);
+
+}  // namespace pop
