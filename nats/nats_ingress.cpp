@@ -39,26 +39,26 @@ bool fatal(absl::StatusCode c) {
   return c == absl::StatusCode::kDataLoss || c == absl::StatusCode::kInternal;
 }
 
-path checked_dead_letters(const nats_ingress_options& o, const path& outbox) {
+absl::StatusOr<path> checked_dead_letters(const nats_ingress_options& o, const path& outbox) {
   absl::StatusOr<path> p = path::parse(o.dead_letter_path);
-  if (!p.ok()) {
-    throw std::invalid_argument(
-        annotate(p.status(), "nats_ingress_options.dead_letter_path").ToString());
-  }
+  if (!p.ok()) return annotate(p.status(), "nats_ingress_options.dead_letter_path");
   if (p->overlaps(outbox)) {
-    throw std::invalid_argument(absl::StrCat("nats_ingress_options.dead_letter_path '", p->str(),
-                                             "' overlaps the outbox at '", outbox.str(), "'"));
+    return absl::InvalidArgumentError(absl::StrCat("nats_ingress_options.dead_letter_path '",
+                                                   p->str(), "' overlaps the outbox at '",
+                                                   outbox.str(), "'; choose a path outside it"));
   }
   return *std::move(p);
 }
 
 }  // namespace
 
-nats_ingress::nats_ingress(engine& e, inbox& in, nats_ingress_options opts)
+nats_ingress::nats_ingress(engine& e, inbox& in, nats_ingress_options opts,
+                           topic_table<std::string> routes, path dead_letters)
     : engine_(e),
       inbox_(in),
       options_(std::move(opts)),
-      dead_letters_(checked_dead_letters(options_, e.outbox_path())),
+      routes_(std::move(routes)),
+      dead_letters_(std::move(dead_letters)),
       counters_(std::make_unique<counters>()) {}
 
 absl::StatusOr<std::unique_ptr<nats_ingress>> nats_ingress::create(engine& e, inbox& in,
@@ -85,18 +85,18 @@ absl::StatusOr<std::unique_ptr<nats_ingress>> nats_ingress::create(engine& e, in
                      "retry_initial must be positive and "
                      "retry_max at least retry_initial"));
   }
+  topic_table<std::string> routes;
   for (const auto& [topic, handler] : o.routes) {
     if (topic.empty() || handler.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("nats_ingress for stream '", o.stream,
                                                      "': a route needs a topic and a handler"));
     }
+    POP_RETURN_IF_ERROR(annotate(routes.insert(topic, handler),
+                                 absl::StrCat("nats_ingress for stream '", o.stream, "', route")));
   }
-  std::unique_ptr<nats_ingress> in_ptr;
-  try {
-    in_ptr.reset(new nats_ingress(e, in, std::move(o)));
-  } catch (const std::invalid_argument& ex) {
-    return absl::InvalidArgumentError(ex.what());
-  }
+  POP_ASSIGN_OR_RETURN(path dead, checked_dead_letters(o, e.outbox_path()));
+  std::unique_ptr<nats_ingress> in_ptr(
+      new nats_ingress(e, in, std::move(o), std::move(routes), std::move(dead)));
   nats_ingress& self = *in_ptr;
   const nats_ingress_options& opt = self.options_;
   const std::string where =
@@ -155,19 +155,7 @@ nats_ingress::~nats_ingress() {
 }
 
 const std::string* nats_ingress::route(const std::string& topic) const {
-  if (auto it = options_.routes.find(topic); it != options_.routes.end()) return &it->second;
-  const std::string* best = nullptr;
-  std::size_t best_len = 0;
-  for (const auto& [pattern, handler] : options_.routes) {
-    if (pattern.size() < 2 || !absl::EndsWith(pattern, ".*")) continue;
-    const std::string_view prefix(pattern.data(), pattern.size() - 1);  // keeps the '.'
-    if (topic.size() > prefix.size() && topic.compare(0, prefix.size(), prefix) == 0 &&
-        prefix.size() > best_len) {
-      best = &handler;
-      best_len = prefix.size();
-    }
-  }
-  if (best != nullptr) return best;
+  if (const std::string* handler = routes_.find(topic)) return handler;
   return options_.handler.empty() ? nullptr : &options_.handler;
 }
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "pop/contracts/topic_pattern.hpp"
 #include "pop/engine/engine.hpp"
 #include "pop/nats/nats_connection.hpp"
 #include "pop/relay/inbox.hpp"
@@ -117,7 +118,8 @@ class nats_ingress {
 
  private:
   struct counters;
-  nats_ingress(engine& e, inbox& in, nats_ingress_options opts);
+  nats_ingress(engine& e, inbox& in, nats_ingress_options opts, topic_table<std::string> routes,
+               path dead_letters);  // validated by create()
   // Handles one message; returns OK once it is settled and acknowledged.
   absl::Status handle(natsMsg* msg);
   // Handles `msgs` (one key's, in order) until one fails; returns how many were settled.
@@ -129,6 +131,7 @@ class nats_ingress {
   engine& engine_;
   inbox& inbox_;
   const nats_ingress_options options_;
+  const topic_table<std::string> routes_;
   const path dead_letters_;
   natsSubscription* sub_ = nullptr;
   jsCtx* js_ = nullptr;

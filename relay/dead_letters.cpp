@@ -19,28 +19,6 @@ absl::StatusOr<path> checked_path(std::string_view text, const path& outbox) {
   return *std::move(p);
 }
 
-absl::StatusOr<dead_letter> parse_letter(std::string_view id, const json& j) {
-  dead_letter d;
-  if (!j.is_object() || !j.contains("message")) {
-    return absl::InvalidArgumentError("a dead letter must be an object with a 'message' field");
-  }
-  if (j.value("malformed", false)) {
-    d.malformed = true;
-    d.raw = j.at("message");
-    d.message.id = std::string(id);
-  } else {
-    POP_ASSIGN_OR_RETURN(d.message, outbox_message::from_json(j.at("message")));
-  }
-  try {
-    if (const auto it = j.find("dead_at_us"); it != j.end()) d.dead_at_us = it->get<std::int64_t>();
-    if (const auto it = j.find("reason"); it != j.end()) d.reason = it->get<std::string>();
-  } catch (const json::exception& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("dead letter field of the wrong type: ", e.what()));
-  }
-  return d;
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<dead_letters>> dead_letters::create(engine& e,
@@ -62,7 +40,7 @@ absl::StatusOr<std::vector<dead_letter>> dead_letters::list(std::size_t limit) c
   absl::Status error;
   snap.view(path_).for_each_member([&](std::string_view id, const value_view& v) {
     if (out.size() >= limit) return false;
-    absl::StatusOr<dead_letter> d = parse_letter(id, v.to_json());
+    absl::StatusOr<dead_letter> d = dead_letter::from_json(id, v.to_json());
     if (!d.ok()) {
       error = absl::DataLossError(absl::StrCat("dead letter '", path_.str(), ".",
                                                detail::to_absl(id), "' in version ", snap.version(),
@@ -116,7 +94,7 @@ absl::StatusOr<std::pair<std::size_t, std::uint64_t>> dead_letters::requeue_ids(
                                                      "version ",
                                                      snap.version()));
       }
-      absl::StatusOr<dead_letter> d = parse_letter(id, stored.to_json());
+      absl::StatusOr<dead_letter> d = dead_letter::from_json(id, stored.to_json());
       if (d.ok() && d->malformed) {
         return absl::FailedPreconditionError(
             absl::StrCat("dead letter '", id, "' was not a valid outbox message (", d->reason,

@@ -10,19 +10,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "pop/contracts/dead_letter.hpp"
 #include "pop/engine/engine.hpp"
 
 namespace pop {
-
-// A message the relay gave up on, as stored at `<dead-letter path>.<id>`:
-// {"message": <the outbox message with its failure history>, "dead_at_us": ..., "reason": ...}.
-struct dead_letter {
-  outbox_message message{};  // message.failures holds every failed attempt's reason and time
-  std::int64_t dead_at_us = 0;
-  std::string reason{};
-  bool malformed = false;  // the outbox entry was not a valid message: `raw` holds it, and only
-  json raw{};              // message.id is set; it cannot be requeued, only discarded
-};
 
 // The dead letters of one engine at one path (relay_options::dead_letter_path). Every operation is
 // a transaction on the engine, so it is journaled and visible like any commit.

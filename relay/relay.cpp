@@ -24,6 +24,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/status.hpp"
+#include "pop/relay/detail/outcome_policy.hpp"
 
 namespace pop {
 
@@ -58,16 +59,7 @@ struct flight {
 };
 
 // A publish's result, waiting to be recorded in the state.
-struct outcome {
-  enum class kind { delivered, failed, malformed };
-  kind what = kind::delivered;
-  std::string id;
-  std::string key;
-  std::uint32_t attempts_before = 0;  // the stored attempt count when it was published
-  absl::Status status;                // why it failed
-  std::int64_t at_us = 0;
-  json raw;  // malformed: the stored value
-};
+using outcome = detail::publish_outcome;
 
 // One active run of a relay. Everything but the counters and `notified_` is touched only on
 // strand_.
@@ -398,16 +390,6 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     outcomes_.push_back(std::move(o));
   }
 
-  // The jittered exponential delay before attempt `failures` + 1: uniform in [d/2, d] with
-  // d = initial_backoff * 2^(failures-1), capped at max_backoff, so delays never shrink.
-  std::int64_t backoff_us(std::uint32_t failures) {
-    const std::int64_t initial = options_.initial_backoff.count();
-    const std::int64_t cap = options_.max_backoff.count();
-    std::int64_t d = initial;
-    for (std::uint32_t i = 1; i < failures && d < cap; ++i) d *= 2;
-    return jittered_us(std::min(d, cap));
-  }
-
   // A delay drawn uniformly from [d/2, d].
   std::int64_t jittered_us(std::int64_t d) {
     std::uniform_int_distribution<std::int64_t> pick(d / 2, d);
@@ -420,69 +402,40 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     std::uint64_t dead = 0;
   };
 
-  // Adds to `writes` what recording `o` on `snap` takes; nothing if the message is gone or was
-  // changed by someone else since it was published.
+  // Adds to `writes` what recording `o` on `queue` takes (detail::decide_outcome says what);
+  // nothing if the message is gone or was changed by someone else since it was published.
   void build(const value_view& queue, const outcome& o, std::vector<write>& writes, tally& t) {
-    const value_view stored = queue.member(o.id);
-    if (!stored) return;
+    const value_view entry = queue.member(o.id);
+    if (!entry) return;
+    std::optional<outbox_message> stored;
+    if (o.what == outcome::kind::failed) {
+      absl::StatusOr<outbox_message> m = outbox_message::from_json(entry.to_json());
+      if (!m.ok()) return;
+      stored = *std::move(m);
+    }
+    const detail::outcome_policy policy{options_.max_attempts, options_.initial_backoff.count(),
+                                        options_.max_backoff.count()};
+    detail::outcome_decision d =
+        detail::decide_outcome(stored ? &*stored : nullptr, o, policy, outage_since_us_,
+                               [this](std::int64_t delay) { return jittered_us(delay); });
     std::string at = absl::StrCat(outbox_, ".", o.id);
-    if (o.what == outcome::kind::delivered) {
-      writes.push_back({std::move(at), std::nullopt});
-      ++t.delivered;
-      return;
+    switch (d.what) {
+      case detail::outcome_decision::kind::skip:
+        return;
+      case detail::outcome_decision::kind::remove:
+        writes.push_back({std::move(at), std::nullopt});
+        ++t.delivered;
+        return;
+      case detail::outcome_decision::kind::retry:
+        writes.push_back({std::move(at), std::move(*d.message).to_json()});
+        ++t.retried;
+        return;
+      case detail::outcome_decision::kind::dead_letter:
+        writes.push_back({std::move(at), std::nullopt});
+        writes.push_back({absl::StrCat(dead_letters_, ".", o.id), d.letter->to_json()});
+        ++t.dead;
+        return;
     }
-    if (o.what == outcome::kind::malformed) {
-      writes.push_back({std::move(at), std::nullopt});
-      json letter = {{"message", o.raw},
-                     {"malformed", true},
-                     {"dead_at_us", o.at_us},
-                     {"reason", absl::StrCat("not a valid outbox message: ", o.status.ToString())}};
-      writes.push_back({absl::StrCat(dead_letters_, ".", o.id), std::move(letter)});
-      ++t.dead;
-      return;
-    }
-    json msg = stored.to_json();
-    const auto attempts_it = msg.find("attempts");
-    if (attempts_it == msg.end() || !attempts_it->is_number() ||
-        attempts_it->get<double>() != static_cast<double>(o.attempts_before)) {
-      return;
-    }
-    const std::string error = o.status.ToString();
-    if (is_destination_unavailable(o.status) && !is_permanent_failure(o.status)) {
-      // The destination is down: not this message's attempt. It keeps its attempt count and
-      // history (an outage of any length dead-letters nothing) and waits about as long as the
-      // outage has lasted so far, between initial_backoff and max_backoff, with jitter.
-      msg["last_error"] = error;
-      const std::int64_t lasted = outage_since_us_ == 0 ? 0 : o.at_us - outage_since_us_;
-      msg["next_attempt_at_us"] =
-          o.at_us + jittered_us(std::clamp<std::int64_t>(lasted, options_.initial_backoff.count(),
-                                                         options_.max_backoff.count()));
-      writes.push_back({std::move(at), std::move(msg)});
-      ++t.retried;
-      return;
-    }
-    const std::uint32_t attempts = o.attempts_before + 1;
-    json& failures = msg["failures"];
-    if (!failures.is_array()) failures = json::array();
-    failures.push_back({{"attempt", attempts}, {"at_us", o.at_us}, {"error", error}});
-    msg["attempts"] = attempts;
-    msg["last_error"] = error;
-    if (attempts >= options_.max_attempts || is_permanent_failure(o.status)) {
-      msg["next_attempt_at_us"] = 0;
-      writes.push_back({std::move(at), std::nullopt});
-      std::string reason =
-          is_permanent_failure(o.status)
-              ? absl::StrCat("permanent failure: ", error)
-              : absl::StrCat("gave up after ", attempts, " failed attempts; the last: ", error);
-      json letter = {
-          {"message", std::move(msg)}, {"dead_at_us", o.at_us}, {"reason", std::move(reason)}};
-      writes.push_back({absl::StrCat(dead_letters_, ".", o.id), std::move(letter)});
-      ++t.dead;
-      return;
-    }
-    msg["next_attempt_at_us"] = o.at_us + backoff_us(attempts);
-    writes.push_back({std::move(at), std::move(msg)});
-    ++t.retried;
   }
 
   // Records every known outcome, batch_size per transaction. Conflicts (another writer of the

@@ -25,34 +25,19 @@ absl::Status topic_router::on(std::string topic, async_handler fn) {
 }
 
 absl::Status topic_router::add(std::string topic, route r) {
-  const bool pattern = topic.size() >= 2 && topic.compare(topic.size() - 2, 2, ".*") == 0;
-  const std::string checked = pattern ? topic.substr(0, topic.size() - 2) : topic;
-  if (absl::Status s = validate_topic(checked); !s.ok()) return annotate(s, "topic_router");
-  if (pattern) {
-    std::string prefix = checked + ".";
-    const auto same = [&](const auto& entry) { return entry.first == prefix; };
-    if (std::any_of(prefixes_.begin(), prefixes_.end(), same)) {
+  const std::string shown = topic;
+  if (absl::Status s = routes_.insert(std::move(topic), std::move(r)); !s.ok()) {
+    if (s.code() == absl::StatusCode::kAlreadyExists) {
       return absl::AlreadyExistsError(
-          absl::StrCat("topic_router: '", topic, "' already has a handler"));
+          absl::StrCat("topic_router: '", shown, "' already has a handler"));
     }
-    prefixes_.emplace_back(std::move(prefix), std::move(r));
-    std::stable_sort(prefixes_.begin(), prefixes_.end(),
-                     [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
-    return absl::OkStatus();
-  }
-  if (!exact_.emplace(topic, std::move(r)).second) {
-    return absl::AlreadyExistsError(
-        absl::StrCat("topic_router: '", topic, "' already has a handler"));
+    return annotate(s, "topic_router");
   }
   return absl::OkStatus();
 }
 
 const topic_router::route* topic_router::find(const std::string& topic) const {
-  if (const auto it = exact_.find(topic); it != exact_.end()) return &it->second;
-  for (const auto& [prefix, r] : prefixes_) {
-    if (topic.size() > prefix.size() && topic.compare(0, prefix.size(), prefix) == 0) return &r;
-  }
-  return nullptr;
+  return routes_.find(topic);
 }
 
 absl::Status topic_router::unrouted(const outbox_message& m) {

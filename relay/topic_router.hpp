@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "pop/contracts/topic_pattern.hpp"
 #include "pop/relay/sink.hpp"
 
 namespace pop {
@@ -55,8 +56,7 @@ class topic_router final : public sink {
   absl::Status unrouted(const outbox_message& m);
 
   unknown_topic policy_;
-  std::map<std::string, route> exact_;
-  std::vector<std::pair<std::string, route>> prefixes_;  // "a.b." -> route, longest first
+  topic_table<route> routes_;
   std::atomic<std::uint64_t> dropped_{0};
 };
 

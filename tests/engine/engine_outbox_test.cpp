@@ -14,18 +14,6 @@ using pop::json;
 
 namespace {
 
-struct account {
-  std::string owner;
-  int balance = 0;
-};
-void from_json(const json& j, account& a) {
-  j.at("owner").get_to(a.owner);
-  j.at("balance").get_to(a.balance);
-}
-void to_json(json& j, const account& a) {
-  j = json{{"owner", a.owner}, {"balance", a.balance}};
-}
-
 // A state-independent writer used to commit "concurrently" from inside another process's run.
 void register_setter(pop::engine& e, const std::string& name, const std::string& output) {
   REQUIRE(e.register_process({.name = name, .outputs = {output}}, [output](const pop::context&,
@@ -34,10 +22,6 @@ void register_setter(pop::engine& e, const std::string& name, const std::string&
              r.set(args.value("path", output), args.at("value"));
              return r;
            }).ok());
-}
-
-json state_at(const pop::engine& e, const std::string& p) {
-  return e.snapshot().read(p).value();
 }
 
 }  // namespace

@@ -63,15 +63,6 @@ pop::engine& emitting(pop::engine& e) {
   return e;
 }
 
-// The acknowledged ids of `sink` grouped by message key, each in acknowledgement order.
-std::map<std::string, std::vector<std::string>> acked_by_key(const scripted_sink& sink) {
-  std::map<std::string, std::vector<std::string>> out;
-  for (const auto& c : sink.calls) {
-    if (c.what == act::ok) out[c.message.key].push_back(c.message.id);
-  }
-  return out;
-}
-
 }  // namespace
 
 TEST_CASE("the topic router routes by topic and pattern and applies its unknown-topic policy",
