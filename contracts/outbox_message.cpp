@@ -40,14 +40,14 @@ json outbox_message::to_json() const& {
 json outbox_message::to_json() && {
   return json{{"id", std::move(id)},
               {"topic", std::move(topic)},
-              {"key", std::move(key)},
+              {outbox_fields::key, std::move(key)},
               {"payload", std::move(payload)},
               {"headers", std::move(headers)},
               {"created_at_us", created_at_us},
               {"version", version},
               {"attempts", attempts},
               {"last_error", std::move(last_error)},
-              {"next_attempt_at_us", next_attempt_at_us},
+              {outbox_fields::next_attempt_at_us, next_attempt_at_us},
               {"failures", std::move(failures)}};
 }
 
@@ -82,14 +82,14 @@ absl::StatusOr<outbox_message> outbox_message::from_json(const json& j) {
   };
   POP_RETURN_IF_ERROR(field("id", m.id));
   POP_RETURN_IF_ERROR(field("topic", m.topic));
-  POP_RETURN_IF_ERROR(field("key", m.key));
+  POP_RETURN_IF_ERROR(field(outbox_fields::key, m.key));
   if (const auto it = j.find("payload"); it != j.end()) m.payload = *it;
   POP_RETURN_IF_ERROR(field("headers", m.headers));
   POP_RETURN_IF_ERROR(field("created_at_us", m.created_at_us));
   POP_RETURN_IF_ERROR(field("version", m.version));
   POP_RETURN_IF_ERROR(field("attempts", m.attempts));
   POP_RETURN_IF_ERROR(field("last_error", m.last_error));
-  POP_RETURN_IF_ERROR(field("next_attempt_at_us", m.next_attempt_at_us));
+  POP_RETURN_IF_ERROR(field(outbox_fields::next_attempt_at_us, m.next_attempt_at_us));
   if (j.contains("failures")) POP_RETURN_IF_ERROR(field("failures", m.failures));
   return m;
 }

@@ -36,6 +36,14 @@ struct delivery_failure {
 void to_json(json& j, const delivery_failure& f);
 void from_json(const json& j, delivery_failure& f);
 
+// Field names of the stored message that code reads one at a time without decoding the whole
+// message (the relay's scan skips busy keys and backoffs this way). The codec below is the only
+// other place that spells them.
+namespace outbox_fields {
+inline constexpr const char* key = "key";
+inline constexpr const char* next_attempt_at_us = "next_attempt_at_us";
+}  // namespace outbox_fields
+
 // A message emitted by a committed process, waiting in the outbox until a sink acknowledges it.
 //
 // Stored in the state at `<outbox path>.<id>` as a JSON object with these field names, so every

@@ -7,16 +7,28 @@
 #include <thread>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "pop/contracts/process_error.hpp"
 #include "pop/contracts/status.hpp"
 #include "pop/engine/detail/journal.hpp"
+#include "pop/engine/detail/journal_format.hpp"
 #include "pop/engine/detail/outbox_form.hpp"
 #include "pop/engine/detail/process_runner.hpp"
 
 namespace pop {
+
+namespace detail {
+
+// The registered processes by name, behind their own lock (kept out of engine.hpp).
+struct process_registry {
+  mutable std::shared_mutex mu;
+  absl::flat_hash_map<std::string, std::shared_ptr<const registered>> by_name ABSL_GUARDED_BY(mu);
+};
+
+}  // namespace detail
 
 namespace {
 
@@ -78,6 +90,7 @@ engine::engine() : engine(options{}, nullptr, {0, detail::make_root(json::object
 engine::engine(options opts, std::unique_ptr<detail::journal> journal, detail::journal_start start)
     : options_(std::move(opts)),
       outbox_(std::make_shared<const path>(path::parse(options_.outbox_path).value())),
+      registry_(std::make_unique<detail::process_registry>()),
       listeners_(std::make_shared<detail::commit_listeners>()),
       audit_(options_.audit_capacity),
       journal_(std::move(journal)) {
@@ -121,8 +134,8 @@ absl::Status engine::register_process(process_spec spec, process_fn fn) {
         p, *outbox_, absl::StrCat("process '", contract.name(), "' declares an output that")));
   }
   auto entry = std::make_shared<const registered>(registered{std::move(contract), std::move(fn)});
-  std::unique_lock lock(registry_mu_);
-  const auto [it, inserted] = registry_.try_emplace(entry->contract.name(), entry);
+  std::unique_lock lock(registry_->mu);
+  const auto [it, inserted] = registry_->by_name.try_emplace(entry->contract.name(), entry);
   if (!inserted) {
     return absl::AlreadyExistsError(
         absl::StrCat("a process named '", entry->contract.name(), "' is already registered"));
@@ -133,17 +146,17 @@ absl::Status engine::register_process(process_spec spec, process_fn fn) {
 std::vector<std::string> engine::processes() const {
   std::vector<std::string> names;
   {
-    std::shared_lock lock(registry_mu_);
-    for (const auto& [name, entry] : registry_) names.push_back(name);
+    std::shared_lock lock(registry_->mu);
+    for (const auto& [name, entry] : registry_->by_name) names.push_back(name);
   }
   std::sort(names.begin(), names.end());
   return names;
 }
 
 std::shared_ptr<const engine::registered> engine::find(std::string_view name) const {
-  std::shared_lock lock(registry_mu_);
-  const auto it = registry_.find(detail::to_absl(name));
-  return it == registry_.end() ? nullptr : it->second;
+  std::shared_lock lock(registry_->mu);
+  const auto it = registry_->by_name.find(detail::to_absl(name));
+  return it == registry_->by_name.end() ? nullptr : it->second;
 }
 
 std::shared_ptr<const detail::version_state> engine::head() const {
@@ -212,22 +225,21 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
     record->at_us = options_.clock->now_us();
     record->process = std::string(who);
     try {
-      json writes = json::array();
+      detail::record_encoder encoded;
       for (const detail::prepared_write& w : prep.writes) {
         if (w.value) {
-          writes.push_back(
-              json::array({w.target.str(), detail::materialise({w.value.get(), nullptr})}));
+          encoded.set(w.target.str(), detail::materialise({w.value.get(), nullptr}));
         } else {
-          writes.push_back(json::array({w.target.str()}));
+          encoded.erase(w.target.str());
         }
       }
       for (const std::string& id : done.message_ids) {
         std::string at = absl::StrCat(outbox_->str(), ".", id);
         json stored = detail::materialise(detail::lookup(*done.root, at));
-        writes.push_back(json::array({std::move(at), std::move(stored)}));
+        encoded.set(std::move(at), std::move(stored));
       }
-      record->writes = writes.dump();
-      record->messages = json(done.message_ids).dump();
+      record->writes = encoded.writes_text();
+      record->messages = detail::record_encoder::messages_text(done.message_ids);
     } catch (const std::exception& e) {
       // Values are checked before they are committed, so this is a bug; never leave the record
       // unfilled (later commits would wait for it forever): fail the journal instead.

@@ -14,7 +14,6 @@
 #include <mutex>
 #include <shared_mutex>
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "pop/contracts/clock.hpp"
 #include "pop/contracts/json.hpp"
@@ -38,6 +37,7 @@ class journal;
 struct prepared;
 struct applied;
 struct registered;
+struct process_registry;
 }  // namespace detail
 
 // A process: a pure function of the snapshot (through its context) and the call's arguments,
@@ -212,9 +212,7 @@ class engine {
   const options options_;
   const std::shared_ptr<const path> outbox_;
 
-  mutable std::shared_mutex registry_mu_;
-  absl::flat_hash_map<std::string, std::shared_ptr<const registered>> registry_
-      ABSL_GUARDED_BY(registry_mu_);
+  const std::unique_ptr<detail::process_registry> registry_;  // its own lock inside
 
   // Lock order: commit_mu_ before head_mu_.
   std::mutex commit_mu_;

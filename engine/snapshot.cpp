@@ -1,5 +1,7 @@
 #include "pop/engine/snapshot.hpp"
 
+#include "pop/engine/detail/tree.hpp"
+
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/status.hpp"
 

@@ -1,8 +1,14 @@
 #include "pop/engine/value_view.hpp"
 
+#include "pop/engine/detail/tree.hpp"
+
 #include "pop/contracts/path.hpp"
 
 namespace pop {
+
+detail::location value_view::location() const {
+  return {node_.get(), inner_};
+}
 
 const json* value_view::direct() const {
   if (!node_) return nullptr;

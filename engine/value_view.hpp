@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -9,7 +10,12 @@
 
 #include "absl/functional/function_ref.h"
 #include "pop/contracts/json.hpp"
-#include "pop/engine/detail/tree.hpp"
+
+namespace pop::detail {
+struct value_node;
+struct location;
+using node_ptr = std::shared_ptr<const value_node>;
+}  // namespace pop::detail
 
 namespace pop {
 
@@ -56,7 +62,7 @@ class value_view {
   friend class snapshot;
   friend class context;
   value_view(detail::node_ptr node, const json* inner) : node_(std::move(node)), inner_(inner) {}
-  detail::location location() const { return {node_.get(), inner_}; }
+  detail::location location() const;
   // The JSON value itself when it is stored whole (not a member map), else null.
   const json* direct() const;
 

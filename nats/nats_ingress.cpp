@@ -14,6 +14,7 @@
 #include "pop/contracts/status.hpp"
 #include "pop/nats/detail/nats_codec.hpp"
 #include "pop/nats/detail/nats_status.hpp"
+#include "pop/nats/detail/worker_pool.hpp"
 
 namespace pop {
 
@@ -327,11 +328,16 @@ absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
       std::min<std::size_t>(lanes.size(),
                             static_cast<std::size_t>(std::max(1, options_.apply_threads))) -
       1;
-  std::vector<std::thread> threads;
-  threads.reserve(helpers);
-  for (std::size_t t = 0; t < helpers; ++t) threads.emplace_back(work);
-  work();
-  for (std::thread& t : threads) t.join();
+  // Helper threads are started once and reused by every batch.
+  if (helpers > 0 && !pool_) {
+    pool_ = std::make_unique<detail::worker_pool>(
+        static_cast<std::size_t>(std::max(1, options_.apply_threads)) - 1);
+  }
+  if (pool_) {
+    pool_->run(helpers, work);
+  } else {
+    work();
+  }
   if (failed.load()) {
     // What this batch did not settle goes back at once: the server redelivers it before newer
     // messages, so per-key order holds after a stop or an error too.

@@ -25,6 +25,10 @@ typedef struct __natsMsg natsMsg;
 
 namespace pop {
 
+namespace detail {
+class worker_pool;
+}  // namespace detail
+
 // Where an ingress reads from and how it applies what it reads.
 struct nats_ingress_options {
   std::string stream{};          // the stream to consume; required
@@ -142,6 +146,8 @@ class nats_ingress {
   std::mutex status_mu_;
   absl::Status thread_status_;  // guarded by status_mu_
   std::unique_ptr<counters> counters_;
+  // Started at the first batch with several keys; used by whichever thread polls.
+  std::unique_ptr<detail::worker_pool> pool_;
 };
 
 }  // namespace pop

@@ -257,7 +257,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             key = cached->second;
           } else {
             try {
-              if (const value_view k = stored.member("key")) key = k.get<std::string>();
+              if (const value_view k = stored.member(outbox_fields::key))
+                key = k.get<std::string>();
             } catch (const json::exception&) {
               // Left to from_json below, which names the bad field.
             }
@@ -266,7 +267,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
           if (!key.empty() && blocked_.contains(key)) return true;
           std::int64_t due = 0;
           try {
-            if (const value_view d = stored.member("next_attempt_at_us"))
+            if (const value_view d = stored.member(outbox_fields::next_attempt_at_us))
               due = d.get<std::int64_t>();
           } catch (const json::exception&) {
             // Left to from_json below, which names the bad field.

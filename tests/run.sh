@@ -35,6 +35,7 @@ case "$sanitize" in
       -DCMAKE_PREFIX_PATH="$PWD/build/install-root" >/dev/null
     cmake --build build/consumer
     ./build/consumer/engine_consumer
+    ./build/consumer/readme_example
     ./build/consumer/consumer
     # An engine-only program links neither libnats nor anything else of the adapters.
     if ldd build/consumer/engine_consumer | grep -q libnats; then

@@ -8,8 +8,10 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "pop/contracts/json.hpp"
 #include "pop/engine/detail/sqlite.hpp"
 #include "pop/engine/detail/tree.hpp"
 #include "pop/engine/journal.hpp"
@@ -39,6 +41,23 @@ CREATE TABLE IF NOT EXISTS pop_snapshots(
 // commit) from one whose log was lost after a crash (the main file lacks the last commits). It
 // needs no sync: it only ever trails the log, and is read only when the log is absent.
 inline constexpr std::size_t head_size = 38;  // "pop-journal-head " + 20 digits + '\n'
+
+// Encodes a commit record's writes and message ids: the writes as JSON [[path, value] | [path]
+// (a delete), ...], the ids as a JSON list. With replay() and read_journal(), the only code that
+// knows the record's layout.
+class record_encoder {
+ public:
+  void set(std::string path, json value) {
+    writes_.push_back(json::array({std::move(path), std::move(value)}));
+  }
+  void erase(std::string path) { writes_.push_back(json::array({std::move(path)})); }
+  // The writes as JSON text; throws json::type_error for a value JSON text cannot hold.
+  std::string writes_text() const { return writes_.dump(); }
+  static std::string messages_text(const std::vector<std::string>& ids) { return json(ids).dump(); }
+
+ private:
+  json writes_ = json::array();
+};
 
 // The checksum of a pop_commits row: FNV-1a 64 over its fields.
 std::int64_t record_checksum(std::int64_t version, std::int64_t at_us, std::string_view process,

@@ -8,12 +8,14 @@
 
 #include <unistd.h>
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
 
 #include <map>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -87,10 +89,21 @@ std::unique_ptr<pop::engine> chapter_engine() {
 }
 
 // Runs `producers` threads of `per` register_user calls while `relay_round` runs until they are
-// done and the queue is empty. Returns false if a producer failed.
+// done and the queue is empty; between rounds the relay sleeps until a commit or the producers'
+// end wakes it (no polling). Returns false if a producer failed.
 template <class Round>
 bool run_with_producers(pop::engine& e, int producers, int per, Round relay_round) {
-  std::atomic<int> running{producers};
+  std::mutex mu;
+  std::condition_variable woken;
+  std::uint64_t commits = 0;  // guarded by mu
+  int running = producers;    // guarded by mu
+  const pop::subscription sub = e.on_commit([&](std::uint64_t) {
+    {
+      std::lock_guard lock(mu);
+      ++commits;
+    }
+    woken.notify_one();
+  });
   std::atomic<bool> failed{false};
   std::vector<std::thread> threads;
   for (int p = 0; p < producers; ++p) {
@@ -99,10 +112,25 @@ bool run_with_producers(pop::engine& e, int producers, int per, Round relay_roun
         const std::string name = "u" + std::to_string(p) + "-" + std::to_string(i);
         if (!e.execute("register_user", {{"name", name}}).ok()) failed = true;
       }
-      --running;
+      {
+        std::lock_guard lock(mu);
+        --running;
+      }
+      woken.notify_one();
     });
   }
-  while (running > 0 || e.snapshot().pending_count() > 0) relay_round();
+  for (;;) {
+    std::uint64_t seen = 0;
+    {
+      std::lock_guard lock(mu);
+      seen = commits;
+    }
+    relay_round();
+    std::unique_lock lock(mu);
+    if (running == 0 && e.snapshot().pending_count() == 0) break;
+    // Sleep only if nothing was committed since this round looked.
+    woken.wait(lock, [&] { return commits != seen || running == 0; });
+  }
   for (std::thread& t : threads) t.join();
   return !failed;
 }

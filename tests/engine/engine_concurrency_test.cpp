@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "pop/engine/engine.hpp"

@@ -18,6 +18,7 @@
 #include "pop/relay/inbox.hpp"
 #include "pop/relay/relay.hpp"
 #include "tests/support/scripted_sink.hpp"
+#include "tests/support/wait.hpp"
 
 namespace asio = boost::asio;
 using pop::json;
@@ -89,8 +90,16 @@ race_result race(int producers, int per_producer, bool asynchronous, std::uint64
     out.committed.insert(v.begin(), v.end());
     total += v.size();
   }
-  // Wait (no timing asserted) until the relay acknowledged every committed message.
-  while (sink.acked_count.load() < total) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  // Wait (no timing asserted) until the relay acknowledged every committed message; a relay
+  // that stops delivering fails here within a minute instead of hanging.
+  const bool all_acked = pop::test::eventually([&] { return sink.acked_count.load() >= total; },
+                                               std::chrono::seconds(60));
+  if (!all_acked) {
+    asio::post(io, [&] { stop.emit(asio::cancellation_type::terminal); });
+    for (auto& t : io_threads) t.join();
+    FAIL("the relay acknowledged " << sink.acked_count.load() << " of " << total
+                                   << " committed messages within a minute");
+  }
   asio::post(io, [&] { stop.emit(asio::cancellation_type::terminal); });
   for (auto& t : io_threads) t.join();
   REQUIRE(done.load());
