@@ -24,6 +24,9 @@ class clock {
   // returned handle is released; components that wait for a time re-check it then. A clock that
   // follows real time never calls it and may return null. Keep `moved` short.
   [[nodiscard]] virtual std::shared_ptr<void> on_moved(std::function<void()> moved) const;
+  // True if the clock moves with real time, so waiting real time until a due time makes sense;
+  // false for a clock moved by hand, whose due times come only through on_moved().
+  virtual bool moves_by_itself() const { return true; }
 };
 
 // The system's wall clock (std::chrono::system_clock). The same object on every call.
@@ -37,6 +40,7 @@ class manual_clock final : public clock {
   explicit manual_clock(std::int64_t start_us = 1'700'000'000'000'000) : now_(start_us) {}
   std::int64_t now_us() const override { return now_.load(std::memory_order_acquire); }
   std::shared_ptr<void> on_moved(std::function<void()> moved) const override;
+  bool moves_by_itself() const override { return false; }
   // Moves the clock to `t_us` (it may go backwards, as a wall clock can).
   void set(std::int64_t t_us);
   // Moves the clock forward by `delta_us` and returns the new time.

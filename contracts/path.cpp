@@ -196,4 +196,16 @@ std::string path_set::to_string() const {
   return out;
 }
 
+absl::StatusOr<path> parse_path_outside(std::string_view text, const path& outbox,
+                                        std::string_view what) {
+  absl::StatusOr<path> p = path::parse(text);
+  if (!p.ok()) return annotate(p.status(), what);
+  if (p->overlaps(outbox)) {
+    return absl::InvalidArgumentError(absl::StrCat(detail::to_absl(what), " '", p->str(),
+                                                   "' overlaps the outbox at '", outbox.str(),
+                                                   "'; choose a path outside it"));
+  }
+  return p;
+}
+
 }  // namespace pop

@@ -55,6 +55,12 @@ class path {
   std::string text_;
 };
 
+// Returns `text` parsed as a path that neither contains nor lies inside `outbox` (where a
+// component keeps its own records: an inbox, dead letters), or kInvalidArgument naming `what`
+// and saying why.
+[[nodiscard]] absl::StatusOr<path> parse_path_outside(std::string_view text, const path& outbox,
+                                                      std::string_view what);
+
 namespace detail {
 // Segment-wise three-way comparison of two valid path texts.
 int compare_paths(std::string_view a, std::string_view b);

@@ -40,17 +40,6 @@ bool fatal(absl::StatusCode c) {
   return c == absl::StatusCode::kDataLoss || c == absl::StatusCode::kInternal;
 }
 
-absl::StatusOr<path> checked_dead_letters(const nats_ingress_options& o, const path& outbox) {
-  absl::StatusOr<path> p = path::parse(o.dead_letter_path);
-  if (!p.ok()) return annotate(p.status(), "nats_ingress_options.dead_letter_path");
-  if (p->overlaps(outbox)) {
-    return absl::InvalidArgumentError(absl::StrCat("nats_ingress_options.dead_letter_path '",
-                                                   p->str(), "' overlaps the outbox at '",
-                                                   outbox.str(), "'; choose a path outside it"));
-  }
-  return *std::move(p);
-}
-
 }  // namespace
 
 nats_ingress::nats_ingress(engine& e, inbox& in, nats_ingress_options opts,
@@ -95,7 +84,8 @@ absl::StatusOr<std::unique_ptr<nats_ingress>> nats_ingress::create(engine& e, in
     POP_RETURN_IF_ERROR(annotate(routes.insert(topic, handler),
                                  absl::StrCat("nats_ingress for stream '", o.stream, "', route")));
   }
-  POP_ASSIGN_OR_RETURN(path dead, checked_dead_letters(o, e.outbox_path()));
+  POP_ASSIGN_OR_RETURN(path dead, parse_path_outside(o.dead_letter_path, e.outbox_path(),
+                                                     "nats_ingress_options.dead_letter_path"));
   std::unique_ptr<nats_ingress> in_ptr(
       new nats_ingress(e, in, std::move(o), std::move(routes), std::move(dead)));
   nats_ingress& self = *in_ptr;

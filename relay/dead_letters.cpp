@@ -6,24 +6,12 @@
 #include "pop/contracts/status.hpp"
 
 namespace pop {
-namespace {
-
-absl::StatusOr<path> checked_path(std::string_view text, const path& outbox) {
-  absl::StatusOr<path> p = path::parse(text);
-  if (!p.ok()) return annotate(p.status(), "dead_letters");
-  if (p->overlaps(outbox)) {
-    return absl::InvalidArgumentError(absl::StrCat("dead_letters: path '", p->str(),
-                                                   "' overlaps the outbox at '", outbox.str(),
-                                                   "'; choose a path outside it"));
-  }
-  return *std::move(p);
-}
-
-}  // namespace
+namespace {}  // namespace
 
 absl::StatusOr<std::unique_ptr<dead_letters>> dead_letters::create(engine& e,
                                                                    std::string_view letters_path) {
-  POP_ASSIGN_OR_RETURN(path p, checked_path(letters_path, e.outbox_path()));
+  POP_ASSIGN_OR_RETURN(path p,
+                       parse_path_outside(letters_path, e.outbox_path(), "dead_letters: path"));
   return std::unique_ptr<dead_letters>(new dead_letters(e, std::move(p)));
 }
 

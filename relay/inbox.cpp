@@ -10,17 +10,6 @@
 namespace pop {
 namespace {
 
-absl::StatusOr<path> checked_path(const inbox_options& o, const path& outbox) {
-  absl::StatusOr<path> p = path::parse(o.path);
-  if (!p.ok()) return annotate(p.status(), "inbox_options.path");
-  if (p->overlaps(outbox)) {
-    return absl::InvalidArgumentError(absl::StrCat("inbox_options.path '", p->str(),
-                                                   "' overlaps the outbox at '", outbox.str(),
-                                                   "'; choose a path outside it"));
-  }
-  return *std::move(p);
-}
-
 // Adds `inbox` to `declared` unless a declared path already contains it.
 absl::Status add_inbox(std::vector<std::string>& declared, const path& inbox,
                        const std::string& process, const char* what) {
@@ -41,7 +30,8 @@ absl::Status add_inbox(std::vector<std::string>& declared, const path& inbox,
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<inbox>> inbox::create(engine& e, inbox_options opts) {
-  POP_ASSIGN_OR_RETURN(path p, checked_path(opts, e.outbox_path()));
+  POP_ASSIGN_OR_RETURN(path p,
+                       parse_path_outside(opts.path, e.outbox_path(), "inbox_options.path"));
   return std::unique_ptr<inbox>(new inbox(e, std::move(opts), std::move(p)));
 }
 

@@ -171,7 +171,9 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     for (const auto& [id, f] : flights_) {
       if (!f->timed_out) due = std::min(due.value_or(f->deadline_us), f->deadline_us);
     }
-    if (!due) return steady::time_point::max();
+    // A clock moved by hand says when it moves (the watcher in loop()); waiting real time for it
+    // would spin.
+    if (!due || !engine_.clock().moves_by_itself()) return steady::time_point::max();
     const std::int64_t wait = std::max<std::int64_t>(*due - engine_.clock().now_us(), 0);
     return steady::now() + std::chrono::microseconds(wait);
   }
@@ -520,14 +522,7 @@ absl::Status validate(const relay_options& o, const path& outbox) {
     return absl::InvalidArgumentError(
         "relay_options backoffs must satisfy 0 < initial_backoff <= max_backoff");
   }
-  absl::StatusOr<path> dead = path::parse(o.dead_letter_path);
-  if (!dead.ok()) return annotate(dead.status(), "relay_options.dead_letter_path");
-  if (dead->overlaps(outbox)) {
-    return absl::InvalidArgumentError(absl::StrCat("relay_options.dead_letter_path '", dead->str(),
-                                                   "' overlaps the outbox at '", outbox.str(),
-                                                   "'; choose a path outside it"));
-  }
-  return absl::OkStatus();
+  return parse_path_outside(o.dead_letter_path, outbox, "relay_options.dead_letter_path").status();
 }
 
 absl::StatusOr<std::unique_ptr<relay>> relay::create(engine& e, sink& s, relay_options opts) {

@@ -12,18 +12,6 @@
 
 namespace pop {
 
-using detail::compare;
-using detail::control_process;
-using detail::kind_name;
-using detail::kinds;
-using detail::new_record;
-using detail::outermost;
-using detail::resume_process;
-using detail::start_process;
-using detail::static_prefix;
-using detail::step_process;
-using detail::substitute;
-
 // ---- definitions -----------------------------------------------------------------------------
 
 absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j) {

@@ -12,18 +12,6 @@
 
 namespace pop {
 
-using detail::compare;
-using detail::control_process;
-using detail::kind_name;
-using detail::kinds;
-using detail::new_record;
-using detail::outermost;
-using detail::resume_process;
-using detail::start_process;
-using detail::static_prefix;
-using detail::step_process;
-using detail::substitute;
-
 absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::string_view id,
                                                json inputs, std::int64_t timeout_ms) {
   if (!find_definition(workflow)) {

@@ -15,18 +15,6 @@
 
 namespace pop {
 
-using detail::compare;
-using detail::control_process;
-using detail::kind_name;
-using detail::kinds;
-using detail::new_record;
-using detail::outermost;
-using detail::resume_process;
-using detail::start_process;
-using detail::static_prefix;
-using detail::step_process;
-using detail::substitute;
-
 // ---- registry --------------------------------------------------------------------------------
 
 absl::StatusOr<std::unique_ptr<workflows>> workflows::create(engine& e, workflow_options opts) {

@@ -109,7 +109,7 @@ asio::awaitable<absl::Status> workflow_runner::loop_on_strand(std::shared_ptr<vo
     if (until_settled && workflows_.runnable(1).empty() && next_due == 0)
       co_return absl::OkStatus();
     if (!state->pending && !(co_await cancelled())) {
-      if (next_due > 0) {
+      if (next_due > 0 && engine_.clock().moves_by_itself()) {
         state->timer.expires_after(std::chrono::microseconds(
             std::max<std::int64_t>(next_due - engine_.clock().now_us(), 0)));
       } else {

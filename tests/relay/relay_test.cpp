@@ -197,8 +197,11 @@ TEST_CASE("a failing message holds back only later messages with its key", "[rel
   CHECK(last_k2 < second_poison);
 }
 
-TEST_CASE("failed attempts are recorded in the state and retried with growing backoff", "[relay]") {
-  pop::engine e;
+TEST_CASE("failed attempts are recorded in the state and retried with growing backoff",
+          "[relay][clock]") {
+  auto clock = std::make_shared<pop::manual_clock>();
+  auto e_owner = pop::test::must(pop::engine::open({.clock = clock}));
+  pop::engine& e = *e_owner;
   emitting(e);
   const std::string id = emit(e, "k");
   scripted_sink sink;
@@ -215,14 +218,19 @@ TEST_CASE("failed attempts are recorded in the state and retried with growing ba
     if (v) seen.push_back(pop::outbox_message::from_json(v.to_json()).value());
   });
   asio::io_context io;
-  REQUIRE(run_on(io, r.drain()).ok());
-  watch.reset();
-  REQUIRE(sink.calls.size() == 5);
-  REQUIRE(seen.size() == 4);
+  std::optional<absl::Status> done;
+  asio::co_spawn(io, r.drain(), [&](std::exception_ptr ex, absl::Status st) {
+    if (ex) std::rethrow_exception(ex);
+    done = std::move(st);
+  });
+  io.poll();
   for (std::uint32_t i = 0; i < 4; ++i) {
-    const pop::outbox_message& m = seen[i];
+    REQUIRE(sink.calls.size() == i + 1);
+    REQUIRE(seen.size() == i + 1);
+    const pop::outbox_message m = seen[i];
     CHECK(m.attempts == i + 1);
     REQUIRE(m.failures.size() == i + 1);
+    CHECK(m.failures.back().at_us == clock->now_us());
     CHECK(m.last_error == m.failures.back().error);
     CHECK(m.last_error.find("attempt " + std::to_string(i + 1)) != std::string::npos);
     // Backoff d = 2 ms * 2^i, drawn in [d/2, d].
@@ -230,13 +238,17 @@ TEST_CASE("failed attempts are recorded in the state and retried with growing ba
     const std::int64_t wait = m.next_attempt_at_us - m.failures.back().at_us;
     CHECK(wait >= d / 2);
     CHECK(wait <= d);
+    // Not a microsecond early: the sink is called only once the recorded time has come.
+    clock->set(m.next_attempt_at_us - 1);
+    io.poll();
+    CHECK(sink.calls.size() == i + 1);
+    clock->set(m.next_attempt_at_us);
+    io.poll();
   }
-  // The sink was not called again before the recorded time.
-  for (std::size_t i = 1; i < sink.calls.size(); ++i) {
-    const auto gap = std::chrono::duration_cast<std::chrono::microseconds>(sink.calls[i].at -
-                                                                           sink.calls[i - 1].at);
-    CHECK(gap.count() >= (2000LL << (i - 1)) / 2 - 200);
-  }
+  watch.reset();
+  REQUIRE(done.has_value());
+  CHECK(done->ok());
+  CHECK(sink.calls.size() == 5);
   CHECK(sink.acked == std::vector<std::string>{id});
   CHECK(r.metrics().retried == 4);
 }
@@ -354,8 +366,10 @@ TEST_CASE("requeue_all moves every dead letter back in one commit", "[relay]") {
   CHECK(dead.requeue_all().value() == 0);
 }
 
-TEST_CASE("a publish that times out is cancelled, recorded and retried", "[relay]") {
-  pop::engine e;
+TEST_CASE("a publish that times out is cancelled, recorded and retried", "[relay][clock]") {
+  auto clock = std::make_shared<pop::manual_clock>();
+  auto e_owner = pop::test::must(pop::engine::open({.clock = clock}));
+  pop::engine& e = *e_owner;
   emitting(e);
   const std::string id = emit(e, "k");
   scripted_sink sink;
@@ -365,7 +379,22 @@ TEST_CASE("a publish that times out is cancelled, recorded and retried", "[relay
   auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
   pop::relay& r = *r_owner;
   asio::io_context io;
-  REQUIRE(run_on(io, r.drain()).ok());
+  std::optional<absl::Status> done;
+  asio::co_spawn(io, r.drain(), [&](std::exception_ptr ex, absl::Status st) {
+    if (ex) std::rethrow_exception(ex);
+    done = std::move(st);
+  });
+  io.poll();
+  REQUIRE(sink.calls.size() == 1);  // hanging until the clock passes the 20 ms timeout
+  clock->advance(19'999);
+  io.poll();
+  CHECK(e.snapshot().pending_messages().value().at(0).attempts == 0);
+  clock->advance(1);  // the timeout: cancelled and recorded as a failed attempt
+  io.poll();
+  clock->advance(2'000);  // past quick()'s largest first backoff
+  io.poll();
+  REQUIRE(done.has_value());
+  CHECK(done->ok());
   REQUIRE(sink.calls.size() == 2);
   CHECK(sink.calls[1].message.attempts == 1);
   CHECK(sink.calls[1].message.last_error.find("timed out after 20 ms") != std::string::npos);

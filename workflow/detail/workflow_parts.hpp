@@ -180,6 +180,19 @@ class instance_txn {
 
 namespace pop {
 
+// The workflow sources use the helpers unqualified.
+using detail::compare;
+using detail::control_process;
+using detail::kind_name;
+using detail::kinds;
+using detail::new_record;
+using detail::outermost;
+using detail::resume_process;
+using detail::start_process;
+using detail::static_prefix;
+using detail::step_process;
+using detail::substitute;
+
 struct workflows::registered_process {
   process_contract contract;
   process_fn fn;
