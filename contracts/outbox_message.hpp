@@ -42,6 +42,7 @@ void from_json(const json& j, delivery_failure& f);
 namespace outbox_fields {
 inline constexpr const char* key = "key";
 inline constexpr const char* next_attempt_at_us = "next_attempt_at_us";
+inline constexpr const char* created_at_us = "created_at_us";
 }  // namespace outbox_fields
 
 // A message emitted by a committed process, waiting in the outbox until a sink acknowledges it.

@@ -110,7 +110,7 @@ absl::StatusOr<std::size_t> inbox::prune() {
     by_age.reserve(marks.size());
     marks.for_each_member([&](std::string_view id, const value_view& mark) {
       std::int64_t at = 0;
-      if (const value_view a = mark.member("applied_at_us"); a && a.to_json().is_number()) {
+      if (const value_view a = mark.member("applied_at_us"); a && a.to_json().is_number_integer()) {
         at = a.to_json().get<std::int64_t>();
       }
       by_age.emplace_back(at, std::string(id));

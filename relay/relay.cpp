@@ -269,8 +269,10 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
           if (!key.empty() && blocked_.contains(key)) return true;
           std::int64_t due = 0;
           try {
-            if (const value_view d = stored.member(outbox_fields::next_attempt_at_us))
-              due = d.get<std::int64_t>();
+            // Only an integer: converting another number would be undefined behaviour.
+            if (const value_view d = stored.member(outbox_fields::next_attempt_at_us)) {
+              if (const json v = d.to_json(); v.is_number_integer()) due = v.get<std::int64_t>();
+            }
           } catch (const json::exception&) {
             // Left to from_json below, which names the bad field.
           }
@@ -572,8 +574,9 @@ relay_metrics relay::metrics() const {
   m.pending = queue.size();
   queue.for_each_member([&](std::string_view, const value_view& first) {
     try {
-      if (const value_view c = first.member("created_at_us")) {
-        const auto age_us = engine_.clock().now_us() - c.get<std::int64_t>();
+      if (const value_view c = first.member(outbox_fields::created_at_us);
+          c && c.to_json().is_number_integer()) {
+        const auto age_us = engine_.clock().now_us() - c.to_json().get<std::int64_t>();
         m.oldest_pending_age_s = static_cast<double>(std::max<std::int64_t>(age_us, 0)) / 1e6;
       }
     } catch (const json::exception&) {

@@ -145,3 +145,32 @@ TEST_CASE("outbox messages round-trip through their stored JSON form", "[contrac
   CHECK(bad.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(std::string(bad.status().message()).find("attempts") != std::string::npos);
 }
+
+TEST_CASE("stored numbers that do not fit their field are refused, not converted",
+          "[contracts][fuzz-regression]") {
+  // Found by the stored-message fuzz target: a huge floating-point version was cast to an integer
+  // (undefined behaviour; UBSan stopped it).
+  pop::outbox_message m{.id = pop::make_message_id(3, 1), .topic = "t", .version = 3};
+  m.failures.push_back({1, 5, "down"});
+  const std::vector<std::pair<std::string, pop::json>> cases = {
+      {"version", 1e67},
+      {"version", -1},
+      {"created_at_us", 3.00044e+37},
+      {"created_at_us", 1.5},
+      {"attempts", 4294967296LL},
+      {"next_attempt_at_us", 18446744073709551615ULL},
+  };
+  for (const auto& [field, value] : cases) {
+    pop::json stored = m.to_json();
+    stored[field] = value;
+    INFO(field << " = " << value.dump());
+    const auto read = pop::outbox_message::from_json(stored);
+    CHECK(read.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(read.status().message()), Catch::Contains(field));
+  }
+  pop::json failure = m.to_json();
+  failure["failures"][0]["at_us"] = 1e300;
+  CHECK(pop::outbox_message::from_json(failure).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(pop::outbox_message::from_json(m.to_json()).value() == m);
+}
