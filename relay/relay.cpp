@@ -24,6 +24,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/status.hpp"
+#include "pop/relay/detail/engine_watch.hpp"
 #include "pop/relay/detail/outcome_policy.hpp"
 
 namespace pop {
@@ -78,22 +79,18 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         rng_(opts.seed != 0 ? opts.seed : std::random_device{}()) {}
 
   const strand_type& strand() const { return strand_; }
+  std::atomic<bool>& notified() { return notified_; }
+  // Makes the loop look again (strand only).
+  void wake() {
+    wake_pending_ = true;
+    timer_.cancel();
+  }
 
   asio::awaitable<absl::Status> loop(bool until_empty) {
     co_await asio::this_coro::throw_if_cancelled(false);
-    std::weak_ptr<relay_run> weak = weak_from_this();
-    subscription sub = engine_.on_commit([weak](std::uint64_t) {
-      const std::shared_ptr<relay_run> self = weak.lock();
-      if (!self || self->notified_.exchange(true)) return;
-      asio::post(self->strand_, [self] { self->wake(); });
-    });
     // Backoffs and publish timeouts are times on the engine's clock: a clock moved by hand
     // (pop::manual_clock) makes the relay look again at once.
-    const std::shared_ptr<void> watch = engine_.clock().on_moved([weak] {
-      if (const std::shared_ptr<relay_run> self = weak.lock()) {
-        asio::post(self->strand_, [self] { self->wake(); });
-      }
-    });
+    detail::engine_watch watch = detail::watch_engine(engine_, shared_from_this());
 
     absl::Status status = absl::OkStatus();
     for (;;) {
@@ -118,7 +115,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       }
       wake_pending_ = false;
     }
-    sub.reset();
+    watch.commits.reset();
     co_await stop_flights();
     if (absl::Status s = guarded([&] { return flush(); }); !s.ok() && status.ok()) status = s;
     co_return status;
@@ -157,11 +154,6 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   asio::awaitable<bool> cancelled() {
     const asio::cancellation_state state = co_await asio::this_coro::cancellation_state;
     co_return state.cancelled() != asio::cancellation_type::none;
-  }
-
-  void wake() {
-    wake_pending_ = true;
-    timer_.cancel();
   }
 
   // When to look again: the earliest of a backoff's end and a publish timeout, as a real-time

@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/status.hpp"
+#include "pop/relay/detail/engine_watch.hpp"
 
 namespace pop {
 
@@ -27,17 +28,24 @@ bool transient(const absl::Status& s) {
 }
 
 // What the commit listener and the loop share; kept alive by both.
-struct wake_state {
+class wake_state {
+ public:
   explicit wake_state(asio::strand<asio::any_io_executor> s)
-      : strand(std::move(s)), timer(strand) {}
-  asio::strand<asio::any_io_executor> strand;
-  asio::steady_timer timer;
-  std::atomic<bool> notified{false};
-  bool pending = false;  // strand only
+      : strand_(std::move(s)), timer(strand_) {}
+  const asio::strand<asio::any_io_executor>& strand() const { return strand_; }
+  std::atomic<bool>& notified() { return notified_; }
   void wake() {
     pending = true;
     timer.cancel();
   }
+
+ private:
+  asio::strand<asio::any_io_executor> strand_;
+  std::atomic<bool> notified_{false};
+
+ public:
+  asio::steady_timer timer;  // strand only
+  bool pending = false;      // strand only
 };
 
 }  // namespace
@@ -58,7 +66,7 @@ asio::awaitable<absl::Status> workflow_runner::loop(bool until_settled) {
   auto state = std::make_shared<wake_state>(asio::make_strand(executor));
   // The work runs as its own coroutine on the strand, so the executor may be multi-threaded.
   const absl::Status status = co_await asio::co_spawn(
-      state->strand, loop_on_strand(state, until_settled), asio::use_awaitable);
+      state->strand(), loop_on_strand(state, until_settled), asio::use_awaitable);
   co_return status;
 }
 
@@ -66,25 +74,15 @@ asio::awaitable<absl::Status> workflow_runner::loop_on_strand(std::shared_ptr<vo
                                                               bool until_settled) {
   const std::shared_ptr<wake_state> state = std::static_pointer_cast<wake_state>(opaque);
   co_await asio::this_coro::throw_if_cancelled(false);
-  std::weak_ptr<wake_state> weak = state;
-  subscription sub = engine_.on_commit([weak](std::uint64_t) {
-    const std::shared_ptr<wake_state> s = weak.lock();
-    if (!s || s->notified.exchange(true)) return;
-    asio::post(s->strand, [s] { s->wake(); });
-  });
   // Deadlines are times on the engine's clock: a clock moved by hand wakes the runner at once.
-  const std::shared_ptr<void> watch = engine_.clock().on_moved([weak] {
-    if (const std::shared_ptr<wake_state> s = weak.lock()) {
-      asio::post(s->strand, [s] { s->wake(); });
-    }
-  });
+  const detail::engine_watch watch = detail::watch_engine(engine_, state);
   const auto cancelled = []() -> asio::awaitable<bool> {
     const asio::cancellation_state cs = co_await asio::this_coro::cancellation_state;
     co_return cs.cancelled() != asio::cancellation_type::none;
   };
   for (;;) {
     if (co_await cancelled()) co_return absl::CancelledError("workflow runner stopped");
-    state->notified.store(false);
+    state->notified().store(false);
     bool progressed = false;
     for (const std::string& id : workflows_.runnable(options_.max_steps_per_round)) {
       const absl::StatusOr<bool> moved = workflows_.advance(id);
@@ -103,7 +101,7 @@ asio::awaitable<absl::Status> workflow_runner::loop_on_strand(std::shared_ptr<vo
     if (!expired.ok() && !transient(expired.status())) co_return expired.status();
     if (expired.ok() && *expired > 0) progressed = true;
     if (progressed) {
-      co_await asio::post(state->strand, asio::use_awaitable);
+      co_await asio::post(state->strand(), asio::use_awaitable);
       continue;
     }
     if (until_settled && workflows_.runnable(1).empty() && next_due == 0)

@@ -1,6 +1,7 @@
 #include "order_processes.hpp"
 
 #include <string>
+#include <utility>
 
 namespace order_pipeline {
 namespace {
@@ -30,6 +31,16 @@ absl::StatusOr<pop::result> place_order(const pop::context& ctx, const json& arg
   return r;
 }
 
+// The order's record with its status set to `status`, and a result that writes it back.
+std::pair<json, pop::result> with_status(const pop::context& ctx, const json& args,
+                                         const char* status) {
+  json record = ctx.get(order_path(args));
+  record["status"] = status;
+  pop::result r;
+  r.set(order_path(args), record);
+  return {std::move(record), std::move(r)};
+}
+
 absl::StatusOr<pop::result> reject_order(const pop::context&, const json& args) {
   const std::string order = args.at("order");
   pop::result r;
@@ -41,20 +52,14 @@ absl::StatusOr<pop::result> reject_order(const pop::context&, const json& args) 
 
 absl::StatusOr<pop::result> request_payment(const pop::context& ctx, const json& args) {
   const std::string order = args.at("order");
-  json record = ctx.get(order_path(args));
-  record["status"] = "awaiting_payment";
-  pop::result r;
-  r.set(order_path(args), record);
+  auto [record, r] = with_status(ctx, args, "awaiting_payment");
   r.emit("payment.requested", {{"order", order}, {"amount", record.value("amount", 0)}}, order);
   return r;
 }
 
 absl::StatusOr<pop::result> confirm_order(const pop::context& ctx, const json& args) {
   const std::string order = args.at("order");
-  json record = ctx.get(order_path(args));
-  record["status"] = "confirmed";
-  pop::result r;
-  r.set(order_path(args), record);
+  auto [record, r] = with_status(ctx, args, "confirmed");
   r.emit("email.confirmation", {{"order", order}}, order);
   r.emit("inventory.updated", {{"order", order}, {"sku", record.at("sku")}}, order);
   return r;
@@ -62,13 +67,10 @@ absl::StatusOr<pop::result> confirm_order(const pop::context& ctx, const json& a
 
 absl::StatusOr<pop::result> release_stock(const pop::context& ctx, const json& args) {
   const std::string order = args.at("order");
-  json record = ctx.get(order_path(args));
+  auto [record, r] = with_status(ctx, args, "cancelled");
   const std::string sku = record.at("sku");
   const std::string stock_path = "domain.inventory." + sku;
-  pop::result r;
   r.set(stock_path, ctx.get_or<int>(stock_path, 0) + record.at("qty").get<int>());
-  record["status"] = "cancelled";
-  r.set(order_path(args), record);
   r.emit("email.cancelled", {{"order", order}}, order);
   r.emit("inventory.updated", {{"order", order}, {"sku", sku}}, order);
   return r;

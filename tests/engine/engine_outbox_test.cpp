@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include "tests/support/must.hpp"
+#include "tests/support/processes.hpp"
 
 #include <atomic>
 #include <thread>
@@ -11,20 +12,7 @@
 #include "pop/engine/engine.hpp"
 
 using pop::json;
-
-namespace {
-
-// A state-independent writer used to commit "concurrently" from inside another process's run.
-void register_setter(pop::engine& e, const std::string& name, const std::string& output) {
-  REQUIRE(e.register_process({.name = name, .outputs = {output}}, [output](const pop::context&,
-                                                                           const json& args) {
-             pop::result r;
-             r.set(args.value("path", output), args.at("value"));
-             return r;
-           }).ok());
-}
-
-}  // namespace
+using pop::test::register_setter;
 
 TEST_CASE("compare_and_swap commits only at the expected version, or when its keys are untouched",
           "[engine]") {

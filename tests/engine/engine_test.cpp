@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include "tests/support/must.hpp"
+#include "tests/support/processes.hpp"
 
 #include <atomic>
 #include <thread>
@@ -11,6 +12,7 @@
 #include "pop/engine/engine.hpp"
 
 using pop::json;
+using pop::test::register_setter;
 
 namespace {
 
@@ -24,16 +26,6 @@ void from_json(const json& j, account& a) {
 }
 void to_json(json& j, const account& a) {
   j = json{{"owner", a.owner}, {"balance", a.balance}};
-}
-
-// A state-independent writer used to commit "concurrently" from inside another process's run.
-void register_setter(pop::engine& e, const std::string& name, const std::string& output) {
-  REQUIRE(e.register_process({.name = name, .outputs = {output}}, [output](const pop::context&,
-                                                                           const json& args) {
-             pop::result r;
-             r.set(args.value("path", output), args.at("value"));
-             return r;
-           }).ok());
 }
 
 json state_at(const pop::engine& e, const std::string& p) {

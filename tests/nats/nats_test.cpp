@@ -26,12 +26,14 @@
 #include "pop/relay/dead_letters.hpp"
 #include "pop/relay/relay.hpp"
 #include "pop/relay/topic_router.hpp"
+#include "tests/support/asio_run.hpp"
 #include "tests/support/nats_server.hpp"
 #include "tests/support/temp_dir.hpp"
 #include "tests/support/wait.hpp"
 
 namespace asio = boost::asio;
 using pop::json;
+using pop::test::run_on;
 
 namespace {
 
@@ -110,16 +112,6 @@ struct consumer {
   std::unique_ptr<pop::engine> e;
   std::unique_ptr<pop::inbox> in;
 };
-
-absl::Status run_on(asio::io_context& io, asio::awaitable<absl::Status> work) {
-  absl::Status out = absl::InternalError("did not finish");
-  asio::co_spawn(io, std::move(work), [&](std::exception_ptr ex, absl::Status s) {
-    out = ex ? absl::InternalError("threw") : s;
-  });
-  io.restart();
-  io.run();
-  return out;
-}
 
 std::unique_ptr<pop::nats_ingress> ingress_for(consumer& c, pop::nats_connection& nc,
                                                pop::nats_ingress_options o = {}) {

@@ -23,52 +23,22 @@
 #include "pop/relay/jsonl_sink.hpp"
 #include "pop/relay/relay.hpp"
 #include "pop/relay/topic_router.hpp"
+#include "tests/support/asio_run.hpp"
 #include "tests/support/scripted_sink.hpp"
 
 namespace asio = boost::asio;
 using pop::json;
 using pop::test::act;
 using pop::test::emit;
+using pop::test::quick_relay;
+using pop::test::register_emitter;
+using pop::test::run_on;
 using pop::test::scripted_sink;
-
-namespace {
-
-// Runs `work` on `io` until it and everything it started are done; returns its status.
-absl::Status run_on(asio::io_context& io, asio::awaitable<absl::Status> work) {
-  std::optional<absl::Status> out;
-  asio::co_spawn(io, std::move(work), [&](std::exception_ptr e, absl::Status s) {
-    if (e) std::rethrow_exception(e);
-    out = std::move(s);
-  });
-  io.run();
-  io.restart();
-  REQUIRE(out.has_value());
-  return *out;
-}
-
-// Fast retries so tests finish quickly; real timers all the same.
-pop::relay_options quick(std::uint32_t max_attempts = 4) {
-  return {.max_in_flight = 64,
-          .batch_size = 256,
-          .publish_timeout = std::chrono::milliseconds(20),
-          .max_attempts = max_attempts,
-          .initial_backoff = std::chrono::microseconds(200),
-          .max_backoff = std::chrono::microseconds(2000),
-          .dead_letter_path = "system.dead_letters",
-          .seed = 7};
-}
-
-pop::engine& emitting(pop::engine& e) {
-  pop::test::register_emitter(e);
-  return e;
-}
-
-}  // namespace
 
 TEST_CASE("the topic router routes by topic and pattern and applies its unknown-topic policy",
           "[relay][sink]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   const std::string to_t = emit(e, "");
   const std::string to_u = e.execute("emit", {{"topic", "u"}}).value().message_ids.at(0);
   std::vector<std::string> got_t;
@@ -109,7 +79,7 @@ TEST_CASE("the topic router routes by topic and pattern and applies its unknown-
                       co_return absl::OkStatus();
                     })
                 .ok());
-    auto r_owner = pop::test::must(pop::relay::create(e, router, quick()));
+    auto r_owner = pop::test::must(pop::relay::create(e, router, quick_relay()));
     pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
@@ -125,7 +95,7 @@ TEST_CASE("the topic router routes by topic and pattern and applies its unknown-
                       return absl::OkStatus();
                     })
                 .ok());
-    auto r_owner = pop::test::must(pop::relay::create(e, strict, quick()));
+    auto r_owner = pop::test::must(pop::relay::create(e, strict, quick_relay()));
     pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
@@ -136,7 +106,7 @@ TEST_CASE("the topic router routes by topic and pattern and applies its unknown-
   }
   SECTION("unknown topics are acknowledged and counted under unknown_topic::drop") {
     pop::topic_router lenient(pop::unknown_topic::drop);
-    auto r_owner = pop::test::must(pop::relay::create(e, lenient, quick()));
+    auto r_owner = pop::test::must(pop::relay::create(e, lenient, quick_relay()));
     pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
@@ -147,13 +117,13 @@ TEST_CASE("the topic router routes by topic and pattern and applies its unknown-
 
 TEST_CASE("the JSON-lines sink writes one line per message", "[relay][sink]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   const std::string id = emit(e, "k", json{{"n", 1}});
   const std::string file = "relay_test_jsonl.out";
   std::remove(file.c_str());
   {
     auto sink = pop::jsonl_sink::open(file).value();
-    auto r_owner = pop::test::must(pop::relay::create(e, *sink, quick()));
+    auto r_owner = pop::test::must(pop::relay::create(e, *sink, quick_relay()));
     pop::relay& r = *r_owner;
     asio::io_context io;
     REQUIRE(run_on(io, r.drain()).ok());
@@ -174,10 +144,10 @@ TEST_CASE("the JSON-lines sink writes one line per message", "[relay][sink]") {
 
 TEST_CASE("metrics render in the Prometheus text format", "[relay][metrics]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   for (int i = 0; i < 3; ++i) emit(e, "");
   scripted_sink sink;
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
   pop::relay& r = *r_owner;
   CHECK(r.metrics().pending == 3);
   CHECK(r.metrics().oldest_pending_age_s >= 0);

@@ -23,45 +23,19 @@
 #include "pop/relay/jsonl_sink.hpp"
 #include "pop/relay/relay.hpp"
 #include "pop/relay/topic_router.hpp"
+#include "tests/support/asio_run.hpp"
 #include "tests/support/scripted_sink.hpp"
 
 namespace asio = boost::asio;
 using pop::json;
 using pop::test::act;
 using pop::test::emit;
+using pop::test::quick_relay;
+using pop::test::register_emitter;
+using pop::test::run_on;
 using pop::test::scripted_sink;
 
 namespace {
-
-// Runs `work` on `io` until it and everything it started are done; returns its status.
-absl::Status run_on(asio::io_context& io, asio::awaitable<absl::Status> work) {
-  std::optional<absl::Status> out;
-  asio::co_spawn(io, std::move(work), [&](std::exception_ptr e, absl::Status s) {
-    if (e) std::rethrow_exception(e);
-    out = std::move(s);
-  });
-  io.run();
-  io.restart();
-  REQUIRE(out.has_value());
-  return *out;
-}
-
-// Fast retries so tests finish quickly; real timers all the same.
-pop::relay_options quick(std::uint32_t max_attempts = 4) {
-  return {.max_in_flight = 64,
-          .batch_size = 256,
-          .publish_timeout = std::chrono::milliseconds(20),
-          .max_attempts = max_attempts,
-          .initial_backoff = std::chrono::microseconds(200),
-          .max_backoff = std::chrono::microseconds(2000),
-          .dead_letter_path = "system.dead_letters",
-          .seed = 7};
-}
-
-pop::engine& emitting(pop::engine& e) {
-  pop::test::register_emitter(e);
-  return e;
-}
 
 // The acknowledged ids of `sink` grouped by message key, each in acknowledgement order.
 std::map<std::string, std::vector<std::string>> acked_by_key(const scripted_sink& sink) {
@@ -77,11 +51,11 @@ std::map<std::string, std::vector<std::string>> acked_by_key(const scripted_sink
 TEST_CASE("the relay publishes every pending message in commit order and empties the outbox",
           "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   std::vector<std::string> ids;
   for (int i = 0; i < 300; ++i) ids.push_back(emit(e, i % 2 ? "a" : ""));
   scripted_sink sink;
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
   pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
@@ -96,13 +70,13 @@ TEST_CASE("the relay publishes every pending message in commit order and empties
 
 TEST_CASE("asynchronous publishes run several at once and keep per-key order", "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   std::vector<std::string> ids;
   for (int i = 0; i < 120; ++i) ids.push_back(emit(e, "k" + std::to_string(i % 3)));
   scripted_sink sink;
   sink.synchronous = false;
   sink.latency = std::chrono::microseconds(500);
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
   pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
@@ -120,9 +94,9 @@ TEST_CASE("asynchronous publishes run several at once and keep per-key order", "
 TEST_CASE("a running relay is woken by commits, not by polling, and stops on cancellation",
           "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   scripted_sink sink;
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
   pop::relay& r = *r_owner;
   asio::io_context io;
   asio::cancellation_signal stop;
@@ -151,14 +125,14 @@ TEST_CASE("a running relay is woken by commits, not by polling, and stops on can
 
 TEST_CASE("a failing message holds back only later messages with its key", "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   const std::string poison = emit(e, "k1");
   const std::string after_poison = emit(e, "k1");
   std::vector<std::string> others;
   for (int i = 0; i < 10; ++i) others.push_back(emit(e, "k2"));
   scripted_sink sink;
   sink.script = [&](const pop::outbox_message& m) { return m.id == poison ? act::fail : act::ok; };
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick(3)));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay(3)));
   pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
@@ -202,11 +176,11 @@ TEST_CASE("failed attempts are recorded in the state and retried with growing ba
   auto clock = std::make_shared<pop::manual_clock>();
   auto e_owner = pop::test::must(pop::engine::open({.clock = clock}));
   pop::engine& e = *e_owner;
-  emitting(e);
+  register_emitter(e);
   const std::string id = emit(e, "k");
   scripted_sink sink;
   sink.script = [](const pop::outbox_message& m) { return m.attempts < 4 ? act::fail : act::ok; };
-  pop::relay_options o = quick(10);
+  pop::relay_options o = quick_relay(10);
   o.initial_backoff = std::chrono::microseconds(2000);
   o.max_backoff = std::chrono::microseconds(64000);
   auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
@@ -257,7 +231,7 @@ TEST_CASE(
     "a destination outage longer than max_attempts dead-letters nothing and counts no attempt",
     "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   const std::string a = emit(e, "k");
   const std::string b = emit(e, "k");
   scripted_sink sink;
@@ -268,7 +242,7 @@ TEST_CASE(
     if (calls <= 12) return act::down;
     return calls == 13 ? act::fail : act::ok;
   };
-  pop::relay_options o = quick(3);
+  pop::relay_options o = quick_relay(3);
   o.initial_backoff = std::chrono::microseconds(500);
   o.max_backoff = std::chrono::microseconds(4000);
   auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
@@ -291,12 +265,12 @@ TEST_CASE(
 TEST_CASE("after max attempts a message is dead-lettered with every reason and requeue delivers it",
           "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   const std::string id = emit(e, "k", json{{"order", "o-1"}});
   scripted_sink sink;
   bool broken = true;
   sink.script = [&](const pop::outbox_message&) { return broken ? act::fail : act::ok; };
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick(3)));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay(3)));
   pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
@@ -344,11 +318,11 @@ TEST_CASE("after max attempts a message is dead-lettered with every reason and r
 
 TEST_CASE("requeue_all moves every dead letter back in one commit", "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   for (int i = 0; i < 5; ++i) emit(e, "k" + std::to_string(i));
   scripted_sink sink;
   sink.script = [](const pop::outbox_message&) { return act::permanent; };
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
   pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
@@ -370,13 +344,13 @@ TEST_CASE("a publish that times out is cancelled, recorded and retried", "[relay
   auto clock = std::make_shared<pop::manual_clock>();
   auto e_owner = pop::test::must(pop::engine::open({.clock = clock}));
   pop::engine& e = *e_owner;
-  emitting(e);
+  register_emitter(e);
   const std::string id = emit(e, "k");
   scripted_sink sink;
   sink.script = [](const pop::outbox_message& m) {
     return m.attempts == 0 ? act::timeout : act::ok;
   };
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
   pop::relay& r = *r_owner;
   asio::io_context io;
   std::optional<absl::Status> done;
@@ -391,7 +365,7 @@ TEST_CASE("a publish that times out is cancelled, recorded and retried", "[relay
   CHECK(e.snapshot().pending_messages().value().at(0).attempts == 0);
   clock->advance(1);  // the timeout: cancelled and recorded as a failed attempt
   io.poll();
-  clock->advance(2'000);  // past quick()'s largest first backoff
+  clock->advance(2'000);  // past quick_relay()'s largest first backoff
   io.poll();
   REQUIRE(done.has_value());
   CHECK(done->ok());
@@ -404,14 +378,14 @@ TEST_CASE("a publish that times out is cancelled, recorded and retried", "[relay
 
 TEST_CASE("an exception from the sink is a failed attempt, never a dead relay", "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   const std::string first = emit(e, "k");
   const std::string second = emit(e, "k");
   scripted_sink sink;
   sink.script = [&](const pop::outbox_message& m) {
     return m.id == first && m.attempts == 0 ? act::raise : act::ok;
   };
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
   pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
@@ -423,7 +397,7 @@ TEST_CASE("an exception from the sink is a failed attempt, never a dead relay", 
 TEST_CASE("an outbox entry that is not a valid message is refused at commit and the relay goes on",
           "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   const std::string good = emit(e, "");
   const std::string bad = pop::make_message_id(99, 0);
   const std::uint64_t before = e.version();
@@ -434,7 +408,7 @@ TEST_CASE("an outbox entry that is not a valid message is refused at commit and 
   CHECK(e.version() == before);
   CHECK(e.snapshot().pending_count() == 1);
   scripted_sink sink;
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
   pop::relay& r = *r_owner;
   asio::io_context io;
   REQUIRE(run_on(io, r.drain()).ok());
@@ -445,7 +419,7 @@ TEST_CASE("an outbox entry that is not a valid message is refused at commit and 
 TEST_CASE("a requeued message does not overtake a message of its key that is in flight",
           "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   const std::string x = emit(e, "k");
   scripted_sink sink;
   sink.synchronous = false;
@@ -455,7 +429,7 @@ TEST_CASE("a requeued message does not overtake a message of its key that is in 
     if (m.id != x) return act::timeout;  // y: in flight until its timeout
     return act::ok;
   };
-  pop::relay_options o = quick(1);
+  pop::relay_options o = quick_relay(1);
   o.publish_timeout = std::chrono::milliseconds(40);
   auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
   pop::relay& r = *r_owner;
@@ -481,7 +455,7 @@ TEST_CASE("a requeued message does not overtake a message of its key that is in 
 
 TEST_CASE("stopping mid-batch keeps in-flight messages queued and a new relay resumes", "[relay]") {
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   std::vector<std::string> ids;
   for (int i = 0; i < 40; ++i) ids.push_back(emit(e, "k" + std::to_string(i % 4)));
   scripted_sink first;
@@ -490,7 +464,7 @@ TEST_CASE("stopping mid-batch keeps in-flight messages queued and a new relay re
   first.script = [&](const pop::outbox_message&) {
     return first.calls.size() < 10 ? act::ok : act::hang;
   };
-  pop::relay_options o = quick();
+  pop::relay_options o = quick_relay();
   o.publish_timeout = std::chrono::hours(1);
   asio::io_context io;
   asio::cancellation_signal stop;
@@ -542,7 +516,7 @@ TEST_CASE("seeded faults: every message ends delivered or dead-lettered and the 
   const std::uint64_t seed = GENERATE(1u, 2u, 3u);
   INFO("seed " << seed);
   pop::engine e;
-  emitting(e);
+  register_emitter(e);
   std::vector<std::string> ids;
   for (int i = 0; i < 400; ++i) ids.push_back(emit(e, "k" + std::to_string(i % 12)));
   scripted_sink sink;
@@ -555,7 +529,7 @@ TEST_CASE("seeded faults: every message ends delivered or dead-lettered and the 
     if (roll < 32) return act::timeout;
     return act::ok;
   };
-  pop::relay_options o = quick(3);
+  pop::relay_options o = quick_relay(3);
   o.publish_timeout = std::chrono::milliseconds(2);
   auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
   pop::relay& r = *r_owner;
@@ -598,7 +572,7 @@ TEST_CASE("relay options are validated and a relay runs once at a time", "[relay
   CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
              Catch::Contains("dead_letter_path"));
 
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick()));
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
   pop::relay& r = *r_owner;
   asio::io_context io;
   asio::cancellation_signal stop;
@@ -624,7 +598,7 @@ TEST_CASE("backoffs and publish timeouts run on the engine's clock, which a test
           "[relay][clock]") {
   auto clock = std::make_shared<pop::manual_clock>();
   auto e = pop::test::must(pop::engine::open({.clock = clock}));
-  emitting(*e);
+  register_emitter(*e);
   const std::string id = emit(*e, "k");
   scripted_sink sink;
   int attempt = 0;
@@ -633,7 +607,7 @@ TEST_CASE("backoffs and publish timeouts run on the engine's clock, which a test
     return attempt == 1 ? act::fail : attempt == 2 ? act::hang : act::ok;
   };
   // A minute of backoff and half a minute of publish timeout: real waits would fail this test.
-  pop::relay_options o = quick(5);
+  pop::relay_options o = quick_relay(5);
   o.initial_backoff = std::chrono::seconds(60);
   o.max_backoff = std::chrono::seconds(60);
   o.publish_timeout = std::chrono::seconds(30);

@@ -1,0 +1,47 @@
+// Defines run_on(): runs a coroutine that returns a status to completion on a one-thread
+// io_context, and quick_relay(): relay options with fast retries for tests.
+#pragma once
+
+#include <chrono>
+#include <exception>
+#include <optional>
+#include <utility>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <catch2/catch.hpp>
+
+#include "absl/status/status.h"
+#include "pop/relay/relay.hpp"
+
+namespace pop::test {
+
+// Runs `work` on `io` until it and everything it started are done; returns its status. An
+// exception escaping `work` is rethrown; a coroutine that never finished fails the test.
+inline absl::Status run_on(boost::asio::io_context& io, boost::asio::awaitable<absl::Status> work) {
+  std::optional<absl::Status> out;
+  boost::asio::co_spawn(io, std::move(work), [&](std::exception_ptr e, absl::Status s) {
+    if (e) std::rethrow_exception(e);
+    out = std::move(s);
+  });
+  io.restart();
+  io.run();
+  io.restart();
+  REQUIRE(out.has_value());
+  return *out;
+}
+
+// Fast retries so tests finish quickly; tests of time itself use a pop::manual_clock.
+inline relay_options quick_relay(std::uint32_t max_attempts = 4) {
+  return {.max_in_flight = 64,
+          .batch_size = 256,
+          .publish_timeout = std::chrono::milliseconds(20),
+          .max_attempts = max_attempts,
+          .initial_backoff = std::chrono::microseconds(200),
+          .max_backoff = std::chrono::microseconds(2000),
+          .dead_letter_path = "system.dead_letters",
+          .seed = 7};
+}
+
+}  // namespace pop::test
