@@ -98,6 +98,15 @@ const json linear = {{"name", "linear"},
                        {"b", {{"process", "append"}, {"next", "done"}}},
                        {"done", {{"end", true}}}}}};
 
+// Waits for a message that never comes; its 20 ms timeout ends it.
+const json timed = {
+    {"name", "timed"},
+    {"start", "w"},
+    {"steps",
+     {{"w",
+       {{"wait", {{"never", "done"}}}, {"key", "tag"}, {"timeout_ms", 20}, {"on_timeout", "done"}}},
+      {"done", {{"end", true}}}}}};
+
 }  // namespace
 
 TEST_CASE("a process step commits its writes and the cursor move in one transaction",
@@ -519,16 +528,7 @@ TEST_CASE("the runner drives instances to the end with real timers", "[workflow]
   pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(wf.define(parse(linear)).ok());
-  REQUIRE(wf.define(parse({{"name", "timed"},
-                           {"start", "w"},
-                           {"steps",
-                            {{"w",
-                              {{"wait", {{"never", "done"}}},
-                               {"key", "tag"},
-                               {"timeout_ms", 20},
-                               {"on_timeout", "done"}}},
-                             {"done", {{"end", true}}}}}}))
-              .ok());
+  REQUIRE(wf.define(parse(timed)).ok());
   for (int i = 0; i < 20; ++i)
     REQUIRE(wf.start("linear", "i" + std::to_string(i), {{"tag", "t"}}).ok());
   REQUIRE(wf.start("timed", "t1", {{"tag", "t"}}).ok());
@@ -551,16 +551,7 @@ TEST_CASE("the runner's wait timeouts run on the engine's clock: none fires a mi
   auto wf_owner = pop::test::must(pop::workflows::create(e));
   pop::workflows& wf = *wf_owner;
   register_steps(wf);
-  REQUIRE(wf.define(parse({{"name", "timed"},
-                           {"start", "w"},
-                           {"steps",
-                            {{"w",
-                              {{"wait", {{"never", "done"}}},
-                               {"key", "tag"},
-                               {"timeout_ms", 20},
-                               {"on_timeout", "done"}}},
-                             {"done", {{"end", true}}}}}}))
-              .ok());
+  REQUIRE(wf.define(parse(timed)).ok());
   REQUIRE(wf.start("timed", "t1", {{"tag", "t"}}).ok());
   pop::workflow_runner runner(e, wf);
   boost::asio::io_context io;
