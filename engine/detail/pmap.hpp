@@ -1,4 +1,4 @@
-// pop::detail::pmap: a persistent ordered map from std::string keys to values, as a B+-tree.
+// pop::detail::pmap: a persistent ordered map from string keys to values, as a B+-tree.
 #pragma once
 
 #include <algorithm>
@@ -14,10 +14,12 @@
 #include <utility>
 #include <vector>
 
+#include "pop/engine/detail/compact_key.hpp"
+
 namespace pop::detail {
 
-// An immutable ordered map from std::string keys (plain byte order) to values of type V.
-// "Modifying" calls return a new map that shares every untouched node with the old one.
+// An immutable ordered map from string keys (plain byte order, stored as compact_key) to values of
+// type V. "Modifying" calls return a new map that shares every untouched node with the old one.
 //
 // Structure: a B+-tree. Leaves hold the entries; an inner node holds, for each child, the
 // child's minimum key and the child pointer. Every node stores the number of entries in its
@@ -38,7 +40,7 @@ class pmap {
  public:
   // One entry of the map, as stored in a leaf and as seen through an iterator.
   struct entry {
-    std::string key;
+    compact_key key;
     V value;
   };
   class iterator;
@@ -126,7 +128,7 @@ class pmap {
       leaf->leaf = true;
       leaf->count = 1;
       leaf->edit = edit;
-      leaf->entries.push_back(entry{std::string(key), std::move(value)});
+      leaf->entries.push_back(entry{compact_key(key), std::move(value)});
       return pmap(std::move(leaf));
     }
     auto [left, right] = insert(root_, key, std::move(value), edit);
@@ -187,7 +189,7 @@ class pmap {
     if (!root_->leaf && root_->children.size() < 2) return false;
     if (root_->count == 0) return false;
     std::size_t leaf_depth = 0;
-    const std::string* previous = nullptr;
+    const compact_key* previous = nullptr;
     return check_node(*root_, true, 0, leaf_depth, previous);
   }
 
@@ -201,7 +203,7 @@ class pmap {
     std::uint64_t edit = 0;  // the batch that created it; 0: never changed in place
     std::size_t count = 0;
     std::vector<entry> entries;
-    std::vector<std::string> keys;
+    std::vector<compact_key> keys;
     std::vector<node_ptr> children;
   };
 
@@ -222,22 +224,22 @@ class pmap {
 
   static std::size_t width(const node& n) { return n.leaf ? n.entries.size() : n.children.size(); }
 
-  static const std::string& min_key(const node& n) {
+  static const compact_key& min_key(const node& n) {
     return n.leaf ? n.entries.front().key : n.keys.front();
   }
 
   // Index of the child of inner node `n` whose subtree would hold `key`.
   static std::size_t child_index(const node& n, std::string_view key) {
-    auto it = std::upper_bound(n.keys.begin(), n.keys.end(), key,
-                               [](std::string_view k, const std::string& s) { return k < s; });
+    auto it =
+        std::upper_bound(n.keys.begin(), n.keys.end(), key,
+                         [](std::string_view k, const compact_key& s) { return k < s.view(); });
     return it == n.keys.begin() ? 0 : static_cast<std::size_t>(it - n.keys.begin()) - 1;
   }
 
   // Index of the first entry of leaf `n` whose key is >= `key`.
   static std::size_t entry_index(const node& n, std::string_view key) {
-    auto it = std::lower_bound(
-        n.entries.begin(), n.entries.end(), key,
-        [](const entry& e, std::string_view k) { return std::string_view(e.key) < k; });
+    auto it = std::lower_bound(n.entries.begin(), n.entries.end(), key,
+                               [](const entry& e, std::string_view k) { return e.key.view() < k; });
     return static_cast<std::size_t>(it - n.entries.begin());
   }
 
@@ -259,10 +261,24 @@ class pmap {
   }
 
   // `n` itself if batch `edit` created it, else a copy owned by that batch.
+  // The copy has room for one more entry or child, so the insert that usually follows does not
+  // reallocate (a doubled vector of a full node is a large allocation, which makes glibc
+  // consolidate its free lists: measured as 10% of a small commit).
   static std::shared_ptr<node> editable(const node_ptr& n, std::uint64_t edit) {
     if (edit != 0 && n->edit == edit) return std::const_pointer_cast<node>(n);
-    auto copy = std::make_shared<node>(*n);
+    auto copy = std::make_shared<node>();
+    copy->leaf = n->leaf;
     copy->edit = edit;
+    copy->count = n->count;
+    if (n->leaf) {
+      copy->entries.reserve(std::max(n->entries.size(), max_width) + 1);
+      copy->entries.assign(n->entries.begin(), n->entries.end());
+    } else {
+      copy->keys.reserve(std::max(n->keys.size(), max_width) + 1);
+      copy->keys.assign(n->keys.begin(), n->keys.end());
+      copy->children.reserve(std::max(n->children.size(), max_width) + 1);
+      copy->children.assign(n->children.begin(), n->children.end());
+    }
     return copy;
   }
 
@@ -304,7 +320,7 @@ class pmap {
         return {std::move(copy), nullptr};
       }
       copy->entries.insert(copy->entries.begin() + static_cast<std::ptrdiff_t>(i),
-                           entry{std::string(key), std::move(value)});
+                           entry{compact_key(key), std::move(value)});
       copy->count = copy->entries.size();
       if (width(*copy) > max_width) return split(std::move(copy));
       return {std::move(copy), nullptr};
@@ -390,7 +406,7 @@ class pmap {
 
   // Checks subtree `n` at `depth`; `previous` is the last key seen in order.
   static bool check_node(const node& n, bool is_root, std::size_t depth, std::size_t& leaf_depth,
-                         const std::string*& previous) {
+                         const compact_key*& previous) {
     if (width(n) > max_width || (!is_root && width(n) < min_width)) return false;
     if (n.leaf) {
       if (!n.keys.empty() || !n.children.empty()) return false;
@@ -432,7 +448,7 @@ class pmap<V>::iterator {
   iterator() = default;
 
   // The current entry's key and value. Undefined at end().
-  const std::string& key() const { return current().key; }
+  std::string_view key() const { return current().key.view(); }
   const V& value() const { return current().value; }
   reference operator*() const { return current(); }
   pointer operator->() const { return &current(); }

@@ -322,3 +322,28 @@ TEST_CASE("20000 sequential inserts then random erases down to empty agree with 
     full_check();
   }
 }
+
+TEST_CASE("compact_key keeps any text, inline or shared, and orders like std::string", "[pmap]") {
+  using pop::detail::compact_key;
+  std::vector<std::string> texts;
+  for (std::size_t n = 0; n <= 70; ++n) texts.push_back(std::string(n, 'a') + "z");
+  texts.push_back(std::string("nul\0inside", 10));
+  texts.push_back(std::string(31, 'q'));  // exactly the inline capacity
+  texts.push_back(std::string(32, 'q'));  // one past it: shared
+  for (const std::string& t : texts) {
+    const compact_key k(t);
+    CHECK(k.view() == t);
+    compact_key copy = k;  // shares a long key's block
+    compact_key moved = std::move(copy);
+    CHECK(moved == t);
+    compact_key assigned;
+    assigned = moved;
+    const compact_key& alias = assigned;
+    assigned = alias;  // self-assignment keeps it
+    CHECK(assigned.str() == t);
+    for (const std::string& u : texts) {
+      CHECK((compact_key(t) < compact_key(u)) == (t < u));
+      CHECK((compact_key(t) == compact_key(u)) == (t == u));
+    }
+  }
+}

@@ -1,0 +1,123 @@
+// pop::detail::compact_key: an immutable string for map keys, copied without allocating.
+#pragma once
+
+#include <atomic>
+#include <compare>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <string>
+#include <string_view>
+
+namespace pop::detail {
+
+// An immutable byte string of 32 bytes. Up to 31 bytes are stored inline (an outbox message id
+// is 27); a longer one lives in a shared, reference-counted block, so copying any key never
+// allocates. Copies may be made and destroyed on different threads. Compares as its bytes.
+class compact_key {
+ public:
+  static constexpr std::size_t inline_capacity = 31;
+
+  compact_key() { set_inline_size(0); }
+  compact_key(std::string_view text) {  // NOLINT(google-explicit-constructor): keys are text
+    if (text.size() <= inline_capacity) {
+      std::memcpy(bytes_, text.data(), text.size());
+      set_inline_size(text.size());
+      return;
+    }
+    void* raw = ::operator new(sizeof(shared) + text.size());
+    auto* block = new (raw) shared{{1}, text.size()};
+    std::memcpy(static_cast<char*>(raw) + sizeof(shared), text.data(), text.size());
+    std::memcpy(bytes_, &block, sizeof(block));
+    bytes_[inline_capacity] = heap_tag;
+  }
+  compact_key(const std::string& text) : compact_key(std::string_view(text)) {}
+  compact_key(const char* text) : compact_key(std::string_view(text)) {}
+
+  compact_key(const compact_key& other) noexcept {
+    std::memcpy(bytes_, other.bytes_, sizeof(bytes_));
+    if (const shared* block = heap()) block->refs.fetch_add(1, std::memory_order_relaxed);
+  }
+  compact_key(compact_key&& other) noexcept {
+    std::memcpy(bytes_, other.bytes_, sizeof(bytes_));
+    other.set_inline_size(0);
+  }
+  compact_key& operator=(const compact_key& other) noexcept {
+    if (this != &other) {
+      compact_key copy(other);
+      swap(copy);
+    }
+    return *this;
+  }
+  compact_key& operator=(compact_key&& other) noexcept {
+    if (this != &other) {
+      release();
+      std::memcpy(bytes_, other.bytes_, sizeof(bytes_));
+      other.set_inline_size(0);
+    }
+    return *this;
+  }
+  ~compact_key() { release(); }
+
+  std::string_view view() const {
+    if (const shared* block = heap()) {
+      return {reinterpret_cast<const char*>(block + 1), block->size};
+    }
+    return {bytes_, static_cast<std::size_t>(inline_capacity - bytes_[inline_capacity])};
+  }
+  operator std::string_view() const { return view(); }  // NOLINT(google-explicit-constructor)
+  std::string str() const { return std::string(view()); }
+  std::size_t size() const { return view().size(); }
+  bool empty() const { return view().empty(); }
+
+  friend bool operator==(const compact_key& a, const compact_key& b) {
+    return a.view() == b.view();
+  }
+  friend bool operator==(const compact_key& a, std::string_view b) { return a.view() == b; }
+  friend bool operator==(const compact_key& a, const std::string& b) { return a.view() == b; }
+  friend bool operator==(const compact_key& a, const char* b) { return a.view() == b; }
+  friend std::strong_ordering operator<=>(const compact_key& a, const compact_key& b) {
+    return a.view() <=> b.view();
+  }
+  friend std::strong_ordering operator<=>(const compact_key& a, std::string_view b) {
+    return a.view() <=> b;
+  }
+
+ private:
+  struct shared {
+    mutable std::atomic<std::uint32_t> refs;
+    std::size_t size;
+  };
+  // The last byte: for an inline key, inline_capacity minus its size (so a full 31-byte key
+  // ends in 0, which doubles as a terminator); heap_tag for a shared block.
+  static constexpr char heap_tag = static_cast<char>(0x7f);
+
+  void set_inline_size(std::size_t n) {
+    bytes_[inline_capacity] = static_cast<char>(inline_capacity - n);
+  }
+  const shared* heap() const {
+    if (bytes_[inline_capacity] != heap_tag) return nullptr;
+    const shared* block = nullptr;
+    std::memcpy(&block, bytes_, sizeof(block));
+    return block;
+  }
+  void release() {
+    if (const shared* block = heap()) {
+      if (block->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        block->~shared();
+        ::operator delete(const_cast<shared*>(block));
+      }
+    }
+  }
+  void swap(compact_key& other) noexcept {
+    char tmp[sizeof(bytes_)];
+    std::memcpy(tmp, bytes_, sizeof(bytes_));
+    std::memcpy(bytes_, other.bytes_, sizeof(bytes_));
+    std::memcpy(other.bytes_, tmp, sizeof(bytes_));
+  }
+
+  char bytes_[inline_capacity + 1];
+};
+
+}  // namespace pop::detail
