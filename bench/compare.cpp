@@ -95,6 +95,8 @@ struct design {
   virtual ~design() = default;
   virtual void commit(int producer, std::int64_t seq) = 0;
   virtual void stop() = 0;
+  // Transactions the relay spent recording what it published (pop only).
+  virtual std::uint64_t relay_commits() const { return 0; }
 };
 
 // std::mutex over an unordered_map and a deque; a relay thread takes whole batches.
@@ -320,15 +322,18 @@ class pop_design final : public design {
       std::abort();
     }
   }
+  std::uint64_t relay_commits() const override { return clears_; }
   void stop() override {
     asio::post(io_, [this] { stop_.emit(asio::cancellation_type::terminal); });
     thread_.join();
+    clears_ = relay_->metrics().clears;
     relay_.reset();
     engine_.reset();
   }
 
  private:
   recording_sink sink_;
+  std::uint64_t clears_ = 0;
   std::string file_;
   std::unique_ptr<pop::engine> engine_;
   std::unique_ptr<pop::relay> relay_;
@@ -419,6 +424,7 @@ int main(int argc, char** argv) {
                            {"published_per_s", static_cast<double>(rec.count()) / seconds},
                            {"p50_us", pct(0.50)},
                            {"p99_us", pct(0.99)},
+                           {"relay_commits", d->relay_commits()},
                            {"check", check}}
                           .dump()
                           .c_str());

@@ -87,6 +87,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   }
 
   asio::awaitable<absl::Status> loop(bool until_empty) {
+    until_empty_ = until_empty;
     co_await asio::this_coro::throw_if_cancelled(false);
     // Backoffs and publish timeouts are times on the engine's clock: a clock moved by hand
     // (pop::manual_clock) makes the relay look again at once.
@@ -110,7 +111,10 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       }
       if (until_empty && r.idle) break;
       if (!wake_pending_ && !(co_await cancelled())) {
-        timer_.expires_at(next_deadline(r.earliest));
+        steady::time_point deadline = next_deadline(r.earliest);
+        if (!outcomes_.empty())
+          deadline = std::min(deadline, outcomes_since_ + options_.clear_delay);
+        timer_.expires_at(deadline);
         co_await timer_.async_wait(asio::as_tuple(asio::use_awaitable));
       }
       wake_pending_ = false;
@@ -133,14 +137,26 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   absl::Status run_round(round_result& r) {
     return guarded([&]() -> absl::Status {
       notified_.store(false);
-      POP_RETURN_IF_ERROR(flush());
+      if (clear_now()) POP_RETURN_IF_ERROR(flush());
       const snapshot snap = engine_.snapshot();
       r.earliest = schedule(snap);
-      r.more = !outcomes_.empty();
+      r.more = clear_now();
       r.idle = flights_.empty() && snap.pending_count() == 0;
       return absl::OkStatus();
     });
   }
+
+  // Whether the known outcomes are to be recorded now rather than gathered a while longer:
+  // failures (their keys wait for the record), a full batch, drain(), a clock moved by hand (no
+  // real-time waits) or clear_delay passed since the first of them.
+  bool clear_now() const {
+    if (outcomes_.empty()) return false;
+    return failures_waiting_ || until_empty_ || outcomes_.size() >= clear_batch() ||
+           options_.clear_delay.count() == 0 || !engine_.clock().moves_by_itself() ||
+           steady::now() >= outcomes_since_ + options_.clear_delay;
+  }
+  // The most deliveries gathered before clearing: a round skips each of them in its scan.
+  std::size_t clear_batch() const { return std::min<std::size_t>(options_.batch_size, 1024); }
 
   template <class Fn>
   static absl::Status guarded(Fn fn) {
@@ -383,6 +399,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   }
 
   void add_outcome(outcome o) {
+    if (outcomes_.empty()) outcomes_since_ = steady::now();
+    if (o.what != outcome::kind::delivered) failures_waiting_ = true;
     recorded_[o.id] = {o.what != outcome::kind::delivered, o.key};
     outcomes_.push_back(std::move(o));
   }
@@ -468,6 +486,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       }
       outcomes_.erase(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n));
     }
+    failures_waiting_ = false;
     return absl::OkStatus();
   }
 
@@ -488,6 +507,9 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   std::atomic<bool> notified_{false};
   bool wake_pending_ = false;
   bool stopping_ = false;
+  bool until_empty_ = false;           // drain(): clear at once
+  bool failures_waiting_ = false;      // an outcome in outcomes_ is not a delivery
+  steady::time_point outcomes_since_;  // when the first of outcomes_ was known
   absl::flat_hash_map<std::string, std::shared_ptr<flight>> flights_;
   std::vector<outcome> outcomes_;
   absl::flat_hash_map<std::string, recorded_outcome> recorded_;  // ids in outcomes_
@@ -511,6 +533,9 @@ absl::Status validate(const relay_options& o, const path& outbox) {
   }
   if (o.publish_timeout.count() <= 0) {
     return absl::InvalidArgumentError("relay_options.publish_timeout must be positive");
+  }
+  if (o.clear_delay.count() < 0) {
+    return absl::InvalidArgumentError("relay_options.clear_delay must not be negative");
   }
   if (o.initial_backoff.count() <= 0 || o.max_backoff < o.initial_backoff) {
     return absl::InvalidArgumentError(

@@ -33,6 +33,10 @@ struct relay_options {
   std::chrono::microseconds max_backoff{60'000'000};     // per failure up to this, with jitter
   std::string dead_letter_path = "system.dead_letters";  // where given-up messages go
   std::uint64_t seed = 0;                                // jitter seed; 0 draws one at random
+  // How long acknowledged messages may wait to be removed, so one clearing transaction covers
+  // many of them instead of one commit per message (publishing is never delayed). 0 clears at
+  // once. Failures are recorded at once; drain() and a clock moved by hand clear at once too.
+  std::chrono::microseconds clear_delay{500};
 };
 
 // Returns OK, or kInvalidArgument naming the bad option (zero sizes or attempts, backoffs out of
@@ -46,7 +50,8 @@ struct relay_options {
 // polling; timers only for retry backoff and publish timeouts). Each round it takes the pending
 // messages in commit order from the newest snapshot, publishes those that are due (several in
 // flight at once, at most one per non-empty key; messages with an empty key are not ordered
-// relative to each other), and records every outcome in one compare_and_swap (cas_mode::keys):
+// relative to each other), and records outcomes in one compare_and_swap (cas_mode::keys) per
+// batch (deliveries at most clear_delay later, so a busy relay spends one commit on many):
 // acknowledged messages are removed by id, failed ones get their attempt count, last error,
 // failure history and next attempt time, and those past max_attempts (or failing permanently)
 // move to the dead-letter path with every failure. A failure marked destination_unavailable (the

@@ -123,6 +123,54 @@ TEST_CASE("a running relay is woken by commits, not by polling, and stops on can
   CHECK(e.snapshot().pending_count() == 0);
 }
 
+TEST_CASE("deliveries are cleared together within clear_delay, failures and a stop at once",
+          "[relay]") {
+  pop::engine e;  // the system clock: clear_delay is real time
+  register_emitter(e);
+  scripted_sink sink;
+  sink.script = [](const pop::outbox_message& m) {
+    return m.key == "bad" && m.attempts == 0 ? act::fail : act::ok;
+  };
+  pop::relay_options o = quick_relay();
+  o.clear_delay = std::chrono::hours(1);  // never reached by this test
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
+  pop::relay& r = *r_owner;
+  asio::io_context io;
+  asio::cancellation_signal stop;
+  std::optional<absl::Status> result;
+  asio::co_spawn(io, r.run(),
+                 asio::bind_cancellation_slot(stop.slot(), [&](std::exception_ptr, absl::Status s) {
+                   result = std::move(s);
+                 }));
+  io.poll();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 5; ++i) {
+    ids.push_back(emit(e, "k" + std::to_string(i)));
+    io.poll();
+  }
+  // Every message is published at once, none is cleared yet: no clearing commit so far.
+  CHECK(sink.acked == ids);
+  CHECK(r.metrics().clears == 0);
+  CHECK(e.snapshot().pending_count() == 5);
+  // A failure is recorded at once (with the deliveries gathered so far).
+  const std::string bad = emit(e, "bad");
+  io.poll();
+  CHECK(r.metrics().clears == 1);
+  const std::vector<pop::outbox_message> pending = e.snapshot().pending_messages().value();
+  REQUIRE(pending.size() == 1);
+  CHECK(pending[0].id == bad);
+  CHECK(pending[0].attempts == 1);
+  // Stopping records what is known: nothing delivered stays queued.
+  ids.push_back(emit(e, "k9"));
+  io.poll();
+  stop.emit(asio::cancellation_type::terminal);
+  io.run();
+  REQUIRE(result.has_value());
+  const std::vector<pop::outbox_message> left = e.snapshot().pending_messages().value();
+  REQUIRE(left.size() == 1);
+  CHECK(left[0].id == bad);
+}
+
 TEST_CASE("a failing message holds back only later messages with its key", "[relay]") {
   pop::engine e;
   register_emitter(e);
