@@ -171,6 +171,14 @@ bool path_set::covers(const path& p) const {
 }
 
 bool path_set::overlaps(const path& p) const {
+  // A small set (a process's access, typically) is cheaper to compare one by one than to search.
+  if (paths_.size() <= 8) {
+    const std::string& text = p.str();
+    for (const path& m : paths_) {
+      if (detail::path_contains(m.str(), text) || detail::path_contains(text, m.str())) return true;
+    }
+    return false;
+  }
   if (covers(p)) return true;
   // Descendants of p form a contiguous run directly after where p would sort.
   const auto it = std::lower_bound(paths_.begin(), paths_.end(), p);
