@@ -228,15 +228,24 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       detail::record_encoder encoded;
       for (const detail::prepared_write& w : prep.writes) {
         if (w.value) {
-          encoded.set(w.target.str(), detail::materialise({w.value.get(), nullptr}));
+          const detail::location at{w.value.get(), nullptr};
+          if (const json* stored = detail::stored_json(at)) {
+            encoded.set(w.target.str(), *stored);
+          } else {
+            encoded.set(w.target.str(), detail::materialise(at));
+          }
         } else {
           encoded.erase(w.target.str());
         }
       }
       for (const std::string& id : done.message_ids) {
-        std::string at = absl::StrCat(outbox_->str(), ".", id);
-        json stored = detail::materialise(detail::lookup(*done.root, at));
-        encoded.set(std::move(at), std::move(stored));
+        const std::string at = absl::StrCat(outbox_->str(), ".", id);
+        const detail::location found = detail::lookup(*done.root, at);
+        if (const json* stored = detail::stored_json(found)) {
+          encoded.set(at, *stored);
+        } else {
+          encoded.set(at, detail::materialise(found));
+        }
       }
       record->writes = encoded.writes_text();
       record->messages = detail::record_encoder::messages_text(done.message_ids);

@@ -47,16 +47,28 @@ inline constexpr std::size_t head_size = 38;  // "pop-journal-head " + 20 digits
 // knows the record's layout.
 class record_encoder {
  public:
-  void set(std::string path, json value) {
-    writes_.push_back(json::array({std::move(path), std::move(value)}));
+  // Appends a write of `value` at `path`; throws json::type_error for a value JSON text cannot
+  // hold. The text is built as it goes: no copy of the value is made.
+  void set(std::string_view path, const json& value) {
+    open(path);
+    text_ += ',';
+    text_ += value.dump();
+    text_ += ']';
   }
-  void erase(std::string path) { writes_.push_back(json::array({std::move(path)})); }
-  // The writes as JSON text; throws json::type_error for a value JSON text cannot hold.
-  std::string writes_text() const { return writes_.dump(); }
+  void erase(std::string_view path) {
+    open(path);
+    text_ += ']';
+  }
+  // The writes as JSON text.
+  std::string writes_text() const { return text_ + ']'; }
   static std::string messages_text(const std::vector<std::string>& ids) { return json(ids).dump(); }
 
  private:
-  json writes_ = json::array();
+  void open(std::string_view path) {
+    text_ += text_.size() == 1 ? "[" : ",[";
+    text_ += json(std::string(path)).dump();
+  }
+  std::string text_ = "[";
 };
 
 // The checksum of a pop_commits row: FNV-1a 64 over its fields.

@@ -50,6 +50,12 @@ struct location {
 location lookup(const value_node& root, std::string_view path_text);
 // Returns the location of member `key` of object location `at`, or an absent location.
 location member(const location& at, std::string_view key);
+// The JSON value at `at` (which must exist) if it is stored as JSON (a blob or inside one), else
+// nullptr (a member map: materialise it). O(1), no copy.
+inline const json* stored_json(const location& at) {
+  if (at.inner) return at.inner;
+  return at.node->is_map ? nullptr : &at.node->blob;
+}
 // Materialises the value at `at` (which must exist) as JSON. O(size of that value).
 json materialise(const location& at);
 
