@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the end-to-end outbox comparison (bench/compare.cpp) over designs and producer counts and
 # writes a markdown table and a gnuplot chart of throughput and commit-to-publish p99.
-#   bash bench/compare.sh                 # 200,000 commits per run, P = 1, 8, 32
+#   bash bench/compare.sh                 # 50,000 commits per run (20,000 paced), P = 1, 8, 32
 #   bash bench/compare.sh --small         # 4,000 commits per run (what CI runs)
 #   bash bench/compare.sh --bin build/bench/pop_compare --out DIR --no-plot
 # Each run checks that every committed event was published at least once, in order per key, and
@@ -9,7 +9,7 @@
 # directory (journals, removed after each run; a disk, not a tmpfs, for durable figures).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-commits=200000
+commits=50000
 paced_commits=20000
 bin=""
 out="$here/build/compare"
