@@ -241,7 +241,9 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       for (const std::string& id : done.message_ids) {
         const std::string at = absl::StrCat(outbox_->str(), ".", id);
         const detail::location found = detail::lookup(*done.root, at);
-        if (const json* stored = detail::stored_json(found)) {
+        if (const outbox_message* typed = found.inner ? nullptr : found.node->message()) {
+          encoded.set(at, typed->to_json());  // no JSON form kept in the state for it
+        } else if (const json* stored = detail::stored_json(found)) {
           encoded.set(at, *stored);
         } else {
           encoded.set(at, detail::materialise(found));
@@ -271,9 +273,9 @@ absl::Status engine::check_pending_bound(const detail::version_state& base,
   const auto count = [&](const detail::value_node& root) -> std::size_t {
     const detail::location at = detail::lookup(root, outbox);
     if (!at.exists()) return 0;
-    const json* j = at.inner ? at.inner : (at.node->is_map ? nullptr : &at.node->blob);
+    const json* j = at.inner ? at.inner : (at.node->is_map() ? nullptr : &at.node->as_json());
     if (j) return j->is_structured() ? j->size() : 0;
-    return at.node->members.size();
+    return at.node->members().size();
   };
   const std::size_t after = count(*next);
   // Commits that do not grow the queue always pass, so a full outbox can still be drained.

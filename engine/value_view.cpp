@@ -13,7 +13,11 @@ detail::location value_view::location() const {
 const json* value_view::direct() const {
   if (!node_) return nullptr;
   if (inner_) return inner_;
-  return node_->is_map ? nullptr : &node_->blob;
+  return node_->is_map() ? nullptr : &node_->as_json();
+}
+
+const outbox_message* value_view::message() const {
+  return node_ && !inner_ ? node_->message() : nullptr;
 }
 
 bool value_view::is_object() const {
@@ -23,7 +27,7 @@ bool value_view::is_object() const {
 std::size_t value_view::size() const {
   if (!node_) return 0;
   if (const json* j = direct()) return j->is_structured() ? j->size() : 0;
-  return node_->members.size();
+  return node_->members().size();
 }
 
 value_view value_view::member(std::string_view key) const {
@@ -35,7 +39,7 @@ value_view value_view::member(std::string_view key) const {
     if (it == object.end()) return {};
     return value_view(node_, &it->second);
   }
-  const detail::node_ptr* child = node_->members.find(key);
+  const detail::node_ptr* child = node_->members().find(key);
   if (!child) return {};
   return value_view(*child, nullptr);
 }
@@ -58,8 +62,8 @@ void value_view::for_each_member(
     }
     return;
   }
-  const auto end = node_->members.end();
-  for (auto it = node_->members.lower_bound(from); it != end; ++it) {
+  const auto end = node_->members().end();
+  for (auto it = node_->members().lower_bound(from); it != end; ++it) {
     if (!visit(it.key(), value_view(it.value(), nullptr))) return;
   }
 }

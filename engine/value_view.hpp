@@ -5,11 +5,13 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "pop/contracts/json.hpp"
+#include "pop/contracts/outbox_message.hpp"
 
 namespace pop::detail {
 struct value_node;
@@ -48,12 +50,20 @@ class value_view {
   // The member names of an object, in order.
   std::vector<std::string> keys() const;
 
+  // The outbox message stored here as a commit appended it (typed: no JSON is decoded), or
+  // nullptr if this value is not one or is stored as JSON (read it with get<outbox_message>(),
+  // which uses this form when it can). Valid while this view or its snapshot lives.
+  const outbox_message* message() const;
+
   // The value as JSON (null if absent). O(size of this value).
   json to_json() const;
   // The value converted with nlohmann's from_json; throws json::exception on a type mismatch.
   // Scalars and small records convert without an intermediate copy.
   template <class T>
   T get() const {
+    if constexpr (std::is_same_v<T, outbox_message>) {
+      if (const outbox_message* m = message()) return *m;
+    }
     if (const json* j = direct()) return j->get<T>();
     return to_json().get<T>();
   }

@@ -262,8 +262,13 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
           }
           // A message's key never changes while it is queued: remember it, so messages behind a
           // busy key are skipped without reading them (the scan repeats every round).
+          // A message as a commit stored it is read typed; one written as JSON (a retry's record,
+          // a requeue) is read from its fields.
+          const outbox_message* typed = stored.message();
           std::string key;
-          if (const auto cached = key_cache_.find(id_view); cached != key_cache_.end()) {
+          if (typed) {
+            key = typed->key;
+          } else if (const auto cached = key_cache_.find(id_view); cached != key_cache_.end()) {
             key = cached->second;
           } else {
             try {
@@ -275,14 +280,16 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             key_cache_.emplace(std::string(id), key);
           }
           if (!key.empty() && blocked_.contains(key)) return true;
-          std::int64_t due = 0;
-          try {
-            // Only an integer: converting another number would be undefined behaviour.
-            if (const value_view d = stored.member(outbox_fields::next_attempt_at_us)) {
-              if (const json v = d.to_json(); v.is_number_integer()) due = v.get<std::int64_t>();
+          std::int64_t due = typed ? typed->next_attempt_at_us : 0;
+          if (!typed) {
+            try {
+              // Only an integer: converting another number would be undefined behaviour.
+              if (const value_view d = stored.member(outbox_fields::next_attempt_at_us)) {
+                if (const json v = d.to_json(); v.is_number_integer()) due = v.get<std::int64_t>();
+              }
+            } catch (const json::exception&) {
+              // Left to from_json below, which names the bad field.
             }
-          } catch (const json::exception&) {
-            // Left to from_json below, which names the bad field.
           }
           if (due > now) {
             earliest = earliest ? std::min(*earliest, due) : due;
@@ -424,7 +431,12 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     if (!entry) return;
     std::optional<outbox_message> stored;
     if (o.what == outcome::kind::failed) {
-      absl::StatusOr<outbox_message> m = outbox_message::from_json(entry.to_json());
+      absl::StatusOr<outbox_message> m = absl::UnknownError("unread");
+      try {
+        m = entry.get<outbox_message>();
+      } catch (const std::exception&) {
+        m = outbox_message::from_json(entry.to_json());  // for the precise error
+      }
       if (!m.ok()) return;
       stored = *std::move(m);
     }

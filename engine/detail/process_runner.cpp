@@ -184,6 +184,15 @@ absl::StatusOr<applied> process_runner::apply(const version_state& base, const p
   }
   const std::int64_t created = now_us;
   const path& outbox = *base.outbox_path;
+  if (!prep.messages.empty()) {
+    // The outbox is always a member map, so an append copies O(log n) of it, never the queue.
+    if (!lookup(*root, outbox.str()).exists()) {
+      absl::StatusOr<node_ptr> r = assign(root, outbox.str(), make_empty_map(), edit);
+      if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
+      root = *std::move(r);
+    }
+    root = with_maps_along(root, outbox.str(), edit);
+  }
   for (std::size_t i = 0; i < prep.messages.size(); ++i) {
     const message_draft& m = prep.messages[i];
     std::string id = make_message_id(out.version, static_cast<std::uint32_t>(i));
@@ -197,7 +206,7 @@ absl::StatusOr<applied> process_runner::apply(const version_state& base, const p
     stored.created_at_us = created;
     stored.version = out.version;
     absl::StatusOr<node_ptr> r =
-        assign(root, target.str(), make_node(std::move(stored).to_json()), edit);
+        assign(root, target.str(), make_message_node(std::move(stored)), edit);
     if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
     root = *std::move(r);
     out.written.push_back(std::move(target));

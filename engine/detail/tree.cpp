@@ -22,16 +22,11 @@ bool fits_blob(const json& j, std::size_t& budget) {
 }
 
 node_ptr make_blob(json value) {
-  auto n = std::make_shared<value_node>();
-  n->blob = std::move(value);
-  return n;
+  return std::make_shared<const value_node>(value_node::blob_form{}, std::move(value));
 }
 
 node_ptr make_map(pmap<node_ptr> members) {
-  auto n = std::make_shared<value_node>();
-  n->is_map = true;
-  n->members = std::move(members);
-  return n;
+  return std::make_shared<const value_node>(value_node::map_form{}, std::move(members));
 }
 
 // The prefix of `full` that ends with `segment` (a view into `full`), for error messages.
@@ -85,16 +80,16 @@ bool json_erase(json& doc, std::string_view rest) {
 absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, node_ptr value,
                                    std::string_view full, std::uint64_t edit) {
   if (rest.empty()) return value;
-  if (node && node->is_map) {
+  if (node && node->is_map()) {
     const std::string_view segment = take_segment(rest);
-    const node_ptr* child = node->members.find(segment);
+    const node_ptr* child = node->members().find(segment);
     POP_ASSIGN_OR_RETURN(node_ptr updated, assign_at(child ? *child : node_ptr(), rest,
                                                      std::move(value), full, edit));
-    return make_map(node->members.set(segment, std::move(updated), edit));
+    return make_map(node->members().set(segment, std::move(updated), edit));
   }
   // A blob or a missing object: write at the JSON level and let make_node choose the form again,
   // so an object that grows too large becomes a member map.
-  json doc = node ? node->blob : json::object();
+  json doc = node ? node->as_json() : json::object();
   if (!doc.is_object()) {
     return not_an_object(
         full, full.substr(0, static_cast<std::size_t>(rest.data() - full.data()) - 1), doc);
@@ -104,25 +99,41 @@ absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, 
 }
 
 node_ptr erase_at(const node_ptr& node, std::string_view rest, std::uint64_t edit) {
-  if (node->is_map) {
+  if (node->is_map()) {
     const std::string_view segment = take_segment(rest);
     if (rest.empty()) {
-      if (!node->members.find(segment)) return node;
-      return make_map(node->members.erase(segment, edit));
+      if (!node->members().find(segment)) return node;
+      return make_map(node->members().erase(segment, edit));
     }
-    const node_ptr* child = node->members.find(segment);
+    const node_ptr* child = node->members().find(segment);
     if (!child) return node;
     node_ptr updated = erase_at(*child, rest, edit);
     if (updated == *child) return node;
-    return make_map(node->members.set(segment, std::move(updated), edit));
+    return make_map(node->members().set(segment, std::move(updated), edit));
   }
-  if (!node->blob.is_object()) return node;
-  json doc = node->blob;
+  if (!node->as_json().is_object()) return node;
+  json doc = node->as_json();
   if (!json_erase(doc, rest)) return node;
   return make_blob(std::move(doc));
 }
 
 }  // namespace
+
+const json& value_node::as_json() const {
+  if (const json* blob = std::get_if<json>(&form_)) return *blob;
+  const typed& t = *std::get_if<typed>(&form_);
+  if (const json* built = t.json_form.load(std::memory_order_acquire)) return *built;
+  auto fresh = std::make_unique<const json>(t.message->to_json());
+  const json* expected = nullptr;
+  if (t.json_form.compare_exchange_strong(expected, fresh.get(), std::memory_order_acq_rel)) {
+    return *fresh.release();
+  }
+  return *expected;  // another reader built it first
+}
+
+node_ptr make_message_node(outbox_message m) {
+  return std::make_shared<const value_node>(std::move(m));
+}
 
 node_ptr make_node(json value) {
   std::size_t budget = blob_max_elements;
@@ -136,15 +147,15 @@ node_ptr make_node(json value) {
 
 node_ptr make_root(json object) {
   node_ptr n = make_node(std::move(object));
-  if (n->is_map) return n;
+  if (n->is_map()) return n;
   std::vector<std::pair<std::string, node_ptr>> entries;
-  for (auto& [key, member] : n->blob.items()) entries.emplace_back(key, make_node(member));
+  for (auto& [key, member] : n->as_json().items()) entries.emplace_back(key, make_node(member));
   return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
 }
 
 location member(const location& at, std::string_view key) {
   if (!at.exists()) return {};
-  const json* holder = at.inner ? at.inner : (at.node->is_map ? nullptr : &at.node->blob);
+  const json* holder = at.inner ? at.inner : (at.node->is_map() ? nullptr : &at.node->as_json());
   if (holder) {
     if (!holder->is_object()) return {};
     const auto& object = holder->get_ref<const json::object_t&>();
@@ -152,7 +163,7 @@ location member(const location& at, std::string_view key) {
     if (it == object.end()) return {};
     return {at.node, &it->second};
   }
-  const node_ptr* child = at.node->members.find(key);
+  const node_ptr* child = at.node->members().find(key);
   if (!child) return {};
   return {child->get(), nullptr};
 }
@@ -165,10 +176,10 @@ location lookup(const value_node& root, std::string_view path_text) {
 
 json materialise(const location& at) {
   if (at.inner) return *at.inner;
-  if (!at.node->is_map) return at.node->blob;
+  if (!at.node->is_map()) return at.node->as_json();
   json out = json::object();
   auto& object = out.get_ref<json::object_t&>();
-  for (auto it = at.node->members.begin(); it != at.node->members.end(); ++it) {
+  for (auto it = at.node->members().begin(); it != at.node->members().end(); ++it) {
     object.emplace_hint(object.end(), it.key(), materialise({it.value().get(), nullptr}));
   }
   return out;
@@ -181,6 +192,29 @@ absl::StatusOr<node_ptr> assign(const node_ptr& root, std::string_view path_text
 
 node_ptr erase(const node_ptr& root, std::string_view path_text, std::uint64_t edit) {
   return erase_at(root, path_text, edit);
+}
+
+node_ptr with_maps_along(const node_ptr& root, std::string_view path_text, std::uint64_t edit) {
+  node_ptr node = root;
+  if (!node->is_map()) {
+    if (!node->as_json().is_object()) return root;  // not an object: writes below it fail anyway
+    std::vector<std::pair<std::string, node_ptr>> entries;
+    for (const auto& [key, member] : node->as_json().items()) {
+      entries.emplace_back(key, make_node(member));
+    }
+    node = make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
+  }
+  if (path_text.empty()) return node;
+  const std::string_view segment = take_segment(path_text);
+  const node_ptr* child = node->members().find(segment);
+  if (!child) return node;
+  node_ptr updated = with_maps_along(*child, path_text, edit);
+  if (updated == *child) return node;
+  return make_map(node->members().set(segment, std::move(updated), edit));
+}
+
+node_ptr make_empty_map() {
+  return make_map(pmap<node_ptr>());
 }
 
 std::uint64_t new_edit() {

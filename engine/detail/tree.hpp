@@ -1,29 +1,62 @@
 // Defines the persistent state tree: value nodes and the pure functions that read and update it.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <variant>
 
 #include "absl/status/statusor.h"
 #include "pop/contracts/json.hpp"
+#include "pop/contracts/outbox_message.hpp"
 #include "pop/engine/detail/pmap.hpp"
 
 namespace pop::detail {
 
-struct value_node;
+class value_node;
 using node_ptr = std::shared_ptr<const value_node>;
 
-// One value of the state tree. Either a member map (a large JSON object: a persistent B+-tree of
-// child nodes, so a write copies O(log n) of it), or a blob: any other JSON value, including small
-// objects, stored whole. Blobs keep small records (an order, an outbox message) to one allocation;
-// an object grows out of blob form when a write makes it large. The form is invisible to readers:
-// materialising either gives the same JSON. Immutable once published; shared between versions.
-struct value_node {
-  bool is_map = false;
-  json blob;               // when !is_map
-  pmap<node_ptr> members;  // when is_map
+// One value of the state tree, in one of three forms. A member map (a large JSON object: a
+// persistent B+-tree of child nodes, so a write copies O(log n) of it); a blob (any other JSON
+// value, small objects included, stored whole, so a small record is one allocation); or an outbox
+// message a commit appended, kept typed (no JSON is built for it unless someone reads it as JSON,
+// and then once). An object grows out of blob form when a write makes it large. The form is
+// invisible to readers: materialising any of them gives the same JSON. Immutable once published;
+// shared between versions and threads.
+class value_node {
+ public:
+  struct blob_form {};
+  struct map_form {};
+  value_node(blob_form, json value) : form_(std::in_place_type<json>, std::move(value)) {}
+  value_node(map_form, pmap<node_ptr> members)
+      : form_(std::in_place_type<pmap<node_ptr>>, std::move(members)) {}
+  explicit value_node(outbox_message m)
+      : form_(std::in_place_type<typed>, std::make_unique<const outbox_message>(std::move(m))) {}
+
+  bool is_map() const { return form_.index() == 1; }
+  // The member map. Only for is_map().
+  const pmap<node_ptr>& members() const { return *std::get_if<pmap<node_ptr>>(&form_); }
+  // The value as JSON. Only for !is_map(). A typed message builds its JSON on the first call
+  // (thread-safe); the reference lives as long as the node.
+  const json& as_json() const;
+  // The message a commit stored, when kept typed; nullptr otherwise.
+  const outbox_message* message() const {
+    const typed* t = std::get_if<typed>(&form_);
+    return t ? t->message.get() : nullptr;
+  }
+
+ private:
+  struct typed {
+    explicit typed(std::unique_ptr<const outbox_message> m) : message(std::move(m)) {}
+    typed(const typed&) = delete;
+    typed& operator=(const typed&) = delete;
+    ~typed() { delete json_form.load(std::memory_order_acquire); }
+    std::unique_ptr<const outbox_message> message;
+    mutable std::atomic<const json*> json_form{nullptr};
+  };
+  std::variant<json, pmap<node_ptr>, typed> form_;
 };
 
 // The largest object kept as a blob, by member count and by total nested element count.
@@ -32,6 +65,8 @@ inline constexpr std::size_t blob_max_elements = 64;
 
 // Returns a node holding `value`: small values as a blob, large objects as member maps. O(size).
 node_ptr make_node(json value);
+// Returns a node holding message `m`, typed.
+node_ptr make_message_node(outbox_message m);
 // Returns a root node: always a member map, so top-level writes never copy the whole state.
 node_ptr make_root(json object);
 
@@ -41,7 +76,7 @@ struct location {
   const json* inner = nullptr;       // non-null: the value inside node->blob
   bool exists() const { return node != nullptr; }
   bool is_object() const {
-    return inner ? inner->is_object() : node->is_map || node->blob.is_object();
+    return inner ? inner->is_object() : node->is_map() || node->as_json().is_object();
   }
 };
 
@@ -54,7 +89,7 @@ location member(const location& at, std::string_view key);
 // nullptr (a member map: materialise it). O(1), no copy.
 inline const json* stored_json(const location& at) {
   if (at.inner) return at.inner;
-  return at.node->is_map ? nullptr : &at.node->blob;
+  return at.node->is_map() ? nullptr : &at.node->as_json();
 }
 // Materialises the value at `at` (which must exist) as JSON. O(size of that value).
 json materialise(const location& at);
@@ -68,6 +103,12 @@ absl::StatusOr<node_ptr> assign(const node_ptr& root, std::string_view path_text
                                 std::uint64_t edit = 0);
 // Returns a new root without `path_text`; the same root if it was absent. O(depth * log n).
 node_ptr erase(const node_ptr& root, std::string_view path_text, std::uint64_t edit = 0);
+// Returns a root in which every object on `path_text` (an existing one; a missing tail is left
+// missing) is a member map rather than a blob, so writes below it copy O(log n) instead of the
+// whole object: the outbox is kept this way, however few messages it holds. Values are unchanged.
+node_ptr with_maps_along(const node_ptr& root, std::string_view path_text, std::uint64_t edit = 0);
+// Returns an empty object in member-map form.
+node_ptr make_empty_map();
 // A fresh batch token for assign / erase.
 std::uint64_t new_edit();
 

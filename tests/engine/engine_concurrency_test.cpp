@@ -162,3 +162,27 @@ TEST_CASE("concurrent appends to the outbox never conflict with each other or wi
   CHECK(cleared == producers * per_producer);
   CHECK(e.snapshot().pending_count() == 0);
 }
+
+TEST_CASE("threads reading one stored message as JSON at once all see the same value",
+          "[engine][concurrency]") {
+  pop::engine e;
+  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
+                                                                  const json& args) {
+             pop::result r;
+             r.emit("t", args, "k");
+             return r;
+           }).ok());
+  const std::string id = e.execute("emit", {{"n", 1}}).value().message_ids.at(0);
+  const pop::snapshot s = e.snapshot();
+  // The message is kept typed; its JSON form is built by whichever reader comes first.
+  const pop::value_view stored = s.view(e.outbox_path()).member(id);
+  REQUIRE(stored.message() != nullptr);
+  std::vector<json> seen(4);
+  std::vector<std::thread> readers;
+  for (std::size_t t = 0; t < seen.size(); ++t) {
+    readers.emplace_back([&, t] { seen[t] = stored.member("payload").to_json(); });
+  }
+  for (auto& t : readers) t.join();
+  for (const json& j : seen) CHECK(j == json{{"n", 1}});
+  CHECK(stored.to_json() == stored.message()->to_json());
+}

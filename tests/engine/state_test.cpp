@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include "pop/engine/detail/tree.hpp"
+#include "pop/engine/engine.hpp"
 #include "pop/engine/snapshot.hpp"
 #include "pop/engine/value_view.hpp"
 
@@ -120,10 +121,10 @@ TEST_CASE("the state tree behaves like a plain JSON document under any writes an
 
 TEST_CASE("large objects become member maps and small records stay whole", "[state]") {
   const d::node_ptr small = d::make_node(json{{"a", 1}, {"b", {{"c", 2}}}});
-  CHECK_FALSE(small->is_map);
+  CHECK_FALSE(small->is_map());
   const d::node_ptr large = d::make_node(big_object(1000, 1));
-  CHECK(large->is_map);
-  CHECK(large->members.size() == 1000);
+  CHECK(large->is_map());
+  CHECK(large->members().size() == 1000);
   // Growing a small object by writes turns it into a member map.
   d::node_ptr root = d::make_root(json::object());
   for (int i = 0; i < 100; ++i) {
@@ -131,17 +132,17 @@ TEST_CASE("large objects become member maps and small records stay whole", "[sta
   }
   const d::location accounts = d::lookup(*root, "domain.accounts");
   REQUIRE(accounts.exists());
-  CHECK(accounts.node->is_map);
+  CHECK(accounts.node->is_map());
   CHECK(d::materialise(d::lookup(*root, "domain.accounts.a42")) == 42);
 }
 
 TEST_CASE("a write shares every untouched subtree with the previous version", "[state]") {
   d::node_ptr root =
       d::make_root(json{{"domain", {{"big", big_object(5000, 3)}, {"other", big_object(50, 1)}}}});
-  const d::node_ptr before_other = *(*root->members.find("domain"))->members.find("other");
+  const d::node_ptr before_other = *(*root->members().find("domain"))->members().find("other");
   const d::node_ptr next = d::assign(root, "domain.big.k7", d::make_node(-1)).value();
-  const d::value_node& domain = **next->members.find("domain");
-  CHECK(domain.members.find("other")->get() == before_other.get());
+  const d::value_node& domain = **next->members().find("domain");
+  CHECK(domain.members().find("other")->get() == before_other.get());
   CHECK(d::materialise(d::lookup(*root, "domain.big.k7")) == 21);
   CHECK(d::materialise(d::lookup(*next, "domain.big.k7")) == -1);
   // Erasing a missing path returns the same root: no copy at all.
@@ -156,4 +157,32 @@ TEST_CASE("a view reads one deep value and iterates members without materialisin
   CHECK(empty.read("domain.x").status().code() == absl::StatusCode::kNotFound);
   CHECK(empty.read("bad..path").status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(empty.pending_count() == 0);
+}
+
+TEST_CASE("appended messages are kept typed in an outbox that is always a member map", "[state]") {
+  pop::engine e;
+  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
+                                                                  const json& args) {
+             pop::result r;
+             r.emit("t", args, "key-1");
+             return r;
+           }).ok());
+  const std::string id = e.execute("emit", {{"n", 1}}).value().message_ids.at(0);
+  const pop::snapshot s = e.snapshot();
+  const pop::value_view queue = s.view(e.outbox_path());
+  REQUIRE(queue.size() == 1);
+  const pop::value_view stored = queue.member(id);
+  const pop::outbox_message* typed = stored.message();
+  REQUIRE(typed != nullptr);
+  CHECK(typed->id == id);
+  CHECK(typed->key == "key-1");
+  CHECK(typed->payload == json{{"n", 1}});
+  CHECK(typed->version == s.version());
+  // Read as JSON it is the stored-message codec's form, member by member too.
+  CHECK(stored.to_json() == typed->to_json());
+  CHECK(stored.member("key").get<std::string>() == "key-1");
+  CHECK(stored.get<pop::outbox_message>().id == id);
+  CHECK(s.pending_messages().value().at(0).payload == json{{"n", 1}});
+  // A value inside a message is not a message.
+  CHECK(stored.member("payload").message() == nullptr);
 }

@@ -132,7 +132,8 @@ TEST_CASE("deliveries are cleared together within clear_delay, failures and a st
     return m.key == "bad" && m.attempts == 0 ? act::fail : act::ok;
   };
   pop::relay_options o = quick_relay();
-  o.clear_delay = std::chrono::hours(1);  // never reached by this test
+  o.clear_delay = std::chrono::hours(1);                      // never reached by this test
+  o.initial_backoff = o.max_backoff = std::chrono::hours(1);  // nor is a retry
   auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
   pop::relay& r = *r_owner;
   asio::io_context io;
