@@ -193,6 +193,36 @@ void BM_memory_per_state_byte(benchmark::State& state) {
 }
 BENCHMARK(BM_memory_per_state_byte)->Arg(1'000'000)->Iterations(1)->Unit(benchmark::kMillisecond);
 
+// Memory per pending message: 100,000 messages of a ~100-byte payload left in the outbox.
+// Counters: bytes_per_message (resident memory added per message) and payload_bytes (its payload
+// as JSON text); the target is at most 2 x payload + 200 bytes.
+void BM_memory_per_pending_message(benchmark::State& state) {
+  for (auto _ : state) {
+    const std::int64_t before = resident_bytes();
+    auto e = pop::engine::open(pop::options{.audit_capacity = 0}).value();
+    if (!e->register_process({.name = "emit", .emits = {"order.placed"}}, [](const pop::context&,
+                                                                             const json& args) {
+            pop::result r;
+            r.emit("order.placed", args,
+                   "customer-" + std::to_string(args.at("n").get<int>() % 977));
+            return r;
+          }).ok()) {
+      std::abort();
+    }
+    const auto payload = [](int i) {
+      return json{{"n", i}, {"sku", "SKU-000042"}, {"qty", 3}, {"note", std::string(48, 'x')}};
+    };
+    constexpr int n = 100'000;
+    for (int i = 0; i < n; ++i) {
+      if (!e->execute("emit", payload(i)).ok()) std::abort();
+    }
+    const std::int64_t used = resident_bytes() - before;
+    state.counters["bytes_per_message"] = static_cast<double>(used) / n;
+    state.counters["payload_bytes"] = static_cast<double>(payload(n / 2).dump().size());
+  }
+}
+BENCHMARK(BM_memory_per_pending_message)->Iterations(1)->Unit(benchmark::kMillisecond);
+
 // The same work as BM_execute_small on a mutex-guarded std::unordered_map plus a std::vector
 // outbox: no versions, no contracts, no conflict checks, no audit.
 void BM_baseline_mutable_map(benchmark::State& state) {

@@ -120,6 +120,9 @@ absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
                          detail::journal::open(opts.journal, opts.durability, opts.journal_tuning,
                                                outbox.str(), initial, opts.clock, start));
   }
+  // Messages pending at open (in the initial state or replayed from the journal) are kept typed
+  // like those a commit appends, so the relay reads them without decoding.
+  start.root = detail::with_typed_messages(start.root, outbox.str());
   return std::unique_ptr<engine>(new engine(std::move(opts), std::move(journal), std::move(start)));
 }
 

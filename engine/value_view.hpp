@@ -14,7 +14,7 @@
 #include "pop/contracts/outbox_message.hpp"
 
 namespace pop::detail {
-struct value_node;
+class value_node;
 struct location;
 using node_ptr = std::shared_ptr<const value_node>;
 }  // namespace pop::detail

@@ -176,6 +176,9 @@ location lookup(const value_node& root, std::string_view path_text) {
 
 json materialise(const location& at) {
   if (at.inner) return *at.inner;
+  // A typed message is converted without keeping its JSON form (a whole-state copy, such as a
+  // journal snapshot, would otherwise double the memory of every pending message).
+  if (const outbox_message* m = at.node->message()) return m->to_json();
   if (!at.node->is_map()) return at.node->as_json();
   json out = json::object();
   auto& object = out.get_ref<json::object_t&>();
@@ -211,6 +214,36 @@ node_ptr with_maps_along(const node_ptr& root, std::string_view path_text, std::
   node_ptr updated = with_maps_along(*child, path_text, edit);
   if (updated == *child) return node;
   return make_map(node->members().set(segment, std::move(updated), edit));
+}
+
+node_ptr with_typed_messages(const node_ptr& root, std::string_view outbox_path) {
+  const location queue = lookup(*root, outbox_path);
+  if (!queue.exists() || !queue.is_object()) return root;
+  std::vector<std::pair<std::string, node_ptr>> entries;
+  const auto add = [&](std::string_view id, const location& at) {
+    json stored = materialise(at);
+    absl::StatusOr<outbox_message> m = outbox_message::from_json(stored);
+    if (m.ok() && m->id == id && m->to_json() == stored) {
+      entries.emplace_back(std::string(id), make_message_node(*std::move(m)));
+    } else {
+      entries.emplace_back(std::string(id), make_node(std::move(stored)));
+    }
+  };
+  if (const json* j = stored_json(queue)) {
+    for (const auto& [id, member] : j->items()) add(id, {queue.node, &member});
+  } else {
+    for (auto it = queue.node->members().begin(); it != queue.node->members().end(); ++it) {
+      if (it.value()->message()) {
+        entries.emplace_back(std::string(it.key()), it.value());  // typed already
+      } else {
+        add(it.key(), {it.value().get(), nullptr});
+      }
+    }
+  }
+  // Parents first become maps, so the new queue is linked in, not folded back into a blob.
+  return assign(with_maps_along(root, outbox_path), outbox_path,
+                make_map(pmap<node_ptr>::from_sorted(std::move(entries))))
+      .value_or(root);
 }
 
 node_ptr make_empty_map() {

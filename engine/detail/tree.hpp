@@ -107,6 +107,10 @@ node_ptr erase(const node_ptr& root, std::string_view path_text, std::uint64_t e
 // missing) is a member map rather than a blob, so writes below it copy O(log n) instead of the
 // whole object: the outbox is kept this way, however few messages it holds. Values are unchanged.
 node_ptr with_maps_along(const node_ptr& root, std::string_view path_text, std::uint64_t edit = 0);
+// Returns a root whose object at `outbox_path` (if any) is a member map holding every valid
+// stored message as a typed node (make_message_node); an entry that is not one stays as it is.
+// Values read back unchanged: an entry is typed only if its JSON form is exactly the codec's.
+node_ptr with_typed_messages(const node_ptr& root, std::string_view outbox_path);
 // Returns an empty object in member-map form.
 node_ptr make_empty_map();
 // A fresh batch token for assign / erase.

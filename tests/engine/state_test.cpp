@@ -6,6 +6,7 @@
 #include "pop/engine/engine.hpp"
 #include "pop/engine/snapshot.hpp"
 #include "pop/engine/value_view.hpp"
+#include "tests/support/temp_dir.hpp"
 
 using pop::json;
 namespace d = pop::detail;
@@ -185,4 +186,36 @@ TEST_CASE("appended messages are kept typed in an outbox that is always a member
   CHECK(s.pending_messages().value().at(0).payload == json{{"n", 1}});
   // A value inside a message is not a message.
   CHECK(stored.member("payload").message() == nullptr);
+}
+
+TEST_CASE("messages pending at open are kept typed and read back exactly as given", "[state]") {
+  pop::outbox_message m;
+  m.version = 0;
+  m.id = pop::make_message_id(0, 0);
+  m.topic = "t";
+  m.key = "k";
+  m.payload = {{"n", 1}};
+  const json typed_form = m.to_json();
+  json without_failures = typed_form;  // valid, but not exactly the codec's form
+  without_failures["id"] = pop::make_message_id(0, 1);
+  without_failures.erase("failures");
+  const json queue = {{typed_form["id"].get<std::string>(), typed_form},
+                      {without_failures["id"].get<std::string>(), without_failures}};
+  pop::test::temp_dir dir;
+  for (const bool journaled : {false, true}) {
+    pop::options o{.initial_state = {{"domain", {{"outbox_queue", queue}}}}};
+    if (journaled) o.journal = dir.file("typed.db");
+    for (int open = 0; open < (journaled ? 2 : 1); ++open) {  // journaled: created, then replayed
+      INFO("journaled " << journaled << ", open " << open);
+      auto e = pop::engine::open(o).value();
+      const pop::snapshot s = e->snapshot();
+      const pop::value_view first = s.view(e->outbox_path()).member(m.id);
+      REQUIRE(first.message() != nullptr);
+      CHECK(first.message()->payload == json{{"n", 1}});
+      const pop::value_view second =
+          s.view(e->outbox_path()).member(without_failures["id"].get<std::string>());
+      CHECK(second.message() == nullptr);
+      CHECK(s.read(e->outbox_path().str()).value() == queue);
+    }
+  }
 }
