@@ -546,8 +546,8 @@ absl::Status validate(const relay_options& o, const path& outbox) {
   if (o.publish_timeout.count() <= 0) {
     return absl::InvalidArgumentError("relay_options.publish_timeout must be positive");
   }
-  if (o.clear_delay.count() < 0) {
-    return absl::InvalidArgumentError("relay_options.clear_delay must not be negative");
+  if (o.clear_delay.count() < 0 || o.clear_delay > std::chrono::hours(1)) {
+    return absl::InvalidArgumentError("relay_options.clear_delay must be from 0 to 1 hour");
   }
   if (o.initial_backoff.count() <= 0 || o.max_backoff < o.initial_backoff) {
     return absl::InvalidArgumentError(
@@ -602,6 +602,11 @@ relay_metrics relay::metrics() const {
   const value_view queue = snap.view(snap.outbox_path());
   m.pending = queue.size();
   queue.for_each_member([&](std::string_view, const value_view& first) {
+    if (const outbox_message* typed = first.message()) {
+      const auto age_us = engine_.clock().now_us() - typed->created_at_us;
+      m.oldest_pending_age_s = static_cast<double>(std::max<std::int64_t>(age_us, 0)) / 1e6;
+      return false;
+    }
     try {
       if (const value_view c = first.member(outbox_fields::created_at_us);
           c && c.to_json().is_number_integer()) {

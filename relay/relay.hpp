@@ -35,7 +35,8 @@ struct relay_options {
   std::uint64_t seed = 0;                                // jitter seed; 0 draws one at random
   // How long acknowledged messages may wait to be removed, so one clearing transaction covers
   // many of them instead of one commit per message (publishing is never delayed). 0 clears at
-  // once. Failures are recorded at once; drain() and a clock moved by hand clear at once too.
+  // once; at most 1 hour. Failures are recorded at once; drain() and a clock moved by hand clear
+  // at once too.
   std::chrono::microseconds clear_delay{500};
 };
 

@@ -89,7 +89,8 @@ absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, 
   }
   // A blob or a missing object: write at the JSON level and let make_node choose the form again,
   // so an object that grows too large becomes a member map.
-  json doc = node ? node->as_json() : json::object();
+  // (materialise: a typed message gives its JSON without keeping a copy in the published node)
+  json doc = node ? materialise({node.get(), nullptr}) : json::object();
   if (!doc.is_object()) {
     return not_an_object(
         full, full.substr(0, static_cast<std::size_t>(rest.data() - full.data()) - 1), doc);
@@ -111,8 +112,8 @@ node_ptr erase_at(const node_ptr& node, std::string_view rest, std::uint64_t edi
     if (updated == *child) return node;
     return make_map(node->members().set(segment, std::move(updated), edit));
   }
-  if (!node->as_json().is_object()) return node;
-  json doc = node->as_json();
+  if (!location{node.get(), nullptr}.is_object()) return node;
+  json doc = materialise({node.get(), nullptr});
   if (!json_erase(doc, rest)) return node;
   return make_blob(std::move(doc));
 }

@@ -76,7 +76,8 @@ struct location {
   const json* inner = nullptr;       // non-null: the value inside node->blob
   bool exists() const { return node != nullptr; }
   bool is_object() const {
-    return inner ? inner->is_object() : node->is_map() || node->as_json().is_object();
+    if (inner) return inner->is_object();
+    return node->is_map() || node->message() != nullptr || node->as_json().is_object();
   }
 };
 

@@ -613,6 +613,10 @@ TEST_CASE("relay options are validated and a relay runs once at a time", "[relay
   CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
              Catch::Contains("max_attempts"));
   bad = {};
+  bad.clear_delay = std::chrono::hours(2);
+  CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
+             Catch::Contains("clear_delay"));
+  bad = {};
   bad.dead_letter_path = "domain.outbox_queue.dead";
   CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
              Catch::Contains("overlaps the outbox"));
