@@ -101,10 +101,7 @@ TEST_CASE("a running relay is woken by commits, not by polling, and stops on can
   asio::io_context io;
   asio::cancellation_signal stop;
   std::optional<absl::Status> result;
-  asio::co_spawn(io, r.run(),
-                 asio::bind_cancellation_slot(stop.slot(), [&](std::exception_ptr, absl::Status s) {
-                   result = std::move(s);
-                 }));
+  pop::test::spawn_stoppable(io, r.run(), stop, result);
   // The relay starts, finds nothing and waits; no timer is pending, so run_one blocks only
   // until a commit posts a wake-up.
   io.poll();
@@ -139,10 +136,7 @@ TEST_CASE("deliveries are cleared together within clear_delay, failures and a st
   asio::io_context io;
   asio::cancellation_signal stop;
   std::optional<absl::Status> result;
-  asio::co_spawn(io, r.run(),
-                 asio::bind_cancellation_slot(stop.slot(), [&](std::exception_ptr, absl::Status s) {
-                   result = std::move(s);
-                 }));
+  pop::test::spawn_stoppable(io, r.run(), stop, result);
   io.poll();
   std::vector<std::string> ids;
   for (int i = 0; i < 5; ++i) {
@@ -630,10 +624,7 @@ TEST_CASE("relay options are validated and a relay runs once at a time", "[relay
   asio::io_context io;
   asio::cancellation_signal stop;
   std::optional<absl::Status> first;
-  asio::co_spawn(io, r.run(),
-                 asio::bind_cancellation_slot(stop.slot(), [&](std::exception_ptr, absl::Status s) {
-                   first = std::move(s);
-                 }));
+  pop::test::spawn_stoppable(io, r.run(), stop, first);
   io.poll();
   const absl::Status second = [&] {
     std::optional<absl::Status> out;

@@ -1,5 +1,6 @@
 // Defines run_on(): runs a coroutine that returns a status to completion on a one-thread
-// io_context, and quick_relay(): relay options with fast retries for tests.
+// io_context; spawn_stoppable(): starts one to be cancelled later; and quick_relay(): relay
+// options with fast retries for tests.
 #pragma once
 
 #include <chrono>
@@ -8,6 +9,8 @@
 #include <utility>
 
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <catch2/catch.hpp>
@@ -30,6 +33,16 @@ inline absl::Status run_on(boost::asio::io_context& io, boost::asio::awaitable<a
   io.restart();
   REQUIRE(out.has_value());
   return *out;
+}
+
+// Spawns `work` on `io`, to be stopped by emitting `stop`; its status is stored in `result`.
+inline void spawn_stoppable(boost::asio::io_context& io, boost::asio::awaitable<absl::Status> work,
+                            boost::asio::cancellation_signal& stop,
+                            std::optional<absl::Status>& result) {
+  boost::asio::co_spawn(
+      io, std::move(work),
+      boost::asio::bind_cancellation_slot(
+          stop.slot(), [&result](std::exception_ptr, absl::Status s) { result = std::move(s); }));
 }
 
 // Fast retries so tests finish quickly; tests of time itself use a pop::manual_clock.
