@@ -146,12 +146,18 @@ node_ptr make_node(json value) {
   return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
 }
 
-node_ptr make_root(json object) {
-  node_ptr n = make_node(std::move(object));
+// `n` itself if it is a member map, else its object (which must be one) as a member map.
+node_ptr as_member_map(const node_ptr& n) {
   if (n->is_map()) return n;
   std::vector<std::pair<std::string, node_ptr>> entries;
-  for (auto& [key, member] : n->as_json().items()) entries.emplace_back(key, make_node(member));
+  for (const auto& [key, member] : n->as_json().items()) {
+    entries.emplace_back(key, make_node(member));
+  }
   return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
+}
+
+node_ptr make_root(json object) {
+  return as_member_map(make_node(std::move(object)));
 }
 
 location member(const location& at, std::string_view key) {
@@ -199,15 +205,9 @@ node_ptr erase(const node_ptr& root, std::string_view path_text, std::uint64_t e
 }
 
 node_ptr with_maps_along(const node_ptr& root, std::string_view path_text, std::uint64_t edit) {
-  node_ptr node = root;
-  if (!node->is_map()) {
-    if (!node->as_json().is_object()) return root;  // not an object: writes below it fail anyway
-    std::vector<std::pair<std::string, node_ptr>> entries;
-    for (const auto& [key, member] : node->as_json().items()) {
-      entries.emplace_back(key, make_node(member));
-    }
-    node = make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
-  }
+  // Not an object: writes below it fail anyway.
+  if (!location{root.get(), nullptr}.is_object()) return root;
+  const node_ptr node = as_member_map(root);
   if (path_text.empty()) return node;
   const std::string_view segment = take_segment(path_text);
   const node_ptr* child = node->members().find(segment);
