@@ -185,31 +185,31 @@ void nats_sink::on_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, voi
       status = destination_unavailable(std::move(status));
     }
   }
-  std::shared_ptr<pending> p;
   {
+    // The post happens under mu_, and publish() takes mu_ once its wait ends (or its frame is
+    // destroyed): so no copy of the relay's strand is still held here by the time publish()
+    // returns, and the relay's io_context may then be destroyed (a strand must not outlive it).
     std::lock_guard lock(self->mu_);
     if (!self->closed_) {
       if (auto it = self->pending_.find(msg); it != self->pending_.end()) {
-        p = std::move(it->second);
+        std::shared_ptr<pending> p = std::move(it->second);
         self->pending_.erase(it);
+        pending& target = *p;
+        auto complete = [p = std::move(p), status = std::move(status)]() mutable {
+          p->status = std::move(status);
+          p->done = true;
+          // An expiry in the past completes the wait now, or at once if it starts later.
+          p->timer.expires_at(asio::steady_timer::time_point::min());
+        };
+        if (target.strand) {
+          asio::post(*target.strand, std::move(complete));
+        } else {
+          asio::post(target.timer.get_executor(), std::move(complete));
+        }
       }
     }
   }
   natsMsg_Destroy(msg);
-  if (p) {
-    pending& target = *p;
-    auto complete = [p = std::move(p), status = std::move(status)]() mutable {
-      p->status = std::move(status);
-      p->done = true;
-      // An expiry in the past completes the wait now, or at once if it starts later.
-      p->timer.expires_at(asio::steady_timer::time_point::min());
-    };
-    if (target.strand) {
-      asio::post(*target.strand, std::move(complete));
-    } else {
-      asio::post(target.timer.get_executor(), std::move(complete));
-    }
-  }
 }
 
 asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
@@ -283,27 +283,31 @@ asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
     co_return absl::UnavailableError(st.message());
   }
   published_.fetch_add(1, std::memory_order_relaxed);
-  // Removes this publish's entry unless on_ack took it (the address may be reused by then).
-  const auto abandon = [&] {
-    std::lock_guard lock(mu_);
-    if (auto it = pending_.find(raw); it != pending_.end() && it->second == p) {
-      pending_.erase(it);
-      abandoned_.fetch_add(1, std::memory_order_relaxed);
+  // On every way out (acknowledged, cancelled, or this frame destroyed with its io_context):
+  // removes this publish's entry unless on_ack took it (the address may be reused by then), and
+  // waits for an on_ack that took it to finish posting.
+  struct settle {
+    nats_sink& self;
+    natsMsg* raw;
+    const std::shared_ptr<pending>& p;
+    ~settle() {
+      std::lock_guard lock(self.mu_);
+      if (auto it = self.pending_.find(raw); it != self.pending_.end() && it->second == p) {
+        self.pending_.erase(it);
+        self.abandoned_.fetch_add(1, std::memory_order_relaxed);
+      }
     }
   };
-  if (!p->done) {
-    // Completes when on_ack expires the timer, or with operation_aborted when the relay cancels
-    // (which may also throw here, if the cancellation came first).
-    try {
+  {
+    const settle guard{*this, raw, p};
+    if (!p->done) {
+      // Completes when on_ack expires the timer, or with operation_aborted when the relay cancels
+      // (which may also throw here, if the cancellation came first).
       auto [ec] = co_await p->timer.async_wait(asio::as_tuple(asio::use_awaitable));
       static_cast<void>(ec);
-    } catch (...) {
-      abandon();
-      throw;
     }
   }
   if (p->done) co_return p->status;
-  abandon();
   co_return absl::CancelledError(absl::StrCat(where, ": cancelled before its acknowledgement"));
 }
 
