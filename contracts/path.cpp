@@ -88,12 +88,28 @@ std::vector<std::string_view> path::segments() const {
 }
 
 absl::StatusOr<path> path::child(std::string_view segment) const {
+  // One segment: "a.b" would be two, and is refused rather than read as a deeper path.
+  if (absl::Status s = validate_segment(segment); !s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("invalid child of '", text_, "': ", s.message()));
+  }
+  const std::size_t length = text_.size() + 1 + segment.size();
+  if (length > max_path_length) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "invalid child '", detail::to_absl(segment.substr(0, 64)), "' of '", text_.substr(0, 64),
+        "': ", length, " characters, the limit is ", max_path_length));
+  }
+  if (depth() + 1 > max_path_depth) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("invalid child '", detail::to_absl(segment), "' of '", text_.substr(0, 64),
+                     "': ", depth() + 1, " segments, the limit is ", max_path_depth));
+  }
   std::string text;
-  text.reserve(text_.size() + 1 + segment.size());
+  text.reserve(length);
   text += text_;
   text += '.';
   text += segment;
-  return parse(text);
+  return path(std::move(text));
 }
 
 bool path::contains(const path& other) const {

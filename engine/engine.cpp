@@ -459,6 +459,57 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
   return cas_result{true, out.version};
 }
 
+absl::StatusOr<clear_result> engine::clear_messages(const pop::snapshot& seen,
+                                                    std::span<const std::string> ids) {
+  const std::string who = absl::StrCat("clear_messages(seen version ", seen.version(), ")");
+  if (!seen.state_ || seen.state_->outbox_path != outbox_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(who, ": the snapshot was not taken from this engine"));
+  }
+  if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat(who, ": no message ids given"));
+  if (journal_) POP_RETURN_IF_ERROR(journal_->failure());
+  prepared prep;
+  prep.writes.reserve(ids.size());
+  for (const std::string& id : ids) {
+    absl::StatusOr<path> target = outbox_->child(id);
+    if (!target.ok()) {
+      return annotate(target.status(), absl::StrCat(who, ", message id '", id, "'"));
+    }
+    prep.writes.push_back({*std::move(target), nullptr});
+  }
+  applied out;
+  std::shared_ptr<detail::journal_record> record;
+  {
+    std::unique_lock lock(commit_mu_);
+    const std::shared_ptr<const detail::version_state> current = head();
+    const bool moved = current->version != seen.version();
+    detail::node_ptr root = current->root;
+    const std::uint64_t edit = detail::new_edit();
+    // Erasing only removes: every entry still in `root` is the head's own node, so an entry is
+    // unchanged since `seen` exactly when both hold the same node (nodes are never reused while
+    // `seen` holds them). A repeated id is absent the second time.
+    std::erase_if(prep.writes, [&](const detail::prepared_write& w) {
+      const detail::location now = detail::lookup(*root, w.target.str());
+      if (!now.exists()) return true;
+      if (moved) {
+        const detail::location then = detail::lookup(*seen.state_->root, w.target.str());
+        if (then.node != now.node || then.inner != now.inner) return true;
+      }
+      root = detail::erase(root, w.target.str(), edit);
+      return false;
+    });
+    if (prep.writes.empty()) return clear_result{current->version, 0};
+    out.version = current->version + 1;
+    out.root = std::move(root);
+    std::vector<path> written;
+    written.reserve(prep.writes.size());
+    for (const detail::prepared_write& w : prep.writes) written.push_back(w.target);
+    record = install(out.version, out.root, std::move(written));
+  }
+  POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "clear_messages"));
+  return clear_result{out.version, prep.writes.size()};
+}
+
 bool engine::outbox_entries_changed(std::uint64_t since) const {
   if (log_.empty() || log_.back().version <= since) return false;
   if (log_.front().version > since + 1) return true;  // older than the window: assume so

@@ -7,6 +7,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -92,6 +93,12 @@ struct cas_result {
   std::uint64_t version = 0;  // the new version if committed, else the current version
 };
 
+// What clear_messages() did.
+struct clear_result {
+  std::uint64_t version = 0;  // the version committed, or the head's if nothing was removed
+  std::size_t removed = 0;    // messages removed
+};
+
 // The embeddable state engine: versioned immutable state, registered processes run under their
 // contracts, and serializable commits of their writes and outbox messages.
 //
@@ -144,6 +151,16 @@ class engine {
   [[nodiscard]] absl::StatusOr<cas_result> compare_and_swap(std::uint64_t expected_version,
                                                             std::vector<write> writes,
                                                             cas_mode mode = cas_mode::strict);
+
+  // Removes from the outbox every message of `ids` that is still stored exactly as `seen` holds
+  // it, in one commit (journaled like any); a message removed or changed since `seen` is left as
+  // it is, and an id not pending is skipped. This is how a relay clears what it delivered:
+  // unlike a compare_and_swap of deletes it never conflicts as a whole, and it costs
+  // O(ids * log n) with no path parsing. Returns the commit's version and how many messages it
+  // removed ({head version, 0} and no commit if none). kInvalidArgument for no ids, an id that is
+  // not a path segment, or a snapshot of another engine; the journal's error if it failed.
+  [[nodiscard]] absl::StatusOr<clear_result> clear_messages(const pop::snapshot& seen,
+                                                            std::span<const std::string> ids);
 
   // The newest committed state. O(1); never blocks a commit for longer than a pointer copy.
   pop::snapshot snapshot() const;

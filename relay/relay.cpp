@@ -1,6 +1,7 @@
 #include "pop/relay/relay.hpp"
 
 #include <algorithm>
+#include <deque>
 #include <limits>
 #include <optional>
 #include <random>
@@ -231,7 +232,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     // a message with a lower id (a requeued one) must not overtake them.
     for (const auto& [id, f] : flights_) block(f->message.key);
     for (const auto& [id, o] : recorded_) {
-      if (o.failed) block(o.key);
+      if (o->what != outcome::kind::delivered) block(o->key);
     }
     // When the snapshot is durable, no id can be newer than the durable version: skip parsing.
     const bool all_durable = snap.version() <= durable;
@@ -252,8 +253,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             block(f->second->message.key);
             return true;
           }
-          if (const auto o = recorded_.find(id_view); o != recorded_.end()) {
-            if (o->second.failed) block(o->second.key);
+          if (const auto o = recorded_.find(id); o != recorded_.end()) {
+            if (o->second->what != outcome::kind::delivered) block(o->second->key);
             return true;
           }
           if (outcomes_.size() >= options_.batch_size ||
@@ -296,6 +297,11 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             block(key);
             return true;
           }
+          // A message as a commit stored it is published as it is, with no copy.
+          if (typed && typed->id == id) {
+            if (!start_publish(*typed)) block(key);
+            return true;
+          }
           // Read straight from the stored value (no intermediate copy of it).
           absl::StatusOr<outbox_message> m = absl::UnknownError("unread");
           try {
@@ -316,7 +322,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             add_outcome(std::move(o));
             return true;
           }
-          if (!start_publish(*std::move(m))) block(key);
+          if (!start_publish(*m)) block(key);
           return true;
         });
     return earliest;
@@ -324,7 +330,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
 
   // Publishes `m` synchronously if the sink can, else launches it. Returns true if `m` was
   // acknowledged already (so its key is free for the next message).
-  bool start_publish(outbox_message m) {
+  bool start_publish(const outbox_message& m) {
     const steady::time_point start = steady::now();
     std::optional<absl::Status> now;
     try {
@@ -340,7 +346,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       return ok;
     }
     auto f = std::make_shared<flight>();
-    f->message = std::move(m);
+    f->message = m;
     f->started = start;
     f->deadline_us =
         engine_.clock().now_us() +
@@ -408,8 +414,9 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   void add_outcome(outcome o) {
     if (outcomes_.empty()) outcomes_since_ = steady::now();
     if (o.what != outcome::kind::delivered) failures_waiting_ = true;
-    recorded_[o.id] = {o.what != outcome::kind::delivered, o.key};
     outcomes_.push_back(std::move(o));
+    const outcome& kept = outcomes_.back();
+    recorded_[kept.id] = &kept;
   }
 
   // A delay drawn uniformly from [d/2, d].
@@ -465,47 +472,64 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
   }
 
-  // Records every known outcome, batch_size per transaction. Conflicts (another writer of the
-  // same ids) are redone on a newer snapshot; other engine errors are returned.
+  // Records every known outcome, batch_size per transaction. A batch of deliveries only is
+  // cleared with engine::clear_messages (never a conflict: a message changed or removed since is
+  // left alone); one with failures or malformed entries is recorded whole by compare_and_swap,
+  // redone on a newer snapshot after a conflict (another writer of the same ids). Engine errors
+  // are returned.
   absl::Status flush() {
+    std::vector<std::string> delivered;
     while (!outcomes_.empty()) {
       const std::size_t n = std::min(options_.batch_size, outcomes_.size());
-      for (int tries = 0; tries < 64; ++tries) {
-        const snapshot snap = engine_.snapshot();
-        const value_view queue = snap.view(snap.outbox_path());
-        std::vector<write> writes;
-        writes.reserve(n);
-        tally t;
-        for (std::size_t i = 0; i < n; ++i) build(queue, outcomes_[i], writes, t);
-        if (writes.empty()) break;
-        absl::StatusOr<cas_result> r =
-            engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys);
-        if (!r.ok()) return annotate(r.status(), "relay: recording publish outcomes");
-        if (r->committed) {
-          counters_.clears.fetch_add(1, std::memory_order_relaxed);
-          counters_.delivered.fetch_add(t.delivered, std::memory_order_relaxed);
-          counters_.retried.fetch_add(t.retried, std::memory_order_relaxed);
-          counters_.dead_lettered.fetch_add(t.dead, std::memory_order_relaxed);
-          break;
-        }
-        counters_.clear_conflicts.fetch_add(1, std::memory_order_relaxed);
+      delivered.clear();
+      for (std::size_t i = 0; i < n && delivered.size() == i; ++i) {
+        if (outcomes_[i].what == outcome::kind::delivered) delivered.push_back(outcomes_[i].id);
       }
-      // After 64 lost races the outcomes are dropped: those messages stay queued and are
-      // published again (a duplicate, never a loss).
+      if (delivered.size() == n) {
+        absl::StatusOr<clear_result> r = engine_.clear_messages(engine_.snapshot(), delivered);
+        if (!r.ok()) return annotate(r.status(), "relay: clearing delivered messages");
+        if (r->removed > 0) counters_.clears.fetch_add(1, std::memory_order_relaxed);
+        counters_.delivered.fetch_add(r->removed, std::memory_order_relaxed);
+      } else {
+        POP_RETURN_IF_ERROR(record_outcomes(n));
+      }
       for (std::size_t i = 0; i < n; ++i) {
-        recorded_.erase(outcomes_[i].id);
-        key_cache_.erase(outcomes_[i].id);
+        if (const auto r = recorded_.find(outcomes_.front().id);
+            r != recorded_.end() && r->second == &outcomes_.front()) {
+          recorded_.erase(r);
+        }
+        key_cache_.erase(outcomes_.front().id);
+        outcomes_.pop_front();
       }
-      outcomes_.erase(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n));
     }
     failures_waiting_ = false;
     return absl::OkStatus();
   }
 
-  struct recorded_outcome {
-    bool failed = false;
-    std::string key;
-  };
+  // Records the first `n` outcomes in one transaction. After 64 lost races they are dropped:
+  // those messages stay queued and are published again (a duplicate, never a loss).
+  absl::Status record_outcomes(std::size_t n) {
+    for (int tries = 0; tries < 64; ++tries) {
+      const snapshot snap = engine_.snapshot();
+      const value_view queue = snap.view(snap.outbox_path());
+      std::vector<write> writes;
+      tally t;
+      for (std::size_t i = 0; i < n; ++i) build(queue, outcomes_[i], writes, t);
+      if (writes.empty()) return absl::OkStatus();
+      absl::StatusOr<cas_result> r =
+          engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys);
+      if (!r.ok()) return annotate(r.status(), "relay: recording publish outcomes");
+      if (r->committed) {
+        counters_.clears.fetch_add(1, std::memory_order_relaxed);
+        counters_.delivered.fetch_add(t.delivered, std::memory_order_relaxed);
+        counters_.retried.fetch_add(t.retried, std::memory_order_relaxed);
+        counters_.dead_lettered.fetch_add(t.dead, std::memory_order_relaxed);
+        return absl::OkStatus();
+      }
+      counters_.clear_conflicts.fetch_add(1, std::memory_order_relaxed);
+    }
+    return absl::OkStatus();
+  }
 
   engine& engine_;
   sink& sink_;
@@ -523,10 +547,11 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   bool failures_waiting_ = false;      // an outcome in outcomes_ is not a delivery
   steady::time_point outcomes_since_;  // when the first of outcomes_ was known
   absl::flat_hash_map<std::string, std::shared_ptr<flight>> flights_;
-  std::vector<outcome> outcomes_;
-  absl::flat_hash_map<std::string, recorded_outcome> recorded_;  // ids in outcomes_
-  absl::flat_hash_set<std::string> blocked_;                     // scratch for schedule()
-  absl::flat_hash_map<std::string, std::string> key_cache_;      // queued id -> its key
+  std::deque<outcome> outcomes_;  // a deque: recorded_ points into it
+  // The ids in outcomes_, viewing their outcome's id.
+  absl::flat_hash_map<std::string_view, const outcome*> recorded_;
+  absl::flat_hash_set<std::string> blocked_;                 // scratch for schedule()
+  absl::flat_hash_map<std::string, std::string> key_cache_;  // queued id -> its key
   std::int64_t outage_since_us_ = 0;  // first destination_unavailable since the last delivery
 };
 

@@ -48,7 +48,19 @@ TEST_CASE("bad paths are rejected with a message that says what is wrong", "[con
     CHECK(r.status().code() == absl::StatusCode::kInvalidArgument);
     CHECK(std::string(r.status().message()).find(c.says) != std::string::npos);
   }
-  CHECK(P("a").child("b.c").status().code() == absl::StatusCode::kOk);  // a child may add segments
+  // A child is one segment: "b.c" would silently be two levels deeper.
+  CHECK(P("a").child("b.c").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(P("a").child("b.c").status().message()).find("'b.c'") != std::string::npos);
+  CHECK(P("a").child("b").value().str() == "a.b");
+  std::string deep = "s";
+  for (std::size_t i = 1; i < pop::max_path_depth; ++i) deep += ".s";
+  CHECK(P(deep).child("t").status().code() == absl::StatusCode::kInvalidArgument);
+  std::string wide(100, 'w');
+  while (wide.size() + 101 <= pop::max_path_length - 2) wide += "." + std::string(100, 'w');
+  wide += "." + std::string(pop::max_path_length - 3 - wide.size(), 'w');  // 2 short of the limit
+  REQUIRE(wide.size() == pop::max_path_length - 2);
+  CHECK(P(wide).child("x").ok());
+  CHECK(P(wide).child("xy").status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(P("a").child("").status().code() == absl::StatusCode::kInvalidArgument);
 }
 

@@ -4,6 +4,7 @@
 
 #include "tests/support/must.hpp"
 #include "tests/support/processes.hpp"
+#include "tests/support/temp_dir.hpp"
 
 #include <atomic>
 #include <thread>
@@ -83,6 +84,74 @@ TEST_CASE("outbox appends commute with each other and with clearing by id", "[en
   const auto pending = e.snapshot().pending_messages().value();
   REQUIRE(pending.size() == 1);
   CHECK(pending[0].topic == "one");
+}
+
+TEST_CASE("clear_messages removes what is stored as seen and leaves changed, removed and new ones",
+          "[engine]") {
+  pop::test::temp_dir dir;
+  const std::string journal = dir.file("clear.db");
+  const auto pending_ids = [](const pop::snapshot& snap) {
+    std::vector<std::string> out;
+    for (const pop::outbox_message& m : pop::test::must(snap.pending_messages())) {
+      out.push_back(m.id);
+    }
+    return out;
+  };
+  std::vector<std::string> ids;
+  {
+    auto e = pop::test::must(pop::engine::open(pop::options{.journal = journal}));
+    REQUIRE(e->register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
+                                                                     const json& args) {
+               pop::result r;
+               r.emit("t", args, "k");
+               return r;
+             }).ok());
+    for (int i = 0; i < 5; ++i)
+      ids.push_back(pop::test::must(e->execute("emit", i)).message_ids[0]);
+    const pop::snapshot seen = e->snapshot();
+    const std::string outbox = "domain.outbox_queue.";
+    // After `seen`: message 1 is rewritten (a retry's record), message 2 removed, one appended.
+    json changed = seen.read(outbox + ids[1]).value();
+    changed["attempts"] = 1;
+    REQUIRE(
+        pop::test::must(e->compare_and_swap(e->version(), {{outbox + ids[1], changed}})).committed);
+    REQUIRE(pop::test::must(e->compare_and_swap(e->version(), {{outbox + ids[2], std::nullopt}}))
+                .committed);
+    const std::string appended = pop::test::must(e->execute("emit", 9)).message_ids[0];
+    const std::uint64_t before = e->version();
+
+    // Bad calls change nothing.
+    CHECK(e->clear_messages(seen, {}).status().code() == absl::StatusCode::kInvalidArgument);
+    const std::vector<std::string> bad{ids[0], "not.an.id"};
+    const absl::Status bad_id = e->clear_messages(seen, bad).status();
+    CHECK(bad_id.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(bad_id.message()).find("not.an.id") != std::string::npos);
+    pop::engine other;
+    const std::vector<std::string> one{ids[0]};
+    CHECK(e->clear_messages(other.snapshot(), one).status().code() ==
+          absl::StatusCode::kInvalidArgument);
+    CHECK(e->version() == before);
+    CHECK(e->snapshot().pending_count() == 5);
+
+    // Ids 0, 3 and 4 are as seen; 1 changed, 2 is gone, an unknown id and a repeat are skipped.
+    const std::vector<std::string> clear{
+        ids[0], ids[1], ids[2], ids[3], ids[4], ids[3], pop::make_message_id(999, 0)};
+    const pop::clear_result r = pop::test::must(e->clear_messages(seen, clear));
+    CHECK(r.removed == 3);
+    CHECK(r.version == before + 1);
+    CHECK(pending_ids(e->snapshot()) == std::vector<std::string>{ids[1], appended});
+
+    // Nothing left to remove: no commit.
+    const pop::clear_result again = pop::test::must(e->clear_messages(seen, clear));
+    CHECK(again.removed == 0);
+    CHECK(again.version == before + 1);
+    CHECK(e->version() == before + 1);
+  }
+  // The removal is journaled like any commit.
+  auto reopened = pop::test::must(pop::engine::open(pop::options{.journal = journal}));
+  const std::vector<std::string> left = pending_ids(reopened->snapshot());
+  CHECK(left.size() == 2);
+  CHECK(left[0] == ids[1]);
 }
 
 TEST_CASE("the seed-style form returns a whole new queue and is diffed into appends and removals",
