@@ -405,9 +405,8 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
   for (write& w : writes) {
     absl::StatusOr<path> p = path::parse(w.path);
     if (!p.ok()) return annotate(p.status(), who);
-    if (w.value) {
-      POP_RETURN_IF_ERROR(
-          check_storable(*w.value, absl::StrCat(who, ", writing '", p->str(), "'")));
+    if (w.value && !check_storable(*w.value, {}).ok()) {
+      return check_storable(*w.value, absl::StrCat(who, ", writing '", p->str(), "'"));
     }
     if (*p == *outbox_) {
       if (queue) {

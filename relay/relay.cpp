@@ -481,11 +481,20 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     std::vector<std::string> delivered;
     while (!outcomes_.empty()) {
       const std::size_t n = std::min(options_.batch_size, outcomes_.size());
-      delivered.clear();
-      for (std::size_t i = 0; i < n && delivered.size() == i; ++i) {
-        if (outcomes_[i].what == outcome::kind::delivered) delivered.push_back(outcomes_[i].id);
+      const bool only_deliveries =
+          std::all_of(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n),
+                      [](const outcome& o) { return o.what == outcome::kind::delivered; });
+      // The recorded_ entries view the outcomes' ids: forget them before the ids move.
+      for (std::size_t i = 0; i < n; ++i) {
+        if (const auto r = recorded_.find(outcomes_[i].id);
+            r != recorded_.end() && r->second == &outcomes_[i]) {
+          recorded_.erase(r);
+        }
+        key_cache_.erase(outcomes_[i].id);
       }
-      if (delivered.size() == n) {
+      if (only_deliveries) {
+        delivered.clear();
+        for (std::size_t i = 0; i < n; ++i) delivered.push_back(std::move(outcomes_[i].id));
         absl::StatusOr<clear_result> r = engine_.clear_messages(engine_.snapshot(), delivered);
         if (!r.ok()) return annotate(r.status(), "relay: clearing delivered messages");
         if (r->removed > 0) counters_.clears.fetch_add(1, std::memory_order_relaxed);
@@ -493,14 +502,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       } else {
         POP_RETURN_IF_ERROR(record_outcomes(n));
       }
-      for (std::size_t i = 0; i < n; ++i) {
-        if (const auto r = recorded_.find(outcomes_.front().id);
-            r != recorded_.end() && r->second == &outcomes_.front()) {
-          recorded_.erase(r);
-        }
-        key_cache_.erase(outcomes_.front().id);
-        outcomes_.pop_front();
-      }
+      outcomes_.erase(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n));
     }
     failures_waiting_ = false;
     return absl::OkStatus();

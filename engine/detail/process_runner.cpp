@@ -58,7 +58,8 @@ absl::StatusOr<prepared> process_runner::run(const registered& proc, const snaps
   for (message_draft& m : r->messages()) out.messages.push_back(std::move(m));
   for (const message_draft& m : out.messages) {
     POP_RETURN_IF_ERROR(check_topic(c, snap.version(), m.topic));
-    POP_RETURN_IF_ERROR(check_message(m, process_at(c, snap.version())));
+    // The error text is built only for a message that fails.
+    if (!check_message(m, {}).ok()) return check_message(m, process_at(c, snap.version()));
   }
   // What a newer commit must not overlap: what it read, and what it wrote. A process that
   // rewrote the whole outbox depends on the messages it removed or changed, not on the queue
@@ -86,31 +87,34 @@ absl::Status process_runner::check_topic(const process_contract& c, std::uint64_
 absl::Status process_runner::prepare_writes(const process_contract& c, const snapshot& snap,
                                             result& r, prepared& out) {
   const path& outbox = snap.outbox_path();
-  const std::string who = process_at(c, snap.version());
+  // Error texts are built only for a write that fails.
+  const auto who = [&] { return process_at(c, snap.version()); };
   for (write& w : r.writes()) {
     absl::StatusOr<path> p = path::parse(w.path);
     if (!p.ok()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(who, " wrote a bad path: ", p.status().message()));
+          absl::StrCat(who(), " wrote a bad path: ", p.status().message()));
     }
     if (!c.may_write(*p)) {
-      return absl::PermissionDeniedError(absl::StrCat("contract violation: ", who, " wrote '",
+      return absl::PermissionDeniedError(absl::StrCat("contract violation: ", who(), " wrote '",
                                                       p->str(), "', outside its declared outputs ",
                                                       c.outputs().to_string()));
     }
-    if (w.value) {
-      POP_RETURN_IF_ERROR(check_storable(*w.value, absl::StrCat(who, " wrote '", p->str(), "'")));
+    if (w.value && !check_storable(*w.value, {}).ok()) {
+      return check_storable(*w.value, absl::StrCat(who(), " wrote '", p->str(), "'"));
     }
     if (*p == outbox) {
       POP_ASSIGN_OR_RETURN(detail::outbox_changes changes,
                            // A process saw every message of its snapshot (a dry run's fixture may
                            // hold ids newer than its version): all of them are in scope.
                            detail::diff_outbox(w.value, snap.view(outbox),
-                                               std::numeric_limits<std::uint64_t>::max(), who));
+                                               std::numeric_limits<std::uint64_t>::max(), who()));
       POP_RETURN_IF_ERROR(add_changes(outbox, std::move(changes), out));
       continue;
     }
-    POP_RETURN_IF_ERROR(check_outbox_write(*p, outbox, w.value, who));
+    if (!check_outbox_write(*p, outbox, w.value, {}).ok()) {
+      return check_outbox_write(*p, outbox, w.value, who());
+    }
     out.writes.push_back({*std::move(p), w.value ? make_node(*std::move(w.value)) : nullptr});
   }
   return absl::OkStatus();
@@ -143,6 +147,12 @@ absl::Status process_runner::check_outbox_write(const path& p, const path& outbo
 
 // OK if a message can be stored and published: its key, headers and payload are storable JSON.
 absl::Status process_runner::check_message(const message_draft& m, const std::string& who) {
+  // The usual case, a valid message, builds no error text.
+  bool valid = check_utf8(m.topic, {}).ok() && check_utf8(m.key, {}).ok();
+  for (const auto& [name, value] : m.headers) {
+    valid = valid && check_utf8(name, {}).ok() && check_utf8(value, {}).ok();
+  }
+  if (valid && check_storable(m.payload, {}).ok()) return absl::OkStatus();
   const std::string what = absl::StrCat(who, ", message of topic '", m.topic, "'");
   POP_RETURN_IF_ERROR(check_utf8(m.topic, absl::StrCat(who, ": a message topic")));
   POP_RETURN_IF_ERROR(check_utf8(m.key, absl::StrCat(what, ": its key")));
