@@ -307,7 +307,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     std::unique_lock lock(commit_mu_);
     std::shared_ptr<const detail::version_state> current = head();
     if (current->version != base->version) {
-      conflict = find_conflict(prep.access, base->version);
+      conflict = find_conflict(prep.access(*outbox_), base->version);
       if (!conflict.empty()) return commit_status::conflict;
       base = std::move(current);
       built = false;
@@ -416,7 +416,6 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
       continue;
     }
     POP_RETURN_IF_ERROR(process_runner::check_outbox_write(*p, *outbox_, w.value, who));
-    prep.access.insert(*p);
     prep.writes.push_back(
         {*std::move(p), w.value ? detail::make_node(*std::move(w.value)) : nullptr});
   }
@@ -431,7 +430,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
     }
     if (expected_version != current->version) {
       if (mode == cas_mode::strict) return cas_result{false, current->version};
-      if (!find_conflict(prep.access, expected_version).empty()) {
+      if (!find_conflict(prep.access(*outbox_), expected_version).empty()) {
         return cas_result{false, current->version};
       }
       // The queue write removes the messages pending at expected_version: if one of them was

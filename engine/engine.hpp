@@ -202,7 +202,7 @@ class engine {
 
   std::shared_ptr<const detail::version_state> head() const;
   std::shared_ptr<const registered> find(std::string_view name) const;
-  // Commits `prep`, computed on `snap`, unless a newer commit overlaps prep.access.
+  // Commits `prep`, computed on `snap`, unless a newer commit overlaps prep.access().
   absl::StatusOr<commit_status> commit_prepared(std::shared_ptr<const detail::version_state> snap,
                                                 const prepared& prep, applied& out,
                                                 std::string& conflict,

@@ -153,6 +153,10 @@ class pmap {
     return pmap(std::move(root));
   }
 
+  // The edit token of the batch that created the root node (0 if none): a map whose root carries
+  // a batch's token was made by that batch.
+  std::uint64_t edit() const { return root_ ? root_->edit : 0; }
+
   // Returns whether both maps have the same root node, in which case they are equal; a write
   // that changed nothing (erase of an absent key) is detected this way. O(1).
   bool same_root(const pmap& other) const { return root_ == other.root_; }

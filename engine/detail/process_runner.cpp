@@ -53,7 +53,7 @@ absl::StatusOr<prepared> process_runner::run(const registered& proc, const snaps
   if (!r.ok()) return annotate(r.status(), process_at(c, snap.version()));
 
   prepared out;
-  out.reads = ctx.reads();
+  out.reads = std::move(ctx.reads_);
   POP_RETURN_IF_ERROR(prepare_writes(c, snap, *r, out));
   for (message_draft& m : r->messages()) out.messages.push_back(std::move(m));
   for (const message_draft& m : out.messages) {
@@ -61,19 +61,23 @@ absl::StatusOr<prepared> process_runner::run(const registered& proc, const snaps
     // The error text is built only for a message that fails.
     if (!check_message(m, {}).ok()) return check_message(m, process_at(c, snap.version()));
   }
-  // What a newer commit must not overlap: what it read, and what it wrote. A process that
-  // rewrote the whole outbox depends on the messages it removed or changed, not on the queue
-  // as a whole: messages appended meanwhile are kept, so they do not conflict with it.
-  for (const path& p : out.reads) {
-    if (!(out.wrote_queue && p == snap.outbox_path())) out.access.insert(p);
-  }
-  for (const prepared_write& w : out.writes) out.access.insert(w.target);
   if (out.messages.size() > max_messages_per_commit) {
     return absl::InvalidArgumentError(absl::StrCat(process_at(c, snap.version()), " emitted ",
                                                    out.messages.size(), " messages; the limit is ",
                                                    max_messages_per_commit, " per commit"));
   }
   return out;
+}
+
+const path_set& prepared::access(const path& outbox) const {
+  if (!access_) {
+    access_.emplace();
+    for (const path& p : reads) {
+      if (!(wrote_queue && p == outbox)) access_->insert(p);
+    }
+    for (const prepared_write& w : writes) access_->insert(w.target);
+  }
+  return *access_;
 }
 
 absl::Status process_runner::check_topic(const process_contract& c, std::uint64_t version,

@@ -34,11 +34,18 @@ struct prepared_write {
 // What one run of a process returned, validated against its contract and ready to apply.
 struct prepared {
   path_set reads;
-  path_set access;  // reads and written paths: what a newer commit must not overlap
   std::vector<prepared_write> writes;
   std::vector<message_draft> messages;
   bool wrote_queue = false;  // wrote the whole outbox (list form): see prepare_writes
   bool empty() const { return writes.empty() && messages.empty(); }
+  // What a newer commit must not overlap: what it read and what it wrote. A change that rewrote
+  // the whole outbox at `outbox` depends on the messages it removed or changed (its writes), not
+  // on the queue as a whole: messages appended meanwhile are kept, so they do not conflict with
+  // it. Built on first use: a commit whose base is still the head never needs it.
+  const path_set& access(const path& outbox) const;
+
+ private:
+  mutable std::optional<path_set> access_;
 };
 
 // A prepared change applied on top of one version.

@@ -77,6 +77,20 @@ bool json_erase(json& doc, std::string_view rest) {
   }
 }
 
+// The map node `node` (a member map) with `members` instead: `node` itself, changed in place, if
+// the edit batch `edit` created it (its members' root carries the token: no published version
+// holds it), else a new node.
+node_ptr with_members(const node_ptr& node, bool owned, pmap<node_ptr> members) {
+  if (!owned) return make_map(std::move(members));
+  const_cast<value_node&>(*node).replace_members(std::move(members));
+  return node;
+}
+
+// Whether the map node `node` was created by edit batch `edit` (and so may be changed in place).
+bool owned_by(const value_node& node, std::uint64_t edit) {
+  return edit != 0 && node.members().edit() == edit;
+}
+
 absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, node_ptr value,
                                    std::string_view full, std::uint64_t edit) {
   if (rest.empty()) return value;
@@ -85,7 +99,8 @@ absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, 
     const node_ptr* child = node->members().find(segment);
     POP_ASSIGN_OR_RETURN(node_ptr updated, assign_at(child ? *child : node_ptr(), rest,
                                                      std::move(value), full, edit));
-    return make_map(node->members().set(segment, std::move(updated), edit));
+    const bool owned = owned_by(*node, edit);
+    return with_members(node, owned, node->members().set(segment, std::move(updated), edit));
   }
   // A blob or a missing object: write at the JSON level and let make_node choose the form again,
   // so an object that grows too large becomes a member map.
@@ -104,13 +119,15 @@ node_ptr erase_at(const node_ptr& node, std::string_view rest, std::uint64_t edi
     const std::string_view segment = take_segment(rest);
     if (rest.empty()) {
       if (!node->members().find(segment)) return node;
-      return make_map(node->members().erase(segment, edit));
+      const bool owned = owned_by(*node, edit);
+      return with_members(node, owned, node->members().erase(segment, edit));
     }
     const node_ptr* child = node->members().find(segment);
     if (!child) return node;
     node_ptr updated = erase_at(*child, rest, edit);
     if (updated == *child) return node;
-    return make_map(node->members().set(segment, std::move(updated), edit));
+    const bool owned = owned_by(*node, edit);
+    return with_members(node, owned, node->members().set(segment, std::move(updated), edit));
   }
   if (!location{node.get(), nullptr}.is_object()) return node;
   json doc = materialise({node.get(), nullptr});

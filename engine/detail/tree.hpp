@@ -41,6 +41,12 @@ class value_node {
   // The value as JSON. Only for !is_map(). A typed message builds its JSON on the first call
   // (thread-safe); the reference lives as long as the node.
   const json& as_json() const;
+  // Replaces the members of a map node that an edit batch created and no version has published
+  // yet (see assign), so the batch's later writes change its own nodes instead of allocating new
+  // ones. Only for is_map().
+  void replace_members(pmap<node_ptr> members) {
+    *std::get_if<pmap<node_ptr>>(&form_) = std::move(members);
+  }
   // The message a commit stored, when kept typed; nullptr otherwise.
   const outbox_message* message() const {
     const typed* t = std::get_if<typed>(&form_);
