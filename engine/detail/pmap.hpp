@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "pop/engine/detail/compact_key.hpp"
+#include "pop/engine/detail/inline_vec.hpp"
 
 namespace pop::detail {
 
@@ -61,10 +62,8 @@ class pmap {
     std::vector<node_ptr> level;
     std::size_t next = 0;
     for (std::size_t size : even_groups(entries.size())) {
-      auto leaf = std::make_shared<node>();
-      leaf->leaf = true;
+      auto leaf = std::make_shared<node>(true);
       leaf->count = size;
-      leaf->entries.reserve(size);
       for (std::size_t i = 0; i < size; ++i, ++next) {
         leaf->entries.push_back(
             entry{std::move(entries[next].first), std::move(entries[next].second)});
@@ -75,15 +74,12 @@ class pmap {
       std::vector<node_ptr> parents;
       next = 0;
       for (std::size_t size : even_groups(level.size())) {
-        auto inner = std::make_shared<node>();
-        inner->leaf = false;
+        auto inner = std::make_shared<node>(false);
         inner->count = 0;
-        inner->keys.reserve(size);
-        inner->children.reserve(size);
         for (std::size_t i = 0; i < size; ++i, ++next) {
           inner->count += level[next]->count;
-          inner->keys.push_back(min_key(*level[next]));
-          inner->children.push_back(std::move(level[next]));
+          inner->in.keys.push_back(min_key(*level[next]));
+          inner->in.children.push_back(std::move(level[next]));
         }
         parents.push_back(std::move(inner));
       }
@@ -103,7 +99,7 @@ class pmap {
   const V* find(std::string_view key) const {
     const node* n = root_.get();
     if (n == nullptr) return nullptr;
-    while (!n->leaf) n = n->children[child_index(*n, key)].get();
+    while (!n->leaf) n = n->in.children[child_index(*n, key)].get();
     std::size_t i = entry_index(*n, key);
     if (i < n->entries.size() && n->entries[i].key == key) return &n->entries[i].value;
     return nullptr;
@@ -124,8 +120,7 @@ class pmap {
   // nodes: pass a fresh new_edit() per batch and publish only its final map.
   pmap set(std::string_view key, V value, std::uint64_t edit = 0) const {
     if (!root_) {
-      auto leaf = std::make_shared<node>();
-      leaf->leaf = true;
+      auto leaf = std::make_shared<node>(true);
       leaf->count = 1;
       leaf->edit = edit;
       leaf->entries.push_back(entry{compact_key(key), std::move(value)});
@@ -133,12 +128,13 @@ class pmap {
     }
     auto [left, right] = insert(root_, key, std::move(value), edit);
     if (!right) return pmap(std::move(left));
-    auto root = std::make_shared<node>();
-    root->leaf = false;
+    auto root = std::make_shared<node>(false);
     root->edit = edit;
     root->count = left->count + right->count;
-    root->keys = {min_key(*left), min_key(*right)};
-    root->children = {std::move(left), std::move(right)};
+    root->in.keys.push_back(min_key(*left));
+    root->in.keys.push_back(min_key(*right));
+    root->in.children.push_back(std::move(left));
+    root->in.children.push_back(std::move(right));
     return pmap(std::move(root));
   }
 
@@ -149,7 +145,7 @@ class pmap {
     auto [found, root] = remove(root_, key, edit);
     if (!found) return *this;
     if (root->count == 0) return pmap();
-    while (!root->leaf && root->children.size() == 1) root = root->children.front();
+    while (!root->leaf && root->in.children.size() == 1) root = root->in.children.front();
     return pmap(std::move(root));
   }
 
@@ -179,7 +175,7 @@ class pmap {
     while (!n->leaf) {
       std::size_t c = child_index(*n, key);
       it.push(n, c);
-      n = n->children[c].get();
+      n = n->in.children[c].get();
     }
     it.push(n, entry_index(*n, key));
     it.skip_exhausted();
@@ -190,7 +186,7 @@ class pmap {
   // O(n).
   bool check_invariants() const {
     if (!root_) return true;
-    if (!root_->leaf && root_->children.size() < 2) return false;
+    if (!root_->leaf && root_->in.children.size() < 2) return false;
     if (root_->count == 0) return false;
     std::size_t leaf_depth = 0;
     const compact_key* previous = nullptr;
@@ -201,14 +197,43 @@ class pmap {
   struct node;
   using node_ptr = std::shared_ptr<const node>;
 
-  // Leaves use `entries`; inner nodes use `keys` (minimum key of each child) and `children`.
+  // Room for one more than max_width: an insert into a full node splits it right after.
+  static constexpr std::size_t node_capacity = max_width + 1;
+  struct inner_part {
+    inline_vec<compact_key, node_capacity> keys;  // the minimum key of each child
+    inline_vec<node_ptr, node_capacity> children;
+  };
+  // Leaves hold `entries`; inner nodes `in`. Stored inline: a node is one allocation.
   struct node {
-    bool leaf = true;
+    explicit node(bool is_leaf) : leaf(is_leaf) {
+      if (leaf) {
+        std::construct_at(&entries);
+      } else {
+        std::construct_at(&in);
+      }
+    }
+    node(const node& other) : leaf(other.leaf), edit(other.edit), count(other.count) {
+      if (leaf) {
+        std::construct_at(&entries, other.entries);
+      } else {
+        std::construct_at(&in, other.in);
+      }
+    }
+    node& operator=(const node&) = delete;
+    ~node() {
+      if (leaf) {
+        std::destroy_at(&entries);
+      } else {
+        std::destroy_at(&in);
+      }
+    }
+    const bool leaf;
     std::uint64_t edit = 0;  // the batch that created it; 0: never changed in place
     std::size_t count = 0;
-    std::vector<entry> entries;
-    std::vector<compact_key> keys;
-    std::vector<node_ptr> children;
+    union {
+      inline_vec<entry, node_capacity> entries;
+      inner_part in;
+    };
   };
 
   // Returns the most levels a tree obeying the invariants can have: one with h levels holds at
@@ -226,18 +251,20 @@ class pmap {
 
   explicit pmap(node_ptr root) : root_(std::move(root)) {}
 
-  static std::size_t width(const node& n) { return n.leaf ? n.entries.size() : n.children.size(); }
+  static std::size_t width(const node& n) {
+    return n.leaf ? n.entries.size() : n.in.children.size();
+  }
 
   static const compact_key& min_key(const node& n) {
-    return n.leaf ? n.entries.front().key : n.keys.front();
+    return n.leaf ? n.entries.front().key : n.in.keys.front();
   }
 
   // Index of the child of inner node `n` whose subtree would hold `key`.
   static std::size_t child_index(const node& n, std::string_view key) {
     auto it =
-        std::upper_bound(n.keys.begin(), n.keys.end(), key,
+        std::upper_bound(n.in.keys.begin(), n.in.keys.end(), key,
                          [](std::string_view k, const compact_key& s) { return k < s.view(); });
-    return it == n.keys.begin() ? 0 : static_cast<std::size_t>(it - n.keys.begin()) - 1;
+    return it == n.in.keys.begin() ? 0 : static_cast<std::size_t>(it - n.in.keys.begin()) - 1;
   }
 
   // Index of the first entry of leaf `n` whose key is >= `key`.
@@ -261,35 +288,21 @@ class pmap {
       return;
     }
     n.count = 0;
-    for (const auto& child : n.children) n.count += child->count;
+    for (const auto& child : n.in.children) n.count += child->count;
   }
 
-  // `n` itself if batch `edit` created it, else a copy owned by that batch.
-  // The copy has room for one more entry or child, so the insert that usually follows does not
-  // reallocate (a doubled vector of a full node is a large allocation, which makes glibc
-  // consolidate its free lists: measured as 10% of a small commit).
+  // `n` itself if batch `edit` created it, else a copy owned by that batch (one allocation: the
+  // entries are inline, with room for the insert that usually follows).
   static std::shared_ptr<node> editable(const node_ptr& n, std::uint64_t edit) {
     if (edit != 0 && n->edit == edit) return std::const_pointer_cast<node>(n);
-    auto copy = std::make_shared<node>();
-    copy->leaf = n->leaf;
+    auto copy = std::make_shared<node>(*n);
     copy->edit = edit;
-    copy->count = n->count;
-    if (n->leaf) {
-      copy->entries.reserve(std::max(n->entries.size(), max_width) + 1);
-      copy->entries.assign(n->entries.begin(), n->entries.end());
-    } else {
-      copy->keys.reserve(std::max(n->keys.size(), max_width) + 1);
-      copy->keys.assign(n->keys.begin(), n->keys.end());
-      copy->children.reserve(std::max(n->children.size(), max_width) + 1);
-      copy->children.assign(n->children.begin(), n->children.end());
-    }
     return copy;
   }
 
   // Splits an overfull node into two halves; the first half stays in `n`.
   static std::pair<node_ptr, node_ptr> split(std::shared_ptr<node> n) {
-    auto right = std::make_shared<node>();
-    right->leaf = n->leaf;
+    auto right = std::make_shared<node>(n->leaf);
     right->edit = n->edit;
     std::size_t half = width(*n) / 2;
     if (n->leaf) {
@@ -297,12 +310,12 @@ class pmap {
                             std::make_move_iterator(n->entries.end()));
       n->entries.resize(half);
     } else {
-      right->keys.assign(std::make_move_iterator(n->keys.begin() + half),
-                         std::make_move_iterator(n->keys.end()));
-      right->children.assign(std::make_move_iterator(n->children.begin() + half),
-                             std::make_move_iterator(n->children.end()));
-      n->keys.resize(half);
-      n->children.resize(half);
+      right->in.keys.assign(std::make_move_iterator(n->in.keys.begin() + half),
+                            std::make_move_iterator(n->in.keys.end()));
+      right->in.children.assign(std::make_move_iterator(n->in.children.begin() + half),
+                                std::make_move_iterator(n->in.children.end()));
+      n->in.keys.resize(half);
+      n->in.children.resize(half);
     }
     recount(*n);
     recount(*right);
@@ -331,38 +344,48 @@ class pmap {
     }
     {
       std::size_t c = child_index(n, key);
-      const std::size_t old_count = n.children[c]->count;
-      auto [left, right] = insert(n.children[c], key, std::move(value), edit);
+      const std::size_t old_count = n.in.children[c]->count;
+      auto [left, right] = insert(n.in.children[c], key, std::move(value), edit);
       auto copy = editable(np, edit);
       copy->count = copy->count - old_count + left->count;
-      copy->keys[c] = min_key(*left);
-      copy->children[c] = std::move(left);
+      copy->in.keys[c] = min_key(*left);
+      copy->in.children[c] = std::move(left);
       if (right) {
         copy->count += right->count;
         auto at = static_cast<std::ptrdiff_t>(c) + 1;
-        copy->keys.insert(copy->keys.begin() + at, min_key(*right));
-        copy->children.insert(copy->children.begin() + at, std::move(right));
+        copy->in.keys.insert(copy->in.keys.begin() + at, min_key(*right));
+        copy->in.children.insert(copy->in.children.begin() + at, std::move(right));
       }
       if (width(*copy) > max_width) return split(std::move(copy));
       return {std::move(copy), nullptr};
     }
   }
 
-  // Concatenates siblings `a` and `b` (a before b, same level); splits the result evenly when
-  // it is wider than max_width.
+  // Concatenates siblings `a` and `b` (a before b, same level, together at most 2 * max_width
+  // wide) into one node, or into two of about equal width when that would be wider than
+  // max_width.
   static std::pair<node_ptr, node_ptr> concatenate(const node& a, const node& b,
                                                    std::uint64_t edit) {
-    auto joined = std::make_shared<node>(a);
-    joined->edit = edit;
-    if (a.leaf) {
-      joined->entries.insert(joined->entries.end(), b.entries.begin(), b.entries.end());
-    } else {
-      joined->keys.insert(joined->keys.end(), b.keys.begin(), b.keys.end());
-      joined->children.insert(joined->children.end(), b.children.begin(), b.children.end());
+    const std::size_t total = width(a) + width(b);
+    const std::size_t first_width = total > max_width ? total / 2 : total;
+    auto first = std::make_shared<node>(a.leaf);
+    auto second = total > max_width ? std::make_shared<node>(a.leaf) : nullptr;
+    first->edit = edit;
+    if (second) second->edit = edit;
+    for (std::size_t i = 0; i < total; ++i) {
+      const node& from = i < width(a) ? a : b;
+      const std::size_t at = i < width(a) ? i : i - width(a);
+      node& to = i < first_width ? *first : *second;
+      if (a.leaf) {
+        to.entries.push_back(from.entries[at]);
+      } else {
+        to.in.keys.push_back(from.in.keys[at]);
+        to.in.children.push_back(from.in.children[at]);
+      }
     }
-    joined->count = a.count + b.count;
-    if (width(*joined) > max_width) return split(std::move(joined));
-    return {std::move(joined), nullptr};
+    recount(*first);
+    if (second) recount(*second);
+    return {std::move(first), std::move(second)};
   }
 
   // Returns whether `key` was in subtree `n` and, if so, the subtree without it. The result
@@ -379,31 +402,31 @@ class pmap {
       return {true, std::move(copy)};
     }
     std::size_t c = child_index(n, key);
-    auto [found, child] = remove(n.children[c], key, edit);
+    auto [found, child] = remove(n.in.children[c], key, edit);
     if (!found) return {false, nullptr};
     auto copy = editable(np, edit);
     copy->count -= 1;
-    if (width(*child) >= min_width || copy->children.size() == 1) {
-      copy->keys[c] = min_key(*child);
-      copy->children[c] = std::move(child);
+    if (width(*child) >= min_width || copy->in.children.size() == 1) {
+      copy->in.keys[c] = min_key(*child);
+      copy->in.children[c] = std::move(child);
       return {true, std::move(copy)};
     }
     // Fix the underfull child with its right sibling, or its left one if it is the last.
-    std::size_t lo = c + 1 < copy->children.size() ? c : c - 1;
-    const node_ptr sibling = copy->children[lo == c ? lo + 1 : lo];  // kept alive while joined
+    std::size_t lo = c + 1 < copy->in.children.size() ? c : c - 1;
+    const node_ptr sibling = copy->in.children[lo == c ? lo + 1 : lo];  // kept alive while joined
     const node& a = lo == c ? *child : *sibling;
     const node& b = lo == c ? *sibling : *child;
     auto [first, second] = concatenate(a, b, edit);
-    auto at = copy->children.begin() + static_cast<std::ptrdiff_t>(lo);
-    auto key_at = copy->keys.begin() + static_cast<std::ptrdiff_t>(lo);
+    auto at = copy->in.children.begin() + static_cast<std::ptrdiff_t>(lo);
+    auto key_at = copy->in.keys.begin() + static_cast<std::ptrdiff_t>(lo);
     *key_at = min_key(*first);
     *at = std::move(first);
     if (second) {
       *(key_at + 1) = min_key(*second);
       *(at + 1) = std::move(second);
     } else {
-      copy->keys.erase(key_at + 1);
-      copy->children.erase(at + 1);
+      copy->in.keys.erase(key_at + 1);
+      copy->in.children.erase(at + 1);
     }
     return {true, std::move(copy)};
   }
@@ -413,7 +436,6 @@ class pmap {
                          const compact_key*& previous) {
     if (width(n) > max_width || (!is_root && width(n) < min_width)) return false;
     if (n.leaf) {
-      if (!n.keys.empty() || !n.children.empty()) return false;
       if (n.count != n.entries.size()) return false;
       if (leaf_depth == 0) leaf_depth = depth + 1;
       if (leaf_depth != depth + 1) return false;
@@ -423,11 +445,11 @@ class pmap {
       }
       return true;
     }
-    if (!n.entries.empty() || n.keys.size() != n.children.size()) return false;
+    if (n.in.keys.size() != n.in.children.size()) return false;
     std::size_t count = 0;
-    for (std::size_t i = 0; i < n.children.size(); ++i) {
-      const node& child = *n.children[i];
-      if (width(child) == 0 || n.keys[i] != min_key(child)) return false;
+    for (std::size_t i = 0; i < n.in.children.size(); ++i) {
+      const node& child = *n.in.children[i];
+      if (width(child) == 0 || n.in.keys[i] != min_key(child)) return false;
       if (!check_node(child, false, depth + 1, leaf_depth, previous)) return false;
       count += child.count;
     }
@@ -497,7 +519,7 @@ class pmap<V>::iterator {
   void descend_leftmost(const node* n) {
     while (!n->leaf) {
       push(n, 0);
-      n = n->children.front().get();
+      n = n->in.children.front().get();
     }
     push(n, 0);
   }
@@ -508,8 +530,8 @@ class pmap<V>::iterator {
     --depth_;
     while (depth_ > 0) {
       frame& f = path_[depth_ - 1];
-      if (++f.index < f.n->children.size()) {
-        descend_leftmost(f.n->children[f.index].get());
+      if (++f.index < f.n->in.children.size()) {
+        descend_leftmost(f.n->in.children[f.index].get());
         return;
       }
       --depth_;
