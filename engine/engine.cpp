@@ -294,16 +294,16 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     std::string& conflict, std::string_view process_name) {
   const std::string who = "commit";
   std::shared_ptr<detail::journal_record> record;
-  // Build the new version outside the lock; if commits slipped in meanwhile and do not overlap,
-  // rebuild on the newer head. After two such rounds, build under the lock so a busy engine
-  // cannot starve this commit.
-  for (int round = 0;; ++round) {
-    const bool build_locked = round >= 2;
-    bool built = false;
-    if (!build_locked) {
-      POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, options_.clock->now_us(), who));
-      built = true;
-    }
+  // Build the new version outside the lock while the process's snapshot is still the head. If a
+  // commit slipped in meanwhile (one that does not overlap), build again under the lock on the
+  // newer head: at most one build is wasted, and none when the snapshot is already known to be
+  // stale (redone builds were most of the work of many producers on few cores).
+  bool built = false;
+  if (version() == base->version) {
+    POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, options_.clock->now_us(), who));
+    built = true;
+  }
+  {
     std::unique_lock lock(commit_mu_);
     std::shared_ptr<const detail::version_state> current = head();
     if (current->version != base->version) {
@@ -311,15 +311,15 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
       if (!conflict.empty()) return commit_status::conflict;
       base = std::move(current);
       built = false;
-      if (!build_locked) continue;
     }
     if (!built) {
       POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, options_.clock->now_us(), who));
     }
-    POP_RETURN_IF_ERROR(check_pending_bound(
-        *base, out.root, absl::StrCat("process '", detail::to_absl(process_name), "'")));
+    if (options_.max_pending != 0) {
+      POP_RETURN_IF_ERROR(check_pending_bound(
+          *base, out.root, absl::StrCat("process '", detail::to_absl(process_name), "'")));
+    }
     record = install(out.version, out.root, std::move(out.written));
-    break;
   }
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name));
   return commit_status::committed;
