@@ -290,7 +290,7 @@ absl::Status engine::check_pending_bound(const detail::version_state& base,
 }
 
 absl::StatusOr<engine::commit_status> engine::commit_prepared(
-    std::shared_ptr<const detail::version_state> base, const prepared& prep, applied& out,
+    std::shared_ptr<const detail::version_state> base, prepared& prep, applied& out,
     std::string& conflict, std::string_view process_name) {
   const std::string who = "commit";
   std::shared_ptr<detail::journal_record> record;
@@ -313,7 +313,9 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
       built = false;
     }
     if (!built) {
-      POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, options_.clock->now_us(), who));
+      POP_ASSIGN_OR_RETURN(
+          out, process_runner::apply(*base, prep, options_.clock->now_us(), who,
+                                     out.root ? &out : nullptr));  // (the wasted build's messages)
     }
     if (options_.max_pending != 0) {
       POP_RETURN_IF_ERROR(check_pending_bound(

@@ -204,8 +204,7 @@ class engine {
   std::shared_ptr<const registered> find(std::string_view name) const;
   // Commits `prep`, computed on `snap`, unless a newer commit overlaps prep.access().
   absl::StatusOr<commit_status> commit_prepared(std::shared_ptr<const detail::version_state> snap,
-                                                const prepared& prep, applied& out,
-                                                std::string& conflict,
+                                                prepared& prep, applied& out, std::string& conflict,
                                                 std::string_view process_name);
   // kResourceExhausted naming `who` if `next` grows the outbox of `base` past max_pending.
   absl::Status check_pending_bound(const detail::version_state& base, const detail::node_ptr& next,

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "pop/engine/detail/block_cache.hpp"
 #include "pop/engine/detail/compact_key.hpp"
 #include "pop/engine/detail/inline_vec.hpp"
 
@@ -62,7 +63,7 @@ class pmap {
     std::vector<node_ptr> level;
     std::size_t next = 0;
     for (std::size_t size : even_groups(entries.size())) {
-      auto leaf = std::make_shared<node>(true);
+      auto leaf = new_node(true);
       leaf->count = size;
       for (std::size_t i = 0; i < size; ++i, ++next) {
         leaf->entries.push_back(
@@ -74,7 +75,7 @@ class pmap {
       std::vector<node_ptr> parents;
       next = 0;
       for (std::size_t size : even_groups(level.size())) {
-        auto inner = std::make_shared<node>(false);
+        auto inner = new_node(false);
         inner->count = 0;
         for (std::size_t i = 0; i < size; ++i, ++next) {
           inner->count += level[next]->count;
@@ -120,7 +121,7 @@ class pmap {
   // nodes: pass a fresh new_edit() per batch and publish only its final map.
   pmap set(std::string_view key, V value, std::uint64_t edit = 0) const {
     if (!root_) {
-      auto leaf = std::make_shared<node>(true);
+      auto leaf = new_node(true);
       leaf->count = 1;
       leaf->edit = edit;
       leaf->entries.push_back(entry{compact_key(key), std::move(value)});
@@ -128,7 +129,7 @@ class pmap {
     }
     auto [left, right] = insert(root_, key, std::move(value), edit);
     if (!right) return pmap(std::move(left));
-    auto root = std::make_shared<node>(false);
+    auto root = new_node(false);
     root->edit = edit;
     root->count = left->count + right->count;
     root->in.keys.push_back(min_key(*left));
@@ -291,18 +292,24 @@ class pmap {
     for (const auto& child : n.in.children) n.count += child->count;
   }
 
+  // A new node, from the per-thread block cache (nodes are made and freed by the thousand).
+  template <class... Args>
+  static std::shared_ptr<node> new_node(Args&&... args) {
+    return std::allocate_shared<node>(cached_allocator<node>{}, std::forward<Args>(args)...);
+  }
+
   // `n` itself if batch `edit` created it, else a copy owned by that batch (one allocation: the
   // entries are inline, with room for the insert that usually follows).
   static std::shared_ptr<node> editable(const node_ptr& n, std::uint64_t edit) {
     if (edit != 0 && n->edit == edit) return std::const_pointer_cast<node>(n);
-    auto copy = std::make_shared<node>(*n);
+    auto copy = new_node(*n);
     copy->edit = edit;
     return copy;
   }
 
   // Splits an overfull node into two halves; the first half stays in `n`.
   static std::pair<node_ptr, node_ptr> split(std::shared_ptr<node> n) {
-    auto right = std::make_shared<node>(n->leaf);
+    auto right = new_node(n->leaf);
     right->edit = n->edit;
     std::size_t half = width(*n) / 2;
     if (n->leaf) {
@@ -368,8 +375,8 @@ class pmap {
                                                    std::uint64_t edit) {
     const std::size_t total = width(a) + width(b);
     const std::size_t first_width = total > max_width ? total / 2 : total;
-    auto first = std::make_shared<node>(a.leaf);
-    auto second = total > max_width ? std::make_shared<node>(a.leaf) : nullptr;
+    auto first = new_node(a.leaf);
+    auto second = total > max_width ? new_node(a.leaf) : nullptr;
     first->edit = edit;
     if (second) second->edit = edit;
     for (std::size_t i = 0; i < total; ++i) {

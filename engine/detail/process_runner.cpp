@@ -178,8 +178,9 @@ absl::Status process_runner::check_not_outbox_parent(const path& p, const path& 
 }
 
 // Applies `prep` on top of `base`, giving its messages ids of version base.version + 1.
-absl::StatusOr<applied> process_runner::apply(const version_state& base, const prepared& prep,
-                                              std::int64_t now_us, const std::string& who) {
+absl::StatusOr<applied> process_runner::apply(const version_state& base, prepared& prep,
+                                              std::int64_t now_us, const std::string& who,
+                                              const applied* earlier) {
   applied out;
   out.version = base.version + 1;
   node_ptr root = base.root;
@@ -208,15 +209,28 @@ absl::StatusOr<applied> process_runner::apply(const version_state& base, const p
     root = with_maps_along(root, outbox.str(), edit);
   }
   for (std::size_t i = 0; i < prep.messages.size(); ++i) {
-    const message_draft& m = prep.messages[i];
+    message_draft& m = prep.messages[i];
     std::string id = make_message_id(out.version, static_cast<std::uint32_t>(i));
     POP_ASSIGN_OR_RETURN(path target, outbox.child(id));
     outbox_message stored;
     stored.id = id;
-    stored.topic = m.topic;
+    stored.topic = m.topic;  // (kept in `prep` for the audit log)
     stored.key = m.key;
-    stored.payload = m.payload;
-    stored.headers = m.headers;
+    if (earlier != nullptr) {
+      // The first build stored them typed (make_message_node below).
+      const location at =
+          lookup(*earlier->root, absl::StrCat(outbox.str(), ".", earlier->message_ids.at(i)));
+      const outbox_message* before = at.exists() && !at.inner ? at.node->message() : nullptr;
+      if (before == nullptr) {
+        return absl::InternalError(
+            absl::StrCat(who, ": message ", i, " of the first build is gone"));
+      }
+      stored.payload = before->payload;
+      stored.headers = before->headers;
+    } else {
+      stored.payload = std::move(m.payload);
+      stored.headers = std::move(m.headers);
+    }
     stored.created_at_us = created;
     stored.version = out.version;
     absl::StatusOr<node_ptr> r =

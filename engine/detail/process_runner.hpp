@@ -91,9 +91,12 @@ struct process_runner {
   static absl::Status check_not_outbox_parent(const path& p, const path& outbox,
                                               const std::string& who);
   // Applies `prep` on top of `base`, giving its messages ids of version base.version + 1 and
-  // the creation time `now_us`.
-  static absl::StatusOr<applied> apply(const version_state& base, const prepared& prep,
-                                       std::int64_t now_us, const std::string& who);
+  // the creation time `now_us`. The messages' payloads and headers are moved out of `prep` into
+  // the stored messages; applying the same `prep` again (on a newer head) must pass the first
+  // result as `earlier`, whose messages they are then copied from.
+  static absl::StatusOr<applied> apply(const version_state& base, prepared& prep,
+                                       std::int64_t now_us, const std::string& who,
+                                       const applied* earlier = nullptr);
 };
 
 }  // namespace pop::detail

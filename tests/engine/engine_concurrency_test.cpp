@@ -124,7 +124,7 @@ TEST_CASE("concurrent appends to the outbox never conflict with each other or wi
   REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
                                                                   const json& args) {
              pop::result r;
-             r.emit("t", args);
+             r.emit("t", args, "", {{"from", std::to_string(args.at("p").get<int>())}});
              return r;
            }).ok());
   constexpr int producers = 3;
@@ -132,6 +132,10 @@ TEST_CASE("concurrent appends to the outbox never conflict with each other or wi
   std::atomic<bool> stop{false};
   std::atomic<int> failures{0};
   std::atomic<int> cleared{0};
+  // Every message as the clearer saw it: a commit rebuilt on a newer head keeps its payload and
+  // headers (they are moved into the first build and copied from it).
+  std::set<std::pair<int, int>> seen;
+  std::atomic<int> bad_messages{0};
   std::thread clearer([&] {
     // A relay-like clearer: deletes whatever is pending, by id, with key-level CAS.
     while (!stop.load() || e.snapshot().pending_count() > 0) {
@@ -141,10 +145,23 @@ TEST_CASE("concurrent appends to the outbox never conflict with each other or wi
       std::vector<pop::write> writes;
       for (const auto& m : pending) writes.push_back({"domain.outbox_queue." + m.id, std::nullopt});
       const auto r = e.compare_and_swap(s.version(), writes, pop::cas_mode::keys);
-      if (!r.ok() || !r->committed)
+      if (!r.ok() || !r->committed) {
         failures.fetch_add(1);
-      else
-        cleared.fetch_add(static_cast<int>(pending.size()));
+        continue;
+      }
+      cleared.fetch_add(static_cast<int>(pending.size()));
+      for (const auto& m : pending) {
+        if (!m.payload.is_object()) {
+          bad_messages.fetch_add(1);
+          continue;
+        }
+        const int p = m.payload.value("p", -1);
+        const auto from = m.headers.find("from");
+        if (from == m.headers.end() || from->second != std::to_string(p) ||
+            !seen.insert({p, m.payload.value("i", -1)}).second) {
+          bad_messages.fetch_add(1);
+        }
+      }
     }
   });
   std::vector<std::thread> threads;
@@ -161,6 +178,10 @@ TEST_CASE("concurrent appends to the outbox never conflict with each other or wi
   CHECK(failures == 0);
   CHECK(cleared == producers * per_producer);
   CHECK(e.snapshot().pending_count() == 0);
+  CHECK(bad_messages == 0);
+  CHECK(seen.size() == static_cast<std::size_t>(producers * per_producer));
+  CHECK(seen.begin()->first == 0);
+  CHECK(seen.rbegin()->first == producers - 1);
 }
 
 TEST_CASE("threads reading one stored message as JSON at once all see the same value",
