@@ -171,34 +171,42 @@ void path_set::insert_all(const path_set& other) {
 }
 
 bool path_set::covers(const path& p) const {
+  return covers(std::string_view(p.str()));
+}
+
+bool path_set::covers(std::string_view text) const {
   // An ancestor of p sorts at or before p; check each prefix of p by exact search.
-  const std::string& text = p.str();
   std::size_t end = 0;
   while (true) {
     end = text.find('.', end);
-    const std::string_view prefix(text.data(), end == std::string::npos ? text.size() : end);
+    const std::string_view prefix = text.substr(0, end);
     const auto it = std::lower_bound(
         paths_.begin(), paths_.end(), prefix,
         [](const path& m, std::string_view t) { return detail::compare_paths(m.str(), t) < 0; });
     if (it != paths_.end() && it->str() == prefix) return true;
-    if (end == std::string::npos) return false;
+    if (end == std::string_view::npos) return false;
     ++end;
   }
 }
 
 bool path_set::overlaps(const path& p) const {
+  return overlaps(std::string_view(p.str()));
+}
+
+bool path_set::overlaps(std::string_view text) const {
   // A small set (a process's access, typically) is cheaper to compare one by one than to search.
   if (paths_.size() <= 8) {
-    const std::string& text = p.str();
     for (const path& m : paths_) {
       if (detail::path_contains(m.str(), text) || detail::path_contains(text, m.str())) return true;
     }
     return false;
   }
-  if (covers(p)) return true;
+  if (covers(text)) return true;
   // Descendants of p form a contiguous run directly after where p would sort.
-  const auto it = std::lower_bound(paths_.begin(), paths_.end(), p);
-  return it != paths_.end() && p.contains(*it);
+  const auto it = std::lower_bound(
+      paths_.begin(), paths_.end(), text,
+      [](const path& m, std::string_view t) { return detail::compare_paths(m.str(), t) < 0; });
+  return it != paths_.end() && detail::path_contains(text, it->str());
 }
 
 bool path_set::overlaps(const path_set& other) const {

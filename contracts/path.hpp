@@ -86,8 +86,12 @@ class path_set {
 
   // True if some member contains `p` (equals it or is its ancestor): `p` is covered by the set.
   bool covers(const path& p) const;
+  // The same for a path's text (a valid path, as path::str() gives).
+  bool covers(std::string_view path_text) const;
   // True if some member overlaps `p` (is its ancestor, equal, or its descendant).
   bool overlaps(const path& p) const;
+  // The same for a path's text (a valid path, as path::str() gives).
+  bool overlaps(std::string_view path_text) const;
   // True if any member of `other` overlaps a member of this set.
   bool overlaps(const path_set& other) const;
 

@@ -193,9 +193,12 @@ std::string engine::find_conflict(const path_set& access, std::uint64_t since) c
   }
   for (auto it = log_.begin() + static_cast<std::ptrdiff_t>(since + 1 - log_.front().version);
        it != log_.end(); ++it) {
-    for (const path& p : it->written) {
-      if (access.overlaps(p))
-        return absl::StrCat("'", p.str(), "' (written by version ", it->version, ")");
+    std::string_view found;
+    if (detail::any_written(it->written, [&](std::string_view p) {
+          found = p;
+          return access.overlaps(p);
+        })) {
+      return absl::StrCat("'", detail::to_absl(found), "' (written by version ", it->version, ")");
     }
   }
   return {};
@@ -203,7 +206,7 @@ std::string engine::find_conflict(const path_set& access, std::uint64_t since) c
 
 std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
                                                         detail::node_ptr root,
-                                                        std::vector<path> written) {
+                                                        std::string written) {
   auto next = std::make_shared<detail::version_state>();
   next->version = version;
   next->root = std::move(root);
@@ -501,9 +504,9 @@ absl::StatusOr<clear_result> engine::clear_messages(const pop::snapshot& seen,
     if (prep.writes.empty()) return clear_result{current->version, 0};
     out.version = current->version + 1;
     out.root = std::move(root);
-    std::vector<path> written;
-    written.reserve(prep.writes.size());
-    for (const detail::prepared_write& w : prep.writes) written.push_back(w.target);
+    std::string written;
+    for (const detail::prepared_write& w : prep.writes)
+      detail::add_written(written, w.target.str());
     record = install(out.version, out.root, std::move(written));
   }
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "clear_messages"));
@@ -516,17 +519,17 @@ bool engine::outbox_entries_changed(std::uint64_t since) const {
   const std::string& outbox = outbox_->str();
   for (auto it = log_.begin() + static_cast<std::ptrdiff_t>(since + 1 - log_.front().version);
        it != log_.end(); ++it) {
-    for (const path& p : it->written) {
-      const std::string& text = p.str();
+    const bool changed = detail::any_written(it->written, [&](std::string_view text) {
       if (text.size() <= outbox.size() + 1 || text.compare(0, outbox.size(), outbox) != 0 ||
           text[outbox.size()] != '.') {
-        continue;
+        return false;
       }
-      std::string_view rest = std::string_view(text).substr(outbox.size() + 1);
+      std::string_view rest = text.substr(outbox.size() + 1);
       const absl::StatusOr<std::pair<std::uint64_t, std::uint32_t>> id =
           parse_message_id(detail::take_segment(rest));
-      if (!id.ok() || id->first <= since) return true;
-    }
+      return !id.ok() || id->first <= since;
+    });
+    if (changed) return true;
   }
   return false;
 }

@@ -196,7 +196,7 @@ class engine {
   using applied = detail::applied;
   struct logged_commit {
     std::uint64_t version;
-    std::vector<path> written;
+    std::string written;  // the paths it wrote, each followed by '\n'
   };
   enum class commit_status { committed, conflict };
 
@@ -216,7 +216,7 @@ class engine {
   bool outbox_entries_changed(std::uint64_t since) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Makes `root` the head at `version`; returns the journal record to fill, if journaling.
   std::shared_ptr<detail::journal_record> install(std::uint64_t version, detail::node_ptr root,
-                                                  std::vector<path> written)
+                                                  std::string written)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Journals the commit `done` of `prep` by `who`, waits until it is durable, then notifies.
   absl::Status finish_commit(const std::shared_ptr<detail::journal_record>& record,

@@ -186,7 +186,10 @@ absl::StatusOr<applied> process_runner::apply(const version_state& base, prepare
   node_ptr root = base.root;
   // One batch: nodes copied by one write are changed in place by the next ones.
   const std::uint64_t edit = new_edit();
-  out.written.reserve(prep.writes.size() + prep.messages.size());
+  // (a message's path: the outbox's, '.', a 27-character id, '\n')
+  std::size_t written_size = prep.messages.size() * (base.outbox_path->str().size() + 29);
+  for (const prepared_write& w : prep.writes) written_size += w.target.str().size() + 1;
+  out.written.reserve(written_size);
   for (const prepared_write& w : prep.writes) {
     if (w.value) {
       absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value, edit);
@@ -195,7 +198,7 @@ absl::StatusOr<applied> process_runner::apply(const version_state& base, prepare
     } else {
       root = erase(root, w.target.str(), edit);
     }
-    out.written.push_back(w.target);
+    add_written(out.written, w.target.str());
   }
   const std::int64_t created = now_us;
   const path& outbox = *base.outbox_path;
@@ -237,7 +240,7 @@ absl::StatusOr<applied> process_runner::apply(const version_state& base, prepare
         assign(root, target.str(), make_message_node(std::move(stored)), edit);
     if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
     root = *std::move(r);
-    out.written.push_back(std::move(target));
+    add_written(out.written, target.str());
     out.message_ids.push_back(std::move(id));
   }
   out.root = std::move(root);

@@ -52,9 +52,26 @@ struct prepared {
 struct applied {
   std::uint64_t version = 0;
   node_ptr root;
-  std::vector<path> written;  // every path written, message paths included
+  std::string written;  // every path written, message paths included: written_paths' form
   std::vector<std::string> message_ids;
 };
+
+// The paths one commit wrote, as the engine keeps them for conflict checks: their texts, each
+// followed by '\n' (one allocation per commit, not one per path: the log holds many commits).
+inline void add_written(std::string& written, std::string_view path_text) {
+  written.append(path_text);
+  written.push_back('\n');
+}
+// Whether `fn` returns true for one of the paths in `written` (add_written's form).
+template <class Fn>
+bool any_written(std::string_view written, Fn fn) {
+  while (!written.empty()) {
+    const std::size_t end = written.find('\n');
+    if (fn(written.substr(0, end))) return true;
+    written.remove_prefix(end + 1);
+  }
+  return false;
+}
 
 // "process '<name>' (version <version>)", for messages.
 std::string process_at(const process_contract& c, std::uint64_t version);
