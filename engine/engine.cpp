@@ -471,46 +471,63 @@ absl::StatusOr<clear_result> engine::clear_messages(const pop::snapshot& seen,
   }
   if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat(who, ": no message ids given"));
   if (journal_) POP_RETURN_IF_ERROR(journal_->failure());
-  prepared prep;
-  prep.writes.reserve(ids.size());
   for (const std::string& id : ids) {
-    absl::StatusOr<path> target = outbox_->child(id);
-    if (!target.ok()) {
-      return annotate(target.status(), absl::StrCat(who, ", message id '", id, "'"));
+    if (absl::Status valid = validate_segment(id); !valid.ok()) {
+      return annotate(valid, absl::StrCat(who, ", message id '", id, "'"));
     }
-    prep.writes.push_back({*std::move(target), nullptr});
   }
+  const std::string& outbox = outbox_->str();
+  prepared prep;  // its writes only for the journal
   applied out;
+  std::vector<std::string_view> removed;
   std::shared_ptr<detail::journal_record> record;
   {
     std::unique_lock lock(commit_mu_);
     const std::shared_ptr<const detail::version_state> current = head();
     const bool moved = current->version != seen.version();
-    detail::node_ptr root = current->root;
+    // Erasing only removes: every entry still in the head's outbox is the head's own node, so an
+    // entry is unchanged since `seen` exactly when both hold the same node (nodes are never
+    // reused while `seen` holds them).
+    const detail::location then_queue =
+        moved ? detail::lookup(*seen.state_->root, outbox) : detail::location{};
+    const auto unchanged = [&](std::string_view id, const detail::node_ptr& now) {
+      if (!moved) return true;
+      const detail::location then = detail::member(then_queue, id);
+      return then.exists() && then.inner == nullptr && then.node == now.get();
+    };
     const std::uint64_t edit = detail::new_edit();
-    // Erasing only removes: every entry still in `root` is the head's own node, so an entry is
-    // unchanged since `seen` exactly when both hold the same node (nodes are never reused while
-    // `seen` holds them). A repeated id is absent the second time.
-    std::erase_if(prep.writes, [&](const detail::prepared_write& w) {
-      const detail::location now = detail::lookup(*root, w.target.str());
-      if (!now.exists()) return true;
-      if (moved) {
-        const detail::location then = detail::lookup(*seen.state_->root, w.target.str());
-        if (then.node != now.node || then.inner != now.inner) return true;
+    detail::node_ptr root =
+        detail::erase_members(current->root, outbox, ids, unchanged, removed, edit);
+    if (!root) {
+      // The outbox is kept as a member map; should it not be, remove entry by entry.
+      root = current->root;
+      for (const std::string& id : ids) {
+        const std::string at = absl::StrCat(outbox, ".", id);
+        const detail::location now = detail::lookup(*root, at);
+        const detail::location then = moved ? detail::lookup(*seen.state_->root, at) : now;
+        if (!now.exists() || then.node != now.node || then.inner != now.inner) continue;
+        root = detail::erase(root, at, edit);
+        removed.push_back(id);
       }
-      root = detail::erase(root, w.target.str(), edit);
-      return false;
-    });
-    if (prep.writes.empty()) return clear_result{current->version, 0};
+    }
+    if (removed.empty()) return clear_result{current->version, 0};
     out.version = current->version + 1;
     out.root = std::move(root);
     std::string written;
-    for (const detail::prepared_write& w : prep.writes)
-      detail::add_written(written, w.target.str());
+    written.reserve(removed.size() * (outbox.size() + 29));
+    for (const std::string_view id : removed) {
+      written.append(outbox).append(".").append(id).append("\n");
+    }
     record = install(out.version, out.root, std::move(written));
   }
+  if (record) {
+    prep.writes.reserve(removed.size());
+    for (const std::string_view id : removed) {
+      prep.writes.push_back({outbox_->child(id).value(), nullptr});  // ids were validated
+    }
+  }
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "clear_messages"));
-  return clear_result{out.version, prep.writes.size()};
+  return clear_result{out.version, removed.size()};
 }
 
 bool engine::outbox_entries_changed(std::uint64_t since) const {

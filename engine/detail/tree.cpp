@@ -264,6 +264,26 @@ node_ptr with_typed_messages(const node_ptr& root, std::string_view outbox_path)
       .value_or(root);
 }
 
+node_ptr erase_members(const node_ptr& root, std::string_view map_path,
+                       std::span<const std::string> keys,
+                       const std::function<bool(std::string_view, const node_ptr&)>& remove,
+                       std::vector<std::string_view>& removed, std::uint64_t edit) {
+  const location at = lookup(*root, map_path);
+  if (!at.exists()) return root;
+  if (at.inner != nullptr || !at.node->is_map()) return nullptr;
+  pmap<node_ptr> members = at.node->members();
+  const std::size_t before = removed.size();
+  for (const std::string& key : keys) {
+    const node_ptr* entry = members.find(key);
+    if (entry == nullptr || !remove(key, *entry)) continue;
+    members = members.erase(key, edit);
+    removed.push_back(key);
+  }
+  if (removed.size() == before) return root;
+  // Every object on the way exists, so this cannot fail.
+  return assign(root, map_path, make_map(std::move(members)), edit).value();
+}
+
 node_ptr make_empty_map() {
   return make_map(pmap<node_ptr>());
 }
