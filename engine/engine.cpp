@@ -193,6 +193,12 @@ std::string engine::find_conflict(const path_set& access, std::uint64_t since) c
   }
   for (auto it = log_.begin() + static_cast<std::ptrdiff_t>(since + 1 - log_.front().version);
        it != log_.end(); ++it) {
+    // One comparison rules out a commit whose paths all lie under a path this change does not
+    // overlap (a relay clearing thousands of messages, for a producer writing elsewhere).
+    if (it->ancestor > 0 &&
+        !access.overlaps(std::string_view(it->written).substr(0, it->ancestor))) {
+      continue;
+    }
     std::string_view found;
     if (detail::any_written(it->written, [&](std::string_view p) {
           found = p;
@@ -218,7 +224,8 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
     std::unique_lock lock(head_mu_);
     previous = std::exchange(head_, std::move(next));
   }
-  log_.push_back({version, std::move(written)});
+  const std::size_t ancestor = detail::common_ancestor(written);
+  log_.push_back({version, std::move(written), ancestor});
   while (log_.size() > options_.conflict_window) log_.pop_front();
   // `previous` is released here, outside head_mu_: freeing an old version can take a while.
   return record;

@@ -196,7 +196,8 @@ class engine {
   using applied = detail::applied;
   struct logged_commit {
     std::uint64_t version;
-    std::string written;  // the paths it wrote, each followed by '\n'
+    std::string written;       // the paths it wrote, each followed by '\n'
+    std::size_t ancestor = 0;  // written[0, ancestor): the path containing all of them, if any
   };
   enum class commit_status { committed, conflict };
 

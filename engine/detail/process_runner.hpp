@@ -2,6 +2,7 @@
 // into a validated change (prepared), then applies a change on top of a version (applied).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -71,6 +72,30 @@ bool any_written(std::string_view written, Fn fn) {
     written.remove_prefix(end + 1);
   }
   return false;
+}
+
+// The length of the deepest path that is or contains every path in `written` (add_written's
+// form; a prefix of its first path), or 0 if they share no first segment. A change that does not
+// overlap that path overlaps none of them: the conflict check skips a commit (say, a relay's
+// clear of thousands of messages) by one comparison.
+inline std::size_t common_ancestor(std::string_view written) {
+  const std::string_view first = written.substr(0, written.find('\n'));
+  std::size_t n = first.size();
+  any_written(written, [&](std::string_view p) {
+    std::size_t k = 0;
+    const std::size_t most = std::min(n, p.size());
+    while (k < most && first[k] == p[k]) ++k;
+    if (k == n && (p.size() == n || p[n] == '.')) return false;  // p is below first[0, n)
+    if (k == p.size() && first[k] == '.') {  // p is itself above first[0, n)
+      n = k;
+      return false;
+    }
+    // Back to the last whole segment both share: a '.' before the first difference.
+    n = k == 0 ? std::string_view::npos : first.rfind('.', k - 1);
+    if (n == std::string_view::npos) n = 0;
+    return n == 0;
+  });
+  return n;
 }
 
 // "process '<name>' (version <version>)", for messages.

@@ -2,6 +2,7 @@
 #include <rapidcheck/catch.h>
 #include <catch2/catch.hpp>
 
+#include "pop/engine/detail/process_runner.hpp"
 #include "pop/engine/detail/tree.hpp"
 #include "pop/engine/engine.hpp"
 #include "pop/engine/snapshot.hpp"
@@ -218,4 +219,54 @@ TEST_CASE("messages pending at open are kept typed and read back exactly as give
       CHECK(s.read(e->outbox_path().str()).value() == queue);
     }
   }
+}
+
+TEST_CASE("a commit's common ancestor rules out exactly the changes that overlap none of its paths",
+          "[state]") {
+  // Known cases first.
+  const auto ancestor = [](std::initializer_list<std::string_view> paths) {
+    std::string written;
+    for (const std::string_view p : paths) pop::detail::add_written(written, p);
+    return std::string(written.substr(0, pop::detail::common_ancestor(written)));
+  };
+  CHECK(ancestor({"a.b.c", "a.b.d"}) == "a.b");
+  CHECK(ancestor({"a.b", "a.bc"}) == "a");
+  CHECK(ancestor({"a.b.c", "a.b"}) == "a.b");
+  CHECK(ancestor({"a.b.c", "a.b.c.d", "a.b.c"}) == "a.b.c");
+  CHECK(ancestor({"ab", "ac"}).empty());
+  CHECK(ancestor({"x"}) == "x");
+  CHECK(ancestor({"domain.outbox_queue.1", "domain.outbox_queue.2", "domain.orders.o1"}) ==
+        "domain");
+
+  rc::prop("skipping by the ancestor never skips an overlap", [] {
+    // Paths over a tiny alphabet, so prefixes like "a.b" / "a.bb" and shared segments are common.
+    const auto gen_path = rc::gen::map(rc::gen::container<std::vector<std::string>>(
+                                           *rc::gen::inRange<std::size_t>(1, 4),
+                                           rc::gen::element<std::string>("a", "b", "ab", "bb")),
+                                       [](const std::vector<std::string>& segments) {
+                                         std::string text;
+                                         for (const std::string& s : segments)
+                                           text += (text.empty() ? "" : ".") + s;
+                                         return text;
+                                       });
+    const auto written_paths = *rc::gen::container<std::vector<std::string>>(
+        *rc::gen::inRange<std::size_t>(1, 6), gen_path);
+    const auto access_paths = *rc::gen::container<std::vector<std::string>>(
+        *rc::gen::inRange<std::size_t>(1, 12), gen_path);
+    std::string written;
+    for (const std::string& p : written_paths) pop::detail::add_written(written, p);
+    pop::path_set access;
+    for (const std::string& p : access_paths) access.insert(pop::path::parse(p).value());
+    const std::size_t n = pop::detail::common_ancestor(written);
+    bool overlap = false;
+    for (const std::string& p : written_paths)
+      overlap = overlap || access.overlaps(std::string_view(p));
+    if (n > 0) {
+      const std::string_view top = std::string_view(written).substr(0, n);
+      for (const std::string& p : written_paths) {
+        RC_ASSERT(pop::path::parse(std::string(top)).value().contains(pop::path::parse(p).value()));
+      }
+      if (!access.overlaps(top)) RC_ASSERT(!overlap);
+    }
+  });
 }
