@@ -21,10 +21,18 @@ std::shared_ptr<void> clock::on_moved(std::function<void()>) const {
 }
 
 std::shared_ptr<void> manual_clock::on_moved(std::function<void()> moved) const {
-  auto handle = std::make_shared<std::function<void()>>(std::move(moved));
-  std::lock_guard lock(mu_);
-  watchers_.push_back(handle);
-  return handle;
+  auto w = std::make_shared<watcher>();
+  w->moved = std::move(moved);
+  {
+    std::lock_guard lock(mu_);
+    watchers_.push_back(w);
+  }
+  // Releasing the handle waits for a call in progress and stops later ones: a watcher may then
+  // destroy what its function uses (a relay, its strand, the io_context behind it).
+  return std::shared_ptr<void>(w.get(), [w](void*) {
+    std::lock_guard lock(w->mu);
+    w->alive = false;
+  });
 }
 
 void manual_clock::set(std::int64_t t_us) {
@@ -39,17 +47,19 @@ std::int64_t manual_clock::advance(std::int64_t delta_us) {
 }
 
 void manual_clock::tell_watchers() const {
-  std::vector<std::shared_ptr<std::function<void()>>> alive;
+  std::vector<std::shared_ptr<watcher>> current;
   {
     std::lock_guard lock(mu_);
-    std::erase_if(watchers_, [&](const std::weak_ptr<std::function<void()>>& w) {
-      std::shared_ptr<std::function<void()>> f = w.lock();
-      if (!f) return true;
-      alive.push_back(std::move(f));
-      return false;
+    std::erase_if(watchers_, [](const std::shared_ptr<watcher>& w) {
+      std::lock_guard alive_lock(w->mu);
+      return !w->alive;
     });
+    current = watchers_;
   }
-  for (const auto& f : alive) (*f)();
+  for (const std::shared_ptr<watcher>& w : current) {
+    std::lock_guard lock(w->mu);
+    if (w->alive) w->moved();
+  }
 }
 
 const std::shared_ptr<const clock>& system_clock() {

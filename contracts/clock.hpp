@@ -21,8 +21,9 @@ class clock {
   // The current time, microseconds since the Unix epoch.
   virtual std::int64_t now_us() const = 0;
   // Calls `moved` (from the thread that moved it) whenever the clock jumps by hand, until the
-  // returned handle is released; components that wait for a time re-check it then. A clock that
-  // follows real time never calls it and may return null. Keep `moved` short.
+  // returned handle is released (which waits for a call in progress); components that wait for a
+  // time re-check it then. A clock that follows real time never calls it and may return null.
+  // Keep `moved` short, and do not release its handle from inside it.
   [[nodiscard]] virtual std::shared_ptr<void> on_moved(std::function<void()> moved) const;
   // True if the clock moves with real time, so waiting real time until a due time makes sense;
   // false for a clock moved by hand, whose due times come only through on_moved().
@@ -49,9 +50,15 @@ class manual_clock final : public clock {
  private:
   void tell_watchers() const;
 
+  struct watcher {
+    std::mutex mu;  // held while `moved` runs and while the handle is released
+    bool alive = true;
+    std::function<void()> moved;
+  };
+
   std::atomic<std::int64_t> now_;
   mutable std::mutex mu_;
-  mutable std::vector<std::weak_ptr<std::function<void()>>> watchers_;  // guarded by mu_
+  mutable std::vector<std::shared_ptr<watcher>> watchers_;  // guarded by mu_
 };
 
 }  // namespace pop

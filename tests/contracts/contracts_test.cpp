@@ -2,6 +2,10 @@
 #include <rapidcheck/catch.h>
 #include <catch2/catch.hpp>
 
+#include <atomic>
+#include <thread>
+
+#include "pop/contracts/clock.hpp"
 #include "pop/contracts/outbox_message.hpp"
 #include "pop/contracts/path.hpp"
 #include "pop/contracts/process_spec.hpp"
@@ -185,4 +189,36 @@ TEST_CASE("stored numbers that do not fit their field are refused, not converted
   CHECK(pop::outbox_message::from_json(failure).status().code() ==
         absl::StatusCode::kInvalidArgument);
   CHECK(pop::outbox_message::from_json(m.to_json()).value() == m);
+}
+
+TEST_CASE("a manual clock's watcher is not called once its handle is released, nor while released",
+          "[contracts]") {
+  pop::manual_clock clock;
+  std::atomic<int> calls{0};
+  std::atomic<bool> entered{false};
+  std::atomic<bool> proceed{false};
+  std::atomic<bool> finished{false};
+  std::shared_ptr<void> handle = clock.on_moved([&] {
+    calls.fetch_add(1);
+    entered.store(true);
+    entered.notify_all();
+    proceed.wait(false);  // held inside the call until the test lets it go
+    finished.store(true);
+  });
+  REQUIRE(handle != nullptr);
+  std::thread mover([&] { clock.advance(1); });
+  entered.wait(false);
+  // Releasing the handle now must wait for the call in progress to finish.
+  bool finished_when_released = false;
+  std::thread releaser([&] {
+    handle.reset();
+    finished_when_released = finished.load();
+  });
+  proceed.store(true);
+  proceed.notify_all();
+  mover.join();
+  releaser.join();
+  CHECK(finished_when_released);
+  clock.advance(1);
+  CHECK(calls == 1);
 }
