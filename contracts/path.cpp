@@ -161,6 +161,12 @@ void path_set::insert(const path& p) {
   paths_.insert(it, p);
 }
 
+void path_set::insert(path&& p) {
+  const auto it = std::lower_bound(paths_.begin(), paths_.end(), p);
+  if (it != paths_.end() && *it == p) return;
+  paths_.insert(it, std::move(p));
+}
+
 void path_set::insert_all(const path_set& other) {
   if (other.empty()) return;
   std::vector<path> merged;

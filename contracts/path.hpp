@@ -81,6 +81,7 @@ class path_set {
 
   // Adds `p` (no effect if already present).
   void insert(const path& p);
+  void insert(path&& p);
   // Adds every member of `other`.
   void insert_all(const path_set& other);
 

@@ -39,8 +39,9 @@ value_view context::read(std::string_view path_text) const {
         "contract violation: process '", process(), "' read '", p->str(), "' (version ", version(),
         "), outside its declared inputs ", contract_->inputs().to_string())));
   }
-  reads_.insert(*p);
-  return snapshot_.view(*p);
+  value_view found = snapshot_.view(*p);
+  reads_.insert(*std::move(p));
+  return found;
 }
 
 }  // namespace pop

@@ -129,6 +129,21 @@ TEST_CASE("process specs are validated into contracts", "[contracts]") {
 
 TEST_CASE("message ids sort in commit order and round-trip", "[contracts]") {
   CHECK(pop::make_message_id(17, 0) == "00000000000000000017-000000");
+  CHECK(pop::make_message_id(0, 0) == "00000000000000000000-000000");
+  CHECK(pop::make_message_id(UINT64_MAX, 999999) == "18446744073709551615-999999");
+  CHECK(pop::make_message_id(5, 1000000) == "00000000000000000005-1000000");
+  rc::prop("an id holds its version and index, and ids sort as (version, index) do", [] {
+    const auto v = *rc::gen::arbitrary<std::uint64_t>();
+    const auto i = *rc::gen::inRange<std::uint32_t>(0, 1000000);
+    const auto w = *rc::gen::arbitrary<std::uint64_t>();
+    const auto j = *rc::gen::inRange<std::uint32_t>(0, 1000000);
+    const std::string a = pop::make_message_id(v, i);
+    const auto parsed = pop::parse_message_id(a);
+    RC_ASSERT(parsed.ok());
+    RC_ASSERT(parsed->first == v);
+    RC_ASSERT(parsed->second == i);
+    RC_ASSERT((a < pop::make_message_id(w, j)) == (std::pair(v, i) < std::pair(w, j)));
+  });
   CHECK(pop::make_message_id(9, 999999) < pop::make_message_id(10, 0));
   CHECK(pop::make_message_id(10, 2) < pop::make_message_id(10, 10));
   const auto parsed = pop::parse_message_id(pop::make_message_id(123456789, 42));
