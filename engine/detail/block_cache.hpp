@@ -50,7 +50,7 @@ class block_cache {
       return;
     }
 #endif
-    ::operator delete(block, Size);
+    ::operator delete(block);
   }
 
  private:
@@ -64,7 +64,7 @@ class block_cache {
       exiting_ = true;
       while (head_ != nullptr) {
         void* next = *static_cast<void**>(head_);
-        ::operator delete(head_, Size);
+        ::operator delete(head_);
         head_ = next;
       }
       count_ = 0;
@@ -97,7 +97,7 @@ struct cached_allocator {
       block_cache<block_size()>::give(p);
       return;
     }
-    ::operator delete(p, n * sizeof(T));
+    ::operator delete(p);
   }
 
   template <class U>

@@ -86,7 +86,7 @@ inline std::size_t common_ancestor(std::string_view written) {
     const std::size_t most = std::min(n, p.size());
     while (k < most && first[k] == p[k]) ++k;
     if (k == n && (p.size() == n || p[n] == '.')) return false;  // p is below first[0, n)
-    if (k == p.size() && first[k] == '.') {  // p is itself above first[0, n)
+    if (k == p.size() && first[k] == '.') {                      // p is itself above first[0, n)
       n = k;
       return false;
     }
