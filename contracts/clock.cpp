@@ -25,13 +25,20 @@ std::shared_ptr<void> manual_clock::on_moved(std::function<void()> moved) const 
   w->moved = std::move(moved);
   {
     std::lock_guard lock(mu_);
+    std::erase_if(watchers_,
+                  [](const std::shared_ptr<watcher>& old) { return !old->alive.load(); });
     watchers_.push_back(w);
   }
-  // Releasing the handle waits for a call in progress and stops later ones: a watcher may then
-  // destroy what its function uses (a relay, its strand, the io_context behind it).
+  // Releasing the handle waits for a call in progress, stops later ones and destroys the
+  // function (and what it holds): a watcher may then destroy what its function uses (a relay, its
+  // strand, the io_context behind it).
   return std::shared_ptr<void>(w.get(), [w](void*) {
-    std::lock_guard lock(w->mu);
-    w->alive = false;
+    std::function<void()> gone;
+    {
+      std::lock_guard lock(w->mu);
+      w->alive.store(false);
+      gone = std::move(w->moved);
+    }
   });
 }
 
@@ -50,15 +57,12 @@ void manual_clock::tell_watchers() const {
   std::vector<std::shared_ptr<watcher>> current;
   {
     std::lock_guard lock(mu_);
-    std::erase_if(watchers_, [](const std::shared_ptr<watcher>& w) {
-      std::lock_guard alive_lock(w->mu);
-      return !w->alive;
-    });
+    std::erase_if(watchers_, [](const std::shared_ptr<watcher>& w) { return !w->alive.load(); });
     current = watchers_;
   }
   for (const std::shared_ptr<watcher>& w : current) {
     std::lock_guard lock(w->mu);
-    if (w->alive) w->moved();
+    if (w->alive.load()) w->moved();
   }
 }
 

@@ -23,7 +23,7 @@ class clock {
   // Calls `moved` (from the thread that moved it) whenever the clock jumps by hand, until the
   // returned handle is released (which waits for a call in progress); components that wait for a
   // time re-check it then. A clock that follows real time never calls it and may return null.
-  // Keep `moved` short, and do not release its handle from inside it.
+  // Keep `moved` short, and do not release its own handle from inside it.
   [[nodiscard]] virtual std::shared_ptr<void> on_moved(std::function<void()> moved) const;
   // True if the clock moves with real time, so waiting real time until a due time makes sense;
   // false for a clock moved by hand, whose due times come only through on_moved().
@@ -51,8 +51,11 @@ class manual_clock final : public clock {
   void tell_watchers() const;
 
   struct watcher {
-    std::mutex mu;  // held while `moved` runs and while the handle is released
-    bool alive = true;
+    // Held while `moved` runs and while the handle is released; recursive, so `moved` may move
+    // the clock again.
+    // (mu_ is never taken while holding it the other way round: `alive` is read without it.)
+    std::recursive_mutex mu;
+    std::atomic<bool> alive{true};
     std::function<void()> moved;
   };
 

@@ -1,6 +1,7 @@
 #include "pop/engine/engine.hpp"
 
 #include <algorithm>
+#include <cassert>
 #include <limits>
 #include <random>
 #include <stdexcept>
@@ -224,6 +225,7 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
     std::unique_lock lock(head_mu_);
     previous = std::exchange(head_, std::move(next));
   }
+  assert(written.empty() || written.back() == '\n');  // add_written's form
   const std::size_t ancestor = detail::common_ancestor(written);
   log_.push_back({version, std::move(written), ancestor});
   while (log_.size() > options_.conflict_window) log_.pop_front();

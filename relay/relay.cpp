@@ -416,7 +416,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     if (o.what != outcome::kind::delivered) failures_waiting_ = true;
     outcomes_.push_back(std::move(o));
     const outcome& kept = outcomes_.back();
-    recorded_[kept.id] = &kept;
+    recorded_.erase(kept.id);  // (a key views its own outcome's id)
+    recorded_.emplace(kept.id, &kept);
   }
 
   // A delay drawn uniformly from [d/2, d].
@@ -496,7 +497,12 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         delivered.clear();
         for (std::size_t i = 0; i < n; ++i) delivered.push_back(std::move(outcomes_[i].id));
         absl::StatusOr<clear_result> r = engine_.clear_messages(engine_.snapshot(), delivered);
-        if (!r.ok()) return annotate(r.status(), "relay: clearing delivered messages");
+        if (!r.ok()) {
+          // Those messages stay queued and are published again (never lost); the outcomes
+          // behind them are still recorded by the flush that stops the relay.
+          outcomes_.erase(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n));
+          return annotate(r.status(), "relay: clearing delivered messages");
+        }
         if (r->removed > 0) counters_.clears.fetch_add(1, std::memory_order_relaxed);
         counters_.delivered.fetch_add(r->removed, std::memory_order_relaxed);
       } else {

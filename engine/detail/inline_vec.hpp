@@ -97,8 +97,8 @@ class inline_vec {
   }
 
  private:
-  T* data() { return std::launder(reinterpret_cast<T*>(storage_)); }
-  const T* data() const { return std::launder(reinterpret_cast<const T*>(storage_)); }
+  T* data() { return reinterpret_cast<T*>(storage_); }
+  const T* data() const { return reinterpret_cast<const T*>(storage_); }
 
   alignas(T) unsigned char storage_[N * sizeof(T)];
   std::size_t size_ = 0;

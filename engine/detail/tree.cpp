@@ -26,7 +26,8 @@ node_ptr make_blob(json value) {
 }
 
 node_ptr make_map(pmap<node_ptr> members) {
-  return std::make_shared<const value_node>(value_node::map_form{}, std::move(members));
+  // Not a const object: an edit batch may still change a map node it made (with_members).
+  return std::make_shared<value_node>(value_node::map_form{}, std::move(members));
 }
 
 // The prefix of `full` that ends with `segment` (a view into `full`), for error messages.

@@ -236,4 +236,16 @@ TEST_CASE("a manual clock's watcher is not called once its handle is released, n
   CHECK(finished_when_released);
   clock.advance(1);
   CHECK(calls == 1);
+
+  // Releasing destroys the function and what it holds; a watcher may move the clock itself.
+  auto held = std::make_shared<int>(0);
+  int nested = 0;
+  std::shared_ptr<void> again = clock.on_moved([&clock, &nested, held] {
+    if (++nested == 1) clock.advance(1);
+  });
+  CHECK(held.use_count() == 2);
+  clock.advance(1);
+  CHECK(nested == 2);
+  again.reset();
+  CHECK(held.use_count() == 1);
 }
