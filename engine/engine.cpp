@@ -138,12 +138,39 @@ absl::Status engine::register_process(process_spec spec, process_fn fn) {
         p, *outbox_, absl::StrCat("process '", contract.name(), "' declares an output that")));
   }
   auto entry = std::make_shared<const registered>(registered{std::move(contract), std::move(fn)});
-  std::unique_lock lock(registry_->mu);
-  const auto [it, inserted] = registry_->by_name.try_emplace(entry->contract.name(), entry);
-  if (!inserted) {
-    return absl::AlreadyExistsError(
-        absl::StrCat("a process named '", entry->contract.name(), "' is already registered"));
+  {
+    std::unique_lock lock(registry_->mu);
+    const auto [it, inserted] = registry_->by_name.try_emplace(entry->contract.name(), entry);
+    if (!inserted) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("a process named '", entry->contract.name(), "' is already registered"));
+    }
   }
+  if (journal_) {
+    json d = {{"inputs", spec.inputs}, {"outputs", spec.outputs}, {"emits", spec.emits}};
+    if (spec.timeout.count() > 0) d["timeout_us"] = spec.timeout.count();
+    journal_->describe(absl::StrCat("process/", entry->contract.name()), d.dump());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status engine::describe(std::string_view kind, std::string_view name, const json& what) {
+  for (const auto& [field, text] : {std::pair{"kind", kind}, std::pair{"name", name}}) {
+    if (text.empty() || text.size() > 200 || text.find('/') != std::string_view::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "engine::describe: the ", field, " '", detail::to_absl(text),
+          "' must be 1 to 200 characters without '/'"));
+    }
+  }
+  std::string text;
+  try {
+    text = what.dump();
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("engine::describe of ", detail::to_absl(kind),
+                                                   " '", detail::to_absl(name),
+                                                   "': not storable JSON: ", e.what()));
+  }
+  if (journal_) journal_->describe(absl::StrCat(detail::to_absl(kind), "/", detail::to_absl(name)), std::move(text));
   return absl::OkStatus();
 }
 

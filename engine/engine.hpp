@@ -131,6 +131,15 @@ class engine {
   // The registered process names, sorted.
   std::vector<std::string> processes() const;
 
+  // Records a description of something built on this engine in its journal, for tools that read
+  // the journal without the program (the `pop` command's graph and its defaults): `kind` and
+  // `name` (each 1 to 200 characters, no '/') name it, `what` is any JSON. A later description of
+  // the same kind and name replaces it. register_process() describes every process ("process",
+  // its spec); the workflow engine and dead letters describe themselves. Written by the journal's
+  // thread soon after, and at the latest when the engine closes; not a commit (no version). No
+  // effect in memory. kInvalidArgument for a bad kind or name.
+  absl::Status describe(std::string_view kind, std::string_view name, const json& what);
+
   // Runs process `name` with `args` on the newest snapshot and commits what it returns.
   // Returns the commit, or: kNotFound (no such process); kPermissionDenied (it read, wrote or
   // emitted outside its contract); kInvalidArgument (a bad path, or a write replacing the outbox);

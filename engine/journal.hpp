@@ -3,10 +3,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "pop/contracts/json.hpp"
 
 namespace pop {
 
@@ -54,10 +58,28 @@ struct journal_record_info {
 [[nodiscard]] absl::StatusOr<std::vector<journal_record_info>> read_journal(
     const std::string& path, std::uint64_t from_version = 0, std::size_t limit = 1'000'000);
 
+// The state a journal holds at one version.
+struct journal_state {
+  std::uint64_t version = 0;
+  json state{};       // the whole state at `version`, the outbox included
+  journal_info info;  // snapshot_version .. last_version: the versions it retains
+};
+
+// The state of the journal at `path` at version `at` (the newest if absent), read without changing
+// the file (an engine may have it open). A journal retains the versions from its newest snapshot
+// on; kNotFound names the retained range for another. Errors as verify_journal().
+[[nodiscard]] absl::StatusOr<journal_state> read_journal_state(
+    const std::string& path, std::optional<std::uint64_t> at = std::nullopt);
+
+// What engine::describe() recorded in the journal at `path`: kind -> name -> description, read
+// without changing the file. Errors as verify_journal().
+[[nodiscard]] absl::StatusOr<std::map<std::string, std::map<std::string, json>, std::less<>>>
+read_journal_descriptions(const std::string& path);
+
 // Checks the journal at `path` without changing it (and without taking it from an engine that
 // has it open): SQLite integrity, format version, every record's checksum, no gap in versions,
 // and that a journal left open by a crash still has its write-ahead log. Returns what it found,
-// or kNotFound (no such file), kFailedPrecondition (a newer format), kDataLoss (damage, naming
+// or kNotFound (no such file), kFailedPrecondition (a newer format, or a file that is not a pop journal), kDataLoss (damage, naming
 // what and where).
 [[nodiscard]] absl::StatusOr<journal_info> verify_journal(const std::string& path);
 

@@ -12,6 +12,7 @@ absl::StatusOr<std::unique_ptr<dead_letters>> dead_letters::create(engine& e,
                                                                    std::string_view letters_path) {
   POP_ASSIGN_OR_RETURN(path p,
                        parse_path_outside(letters_path, e.outbox_path(), "dead_letters: path"));
+  POP_RETURN_IF_ERROR(e.describe("dead_letters", p.str(), {{"path", p.str()}}));
   return std::unique_ptr<dead_letters>(new dead_letters(e, std::move(p)));
 }
 
@@ -50,6 +51,12 @@ absl::StatusOr<std::uint64_t> dead_letters::requeue(std::string_view id) {
 absl::StatusOr<std::size_t> dead_letters::requeue_all() {
   POP_ASSIGN_OR_RETURN(const auto done, requeue_ids({}, true));
   return done.first;
+}
+
+absl::StatusOr<std::uint64_t> dead_letters::requeue_many(const std::vector<std::string>& ids) {
+  if (ids.empty()) return absl::InvalidArgumentError("dead_letters::requeue_many: no ids");
+  POP_ASSIGN_OR_RETURN(const auto done, requeue_ids(ids, false));
+  return done.second;
 }
 
 absl::StatusOr<std::pair<std::size_t, std::uint64_t>> dead_letters::requeue_ids(
@@ -108,13 +115,22 @@ absl::StatusOr<std::pair<std::size_t, std::uint64_t>> dead_letters::requeue_ids(
 }
 
 absl::StatusOr<std::uint64_t> dead_letters::discard(std::string_view id) {
+  return discard_many({std::string(id)});
+}
+
+absl::StatusOr<std::uint64_t> dead_letters::discard_many(const std::vector<std::string>& ids) {
+  if (ids.empty()) return absl::InvalidArgumentError("dead_letters::discard_many: no ids");
   for (;;) {
     const snapshot snap = engine_.snapshot();
-    if (!snap.view(path_).member(id)) {
-      return absl::NotFoundError(absl::StrCat("no dead letter '", detail::to_absl(id), "' at '",
-                                              path_.str(), "' in version ", snap.version()));
+    const value_view letters = snap.view(path_);
+    std::vector<write> writes;
+    for (const std::string& id : ids) {
+      if (!letters.member(id)) {
+        return absl::NotFoundError(absl::StrCat("no dead letter '", id, "' at '", path_.str(),
+                                                "' in version ", snap.version()));
+      }
+      writes.push_back({absl::StrCat(path_.str(), ".", id), std::nullopt});
     }
-    std::vector<write> writes{{absl::StrCat(path_.str(), ".", detail::to_absl(id)), std::nullopt}};
     POP_ASSIGN_OR_RETURN(
         cas_result r, engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys));
     if (r.committed) return r.version;

@@ -21,7 +21,7 @@ namespace pop {
 class dead_letters {
  public:
   // Returns the dead letters of `e` at `letters_path`, or kInvalidArgument for a bad path or one
-  // overlapping the outbox.
+  // overlapping the outbox. Describes the path in the engine's journal (engine::describe).
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<dead_letters>> create(
       engine& e, std::string_view letters_path = "system.dead_letters");
   dead_letters(const dead_letters&) = delete;
@@ -43,8 +43,14 @@ class dead_letters {
   // Moves every dead letter except malformed ones back in one transaction; returns how many (0 if
   // there were none). Errors as requeue(); nothing changes on error.
   [[nodiscard]] absl::StatusOr<std::size_t> requeue_all();
+  // Moves the dead letters `ids` back as requeue() does, all in one transaction; returns its
+  // version. Errors as requeue() (kInvalidArgument for no ids); nothing changes on error.
+  [[nodiscard]] absl::StatusOr<std::uint64_t> requeue_many(const std::vector<std::string>& ids);
   // Deletes dead letter `id` for good; returns the version that did it, or kNotFound.
   [[nodiscard]] absl::StatusOr<std::uint64_t> discard(std::string_view id);
+  // Deletes the dead letters `ids` in one transaction; kNotFound naming the first one missing
+  // (nothing is deleted then), kInvalidArgument for no ids.
+  [[nodiscard]] absl::StatusOr<std::uint64_t> discard_many(const std::vector<std::string>& ids);
 
  private:
   dead_letters(engine& e, path letters_path);  // validated by create()

@@ -43,11 +43,13 @@ absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::s
   return c.version;
 }
 
-namespace {
-
-workflow_instance to_instance(std::string_view id, json rec) {
+workflow_instance workflow_instance::from_record(std::string_view id, json rec) {
   workflow_instance w;
   w.id = std::string(id);
+  if (!rec.is_object()) {
+    w.raw = std::move(rec);
+    return w;
+  }
   w.workflow = rec.value("workflow", "");
   if (const auto d = rec.find("definition"); d != rec.end() && d->is_object()) {
     w.definition_version = d->value("version", "");
@@ -58,11 +60,12 @@ workflow_instance to_instance(std::string_view id, json rec) {
   w.received = rec.value("received", json::object());
   w.history = rec.value("history", json::array());
   w.error = rec.value("error", "");
+  if (const auto st = rec.find("stuck"); st != rec.end() && st->is_object()) {
+    w.stuck_reason = st->value("reason", "");
+  }
   w.raw = std::move(rec);
   return w;
 }
-
-}  // namespace
 
 absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id) const {
   const snapshot snap = engine_.snapshot();
@@ -73,7 +76,7 @@ absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id) const 
     return absl::NotFoundError(absl::StrCat("no workflow instance '", detail::to_absl(id),
                                             "' in version ", snap.version()));
   }
-  return to_instance(id, v.to_json());
+  return workflow_instance::from_record(id, v.to_json());
 }
 
 std::vector<workflow_instance> workflows::list(std::string_view status) const {
@@ -85,29 +88,74 @@ std::vector<workflow_instance> workflows::list(std::string_view status) const {
           const value_view s = v.member("status");
           if (!s || s.to_json() != status) return true;
         }
-        out.push_back(to_instance(id, v.to_json()));
+        out.push_back(workflow_instance::from_record(id, v.to_json()));
         return true;
       });
   return out;
 }
 
+absl::StatusOr<commit> workflows::operate(std::string_view id, std::string_view action,
+                                          json args) {
+  args["id"] = id;
+  args["action"] = action;
+  args["now"] = engine_.clock().now_us();
+  absl::StatusOr<commit> c = engine_.execute(workflow_operate_process, args);
+  if (!c.ok()) {
+    return annotate(c.status(), absl::StrCat("workflow instance '", detail::to_absl(id), "', ",
+                                             detail::to_absl(action)));
+  }
+  return c;
+}
+
+absl::StatusOr<bool> workflows::park(const workflow_instance& w, std::string reason) {
+  POP_ASSIGN_OR_RETURN(const commit c,
+                       operate(w.id, "park", {{"expect", w.status}, {"reason", std::move(reason)}}));
+  return c.changed;
+}
+
 absl::Status workflows::cancel(std::string_view id, std::string reason) {
   POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id));
-  return engine_
-      .execute(control_process(w.workflow), {{"id", id},
-                                             {"action", "cancel"},
-                                             {"reason", std::move(reason)},
-                                             {"now", engine_.clock().now_us()}})
-      .status();
+  if (w.status != "stuck" && find_definition(w.workflow)) {
+    // With the definition here, a parent waiting for it moves on in the same commit.
+    return engine_
+        .execute(control_process(w.workflow), {{"id", id},
+                                               {"action", "cancel"},
+                                               {"reason", std::move(reason)},
+                                               {"now", engine_.clock().now_us()}})
+        .status();
+  }
+  return operate(id, "cancel", {{"reason", std::move(reason)}}).status();
+}
+
+absl::StatusOr<std::uint64_t> workflows::resume(std::string_view id) {
+  POP_ASSIGN_OR_RETURN(const commit c, operate(id, "resume", json::object()));
+  return c.version;
+}
+
+absl::StatusOr<std::uint64_t> workflows::restart_from(std::string_view id, std::string_view step) {
+  POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id));
+  if (const std::shared_ptr<const defined> d = find_definition(w.workflow);
+      d && !d->step(step)) {
+    return absl::NotFoundError(absl::StrCat("workflow instance '", detail::to_absl(id),
+                                            "': workflow '", w.workflow, "' has no step '",
+                                            detail::to_absl(step), "'"));
+  }
+  if (step.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workflow instance '", detail::to_absl(id), "': restart needs a step name"));
+  }
+  POP_ASSIGN_OR_RETURN(const commit c, operate(id, "restart", {{"step", step}}));
+  return c.version;
 }
 
 absl::StatusOr<bool> workflows::advance(std::string_view id) {
   POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id));
+  if (w.status != "running" && w.status != "compensating") return false;
   const std::shared_ptr<const defined> d = find_definition(w.workflow);
   if (!d) {
-    return absl::FailedPreconditionError(absl::StrCat("workflow instance '", detail::to_absl(id),
-                                                      "' runs undefined workflow '", w.workflow,
-                                                      "'"));
+    // One instance that cannot advance must not stop the others: it is parked for an operator.
+    return park(w, absl::StrCat("its workflow '", w.workflow, "' (definition version ",
+                                w.definition_version, ") is not defined in this program"));
   }
   const std::int64_t now = engine_.clock().now_us();
   std::string process;
@@ -115,7 +163,11 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   std::string step_name;
   if (w.status == "running") {
     const workflow_step* step = d->step(w.cursor);
-    if (!step) return false;
+    if (!step) {
+      return park(w, absl::StrCat("its step '", w.cursor, "' is not in workflow '", w.workflow,
+                                  "' as defined in this program (definition version ", d->version,
+                                  "; the instance started with ", w.definition_version, ")"));
+    }
     step_name = step->name;
     if (!step->process.empty()) {
       process = step_process(step->process);
@@ -129,7 +181,11 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
     if (done.empty()) return false;
     step_name = done.back().get<std::string>();
     const workflow_step* step = d->step(step_name);
-    if (!step || step->compensate.empty()) return false;
+    if (!step || step->compensate.empty()) {
+      return park(w, absl::StrCat("step '", step_name, "' of workflow '", w.workflow,
+                                  "' has no compensation in this program (definition version ",
+                                  d->version, ") but the instance must compensate it"));
+    }
     process = step_process(step->compensate);
     args["step"] = step_name;
     args["mode"] = "compensate";
@@ -188,6 +244,14 @@ absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& ne
   for (const std::string& id : due) {
     absl::StatusOr<workflow_instance> w = inspect(id);
     if (!w.ok()) continue;
+    if (!find_definition(w->workflow)) {
+      POP_ASSIGN_OR_RETURN(const bool parked,
+                           park(*w, absl::StrCat("its workflow '", w->workflow,
+                                                 "' (definition version ", w->definition_version,
+                                                 ") is not defined in this program")));
+      if (parked) ++moved;
+      continue;
+    }
     POP_ASSIGN_OR_RETURN(commit c,
                          engine_.execute(control_process(w->workflow),
                                          {{"id", id}, {"action", "timeout"}, {"now", now}}));

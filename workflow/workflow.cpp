@@ -23,7 +23,17 @@ absl::StatusOr<std::unique_ptr<workflows>> workflows::create(engine& e, workflow
       return annotate(parsed.status(), "workflow_options");
     }
   }
-  return std::unique_ptr<workflows>(new workflows(e, std::move(opts)));
+  std::unique_ptr<workflows> w(new workflows(e, opts));
+  const std::vector<std::string> registered = e.processes();
+  if (!std::binary_search(registered.begin(), registered.end(), workflow_operate_process)) {
+    const std::vector<std::string> owned = {opts.instances, opts.index};
+    POP_RETURN_IF_ERROR(e.register_process(
+        {.name = std::string(workflow_operate_process), .inputs = owned, .outputs = owned},
+        [o = opts](const context& ctx, const json& args) { return detail::operate(o, ctx, args); }));
+  }
+  POP_RETURN_IF_ERROR(
+      e.describe("workflows", opts.instances, {{"instances", opts.instances}, {"index", opts.index}}));
+  return w;
 }
 
 workflows::workflows(engine& e, workflow_options opts) : engine_(e), options_(std::move(opts)) {}
@@ -284,6 +294,8 @@ absl::Status workflows::define(workflow_definition def) {
     }
   }
   POP_RETURN_IF_ERROR(register_control(d));
+  POP_RETURN_IF_ERROR(engine_.describe(
+      "workflow", d->def.name, {{"version", d->version}, {"definition", d->def.to_json()}}));
   std::lock_guard lock(mu_);
   definitions_[d->def.name] = std::move(d);
   return absl::OkStatus();
@@ -401,23 +413,8 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
             return out;
           }
         } else if (action == "cancel") {
-          if (detail::instance_txn::status_is_final(status)) {
-            return absl::FailedPreconditionError(
-                absl::StrCat("workflow instance '", t.id(), "' has already ended (", status, ")"));
-          }
           if (status == "compensating") return out;
-          t.history(t.cursor(), "cancelled");
-          // A child it is waiting for is cancelled with it (it compensates on its own).
-          if (t.rec().contains("child")) {
-            detail::instance_txn child(t.opts(), t.ctx(), t.out(), t.rec()["child"], t.now());
-            if (child.load() && !detail::instance_txn::status_is_final(child.status()) &&
-                child.status() != "compensating") {
-              child.history(child.cursor(), "parent cancelled");
-              child.fail_path(absl::StrCat("its parent '", t.id(), "' was cancelled"));
-              child.save();
-            }
-          }
-          t.fail_path(args.value("reason", "cancelled"));
+          POP_RETURN_IF_ERROR(detail::cancel_instance(t, args.value("reason", "cancelled")));
         } else {
           return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));
         }

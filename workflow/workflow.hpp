@@ -74,14 +74,23 @@ struct workflow_instance {
   std::string id{};
   std::string workflow{};
   std::string definition_version{};  // hash of the definition it was started with
-  std::string status{};  // running, waiting, compensating, completed, failed, compensated
+  std::string status{};  // running, waiting, compensating, completed, failed, compensated, or
+                         // stuck (parked until an operator acts: see workflows::resume)
   std::string cursor{};  // the current step
   json inputs{};
   json received{};  // topic -> payload of the messages its wait steps received
   json history{};   // [{"step", "outcome", "at_us"}, ...]
   std::string error{};
-  json raw{};  // the whole record
+  std::string stuck_reason{};  // why it is stuck (status "stuck")
+  json raw{};                  // the whole record
+
+  // The instance `id` from its stored record (the value at `<instances>.<id>`): the one decoder of
+  // the record, used by inspect() and list() and by tools reading a journal.
+  static workflow_instance from_record(std::string_view id, json record);
 };
+
+// The process the workflow engine registers for operator actions (park, resume, restart, cancel).
+inline constexpr std::string_view workflow_operate_process = "workflow.operate";
 
 // Where workflow records live, and the prefix of the processes it registers.
 struct workflow_options {
@@ -107,7 +116,9 @@ struct workflow_options {
 // is driven by workflow_runner (relay/) or by calling advance(). Thread safety: as the engine's.
 class workflows {
  public:
-  // Returns the workflows of `e`, or kInvalidArgument naming a bad path in `opts`.
+  // Returns the workflows of `e`, or kInvalidArgument naming a bad path in `opts`. Registers the
+  // operator process (workflow_operate_process) and describes itself and every definition in the
+  // engine's journal (engine::describe), so tools find them without the program.
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<workflows>> create(
       engine& e, workflow_options opts = {});
   workflows(const workflows&) = delete;
@@ -139,9 +150,23 @@ class workflows {
   [[nodiscard]] absl::StatusOr<workflow_instance> inspect(std::string_view id) const;
   // The instances with `status` (every one if empty), in id order.
   std::vector<workflow_instance> list(std::string_view status = {}) const;
-  // Cancels a running or waiting instance: it takes the failure path with `reason`.
-  // kNotFound; kFailedPrecondition if it has ended.
+  // Cancels a running, waiting or stuck instance: it takes the failure path with `reason` (a
+  // child it waits for is cancelled too). kNotFound; kFailedPrecondition if it has ended.
   [[nodiscard]] absl::Status cancel(std::string_view id, std::string reason = "cancelled");
+
+  // Operator actions. An instance that cannot advance (its workflow is not defined in this
+  // program, or its cursor names a step the definition does not have) is parked with status
+  // "stuck" and the reason, instead of stopping the runner or waiting silently; it stays stuck
+  // until an operator acts (from C++ or the `pop workflow` command):
+  // resume() puts a stuck instance back in the status it had (once the program defines what it
+  // needs); restart_from() moves a stuck, failed or compensated instance to step `step`, running,
+  // with its error, loop counts and wait cleared. Both are one commit and return its version;
+  // kNotFound (no instance; or, when this program defines the workflow, no such step),
+  // kFailedPrecondition (the instance is not in a status the action applies to). None of them
+  // needs the workflow to be defined in this program: they work on the record alone.
+  [[nodiscard]] absl::StatusOr<std::uint64_t> resume(std::string_view id);
+  [[nodiscard]] absl::StatusOr<std::uint64_t> restart_from(std::string_view id,
+                                                           std::string_view step);
 
   // Advances instance `id` by one step if it is running or compensating. Returns true if it
   // changed. A step whose process fails with an exception or a contract breach sends the
@@ -172,6 +197,10 @@ class workflows {
   std::shared_ptr<const defined> find_definition(std::string_view name) const;
   // If `t`'s instance ended and has a parent waiting on it, moves the parent on (same commit).
   void settle(detail::instance_txn& t) const;
+  // Runs operator action `action` on instance `id` with `args` through the operate process.
+  absl::StatusOr<commit> operate(std::string_view id, std::string_view action, json args);
+  // Parks instance `w` (seen with status w.status) as stuck with `reason`.
+  absl::StatusOr<bool> park(const workflow_instance& w, std::string reason);
   // Runs step `step` (not a process step) of `t`'s instance, of definition `d`.
   void run_control_step(detail::instance_txn& t, const defined& d, const workflow_step& step) const;
 

@@ -156,6 +156,9 @@ journal::~journal() {
 void journal::close_cleanly() {
   std::lock_guard lock(mu_);
   if (!failed_.ok() || !queue_.empty()) return;  // leave it marked in use: reopening checks it
+  unwritten_.insert(unwritten_.end(), described_.begin(), described_.end());
+  described_.clear();
+  if (!unwritten_.empty() && !write_descriptions(std::exchange(unwritten_, {})).ok()) return;
   if (set_meta(db_, path_, "clean", "1").ok()) {
     static_cast<void>(exec(db_, path_, "PRAGMA wal_checkpoint(TRUNCATE)"));
   }
@@ -205,12 +208,39 @@ absl::Status journal::failure() const {
   return failed_;
 }
 
+void journal::describe(std::string key, std::string value) {
+  {
+    std::lock_guard lock(mu_);
+    described_.emplace_back(std::move(key), std::move(value));
+  }
+  work_cv_.notify_one();
+}
+
+absl::Status journal::write_descriptions(std::vector<std::pair<std::string, std::string>> items) {
+  POP_RETURN_IF_ERROR(exec(db_, path_, "BEGIN IMMEDIATE"));
+  for (const auto& [key, value] : items) {
+    if (absl::Status s = set_meta(db_, path_, key.c_str(), value); !s.ok()) {
+      static_cast<void>(exec(db_, path_, "ROLLBACK"));
+      return s;
+    }
+  }
+  if (absl::Status s = exec(db_, path_, "COMMIT"); !s.ok()) {
+    static_cast<void>(exec(db_, path_, "ROLLBACK"));
+    return s;
+  }
+  return absl::OkStatus();
+}
+
 void journal::run_writer() {
   std::deque<std::shared_ptr<journal_record>> group;
   for (;;) {
+    std::vector<std::pair<std::string, std::string>> described;
     {
       std::unique_lock lock(mu_);
-      work_cv_.wait(lock, [&] { return stop_ || (!queue_.empty() && queue_.front()->filled); });
+      work_cv_.wait(lock, [&] {
+        return stop_ || !described_.empty() || (!queue_.empty() && queue_.front()->filled);
+      });
+      described.swap(described_);
       while (!queue_.empty() && queue_.front()->filled && queue_.front()->error.ok() &&
              group.size() < options_.max_group) {
         group.push_back(std::move(queue_.front()));
@@ -224,10 +254,16 @@ void journal::run_writer() {
         done_cv_.notify_all();
         return;
       }
-      if (group.empty()) {
-        if (stop_) return;
-        continue;
-      }
+    }
+    // Descriptions are not commits: one that cannot be written is not a reason to stop the
+    // journal (the next close tries again), and they never delay a group's acknowledgement much.
+    if (!described.empty() && !write_descriptions(described).ok()) {
+      unwritten_.insert(unwritten_.end(), described.begin(), described.end());
+    }
+    if (group.empty()) {
+      std::lock_guard lock(mu_);
+      if (stop_) return;
+      continue;
     }
     absl::Status s = write_group(group);
     const std::uint64_t last = group.back()->version;

@@ -8,6 +8,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -82,6 +84,9 @@ class journal {
   absl::Status wait_durable(std::uint64_t version);
   std::uint64_t durable_version() const;
   absl::Status failure() const;
+  // Records metadata `key` = `value` (a description for tools: a process spec, a workflow
+  // definition), written by the journal's thread soon, and at the latest when it closes.
+  void describe(std::string key, std::string value);
 
  private:
   journal(std::string path, durability level, const journal_options& opts, int lock_fd, int head_fd,
@@ -91,6 +96,8 @@ class journal {
   absl::Status write_group(std::deque<std::shared_ptr<journal_record>>& group);
   absl::Status write_snapshot(const journal_record& last);
   void close_cleanly();
+  // Writes the descriptions taken from described_ (writer thread, or after it stopped).
+  absl::Status write_descriptions(std::vector<std::pair<std::string, std::string>> items);
 
   const std::string path_;
   const std::shared_ptr<const clock> clock_;
@@ -102,6 +109,7 @@ class journal {
   sqlite3_stmt* insert_ = nullptr;
   std::uint64_t snapshot_version_;  // writer thread only
   std::uint64_t bytes_since_snapshot_ = 0;
+  std::vector<std::pair<std::string, std::string>> unwritten_;  // writer thread, then close
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
@@ -110,6 +118,7 @@ class journal {
   std::uint64_t durable_ ABSL_GUARDED_BY(mu_);
   absl::Status failed_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::pair<std::string, std::string>> described_ ABSL_GUARDED_BY(mu_);
   std::thread writer_;
 };
 

@@ -7,6 +7,7 @@
 #include <charconv>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/status.hpp"
@@ -213,7 +214,8 @@ absl::Status replay(node_ptr& root, const std::string& writes, std::uint64_t ver
 
 // Loads the newest snapshot and replays every record after it, checking checksums, integrity
 // and that versions are consecutive.
-absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node_ptr& root) {
+absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node_ptr& root,
+                  std::uint64_t until) {
   {
     statement check;
     POP_RETURN_IF_ERROR(prepare(db, path, "PRAGMA quick_check", check));
@@ -254,9 +256,10 @@ absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node
   statement rows;
   POP_RETURN_IF_ERROR(prepare(db, path,
                               "SELECT version, at_us, process, writes, messages, checksum FROM "
-                              "pop_commits WHERE version > ? ORDER BY version",
+                              "pop_commits WHERE version > ? AND version <= ? ORDER BY version",
                               rows));
   sqlite3_bind_int64(rows.s, 1, static_cast<std::int64_t>(info.snapshot_version));
+  sqlite3_bind_int64(rows.s, 2, static_cast<std::int64_t>(std::min<std::uint64_t>(until, INT64_MAX)));
   std::uint64_t expected = info.snapshot_version + 1;
   int rc;
   while ((rc = sqlite3_step(rows.s)) == SQLITE_ROW) {
@@ -313,48 +316,109 @@ absl::Status insert_snapshot(sqlite3* db, const std::string& path, std::uint64_t
 
 }  // namespace detail
 
-absl::StatusOr<journal_info> verify_journal(const std::string& path) {
-  if (!detail::file_exists(path)) {
+namespace detail {
+
+absl::Status open_read_only(const std::string& path, connection& c, journal_info& info) {
+  if (!file_exists(path)) {
     return absl::NotFoundError(absl::StrCat("journal '", path, "' does not exist"));
   }
-  journal_info info;
   bool found = false;
-  const bool has_wal = detail::file_exists(path + "-wal");
-  if (!has_wal) POP_RETURN_IF_ERROR(detail::precheck_without_wal(path, info, found));
-  detail::connection c;
+  const bool has_wal = file_exists(path + "-wal");
+  if (!has_wal && file_size(path) > 0) {
+    POP_RETURN_IF_ERROR(precheck_without_wal(path, info, found));
+  }
   const std::string uri =
-      absl::StrCat("file:", detail::uri_escape(path), has_wal ? "?mode=ro" : "?immutable=1");
+      absl::StrCat("file:", uri_escape(path), has_wal ? "?mode=ro" : "?immutable=1");
   const int rc =
       sqlite3_open_v2(uri.c_str(), &c.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr);
-  if (rc != SQLITE_OK) return detail::sql_error(c.db, rc, path, "opening it to verify it");
-  POP_RETURN_IF_ERROR(detail::read_meta(c.db, path, info, found));
+  if (rc != SQLITE_OK) return sql_error(c.db, rc, path, "opening it read-only");
+  sqlite3_busy_timeout(c.db, 5000);
+  POP_RETURN_IF_ERROR(read_meta(c.db, path, info, found));
   if (!found) {
-    return absl::DataLossError(absl::StrCat("'", path, "' is not a pop journal (no metadata)"));
+    POP_RETURN_IF_ERROR(check_foreign(c.db, path));
+    return absl::FailedPreconditionError(
+        absl::StrCat("'", path, "' is not a pop journal (it has no pop metadata)"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status load_read_only(sqlite3* db, const std::string& path, journal_info& info,
+                            node_ptr& root, std::uint64_t until) {
+  // One read transaction: an engine writing a snapshot (and pruning the records before it) while
+  // this reads must not make the records look like they have a gap.
+  POP_RETURN_IF_ERROR(exec(db, path, "BEGIN"));
+  absl::Status s = load(db, path, info, root, until);
+  static_cast<void>(exec(db, path, "COMMIT"));
+  return s;
+}
+
+}  // namespace detail
+
+absl::StatusOr<journal_info> verify_journal(const std::string& path) {
+  journal_info info;
+  detail::connection c;
+  POP_RETURN_IF_ERROR(detail::open_read_only(path, c, info));
   detail::node_ptr root;
-  POP_RETURN_IF_ERROR(detail::load(c.db, path, info, root));
+  POP_RETURN_IF_ERROR(detail::load_read_only(c.db, path, info, root));
   return info;
+}
+
+absl::StatusOr<journal_state> read_journal_state(const std::string& path,
+                                                 std::optional<std::uint64_t> at) {
+  journal_state out;
+  detail::connection c;
+  POP_RETURN_IF_ERROR(detail::open_read_only(path, c, out.info));
+  detail::node_ptr root;
+  POP_RETURN_IF_ERROR(detail::load_read_only(c.db, path, out.info, root,
+                                             at.value_or(std::numeric_limits<std::uint64_t>::max())));
+  if (at && (*at < out.info.snapshot_version || *at > out.info.last_version)) {
+    return absl::NotFoundError(absl::StrCat(
+        "journal '", path, "' does not retain version ", *at, ": it holds versions ",
+        out.info.snapshot_version, " to ", out.info.last_version,
+        *at < out.info.snapshot_version ? " (older ones were folded into its snapshot)" : ""));
+  }
+  out.version = out.info.last_version;
+  out.state = detail::materialise({root.get(), nullptr});
+  if (at) {
+    // last_version is the newest read, which is `at` here; report the journal's own newest.
+    detail::connection again;
+    journal_info newest;
+    POP_RETURN_IF_ERROR(detail::open_read_only(path, again, newest));
+    POP_ASSIGN_OR_RETURN(out.info.last_version, detail::newest_version(again.db, path));
+  }
+  return out;
+}
+
+absl::StatusOr<std::map<std::string, std::map<std::string, json>, std::less<>>>
+read_journal_descriptions(const std::string& path) {
+  journal_info info;
+  detail::connection c;
+  POP_RETURN_IF_ERROR(detail::open_read_only(path, c, info));
+  detail::statement s;
+  POP_RETURN_IF_ERROR(detail::prepare(
+      c.db, path, "SELECT key, value FROM pop_meta WHERE instr(key, '/') > 0 ORDER BY key", s));
+  std::map<std::string, std::map<std::string, json>, std::less<>> out;
+  int rc;
+  while ((rc = sqlite3_step(s.s)) == SQLITE_ROW) {
+    const std::string key = detail::column_text(s.s, 0);
+    const std::size_t slash = key.find('/');
+    json value = json::parse(detail::column_text(s.s, 1), nullptr, false);
+    if (value.is_discarded()) {
+      return absl::DataLossError(
+          absl::StrCat("journal '", path, "': the description '", key, "' is not JSON"));
+    }
+    out[key.substr(0, slash)][key.substr(slash + 1)] = std::move(value);
+  }
+  if (rc != SQLITE_DONE) return detail::sql_error(c.db, rc, path, "reading its descriptions");
+  return out;
 }
 
 absl::StatusOr<std::vector<journal_record_info>> read_journal(const std::string& path,
                                                               std::uint64_t from_version,
                                                               std::size_t limit) {
-  if (!detail::file_exists(path)) {
-    return absl::NotFoundError(absl::StrCat("journal '", path, "' does not exist"));
-  }
-  detail::connection c;
-  const bool has_wal = detail::file_exists(path + "-wal");
-  const std::string uri =
-      absl::StrCat("file:", detail::uri_escape(path), has_wal ? "?mode=ro" : "?immutable=1");
-  const int rc =
-      sqlite3_open_v2(uri.c_str(), &c.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr);
-  if (rc != SQLITE_OK) return detail::sql_error(c.db, rc, path, "opening it to read it");
   journal_info info;
-  bool found = false;
-  POP_RETURN_IF_ERROR(detail::read_meta(c.db, path, info, found));
-  if (!found) {
-    return absl::DataLossError(absl::StrCat("'", path, "' is not a pop journal (no metadata)"));
-  }
+  detail::connection c;
+  POP_RETURN_IF_ERROR(detail::open_read_only(path, c, info));
   detail::statement rows;
   POP_RETURN_IF_ERROR(
       detail::prepare(c.db, path,

@@ -5,6 +5,7 @@
 #include <sqlite3.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -103,7 +104,17 @@ absl::Status replay(node_ptr& root, const std::string& writes, std::uint64_t ver
                     const std::string& path);
 // Loads the newest snapshot and replays every record after it, checking checksums, integrity
 // and that versions are consecutive.
-absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node_ptr& root);
+// Stops after version `until`.
+absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node_ptr& root,
+                  std::uint64_t until = std::numeric_limits<std::uint64_t>::max());
+// Opens journal `path` read-only without changing it (an engine may have it open; nothing is
+// checkpointed) and reads its metadata into `info`. kNotFound (no file), kFailedPrecondition (a
+// newer format, or not a pop journal), kDataLoss (damaged, or its write-ahead log lost).
+absl::Status open_read_only(const std::string& path, connection& c, journal_info& info);
+// load() inside one read transaction.
+absl::Status load_read_only(sqlite3* db, const std::string& path, journal_info& info,
+                            node_ptr& root,
+                            std::uint64_t until = std::numeric_limits<std::uint64_t>::max());
 // Writes metadata `key` = `value` in pop_meta.
 absl::Status set_meta(sqlite3* db, const std::string& path, const char* key,
                       const std::string& value);

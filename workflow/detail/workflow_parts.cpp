@@ -114,4 +114,100 @@ json new_record(std::string_view workflow, const std::string& definition_version
   return rec;
 }
 
+absl::Status cancel_instance(instance_txn& t, const std::string& reason) {
+  const std::string status = t.status();
+  if (instance_txn::status_is_final(status)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("workflow instance '", t.id(), "' has already ended (", status, ")"));
+  }
+  t.history(t.cursor(), "cancelled");
+  t.rec().erase("stuck");
+  // A child it is waiting for is cancelled with it (it compensates on its own).
+  if (t.rec().contains("child")) {
+    instance_txn child(t.opts(), t.ctx(), t.out(), t.rec()["child"], t.now());
+    if (child.load() && !instance_txn::status_is_final(child.status()) &&
+        child.status() != "compensating") {
+      child.history(child.cursor(), "parent cancelled");
+      child.rec().erase("stuck");
+      child.fail_path(absl::StrCat("its parent '", t.id(), "' was cancelled"));
+      child.save();
+    }
+  }
+  t.fail_path(reason);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, const json& args) {
+  result out;
+  instance_txn t(o, ctx, out, args.at("id").get<std::string>(), args.at("now").get<std::int64_t>());
+  if (!t.load()) return absl::NotFoundError(absl::StrCat("no workflow instance '", t.id(), "'"));
+  const std::string action = args.at("action").get<std::string>();
+  const std::string status = t.status();
+  const auto refuse = [&](const char* wanted) {
+    return absl::FailedPreconditionError(absl::StrCat("workflow instance '", t.id(), "' is ",
+                                                      status.empty() ? "without status" : status,
+                                                      "; ", action, " needs it ", wanted));
+  };
+  if (action == "park") {
+    // Only from the status the caller saw: a concurrent step or operator action wins.
+    if (status != args.at("expect").get<std::string>() || status == "stuck" ||
+        instance_txn::status_is_final(status)) {
+      return out;
+    }
+    const std::string reason = args.at("reason").get<std::string>();
+    t.rec()["stuck"] = {{"status", status}, {"reason", reason}, {"at_us", t.now()}};
+    t.history(t.cursor(), absl::StrCat("stuck: ", reason));
+    t.set_status("stuck");
+    t.refresh_timer();
+  } else if (action == "resume") {
+    if (status != "stuck") return refuse("stuck");
+    if (!t.rec()["stuck"].value("resumable", true)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("workflow instance '", t.id(), "' cannot be resumed: ",
+                       t.rec()["stuck"].value("reason", "")));
+    }
+    const std::string before = t.rec()["stuck"].value("status", "running");
+    t.rec().erase("stuck");
+    t.history(t.cursor(), "resumed by an operator");
+    t.set_status(before);
+    t.refresh_timer();
+  } else if (action == "restart") {
+    if (status != "stuck" && status != "failed" && status != "compensated") {
+      return refuse("stuck, failed or compensated");
+    }
+    const std::string step = args.at("step").get<std::string>();
+    t.clear_wait();
+    for (const char* field : {"stuck", "child", "parent_step_of_child"}) t.rec().erase(field);
+    t.rec()["error"] = "";
+    t.rec()["visits"] = json::object();
+    t.history(step, absl::StrCat("restarted here by an operator (was ", status, ")"));
+    t.go(step);
+    t.refresh_timer();
+  } else if (action == "cancel") {
+    if (status == "compensating") return out;  // already on its failure path
+    POP_RETURN_IF_ERROR(cancel_instance(t, args.value("reason", "cancelled")));
+    // Its parent waits for it, and moving the parent on needs the parent's definition, which this
+    // action does not have: the parent is parked for an operator to decide.
+    if (t.ended() && t.rec().contains("parent")) {
+      instance_txn parent(o, ctx, out, t.rec()["parent"], t.now());
+      if (parent.load() && parent.status() == "waiting" &&
+          parent.rec().value("child", "") == t.id()) {
+        const std::string reason =
+            absl::StrCat("its child '", t.id(), "' was cancelled by an operator (", t.status(),
+                         "); restart it from a step or cancel it");
+        parent.rec()["stuck"] = {
+            {"status", "waiting"}, {"reason", reason}, {"at_us", t.now()}, {"resumable", false}};
+        parent.history(parent.cursor(), absl::StrCat("stuck: ", reason));
+        parent.set_status("stuck");
+        parent.refresh_timer();
+        parent.save();
+      }
+    }
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));
+  }
+  t.save();
+  return out;
+}
+
 }  // namespace pop::detail

@@ -103,7 +103,7 @@ class instance_txn {
       const std::int64_t d = rec_.value(f, std::int64_t{0});
       if (d > 0 && (due == 0 || d < due)) due = d;
     }
-    const bool ended = status_is_final(status());
+    const bool ended = status_is_final(status()) || status() == "stuck";
     if (due > 0 && !ended) {
       out_.set(index_path("timers", id_), due);
     } else {
@@ -175,6 +175,15 @@ class instance_txn {
   json rec_;
   bool ended_ = false;
 };
+
+// Cancels `t`'s instance (loaded): a child it waits for is cancelled with it, then it takes the
+// failure path with `reason`. kFailedPrecondition if it has ended.
+absl::Status cancel_instance(instance_txn& t, const std::string& reason);
+
+// The operator process (workflow_operate_process): args {"id", "action", "now", ...}; actions
+// "park" ("expect": the status seen, "reason"), "resume", "restart" ("step") and "cancel"
+// ("reason"). Works on the record alone, without the definition.
+absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, const json& args);
 
 }  // namespace pop::detail
 
