@@ -63,6 +63,29 @@ workflow_instance workflow_instance::from_record(std::string_view id, json rec) 
   if (const auto st = rec.find("stuck"); st != rec.end() && st->is_object()) {
     w.stuck_reason = st->value("reason", "");
   }
+  const auto text = [&](const char* field) {
+    const auto it = rec.find(field);
+    return it != rec.end() && it->is_string() ? it->get<std::string>() : std::string();
+  };
+  const auto number = [&](const json& j, const char* field) {
+    const auto it = j.find(field);
+    return it != j.end() && it->is_number_integer() ? it->get<std::int64_t>() : std::int64_t{0};
+  };
+  w.parent = text("parent");
+  w.child = text("child");
+  w.wait_key = text("wait_key");
+  w.wait_deadline_us = number(rec, "wait_deadline_us");
+  w.deadline_us = number(rec, "deadline_us");
+  w.started_at_us = number(rec, "started_at_us");
+  w.updated_at_us = w.started_at_us;
+  if (w.history.is_array()) {
+    for (const json& h : w.history) {
+      if (!h.is_object()) continue;
+      workflow_instance::event e{h.value("step", ""), h.value("outcome", ""), number(h, "at_us")};
+      w.updated_at_us = std::max(w.updated_at_us, e.at_us);
+      w.events.push_back(std::move(e));
+    }
+  }
   w.raw = std::move(rec);
   return w;
 }
