@@ -4,7 +4,7 @@
 set -euo pipefail
 packages=(cmake ninja-build g++ pkg-config ccache clang-format libboost1.81-dev nlohmann-json3-dev
   libabsl-dev catch2 librapidcheck-dev libbenchmark-dev libsqlite3-dev sqlite3 nats-server
-  libnats-dev libcli11-dev libfmt-dev "$@")
+  libnats-dev libcli11-dev libfmt-dev graphviz "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -634,3 +634,106 @@ TEST_CASE("definitions round-trip through JSON and load from files", "[workflow]
   pop::test::write_bytes(file, "{not json");
   CHECK(absl::StrContains(wf.define_from_file(file).message(), file));
 }
+
+TEST_CASE("an instance whose workflow this program lacks is parked stuck; the runner goes on",
+          "[workflow][stuck]") {
+  pop::test::temp_dir dir;
+  const std::string file = dir.file("flows.db");
+  const json other = {{"name", "other"},
+                      {"start", "check"},
+                      {"steps",
+                       {{"check",
+                         {{"branch", {{{"path", "domain.count"}, {"op", "exists"}, {"next", "done"}}}},
+                          {"next", "done"}}},
+                        {"done", {{"end", true}}}}}};
+  // A program that runs both workflows starts one instance of each, then stops.
+  const auto program = [&](bool with_linear) {
+    auto e = pop::test::must(pop::engine::open({.journal = file}));
+    auto wf = pop::test::must(pop::workflows::create(*e));
+    register_steps(*wf);
+    if (with_linear) REQUIRE(wf->define(parse(linear)).ok());
+    REQUIRE(wf->define(parse(other)).ok());
+    return std::pair{std::move(e), std::move(wf)};
+  };
+  {
+    auto [e, wf] = program(true);
+    REQUIRE(wf->start("linear", "lost", {{"tag", "x"}}).ok());
+    REQUIRE(wf->start("other", "fine").ok());
+  }
+  {
+    // The next deploy lost the definition of "linear".
+    auto [e, wf] = program(false);
+    pop::workflow_runner runner(*e, *wf);
+    boost::asio::io_context io;
+    absl::Status done = absl::UnknownError("not run");
+    boost::asio::co_spawn(io, runner.settle(),
+                          [&](std::exception_ptr, absl::Status s) { done = s; });
+    io.run();
+    INFO(done);
+    REQUIRE(done.ok());  // not FAILED_PRECONDITION: the instance it cannot run did not stop it
+    CHECK(wf->inspect("fine").value().status == "completed");
+    const pop::workflow_instance stuck = wf->inspect("lost").value();
+    CHECK(stuck.status == "stuck");
+    CHECK(stuck.cursor == "a");
+    CHECK(stuck.stuck_reason.find("'linear'") != std::string::npos);
+    CHECK(stuck.stuck_reason.find("not defined in this program") != std::string::npos);
+    CHECK(wf->list("stuck").size() == 1);
+    CHECK(wf->runnable().empty());
+    CHECK(!wf->advance("lost").value());  // parked: nothing moves it but an operator
+    CHECK(wf->resume("fine").status().code() == absl::StatusCode::kFailedPrecondition);
+  }
+  {
+    // The definition is back, but a parked instance stays parked until an operator resumes it.
+    auto [e, wf] = program(true);
+    CHECK(wf->runnable().empty());
+    REQUIRE(wf->resume("lost").ok());
+    CHECK(wf->inspect("lost").value().status == "running");
+    CHECK(run_all(*wf) == 3);
+    const pop::workflow_instance w = wf->inspect("lost").value();
+    CHECK(w.status == "completed");
+    CHECK(w.events.back().outcome == "completed");
+    CHECK(state(*e, "domain.log") == json::array({"x", "x"}));
+  }
+}
+
+TEST_CASE("an operator restarts a failed instance from a step, and cancels a stuck one",
+          "[workflow][stuck]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse({{"name", "flaky"},
+                           {"start", "a"},
+                           {"steps",
+                            {{"a", {{"process", "append"}, {"next", "b"}}},
+                             {"b", {{"process", "fail_now"}, {"next", "done"}}},
+                             {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(wf.start("flaky", "f", {{"tag", "x"}}).ok());
+  run_all(wf);
+  REQUIRE(wf.inspect("f").value().status == "failed");
+  CHECK(wf.restart_from("f", "nowhere").status().code() == absl::StatusCode::kNotFound);
+  CHECK(wf.inspect("f").value().status == "failed");  // unchanged by the refused call
+  REQUIRE(wf.restart_from("f", "a").ok());
+  pop::workflow_instance w = wf.inspect("f").value();
+  CHECK(w.status == "running");
+  CHECK(w.cursor == "a");
+  CHECK(w.error.empty());
+  CHECK(w.events.back().outcome.find("restarted here by an operator") != std::string::npos);
+  run_all(wf);  // a runs again (its loop count was reset), b fails again
+  CHECK(wf.inspect("f").value().status == "failed");
+  CHECK(state(e, "domain.log") == json::array({"x", "x"}));
+  // Restarting a running instance is refused: it would lose its place.
+  REQUIRE(wf.start("flaky", "g", {{"tag", "y"}}).ok());
+  CHECK(wf.restart_from("g", "b").status().code() == absl::StatusCode::kFailedPrecondition);
+
+  // A stuck instance can be cancelled without its definition.
+  auto bare_owner = pop::test::must(pop::workflows::create(e));
+  REQUIRE(bare_owner->advance("g").value());  // parks it: `bare` defines nothing
+  REQUIRE(wf.inspect("g").value().status == "stuck");
+  REQUIRE(bare_owner->cancel("g", "operator gave up").ok());
+  w = wf.inspect("g").value();
+  CHECK(w.status == "failed");
+  CHECK(w.error == "operator gave up");
+  CHECK(bare_owner->cancel("g").code() == absl::StatusCode::kFailedPrecondition);
+}

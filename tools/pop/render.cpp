@@ -168,6 +168,8 @@ std::string workflow_graph(const workflow_definition& def) {
       shape = "octagon";
       fill = "#f8d0d0";
       label += "\nfail: " + s.fail;
+      failure_path = true;
+      edge(s.name, "(failure path)", "", ", style=dashed, color=\"#c0392b\"");
     } else if (s.end) {
       shape = "doublecircle";
       fill = "#d0f0d0";
