@@ -157,9 +157,9 @@ absl::Status engine::register_process(process_spec spec, process_fn fn) {
 absl::Status engine::describe(std::string_view kind, std::string_view name, const json& what) {
   for (const auto& [field, text] : {std::pair{"kind", kind}, std::pair{"name", name}}) {
     if (text.empty() || text.size() > 200 || text.find('/') != std::string_view::npos) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "engine::describe: the ", field, " '", detail::to_absl(text),
-          "' must be 1 to 200 characters without '/'"));
+      return absl::InvalidArgumentError(absl::StrCat("engine::describe: the ", field, " '",
+                                                     detail::to_absl(text),
+                                                     "' must be 1 to 200 characters without '/'"));
     }
   }
   std::string text;
@@ -170,7 +170,9 @@ absl::Status engine::describe(std::string_view kind, std::string_view name, cons
                                                    " '", detail::to_absl(name),
                                                    "': not storable JSON: ", e.what()));
   }
-  if (journal_) journal_->describe(absl::StrCat(detail::to_absl(kind), "/", detail::to_absl(name)), std::move(text));
+  if (journal_)
+    journal_->describe(absl::StrCat(detail::to_absl(kind), "/", detail::to_absl(name)),
+                       std::move(text));
   return absl::OkStatus();
 }
 

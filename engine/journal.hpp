@@ -79,8 +79,8 @@ read_journal_descriptions(const std::string& path);
 // Checks the journal at `path` without changing it (and without taking it from an engine that
 // has it open): SQLite integrity, format version, every record's checksum, no gap in versions,
 // and that a journal left open by a crash still has its write-ahead log. Returns what it found,
-// or kNotFound (no such file), kFailedPrecondition (a newer format, or a file that is not a pop journal), kDataLoss (damage, naming
-// what and where).
+// or kNotFound (no such file), kFailedPrecondition (a newer format, or a file that is not a pop
+// journal), kDataLoss (damage, naming what and where).
 [[nodiscard]] absl::StatusOr<journal_info> verify_journal(const std::string& path);
 
 }  // namespace pop

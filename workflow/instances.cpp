@@ -117,8 +117,7 @@ std::vector<workflow_instance> workflows::list(std::string_view status) const {
   return out;
 }
 
-absl::StatusOr<commit> workflows::operate(std::string_view id, std::string_view action,
-                                          json args) {
+absl::StatusOr<commit> workflows::operate(std::string_view id, std::string_view action, json args) {
   args["id"] = id;
   args["action"] = action;
   args["now"] = engine_.clock().now_us();
@@ -131,8 +130,8 @@ absl::StatusOr<commit> workflows::operate(std::string_view id, std::string_view 
 }
 
 absl::StatusOr<bool> workflows::park(const workflow_instance& w, std::string reason) {
-  POP_ASSIGN_OR_RETURN(const commit c,
-                       operate(w.id, "park", {{"expect", w.status}, {"reason", std::move(reason)}}));
+  POP_ASSIGN_OR_RETURN(
+      const commit c, operate(w.id, "park", {{"expect", w.status}, {"reason", std::move(reason)}}));
   return c.changed;
 }
 
@@ -157,8 +156,7 @@ absl::StatusOr<std::uint64_t> workflows::resume(std::string_view id) {
 
 absl::StatusOr<std::uint64_t> workflows::restart_from(std::string_view id, std::string_view step) {
   POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id));
-  if (const std::shared_ptr<const defined> d = find_definition(w.workflow);
-      d && !d->step(step)) {
+  if (const std::shared_ptr<const defined> d = find_definition(w.workflow); d && !d->step(step)) {
     return absl::NotFoundError(absl::StrCat("workflow instance '", detail::to_absl(id),
                                             "': workflow '", w.workflow, "' has no step '",
                                             detail::to_absl(step), "'"));
@@ -268,10 +266,10 @@ absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& ne
     absl::StatusOr<workflow_instance> w = inspect(id);
     if (!w.ok()) continue;
     if (!find_definition(w->workflow)) {
-      POP_ASSIGN_OR_RETURN(const bool parked,
-                           park(*w, absl::StrCat("its workflow '", w->workflow,
-                                                 "' (definition version ", w->definition_version,
-                                                 ") is not defined in this program")));
+      POP_ASSIGN_OR_RETURN(
+          const bool parked,
+          park(*w, absl::StrCat("its workflow '", w->workflow, "' (definition version ",
+                                w->definition_version, ") is not defined in this program")));
       if (parked) ++moved;
       continue;
     }

@@ -29,10 +29,12 @@ absl::StatusOr<std::unique_ptr<workflows>> workflows::create(engine& e, workflow
     const std::vector<std::string> owned = {opts.instances, opts.index};
     POP_RETURN_IF_ERROR(e.register_process(
         {.name = std::string(workflow_operate_process), .inputs = owned, .outputs = owned},
-        [o = opts](const context& ctx, const json& args) { return detail::operate(o, ctx, args); }));
+        [o = opts](const context& ctx, const json& args) {
+          return detail::operate(o, ctx, args);
+        }));
   }
-  POP_RETURN_IF_ERROR(
-      e.describe("workflows", opts.instances, {{"instances", opts.instances}, {"index", opts.index}}));
+  POP_RETURN_IF_ERROR(e.describe("workflows", opts.instances,
+                                 {{"instances", opts.instances}, {"index", opts.index}}));
   return w;
 }
 

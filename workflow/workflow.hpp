@@ -81,10 +81,10 @@ struct workflow_instance {
   json received{};  // topic -> payload of the messages its wait steps received
   json history{};   // [{"step", "outcome", "at_us"}, ...]
   std::string error{};
-  std::string stuck_reason{};       // why it is stuck (status "stuck")
-  std::string parent{};             // the instance that called it as a child, if any
-  std::string child{};              // the child it waits for (status "waiting" at a call step)
-  std::string wait_key{};           // the message key its wait step waits for, if waiting
+  std::string stuck_reason{};         // why it is stuck (status "stuck")
+  std::string parent{};               // the instance that called it as a child, if any
+  std::string child{};                // the child it waits for (status "waiting" at a call step)
+  std::string wait_key{};             // the message key its wait step waits for, if waiting
   std::int64_t wait_deadline_us = 0;  // when its wait times out (0: never or not waiting)
   std::int64_t deadline_us = 0;       // when the instance times out (0: never)
   std::int64_t started_at_us = 0;

@@ -259,7 +259,8 @@ absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node
                               "pop_commits WHERE version > ? AND version <= ? ORDER BY version",
                               rows));
   sqlite3_bind_int64(rows.s, 1, static_cast<std::int64_t>(info.snapshot_version));
-  sqlite3_bind_int64(rows.s, 2, static_cast<std::int64_t>(std::min<std::uint64_t>(until, INT64_MAX)));
+  sqlite3_bind_int64(rows.s, 2,
+                     static_cast<std::int64_t>(std::min<std::uint64_t>(until, INT64_MAX)));
   std::uint64_t expected = info.snapshot_version + 1;
   int rc;
   while ((rc = sqlite3_step(rows.s)) == SQLITE_ROW) {
@@ -369,8 +370,8 @@ absl::StatusOr<journal_state> read_journal_state(const std::string& path,
   detail::connection c;
   POP_RETURN_IF_ERROR(detail::open_read_only(path, c, out.info));
   detail::node_ptr root;
-  POP_RETURN_IF_ERROR(detail::load_read_only(c.db, path, out.info, root,
-                                             at.value_or(std::numeric_limits<std::uint64_t>::max())));
+  POP_RETURN_IF_ERROR(detail::load_read_only(
+      c.db, path, out.info, root, at.value_or(std::numeric_limits<std::uint64_t>::max())));
   if (at && (*at < out.info.snapshot_version || *at > out.info.last_version)) {
     return absl::NotFoundError(absl::StrCat(
         "journal '", path, "' does not retain version ", *at, ": it holds versions ",

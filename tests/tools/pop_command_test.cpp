@@ -47,7 +47,8 @@ ran pop_command(const std::vector<std::string>& args) {
   ran r{WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, pop::test::file_bytes(out),
         pop::test::file_bytes(err)};
   UNSCOPED_INFO("pop " << command << "\nexit " << r.code << "\nstdout:\n"
-                       << r.out << "\nstderr:\n" << r.err);
+                       << r.out << "\nstderr:\n"
+                       << r.err);
   return r;
 }
 
@@ -61,11 +62,10 @@ json pop_json(std::vector<std::string> args) {
 }
 
 // The "flow" workflow: a process step that places an order, then the end.
-const json flow_definition = {{"name", "flow"},
-                              {"start", "place"},
-                              {"steps",
-                               {{"place", {{"process", "place"}, {"next", "done"}}},
-                                {"done", {{"end", true}}}}}};
+const json flow_definition = {
+    {"name", "flow"},
+    {"start", "place"},
+    {"steps", {{"place", {{"process", "place"}, {"next", "done"}}}, {"done", {{"end", true}}}}}};
 
 void register_place(pop::engine& e) {
   REQUIRE(e.register_process({.name = "order",
@@ -86,16 +86,16 @@ void register_place(pop::engine& e) {
 
 std::unique_ptr<pop::workflows> flows_on(pop::engine& e, bool with_definition) {
   auto wf = must(pop::workflows::create(e));
-  REQUIRE(wf->register_process({.name = "place", .outputs = {"domain.placed"}},
-                               [](const pop::context&, const json& args) {
-                                 pop::result r;
-                                 r.set("domain.placed." + args.at("_instance").get<std::string>(),
-                                       true);
-                                 return r;
-                               })
-              .ok());
+  REQUIRE(
+      wf->register_process({.name = "place", .outputs = {"domain.placed"}}, [](const pop::context&,
+                                                                               const json& args) {
+          pop::result r;
+          r.set("domain.placed." + args.at("_instance").get<std::string>(), true);
+          return r;
+        }).ok());
   if (with_definition) {
-    absl::StatusOr<pop::workflow_definition> d = pop::workflow_definition::from_json(flow_definition);
+    absl::StatusOr<pop::workflow_definition> d =
+        pop::workflow_definition::from_json(flow_definition);
     REQUIRE(d.ok());
     REQUIRE(wf->define(*d).ok());
   }
@@ -162,9 +162,10 @@ bool contains(const std::string& text, const std::string& part) {
 
 }  // namespace
 
-TEST_CASE("the read-only commands show state, outbox, dead letters, workflows and history, and "
-          "leave the file as it was",
-          "[pop_command]") {
+TEST_CASE(
+    "the read-only commands show state, outbox, dead letters, workflows and history, and "
+    "leave the file as it was",
+    "[pop_command]") {
   pop::test::temp_dir dir;
   const std::string file = dir.file("shop.db");
   const written w = write_journal(file);
@@ -181,8 +182,8 @@ TEST_CASE("the read-only commands show state, outbox, dead letters, workflows an
   CHECK(pop_json({"state", file, "domain.stock"})["value"] == 89);
 
   // diff between the two versions around order "late"
-  j = pop_json({"diff", file, std::to_string(w.before_late), std::to_string(w.before_late + 1),
-                "domain"});
+  j = pop_json(
+      {"diff", file, std::to_string(w.before_late), std::to_string(w.before_late + 1), "domain"});
   bool stock_changed = false;
   bool order_added = false;
   for (const json& c : j["changes"]) {

@@ -639,13 +639,14 @@ TEST_CASE("an instance whose workflow this program lacks is parked stuck; the ru
           "[workflow][stuck]") {
   pop::test::temp_dir dir;
   const std::string file = dir.file("flows.db");
-  const json other = {{"name", "other"},
-                      {"start", "check"},
-                      {"steps",
-                       {{"check",
-                         {{"branch", {{{"path", "domain.count"}, {"op", "exists"}, {"next", "done"}}}},
-                          {"next", "done"}}},
-                        {"done", {{"end", true}}}}}};
+  const json other = {
+      {"name", "other"},
+      {"start", "check"},
+      {"steps",
+       {{"check",
+         {{"branch", {{{"path", "domain.count"}, {"op", "exists"}, {"next", "done"}}}},
+          {"next", "done"}}},
+        {"done", {{"end", true}}}}}};
   // A program that runs both workflows starts one instance of each, then stops.
   const auto program = [&](bool with_linear) {
     auto e = pop::test::must(pop::engine::open({.journal = file}));

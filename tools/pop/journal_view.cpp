@@ -111,9 +111,8 @@ absl::StatusOr<workflow_definition> journal_view::definition(std::string_view na
   }
   const json& d = it->second;
   if (!d.is_object() || !d.contains("definition")) {
-    return absl::DataLossError(
-        absl::StrCat("journal '", file_, "': the description of workflow '", to_absl(name),
-                     "' has no definition"));
+    return absl::DataLossError(absl::StrCat("journal '", file_, "': the description of workflow '",
+                                            to_absl(name), "' has no definition"));
   }
   absl::StatusOr<workflow_definition> def = workflow_definition::from_json(d["definition"]);
   if (!def.ok()) {

@@ -145,7 +145,9 @@ absl::StatusOr<std::string> cmd_diff(const diff_args& a) {
     json list = json::array();
     for (const state_change& ch : changes) {
       json one = {{"path", ch.path},
-                  {"op", !ch.before ? "added" : !ch.after ? "removed" : "changed"}};
+                  {"op", !ch.before  ? "added"
+                         : !ch.after ? "removed"
+                                     : "changed"}};
       if (ch.before) one["before"] = *ch.before;
       if (ch.after) one["after"] = *ch.after;
       list.push_back(std::move(one));
@@ -194,12 +196,8 @@ absl::StatusOr<std::string> cmd_outbox(const outbox_args& a) {
       one["age_us"] = now - m->created_at_us;
       list.push_back(std::move(one));
     }
-    return json{{"journal", a.journal},
-                {"version", v.version()},
-                {"outbox_path", v.outbox_path()},
-                {"pending", all.size()},
-                {"matching", matching},
-                {"messages", list}}
+    return json{{"journal", a.journal},  {"version", v.version()}, {"outbox_path", v.outbox_path()},
+                {"pending", all.size()}, {"matching", matching},   {"messages", list}}
                .dump(2) +
            "\n";
   }
@@ -361,20 +359,20 @@ absl::StatusOr<std::string> cmd_workflow_action(const workflow_args& a, const jo
   if (!a.restart_from.empty()) {
     // The program is not running, so its definition is known only from the journal.
     if (absl::StatusOr<workflow_definition> def = v.definition(w.workflow); def.ok()) {
-      const bool known = std::any_of(def->steps.begin(), def->steps.end(),
-                                     [&](const workflow_step& s) { return s.name == a.restart_from; });
+      const bool known =
+          std::any_of(def->steps.begin(), def->steps.end(),
+                      [&](const workflow_step& s) { return s.name == a.restart_from; });
       if (!known) {
         std::vector<std::string> names;
         for (const workflow_step& s : def->steps) names.push_back(s.name);
         return absl::NotFoundError(absl::StrCat("workflow '", w.workflow, "' has no step '",
-                                                a.restart_from, "'; its steps: ",
-                                                absl::StrJoin(names, ", ")));
+                                                a.restart_from,
+                                                "'; its steps: ", absl::StrJoin(names, ", ")));
       }
     }
   }
   POP_ASSIGN_OR_RETURN(std::unique_ptr<engine> e, repair_engine(v));
-  POP_ASSIGN_OR_RETURN(std::unique_ptr<workflows> flows,
-                       workflows::create(*e, v.workflow_paths()));
+  POP_ASSIGN_OR_RETURN(std::unique_ptr<workflows> flows, workflows::create(*e, v.workflow_paths()));
   std::string done;
   if (a.cancel) {
     POP_RETURN_IF_ERROR(flows->cancel(a.id, a.reason));
@@ -461,7 +459,8 @@ absl::StatusOr<std::string> cmd_workflow(const workflow_args& a) {
   if (!children.empty()) out += fmt::format("children   {}\n", absl::StrJoin(children, ", "));
   out += fmt::format("inputs     {}\n\nhistory\n", w.inputs.dump());
   text_table t({"AT", "STEP", "OUTCOME"}, 100);
-  for (const workflow_instance::event& e : w.events) t.add({format_time(e.at_us), e.step, e.outcome});
+  for (const workflow_instance::event& e : w.events)
+    t.add({format_time(e.at_us), e.step, e.outcome});
   return out + t.str();
 }
 
@@ -474,8 +473,9 @@ struct audit_args : common_args {
 };
 
 absl::StatusOr<std::string> cmd_audit(const audit_args& a) {
-  POP_ASSIGN_OR_RETURN(std::vector<journal_record_info> records,
-                       read_journal(a.journal, a.since, a.process.empty() ? a.limit : 1'000'000'000));
+  POP_ASSIGN_OR_RETURN(
+      std::vector<journal_record_info> records,
+      read_journal(a.journal, a.since, a.process.empty() ? a.limit : 1'000'000'000));
   std::vector<const journal_record_info*> shown;
   for (const journal_record_info& r : records) {
     if (!a.process.empty() && r.process != a.process) continue;
@@ -497,9 +497,10 @@ absl::StatusOr<std::string> cmd_audit(const audit_args& a) {
     t.add({std::to_string(r->version), format_time(r->at_us), r->process,
            std::to_string(r->message_ids.size()), absl::StrJoin(r->writes, " ")});
   }
-  return fmt::format("{}# {} record{} shown (records older than the newest snapshot are folded "
-                     "into it)\n",
-                     t.str(), shown.size(), shown.size() == 1 ? "" : "s");
+  return fmt::format(
+      "{}# {} record{} shown (records older than the newest snapshot are folded "
+      "into it)\n",
+      t.str(), shown.size(), shown.size() == 1 ? "" : "s");
 }
 
 absl::StatusOr<std::string> cmd_verify(const common_args& a) {
@@ -568,18 +569,16 @@ absl::StatusOr<std::string> cmd_metrics(const common_args& a) {
   }
   std::string out;
   const auto gauge = [&](const char* name, const char* help, double value) {
-    out += fmt::format("# HELP pop_{} {}\n# TYPE pop_{} gauge\npop_{} {}\n", name, help, name,
-                       name, value);
+    out += fmt::format("# HELP pop_{} {}\n# TYPE pop_{} gauge\npop_{} {}\n", name, help, name, name,
+                       value);
   };
-  gauge("journal_version", "The newest version in the journal.",
-        static_cast<double>(v.version()));
+  gauge("journal_version", "The newest version in the journal.", static_cast<double>(v.version()));
   gauge("outbox_pending", "Messages in the outbox.", static_cast<double>(messages.size()));
   gauge("outbox_retrying", "Pending messages with at least one failed attempt.",
         static_cast<double>(retrying));
   gauge("outbox_oldest_pending_age_seconds", "Age of the oldest pending message.", oldest);
   gauge("dead_letters", "Messages at the dead-letter path.", static_cast<double>(letters.size()));
-  gauge("workflow_stuck", "Workflow instances parked for an operator.",
-        static_cast<double>(stuck));
+  gauge("workflow_stuck", "Workflow instances parked for an operator.", static_cast<double>(stuck));
   out +=
       "# HELP pop_workflow_instances Workflow instances per workflow and status.\n"
       "# TYPE pop_workflow_instances gauge\n";
@@ -601,8 +600,8 @@ absl::Status render_with_dot(const std::string& dot_text, const std::string& fil
   const std::size_t dot_at = file.rfind('.');
   const std::string ext = dot_at == std::string::npos ? "" : file.substr(dot_at + 1);
   if (ext != "svg" && ext != "png" && ext != "pdf") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "pop graph: cannot tell the format of '", file, "': name it .dot, .svg, .png or .pdf"));
+    return absl::InvalidArgumentError(absl::StrCat("pop graph: cannot tell the format of '", file,
+                                                   "': name it .dot, .svg, .png or .pdf"));
   }
   std::string quoted = "'";
   for (const char c : file) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
@@ -662,11 +661,12 @@ absl::StatusOr<std::string> cmd_graph(const graph_args& a) {
 
 int main(int argc, char** argv) {
   using namespace pop::detail;
-  CLI::App app{"pop: inspect and repair a pop journal from outside the program that owns it.\n"
-               "Read-only commands never change the file and work while the program runs;\n"
-               "repair commands (requeue, discard, workflow --cancel/--resume/--restart-from)\n"
-               "are journaled commits, refused while a running engine holds the journal.",
-               "pop"};
+  CLI::App app{
+      "pop: inspect and repair a pop journal from outside the program that owns it.\n"
+      "Read-only commands never change the file and work while the program runs;\n"
+      "repair commands (requeue, discard, workflow --cancel/--resume/--restart-from)\n"
+      "are journaled commits, refused while a running engine holds the journal.",
+      "pop"};
   app.footer(exit_codes);
   app.require_subcommand(1);
   std::function<absl::StatusOr<std::string>()> run;
@@ -720,7 +720,8 @@ int main(int argc, char** argv) {
   c->add_option("--status", flows.status,
                 "Only this status (running, waiting, compensating, stuck, completed, failed, "
                 "compensated)");
-  c->add_option("--definition", flows.definition, "Only this workflow (name or definition version)");
+  c->add_option("--definition", flows.definition,
+                "Only this workflow (name or definition version)");
   c->callback([&] { run = [&] { return cmd_workflows(flows); }; });
 
   workflow_args flow;
@@ -760,8 +761,9 @@ int main(int argc, char** argv) {
   c->callback([&] { run = [&] { return cmd_graph(graph); }; });
 
   common_args metrics;
-  c = app.add_subcommand("metrics", "Outbox depth, oldest pending age, dead letters, workflow "
-                                    "instances per status, in the Prometheus text format");
+  c = app.add_subcommand("metrics",
+                         "Outbox depth, oldest pending age, dead letters, workflow "
+                         "instances per status, in the Prometheus text format");
   add_common(*c, metrics);
   c->callback([&] { run = [&] { return cmd_metrics(metrics); }; });
 

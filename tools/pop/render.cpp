@@ -100,8 +100,9 @@ std::string process_graph(const std::map<std::string, json>& processes) {
   std::set<std::string> topics;
   std::string edges;
   for (const auto& [name, d] : processes) {
-    out += fmt::format("  {} [label={}, shape=box, style=\"rounded,filled\", fillcolor=\"#dbe9ff\"];\n",
-                       dot_id("process:" + name), dot_id(name));
+    out += fmt::format(
+        "  {} [label={}, shape=box, style=\"rounded,filled\", fillcolor=\"#dbe9ff\"];\n",
+        dot_id("process:" + name), dot_id(name));
     for (const std::string& p : strings(d, "inputs")) {
       paths.insert(p);
       edges += fmt::format("  {} -> {} [color=\"#666666\", label=\"reads\"];\n",
@@ -142,8 +143,8 @@ std::string workflow_graph(const workflow_definition& def) {
   const auto edge = [&](const std::string& from, const std::string& to, const std::string& label,
                         const char* style) {
     if (to.empty()) return;
-    out += fmt::format("  {} -> {} [label={}{}];\n", dot_id(from), dot_id(to), dot_id(label),
-                       style);
+    out +=
+        fmt::format("  {} -> {} [label={}{}];\n", dot_id(from), dot_id(to), dot_id(label), style);
   };
   bool failure_path = false;
   for (const workflow_step& s : def.steps) {

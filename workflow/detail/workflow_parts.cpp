@@ -163,8 +163,8 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     if (status != "stuck") return refuse("stuck");
     if (!t.rec()["stuck"].value("resumable", true)) {
       return absl::FailedPreconditionError(
-          absl::StrCat("workflow instance '", t.id(), "' cannot be resumed: ",
-                       t.rec()["stuck"].value("reason", "")));
+          absl::StrCat("workflow instance '", t.id(),
+                       "' cannot be resumed: ", t.rec()["stuck"].value("reason", "")));
     }
     const std::string before = t.rec()["stuck"].value("status", "running");
     t.rec().erase("stuck");
