@@ -296,7 +296,7 @@ TEST_CASE("pop graph draws the processes and a workflow from what the programs r
   CHECK(r.code == 2);
 }
 
-TEST_CASE("a requeued dead letter is delivered by a relay; a resumed stuck workflow finishes",
+TEST_CASE("a requeued dead letter is delivered by a relay, and a resumed stuck workflow finishes",
           "[pop_command]") {
   pop::test::temp_dir dir;
   const std::string file = dir.file("shop.db");
@@ -333,7 +333,7 @@ TEST_CASE("a requeued dead letter is delivered by a relay; a resumed stuck workf
   CHECK(e->snapshot().read("domain.placed.w-1").value_or(json()) == true);
 }
 
-TEST_CASE("repairs are refused while an engine holds the journal; reads still work",
+TEST_CASE("repairs are refused while an engine holds the journal, and reads still work",
           "[pop_command]") {
   pop::test::temp_dir dir;
   const std::string file = dir.file("shop.db");

@@ -635,7 +635,7 @@ TEST_CASE("definitions round-trip through JSON and load from files", "[workflow]
   CHECK(absl::StrContains(wf.define_from_file(file).message(), file));
 }
 
-TEST_CASE("an instance whose workflow this program lacks is parked stuck; the runner goes on",
+TEST_CASE("an instance whose workflow this program lacks is parked stuck, and the runner goes on",
           "[workflow][stuck]") {
   pop::test::temp_dir dir;
   const std::string file = dir.file("flows.db");

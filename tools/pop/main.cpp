@@ -478,7 +478,12 @@ absl::StatusOr<std::string> cmd_audit(const audit_args& a) {
       read_journal(a.journal, a.since, a.process.empty() ? a.limit : 1'000'000'000));
   std::vector<const journal_record_info*> shown;
   for (const journal_record_info& r : records) {
-    if (!a.process.empty() && r.process != a.process) continue;
+    // A workflow step runs its process under a wrapper name ending in ":<process>".
+    const bool named =
+        r.process == a.process || (r.process.size() > a.process.size() &&
+                                   r.process.compare(r.process.size() - a.process.size() - 1,
+                                                     std::string::npos, ":" + a.process) == 0);
+    if (!a.process.empty() && !named) continue;
     if (shown.size() < a.limit) shown.push_back(&r);
   }
   if (a.as_json) {
@@ -740,7 +745,8 @@ int main(int argc, char** argv) {
   audit_args audit;
   c = app.add_subcommand("audit", "The commit history: version, time, process, writes");
   add_common(*c, audit);
-  c->add_option("--process", audit.process, "Only commits of this process");
+  c->add_option("--process", audit.process,
+                "Only commits of this process (also when it ran as a workflow step)");
   c->add_option("--since", audit.since, "From this version on");
   c->add_option("--limit", audit.limit, "Show at most this many (default 1000)");
   c->callback([&] { run = [&] { return cmd_audit(audit); }; });
