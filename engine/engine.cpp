@@ -509,11 +509,19 @@ absl::StatusOr<clear_result> engine::clear_messages(const pop::snapshot& seen,
   }
   if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat(who, ": no message ids given"));
   if (journal_) POP_RETURN_IF_ERROR(journal_->failure());
-  for (const std::string& id : ids) {
-    if (absl::Status valid = validate_segment(id); !valid.ok()) {
-      return annotate(valid, absl::StrCat(who, ", message id '", id, "'"));
+  // An id found in the outbox is a valid segment (it was written through a path): only the ids
+  // not removed are checked, after the erase and before anything is installed.
+  const auto check_ids = [&](const std::vector<std::string_view>& removed) -> absl::Status {
+    if (removed.size() == ids.size()) return absl::OkStatus();
+    absl::flat_hash_set<std::string_view> gone(removed.begin(), removed.end());
+    for (const std::string& id : ids) {
+      if (gone.contains(id)) continue;
+      if (absl::Status valid = validate_segment(id); !valid.ok()) {
+        return annotate(valid, absl::StrCat(who, ", message id '", id, "'"));
+      }
     }
-  }
+    return absl::OkStatus();
+  };
   const std::string& outbox = outbox_->str();
   prepared prep;  // its writes only for the journal
   applied out;
@@ -540,6 +548,11 @@ absl::StatusOr<clear_result> engine::clear_messages(const pop::snapshot& seen,
       // The outbox is kept as a member map; should it not be, remove entry by entry.
       root = current->root;
       for (const std::string& id : ids) {
+        if (absl::Status valid = validate_segment(id); !valid.ok()) {
+          return annotate(valid, absl::StrCat(who, ", message id '", id, "'"));
+        }
+      }
+      for (const std::string& id : ids) {
         const std::string at = absl::StrCat(outbox, ".", id);
         const detail::location now = detail::lookup(*root, at);
         const detail::location then = moved ? detail::lookup(*seen.state_->root, at) : now;
@@ -548,6 +561,7 @@ absl::StatusOr<clear_result> engine::clear_messages(const pop::snapshot& seen,
         removed.push_back(id);
       }
     }
+    POP_RETURN_IF_ERROR(check_ids(removed));
     if (removed.empty()) return clear_result{current->version, 0};
     out.version = current->version + 1;
     out.root = std::move(root);

@@ -249,11 +249,15 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
           }
           // Looked up as a view: most entries are skipped, and need no copy of their id.
           const absl::string_view id_view = detail::to_absl(id);
-          if (const auto f = flights_.find(id_view); f != flights_.end()) {
+          // (Both lookups are skipped when their maps are empty: a synchronous sink keeps
+          // flights_ empty, and a round after a clear has nothing recorded.)
+          if (const auto f = flights_.empty() ? flights_.end() : flights_.find(id_view);
+              f != flights_.end()) {
             block(f->second->message.key);
             return true;
           }
-          if (const auto o = recorded_.find(id); o != recorded_.end()) {
+          if (const auto o = recorded_.empty() ? recorded_.end() : recorded_.find(id);
+              o != recorded_.end()) {
             if (o->second->what != outcome::kind::delivered) block(o->second->key);
             return true;
           }
@@ -491,7 +495,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             r != recorded_.end() && r->second == &outcomes_[i]) {
           recorded_.erase(r);
         }
-        key_cache_.erase(outcomes_[i].id);
+        if (!key_cache_.empty()) key_cache_.erase(outcomes_[i].id);
       }
       if (only_deliveries) {
         delivered.clear();

@@ -142,9 +142,21 @@ class pmap {
   // Returns a map equal to this one without `key`. If `key` is absent, returns *this (same
   // root, see same_root). *this is unchanged (unless batched, see set). O(log n) nodes copied.
   pmap erase(std::string_view key, std::uint64_t edit = 0) const {
+    bool erased = false;
+    return erase_if(
+        key, [](const V&) { return true; }, erased, edit);
+  }
+
+  // erase(key) if `key` is present and `pred(value)` holds, in one descent; `erased` says
+  // whether it was.
+  template <class Pred>
+  pmap erase_if(std::string_view key, const Pred& pred, bool& erased,
+                std::uint64_t edit = 0) const {
+    erased = false;
     if (!root_) return *this;
-    auto [found, root] = remove(root_, key, edit);
+    auto [found, root] = remove(root_, key, edit, pred);
     if (!found) return *this;
+    erased = true;
     if (root->count == 0) return pmap();
     while (!root->leaf && root->in.children.size() == 1) root = root->in.children.front();
     return pmap(std::move(root));
@@ -395,21 +407,25 @@ class pmap {
     return {std::move(first), std::move(second)};
   }
 
-  // Returns whether `key` was in subtree `n` and, if so, the subtree without it. The result
+  // Returns whether `key` was in subtree `n` with a value `pred` accepts and, if so, the subtree
+  // without it. The result
   // may be under min_width (the parent fixes that) or empty (only for a root leaf).
+  template <class Pred>
   static std::pair<bool, node_ptr> remove(const node_ptr& np, std::string_view key,
-                                          std::uint64_t edit) {
+                                          std::uint64_t edit, const Pred& pred) {
     const node& n = *np;
     if (n.leaf) {
       std::size_t i = entry_index(n, key);
-      if (i == n.entries.size() || n.entries[i].key != key) return {false, nullptr};
+      if (i == n.entries.size() || n.entries[i].key != key || !pred(n.entries[i].value)) {
+        return {false, nullptr};
+      }
       auto copy = editable(np, edit);
       copy->entries.erase(copy->entries.begin() + static_cast<std::ptrdiff_t>(i));
       copy->count = copy->entries.size();
       return {true, std::move(copy)};
     }
     std::size_t c = child_index(n, key);
-    auto [found, child] = remove(n.in.children[c], key, edit);
+    auto [found, child] = remove(n.in.children[c], key, edit, pred);
     if (!found) return {false, nullptr};
     auto copy = editable(np, edit);
     copy->count -= 1;

@@ -275,10 +275,10 @@ node_ptr erase_members(const node_ptr& root, std::string_view map_path,
   pmap<node_ptr> members = at.node->members();
   const std::size_t before = removed.size();
   for (const std::string& key : keys) {
-    const node_ptr* entry = members.find(key);
-    if (entry == nullptr || !remove(key, *entry)) continue;
-    members = members.erase(key, edit);
-    removed.push_back(key);
+    bool erased = false;
+    members = members.erase_if(
+        key, [&](const node_ptr& entry) { return remove(key, entry); }, erased, edit);
+    if (erased) removed.push_back(key);
   }
   if (removed.size() == before) return root;
   // Every object on the way exists, so this cannot fail.
