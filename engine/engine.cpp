@@ -156,10 +156,10 @@ absl::Status engine::register_process(process_spec spec, process_fn fn) {
 
 absl::Status engine::describe(std::string_view kind, std::string_view name, const json& what) {
   for (const auto& [field, text] : {std::pair{"kind", kind}, std::pair{"name", name}}) {
-    if (text.empty() || text.size() > 200 || text.find('/') != std::string_view::npos) {
+    if (text.empty() || text.size() > max_path_length || text.find('/') != std::string_view::npos) {
       return absl::InvalidArgumentError(absl::StrCat("engine::describe: the ", field, " '",
-                                                     detail::to_absl(text),
-                                                     "' must be 1 to 200 characters without '/'"));
+                                                     detail::to_absl(text), "' must be 1 to ",
+                                                     max_path_length, " characters without '/'"));
     }
   }
   std::string text;

@@ -133,11 +133,11 @@ class engine {
 
   // Records a description of something built on this engine in its journal, for tools that read
   // the journal without the program (the `pop` command's graph and its defaults): `kind` and
-  // `name` (each 1 to 200 characters, no '/') name it, `what` is any JSON. A later description of
-  // the same kind and name replaces it. register_process() describes every process ("process",
-  // its spec); the workflow engine and dead letters describe themselves. Written by the journal's
-  // thread soon after, and at the latest when the engine closes; not a commit (no version). No
-  // effect in memory. kInvalidArgument for a bad kind or name.
+  // `name` (each 1 to max_path_length characters, no '/') name it, `what` is any JSON. A later
+  // description of the same kind and name replaces it. register_process() describes every process
+  // ("process", its spec); the workflow engine and dead letters describe themselves. Written by the
+  // journal's thread soon after, and at the latest when the engine closes; not a commit (no
+  // version). No effect in memory. kInvalidArgument for a bad kind or name.
   absl::Status describe(std::string_view kind, std::string_view name, const json& what);
 
   // Runs process `name` with `args` on the newest snapshot and commits what it returns.

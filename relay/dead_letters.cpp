@@ -12,7 +12,8 @@ absl::StatusOr<std::unique_ptr<dead_letters>> dead_letters::create(engine& e,
                                                                    std::string_view letters_path) {
   POP_ASSIGN_OR_RETURN(path p,
                        parse_path_outside(letters_path, e.outbox_path(), "dead_letters: path"));
-  POP_RETURN_IF_ERROR(e.describe("dead_letters", p.str(), {{"path", p.str()}}));
+  POP_RETURN_IF_ERROR(
+      e.describe("dead_letters", p.str(), {{"path", p.str()}, {"at_us", e.clock().now_us()}}));
   return std::unique_ptr<dead_letters>(new dead_letters(e, std::move(p)));
 }
 

@@ -596,8 +596,9 @@ absl::Status validate(const relay_options& o, const path& outbox) {
 absl::StatusOr<std::unique_ptr<relay>> relay::create(engine& e, sink& s, relay_options opts) {
   POP_RETURN_IF_ERROR(validate(opts, e.outbox_path()));
   // Tools reading the journal (`pop dead`) find the dead letters where this relay puts them.
-  POP_RETURN_IF_ERROR(e.describe("dead_letters", opts.dead_letter_path,
-                                 {{"path", opts.dead_letter_path}, {"by", "relay"}}));
+  POP_RETURN_IF_ERROR(e.describe(
+      "dead_letters", opts.dead_letter_path,
+      {{"path", opts.dead_letter_path}, {"by", "relay"}, {"at_us", e.clock().now_us()}}));
   return std::unique_ptr<relay>(new relay(e, s, std::move(opts)));
 }
 

@@ -129,10 +129,35 @@ absl::StatusOr<commit> workflows::operate(std::string_view id, std::string_view 
   return c;
 }
 
-absl::StatusOr<bool> workflows::park(const workflow_instance& w, std::string reason) {
+absl::StatusOr<bool> workflows::park(const workflow_instance& w, std::string reason,
+                                     const char* kind) {
   POP_ASSIGN_OR_RETURN(
-      const commit c, operate(w.id, "park", {{"expect", w.status}, {"reason", std::move(reason)}}));
+      const commit c,
+      operate(w.id, "park", {{"expect", w.status}, {"reason", std::move(reason)}, {"kind", kind}}));
   return c.changed;
+}
+
+absl::Status workflows::resume_parked(const std::string& name) {
+  std::vector<std::string> ids;
+  engine_.snapshot()
+      .view(path::parse(absl::StrCat(options_.index, ".stuck")).value())
+      .for_each_member([&](std::string_view id, const value_view& v) {
+        const json entry = v.to_json();
+        if (entry.is_object() && entry.value("workflow", "") == name &&
+            entry.value("kind", "") == "undefined") {
+          ids.emplace_back(id);
+        }
+        return true;
+      });
+  for (const std::string& id : ids) {
+    absl::StatusOr<commit> c =
+        operate(id, "resume",
+                {{"kind", "undefined"},
+                 {"by", absl::StrCat("resumed: workflow '", name, "' is defined again")}});
+    // One that cannot be resumed (something happened while it was stuck) stays parked.
+    if (!c.ok() && c.status().code() != absl::StatusCode::kFailedPrecondition) return c.status();
+  }
+  return absl::OkStatus();
 }
 
 absl::Status workflows::cancel(std::string_view id, std::string reason) {
@@ -175,8 +200,10 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   const std::shared_ptr<const defined> d = find_definition(w.workflow);
   if (!d) {
     // One instance that cannot advance must not stop the others: it is parked for an operator.
-    return park(w, absl::StrCat("its workflow '", w.workflow, "' (definition version ",
-                                w.definition_version, ") is not defined in this program"));
+    return park(w,
+                absl::StrCat("its workflow '", w.workflow, "' (definition version ",
+                             w.definition_version, ") is not defined in this program"),
+                "undefined");
   }
   const std::int64_t now = engine_.clock().now_us();
   std::string process;
@@ -185,9 +212,11 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   if (w.status == "running") {
     const workflow_step* step = d->step(w.cursor);
     if (!step) {
-      return park(w, absl::StrCat("its step '", w.cursor, "' is not in workflow '", w.workflow,
-                                  "' as defined in this program (definition version ", d->version,
-                                  "; the instance started with ", w.definition_version, ")"));
+      return park(w,
+                  absl::StrCat("its step '", w.cursor, "' is not in workflow '", w.workflow,
+                               "' as defined in this program (definition version ", d->version,
+                               "; the instance started with ", w.definition_version, ")"),
+                  "missing_step");
     }
     step_name = step->name;
     if (!step->process.empty()) {
@@ -203,9 +232,11 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
     step_name = done.back().get<std::string>();
     const workflow_step* step = d->step(step_name);
     if (!step || step->compensate.empty()) {
-      return park(w, absl::StrCat("step '", step_name, "' of workflow '", w.workflow,
-                                  "' has no compensation in this program (definition version ",
-                                  d->version, ") but the instance must compensate it"));
+      return park(w,
+                  absl::StrCat("step '", step_name, "' of workflow '", w.workflow,
+                               "' has no compensation in this program (definition version ",
+                               d->version, ") but the instance must compensate it"),
+                  "missing_compensation");
     }
     process = step_process(step->compensate);
     args["step"] = step_name;
@@ -268,8 +299,10 @@ absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& ne
     if (!find_definition(w->workflow)) {
       POP_ASSIGN_OR_RETURN(
           const bool parked,
-          park(*w, absl::StrCat("its workflow '", w->workflow, "' (definition version ",
-                                w->definition_version, ") is not defined in this program")));
+          park(*w,
+               absl::StrCat("its workflow '", w->workflow, "' (definition version ",
+                            w->definition_version, ") is not defined in this program"),
+               "undefined"));
       if (parked) ++moved;
       continue;
     }
@@ -299,12 +332,28 @@ absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_messag
   const std::int64_t now = m.created_at_us > 0 ? m.created_at_us : 0;
   for (const std::string& id : ids) {
     detail::instance_txn t(options_, ctx, out, id, now);
-    if (!t.load() || t.status() != "waiting") continue;
+    if (!t.load() || (t.status() != "waiting" && !t.stuck_waiting())) continue;
     const std::shared_ptr<const defined> d = find_definition(t.rec().value("workflow", ""));
     const workflow_step* step = d ? d->step(t.cursor()) : nullptr;
-    if (!step) continue;
+    if (step && !step->wait.contains(m.topic)) continue;
+    if (!step || t.status() == "stuck") {
+      // It cannot take the message now (its definition or step is missing here, or it is
+      // parked): rather than drop it, keep it in the instance and park it for an operator.
+      const std::string what = absl::StrCat("message ", m.topic, " (", m.id, ") arrived");
+      t.rec()["received"][m.topic] = m.payload;
+      if (t.status() == "waiting") {
+        t.park(absl::StrCat(d ? "its step '" + t.cursor() + "' is not in its workflow"
+                              : "its workflow '" + t.rec().value("workflow", "") +
+                                    "' is not defined in this program",
+                            " when ", what, ": restart it from the step that handles it"),
+               d ? "missing_step" : "undefined", false);
+      } else {
+        t.cannot_resume(what);
+      }
+      t.save();
+      continue;
+    }
     const auto next = step->wait.find(m.topic);
-    if (next == step->wait.end()) continue;
     t.rec()["received"][m.topic] = m.payload;
     t.clear_wait();
     t.history(step->name, absl::StrCat("received ", m.topic, " (", m.id, ")"));

@@ -23,6 +23,10 @@ absl::StatusOr<std::unique_ptr<workflows>> workflows::create(engine& e, workflow
       return annotate(parsed.status(), "workflow_options");
     }
   }
+  // Described first: a failed call registers nothing.
+  POP_RETURN_IF_ERROR(e.describe(
+      "workflows", opts.instances,
+      {{"instances", opts.instances}, {"index", opts.index}, {"at_us", e.clock().now_us()}}));
   std::unique_ptr<workflows> w(new workflows(e, opts));
   const std::vector<std::string> registered = e.processes();
   if (!std::binary_search(registered.begin(), registered.end(), workflow_operate_process)) {
@@ -33,8 +37,6 @@ absl::StatusOr<std::unique_ptr<workflows>> workflows::create(engine& e, workflow
           return detail::operate(o, ctx, args);
         }));
   }
-  POP_RETURN_IF_ERROR(e.describe("workflows", opts.instances,
-                                 {{"instances", opts.instances}, {"index", opts.index}}));
   return w;
 }
 
@@ -166,9 +168,14 @@ void workflows::settle(detail::instance_txn& t) const {
   if (!t.ended() || !t.rec().contains("parent")) return;
   const std::string parent_id = t.rec()["parent"];
   detail::instance_txn parent(t.opts(), t.ctx(), t.out(), parent_id, t.now());
-  if (!parent.load() || parent.status() != "waiting" || parent.rec().value("child", "") != t.id()) {
+  if (!parent.load() || parent.rec().value("child", "") != t.id()) return;
+  if (parent.stuck_waiting(t.id())) {
+    // Parked while this child ran: resuming it would wait for an outcome that has come.
+    parent.cannot_resume(absl::StrCat("its child '", t.id(), "' ended (", t.status(), ")"));
+    parent.save();
     return;
   }
+  if (parent.status() != "waiting") return;
   const std::shared_ptr<const defined> d = find_definition(parent.rec().value("workflow", ""));
   const workflow_step* step = d ? d->step(parent.rec().value("parent_step_of_child", "")) : nullptr;
   parent.rec().erase("child");
@@ -298,9 +305,12 @@ absl::Status workflows::define(workflow_definition def) {
   POP_RETURN_IF_ERROR(register_control(d));
   POP_RETURN_IF_ERROR(engine_.describe(
       "workflow", d->def.name, {{"version", d->version}, {"definition", d->def.to_json()}}));
-  std::lock_guard lock(mu_);
-  definitions_[d->def.name] = std::move(d);
-  return absl::OkStatus();
+  const std::string name = d->def.name;
+  {
+    std::lock_guard lock(mu_);
+    definitions_[name] = std::move(d);
+  }
+  return resume_parked(name);
 }
 
 absl::Status workflows::define_from_file(const std::string& file_path) {

@@ -146,7 +146,9 @@ class workflows {
                                                 predicate_fn fn);
   // Checks and registers `def`. kInvalidArgument naming the step and the problem: an unknown
   // process, predicate, workflow or step, a step with no or several kinds, an unreachable step,
-  // a loop with no bound, a bad condition; kAlreadyExists for a taken name.
+  // a loop with no bound, a bad condition; kAlreadyExists for a taken name. Instances of this
+  // workflow that were parked stuck because a program lacked it are resumed (one commit each);
+  // the engine's error if that fails (the definition stays registered).
   [[nodiscard]] absl::Status define(workflow_definition def);
   // define() of the JSON in file `file_path`; errors name the file.
   [[nodiscard]] absl::Status define_from_file(const std::string& file_path);
@@ -212,8 +214,11 @@ class workflows {
   void settle(detail::instance_txn& t) const;
   // Runs operator action `action` on instance `id` with `args` through the operate process.
   absl::StatusOr<commit> operate(std::string_view id, std::string_view action, json args);
-  // Parks instance `w` (seen with status w.status) as stuck with `reason`.
-  absl::StatusOr<bool> park(const workflow_instance& w, std::string reason);
+  // Parks instance `w` (seen with status w.status) as stuck with `reason`, of `kind`
+  // ("undefined", "missing_step", "missing_compensation").
+  absl::StatusOr<bool> park(const workflow_instance& w, std::string reason, const char* kind);
+  // Resumes the instances of workflow `name` that were parked because it was not defined.
+  absl::Status resume_parked(const std::string& name);
   // Runs step `step` (not a process step) of `t`'s instance, of definition `d`.
   void run_control_step(detail::instance_txn& t, const defined& d, const workflow_step& step) const;
 

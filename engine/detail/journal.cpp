@@ -158,7 +158,8 @@ void journal::close_cleanly() {
   if (!failed_.ok() || !queue_.empty()) return;  // leave it marked in use: reopening checks it
   unwritten_.insert(unwritten_.end(), described_.begin(), described_.end());
   described_.clear();
-  if (!unwritten_.empty() && !write_descriptions(std::exchange(unwritten_, {})).ok()) return;
+  // Best effort: a description that cannot be written never decides the clean marker.
+  if (!unwritten_.empty()) static_cast<void>(write_descriptions(std::exchange(unwritten_, {})));
   if (set_meta(db_, path_, "clean", "1").ok()) {
     static_cast<void>(exec(db_, path_, "PRAGMA wal_checkpoint(TRUNCATE)"));
   }

@@ -86,6 +86,16 @@ absl::Status read_meta(sqlite3* db, const std::string& path, journal_info& info,
   return absl::OkStatus();
 }
 
+absl::Status read_meta_or_foreign(sqlite3* db, const std::string& path, journal_info& info,
+                                  bool& found) {
+  absl::Status s = read_meta(db, path, info, found);
+  if (!s.ok() && sqlite3_errcode(db) == SQLITE_NOTADB) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "'", path, "' is not an SQLite database, so not a pop journal; it was left untouched"));
+  }
+  return s;
+}
+
 std::string head_path(const std::string& path) {
   return path + "-head";
 }
@@ -149,7 +159,7 @@ absl::Status precheck_without_wal(const std::string& path, journal_info& info, b
   const std::string uri = absl::StrCat("file:", uri_escape(path), "?immutable=1");
   int rc = sqlite3_open_v2(uri.c_str(), &c.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr);
   if (rc != SQLITE_OK) return sql_error(c.db, rc, path, "opening it to check it");
-  POP_RETURN_IF_ERROR(read_meta(c.db, path, info, found));
+  POP_RETURN_IF_ERROR(read_meta_or_foreign(c.db, path, info, found));
   if (!found || info.clean) return absl::OkStatus();
   const std::optional<std::uint64_t> head = read_head(path);
   if (!head) {
@@ -334,7 +344,7 @@ absl::Status open_read_only(const std::string& path, connection& c, journal_info
       sqlite3_open_v2(uri.c_str(), &c.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr);
   if (rc != SQLITE_OK) return sql_error(c.db, rc, path, "opening it read-only");
   sqlite3_busy_timeout(c.db, 5000);
-  POP_RETURN_IF_ERROR(read_meta(c.db, path, info, found));
+  POP_RETURN_IF_ERROR(read_meta_or_foreign(c.db, path, info, found));
   if (!found) {
     POP_RETURN_IF_ERROR(check_foreign(c.db, path));
     return absl::FailedPreconditionError(
@@ -344,11 +354,20 @@ absl::Status open_read_only(const std::string& path, connection& c, journal_info
 }
 
 absl::Status load_read_only(sqlite3* db, const std::string& path, journal_info& info,
-                            node_ptr& root, std::uint64_t until) {
+                            node_ptr& root, std::uint64_t until, std::uint64_t* newest) {
   // One read transaction: an engine writing a snapshot (and pruning the records before it) while
   // this reads must not make the records look like they have a gap.
   POP_RETURN_IF_ERROR(exec(db, path, "BEGIN"));
-  absl::Status s = load(db, path, info, root, until);
+  absl::Status s = absl::OkStatus();
+  if (newest) {
+    absl::StatusOr<std::uint64_t> n = newest_version(db, path);
+    if (n.ok()) {
+      *newest = *n;
+    } else {
+      s = n.status();
+    }
+  }
+  if (s.ok()) s = load(db, path, info, root, until);
   static_cast<void>(exec(db, path, "COMMIT"));
   return s;
 }
@@ -370,23 +389,18 @@ absl::StatusOr<journal_state> read_journal_state(const std::string& path,
   detail::connection c;
   POP_RETURN_IF_ERROR(detail::open_read_only(path, c, out.info));
   detail::node_ptr root;
+  std::uint64_t newest = 0;
   POP_RETURN_IF_ERROR(detail::load_read_only(
-      c.db, path, out.info, root, at.value_or(std::numeric_limits<std::uint64_t>::max())));
-  if (at && (*at < out.info.snapshot_version || *at > out.info.last_version)) {
+      c.db, path, out.info, root, at.value_or(std::numeric_limits<std::uint64_t>::max()), &newest));
+  if (at && (*at < out.info.snapshot_version || *at > newest)) {
     return absl::NotFoundError(absl::StrCat(
         "journal '", path, "' does not retain version ", *at, ": it holds versions ",
-        out.info.snapshot_version, " to ", out.info.last_version,
+        out.info.snapshot_version, " to ", newest,
         *at < out.info.snapshot_version ? " (older ones were folded into its snapshot)" : ""));
   }
-  out.version = out.info.last_version;
+  out.version = out.info.last_version;  // the newest version loaded: `at` if given
   out.state = detail::materialise({root.get(), nullptr});
-  if (at) {
-    // last_version is the newest read, which is `at` here; report the journal's own newest.
-    detail::connection again;
-    journal_info newest;
-    POP_RETURN_IF_ERROR(detail::open_read_only(path, again, newest));
-    POP_ASSIGN_OR_RETURN(out.info.last_version, detail::newest_version(again.db, path));
-  }
+  out.info.last_version = newest;
   return out;
 }
 

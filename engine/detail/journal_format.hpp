@@ -79,6 +79,9 @@ std::int64_t record_checksum(std::int64_t version, std::int64_t at_us, std::stri
 std::int64_t snapshot_checksum(std::int64_t version, std::int64_t at_us, std::string_view state);
 // Reads pop_meta into `info`; `found` is false if the table does not exist.
 absl::Status read_meta(sqlite3* db, const std::string& path, journal_info& info, bool& found);
+// read_meta(), but kFailedPrecondition for a file that is not an SQLite database at all.
+absl::Status read_meta_or_foreign(sqlite3* db, const std::string& path, journal_info& info,
+                                  bool& found);
 // The head file of journal `path`: "<path>-head".
 std::string head_path(const std::string& path);
 // The head file's content for `version` (head_size bytes).
@@ -111,10 +114,12 @@ absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node
 // checkpointed) and reads its metadata into `info`. kNotFound (no file), kFailedPrecondition (a
 // newer format, or not a pop journal), kDataLoss (damaged, or its write-ahead log lost).
 absl::Status open_read_only(const std::string& path, connection& c, journal_info& info);
-// load() inside one read transaction.
+// load() inside one read transaction; `newest`, if given, gets the newest version the journal
+// holds, read in the same transaction.
 absl::Status load_read_only(sqlite3* db, const std::string& path, journal_info& info,
                             node_ptr& root,
-                            std::uint64_t until = std::numeric_limits<std::uint64_t>::max());
+                            std::uint64_t until = std::numeric_limits<std::uint64_t>::max(),
+                            std::uint64_t* newest = nullptr);
 // Writes metadata `key` = `value` in pop_meta.
 absl::Status set_meta(sqlite3* db, const std::string& path, const char* key,
                       const std::string& value);

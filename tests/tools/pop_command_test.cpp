@@ -61,11 +61,13 @@ json pop_json(std::vector<std::string> args) {
   return j;
 }
 
-// The "flow" workflow: a process step that places an order, then the end.
-const json flow_definition = {
-    {"name", "flow"},
-    {"start", "place"},
-    {"steps", {{"place", {{"process", "place"}, {"next", "done"}}}, {"done", {{"end", true}}}}}};
+// The "flow" workflow: a process step that places an order, then the end. "flow2" is the same;
+// its second version renames the step.
+json flow_definition(const std::string& name, const std::string& step) {
+  return {{"name", name},
+          {"start", step},
+          {"steps", {{step, {{"process", "place"}, {"next", "done"}}}, {"done", {{"end", true}}}}}};
+}
 
 void register_place(pop::engine& e) {
   REQUIRE(e.register_process({.name = "order",
@@ -84,7 +86,8 @@ void register_place(pop::engine& e) {
               .ok());
 }
 
-std::unique_ptr<pop::workflows> flows_on(pop::engine& e, bool with_definition) {
+// The workflows of a program that defines `definitions`.
+std::unique_ptr<pop::workflows> flows_on(pop::engine& e, const std::vector<json>& definitions) {
   auto wf = must(pop::workflows::create(e));
   REQUIRE(
       wf->register_process({.name = "place", .outputs = {"domain.placed"}}, [](const pop::context&,
@@ -93,9 +96,8 @@ std::unique_ptr<pop::workflows> flows_on(pop::engine& e, bool with_definition) {
           r.set("domain.placed." + args.at("_instance").get<std::string>(), true);
           return r;
         }).ok());
-  if (with_definition) {
-    absl::StatusOr<pop::workflow_definition> d =
-        pop::workflow_definition::from_json(flow_definition);
+  for (const json& j : definitions) {
+    absl::StatusOr<pop::workflow_definition> d = pop::workflow_definition::from_json(j);
     REQUIRE(d.ok());
     REQUIRE(wf->define(*d).ok());
   }
@@ -103,8 +105,9 @@ std::unique_ptr<pop::workflows> flows_on(pop::engine& e, bool with_definition) {
 }
 
 // Writes the journal the tests inspect: three orders (o-1, o-2 delivered; "bad" dead-lettered by a
-// relay whose sink rejects it), one order placed after the relay ran (pending), and workflow
-// instance w-1 parked stuck by a program that lacks its definition.
+// relay whose sink rejects it), one order placed after the relay ran (pending), and two workflow
+// instances parked stuck by the next deploy: w-1, whose workflow it lacks, and w-2, whose step
+// "place" its new version of flow2 renamed to "placing".
 struct written {
   std::uint64_t before_late = 0;  // the version before order "late"
   std::uint64_t last = 0;
@@ -117,7 +120,7 @@ written write_journal(const std::string& file) {
   {
     auto e = must(pop::engine::open({.journal = file}));
     register_place(*e);
-    auto wf = flows_on(*e, true);
+    auto wf = flows_on(*e, {flow_definition("flow", "place"), flow_definition("flow2", "place")});
     for (const char* id : {"o-1", "o-2", "bad"}) {
       const pop::commit c = must(e->execute("order", {{"id", id}, {"qty", 2}}));
       if (std::string(id) == "bad") w.bad_id = c.message_ids.at(0);
@@ -131,15 +134,19 @@ written write_journal(const std::string& file) {
     REQUIRE(pop::test::run_on(io, relay->drain()).ok());
     REQUIRE(sink.acked.size() == 2);
     REQUIRE(wf->start("flow", "w-1", {{"note", "first"}}).ok());
+    REQUIRE(wf->start("flow2", "w-2").ok());
     w.before_late = e->version();
     w.late_id = must(e->execute("order", {{"id", "late"}, {"qty", 5}})).message_ids.at(0);
   }
   {
-    // The next deploy lacks the workflow: the instance is parked, not left waiting silently.
+    // The next deploy lacks one workflow and renamed a step of the other: both instances are
+    // parked, not left waiting silently.
     auto e = must(pop::engine::open({.journal = file}));
-    auto wf = flows_on(*e, false);
+    auto wf = flows_on(*e, {flow_definition("flow2", "placing")});
     REQUIRE(must(wf->advance("w-1")));
     REQUIRE(wf->inspect("w-1").value().status == "stuck");
+    REQUIRE(must(wf->advance("w-2")));
+    REQUIRE(wf->inspect("w-2").value().status == "stuck");
     w.last = e->version();
   }
   return w;
@@ -223,9 +230,11 @@ TEST_CASE(
 
   // workflows: the stuck instance, its reason and history
   j = pop_json({"workflows", file, "--status", "stuck"});
-  REQUIRE(j["instances"].size() == 1);
+  REQUIRE(j["instances"].size() == 2);
   CHECK(j["instances"][0]["id"] == "w-1");
   CHECK(contains(j["instances"][0]["stuck_reason"], "'flow'"));
+  CHECK(j["instances"][1]["id"] == "w-2");
+  CHECK(contains(j["instances"][1]["stuck_reason"], "its step 'place' is not in workflow 'flow2'"));
   CHECK(pop_json({"workflows", file, "--status", "completed"})["instances"].empty());
   CHECK(pop_json({"workflows", file, "--definition", "flow"})["instances"].size() == 1);
   r = pop_command({"workflow", file, "w-1"});
@@ -256,9 +265,10 @@ TEST_CASE(
   CHECK(r.code == 0);
   CHECK(contains(r.out, "\npop_outbox_pending 1\n"));
   CHECK(contains(r.out, "\npop_dead_letters 1\n"));
-  CHECK(contains(r.out, "\npop_workflow_stuck 1\n"));
+  CHECK(contains(r.out, "\npop_workflow_stuck 2\n"));
   CHECK(contains(r.out, "pop_workflow_instances{workflow=\"flow\",status=\"stuck\"} 1\n"));
   CHECK(contains(r.out, "# TYPE pop_outbox_oldest_pending_age_seconds gauge\n"));
+  CHECK(pop_json({"metrics", file})["workflow_stuck"] == 2);
 
   // Nothing above wrote to the journal, checkpointed it or left a log behind.
   CHECK(pop::test::file_bytes(file) == bytes);
@@ -294,6 +304,9 @@ TEST_CASE("pop graph draws the processes and a workflow from what the programs r
   }
   r = pop_command({"graph", file, "-o", dir.file("graph.txt")});
   CHECK(r.code == 2);
+  // --json wraps the DOT text; the recorded definition is the newest one described (flow2 v2)
+  const json g = pop_json({"graph", file, "--workflow", "flow2"});
+  CHECK(contains(g["dot"], "\"(start)\" -> \"placing\""));
 }
 
 TEST_CASE("a requeued dead letter is delivered by a relay, and a resumed stuck workflow finishes",
@@ -302,7 +315,17 @@ TEST_CASE("a requeued dead letter is delivered by a relay, and a resumed stuck w
   const std::string file = dir.file("shop.db");
   const written w = write_journal(file);
 
-  json j = pop_json({"requeue", file, "--all"});
+  // Requeue names the letters by id, --topic or --all; each is one commit.
+  json j = pop_json({"requeue", file, "--topic", "other.topic"});
+  CHECK(j["requeued"].empty());
+  CHECK(j["version"] == w.last);
+  const std::string all_file = dir.file("copy.db");
+  std::filesystem::copy_file(file, all_file);
+  std::filesystem::copy_file(file + "-head", all_file + "-head");
+  CHECK(pop_json({"requeue", all_file, "--topic", "order.placed"})["requeued"] ==
+        json::array({w.bad_id}));
+  CHECK(pop_json({"requeue", dir.file("copy.db"), "--all"})["requeued"].empty());
+  j = pop_json({"requeue", file, w.bad_id});
   CHECK(j["requeued"] == json::array({w.bad_id}));
   CHECK(j["version"] == w.last + 1);
   CHECK(pop_json({"dead", file})["dead_letters"].empty());
@@ -311,26 +334,37 @@ TEST_CASE("a requeued dead letter is delivered by a relay, and a resumed stuck w
 
   ran r = pop_command({"workflow", file, "w-1", "--resume"});
   REQUIRE(r.code == 0);
-  CHECK(contains(r.out, "resumed workflow instance 'w-1'"));
+  CHECK(contains(r.out, "workflow instance 'w-1' resumed in version"));
   CHECK(pop_json({"workflow", file, "w-1"})["status"] == "running");
   r = pop_command({"workflow", file, "w-1", "--resume"});  // no longer stuck
   CHECK(r.code == 5);
   CHECK(contains(r.err, "is running; resume needs it stuck"));
 
-  // The program runs again: its relay delivers the requeued message under its old id, and its
-  // workflow runner finishes the resumed instance.
+  // w-2's step was renamed: resuming would only park it again; an operator moves it to the new
+  // step (checked against the definition the program recorded).
+  r = pop_command({"workflow", file, "w-2", "--restart-from", "placing"});
+  REQUIRE(r.code == 0);
+  CHECK(contains(r.out, "workflow instance 'w-2' restarted from step placing in version"));
+  j = pop_json({"workflow", file, "w-2"});
+  CHECK(j["status"] == "running");
+  CHECK(j["step"] == "placing");
+
+  // The program runs again: its relay delivers the requeued message under its old id, and it
+  // finishes the resumed and the restarted instance.
   auto e = must(pop::engine::open({.journal = file}));
   register_place(*e);
-  auto wf = flows_on(*e, true);
+  auto wf = flows_on(*e, {flow_definition("flow", "place"), flow_definition("flow2", "placing")});
   pop::test::scripted_sink sink;
   auto relay = must(pop::relay::create(*e, sink, pop::test::quick_relay(1)));
   boost::asio::io_context io;
   REQUIRE(pop::test::run_on(io, relay->drain()).ok());
   CHECK(std::find(sink.acked.begin(), sink.acked.end(), w.bad_id) != sink.acked.end());
-  REQUIRE(must(wf->advance("w-1")));
-  REQUIRE(must(wf->advance("w-1")));
-  CHECK(wf->inspect("w-1").value().status == "completed");
-  CHECK(e->snapshot().read("domain.placed.w-1").value_or(json()) == true);
+  for (const char* id : {"w-1", "w-2"}) {
+    REQUIRE(must(wf->advance(id)));
+    REQUIRE(must(wf->advance(id)));
+    CHECK(wf->inspect(id).value().status == "completed");
+    CHECK(e->snapshot().read(std::string("domain.placed.") + id).value_or(json()) == true);
+  }
 }
 
 TEST_CASE("repairs are refused while an engine holds the journal, and reads still work",
@@ -392,14 +426,30 @@ TEST_CASE("pop gives clear errors and distinct exit codes, and changes nothing o
   r = pop_command({"workflow", file, "nobody"});
   CHECK(r.code == 3);
   CHECK(contains(r.err, "no workflow instance 'nobody'"));
-  r = pop_command({"workflow", file, "w-1", "--restart-from", "nowhere"});
-  CHECK(r.code == 3);
-  CHECK(contains(r.err, "has no step 'nowhere'; its steps: done, place"));
+  // Refused repairs leave the file byte for byte as it was (they do not even open an engine).
+  const std::string before = pop::test::file_bytes(file);
   r = pop_command({"discard", file, w.bad_id, "no-such-id"});
   CHECK(r.code == 3);
   CHECK(contains(r.err, "no dead letter 'no-such-id'"));
+  r = pop_command({"requeue", file, "no-such-id"});
+  CHECK(r.code == 3);
+  r = pop_command({"workflow", file, "w-1", "--restart-from", "nowhere"});
+  CHECK(r.code == 3);
+  CHECK(contains(r.err, "has no step 'nowhere'; its steps: done, place"));
+  CHECK(pop::test::file_bytes(file) == before);
+  CHECK(pop_command({"workflow", file, "w-1", "--cancel"}).code == 0);
+  const std::string cancelled = pop::test::file_bytes(file);
+  r = pop_command({"workflow", file, "w-1", "--cancel"});
+  CHECK(r.code == 5);
+  CHECK(contains(r.err, "is failed; cancel needs it running, waiting or stuck"));
+  CHECK(pop::test::file_bytes(file) == cancelled);
+  CHECK(before != cancelled);  // (the file does change when a repair goes through)
   CHECK(pop_json({"dead", file})["dead_letters"].size() == 1);  // not even the first was removed
-  CHECK(pop_json({"verify", file})["last_version"] == w.last);
+  CHECK(pop_json({"verify", file})["last_version"] == w.last + 1);
+  r = pop_command({"diff", file, "5", "3"});
+  CHECK(r.code == 2);
+  r = pop_command({"diff", file, "3", "5", "domain.nothing"});
+  CHECK(r.code == 3);
   r = pop_command({"requeue", file});
   CHECK(r.code == 2);
   r = pop_command({"nonsense"});
@@ -407,6 +457,12 @@ TEST_CASE("pop gives clear errors and distinct exit codes, and changes nothing o
   r = pop_command({"--help"});
   CHECK(r.code == 0);
   CHECK(contains(r.out, "Exit codes:"));
+
+  const std::string not_sqlite = dir.file("notes.txt");
+  pop::test::write_bytes(not_sqlite, std::string(4096, 'x'));
+  r = pop_command({"verify", not_sqlite});
+  CHECK(r.code == 5);
+  CHECK(contains(r.err, "is not an SQLite database"));
 
   const std::string foreign = dir.file("foreign.db");
   sql(foreign, "CREATE TABLE accounts(id INTEGER PRIMARY KEY)");
@@ -430,7 +486,44 @@ TEST_CASE("pop gives clear errors and distinct exit codes, and changes nothing o
   r = pop_command({"verify", damaged});
   CHECK(r.code == 4);
   CHECK(contains(r.err, "the record of version 2 fails its checksum"));
-  r = pop_command({"workflow", damaged, "w-1", "--resume"});
+  r = pop_command({"workflow", damaged, "w-2", "--resume"});
   CHECK(r.code == 4);
   CHECK(pop::test::file_bytes(damaged) == damaged_bytes);
+}
+
+TEST_CASE("pop state and diff reach every retained version and name the range for others",
+          "[pop_command]") {
+  pop::test::temp_dir dir;
+  const std::string file = dir.file("counter.db");
+  {
+    pop::options o;
+    o.journal = file;
+    o.journal_tuning.snapshot_every = 5;
+    auto e = must(pop::engine::open(o));
+    REQUIRE(e->register_process({.name = "count", .inputs = {"n"}, .outputs = {"n"}},
+                                [](const pop::context& ctx, const json&) {
+                                  pop::result r;
+                                  r.set("n", ctx.get_or<int>("n", 0) + 1);
+                                  return r;
+                                })
+                .ok());
+    for (int i = 0; i < 12; ++i) REQUIRE(e->execute("count").ok());
+  }
+  const json info = pop_json({"verify", file});
+  const std::uint64_t snapshot = info["snapshot_version"];
+  REQUIRE(snapshot > 0);
+  REQUIRE(info["last_version"] == 12);
+  for (std::uint64_t v = snapshot; v <= 12; ++v) {
+    const json j = pop_json({"state", file, "n", "--at", std::to_string(v)});
+    CHECK(j["value"] == v);
+    CHECK(j["newest_version"] == 12);
+  }
+  const ran r = pop_command({"state", file, "--at", std::to_string(snapshot - 1)});
+  CHECK(r.code == 3);
+  CHECK(contains(r.err, "holds versions " + std::to_string(snapshot) +
+                            " to 12 (older ones were folded into its snapshot)"));
+  const json d = pop_json({"diff", file, std::to_string(snapshot), "12"});
+  REQUIRE(d["changes"].size() == 1);
+  CHECK(d["changes"][0]["before"] == snapshot);
+  CHECK(d["changes"][0]["after"] == 12);
 }

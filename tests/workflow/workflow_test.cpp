@@ -682,13 +682,19 @@ TEST_CASE("an instance whose workflow this program lacks is parked stuck, and th
     CHECK(wf->runnable().empty());
     CHECK(!wf->advance("lost").value());  // parked: nothing moves it but an operator
     CHECK(wf->resume("fine").status().code() == absl::StatusCode::kFailedPrecondition);
-  }
-  {
-    // The definition is back, but a parked instance stays parked until an operator resumes it.
-    auto [e, wf] = program(true);
-    CHECK(wf->runnable().empty());
+    // An operator's resume puts it back; still undefined here, the next step parks it again.
     REQUIRE(wf->resume("lost").ok());
     CHECK(wf->inspect("lost").value().status == "running");
+    REQUIRE(wf->advance("lost").value());
+    CHECK(wf->inspect("lost").value().status == "stuck");
+  }
+  {
+    // The definition is back: defining it resumes the instances its absence parked.
+    auto [e, wf] = program(true);
+    CHECK(wf->inspect("lost").value().status == "running");
+    CHECK(wf->inspect("lost").value().events.back().outcome ==
+          "resumed: workflow 'linear' is defined again");
+    CHECK(wf->resume("lost").status().code() == absl::StatusCode::kFailedPrecondition);
     CHECK(run_all(*wf) == 3);
     const pop::workflow_instance w = wf->inspect("lost").value();
     CHECK(w.status == "completed");

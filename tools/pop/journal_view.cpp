@@ -30,19 +30,39 @@ absl::StatusOr<const json*> journal_view::at(std::string_view dotted) const {
   return cur;
 }
 
+namespace {
+
+// The newest description of `kind` (by its "at_us"), or null if there is none.
+const std::pair<const std::string, json>* newest(
+    const std::map<std::string, std::map<std::string, json>, std::less<>>& descriptions,
+    std::string_view kind) {
+  const auto it = descriptions.find(kind);
+  if (it == descriptions.end()) return nullptr;
+  const std::pair<const std::string, json>* best = nullptr;
+  const auto at = [](const json& d) {
+    return d.is_object() && d.contains("at_us") && d["at_us"].is_number_integer()
+               ? d["at_us"].get<std::int64_t>()
+               : std::int64_t{0};
+  };
+  for (const auto& entry : it->second) {
+    if (!best || at(entry.second) >= at(best->second)) best = &entry;
+  }
+  return best;
+}
+
+}  // namespace
+
 std::string journal_view::dead_letter_path() const {
-  const auto it = descriptions_.find("dead_letters");
-  if (it == descriptions_.end() || it->second.empty()) return "system.dead_letters";
-  return it->second.begin()->first;
+  const auto* d = newest(descriptions_, "dead_letters");
+  return d ? d->first : "system.dead_letters";
 }
 
 workflow_options journal_view::workflow_paths() const {
   workflow_options o;
-  const auto it = descriptions_.find("workflows");
-  if (it == descriptions_.end() || it->second.empty()) return o;
-  const json& d = it->second.begin()->second;
-  o.instances = d.value("instances", o.instances);
-  o.index = d.value("index", o.index);
+  const auto* d = newest(descriptions_, "workflows");
+  if (!d || !d->second.is_object()) return o;
+  o.instances = d->second.value("instances", o.instances);
+  o.index = d->second.value("index", o.index);
   return o;
 }
 

@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <optional>
@@ -36,8 +37,6 @@ constexpr const char* exit_codes = R"(Exit codes:
   6  refused: a running engine holds the journal (repair commands only; stop the program)
   7  the journal cannot be read or written (I/O)
 Every command prints a table (or text) by default and JSON with --json.)";
-
-constexpr const char* held_payload = "pop.tools/held";
 
 int exit_code(const absl::Status& s) {
   if (s.GetPayload(held_payload)) return 6;
@@ -85,13 +84,7 @@ void add_common(CLI::App& cmd, common_args& a) {
 
 // An engine for a repair; a held journal is marked for exit code 6.
 absl::StatusOr<std::unique_ptr<engine>> repair_engine(const journal_view& v) {
-  absl::StatusOr<std::unique_ptr<engine>> e = open_for_repair(v.file(), v.outbox_path());
-  if (!e.ok() && journal_held(v.file())) {
-    absl::Status s = e.status();
-    s.SetPayload(held_payload, absl::Cord("1"));
-    return s;
-  }
-  return e;
+  return open_for_repair(v.file(), v.outbox_path());
 }
 
 // ---- state and diff ----------------------------------------------------------------------------
@@ -125,6 +118,10 @@ struct diff_args : common_args {
 };
 
 absl::StatusOr<std::string> cmd_diff(const diff_args& a) {
+  if (a.from > a.to) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pop diff: the older version comes first (", a.from, " > ", a.to, ")"));
+  }
   POP_ASSIGN_OR_RETURN(const journal_view before, journal_view::open(a.journal, a.from));
   POP_ASSIGN_OR_RETURN(const journal_view after, journal_view::open(a.journal, a.to));
   // A path missing on one side is a subtree added or removed, not an error.
@@ -133,6 +130,10 @@ absl::StatusOr<std::string> cmd_diff(const diff_args& a) {
   absl::StatusOr<const json*> c = after.at(a.path);
   if (!b.ok() && b.status().code() != absl::StatusCode::kNotFound) return b.status();
   if (!c.ok() && c.status().code() != absl::StatusCode::kNotFound) return c.status();
+  if (!b.ok() && !c.ok()) {
+    return absl::NotFoundError(absl::StrCat("journal '", a.journal, "': nothing at '", a.path,
+                                            "' in version ", a.from, " or ", a.to));
+  }
   std::vector<state_change> changes;
   if (b.ok() && c.ok()) {
     diff_states(**b, **c, a.path, changes);
@@ -266,6 +267,28 @@ absl::StatusOr<std::string> cmd_requeue(const requeue_args& a) {
       if (!d.malformed && (a.all || d.message.topic == a.topic)) ids.push_back(d.message.id);
     }
   }
+  // Checked here first, so a refused call does not even open (and mark) the journal.
+  POP_ASSIGN_OR_RETURN(const std::vector<outbox_message> pending, v.messages());
+  for (const std::string& id : a.ids) {
+    const auto d = std::find_if(letters.begin(), letters.end(),
+                                [&](const dead_letter& l) { return l.message.id == id; });
+    if (d == letters.end()) {
+      return absl::NotFoundError(absl::StrCat("no dead letter '", id, "' at '",
+                                              v.dead_letter_path(), "' in version ", v.version()));
+    }
+    if (d->malformed) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("dead letter '", id, "' was not a valid outbox message (", d->reason,
+                       "); it cannot be requeued, only discarded"));
+    }
+    if (std::any_of(pending.begin(), pending.end(),
+                    [&](const outbox_message& m) { return m.id == id; })) {
+      return absl::AlreadyExistsError(absl::StrCat("cannot requeue dead letter '", id,
+                                                   "': the outbox already holds that id in "
+                                                   "version ",
+                                                   v.version()));
+    }
+  }
   std::uint64_t version = v.version();
   if (!ids.empty()) {
     POP_ASSIGN_OR_RETURN(std::unique_ptr<engine> e, repair_engine(v));
@@ -288,6 +311,15 @@ struct discard_args : common_args {
 
 absl::StatusOr<std::string> cmd_discard(const discard_args& a) {
   POP_ASSIGN_OR_RETURN(const journal_view v, journal_view::open(a.journal));
+  POP_ASSIGN_OR_RETURN(const std::vector<dead_letter> letters, v.dead_letters());
+  for (const std::string& id : a.ids) {
+    if (std::none_of(letters.begin(), letters.end(),
+                     [&](const dead_letter& l) { return l.message.id == id; })) {
+      return absl::NotFoundError(absl::StrCat("no dead letter '", id, "' at '",
+                                              v.dead_letter_path(), "' in version ", v.version(),
+                                              "; nothing was discarded"));
+    }
+  }
   POP_ASSIGN_OR_RETURN(std::unique_ptr<engine> e, repair_engine(v));
   POP_ASSIGN_OR_RETURN(std::unique_ptr<dead_letters> d,
                        dead_letters::create(*e, v.dead_letter_path()));
@@ -356,6 +388,21 @@ struct workflow_args : common_args {
 
 absl::StatusOr<std::string> cmd_workflow_action(const workflow_args& a, const journal_view& v,
                                                 const workflow_instance& w) {
+  // The statuses each action applies to, checked here first so a refused call does not even
+  // open (and mark) the journal; the operator process checks them again in its commit.
+  const auto refuse = [&](const char* action, const char* wanted) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "workflow instance '", w.id, "' is ", w.status, "; ", action, " needs it ", wanted));
+  };
+  const bool ended = w.status == "completed" || w.status == "failed" || w.status == "compensated";
+  if (a.cancel && (ended || w.status == "compensating")) {
+    return refuse("cancel", "running, waiting or stuck");
+  }
+  if (a.resume && w.status != "stuck") return refuse("resume", "stuck");
+  if (!a.restart_from.empty() && w.status != "stuck" && w.status != "failed" &&
+      w.status != "compensated") {
+    return refuse("restart", "stuck, failed or compensated");
+  }
   if (!a.restart_from.empty()) {
     // The program is not running, so its definition is known only from the journal.
     if (absl::StatusOr<workflow_definition> def = v.definition(w.workflow); def.ok()) {
@@ -391,7 +438,7 @@ absl::StatusOr<std::string> cmd_workflow_action(const workflow_args& a, const jo
     j["version"] = e->version();
     return j.dump(2) + "\n";
   }
-  return fmt::format("{} workflow instance '{}' in version {}: now {} at step '{}'\n", done, a.id,
+  return fmt::format("workflow instance '{}' {} in version {}: now {} at step '{}'\n", a.id, done,
                      e->version(), after.status, after.cursor);
 }
 
@@ -536,7 +583,11 @@ std::string prometheus_escape(const std::string& s) {
   std::string out;
   for (const char c : s) {
     if (c == '\\' || c == '"') out += '\\';
-    out += c == '\n' ? 'n' : c;
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
   }
   return out;
 }
@@ -611,18 +662,21 @@ absl::Status render_with_dot(const std::string& dot_text, const std::string& fil
   std::string quoted = "'";
   for (const char c : file) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
   quoted += "'";
-  const std::string command = absl::StrCat("dot -T", ext, " -o ", quoted, " 2>&1");
+  if (std::system("command -v dot >/dev/null 2>&1") != 0) {
+    return absl::FailedPreconditionError(
+        "pop graph: Graphviz's dot is not installed (apt-get install graphviz); write DOT with "
+        "--output FILE.dot or without --output");
+  }
+  // dot's own messages go to standard error, never into this command's output.
+  const std::string command = absl::StrCat("dot -T", ext, " -o ", quoted, " 1>&2");
+  std::signal(SIGPIPE, SIG_IGN);  // a dot that exits early must not kill this command
   FILE* pipe = ::popen(command.c_str(), "w");
   if (!pipe) return absl::UnavailableError("pop graph: cannot run Graphviz's dot");
   std::fwrite(dot_text.data(), 1, dot_text.size(), pipe);
   const int rc = ::pclose(pipe);
   if (rc != 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "pop graph: Graphviz's dot failed (exit ", WEXITSTATUS(rc),
-        WEXITSTATUS(rc) == 127 ? ": it is not installed; apt-get install graphviz, or write DOT "
-                                 "with --output FILE.dot or without --output"
-                               : "",
-        ")"));
+    return absl::UnavailableError(absl::StrCat("pop graph: Graphviz's dot failed (exit ",
+                                               WEXITSTATUS(rc), ") writing '", file, "'"));
   }
   return absl::OkStatus();
 }
@@ -649,7 +703,10 @@ absl::StatusOr<std::string> cmd_graph(const graph_args& a) {
     }
     dot_text = process_graph(processes);
   }
-  if (a.output.empty()) return dot_text;
+  if (a.output.empty()) {
+    if (a.as_json) return json{{"journal", a.journal}, {"dot", dot_text}}.dump(2) + "\n";
+    return dot_text;
+  }
   if (a.output.size() > 4 && a.output.substr(a.output.size() - 4) == ".dot") {
     std::ofstream f(a.output);
     f << dot_text;

@@ -1,5 +1,7 @@
 #include "pop/workflow/detail/workflow_parts.hpp"
 
+#include <algorithm>
+
 #include "absl/strings/str_join.h"
 
 namespace pop::detail {
@@ -121,14 +123,14 @@ absl::Status cancel_instance(instance_txn& t, const std::string& reason) {
         absl::StrCat("workflow instance '", t.id(), "' has already ended (", status, ")"));
   }
   t.history(t.cursor(), "cancelled");
-  t.rec().erase("stuck");
+  t.unpark();
   // A child it is waiting for is cancelled with it (it compensates on its own).
   if (t.rec().contains("child")) {
     instance_txn child(t.opts(), t.ctx(), t.out(), t.rec()["child"], t.now());
     if (child.load() && !instance_txn::status_is_final(child.status()) &&
         child.status() != "compensating") {
       child.history(child.cursor(), "parent cancelled");
-      child.rec().erase("stuck");
+      child.unpark();
       child.fail_path(absl::StrCat("its parent '", t.id(), "' was cancelled"));
       child.save();
     }
@@ -154,11 +156,7 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
         instance_txn::status_is_final(status)) {
       return out;
     }
-    const std::string reason = args.at("reason").get<std::string>();
-    t.rec()["stuck"] = {{"status", status}, {"reason", reason}, {"at_us", t.now()}};
-    t.history(t.cursor(), absl::StrCat("stuck: ", reason));
-    t.set_status("stuck");
-    t.refresh_timer();
+    t.park(args.at("reason").get<std::string>(), args.value("kind", "operator"));
   } else if (action == "resume") {
     if (status != "stuck") return refuse("stuck");
     if (!t.rec()["stuck"].value("resumable", true)) {
@@ -166,9 +164,13 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
           absl::StrCat("workflow instance '", t.id(),
                        "' cannot be resumed: ", t.rec()["stuck"].value("reason", "")));
     }
+    if (const std::string kind = args.value("kind", "");
+        !kind.empty() && t.rec()["stuck"].value("kind", "") != kind) {
+      return out;  // define() resumes only what a missing definition parked
+    }
     const std::string before = t.rec()["stuck"].value("status", "running");
-    t.rec().erase("stuck");
-    t.history(t.cursor(), "resumed by an operator");
+    t.unpark();
+    t.history(t.cursor(), args.value("by", "resumed by an operator"));
     t.set_status(before);
     t.refresh_timer();
   } else if (action == "restart") {
@@ -177,30 +179,39 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     }
     const std::string step = args.at("step").get<std::string>();
     t.clear_wait();
-    for (const char* field : {"stuck", "child", "parent_step_of_child"}) t.rec().erase(field);
+    t.unpark();
+    for (const char* field : {"child", "parent_step_of_child"}) t.rec().erase(field);
     t.rec()["error"] = "";
     t.rec()["visits"] = json::object();
+    // Steps from `step` on run again and are recorded again for compensation: forget them from
+    // their first occurrence, so a later failure compensates each once.
+    if (json& done = t.rec()["done"]; done.is_array()) {
+      const auto first = std::find(done.begin(), done.end(), json(step));
+      done.erase(first, done.end());
+    }
     t.history(step, absl::StrCat("restarted here by an operator (was ", status, ")"));
     t.go(step);
     t.refresh_timer();
   } else if (action == "cancel") {
-    if (status == "compensating") return out;  // already on its failure path
+    if (status == "compensating") {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "workflow instance '", t.id(), "' is already compensating (on its failure path)"));
+    }
     POP_RETURN_IF_ERROR(cancel_instance(t, args.value("reason", "cancelled")));
     // Its parent waits for it, and moving the parent on needs the parent's definition, which this
     // action does not have: the parent is parked for an operator to decide.
     if (t.ended() && t.rec().contains("parent")) {
       instance_txn parent(o, ctx, out, t.rec()["parent"], t.now());
-      if (parent.load() && parent.status() == "waiting" &&
-          parent.rec().value("child", "") == t.id()) {
-        const std::string reason =
-            absl::StrCat("its child '", t.id(), "' was cancelled by an operator (", t.status(),
-                         "); restart it from a step or cancel it");
-        parent.rec()["stuck"] = {
-            {"status", "waiting"}, {"reason", reason}, {"at_us", t.now()}, {"resumable", false}};
-        parent.history(parent.cursor(), absl::StrCat("stuck: ", reason));
-        parent.set_status("stuck");
-        parent.refresh_timer();
-        parent.save();
+      if (parent.load() && parent.rec().value("child", "") == t.id()) {
+        const std::string what = absl::StrCat("its child '", t.id(),
+                                              "' was cancelled by an operator (", t.status(), ")");
+        if (parent.status() == "waiting") {
+          parent.park(what + "; restart it from a step or cancel it", "operator", false);
+          parent.save();
+        } else if (parent.stuck_waiting(t.id())) {
+          parent.cannot_resume(what);
+          parent.save();
+        }
       }
     }
   } else {

@@ -126,6 +126,43 @@ class instance_txn {
     }
   }
 
+  // Parks the instance as stuck with `reason`; `kind` says why ("undefined": its workflow is not
+  // defined in the program; "missing_step"; "operator"). An index entry lets define() find the
+  // instances that a returning definition unparks.
+  void park(const std::string& reason, const std::string& kind, bool resumable = true) {
+    rec_["stuck"] = {{"status", status()},
+                     {"reason", reason},
+                     {"kind", kind},
+                     {"at_us", now_},
+                     {"resumable", resumable}};
+    history(cursor(), absl::StrCat("stuck: ", reason));
+    set_status("stuck");
+    refresh_timer();
+    out_.set(index_path("stuck", id_),
+             json{{"workflow", rec_.value("workflow", "")}, {"kind", kind}});
+  }
+  // Forgets that the instance was stuck (the caller sets its new status).
+  void unpark() {
+    rec_.erase("stuck");
+    out_.erase(index_path("stuck", id_));
+  }
+  // A stuck instance that was waiting: true if its wait is for child `child` (or any if empty).
+  bool stuck_waiting(std::string_view child = {}) const {
+    if (status() != "stuck") return false;
+    const auto st = rec_.find("stuck");
+    if (st == rec_.end() || st->value("status", "") != "waiting") return false;
+    return child.empty() || rec_.value("child", "") == child;
+  }
+  // What happened to a stuck instance that it can no longer resume from: an operator must restart
+  // it from a step or cancel it.
+  void cannot_resume(const std::string& what) {
+    json& st = rec_["stuck"];
+    st["resumable"] = false;
+    st["reason"] = absl::StrCat(st.value("reason", ""), "; then ", what,
+                                ": restart it from a step or cancel it");
+    history(cursor(), absl::StrCat("while stuck: ", what));
+  }
+
   // Ends the instance with `status` (completed, failed, compensated).
   void finish(const std::string& status) {
     set_status(status);
