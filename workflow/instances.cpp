@@ -277,7 +277,49 @@ std::vector<std::string> workflows::runnable(std::size_t limit) const {
   return out;
 }
 
+absl::Status workflows::purge_mailbox(std::int64_t now) {
+  const std::int64_t ttl_us =
+      std::chrono::duration_cast<std::chrono::microseconds>(options_.mailbox_ttl).count();
+  std::int64_t last = last_purge_us_.load();
+  if (now - last < ttl_us / 10 || !last_purge_us_.compare_exchange_strong(last, now)) {
+    return absl::OkStatus();
+  }
+  for (;;) {
+    const snapshot snap = engine_.snapshot();
+    std::vector<write> writes;
+    const std::string mailbox = absl::StrCat(options_.index, ".mailbox");
+    snap.view(path::parse(mailbox).value())
+        .for_each_member([&](std::string_view key, const value_view& messages) {
+          const std::string at_key = absl::StrCat(mailbox, ".", detail::to_absl(key));
+          std::vector<write> expired;
+          std::size_t kept = 0;
+          messages.for_each_member([&](std::string_view id, const value_view& entry) {
+            const value_view at = entry.member("at_us");
+            const json t = at ? at.to_json() : json();
+            if (!t.is_number_integer() || t.get<std::int64_t>() + ttl_us <= now) {
+              expired.push_back({absl::StrCat(at_key, ".", detail::to_absl(id)), std::nullopt});
+            } else {
+              ++kept;
+            }
+            return true;
+          });
+          // A key left with no messages goes too.
+          if (kept == 0) {
+            writes.push_back({at_key, std::nullopt});
+          } else {
+            writes.insert(writes.end(), expired.begin(), expired.end());
+          }
+          return true;
+        });
+    if (writes.empty()) return absl::OkStatus();
+    POP_ASSIGN_OR_RETURN(
+        cas_result r, engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys));
+    if (r.committed) return absl::OkStatus();
+  }
+}
+
 absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& next_due_us) {
+  POP_RETURN_IF_ERROR(purge_mailbox(now));
   next_due_us = 0;
   std::vector<std::string> due;
   const snapshot snap = engine_.snapshot();
@@ -330,6 +372,7 @@ absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_messag
     return true;
   });
   const std::int64_t now = m.created_at_us > 0 ? m.created_at_us : 0;
+  bool taken = false;
   for (const std::string& id : ids) {
     detail::instance_txn t(options_, ctx, out, id, now);
     if (!t.load() || (t.status() != "waiting" && !t.stuck_waiting())) continue;
@@ -340,6 +383,7 @@ absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_messag
       // It cannot take the message now (its definition or step is missing here, or it is
       // parked): rather than drop it, keep it in the instance and park it for an operator.
       const std::string what = absl::StrCat("message ", m.topic, " (", m.id, ") arrived");
+      taken = true;
       t.rec()["received"][m.topic] = m.payload;
       if (t.status() == "waiting") {
         t.park(absl::StrCat(d ? "its step '" + t.cursor() + "' is not in its workflow"
@@ -354,13 +398,29 @@ absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_messag
       continue;
     }
     const auto next = step->wait.find(m.topic);
+    taken = true;
     t.rec()["received"][m.topic] = m.payload;
     t.clear_wait();
     t.history(step->name, absl::StrCat("received ", m.topic, " (", m.id, ")"));
     t.go(next->second);
     t.save();
   }
+  if (!taken && waited_topic(m.topic)) {
+    // Nobody waits for it yet: kept for the next wait on its key and topic.
+    out.set(absl::StrCat(options_.index, ".mailbox.", m.key, ".", m.id),
+            json{{"topic", m.topic}, {"payload", m.payload}, {"at_us", now}});
+  }
   return out;
+}
+
+bool workflows::waited_topic(std::string_view topic) const {
+  std::lock_guard lock(mu_);
+  for (const auto& [name, d] : definitions_) {
+    for (const workflow_step& s : d->def.steps) {
+      if (s.wait.contains(std::string(topic))) return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace pop

@@ -254,6 +254,29 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
                                "', which is missing or not usable as a key"));
       return;
     }
+    // A message that arrived before the instance waited for it is in the mailbox of its key:
+    // the oldest on one of this step's topics is taken now, in this commit.
+    const std::string mailbox = absl::StrCat(t.opts().index, ".mailbox.", key_text);
+    std::optional<std::pair<std::string, json>> early;
+    const value_view kept = t.ctx().view(mailbox);
+    kept.for_each_member([&](std::string_view id, const value_view& v) {
+      const json entry = v.to_json();
+      if (entry.is_object() && step.wait.contains(entry.value("topic", ""))) {
+        early.emplace(std::string(id), entry);
+        return false;
+      }
+      return true;
+    });
+    if (early) {
+      const std::string topic = early->second.value("topic", "");
+      // The key's last message takes the key with it.
+      t.out().erase(kept.size() == 1 ? mailbox : absl::StrCat(mailbox, ".", early->first));
+      t.rec()["received"][topic] = early->second.value("payload", json());
+      t.history(step.name,
+                absl::StrCat("received ", topic, " (", early->first, ") from the mailbox"));
+      t.go(step.wait.at(topic));
+      return;
+    }
     std::vector<std::string> topics;
     for (const auto& [topic, next] : step.wait) topics.push_back(topic);
     t.rec()["wait_key"] = key_text;

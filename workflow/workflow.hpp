@@ -1,6 +1,9 @@
 // Defines pop::workflows: long-running flows of processes whose instances live in the state.
 #pragma once
 
+#include <atomic>
+#include <chrono>
+
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -108,7 +111,11 @@ inline constexpr std::string_view workflow_operate_process = "workflow.operate";
 // Where workflow records live, and the prefix of the processes it registers.
 struct workflow_options {
   std::string instances = "system.workflows";   // <instances>.<id>
-  std::string index = "system.workflow_index";  // runnable, waits and timers indexes
+  std::string index = "system.workflow_index";  // runnable, waits, timers, stuck and mailbox
+  // How long a message that arrived before any instance waited for it is kept in the mailbox
+  // (<index>.mailbox.<key>.<message id>) for the next wait on its key and topic; expire() purges
+  // older ones.
+  std::chrono::milliseconds mailbox_ttl = std::chrono::hours(24);
 };
 
 // The embedded workflow engine.
@@ -191,12 +198,16 @@ class workflows {
   // Up to `limit` instances that advance() would move now, in id order.
   std::vector<std::string> runnable(std::size_t limit = 1024) const;
   // Moves waits and instances whose time is up down their timeout or failure paths; returns how
-  // many, and sets `next_due_us` to the earliest remaining deadline (0 if none).
+  // many, and sets `next_due_us` to the earliest remaining deadline (0 if none). Also purges
+  // mailbox messages older than options.mailbox_ttl (at most once per tenth of it).
   [[nodiscard]] absl::StatusOr<std::size_t> expire(std::int64_t now_us, std::int64_t& next_due_us);
 
   // For the inbox: the handler spec and function that resume instances waiting for a message
-  // (relay's register_workflow_resume wires them). A message matching no waiting instance (a
-  // duplicate, or a reply after a timeout) changes nothing.
+  // (relay's register_workflow_resume wires them). A message that no instance waits for yet, on a
+  // topic some defined wait step takes, is kept in the mailbox of its key: the next wait step on
+  // that key and topic takes it at once (so a reply that overtakes its request's commit, or an
+  // early signal, is not lost). The inbox absorbs a resend of the same message id; a message on
+  // a topic no wait step takes changes nothing. Messages are kept for options.mailbox_ttl.
   process_spec resume_spec() const;
   absl::StatusOr<result> resume(const context& ctx, const outbox_message& m) const;
 
@@ -217,6 +228,10 @@ class workflows {
   // Parks instance `w` (seen with status w.status) as stuck with `reason`, of `kind`
   // ("undefined", "missing_step", "missing_compensation").
   absl::StatusOr<bool> park(const workflow_instance& w, std::string reason, const char* kind);
+  // True if a wait step of a defined workflow takes messages on `topic`.
+  bool waited_topic(std::string_view topic) const;
+  // Deletes mailbox messages older than options.mailbox_ttl (at most once per tenth of it).
+  absl::Status purge_mailbox(std::int64_t now_us);
   // Resumes the instances of workflow `name` that were parked because it was not defined.
   absl::Status resume_parked(const std::string& name);
   // Runs step `step` (not a process step) of `t`'s instance, of definition `d`.
@@ -228,6 +243,7 @@ class workflows {
   std::map<std::string, std::shared_ptr<const registered_process>, std::less<>> processes_;
   std::map<std::string, std::shared_ptr<const registered_predicate>, std::less<>> predicates_;
   std::map<std::string, std::shared_ptr<const defined>, std::less<>> definitions_;
+  std::atomic<std::int64_t> last_purge_us_{0};
 };
 
 }  // namespace pop

@@ -86,16 +86,6 @@ absl::Status read_meta(sqlite3* db, const std::string& path, journal_info& info,
   return absl::OkStatus();
 }
 
-absl::Status read_meta_or_foreign(sqlite3* db, const std::string& path, journal_info& info,
-                                  bool& found) {
-  absl::Status s = read_meta(db, path, info, found);
-  if (!s.ok() && sqlite3_errcode(db) == SQLITE_NOTADB) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "'", path, "' is not an SQLite database, so not a pop journal; it was left untouched"));
-  }
-  return s;
-}
-
 std::string head_path(const std::string& path) {
   return path + "-head";
 }
@@ -159,7 +149,7 @@ absl::Status precheck_without_wal(const std::string& path, journal_info& info, b
   const std::string uri = absl::StrCat("file:", uri_escape(path), "?immutable=1");
   int rc = sqlite3_open_v2(uri.c_str(), &c.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr);
   if (rc != SQLITE_OK) return sql_error(c.db, rc, path, "opening it to check it");
-  POP_RETURN_IF_ERROR(read_meta_or_foreign(c.db, path, info, found));
+  POP_RETURN_IF_ERROR(read_meta(c.db, path, info, found));
   if (!found || info.clean) return absl::OkStatus();
   const std::optional<std::uint64_t> head = read_head(path);
   if (!head) {
@@ -344,7 +334,7 @@ absl::Status open_read_only(const std::string& path, connection& c, journal_info
       sqlite3_open_v2(uri.c_str(), &c.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr);
   if (rc != SQLITE_OK) return sql_error(c.db, rc, path, "opening it read-only");
   sqlite3_busy_timeout(c.db, 5000);
-  POP_RETURN_IF_ERROR(read_meta_or_foreign(c.db, path, info, found));
+  POP_RETURN_IF_ERROR(read_meta(c.db, path, info, found));
   if (!found) {
     POP_RETURN_IF_ERROR(check_foreign(c.db, path));
     return absl::FailedPreconditionError(

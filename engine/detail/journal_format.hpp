@@ -79,9 +79,6 @@ std::int64_t record_checksum(std::int64_t version, std::int64_t at_us, std::stri
 std::int64_t snapshot_checksum(std::int64_t version, std::int64_t at_us, std::string_view state);
 // Reads pop_meta into `info`; `found` is false if the table does not exist.
 absl::Status read_meta(sqlite3* db, const std::string& path, journal_info& info, bool& found);
-// read_meta(), but kFailedPrecondition for a file that is not an SQLite database at all.
-absl::Status read_meta_or_foreign(sqlite3* db, const std::string& path, journal_info& info,
-                                  bool& found);
 // The head file of journal `path`: "<path>-head".
 std::string head_path(const std::string& path);
 // The head file's content for `version` (head_size bytes).

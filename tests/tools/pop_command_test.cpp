@@ -460,9 +460,11 @@ TEST_CASE("pop gives clear errors and distinct exit codes, and changes nothing o
 
   const std::string not_sqlite = dir.file("notes.txt");
   pop::test::write_bytes(not_sqlite, std::string(4096, 'x'));
+  // Not SQLite at all: as the engine says, damaged or not a journal, never touched (exit 4).
   r = pop_command({"verify", not_sqlite});
-  CHECK(r.code == 5);
-  CHECK(contains(r.err, "is not an SQLite database"));
+  CHECK(r.code == 4);
+  CHECK(contains(r.err, "file is not a database"));
+  CHECK(pop::test::file_bytes(not_sqlite) == std::string(4096, 'x'));
 
   const std::string foreign = dir.file("foreign.db");
   sql(foreign, "CREATE TABLE accounts(id INTEGER PRIMARY KEY)");

@@ -744,3 +744,57 @@ TEST_CASE("an operator restarts a failed instance from a step, and cancels a stu
   CHECK(w.error == "operator gave up");
   CHECK(bare_owner->cancel("g").code() == absl::StatusCode::kFailedPrecondition);
 }
+
+TEST_CASE("a message that arrives before its instance waits is kept and taken by the wait",
+          "[workflow][mailbox]") {
+  auto clock = std::make_shared<pop::manual_clock>(10'000'000);
+  auto e_owner = pop::test::must(pop::engine::open({.clock = clock}));
+  pop::engine& e = *e_owner;
+  pop::workflow_options o;
+  o.mailbox_ttl = std::chrono::seconds(60);
+  auto wf_owner = pop::test::must(pop::workflows::create(e, o));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  auto in_owner = pop::test::must(pop::inbox::create(e));
+  pop::inbox& in = *in_owner;
+  REQUIRE(pop::register_workflow_resume(in, wf).ok());
+  REQUIRE(
+      wf.define(
+            parse({{"name", "ask"},
+                   {"start", "request"},
+                   {"steps",
+                    {{"request", {{"process", "append"}, {"next", "await"}}},
+                     {"await",
+                      {{"wait", {{"answer", "done"}, {"refusal", "refused"}}}, {"key", "order"}}},
+                     {"refused", {{"fail", "refused"}}},
+                     {"done", {{"end", true}}}}}}))
+          .ok());
+  REQUIRE(wf.start("ask", "a1", {{"order", "o-1"}, {"tag", "asked"}}).ok());
+  // The answer overtakes the instance: it has not reached its wait yet. Before, the inbox marked
+  // it applied and dropped it, a resend was absorbed as a duplicate, and the instance waited on.
+  CHECK(wf.inspect("a1").value().status == "running");
+  CHECK(
+      in.apply("workflow.resume", message("r1", "answer", "o-1", {{"ok", true}})).value().applied);
+  CHECK(!in.apply("workflow.resume", message("r1", "answer", "o-1")).value().applied);  // resend
+  // A topic no wait step takes is not kept.
+  CHECK(in.apply("workflow.resume", message("x1", "unrelated", "o-1")).value().applied);
+  CHECK(state(e, "system.workflow_index.mailbox.o-1") ==
+        json({{"r1", {{"topic", "answer"}, {"payload", {{"ok", true}}}, {"at_us", 0}}}}));
+  REQUIRE(wf.advance("a1").value());  // the request, then at once the kept answer
+  pop::workflow_instance w = wf.inspect("a1").value();
+  CHECK(w.cursor == "done");
+  CHECK(w.received == json({{"answer", {{"ok", true}}}}));
+  CHECK(w.events.back().outcome == "received answer (r1) from the mailbox");
+  CHECK(state(e, "system.workflow_index.mailbox.o-1").is_null());  // taken once, key gone
+  run_all(wf);
+  CHECK(wf.inspect("a1").value().status == "completed");
+
+  // Kept messages nobody takes are purged after mailbox_ttl by the runner's expire().
+  CHECK(in.apply("workflow.resume", message("r9", "refusal", "o-9")).value().applied);
+  std::int64_t next_due = 0;
+  CHECK(wf.expire(clock->now_us(), next_due).ok());
+  CHECK(!state(e, "system.workflow_index.mailbox.o-9").empty());
+  clock->advance(61'000'000);
+  CHECK(wf.expire(clock->now_us(), next_due).ok());
+  CHECK(state(e, "system.workflow_index.mailbox.o-9").is_null());
+}

@@ -31,7 +31,8 @@ constexpr const char* exit_codes = R"(Exit codes:
   2  bad arguments
   3  not found: no such journal, version (not retained), path, message, dead letter, instance
      or workflow
-  4  the journal is damaged (the message names what and where; nothing was changed)
+  4  the journal is damaged, or the file is not SQLite at all (the message names what and
+     where; nothing was changed)
   5  refused: not a pop journal, a newer journal format, or an action that does not apply
      (resuming an instance that is not stuck, requeueing an id the outbox holds)
   6  refused: a running engine holds the journal (repair commands only; stop the program)
