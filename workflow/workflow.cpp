@@ -364,8 +364,16 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           detail::instance_txn t(o, ctx, out, args.at("id").get<std::string>(),
                                  args.at("now").get<std::int64_t>());
           if (t.load()) {
-            return absl::AlreadyExistsError(
-                absl::StrCat("workflow instance '", t.id(), "' already exists"));
+            // Starting the same instance again (a retried request) is not an error.
+            const bool same = t.rec().value("workflow", "") == args.at("workflow") &&
+                              t.rec().value("inputs", json::object()) == args.at("inputs");
+            if (same && o.idempotent_start) return out;
+            return absl::AlreadyExistsError(absl::StrCat(
+                "workflow instance '", t.id(), "' already exists",
+                same ? ""
+                     : absl::StrCat(" (workflow '", t.rec().value("workflow", ""),
+                                    "' with other inputs: ",
+                                    t.rec().value("inputs", json::object()).dump(), ")")));
           }
           const std::shared_ptr<const defined> def =
               self->find_definition(args.at("workflow").get<std::string>());

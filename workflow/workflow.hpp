@@ -116,6 +116,9 @@ struct workflow_options {
   // (<index>.mailbox.<key>.<message id>) for the next wait on its key and topic; expire() purges
   // older ones.
   std::chrono::milliseconds mailbox_ttl = std::chrono::hours(24);
+  // start() of an id that exists with the same workflow and inputs returns without a change
+  // (a retried request); false: kAlreadyExists as for other inputs.
+  bool idempotent_start = true;
 };
 
 // The embedded workflow engine.
@@ -161,9 +164,11 @@ class workflows {
   [[nodiscard]] absl::Status define_from_file(const std::string& file_path);
 
   // Starts instance `id` of `workflow` with `inputs` (an object; null, as `{}` is in C++, means no
-  // inputs). Returns the commit's version; kNotFound (no such workflow), kAlreadyExists (id
-  // taken), kInvalidArgument (an id that is not one path segment, such as "L.1", or inputs that
-  // are not an object or not storable JSON).
+  // inputs). Returns the commit's version; if the instance exists already with the same workflow
+  // and inputs, changes nothing and returns the newest version (options.idempotent_start).
+  // kNotFound (no such workflow), kAlreadyExists (id taken by another workflow or other inputs,
+  // named in the message), kInvalidArgument (an id that is not one path segment, such as "L.1", or
+  // inputs that are not an object or not storable JSON).
   // `timeout_ms` > 0 bounds the instance's life: past it the runner fails it.
   [[nodiscard]] absl::StatusOr<std::uint64_t> start(std::string_view workflow, std::string_view id,
                                                     json inputs = json::object(),

@@ -133,7 +133,14 @@ TEST_CASE("a process step commits its writes and the cursor move in one transact
   CHECK(!wf.advance("w1").value());  // nothing left to do
   CHECK(state(e, "domain.count") == 2);
   CHECK(wf.runnable().empty());
-  CHECK(wf.start("linear", "w1").status().code() == absl::StatusCode::kAlreadyExists);
+  const absl::Status other = wf.start("linear", "w1").status();
+  CHECK(other.code() == absl::StatusCode::kAlreadyExists);
+  CHECK(absl::StrContains(other.message(), "with other inputs: {\"tag\":\"x\"}"));
+  // The same start again (a retried request) changes nothing and is not an error.
+  const std::uint64_t before = e.version();
+  CHECK(wf.start("linear", "w1", {{"tag", "x"}}).value() == before);
+  CHECK(e.version() == before);
+  CHECK(wf.inspect("w1").value().status == "completed");
   CHECK(wf.start("nope", "w2").status().code() == absl::StatusCode::kNotFound);
   CHECK(wf.start("linear", "bad id").status().code() == absl::StatusCode::kInvalidArgument);
 }
@@ -797,4 +804,18 @@ TEST_CASE("a message that arrives before its instance waits is kept and taken by
   clock->advance(61'000'000);
   CHECK(wf.expire(clock->now_us(), next_due).ok());
   CHECK(state(e, "system.workflow_index.mailbox.o-9").is_null());
+}
+
+TEST_CASE("a strict workflow engine refuses even an identical second start", "[workflow]") {
+  pop::engine e;
+  pop::workflow_options strict;
+  strict.idempotent_start = false;
+  auto wf_owner = pop::test::must(pop::workflows::create(e, strict));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse(linear)).ok());
+  REQUIRE(wf.start("linear", "w1", {{"tag", "x"}}).ok());
+  const absl::Status again = wf.start("linear", "w1", {{"tag", "x"}}).status();
+  CHECK(again.code() == absl::StatusCode::kAlreadyExists);
+  CHECK(absl::StrContains(again.message(), "workflow instance 'w1' already exists"));
 }
