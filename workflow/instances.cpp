@@ -117,6 +117,39 @@ std::vector<workflow_instance> workflows::list(std::string_view status) const {
   return out;
 }
 
+subscription workflows::wait_for(
+    std::string_view id, std::function<void(absl::StatusOr<workflow_instance>)> done) const {
+  struct waiter {
+    std::mutex mu;
+    bool fired = false;
+    std::function<void(absl::StatusOr<workflow_instance>)> done;
+    std::string id;
+  };
+  auto w = std::make_shared<waiter>();
+  w->done = std::move(done);
+  w->id = std::string(id);
+  const auto check = [this, w] {
+    {
+      std::lock_guard lock(w->mu);
+      if (w->fired) return;
+    }
+    absl::StatusOr<workflow_instance> now = inspect(w->id);
+    if (now.ok() && !ended(now->status)) return;
+    std::function<void(absl::StatusOr<workflow_instance>)> fn;
+    {
+      std::lock_guard lock(w->mu);
+      if (w->fired) return;  // another commit's call got there first
+      w->fired = true;
+      fn = std::move(w->done);
+    }
+    fn(std::move(now));
+  };
+  // Subscribed before the first look: a commit in between cannot be missed.
+  subscription sub = engine_.on_commit([check](std::uint64_t) { check(); });
+  check();
+  return sub;
+}
+
 absl::StatusOr<commit> workflows::operate(std::string_view id, std::string_view action, json args) {
   args["id"] = id;
   args["action"] = action;

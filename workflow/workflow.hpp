@@ -3,7 +3,6 @@
 
 #include <atomic>
 #include <chrono>
-
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -177,6 +176,19 @@ class workflows {
   [[nodiscard]] absl::StatusOr<workflow_instance> inspect(std::string_view id) const;
   // The instances with `status` (every one if empty), in id order.
   std::vector<workflow_instance> list(std::string_view status = {}) const;
+  // Calls `done` once with instance `id` when it has ended (completed, failed or compensated):
+  // at once, on this thread, if it already has or does not exist (kNotFound), else from the thread
+  // of the commit that ended it. Keep the returned subscription: resetting or destroying it stops
+  // the wait (and waits for a call in progress); do not reset it from inside `done`. Each waiting
+  // call looks at its instance once per commit until it fires. This object must outlive it. See
+  // also pop::wait_for (workflow_runner.hpp), the awaitable form.
+  [[nodiscard]] subscription wait_for(
+      std::string_view id, std::function<void(absl::StatusOr<workflow_instance>)> done) const;
+  // Whether `status` is one an instance ends with.
+  static bool ended(std::string_view status) {
+    return status == "completed" || status == "failed" || status == "compensated";
+  }
+
   // Cancels a running, waiting or stuck instance: it takes the failure path with `reason` (a
   // child it waits for is cancelled too). kNotFound; kFailedPrecondition if it has ended.
   [[nodiscard]] absl::Status cancel(std::string_view id, std::string reason = "cancelled");

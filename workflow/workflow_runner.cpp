@@ -5,6 +5,7 @@
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/experimental/concurrent_channel.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
@@ -117,6 +118,23 @@ asio::awaitable<absl::Status> workflow_runner::loop_on_strand(std::shared_ptr<vo
     }
     state->pending = false;
   }
+}
+
+asio::awaitable<absl::StatusOr<workflow_instance>> wait_for(const workflows& w, std::string id) {
+  using outcome_channel = asio::experimental::concurrent_channel<void(
+      boost::system::error_code, absl::StatusOr<workflow_instance>)>;
+  // A thread-safe channel: the commit that ends the instance sends from its own thread.
+  auto channel = std::make_shared<outcome_channel>(co_await asio::this_coro::executor, 1);
+  subscription sub = w.wait_for(id, [channel](absl::StatusOr<workflow_instance> outcome) {
+    channel->try_send(boost::system::error_code(), std::move(outcome));
+  });
+  auto [ec, outcome] = co_await channel->async_receive(asio::as_tuple(asio::use_awaitable));
+  sub.reset();
+  if (ec) {
+    co_return absl::CancelledError(
+        absl::StrCat("waiting for workflow instance '", id, "' was cancelled: ", ec.message()));
+  }
+  co_return std::move(outcome);
 }
 
 absl::Status register_workflow_resume(inbox& in, workflows& w) {

@@ -47,6 +47,12 @@ class workflow_runner {
   std::atomic<std::uint64_t> steps_{0};
 };
 
+// Completes when instance `id` of `w` has ended (completed, failed or compensated), with the
+// instance; kNotFound if there is no such instance; kCancelled if the awaiting coroutine is
+// cancelled first. Woken by the commit that ends it: no polling. `w` must outlive the wait.
+boost::asio::awaitable<absl::StatusOr<workflow_instance>> wait_for(const workflows& w,
+                                                                   std::string id);
+
 // Registers the workflows' resume handler on `in`, so messages applied through the inbox resume
 // the instances waiting for them (exactly once per message id).
 [[nodiscard]] absl::Status register_workflow_resume(inbox& in, workflows& w);

@@ -7,6 +7,8 @@
 
 #include <optional>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 
@@ -818,4 +820,79 @@ TEST_CASE("a strict workflow engine refuses even an identical second start", "[w
   const absl::Status again = wf.start("linear", "w1", {{"tag", "x"}}).status();
   CHECK(again.code() == absl::StatusCode::kAlreadyExists);
   CHECK(absl::StrContains(again.message(), "workflow instance 'w1' already exists"));
+}
+
+TEST_CASE("wait_for calls back once when an instance ends, and its awaitable form completes",
+          "[workflow][wait_for]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse(linear)).ok());
+  REQUIRE(wf.start("linear", "w1", {{"tag", "x"}}).ok());
+
+  std::vector<absl::StatusOr<pop::workflow_instance>> seen;
+  pop::subscription sub =
+      wf.wait_for("w1", [&](absl::StatusOr<pop::workflow_instance> w) { seen.push_back(w); });
+  REQUIRE(wf.advance("w1").value());
+  REQUIRE(wf.advance("w1").value());
+  CHECK(seen.empty());  // still running
+  REQUIRE(wf.advance("w1").value());
+  REQUIRE(seen.size() == 1);
+  REQUIRE(seen[0].ok());
+  CHECK(seen[0]->status == "completed");
+  CHECK(e.execute("append", {{"tag", "later"}}).ok());  // more commits: no second call
+  CHECK(seen.size() == 1);
+
+  // Already ended, or unknown: called at once.
+  std::optional<absl::StatusOr<pop::workflow_instance>> at_once;
+  pop::subscription done_sub =
+      wf.wait_for("w1", [&](absl::StatusOr<pop::workflow_instance> w) { at_once = w; });
+  REQUIRE(at_once.has_value());
+  CHECK(at_once->value().status == "completed");
+  at_once.reset();
+  pop::subscription missing_sub =
+      wf.wait_for("nobody", [&](absl::StatusOr<pop::workflow_instance> w) { at_once = w; });
+  REQUIRE(at_once.has_value());
+  CHECK(at_once->status().code() == absl::StatusCode::kNotFound);
+
+  // The awaitable: a coroutine waits for an instance the runner drives on the same io_context.
+  REQUIRE(wf.start("linear", "w2", {{"tag", "y"}}).ok());
+  boost::asio::io_context io;
+  std::optional<absl::StatusOr<pop::workflow_instance>> awaited;
+  boost::asio::co_spawn(io, pop::wait_for(wf, "w2"),
+                        [&](std::exception_ptr ex, absl::StatusOr<pop::workflow_instance> w) {
+                          if (ex) std::rethrow_exception(ex);
+                          awaited = std::move(w);
+                        });
+  pop::workflow_runner runner(e, wf);
+  absl::Status settled = absl::UnknownError("not run");
+  boost::asio::co_spawn(io, runner.settle(),
+                        [&](std::exception_ptr, absl::Status s) { settled = s; });
+  io.run();
+  REQUIRE(settled.ok());
+  REQUIRE(awaited.has_value());
+  REQUIRE(awaited->ok());
+  CHECK((*awaited)->status == "completed");
+  CHECK((*awaited)->id == "w2");
+
+  // Cancelled before the instance ends: kCancelled, and the instance is untouched.
+  REQUIRE(wf.start("linear", "w3", {{"tag", "z"}}).ok());
+  boost::asio::cancellation_signal stop;
+  awaited.reset();
+  boost::asio::co_spawn(
+      io, pop::wait_for(wf, "w3"),
+      boost::asio::bind_cancellation_slot(
+          stop.slot(), [&](std::exception_ptr ex, absl::StatusOr<pop::workflow_instance> w) {
+            if (ex) std::rethrow_exception(ex);
+            awaited = std::move(w);
+          }));
+  io.restart();
+  io.poll();
+  CHECK(!awaited.has_value());
+  stop.emit(boost::asio::cancellation_type::terminal);
+  io.run();
+  REQUIRE(awaited.has_value());
+  CHECK(awaited->status().code() == absl::StatusCode::kCancelled);
+  CHECK(wf.inspect("w3").value().status == "running");
 }
