@@ -76,7 +76,8 @@ struct workflow_instance {
   std::string id{};
   std::string workflow{};
   std::string definition_version{};  // hash of the definition it was started with
-  std::string status{};  // running, waiting, compensating, completed, failed, compensated, or
+  std::string status{};  // running, waiting, compensating, completed, failed, compensated,
+                         // cancelled (cancel() ended it, after its compensations), or
                          // stuck (parked until an operator acts: see workflows::resume)
   std::string cursor{};  // the current step
   json inputs{};
@@ -176,7 +177,8 @@ class workflows {
   [[nodiscard]] absl::StatusOr<workflow_instance> inspect(std::string_view id) const;
   // The instances with `status` (every one if empty), in id order.
   std::vector<workflow_instance> list(std::string_view status = {}) const;
-  // Calls `done` once with instance `id` when it has ended (completed, failed or compensated):
+  // Calls `done` once with instance `id` when it has ended (completed, failed, compensated or
+  // cancelled):
   // at once, on this thread, if it already has or does not exist (kNotFound), else from the thread
   // of the commit that ended it. Keep the returned subscription: resetting or destroying it stops
   // the wait (and waits for a call in progress); do not reset it from inside `done`. Each waiting
@@ -186,11 +188,13 @@ class workflows {
       std::string_view id, std::function<void(absl::StatusOr<workflow_instance>)> done) const;
   // Whether `status` is one an instance ends with.
   static bool ended(std::string_view status) {
-    return status == "completed" || status == "failed" || status == "compensated";
+    return status == "completed" || status == "failed" || status == "compensated" ||
+           status == "cancelled";
   }
 
   // Cancels a running, waiting or stuck instance: it takes the failure path with `reason` (a
-  // child it waits for is cancelled too). kNotFound; kFailedPrecondition if it has ended.
+  // child it waits for is cancelled too) and, its compensations done, ends "cancelled".
+  // kNotFound; kFailedPrecondition if it has ended.
   [[nodiscard]] absl::Status cancel(std::string_view id, std::string reason = "cancelled");
 
   // Operator actions. An instance that cannot advance (its workflow is not defined in this
@@ -198,7 +202,8 @@ class workflows {
   // "stuck" and the reason, instead of stopping the runner or waiting silently; it stays stuck
   // until an operator acts (from C++ or the `pop workflow` command):
   // resume() puts a stuck instance back in the status it had (once the program defines what it
-  // needs); restart_from() moves a stuck, failed or compensated instance to step `step`, running,
+  // needs); restart_from() moves a stuck, failed, compensated or cancelled instance to `step`,
+  // running,
   // with its error, loop counts and wait cleared. Both are one commit and return its version;
   // kNotFound (no instance; or, when this program defines the workflow, no such step),
   // kFailedPrecondition (the instance is not in a status the action applies to). None of them

@@ -47,7 +47,8 @@ class workflow_runner {
   std::atomic<std::uint64_t> steps_{0};
 };
 
-// Completes when instance `id` of `w` has ended (completed, failed or compensated), with the
+// Completes when instance `id` of `w` has ended (completed, failed, compensated or cancelled),
+// with the
 // instance; kNotFound if there is no such instance; kCancelled if the awaiting coroutine is
 // cancelled first. Woken by the commit that ends it: no polling. `w` must outlive the wait.
 boost::asio::awaitable<absl::StatusOr<workflow_instance>> wait_for(const workflows& w,

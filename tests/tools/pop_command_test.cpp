@@ -401,7 +401,7 @@ TEST_CASE("repairs are refused while an engine holds the journal, and reads stil
   CHECK(pop_json({"discard", file, w.bad_id})["version"] == c.version + 1);
   CHECK(pop_json({"dead", file})["dead_letters"].empty());
   j = pop_json({"workflow", file, "w-1", "--cancel", "--reason", "gave up"});
-  CHECK(j["status"] == "failed");
+  CHECK(j["status"] == "cancelled");
   CHECK(j["error"] == "gave up");
   CHECK(j["action"] == "cancelled");
 }
@@ -441,7 +441,7 @@ TEST_CASE("pop gives clear errors and distinct exit codes, and changes nothing o
   const std::string cancelled = pop::test::file_bytes(file);
   r = pop_command({"workflow", file, "w-1", "--cancel"});
   CHECK(r.code == 5);
-  CHECK(contains(r.err, "is failed; cancel needs it running, waiting or stuck"));
+  CHECK(contains(r.err, "is cancelled; cancel needs it running, waiting or stuck"));
   CHECK(pop::test::file_bytes(file) == cancelled);
   CHECK(before != cancelled);  // (the file does change when a repair goes through)
   CHECK(pop_json({"dead", file})["dead_letters"].size() == 1);  // not even the first was removed

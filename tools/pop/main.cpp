@@ -395,14 +395,13 @@ absl::StatusOr<std::string> cmd_workflow_action(const workflow_args& a, const jo
     return absl::FailedPreconditionError(absl::StrCat(
         "workflow instance '", w.id, "' is ", w.status, "; ", action, " needs it ", wanted));
   };
-  const bool ended = w.status == "completed" || w.status == "failed" || w.status == "compensated";
+  const bool ended = workflows::ended(w.status);
   if (a.cancel && (ended || w.status == "compensating")) {
     return refuse("cancel", "running, waiting or stuck");
   }
   if (a.resume && w.status != "stuck") return refuse("resume", "stuck");
-  if (!a.restart_from.empty() && w.status != "stuck" && w.status != "failed" &&
-      w.status != "compensated") {
-    return refuse("restart", "stuck, failed or compensated");
+  if (!a.restart_from.empty() && w.status != "stuck" && !(ended && w.status != "completed")) {
+    return refuse("restart", "stuck, failed, compensated or cancelled");
   }
   if (!a.restart_from.empty()) {
     // The program is not running, so its definition is known only from the journal.
@@ -782,7 +781,7 @@ int main(int argc, char** argv) {
   add_common(*c, flows);
   c->add_option("--status", flows.status,
                 "Only this status (running, waiting, compensating, stuck, completed, failed, "
-                "compensated)");
+                "compensated, cancelled)");
   c->add_option("--definition", flows.definition,
                 "Only this workflow (name or definition version)");
   c->callback([&] { run = [&] { return cmd_workflows(flows); }; });
@@ -797,7 +796,7 @@ int main(int argc, char** argv) {
   c->add_option("--reason", flow.reason, "Why it is cancelled");
   c->add_flag("--resume", flow.resume, "Put a stuck instance back in the status it had");
   c->add_option("--restart-from", flow.restart_from,
-                "Move a stuck, failed or compensated instance to this step, running");
+                "Move a stuck, failed, compensated or cancelled instance to this step, running");
   c->callback([&] { run = [&] { return cmd_workflow(flow); }; });
 
   audit_args audit;

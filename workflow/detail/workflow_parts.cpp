@@ -123,6 +123,7 @@ absl::Status cancel_instance(instance_txn& t, const std::string& reason) {
         absl::StrCat("workflow instance '", t.id(), "' has already ended (", status, ")"));
   }
   t.history(t.cursor(), "cancelled");
+  t.rec()["cancelled"] = {{"reason", reason}, {"at_us", t.now()}};
   t.unpark();
   // A child it is waiting for is cancelled with it (it compensates on its own).
   if (t.rec().contains("child")) {
@@ -130,6 +131,8 @@ absl::Status cancel_instance(instance_txn& t, const std::string& reason) {
     if (child.load() && !instance_txn::status_is_final(child.status()) &&
         child.status() != "compensating") {
       child.history(child.cursor(), "parent cancelled");
+      child.rec()["cancelled"] = {
+          {"reason", absl::StrCat("its parent '", t.id(), "' was cancelled")}, {"at_us", t.now()}};
       child.unpark();
       child.fail_path(absl::StrCat("its parent '", t.id(), "' was cancelled"));
       child.save();
@@ -174,13 +177,14 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     t.set_status(before);
     t.refresh_timer();
   } else if (action == "restart") {
-    if (status != "stuck" && status != "failed" && status != "compensated") {
-      return refuse("stuck, failed or compensated");
+    if (status != "stuck" && status != "failed" && status != "compensated" &&
+        status != "cancelled") {
+      return refuse("stuck, failed, compensated or cancelled");
     }
     const std::string step = args.at("step").get<std::string>();
     t.clear_wait();
     t.unpark();
-    for (const char* field : {"child", "parent_step_of_child"}) t.rec().erase(field);
+    for (const char* field : {"child", "parent_step_of_child", "cancelled"}) t.rec().erase(field);
     t.rec()["error"] = "";
     t.rec()["visits"] = json::object();
     // Steps from `step` on run again and are recorded again for compensation: forget them from

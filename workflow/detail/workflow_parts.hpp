@@ -112,7 +112,7 @@ class instance_txn {
   }
 
   static bool status_is_final(const std::string& s) {
-    return s == "completed" || s == "failed" || s == "compensated";
+    return s == "completed" || s == "failed" || s == "compensated" || s == "cancelled";
   }
 
   // Takes the failure path: compensations if any, else failed.
@@ -163,9 +163,10 @@ class instance_txn {
     history(cursor(), absl::StrCat("while stuck: ", what));
   }
 
-  // Ends the instance with `status` (completed, failed, compensated).
+  // Ends the instance with `status` (completed, failed, compensated); a cancelled instance that
+  // ends on its failure path ends "cancelled".
   void finish(const std::string& status) {
-    set_status(status);
+    set_status(status != "completed" && rec_.contains("cancelled") ? "cancelled" : status);
     rec_.erase("wait_deadline_us");
     rec_.erase("deadline_us");
     refresh_timer();
