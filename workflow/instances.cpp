@@ -103,17 +103,83 @@ absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id) const 
 }
 
 std::vector<workflow_instance> workflows::list(std::string_view status) const {
+  workflow_query q;
+  q.status = std::string(status);
+  return list(q);
+}
+
+std::vector<workflow_instance> workflows::list(const workflow_query& q) const {
   std::vector<workflow_instance> out;
+  if (q.limit == 0) return out;
   const snapshot snap = engine_.snapshot();
   snap.view(path::parse(options_.instances).value())
       .for_each_member([&](std::string_view id, const value_view& v) {
-        if (!status.empty()) {
+        if (!q.status.empty()) {
+          // Checked before decoding: most records are skipped by status alone.
           const value_view s = v.member("status");
-          if (!s || s.to_json() != status) return true;
+          if (!s || s.to_json() != q.status) return true;
         }
-        out.push_back(workflow_instance::from_record(id, v.to_json()));
+        workflow_instance w = workflow_instance::from_record(id, v.to_json());
+        if ((!q.workflow.empty() && w.workflow != q.workflow) ||
+            (!q.definition_version.empty() && w.definition_version != q.definition_version) ||
+            (q.started_from_us > 0 && w.started_at_us < q.started_from_us) ||
+            (q.started_before_us > 0 && w.started_at_us >= q.started_before_us) ||
+            (q.updated_before_us > 0 && w.updated_at_us >= q.updated_before_us)) {
+          return true;
+        }
+        out.push_back(std::move(w));
+        return out.size() < q.limit;
+      });
+  return out;
+}
+
+workflow_metrics workflows::metrics() const {
+  workflow_metrics m;
+  const snapshot snap = engine_.snapshot();
+  m.version = snap.version();
+  snap.view(path::parse(options_.instances).value())
+      .for_each_member([&](std::string_view, const value_view& v) {
+        const value_view w = v.member("workflow");
+        const value_view s = v.member("status");
+        const json name = w ? w.to_json() : json();
+        const json status = s ? s.to_json() : json();
+        const std::string st = status.is_string() ? status.get<std::string>() : "";
+        ++m.instances[{name.is_string() ? name.get<std::string>() : "", st}];
+        if (st == "stuck") ++m.stuck;
         return true;
       });
+  m.steps = steps_.load(std::memory_order_relaxed);
+  m.step_latency = step_latency_.snapshot();
+  return m;
+}
+
+std::string to_prometheus(const workflow_metrics& m, std::string_view prefix) {
+  std::string out;
+  const std::string full = absl::StrCat(detail::to_absl(prefix), "_instances");
+  absl::StrAppend(&out, "# HELP ", full, " Workflow instances per workflow and status.\n# TYPE ",
+                  full, " gauge\n");
+  for (const auto& [k, n] : m.instances) {
+    std::string labels;
+    for (const auto& [label, value] : {std::pair{"workflow", &k.first}, {"status", &k.second}}) {
+      std::string escaped;
+      for (const char c : *value) {
+        if (c == '\\' || c == '"') escaped += '\\';
+        if (c == '\n') {
+          escaped += "\\n";
+          continue;
+        }
+        escaped += c;
+      }
+      absl::StrAppend(&labels, labels.empty() ? "" : ",", label, "=\"", escaped, "\"");
+    }
+    absl::StrAppend(&out, full, "{", labels, "} ", n, "\n");
+  }
+  detail::append_metric(out, prefix, "stuck", "gauge", "Instances parked for an operator.",
+                        static_cast<double>(m.stuck));
+  detail::append_metric(out, prefix, "steps_total", "counter", "Steps that changed an instance.",
+                        static_cast<double>(m.steps));
+  detail::append_histogram(out, prefix, "step_latency_seconds",
+                           "A step, from reading the instance to its commit.", m.step_latency);
   return out;
 }
 
@@ -277,8 +343,14 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   } else {
     return false;
   }
+  const auto started = std::chrono::steady_clock::now();
   absl::StatusOr<commit> c = engine_.execute(process, args);
-  if (c.ok()) return c->changed;
+  if (c.ok()) {
+    step_latency_.record(std::chrono::duration_cast<std::chrono::microseconds>(
+        std::chrono::steady_clock::now() - started));
+    if (c->changed) steps_.fetch_add(1, std::memory_order_relaxed);
+    return c->changed;
+  }
   switch (c.status().code()) {
     case absl::StatusCode::kAborted:
     case absl::StatusCode::kResourceExhausted:

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -15,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "pop/engine/engine.hpp"
+#include "pop/relay/metrics.hpp"
 
 namespace pop {
 
@@ -108,6 +110,31 @@ struct workflow_instance {
 // The process the workflow engine registers for operator actions (park, resume, restart, cancel).
 inline constexpr std::string_view workflow_operate_process = "workflow.operate";
 
+// Which instances workflows::list returns; empty fields and zero times match any.
+struct workflow_query {
+  std::string status{};
+  std::string workflow{};            // the workflow's name
+  std::string definition_version{};  // the definition an instance started with
+  std::int64_t started_from_us = 0;  // started at or after this time
+  std::int64_t started_before_us = 0;
+  std::int64_t updated_before_us = 0;  // last history entry before this time (idle since)
+  std::size_t limit = std::numeric_limits<std::size_t>::max();
+};
+
+// What workflows::metrics reports: instances per workflow and status in one snapshot, plus the
+// engine's own step counters since it was created.
+struct workflow_metrics {
+  std::uint64_t version = 0;
+  std::map<std::pair<std::string, std::string>, std::size_t> instances{};  // (workflow, status)
+  std::size_t stuck = 0;
+  std::uint64_t steps = 0;           // steps advance() took that changed an instance
+  latency_histogram step_latency{};  // advance(): from reading the instance to its commit
+};
+
+// `m` in the Prometheus text exposition format, every name starting with `prefix`; serve it
+// beside the relay's to_prometheus.
+std::string to_prometheus(const workflow_metrics& m, std::string_view prefix = "pop_workflow");
+
 // Where workflow records live, and the prefix of the processes it registers.
 struct workflow_options {
   std::string instances = "system.workflows";   // <instances>.<id>
@@ -177,6 +204,10 @@ class workflows {
   [[nodiscard]] absl::StatusOr<workflow_instance> inspect(std::string_view id) const;
   // The instances with `status` (every one if empty), in id order.
   std::vector<workflow_instance> list(std::string_view status = {}) const;
+  // The instances `q` selects, in id order, at most q.limit.
+  std::vector<workflow_instance> list(const workflow_query& q) const;
+  // Instances per workflow and status, stuck ones, steps taken and their latency.
+  workflow_metrics metrics() const;
   // Calls `done` once with instance `id` when it has ended (completed, failed, compensated or
   // cancelled):
   // at once, on this thread, if it already has or does not exist (kNotFound), else from the thread
@@ -266,6 +297,8 @@ class workflows {
   std::map<std::string, std::shared_ptr<const registered_predicate>, std::less<>> predicates_;
   std::map<std::string, std::shared_ptr<const defined>, std::less<>> definitions_;
   std::atomic<std::int64_t> last_purge_us_{0};
+  std::atomic<std::uint64_t> steps_{0};
+  detail::atomic_histogram step_latency_;
 };
 
 }  // namespace pop

@@ -898,3 +898,53 @@ TEST_CASE("wait_for calls back once when an instance ends, and its awaitable for
   CHECK(awaited->status().code() == absl::StatusCode::kCancelled);
   CHECK(wf.inspect("w3").value().status == "running");
 }
+
+TEST_CASE("list filters instances and metrics count them in the Prometheus format",
+          "[workflow][metrics]") {
+  auto clock = std::make_shared<pop::manual_clock>(1'000'000'000);
+  auto e_owner = pop::test::must(pop::engine::open({.clock = clock}));
+  pop::engine& e = *e_owner;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse(linear)).ok());
+  REQUIRE(wf.define(parse(timed)).ok());
+  REQUIRE(wf.start("linear", "a", {{"tag", "1"}}).ok());
+  clock->advance(1'000'000);
+  REQUIRE(wf.start("linear", "b", {{"tag", "2"}}).ok());
+  REQUIRE(wf.start("timed", "c", {{"tag", "3"}}).ok());
+  for (int i = 0; i < 3; ++i) REQUIRE(wf.advance("a").value());
+
+  pop::workflow_query q;
+  q.workflow = "linear";
+  CHECK(wf.list(q).size() == 2);
+  q.status = "running";
+  REQUIRE(wf.list(q).size() == 1);
+  CHECK(wf.list(q)[0].id == "b");
+  q = {};
+  q.started_from_us = 1'000'500'000;
+  CHECK(wf.list(q).size() == 2);  // b and c
+  q.started_from_us = 0;
+  q.started_before_us = 1'000'500'000;
+  CHECK(wf.list(q).size() == 1);  // a
+  q = {};
+  q.limit = 2;
+  CHECK(wf.list(q).size() == 2);
+  q = {};
+  q.definition_version = wf.inspect("c").value().definition_version;
+  REQUIRE(wf.list(q).size() == 1);
+  CHECK(wf.list(q)[0].id == "c");
+
+  const pop::workflow_metrics m = wf.metrics();
+  CHECK(m.instances.at({"linear", "completed"}) == 1);
+  CHECK(m.instances.at({"linear", "running"}) == 1);
+  CHECK(m.instances.at({"timed", "running"}) == 1);
+  CHECK(m.steps == 3);
+  CHECK(m.step_latency.count == 3);
+  const std::string text = pop::to_prometheus(m);
+  CHECK(absl::StrContains(text,
+                          "pop_workflow_instances{workflow=\"linear\",status=\"completed\"} 1\n"));
+  CHECK(absl::StrContains(text, "# TYPE pop_workflow_stuck gauge\npop_workflow_stuck 0\n"));
+  CHECK(absl::StrContains(text, "pop_workflow_steps_total 3\n"));
+  CHECK(absl::StrContains(text, "pop_workflow_step_latency_seconds_count 3\n"));
+}
