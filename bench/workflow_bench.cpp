@@ -1,0 +1,174 @@
+// Benchmarks of the workflow engine beside a plain execute of the same process:
+//   build/bench/workflow_bench --benchmark_counters_tabular=true
+// BM_workflow_step_overhead: one process step (advance) against an execute of its process;
+// BM_workflow_steps: 1,000 instances x 10 trivial steps, in memory and with a journal;
+// BM_workflow_history: the cost of a step once an instance has 10 or 10,000 history entries;
+// BM_workflow_start: starting an instance.
+#include <benchmark/benchmark.h>
+
+#include <filesystem>
+#include <string>
+
+#include "pop/workflow/workflow.hpp"
+
+using pop::json;
+
+namespace {
+
+// "bump": increments domain.n.<tag>; the trivial step every benchmark runs.
+void register_bump(pop::workflows& wf) {
+  const absl::Status s = wf.register_process(
+      {.name = "bump", .inputs = {"domain.n"}, .outputs = {"domain.n"}},
+      [](const pop::context& ctx, const json& args) {
+        const std::string at = "domain.n." + args.value("tag", std::string("x"));
+        pop::result r;
+        r.set(at, ctx.get_or<std::int64_t>(at, 0) + 1);
+        return r;
+      });
+  if (!s.ok()) std::abort();
+}
+
+pop::workflow_definition definition(const json& j) {
+  absl::StatusOr<pop::workflow_definition> d = pop::workflow_definition::from_json(j);
+  if (!d.ok()) std::abort();
+  return *d;
+}
+
+// Ten bump steps, then the end.
+json ten_steps() {
+  json steps = json::object();
+  for (int i = 0; i < 10; ++i) {
+    steps["s" + std::to_string(i)] = {{"process", "bump"},
+                                      {"next", i == 9 ? "done" : "s" + std::to_string(i + 1)}};
+  }
+  steps["done"] = {{"end", true}};
+  return {{"name", "ten"}, {"start", "s0"}, {"steps", steps}};
+}
+
+// A bump step that runs again and again (bounded by a large max_visits).
+const json loop = {
+    {"name", "loop"},
+    {"start", "work"},
+    {"steps", {{"work", {{"process", "bump"}, {"next", "work"}, {"max_visits", 100'000'000}}}}}};
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+// A process step (advance) against an execute of the same process, in the same run.
+void BM_workflow_step_overhead(benchmark::State& state) {
+  pop::options o;
+  o.audit_capacity = 0;
+  auto e = pop::engine::open(o).value();
+  auto wf = pop::workflows::create(*e).value();
+  register_bump(*wf);
+  if (!wf->define(definition(loop)).ok() || !wf->start("loop", "i", {{"tag", "t"}}).ok()) {
+    std::abort();
+  }
+  constexpr int plain_runs = 20'000;
+  const auto plain_start = std::chrono::steady_clock::now();
+  for (int i = 0; i < plain_runs; ++i) {
+    if (!e->execute("bump", {{"tag", "p"}}).ok()) std::abort();
+  }
+  const double plain_us = seconds_since(plain_start) * 1e6 / plain_runs;
+  const auto start = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    if (!wf->advance("i").value()) std::abort();
+  }
+  const double step_us = seconds_since(start) * 1e6 / static_cast<double>(state.iterations());
+  state.counters["execute_us"] = plain_us;
+  state.counters["step_us"] = step_us;
+  state.counters["overhead_us"] = step_us - plain_us;
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_workflow_step_overhead)->UseRealTime();
+
+void workflow_steps(benchmark::State& state, bool journal) {
+  const std::string file = (std::filesystem::temp_directory_path() /
+                            ("pop-workflow-bench-" + std::to_string(::getpid()) + ".db"))
+                               .string();
+  std::int64_t steps = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    for (const char* suffix : {"", "-wal", "-shm", "-head"}) std::filesystem::remove(file + suffix);
+    pop::options o;
+    o.audit_capacity = 0;
+    if (journal) o.journal = file;
+    auto e = pop::engine::open(o).value();
+    auto wf = pop::workflows::create(*e).value();
+    register_bump(*wf);
+    if (!wf->define(definition(ten_steps())).ok()) std::abort();
+    for (int i = 0; i < 1000; ++i) {
+      if (!wf->start("ten", "i" + std::to_string(i), {{"tag", std::to_string(i % 64)}}).ok()) {
+        std::abort();
+      }
+    }
+    state.ResumeTiming();
+    for (bool moved = true; moved;) {
+      moved = false;
+      for (const std::string& id : wf->runnable(100'000)) {
+        if (wf->advance(id).value()) {
+          moved = true;
+          ++steps;
+        }
+      }
+    }
+    state.PauseTiming();
+    wf.reset();
+    e.reset();
+    state.ResumeTiming();
+  }
+  for (const char* suffix : {"", "-wal", "-shm", "-head"}) std::filesystem::remove(file + suffix);
+  state.SetItemsProcessed(steps);
+}
+void BM_workflow_steps_memory(benchmark::State& state) {
+  workflow_steps(state, false);
+}
+void BM_workflow_steps_journal(benchmark::State& state) {
+  workflow_steps(state, true);
+}
+BENCHMARK(BM_workflow_steps_memory)
+    ->Name("BM_workflow_steps/memory")
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_workflow_steps_journal)
+    ->Name("BM_workflow_steps/journal")
+    ->Unit(benchmark::kMillisecond);
+
+void BM_workflow_history(benchmark::State& state) {
+  const auto history = static_cast<int>(state.range(0));
+  pop::options o;
+  o.audit_capacity = 0;
+  auto e = pop::engine::open(o).value();
+  auto wf = pop::workflows::create(*e).value();
+  register_bump(*wf);
+  if (!wf->define(definition(loop)).ok() || !wf->start("loop", "i", {{"tag", "t"}}).ok()) {
+    std::abort();
+  }
+  for (int i = 0; i < history; ++i) {
+    if (!wf->advance("i").value()) std::abort();
+  }
+  for (auto _ : state) {
+    if (!wf->advance("i").value()) std::abort();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_workflow_history)->Arg(10)->Arg(10'000)->Unit(benchmark::kMicrosecond);
+
+void BM_workflow_start(benchmark::State& state) {
+  pop::options o;
+  o.audit_capacity = 0;
+  auto e = pop::engine::open(o).value();
+  auto wf = pop::workflows::create(*e).value();
+  register_bump(*wf);
+  if (!wf->define(definition(ten_steps())).ok()) std::abort();
+  std::int64_t n = 0;
+  for (auto _ : state) {
+    if (!wf->start("ten", "i" + std::to_string(n++)).ok()) std::abort();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_workflow_start);
+
+}  // namespace
+
+BENCHMARK_MAIN();
