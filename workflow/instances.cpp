@@ -43,7 +43,8 @@ absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::s
   return c.version;
 }
 
-workflow_instance workflow_instance::from_record(std::string_view id, json rec) {
+workflow_instance workflow_instance::from_record(std::string_view id, json rec,
+                                                 const json& history) {
   workflow_instance w;
   w.id = std::string(id);
   if (!rec.is_object()) {
@@ -58,7 +59,12 @@ workflow_instance workflow_instance::from_record(std::string_view id, json rec) 
   w.cursor = rec.value("cursor", "");
   w.inputs = rec.value("inputs", json::object());
   w.received = rec.value("received", json::object());
+  // Entries of a record from before they had their own keys, then the keyed ones in order.
   w.history = rec.value("history", json::array());
+  if (!w.history.is_array()) w.history = json::array();
+  if (history.is_object()) {
+    for (const auto& [seq, entry] : history.items()) w.history.push_back(entry);
+  }
   w.error = rec.value("error", "");
   if (const auto st = rec.find("stuck"); st != rec.end() && st->is_object()) {
     w.stuck_reason = st->value("reason", "");
@@ -90,7 +96,19 @@ workflow_instance workflow_instance::from_record(std::string_view id, json rec) 
   return w;
 }
 
+json workflows::history_of(const snapshot& snap, std::string_view id) const {
+  absl::StatusOr<path> p = path::parse(absl::StrCat(options_.history, ".", detail::to_absl(id)));
+  if (!p.ok()) return json();
+  const value_view v = snap.view(*p);
+  return v ? v.to_json() : json();
+}
+
 absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id) const {
+  return inspect(id, true);
+}
+
+absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id,
+                                                     bool with_history) const {
   const snapshot snap = engine_.snapshot();
   absl::StatusOr<path> p = path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id)));
   if (!p.ok()) return annotate(p.status(), "workflow instance id");
@@ -99,7 +117,8 @@ absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id) const 
     return absl::NotFoundError(absl::StrCat("no workflow instance '", detail::to_absl(id),
                                             "' in version ", snap.version()));
   }
-  return workflow_instance::from_record(id, v.to_json());
+  return workflow_instance::from_record(id, v.to_json(),
+                                       with_history ? history_of(snap, id) : json());
 }
 
 std::vector<workflow_instance> workflows::list(std::string_view status) const {
@@ -119,7 +138,7 @@ std::vector<workflow_instance> workflows::list(const workflow_query& q) const {
           const value_view s = v.member("status");
           if (!s || s.to_json() != q.status) return true;
         }
-        workflow_instance w = workflow_instance::from_record(id, v.to_json());
+        workflow_instance w = workflow_instance::from_record(id, v.to_json(), history_of(snap, id));
         if ((!q.workflow.empty() && w.workflow != q.workflow) ||
             (!q.definition_version.empty() && w.definition_version != q.definition_version) ||
             (q.started_from_us > 0 && w.started_at_us < q.started_from_us) ||
@@ -199,7 +218,7 @@ subscription workflows::wait_for(
       std::lock_guard lock(w->mu);
       if (w->fired) return;
     }
-    absl::StatusOr<workflow_instance> now = inspect(w->id);
+    absl::StatusOr<workflow_instance> now = inspect(w->id, false);
     if (now.ok() && !ended(now->status)) return;
     std::function<void(absl::StatusOr<workflow_instance>)> fn;
     {
@@ -260,7 +279,7 @@ absl::Status workflows::resume_parked(const std::string& name) {
 }
 
 absl::Status workflows::cancel(std::string_view id, std::string reason) {
-  POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id));
+  POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id, false));
   if (w.status != "stuck" && find_definition(w.workflow)) {
     // With the definition here, a parent waiting for it moves on in the same commit.
     return engine_
@@ -279,7 +298,7 @@ absl::StatusOr<std::uint64_t> workflows::resume(std::string_view id) {
 }
 
 absl::StatusOr<std::uint64_t> workflows::restart_from(std::string_view id, std::string_view step) {
-  POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id));
+  POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id, false));
   if (const std::shared_ptr<const defined> d = find_definition(w.workflow); d && !d->step(step)) {
     return absl::NotFoundError(absl::StrCat("workflow instance '", detail::to_absl(id),
                                             "': workflow '", w.workflow, "' has no step '",
@@ -294,7 +313,7 @@ absl::StatusOr<std::uint64_t> workflows::restart_from(std::string_view id, std::
 }
 
 absl::StatusOr<bool> workflows::advance(std::string_view id) {
-  POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id));
+  POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id, false));
   if (w.status != "running" && w.status != "compensating") return false;
   const std::shared_ptr<const defined> d = find_definition(w.workflow);
   if (!d) {
@@ -441,7 +460,7 @@ absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& ne
       });
   std::size_t moved = 0;
   for (const std::string& id : due) {
-    absl::StatusOr<workflow_instance> w = inspect(id);
+    absl::StatusOr<workflow_instance> w = inspect(id, false);
     if (!w.ok()) continue;
     if (!find_definition(w->workflow)) {
       POP_ASSIGN_OR_RETURN(
@@ -462,9 +481,7 @@ absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& ne
 }
 
 process_spec workflows::resume_spec() const {
-  return {.name = std::string(resume_process),
-          .inputs = {options_.instances, options_.index},
-          .outputs = {options_.instances, options_.index}};
+  return {.name = std::string(resume_process), .inputs = owned_paths(), .outputs = owned_paths()};
 }
 
 absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_message& m) const {

@@ -18,19 +18,21 @@ namespace pop {
 // ---- registry --------------------------------------------------------------------------------
 
 absl::StatusOr<std::unique_ptr<workflows>> workflows::create(engine& e, workflow_options opts) {
-  for (const std::string* p : {&opts.instances, &opts.index}) {
+  for (const std::string* p : {&opts.instances, &opts.index, &opts.history}) {
     if (absl::StatusOr<path> parsed = path::parse(*p); !parsed.ok()) {
       return annotate(parsed.status(), "workflow_options");
     }
   }
   // Described first: a failed call registers nothing.
-  POP_RETURN_IF_ERROR(e.describe(
-      "workflows", opts.instances,
-      {{"instances", opts.instances}, {"index", opts.index}, {"at_us", e.clock().now_us()}}));
+  POP_RETURN_IF_ERROR(e.describe("workflows", opts.instances,
+                                 {{"instances", opts.instances},
+                                  {"index", opts.index},
+                                  {"history", opts.history},
+                                  {"at_us", e.clock().now_us()}}));
   std::unique_ptr<workflows> w(new workflows(e, opts));
   const std::vector<std::string> registered = e.processes();
   if (!std::binary_search(registered.begin(), registered.end(), workflow_operate_process)) {
-    const std::vector<std::string> owned = {opts.instances, opts.index};
+    const std::vector<std::string> owned = w->owned_paths();
     POP_RETURN_IF_ERROR(e.register_process(
         {.name = std::string(workflow_operate_process), .inputs = owned, .outputs = owned},
         [o = opts](const context& ctx, const json& args) {
@@ -50,10 +52,11 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
   POP_ASSIGN_OR_RETURN(process_contract contract, process_contract::from_spec(spec));
   const path instances = path::parse(options_.instances).value();
   const path index = path::parse(options_.index).value();
+  const path history = path::parse(options_.history).value();
   process_spec wrapped = spec;
   wrapped.name = step_process(spec.name);
   for (std::vector<std::string>* declared : {&wrapped.inputs, &wrapped.outputs}) {
-    for (const path* own : {&instances, &index}) {
+    for (const path* own : {&instances, &index, &history}) {
       bool covered = false;
       for (const std::string& t : *declared) {
         const path p = path::parse(t).value();
@@ -351,7 +354,7 @@ absl::Status workflows::define_from_file(const std::string& file_path) {
 }
 
 absl::Status workflows::register_control(const std::shared_ptr<const defined>& d) {
-  const std::vector<std::string> owned = {options_.instances, options_.index};
+  const std::vector<std::string> owned = owned_paths();
   // The generic processes, once: start, and (for inboxes) resume.
   const std::vector<std::string> registered = engine_.processes();
   if (!std::binary_search(registered.begin(), registered.end(), start_process)) {

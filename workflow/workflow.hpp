@@ -84,7 +84,7 @@ struct workflow_instance {
   std::string cursor{};  // the current step
   json inputs{};
   json received{};  // topic -> payload of the messages its wait steps received
-  json history{};   // [{"step", "outcome", "at_us"}, ...]
+  json history{};   // [{"step", "outcome", "at_us"}, ...], oldest first
   std::string error{};
   std::string stuck_reason{};         // why it is stuck (status "stuck")
   std::string parent{};               // the instance that called it as a child, if any
@@ -102,9 +102,11 @@ struct workflow_instance {
   std::vector<event> events{};  // `history` decoded, oldest first
   json raw{};                   // the whole record
 
-  // The instance `id` from its stored record (the value at `<instances>.<id>`): the one decoder of
-  // the record, used by inspect() and list() and by tools reading a journal.
-  static workflow_instance from_record(std::string_view id, json record);
+  // The instance `id` from its stored record (the value at `<instances>.<id>`) and its history
+  // entries (the object at `<history>.<id>`, null if none): the one decoder of the record, used by
+  // inspect() and list() and by tools reading a journal.
+  static workflow_instance from_record(std::string_view id, json record,
+                                       const json& history = json());
 };
 
 // The process the workflow engine registers for operator actions (park, resume, restart, cancel).
@@ -139,6 +141,9 @@ std::string to_prometheus(const workflow_metrics& m, std::string_view prefix = "
 struct workflow_options {
   std::string instances = "system.workflows";   // <instances>.<id>
   std::string index = "system.workflow_index";  // runnable, waits, timers, stuck and mailbox
+  // <history>.<id>.<sequence number>: one key per history entry, so a step writes its entry and
+  // never rewrites the instance's whole history.
+  std::string history = "system.workflow_history";
   // How long a message that arrived before any instance waited for it is kept in the mailbox
   // (<index>.mailbox.<key>.<message id>) for the next wait on its key and topic; expire() purges
   // older ones.
@@ -178,6 +183,10 @@ class workflows {
   // Errors as engine::register_process, plus kInvalidArgument for declarations inside the
   // workflow paths.
   [[nodiscard]] absl::Status register_process(process_spec spec, process_fn fn);
+  // The paths every workflow process reads and writes: instances, index and history.
+  std::vector<std::string> owned_paths() const {
+    return {options_.instances, options_.index, options_.history};
+  }
   // Registers predicate `name` reading `inputs` (paths). kInvalidArgument, kAlreadyExists.
   [[nodiscard]] absl::Status register_predicate(std::string name, std::vector<std::string> inputs,
                                                 predicate_fn fn);
@@ -281,6 +290,10 @@ class workflows {
   // Parks instance `w` (seen with status w.status) as stuck with `reason`, of `kind`
   // ("undefined", "missing_step", "missing_compensation").
   absl::StatusOr<bool> park(const workflow_instance& w, std::string reason, const char* kind);
+  // inspect(), reading the history only if asked: the engine's own steps do not need it.
+  absl::StatusOr<workflow_instance> inspect(std::string_view id, bool with_history) const;
+  // The history entries of instance `id` in `snap` (an object, null if none).
+  json history_of(const snapshot& snap, std::string_view id) const;
   // True if a wait step of a defined workflow takes messages on `topic`.
   bool waited_topic(std::string_view topic) const;
   // Deletes mailbox messages older than options.mailbox_ttl (at most once per tenth of it).

@@ -63,6 +63,7 @@ workflow_options journal_view::workflow_paths() const {
   if (!d || !d->second.is_object()) return o;
   o.instances = d->second.value("instances", o.instances);
   o.index = d->second.value("index", o.index);
+  o.history = d->second.value("history", o.history);
   return o;
 }
 
@@ -111,10 +112,14 @@ absl::StatusOr<std::vector<dead_letter>> journal_view::dead_letters() const {
 
 std::vector<workflow_instance> journal_view::instances() const {
   std::vector<workflow_instance> out;
-  const json* records = object_at(*this, workflow_paths().instances);
+  const workflow_options paths = workflow_paths();
+  const json* records = object_at(*this, paths.instances);
   if (!records) return out;
+  const json* histories = object_at(*this, paths.history);
   for (const auto& [id, record] : records->items()) {
-    out.push_back(workflow_instance::from_record(id, record));
+    const auto h = histories ? histories->find(id) : json::const_iterator();
+    out.push_back(workflow_instance::from_record(id, record,
+                                                 histories && h != histories->end() ? *h : json()));
   }
   return out;
 }

@@ -105,7 +105,6 @@ json new_record(std::string_view workflow, const std::string& definition_version
               {"received", json::object()},
               {"visits", json::object()},
               {"done", json::array()},
-              {"history", json::array()},
               {"error", ""},
               {"started_at_us", now}};
   if (deadline > 0) rec["deadline_us"] = deadline;

@@ -2,6 +2,8 @@
 // pop::detail::instance_txn, the one way an instance's state changes.
 #pragma once
 
+#include <cstdio>
+
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -67,8 +69,19 @@ class instance_txn {
   std::string status() const { return rec_.value("status", ""); }
   std::string cursor() const { return rec_.value("cursor", ""); }
 
+  // Appends a history entry under its own key (<history>.<id>.<sequence>), so a step costs the
+  // same however long the history is.
   void history(const std::string& step, const std::string& outcome) {
-    rec_["history"].push_back({{"step", step}, {"outcome", outcome}, {"at_us", now_}});
+    // A record from before entries had keys keeps its list; numbering continues after it.
+    const auto legacy = rec_.find("history");
+    const std::int64_t next = rec_.value(
+        "history_next",
+        static_cast<std::int64_t>(legacy != rec_.end() && legacy->is_array() ? legacy->size() : 0));
+    char seq[24];
+    std::snprintf(seq, sizeof seq, "%012lld", static_cast<long long>(next));
+    out_.set(absl::StrCat(o_.history, ".", id_, ".", seq),
+             json{{"step", step}, {"outcome", outcome}, {"at_us", now_}});
+    rec_["history_next"] = next + 1;
   }
 
   // Moves the cursor to `step`, running.
