@@ -27,8 +27,9 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
     const json& steps = j.at("steps");
     if (!steps.is_object()) return bad("steps", "must be an object of step name -> step");
     static const std::set<std::string> known = {
-        "process", "branch",   "otherwise", "wait",       "call",       "fail",       "end",
-        "next",    "on_error", "key",       "timeout_ms", "on_timeout", "compensate", "max_visits"};
+        "process",    "branch",     "otherwise",  "wait",       "call",
+        "fail",       "end",        "next",       "on_error",   "key",
+        "timeout_ms", "on_timeout", "compensate", "max_visits", "sleep_ms"};
     for (const auto& [name, s] : steps.items()) {
       if (!s.is_object()) return bad(absl::StrCat("step '", name, "'"), "must be an object");
       for (const auto& [field, v] : s.items()) {
@@ -50,6 +51,7 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
       step.on_timeout = s.value("on_timeout", "");
       step.compensate = s.value("compensate", "");
       step.max_visits = s.value("max_visits", 0);
+      step.sleep_ms = s.value("sleep_ms", std::int64_t{0});
       if (const auto w = s.find("wait"); w != s.end()) {
         step.wait = w->get<std::map<std::string, std::string>>();
       }
@@ -104,6 +106,7 @@ json workflow_definition::to_json() const {
     if (!s.on_timeout.empty()) o["on_timeout"] = s.on_timeout;
     if (!s.compensate.empty()) o["compensate"] = s.compensate;
     if (s.max_visits != 0) o["max_visits"] = s.max_visits;
+    if (s.sleep_ms != 0) o["sleep_ms"] = s.sleep_ms;
     steps_json[s.name] = std::move(o);
   }
   return {{"name", name}, {"start", start}, {"steps", std::move(steps_json)}};
@@ -134,8 +137,8 @@ absl::Status workflows::check(const workflow_definition& def) const {
     const std::string where = absl::StrCat("step '", s.name, "'");
     if (kinds(s) != 1) {
       return bad(absl::StrCat(where,
-                              " must have exactly one of process, branch, wait, call, fail, "
-                              "end; it has ",
+                              " must have exactly one of process, branch, wait, call, sleep_ms, "
+                              "fail, end; it has ",
                               kinds(s)));
     }
     std::vector<std::string>& out = edges[s.name];
@@ -217,6 +220,8 @@ absl::Status workflows::check(const workflow_definition& def) const {
       POP_RETURN_IF_ERROR(target("next", s.next, true));
       POP_RETURN_IF_ERROR(target("on_error", s.on_error, false));
     }
+    if (s.sleep_ms < 0) return bad(absl::StrCat(where, ": sleep_ms must not be negative"));
+    if (s.sleep_ms > 0) POP_RETURN_IF_ERROR(target("next", s.next, true));
     if (s.max_visits < 0) return bad(absl::StrCat(where, ": max_visits must not be negative"));
   }
   // Every step reachable from the start.

@@ -82,6 +82,7 @@ workflow_instance workflow_instance::from_record(std::string_view id, json rec,
   w.wait_key = text("wait_key");
   w.wait_deadline_us = number(rec, "wait_deadline_us");
   w.deadline_us = number(rec, "deadline_us");
+  w.sleep_until_us = number(rec, "sleep_until_us");
   w.started_at_us = number(rec, "started_at_us");
   w.updated_at_us = w.started_at_us;
   if (w.history.is_array()) {
@@ -107,8 +108,7 @@ absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id) const 
   return inspect(id, true);
 }
 
-absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id,
-                                                     bool with_history) const {
+absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id, bool with_history) const {
   const snapshot snap = engine_.snapshot();
   absl::StatusOr<path> p = path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id)));
   if (!p.ok()) return annotate(p.status(), "workflow instance id");
@@ -118,7 +118,7 @@ absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id,
                                             "' in version ", snap.version()));
   }
   return workflow_instance::from_record(id, v.to_json(),
-                                       with_history ? history_of(snap, id) : json());
+                                        with_history ? history_of(snap, id) : json());
 }
 
 std::vector<workflow_instance> workflows::list(std::string_view status) const {

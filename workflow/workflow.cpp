@@ -290,6 +290,14 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
     t.refresh_timer();
     return;
   }
+  if (step.sleep_ms > 0) {
+    const std::int64_t wake = t.now() + step.sleep_ms * 1000;
+    t.rec()["sleep_until_us"] = wake;
+    t.history(step.name, absl::StrCat("sleeping ", step.sleep_ms, " ms"));
+    t.set_status("waiting");
+    t.refresh_timer();
+    return;
+  }
   if (!step.call.empty()) {
     const std::shared_ptr<const defined> child_def = find_definition(step.call);
     const std::string child_id =
@@ -446,6 +454,12 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           if (life_due > 0 && life_due <= t.now()) {
             t.history(t.cursor(), "instance timed out");
             t.fail_path("the instance ran past its timeout");
+          } else if (const std::int64_t wake = t.rec().value("sleep_until_us", std::int64_t{0});
+                     status == "waiting" && wake > 0 && wake <= t.now() && step) {
+            t.rec().erase("sleep_until_us");
+            t.history(step->name, "woke");
+            t.go(step->next);
+            t.refresh_timer();
           } else if (status == "waiting" && wait_due > 0 && wait_due <= t.now() && step) {
             t.clear_wait();
             t.history(step->name, "timed out");

@@ -34,7 +34,8 @@ struct workflow_condition {
   std::string next{};       // the step taken when the condition holds
 };
 
-// One step of a workflow. Exactly one kind is set: process, branch, wait, call, fail or end.
+// One step of a workflow. Exactly one kind is set: process, branch, wait, call, sleep, fail or
+// end.
 struct workflow_step {
   std::string name{};
   std::string process{};                      // run this process (see workflows::register_process)
@@ -43,7 +44,9 @@ struct workflow_step {
                                               // (topic -> next step) is applied through the inbox
   std::string call{};                         // run this workflow as a child, then go on
   std::string fail{};                         // take the failure path with this reason
-  bool end = false;                           // complete the instance
+  std::int64_t sleep_ms = 0;    // sleep this long, then go to `next`: a durable timer (the wake
+                                // time is in the instance record, so it survives restarts)
+  bool end = false;             // complete the instance
   std::string next{};           // after a process or call succeeded; a branch's "otherwise"
   std::string on_error{};       // after a process or call failed; empty: the failure path
   std::string key{};            // wait: the input whose value the message key must equal
@@ -92,6 +95,7 @@ struct workflow_instance {
   std::string wait_key{};             // the message key its wait step waits for, if waiting
   std::int64_t wait_deadline_us = 0;  // when its wait times out (0: never or not waiting)
   std::int64_t deadline_us = 0;       // when the instance times out (0: never)
+  std::int64_t sleep_until_us = 0;    // when a sleep step wakes it (status "waiting")
   std::int64_t started_at_us = 0;
   std::int64_t updated_at_us = 0;  // the time of its newest history entry (else started_at_us)
   struct event {

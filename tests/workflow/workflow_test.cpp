@@ -948,3 +948,53 @@ TEST_CASE("list filters instances and metrics count them in the Prometheus forma
   CHECK(absl::StrContains(text, "pop_workflow_steps_total 3\n"));
   CHECK(absl::StrContains(text, "pop_workflow_step_latency_seconds_count 3\n"));
 }
+
+TEST_CASE("a sleep step is a durable timer on the engine's clock", "[workflow][sleep]") {
+  pop::test::temp_dir dir;
+  const std::string file = dir.file("sleep.db");
+  auto clock = std::make_shared<pop::manual_clock>(1'000'000'000);
+  const json nap = {{"name", "nap"},
+                    {"start", "rest"},
+                    {"steps",
+                     {{"rest", {{"sleep_ms", 5000}, {"next", "work"}}},
+                      {"work", {{"process", "append"}, {"next", "done"}}},
+                      {"done", {{"end", true}}}}}};
+  std::int64_t next_due = 0;
+  {
+    auto e = pop::test::must(pop::engine::open({.journal = file, .clock = clock}));
+    auto wf = pop::test::must(pop::workflows::create(*e));
+    register_steps(*wf);
+    REQUIRE(wf->define(parse(nap)).ok());
+    REQUIRE(wf->start("nap", "n", {{"tag", "z"}}).ok());
+    REQUIRE(wf->advance("n").value());
+    const pop::workflow_instance w = wf->inspect("n").value();
+    CHECK(w.status == "waiting");
+    CHECK(w.sleep_until_us == 1'005'000'000);
+    CHECK(!wf->advance("n").value());  // asleep: nothing to do
+    CHECK(wf->expire(clock->now_us(), next_due).value() == 0);
+    CHECK(next_due == 1'005'000'000);
+  }
+  // The wake time is in the state: a restarted program wakes it on time, not a moment early.
+  clock->advance(4'999'999);
+  auto e = pop::test::must(pop::engine::open({.journal = file, .clock = clock}));
+  auto wf = pop::test::must(pop::workflows::create(*e));
+  register_steps(*wf);
+  REQUIRE(wf->define(parse(nap)).ok());
+  CHECK(wf->expire(clock->now_us(), next_due).value() == 0);
+  CHECK(next_due == 1'005'000'000);
+  clock->advance(1);
+  CHECK(wf->expire(clock->now_us(), next_due).value() == 1);
+  CHECK(wf->inspect("n").value().status == "running");
+  run_all(*wf);
+  const pop::workflow_instance w = wf->inspect("n").value();
+  CHECK(w.status == "completed");
+  CHECK(state(*e, "domain.log") == json::array({"z"}));
+  CHECK(!parse(nap).to_json().at("steps").at("rest").contains("wait"));
+  CHECK(parse(nap).to_json().at("steps").at("rest").at("sleep_ms") == 5000);
+  // A sleep without next parses, and define() refuses it naming the step.
+  const json no_next = {{"name", "bad"}, {"start", "s"}, {"steps", {{"s", {{"sleep_ms", 10}}}}}};
+  REQUIRE(pop::workflow_definition::from_json(no_next).ok());
+  const absl::Status refused = wf->define(parse(no_next));
+  CHECK(refused.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(absl::StrContains(refused.message(), "step 's' (sleep) needs 'next'"));
+}

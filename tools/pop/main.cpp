@@ -465,7 +465,9 @@ absl::StatusOr<std::string> cmd_workflow(const workflow_args& a) {
   // What it waits for, from its definition as the program described it.
   std::string waits;
   if (w.status == "waiting") {
-    if (!w.child.empty()) {
+    if (w.sleep_until_us > 0) {
+      waits = "its timer (a sleep step)";
+    } else if (!w.child.empty()) {
       waits = "child " + w.child;
     } else if (absl::StatusOr<workflow_definition> def = v.definition(w.workflow); def.ok()) {
       for (const workflow_step& s : def->steps) {
@@ -479,6 +481,7 @@ absl::StatusOr<std::string> cmd_workflow(const workflow_args& a) {
     }
     if (!w.wait_key.empty()) waits += " with key " + w.wait_key;
     if (w.wait_deadline_us > 0) waits += ", until " + format_time(w.wait_deadline_us);
+    if (w.sleep_until_us > 0) waits += ", waking at " + format_time(w.sleep_until_us);
   }
   if (a.as_json) {
     json j = instance_json(w);

@@ -162,6 +162,10 @@ std::string workflow_graph(const workflow_definition& def) {
       fill = "#e6f5d0";
       label += "\nwait";
       if (!s.key.empty()) label += " (key: " + s.key + ")";
+    } else if (s.sleep_ms > 0) {
+      shape = "box";
+      fill = "#eeeeee";
+      label += fmt::format("\nsleep {} ms", s.sleep_ms);
     } else if (!s.call.empty()) {
       shape = "box3d";
       label += "\ncall " + s.call;

@@ -15,7 +15,7 @@ std::string control_process(std::string_view workflow) {
 
 int kinds(const workflow_step& s) {
   return !s.process.empty() + !s.branch.empty() + !s.wait.empty() + !s.call.empty() +
-         !s.fail.empty() + s.end;
+         !s.fail.empty() + s.end + (s.sleep_ms > 0);
 }
 
 const char* kind_name(const workflow_step& s) {
@@ -24,6 +24,7 @@ const char* kind_name(const workflow_step& s) {
   if (!s.wait.empty()) return "wait";
   if (!s.call.empty()) return "call";
   if (!s.fail.empty()) return "fail";
+  if (s.sleep_ms > 0) return "sleep";
   return "end";
 }
 

@@ -107,12 +107,13 @@ class instance_txn {
       rec_.erase("wait_key");
     }
     rec_.erase("wait_deadline_us");
+    rec_.erase("sleep_until_us");
     refresh_timer();
   }
 
   void refresh_timer() {
     std::int64_t due = 0;
-    for (const char* f : {"wait_deadline_us", "deadline_us"}) {
+    for (const char* f : {"wait_deadline_us", "deadline_us", "sleep_until_us"}) {
       const std::int64_t d = rec_.value(f, std::int64_t{0});
       if (d > 0 && (due == 0 || d < due)) due = d;
     }
