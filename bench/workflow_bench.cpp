@@ -55,8 +55,8 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
-// A process step (advance) against an execute of the same process, in the same run.
-void BM_workflow_step_overhead(benchmark::State& state) {
+// An in-memory engine with instance "i" of the loop workflow started.
+std::pair<std::unique_ptr<pop::engine>, std::unique_ptr<pop::workflows>> looping_instance() {
   pop::options o;
   o.audit_capacity = 0;
   auto e = pop::engine::open(o).value();
@@ -65,6 +65,12 @@ void BM_workflow_step_overhead(benchmark::State& state) {
   if (!wf->define(definition(loop)).ok() || !wf->start("loop", "i", {{"tag", "t"}}).ok()) {
     std::abort();
   }
+  return {std::move(e), std::move(wf)};
+}
+
+// A process step (advance) against an execute of the same process, in the same run.
+void BM_workflow_step_overhead(benchmark::State& state) {
+  auto [e, wf] = looping_instance();
   constexpr int plain_runs = 20'000;
   const auto plain_start = std::chrono::steady_clock::now();
   for (int i = 0; i < plain_runs; ++i) {
@@ -136,14 +142,7 @@ BENCHMARK(BM_workflow_steps_journal)
 
 void BM_workflow_history(benchmark::State& state) {
   const auto history = static_cast<int>(state.range(0));
-  pop::options o;
-  o.audit_capacity = 0;
-  auto e = pop::engine::open(o).value();
-  auto wf = pop::workflows::create(*e).value();
-  register_bump(*wf);
-  if (!wf->define(definition(loop)).ok() || !wf->start("loop", "i", {{"tag", "t"}}).ok()) {
-    std::abort();
-  }
+  auto [e, wf] = looping_instance();
   for (int i = 0; i < history; ++i) {
     if (!wf->advance("i").value()) std::abort();
   }
