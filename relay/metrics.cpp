@@ -42,6 +42,19 @@ latency_histogram atomic_histogram::snapshot() const {
   return h;
 }
 
+std::string prometheus_label(std::string_view value) {
+  std::string out;
+  for (const char c : value) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
 void append_metric(std::string& out, std::string_view prefix, std::string_view name,
                    std::string_view type, std::string_view help, double value) {
   const std::string full = absl::StrCat(detail::to_absl(prefix), "_", detail::to_absl(name));

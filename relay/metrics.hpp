@@ -40,6 +40,8 @@ class atomic_histogram {
   std::atomic<std::int64_t> sum_us_{0};
 };
 
+// `value` escaped for a Prometheus label value (backslash, double quote, newline).
+std::string prometheus_label(std::string_view value);
 // Appends one Prometheus metric (HELP, TYPE and value) named `<prefix>_<name>` to `out`.
 void append_metric(std::string& out, std::string_view prefix, std::string_view name,
                    std::string_view type, std::string_view help, double value);

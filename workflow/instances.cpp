@@ -178,19 +178,9 @@ std::string to_prometheus(const workflow_metrics& m, std::string_view prefix) {
   absl::StrAppend(&out, "# HELP ", full, " Workflow instances per workflow and status.\n# TYPE ",
                   full, " gauge\n");
   for (const auto& [k, n] : m.instances) {
-    std::string labels;
-    for (const auto& [label, value] : {std::pair{"workflow", &k.first}, {"status", &k.second}}) {
-      std::string escaped;
-      for (const char c : *value) {
-        if (c == '\\' || c == '"') escaped += '\\';
-        if (c == '\n') {
-          escaped += "\\n";
-          continue;
-        }
-        escaped += c;
-      }
-      absl::StrAppend(&labels, labels.empty() ? "" : ",", label, "=\"", escaped, "\"");
-    }
+    const std::string labels =
+        absl::StrCat("workflow=\"", detail::prometheus_label(k.first), "\",status=\"",
+                     detail::prometheus_label(k.second), "\"");
     absl::StrAppend(&out, full, "{", labels, "} ", n, "\n");
   }
   detail::append_metric(out, prefix, "stuck", "gauge", "Instances parked for an operator.",

@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "pop/contracts/status.hpp"
 #include "pop/relay/dead_letters.hpp"
+#include "pop/relay/metrics.hpp"
 #include "pop/tools/pop/journal_view.hpp"
 #include "pop/tools/pop/render.hpp"
 #include "pop/tools/pop/repair.hpp"
@@ -582,19 +583,6 @@ absl::StatusOr<std::string> cmd_verify(const common_args& a) {
       journal_held(a.journal) ? "yes" : "no", info.outbox_path);
 }
 
-std::string prometheus_escape(const std::string& s) {
-  std::string out;
-  for (const char c : s) {
-    if (c == '\\' || c == '"') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out;
-}
-
 absl::StatusOr<std::string> cmd_metrics(const common_args& a) {
   POP_ASSIGN_OR_RETURN(const journal_view v, journal_view::open(a.journal));
   POP_ASSIGN_OR_RETURN(const std::vector<outbox_message> messages, v.messages());
@@ -643,7 +631,7 @@ absl::StatusOr<std::string> cmd_metrics(const common_args& a) {
       "# TYPE pop_workflow_instances gauge\n";
   for (const auto& [k, n] : per_status) {
     out += fmt::format("pop_workflow_instances{{workflow=\"{}\",status=\"{}\"}} {}\n",
-                       prometheus_escape(k.first), prometheus_escape(k.second), n);
+                       prometheus_label(k.first), prometheus_label(k.second), n);
   }
   return out;
 }
