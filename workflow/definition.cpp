@@ -23,6 +23,7 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
   if (!j.is_object()) return absl::InvalidArgumentError("a workflow definition must be an object");
   try {
     d.name = j.at("name").get<std::string>();
+    d.version = j.value("version", "");
     d.start = j.at("start").get<std::string>();
     const json& steps = j.at("steps");
     if (!steps.is_object()) return bad("steps", "must be an object of step name -> step");
@@ -109,7 +110,9 @@ json workflow_definition::to_json() const {
     if (s.sleep_ms != 0) o["sleep_ms"] = s.sleep_ms;
     steps_json[s.name] = std::move(o);
   }
-  return {{"name", name}, {"start", start}, {"steps", std::move(steps_json)}};
+  json out = {{"name", name}, {"start", start}, {"steps", std::move(steps_json)}};
+  if (!version.empty()) out["version"] = version;
+  return out;
 }
 
 absl::Status workflows::check(const workflow_definition& def) const {
@@ -120,6 +123,12 @@ absl::Status workflows::check(const workflow_definition& def) const {
   if (absl::Status s = process_contract::from_spec({.name = def.name, .emits = {"x"}}).status();
       !s.ok()) {
     return annotate(s, "workflow name");
+  }
+  if (!def.version.empty()) {
+    if (def.version.size() > 64 || !validate_segment(def.version).ok()) {
+      return bad(absl::StrCat("version '", def.version,
+                              "' must be at most 64 letters, digits, '_' or '-'"));
+    }
   }
   std::map<std::string, const workflow_step*, std::less<>> steps;
   for (const workflow_step& s : def.steps) {

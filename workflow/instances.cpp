@@ -245,23 +245,31 @@ absl::StatusOr<bool> workflows::park(const workflow_instance& w, std::string rea
   return c.changed;
 }
 
-absl::Status workflows::resume_parked(const std::string& name) {
+absl::Status workflows::resume_parked(const std::string& name, const std::string& version) {
   std::vector<std::string> ids;
+  std::vector<std::string> parked_kinds;
   engine_.snapshot()
       .view(path::parse(absl::StrCat(options_.index, ".stuck")).value())
       .for_each_member([&](std::string_view id, const value_view& v) {
         const json entry = v.to_json();
-        if (entry.is_object() && entry.value("workflow", "") == name &&
-            entry.value("kind", "") == "undefined") {
+        // Parked for lack of this version (or of the workflow, on a record from before
+        // versions, which takes the newest).
+        const std::string kind = entry.is_object() ? entry.value("kind", "") : "";
+        const std::string parked_version = entry.is_object() ? entry.value("version", "") : "";
+        if ((kind == "undefined" || kind == "missing_version") &&
+            entry.value("workflow", "") == name &&
+            (parked_version.empty() || parked_version == version)) {
           ids.emplace_back(id);
+          parked_kinds.push_back(kind);
         }
         return true;
       });
-  for (const std::string& id : ids) {
+  for (std::size_t i = 0; i < ids.size(); ++i) {
     absl::StatusOr<commit> c =
-        operate(id, "resume",
-                {{"kind", "undefined"},
-                 {"by", absl::StrCat("resumed: workflow '", name, "' is defined again")}});
+        operate(ids[i], "resume",
+                {{"kind", parked_kinds[i]},
+                 {"by", absl::StrCat("resumed: version '", version, "' of workflow '", name,
+                                     "' is defined again")}});
     // One that cannot be resumed (something happened while it was stuck) stays parked.
     if (!c.ok() && c.status().code() != absl::StatusCode::kFailedPrecondition) return c.status();
   }
@@ -270,13 +278,14 @@ absl::Status workflows::resume_parked(const std::string& name) {
 
 absl::Status workflows::cancel(std::string_view id, std::string reason) {
   POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id, false));
-  if (w.status != "stuck" && find_definition(w.workflow)) {
+  if (const std::shared_ptr<const defined> d = find_definition(w.workflow, w.definition_version);
+      w.status != "stuck" && d) {
     // With the definition here, a parent waiting for it moves on in the same commit.
     return engine_
-        .execute(control_process(w.workflow), {{"id", id},
-                                               {"action", "cancel"},
-                                               {"reason", std::move(reason)},
-                                               {"now", engine_.clock().now_us()}})
+        .execute(control_process(w.workflow, d->version), {{"id", id},
+                                                           {"action", "cancel"},
+                                                           {"reason", std::move(reason)},
+                                                           {"now", engine_.clock().now_us()}})
         .status();
   }
   return operate(id, "cancel", {{"reason", std::move(reason)}}).status();
@@ -287,32 +296,137 @@ absl::StatusOr<std::uint64_t> workflows::resume(std::string_view id) {
   return c.version;
 }
 
-absl::StatusOr<std::uint64_t> workflows::restart_from(std::string_view id, std::string_view step) {
+absl::StatusOr<std::uint64_t> workflows::restart_from(std::string_view id, std::string_view step,
+                                                      std::string_view version) {
   POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id, false));
-  if (const std::shared_ptr<const defined> d = find_definition(w.workflow); d && !d->step(step)) {
+  std::string on_version = version.empty() ? w.definition_version : std::string(version);
+  std::shared_ptr<const defined> d = find_definition(w.workflow, on_version);
+  if (!d && version.empty()) d = find_definition(w.workflow);
+  if (!d && !version.empty() && find_definition(w.workflow)) {
     return absl::NotFoundError(absl::StrCat("workflow instance '", detail::to_absl(id),
-                                            "': workflow '", w.workflow, "' has no step '",
-                                            detail::to_absl(step), "'"));
+                                            "': workflow '", w.workflow, "' has no version '",
+                                            detail::to_absl(version), "' in this program"));
+  }
+  if (d) on_version = d->version;
+  if (d && !d->step(step)) {
+    return absl::NotFoundError(absl::StrCat("workflow instance '", detail::to_absl(id),
+                                            "': workflow '", w.workflow, "' version '", d->version,
+                                            "' has no step '", detail::to_absl(step), "'"));
   }
   if (step.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat("workflow instance '", detail::to_absl(id), "': restart needs a step name"));
   }
-  POP_ASSIGN_OR_RETURN(const commit c, operate(id, "restart", {{"step", step}}));
+  POP_ASSIGN_OR_RETURN(const commit c,
+                       operate(id, "restart", {{"step", step}, {"version", on_version}}));
   return c.version;
+}
+
+absl::StatusOr<std::size_t> workflows::migrate(const workflow_migration& m) {
+  const std::string where = absl::StrCat("migrating workflow '", m.workflow, "'");
+  if (!find_definition(m.workflow)) {
+    return absl::NotFoundError(
+        absl::StrCat(where, ": no workflow named '", m.workflow, "' is defined in this program"));
+  }
+  const std::shared_ptr<const defined> to = find_definition(m.workflow, m.to_version);
+  if (!to) {
+    return absl::NotFoundError(absl::StrCat(where, ": its version '", m.to_version,
+                                            "' is not defined in this program (it defines ",
+                                            absl::StrJoin(versions(m.workflow), ", "), ")"));
+  }
+  const std::shared_ptr<const defined> from =
+      m.from_version.empty() ? nullptr : find_definition(m.workflow, m.from_version);
+  for (const auto& [old_step, new_step] : m.steps) {
+    if (!to->step(new_step)) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": step '", old_step, "' maps to '",
+                                                     new_step, "', which version '", to->version,
+                                                     "' does not have"));
+    }
+    if (from && !from->step(old_step)) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": the mapping names step '", old_step,
+                                                     "', which version '", from->version,
+                                                     "' does not have"));
+    }
+  }
+  json ids = json::array();
+  if (!m.ids.empty()) {
+    for (const std::string& id : m.ids) ids.push_back(id);
+  } else {
+    const snapshot snap = engine_.snapshot();
+    snap.view(path::parse(options_.instances).value())
+        .for_each_member([&](std::string_view id, const value_view& v) {
+          const json rec = v.to_json();
+          if (!rec.is_object() || rec.value("workflow", "") != m.workflow ||
+              detail::instance_txn::status_is_final(rec.value("status", ""))) {
+            return true;
+          }
+          const auto d = rec.find("definition");
+          const std::string version =
+              d != rec.end() && d->is_object() ? d->value("version", "") : "";
+          if (version != to->version && (m.from_version.empty() || version == m.from_version)) {
+            ids.push_back(id);
+          }
+          return true;
+        });
+  }
+  if (ids.empty()) return 0;
+  json target = json::object();
+  for (const workflow_step& s : to->def.steps) {
+    json topics = json::array();
+    for (const auto& [topic, next] : s.wait) topics.push_back(topic);
+    target[s.name] = {{"kind", kind_name(s)},
+                      {"compensate", !s.compensate.empty()},
+                      {"topics", topics},
+                      {"key", s.key}};
+  }
+  json steps = json::object();
+  for (const auto& [old_step, new_step] : m.steps) steps[old_step] = new_step;
+  const std::size_t n = ids.size();
+  absl::StatusOr<commit> c =
+      engine_.execute(detail::migrate_process, {{"workflow", m.workflow},
+                                                {"to", to->version},
+                                                {"steps", std::move(steps)},
+                                                {"target", std::move(target)},
+                                                {"ids", std::move(ids)},
+                                                {"now", engine_.clock().now_us()}});
+  if (!c.ok()) return annotate(c.status(), where);
+  return n;
+}
+
+absl::StatusOr<std::size_t> workflows::reconcile() {
+  std::vector<std::pair<workflow_instance, resolved>> orphans;
+  const snapshot snap = engine_.snapshot();
+  snap.view(path::parse(options_.instances).value())
+      .for_each_member([&](std::string_view id, const value_view& v) {
+        const value_view s = v.member("status");
+        const json status = s ? s.to_json() : json();
+        if (status != "running" && status != "waiting" && status != "compensating") return true;
+        workflow_instance w = workflow_instance::from_record(id, v.to_json());
+        resolved r = resolve(w.workflow, w.definition_version);
+        if (r.def && status != "compensating" && !r.def->step(w.cursor)) {
+          r.reason = absl::StrCat("its step '", w.cursor, "' is not in workflow '", w.workflow,
+                                  "' version '", r.def->version, "' as defined in this program");
+          r.kind = "missing_step";
+          r.def = nullptr;
+        }
+        if (!r.def) orphans.emplace_back(std::move(w), std::move(r));
+        return true;
+      });
+  std::size_t parked = 0;
+  for (const auto& [w, r] : orphans) {
+    POP_ASSIGN_OR_RETURN(const bool p, park(w, r.reason, r.kind));
+    if (p) ++parked;
+  }
+  return parked;
 }
 
 absl::StatusOr<bool> workflows::advance(std::string_view id) {
   POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id, false));
   if (w.status != "running" && w.status != "compensating") return false;
-  const std::shared_ptr<const defined> d = find_definition(w.workflow);
-  if (!d) {
-    // One instance that cannot advance must not stop the others: it is parked for an operator.
-    return park(w,
-                absl::StrCat("its workflow '", w.workflow, "' (definition version ",
-                             w.definition_version, ") is not defined in this program"),
-                "undefined");
-  }
+  const resolved r = resolve(w.workflow, w.definition_version);
+  // One instance that cannot advance must not stop the others: it is parked for an operator.
+  if (!r.def) return park(w, r.reason, r.kind);
+  const std::shared_ptr<const defined>& d = r.def;
   const std::int64_t now = engine_.clock().now_us();
   std::string process;
   json args = {{"id", id}, {"now", now}};
@@ -331,7 +445,7 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
       process = step_process(step->process);
       args["step"] = step->name;
     } else {
-      process = control_process(w.workflow);
+      process = control_process(w.workflow, d->version);
       args["action"] = "step";
     }
   } else if (w.status == "compensating") {
@@ -376,7 +490,7 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
                  {"step", step_name},
                  {"error", c.status().ToString()}};
   if (w.status == "compensating") failed["mode"] = "compensate";
-  POP_ASSIGN_OR_RETURN(commit f, engine_.execute(control_process(w.workflow), failed));
+  POP_ASSIGN_OR_RETURN(commit f, engine_.execute(control_process(w.workflow, d->version), failed));
   return f.changed;
 }
 
@@ -452,18 +566,14 @@ absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& ne
   for (const std::string& id : due) {
     absl::StatusOr<workflow_instance> w = inspect(id, false);
     if (!w.ok()) continue;
-    if (!find_definition(w->workflow)) {
-      POP_ASSIGN_OR_RETURN(
-          const bool parked,
-          park(*w,
-               absl::StrCat("its workflow '", w->workflow, "' (definition version ",
-                            w->definition_version, ") is not defined in this program"),
-               "undefined"));
+    const resolved r = resolve(w->workflow, w->definition_version);
+    if (!r.def) {
+      POP_ASSIGN_OR_RETURN(const bool parked, park(*w, r.reason, r.kind));
       if (parked) ++moved;
       continue;
     }
     POP_ASSIGN_OR_RETURN(commit c,
-                         engine_.execute(control_process(w->workflow),
+                         engine_.execute(control_process(w->workflow, r.def->version),
                                          {{"id", id}, {"action", "timeout"}, {"now", now}}));
     if (c.changed) ++moved;
   }
@@ -488,7 +598,8 @@ absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_messag
   for (const std::string& id : ids) {
     detail::instance_txn t(options_, ctx, out, id, now);
     if (!t.load() || (t.status() != "waiting" && !t.stuck_waiting())) continue;
-    const std::shared_ptr<const defined> d = find_definition(t.rec().value("workflow", ""));
+    const resolved r = resolve(t.workflow(), t.version());
+    const std::shared_ptr<const defined>& d = r.def;
     const workflow_step* step = d ? d->step(t.cursor()) : nullptr;
     if (step && !step->wait.contains(m.topic)) continue;
     if (!step || t.status() == "stuck") {
@@ -498,11 +609,10 @@ absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_messag
       taken = true;
       t.rec()["received"][m.topic] = m.payload;
       if (t.status() == "waiting") {
-        t.park(absl::StrCat(d ? "its step '" + t.cursor() + "' is not in its workflow"
-                              : "its workflow '" + t.rec().value("workflow", "") +
-                                    "' is not defined in this program",
-                            " when ", what, ": restart it from the step that handles it"),
-               d ? "missing_step" : "undefined", false);
+        t.park(absl::StrCat(d ? "its step '" + t.cursor() + "' is not in its workflow" : r.reason,
+                            " when ", what,
+                            ": restart it from the step that handles it, or migrate it"),
+               d ? "missing_step" : r.kind, false);
       } else {
         t.cannot_resume(what);
       }
@@ -527,9 +637,11 @@ absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_messag
 
 bool workflows::waited_topic(std::string_view topic) const {
   std::lock_guard lock(mu_);
-  for (const auto& [name, d] : definitions_) {
-    for (const workflow_step& s : d->def.steps) {
-      if (s.wait.contains(std::string(topic))) return true;
+  for (const auto& [name, versions] : definitions_) {
+    for (const std::shared_ptr<const defined>& d : versions) {
+      for (const workflow_step& s : d->def.steps) {
+        if (s.wait.contains(std::string(topic))) return true;
+      }
     }
   }
   return false;

@@ -38,6 +38,11 @@ absl::StatusOr<std::unique_ptr<workflows>> workflows::create(engine& e, workflow
         [o = opts](const context& ctx, const json& args) {
           return detail::operate(o, ctx, args);
         }));
+    POP_RETURN_IF_ERROR(e.register_process(
+        {.name = std::string(detail::migrate_process), .inputs = owned, .outputs = owned},
+        [o = opts](const context& ctx, const json& args) {
+          return detail::migrate(o, ctx, args);
+        }));
   }
   return w;
 }
@@ -81,7 +86,7 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
                            args.at("now").get<std::int64_t>());
     if (!t.load()) return out;
     const std::string step_name = args.at("step").get<std::string>();
-    const std::shared_ptr<const defined> d = self->find_definition(t.rec().value("workflow", ""));
+    const std::shared_ptr<const defined> d = self->find_definition(t.workflow(), t.version());
     if (!d) return out;
     const workflow_step* step = d->step(step_name);
     if (!step) return out;
@@ -164,7 +169,56 @@ absl::Status workflows::register_predicate(std::string name, std::vector<std::st
 std::shared_ptr<const workflows::defined> workflows::find_definition(std::string_view name) const {
   std::lock_guard lock(mu_);
   const auto it = definitions_.find(name);
-  return it == definitions_.end() ? nullptr : it->second;
+  return it == definitions_.end() || it->second.empty() ? nullptr : it->second.back();
+}
+
+std::shared_ptr<const workflows::defined> workflows::find_definition(
+    std::string_view name, std::string_view version) const {
+  std::lock_guard lock(mu_);
+  const auto it = definitions_.find(name);
+  if (it == definitions_.end() || it->second.empty()) return nullptr;
+  if (version.empty()) return it->second.back();
+  for (const std::shared_ptr<const defined>& d : it->second) {
+    if (d->version == version) return d;
+  }
+  return nullptr;
+}
+
+workflows::resolved workflows::resolve(std::string_view workflow, std::string_view version) const {
+  if (std::shared_ptr<const defined> d = find_definition(workflow, version)) {
+    return {std::move(d), "", ""};
+  }
+  const std::vector<std::string> defined_versions = versions(workflow);
+  if (defined_versions.empty()) {
+    return {nullptr,
+            absl::StrCat("its workflow '", detail::to_absl(workflow), "' (definition version ",
+                         detail::to_absl(version), ") is not defined in this program"),
+            "undefined"};
+  }
+  return {nullptr,
+          absl::StrCat("its definition version '", detail::to_absl(version), "' of workflow '",
+                       detail::to_absl(workflow), "' is not defined in this program (it defines ",
+                       absl::StrJoin(defined_versions, ", "),
+                       "): define that version beside the new one, or migrate the instance"),
+          "missing_version"};
+}
+
+std::vector<std::string> workflows::versions(std::string_view name) const {
+  std::vector<std::string> out;
+  std::lock_guard lock(mu_);
+  if (const auto it = definitions_.find(name); it != definitions_.end()) {
+    for (const std::shared_ptr<const defined>& d : it->second) out.push_back(d->version);
+  }
+  return out;
+}
+
+std::string workflows::version_of(const workflow_definition& def) {
+  if (!def.version.empty()) return def.version;
+  std::uint64_t h = 1469598103934665603ULL;
+  for (const unsigned char c : def.to_json().dump()) h = (h ^ c) * 1099511628211ULL;
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return hex;
 }
 
 void workflows::settle(detail::instance_txn& t) const {
@@ -179,14 +233,23 @@ void workflows::settle(detail::instance_txn& t) const {
     return;
   }
   if (parent.status() != "waiting") return;
-  const std::shared_ptr<const defined> d = find_definition(parent.rec().value("workflow", ""));
-  const workflow_step* step = d ? d->step(parent.rec().value("parent_step_of_child", "")) : nullptr;
-  parent.rec().erase("child");
-  parent.rec().erase("parent_step_of_child");
+  const resolved r = resolve(parent.workflow(), parent.version());
+  const std::string at_step = parent.rec().value("parent_step_of_child", "");
+  const workflow_step* step = r.def ? r.def->step(at_step) : nullptr;
   const std::string status = t.status();
   if (!step) {
-    parent.fail_path("its definition changed while a child ran");
-  } else if (status == "completed") {
+    // The parent cannot take its child's outcome here: parked, not failed, for an operator.
+    parent.park(absl::StrCat(r.def ? absl::StrCat("its step '", at_step, "' is not in its workflow")
+                                   : r.reason,
+                             " when its child '", t.id(), "' ended (", status,
+                             "): restart it from a step, migrate or cancel it"),
+                r.def ? "missing_step" : r.kind, false);
+    parent.save();
+    return;
+  }
+  parent.rec().erase("child");
+  parent.rec().erase("parent_step_of_child");
+  if (status == "completed") {
     parent.history(step->name, absl::StrCat("child ", t.id(), " completed"));
     parent.go(step->next);
   } else {
@@ -322,29 +385,25 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
 absl::Status workflows::define(workflow_definition def) {
   POP_RETURN_IF_ERROR(check(def));
   auto d = std::make_shared<defined>();
+  d->version = version_of(def);
   d->def = std::move(def);
-  std::uint64_t h = 1469598103934665603ULL;
-  for (const unsigned char c : d->def.to_json().dump()) h = (h ^ c) * 1099511628211ULL;
-  char hex[17];
-  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
-  d->version = hex;
   for (const workflow_step& s : d->def.steps) d->steps.emplace(s.name, &s);
-  {
-    std::lock_guard lock(mu_);
-    if (definitions_.contains(d->def.name)) {
+  for (const std::string& v : versions(d->def.name)) {
+    if (v == d->version) {
       return absl::AlreadyExistsError(
-          absl::StrCat("a workflow named '", d->def.name, "' is already defined"));
+          absl::StrCat("version '", v, "' of workflow '", d->def.name, "' is already defined"));
     }
   }
   POP_RETURN_IF_ERROR(register_control(d));
   POP_RETURN_IF_ERROR(engine_.describe(
       "workflow", d->def.name, {{"version", d->version}, {"definition", d->def.to_json()}}));
   const std::string name = d->def.name;
+  const std::string version = d->version;
   {
     std::lock_guard lock(mu_);
-    definitions_[name] = std::move(d);
+    definitions_[name].push_back(std::move(d));
   }
-  return resume_parked(name);
+  return resume_parked(name, version);
 }
 
 absl::Status workflows::define_from_file(const std::string& file_path) {
@@ -387,7 +446,7 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
                                     t.rec().value("inputs", json::object()).dump(), ")")));
           }
           const std::shared_ptr<const defined> def =
-              self->find_definition(args.at("workflow").get<std::string>());
+              self->find_definition(args.at("workflow").get<std::string>(), {});
           if (!def) return absl::NotFoundError("no such workflow");
           const std::int64_t deadline = args.value("deadline_us", std::int64_t{0});
           t.rec() = new_record(def->def.name, def->version, def->def.start, args.at("inputs"),
@@ -416,7 +475,9 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
   const workflows* self = this;
   std::shared_ptr<const defined> def = d;
   return engine_.register_process(
-      {.name = control_process(d->def.name), .inputs = outermost(inputs), .outputs = owned},
+      {.name = control_process(d->def.name, d->version),
+       .inputs = outermost(inputs),
+       .outputs = owned},
       [self, def](const context& ctx, const json& args) -> absl::StatusOr<result> {
         result out;
         detail::instance_txn t(self->options_, ctx, out, args.at("id").get<std::string>(),

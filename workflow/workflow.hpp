@@ -61,6 +61,9 @@ struct workflow_step {
 // checks it.
 struct workflow_definition {
   std::string name{};
+  // A name for this version (JSON "version"; letters, digits, '.', '_', '-'; at most 64), recorded
+  // in every instance started on it. Empty: a hash of the definition.
+  std::string version{};
   std::string start{};
   std::vector<workflow_step> steps{};
 
@@ -125,6 +128,18 @@ struct workflow_query {
   std::int64_t started_before_us = 0;
   std::int64_t updated_before_us = 0;  // last history entry before this time (idle since)
   std::size_t limit = std::numeric_limits<std::size_t>::max();
+};
+
+// A move of instances from one version of a workflow to another (workflows::migrate). Each
+// instance's cursor, completed compensable steps, loop counts and the step it waits on are
+// renamed through `steps`; a step not listed keeps its name.
+struct workflow_migration {
+  std::string workflow{};
+  std::string from_version{};  // the instances started on this version; empty: every version
+                               // other than the target
+  std::string to_version{};    // a version this program defines; empty: the newest
+  std::map<std::string, std::string> steps{};  // step of the old version -> step of the new
+  std::vector<std::string> ids{};              // only these instances; empty: all that match
 };
 
 // What workflows::metrics reports: instances per workflow and status in one snapshot, plus the
@@ -194,12 +209,20 @@ class workflows {
   // Registers predicate `name` reading `inputs` (paths). kInvalidArgument, kAlreadyExists.
   [[nodiscard]] absl::Status register_predicate(std::string name, std::vector<std::string> inputs,
                                                 predicate_fn fn);
-  // Checks and registers `def`. kInvalidArgument naming the step and the problem: an unknown
+  // Checks and registers `def` as a version of workflow `def.name` (def.version, or a hash of
+  // it). Versions run side by side: new instances take the newest defined, running ones keep the
+  // version they started on. kInvalidArgument naming the step and the problem: an unknown
   // process, predicate, workflow or step, a step with no or several kinds, an unreachable step,
-  // a loop with no bound, a bad condition; kAlreadyExists for a taken name. Instances of this
-  // workflow that were parked stuck because a program lacked it are resumed (one commit each);
-  // the engine's error if that fails (the definition stays registered).
+  // a loop with no bound, a bad condition or version name; kAlreadyExists for a version already
+  // defined. Instances of this version that were parked stuck because a program lacked it are
+  // resumed (one commit each); the engine's error if that fails (the definition stays
+  // registered).
   [[nodiscard]] absl::Status define(workflow_definition def);
+  // The version define() records for `def`: def.version, or the hash of its JSON.
+  static std::string version_of(const workflow_definition& def);
+  // The versions of workflow `name` this program defines, oldest first (the last is what start()
+  // takes); empty if none.
+  std::vector<std::string> versions(std::string_view name) const;
   // define() of the JSON in file `file_path`; errors name the file.
   [[nodiscard]] absl::Status define_from_file(const std::string& file_path);
 
@@ -247,14 +270,32 @@ class workflows {
   // until an operator acts (from C++ or the `pop workflow` command):
   // resume() puts a stuck instance back in the status it had (once the program defines what it
   // needs); restart_from() moves a stuck, failed, compensated or cancelled instance to `step`,
-  // running,
-  // with its error, loop counts and wait cleared. Both are one commit and return its version;
-  // kNotFound (no instance; or, when this program defines the workflow, no such step),
+  // running, with its error, loop counts and wait cleared, on definition version `version`: if
+  // empty, the version it ran on when this program defines it, else the newest this program
+  // defines (an instance parked because a deploy dropped its version restarts on a step of the
+  // new one), else the one it has. Both are one commit and return its version; kNotFound (no
+  // instance; or, when this program defines the workflow, no such version or step),
   // kFailedPrecondition (the instance is not in a status the action applies to). None of them
   // needs the workflow to be defined in this program: they work on the record alone.
   [[nodiscard]] absl::StatusOr<std::uint64_t> resume(std::string_view id);
   [[nodiscard]] absl::StatusOr<std::uint64_t> restart_from(std::string_view id,
-                                                           std::string_view step);
+                                                           std::string_view step,
+                                                           std::string_view version = {});
+
+  // Moves the instances `m` selects (not ended ones) to version m.to_version in one commit, all or
+  // none, and returns how many moved. Each is checked against the new version before anything
+  // changes: its cursor (and the step it waits on, with the same kind: a wait on the same key, a
+  // call, a sleep) and its completed compensable steps must exist there (with a compensation).
+  // An instance parked stuck for lack of its version, workflow or step is resumed by the move.
+  // kNotFound (no such workflow or version), kInvalidArgument (a mapping naming a step neither
+  // version has), kFailedPrecondition naming the first instance and step that cannot move.
+  [[nodiscard]] absl::StatusOr<std::size_t> migrate(const workflow_migration& m);
+
+  // Parks every instance that is running, waiting or compensating on a workflow, version or step
+  // this program does not define, with the reason (advance() and the timers park such instances
+  // when they reach them; this finds waiting ones at once, e.g. after a deploy). Returns how
+  // many it parked. workflow_runner calls it when it starts.
+  [[nodiscard]] absl::StatusOr<std::size_t> reconcile();
 
   // Advances instance `id` by one step if it is running or compensating. Returns true if it
   // changed. A step whose process fails with an exception or a contract breach sends the
@@ -286,7 +327,19 @@ class workflows {
   struct defined;
   absl::Status check(const workflow_definition& def) const;
   absl::Status register_control(const std::shared_ptr<const defined>& d);
+  // The newest version of workflow `name`, or null.
   std::shared_ptr<const defined> find_definition(std::string_view name) const;
+  // Version `version` of workflow `name` (the newest if `version` is empty: records from before
+  // versions), or null.
+  std::shared_ptr<const defined> find_definition(std::string_view name,
+                                                 std::string_view version) const;
+  // What instance `w` runs on, or why it cannot run here (parked with `kind`).
+  struct resolved {
+    std::shared_ptr<const defined> def;
+    std::string reason;
+    const char* kind = "";
+  };
+  resolved resolve(std::string_view workflow, std::string_view version) const;
   // If `t`'s instance ended and has a parent waiting on it, moves the parent on (same commit).
   void settle(detail::instance_txn& t) const;
   // Runs operator action `action` on instance `id` with `args` through the operate process.
@@ -302,8 +355,9 @@ class workflows {
   bool waited_topic(std::string_view topic) const;
   // Deletes mailbox messages older than options.mailbox_ttl (at most once per tenth of it).
   absl::Status purge_mailbox(std::int64_t now_us);
-  // Resumes the instances of workflow `name` that were parked because it was not defined.
-  absl::Status resume_parked(const std::string& name);
+  // Resumes the instances of version `version` of workflow `name` that were parked because it was
+  // not defined.
+  absl::Status resume_parked(const std::string& name, const std::string& version);
   // Runs step `step` (not a process step) of `t`'s instance, of definition `d`.
   void run_control_step(detail::instance_txn& t, const defined& d, const workflow_step& step) const;
 
@@ -312,7 +366,8 @@ class workflows {
   mutable std::mutex mu_;
   std::map<std::string, std::shared_ptr<const registered_process>, std::less<>> processes_;
   std::map<std::string, std::shared_ptr<const registered_predicate>, std::less<>> predicates_;
-  std::map<std::string, std::shared_ptr<const defined>, std::less<>> definitions_;
+  // Every version of each workflow, oldest first.
+  std::map<std::string, std::vector<std::shared_ptr<const defined>>, std::less<>> definitions_;
   std::atomic<std::int64_t> last_purge_us_{0};
   std::atomic<std::uint64_t> steps_{0};
   detail::atomic_histogram step_latency_;

@@ -81,6 +81,13 @@ asio::awaitable<absl::Status> workflow_runner::loop_on_strand(std::shared_ptr<vo
     const asio::cancellation_state cs = co_await asio::this_coro::cancellation_state;
     co_return cs.cancelled() != asio::cancellation_type::none;
   };
+  // Instances this program cannot run (after a deploy that dropped their version or step) are
+  // parked with the reason at once, not found only when a message or timer reaches them.
+  // (A transient error leaves the rest to advance(), the timers and the inbox, which park too.)
+  if (const absl::StatusOr<std::size_t> parked = workflows_.reconcile();
+      !parked.ok() && !transient(parked.status())) {
+    co_return annotate(parked.status(), "workflow runner, parking what cannot run");
+  }
   for (;;) {
     if (co_await cancelled()) co_return absl::CancelledError("workflow runner stopped");
     state->notified().store(false);

@@ -17,81 +17,12 @@
 #include "pop/workflow/workflow.hpp"
 #include "pop/workflow/workflow_runner.hpp"
 #include "tests/support/temp_dir.hpp"
+#include "tests/workflow/helpers.hpp"
 
 using pop::json;
+using namespace pop::test::workflow_helpers;
 
 namespace {
-
-// Registers "append": appends args.tag (or the step's input "tag") to domain.log, and "fail_now"
-// which returns an error, "explode" which throws, and "undo" which appends "undo:<tag>".
-void register_steps(pop::workflows& wf) {
-  const auto append = [](std::string prefix) {
-    return [prefix](const pop::context& ctx, const json& args) -> absl::StatusOr<pop::result> {
-      json log = ctx.get_or<json>("domain.log", json::array());
-      log.push_back(prefix + args.value("tag", std::string("?")));
-      pop::result r;
-      r.set("domain.log", log);
-      r.set("domain.count", ctx.get_or<int>("domain.count", 0) + 1);
-      return r;
-    };
-  };
-  const pop::process_spec spec{.name = "append",
-                               .inputs = {"domain.log", "domain.count"},
-                               .outputs = {"domain.log", "domain.count"},
-                               .emits = {"step.done"}};
-  REQUIRE(wf.register_process(spec, append("")).ok());
-  pop::process_spec undo = spec;
-  undo.name = "undo";
-  REQUIRE(wf.register_process(undo, append("undo:")).ok());
-  REQUIRE(wf.register_process({.name = "fail_now", .outputs = {"domain.never"}},
-                              [](const pop::context&, const json&) -> absl::StatusOr<pop::result> {
-                                return absl::FailedPreconditionError("refused on purpose");
-                              })
-              .ok());
-  REQUIRE(wf.register_process({.name = "explode", .outputs = {"domain.never"}},
-                              [](const pop::context&, const json&) -> absl::StatusOr<pop::result> {
-                                throw std::runtime_error("boom");
-                              })
-              .ok());
-}
-
-pop::workflow_definition parse(const json& j) {
-  absl::StatusOr<pop::workflow_definition> d = pop::workflow_definition::from_json(j);
-  INFO(d.status());
-  REQUIRE(d.ok());
-  return *d;
-}
-
-// Advances every runnable instance until nothing moves; returns the steps taken.
-int run_all(pop::workflows& wf) {
-  int steps = 0;
-  for (bool moved = true; moved;) {
-    moved = false;
-    for (const std::string& id : wf.runnable()) {
-      const absl::StatusOr<bool> r = wf.advance(id);
-      INFO(r.status());
-      REQUIRE(r.ok());
-      if (*r) {
-        moved = true;
-        ++steps;
-      }
-    }
-  }
-  return steps;
-}
-
-json state(const pop::engine& e, const std::string& p) {
-  return e.snapshot().read(p).value_or(json());
-}
-
-pop::outbox_message message(std::string id, std::string topic, std::string key, json payload = {}) {
-  pop::outbox_message m;
-  m.id = std::move(id);
-  m.topic = std::move(topic);
-  m.key = std::move(key);
-  m.payload = std::move(payload);
-  return m;
-}
 
 const json linear = {{"name", "linear"},
                      {"start", "a"},
@@ -704,7 +635,8 @@ TEST_CASE("an instance whose workflow this program lacks is parked stuck, and th
     auto [e, wf] = program(true);
     CHECK(wf->inspect("lost").value().status == "running");
     CHECK(wf->inspect("lost").value().events.back().outcome ==
-          "resumed: workflow 'linear' is defined again");
+          "resumed: version '" + wf->versions("linear").at(0) +
+              "' of workflow 'linear' is defined again");
     CHECK(wf->resume("lost").status().code() == absl::StatusCode::kFailedPrecondition);
     CHECK(run_all(*wf) == 3);
     const pop::workflow_instance w = wf->inspect("lost").value();

@@ -144,6 +144,8 @@ absl::StatusOr<workflow_definition> journal_view::definition(std::string_view na
     return annotate(def.status(),
                     absl::StrCat("journal '", file_, "', workflow '", to_absl(name), "'"));
   }
+  // The version the program recorded (a hash when the definition names none).
+  if (const auto v = d.find("version"); v != d.end() && v->is_string()) def->version = *v;
   return def;
 }
 

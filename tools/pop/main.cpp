@@ -404,9 +404,11 @@ absl::StatusOr<std::string> cmd_workflow_action(const workflow_args& a, const jo
   if (!a.restart_from.empty() && w.status != "stuck" && !(ended && w.status != "completed")) {
     return refuse("restart", "stuck, failed, compensated or cancelled");
   }
+  std::string restart_version;
   if (!a.restart_from.empty()) {
     // The program is not running, so its definition is known only from the journal.
     if (absl::StatusOr<workflow_definition> def = v.definition(w.workflow); def.ok()) {
+      restart_version = def->version;
       const bool known =
           std::any_of(def->steps.begin(), def->steps.end(),
                       [&](const workflow_step& s) { return s.name == a.restart_from; });
@@ -429,7 +431,7 @@ absl::StatusOr<std::string> cmd_workflow_action(const workflow_args& a, const jo
     POP_RETURN_IF_ERROR(flows->resume(a.id).status());
     done = "resumed";
   } else {
-    POP_RETURN_IF_ERROR(flows->restart_from(a.id, a.restart_from).status());
+    POP_RETURN_IF_ERROR(flows->restart_from(a.id, a.restart_from, restart_version).status());
     done = "restarted from step " + a.restart_from;
   }
   POP_ASSIGN_OR_RETURN(const workflow_instance after, flows->inspect(a.id));

@@ -9,8 +9,9 @@ namespace pop::detail {
 std::string step_process(std::string_view process) {
   return absl::StrCat("workflow.step:", detail::to_absl(process));
 }
-std::string control_process(std::string_view workflow) {
-  return absl::StrCat("workflow.control:", detail::to_absl(workflow));
+std::string control_process(std::string_view workflow, std::string_view version) {
+  return absl::StrCat("workflow.control:", detail::to_absl(workflow), ":",
+                      detail::to_absl(version));
 }
 
 int kinds(const workflow_step& s) {
@@ -193,7 +194,12 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
       const auto first = std::find(done.begin(), done.end(), json(step));
       done.erase(first, done.end());
     }
-    t.history(step, absl::StrCat("restarted here by an operator (was ", status, ")"));
+    std::string moved;
+    if (const std::string to = args.value("version", ""); !to.empty() && to != t.version()) {
+      moved = absl::StrCat(", from version '", t.version(), "' to '", to, "'");
+      t.rec()["definition"] = {{"name", t.workflow()}, {"version", to}};
+    }
+    t.history(step, absl::StrCat("restarted here by an operator (was ", status, moved, ")"));
     t.go(step);
     t.refresh_timer();
   } else if (action == "cancel") {
@@ -222,6 +228,118 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));
   }
   t.save();
+  return out;
+}
+
+absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, const json& args) {
+  result out;
+  const std::string workflow = args.at("workflow").get<std::string>();
+  const std::string to = args.at("to").get<std::string>();
+  const json& steps = args.at("steps");
+  const json& target = args.at("target");
+  const std::int64_t now = args.at("now").get<std::int64_t>();
+  const auto mapped = [&](const std::string& step) {
+    const auto it = steps.find(step);
+    return it == steps.end() ? step : it->get<std::string>();
+  };
+  for (const json& id_json : args.at("ids")) {
+    instance_txn t(o, ctx, out, id_json.get<std::string>(), now);
+    if (!t.load()) return absl::NotFoundError(absl::StrCat("no workflow instance '", t.id(), "'"));
+    const std::string from = t.version();
+    const std::string status = t.status();
+    const auto refuse = [&](const std::string& why) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("workflow instance '", t.id(), "' (version '", from, "', ", status,
+                       ") cannot move to version '", to, "' of workflow '", workflow, "': ", why));
+    };
+    if (t.workflow() != workflow) {
+      return refuse(absl::StrCat("it is an instance of workflow '", t.workflow(), "'"));
+    }
+    if (instance_txn::status_is_final(status)) return refuse("it has ended");
+    const json* stuck = status == "stuck" ? &t.rec()["stuck"] : nullptr;
+    const std::string effective = stuck ? stuck->value("status", "running") : status;
+    const auto kind_of = [&](const std::string& step) -> std::string {
+      const auto it = target.find(step);
+      return it == target.end() ? "" : it->value("kind", "");
+    };
+    const std::string cursor = t.cursor();
+    const std::string next_cursor = mapped(cursor);
+    const std::string at =
+        cursor == next_cursor ? absl::StrCat("step '", cursor, "'")
+                              : absl::StrCat("step '", cursor, "' (mapped to '", next_cursor, "')");
+    if (effective == "running" && kind_of(next_cursor).empty()) {
+      return refuse(absl::StrCat("it is at ", at, ", which the new version lacks"));
+    }
+    if (effective == "waiting") {
+      const char* wanted = t.rec().contains("child")            ? "call"
+                           : t.rec().contains("sleep_until_us") ? "sleep"
+                                                                : "wait";
+      if (kind_of(next_cursor) != wanted) {
+        return refuse(absl::StrCat("it waits at ", at, " (a ", wanted,
+                                   " step), and the new version has ",
+                                   kind_of(next_cursor).empty()
+                                       ? std::string("no such step")
+                                       : absl::StrCat("a ", kind_of(next_cursor), " step there")));
+      }
+      if (const auto key = t.rec().find("wait_key");
+          key != t.rec().end() && std::string_view(wanted) == "wait") {
+        // The new step must wait on the key the instance waits on.
+        const json inputs = t.rec().value("inputs", json::object());
+        const std::string input = target.at(next_cursor).value("key", "");
+        const auto value = inputs.find(input);
+        const std::string text =
+            value == inputs.end()
+                ? ""
+                : (value->is_string() ? value->get<std::string>() : value->dump());
+        if (text != key->get<std::string>()) {
+          return refuse(absl::StrCat("it waits on key '", key->get<std::string>(), "' and step '",
+                                     next_cursor, "' of the new version waits on input '", input,
+                                     "' ('", text, "')"));
+        }
+      }
+    }
+    json done = json::array();
+    for (const json& d : t.rec().value("done", json::array())) {
+      const std::string step = mapped(d.get<std::string>());
+      const auto it = target.find(step);
+      if (it == target.end() || !it->value("compensate", false)) {
+        return refuse(absl::StrCat("its completed step '", d.get<std::string>(), "' would be '",
+                                   step, "', which has no compensation in the new version"));
+      }
+      done.push_back(step);
+    }
+    json visits = json::object();
+    const json old_visits = t.rec().value("visits", json::object());
+    for (const auto& [step, n] : old_visits.items()) {
+      if (target.contains(mapped(step))) visits[mapped(step)] = n;
+    }
+    t.rec()["definition"] = {{"name", workflow}, {"version", to}};
+    t.rec()["cursor"] = next_cursor;
+    t.rec()["done"] = std::move(done);
+    t.rec()["visits"] = std::move(visits);
+    if (t.rec().contains("parent_step_of_child")) t.rec()["parent_step_of_child"] = next_cursor;
+    if (effective == "waiting" && t.rec().contains("wait_key")) {
+      // The wait index lists the topics it takes: the new step's.
+      const auto it = target.find(next_cursor);
+      out.set(absl::StrCat(o.index, ".waits.", t.rec()["wait_key"].get<std::string>(), ".", t.id()),
+              it->value("topics", json::array()));
+    }
+    t.history(next_cursor, absl::StrCat("migrated from version '", from, "' to '", to, "'",
+                                        cursor == next_cursor ? "" : absl::StrCat(" (", at, ")")));
+    const std::string kind = stuck ? stuck->value("kind", "") : "";
+    if (stuck && stuck->value("resumable", true) &&
+        (kind == "undefined" || kind == "missing_version" || kind == "missing_step" ||
+         kind == "missing_compensation")) {
+      // Parked for lack of what the new version has: it goes on.
+      t.unpark();
+      t.set_status(effective);
+      t.refresh_timer();
+    } else if (stuck) {
+      out.set(t.index_path("stuck", t.id()),
+              json{{"workflow", workflow}, {"version", to}, {"kind", kind}});
+    }
+    t.save();
+  }
   return out;
 }
 

@@ -25,7 +25,8 @@ inline constexpr std::string_view start_process = "workflow.start";
 inline constexpr std::string_view resume_process = "workflow.resume";
 
 std::string step_process(std::string_view process);
-std::string control_process(std::string_view workflow);
+// The process running the control steps of one version of a workflow.
+std::string control_process(std::string_view workflow, std::string_view version);
 int kinds(const workflow_step& s);
 const char* kind_name(const workflow_step& s);
 // The part of a condition path before its first "{input}" segment: what the control process reads.
@@ -68,6 +69,12 @@ class instance_txn {
   const std::string& id() const { return id_; }
   std::string status() const { return rec_.value("status", ""); }
   std::string cursor() const { return rec_.value("cursor", ""); }
+  std::string workflow() const { return rec_.value("workflow", ""); }
+  // The version of its workflow it runs on (empty for records from before versions).
+  std::string version() const {
+    const auto d = rec_.find("definition");
+    return d != rec_.end() && d->is_object() ? d->value("version", "") : "";
+  }
 
   // Appends a history entry under its own key (<history>.<id>.<sequence>), so a step costs the
   // same however long the history is.
@@ -153,7 +160,7 @@ class instance_txn {
     set_status("stuck");
     refresh_timer();
     out_.set(index_path("stuck", id_),
-             json{{"workflow", rec_.value("workflow", "")}, {"kind", kind}});
+             json{{"workflow", workflow()}, {"version", version()}, {"kind", kind}});
   }
   // Forgets that the instance was stuck (the caller sets its new status).
   void unpark() {
@@ -236,6 +243,13 @@ absl::Status cancel_instance(instance_txn& t, const std::string& reason);
 // "park" ("expect": the status seen, "reason"), "resume", "restart" ("step") and "cancel"
 // ("reason"). Works on the record alone, without the definition.
 absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, const json& args);
+
+// The migration process (migrate_process): args {"workflow", "to", "steps": {old: new}, "ids",
+// "target": {step: {"kind", "compensate", "topics"}}, "now"}: moves each listed instance to version
+// "to", all or none; kFailedPrecondition naming the first that cannot move. Needs no definition:
+// the caller passes what it checks against.
+absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, const json& args);
+inline constexpr std::string_view migrate_process = "workflow.migrate";
 
 }  // namespace pop::detail
 
