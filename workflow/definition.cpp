@@ -28,9 +28,10 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
     const json& steps = j.at("steps");
     if (!steps.is_object()) return bad("steps", "must be an object of step name -> step");
     static const std::set<std::string> known = {
-        "process",    "branch",     "otherwise",  "wait",       "call",
-        "fail",       "end",        "next",       "on_error",   "key",
-        "timeout_ms", "on_timeout", "compensate", "max_visits", "sleep_ms"};
+        "process",    "branch",     "otherwise",  "wait",
+        "call",       "fail",       "end",        "next",
+        "on_error",   "key",        "timeout_ms", "on_timeout",
+        "compensate", "max_visits", "sleep_ms",   "continue_as_new"};
     for (const auto& [name, s] : steps.items()) {
       if (!s.is_object()) return bad(absl::StrCat("step '", name, "'"), "must be an object");
       for (const auto& [field, v] : s.items()) {
@@ -45,6 +46,7 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
       step.call = s.value("call", "");
       step.fail = s.value("fail", "");
       step.end = s.value("end", false);
+      step.continue_as_new = s.value("continue_as_new", false);
       step.next = s.value("next", s.value("otherwise", ""));
       step.on_error = s.value("on_error", "");
       step.key = s.value("key", "");
@@ -84,6 +86,7 @@ json workflow_definition::to_json() const {
     if (!s.call.empty()) o["call"] = s.call;
     if (!s.fail.empty()) o["fail"] = s.fail;
     if (s.end) o["end"] = true;
+    if (s.continue_as_new) o["continue_as_new"] = true;
     if (!s.wait.empty()) o["wait"] = s.wait;
     if (!s.branch.empty()) {
       json b = json::array();
@@ -147,7 +150,7 @@ absl::Status workflows::check(const workflow_definition& def) const {
     if (kinds(s) != 1) {
       return bad(absl::StrCat(where,
                               " must have exactly one of process, branch, wait, call, sleep_ms, "
-                              "fail, end; it has ",
+                              "fail, end, continue_as_new; it has ",
                               kinds(s)));
     }
     std::vector<std::string>& out = edges[s.name];

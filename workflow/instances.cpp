@@ -84,6 +84,8 @@ workflow_instance workflow_instance::from_record(std::string_view id, json rec,
   w.deadline_us = number(rec, "deadline_us");
   w.sleep_until_us = number(rec, "sleep_until_us");
   w.started_at_us = number(rec, "started_at_us");
+  w.ended_at_us = number(rec, "ended_at_us");
+  w.run = number(rec, "run");
   w.updated_at_us = w.started_at_us;
   if (w.history.is_array()) {
     for (const json& h : w.history) {
@@ -546,8 +548,41 @@ absl::Status workflows::purge_mailbox(std::int64_t now) {
   }
 }
 
+absl::Status workflows::purge_ended(std::int64_t now) {
+  const std::int64_t ttl_us =
+      std::chrono::duration_cast<std::chrono::microseconds>(options_.retention).count();
+  if (ttl_us <= 0) return absl::OkStatus();
+  const std::int64_t every = std::min<std::int64_t>(ttl_us / 10, 60'000'000);
+  std::int64_t last = last_retention_purge_us_.load();
+  if (now - last < every || !last_retention_purge_us_.compare_exchange_strong(last, now)) {
+    return absl::OkStatus();
+  }
+  // In commits of at most 512 instances, so one purge never makes a huge commit.
+  for (;;) {
+    const snapshot snap = engine_.snapshot();
+    std::vector<write> writes;
+    std::size_t purged = 0;
+    snap.view(path::parse(absl::StrCat(options_.index, ".ended")).value())
+        .for_each_member([&](std::string_view id, const value_view& v) {
+          const json at = v.to_json();
+          if (at.is_number_integer() && at.get<std::int64_t>() + ttl_us > now) return true;
+          const std::string key(id);
+          for (const std::string& root : {options_.instances, options_.history}) {
+            writes.push_back({absl::StrCat(root, ".", key), std::nullopt});
+          }
+          writes.push_back({absl::StrCat(options_.index, ".ended.", key), std::nullopt});
+          return ++purged < 512;
+        });
+    if (writes.empty()) return absl::OkStatus();
+    POP_ASSIGN_OR_RETURN(
+        cas_result r, engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys));
+    if (r.committed && purged < 512) return absl::OkStatus();
+  }
+}
+
 absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& next_due_us) {
   POP_RETURN_IF_ERROR(purge_mailbox(now));
+  POP_RETURN_IF_ERROR(purge_ended(now));
   next_due_us = 0;
   std::vector<std::string> due;
   const snapshot snap = engine_.snapshot();

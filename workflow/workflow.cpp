@@ -279,6 +279,23 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
     t.fail_path(step.fail);
     return;
   }
+  if (step.continue_as_new) {
+    // The next run starts from scratch but for its inputs and id: the old run's history keys go
+    // in this commit, so the state an instance holds stays bounded however long it lives.
+    const std::int64_t run = t.rec().value("run", std::int64_t{0}) + 1;
+    t.out().erase(absl::StrCat(t.opts().history, ".", t.id()));
+    json& rec = t.rec();
+    rec.erase("history");
+    rec["history_next"] = 0;
+    rec["run"] = run;
+    rec["visits"] = json::object();
+    rec["done"] = json::array();
+    rec["received"] = json::object();
+    rec["error"] = "";
+    t.history(step.name, absl::StrCat("continued as new: run ", run));
+    t.go(d.def.start);
+    return;
+  }
   if (!step.branch.empty()) {
     for (const workflow_condition& c : step.branch) {
       bool holds = false;
@@ -379,7 +396,6 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
     t.set_status("waiting");
     return;
   }
-  static_cast<void>(d);
 }
 
 absl::Status workflows::define(workflow_definition def) {

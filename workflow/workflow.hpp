@@ -34,8 +34,8 @@ struct workflow_condition {
   std::string next{};       // the step taken when the condition holds
 };
 
-// One step of a workflow. Exactly one kind is set: process, branch, wait, call, sleep, fail or
-// end.
+// One step of a workflow. Exactly one kind is set: process, branch, wait, call, sleep, fail,
+// end or continue_as_new.
 struct workflow_step {
   std::string name{};
   std::string process{};                      // run this process (see workflows::register_process)
@@ -44,17 +44,21 @@ struct workflow_step {
                                               // (topic -> next step) is applied through the inbox
   std::string call{};                         // run this workflow as a child, then go on
   std::string fail{};                         // take the failure path with this reason
-  std::int64_t sleep_ms = 0;    // sleep this long, then go to `next`: a durable timer (the wake
-                                // time is in the instance record, so it survives restarts)
-  bool end = false;             // complete the instance
-  std::string next{};           // after a process or call succeeded; a branch's "otherwise"
-  std::string on_error{};       // after a process or call failed; empty: the failure path
-  std::string key{};            // wait: the input whose value the message key must equal
-  std::int64_t timeout_ms = 0;  // wait: how long to wait (0: forever)
-  std::string on_timeout{};     // wait: where to go after the timeout; empty: the failure path
-  std::string compensate{};     // process that undoes this (process) step on the failure path
-  int max_visits = 0;           // how often the step may run in one instance; required (> 1) for
-                                // a step on a loop, else 1
+  std::int64_t sleep_ms = 0;     // sleep this long, then go to `next`: a durable timer (the wake
+                                 // time is in the instance record, so it survives restarts)
+  bool end = false;              // complete the instance
+  bool continue_as_new = false;  // end this run and start the next from the start step with the
+                                 // same inputs: its history, loop counts, received messages and
+                                 // compensations are cleared, so a long-lived instance (a loop
+                                 // over pages, a subscription) keeps a bounded history
+  std::string next{};            // after a process or call succeeded; a branch's "otherwise"
+  std::string on_error{};        // after a process or call failed; empty: the failure path
+  std::string key{};             // wait: the input whose value the message key must equal
+  std::int64_t timeout_ms = 0;   // wait: how long to wait (0: forever)
+  std::string on_timeout{};      // wait: where to go after the timeout; empty: the failure path
+  std::string compensate{};      // process that undoes this (process) step on the failure path
+  int max_visits = 0;            // how often the step may run in one instance; required (> 1) for
+                                 // a step on a loop, else 1
 };
 
 // A named graph of steps. Load from JSON with from_json or write it in C++; workflows::define
@@ -101,6 +105,8 @@ struct workflow_instance {
   std::int64_t sleep_until_us = 0;    // when a sleep step wakes it (status "waiting")
   std::int64_t started_at_us = 0;
   std::int64_t updated_at_us = 0;  // the time of its newest history entry (else started_at_us)
+  std::int64_t ended_at_us = 0;    // when it ended (0 if it has not): retention counts from here
+  std::int64_t run = 0;            // how often it continued as new (0 for the first run)
   struct event {
     std::string step{};
     std::string outcome{};
@@ -170,6 +176,14 @@ struct workflow_options {
   // start() of an id that exists with the same workflow and inputs returns without a change
   // (a retried request); false: kAlreadyExists as for other inputs.
   bool idempotent_start = true;
+  // How long an ended instance (record and history) is kept after it ended; expire() purges
+  // older ones (then inspect() and wait_for() say kNotFound, and start() of its id starts anew).
+  // 0: kept forever.
+  std::chrono::milliseconds retention = std::chrono::hours(24 * 7);
+  // The most history entries one run of an instance may have: a step that would go past it takes
+  // the failure path instead (a loop that never ends must not grow the state without bound).
+  // Long-lived instances continue as new (workflow_step::continue_as_new) to start over.
+  std::int64_t max_history = 100'000;
 };
 
 // The embedded workflow engine.
@@ -306,7 +320,9 @@ class workflows {
   std::vector<std::string> runnable(std::size_t limit = 1024) const;
   // Moves waits and instances whose time is up down their timeout or failure paths; returns how
   // many, and sets `next_due_us` to the earliest remaining deadline (0 if none). Also purges
-  // mailbox messages older than options.mailbox_ttl (at most once per tenth of it).
+  // mailbox messages older than options.mailbox_ttl (at most once per tenth of it) and ended
+  // instances older than options.retention (at most once a minute, or a tenth of a shorter
+  // retention).
   [[nodiscard]] absl::StatusOr<std::size_t> expire(std::int64_t now_us, std::int64_t& next_due_us);
 
   // For the inbox: the handler spec and function that resume instances waiting for a message
@@ -355,6 +371,8 @@ class workflows {
   bool waited_topic(std::string_view topic) const;
   // Deletes mailbox messages older than options.mailbox_ttl (at most once per tenth of it).
   absl::Status purge_mailbox(std::int64_t now_us);
+  // Deletes ended instances (record, history, index entries) older than options.retention.
+  absl::Status purge_ended(std::int64_t now_us);
   // Resumes the instances of version `version` of workflow `name` that were parked because it was
   // not defined.
   absl::Status resume_parked(const std::string& name, const std::string& version);
@@ -369,6 +387,7 @@ class workflows {
   // Every version of each workflow, oldest first.
   std::map<std::string, std::vector<std::shared_ptr<const defined>>, std::less<>> definitions_;
   std::atomic<std::int64_t> last_purge_us_{0};
+  std::atomic<std::int64_t> last_retention_purge_us_{0};
   std::atomic<std::uint64_t> steps_{0};
   detail::atomic_histogram step_latency_;
 };

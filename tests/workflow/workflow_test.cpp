@@ -305,7 +305,10 @@ TEST_CASE("a sub-workflow runs as a child and its outcome moves the parent", "[w
 
 TEST_CASE("cancel and instance timeouts take the failure path", "[workflow]") {
   pop::engine e;
-  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  // Kept forever: expire() below runs far in the future, past any retention period.
+  pop::workflow_options keep;
+  keep.retention = std::chrono::milliseconds(0);
+  auto wf_owner = pop::test::must(pop::workflows::create(e, keep));
   pop::workflows& wf = *wf_owner;
   register_steps(wf);
   REQUIRE(wf.define(parse({{"name", "held"},

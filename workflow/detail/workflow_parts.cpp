@@ -16,7 +16,7 @@ std::string control_process(std::string_view workflow, std::string_view version)
 
 int kinds(const workflow_step& s) {
   return !s.process.empty() + !s.branch.empty() + !s.wait.empty() + !s.call.empty() +
-         !s.fail.empty() + s.end + (s.sleep_ms > 0);
+         !s.fail.empty() + s.end + (s.sleep_ms > 0) + s.continue_as_new;
 }
 
 const char* kind_name(const workflow_step& s) {
@@ -26,6 +26,7 @@ const char* kind_name(const workflow_step& s) {
   if (!s.call.empty()) return "call";
   if (!s.fail.empty()) return "fail";
   if (s.sleep_ms > 0) return "sleep";
+  if (s.continue_as_new) return "continue_as_new";
   return "end";
 }
 

@@ -99,6 +99,11 @@ class instance_txn {
 
   void set_status(const std::string& status) {
     rec_["status"] = status;
+    if (!status_is_final(status) && rec_.contains("ended_at_us")) {
+      // Restarted after it ended: no longer due for purging.
+      rec_.erase("ended_at_us");
+      out_.erase(index_path("ended", id_));
+    }
     const bool runnable = status == "running" || status == "compensating";
     if (runnable) {
       out_.set(index_path("runnable", id_), true);
@@ -191,12 +196,22 @@ class instance_txn {
     rec_.erase("wait_deadline_us");
     rec_.erase("deadline_us");
     refresh_timer();
+    // Indexed by the time it ended, for purging after the retention period.
+    rec_["ended_at_us"] = now_;
+    out_.set(index_path("ended", id_), now_);
     ended_ = true;
   }
   bool ended() const { return ended_; }
 
   // Counts a visit to `step`; false (and the failure path) if that exceeds its bound.
   bool visit(const workflow_step& step) {
+    if (const std::int64_t entries = rec_.value("history_next", std::int64_t{0});
+        o_.max_history > 0 && entries >= o_.max_history) {
+      fail_path(absl::StrCat("its history reached ", entries,
+                             " entries (workflow_options::max_history): a long-lived instance "
+                             "continues as new (a continue_as_new step) to start over"));
+      return false;
+    }
     json& visits = rec_["visits"];
     const int n = visits.value(step.name, 0) + 1;
     visits[step.name] = n;

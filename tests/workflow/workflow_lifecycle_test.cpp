@@ -1,0 +1,167 @@
+// Tests of an instance's life beyond its steps: retention and purging of ended instances, the
+// history bound, and continue-as-new.
+#include <catch2/catch.hpp>
+
+#include "tests/support/must.hpp"
+
+#include "absl/strings/match.h"
+#include "pop/workflow/workflow.hpp"
+#include "tests/workflow/helpers.hpp"
+
+using pop::json;
+using namespace pop::test::workflow_helpers;
+
+namespace {
+
+constexpr std::int64_t kHourUs = 3'600'000'000;
+
+// Appends the tag, then counts up to `runs` runs with continue-as-new.
+json pager(int runs) {
+  return {{"name", "pager"},
+          {"start", "page"},
+          {"steps",
+           {{"page", {{"process", "append"}, {"next", "more"}}},
+            {"more",
+             {{"branch",
+               {{{"path", "domain.count"}, {"op", "lt"}, {"value", runs}, {"next", "again"}}}},
+              {"otherwise", "done"}}},
+            {"again", {{"continue_as_new", true}}},
+            {"done", {{"end", true}}}}}};
+}
+
+}  // namespace
+
+TEST_CASE("ended instances are purged after the retention period, record, history and index",
+          "[workflow][retention]") {
+  auto clock = std::make_shared<pop::manual_clock>(1'000'000'000'000);
+  auto e = pop::test::must(pop::engine::open({.clock = clock}));
+  pop::workflow_options opts;
+  opts.retention = std::chrono::hours(1);
+  auto wf = pop::test::must(pop::workflows::create(*e, opts));
+  register_steps(*wf);
+  REQUIRE(wf->define(parse({{"name", "linear"},
+                            {"start", "a"},
+                            {"steps",
+                             {{"a", {{"process", "append"}, {"next", "b"}}},
+                              {"b", {{"process", "fail_now"}, {"next", "done"}}},
+                              {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(wf->define(parse({{"name", "quick"},
+                            {"start", "a"},
+                            {"steps",
+                             {{"a", {{"process", "append"}, {"next", "done"}}},
+                              {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(wf->start("quick", "old", {{"tag", "x"}}).ok());
+  REQUIRE(wf->start("linear", "again", {{"tag", "y"}}).ok());
+  REQUIRE(wf->start("quick", "young", {{"tag", "z"}}).ok());
+  run_all(*wf);  // all three end now; "again" failed at b
+  const std::int64_t t0 = clock->now_us();
+  CHECK(wf->inspect("old").value().ended_at_us == t0);
+  REQUIRE(wf->inspect("again").value().status == "failed");
+  // Half an hour later "again" is restarted (no longer due) and ends again.
+  clock->advance(kHourUs / 2);
+  REQUIRE(wf->restart_from("again", "a").ok());
+  CHECK(wf->inspect("again").value().ended_at_us == 0);
+  CHECK(state(*e, "system.workflow_index.ended.again").is_null());
+  run_all(*wf);
+  CHECK(wf->inspect("again").value().ended_at_us == clock->now_us());
+
+  std::int64_t next_due = 0;
+  clock->set(t0 + kHourUs - 1);
+  REQUIRE(wf->expire(clock->now_us(), next_due).ok());
+  CHECK(wf->list().size() == 3);  // nothing is an hour old yet
+  // A purge runs at most once a minute (or a tenth of a shorter retention): not yet here...
+  constexpr std::int64_t kMinuteUs = 60'000'000;
+  clock->set(t0 + kHourUs - 1 + kMinuteUs - 1);
+  REQUIRE(wf->expire(clock->now_us(), next_due).ok());
+  CHECK(wf->list().size() == 3);
+  // ...but here.
+  clock->set(t0 + kHourUs - 1 + kMinuteUs);
+  REQUIRE(wf->expire(clock->now_us(), next_due).ok());
+  for (const char* gone : {"old", "young"}) {
+    CHECK(wf->inspect(gone).status().code() == absl::StatusCode::kNotFound);
+    CHECK(state(*e, std::string("system.workflow_history.") + gone).is_null());
+    CHECK(state(*e, std::string("system.workflow_index.ended.") + gone).is_null());
+  }
+  CHECK(wf->inspect("again").value().status == "failed");
+  // Purged, its id is free: the same start runs a new instance.
+  REQUIRE(wf->start("quick", "old", {{"tag", "x"}}).ok());
+  CHECK(wf->inspect("old").value().status == "running");
+  // An hour after it ended the second time, "again" goes too.
+  clock->set(t0 + kHourUs + kHourUs / 2 + kMinuteUs);
+  REQUIRE(wf->expire(clock->now_us(), next_due).ok());
+  CHECK(wf->inspect("again").status().code() == absl::StatusCode::kNotFound);
+  CHECK(wf->inspect("old").value().status == "running");
+  CHECK(state(*e, "domain.log").size() == 4);  // the business state is never purged
+}
+
+TEST_CASE("retention 0 keeps ended instances forever", "[workflow][retention]") {
+  auto clock = std::make_shared<pop::manual_clock>(1'000'000'000'000);
+  auto e = pop::test::must(pop::engine::open({.clock = clock}));
+  pop::workflow_options opts;
+  opts.retention = std::chrono::milliseconds(0);
+  auto wf = pop::test::must(pop::workflows::create(*e, opts));
+  register_steps(*wf);
+  REQUIRE(wf->define(parse(pager(1))).ok());
+  REQUIRE(wf->start("pager", "p", {{"tag", "x"}}).ok());
+  run_all(*wf);
+  REQUIRE(wf->inspect("p").value().status == "completed");
+  clock->advance(1000 * 24 * kHourUs);
+  std::int64_t next_due = 0;
+  REQUIRE(wf->expire(clock->now_us(), next_due).ok());
+  CHECK(wf->inspect("p").value().status == "completed");
+}
+
+TEST_CASE("continue-as-new starts the next run with a fresh history, so history stays bounded",
+          "[workflow][continue_as_new]") {
+  pop::engine e;
+  auto wf = pop::test::must(pop::workflows::create(e));
+  register_steps(*wf);
+  REQUIRE(wf->define(parse(pager(50))).ok());
+  REQUIRE(wf->start("pager", "p", {{"tag", "x"}}).ok());
+  run_all(*wf);
+  const pop::workflow_instance w = wf->inspect("p").value();
+  CHECK(w.status == "completed");
+  CHECK(w.run == 49);
+  CHECK(state(e, "domain.count") == 50);
+  // Only the last run's entries are kept: continued, page, more, done.
+  REQUIRE(w.events.size() == 4);
+  CHECK(w.events.front().outcome == "continued as new: run 49");
+  CHECK(state(e, "system.workflow_history.p").size() == 4);
+  CHECK(w.inputs == json{{"tag", "x"}});
+  // The JSON form round-trips.
+  CHECK(parse(pager(3)).to_json() == pager(3));
+  // A continue_as_new step with another kind is refused.
+  json bad = pager(3);
+  bad["steps"]["again"]["end"] = true;
+  const absl::Status s = wf->define(parse(bad));
+  CHECK(s.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(absl::StrContains(s.message(), "exactly one of"));
+}
+
+TEST_CASE("a run whose history reaches max_history takes the failure path",
+          "[workflow][continue_as_new]") {
+  pop::engine e;
+  pop::workflow_options opts;
+  opts.max_history = 10;
+  auto wf = pop::test::must(pop::workflows::create(e, opts));
+  register_steps(*wf);
+  REQUIRE(
+      wf->define(parse({{"name", "spin"},
+                        {"start", "a"},
+                        {"steps",
+                         {{"a", {{"process", "append"}, {"next", "a"}, {"max_visits", 1000}}}}}}))
+          .ok());
+  REQUIRE(wf->start("spin", "s", {{"tag", "x"}}).ok());
+  run_all(*wf);
+  const pop::workflow_instance w = wf->inspect("s").value();
+  CHECK(w.status == "failed");
+  CHECK(absl::StrContains(w.error, "its history reached 10 entries"));
+  CHECK(state(e, "domain.count") == 10);
+  // With continue-as-new the same bound never trips.
+  REQUIRE(wf->define(parse(pager(30))).ok());
+  REQUIRE(wf->start("pager", "p", {{"tag", "y"}}).ok());
+  run_all(*wf);
+  CHECK(wf->inspect("p").value().status == "completed");
+}
