@@ -31,7 +31,8 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
         "process",    "branch",     "otherwise",  "wait",
         "call",       "fail",       "end",        "next",
         "on_error",   "key",        "timeout_ms", "on_timeout",
-        "compensate", "max_visits", "sleep_ms",   "continue_as_new"};
+        "compensate", "max_visits", "sleep_ms",   "continue_as_new",
+        "retry"};
     for (const auto& [name, s] : steps.items()) {
       if (!s.is_object()) return bad(absl::StrCat("step '", name, "'"), "must be an object");
       for (const auto& [field, v] : s.items()) {
@@ -47,6 +48,26 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
       step.fail = s.value("fail", "");
       step.end = s.value("end", false);
       step.continue_as_new = s.value("continue_as_new", false);
+      if (const auto r = s.find("retry"); r != s.end()) {
+        const std::string where = absl::StrCat("step '", name, "' retry");
+        if (!r->is_object()) return bad(where, "must be an object");
+        static const std::set<std::string> retry_fields = {
+            "attempts", "initial_ms",    "multiplier",  "max_interval_ms",
+            "jitter",   "non_retryable", "on_exhausted"};
+        for (const auto& [field, v] : r->items()) {
+          if (!retry_fields.contains(field)) {
+            return bad(where, absl::StrCat("unknown field '", field, "'"));
+          }
+        }
+        workflow_retry& p = step.retry;
+        p.attempts = r->value("attempts", p.attempts);
+        p.initial_ms = r->value("initial_ms", p.initial_ms);
+        p.multiplier = r->value("multiplier", p.multiplier);
+        p.max_interval_ms = r->value("max_interval_ms", p.max_interval_ms);
+        p.jitter = r->value("jitter", p.jitter);
+        p.non_retryable = r->value("non_retryable", p.non_retryable);
+        p.on_exhausted = r->value("on_exhausted", p.on_exhausted);
+      }
       step.next = s.value("next", s.value("otherwise", ""));
       step.on_error = s.value("on_error", "");
       step.key = s.value("key", "");
@@ -111,6 +132,16 @@ json workflow_definition::to_json() const {
     if (!s.compensate.empty()) o["compensate"] = s.compensate;
     if (s.max_visits != 0) o["max_visits"] = s.max_visits;
     if (s.sleep_ms != 0) o["sleep_ms"] = s.sleep_ms;
+    if (s.retry != workflow_retry{}) {
+      const workflow_retry& p = s.retry;
+      o["retry"] = {{"attempts", p.attempts},
+                    {"initial_ms", p.initial_ms},
+                    {"multiplier", p.multiplier},
+                    {"max_interval_ms", p.max_interval_ms},
+                    {"jitter", p.jitter},
+                    {"non_retryable", p.non_retryable},
+                    {"on_exhausted", p.on_exhausted}};
+    }
     steps_json[s.name] = std::move(o);
   }
   json out = {{"name", name}, {"start", start}, {"steps", std::move(steps_json)}};
@@ -178,6 +209,38 @@ absl::Status workflows::check(const workflow_definition& def) const {
       POP_RETURN_IF_ERROR(target("on_error", s.on_error, false));
     } else if (!s.compensate.empty()) {
       return bad(absl::StrCat(where, ": only process steps can have a compensation"));
+    }
+    if (s.retry != workflow_retry{}) {
+      const workflow_retry& p = s.retry;
+      const std::string at = absl::StrCat(where, ": retry");
+      if (s.process.empty()) return bad(absl::StrCat(at, ": only process steps retry"));
+      if (p.attempts < 1 || p.attempts > 1000) {
+        return bad(absl::StrCat(at, ": attempts must be 1 to 1000, not ", p.attempts));
+      }
+      if (p.initial_ms < 0 || p.max_interval_ms < p.initial_ms) {
+        return bad(absl::StrCat(at, ": needs 0 <= initial_ms (", p.initial_ms,
+                                ") <= max_interval_ms (", p.max_interval_ms, ")"));
+      }
+      if (!(p.multiplier >= 1.0 && p.multiplier <= 100.0)) {
+        return bad(absl::StrCat(at, ": multiplier must be 1 to 100, not ", p.multiplier));
+      }
+      if (!(p.jitter >= 0.0 && p.jitter <= 1.0)) {
+        return bad(absl::StrCat(at, ": jitter must be 0 to 1, not ", p.jitter));
+      }
+      for (const std::string& code : p.non_retryable) {
+        bool known = false;
+        for (int c = 1; c <= 16 && !known; ++c) {
+          known = absl::StatusCodeToString(static_cast<absl::StatusCode>(c)) == code;
+        }
+        if (!known) {
+          return bad(absl::StrCat(at, ": non_retryable names '", code,
+                                  "', not a status code name such as INVALID_ARGUMENT"));
+        }
+      }
+      if (p.on_exhausted != "fail" && p.on_exhausted != "compensate" && p.on_exhausted != "pause") {
+        return bad(absl::StrCat(at, ": on_exhausted is '", p.on_exhausted,
+                                "'; use fail, compensate or pause"));
+      }
     }
     if (!s.branch.empty()) {
       for (const workflow_condition& c : s.branch) {

@@ -86,6 +86,10 @@ workflow_instance workflow_instance::from_record(std::string_view id, json rec,
   w.started_at_us = number(rec, "started_at_us");
   w.ended_at_us = number(rec, "ended_at_us");
   w.run = number(rec, "run");
+  w.retry_at_us = number(rec, "retry_at_us");
+  if (const auto r = rec.find("retry"); r != rec.end() && r->is_object()) {
+    w.attempt = static_cast<int>(number(*r, "attempt"));
+  }
   w.updated_at_us = w.started_at_us;
   if (w.history.is_array()) {
     for (const json& h : w.history) {
@@ -490,7 +494,8 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
                  {"now", now},
                  {"action", "step_failed"},
                  {"step", step_name},
-                 {"error", c.status().ToString()}};
+                 {"error", c.status().ToString()},
+                 {"code", static_cast<int>(c.status().code())}};
   if (w.status == "compensating") failed["mode"] = "compensate";
   POP_ASSIGN_OR_RETURN(commit f, engine_.execute(control_process(w.workflow, d->version), failed));
   return f.changed;

@@ -110,7 +110,7 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
       return out;
     }
     if (t.status() != "running" || t.cursor() != step_name) return out;
-    if (!t.visit(*step)) {
+    if (!t.retrying(step_name) && !t.visit(*step)) {
       self->settle(t);
       t.save();
       return out;
@@ -118,12 +118,7 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
     absl::StatusOr<result> r = entry->fn(ctx, t.args());
     if (!r.ok()) {
       // The process's own writes are dropped; the instance moves on in this same commit.
-      t.history(step_name, absl::StrCat("error: ", r.status().ToString()));
-      if (!step->on_error.empty()) {
-        t.go(step->on_error);
-      } else {
-        t.fail_path(absl::StrCat("step '", step_name, "' failed: ", r.status().ToString()));
-      }
+      self->fail_step(t, *step, r.status().code(), r.status().ToString());
       self->settle(t);
       t.save();
       return out;
@@ -263,6 +258,56 @@ void workflows::settle(detail::instance_txn& t) const {
   }
   settle(parent);
   parent.save();
+}
+
+void workflows::fail_step(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
+                          const std::string& error) const {
+  const workflow_retry& p = step.retry;
+  const int attempt = t.retrying(step.name) ? t.rec()["retry"].value("attempt", 1) : 1;
+  const std::string code_name = absl::StatusCodeToString(code);
+  const bool permanent =
+      std::find(p.non_retryable.begin(), p.non_retryable.end(), code_name) != p.non_retryable.end();
+  if (attempt < p.attempts && !permanent) {
+    // The delay grows per attempt up to the cap; the jitter is a hash of instance, step and
+    // attempt, so running this step again on the same state decides the same.
+    double delay_ms = static_cast<double>(p.initial_ms);
+    for (int i = 1; i < attempt && delay_ms < static_cast<double>(p.max_interval_ms); ++i) {
+      delay_ms *= p.multiplier;
+    }
+    delay_ms = std::min(delay_ms, static_cast<double>(p.max_interval_ms));
+    std::uint64_t h = 1469598103934665603ULL;
+    for (const unsigned char c : absl::StrCat(t.id(), "/", step.name, "/", attempt)) {
+      h = (h ^ c) * 1099511628211ULL;
+    }
+    const double unit = static_cast<double>(h >> 11) / static_cast<double>(1ULL << 53);
+    delay_ms *= 1.0 + p.jitter * (2.0 * unit - 1.0);
+    const auto delay_us = static_cast<std::int64_t>(delay_ms * 1000.0);
+    t.history(step.name, absl::StrCat("error (attempt ", attempt, " of ", p.attempts, "): ", error,
+                                      "; retrying in ", delay_us / 1000, " ms"));
+    t.rec()["retry"] = {{"step", step.name}, {"attempt", attempt + 1}};
+    t.rec()["retry_at_us"] = t.now() + delay_us;
+    t.set_status("waiting");
+    t.refresh_timer();
+    return;
+  }
+  const std::string after =
+      permanent && p.attempts > 1
+          ? absl::StrCat(" (", code_name, " is not retryable)")
+          : (p.attempts > 1 ? absl::StrCat(" after ", attempt, " attempts") : std::string());
+  t.history(step.name, absl::StrCat("error", after, ": ", error));
+  const std::string reason = absl::StrCat("step '", step.name, "' failed", after, ": ", error);
+  if (p.on_exhausted == "pause") {
+    // Resumed by an operator, it runs the step again with a fresh set of attempts.
+    t.rec()["retry"] = {{"step", step.name}, {"attempt", 1}};
+    t.park(absl::StrCat(reason, ": resume it to try again"), "retries_exhausted");
+    return;
+  }
+  t.rec().erase("retry");
+  if (!step.on_error.empty() && p.on_exhausted != "compensate") {
+    t.go(step.on_error);
+  } else {
+    t.fail_path(reason);
+  }
 }
 
 void workflows::run_control_step(detail::instance_txn& t, const defined& d,
@@ -517,12 +562,9 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
             t.finish("failed");
           } else {
             if (status != "running" || !step || step->name != args.at("step")) return out;
-            t.history(step->name, absl::StrCat("error: ", error));
-            if (!step->on_error.empty()) {
-              t.go(step->on_error);
-            } else {
-              t.fail_path(absl::StrCat("step '", step->name, "' failed: ", error));
-            }
+            self->fail_step(t, *step,
+                            static_cast<absl::StatusCode>(args.value("code", 2 /* unknown */)),
+                            error);
           }
         } else if (action == "timeout") {
           const std::int64_t wait_due = t.rec().value("wait_deadline_us", std::int64_t{0});
@@ -536,6 +578,13 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
             t.rec().erase("sleep_until_us");
             t.history(step->name, "woke");
             t.go(step->next);
+            t.refresh_timer();
+          } else if (const std::int64_t retry = t.rec().value("retry_at_us", std::int64_t{0});
+                     status == "waiting" && retry > 0 && retry <= t.now() && step) {
+            t.rec().erase("retry_at_us");
+            t.history(step->name,
+                      absl::StrCat("retrying: attempt ", t.rec()["retry"].value("attempt", 0)));
+            t.set_status("running");
             t.refresh_timer();
           } else if (status == "waiting" && wait_due > 0 && wait_due <= t.now() && step) {
             t.clear_wait();

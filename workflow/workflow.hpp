@@ -34,6 +34,27 @@ struct workflow_condition {
   std::string next{};       // the step taken when the condition holds
 };
 
+// How a process step is retried when it fails (its process returns an error, throws or breaks
+// its contract). Each retry waits: initial_ms, times multiplier per attempt, at most
+// max_interval_ms, spread by +-jitter (a fraction, the same for the same instance, step and
+// attempt, so a step's outcome is a function of the state). Meanwhile the instance is "waiting"
+// (workflow_instance::retry_at_us says until when; a durable timer, as for sleep).
+struct workflow_retry {
+  int attempts = 1;  // runs in all, the first included; 1: no retry
+  std::int64_t initial_ms = 100;
+  double multiplier = 2.0;
+  std::int64_t max_interval_ms = 60'000;
+  double jitter = 0.1;
+  // Status codes that fail at once, by name ("INVALID_ARGUMENT", "FAILED_PRECONDITION", ...).
+  std::vector<std::string> non_retryable{};
+  // When the attempts are used up (or the code is non-retryable): "fail" (the step's on_error,
+  // else the failure path), "compensate" (the failure path even if on_error is set), or "pause"
+  // (parked stuck for an operator, whose resume() gives it a fresh set of attempts).
+  std::string on_exhausted = "fail";
+
+  bool operator==(const workflow_retry&) const = default;
+};
+
 // One step of a workflow. Exactly one kind is set: process, branch, wait, call, sleep, fail,
 // end or continue_as_new.
 struct workflow_step {
@@ -58,7 +79,8 @@ struct workflow_step {
   std::string on_timeout{};      // wait: where to go after the timeout; empty: the failure path
   std::string compensate{};      // process that undoes this (process) step on the failure path
   int max_visits = 0;            // how often the step may run in one instance; required (> 1) for
-                                 // a step on a loop, else 1
+                                 // a step on a loop, else 1 (retries are not visits)
+  workflow_retry retry{};        // process step: how its failures are retried
 };
 
 // A named graph of steps. Load from JSON with from_json or write it in C++; workflows::define
@@ -107,6 +129,8 @@ struct workflow_instance {
   std::int64_t updated_at_us = 0;  // the time of its newest history entry (else started_at_us)
   std::int64_t ended_at_us = 0;    // when it ended (0 if it has not): retention counts from here
   std::int64_t run = 0;            // how often it continued as new (0 for the first run)
+  std::int64_t retry_at_us = 0;    // when a failed step runs again (status "waiting"), else 0
+  int attempt = 0;                 // the attempt its current step is on when retrying, else 0
   struct event {
     std::string step{};
     std::string outcome{};
@@ -376,6 +400,10 @@ class workflows {
   // Resumes the instances of version `version` of workflow `name` that were parked because it was
   // not defined.
   absl::Status resume_parked(const std::string& name, const std::string& version);
+  // Step `step` of `t`'s instance failed with `code` and `error`: retried as its policy says, or
+  // its on_error, failure path or a pause for an operator.
+  void fail_step(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
+                 const std::string& error) const;
   // Runs step `step` (not a process step) of `t`'s instance, of definition `d`.
   void run_control_step(detail::instance_txn& t, const defined& d, const workflow_step& step) const;
 

@@ -186,7 +186,9 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     const std::string step = args.at("step").get<std::string>();
     t.clear_wait();
     t.unpark();
-    for (const char* field : {"child", "parent_step_of_child", "cancelled"}) t.rec().erase(field);
+    for (const char* field : {"child", "parent_step_of_child", "cancelled", "retry"}) {
+      t.rec().erase(field);
+    }
     t.rec()["error"] = "";
     t.rec()["visits"] = json::object();
     // Steps from `step` on run again and are recorded again for compensation: forget them from

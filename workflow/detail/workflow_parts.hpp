@@ -93,6 +93,7 @@ class instance_txn {
 
   // Moves the cursor to `step`, running.
   void go(const std::string& step) {
+    rec_.erase("retry");  // a new step starts with its own attempts
     rec_["cursor"] = step;
     set_status("running");
   }
@@ -120,12 +121,13 @@ class instance_txn {
     }
     rec_.erase("wait_deadline_us");
     rec_.erase("sleep_until_us");
+    rec_.erase("retry_at_us");
     refresh_timer();
   }
 
   void refresh_timer() {
     std::int64_t due = 0;
-    for (const char* f : {"wait_deadline_us", "deadline_us", "sleep_until_us"}) {
+    for (const char* f : {"wait_deadline_us", "deadline_us", "sleep_until_us", "retry_at_us"}) {
       const std::int64_t d = rec_.value(f, std::int64_t{0});
       if (d > 0 && (due == 0 || d < due)) due = d;
     }
@@ -202,6 +204,12 @@ class instance_txn {
     ended_ = true;
   }
   bool ended() const { return ended_; }
+
+  // True if the instance is retrying `step` (a retry is not a visit).
+  bool retrying(const std::string& step) const {
+    const auto r = rec_.find("retry");
+    return r != rec_.end() && r->is_object() && r->value("step", "") == step;
+  }
 
   // Counts a visit to `step`; false (and the failure path) if that exceeds its bound.
   bool visit(const workflow_step& step) {
