@@ -624,8 +624,57 @@ process_spec workflows::resume_spec() const {
   return {.name = std::string(resume_process), .inputs = owned_paths(), .outputs = owned_paths()};
 }
 
+absl::StatusOr<outbox_message> workflows::with_start(outbox_message signal,
+                                                     std::string_view workflow, std::string_view id,
+                                                     json inputs) {
+  const std::string what =
+      absl::StrCat("signal-with-start of workflow '", detail::to_absl(workflow), "' instance '",
+                   detail::to_absl(id), "'");
+  if (absl::Status s = validate_segment(id); !s.ok()) return annotate(s, what);
+  if (workflow.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": no workflow"));
+  if (inputs.is_null()) inputs = json::object();
+  if (!inputs.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": inputs must be an object, not ",
+                                                   detail::to_absl(type_with_article(inputs))));
+  }
+  POP_RETURN_IF_ERROR(check_storable(inputs, absl::StrCat(what, ": its inputs")));
+  signal.headers[std::string(start_workflow_header)] = std::string(workflow);
+  signal.headers[std::string(start_id_header)] = std::string(id);
+  signal.headers[std::string(start_inputs_header)] = inputs.dump();
+  return signal;
+}
+
 absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_message& m) const {
   result out;
+  if (const auto start = m.headers.find(std::string(start_workflow_header));
+      start != m.headers.end()) {
+    // Signal-with-start: the instance first, in this commit, if it does not exist.
+    const auto id = m.headers.find(std::string(start_id_header));
+    const auto inputs_text = m.headers.find(std::string(start_inputs_header));
+    const std::string what =
+        absl::StrCat("message ", m.id, ": signal-with-start of workflow '", start->second, "'");
+    if (id == m.headers.end() || !validate_segment(id->second).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": header ",
+                                                     detail::to_absl(start_id_header),
+                                                     " is missing or not an instance id"));
+    }
+    json inputs = inputs_text == m.headers.end() ? json::object()
+                                                 : json::parse(inputs_text->second, nullptr, false);
+    if (!inputs.is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": header ", detail::to_absl(start_inputs_header), " is not a JSON object"));
+    }
+    detail::instance_txn t(options_, ctx, out, id->second, m.created_at_us);
+    if (!t.load()) {
+      const std::shared_ptr<const defined> def = find_definition(start->second);
+      if (!def) {
+        return absl::NotFoundError(absl::StrCat(what, ": no such workflow is defined"));
+      }
+      t.create(def->def.name, def->version, def->def.start, std::move(inputs), 0);
+      t.history(def->def.start, absl::StrCat("started by signal ", m.topic, " (", m.id, ")"));
+      t.save();
+    }
+  }
   if (!path::parse(absl::StrCat("k.", m.key)).ok()) return out;
   const std::string waits = absl::StrCat(options_.index, ".waits.", m.key);
   std::vector<std::string> ids;

@@ -510,10 +510,7 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
               self->find_definition(args.at("workflow").get<std::string>(), {});
           if (!def) return absl::NotFoundError("no such workflow");
           const std::int64_t deadline = args.value("deadline_us", std::int64_t{0});
-          t.rec() = new_record(def->def.name, def->version, def->def.start, args.at("inputs"),
-                               t.now(), deadline, "", "");
-          t.set_status("running");
-          t.refresh_timer();
+          t.create(def->def.name, def->version, def->def.start, args.at("inputs"), deadline);
           t.save();
           return out;
         }));

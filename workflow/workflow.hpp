@@ -355,8 +355,27 @@ class workflows {
   // that key and topic takes it at once (so a reply that overtakes its request's commit, or an
   // early signal, is not lost). The inbox absorbs a resend of the same message id; a message on
   // a topic no wait step takes changes nothing. Messages are kept for options.mailbox_ttl.
+  // A message carrying the headers of with_start() first starts its instance if that does not
+  // exist (kNotFound if its workflow is not defined, kInvalidArgument for bad headers: the inbox
+  // then applies nothing).
   process_spec resume_spec() const;
   absl::StatusOr<result> resume(const context& ctx, const outbox_message& m) const;
+
+  // Signal-with-start: `signal` with headers that make the resume handler start instance `id`
+  // of `workflow` with `inputs` if it does not exist, then deliver the signal, in one commit:
+  // to the instance if it waits on the signal's topic and key, else to the mailbox of its key,
+  // where the instance's next wait on that topic and key takes it. Apply it through the inbox
+  // (inbox::apply(resume_spec().name, m)) or send it through a broker to an ingress: a resend
+  // is absorbed once. An existing instance is signalled whatever its inputs. kInvalidArgument
+  // naming the id or inputs that cannot be used.
+  [[nodiscard]] static absl::StatusOr<outbox_message> with_start(outbox_message signal,
+                                                                 std::string_view workflow,
+                                                                 std::string_view id,
+                                                                 json inputs = json::object());
+  // The headers with_start() sets.
+  static constexpr std::string_view start_workflow_header = "pop-start-workflow";
+  static constexpr std::string_view start_id_header = "pop-start-id";
+  static constexpr std::string_view start_inputs_header = "pop-start-inputs";
 
   const workflow_options& options() const { return options_; }
 

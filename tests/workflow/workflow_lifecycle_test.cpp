@@ -5,7 +5,9 @@
 #include "tests/support/must.hpp"
 
 #include "absl/strings/match.h"
+#include "pop/relay/inbox.hpp"
 #include "pop/workflow/workflow.hpp"
+#include "pop/workflow/workflow_runner.hpp"
 #include "tests/workflow/helpers.hpp"
 
 using pop::json;
@@ -164,4 +166,66 @@ TEST_CASE("a run whose history reaches max_history takes the failure path",
   REQUIRE(wf->start("pager", "p", {{"tag", "y"}}).ok());
   run_all(*wf);
   CHECK(wf->inspect("p").value().status == "completed");
+}
+
+TEST_CASE("signal-with-start starts a missing instance and delivers the signal in one commit",
+          "[workflow][signal_with_start]") {
+  pop::engine e;
+  auto wf = pop::test::must(pop::workflows::create(e));
+  auto in = pop::test::must(pop::inbox::create(e));
+  REQUIRE(pop::register_workflow_resume(*in, *wf).ok());
+  register_steps(*wf);
+  REQUIRE(wf->define(parse({{"name", "cart"},
+                            {"start", "add"},
+                            {"steps",
+                             {{"add", {{"process", "append"}, {"next", "w"}}},
+                              {"w", {{"wait", {{"checkout", "pay"}}}, {"key", "cart"}}},
+                              {"pay", {{"process", "append"}, {"next", "done"}}},
+                              {"done", {{"end", true}}}}}}))
+              .ok());
+  const std::string handler = wf->resume_spec().name;
+  const auto signal = [](std::string id, std::string key) {
+    return message(std::move(id), "checkout", std::move(key), {{"total", 12}});
+  };
+  // No instance "c1" yet: the signal starts it and waits in its mailbox for its wait step.
+  const pop::outbox_message first =
+      pop::workflows::with_start(signal("m1", "cart-1"), "cart", "c1", {{"cart", "cart-1"}})
+          .value();
+  const std::uint64_t before = e.version();
+  REQUIRE(in->apply(handler, first).value().applied);
+  CHECK(e.version() == before + 1);  // one commit: the start, the signal and the inbox mark
+  CHECK(wf->inspect("c1").value().status == "running");
+  CHECK(!state(e, "system.workflow_index.mailbox.cart-1").is_null());
+  CHECK(!in->apply(handler, first).value().applied);  // a resend is absorbed
+  run_all(*wf);
+  pop::workflow_instance c1 = wf->inspect("c1").value();
+  CHECK(c1.status == "completed");
+  CHECK(c1.received.at("checkout") == json{{"total", 12}});
+  CHECK(c1.events.front().outcome == "started by signal checkout (m1)");
+  // An instance that exists and waits is signalled, not started again.
+  REQUIRE(wf->start("cart", "c2", {{"cart", "cart-2"}, {"tag", "t"}}).ok());
+  run_all(*wf);
+  REQUIRE(wf->inspect("c2").value().status == "waiting");
+  REQUIRE(in->apply(handler, pop::workflows::with_start(signal("m2", "cart-2"), "cart", "c2",
+                                                        {{"cart", "other inputs"}})
+                                 .value())
+              .value()
+              .applied);
+  run_all(*wf);
+  c1 = wf->inspect("c2").value();
+  CHECK(c1.status == "completed");
+  CHECK(c1.inputs.at("cart") == "cart-2");
+  CHECK(state(e, "domain.count") == 4);
+  // Bad input is refused and changes nothing.
+  CHECK(pop::workflows::with_start(signal("m3", "k"), "cart", "a.b").status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(
+      pop::workflows::with_start(signal("m3", "k"), "cart", "c3", json::array()).status().code() ==
+      absl::StatusCode::kInvalidArgument);
+  const std::uint64_t at = e.version();
+  CHECK(in->apply(handler, pop::workflows::with_start(signal("m4", "k"), "ghost", "c4", {}).value())
+            .status()
+            .code() == absl::StatusCode::kNotFound);
+  CHECK(e.version() == at);
+  CHECK(wf->inspect("c4").status().code() == absl::StatusCode::kNotFound);
 }

@@ -76,6 +76,14 @@ class instance_txn {
     return d != rec_.end() && d->is_object() ? d->value("version", "") : "";
   }
 
+  // Makes the record of a new instance of `def_name` (its version `version`), running at `start`.
+  void create(const std::string& def_name, const std::string& version, const std::string& start,
+              json inputs, std::int64_t deadline) {
+    rec_ = new_record(def_name, version, start, std::move(inputs), now_, deadline, "", "");
+    set_status("running");
+    refresh_timer();
+  }
+
   // Appends a history entry under its own key (<history>.<id>.<sequence>), so a step costs the
   // same however long the history is.
   void history(const std::string& step, const std::string& outcome) {
