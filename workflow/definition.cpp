@@ -32,7 +32,7 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
         "call",       "fail",       "end",        "next",
         "on_error",   "key",        "timeout_ms", "on_timeout",
         "compensate", "max_visits", "sleep_ms",   "continue_as_new",
-        "retry"};
+        "retry",      "inputs"};
     for (const auto& [name, s] : steps.items()) {
       if (!s.is_object()) return bad(absl::StrCat("step '", name, "'"), "must be an object");
       for (const auto& [field, v] : s.items()) {
@@ -48,6 +48,7 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
       step.fail = s.value("fail", "");
       step.end = s.value("end", false);
       step.continue_as_new = s.value("continue_as_new", false);
+      step.call_inputs = s.value("inputs", json());
       if (const auto r = s.find("retry"); r != s.end()) {
         const std::string where = absl::StrCat("step '", name, "' retry");
         if (!r->is_object()) return bad(where, "must be an object");
@@ -108,6 +109,7 @@ json workflow_definition::to_json() const {
     if (!s.fail.empty()) o["fail"] = s.fail;
     if (s.end) o["end"] = true;
     if (s.continue_as_new) o["continue_as_new"] = true;
+    if (!s.call_inputs.is_null()) o["inputs"] = s.call_inputs;
     if (!s.wait.empty()) o["wait"] = s.wait;
     if (!s.branch.empty()) {
       json b = json::array();
@@ -294,6 +296,22 @@ absl::Status workflows::check(const workflow_definition& def) const {
       }
       POP_RETURN_IF_ERROR(target("next", s.next, true));
       POP_RETURN_IF_ERROR(target("on_error", s.on_error, false));
+    }
+    if (!s.call_inputs.is_null()) {
+      if (s.call.empty()) return bad(absl::StrCat(where, ": only call steps have inputs"));
+      if (!s.call_inputs.is_object()) {
+        return bad(absl::StrCat(where, ": inputs must be an object of child input -> value"));
+      }
+      for (const auto& [name, v] : s.call_inputs.items()) {
+        if (!v.is_string()) continue;
+        const std::string& text = v.get_ref<const std::string&>();
+        for (std::size_t at = text.find('{'); at != std::string::npos;
+             at = text.find('{', at + 1)) {
+          if (text.find('}', at) == std::string::npos) {
+            return bad(absl::StrCat(where, ": input '", name, "': unclosed '{' in '", text, "'"));
+          }
+        }
+      }
     }
     if (s.sleep_ms < 0) return bad(absl::StrCat(where, ": sleep_ms must not be negative"));
     if (s.sleep_ms > 0) POP_RETURN_IF_ERROR(target("next", s.next, true));

@@ -431,8 +431,38 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
       t.fail_path(absl::StrCat("step '", step.name, "' calls unknown workflow '", step.call, "'"));
       return;
     }
-    json child = new_record(step.call, child_def->version, child_def->def.start, inputs, t.now(), 0,
-                            t.id(), step.name);
+    json child_inputs = inputs;
+    if (step.call_inputs.is_object()) {
+      child_inputs = json::object();
+      for (const auto& [name, v] : step.call_inputs.items()) {
+        const std::string text = v.is_string() ? v.get<std::string>() : std::string();
+        if (text.size() > 2 && text.front() == '{' && text.back() == '}' &&
+            text.find('{', 1) == std::string::npos) {
+          // "{name}" alone: the parent's input as it is (a number stays a number).
+          const auto it = inputs.find(text.substr(1, text.size() - 2));
+          if (it == inputs.end()) {
+            t.history(step.name, "bad child inputs");
+            t.fail_path(absl::StrCat("step '", step.name, "': child input '", name, "' takes '",
+                                     text, "', which the instance lacks"));
+            return;
+          }
+          child_inputs[name] = *it;
+        } else if (v.is_string()) {
+          absl::StatusOr<std::string> filled = substitute(text, inputs);
+          if (!filled.ok()) {
+            t.history(step.name, "bad child inputs");
+            t.fail_path(absl::StrCat("step '", step.name, "': child input '", name,
+                                     "': ", filled.status().message()));
+            return;
+          }
+          child_inputs[name] = *std::move(filled);
+        } else {
+          child_inputs[name] = v;
+        }
+      }
+    }
+    json child = new_record(step.call, child_def->version, child_def->def.start,
+                            std::move(child_inputs), t.now(), 0, t.id(), step.name);
     t.out().set(t.instance_path(child_id), std::move(child));
     t.out().set(t.index_path("runnable", child_id), true);
     t.rec()["child"] = child_id;

@@ -63,8 +63,13 @@ struct workflow_step {
   std::vector<workflow_condition> branch{};   // take the first condition that holds, else `next`
   std::map<std::string, std::string> wait{};  // park until a message with one of these topics
                                               // (topic -> next step) is applied through the inbox
-  std::string call{};                         // run this workflow as a child, then go on
-  std::string fail{};                         // take the failure path with this reason
+  std::string call{};                         // run this workflow as a child, then go on; the
+                                              // child's id is "<parent id>-<step>-<visit>"
+  json call_inputs{};  // call: the child's inputs (JSON "inputs"): an object whose string values
+                       // "{name}" take the parent's input `name` as it is, other strings have
+                       // their "{name}" placeholders replaced, other values are taken as they
+                       // are; null: the parent's inputs
+  std::string fail{};  // take the failure path with this reason
   std::int64_t sleep_ms = 0;     // sleep this long, then go to `next`: a durable timer (the wake
                                  // time is in the instance record, so it survives restarts)
   bool end = false;              // complete the instance

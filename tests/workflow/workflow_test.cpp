@@ -303,6 +303,41 @@ TEST_CASE("a sub-workflow runs as a child and its outcome moves the parent", "[w
   CHECK(state(e, "domain.log") == json::array({"h", "h", "h"}));
 }
 
+TEST_CASE("a child is started with its own inputs, taken from the parent's", "[workflow]") {
+  pop::engine e;
+  auto wf = pop::test::must(pop::workflows::create(e));
+  register_steps(*wf);
+  REQUIRE(wf->define(parse(linear)).ok());
+  const json parent = {
+      {"name", "parent"},
+      {"start", "child"},
+      {"steps",
+       {{"child",
+         {{"call", "linear"},
+          {"inputs", {{"tag", "item-{sku}"}, {"qty", "{qty}"}, {"source", "parent"}}},
+          {"next", "done"}}},
+        {"done", {{"end", true}}}}}};
+  REQUIRE(wf->define(parse(parent)).ok());
+  CHECK(parse(parent).to_json() == parent);
+  REQUIRE(wf->start("parent", "p", {{"sku", "A1"}, {"qty", 3}, {"secret", "x"}}).ok());
+  run_all(*wf);
+  CHECK(wf->inspect("p").value().status == "completed");
+  const pop::workflow_instance child = wf->inspect("p-child-1").value();
+  CHECK(child.inputs == json{{"tag", "item-A1"}, {"qty", 3}, {"source", "parent"}});
+  CHECK(state(e, "domain.log") == json::array({"item-A1", "item-A1"}));
+  // An input the parent lacks fails the call step, naming it.
+  REQUIRE(wf->start("parent", "q", {{"sku", "B2"}}).ok());
+  run_all(*wf);
+  const pop::workflow_instance q = wf->inspect("q").value();
+  CHECK(q.status == "failed");
+  CHECK(absl::StrContains(q.error, "child input 'qty' takes '{qty}'"));
+  // Inputs on a step that is not a call are refused at load.
+  json bad = linear;
+  bad["name"] = "bad";
+  bad["steps"]["a"]["inputs"] = {{"x", 1}};
+  CHECK(absl::StrContains(wf->define(parse(bad)).message(), "only call steps have inputs"));
+}
+
 TEST_CASE("cancel and instance timeouts take the failure path", "[workflow]") {
   pop::engine e;
   // Kept forever: expire() below runs far in the future, past any retention period.
