@@ -32,7 +32,8 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
         "call",       "fail",       "end",        "next",
         "on_error",   "key",        "timeout_ms", "on_timeout",
         "compensate", "max_visits", "sleep_ms",   "continue_as_new",
-        "retry",      "inputs"};
+        "retry",      "inputs",     "parallel",   "map",
+        "join"};
     for (const auto& [name, s] : steps.items()) {
       if (!s.is_object()) return bad(absl::StrCat("step '", name, "'"), "must be an object");
       for (const auto& [field, v] : s.items()) {
@@ -49,6 +50,41 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
       step.end = s.value("end", false);
       step.continue_as_new = s.value("continue_as_new", false);
       step.call_inputs = s.value("inputs", json());
+      step.join = s.value("join", std::string("all"));
+      if (const auto p = s.find("parallel"); p != s.end()) {
+        if (!p->is_array())
+          return bad(absl::StrCat("step '", name, "'"), "parallel must be a list");
+        for (const json& b : *p) {
+          if (!b.is_object()) {
+            return bad(absl::StrCat("step '", name, "'"), "a parallel branch must be an object");
+          }
+          for (const auto& [field, v] : b.items()) {
+            if (field != "call" && field != "inputs") {
+              return bad(absl::StrCat("step '", name, "' parallel branch"),
+                         absl::StrCat("unknown field '", field, "'"));
+            }
+          }
+          step.parallel.push_back({b.value("call", ""), b.value("inputs", json())});
+        }
+      }
+      if (const auto m = s.find("map"); m != s.end()) {
+        if (!m->is_object()) return bad(absl::StrCat("step '", name, "'"), "map must be an object");
+        static const std::set<std::string> map_fields = {"over", "call", "as", "inputs",
+                                                         "max_concurrency"};
+        for (const auto& [field, v] : m->items()) {
+          if (!map_fields.contains(field)) {
+            return bad(absl::StrCat("step '", name, "' map"),
+                       absl::StrCat("unknown field '", field, "'"));
+          }
+        }
+        step.map.over = m->value("over", "");
+        step.map.call = m->value("call", "");
+        step.map.as = m->value("as", step.map.as);
+        step.map.inputs = m->value("inputs", json());
+        step.map.max_concurrency = m->value("max_concurrency", 0);
+        if (step.map.call.empty())
+          return bad(absl::StrCat("step '", name, "' map"), "needs 'call'");
+      }
       if (const auto r = s.find("retry"); r != s.end()) {
         const std::string where = absl::StrCat("step '", name, "' retry");
         if (!r->is_object()) return bad(where, "must be an object");
@@ -110,6 +146,22 @@ json workflow_definition::to_json() const {
     if (s.end) o["end"] = true;
     if (s.continue_as_new) o["continue_as_new"] = true;
     if (!s.call_inputs.is_null()) o["inputs"] = s.call_inputs;
+    if (!s.parallel.empty()) {
+      json branches = json::array();
+      for (const workflow_branch& b : s.parallel) {
+        json bj = {{"call", b.call}};
+        if (!b.inputs.is_null()) bj["inputs"] = b.inputs;
+        branches.push_back(std::move(bj));
+      }
+      o["parallel"] = std::move(branches);
+    }
+    if (!s.map.call.empty()) {
+      json mj = {{"over", s.map.over}, {"call", s.map.call}, {"as", s.map.as}};
+      if (!s.map.inputs.is_null()) mj["inputs"] = s.map.inputs;
+      if (s.map.max_concurrency != 0) mj["max_concurrency"] = s.map.max_concurrency;
+      o["map"] = std::move(mj);
+    }
+    if (s.join != "all") o["join"] = s.join;
     if (!s.wait.empty()) o["wait"] = s.wait;
     if (!s.branch.empty()) {
       json b = json::array();
@@ -183,7 +235,7 @@ absl::Status workflows::check(const workflow_definition& def) const {
     if (kinds(s) != 1) {
       return bad(absl::StrCat(where,
                               " must have exactly one of process, branch, wait, call, sleep_ms, "
-                              "fail, end, continue_as_new; it has ",
+                              "fail, end, continue_as_new, parallel, map; it has ",
                               kinds(s)));
     }
     std::vector<std::string>& out = edges[s.name];
@@ -297,21 +349,60 @@ absl::Status workflows::check(const workflow_definition& def) const {
       POP_RETURN_IF_ERROR(target("next", s.next, true));
       POP_RETURN_IF_ERROR(target("on_error", s.on_error, false));
     }
-    if (!s.call_inputs.is_null()) {
-      if (s.call.empty()) return bad(absl::StrCat(where, ": only call steps have inputs"));
-      if (!s.call_inputs.is_object()) {
-        return bad(absl::StrCat(where, ": inputs must be an object of child input -> value"));
+    // Child inputs: an object whose placeholders close.
+    const auto child_inputs = [&](const json& inputs, const std::string& at) -> absl::Status {
+      if (inputs.is_null()) return absl::OkStatus();
+      if (!inputs.is_object()) {
+        return bad(absl::StrCat(at, ": inputs must be an object of child input -> value"));
       }
-      for (const auto& [name, v] : s.call_inputs.items()) {
+      for (const auto& [name, v] : inputs.items()) {
         if (!v.is_string()) continue;
         const std::string& text = v.get_ref<const std::string&>();
-        for (std::size_t at = text.find('{'); at != std::string::npos;
-             at = text.find('{', at + 1)) {
-          if (text.find('}', at) == std::string::npos) {
-            return bad(absl::StrCat(where, ": input '", name, "': unclosed '{' in '", text, "'"));
+        for (std::size_t open = text.find('{'); open != std::string::npos;
+             open = text.find('{', open + 1)) {
+          if (text.find('}', open) == std::string::npos) {
+            return bad(absl::StrCat(at, ": input '", name, "': unclosed '{' in '", text, "'"));
           }
         }
       }
+      return absl::OkStatus();
+    };
+    if (!s.call_inputs.is_null()) {
+      if (s.call.empty()) return bad(absl::StrCat(where, ": only call steps have inputs"));
+      POP_RETURN_IF_ERROR(child_inputs(s.call_inputs, where));
+    }
+    const auto callable = [&](const std::string& name, const std::string& at) -> absl::Status {
+      if (name == def.name) return bad(absl::StrCat(at, " calls its own workflow"));
+      if (!definitions_.contains(name)) {
+        return bad(absl::StrCat(at, " calls unknown workflow '", name, "' (define it first)"));
+      }
+      return absl::OkStatus();
+    };
+    if (!s.parallel.empty() || !s.map.call.empty()) {
+      for (std::size_t i = 0; i < s.parallel.size(); ++i) {
+        const std::string at = absl::StrCat(where, " branch ", i);
+        POP_RETURN_IF_ERROR(callable(s.parallel[i].call, at));
+        POP_RETURN_IF_ERROR(child_inputs(s.parallel[i].inputs, at));
+      }
+      if (!s.map.call.empty()) {
+        const std::string at = absl::StrCat(where, " (map)");
+        POP_RETURN_IF_ERROR(callable(s.map.call, at));
+        POP_RETURN_IF_ERROR(child_inputs(s.map.inputs, at));
+        if (s.map.over.empty()) return bad(absl::StrCat(at, " needs 'over', a list input"));
+        if (!validate_segment(s.map.as).ok()) {
+          return bad(absl::StrCat(at, ": 'as' must be letters, digits, '_' or '-'"));
+        }
+        if (s.map.max_concurrency < 0) {
+          return bad(absl::StrCat(at, ": max_concurrency must not be negative"));
+        }
+      }
+      if (s.join != "all" && s.join != "any") {
+        return bad(absl::StrCat(where, ": join is '", s.join, "'; use all or any"));
+      }
+      POP_RETURN_IF_ERROR(target("next", s.next, true));
+      POP_RETURN_IF_ERROR(target("on_error", s.on_error, false));
+    } else if (s.join != "all") {
+      return bad(absl::StrCat(where, ": only parallel and map steps join"));
     }
     if (s.sleep_ms < 0) return bad(absl::StrCat(where, ": sleep_ms must not be negative"));
     if (s.sleep_ms > 0) POP_RETURN_IF_ERROR(target("next", s.next, true));

@@ -220,7 +220,34 @@ void workflows::settle(detail::instance_txn& t) const {
   if (!t.ended() || !t.rec().contains("parent")) return;
   const std::string parent_id = t.rec()["parent"];
   detail::instance_txn parent(t.opts(), t.ctx(), t.out(), parent_id, t.now());
-  if (!parent.load() || parent.rec().value("child", "") != t.id()) return;
+  if (!parent.load()) return;
+  if (const auto fan = parent.rec().find("fan_out");
+      fan != parent.rec().end() && fan->is_object() &&
+      fan->value("children", json::object()).contains(t.id())) {
+    if (parent.status() == "stuck") {
+      // Parked while its children ran: an operator restarts it (resuming could not join).
+      (*fan)["children"][t.id()] = t.status();
+      parent.cannot_resume(absl::StrCat("its child '", t.id(), "' ended (", t.status(), ")"));
+      parent.save();
+      return;
+    }
+    if (parent.status() != "waiting") return;
+    const resolved r = resolve(parent.workflow(), parent.version());
+    const workflow_step* step = r.def ? r.def->step(fan->value("step", "")) : nullptr;
+    if (!step) {
+      parent.park(absl::StrCat(r.def ? "its fan-out step is not in its workflow" : r.reason,
+                               " when its child '", t.id(), "' ended (", t.status(),
+                               "): restart it from a step, migrate or cancel it"),
+                  r.def ? "missing_step" : r.kind, false);
+      parent.save();
+      return;
+    }
+    settle_fan_out(parent, t, *step);
+    settle(parent);
+    parent.save();
+    return;
+  }
+  if (parent.rec().value("child", "") != t.id()) return;
   if (parent.stuck_waiting(t.id())) {
     // Parked while this child ran: resuming it would wait for an outcome that has come.
     parent.cannot_resume(absl::StrCat("its child '", t.id(), "' ended (", t.status(), ")"));
@@ -258,6 +285,144 @@ void workflows::settle(detail::instance_txn& t) const {
   }
   settle(parent);
   parent.save();
+}
+
+void workflows::start_fan_out(detail::instance_txn& t, const workflow_step& step,
+                              const json& inputs) const {
+  const bool is_map = !step.map.call.empty();
+  std::size_t total = step.parallel.size();
+  if (is_map) {
+    const auto list = inputs.find(step.map.over);
+    if (list == inputs.end() || !list->is_array() || list->size() > 10'000) {
+      t.history(step.name, "bad map input");
+      t.fail_path(absl::StrCat("step '", step.name, "' maps over input '", step.map.over,
+                               "', which is ",
+                               list == inputs.end() ? "missing"
+                               : !list->is_array()  ? "not a list"
+                                                    : "longer than 10,000 elements"));
+      return;
+    }
+    total = list->size();
+  }
+  const std::size_t first =
+      is_map && step.map.max_concurrency > 0
+          ? std::min(total, static_cast<std::size_t>(step.map.max_concurrency))
+          : total;
+  // Every first child's inputs before any child exists: a bad one starts none.
+  std::vector<json> batch;
+  for (std::size_t i = 0; i < first; ++i) {
+    absl::StatusOr<json> in =
+        is_map ? (step.map.inputs.is_null() ? json::object()
+                                            : detail::child_inputs(step.map.inputs, inputs))
+               : detail::child_inputs(step.parallel[i].inputs, inputs);
+    if (!in.ok()) {
+      t.history(step.name, "bad child inputs");
+      t.fail_path(absl::StrCat("step '", step.name, "': ", in.status().message()));
+      return;
+    }
+    if (is_map) (*in)[step.map.as] = inputs.at(step.map.over).at(i);
+    batch.push_back(*std::move(in));
+  }
+  const int visit = t.rec()["visits"].value(step.name, 1);
+  t.rec()["fan_out"] = {{"kind", is_map ? "map" : "parallel"},
+                        {"step", step.name},
+                        {"base", absl::StrCat(t.id(), "-", step.name, "-", visit)},
+                        {"children", json::object()},
+                        {"next", 0},
+                        {"total", total}};
+  if (total == 0) {
+    t.rec().erase("fan_out");
+    t.rec()["received"][step.name] = json::object();
+    t.history(step.name, "no children to run");
+    t.go(step.next);
+    return;
+  }
+  for (json& in : batch) {
+    if (!start_fan_child(t, step, std::move(in))) return;
+  }
+  t.history(step.name, absl::StrCat("started ", first, " of ", total, " children"));
+  t.set_status("waiting");
+}
+
+bool workflows::start_fan_child(detail::instance_txn& t, const workflow_step& step,
+                                json child_inputs) const {
+  json& fan = t.rec()["fan_out"];
+  const std::size_t i = fan.value("next", std::size_t{0});
+  const std::string& call = step.map.call.empty() ? step.parallel.at(i).call : step.map.call;
+  const std::shared_ptr<const defined> d = find_definition(call);
+  if (!d) {
+    t.history(step.name, "unknown workflow");
+    t.fail_path(absl::StrCat("step '", step.name, "' calls unknown workflow '", call, "'"));
+    return false;
+  }
+  const std::string id = absl::StrCat(fan.value("base", ""), "-", i);
+  t.out().set(t.instance_path(id),
+              new_record(call, d->version, d->def.start, std::move(child_inputs), t.now(), 0,
+                         t.id(), step.name));
+  t.out().set(t.index_path("runnable", id), true);
+  fan["children"][id] = "running";
+  fan["next"] = i + 1;
+  return true;
+}
+
+void workflows::settle_fan_out(detail::instance_txn& parent, detail::instance_txn& child,
+                               const workflow_step& step) const {
+  json& fan = parent.rec()["fan_out"];
+  json& children = fan["children"];
+  const std::string status = child.status();
+  children[child.id()] = status;
+  const bool any = step.join == "any";
+  const auto join = [&](bool ok, const std::string& why) {
+    // The children still running are not needed any more.
+    for (auto& [id, st] : children.items()) {
+      if (st != "running") continue;
+      detail::cancel_child(parent, id,
+                           absl::StrCat("its parent '", parent.id(), "' joined: ", why));
+      st = "cancelled";
+    }
+    parent.rec()["received"][step.name] = children;
+    parent.rec().erase("fan_out");
+    parent.history(step.name, why);
+    if (ok) {
+      parent.go(step.next);
+    } else if (!step.on_error.empty()) {
+      parent.go(step.on_error);
+    } else {
+      parent.fail_path(absl::StrCat("step '", step.name, "': ", why));
+    }
+  };
+  if (any && status == "completed") {
+    join(true, absl::StrCat("child ", child.id(), " completed first"));
+    return;
+  }
+  if (!any && status != "completed") {
+    join(false,
+         absl::StrCat("child '", child.id(), "' ", status, ": ", child.rec().value("error", "")));
+    return;
+  }
+  parent.history(step.name, absl::StrCat("child ", child.id(), " ", status));
+  const std::size_t total = fan.value("total", std::size_t{0});
+  if (fan.value("kind", "") == "map" && fan.value("next", std::size_t{0}) < total) {
+    // A map keeps max_concurrency children running: the next element takes this one's place.
+    const json inputs = parent.rec().value("inputs", json::object());
+    absl::StatusOr<json> in =
+        step.map.inputs.is_null() ? json::object() : detail::child_inputs(step.map.inputs, inputs);
+    if (!in.ok()) {
+      join(false, std::string(in.status().message()));
+      return;
+    }
+    (*in)[step.map.as] = inputs.at(step.map.over).at(fan.value("next", std::size_t{0}));
+    if (!start_fan_child(parent, step, *std::move(in))) return;
+  }
+  for (const auto& [id, st] : children.items()) {
+    if (st == "running") return;
+  }
+  if (fan.value("next", std::size_t{0}) < total) return;
+  if (any) {
+    join(false, "no child completed");
+  } else {
+    join(true, absl::StrCat("all ", total, " children completed"));
+  }
 }
 
 void workflows::fail_step(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
@@ -423,6 +588,10 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
     t.refresh_timer();
     return;
   }
+  if (!step.parallel.empty() || !step.map.call.empty()) {
+    start_fan_out(t, step, inputs);
+    return;
+  }
   if (!step.call.empty()) {
     const std::shared_ptr<const defined> child_def = find_definition(step.call);
     const std::string child_id =
@@ -431,38 +600,14 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
       t.fail_path(absl::StrCat("step '", step.name, "' calls unknown workflow '", step.call, "'"));
       return;
     }
-    json child_inputs = inputs;
-    if (step.call_inputs.is_object()) {
-      child_inputs = json::object();
-      for (const auto& [name, v] : step.call_inputs.items()) {
-        const std::string text = v.is_string() ? v.get<std::string>() : std::string();
-        if (text.size() > 2 && text.front() == '{' && text.back() == '}' &&
-            text.find('{', 1) == std::string::npos) {
-          // "{name}" alone: the parent's input as it is (a number stays a number).
-          const auto it = inputs.find(text.substr(1, text.size() - 2));
-          if (it == inputs.end()) {
-            t.history(step.name, "bad child inputs");
-            t.fail_path(absl::StrCat("step '", step.name, "': child input '", name, "' takes '",
-                                     text, "', which the instance lacks"));
-            return;
-          }
-          child_inputs[name] = *it;
-        } else if (v.is_string()) {
-          absl::StatusOr<std::string> filled = substitute(text, inputs);
-          if (!filled.ok()) {
-            t.history(step.name, "bad child inputs");
-            t.fail_path(absl::StrCat("step '", step.name, "': child input '", name,
-                                     "': ", filled.status().message()));
-            return;
-          }
-          child_inputs[name] = *std::move(filled);
-        } else {
-          child_inputs[name] = v;
-        }
-      }
+    absl::StatusOr<json> filled = detail::child_inputs(step.call_inputs, inputs);
+    if (!filled.ok()) {
+      t.history(step.name, "bad child inputs");
+      t.fail_path(absl::StrCat("step '", step.name, "': ", filled.status().message()));
+      return;
     }
-    json child = new_record(step.call, child_def->version, child_def->def.start,
-                            std::move(child_inputs), t.now(), 0, t.id(), step.name);
+    json child = new_record(step.call, child_def->version, child_def->def.start, *std::move(filled),
+                            t.now(), 0, t.id(), step.name);
     t.out().set(t.instance_path(child_id), std::move(child));
     t.out().set(t.index_path("runnable", child_id), true);
     t.rec()["child"] = child_id;

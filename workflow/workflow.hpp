@@ -55,8 +55,26 @@ struct workflow_retry {
   bool operator==(const workflow_retry&) const = default;
 };
 
+// A branch of a parallel step: workflow `call` run as a child, with its own inputs.
+struct workflow_branch {
+  std::string call{};
+  json inputs{};  // as workflow_step::call_inputs (null: the parent's inputs)
+  bool operator==(const workflow_branch&) const = default;
+};
+
+// A map step: a child of workflow `call` for each element of the list in input `over`, at most
+// `max_concurrency` running at once (0: all at once).
+struct workflow_map {
+  std::string over{};       // the input holding the list (at most 10,000 elements)
+  std::string call{};       // the workflow each element runs
+  std::string as = "item";  // the child input that gets the element
+  json inputs{};            // its other inputs, as workflow_step::call_inputs (null: none)
+  int max_concurrency = 0;
+  bool operator==(const workflow_map&) const = default;
+};
+
 // One step of a workflow. Exactly one kind is set: process, branch, wait, call, sleep, fail,
-// end or continue_as_new.
+// end, continue_as_new, parallel or map.
 struct workflow_step {
   std::string name{};
   std::string process{};                      // run this process (see workflows::register_process)
@@ -86,14 +104,25 @@ struct workflow_step {
   int max_visits = 0;            // how often the step may run in one instance; required (> 1) for
                                  // a step on a loop, else 1 (retries are not visits)
   workflow_retry retry{};        // process step: how its failures are retried
+  // Fan-out: run these branches, or one child per list element, as children at once (child ids
+  // "<parent id>-<step>-<visit>-<index>"), then join: "all" goes to `next` when every child
+  // completed, and on the first that did not, cancels the others and takes on_error (else the
+  // failure path); "any" goes to `next` with the first child that completed and cancels the
+  // others, and takes on_error (else the failure path) if none did. Children run independently
+  // (their own transactions), so branches whose processes write disjoint paths never conflict.
+  // The children's outcomes are in the parent's received messages under the step's name
+  // ({child id: status}), which later steps get as "_received".
+  std::vector<workflow_branch> parallel{};
+  workflow_map map{};
+  std::string join = "all";
 };
 
 // A named graph of steps. Load from JSON with from_json or write it in C++; workflows::define
 // checks it.
 struct workflow_definition {
   std::string name{};
-  // A name for this version (JSON "version"; letters, digits, '.', '_', '-'; at most 64), recorded
-  // in every instance started on it. Empty: a hash of the definition.
+  // A name for this version (JSON "version"; letters, digits, '_' or '-'; at most 64),
+  // recorded in every instance started on it. Empty: a hash of the definition.
   std::string version{};
   std::string start{};
   std::vector<workflow_step> steps{};
@@ -145,8 +174,8 @@ struct workflow_instance {
   json raw{};                   // the whole record
 
   // The instance `id` from its stored record (the value at `<instances>.<id>`) and its history
-  // entries (the object at `<history>.<id>`, null if none): the one decoder of the record, used by
-  // inspect() and list() and by tools reading a journal.
+  // entries (the object at `<history>.<id>`, null if none): the one decoder of the record, used
+  // by inspect() and list() and by tools reading a journal.
   static workflow_instance from_record(std::string_view id, json record,
                                        const json& history = json());
 };
@@ -269,13 +298,13 @@ class workflows {
   // define() of the JSON in file `file_path`; errors name the file.
   [[nodiscard]] absl::Status define_from_file(const std::string& file_path);
 
-  // Starts instance `id` of `workflow` with `inputs` (an object; null, as `{}` is in C++, means no
-  // inputs). Returns the commit's version; if the instance exists already with the same workflow
-  // and inputs, changes nothing and returns the newest version (options.idempotent_start).
-  // kNotFound (no such workflow), kAlreadyExists (id taken by another workflow or other inputs,
-  // named in the message), kInvalidArgument (an id that is not one path segment, such as "L.1", or
-  // inputs that are not an object or not storable JSON).
-  // `timeout_ms` > 0 bounds the instance's life: past it the runner fails it.
+  // Starts instance `id` of `workflow` with `inputs` (an object; null, as `{}` is in C++, means
+  // no inputs). Returns the commit's version; if the instance exists already with the same
+  // workflow and inputs, changes nothing and returns the newest version
+  // (options.idempotent_start). kNotFound (no such workflow), kAlreadyExists (id taken by another
+  // workflow or other inputs, named in the message), kInvalidArgument (an id that is not one path
+  // segment, such as "L.1", or inputs that are not an object or not storable JSON). `timeout_ms`
+  // > 0 bounds the instance's life: past it the runner fails it.
   [[nodiscard]] absl::StatusOr<std::uint64_t> start(std::string_view workflow, std::string_view id,
                                                     json inputs = json::object(),
                                                     std::int64_t timeout_ms = 0);
@@ -289,11 +318,11 @@ class workflows {
   workflow_metrics metrics() const;
   // Calls `done` once with instance `id` when it has ended (completed, failed, compensated or
   // cancelled):
-  // at once, on this thread, if it already has or does not exist (kNotFound), else from the thread
-  // of the commit that ended it. Keep the returned subscription: resetting or destroying it stops
-  // the wait (and waits for a call in progress); do not reset it from inside `done`. Each waiting
-  // call looks at its instance once per commit until it fires. This object must outlive it. See
-  // also pop::wait_for (workflow_runner.hpp), the awaitable form.
+  // at once, on this thread, if it already has or does not exist (kNotFound), else from the
+  // thread of the commit that ended it. Keep the returned subscription: resetting or destroying
+  // it stops the wait (and waits for a call in progress); do not reset it from inside `done`.
+  // Each waiting call looks at its instance once per commit until it fires. This object must
+  // outlive it. See also pop::wait_for (workflow_runner.hpp), the awaitable form.
   [[nodiscard]] subscription wait_for(
       std::string_view id, std::function<void(absl::StatusOr<workflow_instance>)> done) const;
   // Whether `status` is one an instance ends with.
@@ -325,8 +354,8 @@ class workflows {
                                                            std::string_view step,
                                                            std::string_view version = {});
 
-  // Moves the instances `m` selects (not ended ones) to version m.to_version in one commit, all or
-  // none, and returns how many moved. Each is checked against the new version before anything
+  // Moves the instances `m` selects (not ended ones) to version m.to_version in one commit, all
+  // or none, and returns how many moved. Each is checked against the new version before anything
   // changes: its cursor (and the step it waits on, with the same kind: a wait on the same key, a
   // call, a sleep) and its completed compensable steps must exist there (with a compensation).
   // An instance parked stuck for lack of its version, workflow or step is resumed by the move.
@@ -428,6 +457,15 @@ class workflows {
   // its on_error, failure path or a pause for an operator.
   void fail_step(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
                  const std::string& error) const;
+  // Starts the children of fan-out step `step` (parallel or map) of `t`'s instance.
+  void start_fan_out(detail::instance_txn& t, const workflow_step& step, const json& inputs) const;
+  // Starts the fan-out's next child with `child_inputs`; false (and the failure path) if its
+  // workflow is not defined.
+  bool start_fan_child(detail::instance_txn& t, const workflow_step& step, json child_inputs) const;
+  // Child `child` of `parent`'s fan-out at `step` ended: records it, starts the next element of a
+  // map, or joins.
+  void settle_fan_out(detail::instance_txn& parent, detail::instance_txn& child,
+                      const workflow_step& step) const;
   // Runs step `step` (not a process step) of `t`'s instance, of definition `d`.
   void run_control_step(detail::instance_txn& t, const defined& d, const workflow_step& step) const;
 

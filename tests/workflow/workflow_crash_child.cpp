@@ -1,6 +1,7 @@
 // The workflow service the crash test kills with kill -9: on journal argv[1] it starts argv[2]
-// instances of "job" (a process step, a durable sleep, a step that fails once per program run and
-// is retried with backoff, a wait for a signal, a last process step), sends each instance's signal
+// instances of "job" (a process step, two parallel branches, each a child running a process step,
+// a durable sleep, a step that fails once per program run and is retried with backoff, a wait for
+// a signal, a last process step), sends each instance's signal
 // twice through the inbox (for even instances before the instance waits: an early signal kept in
 // the mailbox), and runs the workflow runner until every instance has ended. Every run does all
 // of it again: starts are idempotent and the inbox absorbs the repeated signals. Each step
@@ -57,7 +58,7 @@ int main(int argc, char** argv) {
   if (absl::Status s = pop::register_workflow_resume(**in, **wf); !s.ok()) return fail(s, "resume");
   const pop::process_spec effects{
       .name = "charge", .inputs = {"domain.effects"}, .outputs = {"domain.effects"}};
-  for (const char* name : {"charge", "ship"}) {
+  for (const char* name : {"charge", "ship", "pack"}) {
     pop::process_spec spec = effects;
     spec.name = name;
     if (absl::Status s = (*wf)->register_process(spec, counter(name)); !s.ok()) {
@@ -84,11 +85,22 @@ int main(int argc, char** argv) {
       !s.ok()) {
     return fail(s, "register flaky");
   }
+  absl::StatusOr<pop::workflow_definition> branch = pop::workflow_definition::from_json(
+      {{"name", "branch"},
+       {"start", "p"},
+       {"steps", {{"p", {{"process", "pack"}, {"next", "done"}}}, {"done", {{"end", true}}}}}});
+  if (!branch.ok()) return fail(branch.status(), "branch definition");
+  if (absl::Status s = (*wf)->define(*branch); !s.ok()) return fail(s, "define branch");
   absl::StatusOr<pop::workflow_definition> def = pop::workflow_definition::from_json(
       {{"name", "job"},
        {"start", "a"},
        {"steps",
-        {{"a", {{"process", "charge"}, {"next", "s"}}},
+        {{"a", {{"process", "charge"}, {"next", "both"}}},
+         {"both",
+          {{"parallel",
+            {{{"call", "branch"}, {"inputs", {{"side", "left"}}}},
+             {{"call", "branch"}, {"inputs", {{"side", "right"}}}}}},
+           {"next", "s"}}},
          {"s", {{"sleep_ms", 3}, {"next", "r"}}},
          {"r",
           {{"process", "flaky"},

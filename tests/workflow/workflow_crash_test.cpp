@@ -1,6 +1,6 @@
-// A workflow service killed with kill -9 at seeded moments while its instances sleep, retry a
-// failing step, and wait with early and duplicate signals, restarted until it finishes: every
-// step's effects happen exactly once and every instance completes.
+// A workflow service killed with kill -9 at seeded moments while its instances run parallel
+// branches, sleep, retry a failing step, and wait with early and duplicate signals, restarted until
+// it finishes: every step's effects happen exactly once and every instance completes.
 #include <catch2/catch.hpp>
 
 #include "tests/support/must.hpp"
@@ -59,6 +59,10 @@ void check_effects(const std::string& journal, int instances, bool complete) {
     CHECK(w.status == "completed");
     for (const char* process : {"charge", "flaky", "ship"}) {
       CHECK(effects.value(id, pop::json::object()).value(process, 0) == 1);
+    }
+    for (const char* branch : {"-both-1-0", "-both-1-1"}) {
+      CHECK(effects.value(id + branch, pop::json::object()).value("pack", 0) == 1);
+      CHECK(pop::test::must(wf->inspect(id + branch)).status == "completed");
     }
     CHECK(w.received.at("go") == pop::json{{"k", k}});
   }

@@ -16,7 +16,8 @@ std::string control_process(std::string_view workflow, std::string_view version)
 
 int kinds(const workflow_step& s) {
   return !s.process.empty() + !s.branch.empty() + !s.wait.empty() + !s.call.empty() +
-         !s.fail.empty() + s.end + (s.sleep_ms > 0) + s.continue_as_new;
+         !s.fail.empty() + s.end + (s.sleep_ms > 0) + s.continue_as_new + !s.parallel.empty() +
+         !s.map.call.empty();
 }
 
 const char* kind_name(const workflow_step& s) {
@@ -27,6 +28,8 @@ const char* kind_name(const workflow_step& s) {
   if (!s.fail.empty()) return "fail";
   if (s.sleep_ms > 0) return "sleep";
   if (s.continue_as_new) return "continue_as_new";
+  if (!s.parallel.empty()) return "parallel";
+  if (!s.map.call.empty()) return "map";
   return "end";
 }
 
@@ -84,6 +87,34 @@ absl::StatusOr<std::string> substitute(const std::string& text, const json& inpu
   return out;
 }
 
+absl::StatusOr<json> child_inputs(const json& spec, const json& inputs) {
+  if (!spec.is_object()) return inputs;
+  json out = json::object();
+  for (const auto& [name, v] : spec.items()) {
+    const std::string text = v.is_string() ? v.get<std::string>() : std::string();
+    if (text.size() > 2 && text.front() == '{' && text.back() == '}' &&
+        text.find('{', 1) == std::string::npos) {
+      // "{name}" alone: the parent's input as it is (a number stays a number).
+      const auto it = inputs.find(text.substr(1, text.size() - 2));
+      if (it == inputs.end()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("child input '", name, "' takes '", text, "', which the instance lacks"));
+      }
+      out[name] = *it;
+    } else if (v.is_string()) {
+      absl::StatusOr<std::string> filled = substitute(text, inputs);
+      if (!filled.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("child input '", name, "': ", filled.status().message()));
+      }
+      out[name] = *std::move(filled);
+    } else {
+      out[name] = v;
+    }
+  }
+  return out;
+}
+
 bool compare(const json& actual, const std::string& op, const json& expected) {
   if (op == "eq") return actual == expected;
   if (op == "ne") return actual != expected;
@@ -127,21 +158,29 @@ absl::Status cancel_instance(instance_txn& t, const std::string& reason) {
   t.history(t.cursor(), "cancelled");
   t.rec()["cancelled"] = {{"reason", reason}, {"at_us", t.now()}};
   t.unpark();
-  // A child it is waiting for is cancelled with it (it compensates on its own).
-  if (t.rec().contains("child")) {
-    instance_txn child(t.opts(), t.ctx(), t.out(), t.rec()["child"], t.now());
-    if (child.load() && !instance_txn::status_is_final(child.status()) &&
-        child.status() != "compensating") {
-      child.history(child.cursor(), "parent cancelled");
-      child.rec()["cancelled"] = {
-          {"reason", absl::StrCat("its parent '", t.id(), "' was cancelled")}, {"at_us", t.now()}};
-      child.unpark();
-      child.fail_path(absl::StrCat("its parent '", t.id(), "' was cancelled"));
-      child.save();
+  // The children it waits for are cancelled with it (each compensates on its own).
+  std::vector<std::string> children;
+  if (t.rec().contains("child")) children.push_back(t.rec()["child"]);
+  if (const auto fan = t.rec().find("fan_out"); fan != t.rec().end() && fan->is_object()) {
+    const json fan_children = fan->value("children", json::object());
+    for (const auto& [id, st] : fan_children.items()) {
+      if (st == "running") children.push_back(id);
     }
+  }
+  for (const std::string& id : children) {
+    cancel_child(t, id, absl::StrCat("its parent '", t.id(), "' was cancelled"));
   }
   t.fail_path(reason);
   return absl::OkStatus();
+}
+
+void cancel_child(instance_txn& t, const std::string& id, const std::string& reason) {
+  instance_txn child(t.opts(), t.ctx(), t.out(), id, t.now());
+  if (!child.load() || instance_txn::status_is_final(child.status()) ||
+      child.status() == "compensating") {
+    return;
+  }
+  if (cancel_instance(child, reason).ok()) child.save();
 }
 
 absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, const json& args) {
@@ -186,7 +225,7 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     const std::string step = args.at("step").get<std::string>();
     t.clear_wait();
     t.unpark();
-    for (const char* field : {"child", "parent_step_of_child", "cancelled", "retry"}) {
+    for (const char* field : {"child", "parent_step_of_child", "cancelled", "retry", "fan_out"}) {
       t.rec().erase(field);
     }
     t.rec()["error"] = "";
@@ -274,7 +313,10 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
       return refuse(absl::StrCat("it is at ", at, ", which the new version lacks"));
     }
     if (effective == "waiting") {
-      const char* wanted = t.rec().contains("child")            ? "call"
+      const std::string fan_kind =
+          t.rec().contains("fan_out") ? t.rec()["fan_out"].value("kind", "parallel") : "";
+      const char* wanted = !fan_kind.empty()                    ? fan_kind.c_str()
+                           : t.rec().contains("child")          ? "call"
                            : t.rec().contains("sleep_until_us") ? "sleep"
                                                                 : "wait";
       if (kind_of(next_cursor) != wanted) {

@@ -36,6 +36,10 @@ std::vector<std::string> outermost(const std::vector<std::string>& paths);
 // `text` with "{name}" replaced by the string value of input `name`.
 absl::StatusOr<std::string> substitute(const std::string& text, const json& inputs);
 bool compare(const json& actual, const std::string& op, const json& expected);
+// A child's inputs from `spec` (workflow_step::call_inputs) and its parent's `inputs`: "{name}"
+// alone passes the input as it is, other strings are filled in, other values taken as they are;
+// null `spec`: `inputs`. kInvalidArgument naming the child input whose parent input is missing.
+absl::StatusOr<json> child_inputs(const json& spec, const json& inputs);
 
 json new_record(std::string_view workflow, const std::string& definition_version,
                 const std::string& start, json inputs, std::int64_t now, std::int64_t deadline,
@@ -269,6 +273,10 @@ class instance_txn {
 // Cancels `t`'s instance (loaded): a child it waits for is cancelled with it, then it takes the
 // failure path with `reason`. kFailedPrecondition if it has ended.
 absl::Status cancel_instance(instance_txn& t, const std::string& reason);
+
+// Cancels child `id` of `t`'s instance with `reason` (and its own children), unless it has ended
+// or is compensating already.
+void cancel_child(instance_txn& t, const std::string& id, const std::string& reason);
 
 // The operator process (workflow_operate_process): args {"id", "action", "now", ...}; actions
 // "park" ("expect": the status seen, "reason"), "resume", "restart" ("step") and "cancel"
