@@ -427,8 +427,28 @@ absl::StatusOr<std::size_t> workflows::reconcile() {
 }
 
 absl::StatusOr<bool> workflows::advance(std::string_view id) {
-  POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id, false));
+  // Only the fields that choose the step are read, not the whole record: the step's own
+  // transaction reads it again anyway.
+  const snapshot snap = engine_.snapshot();
+  absl::StatusOr<path> at = path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id)));
+  if (!at.ok()) return annotate(at.status(), "workflow instance id");
+  const value_view rec = snap.view(*at);
+  if (!rec) {
+    return absl::NotFoundError(absl::StrCat("no workflow instance '", detail::to_absl(id),
+                                            "' in version ", snap.version()));
+  }
+  const auto text = [](const value_view& f) {
+    if (!f || f.is_object()) return std::string();
+    const json j = f.to_json();
+    return j.is_string() ? j.get<std::string>() : std::string();
+  };
+  workflow_instance w;
+  w.id = std::string(id);
+  w.status = text(rec.member("status"));
   if (w.status != "running" && w.status != "compensating") return false;
+  w.workflow = text(rec.member("workflow"));
+  w.definition_version = text(rec.at("definition.version"));
+  w.cursor = text(rec.member("cursor"));
   const resolved r = resolve(w.workflow, w.definition_version);
   // One instance that cannot advance must not stop the others: it is parked for an operator.
   if (!r.def) return park(w, r.reason, r.kind);
@@ -455,8 +475,9 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
       args["action"] = "step";
     }
   } else if (w.status == "compensating") {
-    const json done = w.raw.value("done", json::array());
-    if (done.empty()) return false;
+    const value_view done_view = rec.member("done");
+    const json done = done_view ? done_view.to_json() : json::array();
+    if (!done.is_array() || done.empty() || !done.back().is_string()) return false;
     step_name = done.back().get<std::string>();
     const workflow_step* step = d->step(step_name);
     if (!step || step->compensate.empty()) {

@@ -67,6 +67,10 @@ class instance_txn {
     std::optional<json> r = ctx_.find<json>(instance_path(id_));
     if (!r) return false;
     rec_ = std::move(*r);
+    // The runnable index agrees with the stored status: a step that stays runnable need not
+    // write it again.
+    const std::string loaded = status();
+    indexed_runnable_ = loaded == "running" || loaded == "compensating" ? 1 : 0;
     return true;
   }
   json& rec() { return rec_; }
@@ -118,11 +122,13 @@ class instance_txn {
       out_.erase(index_path("ended", id_));
     }
     const bool runnable = status == "running" || status == "compensating";
+    if (indexed_runnable_ == (runnable ? 1 : 0)) return;
     if (runnable) {
       out_.set(index_path("runnable", id_), true);
     } else {
       out_.erase(index_path("runnable", id_));
     }
+    indexed_runnable_ = runnable ? 1 : 0;
   }
 
   // Removes the wait and timer index entries of a waiting instance.
@@ -268,6 +274,7 @@ class instance_txn {
   std::int64_t now_;
   json rec_;
   bool ended_ = false;
+  int indexed_runnable_ = -1;  // whether <index>.runnable.<id> is set (1) or not (0); -1: unknown
 };
 
 // Cancels `t`'s instance (loaded): a child it waits for is cancelled with it, then it takes the
