@@ -271,9 +271,11 @@ absl::Status workflows::check(const workflow_definition& def) const {
       if (p.attempts < 1 || p.attempts > 1000) {
         return bad(absl::StrCat(at, ": attempts must be 1 to 1000, not ", p.attempts));
       }
-      if (p.initial_ms < 0 || p.max_interval_ms < p.initial_ms) {
+      if (p.initial_ms < 0 || p.max_interval_ms < p.initial_ms ||
+          p.max_interval_ms > detail::max_duration_ms) {
         return bad(absl::StrCat(at, ": needs 0 <= initial_ms (", p.initial_ms,
-                                ") <= max_interval_ms (", p.max_interval_ms, ")"));
+                                ") <= max_interval_ms (", p.max_interval_ms, ") <= a year (",
+                                detail::max_duration_ms, ")"));
       }
       if (!(p.multiplier >= 1.0 && p.multiplier <= 100.0)) {
         return bad(absl::StrCat(at, ": multiplier must be 1 to 100, not ", p.multiplier));
@@ -335,7 +337,10 @@ absl::Status workflows::check(const workflow_definition& def) const {
           return bad(absl::StrCat(where, ": ", st.message()));
         POP_RETURN_IF_ERROR(target(absl::StrCat("wait '", topic, "'"), next, true));
       }
-      if (s.timeout_ms < 0) return bad(absl::StrCat(where, ": timeout_ms must not be negative"));
+      if (s.timeout_ms < 0 || s.timeout_ms > detail::max_duration_ms) {
+        return bad(absl::StrCat(where, ": timeout_ms must be 0 to ", detail::max_duration_ms,
+                                " (a year)"));
+      }
       if (!s.on_timeout.empty() && s.timeout_ms == 0) {
         return bad(absl::StrCat(where, ": on_timeout needs timeout_ms"));
       }
@@ -404,7 +409,10 @@ absl::Status workflows::check(const workflow_definition& def) const {
     } else if (s.join != "all") {
       return bad(absl::StrCat(where, ": only parallel and map steps join"));
     }
-    if (s.sleep_ms < 0) return bad(absl::StrCat(where, ": sleep_ms must not be negative"));
+    if (s.sleep_ms < 0 || s.sleep_ms > detail::max_duration_ms) {
+      return bad(
+          absl::StrCat(where, ": sleep_ms must be 0 to ", detail::max_duration_ms, " (a year)"));
+    }
     if (s.sleep_ms > 0) POP_RETURN_IF_ERROR(target("next", s.next, true));
     if (s.max_visits < 0) return bad(absl::StrCat(where, ": max_visits must not be negative"));
   }

@@ -36,6 +36,11 @@ absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::s
   }
   POP_RETURN_IF_ERROR(check_storable(
       inputs, absl::StrCat("workflow instance '", detail::to_absl(id), "': its inputs")));
+  if (timeout_ms < 0 || timeout_ms > detail::max_duration_ms) {
+    return absl::InvalidArgumentError(absl::StrCat("workflow instance '", detail::to_absl(id),
+                                                   "': timeout_ms ", timeout_ms, " is not 0 to ",
+                                                   detail::max_duration_ms, " (a year)"));
+  }
   const std::int64_t now = engine_.clock().now_us();
   json args = {{"workflow", workflow}, {"id", id}, {"inputs", std::move(inputs)}, {"now", now}};
   if (timeout_ms > 0) args["deadline_us"] = now + timeout_ms * 1000;
@@ -284,8 +289,7 @@ absl::Status workflows::resume_parked(const std::string& name, const std::string
 
 absl::Status workflows::cancel(std::string_view id, std::string reason) {
   POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id, false));
-  if (const std::shared_ptr<const defined> d = find_definition(w.workflow, w.definition_version);
-      w.status != "stuck" && d) {
+  if (const std::shared_ptr<const defined> d = find_definition(w.workflow, w.definition_version)) {
     // With the definition here, a parent waiting for it moves on in the same commit.
     return engine_
         .execute(control_process(w.workflow, d->version), {{"id", id},
@@ -383,7 +387,8 @@ absl::StatusOr<std::size_t> workflows::migrate(const workflow_migration& m) {
     target[s.name] = {{"kind", kind_name(s)},
                       {"compensate", !s.compensate.empty()},
                       {"topics", topics},
-                      {"key", s.key}};
+                      {"key", s.key},
+                      {"timeout_ms", s.timeout_ms}};
   }
   json steps = json::object();
   for (const auto& [old_step, new_step] : m.steps) steps[old_step] = new_step;
@@ -391,6 +396,7 @@ absl::StatusOr<std::size_t> workflows::migrate(const workflow_migration& m) {
   absl::StatusOr<commit> c =
       engine_.execute(detail::migrate_process, {{"workflow", m.workflow},
                                                 {"to", to->version},
+                                                {"from", m.from_version},
                                                 {"steps", std::move(steps)},
                                                 {"target", std::move(target)},
                                                 {"ids", std::move(ids)},
@@ -659,6 +665,12 @@ absl::StatusOr<outbox_message> workflows::with_start(outbox_message signal,
                                                    detail::to_absl(type_with_article(inputs))));
   }
   POP_RETURN_IF_ERROR(check_storable(inputs, absl::StrCat(what, ": its inputs")));
+  if (!path::parse(absl::StrCat("k.", signal.key)).ok() ||
+      signal.key.find('.') != std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": the signal's key '", signal.key,
+                     "' must be one path segment (the wait key it is delivered on)"));
+  }
   signal.headers[std::string(start_workflow_header)] = std::string(workflow);
   signal.headers[std::string(start_id_header)] = std::string(id);
   signal.headers[std::string(start_inputs_header)] = inputs.dump();
@@ -686,7 +698,11 @@ absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_messag
           what, ": header ", detail::to_absl(start_inputs_header), " is not a JSON object"));
     }
     detail::instance_txn t(options_, ctx, out, id->second, m.created_at_us);
-    if (!t.load()) {
+    if (t.load() && detail::instance_txn::status_is_final(t.status())) {
+      // It has ended: the signal is for nobody (not kept for another instance on its key).
+      return out;
+    }
+    if (!t.rec().is_object()) {
       const std::shared_ptr<const defined> def = find_definition(start->second);
       if (!def) {
         return absl::NotFoundError(absl::StrCat(what, ": no such workflow is defined"));

@@ -227,7 +227,9 @@ void workflows::settle(detail::instance_txn& t) const {
     if (parent.status() == "stuck") {
       // Parked while its children ran: an operator restarts it (resuming could not join).
       (*fan)["children"][t.id()] = t.status();
-      parent.cannot_resume(absl::StrCat("its child '", t.id(), "' ended (", t.status(), ")"));
+      if (parent.stuck_waiting()) {
+        parent.cannot_resume(absl::StrCat("its child '", t.id(), "' ended (", t.status(), ")"));
+      }
       parent.save();
       return;
     }
@@ -323,7 +325,7 @@ void workflows::start_fan_out(detail::instance_txn& t, const workflow_step& step
     if (is_map) (*in)[step.map.as] = inputs.at(step.map.over).at(i);
     batch.push_back(*std::move(in));
   }
-  const int visit = t.rec()["visits"].value(step.name, 1);
+  const std::int64_t visit = t.call_number(step.name);
   t.rec()["fan_out"] = {{"kind", is_map ? "map" : "parallel"},
                         {"step", step.name},
                         {"base", absl::StrCat(t.id(), "-", step.name, "-", visit)},
@@ -336,6 +338,21 @@ void workflows::start_fan_out(detail::instance_txn& t, const workflow_step& step
     t.history(step.name, "no children to run");
     t.go(step.next);
     return;
+  }
+  // Checked before any child is written, so a refused fan-out leaves none behind.
+  const std::string base = t.rec()["fan_out"].value("base", "");
+  for (std::size_t i = 0; i < first; ++i) {
+    const std::string id = absl::StrCat(base, "-", i);
+    const std::string& call = is_map ? step.map.call : step.parallel[i].call;
+    if (t.exists(id) || !find_definition(call)) {
+      t.rec().erase("fan_out");
+      t.history(step.name, "cannot start its children");
+      t.fail_path(absl::StrCat(
+          "step '", step.name, "': ",
+          t.exists(id) ? absl::StrCat("its child id '", id, "' names an existing instance")
+                       : absl::StrCat("it calls unknown workflow '", call, "'")));
+      return;
+    }
   }
   for (json& in : batch) {
     if (!start_fan_child(t, step, std::move(in))) return;
@@ -356,6 +373,13 @@ bool workflows::start_fan_child(detail::instance_txn& t, const workflow_step& st
     return false;
   }
   const std::string id = absl::StrCat(fan.value("base", ""), "-", i);
+  if (t.exists(id)) {
+    t.history(step.name, "child id taken");
+    detail::cancel_children(t, absl::StrCat("its parent '", t.id(), "' failed to start a child"));
+    t.fail_path(
+        absl::StrCat("step '", step.name, "': its child id '", id, "' names an existing instance"));
+    return false;
+  }
   t.out().set(t.instance_path(id),
               new_record(call, d->version, d->def.start, std::move(child_inputs), t.now(), 0,
                          t.id(), step.name));
@@ -595,7 +619,7 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
   if (!step.call.empty()) {
     const std::shared_ptr<const defined> child_def = find_definition(step.call);
     const std::string child_id =
-        absl::StrCat(t.id(), "-", step.name, "-", t.rec()["visits"].value(step.name, 1));
+        absl::StrCat(t.id(), "-", step.name, "-", t.call_number(step.name));
     if (!child_def) {
       t.fail_path(absl::StrCat("step '", step.name, "' calls unknown workflow '", step.call, "'"));
       return;
@@ -604,6 +628,12 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
     if (!filled.ok()) {
       t.history(step.name, "bad child inputs");
       t.fail_path(absl::StrCat("step '", step.name, "': ", filled.status().message()));
+      return;
+    }
+    if (t.exists(child_id)) {
+      t.history(step.name, "child id taken");
+      t.fail_path(absl::StrCat("step '", step.name, "': its child id '", child_id,
+                               "' names an existing instance"));
       return;
     }
     json child = new_record(step.call, child_def->version, child_def->def.start, *std::move(filled),
@@ -744,6 +774,8 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           if (detail::instance_txn::status_is_final(status)) return out;
           if (life_due > 0 && life_due <= t.now()) {
             t.history(t.cursor(), "instance timed out");
+            detail::cancel_children(t,
+                                    absl::StrCat("its parent '", t.id(), "' ran past its timeout"));
             t.fail_path("the instance ran past its timeout");
           } else if (const std::int64_t wake = t.rec().value("sleep_until_us", std::int64_t{0});
                      status == "waiting" && wake > 0 && wake <= t.now() && step) {

@@ -208,3 +208,42 @@ TEST_CASE("bad fan-out steps are refused at load", "[workflow][parallel]") {
   refused({{"parallel", {branch("linear", "x")}}, {"call", "linear"}, {"next", "done"}},
           "exactly one of");
 }
+
+TEST_CASE("a restarted parent cancels the children it started, and new children get new ids",
+          "[workflow][parallel]") {
+  fixture f;
+  f.define({{"parallel", {branch("forever", "a"), branch("forever", "b")}}, {"next", "after"}});
+  REQUIRE(f.wf->start("fan", "p", {{"tag", "P"}}).ok());
+  run_all(*f.wf);
+  REQUIRE(f.children("p").size() == 2);
+  // A deploy that lacks "fan" parks it; the operator restarts it from the fan-out step.
+  auto bare = pop::test::must(pop::workflows::create(f.e));
+  REQUIRE(bare->cancel("p-f-1-0", "operator").ok());  // one child, by an operator without "fan"
+  const pop::workflow_instance parked = f.get("p");
+  CHECK(parked.status == "stuck");
+  CHECK(absl::StrContains(parked.stuck_reason, "its child 'p-f-1-0' was cancelled by an operator"));
+  REQUIRE(f.wf->restart_from("p", "f").ok());
+  CHECK(f.get("p-f-1-1").status == "cancelled");  // the other child of the old fan-out
+  run_all(*f.wf);
+  // The new children have ids of their own: the old records are intact.
+  CHECK(f.get("p").status == "waiting");
+  CHECK(f.get("p-f-2-0").status == "waiting");
+  CHECK(f.get("p-f-2-1").status == "waiting");
+  CHECK(f.get("p-f-1-0").status == "cancelled");
+}
+
+TEST_CASE("an operator's cancel of a fan-out child reaches its parent", "[workflow][parallel]") {
+  fixture f;
+  f.define({{"parallel", {branch("forever", "a"), branch("linear", "b")}},
+            {"next", "after"},
+            {"on_error", "fallback"}});
+  REQUIRE(f.wf->start("fan", "p", {{"tag", "P"}}).ok());
+  run_all(*f.wf);
+  REQUIRE(f.get("p-f-1-1").status == "completed");
+  REQUIRE(f.wf->cancel("p-f-1-0", "not needed").ok());
+  run_all(*f.wf);
+  const pop::workflow_instance p = f.get("p");
+  CHECK(p.status == "failed");  // join all: a cancelled child takes on_error
+  CHECK(p.error == "fell back");
+  CHECK(p.received.at("f") == json{{"p-f-1-0", "cancelled"}, {"p-f-1-1", "completed"}});
+}

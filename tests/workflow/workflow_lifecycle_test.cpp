@@ -229,3 +229,76 @@ TEST_CASE("signal-with-start starts a missing instance and delivers the signal i
   CHECK(e.version() == at);
   CHECK(wf->inspect("c4").status().code() == absl::StatusCode::kNotFound);
 }
+
+TEST_CASE("hardening: child ids across runs, duration bounds, signals for ended instances",
+          "[workflow][continue_as_new]") {
+  pop::engine e;
+  pop::workflow_options opts;
+  opts.max_history = 6;
+  auto wf = pop::test::must(pop::workflows::create(e, opts));
+  auto in = pop::test::must(pop::inbox::create(e));
+  REQUIRE(pop::register_workflow_resume(*in, *wf).ok());
+  register_steps(*wf);
+  REQUIRE(wf->define(parse({{"name", "one"},
+                            {"start", "a"},
+                            {"steps",
+                             {{"a", {{"process", "append"}, {"next", "done"}}},
+                              {"done", {{"end", true}}}}}}))
+              .ok());
+  // Each run calls a child: run 2's child must not overwrite run 1's.
+  REQUIRE(
+      wf
+          ->define(parse(
+              {{"name", "runs"},
+               {"start", "c"},
+               {"steps",
+                {{"c", {{"call", "one"}, {"next", "more"}}},
+                 {"more",
+                  {{"branch",
+                    {{{"path", "domain.count"}, {"op", "lt"}, {"value", 2}, {"next", "again"}}}},
+                   {"otherwise", "done"}}},
+                 {"again", {{"continue_as_new", true}}},
+                 {"done", {{"end", true}}}}}}))
+          .ok());
+  REQUIRE(wf->start("runs", "r", {{"tag", "x"}}).ok());
+  run_all(*wf);
+  CHECK(wf->inspect("r").value().status == "completed");
+  CHECK(wf->inspect("r-c-1").value().status == "completed");
+  CHECK(wf->inspect("r-c-2").value().status == "completed");
+  // The bound is 6 entries per run: "runs" makes 6 (c called, child completed, more, again...)
+  // and its continue_as_new step is always allowed.
+  CHECK(state(e, "domain.count") == 2);
+
+  // Durations past a year are refused (their wake times would overflow).
+  json sleepy = {{"name", "sleepy"},
+                 {"start", "s"},
+                 {"steps",
+                  {{"s", {{"sleep_ms", 400LL * 24 * 3600 * 1000}, {"next", "done"}}},
+                   {"done", {{"end", true}}}}}};
+  CHECK(absl::StrContains(wf->define(parse(sleepy)).message(), "sleep_ms must be 0 to"));
+  CHECK(wf->start("one", "t", {}, -5).status().code() == absl::StatusCode::kInvalidArgument);
+
+  // A signal-with-start whose key cannot be a wait key is refused; one for an ended instance is
+  // absorbed, not kept for another instance on its key.
+  pop::outbox_message m = message("m1", "go", "a.b");
+  CHECK(pop::workflows::with_start(m, "one", "z").status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  REQUIRE(wf->define(parse({{"name", "waits"},
+                            {"start", "w"},
+                            {"steps",
+                             {{"w", {{"wait", {{"go", "done"}}}, {"key", "k"}}},
+                              {"done", {{"end", true}}}}}}))
+              .ok());
+  m.key = "k1";
+  const std::string handler = wf->resume_spec().name;
+  REQUIRE(in->apply(handler, pop::workflows::with_start(m, "waits", "w1", {{"k", "k1"}}).value())
+              .value()
+              .applied);
+  run_all(*wf);
+  REQUIRE(wf->inspect("w1").value().status == "completed");
+  m.id = "m2";
+  REQUIRE(in->apply(handler, pop::workflows::with_start(m, "waits", "w1", {{"k", "k1"}}).value())
+              .value()
+              .applied);
+  CHECK(state(e, "system.workflow_index.mailbox.k1").is_null());
+}

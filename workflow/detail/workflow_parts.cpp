@@ -159,19 +159,24 @@ absl::Status cancel_instance(instance_txn& t, const std::string& reason) {
   t.rec()["cancelled"] = {{"reason", reason}, {"at_us", t.now()}};
   t.unpark();
   // The children it waits for are cancelled with it (each compensates on its own).
+  cancel_children(t, absl::StrCat("its parent '", t.id(), "' was cancelled"));
+  t.fail_path(reason);
+  return absl::OkStatus();
+}
+
+void cancel_children(instance_txn& t, const std::string& reason) {
   std::vector<std::string> children;
-  if (t.rec().contains("child")) children.push_back(t.rec()["child"]);
+  if (const auto c = t.rec().find("child"); c != t.rec().end() && c->is_string()) {
+    children.push_back(*c);
+  }
   if (const auto fan = t.rec().find("fan_out"); fan != t.rec().end() && fan->is_object()) {
     const json fan_children = fan->value("children", json::object());
     for (const auto& [id, st] : fan_children.items()) {
       if (st == "running") children.push_back(id);
     }
   }
-  for (const std::string& id : children) {
-    cancel_child(t, id, absl::StrCat("its parent '", t.id(), "' was cancelled"));
-  }
-  t.fail_path(reason);
-  return absl::OkStatus();
+  for (const std::string& id : children) cancel_child(t, id, reason);
+  for (const char* field : {"child", "parent_step_of_child", "fan_out"}) t.rec().erase(field);
 }
 
 void cancel_child(instance_txn& t, const std::string& id, const std::string& reason) {
@@ -225,6 +230,9 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     const std::string step = args.at("step").get<std::string>();
     t.clear_wait();
     t.unpark();
+    // Children still running belong to where it was: cancelled, not re-created under their ids.
+    cancel_children(t, absl::StrCat("its parent '", t.id(), "' was restarted by an operator"));
+    t.rec()["history_base"] = t.rec().value("history_next", std::int64_t{0});
     for (const char* field : {"child", "parent_step_of_child", "cancelled", "retry", "fan_out"}) {
       t.rec().erase(field);
     }
@@ -254,7 +262,21 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     // action does not have: the parent is parked for an operator to decide.
     if (t.ended() && t.rec().contains("parent")) {
       instance_txn parent(o, ctx, out, t.rec()["parent"], t.now());
-      if (parent.load() && parent.rec().value("child", "") == t.id()) {
+      const bool loaded = parent.load();
+      if (loaded && parent.rec().contains("fan_out") &&
+          parent.rec()["fan_out"].value("children", json::object()).contains(t.id())) {
+        // One of its fan-out's children: recorded, and the parent parked for an operator (joining
+        // needs the parent's definition, which this action does not have).
+        parent.rec()["fan_out"]["children"][t.id()] = t.status();
+        const std::string what = absl::StrCat("its child '", t.id(),
+                                              "' was cancelled by an operator (", t.status(), ")");
+        if (parent.status() == "waiting") {
+          parent.park(what + "; restart it from a step or cancel it", "operator", false);
+        } else if (parent.stuck_waiting()) {
+          parent.cannot_resume(what);
+        }
+        parent.save();
+      } else if (loaded && parent.rec().value("child", "") == t.id()) {
         const std::string what = absl::StrCat("its child '", t.id(),
                                               "' was cancelled by an operator (", t.status(), ")");
         if (parent.status() == "waiting") {
@@ -297,6 +319,10 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     if (t.workflow() != workflow) {
       return refuse(absl::StrCat("it is an instance of workflow '", t.workflow(), "'"));
     }
+    if (from == to) return refuse("it runs that version already");
+    if (const std::string wanted = args.value("from", ""); !wanted.empty() && from != wanted) {
+      return refuse(absl::StrCat("it runs version '", from, "', not '", wanted, "'"));
+    }
     if (instance_txn::status_is_final(status)) return refuse("it has ended");
     const json* stuck = status == "stuck" ? &t.rec()["stuck"] : nullptr;
     const std::string effective = stuck ? stuck->value("status", "running") : status;
@@ -313,9 +339,13 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
       return refuse(absl::StrCat("it is at ", at, ", which the new version lacks"));
     }
     if (effective == "waiting") {
-      const std::string fan_kind =
-          t.rec().contains("fan_out") ? t.rec()["fan_out"].value("kind", "parallel") : "";
-      const char* wanted = !fan_kind.empty()                    ? fan_kind.c_str()
+      if (t.rec().contains("fan_out")) {
+        // Its children were started from the old step's branches or list: joining them under
+        // another step's could not be right.
+        return refuse(absl::StrCat("it waits for the children of its fan-out ", at,
+                                   ": migrate it once they have ended, or restart it"));
+      }
+      const char* wanted = t.rec().contains("retry_at_us")      ? "process"
                            : t.rec().contains("child")          ? "call"
                            : t.rec().contains("sleep_until_us") ? "sleep"
                                                                 : "wait";
@@ -363,6 +393,13 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     t.rec()["done"] = std::move(done);
     t.rec()["visits"] = std::move(visits);
     if (t.rec().contains("parent_step_of_child")) t.rec()["parent_step_of_child"] = next_cursor;
+    if (const auto r = t.rec().find("retry"); r != t.rec().end() && r->is_object()) {
+      (*r)["step"] = mapped(r->value("step", ""));
+    }
+    if (t.rec().contains("wait_deadline_us") &&
+        target.at(next_cursor).value("timeout_ms", std::int64_t{0}) == 0) {
+      t.rec().erase("wait_deadline_us");  // the new step waits without a timeout
+    }
     if (effective == "waiting" && t.rec().contains("wait_key")) {
       // The wait index lists the topics it takes: the new step's.
       const auto it = target.find(next_cursor);
@@ -383,6 +420,7 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
       out.set(t.index_path("stuck", t.id()),
               json{{"workflow", workflow}, {"version", to}, {"kind", kind}});
     }
+    t.refresh_timer();
     t.save();
   }
   return out;

@@ -22,6 +22,9 @@
 namespace pop::detail {
 
 inline constexpr std::string_view start_process = "workflow.start";
+// The longest sleep, timeout or retry interval a definition or start() may ask for (a year), so
+// wake times never overflow.
+inline constexpr std::int64_t max_duration_ms = 365LL * 24 * 3600 * 1000;
 inline constexpr std::string_view resume_process = "workflow.resume";
 
 std::string step_process(std::string_view process);
@@ -83,6 +86,22 @@ class instance_txn {
     const auto d = rec_.find("definition");
     return d != rec_.end() && d->is_object() ? d->value("version", "") : "";
   }
+
+  // The number in the ids of the children step `step` starts now: its visit in the first run,
+  // and never one it used before (not after a restart or a continue-as-new, which reset visits),
+  // so a child id never names an older child's record.
+  std::int64_t call_number(const std::string& step) {
+    json& calls = rec_["calls"];
+    if (!calls.is_object()) calls = json::object();
+    const json& visits = rec_["visits"];
+    const std::int64_t n = std::max<std::int64_t>(
+        calls.value(step, std::int64_t{0}) + 1,
+        visits.is_object() ? visits.value(step, std::int64_t{1}) : std::int64_t{1});
+    calls[step] = n;
+    return n;
+  }
+  // True if an instance `id` exists (a child id must not name one).
+  bool exists(const std::string& id) const { return ctx_.view(instance_path(id)).exists(); }
 
   // Makes the record of a new instance of `def_name` (its version `version`), running at `start`.
   void create(const std::string& def_name, const std::string& version, const std::string& start,
@@ -215,6 +234,7 @@ class instance_txn {
     set_status(status != "completed" && rec_.contains("cancelled") ? "cancelled" : status);
     rec_.erase("wait_deadline_us");
     rec_.erase("deadline_us");
+    rec_.erase("retry");
     refresh_timer();
     // Indexed by the time it ended, for purging after the retention period.
     rec_["ended_at_us"] = now_;
@@ -231,8 +251,11 @@ class instance_txn {
 
   // Counts a visit to `step`; false (and the failure path) if that exceeds its bound.
   bool visit(const workflow_step& step) {
-    if (const std::int64_t entries = rec_.value("history_next", std::int64_t{0});
-        o_.max_history > 0 && entries >= o_.max_history) {
+    // The bound counts from the run's (or an operator restart's) start; the steps that end a run
+    // or start the next are always allowed.
+    if (const std::int64_t entries = rec_.value("history_next", std::int64_t{0}) -
+                                     rec_.value("history_base", std::int64_t{0});
+        o_.max_history > 0 && entries >= o_.max_history && !step.end && !step.continue_as_new) {
       fail_path(absl::StrCat("its history reached ", entries,
                              " entries (workflow_options::max_history): a long-lived instance "
                              "continues as new (a continue_as_new step) to start over"));
@@ -284,6 +307,9 @@ absl::Status cancel_instance(instance_txn& t, const std::string& reason);
 // Cancels child `id` of `t`'s instance with `reason` (and its own children), unless it has ended
 // or is compensating already.
 void cancel_child(instance_txn& t, const std::string& id, const std::string& reason);
+// Cancels every child `t`'s instance waits for (a call's, a fan-out's running ones) and forgets
+// them: it is leaving the step that started them.
+void cancel_children(instance_txn& t, const std::string& reason);
 
 // The operator process (workflow_operate_process): args {"id", "action", "now", ...}; actions
 // "park" ("expect": the status seen, "reason"), "resume", "restart" ("step") and "cancel"
