@@ -24,9 +24,8 @@
 
 #include "pop/relay/relay.hpp"
 #include "pop/relay/topic_router.hpp"
+#include "tests/support/spawn.hpp"
 #include "tests/support/temp_dir.hpp"
-
-extern char** environ;
 
 namespace {
 
@@ -52,14 +51,7 @@ std::uintmax_t file_size(const std::string& file) {
 
 pid_t spawn_child(const std::string& journal, const std::string& acks,
                   const std::string& delivered) {
-  const std::string program = POP_CRASH_CHILD;
-  std::vector<std::string> args{program, journal, acks, delivered};
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t pid = 0;
-  REQUIRE(posix_spawn(&pid, program.c_str(), nullptr, nullptr, argv.data(), environ) == 0);
-  return pid;
+  return pop::test::spawn({POP_CRASH_CHILD, journal, acks, delivered});
 }
 
 // Checks the reopened journal against what the child reported; returns the reopened version.

@@ -13,27 +13,8 @@
 #include <random>
 #include <thread>
 
+#include "tests/support/spawn.hpp"
 #include "tests/support/temp_dir.hpp"
-
-extern char** environ;
-
-namespace {
-
-pid_t spawn(const std::vector<std::string>& args) {
-  std::vector<char*> argv;
-  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
-  pid_t pid = 0;
-  const int rc = posix_spawn(&pid, args[0].c_str(), &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  REQUIRE(rc == 0);
-  return pid;
-}
-
-}  // namespace
 
 TEST_CASE("the order pipeline killed with kill -9 finishes the same orders on restart",
           "[example][crash]") {
@@ -53,7 +34,7 @@ TEST_CASE("the order pipeline killed with kill -9 finishes the same orders on re
   std::mt19937_64 rng(20261122);
   int kills = 0;
   for (int round = 0; round < 40; ++round) {
-    const pid_t pid = spawn(args);
+    const pid_t pid = pop::test::spawn(args, true);
     std::this_thread::sleep_for(std::chrono::milliseconds(30 + rng() % 200));
     int status = 0;
     if (waitpid(pid, &status, WNOHANG) == pid) {
@@ -69,7 +50,7 @@ TEST_CASE("the order pipeline killed with kill -9 finishes the same orders on re
   }
   CHECK(kills >= 3);
   // A last run on the same journal completes (or confirms) every order and checks everything.
-  const pid_t pid = spawn(args);
+  const pid_t pid = pop::test::spawn(args, true);
   int status = 0;
   REQUIRE(waitpid(pid, &status, 0) == pid);
   REQUIRE(WIFEXITED(status));

@@ -17,10 +17,9 @@
 #include <vector>
 
 #include "pop/workflow/workflow.hpp"
+#include "tests/support/spawn.hpp"
 #include "tests/support/temp_dir.hpp"
 #include "tests/support/wait.hpp"
-
-extern char** environ;
 
 namespace {
 
@@ -29,14 +28,7 @@ constexpr int kPerRound = 30;
 constexpr int kRounds = 12;
 
 pid_t spawn_child(const std::string& journal, int instances) {
-  const std::string program = POP_WORKFLOW_CRASH_CHILD;
-  std::vector<std::string> args{program, journal, std::to_string(instances)};
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t pid = 0;
-  REQUIRE(posix_spawn(&pid, program.c_str(), nullptr, nullptr, argv.data(), environ) == 0);
-  return pid;
+  return pop::test::spawn({POP_WORKFLOW_CRASH_CHILD, journal, std::to_string(instances)});
 }
 
 // The instances and effects in the journal: every count at most 1 (exactly 1 once complete).
