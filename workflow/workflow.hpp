@@ -82,7 +82,7 @@ struct workflow_step {
   std::map<std::string, std::string> wait{};  // park until a message with one of these topics
                                               // (topic -> next step) is applied through the inbox
   std::string call{};                         // run this workflow as a child, then go on; the
-                                              // child's id is "<parent id>-<step>-<visit>"
+                                              // child's id is "<parent id>-<step>-<n>"
   json call_inputs{};  // call: the child's inputs (JSON "inputs"): an object whose string values
                        // "{name}" take the parent's input `name` as it is, other strings have
                        // their "{name}" placeholders replaced, other values are taken as they
@@ -105,12 +105,14 @@ struct workflow_step {
                                  // a step on a loop, else 1 (retries are not visits)
   workflow_retry retry{};        // process step: how its failures are retried
   // Fan-out: run these branches, or one child per list element, as children at once (child ids
-  // "<parent id>-<step>-<visit>-<index>"), then join: "all" goes to `next` when every child
-  // completed, and on the first that did not, cancels the others and takes on_error (else the
-  // failure path); "any" goes to `next` with the first child that completed and cancels the
-  // others, and takes on_error (else the failure path) if none did. Children run independently
-  // (their own transactions), so branches whose processes write disjoint paths never conflict.
-  // The children's outcomes are in the parent's received messages under the step's name
+  // "<parent id>-<step>-<n>-<index>"; n counts the step's calls over the instance's life: its
+  // visit in the first run, never an n used before a restart or continue-as-new), then join: "all"
+  // goes to `next` when every child completed, and on the first that did not, cancels the others
+  // and takes on_error (else the failure path); "any" goes to `next` with the first child that
+  // completed and cancels the others, and takes on_error (else the failure path) if none did.
+  // Children run independently (their own transactions), so branches whose processes write disjoint
+  // paths never conflict. The children's outcomes are in the parent's received messages under the
+  // step's name
   // ({child id: status}), which later steps get as "_received".
   std::vector<workflow_branch> parallel{};
   workflow_map map{};
