@@ -56,7 +56,7 @@ case "$sanitize" in
     # nats_test is concurrent too: libnats threads acknowledge into the relay's strand, and the
     # ingress applies a batch on several threads.
     cmake --build build-tsan -j "$jobs" --target engine_concurrency_test relay_concurrency_test \
-      nats_test nats_ingress_child
+      workflow_concurrency_test nats_test nats_ingress_child
     TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
       ctest --test-dir build-tsan --no-tests=error --output-on-failure -j "$jobs" \
       -R "concurrency|nats_test"

@@ -1,9 +1,14 @@
 #include "pop/workflow/workflow_runner.hpp"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/experimental/concurrent_channel.hpp>
 #include <boost/asio/post.hpp>
@@ -49,6 +54,19 @@ class wake_state {
   bool pending = false;      // strand only
 };
 
+// One round's instances and their outcomes; workers take the next index until none is left.
+struct round_state {
+  std::vector<std::string> ids;
+  std::vector<absl::StatusOr<bool>> results;
+  std::atomic<std::size_t> next{0};
+
+  void work(workflows& wf) {
+    for (std::size_t i; (i = next.fetch_add(1)) < ids.size();) results[i] = wf.advance(ids[i]);
+  }
+};
+
+using done_channel = asio::experimental::concurrent_channel<void(boost::system::error_code)>;
+
 }  // namespace
 
 workflow_runner::workflow_runner(engine& e, workflows& w, workflow_runner_options opts)
@@ -92,11 +110,34 @@ asio::awaitable<absl::Status> workflow_runner::loop_on_strand(std::shared_ptr<vo
     if (co_await cancelled()) co_return absl::CancelledError("workflow runner stopped");
     state->notified().store(false);
     bool progressed = false;
-    for (const std::string& id : workflows_.runnable(options_.max_steps_per_round)) {
-      const absl::StatusOr<bool> moved = workflows_.advance(id);
+    // One round: every runnable instance (up to the limit) one step, several at once.
+    auto round = std::make_shared<round_state>();
+    round->ids = workflows_.runnable(options_.max_steps_per_round);
+    round->results.assign(round->ids.size(), false);
+    const std::size_t workers =
+        std::min(round->ids.size(), std::max<std::size_t>(options_.parallelism, 1));
+    if (workers <= 1) {
+      round->work(workflows_);
+    } else {
+      auto done = std::make_shared<done_channel>(state->strand(), workers);
+      for (std::size_t w = 0; w < workers; ++w) {
+        asio::post(state->strand().get_inner_executor(), [round, done, &wf = workflows_] {
+          round->work(wf);
+          done->try_send(boost::system::error_code());
+        });
+      }
+      // Not cancellable: the loop returns only after every worker of the round has finished.
+      for (std::size_t w = 0; w < workers; ++w) {
+        co_await done->async_receive(asio::bind_cancellation_slot(
+            asio::cancellation_slot(), asio::as_tuple(asio::use_awaitable)));
+      }
+    }
+    for (std::size_t i = 0; i < round->ids.size(); ++i) {
+      const absl::StatusOr<bool>& moved = round->results[i];
       if (!moved.ok()) {
         if (transient(moved.status())) continue;
-        co_return annotate(moved.status(), absl::StrCat("workflow runner, instance '", id, "'"));
+        co_return annotate(moved.status(),
+                           absl::StrCat("workflow runner, instance '", round->ids[i], "'"));
       }
       if (*moved) {
         progressed = true;

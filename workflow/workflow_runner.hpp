@@ -16,11 +16,18 @@ namespace pop {
 
 struct workflow_runner_options {
   std::size_t max_steps_per_round = 256;  // instances advanced one step each per round
+  // How many of a round's instances are advanced at once, on the executor's threads (run the
+  // io_context on several threads to use them); each instance is advanced by one of them only,
+  // and a round ends when all are done, so an instance is never advanced twice at once.
+  // 1: one after the other on the runner's strand.
+  std::size_t parallelism = 4;
 };
 
 // Advances the running instances of a pop::workflows one step at a time, round-robin, so many
-// instances progress side by side; fires wait and instance timeouts with real timers. Woken by
-// commit notifications, like the relay; runs on its own strand.
+// instances progress side by side, different instances in parallel on the executor's threads
+// (options.parallelism; step processes run outside the engine's lock, and instances that write
+// different paths commit without conflict); fires wait and instance timeouts with real timers.
+// Woken by commit notifications, like the relay; its loop runs on its own strand.
 // Lifetime: the engine and the workflows must outlive it; one run at a time.
 class workflow_runner {
  public:
