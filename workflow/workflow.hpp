@@ -94,7 +94,8 @@ struct workflow_step {
   bool continue_as_new = false;  // end this run and start the next from the start step with the
                                  // same inputs: its history, loop counts, received messages and
                                  // compensations are cleared, so a long-lived instance (a loop
-                                 // over pages, a subscription) keeps a bounded history
+                                 // over pages, a subscription) keeps a bounded history; it
+                                 // stays on its definition version (migrate() moves it)
   std::string next{};            // after a process or call succeeded; a branch's "otherwise"
   std::string on_error{};        // after a process or call failed; empty: the failure path
   std::string key{};             // wait: the input whose value the message key must equal
