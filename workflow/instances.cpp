@@ -119,15 +119,20 @@ absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id) const 
   return inspect(id, true);
 }
 
-absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id, bool with_history) const {
-  const snapshot snap = engine_.snapshot();
+absl::StatusOr<value_view> workflows::record_view(const snapshot& snap, std::string_view id) const {
   absl::StatusOr<path> p = path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id)));
   if (!p.ok()) return annotate(p.status(), "workflow instance id");
-  const value_view v = snap.view(*p);
+  value_view v = snap.view(*p);
   if (!v) {
     return absl::NotFoundError(absl::StrCat("no workflow instance '", detail::to_absl(id),
                                             "' in version ", snap.version()));
   }
+  return v;
+}
+
+absl::StatusOr<workflow_instance> workflows::inspect(std::string_view id, bool with_history) const {
+  const snapshot snap = engine_.snapshot();
+  POP_ASSIGN_OR_RETURN(const value_view v, record_view(snap, id));
   return workflow_instance::from_record(id, v.to_json(),
                                         with_history ? history_of(snap, id) : json());
 }
@@ -436,13 +441,7 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   // Only the fields that choose the step are read, not the whole record: the step's own
   // transaction reads it again anyway.
   const snapshot snap = engine_.snapshot();
-  absl::StatusOr<path> at = path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id)));
-  if (!at.ok()) return annotate(at.status(), "workflow instance id");
-  const value_view rec = snap.view(*at);
-  if (!rec) {
-    return absl::NotFoundError(absl::StrCat("no workflow instance '", detail::to_absl(id),
-                                            "' in version ", snap.version()));
-  }
+  POP_ASSIGN_OR_RETURN(const value_view rec, record_view(snap, id));
   const auto text = [](const value_view& f) {
     if (!f || f.is_object()) return std::string();
     const json j = f.to_json();

@@ -209,8 +209,7 @@ std::vector<std::string> workflows::versions(std::string_view name) const {
 
 std::string workflows::version_of(const workflow_definition& def) {
   if (!def.version.empty()) return def.version;
-  std::uint64_t h = 1469598103934665603ULL;
-  for (const unsigned char c : def.to_json().dump()) h = (h ^ c) * 1099511628211ULL;
+  const std::uint64_t h = detail::fnv1a(def.to_json().dump());
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
   return hex;
@@ -464,10 +463,7 @@ void workflows::fail_step(detail::instance_txn& t, const workflow_step& step, ab
       delay_ms *= p.multiplier;
     }
     delay_ms = std::min(delay_ms, static_cast<double>(p.max_interval_ms));
-    std::uint64_t h = 1469598103934665603ULL;
-    for (const unsigned char c : absl::StrCat(t.id(), "/", step.name, "/", attempt)) {
-      h = (h ^ c) * 1099511628211ULL;
-    }
+    const std::uint64_t h = detail::fnv1a(absl::StrCat(t.id(), "/", step.name, "/", attempt));
     const double unit = static_cast<double>(h >> 11) / static_cast<double>(1ULL << 53);
     delay_ms *= 1.0 + p.jitter * (2.0 * unit - 1.0);
     const auto delay_us = static_cast<std::int64_t>(delay_ms * 1000.0);

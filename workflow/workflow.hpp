@@ -443,6 +443,9 @@ class workflows {
   // Parks instance `w` (seen with status w.status) as stuck with `reason`, of `kind`
   // ("undefined", "missing_step", "missing_compensation").
   absl::StatusOr<bool> park(const workflow_instance& w, std::string reason, const char* kind);
+  // The stored record of instance `id` in `snap`: kInvalidArgument for an id that is not a path
+  // segment, kNotFound naming the snapshot's version if there is none.
+  absl::StatusOr<value_view> record_view(const snapshot& snap, std::string_view id) const;
   // inspect(), reading the history only if asked: the engine's own steps do not need it.
   absl::StatusOr<workflow_instance> inspect(std::string_view id, bool with_history) const;
   // The history entries of instance `id` in `snap` (an object, null if none).

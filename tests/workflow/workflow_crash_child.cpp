@@ -8,6 +8,8 @@
 // process counts its runs in domain.effects.<instance>.<process>: after any number of kills every
 // count must be 1. Exits 0 when all instances have ended.
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <iostream>
 #include <mutex>
 #include <set>
@@ -135,10 +137,20 @@ int main(int argc, char** argv) {
       if (absl::Status s = signal(k); !s.ok()) return fail(s, "early signal");
     }
   }
-  // Odd instances get theirs once they wait (or have already ended in an earlier run).
+  // Odd instances get theirs once they wait (or have already ended in an earlier run): looked at
+  // after each commit (the 100 ms bound only covers a commit that changed none of them).
   std::atomic<bool> stop{false};
   std::atomic<int> signal_errors{0};
+  std::mutex commit_mu;
+  std::condition_variable committed;
+  std::uint64_t commits = 0;
+  pop::subscription on_commit = e.on_commit([&](std::uint64_t) {
+    std::lock_guard lock(commit_mu);
+    ++commits;
+    committed.notify_all();
+  });
   std::thread late([&] {
+    std::uint64_t seen = 0;
     std::set<int> left;
     for (int k = 1; k < instances; k += 2) left.insert(k);
     while (!left.empty() && !stop.load()) {
@@ -152,7 +164,9 @@ int main(int argc, char** argv) {
           ++it;
         }
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      std::unique_lock lock(commit_mu);
+      committed.wait_for(lock, std::chrono::milliseconds(100), [&] { return commits != seen; });
+      seen = commits;
     }
   });
   pop::workflow_runner runner(e, **wf);
@@ -163,6 +177,7 @@ int main(int argc, char** argv) {
   io.run();
   stop = true;
   late.join();
+  on_commit.reset();
   if (!settled.ok()) return fail(settled, "runner");
   if (signal_errors.load() > 0) return fail(absl::InternalError("see above"), "late signal");
   for (int k = 0; k < instances; ++k) {

@@ -166,6 +166,39 @@ TEST_CASE("a run whose history reaches max_history takes the failure path",
   REQUIRE(wf->start("pager", "p", {{"tag", "y"}}).ok());
   run_all(*wf);
   CHECK(wf->inspect("p").value().status == "completed");
+  // An operator's restart counts the bound afresh: without that the restarted instance would fail
+  // again at its first step, with domain.count unchanged.
+  const int before = state(e, "domain.count").get<int>();
+  REQUIRE(wf->restart_from("s", "a").ok());
+  run_all(*wf);
+  CHECK(wf->inspect("s").value().status == "failed");
+  CHECK(state(e, "domain.count").get<int>() > before + 5);
+}
+
+TEST_CASE("the history bound never stops a run's end or its continue-as-new step",
+          "[workflow][continue_as_new]") {
+  pop::engine e;
+  pop::workflow_options opts;
+  opts.max_history = 2;
+  auto wf = pop::test::must(pop::workflows::create(e, opts));
+  register_steps(*wf);
+  REQUIRE(wf->define(parse(pager(1))).ok());
+  // page (1 entry), more (2): the end step comes at the bound and still ends the run.
+  REQUIRE(wf->start("pager", "ends").ok());
+  run_all(*wf);
+  CHECK(wf->inspect("ends").value().status == "completed");
+  // With two pages the continue_as_new step comes at the bound: it starts run 1, whose third
+  // entry is past the bound.
+  pop::engine e2;
+  auto wf2 = pop::test::must(pop::workflows::create(e2, opts));
+  register_steps(*wf2);
+  REQUIRE(wf2->define(parse(pager(2))).ok());
+  REQUIRE(wf2->start("pager", "continues").ok());
+  run_all(*wf2);
+  const pop::workflow_instance w = wf2->inspect("continues").value();
+  CHECK(w.run == 1);
+  CHECK(w.status == "failed");
+  CHECK(absl::StrContains(w.error, "its history reached 2 entries"));
 }
 
 TEST_CASE("signal-with-start starts a missing instance and delivers the signal in one commit",

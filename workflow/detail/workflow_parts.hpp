@@ -39,6 +39,13 @@ std::vector<std::string> outermost(const std::vector<std::string>& paths);
 // `text` with "{name}" replaced by the string value of input `name`.
 absl::StatusOr<std::string> substitute(const std::string& text, const json& inputs);
 bool compare(const json& actual, const std::string& op, const json& expected);
+// FNV-1a of `text`: definition version hashes (recorded in instances, so it must not change) and
+// the retry jitter.
+inline std::uint64_t fnv1a(std::string_view text) {
+  std::uint64_t h = 1469598103934665603ULL;
+  for (const unsigned char c : text) h = (h ^ c) * 1099511628211ULL;
+  return h;
+}
 // A child's inputs from `spec` (workflow_step::call_inputs) and its parent's `inputs`: "{name}"
 // alone passes the input as it is, other strings are filled in, other values taken as they are;
 // null `spec`: `inputs`. kInvalidArgument naming the child input whose parent input is missing.
