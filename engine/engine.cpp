@@ -502,6 +502,12 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
 
 absl::StatusOr<clear_result> engine::clear_messages(const pop::snapshot& seen,
                                                     std::span<const std::string> ids) {
+  const std::vector<std::string_view> views(ids.begin(), ids.end());
+  return clear_message_views(seen, views);
+}
+
+absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& seen,
+                                                         std::span<const std::string_view> ids) {
   const std::string who = absl::StrCat("clear_messages(seen version ", seen.version(), ")");
   if (!seen.state_ || seen.state_->outbox_path != outbox_) {
     return absl::InvalidArgumentError(
@@ -514,10 +520,10 @@ absl::StatusOr<clear_result> engine::clear_messages(const pop::snapshot& seen,
   const auto check_ids = [&](const std::vector<std::string_view>& removed) -> absl::Status {
     if (removed.size() == ids.size()) return absl::OkStatus();
     absl::flat_hash_set<std::string_view> gone(removed.begin(), removed.end());
-    for (const std::string& id : ids) {
+    for (const std::string_view id : ids) {
       if (gone.contains(id)) continue;
       if (absl::Status valid = validate_segment(id); !valid.ok()) {
-        return annotate(valid, absl::StrCat(who, ", message id '", id, "'"));
+        return annotate(valid, absl::StrCat(who, ", message id '", detail::to_absl(id), "'"));
       }
     }
     return absl::OkStatus();
@@ -547,13 +553,13 @@ absl::StatusOr<clear_result> engine::clear_messages(const pop::snapshot& seen,
     if (!root) {
       // The outbox is kept as a member map; should it not be, remove entry by entry.
       root = current->root;
-      for (const std::string& id : ids) {
+      for (const std::string_view id : ids) {
         if (absl::Status valid = validate_segment(id); !valid.ok()) {
-          return annotate(valid, absl::StrCat(who, ", message id '", id, "'"));
+          return annotate(valid, absl::StrCat(who, ", message id '", detail::to_absl(id), "'"));
         }
       }
-      for (const std::string& id : ids) {
-        const std::string at = absl::StrCat(outbox, ".", id);
+      for (const std::string_view id : ids) {
+        const std::string at = absl::StrCat(outbox, ".", detail::to_absl(id));
         const detail::location now = detail::lookup(*root, at);
         const detail::location then = moved ? detail::lookup(*seen.state_->root, at) : now;
         if (!now.exists() || then.node != now.node || then.inner != now.inner) continue;

@@ -170,6 +170,9 @@ class engine {
   // not a path segment, or a snapshot of another engine; the journal's error if it failed.
   [[nodiscard]] absl::StatusOr<clear_result> clear_messages(const pop::snapshot& seen,
                                                             std::span<const std::string> ids);
+  // clear_messages for ids held as views (say, of the messages in `seen`: nothing to copy).
+  [[nodiscard]] absl::StatusOr<clear_result> clear_message_views(
+      const pop::snapshot& seen, std::span<const std::string_view> ids);
 
   // The newest committed state. O(1); never blocks a commit for longer than a pointer copy.
   pop::snapshot snapshot() const;

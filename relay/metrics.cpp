@@ -22,14 +22,39 @@ std::int64_t latency_histogram::quantile_us(double q) const {
 
 namespace detail {
 
-void atomic_histogram::record(std::chrono::microseconds latency) {
-  const std::int64_t us = std::max<std::int64_t>(latency.count(), 0);
+namespace {
+
+// The bucket of a latency of `us` microseconds (negative counts as 0).
+std::size_t bucket_of(std::int64_t us) {
   const auto it = std::lower_bound(latency_histogram::bounds_us.begin(),
                                    latency_histogram::bounds_us.end(), us);
-  const auto bucket = static_cast<std::size_t>(it - latency_histogram::bounds_us.begin());
-  counts_[bucket].fetch_add(1, std::memory_order_relaxed);
+  return static_cast<std::size_t>(it - latency_histogram::bounds_us.begin());
+}
+
+}  // namespace
+
+void atomic_histogram::record(std::chrono::microseconds latency) {
+  const std::int64_t us = std::max<std::int64_t>(latency.count(), 0);
+  counts_[bucket_of(us)].fetch_add(1, std::memory_order_relaxed);
   sum_us_.fetch_add(us, std::memory_order_relaxed);
   count_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void atomic_histogram::add(latency_histogram& local) {
+  if (local.count == 0) return;
+  for (std::size_t i = 0; i < counts_.size(); ++i) {
+    if (local.counts[i] != 0) counts_[i].fetch_add(local.counts[i], std::memory_order_relaxed);
+  }
+  sum_us_.fetch_add(local.sum_us, std::memory_order_relaxed);
+  count_.fetch_add(local.count, std::memory_order_relaxed);
+  local = latency_histogram{};
+}
+
+void record_local(latency_histogram& h, std::chrono::microseconds latency) {
+  const std::int64_t us = std::max<std::int64_t>(latency.count(), 0);
+  ++h.counts[bucket_of(us)];
+  h.sum_us += us;
+  ++h.count;
 }
 
 latency_histogram atomic_histogram::snapshot() const {

@@ -32,6 +32,8 @@ namespace detail {
 class atomic_histogram {
  public:
   void record(std::chrono::microseconds latency);
+  // Adds every value recorded in `local` (one thread's, gathered without atomics) and empties it.
+  void add(latency_histogram& local);
   latency_histogram snapshot() const;
 
  private:
@@ -39,6 +41,9 @@ class atomic_histogram {
   std::atomic<std::uint64_t> count_{0};
   std::atomic<std::int64_t> sum_us_{0};
 };
+
+// Records `latency` in `h` (one thread's histogram; see atomic_histogram::add).
+void record_local(latency_histogram& h, std::chrono::microseconds latency);
 
 // `value` escaped for a Prometheus label value (backslash, double quote, newline).
 std::string prometheus_label(std::string_view value);

@@ -5,6 +5,7 @@
 #include <limits>
 #include <optional>
 #include <random>
+#include <span>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -113,7 +114,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       if (until_empty && r.idle) break;
       if (!wake_pending_ && !(co_await cancelled())) {
         steady::time_point deadline = next_deadline(r.earliest);
-        if (!outcomes_.empty())
+        if (waiting_outcomes() > 0)
           deadline = std::min(deadline, outcomes_since_ + options_.clear_delay);
         timer_.expires_at(deadline);
         co_await timer_.async_wait(asio::as_tuple(asio::use_awaitable));
@@ -123,6 +124,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     watch.commits.reset();
     co_await stop_flights();
     if (absl::Status s = guarded([&] { return flush(); }); !s.ok() && status.ok()) status = s;
+    merge_histograms();
     co_return status;
   }
 
@@ -143,6 +145,12 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       r.earliest = schedule(snap);
       r.more = clear_now();
       r.idle = flights_.empty() && snap.pending_count() == 0;
+      // Deliveries of this round view their ids in `snap`: keep it until they are cleared.
+      if (delivered_.size() > pinned_through_) {
+        pinned_.push_back(snap);
+        pinned_through_ = delivered_.size();
+      }
+      merge_histograms();
       return absl::OkStatus();
     });
   }
@@ -151,13 +159,31 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   // failures (their keys wait for the record), a full batch, drain(), a clock moved by hand (no
   // real-time waits) or clear_delay passed since the first of them.
   bool clear_now() const {
-    if (outcomes_.empty()) return false;
-    return failures_waiting_ || until_empty_ || outcomes_.size() >= clear_batch() ||
+    if (waiting_outcomes() == 0) return false;
+    return failures_waiting_ || until_empty_ || waiting_outcomes() >= clear_batch() ||
            options_.clear_delay.count() == 0 || !engine_.clock().moves_by_itself() ||
            steady::now() >= outcomes_since_ + options_.clear_delay;
   }
   // The most deliveries gathered before clearing: a round skips each of them in its scan.
   std::size_t clear_batch() const { return std::min<std::size_t>(options_.batch_size, 1024); }
+  // Outcomes known and not yet recorded.
+  std::size_t waiting_outcomes() const { return outcomes_.size() + delivered_.size(); }
+
+  // Moves the publishes and latencies counted on the strand into the shared counters (once per
+  // round, not with atomics per message).
+  void merge_histograms() {
+    if (published_ > 0) counters_.published.fetch_add(published_, std::memory_order_relaxed);
+    published_ = 0;
+    counters_.publish_latency.add(publish_latency_);
+    counters_.commit_to_publish.add(commit_to_publish_);
+  }
+
+  // Lets a scan see the deliveries not yet cleared (recorded_ maps them to nullptr). Done only
+  // when a scan comes before their clear: a busy relay clears first and never indexes them.
+  void index_deliveries() {
+    for (; indexed_ < delivered_.size(); ++indexed_)
+      recorded_.emplace(delivered_[indexed_], nullptr);
+  }
 
   template <class Fn>
   static absl::Status guarded(Fn fn) {
@@ -231,9 +257,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     // Keys busy with a publish, or with a failure not yet recorded, are blocked from the start:
     // a message with a lower id (a requeued one) must not overtake them.
     for (const auto& [id, f] : flights_) block(f->message.key);
-    for (const auto& [id, o] : recorded_) {
-      if (o->what != outcome::kind::delivered) block(o->key);
-    }
+    for (const outcome& o : outcomes_) block(o.key);  // (failures: deliveries are elsewhere)
+    index_deliveries();
     // When the snapshot is durable, no id can be newer than the durable version: skip parsing.
     const bool all_durable = snap.version() <= durable;
     if (key_cache_.size() > 4 * options_.batch_size + 65'536) key_cache_.clear();
@@ -258,10 +283,10 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
           }
           if (const auto o = recorded_.empty() ? recorded_.end() : recorded_.find(id);
               o != recorded_.end()) {
-            if (o->second->what != outcome::kind::delivered) block(o->second->key);
+            if (o->second != nullptr) block(o->second->key);
             return true;
           }
-          if (outcomes_.size() >= options_.batch_size ||
+          if (waiting_outcomes() >= options_.batch_size ||
               flights_.size() >= options_.max_in_flight) {
             return false;
           }
@@ -303,7 +328,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
           }
           // A message as a commit stored it is published as it is, with no copy.
           if (typed && typed->id == id) {
-            if (!start_publish(*typed)) block(key);
+            if (!start_publish(*typed, true)) block(key);
             return true;
           }
           // Read straight from the stored value (no intermediate copy of it).
@@ -326,15 +351,16 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             add_outcome(std::move(o));
             return true;
           }
-          if (!start_publish(*m)) block(key);
+          if (!start_publish(*m, false)) block(key);
           return true;
         });
     return earliest;
   }
 
   // Publishes `m` synchronously if the sink can, else launches it. Returns true if `m` was
-  // acknowledged already (so its key is free for the next message).
-  bool start_publish(const outbox_message& m) {
+  // acknowledged already (so its key is free for the next message). `stored`: `m` is the message
+  // in the round's snapshot (its id may be viewed until the snapshot is unpinned).
+  bool start_publish(const outbox_message& m, bool stored) {
     const steady::time_point start = steady::now();
     std::optional<absl::Status> now;
     try {
@@ -346,7 +372,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
     if (now) {
       const bool ok = now->ok();
-      finish(m, *std::move(now), start);
+      finish(m, *std::move(now), start, stored);
       return ok;
     }
     auto f = std::make_shared<flight>();
@@ -386,38 +412,50 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
                                                         " ms (", status.message(), ")"));
     }
     // A publish cut short by the stop is not an attempt: the message stays queued unchanged.
-    if (!(self->stopping_ && !status.ok())) self->finish(f->message, std::move(status), f->started);
+    if (!(self->stopping_ && !status.ok())) {
+      self->finish(f->message, std::move(status), f->started, false);
+    }
     self->wake();
   }
 
-  void finish(const outbox_message& m, absl::Status status, steady::time_point started) {
+  // Records the outcome of publishing `m` (see start_publish for `stored`).
+  void finish(const outbox_message& m, absl::Status status, steady::time_point started,
+              bool stored) {
     const auto took =
         std::chrono::duration_cast<std::chrono::microseconds>(steady::now() - started);
-    counters_.publish_latency.record(took);
-    outcome o;
-    o.id = m.id;
-    o.key = m.key;
-    o.attempts_before = m.attempts;
-    o.at_us = engine_.clock().now_us();
+    record_local(publish_latency_, took);
+    const std::int64_t at_us = engine_.clock().now_us();
     if (is_destination_unavailable(status)) {
-      if (outage_since_us_ == 0) outage_since_us_ = o.at_us;
+      if (outage_since_us_ == 0) outage_since_us_ = at_us;
     } else if (status.ok()) {
       outage_since_us_ = 0;
     }
     if (status.ok()) {
-      counters_.published.fetch_add(1, std::memory_order_relaxed);
-      counters_.commit_to_publish.record(std::chrono::microseconds(o.at_us - m.created_at_us));
-      o.what = outcome::kind::delivered;
-    } else {
-      o.what = outcome::kind::failed;
-      o.status = std::move(status);
+      ++published_;
+      record_local(commit_to_publish_, std::chrono::microseconds(at_us - m.created_at_us));
+      // A delivery is only an id to clear: a view of the stored message's, else a copy.
+      if (waiting_outcomes() == 0) outcomes_since_ = steady::now();
+      if (stored) {
+        delivered_.push_back(m.id);
+      } else {
+        delivered_.push_back(delivered_ids_.emplace_back(m.id));
+      }
+      return;
     }
+    outcome o;
+    o.id = m.id;
+    o.key = m.key;
+    o.attempts_before = m.attempts;
+    o.at_us = at_us;
+    o.what = outcome::kind::failed;
+    o.status = std::move(status);
     add_outcome(std::move(o));
   }
 
+  // Keeps a failure or malformed entry to record (deliveries go to delivered_).
   void add_outcome(outcome o) {
-    if (outcomes_.empty()) outcomes_since_ = steady::now();
-    if (o.what != outcome::kind::delivered) failures_waiting_ = true;
+    if (waiting_outcomes() == 0) outcomes_since_ = steady::now();
+    failures_waiting_ = true;
     outcomes_.push_back(std::move(o));
     const outcome& kept = outcomes_.back();
     recorded_.erase(kept.id);  // (a key views its own outcome's id)
@@ -477,19 +515,17 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
   }
 
-  // Records every known outcome, batch_size per transaction. A batch of deliveries only is
-  // cleared with engine::clear_messages (never a conflict: a message changed or removed since is
-  // left alone); one with failures or malformed entries is recorded whole by compare_and_swap,
-  // redone on a newer snapshot after a conflict (another writer of the same ids). Engine errors
-  // are returned.
+  // Records every known outcome, batch_size per transaction: failures and malformed entries by
+  // compare_and_swap, redone on a newer snapshot after a conflict (another writer of the same
+  // ids); deliveries with engine::clear_message_views (never a conflict: a message changed or
+  // removed since is left alone). Engine errors are returned.
   absl::Status flush() {
-    std::vector<std::string> delivered;
+    std::size_t cleared = 0;  // delivered_[0, cleared) recorded with the failures
     while (!outcomes_.empty()) {
+      // Failures, and as many deliveries as fit the batch, in one transaction.
       const std::size_t n = std::min(options_.batch_size, outcomes_.size());
-      const bool only_deliveries =
-          std::all_of(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n),
-                      [](const outcome& o) { return o.what == outcome::kind::delivered; });
-      // The recorded_ entries view the outcomes' ids: forget them before the ids move.
+      const std::size_t m = std::min(options_.batch_size - n, delivered_.size() - cleared);
+      // The recorded_ entries view the outcomes' ids: forget them before the ids go.
       for (std::size_t i = 0; i < n; ++i) {
         if (const auto r = recorded_.find(outcomes_[i].id);
             r != recorded_.end() && r->second == &outcomes_[i]) {
@@ -497,36 +533,51 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         }
         if (!key_cache_.empty()) key_cache_.erase(outcomes_[i].id);
       }
-      if (only_deliveries) {
-        delivered.clear();
-        for (std::size_t i = 0; i < n; ++i) delivered.push_back(std::move(outcomes_[i].id));
-        absl::StatusOr<clear_result> r = engine_.clear_messages(engine_.snapshot(), delivered);
-        if (!r.ok()) {
-          // Those messages stay queued and are published again (never lost); the outcomes
-          // behind them are still recorded by the flush that stops the relay.
-          outcomes_.erase(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n));
-          return annotate(r.status(), "relay: clearing delivered messages");
-        }
-        if (r->removed > 0) counters_.clears.fetch_add(1, std::memory_order_relaxed);
-        counters_.delivered.fetch_add(r->removed, std::memory_order_relaxed);
-      } else {
-        POP_RETURN_IF_ERROR(record_outcomes(n));
-      }
+      POP_RETURN_IF_ERROR(
+          record_outcomes(n, std::span<const std::string_view>(delivered_).subspan(cleared, m)));
       outcomes_.erase(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n));
+      cleared += m;
     }
     failures_waiting_ = false;
-    return absl::OkStatus();
+    absl::Status status = absl::OkStatus();
+    for (std::size_t i = cleared; i < delivered_.size() && status.ok(); i += options_.batch_size) {
+      const std::size_t n = std::min(options_.batch_size, delivered_.size() - i);
+      absl::StatusOr<clear_result> r = engine_.clear_message_views(
+          engine_.snapshot(), std::span<const std::string_view>(delivered_).subspan(i, n));
+      if (!r.ok()) {
+        // Those messages stay queued and are published again (never lost).
+        status = annotate(r.status(), "relay: clearing delivered messages");
+        break;
+      }
+      if (r->removed > 0) counters_.clears.fetch_add(1, std::memory_order_relaxed);
+      counters_.delivered.fetch_add(r->removed, std::memory_order_relaxed);
+    }
+    for (std::size_t i = 0; i < indexed_; ++i) recorded_.erase(delivered_[i]);
+    if (!key_cache_.empty()) {
+      for (const std::string_view id : delivered_) key_cache_.erase(detail::to_absl(id));
+    }
+    delivered_.clear();
+    delivered_ids_.clear();
+    pinned_.clear();
+    pinned_through_ = 0;
+    indexed_ = 0;
+    return status;
   }
 
-  // Records the first `n` outcomes in one transaction. After 64 lost races they are dropped:
-  // those messages stay queued and are published again (a duplicate, never a loss).
-  absl::Status record_outcomes(std::size_t n) {
+  // Records the first `n` outcomes and `deliveries` in one transaction. After 64 lost races they
+  // are dropped: those messages stay queued and are published again (a duplicate, never a loss).
+  absl::Status record_outcomes(std::size_t n, std::span<const std::string_view> deliveries) {
     for (int tries = 0; tries < 64; ++tries) {
       const snapshot snap = engine_.snapshot();
       const value_view queue = snap.view(snap.outbox_path());
       std::vector<write> writes;
       tally t;
       for (std::size_t i = 0; i < n; ++i) build(queue, outcomes_[i], writes, t);
+      for (const std::string_view id : deliveries) {
+        if (!queue.member(id)) continue;  // removed meanwhile
+        writes.push_back({absl::StrCat(outbox_, ".", detail::to_absl(id)), std::nullopt});
+        ++t.delivered;
+      }
       if (writes.empty()) return absl::OkStatus();
       absl::StatusOr<cas_result> r =
           engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys);
@@ -559,9 +610,20 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   bool failures_waiting_ = false;      // an outcome in outcomes_ is not a delivery
   steady::time_point outcomes_since_;  // when the first of outcomes_ was known
   absl::flat_hash_map<std::string, std::shared_ptr<flight>> flights_;
-  std::deque<outcome> outcomes_;  // a deque: recorded_ points into it
-  // The ids in outcomes_, viewing their outcome's id.
+  std::deque<outcome> outcomes_;  // failures and malformed entries; a deque: recorded_ points
+                                  // into it
+  // The ids of deliveries not yet cleared: views of messages in pinned_ snapshots, or of
+  // delivered_ids_ (copies, for messages that were not read from a snapshot).
+  std::vector<std::string_view> delivered_;
+  std::deque<std::string> delivered_ids_;
+  std::vector<snapshot> pinned_;
+  std::size_t pinned_through_ = 0;  // delivered_[0, this) are covered by pinned_
+  std::size_t indexed_ = 0;         // delivered_[0, this) are in recorded_
+  // The ids of outcomes_ (viewing their outcome's id) and of indexed deliveries (nullptr).
   absl::flat_hash_map<std::string_view, const outcome*> recorded_;
+  latency_histogram publish_latency_;  // recorded this round; see merge_histograms
+  latency_histogram commit_to_publish_;
+  std::uint64_t published_ = 0;                              // publishes acknowledged this round
   absl::flat_hash_set<std::string> blocked_;                 // scratch for schedule()
   absl::flat_hash_map<std::string, std::string> key_cache_;  // queued id -> its key
   std::int64_t outage_since_us_ = 0;  // first destination_unavailable since the last delivery

@@ -162,6 +162,23 @@ class pmap {
     return pmap(std::move(root));
   }
 
+  // Erases in one pass every entry whose key is among `keys` (sorted ascending; a repeated key
+  // counts once) and for which `pred(i, value)` holds, `i` being that key's index in `keys`.
+  // Returns the new map (*this, same root, if nothing was erased) and adds the number erased to
+  // `erased`. Visits each node holding one of the keys once, so erasing k keys that sit together
+  // (an outbox's oldest messages) costs O(k + log n) instead of k descents. Batched like set.
+  template <class Keys, class Pred>
+  pmap erase_sorted_if(const Keys& keys, Pred&& pred, std::size_t& erased,
+                       std::uint64_t edit = 0) const {
+    if (!root_ || keys.size() == 0) return *this;
+    const std::size_t before = erased;
+    auto [changed, root] = erase_run(root_, keys, 0, keys.size(), edit, pred, erased);
+    if (!changed || erased == before) return *this;
+    if (root->count == 0) return pmap();
+    while (!root->leaf && root->in.children.size() == 1) root = root->in.children.front();
+    return pmap(std::move(root));
+  }
+
   // The edit token of the batch that created the root node (0 if none): a map whose root carries
   // a batch's token was made by that batch.
   std::uint64_t edit() const { return root_ ? root_->edit : 0; }
@@ -451,6 +468,109 @@ class pmap {
       copy->in.keys.erase(key_at + 1);
       copy->in.children.erase(at + 1);
     }
+    return {true, std::move(copy)};
+  }
+
+  // erase_sorted_if on subtree `np` for keys[lo, hi): whether it changed and the subtree after.
+  // The result may be under min_width or empty; the parent merges or drops it.
+  template <class Keys, class Pred>
+  static std::pair<bool, node_ptr> erase_run(const node_ptr& np, const Keys& keys, std::size_t lo,
+                                             std::size_t hi, std::uint64_t edit, Pred& pred,
+                                             std::size_t& erased) {
+    const node& n = *np;
+    if (n.leaf) {
+      static_assert(node_capacity <= 32);
+      std::uint32_t drop = 0;
+      std::size_t i = entry_index(n, std::string_view(keys[lo]));
+      std::size_t k = lo;
+      while (i < n.entries.size() && k < hi) {
+        const std::string_view key(keys[k]);
+        const auto order = n.entries[i].key.view() <=> key;
+        if (order < 0) {
+          ++i;
+        } else if (order > 0) {
+          ++k;
+        } else {
+          if (pred(k, n.entries[i].value)) {
+            drop |= std::uint32_t{1} << i;
+            ++erased;
+          }
+          ++i;
+          ++k;
+        }
+      }
+      if (drop == 0) return {false, np};
+      auto copy = editable(np, edit);
+      std::size_t kept = 0;
+      for (std::size_t r = 0; r < copy->entries.size(); ++r) {
+        if ((drop >> r) & 1U) continue;
+        if (kept != r) copy->entries[kept] = std::move(copy->entries[r]);
+        ++kept;
+      }
+      copy->entries.resize(kept);
+      copy->count = kept;
+      return {true, std::move(copy)};
+    }
+    std::shared_ptr<node> copy;
+    std::size_t k = lo;
+    const std::size_t children = n.in.children.size();
+    for (std::size_t c = child_index(n, std::string_view(keys[lo])); c < children && k < hi; ++c) {
+      std::size_t upper = hi;
+      if (c + 1 < children && std::string_view(keys[hi - 1]) >= n.in.keys[c + 1].view()) {
+        // The first key at or past the next child's minimum, by binary search.
+        const std::string_view next = n.in.keys[c + 1].view();
+        std::size_t a = k;
+        while (a < upper) {
+          const std::size_t mid = a + (upper - a) / 2;
+          if (std::string_view(keys[mid]) < next) {
+            a = mid + 1;
+          } else {
+            upper = mid;
+          }
+        }
+      }
+      if (upper > k) {
+        auto [changed, child] = erase_run(n.in.children[c], keys, k, upper, edit, pred, erased);
+        if (changed) {
+          if (!copy) copy = editable(np, edit);
+          copy->in.children[c] = std::move(child);
+        }
+      }
+      k = upper;
+    }
+    if (!copy) return {false, np};
+    auto& kids = copy->in.children;
+    auto& mins = copy->in.keys;
+    for (std::size_t i = 0; i < kids.size();) {
+      if (width(*kids[i]) == 0) {
+        kids.erase(kids.begin() + static_cast<std::ptrdiff_t>(i));
+        mins.erase(mins.begin() + static_cast<std::ptrdiff_t>(i));
+      } else {
+        ++i;
+      }
+    }
+    // Merge each underfull child with a sibling (concatenate splits the pair again when wide).
+    for (std::size_t i = 0; i < kids.size() && kids.size() > 1;) {
+      if (width(*kids[i]) >= min_width) {
+        ++i;
+        continue;
+      }
+      const std::size_t a = i + 1 < kids.size() ? i : i - 1;
+      const node_ptr left = kids[a];
+      const node_ptr right = kids[a + 1];  // (both kept alive while joined)
+      auto [first, second] = concatenate(*left, *right, edit);
+      kids[a] = std::move(first);
+      if (second) {
+        kids[a + 1] = std::move(second);
+        i = a + 2;
+      } else {
+        kids.erase(kids.begin() + static_cast<std::ptrdiff_t>(a + 1));
+        mins.erase(mins.begin() + static_cast<std::ptrdiff_t>(a + 1));
+        i = a;
+      }
+    }
+    for (std::size_t i = 0; i < kids.size(); ++i) mins[i] = min_key(*kids[i]);
+    recount(*copy);
     return {true, std::move(copy)};
   }
 

@@ -1,5 +1,6 @@
 #include "pop/engine/detail/tree.hpp"
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -266,21 +267,30 @@ node_ptr with_typed_messages(const node_ptr& root, std::string_view outbox_path)
 }
 
 node_ptr erase_members(const node_ptr& root, std::string_view map_path,
-                       std::span<const std::string> keys,
+                       std::span<const std::string_view> keys,
                        const std::function<bool(std::string_view, const node_ptr&)>& remove,
                        std::vector<std::string_view>& removed, std::uint64_t edit) {
   const location at = lookup(*root, map_path);
   if (!at.exists()) return root;
   if (at.inner != nullptr || !at.node->is_map()) return nullptr;
-  pmap<node_ptr> members = at.node->members();
-  const std::size_t before = removed.size();
-  for (const std::string& key : keys) {
-    bool erased = false;
-    members = members.erase_if(
-        key, [&](const node_ptr& entry) { return remove(key, entry); }, erased, edit);
-    if (erased) removed.push_back(key);
+  // One pass over the map in key order (a relay's ids are sorted already).
+  std::vector<std::string_view> sorted;
+  std::span<const std::string_view> ordered = keys;
+  if (!std::is_sorted(keys.begin(), keys.end())) {
+    sorted.assign(keys.begin(), keys.end());
+    std::sort(sorted.begin(), sorted.end());
+    ordered = sorted;
   }
-  if (removed.size() == before) return root;
+  std::size_t erased = 0;
+  pmap<node_ptr> members = at.node->members().erase_sorted_if(
+      ordered,
+      [&](std::size_t i, const node_ptr& entry) {
+        if (!remove(ordered[i], entry)) return false;
+        removed.push_back(ordered[i]);
+        return true;
+      },
+      erased, edit);
+  if (erased == 0) return root;
   // Every object on the way exists, so this cannot fail.
   return assign(root, map_path, make_map(std::move(members)), edit).value();
 }

@@ -121,13 +121,14 @@ node_ptr with_maps_along(const node_ptr& root, std::string_view path_text, std::
 // stored message as a typed node (make_message_node); an entry that is not one stays as it is.
 // Values read back unchanged: an entry is typed only if its JSON form is exactly the codec's.
 node_ptr with_typed_messages(const node_ptr& root, std::string_view outbox_path);
-// Removes from the member map at `map_path` each of `keys` (in order; a repeated key once) that
+// Removes from the member map at `map_path` each of `keys` (any order; a repeated key once) that
 // it holds and for which `remove(key, its node)` is true, appending the keys removed to
-// `removed`. Returns the new root (`root` itself if none was removed or there is no such map),
-// or nullptr if the value at `map_path` is not a member map (nothing is removed then).
-// O(depth + keys * log n): the map is found once.
+// `removed` in key order (views of `keys`). Returns the new root (`root` itself if none was
+// removed or there is no such map), or nullptr if the value at `map_path` is not a member map
+// (nothing is removed then). One pass over the map: O(depth + keys + nodes holding them), plus
+// sorting the keys if they are not sorted.
 node_ptr erase_members(const node_ptr& root, std::string_view map_path,
-                       std::span<const std::string> keys,
+                       std::span<const std::string_view> keys,
                        const std::function<bool(std::string_view, const node_ptr&)>& remove,
                        std::vector<std::string_view>& removed, std::uint64_t edit);
 // Returns an empty object in member-map form.

@@ -4,6 +4,7 @@
 #include <rapidcheck/catch.h>
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <iostream>
@@ -11,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -346,4 +348,67 @@ TEST_CASE("compact_key keeps any text, inline or shared, and orders like std::st
       CHECK((compact_key(t) == compact_key(u)) == (t == u));
     }
   }
+}
+
+TEST_CASE("erase_sorted_if removes exactly the listed keys its predicate accepts", "[pmap]") {
+  // Up to three levels; keys listed sorted, with absent and repeated ones, erased in one pass
+  // (alone or inside a batch), checked against std::map and against the version before.
+  constexpr int keys = static_cast<int>(3 * map::max_width * map::max_width);
+  rc::prop("one pass over a sorted key list agrees with erasing them one by one", [] {
+    // (Sizes drawn here, not by RapidCheck's size, so trees reach three levels.)
+    std::mt19937 rng(*rc::gen::arbitrary<std::uint32_t>());
+    const int density = *rc::gen::inRange(1, 9);  // eighths of the keys present
+    std::set<int> present;
+    for (int i = 0; i < keys; ++i) {
+      if (static_cast<int>(rng() % 8) < density) present.insert(i);
+    }
+    // A run of neighbours (a relay clearing the oldest messages) or keys from anywhere.
+    std::vector<int> listed;
+    const int count = static_cast<int>(rng() % static_cast<unsigned>(keys));
+    if (*rc::gen::arbitrary<bool>()) {
+      const int from = static_cast<int>(rng() % static_cast<unsigned>(keys));
+      for (int i = 0; i < count; ++i) listed.push_back(from + i < keys ? from + i : keys);
+    } else {
+      for (int i = 0; i < count; ++i) listed.push_back(static_cast<int>(rng() % (keys + 2)) - 1);
+    }
+    const int keep_modulus = *rc::gen::inRange(1, 4);  // pred: value % keep_modulus != 0
+    const bool batched = *rc::gen::arbitrary<bool>();
+    std::vector<std::pair<std::string, value>> entries;
+    model expected;
+    for (int i : present) {
+      entries.emplace_back(numbered_key(i), make_value(i));
+      expected[numbered_key(i)] = i;
+    }
+    const map before = map::from_sorted(entries);
+    const model before_expected = expected;
+    std::vector<std::string> list;
+    for (int i : listed) list.push_back(i < 0 ? "a" : numbered_key(i));
+    std::sort(list.begin(), list.end());
+    std::size_t want = 0;
+    for (const std::string& k : list) {
+      const auto it = expected.find(k);
+      if (it != expected.end() && it->second % keep_modulus != 0) {
+        expected.erase(it);
+        ++want;
+      }
+    }
+    std::size_t erased = 0;
+    std::vector<std::string> seen;
+    const std::uint64_t edit = batched ? map::new_edit() : 0;
+    // A batch first changes the map in place, so the pass meets nodes it owns.
+    map start = batched ? before.set("a0", make_value(0), edit).erase("a0", edit) : before;
+    const map after = start.erase_sorted_if(
+        list,
+        [&](std::size_t i, const value& v) {
+          seen.push_back(list[i]);
+          return *v % keep_modulus != 0;
+        },
+        erased, edit);
+    RC_ASSERT(erased == want);
+    RC_ASSERT(after.check_invariants());
+    RC_ASSERT(equal_in_order(after, expected));
+    RC_ASSERT(equal_in_order(before, before_expected));
+    RC_ASSERT(std::is_sorted(seen.begin(), seen.end()));
+    if (want == 0) RC_ASSERT(after.same_root(start));
+  });
 }
