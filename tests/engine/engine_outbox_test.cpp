@@ -152,6 +152,12 @@ TEST_CASE("clear_messages removes what is stored as seen and leaves changed, rem
   const std::vector<std::string> left = pending_ids(reopened->snapshot());
   CHECK(left.size() == 2);
   CHECK(left[0] == ids[1]);
+  // The same by views, in any order.
+  const std::vector<std::string_view> views{left[1], left[0]};
+  const pop::clear_result r =
+      pop::test::must(reopened->clear_message_views(reopened->snapshot(), views));
+  CHECK(r.removed == 2);
+  CHECK(reopened->snapshot().pending_count() == 0);
 }
 
 TEST_CASE("the seed-style form returns a whole new queue and is diffed into appends and removals",
