@@ -39,7 +39,10 @@ absl::Status validate_segment(std::string_view segment) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<path> path::parse(std::string_view text) {
+namespace {
+
+// OK if `text` is a valid path, else kInvalidArgument saying what is wrong.
+absl::Status check_path_text(std::string_view text) {
   const auto quoted = [&] {
     return absl::StrCat("invalid path '", detail::to_absl(text.substr(0, 64)),
                         text.size() > 64 ? "...'" : "'");
@@ -73,7 +76,19 @@ absl::StatusOr<path> path::parse(std::string_view text) {
     return absl::InvalidArgumentError(
         absl::StrCat(quoted(), ": ", depth, " segments, the limit is ", max_path_depth));
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<path> path::parse(std::string_view text) {
+  POP_RETURN_IF_ERROR(check_path_text(text));
   return path(std::string(text));
+}
+
+absl::StatusOr<path> path::parse(std::string&& text) {
+  POP_RETURN_IF_ERROR(check_path_text(text));
+  return path(std::move(text));
 }
 
 std::size_t path::depth() const {
@@ -164,6 +179,11 @@ void path_set::insert(const path& p) {
 void path_set::insert(path&& p) {
   const auto it = std::lower_bound(paths_.begin(), paths_.end(), p);
   if (it != paths_.end() && *it == p) return;
+  if (paths_.capacity() == 0) {  // one allocation for the usual few (a process's reads)
+    paths_.reserve(4);
+    paths_.push_back(std::move(p));
+    return;
+  }
   paths_.insert(it, std::move(p));
 }
 

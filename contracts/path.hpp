@@ -30,6 +30,14 @@ class path {
   // Returns the parsed path, or kInvalidArgument naming the text and what is wrong with it (empty
   // path, empty segment, bad character, too long, too deep).
   [[nodiscard]] static absl::StatusOr<path> parse(std::string_view text);
+  // The same, keeping `text`'s buffer for the path (no copy). `text` is left as it was on error.
+  [[nodiscard]] static absl::StatusOr<path> parse(std::string&& text);
+  [[nodiscard]] static absl::StatusOr<path> parse(const std::string& text) {
+    return parse(std::string_view(text));
+  }
+  [[nodiscard]] static absl::StatusOr<path> parse(const char* text) {
+    return parse(std::string_view(text));
+  }
 
   // The text form, e.g. "domain.orders".
   const std::string& str() const { return text_; }

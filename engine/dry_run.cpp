@@ -72,7 +72,8 @@ absl::StatusOr<dry_run_result> dry_run(const process_spec& spec, const process_f
                                        const dry_run_options& opts) {
   POP_ASSIGN_OR_RETURN(process_contract contract, process_contract::from_spec(spec));
   if (!fn) return absl::InvalidArgumentError("dry run: the process function is empty");
-  POP_ASSIGN_OR_RETURN(path outbox, path::parse(opts.outbox_path));
+  POP_ASSIGN_OR_RETURN(path outbox,
+                       detail::parse_outbox_path(opts.outbox_path, "dry run: outbox_path"));
   const detail::registered proc{std::move(contract), fn};
   return dry_run_contract(proc, fixture, args, opts.version,
                           std::make_shared<const path>(std::move(outbox)),

@@ -36,9 +36,7 @@ namespace {
 using detail::process_runner;
 
 absl::Status validate_options(const options& o) {
-  if (absl::StatusOr<path> p = path::parse(o.outbox_path); !p.ok()) {
-    return annotate(p.status(), "options.outbox_path");
-  }
+  POP_RETURN_IF_ERROR(detail::parse_outbox_path(o.outbox_path, "options.outbox_path").status());
   if (!o.initial_state.is_object()) {
     return absl::InvalidArgumentError(
         absl::StrCat("options.initial_state must be a JSON object, not ",

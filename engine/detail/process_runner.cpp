@@ -17,6 +17,15 @@ std::vector<std::string> path_texts(const path_set& paths) {
   return out;
 }
 
+absl::StatusOr<path> parse_outbox_path(std::string_view text, std::string_view what) {
+  absl::StatusOr<path> outbox = path::parse(text);
+  if (!outbox.ok()) return annotate(outbox.status(), what);
+  if (absl::StatusOr<path> p = outbox->child(make_message_id(UINT64_MAX, UINT32_MAX)); !p.ok()) {
+    return annotate(p.status(), absl::StrCat(to_absl(what), " leaves no room for message ids"));
+  }
+  return outbox;
+}
+
 std::string process_at(const process_contract& c, std::uint64_t version) {
   return absl::StrCat("process '", c.name(), "' (version ", version, ")");
 }
@@ -34,7 +43,8 @@ absl::StatusOr<prepared> process_runner::run(const registered& proc, const snaps
   if (c.timeout().count() > 0) deadline = start + c.timeout();
   context ctx(c, snap, deadline);
 
-  absl::StatusOr<result> r = absl::UnknownError("process did not run");
+  // (Default-constructed: kUnknown with no message, and no allocation; every path assigns it.)
+  absl::StatusOr<result> r;
   try {
     r = proc.fn(ctx, args);
   } catch (const process_error& e) {
@@ -55,7 +65,11 @@ absl::StatusOr<prepared> process_runner::run(const registered& proc, const snaps
   prepared out;
   out.reads = std::move(ctx.reads_);
   POP_RETURN_IF_ERROR(prepare_writes(c, snap, *r, out));
-  for (message_draft& m : r->messages()) out.messages.push_back(std::move(m));
+  if (out.messages.empty()) {
+    out.messages = std::move(r->messages());
+  } else {
+    for (message_draft& m : r->messages()) out.messages.push_back(std::move(m));
+  }
   for (const message_draft& m : out.messages) {
     POP_RETURN_IF_ERROR(check_topic(c, snap.version(), m.topic));
     // The error text is built only for a message that fails.
@@ -93,8 +107,9 @@ absl::Status process_runner::prepare_writes(const process_contract& c, const sna
   const path& outbox = snap.outbox_path();
   // Error texts are built only for a write that fails.
   const auto who = [&] { return process_at(c, snap.version()); };
+  out.writes.reserve(r.writes().size());
   for (write& w : r.writes()) {
-    absl::StatusOr<path> p = path::parse(w.path);
+    absl::StatusOr<path> p = path::parse(std::move(w.path));  // (kept as it was on error)
     if (!p.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat(who(), " wrote a bad path: ", p.status().message()));
@@ -211,14 +226,17 @@ absl::StatusOr<applied> process_runner::apply(const version_state& base, prepare
     }
     root = with_maps_along(root, outbox.str(), edit);
   }
+  out.message_ids.reserve(prep.messages.size());
   for (std::size_t i = 0; i < prep.messages.size(); ++i) {
     message_draft& m = prep.messages[i];
     std::string id = make_message_id(out.version, static_cast<std::uint32_t>(i));
-    POP_ASSIGN_OR_RETURN(path target, outbox.child(id));
+    // A message's path: the outbox's, '.', its id; a valid path (options validation leaves room
+    // below the outbox for any id). Written into the log first and viewed there.
+    const std::size_t path_at = out.written.size();
+    out.written.append(outbox.str()).append(".").append(id);
     outbox_message stored;
     stored.id = id;
     stored.topic = m.topic;  // (kept in `prep` for the audit log)
-    stored.key = m.key;
     if (earlier != nullptr) {
       // The first build stored them typed (make_message_node below).
       const location at =
@@ -228,19 +246,21 @@ absl::StatusOr<applied> process_runner::apply(const version_state& base, prepare
         return absl::InternalError(
             absl::StrCat(who, ": message ", i, " of the first build is gone"));
       }
+      stored.key = before->key;
       stored.payload = before->payload;
       stored.headers = before->headers;
     } else {
+      stored.key = std::move(m.key);
       stored.payload = std::move(m.payload);
       stored.headers = std::move(m.headers);
     }
     stored.created_at_us = created;
     stored.version = out.version;
-    absl::StatusOr<node_ptr> r =
-        assign(root, target.str(), make_message_node(std::move(stored)), edit);
+    const std::string_view target = std::string_view(out.written).substr(path_at);
+    absl::StatusOr<node_ptr> r = assign(root, target, make_message_node(std::move(stored)), edit);
     if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base.version));
     root = *std::move(r);
-    add_written(out.written, target.str());
+    out.written.push_back('\n');
     out.message_ids.push_back(std::move(id));
   }
   out.root = std::move(root);

@@ -98,6 +98,10 @@ inline std::size_t common_ancestor(std::string_view written) {
   return n;
 }
 
+// The outbox path `text`, or kInvalidArgument naming `what`: not a path, or no room below it for
+// a message id (too deep or too long for one more segment of the longest id).
+absl::StatusOr<path> parse_outbox_path(std::string_view text, std::string_view what);
+
 // "process '<name>' (version <version>)", for messages.
 std::string process_at(const process_contract& c, std::uint64_t version);
 
@@ -133,8 +137,8 @@ struct process_runner {
   static absl::Status check_not_outbox_parent(const path& p, const path& outbox,
                                               const std::string& who);
   // Applies `prep` on top of `base`, giving its messages ids of version base.version + 1 and
-  // the creation time `now_us`. The messages' payloads and headers are moved out of `prep` into
-  // the stored messages; applying the same `prep` again (on a newer head) must pass the first
+  // the creation time `now_us`. The messages' keys, payloads and headers are moved out of `prep`
+  // into the stored messages; applying the same `prep` again (on a newer head) must pass the first
   // result as `earlier`, whose messages they are then copied from.
   static absl::StatusOr<applied> apply(const version_state& base, prepared& prep,
                                        std::int64_t now_us, const std::string& who,

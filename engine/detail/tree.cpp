@@ -151,8 +151,19 @@ const json& value_node::as_json() const {
   return *expected;  // another reader built it first
 }
 
+namespace {
+// A typed message node and its message in one allocation.
+struct message_block {
+  explicit message_block(outbox_message m) : message(std::move(m)), node(&message) {}
+  const outbox_message message;
+  const value_node node;
+};
+}  // namespace
+
 node_ptr make_message_node(outbox_message m) {
-  return std::make_shared<const value_node>(std::move(m));
+  auto block = std::make_shared<const message_block>(std::move(m));
+  const value_node* node = &block->node;
+  return node_ptr(std::move(block), node);  // (owns the block)
 }
 
 node_ptr make_node(json value) {

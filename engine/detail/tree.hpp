@@ -35,8 +35,9 @@ class value_node {
   value_node(blob_form, json value) : form_(std::in_place_type<json>, std::move(value)) {}
   value_node(map_form, pmap<node_ptr> members)
       : form_(std::in_place_type<pmap<node_ptr>>, std::move(members)) {}
-  explicit value_node(outbox_message m)
-      : form_(std::in_place_type<typed>, std::make_unique<const outbox_message>(std::move(m))) {}
+  // A typed message node viewing `m`, which the caller keeps alive as long as the node (see
+  // make_message_node: one allocation holds both).
+  explicit value_node(const outbox_message* m) : form_(std::in_place_type<typed>, m) {}
 
   bool is_map() const { return form_.index() == 1; }
   // The member map. Only for is_map().
@@ -53,16 +54,16 @@ class value_node {
   // The message a commit stored, when kept typed; nullptr otherwise.
   const outbox_message* message() const {
     const typed* t = std::get_if<typed>(&form_);
-    return t ? t->message.get() : nullptr;
+    return t ? t->message : nullptr;
   }
 
  private:
   struct typed {
-    explicit typed(std::unique_ptr<const outbox_message> m) : message(std::move(m)) {}
+    explicit typed(const outbox_message* m) : message(m) {}
     typed(const typed&) = delete;
     typed& operator=(const typed&) = delete;
     ~typed() { delete json_form.load(std::memory_order_acquire); }
-    std::unique_ptr<const outbox_message> message;
+    const outbox_message* message;  // not owned
     mutable std::atomic<const json*> json_form{nullptr};
   };
   std::variant<json, pmap<node_ptr>, typed> form_;

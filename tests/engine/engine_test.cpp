@@ -531,6 +531,16 @@ TEST_CASE("engine options are validated", "[engine]") {
         absl::StatusCode::kInvalidArgument);
   CHECK(pop::engine::open({.outbox_path = ""}).status().code() ==
         absl::StatusCode::kInvalidArgument);
+  // A valid path with no room below it for a message id (depth or length) is refused at open,
+  // not at the first emit.
+  std::string deep = "a";
+  for (int i = 1; i < static_cast<int>(pop::max_path_depth); ++i) deep += ".a";
+  const absl::Status no_room = pop::engine::open({.outbox_path = deep}).status();
+  CHECK(no_room.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(no_room.message()).find("no room for message ids") != std::string::npos);
+  CHECK(pop::engine::open({.outbox_path = std::string(pop::max_path_length - 10, 'x')})
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
   const auto custom = pop::engine::open({.outbox_path = "system.out"});
   REQUIRE(custom.ok());
   REQUIRE((*custom)
