@@ -20,7 +20,9 @@ std::vector<std::string> path_texts(const path_set& paths) {
 absl::StatusOr<path> parse_outbox_path(std::string_view text, std::string_view what) {
   absl::StatusOr<path> outbox = path::parse(text);
   if (!outbox.ok()) return annotate(outbox.status(), what);
-  if (absl::StatusOr<path> p = outbox->child(make_message_id(UINT64_MAX, UINT32_MAX)); !p.ok()) {
+  if (absl::StatusOr<path> p =
+          outbox->child(make_message_id(UINT64_MAX, max_messages_per_commit - 1));
+      !p.ok()) {
     return annotate(p.status(), absl::StrCat(to_absl(what), " leaves no room for message ids"));
   }
   return outbox;

@@ -538,9 +538,16 @@ TEST_CASE("engine options are validated", "[engine]") {
   const absl::Status no_room = pop::engine::open({.outbox_path = deep}).status();
   CHECK(no_room.code() == absl::StatusCode::kInvalidArgument);
   CHECK(std::string(no_room.message()).find("no room for message ids") != std::string::npos);
-  CHECK(pop::engine::open({.outbox_path = std::string(pop::max_path_length - 10, 'x')})
-            .status()
-            .code() == absl::StatusCode::kInvalidArgument);
+  // (segments of 100 characters and one of 88: 997 characters in all)
+  std::string long_path;
+  for (int i = 0; i < 9; ++i) long_path += std::string(100, 'x') + ".";
+  long_path += std::string(88, 'x');
+  REQUIRE(long_path.size() == pop::max_path_length - 27);
+  CHECK(pop::engine::open({.outbox_path = long_path}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  // One segment or character less leaves room for a '.' and a 27-character id.
+  CHECK(pop::engine::open({.outbox_path = deep.substr(2)}).ok());
+  CHECK(pop::engine::open({.outbox_path = long_path.substr(1)}).ok());
   const auto custom = pop::engine::open({.outbox_path = "system.out"});
   REQUIRE(custom.ok());
   REQUIRE((*custom)
