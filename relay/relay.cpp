@@ -141,15 +141,14 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     return guarded([&]() -> absl::Status {
       notified_.store(false);
       if (clear_now()) POP_RETURN_IF_ERROR(flush());
-      const snapshot snap = engine_.snapshot();
+      // Deliveries of this round view their ids in its snapshot: it is kept until they are
+      // cleared (pinned before the scan, so even a scan cut short by an exception is covered).
+      const std::size_t delivered_before = delivered_.size();
+      const snapshot& snap = pinned_.emplace_back(engine_.snapshot());
       r.earliest = schedule(snap);
       r.more = clear_now();
       r.idle = flights_.empty() && snap.pending_count() == 0;
-      // Deliveries of this round view their ids in `snap`: keep it until they are cleared.
-      if (delivered_.size() > pinned_through_) {
-        pinned_.push_back(snap);
-        pinned_through_ = delivered_.size();
-      }
+      if (delivered_.size() == delivered_before) pinned_.pop_back();  // (`snap` ends here)
       merge_histograms();
       return absl::OkStatus();
     });
@@ -559,7 +558,6 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     delivered_.clear();
     delivered_ids_.clear();
     pinned_.clear();
-    pinned_through_ = 0;
     indexed_ = 0;
     return status;
   }
@@ -617,8 +615,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   std::vector<std::string_view> delivered_;
   std::deque<std::string> delivered_ids_;
   std::vector<snapshot> pinned_;
-  std::size_t pinned_through_ = 0;  // delivered_[0, this) are covered by pinned_
-  std::size_t indexed_ = 0;         // delivered_[0, this) are in recorded_
+  std::size_t indexed_ = 0;  // delivered_[0, this) are in recorded_
   // The ids of outcomes_ (viewing their outcome's id) and of indexed deliveries (nullptr).
   absl::flat_hash_map<std::string_view, const outcome*> recorded_;
   latency_histogram publish_latency_;  // recorded this round; see merge_histograms
