@@ -539,8 +539,17 @@ class pmap {
       k = upper;
     }
     if (!copy) return {false, np};
-    auto& kids = copy->in.children;
-    auto& mins = copy->in.keys;
+    fix_children(*copy, edit);
+    return {true, std::move(copy)};
+  }
+
+  // After a bulk erase below inner node `n` (which batch `edit` owns): drops its empty children
+  // and merges each underfull child with a sibling. Joining two inner nodes brings their children
+  // together, and one of them may be an underfull only child that had no sibling to merge with:
+  // the joined nodes are fixed the same way, down to the leaves. Then sets `n`'s keys and count.
+  static void fix_children(node& n, std::uint64_t edit) {
+    auto& kids = n.in.children;
+    auto& mins = n.in.keys;
     for (std::size_t i = 0; i < kids.size();) {
       if (width(*kids[i]) == 0) {
         kids.erase(kids.begin() + static_cast<std::ptrdiff_t>(i));
@@ -549,7 +558,6 @@ class pmap {
         ++i;
       }
     }
-    // Merge each underfull child with a sibling (concatenate splits the pair again when wide).
     for (std::size_t i = 0; i < kids.size() && kids.size() > 1;) {
       if (width(*kids[i]) >= min_width) {
         ++i;
@@ -559,19 +567,20 @@ class pmap {
       const node_ptr left = kids[a];
       const node_ptr right = kids[a + 1];  // (both kept alive while joined)
       auto [first, second] = concatenate(*left, *right, edit);
+      // (concatenate's nodes are new and the batch's own: fixing them in place is safe)
+      if (!first->leaf) fix_children(const_cast<node&>(*first), edit);
+      if (second && !second->leaf) fix_children(const_cast<node&>(*second), edit);
       kids[a] = std::move(first);
       if (second) {
         kids[a + 1] = std::move(second);
-        i = a + 2;
       } else {
         kids.erase(kids.begin() + static_cast<std::ptrdiff_t>(a + 1));
         mins.erase(mins.begin() + static_cast<std::ptrdiff_t>(a + 1));
-        i = a;
       }
+      i = a;  // (a joined node may be narrower after its own fix: look at it again)
     }
     for (std::size_t i = 0; i < kids.size(); ++i) mins[i] = min_key(*kids[i]);
-    recount(*copy);
-    return {true, std::move(copy)};
+    recount(n);
   }
 
   // Checks subtree `n` at `depth`; `previous` is the last key seen in order.
