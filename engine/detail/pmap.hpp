@@ -166,7 +166,8 @@ class pmap {
   // counts once) and for which `pred(i, value)` holds, `i` being that key's index in `keys`.
   // Returns the new map (*this, same root, if nothing was erased) and adds the number erased to
   // `erased`. Visits each node holding one of the keys once, so erasing k keys that sit together
-  // (an outbox's oldest messages) costs O(k + log n) instead of k descents. Batched like set.
+  // (an outbox's oldest messages) costs O(k + log^2 n) (a merge at a run's end may reach down to
+  // the leaves) instead of k descents. Batched like set.
   template <class Keys, class Pred>
   pmap erase_sorted_if(const Keys& keys, Pred&& pred, std::size_t& erased,
                        std::uint64_t edit = 0) const {
