@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/support/transfer.hpp"
 #include "pop/engine/engine.hpp"
 
 namespace {
@@ -57,16 +58,10 @@ namespace {
 
 using pop::json;
 
+// The engine benchmarks' small process, its allocations counted apart.
 pop::result transfer(const pop::context& ctx, const json& args) {
   in_process = true;
-  const std::string& from = args[0].get_ref<const std::string&>();
-  const std::string& to = args[1].get_ref<const std::string&>();
-  const std::int64_t a = ctx.get<std::int64_t>(from);
-  const std::int64_t b = ctx.get<std::int64_t>(to);
-  pop::result r;
-  r.set(from, a - 1);
-  r.set(to, b + 1);
-  r.emit("transfer.done", args, to);
+  pop::result r = pop::bench::transfer(ctx, args);
   in_process = false;
   return r;
 }

@@ -10,6 +10,7 @@
 #include <random>
 #include <unordered_map>
 
+#include "bench/support/transfer.hpp"
 #include "pop/engine/engine.hpp"
 
 using pop::json;
@@ -23,18 +24,7 @@ std::vector<std::string> account_names(std::size_t n) {
   return names;
 }
 
-// The small process: reads 2 paths, writes 2, emits 1 message.
-pop::result transfer(const pop::context& ctx, const json& args) {
-  const std::string& from = args[0].get_ref<const std::string&>();
-  const std::string& to = args[1].get_ref<const std::string&>();
-  const std::int64_t a = ctx.get<std::int64_t>(from);
-  const std::int64_t b = ctx.get<std::int64_t>(to);
-  pop::result r;
-  r.set(from, a - 1);
-  r.set(to, b + 1);
-  r.emit("transfer.done", args, to);
-  return r;
-}
+using pop::bench::transfer;  // the small process: reads 2 paths, writes 2, emits 1 message
 
 std::unique_ptr<pop::engine> make_engine(const std::vector<std::string>& names, bool audit) {
   json accounts = json::object();
