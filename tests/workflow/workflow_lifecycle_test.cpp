@@ -31,6 +31,15 @@ json pager(int runs) {
             {"done", {{"end", true}}}}}};
 }
 
+// A workflow engine on `e` whose runs hold at most `max_history` entries, with the test steps.
+auto bounded_workflows(pop::engine& e, std::int64_t max_history) {
+  pop::workflow_options opts;
+  opts.max_history = max_history;
+  auto wf = pop::test::must(pop::workflows::create(e, opts));
+  register_steps(*wf);
+  return wf;
+}
+
 }  // namespace
 
 TEST_CASE("ended instances are purged after the retention period, record, history and index",
@@ -145,10 +154,7 @@ TEST_CASE("continue-as-new starts the next run with a fresh history, so history 
 TEST_CASE("a run whose history reaches max_history takes the failure path",
           "[workflow][continue_as_new]") {
   pop::engine e;
-  pop::workflow_options opts;
-  opts.max_history = 10;
-  auto wf = pop::test::must(pop::workflows::create(e, opts));
-  register_steps(*wf);
+  auto wf = bounded_workflows(e, 10);
   REQUIRE(
       wf->define(parse({{"name", "spin"},
                         {"start", "a"},
@@ -178,10 +184,7 @@ TEST_CASE("a run whose history reaches max_history takes the failure path",
 TEST_CASE("the history bound never stops a run's end or its continue-as-new step",
           "[workflow][continue_as_new]") {
   pop::engine e;
-  pop::workflow_options opts;
-  opts.max_history = 2;
-  auto wf = pop::test::must(pop::workflows::create(e, opts));
-  register_steps(*wf);
+  auto wf = bounded_workflows(e, 2);
   REQUIRE(wf->define(parse(pager(1))).ok());
   // page (1 entry), more (2): the end step comes at the bound and still ends the run.
   REQUIRE(wf->start("pager", "ends").ok());
@@ -190,8 +193,7 @@ TEST_CASE("the history bound never stops a run's end or its continue-as-new step
   // With two pages the continue_as_new step comes at the bound: it starts run 1, whose third
   // entry is past the bound.
   pop::engine e2;
-  auto wf2 = pop::test::must(pop::workflows::create(e2, opts));
-  register_steps(*wf2);
+  auto wf2 = bounded_workflows(e2, 2);
   REQUIRE(wf2->define(parse(pager(2))).ok());
   REQUIRE(wf2->start("pager", "continues").ok());
   run_all(*wf2);
@@ -266,12 +268,9 @@ TEST_CASE("signal-with-start starts a missing instance and delivers the signal i
 TEST_CASE("hardening: child ids across runs, duration bounds, signals for ended instances",
           "[workflow][continue_as_new]") {
   pop::engine e;
-  pop::workflow_options opts;
-  opts.max_history = 6;
-  auto wf = pop::test::must(pop::workflows::create(e, opts));
+  auto wf = bounded_workflows(e, 6);
   auto in = pop::test::must(pop::inbox::create(e));
   REQUIRE(pop::register_workflow_resume(*in, *wf).ok());
-  register_steps(*wf);
   REQUIRE(wf->define(parse({{"name", "one"},
                             {"start", "a"},
                             {"steps",
