@@ -193,10 +193,33 @@ void journal::fail(const std::shared_ptr<journal_record>& r, absl::Status why) {
 }
 
 absl::Status journal::wait_durable(std::uint64_t version) {
-  std::unique_lock lock(mu_);
-  done_cv_.wait(lock, [&] { return durable_ >= version || !failed_.ok(); });
-  if (durable_ >= version) return absl::OkStatus();
+  waiter w(version);
+  {
+    std::lock_guard lock(mu_);
+    if (durable_ >= version) return absl::OkStatus();
+    if (!failed_.ok()) return failed_;
+    waiters_.push_back(&w);
+  }
+  w.ready.wait();
+  if (w.durable) return absl::OkStatus();
+  std::lock_guard lock(mu_);
   return failed_;
+}
+
+void journal::take_waiters(std::vector<waiter*>& out) {
+  const bool all = !failed_.ok();
+  std::erase_if(waiters_, [&](waiter* w) {
+    if (!all && w->version > durable_) return false;
+    w->durable = w->version <= durable_;
+    out.push_back(w);
+    return true;
+  });
+}
+
+void journal::wake(std::vector<waiter*>& taken) {
+  // A released waiter may return at once and take its waiter with it: never touched after.
+  for (waiter* w : taken) w->ready.set();
+  taken.clear();
 }
 
 std::uint64_t journal::durable_version() const {
@@ -234,6 +257,7 @@ absl::Status journal::write_descriptions(std::vector<std::pair<std::string, std:
 
 void journal::run_writer() {
   std::deque<std::shared_ptr<journal_record>> group;
+  std::vector<waiter*> taken;
   for (;;) {
     std::vector<std::pair<std::string, std::string>> described;
     {
@@ -251,8 +275,9 @@ void journal::run_writer() {
         failed_ = annotate(queue_.front()->error,
                            absl::StrCat("the journal failed after version ", durable_,
                                         "; the engine refuses further commits"));
+        take_waiters(taken);
         lock.unlock();
-        done_cv_.notify_all();
+        wake(taken);
         return;
       }
     }
@@ -273,8 +298,9 @@ void journal::run_writer() {
       {
         std::lock_guard lock(mu_);
         durable_ = last;
+        take_waiters(taken);
       }
-      done_cv_.notify_all();
+      wake(taken);
       // Snapshots are written after the group's committers were released.
       if (last - snapshot_version_ >= options_.snapshot_every ||
           bytes_since_snapshot_ >= options_.snapshot_bytes) {
@@ -286,8 +312,9 @@ void journal::run_writer() {
         std::lock_guard lock(mu_);
         failed_ = annotate(s, absl::StrCat("the journal failed after version ", durable_,
                                            "; the engine refuses further commits"));
+        take_waiters(taken);
       }
-      done_cv_.notify_all();
+      wake(taken);
       return;
     }
     group.clear();

@@ -16,6 +16,7 @@
 #include "pop/contracts/clock.hpp"
 #include "pop/contracts/json.hpp"
 #include "pop/engine/detail/tree.hpp"
+#include "pop/engine/detail/wake_event.hpp"
 #include "pop/engine/journal.hpp"
 
 struct sqlite3;
@@ -96,6 +97,12 @@ class journal {
   absl::Status write_group(std::deque<std::shared_ptr<journal_record>>& group);
   absl::Status write_snapshot(const journal_record& last);
   void close_cleanly();
+  // Takes the committers waiting for a version up to durable_ (every one after a failure) out of
+  // waiters_ into `out`; the caller releases them with wake() after leaving mu_. Each waits on its
+  // own event, so a group wakes exactly its committers, and none takes mu_ again to return.
+  struct waiter;
+  void take_waiters(std::vector<waiter*>& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static void wake(std::vector<waiter*>& taken);
   // Writes the descriptions taken from described_ (writer thread, or after it stopped).
   absl::Status write_descriptions(std::vector<std::pair<std::string, std::string>> items);
 
@@ -113,7 +120,13 @@ class journal {
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
-  std::condition_variable done_cv_;
+  struct waiter {
+    explicit waiter(std::uint64_t v) : version(v) {}
+    std::uint64_t version;
+    bool durable = false;  // set before `ready` is set
+    wake_event ready;
+  };
+  std::vector<waiter*> waiters_ ABSL_GUARDED_BY(mu_);
   std::deque<std::shared_ptr<journal_record>> queue_ ABSL_GUARDED_BY(mu_);
   std::uint64_t durable_ ABSL_GUARDED_BY(mu_);
   absl::Status failed_ ABSL_GUARDED_BY(mu_);
