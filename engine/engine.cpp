@@ -284,14 +284,14 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
         const std::string at = absl::StrCat(outbox_->str(), ".", id);
         const detail::location found = detail::lookup(*done.root, at);
         if (const outbox_message* typed = found.inner ? nullptr : found.node->message()) {
-          encoded.set(at, typed->to_json());  // no JSON form kept in the state for it
+          encoded.set_message(at, *typed);  // no JSON form kept in the state for it
         } else if (const json* stored = detail::stored_json(found)) {
           encoded.set(at, *stored);
         } else {
           encoded.set(at, detail::materialise(found));
         }
       }
-      record->writes = encoded.writes_text();
+      record->writes = std::move(encoded).writes_text();
       record->messages = detail::record_encoder::messages_text(done.message_ids);
     } catch (const std::exception& e) {
       // Values are checked before they are committed, so this is a bug; never leave the record

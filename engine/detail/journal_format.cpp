@@ -315,6 +315,125 @@ absl::Status insert_snapshot(sqlite3* db, const std::string& path, std::uint64_t
   return absl::OkStatus();
 }
 
+// record_encoder: JSON text written as it goes, byte for byte what json::dump() would write.
+
+record_encoder::record_encoder()
+    : out_(nlohmann::detail::output_adapter<char>(text_), ' ', json::error_handler_t::strict) {}
+
+void record_encoder::set(std::string_view path, const json& value) {
+  open(path);
+  text_ += ',';
+  out_.dump(value, false, false, 0);
+  text_ += ']';
+}
+
+namespace {
+
+template <class Int>
+void append_integer(std::string& out, Int value) {
+  char digits[24];
+  const auto end = std::to_chars(digits, digits + sizeof(digits), value).ptr;
+  out.append(digits, end);
+}
+
+}  // namespace
+
+void record_encoder::set_message(std::string_view path, const outbox_message& m) {
+  open(path);
+  // outbox_message::to_json()'s members, in its (alphabetical) order.
+  text_ += ",{\"attempts\":";
+  append_integer(text_, m.attempts);
+  text_ += ",\"created_at_us\":";
+  append_integer(text_, m.created_at_us);
+  text_ += ",\"failures\":";
+  if (m.failures.empty()) {
+    text_ += "[]";
+  } else {
+    out_.dump(json(m.failures), false, false, 0);
+  }
+  text_ += ",\"headers\":{";
+  bool first = true;
+  for (const auto& [name, value] : m.headers) {
+    if (!first) text_ += ',';
+    first = false;
+    append_json_string(text_, name);
+    text_ += ':';
+    append_json_string(text_, value);
+  }
+  text_ += "},\"id\":";
+  append_json_string(text_, m.id);
+  text_ += ",\"key\":";
+  append_json_string(text_, m.key);
+  text_ += ",\"last_error\":";
+  append_json_string(text_, m.last_error);
+  text_ += ",\"next_attempt_at_us\":";
+  append_integer(text_, m.next_attempt_at_us);
+  text_ += ",\"payload\":";
+  out_.dump(m.payload, false, false, 0);
+  text_ += ",\"topic\":";
+  append_json_string(text_, m.topic);
+  text_ += ",\"version\":";
+  append_integer(text_, m.version);
+  text_ += "}]";
+}
+
+std::string record_encoder::messages_text(const std::vector<std::string>& ids) {
+  std::string text = "[";
+  for (const std::string& id : ids) {
+    if (text.size() > 1) text += ',';
+    append_json_string(text, id);
+  }
+  text += ']';
+  return text;
+}
+
+void append_json_string(std::string& out, std::string_view text) {
+  // ASCII is escaped here; text with other bytes goes through nlohmann, which also checks that
+  // it is UTF-8 (rare in paths, ids and keys).
+  for (const char c : text) {
+    if (static_cast<unsigned char>(c) >= 0x80) {
+      out += json(std::string(text)).dump();
+      return;
+    }
+  }
+  out += '"';
+  for (const char c : text) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          static constexpr char hex[] = "0123456789abcdef";
+          out += "\\u00";
+          out += hex[(static_cast<unsigned char>(c) >> 4) & 0xF];
+          out += hex[static_cast<unsigned char>(c) & 0xF];
+        } else {
+          out += c;
+        }
+    }
+  }
+  out += '"';
+}
+
 }  // namespace detail
 
 namespace detail {

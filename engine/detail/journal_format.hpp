@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "pop/contracts/json.hpp"
+#include "pop/contracts/outbox_message.hpp"
 #include "pop/engine/detail/sqlite.hpp"
 #include "pop/engine/detail/tree.hpp"
 #include "pop/engine/journal.hpp"
@@ -43,33 +44,42 @@ CREATE TABLE IF NOT EXISTS pop_snapshots(
 // needs no sync: it only ever trails the log, and is read only when the log is absent.
 inline constexpr std::size_t head_size = 38;  // "pop-journal-head " + 20 digits + '\n'
 
+// Appends `text` as a JSON string, exactly as json(text).dump() writes it; throws json::type_error
+// for text that is not UTF-8, as dump() does.
+void append_json_string(std::string& out, std::string_view text);
+
 // Encodes a commit record's writes and message ids: the writes as JSON [[path, value] | [path]
 // (a delete), ...], the ids as a JSON list. With replay() and read_journal(), the only code that
 // knows the record's layout.
 class record_encoder {
  public:
+  record_encoder();
+  record_encoder(const record_encoder&) = delete;  // its serializer writes into its own text
+  record_encoder& operator=(const record_encoder&) = delete;
   // Appends a write of `value` at `path`; throws json::type_error for a value JSON text cannot
-  // hold. The text is built as it goes: no copy of the value is made.
-  void set(std::string_view path, const json& value) {
-    open(path);
-    text_ += ',';
-    text_ += value.dump();
-    text_ += ']';
-  }
+  // hold. The text is written straight into the record: no copy of the value is made.
+  void set(std::string_view path, const json& value);
+  // Appends a write of message `m` at `path`: the same text as set(path, m.to_json()), without
+  // building that JSON first.
+  void set_message(std::string_view path, const outbox_message& m);
   void erase(std::string_view path) {
     open(path);
     text_ += ']';
   }
   // The writes as JSON text.
-  std::string writes_text() const { return text_ + ']'; }
-  static std::string messages_text(const std::vector<std::string>& ids) { return json(ids).dump(); }
+  std::string writes_text() && {
+    text_ += ']';
+    return std::move(text_);
+  }
+  static std::string messages_text(const std::vector<std::string>& ids);
 
  private:
   void open(std::string_view path) {
     text_ += text_.size() == 1 ? "[" : ",[";
-    text_ += json(std::string(path)).dump();
+    append_json_string(text_, path);
   }
   std::string text_ = "[";
+  nlohmann::detail::serializer<json> out_;  // appends to text_
 };
 
 // The checksum of a pop_commits row: FNV-1a 64 over its fields.

@@ -1,5 +1,6 @@
 // Tests of the SQLite journal: round trips, snapshots, recovery of crash images, refusals of
 // damaged, foreign, newer or busy journals (each leaving the file as it was), verify_journal.
+#include <rapidcheck/catch.h>
 #include <catch2/catch.hpp>
 
 #include "tests/support/must.hpp"
@@ -15,6 +16,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include "absl/strings/match.h"
+#include "pop/engine/detail/journal_format.hpp"
 #include "pop/relay/dead_letters.hpp"
 #include "pop/relay/relay.hpp"
 #include "tests/support/scripted_sink.hpp"
@@ -383,4 +385,75 @@ TEST_CASE("journal options are validated", "[journal]") {
         absl::StatusCode::kUnavailable);
   CHECK(pop::verify_journal("/nonexistent-dir/x.db").status().code() ==
         absl::StatusCode::kNotFound);
+}
+
+namespace {
+
+// Text the journal must escape: quotes, backslashes, control characters (some with short
+// escapes), DEL, and UTF-8 of two, three and four bytes.
+rc::Gen<std::string> tricky_text() {
+  return rc::gen::map(rc::gen::container<std::vector<std::string>>(rc::gen::element<std::string>(
+                          "a", "Z", "0", ".", " ", "\"", "\\", "/", "\n", "\t", "\b", "\f", "\r",
+                          std::string(1, '\0'), "\x01", "\x1f", "\x7f", "\xc3\xa9", "\xe2\x98\x83",
+                          "\xf0\x9f\x98\x80")),
+                      [](const std::vector<std::string>& parts) {
+                        std::string out;
+                        for (const std::string& p : parts) out += p;
+                        return out;
+                      });
+}
+
+}  // namespace
+
+TEST_CASE("the journal's record encoder writes exactly what json::dump() would") {
+  rc::prop("writes, deletes and messages", [] {
+    pop::detail::record_encoder encoded;
+    json expected = json::array();
+    const int n = *rc::gen::inRange(0, 5);
+    for (int i = 0; i < n; ++i) {
+      const std::string path = *tricky_text();
+      switch (*rc::gen::inRange(0, 3)) {
+        case 0: {
+          const json value = {{"text", *tricky_text()},
+                              {"n", *rc::gen::arbitrary<int>()},
+                              {"list", {1.5, nullptr, true}}};
+          encoded.set(path, value);
+          expected.push_back({path, value});
+          break;
+        }
+        case 1:
+          encoded.erase(path);
+          expected.push_back({path});
+          break;
+        default: {
+          pop::outbox_message m;
+          m.id = *tricky_text();
+          m.topic = *tricky_text();
+          m.key = *tricky_text();
+          m.payload = {{"p", *tricky_text()}};
+          const int headers = *rc::gen::inRange(0, 3);
+          for (int h = 0; h < headers; ++h) m.headers[*tricky_text()] = *tricky_text();
+          m.created_at_us = *rc::gen::arbitrary<std::int64_t>();
+          m.version = *rc::gen::arbitrary<std::uint64_t>();
+          m.attempts = *rc::gen::arbitrary<std::uint32_t>();
+          m.last_error = *tricky_text();
+          m.next_attempt_at_us = *rc::gen::arbitrary<std::int64_t>();
+          if (*rc::gen::arbitrary<bool>()) m.failures.push_back({2, 17, *tricky_text()});
+          encoded.set_message(path, m);
+          expected.push_back({path, m.to_json()});
+        }
+      }
+    }
+    const std::string text = std::move(encoded).writes_text();
+    RC_ASSERT(text == expected.dump());
+    RC_ASSERT(json::parse(text) == expected);
+  });
+  rc::prop("message ids", [] {
+    const auto ids = *rc::gen::container<std::vector<std::string>>(tricky_text());
+    RC_ASSERT(pop::detail::record_encoder::messages_text(ids) == json(ids).dump());
+  });
+  SECTION("text that is not UTF-8 is refused, as dump() refuses it") {
+    pop::detail::record_encoder encoded;
+    CHECK_THROWS_AS(encoded.erase("bad\xff"), json::type_error);
+  }
 }
