@@ -397,6 +397,7 @@ absl::StatusOr<commit> engine::execute(std::string_view name, const json& args) 
         absl::StrCat("no process named '", detail::to_absl(name), "' is registered"));
   }
   if (journal_) POP_RETURN_IF_ERROR(journal_->failure());
+  const detail::journal::activity active(journal_.get());
   const int max_attempts = options_.retry.max_attempts;
   std::string conflict;
   for (int attempt = 1; attempt <= max_attempts; ++attempt) {
@@ -440,6 +441,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
   const std::string who = absl::StrCat("compare_and_swap(expected version ", expected_version, ")");
   if (writes.empty()) return absl::InvalidArgumentError(absl::StrCat(who, ": no writes given"));
   if (journal_) POP_RETURN_IF_ERROR(journal_->failure());
+  const detail::journal::activity active(journal_.get());
   prepared prep;
   // A write of the whole outbox is read against the head, under the commit lock, below.
   std::optional<std::optional<json>> queue;
@@ -513,6 +515,7 @@ absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& se
   }
   if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat(who, ": no message ids given"));
   if (journal_) POP_RETURN_IF_ERROR(journal_->failure());
+  const detail::journal::activity active(journal_.get());
   // An id found in the outbox is a valid segment (it was written through a path): only the ids
   // not removed are checked, after the erase and before anything is installed.
   const auto check_ids = [&](const std::vector<std::string_view>& removed) -> absl::Status {

@@ -175,35 +175,92 @@ std::shared_ptr<journal_record> journal::reserve(std::uint64_t version,
   return r;
 }
 
+// (Nobody needs waking: the committer that filled `r` calls wait_durable() next and writes it
+// unless somebody else is writing, who then hands over to a waiter.)
 void journal::fill(const std::shared_ptr<journal_record>& r) {
-  {
-    std::lock_guard lock(mu_);
-    r->filled = true;
-  }
-  work_cv_.notify_one();
+  std::lock_guard lock(mu_);
+  r->filled = true;
 }
 
 void journal::fail(const std::shared_ptr<journal_record>& r, absl::Status why) {
-  {
-    std::lock_guard lock(mu_);
-    r->error = std::move(why);
-    r->filled = true;
-  }
-  work_cv_.notify_one();
+  std::lock_guard lock(mu_);
+  r->error = std::move(why);
+  r->filled = true;
 }
 
 absl::Status journal::wait_durable(std::uint64_t version) {
   waiter w(version);
-  {
-    std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
+  for (;;) {
     if (durable_ >= version) return absl::OkStatus();
     if (!failed_.ok()) return failed_;
+    const bool ready = !writing_ && !queue_.empty() && queue_.front()->filled;
+    // A lone committer writes its record itself: no hand-off to the writer thread and back.
+    // Under contention the writer thread writes the groups: they are larger, and a committer
+    // preempted while it held the token would stall every other one.
+    if (ready && active_.load(std::memory_order_relaxed) <= 1 && queue_.size() == 1 &&
+        waiters_.empty()) {
+      write_front(lock);
+      continue;
+    }
+    w.ready.reset();
     waiters_.push_back(&w);
+    lock.unlock();
+    if (ready) work_cv_.notify_one();
+    w.ready.wait();
+    if (w.durable) return absl::OkStatus();  // (else woken by a failure)
+    lock.lock();
   }
-  w.ready.wait();
-  if (w.durable) return absl::OkStatus();
-  std::lock_guard lock(mu_);
-  return failed_;
+}
+
+void journal::write_front(std::unique_lock<std::mutex>& lock) {
+  writing_ = true;
+  std::deque<std::shared_ptr<journal_record>> group;
+  while (!queue_.empty() && queue_.front()->filled && queue_.front()->error.ok() &&
+         group.size() < options_.max_group) {
+    group.push_back(std::move(queue_.front()));
+    queue_.pop_front();
+  }
+  absl::Status s;
+  if (group.empty()) {  // the front record could not be encoded
+    s = queue_.front()->error;
+  } else {
+    lock.unlock();
+    s = write_group(group);
+    const std::uint64_t last = group.back()->version;
+    if (s.ok()) s = write_head(head_fd_, path_, last);
+    if (s.ok() && (last - snapshot_version_ >= options_.snapshot_every ||
+                   bytes_since_snapshot_ >= options_.snapshot_bytes)) {
+      // The group's committers go first; the token is kept for the snapshot, so no group is
+      // written before it.
+      std::vector<waiter*> taken;
+      lock.lock();
+      durable_ = last;
+      take_waiters(taken);
+      lock.unlock();
+      wake(taken);
+      s = write_snapshot(*group.back());
+    }
+    lock.lock();
+    if (s.ok()) durable_ = last;
+  }
+  if (!s.ok()) {
+    failed_ = annotate(s, absl::StrCat("the journal failed after version ", durable_,
+                                       "; the engine refuses further commits"));
+  }
+  hand_over(lock);
+}
+
+void journal::hand_over(std::unique_lock<std::mutex>& lock) {
+  writing_ = false;
+  std::vector<waiter*> taken;
+  take_waiters(taken);
+  const bool writer_work =
+      failed_.ok() && (!described_.empty() || (!queue_.empty() && queue_.front()->filled));
+  lock.unlock();
+  if (writer_work) work_cv_.notify_one();
+  wake(taken);
+  lock.lock();
 }
 
 void journal::take_waiters(std::vector<waiter*>& out) {
@@ -256,68 +313,28 @@ absl::Status journal::write_descriptions(std::vector<std::pair<std::string, std:
 }
 
 void journal::run_writer() {
-  std::deque<std::shared_ptr<journal_record>> group;
-  std::vector<waiter*> taken;
+  std::unique_lock lock(mu_);
   for (;;) {
-    std::vector<std::pair<std::string, std::string>> described;
-    {
-      std::unique_lock lock(mu_);
-      work_cv_.wait(lock, [&] {
-        return stop_ || !described_.empty() || (!queue_.empty() && queue_.front()->filled);
-      });
-      described.swap(described_);
-      while (!queue_.empty() && queue_.front()->filled && queue_.front()->error.ok() &&
-             group.size() < options_.max_group) {
-        group.push_back(std::move(queue_.front()));
-        queue_.pop_front();
-      }
-      if (group.empty() && !queue_.empty() && queue_.front()->filled) {
-        failed_ = annotate(queue_.front()->error,
-                           absl::StrCat("the journal failed after version ", durable_,
-                                        "; the engine refuses further commits"));
-        take_waiters(taken);
-        lock.unlock();
-        wake(taken);
-        return;
-      }
-    }
-    // Descriptions are not commits: one that cannot be written is not a reason to stop the
-    // journal (the next close tries again), and they never delay a group's acknowledgement much.
-    if (!described.empty() && !write_descriptions(described).ok()) {
-      unwritten_.insert(unwritten_.end(), described.begin(), described.end());
-    }
-    if (group.empty()) {
-      std::lock_guard lock(mu_);
-      if (stop_) return;
+    work_cv_.wait(lock, [&] {
+      return stop_ || (failed_.ok() && !writing_ &&
+                       ((!queue_.empty() && queue_.front()->filled) || !described_.empty()));
+    });
+    if (stop_) return;
+    if (!queue_.empty() && queue_.front()->filled) {
+      write_front(lock);
       continue;
     }
-    absl::Status s = write_group(group);
-    const std::uint64_t last = group.back()->version;
-    if (s.ok()) s = write_head(head_fd_, path_, last);
-    if (s.ok()) {
-      {
-        std::lock_guard lock(mu_);
-        durable_ = last;
-        take_waiters(taken);
-      }
-      wake(taken);
-      // Snapshots are written after the group's committers were released.
-      if (last - snapshot_version_ >= options_.snapshot_every ||
-          bytes_since_snapshot_ >= options_.snapshot_bytes) {
-        s = write_snapshot(*group.back());
-      }
+    writing_ = true;
+    std::vector<std::pair<std::string, std::string>> described;
+    described.swap(described_);
+    lock.unlock();
+    // Descriptions are not commits: one that cannot be written is not a reason to stop the
+    // journal (the next close tries again).
+    if (!write_descriptions(described).ok()) {
+      unwritten_.insert(unwritten_.end(), described.begin(), described.end());
     }
-    if (!s.ok()) {
-      {
-        std::lock_guard lock(mu_);
-        failed_ = annotate(s, absl::StrCat("the journal failed after version ", durable_,
-                                           "; the engine refuses further commits"));
-        take_waiters(taken);
-      }
-      wake(taken);
-      return;
-    }
-    group.clear();
+    lock.lock();
+    hand_over(lock);
   }
 }
 
@@ -362,13 +379,14 @@ absl::Status journal::write_snapshot(const journal_record& last) {
     return absl::InternalError(
         absl::StrCat("cannot encode the snapshot of version ", last.version, ": ", e.what()));
   }
+  const std::uint64_t version = last.version;
   POP_RETURN_IF_ERROR(exec(db_, path_, "BEGIN IMMEDIATE"));
-  absl::Status s = insert_snapshot(db_, path_, last.version, state, clock_->now_us());
+  absl::Status s = insert_snapshot(db_, path_, version, state, clock_->now_us());
   if (s.ok()) {
     statement prune;
     s = prepare(db_, path_, "DELETE FROM pop_commits WHERE version <= ?", prune);
     if (s.ok()) {
-      sqlite3_bind_int64(prune.s, 1, static_cast<std::int64_t>(last.version));
+      sqlite3_bind_int64(prune.s, 1, static_cast<std::int64_t>(version));
       if (const int rc = sqlite3_step(prune.s); rc != SQLITE_DONE) {
         s = sql_error(db_, rc, path_, "pruning records");
       }
@@ -378,7 +396,7 @@ absl::Status journal::write_snapshot(const journal_record& last) {
     statement old;
     s = prepare(db_, path_, "DELETE FROM pop_snapshots WHERE version < ?", old);
     if (s.ok()) {
-      sqlite3_bind_int64(old.s, 1, static_cast<std::int64_t>(last.version));
+      sqlite3_bind_int64(old.s, 1, static_cast<std::int64_t>(version));
       if (const int rc = sqlite3_step(old.s); rc != SQLITE_DONE) {
         s = sql_error(db_, rc, path_, "pruning snapshots");
       }
@@ -389,7 +407,7 @@ absl::Status journal::write_snapshot(const journal_record& last) {
     static_cast<void>(exec(db_, path_, "ROLLBACK"));
     return s;
   }
-  snapshot_version_ = last.version;
+  snapshot_version_ = version;
   bytes_since_snapshot_ = 0;
   return absl::OkStatus();
 }

@@ -1,6 +1,7 @@
 // Defines pop::detail::journal: the SQLite journal with group commit, snapshots and recovery.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -48,12 +49,16 @@ struct journal_start {
 // The journal of one engine: an SQLite database in WAL mode holding a snapshot of the whole state
 // and one record per committed version after it.
 //
-// Writing: one thread takes every filled record at the front of the queue (up to max_group) and
-// writes them in one transaction, so concurrent commits share one sync (group commit); then it
-// advances durable_version() and wakes the committers waiting in wait_durable(). Every
-// snapshot_every versions (or snapshot_bytes of records) it writes a snapshot and prunes the
-// records and snapshots before it. Prefix property: a record is written only after every record
-// before it, so a crash loses a suffix, never a hole.
+// Writing: whoever holds the token (writing_) takes every filled record at the front of the queue
+// (up to max_group) and writes them in one transaction, so concurrent commits share one sync
+// (group commit); then it advances durable_version() and wakes the committers whose records it
+// wrote. The writer thread does this under contention; a lone committer (no other commit call in
+// progress, its record the only one queued) writes its own record on its own thread, with no
+// hand-off to the writer thread and back. Every snapshot_every versions
+// (or snapshot_bytes of records) the token holder writes a snapshot after the group that crossed
+// the bound (its committers released first) and prunes the records and snapshots before it. Prefix
+// property: a record is written only after every record before it, so a crash loses a suffix, never
+// a hole.
 //
 // Failure: if SQLite fails, the journal stops, failure() returns the error from then on, and
 // every waiter gets it; the engine refuses further commits.
@@ -83,6 +88,24 @@ class journal {
   void fail(const std::shared_ptr<journal_record>& r, absl::Status why);
   // Blocks until `version` is durable. OK, or the journal's failure.
   absl::Status wait_durable(std::uint64_t version);
+
+  // Marks a commit call in progress for its lifetime (from before its process runs to its
+  // return): a committer writes its own record only when it is the only one (else the writer
+  // thread writes the groups). `j` may be null (no journal).
+  class activity {
+   public:
+    explicit activity(journal* j) : j_(j) {
+      if (j_ != nullptr) j_->active_.fetch_add(1, std::memory_order_relaxed);
+    }
+    ~activity() {
+      if (j_ != nullptr) j_->active_.fetch_sub(1, std::memory_order_relaxed);
+    }
+    activity(const activity&) = delete;
+    activity& operator=(const activity&) = delete;
+
+   private:
+    journal* j_;
+  };
   std::uint64_t durable_version() const;
   absl::Status failure() const;
   // Records metadata `key` = `value` (a description for tools: a process spec, a workflow
@@ -93,6 +116,14 @@ class journal {
   journal(std::string path, durability level, const journal_options& opts, int lock_fd, int head_fd,
           sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version,
           std::shared_ptr<const clock> clock);
+  // Writes the filled records at the front of the queue (up to max_group) as one group, with
+  // the token (writing_) that one committer or the writer thread holds at a time; then
+  // hand_over(). Called with mu_ held (through `lock`); returns with it held.
+  void write_front(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives the token back: wakes the committers whose versions are durable (all of them after a
+  // failure) and the writer thread if it has work.
+  void hand_over(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The writer thread: groups under contention, and descriptions.
   void run_writer();
   absl::Status write_group(std::deque<std::shared_ptr<journal_record>>& group);
   absl::Status write_snapshot(const journal_record& last);
@@ -103,7 +134,8 @@ class journal {
   struct waiter;
   void take_waiters(std::vector<waiter*>& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static void wake(std::vector<waiter*>& taken);
-  // Writes the descriptions taken from described_ (writer thread, or after it stopped).
+  // Writes the descriptions taken from described_ (with the token, or after the writer
+  // thread stopped).
   absl::Status write_descriptions(std::vector<std::pair<std::string, std::string>> items);
 
   const std::string path_;
@@ -114,9 +146,10 @@ class journal {
   const int head_fd_;  // the head file: the newest durable version (see journal.cpp)
   sqlite3* db_;
   sqlite3_stmt* insert_ = nullptr;
-  std::uint64_t snapshot_version_;  // writer thread only
+  // The token holder's only (the token's hand-over through mu_ orders their accesses):
+  std::uint64_t snapshot_version_;
   std::uint64_t bytes_since_snapshot_ = 0;
-  std::vector<std::pair<std::string, std::string>> unwritten_;  // writer thread, then close
+  std::vector<std::pair<std::string, std::string>> unwritten_;  // (then close)
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
@@ -132,6 +165,8 @@ class journal {
   absl::Status failed_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::pair<std::string, std::string>> described_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;  // the token: somebody is writing to db_
+  std::atomic<int> active_{0};                 // commit calls in progress (activity)
   std::thread writer_;
 };
 

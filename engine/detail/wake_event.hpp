@@ -14,7 +14,8 @@
 
 namespace pop::detail {
 
-// One thread blocks in wait() until another calls set(), once. On Linux a bare futex: unlike
+// One thread blocks in wait() until another calls set(); reset() (by the waiter, when nobody can
+// set it) arms it again. On Linux a bare futex: unlike
 // std::atomic::wait and std::binary_semaphore (libstdc++ spins with sched_yield before it
 // sleeps), a waiter goes to sleep at once, which matters when many more threads wait for the
 // journal than there are cores. The setter never touches the event after the waiter can see it
@@ -31,6 +32,11 @@ class wake_event {
 #else
     ready_.acquire();
 #endif
+  }
+  void reset() noexcept {
+#if defined(__linux__)
+    word_.store(0, std::memory_order_relaxed);
+#endif  // (a semaphore is taken again by wait())
   }
   void set() noexcept {
 #if defined(__linux__)
