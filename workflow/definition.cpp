@@ -21,10 +21,20 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
         "workflow '", d.name, "': ", detail::to_absl(where), ": ", detail::to_absl(what)));
   };
   if (!j.is_object()) return absl::InvalidArgumentError("a workflow definition must be an object");
+  // Where a value of the wrong type is, for the error: the step and field being read.
+  std::string step_name;
+  std::string field_name;
+  const auto val = [&](const json& o, const char* field, auto fallback) {
+    field_name = field;
+    return o.value(field, fallback);
+  };
   try {
+    field_name = "name";
     d.name = j.at("name").get<std::string>();
-    d.version = j.value("version", "");
+    d.version = val(j, "version", std::string());
+    field_name = "start";
     d.start = j.at("start").get<std::string>();
+    field_name = "steps";
     const json& steps = j.at("steps");
     if (!steps.is_object()) return bad("steps", "must be an object of step name -> step");
     static const std::set<std::string> known = {
@@ -35,6 +45,7 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
         "retry",      "inputs",     "parallel",   "map",
         "join"};
     for (const auto& [name, s] : steps.items()) {
+      step_name = name;
       if (!s.is_object()) return bad(absl::StrCat("step '", name, "'"), "must be an object");
       for (const auto& [field, v] : s.items()) {
         if (!known.contains(field)) {
@@ -44,13 +55,13 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
       }
       workflow_step step;
       step.name = name;
-      step.process = s.value("process", "");
-      step.call = s.value("call", "");
-      step.fail = s.value("fail", "");
-      step.end = s.value("end", false);
-      step.continue_as_new = s.value("continue_as_new", false);
-      step.call_inputs = s.value("inputs", json());
-      step.join = s.value("join", std::string("all"));
+      step.process = val(s, "process", "");
+      step.call = val(s, "call", "");
+      step.fail = val(s, "fail", "");
+      step.end = val(s, "end", false);
+      step.continue_as_new = val(s, "continue_as_new", false);
+      step.call_inputs = val(s, "inputs", json());
+      step.join = val(s, "join", std::string("all"));
       if (const auto p = s.find("parallel"); p != s.end()) {
         if (!p->is_array())
           return bad(absl::StrCat("step '", name, "'"), "parallel must be a list");
@@ -64,7 +75,7 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
                          absl::StrCat("unknown field '", field, "'"));
             }
           }
-          step.parallel.push_back({b.value("call", ""), b.value("inputs", json())});
+          step.parallel.push_back({val(b, "call", ""), val(b, "inputs", json())});
         }
       }
       if (const auto m = s.find("map"); m != s.end()) {
@@ -77,11 +88,11 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
                        absl::StrCat("unknown field '", field, "'"));
           }
         }
-        step.map.over = m->value("over", "");
-        step.map.call = m->value("call", "");
-        step.map.as = m->value("as", step.map.as);
-        step.map.inputs = m->value("inputs", json());
-        step.map.max_concurrency = m->value("max_concurrency", 0);
+        step.map.over = val(*m, "over", "");
+        step.map.call = val(*m, "call", "");
+        step.map.as = val(*m, "as", step.map.as);
+        step.map.inputs = val(*m, "inputs", json());
+        step.map.max_concurrency = val(*m, "max_concurrency", 0);
         if (step.map.call.empty())
           return bad(absl::StrCat("step '", name, "' map"), "needs 'call'");
       }
@@ -97,41 +108,44 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
           }
         }
         workflow_retry& p = step.retry;
-        p.attempts = r->value("attempts", p.attempts);
-        p.initial_ms = r->value("initial_ms", p.initial_ms);
-        p.multiplier = r->value("multiplier", p.multiplier);
-        p.max_interval_ms = r->value("max_interval_ms", p.max_interval_ms);
-        p.jitter = r->value("jitter", p.jitter);
-        p.non_retryable = r->value("non_retryable", p.non_retryable);
-        p.on_exhausted = r->value("on_exhausted", p.on_exhausted);
+        p.attempts = val(*r, "attempts", p.attempts);
+        p.initial_ms = val(*r, "initial_ms", p.initial_ms);
+        p.multiplier = val(*r, "multiplier", p.multiplier);
+        p.max_interval_ms = val(*r, "max_interval_ms", p.max_interval_ms);
+        p.jitter = val(*r, "jitter", p.jitter);
+        p.non_retryable = val(*r, "non_retryable", p.non_retryable);
+        p.on_exhausted = val(*r, "on_exhausted", p.on_exhausted);
       }
-      step.next = s.value("next", s.value("otherwise", ""));
-      step.on_error = s.value("on_error", "");
-      step.key = s.value("key", "");
-      step.timeout_ms = s.value("timeout_ms", std::int64_t{0});
-      step.on_timeout = s.value("on_timeout", "");
-      step.compensate = s.value("compensate", "");
-      step.max_visits = s.value("max_visits", 0);
-      step.sleep_ms = s.value("sleep_ms", std::int64_t{0});
+      step.next = val(s, "next", val(s, "otherwise", ""));
+      step.on_error = val(s, "on_error", "");
+      step.key = val(s, "key", "");
+      step.timeout_ms = val(s, "timeout_ms", std::int64_t{0});
+      step.on_timeout = val(s, "on_timeout", "");
+      step.compensate = val(s, "compensate", "");
+      step.max_visits = val(s, "max_visits", 0);
+      step.sleep_ms = val(s, "sleep_ms", std::int64_t{0});
       if (const auto w = s.find("wait"); w != s.end()) {
+        field_name = "wait";
         step.wait = w->get<std::map<std::string, std::string>>();
       }
       if (const auto b = s.find("branch"); b != s.end()) {
         if (!b->is_array()) return bad(absl::StrCat("step '", name, "'"), "branch must be a list");
         for (const json& c : *b) {
           workflow_condition cond;
-          cond.path = c.value("path", "");
-          cond.op = c.value("op", "");
-          cond.value = c.value("value", json());
-          cond.predicate = c.value("predicate", "");
-          cond.next = c.value("next", "");
+          cond.path = val(c, "path", "");
+          cond.op = val(c, "op", "");
+          cond.value = val(c, "value", json());
+          cond.predicate = val(c, "predicate", "");
+          cond.next = val(c, "next", "");
           step.branch.push_back(std::move(cond));
         }
       }
       d.steps.push_back(std::move(step));
     }
   } catch (const json::exception& e) {
-    return bad("definition", e.what());
+    return bad(step_name.empty() ? absl::StrCat("field '", field_name, "'")
+                                 : absl::StrCat("step '", step_name, "' field '", field_name, "'"),
+               e.what());
   }
   return d;
 }

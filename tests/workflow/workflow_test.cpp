@@ -589,6 +589,12 @@ TEST_CASE("bad definitions are rejected at load with a precise error", "[workflo
            "calls unknown workflow 'ghost'");
   rejected({{"a", {{"end", true}}}}, "the start step 'zz' is missing", "zz");
   rejected({{"a", {{"end", true}, {"colour", "red"}}}}, "unknown field 'colour'");
+  // A value of the wrong type names its step and field.
+  rejected({{"a", {{"process", "append"}, {"next", 7}}}}, "step 'a' field 'next'");
+  rejected({{"a", {{"process", "append"}, {"next", "a"}, {"retry", {{"attempts", "three"}}}}}},
+           "step 'a' field 'attempts'");
+  rejected({{"a", {{"sleep_ms", "soon"}, {"next", "b"}}}, {"b", {{"end", true}}}},
+           "step 'a' field 'sleep_ms'");
   rejected({{"a",
              {{"branch", json::array({{{"path", "{x}.y"}, {"op", "exists"}, {"next", "b"}}})},
               {"otherwise", "b"}}},
