@@ -95,12 +95,11 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
       if (t.status() != "compensating" || done.empty() || done.back() != step_name) return out;
       absl::StatusOr<result> r = entry->fn(ctx, t.args());
       if (!r.ok()) {
-        t.history(step_name, absl::StrCat("compensation failed: ", r.status().ToString()));
-        t.rec()["error"] = absl::StrCat(t.rec().value("error", ""), "; compensation '",
-                                        step->compensate, "' failed: ", r.status().ToString());
-        t.finish("failed");
+        // The compensation's own writes are dropped; it is retried as the step's policy says.
+        self->fail_compensation(t, *step, r.status().code(), r.status().ToString());
       } else {
         out = *std::move(r);
+        t.rec().erase("retry");
         t.history(step_name, "compensated");
         done.erase(done.size() - 1);
         if (done.empty()) t.finish("compensated");
@@ -448,25 +447,37 @@ void workflows::settle_fan_out(detail::instance_txn& parent, detail::instance_tx
   }
 }
 
+namespace {
+
+// The delay before attempt `attempt` + 1 under policy `p`: growing per attempt up to the cap; the
+// jitter is a hash of `seed` and the attempt, so running the same state again decides the same.
+std::int64_t retry_delay_us(const workflow_retry& p, const std::string& seed, int attempt) {
+  double delay_ms = static_cast<double>(p.initial_ms);
+  for (int i = 1; i < attempt && delay_ms < static_cast<double>(p.max_interval_ms); ++i) {
+    delay_ms *= p.multiplier;
+  }
+  delay_ms = std::min(delay_ms, static_cast<double>(p.max_interval_ms));
+  const std::uint64_t h = detail::fnv1a(absl::StrCat(seed, "/", attempt));
+  const double unit = static_cast<double>(h >> 11) / static_cast<double>(1ULL << 53);
+  delay_ms *= 1.0 + p.jitter * (2.0 * unit - 1.0);
+  return static_cast<std::int64_t>(delay_ms * 1000.0);
+}
+
+bool is_non_retryable(const workflow_retry& p, const std::string& code_name) {
+  return std::find(p.non_retryable.begin(), p.non_retryable.end(), code_name) !=
+         p.non_retryable.end();
+}
+
+}  // namespace
+
 void workflows::fail_step(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
                           const std::string& error) const {
   const workflow_retry& p = step.retry;
   const int attempt = t.retrying(step.name) ? t.rec()["retry"].value("attempt", 1) : 1;
   const std::string code_name = absl::StatusCodeToString(code);
-  const bool permanent =
-      std::find(p.non_retryable.begin(), p.non_retryable.end(), code_name) != p.non_retryable.end();
+  const bool permanent = is_non_retryable(p, code_name);
   if (attempt < p.attempts && !permanent) {
-    // The delay grows per attempt up to the cap; the jitter is a hash of instance, step and
-    // attempt, so running this step again on the same state decides the same.
-    double delay_ms = static_cast<double>(p.initial_ms);
-    for (int i = 1; i < attempt && delay_ms < static_cast<double>(p.max_interval_ms); ++i) {
-      delay_ms *= p.multiplier;
-    }
-    delay_ms = std::min(delay_ms, static_cast<double>(p.max_interval_ms));
-    const std::uint64_t h = detail::fnv1a(absl::StrCat(t.id(), "/", step.name, "/", attempt));
-    const double unit = static_cast<double>(h >> 11) / static_cast<double>(1ULL << 53);
-    delay_ms *= 1.0 + p.jitter * (2.0 * unit - 1.0);
-    const auto delay_us = static_cast<std::int64_t>(delay_ms * 1000.0);
+    const std::int64_t delay_us = retry_delay_us(p, absl::StrCat(t.id(), "/", step.name), attempt);
     t.history(step.name, absl::StrCat("error (attempt ", attempt, " of ", p.attempts, "): ", error,
                                       "; retrying in ", delay_us / 1000, " ms"));
     t.rec()["retry"] = {{"step", step.name}, {"attempt", attempt + 1}};
@@ -493,6 +504,35 @@ void workflows::fail_step(detail::instance_txn& t, const workflow_step& step, ab
   } else {
     t.fail_path(reason);
   }
+}
+
+void workflows::fail_compensation(detail::instance_txn& t, const workflow_step& step,
+                                  absl::StatusCode code, const std::string& error) const {
+  const workflow_retry& p = step.retry;
+  const int attempt =
+      t.retrying(step.name) && t.compensation_retry() ? t.rec()["retry"].value("attempt", 1) : 1;
+  const std::string code_name = absl::StatusCodeToString(code);
+  const bool permanent = is_non_retryable(p, code_name);
+  const std::string what = absl::StrCat("compensation '", step.compensate, "'");
+  if (attempt < p.attempts && !permanent) {
+    const std::int64_t delay_us =
+        retry_delay_us(p, absl::StrCat(t.id(), "/", step.name, "/compensation"), attempt);
+    t.history(step.name, absl::StrCat(what, " failed (attempt ", attempt, " of ", p.attempts,
+                                      "): ", error, "; retrying in ", delay_us / 1000, " ms"));
+    t.rec()["retry"] = {{"step", step.name}, {"attempt", attempt + 1}, {"compensation", true}};
+    t.rec()["retry_at_us"] = t.now() + delay_us;
+    t.set_status("waiting");
+    t.refresh_timer();
+    return;
+  }
+  const std::string after =
+      permanent && p.attempts > 1
+          ? absl::StrCat(" (", code_name, " is not retryable)")
+          : (p.attempts > 1 ? absl::StrCat(" after ", attempt, " attempts") : std::string());
+  t.history(step.name, absl::StrCat("compensation failed", after, ": ", error));
+  t.rec()["error"] =
+      absl::StrCat(t.rec().value("error", ""), "; ", what, " failed", after, ": ", error);
+  t.finish("failed");
 }
 
 void workflows::run_control_step(detail::instance_txn& t, const defined& d,
@@ -754,10 +794,16 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           const std::string error = args.at("error").get<std::string>();
           if (args.value("mode", "") == "compensate") {
             if (status != "compensating") return out;
-            t.rec()["error"] =
-                absl::StrCat(t.rec().value("error", ""), "; a compensation failed: ", error);
-            t.history(args.at("step").get<std::string>(), "compensation failed");
-            t.finish("failed");
+            const std::string failed_step = args.at("step").get<std::string>();
+            if (const workflow_step* f = def->step(failed_step)) {
+              self->fail_compensation(
+                  t, *f, static_cast<absl::StatusCode>(args.value("code", 2 /* unknown */)), error);
+            } else {
+              t.rec()["error"] =
+                  absl::StrCat(t.rec().value("error", ""), "; a compensation failed: ", error);
+              t.history(failed_step, "compensation failed");
+              t.finish("failed");
+            }
           } else {
             if (status != "running" || !step || step->name != args.at("step")) return out;
             self->fail_step(t, *step,
@@ -780,11 +826,19 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
             t.go(step->next);
             t.refresh_timer();
           } else if (const std::int64_t retry = t.rec().value("retry_at_us", std::int64_t{0});
-                     status == "waiting" && retry > 0 && retry <= t.now() && step) {
+                     status == "waiting" && retry > 0 && retry <= t.now() &&
+                     (step || t.compensation_retry())) {
             t.rec().erase("retry_at_us");
-            t.history(step->name,
-                      absl::StrCat("retrying: attempt ", t.rec()["retry"].value("attempt", 0)));
-            t.set_status("running");
+            const json& r = t.rec()["retry"];
+            if (t.compensation_retry()) {
+              // Back to compensating: the same compensation runs again.
+              t.history(r.value("step", ""),
+                        absl::StrCat("retrying compensation: attempt ", r.value("attempt", 0)));
+              t.set_status("compensating");
+            } else {
+              t.history(step->name, absl::StrCat("retrying: attempt ", r.value("attempt", 0)));
+              t.set_status("running");
+            }
             t.refresh_timer();
           } else if (status == "waiting" && wait_due > 0 && wait_due <= t.now() && step) {
             t.clear_wait();
@@ -799,7 +853,8 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
             return out;
           }
         } else if (action == "cancel") {
-          if (status == "compensating") return out;
+          // Compensations, and their retries, run to the end.
+          if (status == "compensating" || t.compensation_retry()) return out;
           POP_RETURN_IF_ERROR(detail::cancel_instance(t, args.value("reason", "cancelled")));
         } else {
           return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));

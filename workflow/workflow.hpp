@@ -463,6 +463,10 @@ class workflows {
   // its on_error, failure path or a pause for an operator.
   void fail_step(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
                  const std::string& error) const;
+  // A compensation of `step` failed: retried as the step's retry policy says (waiting, then
+  // compensating again), else the instance fails naming it.
+  void fail_compensation(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
+                         const std::string& error) const;
   // Starts the children of fan-out step `step` (parallel or map) of `t`'s instance.
   void start_fan_out(detail::instance_txn& t, const workflow_step& step, const json& inputs) const;
   // Starts the fan-out's next child with `child_inputs`; false (and the failure path) if its

@@ -235,3 +235,91 @@ TEST_CASE("retry policies round-trip through JSON and bad ones are refused at lo
   const absl::Status s = f.wf->define(parse(on_end));
   CHECK(absl::StrContains(s.message(), "only process steps retry"));
 }
+
+TEST_CASE("a failing compensation is retried as its step's policy says, then the instance ends",
+          "[workflow][retry]") {
+  // a succeeds and records its compensation ("flaky"); b fails: the failure path compensates a.
+  const auto define = [](fixture& f, json retry) {
+    json steps = {
+        {"a", {{"process", "append"}, {"next", "b"}, {"compensate", "flaky"}, {"retry", retry}}},
+        {"b", {{"fail", "b broke"}}}};
+    const absl::Status s = f.wf->define(parse({{"name", "r"}, {"start", "a"}, {"steps", steps}}));
+    INFO(s);
+    REQUIRE(s.ok());
+  };
+  SECTION("it fails twice and succeeds on the third attempt: compensated") {
+    fixture f;
+    define(f, {{"attempts", 3}, {"initial_ms", 10}, {"multiplier", 2}, {"jitter", 0}});
+    f.failures = 2;
+    REQUIRE(f.wf->start("r", "i", {{"tag", "x"}}).ok());
+    const std::int64_t t0 = f.clock->now_us();
+    run_all(*f.wf);  // a, then b fails, then the compensation's first attempt fails
+    pop::workflow_instance w = f.get("i");
+    CHECK(w.status == "waiting");
+    CHECK(w.retry_at_us == t0 + 10 * kMsUs);
+    CHECK(w.attempt == 2);
+    CHECK(
+        absl::StrContains(w.events.back().outcome, "compensation 'flaky' failed (attempt 1 of 3)"));
+    // Cancelling now changes nothing: a compensation runs to its end.
+    CHECK(f.wf->cancel("i", "too late").ok());
+    CHECK(f.get("i").status == "waiting");
+    CHECK(f.at(t0 + 10 * kMsUs - 1) == 0);
+    CHECK(f.at(t0 + 10 * kMsUs) == 1);
+    CHECK(f.get("i").status == "compensating");
+    run_all(*f.wf);  // the second attempt fails: 20 ms more
+    CHECK(f.get("i").retry_at_us == t0 + 30 * kMsUs);
+    CHECK(f.at(t0 + 30 * kMsUs) == 1);
+    run_all(*f.wf);
+    w = f.get("i");
+    CHECK(w.status == "compensated");
+    CHECK(f.calls == 3);
+    CHECK(state(*f.e, "domain.log") == json::array({"x", "x"}));  // a's, then the compensation's
+  }
+  SECTION("it keeps failing: failed after its attempts, naming the compensation") {
+    fixture f;
+    define(f, {{"attempts", 2}, {"initial_ms", 10}, {"jitter", 0}});
+    f.failures = 100;
+    REQUIRE(f.wf->start("r", "i", {{"tag", "x"}}).ok());
+    run_all(*f.wf);
+    CHECK(f.at(f.clock->now_us() + 10 * kMsUs) == 1);
+    run_all(*f.wf);
+    const pop::workflow_instance w = f.get("i");
+    CHECK(w.status == "failed");
+    CHECK(f.calls == 2);
+    CHECK(absl::StrContains(w.error, "b broke"));
+    CHECK(absl::StrContains(w.error, "compensation 'flaky' failed after 2 attempts"));
+  }
+  SECTION("a non-retryable code fails at once") {
+    fixture f;
+    define(f, {{"attempts", 5}, {"non_retryable", {"INVALID_ARGUMENT"}}});
+    f.code = absl::StatusCode::kInvalidArgument;
+    f.failures = 100;
+    REQUIRE(f.wf->start("r", "i", {{"tag", "x"}}).ok());
+    run_all(*f.wf);
+    const pop::workflow_instance w = f.get("i");
+    CHECK(w.status == "failed");
+    CHECK(f.calls == 1);
+    CHECK(absl::StrContains(w.error, "(INVALID_ARGUMENT is not retryable)"));
+  }
+  SECTION("without a policy (one attempt) it fails at once, as before") {
+    fixture f;
+    define(f, json::object());
+    f.failures = 1;
+    REQUIRE(f.wf->start("r", "i", {{"tag", "x"}}).ok());
+    run_all(*f.wf);
+    CHECK(f.get("i").status == "failed");
+    CHECK(f.calls == 1);
+  }
+  SECTION("a compensation that throws is retried too") {
+    fixture f;
+    f.throws = true;
+    define(f, {{"attempts", 2}, {"initial_ms", 10}, {"jitter", 0}});
+    f.failures = 1;
+    REQUIRE(f.wf->start("r", "i", {{"tag", "x"}}).ok());
+    run_all(*f.wf);
+    CHECK(f.get("i").status == "waiting");
+    CHECK(f.at(f.clock->now_us() + 10 * kMsUs) == 1);
+    run_all(*f.wf);
+    CHECK(f.get("i").status == "compensated");
+  }
+}

@@ -338,6 +338,9 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     if (effective == "running" && kind_of(next_cursor).empty()) {
       return refuse(absl::StrCat("it is at ", at, ", which the new version lacks"));
     }
+    if (t.compensation_retry()) {
+      return refuse("it waits to retry a compensation on its way to its end");
+    }
     if (effective == "waiting") {
       if (t.rec().contains("fan_out")) {
         // Its children were started from the old step's branches or list: joining them under

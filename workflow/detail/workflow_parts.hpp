@@ -255,6 +255,11 @@ class instance_txn {
     const auto r = rec_.find("retry");
     return r != rec_.end() && r->is_object() && r->value("step", "") == step;
   }
+  // True if the retry it waits for (or runs) is of a compensation.
+  bool compensation_retry() const {
+    const auto r = rec_.find("retry");
+    return r != rec_.end() && r->is_object() && r->value("compensation", false);
+  }
 
   // Counts a visit to `step`; false (and the failure path) if that exceeds its bound.
   bool visit(const workflow_step& step) {
