@@ -264,9 +264,9 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
                                    const prepared& prep, const applied& done,
                                    std::string_view who) {
   if (record) {
-    record->at_us = options_.clock->now_us();
-    record->process = std::string(who);
     try {
+      record->at_us = options_.clock->now_us();
+      record->process = std::string(who);
       detail::record_encoder encoded;
       for (const detail::prepared_write& w : prep.writes) {
         if (w.value) {
@@ -580,9 +580,17 @@ absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& se
     record = install(out.version, out.root, std::move(written));
   }
   if (record) {
-    prep.writes.reserve(removed.size());
-    for (const std::string_view id : removed) {
-      prep.writes.push_back({outbox_->child(id).value(), nullptr});  // ids were validated
+    try {
+      prep.writes.reserve(removed.size());
+      for (const std::string_view id : removed) {
+        prep.writes.push_back({outbox_->child(id).value(), nullptr});  // ids were validated
+      }
+    } catch (const std::exception& e) {
+      // A reserved record must be filled or failed, or later commits would wait for it forever.
+      journal_->fail(
+          record, absl::InternalError(absl::StrCat("cannot prepare the journal record of version ",
+                                                   out.version, " by clear_messages: ", e.what())));
+      return journal_->wait_durable(out.version);
     }
   }
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "clear_messages"));

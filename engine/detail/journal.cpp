@@ -215,6 +215,19 @@ absl::Status journal::wait_durable(std::uint64_t version) {
 
 void journal::write_front(std::unique_lock<std::mutex>& lock) {
   writing_ = true;
+  try {
+    write_front_group(lock);
+  } catch (const std::exception& e) {
+    // (Say, bad_alloc.) The token must be handed back, or every later commit would wait forever.
+    if (!lock.owns_lock()) lock.lock();
+    failed_ = absl::InternalError(absl::StrCat("the journal failed after version ", durable_,
+                                               ": unexpected exception: ", e.what(),
+                                               "; the engine refuses further commits"));
+  }
+  hand_over(lock);
+}
+
+void journal::write_front_group(std::unique_lock<std::mutex>& lock) {
   std::deque<std::shared_ptr<journal_record>> group;
   while (!queue_.empty() && queue_.front()->filled && queue_.front()->error.ok() &&
          group.size() < options_.max_group) {
@@ -248,7 +261,6 @@ void journal::write_front(std::unique_lock<std::mutex>& lock) {
     failed_ = annotate(s, absl::StrCat("the journal failed after version ", durable_,
                                        "; the engine refuses further commits"));
   }
-  hand_over(lock);
 }
 
 void journal::hand_over(std::unique_lock<std::mutex>& lock) {

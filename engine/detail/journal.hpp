@@ -120,6 +120,8 @@ class journal {
   // the token (writing_) that one committer or the writer thread holds at a time; then
   // hand_over(). Called with mu_ held (through `lock`); returns with it held.
   void write_front(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // write_front's work, which may throw (write_front then fails the journal).
+  void write_front_group(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Gives the token back: wakes the committers whose versions are durable (all of them after a
   // failure) and the writer thread if it has work.
   void hand_over(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
