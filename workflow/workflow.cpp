@@ -562,8 +562,20 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
     rec["done"] = json::array();
     rec["received"] = json::object();
     rec["error"] = "";
-    t.history(step.name, absl::StrCat("continued as new: run ", run));
-    t.go(d.def.start);
+    // The next run takes the newest version of its workflow (as a new instance would): how a
+    // long-lived instance moves to new code. Its version stays if the newest has no such start.
+    const std::shared_ptr<const defined> newest = find_definition(t.workflow());
+    const defined* next = &d;
+    if (newest != nullptr && newest->version != d.version &&
+        newest->step(newest->def.start) != nullptr) {
+      next = newest.get();
+      rec["definition"] = {{"name", t.workflow()}, {"version", newest->version}};
+      t.history(step.name, absl::StrCat("continued as new: run ", run, " on version '",
+                                        newest->version, "' (was '", d.version, "')"));
+    } else {
+      t.history(step.name, absl::StrCat("continued as new: run ", run));
+    }
+    t.go(next->def.start);
     return;
   }
   if (!step.branch.empty()) {

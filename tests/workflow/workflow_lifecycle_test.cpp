@@ -334,3 +334,30 @@ TEST_CASE("hardening: child ids across runs, duration bounds, signals for ended 
               .applied);
   CHECK(state(e, "system.workflow_index.mailbox.k1").is_null());
 }
+
+TEST_CASE("continue-as-new moves the next run to the newest version of its workflow",
+          "[workflow][continue_as_new]") {
+  pop::engine e;
+  auto wf = pop::test::must(pop::workflows::create(e));
+  register_steps(*wf);
+  json v1 = pager(3);
+  v1["version"] = "1";
+  REQUIRE(wf->define(parse(v1)).ok());
+  REQUIRE(wf->start("pager", "p", {{"tag", "x"}}).ok());
+  for (int i = 0; i < 3; ++i) REQUIRE(wf->advance("p").value());  // page, more, again: run 1
+  CHECK(wf->inspect("p").value().run == 1);
+  // Version 2 pages with "undo" (it appends "undo:x"); the running run 1 keeps version 1.
+  json v2 = pager(3);
+  v2["version"] = "2";
+  v2["steps"]["page"]["process"] = "undo";
+  REQUIRE(wf->define(parse(v2)).ok());
+  REQUIRE(wf->advance("p").value());  // run 1's page, on version 1
+  CHECK(wf->inspect("p").value().definition_version == "1");
+  run_all(*wf);
+  const pop::workflow_instance w = wf->inspect("p").value();
+  CHECK(w.status == "completed");
+  CHECK(w.definition_version == "2");
+  CHECK(w.run == 2);
+  CHECK(w.events.front().outcome == "continued as new: run 2 on version '2' (was '1')");
+  CHECK(state(e, "domain.log") == json::array({"x", "x", "undo:x"}));
+}
