@@ -709,8 +709,12 @@ absl::Status workflows::define(workflow_definition def) {
     }
   }
   POP_RETURN_IF_ERROR(register_control(d));
-  POP_RETURN_IF_ERROR(engine_.describe(
-      "workflow", d->def.name, {{"version", d->version}, {"definition", d->def.to_json()}}));
+  // The newest under its name, and every version under "<name>@<version>", for tools that
+  // repair instances of older versions while the program is stopped.
+  const json description = {{"version", d->version}, {"definition", d->def.to_json()}};
+  POP_RETURN_IF_ERROR(engine_.describe("workflow", d->def.name, description));
+  POP_RETURN_IF_ERROR(engine_.describe("workflow_version",
+                                       absl::StrCat(d->def.name, "@", d->version), description));
   const std::string name = d->def.name;
   const std::string version = d->version;
   {

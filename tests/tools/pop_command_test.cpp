@@ -531,3 +531,23 @@ TEST_CASE("pop state and diff reach every retained version and name the range fo
   CHECK(d["changes"][0]["before"] == snapshot);
   CHECK(d["changes"][0]["after"] == 12);
 }
+
+TEST_CASE("pop workflow --restart-from finds the step in the instance's own version first",
+          "[pop_command]") {
+  pop::test::temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  write_journal(file);
+  // w-2 runs the first version of flow2 (step "place"); the newest version calls it "placing".
+  const std::string own = pop_json({"workflow", file, "w-2"})["definition_version"];
+  // A version asked for by name; one that the journal does not record is refused.
+  ran r = pop_command({"workflow", file, "w-2", "--restart-from", "place", "--version", "nope"});
+  CHECK(r.code == 3);
+  CHECK(contains(r.err, "records no version 'nope' of workflow 'flow2'"));
+  json j = pop_json({"workflow", file, "w-2", "--restart-from", "place"});
+  CHECK(j["status"] == "running");
+  CHECK(j["step"] == "place");
+  CHECK(j["definition_version"] == own);
+  r = pop_command({"workflow", file, "w-1", "--version", own});
+  CHECK(r.code == 2);
+  CHECK(contains(r.err, "--version goes with --restart-from"));
+}

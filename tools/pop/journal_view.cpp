@@ -124,26 +124,29 @@ std::vector<workflow_instance> journal_view::instances() const {
   return out;
 }
 
-absl::StatusOr<workflow_definition> journal_view::definition(std::string_view name) const {
-  const auto kind = descriptions_.find("workflow");
-  const auto it = kind == descriptions_.end() ? decltype(kind->second.end()){}
-                                              : kind->second.find(std::string(name));
+absl::StatusOr<workflow_definition> journal_view::definition(std::string_view name,
+                                                             std::string_view version) const {
+  const std::string kind_name = version.empty() ? "workflow" : "workflow_version";
+  const std::string key =
+      version.empty() ? std::string(name) : absl::StrCat(to_absl(name), "@", to_absl(version));
+  const std::string what = version.empty() ? absl::StrCat("workflow named '", to_absl(name), "'")
+                                           : absl::StrCat("version '", to_absl(version),
+                                                          "' of workflow '", to_absl(name), "'");
+  const auto kind = descriptions_.find(kind_name);
+  const auto it =
+      kind == descriptions_.end() ? decltype(kind->second.end()){} : kind->second.find(key);
   if (kind == descriptions_.end() || it == kind->second.end()) {
-    return absl::NotFoundError(absl::StrCat("journal '", file_, "' records no workflow named '",
-                                            to_absl(name),
-                                            "' (a program records its definitions when it "
+    return absl::NotFoundError(absl::StrCat("journal '", file_, "' records no ", what,
+                                            " (a program records its definitions when it "
                                             "defines them with a journaled engine)"));
   }
   const json& d = it->second;
   if (!d.is_object() || !d.contains("definition")) {
-    return absl::DataLossError(absl::StrCat("journal '", file_, "': the description of workflow '",
-                                            to_absl(name), "' has no definition"));
+    return absl::DataLossError(
+        absl::StrCat("journal '", file_, "': the description of ", what, " has no definition"));
   }
   absl::StatusOr<workflow_definition> def = workflow_definition::from_json(d["definition"]);
-  if (!def.ok()) {
-    return annotate(def.status(),
-                    absl::StrCat("journal '", file_, "', workflow '", to_absl(name), "'"));
-  }
+  if (!def.ok()) return annotate(def.status(), absl::StrCat("journal '", file_, "', ", what));
   // The version the program recorded (a hash when the definition names none).
   if (const auto v = d.find("version"); v != d.end() && v->is_string()) def->version = *v;
   return def;

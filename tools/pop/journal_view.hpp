@@ -50,8 +50,10 @@ class journal_view {
   [[nodiscard]] absl::StatusOr<std::vector<dead_letter>> dead_letters() const;
   // Workflow instances in id order.
   std::vector<workflow_instance> instances() const;
-  // The definition of workflow `name` as its program last described it, or kNotFound.
-  [[nodiscard]] absl::StatusOr<workflow_definition> definition(std::string_view name) const;
+  // The definition of workflow `name` as its program last described it (with `version`: that
+  // version, as a program that defined it described it), or kNotFound.
+  [[nodiscard]] absl::StatusOr<workflow_definition> definition(std::string_view name,
+                                                               std::string_view version = {}) const;
 
  private:
   std::string file_;

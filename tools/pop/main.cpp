@@ -386,6 +386,7 @@ struct workflow_args : common_args {
   std::string reason = "cancelled by an operator";
   bool resume = false;
   std::string restart_from;
+  std::string version;  // for --restart-from
 };
 
 absl::StatusOr<std::string> cmd_workflow_action(const workflow_args& a, const journal_view& v,
@@ -406,19 +407,38 @@ absl::StatusOr<std::string> cmd_workflow_action(const workflow_args& a, const jo
   }
   std::string restart_version;
   if (!a.restart_from.empty()) {
-    // The program is not running, so its definition is known only from the journal.
-    if (absl::StatusOr<workflow_definition> def = v.definition(w.workflow); def.ok()) {
-      restart_version = def->version;
-      const bool known =
-          std::any_of(def->steps.begin(), def->steps.end(),
-                      [&](const workflow_step& s) { return s.name == a.restart_from; });
-      if (!known) {
-        std::vector<std::string> names;
-        for (const workflow_step& s : def->steps) names.push_back(s.name);
-        return absl::NotFoundError(absl::StrCat("workflow '", w.workflow, "' has no step '",
-                                                a.restart_from,
-                                                "'; its steps: ", absl::StrJoin(names, ", ")));
+    // The program is not running, so its definitions are known only from the journal. The step
+    // is looked for in the version asked for; else in the instance's own version, then in the
+    // newest (which moves the instance to it).
+    const auto has_step = [&](const workflow_definition& d) {
+      return std::any_of(d.steps.begin(), d.steps.end(),
+                         [&](const workflow_step& s) { return s.name == a.restart_from; });
+    };
+    std::vector<absl::StatusOr<workflow_definition>> candidates;
+    if (!a.version.empty()) {
+      candidates.push_back(v.definition(w.workflow, a.version));
+      if (!candidates.back().ok()) return candidates.back().status();
+    } else {
+      if (!w.definition_version.empty()) {
+        candidates.push_back(v.definition(w.workflow, w.definition_version));
       }
+      candidates.push_back(v.definition(w.workflow));
+    }
+    const workflow_definition* first = nullptr;
+    for (const absl::StatusOr<workflow_definition>& d : candidates) {
+      if (!d.ok()) continue;
+      if (first == nullptr) first = &*d;
+      if (has_step(*d)) {
+        restart_version = d->version;
+        break;
+      }
+    }
+    if (restart_version.empty() && first != nullptr) {
+      std::vector<std::string> names;
+      for (const workflow_step& s : first->steps) names.push_back(s.name);
+      return absl::NotFoundError(absl::StrCat("workflow '", w.workflow, "' (version '",
+                                              first->version, "') has no step '", a.restart_from,
+                                              "'; its steps: ", absl::StrJoin(names, ", ")));
     }
   }
   POP_ASSIGN_OR_RETURN(std::unique_ptr<engine> e, repair_engine(v));
@@ -449,6 +469,9 @@ absl::StatusOr<std::string> cmd_workflow(const workflow_args& a) {
   if ((a.cancel ? 1 : 0) + (a.resume ? 1 : 0) + (a.restart_from.empty() ? 0 : 1) > 1) {
     return absl::InvalidArgumentError(
         "pop workflow: at most one of --cancel, --resume, --restart-from");
+  }
+  if (!a.version.empty() && a.restart_from.empty()) {
+    return absl::InvalidArgumentError("pop workflow: --version goes with --restart-from");
   }
   POP_ASSIGN_OR_RETURN(const journal_view v, journal_view::open(a.journal));
   const std::vector<workflow_instance> all = v.instances();
@@ -790,6 +813,9 @@ int main(int argc, char** argv) {
   c->add_flag("--resume", flow.resume, "Put a stuck instance back in the status it had");
   c->add_option("--restart-from", flow.restart_from,
                 "Move a stuck, failed, compensated or cancelled instance to this step, running");
+  c->add_option("--version", flow.version,
+                "With --restart-from: the workflow version to restart on (default: the "
+                "instance's own if it has the step, else the newest)");
   c->callback([&] { run = [&] { return cmd_workflow(flow); }; });
 
   audit_args audit;
