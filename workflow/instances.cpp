@@ -14,7 +14,8 @@ namespace pop {
 
 absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::string_view id,
                                                json inputs, std::int64_t timeout_ms) {
-  if (!find_definition(workflow)) {
+  const std::shared_ptr<const defined> def = find_definition(workflow);
+  if (!def) {
     return absl::NotFoundError(
         absl::StrCat("no workflow named '", detail::to_absl(workflow), "' is defined"));
   }
@@ -42,7 +43,15 @@ absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::s
                                                    detail::max_duration_ms, " (a year)"));
   }
   const std::int64_t now = engine_.clock().now_us();
-  json args = {{"workflow", workflow}, {"id", id}, {"inputs", std::move(inputs)}, {"now", now}};
+  // The version and its start step go with the call: the start process is shared by every
+  // workflows object of the engine and knows none of their definitions.
+  json args = {{"workflow", workflow},
+               {"version", def->version},
+               {"start", def->def.start},
+               {"id", id},
+               {"inputs", std::move(inputs)},
+               {"now", now},
+               {"idempotent", options_.idempotent_start}};
   if (timeout_ms > 0) args["deadline_us"] = now + timeout_ms * 1000;
   POP_ASSIGN_OR_RETURN(commit c, engine_.execute(start_process, args));
   return c.version;

@@ -743,11 +743,12 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
   // The generic processes, once: start, and (for inboxes) resume.
   const std::vector<std::string> registered = engine_.processes();
   if (!std::binary_search(registered.begin(), registered.end(), start_process)) {
-    const workflow_options& o = options_;
-    workflows* self = this;
+    // Registered once per engine and used by every workflows object on it (the engine cannot
+    // unregister): it captures the paths by value and takes the rest from its arguments, never
+    // this object, which may be gone.
     POP_RETURN_IF_ERROR(engine_.register_process(
         {.name = std::string(start_process), .inputs = owned, .outputs = owned},
-        [&o, self](const context& ctx, const json& args) -> absl::StatusOr<result> {
+        [o = options_](const context& ctx, const json& args) -> absl::StatusOr<result> {
           result out;
           detail::instance_txn t(o, ctx, out, args.at("id").get<std::string>(),
                                  args.at("now").get<std::int64_t>());
@@ -755,7 +756,7 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
             // Starting the same instance again (a retried request) is not an error.
             const bool same = t.rec().value("workflow", "") == args.at("workflow") &&
                               t.rec().value("inputs", json::object()) == args.at("inputs");
-            if (same && o.idempotent_start) return out;
+            if (same && args.value("idempotent", true)) return out;
             return absl::AlreadyExistsError(absl::StrCat(
                 "workflow instance '", t.id(), "' already exists",
                 same ? ""
@@ -763,11 +764,9 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
                                     "' with other inputs: ",
                                     t.rec().value("inputs", json::object()).dump(), ")")));
           }
-          const std::shared_ptr<const defined> def =
-              self->find_definition(args.at("workflow").get<std::string>(), {});
-          if (!def) return absl::NotFoundError("no such workflow");
           const std::int64_t deadline = args.value("deadline_us", std::int64_t{0});
-          t.create(def->def.name, def->version, def->def.start, args.at("inputs"), deadline);
+          t.create(args.at("workflow").get<std::string>(), args.at("version").get<std::string>(),
+                   args.at("start").get<std::string>(), args.at("inputs"), deadline);
           t.save();
           return out;
         }));

@@ -974,3 +974,32 @@ TEST_CASE("a sleep step is a durable timer on the engine's clock", "[workflow][s
   CHECK(refused.code() == absl::StatusCode::kInvalidArgument);
   CHECK(absl::StrContains(refused.message(), "step 's' (sleep) needs 'next'"));
 }
+
+TEST_CASE("a workflows object made after another on the same engine starts its own workflows",
+          "[workflow]") {
+  // The engine keeps the processes the first registered (it cannot unregister): the shared start
+  // process must not reach into the first object once it is gone.
+  pop::engine e;
+  {
+    auto first = pop::test::must(pop::workflows::create(e));
+    register_steps(*first);
+    REQUIRE(first->define(parse(linear)).ok());
+    REQUIRE(first->start("linear", "l1", {{"tag", "x"}}).ok());
+  }
+  auto second = pop::test::must(pop::workflows::create(e));
+  // (Its own steps need no process: the first's stay registered under their names.)
+  const json other = {
+      {"name", "other"},
+      {"start", "nap"},
+      {"steps", {{"nap", {{"sleep_ms", 1000}, {"next", "done"}}}, {"done", {{"end", true}}}}}};
+  REQUIRE(second->define(parse(other)).ok());
+  REQUIRE(second->start("other", "o1", {{"tag", "y"}}).ok());
+  const pop::workflow_instance w = second->inspect("o1").value();
+  CHECK(w.workflow == "other");
+  CHECK(w.status == "running");
+  CHECK(w.cursor == "nap");
+  // The first's instance is parked by the second, which does not define its workflow.
+  CHECK(second->start("linear", "l2").status().code() == absl::StatusCode::kNotFound);
+  REQUIRE(second->advance("l1").value());
+  CHECK(second->inspect("l1").value().status == "stuck");
+}
