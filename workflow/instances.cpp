@@ -588,6 +588,36 @@ absl::Status workflows::purge_mailbox(std::int64_t now) {
   }
 }
 
+absl::Status workflows::index_legacy_ended(std::int64_t now) {
+  const path ended_index = path::parse(absl::StrCat(options_.index, ".ended")).value();
+  for (;;) {
+    const snapshot snap = engine_.snapshot();
+    const value_view indexed = snap.view(ended_index);
+    std::vector<write> writes;
+    snap.view(path::parse(options_.instances).value())
+        .for_each_member([&](std::string_view id, const value_view& rec) {
+          const value_view status = rec.member("status");
+          if (!status || !status.to_json().is_string() ||
+              !detail::instance_txn::status_is_final(status.to_json().get<std::string>()) ||
+              indexed.member(id)) {
+            return true;
+          }
+          std::int64_t at = now;
+          if (const value_view e = rec.member("ended_at_us");
+              e && e.to_json().is_number_integer()) {
+            at = e.to_json().get<std::int64_t>();
+          }
+          writes.push_back({absl::StrCat(ended_index.str(), ".", detail::to_absl(id)), json(at)});
+          return writes.size() < 512;
+        });
+    if (writes.empty()) return absl::OkStatus();
+    const std::size_t n = writes.size();
+    POP_ASSIGN_OR_RETURN(
+        cas_result r, engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys));
+    if (r.committed && n < 512) return absl::OkStatus();
+  }
+}
+
 absl::Status workflows::purge_ended(std::int64_t now) {
   const std::int64_t ttl_us =
       std::chrono::duration_cast<std::chrono::microseconds>(options_.retention).count();
@@ -597,6 +627,7 @@ absl::Status workflows::purge_ended(std::int64_t now) {
   if (now - last < every || !last_retention_purge_us_.compare_exchange_strong(last, now)) {
     return absl::OkStatus();
   }
+  if (!legacy_ended_indexed_.exchange(true)) POP_RETURN_IF_ERROR(index_legacy_ended(now));
   // In commits of at most 512 instances, so one purge never makes a huge commit.
   for (;;) {
     const snapshot snap = engine_.snapshot();

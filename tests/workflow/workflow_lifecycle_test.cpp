@@ -361,3 +361,37 @@ TEST_CASE("continue-as-new moves the next run to the newest version of its workf
   CHECK(w.events.front().outcome == "continued as new: run 2 on version '2' (was '1')");
   CHECK(state(e, "domain.log") == json::array({"x", "x", "undo:x"}));
 }
+
+TEST_CASE("instances that ended before the ended index existed are purged too",
+          "[workflow][retention]") {
+  auto clock = std::make_shared<pop::manual_clock>(1'000'000'000'000);
+  auto e = pop::test::must(pop::engine::open({.clock = clock}));
+  pop::workflow_options opts;
+  opts.retention = std::chrono::hours(1);
+  auto wf = pop::test::must(pop::workflows::create(*e, opts));
+  register_steps(*wf);
+  const std::int64_t t0 = clock->now_us();
+  // Records as an older pop left them: ended, with no entry in the ended index (one knows when
+  // it ended), beside a running one.
+  REQUIRE(e->compare_and_swap(
+               e->version(),
+               {{"system.workflows.old1",
+                 json{{"workflow", "linear"}, {"status", "completed"}, {"cursor", "done"}}},
+                {"system.workflows.old2", json{{"workflow", "linear"},
+                                               {"status", "failed"},
+                                               {"cursor", "b"},
+                                               {"ended_at_us", t0 - 2 * kHourUs}}},
+                {"system.workflows.live",
+                 json{{"workflow", "linear"}, {"status", "waiting"}, {"cursor", "b"}}}})
+              .value()
+              .committed);
+  std::int64_t next = 0;
+  REQUIRE(wf->expire(t0, next).ok());
+  CHECK(wf->inspect("old2").status().code() == absl::StatusCode::kNotFound);  // 2 h ago
+  CHECK(wf->inspect("old1").ok());  // its retention counts from now
+  CHECK(state(*e, "system.workflow_index.ended.old1") == t0);
+  clock->set(t0 + kHourUs + 10 * 60'000'000);
+  REQUIRE(wf->expire(clock->now_us(), next).ok());
+  CHECK(wf->inspect("old1").status().code() == absl::StatusCode::kNotFound);
+  CHECK(wf->inspect("live").ok());
+}
