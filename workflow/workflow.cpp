@@ -105,13 +105,13 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
         if (done.empty()) t.finish("compensated");
       }
       self->settle(t);
-      t.save();
+      t.save_last();
       return out;
     }
     if (t.status() != "running" || t.cursor() != step_name) return out;
     if (!t.retrying(step_name) && !t.visit(*step)) {
       self->settle(t);
-      t.save();
+      t.save_last();
       return out;
     }
     absl::StatusOr<result> r = entry->fn(ctx, t.args());
@@ -119,7 +119,7 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
       // The process's own writes are dropped; the instance moves on in this same commit.
       self->fail_step(t, *step, r.status().code(), r.status().ToString());
       self->settle(t);
-      t.save();
+      t.save_last();
       return out;
     }
     out = *std::move(r);
@@ -132,7 +132,7 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
     if (const workflow_step* n = d->step(step->next); n != nullptr && !n->wait.empty()) {
       self->run_control_step(t, *d, *n);
     }
-    t.save();
+    t.save_last();
     return out;
   };
   POP_RETURN_IF_ERROR(engine_.register_process(std::move(wrapped), std::move(step_fn)));
@@ -767,7 +767,7 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           const std::int64_t deadline = args.value("deadline_us", std::int64_t{0});
           t.create(args.at("workflow").get<std::string>(), args.at("version").get<std::string>(),
                    args.at("start").get<std::string>(), args.at("inputs"), deadline);
-          t.save();
+          t.save_last();
           return out;
         }));
   }
@@ -875,7 +875,7 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));
         }
         self->settle(t);
-        t.save();
+        t.save_last();
         return out;
       });
 }

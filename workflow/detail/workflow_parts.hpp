@@ -295,6 +295,11 @@ class instance_txn {
   }
 
   void save() { out_.set(instance_path(id_), rec_); }
+  // save() as the transaction's last use of the record: moved into the result, not copied.
+  void save_last() {
+    out_.set(instance_path(id_), std::move(rec_));
+    rec_ = json();
+  }
 
   const context& ctx() const { return ctx_; }
   result& out() { return out_; }
