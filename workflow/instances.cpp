@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <iterator>
 #include <set>
 #include <sstream>
 
@@ -590,32 +591,41 @@ absl::Status workflows::purge_mailbox(std::int64_t now) {
 
 absl::Status workflows::index_legacy_ended(std::int64_t now) {
   const path ended_index = path::parse(absl::StrCat(options_.index, ".ended")).value();
-  for (;;) {
-    const snapshot snap = engine_.snapshot();
-    const value_view indexed = snap.view(ended_index);
-    std::vector<write> writes;
-    snap.view(path::parse(options_.instances).value())
-        .for_each_member([&](std::string_view id, const value_view& rec) {
-          const value_view status = rec.member("status");
-          if (!status || !status.to_json().is_string() ||
-              !detail::instance_txn::status_is_final(status.to_json().get<std::string>()) ||
-              indexed.member(id)) {
-            return true;
-          }
-          std::int64_t at = now;
-          if (const value_view e = rec.member("ended_at_us");
-              e && e.to_json().is_number_integer()) {
-            at = e.to_json().get<std::int64_t>();
-          }
-          writes.push_back({absl::StrCat(ended_index.str(), ".", detail::to_absl(id)), json(at)});
-          return writes.size() < 512;
-        });
-    if (writes.empty()) return absl::OkStatus();
-    const std::size_t n = writes.size();
+  // One scan; the writes go in commits of at most 512 instances, each against the scanned
+  // version: an instance changed since (restarted, say) conflicts through its record, and the
+  // next purge scans again.
+  const snapshot snap = engine_.snapshot();
+  const value_view indexed = snap.view(ended_index);
+  std::vector<write> writes;
+  snap.view(path::parse(options_.instances).value())
+      .for_each_member([&](std::string_view id, const value_view& rec) {
+        const value_view status = rec.member("status");
+        if (!status || !status.to_json().is_string() ||
+            !detail::instance_txn::status_is_final(status.to_json().get<std::string>()) ||
+            indexed.member(id)) {
+          return true;
+        }
+        std::int64_t at = now;
+        if (const value_view e = rec.member("ended_at_us"); e && e.to_json().is_number_integer()) {
+          at = e.to_json().get<std::int64_t>();
+        }
+        // The record gets its end time too: a restart then removes the index entry (set_status).
+        writes.push_back(
+            {absl::StrCat(options_.instances, ".", detail::to_absl(id), ".ended_at_us"), json(at)});
+        writes.push_back({absl::StrCat(ended_index.str(), ".", detail::to_absl(id)), json(at)});
+        return true;
+      });
+  for (std::size_t from = 0; from < writes.size(); from += 1024) {
+    std::vector<write> batch(
+        std::make_move_iterator(writes.begin() + static_cast<std::ptrdiff_t>(from)),
+        std::make_move_iterator(writes.begin() +
+                                static_cast<std::ptrdiff_t>(std::min(writes.size(), from + 1024))));
     POP_ASSIGN_OR_RETURN(
-        cas_result r, engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys));
-    if (r.committed && n < 512) return absl::OkStatus();
+        cas_result r, engine_.compare_and_swap(snap.version(), std::move(batch), cas_mode::keys));
+    if (!r.committed) return absl::OkStatus();  // (not done: the next purge tries again)
   }
+  legacy_ended_indexed_ = true;
+  return absl::OkStatus();
 }
 
 absl::Status workflows::purge_ended(std::int64_t now) {
@@ -627,7 +637,7 @@ absl::Status workflows::purge_ended(std::int64_t now) {
   if (now - last < every || !last_retention_purge_us_.compare_exchange_strong(last, now)) {
     return absl::OkStatus();
   }
-  if (!legacy_ended_indexed_.exchange(true)) POP_RETURN_IF_ERROR(index_legacy_ended(now));
+  if (!legacy_ended_indexed_.load()) POP_RETURN_IF_ERROR(index_legacy_ended(now));
   // In commits of at most 512 instances, so one purge never makes a huge commit.
   for (;;) {
     const snapshot snap = engine_.snapshot();

@@ -132,6 +132,7 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
     if (const workflow_step* n = d->step(step->next); n != nullptr && !n->wait.empty()) {
       self->run_control_step(t, *d, *n);
     }
+    self->settle(t);  // (that wait may have ended it: a parent moves on in this commit)
     t.save_last();
     return out;
   };
@@ -829,7 +830,9 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           const std::int64_t wait_due = t.rec().value("wait_deadline_us", std::int64_t{0});
           const std::int64_t life_due = t.rec().value("deadline_us", std::int64_t{0});
           if (detail::instance_txn::status_is_final(status)) return out;
-          if (life_due > 0 && life_due <= t.now()) {
+          // (Compensations, and their retries, run to the end: the instance's own deadline no
+          // longer applies to them.)
+          if (life_due > 0 && life_due <= t.now() && !t.compensation_retry()) {
             t.history(t.cursor(), "instance timed out");
             detail::cancel_children(t,
                                     absl::StrCat("its parent '", t.id(), "' ran past its timeout"));

@@ -455,7 +455,8 @@ class workflows {
   // Deletes mailbox messages older than options.mailbox_ttl (at most once per tenth of it).
   absl::Status purge_mailbox(std::int64_t now_us);
   // Indexes the ended instances that have no entry in the "ended" index (recorded before it
-  // existed), at their ended_at_us or else `now`, so retention purges them too. Once per object.
+  // existed), at their ended_at_us or else `now` (written into the record too), so retention
+  // purges them too. Until it has done so once, on each purge.
   absl::Status index_legacy_ended(std::int64_t now);
   // Deletes ended instances (record, history, index entries) older than options.retention.
   absl::Status purge_ended(std::int64_t now_us);
@@ -491,7 +492,7 @@ class workflows {
   std::map<std::string, std::vector<std::shared_ptr<const defined>>, std::less<>> definitions_;
   std::atomic<std::int64_t> last_purge_us_{0};
   std::atomic<std::int64_t> last_retention_purge_us_{0};
-  std::atomic<bool> legacy_ended_indexed_{false};  // index_legacy_ended ran
+  std::atomic<bool> legacy_ended_indexed_{false};  // index_legacy_ended finished
   std::atomic<std::uint64_t> steps_{0};
   detail::atomic_histogram step_latency_;
 };

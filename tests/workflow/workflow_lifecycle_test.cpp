@@ -395,3 +395,45 @@ TEST_CASE("instances that ended before the ended index existed are purged too",
   CHECK(wf->inspect("old1").status().code() == absl::StatusCode::kNotFound);
   CHECK(wf->inspect("live").ok());
 }
+
+TEST_CASE("an old ended instance restarted after its indexing is not purged while it runs",
+          "[workflow][retention]") {
+  auto clock = std::make_shared<pop::manual_clock>(1'000'000'000'000);
+  auto e = pop::test::must(pop::engine::open({.clock = clock}));
+  pop::workflow_options opts;
+  opts.retention = std::chrono::hours(1);
+  auto wf = pop::test::must(pop::workflows::create(*e, opts));
+  register_steps(*wf);
+  REQUIRE(wf->define(parse({{"name", "waiter"},
+                            {"start", "w"},
+                            {"steps",
+                             {{"w", {{"wait", {{"reply", "done"}}}, {"key", "tag"}}},
+                              {"done", {{"end", true}}}}}}))
+              .ok());
+  const std::string version = wf->versions("waiter").at(0);
+  const std::int64_t t0 = clock->now_us();
+  REQUIRE(e->compare_and_swap(e->version(),
+                              {{"system.workflows.old",
+                                json{{"workflow", "waiter"},
+                                     {"definition", {{"name", "waiter"}, {"version", version}}},
+                                     {"status", "failed"},
+                                     {"cursor", "w"},
+                                     {"inputs", {{"tag", "t"}}},
+                                     {"done", json::array()},
+                                     {"visits", json::object()},
+                                     {"error", "long ago"}}}})
+              .value()
+              .committed);
+  std::int64_t next = 0;
+  REQUIRE(wf->expire(t0, next).ok());  // indexes it, and its record learns when it ended
+  CHECK(state(*e, "system.workflow_index.ended.old") == t0);
+  CHECK(state(*e, "system.workflows.old.ended_at_us") == t0);
+  // An operator restarts it: it waits again and is no longer due for purging.
+  REQUIRE(wf->restart_from("old", "w").ok());
+  run_all(*wf);
+  CHECK(wf->inspect("old").value().status == "waiting");
+  CHECK(state(*e, "system.workflow_index.ended.old").is_null());
+  clock->set(t0 + 2 * kHourUs);
+  REQUIRE(wf->expire(clock->now_us(), next).ok());
+  CHECK(wf->inspect("old").value().status == "waiting");
+}

@@ -323,3 +323,40 @@ TEST_CASE("a failing compensation is retried as its step's policy says, then the
     CHECK(f.get("i").status == "compensated");
   }
 }
+
+TEST_CASE(
+    "a compensation retry waits out its backoff even after the instance's deadline, and "
+    "a cancel leaves it to finish",
+    "[workflow][retry]") {
+  fixture f;
+  // a succeeds (compensated by "flaky"); w waits for a reply that never comes.
+  json steps = {{"a",
+                 {{"process", "append"},
+                  {"next", "w"},
+                  {"compensate", "flaky"},
+                  {"retry", {{"attempts", 3}, {"initial_ms", 100}, {"jitter", 0}}}}},
+                {"w", {{"wait", {{"reply", "done"}}}, {"key", "tag"}}},
+                {"done", {{"end", true}}}};
+  REQUIRE(f.wf->define(parse({{"name", "r"}, {"start", "a"}, {"steps", steps}})).ok());
+  f.failures = 1;
+  const std::int64_t t0 = f.clock->now_us();
+  REQUIRE(f.wf->start("r", "i", {{"tag", "x"}}, 50).ok());  // a 50 ms deadline
+  run_all(*f.wf);
+  REQUIRE(f.get("i").status == "waiting");
+  CHECK(f.at(t0 + 50 * kMsUs) == 1);  // the deadline: compensating
+  run_all(*f.wf);                     // the compensation's first attempt fails
+  pop::workflow_instance w = f.get("i");
+  CHECK(w.status == "waiting");
+  CHECK(w.retry_at_us == t0 + 150 * kMsUs);
+  // The passed deadline does not cut the backoff short, nor replace the error.
+  CHECK(f.at(t0 + 150 * kMsUs - 1) == 0);
+  CHECK(absl::StrContains(f.get("i").error, "ran past its timeout"));
+  // Cancelling through the operator process (a program without the definition) is refused.
+  auto bare = pop::test::must(pop::workflows::create(*f.e));
+  CHECK(bare->cancel("i", "stop").code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(f.at(t0 + 150 * kMsUs) == 1);
+  run_all(*f.wf);
+  w = f.get("i");
+  CHECK(w.status == "compensated");
+  CHECK(absl::StrContains(w.error, "ran past its timeout"));
+}

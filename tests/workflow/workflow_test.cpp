@@ -1003,3 +1003,35 @@ TEST_CASE("a workflows object made after another on the same engine starts its o
   REQUIRE(second->advance("l1").value());
   CHECK(second->inspect("l1").value().status == "stuck");
 }
+
+TEST_CASE("a child that ends at the wait right after a process step moves its parent on",
+          "[workflow]") {
+  pop::engine e;
+  auto wf = pop::test::must(pop::workflows::create(e));
+  register_steps(*wf);
+  // The kid's wait is entered in its step's commit, and fails there: it waits on an input the
+  // kid does not have.
+  REQUIRE(wf->define(parse({{"name", "kid"},
+                            {"start", "a"},
+                            {"steps",
+                             {{"a", {{"process", "append"}, {"next", "w"}}},
+                              {"w", {{"wait", {{"reply", "done"}}}, {"key", "missing"}}},
+                              {"done", {{"end", true}}}}}}))
+              .ok());
+  REQUIRE(
+      wf->define(parse({{"name", "mom"},
+                        {"start", "c"},
+                        {"steps",
+                         {{"c", {{"call", "kid"}, {"next", "done"}}}, {"done", {{"end", true}}}}}}))
+          .ok());
+  REQUIRE(wf->start("mom", "m", {{"tag", "x"}}).ok());
+  run_all(*wf);
+  int kids = 0;
+  for (const pop::workflow_instance& w : wf->list()) {
+    if (w.workflow != "kid") continue;
+    ++kids;
+    CHECK(w.status == "failed");
+  }
+  CHECK(kids == 1);
+  CHECK(wf->inspect("m").value().status == "failed");  // it waited forever before
+}

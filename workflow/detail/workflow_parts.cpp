@@ -182,7 +182,7 @@ void cancel_children(instance_txn& t, const std::string& reason) {
 void cancel_child(instance_txn& t, const std::string& id, const std::string& reason) {
   instance_txn child(t.opts(), t.ctx(), t.out(), id, t.now());
   if (!child.load() || instance_txn::status_is_final(child.status()) ||
-      child.status() == "compensating") {
+      child.status() == "compensating" || child.compensation_retry()) {
     return;
   }
   if (cancel_instance(child, reason).ok()) child.save();
@@ -253,7 +253,7 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     t.go(step);
     t.refresh_timer();
   } else if (action == "cancel") {
-    if (status == "compensating") {
+    if (status == "compensating" || t.compensation_retry()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "workflow instance '", t.id(), "' is already compensating (on its failure path)"));
     }

@@ -192,6 +192,9 @@ class instance_txn {
     rec_["error"] = reason;
     clear_wait();
     if (!rec_["done"].empty()) {
+      // Compensations run to the end: the instance's own deadline no longer applies.
+      rec_.erase("deadline_us");
+      refresh_timer();
       set_status("compensating");
     } else {
       finish("failed");
