@@ -531,6 +531,14 @@ void workflows::fail_compensation(detail::instance_txn& t, const workflow_step& 
           ? absl::StrCat(" (", code_name, " is not retryable)")
           : (p.attempts > 1 ? absl::StrCat(" after ", attempt, " attempts") : std::string());
   t.history(step.name, absl::StrCat("compensation failed", after, ": ", error));
+  if (p.on_exhausted == "pause") {
+    // Resumed by an operator, the compensation runs again with a fresh set of attempts.
+    t.rec()["retry"] = {{"step", step.name}, {"attempt", 1}, {"compensation", true}};
+    t.park(absl::StrCat(what, " of step '", step.name, "' failed", after, ": ", error,
+                        ": resume it to try again"),
+           "retries_exhausted");
+    return;
+  }
   t.rec()["error"] =
       absl::StrCat(t.rec().value("error", ""), "; ", what, " failed", after, ": ", error);
   t.finish("failed");

@@ -360,3 +360,37 @@ TEST_CASE(
   CHECK(w.status == "compensated");
   CHECK(absl::StrContains(w.error, "ran past its timeout"));
 }
+
+TEST_CASE(
+    "a compensation whose attempts are used up pauses for an operator when its policy says "
+    "so",
+    "[workflow][retry]") {
+  fixture f;
+  json steps = {
+      {"a",
+       {{"process", "append"},
+        {"next", "b"},
+        {"compensate", "flaky"},
+        {"retry",
+         {{"attempts", 2}, {"initial_ms", 10}, {"jitter", 0}, {"on_exhausted", "pause"}}}}},
+      {"b", {{"fail", "b broke"}}}};
+  REQUIRE(f.wf->define(parse({{"name", "r"}, {"start", "a"}, {"steps", steps}})).ok());
+  f.failures = 100;
+  REQUIRE(f.wf->start("r", "i", {{"tag", "x"}}).ok());
+  run_all(*f.wf);
+  CHECK(f.at(f.clock->now_us() + 10 * kMsUs) == 1);
+  run_all(*f.wf);
+  pop::workflow_instance w = f.get("i");
+  CHECK(w.status == "stuck");
+  CHECK(absl::StrContains(w.stuck_reason,
+                          "compensation 'flaky' of step 'a' failed after 2 attempts"));
+  CHECK(f.calls == 2);
+  // The dependency is back; the operator resumes it and the compensation runs again.
+  f.failures = 0;
+  REQUIRE(f.wf->resume("i").ok());
+  CHECK(f.get("i").status == "compensating");
+  run_all(*f.wf);
+  w = f.get("i");
+  CHECK(w.status == "compensated");
+  CHECK(f.calls == 3);
+}
