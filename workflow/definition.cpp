@@ -131,6 +131,9 @@ absl::StatusOr<workflow_definition> workflow_definition::from_json(const json& j
       if (const auto b = s.find("branch"); b != s.end()) {
         if (!b->is_array()) return bad(absl::StrCat("step '", name, "'"), "branch must be a list");
         for (const json& c : *b) {
+          if (!c.is_object()) {
+            return bad(absl::StrCat("step '", name, "'"), "a branch entry must be an object");
+          }
           workflow_condition cond;
           cond.path = val(c, "path", "");
           cond.op = val(c, "op", "");

@@ -824,7 +824,8 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
                   t, *f, static_cast<absl::StatusCode>(args.value("code", 2 /* unknown */)), error);
             } else {
               t.rec()["error"] =
-                  absl::StrCat(t.rec().value("error", ""), "; a compensation failed: ", error);
+                  absl::StrCat(t.rec().value("error", ""), "; the compensation of step '",
+                               failed_step, "' failed: ", error);
               t.history(failed_step, "compensation failed");
               t.finish("failed");
             }

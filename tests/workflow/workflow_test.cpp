@@ -595,6 +595,8 @@ TEST_CASE("bad definitions are rejected at load with a precise error", "[workflo
            "step 'a' field 'attempts'");
   rejected({{"a", {{"sleep_ms", "soon"}, {"next", "b"}}}, {"b", {{"end", true}}}},
            "step 'a' field 'sleep_ms'");
+  rejected({{"a", {{"branch", json::array({"b"})}, {"otherwise", "b"}}}, {"b", {{"end", true}}}},
+           "step 'a': a branch entry must be an object");
   rejected({{"a",
              {{"branch", json::array({{{"path", "{x}.y"}, {"op", "exists"}, {"next", "b"}}})},
               {"otherwise", "b"}}},

@@ -425,6 +425,7 @@ absl::StatusOr<std::string> cmd_workflow_action(const workflow_args& a, const jo
       candidates.push_back(v.definition(w.workflow));
     }
     const workflow_definition* first = nullptr;
+    std::vector<std::string> checked;
     for (const absl::StatusOr<workflow_definition>& d : candidates) {
       if (!d.ok()) continue;
       if (first == nullptr) first = &*d;
@@ -432,13 +433,17 @@ absl::StatusOr<std::string> cmd_workflow_action(const workflow_args& a, const jo
         restart_version = d->version;
         break;
       }
+      if (std::find(checked.begin(), checked.end(), d->version) == checked.end()) {
+        checked.push_back(d->version);
+      }
     }
     if (restart_version.empty() && first != nullptr) {
       std::vector<std::string> names;
       for (const workflow_step& s : first->steps) names.push_back(s.name);
-      return absl::NotFoundError(absl::StrCat("workflow '", w.workflow, "' (version '",
-                                              first->version, "') has no step '", a.restart_from,
-                                              "'; its steps: ", absl::StrJoin(names, ", ")));
+      return absl::NotFoundError(
+          absl::StrCat("workflow '", w.workflow, "' has no step '", a.restart_from, "' in version",
+                       checked.size() > 1 ? "s '" : " '", absl::StrJoin(checked, "', '"),
+                       "'; the steps of '", first->version, "': ", absl::StrJoin(names, ", ")));
     }
   }
   POP_ASSIGN_OR_RETURN(std::unique_ptr<engine> e, repair_engine(v));
