@@ -469,6 +469,26 @@ bool is_non_retryable(const workflow_retry& p, const std::string& code_name) {
          p.non_retryable.end();
 }
 
+// How the attempts ended, for history and errors: "" (one attempt), " after 3 attempts", or
+// " (INVALID_ARGUMENT is not retryable)".
+std::string attempts_text(const workflow_retry& p, bool permanent, const std::string& code_name,
+                          int attempt) {
+  if (permanent && p.attempts > 1) return absl::StrCat(" (", code_name, " is not retryable)");
+  return p.attempts > 1 ? absl::StrCat(" after ", attempt, " attempts") : std::string();
+}
+
+// Makes the instance wait until `delay_us` from now to run `step` (or its compensation) again
+// as attempt `next_attempt`.
+void wait_to_retry(detail::instance_txn& t, const std::string& step, int next_attempt,
+                   std::int64_t delay_us, bool compensation) {
+  json retry = {{"step", step}, {"attempt", next_attempt}};
+  if (compensation) retry["compensation"] = true;
+  t.rec()["retry"] = std::move(retry);
+  t.rec()["retry_at_us"] = t.now() + delay_us;
+  t.set_status("waiting");
+  t.refresh_timer();
+}
+
 }  // namespace
 
 void workflows::fail_step(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
@@ -481,16 +501,10 @@ void workflows::fail_step(detail::instance_txn& t, const workflow_step& step, ab
     const std::int64_t delay_us = retry_delay_us(p, absl::StrCat(t.id(), "/", step.name), attempt);
     t.history(step.name, absl::StrCat("error (attempt ", attempt, " of ", p.attempts, "): ", error,
                                       "; retrying in ", delay_us / 1000, " ms"));
-    t.rec()["retry"] = {{"step", step.name}, {"attempt", attempt + 1}};
-    t.rec()["retry_at_us"] = t.now() + delay_us;
-    t.set_status("waiting");
-    t.refresh_timer();
+    wait_to_retry(t, step.name, attempt + 1, delay_us, false);
     return;
   }
-  const std::string after =
-      permanent && p.attempts > 1
-          ? absl::StrCat(" (", code_name, " is not retryable)")
-          : (p.attempts > 1 ? absl::StrCat(" after ", attempt, " attempts") : std::string());
+  const std::string after = attempts_text(p, permanent, code_name, attempt);
   t.history(step.name, absl::StrCat("error", after, ": ", error));
   const std::string reason = absl::StrCat("step '", step.name, "' failed", after, ": ", error);
   if (p.on_exhausted == "pause") {
@@ -520,16 +534,10 @@ void workflows::fail_compensation(detail::instance_txn& t, const workflow_step& 
         retry_delay_us(p, absl::StrCat(t.id(), "/", step.name, "/compensation"), attempt);
     t.history(step.name, absl::StrCat(what, " failed (attempt ", attempt, " of ", p.attempts,
                                       "): ", error, "; retrying in ", delay_us / 1000, " ms"));
-    t.rec()["retry"] = {{"step", step.name}, {"attempt", attempt + 1}, {"compensation", true}};
-    t.rec()["retry_at_us"] = t.now() + delay_us;
-    t.set_status("waiting");
-    t.refresh_timer();
+    wait_to_retry(t, step.name, attempt + 1, delay_us, true);
     return;
   }
-  const std::string after =
-      permanent && p.attempts > 1
-          ? absl::StrCat(" (", code_name, " is not retryable)")
-          : (p.attempts > 1 ? absl::StrCat(" after ", attempt, " attempts") : std::string());
+  const std::string after = attempts_text(p, permanent, code_name, attempt);
   t.history(step.name, absl::StrCat("compensation failed", after, ": ", error));
   if (p.on_exhausted == "pause") {
     // Resumed by an operator, the compensation runs again with a fresh set of attempts.

@@ -40,16 +40,31 @@ auto bounded_workflows(pop::engine& e, std::int64_t max_history) {
   return wf;
 }
 
+// An engine on a manual clock with workflows that keep ended instances for an hour, and the
+// test steps.
+struct retained {
+  std::shared_ptr<pop::manual_clock> clock = std::make_shared<pop::manual_clock>(1'000'000'000'000);
+  std::unique_ptr<pop::engine> e = pop::test::must(pop::engine::open({.clock = clock}));
+  std::unique_ptr<pop::workflows> wf = make();
+
+ private:
+  std::unique_ptr<pop::workflows> make() {
+    pop::workflow_options opts;
+    opts.retention = std::chrono::hours(1);
+    auto w = pop::test::must(pop::workflows::create(*e, opts));
+    register_steps(*w);
+    return w;
+  }
+};
+
 }  // namespace
 
 TEST_CASE("ended instances are purged after the retention period, record, history and index",
           "[workflow][retention]") {
-  auto clock = std::make_shared<pop::manual_clock>(1'000'000'000'000);
-  auto e = pop::test::must(pop::engine::open({.clock = clock}));
-  pop::workflow_options opts;
-  opts.retention = std::chrono::hours(1);
-  auto wf = pop::test::must(pop::workflows::create(*e, opts));
-  register_steps(*wf);
+  retained r;
+  auto& clock = r.clock;
+  auto& e = r.e;
+  auto& wf = r.wf;
   REQUIRE(wf->define(parse({{"name", "linear"},
                             {"start", "a"},
                             {"steps",
@@ -364,12 +379,10 @@ TEST_CASE("continue-as-new moves the next run to the newest version of its workf
 
 TEST_CASE("instances that ended before the ended index existed are purged too",
           "[workflow][retention]") {
-  auto clock = std::make_shared<pop::manual_clock>(1'000'000'000'000);
-  auto e = pop::test::must(pop::engine::open({.clock = clock}));
-  pop::workflow_options opts;
-  opts.retention = std::chrono::hours(1);
-  auto wf = pop::test::must(pop::workflows::create(*e, opts));
-  register_steps(*wf);
+  retained r;
+  auto& clock = r.clock;
+  auto& e = r.e;
+  auto& wf = r.wf;
   const std::int64_t t0 = clock->now_us();
   // Records as an older pop left them: ended, with no entry in the ended index (one knows when
   // it ended), beside a running one.
@@ -398,12 +411,10 @@ TEST_CASE("instances that ended before the ended index existed are purged too",
 
 TEST_CASE("an old ended instance restarted after its indexing is not purged while it runs",
           "[workflow][retention]") {
-  auto clock = std::make_shared<pop::manual_clock>(1'000'000'000'000);
-  auto e = pop::test::must(pop::engine::open({.clock = clock}));
-  pop::workflow_options opts;
-  opts.retention = std::chrono::hours(1);
-  auto wf = pop::test::must(pop::workflows::create(*e, opts));
-  register_steps(*wf);
+  retained r;
+  auto& clock = r.clock;
+  auto& e = r.e;
+  auto& wf = r.wf;
   REQUIRE(wf->define(parse({{"name", "waiter"},
                             {"start", "w"},
                             {"steps",
