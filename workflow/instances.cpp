@@ -599,16 +599,14 @@ absl::Status workflows::index_legacy_ended(std::int64_t now) {
   std::vector<write> writes;
   snap.view(path::parse(options_.instances).value())
       .for_each_member([&](std::string_view id, const value_view& rec) {
-        const value_view status = rec.member("status");
-        if (!status || !status.to_json().is_string() ||
-            !detail::instance_txn::status_is_final(status.to_json().get<std::string>()) ||
+        const json status = rec.member("status").to_json();
+        if (!status.is_string() ||
+            !detail::instance_txn::status_is_final(status.get_ref<const std::string&>()) ||
             indexed.member(id)) {
           return true;
         }
-        std::int64_t at = now;
-        if (const value_view e = rec.member("ended_at_us"); e && e.to_json().is_number_integer()) {
-          at = e.to_json().get<std::int64_t>();
-        }
+        const json ended = rec.member("ended_at_us").to_json();
+        const std::int64_t at = ended.is_number_integer() ? ended.get<std::int64_t>() : now;
         // The record gets its end time too: a restart then removes the index entry (set_status).
         writes.push_back(
             {absl::StrCat(options_.instances, ".", detail::to_absl(id), ".ended_at_us"), json(at)});

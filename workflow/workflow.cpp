@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -464,52 +465,55 @@ std::int64_t retry_delay_us(const workflow_retry& p, const std::string& seed, in
   return static_cast<std::int64_t>(delay_ms * 1000.0);
 }
 
-bool is_non_retryable(const workflow_retry& p, const std::string& code_name) {
-  return std::find(p.non_retryable.begin(), p.non_retryable.end(), code_name) !=
-         p.non_retryable.end();
+// The record of a retry of `step` (its compensation if `compensation`) as attempt `attempt`.
+json retry_state(const std::string& step, int attempt, bool compensation) {
+  json retry = {{"step", step}, {"attempt", attempt}};
+  if (compensation) retry["compensation"] = true;
+  return retry;
 }
 
-// How the attempts ended, for history and errors: "" (one attempt), " after 3 attempts", or
-// " (INVALID_ARGUMENT is not retryable)".
-std::string attempts_text(const workflow_retry& p, bool permanent, const std::string& code_name,
-                          int attempt) {
+// After `what` of `step` failed with `code` ("error" for the step's process, "compensation 'x'
+// failed" for its compensation): if its retry policy allows another attempt, makes the instance
+// wait for it (history: "<what> (attempt 1 of 3): ...; retrying in 100 ms") and returns nullopt;
+// else returns how the attempts ended ("", " after 3 attempts", " (CODE is not retryable)").
+std::optional<std::string> retry_or_exhausted(detail::instance_txn& t, const workflow_step& step,
+                                              absl::StatusCode code, const std::string& error,
+                                              std::string_view what, bool compensation) {
+  const workflow_retry& p = step.retry;
+  const int attempt = t.retrying(step.name) && t.compensation_retry() == compensation
+                          ? t.rec()["retry"].value("attempt", 1)
+                          : 1;
+  const std::string code_name = absl::StatusCodeToString(code);
+  const bool permanent =
+      std::find(p.non_retryable.begin(), p.non_retryable.end(), code_name) != p.non_retryable.end();
+  if (attempt < p.attempts && !permanent) {
+    const std::int64_t delay_us = retry_delay_us(
+        p, absl::StrCat(t.id(), "/", step.name, compensation ? "/compensation" : ""), attempt);
+    t.history(step.name,
+              absl::StrCat(detail::to_absl(what), " (attempt ", attempt, " of ", p.attempts,
+                           "): ", error, "; retrying in ", delay_us / 1000, " ms"));
+    t.rec()["retry"] = retry_state(step.name, attempt + 1, compensation);
+    t.rec()["retry_at_us"] = t.now() + delay_us;
+    t.set_status("waiting");
+    t.refresh_timer();
+    return std::nullopt;
+  }
   if (permanent && p.attempts > 1) return absl::StrCat(" (", code_name, " is not retryable)");
   return p.attempts > 1 ? absl::StrCat(" after ", attempt, " attempts") : std::string();
-}
-
-// Makes the instance wait until `delay_us` from now to run `step` (or its compensation) again
-// as attempt `next_attempt`.
-void wait_to_retry(detail::instance_txn& t, const std::string& step, int next_attempt,
-                   std::int64_t delay_us, bool compensation) {
-  json retry = {{"step", step}, {"attempt", next_attempt}};
-  if (compensation) retry["compensation"] = true;
-  t.rec()["retry"] = std::move(retry);
-  t.rec()["retry_at_us"] = t.now() + delay_us;
-  t.set_status("waiting");
-  t.refresh_timer();
 }
 
 }  // namespace
 
 void workflows::fail_step(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
                           const std::string& error) const {
+  const std::optional<std::string> after = retry_or_exhausted(t, step, code, error, "error", false);
+  if (!after) return;
   const workflow_retry& p = step.retry;
-  const int attempt = t.retrying(step.name) ? t.rec()["retry"].value("attempt", 1) : 1;
-  const std::string code_name = absl::StatusCodeToString(code);
-  const bool permanent = is_non_retryable(p, code_name);
-  if (attempt < p.attempts && !permanent) {
-    const std::int64_t delay_us = retry_delay_us(p, absl::StrCat(t.id(), "/", step.name), attempt);
-    t.history(step.name, absl::StrCat("error (attempt ", attempt, " of ", p.attempts, "): ", error,
-                                      "; retrying in ", delay_us / 1000, " ms"));
-    wait_to_retry(t, step.name, attempt + 1, delay_us, false);
-    return;
-  }
-  const std::string after = attempts_text(p, permanent, code_name, attempt);
-  t.history(step.name, absl::StrCat("error", after, ": ", error));
-  const std::string reason = absl::StrCat("step '", step.name, "' failed", after, ": ", error);
+  t.history(step.name, absl::StrCat("error", *after, ": ", error));
+  const std::string reason = absl::StrCat("step '", step.name, "' failed", *after, ": ", error);
   if (p.on_exhausted == "pause") {
     // Resumed by an operator, it runs the step again with a fresh set of attempts.
-    t.rec()["retry"] = {{"step", step.name}, {"attempt", 1}};
+    t.rec()["retry"] = retry_state(step.name, 1, false);
     t.park(absl::StrCat(reason, ": resume it to try again"), "retries_exhausted");
     return;
   }
@@ -523,32 +527,21 @@ void workflows::fail_step(detail::instance_txn& t, const workflow_step& step, ab
 
 void workflows::fail_compensation(detail::instance_txn& t, const workflow_step& step,
                                   absl::StatusCode code, const std::string& error) const {
-  const workflow_retry& p = step.retry;
-  const int attempt =
-      t.retrying(step.name) && t.compensation_retry() ? t.rec()["retry"].value("attempt", 1) : 1;
-  const std::string code_name = absl::StatusCodeToString(code);
-  const bool permanent = is_non_retryable(p, code_name);
   const std::string what = absl::StrCat("compensation '", step.compensate, "'");
-  if (attempt < p.attempts && !permanent) {
-    const std::int64_t delay_us =
-        retry_delay_us(p, absl::StrCat(t.id(), "/", step.name, "/compensation"), attempt);
-    t.history(step.name, absl::StrCat(what, " failed (attempt ", attempt, " of ", p.attempts,
-                                      "): ", error, "; retrying in ", delay_us / 1000, " ms"));
-    wait_to_retry(t, step.name, attempt + 1, delay_us, true);
-    return;
-  }
-  const std::string after = attempts_text(p, permanent, code_name, attempt);
-  t.history(step.name, absl::StrCat("compensation failed", after, ": ", error));
-  if (p.on_exhausted == "pause") {
+  const std::optional<std::string> after =
+      retry_or_exhausted(t, step, code, error, absl::StrCat(what, " failed"), true);
+  if (!after) return;
+  t.history(step.name, absl::StrCat("compensation failed", *after, ": ", error));
+  if (step.retry.on_exhausted == "pause") {
     // Resumed by an operator, the compensation runs again with a fresh set of attempts.
-    t.rec()["retry"] = {{"step", step.name}, {"attempt", 1}, {"compensation", true}};
-    t.park(absl::StrCat(what, " of step '", step.name, "' failed", after, ": ", error,
+    t.rec()["retry"] = retry_state(step.name, 1, true);
+    t.park(absl::StrCat(what, " of step '", step.name, "' failed", *after, ": ", error,
                         ": resume it to try again"),
            "retries_exhausted");
     return;
   }
   t.rec()["error"] =
-      absl::StrCat(t.rec().value("error", ""), "; ", what, " failed", after, ": ", error);
+      absl::StrCat(t.rec().value("error", ""), "; ", what, " failed", *after, ": ", error);
   t.finish("failed");
 }
 

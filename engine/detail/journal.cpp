@@ -242,20 +242,21 @@ void journal::write_front_group(std::unique_lock<std::mutex>& lock) {
     s = write_group(group);
     const std::uint64_t last = group.back()->version;
     if (s.ok()) s = write_head(head_fd_, path_, last);
-    if (s.ok() && (last - snapshot_version_ >= options_.snapshot_every ||
-                   bytes_since_snapshot_ >= options_.snapshot_bytes)) {
-      // The group's committers go first; the token is kept for the snapshot, so no group is
-      // written before it.
-      std::vector<waiter*> taken;
-      lock.lock();
-      durable_ = last;
-      take_waiters(taken);
-      lock.unlock();
-      wake(taken);
-      s = write_snapshot(*group.back());
-    }
     lock.lock();
-    if (s.ok()) durable_ = last;
+    if (s.ok()) {
+      durable_ = last;
+      if (last - snapshot_version_ >= options_.snapshot_every ||
+          bytes_since_snapshot_ >= options_.snapshot_bytes) {
+        // The group's committers go first; the token is kept for the snapshot, so no group is
+        // written before it.
+        std::vector<waiter*> taken;
+        take_waiters(taken);
+        lock.unlock();
+        wake(taken);
+        s = write_snapshot(*group.back());
+        lock.lock();
+      }
+    }
   }
   if (!s.ok()) {
     failed_ = annotate(s, absl::StrCat("the journal failed after version ", durable_,
@@ -391,14 +392,13 @@ absl::Status journal::write_snapshot(const journal_record& last) {
     return absl::InternalError(
         absl::StrCat("cannot encode the snapshot of version ", last.version, ": ", e.what()));
   }
-  const std::uint64_t version = last.version;
   POP_RETURN_IF_ERROR(exec(db_, path_, "BEGIN IMMEDIATE"));
-  absl::Status s = insert_snapshot(db_, path_, version, state, clock_->now_us());
+  absl::Status s = insert_snapshot(db_, path_, last.version, state, clock_->now_us());
   if (s.ok()) {
     statement prune;
     s = prepare(db_, path_, "DELETE FROM pop_commits WHERE version <= ?", prune);
     if (s.ok()) {
-      sqlite3_bind_int64(prune.s, 1, static_cast<std::int64_t>(version));
+      sqlite3_bind_int64(prune.s, 1, static_cast<std::int64_t>(last.version));
       if (const int rc = sqlite3_step(prune.s); rc != SQLITE_DONE) {
         s = sql_error(db_, rc, path_, "pruning records");
       }
@@ -408,7 +408,7 @@ absl::Status journal::write_snapshot(const journal_record& last) {
     statement old;
     s = prepare(db_, path_, "DELETE FROM pop_snapshots WHERE version < ?", old);
     if (s.ok()) {
-      sqlite3_bind_int64(old.s, 1, static_cast<std::int64_t>(version));
+      sqlite3_bind_int64(old.s, 1, static_cast<std::int64_t>(last.version));
       if (const int rc = sqlite3_step(old.s); rc != SQLITE_DONE) {
         s = sql_error(db_, rc, path_, "pruning snapshots");
       }
@@ -419,7 +419,7 @@ absl::Status journal::write_snapshot(const journal_record& last) {
     static_cast<void>(exec(db_, path_, "ROLLBACK"));
     return s;
   }
-  snapshot_version_ = version;
+  snapshot_version_ = last.version;
   bytes_since_snapshot_ = 0;
   return absl::OkStatus();
 }
