@@ -315,9 +315,7 @@ absl::Status engine::check_pending_bound(const detail::version_state& base,
   const auto count = [&](const detail::value_node& root) -> std::size_t {
     const detail::location at = detail::lookup(root, outbox);
     if (!at.exists()) return 0;
-    const json* j = at.inner ? at.inner : (at.node->is_map() ? nullptr : &at.node->as_json());
-    if (j) return j->is_structured() ? j->size() : 0;
-    return at.node->members().size();
+    return detail::size_of(at);
   };
   const std::size_t after = count(*next);
   // Commits that do not grow the queue always pass, so a full outbox can still be drained.
@@ -546,7 +544,8 @@ absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& se
     const auto unchanged = [&](std::string_view id, const detail::node_ptr& now) {
       if (!moved) return true;
       const detail::location then = detail::member(then_queue, id);
-      return then.exists() && then.inner == nullptr && then.node == now.get();
+      return then.exists() && then.inner == nullptr && then.packed == nullptr &&
+             then.node == now.get();
     };
     const std::uint64_t edit = detail::new_edit();
     detail::node_ptr root =
@@ -563,7 +562,10 @@ absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& se
         const std::string at = absl::StrCat(outbox, ".", detail::to_absl(id));
         const detail::location now = detail::lookup(*root, at);
         const detail::location then = moved ? detail::lookup(*seen.state_->root, at) : now;
-        if (!now.exists() || then.node != now.node || then.inner != now.inner) continue;
+        if (!now.exists() || then.node != now.node || then.inner != now.inner ||
+            then.packed != now.packed) {
+          continue;
+        }
         root = detail::erase(root, at, edit);
         removed.push_back(id);
       }

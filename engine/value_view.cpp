@@ -1,5 +1,6 @@
 #include "pop/engine/value_view.hpp"
 
+#include "pop/engine/detail/packed.hpp"
 #include "pop/engine/detail/tree.hpp"
 
 #include "pop/contracts/path.hpp"
@@ -7,17 +8,16 @@
 namespace pop {
 
 detail::location value_view::location() const {
-  return {node_.get(), inner_};
+  return {node_.get(), inner_, packed_};
 }
 
 const json* value_view::direct() const {
   if (!node_) return nullptr;
-  if (inner_) return inner_;
-  return node_->is_map() ? nullptr : &node_->as_json();
+  return detail::stored_json(location());
 }
 
 const outbox_message* value_view::message() const {
-  return node_ && !inner_ ? node_->message() : nullptr;
+  return node_ && !inner_ && !packed_ ? node_->message() : nullptr;
 }
 
 bool value_view::is_object() const {
@@ -26,12 +26,16 @@ bool value_view::is_object() const {
 
 std::size_t value_view::size() const {
   if (!node_) return 0;
-  if (const json* j = direct()) return j->is_structured() ? j->size() : 0;
-  return node_->members().size();
+  return detail::size_of(location());
 }
 
 value_view value_view::member(std::string_view key) const {
   if (!node_) return {};
+  if (const char* p = location().packed_value()) {
+    const char* found = detail::packed::member(p, key);
+    if (!found) return {};
+    return value_view(node_, nullptr, found);
+  }
   if (const json* j = direct()) {
     if (!j->is_object()) return {};
     const auto& object = j->get_ref<const json::object_t&>();
@@ -54,6 +58,12 @@ void value_view::for_each_member(
     absl::FunctionRef<bool(std::string_view key, const value_view& member)> visit,
     std::string_view from) const {
   if (!node_) return;
+  if (const char* p = location().packed_value()) {
+    detail::packed::for_each_member(p, from, [&](std::string_view key, const char* value) {
+      return visit(key, value_view(node_, nullptr, value));
+    });
+    return;
+  }
   if (const json* j = direct()) {
     if (!j->is_object()) return;
     const auto& object = j->get_ref<const json::object_t&>();

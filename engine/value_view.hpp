@@ -71,13 +71,15 @@ class value_view {
  private:
   friend class snapshot;
   friend class context;
-  value_view(detail::node_ptr node, const json* inner) : node_(std::move(node)), inner_(inner) {}
+  value_view(detail::node_ptr node, const json* inner, const char* packed = nullptr)
+      : node_(std::move(node)), inner_(inner), packed_(packed) {}
   detail::location location() const;
-  // The JSON value itself when it is stored whole (not a member map), else null.
+  // The JSON value itself when it is stored as JSON (not a member map, not packed), else null.
   const json* direct() const;
 
-  detail::node_ptr node_;        // the node holding the value (for inner values, the blob)
-  const json* inner_ = nullptr;  // the value inside node_->blob, or null for node_ itself
+  detail::node_ptr node_;         // the node holding the value (for inner values, the blob)
+  const json* inner_ = nullptr;   // the value inside node_->blob, or null for node_ itself
+  const char* packed_ = nullptr;  // the value inside node_'s packed bytes, or null for node_ itself
 };
 
 }  // namespace pop

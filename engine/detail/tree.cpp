@@ -1,12 +1,16 @@
 #include "pop/engine/detail/tree.hpp"
 
 #include <algorithm>
+#include <array>
+#include <cassert>
+#include <cstring>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/path.hpp"
 #include "pop/contracts/status.hpp"
+#include "pop/engine/detail/packed.hpp"
 
 namespace pop::detail {
 namespace {
@@ -22,13 +26,78 @@ bool fits_blob(const json& j, std::size_t& budget) {
   return true;
 }
 
-node_ptr make_blob(json value) {
-  return std::make_shared<const value_node>(value_node::blob_form{}, std::move(value));
+// A packed node and its bytes in one allocation of about their size.
+template <std::size_t N>
+struct packed_block {
+  explicit packed_block(std::string_view packed) : node(value_node::packed_form{}, bytes) {
+    std::memcpy(bytes, packed.data(), packed.size());
+  }
+  const value_node node;
+  char bytes[N];
+};
+
+// The byte capacities of the packed blocks: steps of 8 up to 128, then of 32 up to 512.
+constexpr std::size_t packed_classes = 16 + 12;
+constexpr std::size_t packed_capacity(std::size_t i) {
+  return i < 16 ? 8 * (i + 1) : 128 + 32 * (i - 15);
+}
+constexpr std::size_t packed_max = packed_capacity(packed_classes - 1);
+
+template <std::size_t N>
+node_ptr make_packed_block(std::string_view packed) {
+  auto block = std::make_shared<const packed_block<N>>(packed);
+  const value_node* node = &block->node;
+  return node_ptr(std::move(block), node);  // (owns the block)
+}
+
+template <std::size_t... I>
+constexpr auto packed_makers(std::index_sequence<I...>) {
+  return std::array<node_ptr (*)(std::string_view), sizeof...(I)>{
+      &make_packed_block<packed_capacity(I)>...};
+}
+
+// A packed node holding `packed` (at most packed_max bytes).
+node_ptr make_packed(std::string_view packed) {
+  static constexpr auto makers = packed_makers(std::make_index_sequence<packed_classes>{});
+  const std::size_t n = packed.size();
+  const std::size_t i = n <= 128 ? (n + 7) / 8 - 1 : 15 + (n - 128 + 31) / 32;
+  return makers[i](packed);
+}
+
+// For a string, array or object of up to packed_max bytes packed, a packed node; else nullptr.
+node_ptr try_pack(const json& value) {
+  if (!value.is_string() && !value.is_structured()) return nullptr;
+  thread_local std::string bytes;
+  bytes.clear();
+  if (!packed::encode(value, bytes) || bytes.size() > packed_max) return nullptr;
+  return make_packed(bytes);
+}
+
+// A packed node if `value` packs, else a blob node.
+template <class J>
+node_ptr make_blob(J&& value) {
+  if (node_ptr p = try_pack(value)) return p;
+  return std::make_shared<const value_node>(value_node::blob_form{}, std::forward<J>(value));
 }
 
 node_ptr make_map(pmap<node_ptr> members) {
   // Not a const object: an edit batch may still change a map node it made (with_members).
   return std::make_shared<value_node>(value_node::map_form{}, std::move(members));
+}
+
+// make_node for a value the caller keeps: nothing is moved out of it, so the nodes of a large
+// state are allocated while it lives and it is freed in one piece afterwards (freeing its parts
+// one by one while building would scatter the tree over the holes they leave, and keep those
+// pages resident).
+node_ptr make_node_from(const json& value) {
+  std::size_t budget = blob_max_elements;
+  if (!value.is_object() || fits_blob(value, budget)) return make_blob(value);
+  std::vector<std::pair<std::string, node_ptr>> entries;
+  entries.reserve(value.size());
+  for (const auto& [key, member] : value.get_ref<const json::object_t&>()) {
+    entries.emplace_back(key, make_node_from(member));
+  }
+  return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
 }
 
 // The prefix of `full` that ends with `segment` (a view into `full`), for error messages.
@@ -141,6 +210,7 @@ node_ptr erase_at(const node_ptr& node, std::string_view rest, std::uint64_t edi
 
 const json& value_node::as_json() const {
   if (const json* blob = std::get_if<json>(&form_)) return *blob;
+  assert(std::holds_alternative<typed>(form_));
   const typed& t = *std::get_if<typed>(&form_);
   if (const json* built = t.json_form.load(std::memory_order_acquire)) return *built;
   auto fresh = std::make_unique<const json>(t.message->to_json());
@@ -180,18 +250,38 @@ node_ptr make_node(json value) {
 node_ptr as_member_map(const node_ptr& n) {
   if (n->is_map()) return n;
   std::vector<std::pair<std::string, node_ptr>> entries;
-  for (const auto& [key, member] : n->as_json().items()) {
-    entries.emplace_back(key, make_node(member));
+  json object = materialise({n.get(), nullptr});
+  for (auto& [key, member] : object.get_ref<json::object_t&>()) {
+    entries.emplace_back(key, make_node(std::move(member)));
   }
   return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
 }
 
 node_ptr make_root(json object) {
-  return as_member_map(make_node(std::move(object)));
+  node_ptr root = as_member_map(make_node_from(object));
+  object = json();  // freed only now, in one piece (see make_node_from)
+  return root;
+}
+
+bool location::is_object() const {
+  if (inner) return inner->is_object();
+  if (const char* p = packed_value()) return packed::is_object(p);
+  return node->is_map() || node->message() != nullptr || node->as_json().is_object();
+}
+
+std::size_t size_of(const location& at) {
+  if (const char* p = at.packed_value()) return packed::size(p);
+  if (const json* j = stored_json(at)) return j->is_structured() ? j->size() : 0;
+  return at.node->members().size();
 }
 
 location member(const location& at, std::string_view key) {
   if (!at.exists()) return {};
+  if (const char* p = at.packed_value()) {
+    const char* found = packed::member(p, key);
+    if (!found) return {};
+    return {at.node, nullptr, found};
+  }
   const json* holder = at.inner ? at.inner : (at.node->is_map() ? nullptr : &at.node->as_json());
   if (holder) {
     if (!holder->is_object()) return {};
@@ -213,6 +303,7 @@ location lookup(const value_node& root, std::string_view path_text) {
 
 json materialise(const location& at) {
   if (at.inner) return *at.inner;
+  if (const char* p = at.packed_value()) return packed::decode(p);
   // A typed message is converted without keeping its JSON form (a whole-state copy, such as a
   // journal snapshot, would otherwise double the memory of every pending message).
   if (const outbox_message* m = at.node->message()) return m->to_json();
@@ -251,8 +342,7 @@ node_ptr with_typed_messages(const node_ptr& root, std::string_view outbox_path)
   const location queue = lookup(*root, outbox_path);
   if (!queue.exists() || !queue.is_object()) return root;
   std::vector<std::pair<std::string, node_ptr>> entries;
-  const auto add = [&](std::string_view id, const location& at) {
-    json stored = materialise(at);
+  const auto add = [&](std::string_view id, json stored) {
     absl::StatusOr<outbox_message> m = outbox_message::from_json(stored);
     if (m.ok() && m->id == id && m->to_json() == stored) {
       entries.emplace_back(std::string(id), make_message_node(*std::move(m)));
@@ -260,14 +350,15 @@ node_ptr with_typed_messages(const node_ptr& root, std::string_view outbox_path)
       entries.emplace_back(std::string(id), make_node(std::move(stored)));
     }
   };
-  if (const json* j = stored_json(queue)) {
-    for (const auto& [id, member] : j->items()) add(id, {queue.node, &member});
+  if (queue.inner || !queue.node->is_map()) {
+    json j = materialise(queue);
+    for (auto& [id, member] : j.get_ref<json::object_t&>()) add(id, std::move(member));
   } else {
     for (auto it = queue.node->members().begin(); it != queue.node->members().end(); ++it) {
       if (it.value()->message()) {
         entries.emplace_back(std::string(it.key()), it.value());  // typed already
       } else {
-        add(it.key(), {it.value().get(), nullptr});
+        add(it.key(), materialise({it.value().get(), nullptr}));
       }
     }
   }
@@ -283,7 +374,7 @@ node_ptr erase_members(const node_ptr& root, std::string_view map_path,
                        std::vector<std::string_view>& removed, std::uint64_t edit) {
   const location at = lookup(*root, map_path);
   if (!at.exists()) return root;
-  if (at.inner != nullptr || !at.node->is_map()) return nullptr;
+  if (at.inner != nullptr || at.packed != nullptr || !at.node->is_map()) return nullptr;
   // One pass over the map in key order (a relay's ids are sorted already).
   std::vector<std::string_view> sorted;
   std::span<const std::string_view> ordered = keys;

@@ -21,29 +21,41 @@ namespace pop::detail {
 class value_node;
 using node_ptr = std::shared_ptr<const value_node>;
 
-// One value of the state tree, in one of three forms. A member map (a large JSON object: a
-// persistent B+-tree of child nodes, so a write copies O(log n) of it); a blob (any other JSON
-// value, small objects included, stored whole, so a small record is one allocation); or an outbox
-// message a commit appended, kept typed (no JSON is built for it unless someone reads it as JSON,
-// and then once). An object grows out of blob form when a write makes it large. The form is
-// invisible to readers: materialising any of them gives the same JSON. Immutable once published;
-// shared between versions and threads.
+// One value of the state tree, in one of four forms. A member map (a large JSON object: a
+// persistent B+-tree of child nodes, so a write copies O(log n) of it); a packed value (a small
+// object, array or string in the bytes of packed.hpp, in the node's own allocation: a small record
+// is one allocation of about its text's size, read in place); a blob (a scalar, or a value too
+// large or too odd to pack, as nlohmann::json); or an outbox message a commit appended, kept
+// typed (no JSON is built for it unless someone reads it as JSON, and then once). An object grows
+// out of packed form when a write makes it large. The form is invisible to readers:
+// materialising any of them gives the same JSON. Immutable once published; shared between
+// versions and threads.
 class value_node {
  public:
   struct blob_form {};
   struct map_form {};
+  struct packed_form {};
   value_node(blob_form, json value) : form_(std::in_place_type<json>, std::move(value)) {}
   value_node(map_form, pmap<node_ptr> members)
       : form_(std::in_place_type<pmap<node_ptr>>, std::move(members)) {}
   // A typed message node viewing `m`, which the caller keeps alive as long as the node (see
   // make_message_node: one allocation holds both).
   explicit value_node(const outbox_message* m) : form_(std::in_place_type<typed>, m) {}
+  // A packed node viewing the packed bytes at `bytes`, which the caller keeps alive as long as the
+  // node (see make_node: one allocation holds both).
+  value_node(packed_form, const char* bytes) : form_(std::in_place_type<packed>, bytes) {}
 
   bool is_map() const { return form_.index() == 1; }
   // The member map. Only for is_map().
   const pmap<node_ptr>& members() const { return *std::get_if<pmap<node_ptr>>(&form_); }
-  // The value as JSON. Only for !is_map(). A typed message builds its JSON on the first call
-  // (thread-safe); the reference lives as long as the node.
+  // The packed bytes of a packed node, else nullptr.
+  const char* packed_bytes() const {
+    const packed* p = std::get_if<packed>(&form_);
+    return p ? p->bytes : nullptr;
+  }
+  // The value as JSON. Only for a blob or a typed message (not is_map(), not packed). A typed
+  // message builds its JSON on the first call (thread-safe); the reference lives as long as the
+  // node.
   const json& as_json() const;
   // Replaces the members of a map node that an edit batch created and no version has published
   // yet (see assign), so the batch's later writes change its own nodes instead of allocating new
@@ -66,7 +78,11 @@ class value_node {
     const outbox_message* message;  // not owned
     mutable std::atomic<const json*> json_form{nullptr};
   };
-  std::variant<json, pmap<node_ptr>, typed> form_;
+  struct packed {
+    explicit packed(const char* b) : bytes(b) {}
+    const char* bytes;  // not owned
+  };
+  std::variant<json, pmap<node_ptr>, typed, packed> form_;
 };
 
 // The largest object kept as a blob, by member count and by total nested element count.
@@ -80,14 +96,18 @@ node_ptr make_message_node(outbox_message m);
 // Returns a root node: always a member map, so top-level writes never copy the whole state.
 node_ptr make_root(json object);
 
-// A read position: a node, and inside a blob node a JSON value within it.
+// A read position: a node, and inside a blob or packed node a value within it.
 struct location {
   const value_node* node = nullptr;  // null: absent
   const json* inner = nullptr;       // non-null: the value inside node->blob
+  const char* packed = nullptr;      // non-null: a value inside node's packed bytes
   bool exists() const { return node != nullptr; }
-  bool is_object() const {
-    if (inner) return inner->is_object();
-    return node->is_map() || node->message() != nullptr || node->as_json().is_object();
+  bool is_object() const;
+  // The packed bytes of the value here if it is stored packed (inside a packed node or all of
+  // it), else nullptr.
+  const char* packed_value() const {
+    if (packed) return packed;
+    return inner ? nullptr : node->packed_bytes();
   }
 };
 
@@ -96,12 +116,15 @@ struct location {
 location lookup(const value_node& root, std::string_view path_text);
 // Returns the location of member `key` of object location `at`, or an absent location.
 location member(const location& at, std::string_view key);
-// The JSON value at `at` (which must exist) if it is stored as JSON (a blob or inside one), else
-// nullptr (a member map: materialise it). O(1), no copy.
+// The JSON value at `at` (which must exist) if it is stored as JSON (a blob or inside one, or a
+// typed message), else nullptr (a member map or a packed value: materialise it). O(1), no copy.
 inline const json* stored_json(const location& at) {
   if (at.inner) return at.inner;
-  return at.node->is_map() ? nullptr : &at.node->as_json();
+  return at.node->is_map() || at.packed_value() ? nullptr : &at.node->as_json();
 }
+// The number of members of an object, elements of an array, 0 for other values, at `at` (which
+// must exist). O(1).
+std::size_t size_of(const location& at);
 // Materialises the value at `at` (which must exist) as JSON. O(size of that value).
 json materialise(const location& at);
 

@@ -2,6 +2,11 @@
 #include <rapidcheck/catch.h>
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cstring>
+#include <map>
+
+#include "pop/engine/detail/packed.hpp"
 #include "pop/engine/detail/process_runner.hpp"
 #include "pop/engine/detail/tree.hpp"
 #include "pop/engine/engine.hpp"
@@ -59,7 +64,145 @@ json big_object(int n, int salt) {
   return j;
 }
 
+// Whether `a` and `b` are the same JSON value down to the number kind of every number, the bits of
+// every double and the bytes of every string (json's == treats 1 and 1u, 0.0 and -0.0 as equal).
+bool same(const json& a, const json& b) {
+  if (a.type() != b.type()) return false;
+  switch (a.type()) {
+    case json::value_t::number_float: {
+      const double x = a.get<double>();
+      const double y = b.get<double>();
+      return std::memcmp(&x, &y, sizeof x) == 0;
+    }
+    case json::value_t::array:
+      if (a.size() != b.size()) return false;
+      for (std::size_t i = 0; i < a.size(); ++i) {
+        if (!same(a[i], b[i])) return false;
+      }
+      return true;
+    case json::value_t::object: {
+      if (a.size() != b.size()) return false;
+      auto j = b.begin();
+      for (auto i = a.begin(); i != a.end(); ++i, ++j) {
+        if (i.key() != j.key() || !same(i.value(), j.value())) return false;
+      }
+      return true;
+    }
+    default:
+      return a == b;
+  }
+}
+
+// Text with the bytes that trip codecs: empty, NUL, control characters, multi-byte and invalid
+// UTF-8, and lengths on both sides of the packed form's short limits (63 bytes, 31 members).
+rc::Gen<std::string> any_text() {
+  return rc::gen::oneOf(rc::gen::element<std::string>("", "a", "zz", std::string(1, '\0'),
+                                                      "\xff\xfe", "\xc3\xa9", std::string(63, 'x'),
+                                                      std::string(64, 'y'), std::string(300, 'q')),
+                        rc::gen::arbitrary<std::string>());
+}
+
+// Any JSON value, nested up to `depth`, of every kind and number kind nlohmann keeps.
+rc::Gen<json> any_json(int depth) {
+  std::vector<rc::Gen<json>> kinds = {
+      rc::gen::just(json(nullptr)),
+      rc::gen::map(rc::gen::arbitrary<bool>(), [](bool b) { return json(b); }),
+      rc::gen::map(rc::gen::arbitrary<std::int64_t>(), [](std::int64_t v) { return json(v); }),
+      rc::gen::map(rc::gen::arbitrary<std::uint64_t>(), [](std::uint64_t v) { return json(v); }),
+      rc::gen::map(rc::gen::inRange<std::int64_t>(-40, 40), [](std::int64_t v) { return json(v); }),
+      rc::gen::map(rc::gen::inRange<std::uint64_t>(0, 40), [](std::uint64_t v) { return json(v); }),
+      rc::gen::map(rc::gen::element(0.0, -0.0, 1.5, -1e300, 5e-324),
+                   [](double v) { return json(v); }),
+      rc::gen::map(any_text(), [](std::string t) { return json(std::move(t)); }),
+  };
+  if (depth > 0) {
+    kinds.push_back(rc::gen::map(
+        rc::gen::container<std::vector<json>>(*rc::gen::inRange(0, 40), any_json(depth - 1)),
+        [](std::vector<json> v) { return json(std::move(v)); }));
+    kinds.push_back(rc::gen::map(rc::gen::container<std::map<std::string, json>>(
+                                     *rc::gen::inRange(0, 40), any_text(), any_json(depth - 1)),
+                                 [](std::map<std::string, json> m) {
+                                   json out = json::object();
+                                   for (auto& [k, v] : m) out[k] = std::move(v);
+                                   return out;
+                                 }));
+  }
+  return rc::gen::join(rc::gen::elementOf(kinds));
+}
+
+// Reads `view` every way a view can be read and checks each against `want`.
+void check_view(const pop::value_view& view, const json& want) {
+  RC_ASSERT(view.exists());
+  RC_ASSERT(same(view.to_json(), want));
+  RC_ASSERT(same(view.get<json>(), want));
+  RC_ASSERT(view.is_object() == want.is_object());
+  RC_ASSERT(view.size() == (want.is_structured() ? want.size() : 0));
+  if (!want.is_object()) {
+    RC_ASSERT(!view.member("a").exists());
+    return;
+  }
+  std::vector<std::string> keys;
+  for (const auto& [k, v] : want.items()) keys.push_back(k);
+  RC_ASSERT(view.keys() == keys);
+  for (const auto& [k, v] : want.items()) {
+    check_view(view.member(k), v);
+    // Iterating from a key starts at it; a key just below it starts there too.
+    std::vector<std::string> from;
+    view.for_each_member(
+        [&](std::string_view key, const pop::value_view&) {
+          from.emplace_back(key);
+          return true;
+        },
+        k);
+    RC_ASSERT(from == std::vector<std::string>(std::find(keys.begin(), keys.end(), k), keys.end()));
+    const std::string absent = k + std::string(1, '\0') + "absent";
+    RC_ASSERT(view.member(absent).exists() == want.contains(absent));
+  }
+}
 }  // namespace
+
+TEST_CASE("a packed value decodes to exactly the value packed, and reads in place the same",
+          "[state]") {
+  rc::prop("encode/decode keeps every kind, and views of a packed node read as the JSON", [] {
+    const json value = *any_json(2);
+    std::string bytes;
+    RC_ASSERT(d::packed::encode(value, bytes));
+    RC_ASSERT(same(d::packed::decode(bytes.data()), value));
+    RC_ASSERT(d::packed::size(bytes.data()) == (value.is_structured() ? value.size() : 0));
+    // In a state: small strings, arrays and objects are stored packed; every read agrees.
+    // (Keys here may be any text, so the tree is built directly, not through engine::open.)
+    const d::node_ptr root = d::make_root(json{{"v", value}});
+    const pop::snapshot s = d::process_runner::make_snapshot(
+        std::make_shared<const d::version_state>(d::version_state{1, root, nullptr}));
+    check_view(s.root().member("v"), value);
+    const d::location at = d::lookup(*root, "v");
+    RC_ASSERT(same(d::materialise(at), value));
+    if ((value.is_string() || value.is_structured()) && bytes.size() <= 512) {
+      RC_ASSERT(at.node->packed_bytes() != nullptr);
+    }
+  });
+}
+
+TEST_CASE("a small record is packed in about the length of its text", "[state]") {
+  const json account = {{"balance", 1000}, {"owner", "owner-123456"}};
+  std::string bytes;
+  REQUIRE(d::packed::encode(account, bytes));
+  CHECK(bytes.size() < account.dump().size());
+  const d::node_ptr node = d::make_node(account);
+  REQUIRE(node->packed_bytes() != nullptr);
+  CHECK(!node->is_map());
+  // Writing into it gives a new packed record and leaves the old one as it was.
+  const d::node_ptr root = d::make_root(json{{"a", account}});
+  const d::node_ptr next = d::assign(root, "a.balance", d::make_node(7)).value();
+  CHECK(d::lookup(*next, "a").node->packed_bytes() != nullptr);
+  CHECK(d::materialise(d::lookup(*next, "a")) == json{{"balance", 7}, {"owner", "owner-123456"}});
+  CHECK(d::materialise(d::lookup(*root, "a.balance")) == 1000);
+  // A value that does not pack (too long) stays JSON and reads the same.
+  const json big = {{"text", std::string(2000, 't')}};
+  const d::node_ptr blob = d::make_node(big);
+  CHECK(blob->packed_bytes() == nullptr);
+  CHECK(d::materialise({blob.get(), nullptr}) == big);
+}
 
 TEST_CASE("the state tree behaves like a plain JSON document under any writes and deletes",
           "[state]") {

@@ -1,0 +1,244 @@
+#include "pop/engine/detail/packed.hpp"
+
+#include <cstdint>
+#include <cstring>
+
+namespace pop::detail::packed {
+namespace {
+
+void put_varint(std::uint64_t v, std::string& out) {
+  while (v >= 0x80) {
+    out.push_back(static_cast<char>((v & 0x7f) | 0x80));
+    v >>= 7;
+  }
+  out.push_back(static_cast<char>(v));
+}
+
+std::uint64_t get_varint(const char*& at) {
+  std::uint64_t v = 0;
+  for (int shift = 0;; shift += 7) {
+    const auto byte = static_cast<unsigned char>(*at++);
+    v |= static_cast<std::uint64_t>(byte & 0x7f) << shift;
+    if ((byte & 0x80) == 0) return v;
+  }
+}
+
+void put_tag(tag t, std::string& out) {
+  out.push_back(static_cast<char>(t));
+}
+
+void put_text(std::string_view text, std::string& out) {
+  put_varint(text.size(), out);
+  out.append(text);
+}
+
+// A tag and its size or value: the short form when it fits in the tag byte.
+void put_head(tag t, tag short_t, std::uint64_t n, std::uint64_t short_max, std::string& out) {
+  if (n <= short_max) {
+    out.push_back(static_cast<char>(static_cast<unsigned char>(short_t) + n));
+    return;
+  }
+  put_tag(t, out);
+  put_varint(n, out);
+}
+
+constexpr std::uint64_t short_max = 31;
+constexpr std::uint64_t short_string_max = 63;
+
+// The kind of a value and its size (string length, element or member count) or integer value.
+struct head {
+  tag kind;  // one of the long tags
+  std::uint64_t n = 0;
+};
+
+head get_head(const char*& at) {
+  const auto t = static_cast<unsigned char>(*at++);
+  const auto in = [&](tag short_t, unsigned char span) {
+    const auto base = static_cast<unsigned char>(short_t);
+    return t >= base && t < base + span;
+  };
+  const auto low = [&](tag short_t) {
+    return static_cast<std::uint64_t>(t - static_cast<unsigned char>(short_t));
+  };
+  if (in(tag::short_string, 64)) return {tag::string, low(tag::short_string)};
+  if (in(tag::short_object, 32)) return {tag::object, low(tag::short_object)};
+  if (in(tag::short_array, 32)) return {tag::array, low(tag::short_array)};
+  if (in(tag::short_unsigned_integer, 32)) {
+    return {tag::unsigned_integer, low(tag::short_unsigned_integer)};
+  }
+  if (in(tag::short_integer, 32)) return {tag::integer, low(tag::short_integer) << 1};
+  const auto kind = static_cast<tag>(t);
+  switch (kind) {
+    case tag::integer:
+    case tag::unsigned_integer:
+    case tag::string:
+    case tag::array:
+    case tag::object:
+      return {kind, get_varint(at)};
+    default:
+      return {kind};
+  }
+}
+
+// The position just past the value at `at`.
+const char* skip(const char* at) {
+  const head h = get_head(at);
+  switch (h.kind) {
+    case tag::floating:
+      return at + sizeof(double);
+    case tag::string:
+      return at + h.n;
+    case tag::array:
+      for (std::uint64_t n = h.n; n > 0; --n) at = skip(at);
+      return at;
+    case tag::object:
+      for (std::uint64_t n = h.n; n > 0; --n) {
+        at += get_varint(at);  // the key
+        at = skip(at);
+      }
+      return at;
+    default:
+      return at;
+  }
+}
+
+std::string_view get_text(const char*& at) {
+  const std::size_t n = get_varint(at);
+  const std::string_view text(at, n);
+  at += n;
+  return text;
+}
+
+json decode_at(const char*& at) {
+  const head h = get_head(at);
+  switch (h.kind) {
+    case tag::null_value:
+      return nullptr;
+    case tag::false_value:
+      return false;
+    case tag::true_value:
+      return true;
+    case tag::integer:
+      return static_cast<std::int64_t>((h.n >> 1) ^ (~(h.n & 1) + 1));
+    case tag::unsigned_integer:
+      return h.n;
+    case tag::floating: {
+      double d = 0;
+      std::memcpy(&d, at, sizeof d);
+      at += sizeof d;
+      return d;
+    }
+    case tag::string: {
+      std::string text(at, h.n);
+      at += h.n;
+      return text;
+    }
+    case tag::array: {
+      json out = json::array();
+      auto& elements = out.get_ref<json::array_t&>();
+      elements.reserve(h.n);
+      for (std::uint64_t i = 0; i < h.n; ++i) elements.push_back(decode_at(at));
+      return out;
+    }
+    case tag::object: {
+      json out = json::object();
+      auto& members = out.get_ref<json::object_t&>();
+      for (std::uint64_t n = h.n; n > 0; --n) {
+        const std::string_view key = get_text(at);
+        members.emplace_hint(members.end(), std::string(key), decode_at(at));
+      }
+      return out;
+    }
+    default:
+      return nullptr;  // unreachable for bytes encode wrote
+  }
+}
+
+}  // namespace
+
+bool encode(const json& value, std::string& out) {
+  switch (value.type()) {
+    case json::value_t::null:
+      put_tag(tag::null_value, out);
+      return true;
+    case json::value_t::boolean:
+      put_tag(value.get_ref<const json::boolean_t&>() ? tag::true_value : tag::false_value, out);
+      return true;
+    case json::value_t::number_integer: {
+      const auto v = value.get_ref<const json::number_integer_t&>();
+      if (v >= 0 && static_cast<std::uint64_t>(v) <= short_max) {
+        out.push_back(static_cast<char>(static_cast<unsigned char>(tag::short_integer) + v));
+        return true;
+      }
+      put_tag(tag::integer, out);
+      put_varint((static_cast<std::uint64_t>(v) << 1) ^ static_cast<std::uint64_t>(v >> 63), out);
+      return true;
+    }
+    case json::value_t::number_unsigned:
+      put_head(tag::unsigned_integer, tag::short_unsigned_integer,
+               value.get_ref<const json::number_unsigned_t&>(), short_max, out);
+      return true;
+    case json::value_t::number_float: {
+      const double d = value.get_ref<const json::number_float_t&>();
+      put_tag(tag::floating, out);
+      char bytes[sizeof d];
+      std::memcpy(bytes, &d, sizeof d);
+      out.append(bytes, sizeof d);
+      return true;
+    }
+    case json::value_t::string: {
+      const auto& text = value.get_ref<const json::string_t&>();
+      put_head(tag::string, tag::short_string, text.size(), short_string_max, out);
+      out.append(text);
+      return true;
+    }
+    case json::value_t::array:
+      put_head(tag::array, tag::short_array, value.size(), short_max, out);
+      for (const json& element : value) {
+        if (!encode(element, out)) return false;
+      }
+      return true;
+    case json::value_t::object:
+      put_head(tag::object, tag::short_object, value.size(), short_max, out);
+      for (const auto& [key, member] : value.get_ref<const json::object_t&>()) {
+        put_text(key, out);
+        if (!encode(member, out)) return false;
+      }
+      return true;
+    case json::value_t::binary:
+    case json::value_t::discarded:
+      return false;
+  }
+  return false;
+}
+
+json decode(const char* at) {
+  return decode_at(at);
+}
+
+std::size_t size(const char* at) {
+  const head h = get_head(at);
+  return h.kind == tag::array || h.kind == tag::object ? h.n : 0;
+}
+
+const char* member(const char* at, std::string_view key) {
+  const char* found = nullptr;
+  for_each_member(at, key, [&](std::string_view k, const char* value) {
+    if (k == key) found = value;
+    return false;  // members are in key order: the first one >= key decides
+  });
+  return found;
+}
+
+void for_each_member(const char* at, std::string_view from,
+                     absl::FunctionRef<bool(std::string_view key, const char* value)> visit) {
+  const head h = get_head(at);
+  if (h.kind != tag::object) return;
+  for (std::uint64_t n = h.n; n > 0; --n) {
+    const std::string_view key = get_text(at);
+    if (key >= from && !visit(key, at)) return;
+    at = skip(at);
+  }
+}
+
+}  // namespace pop::detail::packed

@@ -1,0 +1,71 @@
+// Defines the packed form of a JSON value: one contiguous run of bytes that small values of the
+// state tree are kept in, read in place without building nlohmann::json nodes.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+#include "absl/functional/function_ref.h"
+#include "pop/contracts/json.hpp"
+
+namespace pop::detail::packed {
+
+// Layout: a tag byte, then
+//   null, false, true:  nothing
+//   integer:            the int64 zigzag-encoded as an LEB128 varint
+//   unsigned_integer:   the uint64 as a varint
+//   floating:           the 8 bytes of the double
+//   string:             varint length, the bytes
+//   array:              varint element count, the elements
+//   object:             varint member count, then per member (in key order): varint key length,
+//                       the key, the value
+// Small sizes and numbers are kept in the tag byte itself (see the short_ tags: a tag at or
+// above short_object carries a count, length or value of 0-31 in its low five bits, of 0-63 for
+// short_string), so a record of a few short fields costs about its text's length.
+// Each of nlohmann's number kinds is kept as it was, so decoding gives back an equal value that
+// also dumps to the same text.
+enum class tag : unsigned char {
+  null_value,
+  false_value,
+  true_value,
+  integer,
+  unsigned_integer,
+  floating,
+  string,
+  array,
+  object,
+  short_object = 0x20,            // + member count 0-31
+  short_string = 0x40,            // + length 0-63
+  short_array = 0x80,             // + element count 0-31
+  short_unsigned_integer = 0xa0,  // + value 0-31
+  short_integer = 0xc0,           // + value 0-31
+};
+
+// Appends the packed form of `value` to `out`. Returns false (with `out` partly written) if the
+// value holds something JSON text cannot (a binary or discarded value).
+bool encode(const json& value, std::string& out);
+
+// The JSON value whose packed form starts at `at`. O(size of that value).
+json decode(const char* at);
+
+// Whether the value at `at` is an object.
+inline bool is_object(const char* at) {
+  const auto t = static_cast<unsigned char>(*at);
+  return t == static_cast<unsigned char>(tag::object) ||
+         (t & 0xe0) == static_cast<unsigned char>(tag::short_object);
+}
+
+// The number of members of an object or elements of an array at `at`; 0 for other values.
+std::size_t size(const char* at);
+
+// The value of member `key` of the object at `at`, or nullptr if it is not an object or has no
+// such member. O(members before it).
+const char* member(const char* at, std::string_view key);
+
+// Visits the members of the object at `at` (nothing if it is not one) in key order, starting at
+// the first key >= `from`, until `visit` returns false.
+void for_each_member(const char* at, std::string_view from,
+                     absl::FunctionRef<bool(std::string_view key, const char* value)> visit);
+
+}  // namespace pop::detail::packed
