@@ -65,7 +65,13 @@ class value_view {
       if (const outbox_message* m = message()) return *m;
     }
     if (const json* j = direct()) return j->get<T>();
-    return to_json().get<T>();
+    json built = to_json();  // a member map or a packed value: built for this call only
+    if constexpr (std::is_same_v<T, json>) {
+      return built;
+    } else if constexpr (std::is_same_v<T, std::string>) {
+      if (std::string* text = built.get_ptr<std::string*>()) return std::move(*text);
+    }
+    return built.get<T>();
   }
 
  private:

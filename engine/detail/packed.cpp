@@ -3,6 +3,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "pop/contracts/path.hpp"
+
 namespace pop::detail::packed {
 namespace {
 
@@ -154,7 +156,112 @@ json decode_at(const char*& at) {
   }
 }
 
+// One member of a packed object found by key: where its key starts, where its value starts and
+// ends; for a missing key, all three are where it would be inserted (keys stay in order).
+struct slot {
+  const char* key = nullptr;
+  const char* value = nullptr;
+  const char* end = nullptr;
+  bool found = false;
+};
+
+// Where the object at `at` (which must be one) holds `key`, and its member count and where its
+// members start.
+slot find_slot(const char* at, std::string_view key, std::uint64_t& count, const char*& members) {
+  const head h = get_head(at);
+  count = h.n;
+  members = at;
+  for (std::uint64_t n = h.n; n > 0; --n) {
+    const char* key_at = at;
+    const std::string_view k = get_text(at);
+    if (k == key) return {key_at, at, skip(at), true};
+    if (k > key) return {key_at, key_at, key_at, false};
+    at = skip(at);
+  }
+  return {at, at, at, false};
+}
+
+void put_object_head(std::uint64_t count, std::string& out) {
+  put_head(tag::object, tag::short_object, count, short_max, out);
+}
+
 }  // namespace
+
+std::size_t length(const char* at) {
+  return static_cast<std::size_t>(skip(at) - at);
+}
+
+bool fits(const char* at, std::size_t max_members, std::size_t& budget) {
+  const head h = get_head(at);
+  if (h.kind == tag::object && h.n > max_members) return false;
+  if (h.kind != tag::object && h.kind != tag::array) return true;
+  for (std::uint64_t n = h.n; n > 0; --n) {
+    if (budget == 0) return false;
+    --budget;
+    if (h.kind == tag::object) at += get_varint(at);  // the key
+    if (!fits(at, max_members, budget)) return false;
+    at = skip(at);
+  }
+  return true;
+}
+
+bool assign(const char* at, std::string_view rest, std::string_view value, std::string& out) {
+  const char* const begin = at;
+  const char* const end = skip(at);
+  out.clear();
+  while (true) {
+    if (!is_object(at)) return false;
+    const std::string_view segment = take_segment(rest);
+    std::uint64_t count = 0;
+    const char* members = nullptr;
+    const slot s = find_slot(at, segment, count, members);
+    if (s.found && !rest.empty()) {
+      at = s.value;  // descend into the member (checked to be an object on the next turn)
+      continue;
+    }
+    if (s.found) {  // replace the member's value
+      out.append(begin, s.value);
+      out.append(value);
+      out.append(s.end, end);
+      return true;
+    }
+    // Insert the member, with objects for the remaining segments around the value.
+    out.append(begin, at);
+    put_object_head(count + 1, out);
+    out.append(members, s.key);
+    put_text(segment, out);
+    while (!rest.empty()) {
+      put_object_head(1, out);
+      put_text(take_segment(rest), out);
+    }
+    out.append(value);
+    out.append(s.key, end);
+    return true;
+  }
+}
+
+bool erase(const char* at, std::string_view rest, std::string& out) {
+  const char* const begin = at;
+  const char* const end = skip(at);
+  while (true) {
+    if (!is_object(at)) return false;
+    const std::string_view segment = take_segment(rest);
+    std::uint64_t count = 0;
+    const char* members = nullptr;
+    const slot s = find_slot(at, segment, count, members);
+    if (!s.found) return false;
+    if (!rest.empty()) {
+      at = s.value;
+      continue;
+    }
+    out.clear();
+    out.append(begin, at);
+    put_object_head(count - 1, out);
+    out.append(members, s.key);
+    out.append(s.end, end);
+    return true;
+  }
+}
 
 bool encode(const json& value, std::string& out) {
   switch (value.type()) {

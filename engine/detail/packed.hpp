@@ -68,4 +68,22 @@ const char* member(const char* at, std::string_view key);
 void for_each_member(const char* at, std::string_view from,
                      absl::FunctionRef<bool(std::string_view key, const char* value)> visit);
 
+// The number of bytes of the value at `at`.
+std::size_t length(const char* at);
+
+// Whether the value at `at` is within the limits of a whole-stored value: no object with more
+// than `max_members` members, and at most `budget` nested elements and members in all (which
+// it decreases by the number counted). The same rule as the tree's for a JSON value.
+bool fits(const char* at, std::size_t max_members, std::size_t& budget);
+
+// Writes into `out` the packed object at `at` with `value` (packed bytes) at the dotted path
+// `rest` below it (valid, non-empty), creating missing objects on the way, as a JSON assign
+// would. Returns false (and `out` unspecified) if `at` or a value on the way is not an object.
+// O(bytes): the bytes around the change are copied, nothing is decoded.
+bool assign(const char* at, std::string_view rest, std::string_view value, std::string& out);
+
+// Writes into `out` the packed value at `at` without the member at the dotted path `rest`
+// (valid, non-empty). Returns false if there is no such member (nothing to remove).
+bool erase(const char* at, std::string_view rest, std::string& out);
+
 }  // namespace pop::detail::packed

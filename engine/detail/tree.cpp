@@ -162,6 +162,30 @@ bool owned_by(const value_node& node, std::uint64_t edit) {
   return edit != 0 && node.members().edit() == edit;
 }
 
+// The packed node `bytes` (a packed object) with `value` written at `rest` below it, spliced in
+// place without decoding; nullptr if that cannot be done so (a value on the way is not an object,
+// or the result is too large to stay whole): the caller then takes the JSON way.
+node_ptr assign_packed(const char* bytes, std::string_view rest, const value_node& value) {
+  thread_local std::string value_bytes;
+  thread_local std::string spliced;
+  std::string_view packed_value;
+  if (const char* p = value.packed_bytes()) {
+    packed_value = {p, packed::length(p)};
+  } else {
+    value_bytes.clear();
+    const location at{&value, nullptr};
+    const json* stored = stored_json(at);
+    if (!packed::encode(stored ? *stored : materialise(at), value_bytes)) return nullptr;
+    packed_value = value_bytes;
+  }
+  if (!packed::assign(bytes, rest, packed_value, spliced)) return nullptr;
+  std::size_t budget = blob_max_elements;
+  if (spliced.size() > packed_max || !packed::fits(spliced.data(), blob_max_members, budget)) {
+    return nullptr;
+  }
+  return make_packed(spliced);
+}
+
 absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, node_ptr value,
                                    std::string_view full, std::uint64_t edit) {
   if (rest.empty()) return value;
@@ -172,6 +196,11 @@ absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, 
                                                      std::move(value), full, edit));
     const bool owned = owned_by(*node, edit);
     return with_members(node, owned, node->members().set(segment, std::move(updated), edit));
+  }
+  if (node) {
+    if (const char* bytes = node->packed_bytes()) {
+      if (node_ptr spliced = assign_packed(bytes, rest, *value)) return spliced;
+    }
   }
   // A blob or a missing object: write at the JSON level and let make_node choose the form again,
   // so an object that grows too large becomes a member map.
@@ -199,6 +228,11 @@ node_ptr erase_at(const node_ptr& node, std::string_view rest, std::uint64_t edi
     if (updated == *child) return node;
     const bool owned = owned_by(*node, edit);
     return with_members(node, owned, node->members().set(segment, std::move(updated), edit));
+  }
+  if (const char* bytes = node->packed_bytes()) {
+    thread_local std::string spliced;
+    if (!packed::erase(bytes, rest, spliced)) return node;
+    return make_packed(spliced);
   }
   if (!location{node.get(), nullptr}.is_object()) return node;
   json doc = materialise({node.get(), nullptr});
