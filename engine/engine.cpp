@@ -271,7 +271,9 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       for (const detail::prepared_write& w : prep.writes) {
         if (w.value) {
           const detail::location at{w.value.get(), nullptr};
-          if (const json* stored = detail::stored_json(at)) {
+          if (const char* packed = at.packed_value()) {
+            encoded.set_packed(w.target.str(), packed);
+          } else if (const json* stored = detail::stored_json(at)) {
             encoded.set(w.target.str(), *stored);
           } else {
             encoded.set(w.target.str(), detail::materialise(at));
@@ -285,6 +287,8 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
         const detail::location found = detail::lookup(*done.root, at);
         if (const outbox_message* typed = found.inner ? nullptr : found.node->message()) {
           encoded.set_message(at, *typed);  // no JSON form kept in the state for it
+        } else if (const char* packed = found.packed_value()) {
+          encoded.set_packed(at, packed);
         } else if (const json* stored = detail::stored_json(found)) {
           encoded.set(at, *stored);
         } else {

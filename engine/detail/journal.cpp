@@ -122,6 +122,11 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
       prc != SQLITE_OK) {
     return sql_error(j->db_, prc, path, "preparing the record insert");
   }
+  for (auto [sql, stmt] : {std::pair{"BEGIN IMMEDIATE", &j->begin_}, {"COMMIT", &j->commit_}}) {
+    if (int prc = sqlite3_prepare_v2(j->db_, sql, -1, stmt, nullptr); prc != SQLITE_OK) {
+      return sql_error(j->db_, prc, path, absl::StrCat("preparing ", sql));
+    }
+  }
   j->writer_ = std::thread([raw = j.get()] { raw->run_writer(); });
   return j;
 }
@@ -147,7 +152,9 @@ journal::~journal() {
   work_cv_.notify_all();
   if (writer_.joinable()) writer_.join();
   close_cleanly();
-  if (insert_) sqlite3_finalize(insert_);
+  for (sqlite3_stmt* stmt : {insert_, begin_, commit_}) {
+    if (stmt) sqlite3_finalize(stmt);
+  }
   sqlite3_close_v2(db_);
   ::close(head_fd_);
   ::close(lock_fd_);
@@ -351,8 +358,14 @@ void journal::run_writer() {
   }
 }
 
+absl::Status journal::run_prepared(sqlite3_stmt* stmt, const char* what) {
+  const int rc = sqlite3_step(stmt);
+  sqlite3_reset(stmt);
+  return rc == SQLITE_DONE ? absl::OkStatus() : sql_error(db_, rc, path_, what);
+}
+
 absl::Status journal::write_group(std::deque<std::shared_ptr<journal_record>>& group) {
-  POP_RETURN_IF_ERROR(exec(db_, path_, "BEGIN IMMEDIATE"));
+  POP_RETURN_IF_ERROR(run_prepared(begin_, "BEGIN IMMEDIATE"));
   for (const std::shared_ptr<journal_record>& r : group) {
     const auto v = static_cast<std::int64_t>(r->version);
     sqlite3_reset(insert_);
@@ -375,7 +388,7 @@ absl::Status journal::write_group(std::deque<std::shared_ptr<journal_record>>& g
     bytes_since_snapshot_ += r->writes.size() + r->messages.size() + r->process.size() + 32;
   }
   sqlite3_reset(insert_);
-  if (absl::Status s = exec(db_, path_, "COMMIT"); !s.ok()) {
+  if (absl::Status s = run_prepared(commit_, "COMMIT"); !s.ok()) {
     static_cast<void>(exec(db_, path_, "ROLLBACK"));
     return s;
   }

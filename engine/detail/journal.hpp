@@ -138,6 +138,8 @@ class journal {
   static void wake(std::vector<waiter*>& taken);
   // Writes the descriptions taken from described_ (with the token, or after the writer
   // thread stopped).
+  // Steps a prepared statement without results once and resets it; errors as sql_error.
+  absl::Status run_prepared(sqlite3_stmt* stmt, const char* what);
   absl::Status write_descriptions(std::vector<std::pair<std::string, std::string>> items);
 
   const std::string path_;
@@ -148,6 +150,9 @@ class journal {
   const int head_fd_;  // the head file: the newest durable version (see journal.cpp)
   sqlite3* db_;
   sqlite3_stmt* insert_ = nullptr;
+  // A group's transaction, prepared once (parsing the SQL of each was a tenth of a lone commit).
+  sqlite3_stmt* begin_ = nullptr;
+  sqlite3_stmt* commit_ = nullptr;
   // The token holder's only (the token's hand-over through mu_ orders their accesses):
   std::uint64_t snapshot_version_;
   std::uint64_t bytes_since_snapshot_ = 0;

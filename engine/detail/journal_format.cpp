@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/status.hpp"
+#include "pop/engine/detail/packed.hpp"
 
 namespace pop {
 namespace detail {
@@ -324,6 +325,15 @@ void record_encoder::set(std::string_view path, const json& value) {
   open(path);
   text_ += ',';
   out_.dump(value, false, false, 0);
+  text_ += ']';
+}
+
+void record_encoder::set_packed(std::string_view path, const char* packed) {
+  open(path);
+  text_ += ',';
+  packed::write_json(
+      packed, text_, [&](double d) { out_.dump(json(d), false, false, 0); },
+      [&](std::string_view s) { append_json_string(text_, s); });
   text_ += ']';
 }
 

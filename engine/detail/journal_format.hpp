@@ -59,6 +59,9 @@ class record_encoder {
   // Appends a write of `value` at `path`; throws json::type_error for a value JSON text cannot
   // hold. The text is written straight into the record: no copy of the value is made.
   void set(std::string_view path, const json& value);
+  // Appends a write at `path` of the packed value at `packed` (see packed.hpp): the same text as
+  // set(path, packed::decode(packed)), without decoding it.
+  void set_packed(std::string_view path, const char* packed);
   // Appends a write of message `m` at `path`: the same text as set(path, m.to_json()), without
   // building that JSON first.
   void set_message(std::string_view path, const outbox_message& m);

@@ -1,5 +1,6 @@
 #include "pop/engine/detail/packed.hpp"
 
+#include <charconv>
 #include <cstdint>
 #include <cstring>
 
@@ -186,6 +187,74 @@ void put_object_head(std::uint64_t count, std::string& out) {
 }
 
 }  // namespace
+
+namespace {
+
+template <class Int>
+void append_integer(std::string& out, Int value) {
+  char digits[24];
+  const auto end = std::to_chars(digits, digits + sizeof(digits), value).ptr;
+  out.append(digits, end);
+}
+
+const char* write_json_at(const char* at, std::string& out,
+                          absl::FunctionRef<void(double)> write_double,
+                          absl::FunctionRef<void(std::string_view)> write_string) {
+  const head h = get_head(at);
+  switch (h.kind) {
+    case tag::null_value:
+      out += "null";
+      return at;
+    case tag::false_value:
+      out += "false";
+      return at;
+    case tag::true_value:
+      out += "true";
+      return at;
+    case tag::integer:
+      append_integer(out, static_cast<std::int64_t>((h.n >> 1) ^ (~(h.n & 1) + 1)));
+      return at;
+    case tag::unsigned_integer:
+      append_integer(out, h.n);
+      return at;
+    case tag::floating: {
+      double d = 0;
+      std::memcpy(&d, at, sizeof d);
+      write_double(d);
+      return at + sizeof d;
+    }
+    case tag::string:
+      write_string(std::string_view(at, h.n));
+      return at + h.n;
+    case tag::array:
+      out += '[';
+      for (std::uint64_t i = 0; i < h.n; ++i) {
+        if (i > 0) out += ',';
+        at = write_json_at(at, out, write_double, write_string);
+      }
+      out += ']';
+      return at;
+    case tag::object:
+      out += '{';
+      for (std::uint64_t i = 0; i < h.n; ++i) {
+        if (i > 0) out += ',';
+        write_string(get_text(at));
+        out += ':';
+        at = write_json_at(at, out, write_double, write_string);
+      }
+      out += '}';
+      return at;
+    default:
+      return at;  // unreachable for bytes encode wrote
+  }
+}
+
+}  // namespace
+
+void write_json(const char* at, std::string& out, absl::FunctionRef<void(double)> write_double,
+                absl::FunctionRef<void(std::string_view)> write_string) {
+  write_json_at(at, out, write_double, write_string);
+}
 
 std::size_t length(const char* at) {
   return static_cast<std::size_t>(skip(at) - at);

@@ -68,6 +68,12 @@ const char* member(const char* at, std::string_view key);
 void for_each_member(const char* at, std::string_view from,
                      absl::FunctionRef<bool(std::string_view key, const char* value)> visit);
 
+// Appends the value at `at` to `out` as JSON text in json::dump()'s compact form: literals and
+// integers directly, doubles through `write_double` and strings and keys through `write_string`
+// (which must write them as dump() does, and may throw as it does for invalid UTF-8).
+void write_json(const char* at, std::string& out, absl::FunctionRef<void(double)> write_double,
+                absl::FunctionRef<void(std::string_view)> write_string);
+
 // The number of bytes of the value at `at`.
 std::size_t length(const char* at);
 

@@ -17,8 +17,10 @@
 
 #include "absl/strings/match.h"
 #include "pop/engine/detail/journal_format.hpp"
+#include "pop/engine/detail/packed.hpp"
 #include "pop/relay/dead_letters.hpp"
 #include "pop/relay/relay.hpp"
+#include "tests/support/json_gen.hpp"
 #include "tests/support/scripted_sink.hpp"
 #include "tests/support/temp_dir.hpp"
 
@@ -447,6 +449,27 @@ TEST_CASE("the journal's record encoder writes exactly what json::dump() would")
     const std::string text = std::move(encoded).writes_text();
     RC_ASSERT(text == expected.dump());
     RC_ASSERT(json::parse(text) == expected);
+  });
+  rc::prop("packed values: the text of the value they decode to, or the same refusal", [] {
+    const json value = *pop::test::any_json(2);
+    const std::string path = *tricky_text();
+    std::string packed;
+    RC_ASSERT(pop::detail::packed::encode(value, packed));
+    std::optional<std::string> want;
+    std::optional<std::string> got;
+    try {
+      pop::detail::record_encoder encoded;
+      encoded.set(path, value);
+      want = std::move(encoded).writes_text();
+    } catch (const json::type_error&) {
+    }
+    try {
+      pop::detail::record_encoder encoded;
+      encoded.set_packed(path, packed.data());
+      got = std::move(encoded).writes_text();
+    } catch (const json::type_error&) {
+    }
+    RC_ASSERT(got == want);
   });
   rc::prop("message ids", [] {
     const auto ids = *rc::gen::container<std::vector<std::string>>(tricky_text());
