@@ -564,11 +564,13 @@ absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& se
       }
       for (const std::string_view id : ids) {
         const std::string at = absl::StrCat(outbox, ".", detail::to_absl(id));
-        const detail::location now = detail::lookup(*root, at);
+        // Compared in the head, not in the root being edited: each erase below makes a new
+        // outbox node, so positions in it never match `seen`'s after the first.
+        const detail::location now = detail::lookup(*current->root, at);
         const detail::location then = moved ? detail::lookup(*seen.state_->root, at) : now;
         if (!now.exists() || then.node != now.node || then.inner != now.inner ||
-            then.packed != now.packed) {
-          continue;
+            then.packed != now.packed || !detail::lookup(*root, at).exists()) {
+          continue;  // changed since `seen`, absent, or a repeated id already removed
         }
         root = detail::erase(root, at, edit);
         removed.push_back(id);

@@ -332,7 +332,10 @@ bool erase(const char* at, std::string_view rest, std::string& out) {
   }
 }
 
-bool encode(const json& value, std::string& out) {
+namespace {
+
+bool encode_into(const json& value, std::string& out, std::size_t limit) {
+  if (out.size() > limit) return false;
   switch (value.type()) {
     case json::value_t::null:
       put_tag(tag::null_value, out);
@@ -364,6 +367,7 @@ bool encode(const json& value, std::string& out) {
     }
     case json::value_t::string: {
       const auto& text = value.get_ref<const json::string_t&>();
+      if (out.size() + text.size() > limit) return false;
       put_head(tag::string, tag::short_string, text.size(), short_string_max, out);
       out.append(text);
       return true;
@@ -371,14 +375,15 @@ bool encode(const json& value, std::string& out) {
     case json::value_t::array:
       put_head(tag::array, tag::short_array, value.size(), short_max, out);
       for (const json& element : value) {
-        if (!encode(element, out)) return false;
+        if (!encode_into(element, out, limit)) return false;
       }
       return true;
     case json::value_t::object:
       put_head(tag::object, tag::short_object, value.size(), short_max, out);
       for (const auto& [key, member] : value.get_ref<const json::object_t&>()) {
+        if (out.size() + key.size() > limit) return false;
         put_text(key, out);
-        if (!encode(member, out)) return false;
+        if (!encode_into(member, out, limit)) return false;
       }
       return true;
     case json::value_t::binary:
@@ -386,6 +391,12 @@ bool encode(const json& value, std::string& out) {
       return false;
   }
   return false;
+}
+
+}  // namespace
+
+bool encode(const json& value, std::string& out, std::size_t limit) {
+  return encode_into(value, out, limit) && out.size() <= limit;
 }
 
 json decode(const char* at) {

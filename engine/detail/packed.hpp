@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <limits>
 #include <string>
 #include <string_view>
 
@@ -43,8 +44,10 @@ enum class tag : unsigned char {
 };
 
 // Appends the packed form of `value` to `out`. Returns false (with `out` partly written) if the
-// value holds something JSON text cannot (a binary or discarded value).
-bool encode(const json& value, std::string& out);
+// value holds something JSON text cannot (a binary or discarded value), or if `out` would grow
+// past `limit` bytes (checked before each string is copied, so `out` stays near that size).
+bool encode(const json& value, std::string& out,
+            std::size_t limit = std::numeric_limits<std::size_t>::max());
 
 // The JSON value whose packed form starts at `at`. O(size of that value).
 json decode(const char* at);

@@ -69,7 +69,7 @@ node_ptr try_pack(const json& value) {
   if (!value.is_string() && !value.is_structured()) return nullptr;
   thread_local std::string bytes;
   bytes.clear();
-  if (!packed::encode(value, bytes) || bytes.size() > packed_max) return nullptr;
+  if (!packed::encode(value, bytes, packed_max)) return nullptr;
   return make_packed(bytes);
 }
 
@@ -174,8 +174,13 @@ node_ptr assign_packed(const char* bytes, std::string_view rest, const value_nod
   } else {
     value_bytes.clear();
     const location at{&value, nullptr};
-    const json* stored = stored_json(at);
-    if (!packed::encode(stored ? *stored : materialise(at), value_bytes)) return nullptr;
+    bool encoded = false;
+    if (const json* stored = stored_json(at)) {
+      encoded = packed::encode(*stored, value_bytes, packed_max);
+    } else {
+      encoded = packed::encode(materialise(at), value_bytes, packed_max);
+    }
+    if (!encoded) return nullptr;
     packed_value = value_bytes;
   }
   if (!packed::assign(bytes, rest, packed_value, spliced)) return nullptr;
@@ -292,7 +297,12 @@ node_ptr as_member_map(const node_ptr& n) {
 }
 
 node_ptr make_root(json object) {
-  node_ptr root = as_member_map(make_node_from(object));
+  std::vector<std::pair<std::string, node_ptr>> entries;
+  entries.reserve(object.size());
+  for (const auto& [key, member] : object.get_ref<const json::object_t&>()) {
+    entries.emplace_back(key, make_node_from(member));
+  }
+  node_ptr root = make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
   object = json();  // freed only now, in one piece (see make_node_from)
   return root;
 }

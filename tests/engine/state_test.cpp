@@ -104,6 +104,13 @@ TEST_CASE("a packed value decodes to exactly the value packed, and reads in plac
     RC_ASSERT(d::packed::encode(value, bytes));
     RC_ASSERT(same(d::packed::decode(bytes.data()), value));
     RC_ASSERT(d::packed::size(bytes.data()) == (value.is_structured() ? value.size() : 0));
+    RC_ASSERT(d::packed::length(bytes.data()) == bytes.size());
+    // With a limit: packed exactly when the whole form fits, never growing far past the limit.
+    const std::size_t limit = *rc::gen::inRange<std::size_t>(0, 2 * bytes.size() + 2);
+    std::string limited;
+    RC_ASSERT(d::packed::encode(value, limited, limit) == (bytes.size() <= limit));
+    if (bytes.size() <= limit) RC_ASSERT(limited == bytes);
+    RC_ASSERT(limited.size() <= limit + 16);
     // In a state: small strings, arrays and objects are stored packed; every read agrees.
     // (Keys here may be any text, so the tree is built directly, not through engine::open.)
     const d::node_ptr root = d::make_root(json{{"v", value}});
@@ -132,6 +139,10 @@ TEST_CASE("a small record is packed in about the length of its text", "[state]")
   CHECK(d::lookup(*next, "a").node->packed_bytes() != nullptr);
   CHECK(d::materialise(d::lookup(*next, "a")) == json{{"balance", 7}, {"owner", "owner-123456"}});
   CHECK(d::materialise(d::lookup(*root, "a.balance")) == 1000);
+  // A long value is refused before it is copied, not after.
+  std::string refused;
+  CHECK_FALSE(d::packed::encode(json{{"a", 1}, {"text", std::string(1 << 20, 't')}}, refused, 512));
+  CHECK(refused.size() <= 512);
   // A value that does not pack (too long) stays JSON and reads the same.
   const json big = {{"text", std::string(2000, 't')}};
   const d::node_ptr blob = d::make_node(big);
