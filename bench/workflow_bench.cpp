@@ -3,13 +3,22 @@
 // BM_workflow_step_overhead: one process step (advance) against an execute of its process;
 // BM_workflow_steps: 1,000 instances x 10 trivial steps, in memory and with a journal;
 // BM_workflow_history: the cost of a step once an instance has 10 or 10,000 history entries;
+// BM_workflow_runner: the same 1,000 x 10 steps driven by workflow_runner::settle() on
+// `threads` io_context threads with as many instances advanced at once (how a service runs it);
 // BM_workflow_start: starting an instance.
 #include <benchmark/benchmark.h>
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include <cstdio>
 #include <filesystem>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "pop/workflow/workflow.hpp"
+#include "pop/workflow/workflow_runner.hpp"
 
 using pop::json;
 
@@ -89,7 +98,10 @@ void BM_workflow_step_overhead(benchmark::State& state) {
 }
 BENCHMARK(BM_workflow_step_overhead)->UseRealTime();
 
-void workflow_steps(benchmark::State& state, bool journal) {
+// Runs `drive(engine, workflows)` (timed) over fresh engines with 1,000 "ten" instances
+// started, in memory or on a journal at the default `process` durability; counts `drive`'s steps.
+template <class Drive>
+void workflow_steps(benchmark::State& state, bool journal, Drive drive) {
   const std::string file = (std::filesystem::temp_directory_path() /
                             ("pop-workflow-bench-" + std::to_string(::getpid()) + ".db"))
                                .string();
@@ -110,15 +122,7 @@ void workflow_steps(benchmark::State& state, bool journal) {
       }
     }
     state.ResumeTiming();
-    for (bool moved = true; moved;) {
-      moved = false;
-      for (const std::string& id : wf->runnable(100'000)) {
-        if (wf->advance(id).value()) {
-          moved = true;
-          ++steps;
-        }
-      }
-    }
+    steps += drive(*e, *wf);
     state.PauseTiming();
     wf.reset();
     e.reset();
@@ -126,6 +130,46 @@ void workflow_steps(benchmark::State& state, bool journal) {
   }
   for (const char* suffix : {"", "-wal", "-shm", "-head"}) std::filesystem::remove(file + suffix);
   state.SetItemsProcessed(steps);
+}
+
+// advance() on every runnable instance, one after the other on this thread, until none moves.
+std::int64_t advance_all(pop::engine&, pop::workflows& wf) {
+  std::int64_t steps = 0;
+  for (bool moved = true; moved;) {
+    moved = false;
+    for (const std::string& id : wf.runnable(100'000)) {
+      if (wf.advance(id).value()) {
+        moved = true;
+        ++steps;
+      }
+    }
+  }
+  return steps;
+}
+
+void workflow_steps(benchmark::State& state, bool journal) {
+  workflow_steps(state, journal, advance_all);
+}
+
+// A workflow_runner settling every instance, on `threads` threads advancing as many at once.
+void workflow_runner(benchmark::State& state, bool journal) {
+  const auto threads = static_cast<std::size_t>(state.range(0));
+  workflow_steps(state, journal, [threads](pop::engine& e, pop::workflows& wf) -> std::int64_t {
+    pop::workflow_runner runner(e, wf, {.parallelism = threads});
+    boost::asio::io_context io;
+    absl::Status settled = absl::UnknownError("not run");
+    boost::asio::co_spawn(io, runner.settle(),
+                          [&](std::exception_ptr, absl::Status s) { settled = s; });
+    std::vector<std::thread> pool;
+    for (std::size_t i = 0; i < threads; ++i) pool.emplace_back([&io] { io.run(); });
+    for (std::thread& t : pool) t.join();
+    if (!settled.ok()) {
+      std::fprintf(stderr, "runner: %s after %llu steps\n", settled.ToString().c_str(),
+                   static_cast<unsigned long long>(runner.steps()));
+      std::abort();
+    }
+    return static_cast<std::int64_t>(runner.steps());
+  });
 }
 void BM_workflow_steps_memory(benchmark::State& state) {
   workflow_steps(state, false);
@@ -140,6 +184,28 @@ BENCHMARK(BM_workflow_steps_memory)
     ->UseRealTime();
 BENCHMARK(BM_workflow_steps_journal)
     ->Name("BM_workflow_steps/journal")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+void BM_workflow_runner_memory(benchmark::State& state) {
+  workflow_runner(state, false);
+}
+void BM_workflow_runner_journal(benchmark::State& state) {
+  workflow_runner(state, true);
+}
+BENCHMARK(BM_workflow_runner_memory)
+    ->Name("BM_workflow_runner/memory")
+    ->Arg(1)
+    ->Arg(2)
+    ->Arg(8)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_workflow_runner_journal)
+    ->Name("BM_workflow_runner/journal")
+    ->Arg(1)
+    ->Arg(2)
+    ->Arg(8)
+    ->Arg(32)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
