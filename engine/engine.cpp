@@ -113,7 +113,7 @@ absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
   detail::journal_start start;
   std::unique_ptr<detail::journal> journal;
   if (opts.journal.empty()) {
-    start.root = detail::make_root(std::move(initial));
+    start.root = detail::make_root(initial);
   } else {
     POP_ASSIGN_OR_RETURN(journal,
                          detail::journal::open(opts.journal, opts.durability, opts.journal_tuning,
@@ -122,6 +122,9 @@ absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
   // Messages pending at open (in the initial state or replayed from the journal) are kept typed
   // like those a commit appends, so the relay reads them without decoding.
   start.root = detail::with_typed_messages(start.root, outbox.str());
+  // Freed only now, in one piece: the tree and its typed messages were allocated while it lived,
+  // each in order at the top of the heap, not scattered over the holes of a freed state.
+  initial = json();
   return std::unique_ptr<engine>(new engine(std::move(opts), std::move(journal), std::move(start)));
 }
 

@@ -296,15 +296,13 @@ node_ptr as_member_map(const node_ptr& n) {
   return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
 }
 
-node_ptr make_root(json object) {
+node_ptr make_root(const json& object) {
   std::vector<std::pair<std::string, node_ptr>> entries;
   entries.reserve(object.size());
   for (const auto& [key, member] : object.get_ref<const json::object_t&>()) {
     entries.emplace_back(key, make_node_from(member));
   }
-  node_ptr root = make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
-  object = json();  // freed only now, in one piece (see make_node_from)
-  return root;
+  return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
 }
 
 bool location::is_object() const {

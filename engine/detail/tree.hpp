@@ -93,8 +93,11 @@ inline constexpr std::size_t blob_max_elements = 64;
 node_ptr make_node(json value);
 // Returns a node holding message `m`, typed.
 node_ptr make_message_node(outbox_message m);
-// Returns a root node: always a member map, so top-level writes never copy the whole state.
-node_ptr make_root(json object);
+// Returns a root node holding the members of `object`: always a member map, so top-level writes
+// never copy the whole state. Nothing is moved out of `object`: the caller frees it in one piece
+// once the tree is built (freeing its parts one by one while building would scatter the tree over
+// the holes they leave and keep those pages resident).
+node_ptr make_root(const json& object);
 
 // A read position: a node, and inside a blob or packed node a value within it.
 struct location {
