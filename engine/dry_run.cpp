@@ -27,7 +27,8 @@ absl::StatusOr<dry_run_result> dry_run_contract(const detail::registered& proc, 
   POP_ASSIGN_OR_RETURN(json seeded, detail::initial_outbox(fixture, *outbox, now_us));
   auto state = std::make_shared<detail::version_state>();
   state->version = version;
-  state->root = detail::make_root(std::move(seeded));
+  state->root = detail::make_root(seeded);
+  seeded = json();  // the tree is built: not kept for the whole run
   state->outbox_path = outbox;
   const snapshot snap = process_runner::make_snapshot(state);
   POP_ASSIGN_OR_RETURN(detail::prepared prep, process_runner::run(proc, snap, args));

@@ -13,6 +13,8 @@
 
 namespace pop {
 
+using detail::instance_status;
+
 absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::string_view id,
                                                json inputs, std::int64_t timeout_ms) {
   const std::shared_ptr<const defined> def = find_definition(workflow);
@@ -190,7 +192,7 @@ workflow_metrics workflows::metrics() const {
         const json status = s ? s.to_json() : json();
         const std::string st = status.is_string() ? status.get<std::string>() : "";
         ++m.instances[{name.is_string() ? name.get<std::string>() : "", st}];
-        if (st == "stuck") ++m.stuck;
+        if (detail::parse_status(st) == instance_status::stuck) ++m.stuck;
         return true;
       });
   m.steps = steps_.load(std::memory_order_relaxed);
@@ -382,7 +384,7 @@ absl::StatusOr<std::size_t> workflows::migrate(const workflow_migration& m) {
         .for_each_member([&](std::string_view id, const value_view& v) {
           const json rec = v.to_json();
           if (!rec.is_object() || rec.value("workflow", "") != m.workflow ||
-              detail::instance_txn::status_is_final(rec.value("status", ""))) {
+              detail::is_final(rec.value("status", instance_status::unknown))) {
             return true;
           }
           const auto d = rec.find("definition");
@@ -426,11 +428,12 @@ absl::StatusOr<std::size_t> workflows::reconcile() {
   snap.view(path::parse(options_.instances).value())
       .for_each_member([&](std::string_view id, const value_view& v) {
         const value_view s = v.member("status");
-        const json status = s ? s.to_json() : json();
-        if (status != "running" && status != "waiting" && status != "compensating") return true;
+        const instance_status status =
+            s ? s.to_json().get<instance_status>() : instance_status::unknown;
+        if (!detail::is_runnable(status) && status != instance_status::waiting) return true;
         workflow_instance w = workflow_instance::from_record(id, v.to_json());
         resolved r = resolve(w.workflow, w.definition_version);
-        if (r.def && status != "compensating" && !r.def->step(w.cursor)) {
+        if (r.def && status != instance_status::compensating && !r.def->step(w.cursor)) {
           r.reason = absl::StrCat("its step '", w.cursor, "' is not in workflow '", w.workflow,
                                   "' version '", r.def->version, "' as defined in this program");
           r.kind = "missing_step";
@@ -460,7 +463,8 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   workflow_instance w;
   w.id = std::string(id);
   w.status = text(rec.member("status"));
-  if (w.status != "running" && w.status != "compensating") return false;
+  const instance_status status = detail::parse_status(w.status);
+  if (!detail::is_runnable(status)) return false;
   w.workflow = text(rec.member("workflow"));
   w.definition_version = text(rec.at("definition.version"));
   w.cursor = text(rec.member("cursor"));
@@ -472,7 +476,7 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   std::string process;
   json args = {{"id", id}, {"now", now}};
   std::string step_name;
-  if (w.status == "running") {
+  if (status == instance_status::running) {
     const workflow_step* step = d->step(w.cursor);
     if (!step) {
       return park(w,
@@ -489,7 +493,7 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
       process = control_process(w.workflow, d->version);
       args["action"] = "step";
     }
-  } else if (w.status == "compensating") {
+  } else if (status == instance_status::compensating) {
     const value_view done_view = rec.member("done");
     const json done = done_view ? done_view.to_json() : json::array();
     if (!done.is_array() || done.empty() || !done.back().is_string()) return false;
@@ -532,7 +536,9 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
                  {"step", step_name},
                  {"error", c.status().ToString()},
                  {"code", static_cast<int>(c.status().code())}};
-  if (w.status == "compensating") failed["mode"] = "compensate";
+  if (detail::parse_status(w.status) == instance_status::compensating) {
+    failed["mode"] = "compensate";
+  }
   POP_ASSIGN_OR_RETURN(commit f, engine_.execute(control_process(w.workflow, d->version), failed));
   return f.changed;
 }
@@ -601,7 +607,7 @@ absl::Status workflows::index_legacy_ended(std::int64_t now) {
       .for_each_member([&](std::string_view id, const value_view& rec) {
         const json status = rec.member("status").to_json();
         if (!status.is_string() ||
-            !detail::instance_txn::status_is_final(status.get_ref<const std::string&>()) ||
+            !detail::is_final(detail::parse_status(status.get_ref<const std::string&>())) ||
             indexed.member(id)) {
           return true;
         }
@@ -745,7 +751,7 @@ absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_messag
           what, ": header ", detail::to_absl(start_inputs_header), " is not a JSON object"));
     }
     detail::instance_txn t(options_, ctx, out, id->second, m.created_at_us);
-    if (t.load() && detail::instance_txn::status_is_final(t.status())) {
+    if (t.load() && detail::is_final(t.status())) {
       // It has ended: the signal is for nobody (not kept for another instance on its key).
       return out;
     }
@@ -770,18 +776,18 @@ absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_messag
   bool taken = false;
   for (const std::string& id : ids) {
     detail::instance_txn t(options_, ctx, out, id, now);
-    if (!t.load() || (t.status() != "waiting" && !t.stuck_waiting())) continue;
+    if (!t.load() || (t.status() != instance_status::waiting && !t.stuck_waiting())) continue;
     const resolved r = resolve(t.workflow(), t.version());
     const std::shared_ptr<const defined>& d = r.def;
     const workflow_step* step = d ? d->step(t.cursor()) : nullptr;
     if (step && !step->wait.contains(m.topic)) continue;
-    if (!step || t.status() == "stuck") {
+    if (!step || t.status() == instance_status::stuck) {
       // It cannot take the message now (its definition or step is missing here, or it is
       // parked): rather than drop it, keep it in the instance and park it for an operator.
       const std::string what = absl::StrCat("message ", m.topic, " (", m.id, ") arrived");
       taken = true;
       t.rec()["received"][m.topic] = m.payload;
-      if (t.status() == "waiting") {
+      if (t.status() == instance_status::waiting) {
         t.park(absl::StrCat(d ? "its step '" + t.cursor() + "' is not in its workflow" : r.reason,
                             " when ", what,
                             ": restart it from the step that handles it, or migrate it"),

@@ -16,6 +16,8 @@
 
 namespace pop {
 
+using detail::instance_status;
+
 // ---- registry --------------------------------------------------------------------------------
 
 absl::StatusOr<std::unique_ptr<workflows>> workflows::create(engine& e, workflow_options opts) {
@@ -93,7 +95,8 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
     if (!step) return out;
     if (args.value("mode", "") == "compensate") {
       json& done = t.rec()["done"];
-      if (t.status() != "compensating" || done.empty() || done.back() != step_name) return out;
+      if (t.status() != instance_status::compensating || done.empty() || done.back() != step_name)
+        return out;
       absl::StatusOr<result> r = entry->fn(ctx, t.args());
       if (!r.ok()) {
         // The compensation's own writes are dropped; it is retried as the step's policy says.
@@ -103,13 +106,13 @@ absl::Status workflows::register_process(process_spec spec, process_fn fn) {
         t.rec().erase("retry");
         t.history(step_name, "compensated");
         done.erase(done.size() - 1);
-        if (done.empty()) t.finish("compensated");
+        if (done.empty()) t.finish(instance_status::compensated);
       }
       self->settle(t);
       t.save_last();
       return out;
     }
-    if (t.status() != "running" || t.cursor() != step_name) return out;
+    if (t.status() != instance_status::running || t.cursor() != step_name) return out;
     if (!t.retrying(step_name) && !t.visit(*step)) {
       self->settle(t);
       t.save_last();
@@ -224,21 +227,22 @@ void workflows::settle(detail::instance_txn& t) const {
   if (const auto fan = parent.rec().find("fan_out");
       fan != parent.rec().end() && fan->is_object() &&
       fan->value("children", json::object()).contains(t.id())) {
-    if (parent.status() == "stuck") {
+    if (parent.status() == instance_status::stuck) {
       // Parked while its children ran: an operator restarts it (resuming could not join).
-      (*fan)["children"][t.id()] = t.status();
+      (*fan)["children"][t.id()] = t.status_text();
       if (parent.stuck_waiting()) {
-        parent.cannot_resume(absl::StrCat("its child '", t.id(), "' ended (", t.status(), ")"));
+        parent.cannot_resume(
+            absl::StrCat("its child '", t.id(), "' ended (", t.status_text(), ")"));
       }
       parent.save();
       return;
     }
-    if (parent.status() != "waiting") return;
+    if (parent.status() != instance_status::waiting) return;
     const resolved r = resolve(parent.workflow(), parent.version());
     const workflow_step* step = r.def ? r.def->step(fan->value("step", "")) : nullptr;
     if (!step) {
       parent.park(absl::StrCat(r.def ? "its fan-out step is not in its workflow" : r.reason,
-                               " when its child '", t.id(), "' ended (", t.status(),
+                               " when its child '", t.id(), "' ended (", t.status_text(),
                                "): restart it from a step, migrate or cancel it"),
                   r.def ? "missing_step" : r.kind, false);
       parent.save();
@@ -252,15 +256,15 @@ void workflows::settle(detail::instance_txn& t) const {
   if (parent.rec().value("child", "") != t.id()) return;
   if (parent.stuck_waiting(t.id())) {
     // Parked while this child ran: resuming it would wait for an outcome that has come.
-    parent.cannot_resume(absl::StrCat("its child '", t.id(), "' ended (", t.status(), ")"));
+    parent.cannot_resume(absl::StrCat("its child '", t.id(), "' ended (", t.status_text(), ")"));
     parent.save();
     return;
   }
-  if (parent.status() != "waiting") return;
+  if (parent.status() != instance_status::waiting) return;
   const resolved r = resolve(parent.workflow(), parent.version());
   const std::string at_step = parent.rec().value("parent_step_of_child", "");
   const workflow_step* step = r.def ? r.def->step(at_step) : nullptr;
-  const std::string status = t.status();
+  const instance_status status = t.status();
   if (!step) {
     // The parent cannot take its child's outcome here: parked, not failed, for an operator.
     parent.park(absl::StrCat(r.def ? absl::StrCat("its step '", at_step, "' is not in its workflow")
@@ -273,7 +277,7 @@ void workflows::settle(detail::instance_txn& t) const {
   }
   parent.rec().erase("child");
   parent.rec().erase("parent_step_of_child");
-  if (status == "completed") {
+  if (status == instance_status::completed) {
     parent.history(step->name, absl::StrCat("child ", t.id(), " completed"));
     parent.go(step->next);
   } else {
@@ -358,7 +362,7 @@ void workflows::start_fan_out(detail::instance_txn& t, const workflow_step& step
     if (!start_fan_child(t, step, std::move(in))) return;
   }
   t.history(step.name, absl::StrCat("started ", first, " of ", total, " children"));
-  t.set_status("waiting");
+  t.set_status(instance_status::waiting);
 }
 
 bool workflows::start_fan_child(detail::instance_txn& t, const workflow_step& step,
@@ -384,7 +388,7 @@ bool workflows::start_fan_child(detail::instance_txn& t, const workflow_step& st
               new_record(call, d->version, d->def.start, std::move(child_inputs), t.now(), 0,
                          t.id(), step.name));
   t.out().set(t.index_path("runnable", id), true);
-  fan["children"][id] = "running";
+  fan["children"][id] = instance_status::running;
   fan["next"] = i + 1;
   return true;
 }
@@ -393,16 +397,16 @@ void workflows::settle_fan_out(detail::instance_txn& parent, detail::instance_tx
                                const workflow_step& step) const {
   json& fan = parent.rec()["fan_out"];
   json& children = fan["children"];
-  const std::string status = child.status();
+  const instance_status status = child.status();
   children[child.id()] = status;
   const bool any = step.join == "any";
   const auto join = [&](bool ok, const std::string& why) {
     // The children still running are not needed any more.
     for (auto& [id, st] : children.items()) {
-      if (st != "running") continue;
+      if (st.get<instance_status>() != instance_status::running) continue;
       detail::cancel_child(parent, id,
                            absl::StrCat("its parent '", parent.id(), "' joined: ", why));
-      st = "cancelled";
+      st = instance_status::cancelled;
     }
     parent.rec()["received"][step.name] = children;
     parent.rec().erase("fan_out");
@@ -415,11 +419,11 @@ void workflows::settle_fan_out(detail::instance_txn& parent, detail::instance_tx
       parent.fail_path(absl::StrCat("step '", step.name, "': ", why));
     }
   };
-  if (any && status == "completed") {
+  if (any && status == instance_status::completed) {
     join(true, absl::StrCat("child ", child.id(), " completed first"));
     return;
   }
-  if (!any && status != "completed") {
+  if (!any && status != instance_status::completed) {
     join(false,
          absl::StrCat("child '", child.id(), "' ", status, ": ", child.rec().value("error", "")));
     return;
@@ -439,7 +443,7 @@ void workflows::settle_fan_out(detail::instance_txn& parent, detail::instance_tx
     if (!start_fan_child(parent, step, *std::move(in))) return;
   }
   for (const auto& [id, st] : children.items()) {
-    if (st == "running") return;
+    if (st.get<instance_status>() == instance_status::running) return;
   }
   if (fan.value("next", std::size_t{0}) < total) return;
   if (any) {
@@ -494,7 +498,7 @@ std::optional<std::string> retry_or_exhausted(detail::instance_txn& t, const wor
                            "): ", error, "; retrying in ", delay_us / 1000, " ms"));
     t.rec()["retry"] = retry_state(step.name, attempt + 1, compensation);
     t.rec()["retry_at_us"] = t.now() + delay_us;
-    t.set_status("waiting");
+    t.set_status(instance_status::waiting);
     t.refresh_timer();
     return std::nullopt;
   }
@@ -542,7 +546,7 @@ void workflows::fail_compensation(detail::instance_txn& t, const workflow_step& 
   }
   t.rec()["error"] =
       absl::StrCat(t.rec().value("error", ""), "; ", what, " failed", *after, ": ", error);
-  t.finish("failed");
+  t.finish(instance_status::failed);
 }
 
 void workflows::run_control_step(detail::instance_txn& t, const defined& d,
@@ -551,7 +555,7 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
   const json inputs = t.rec().value("inputs", json::object());
   if (step.end) {
     t.history(step.name, "completed");
-    t.finish("completed");
+    t.finish(instance_status::completed);
     return;
   }
   if (!step.fail.empty()) {
@@ -658,7 +662,7 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
     t.out().set(absl::StrCat(t.opts().index, ".waits.", key_text, ".", t.id()), topics);
     if (step.timeout_ms > 0) t.rec()["wait_deadline_us"] = t.now() + step.timeout_ms * 1000;
     t.history(step.name, "waiting");
-    t.set_status("waiting");
+    t.set_status(instance_status::waiting);
     t.refresh_timer();
     return;
   }
@@ -666,7 +670,7 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
     const std::int64_t wake = t.now() + step.sleep_ms * 1000;
     t.rec()["sleep_until_us"] = wake;
     t.history(step.name, absl::StrCat("sleeping ", step.sleep_ms, " ms"));
-    t.set_status("waiting");
+    t.set_status(instance_status::waiting);
     t.refresh_timer();
     return;
   }
@@ -701,7 +705,7 @@ void workflows::run_control_step(detail::instance_txn& t, const defined& d,
     t.rec()["child"] = child_id;
     t.rec()["parent_step_of_child"] = step.name;
     t.history(step.name, absl::StrCat("called ", child_id));
-    t.set_status("waiting");
+    t.set_status(instance_status::waiting);
     return;
   }
 }
@@ -810,15 +814,15 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           return absl::NotFoundError(absl::StrCat("no workflow instance '", t.id(), "'"));
         }
         const std::string action = args.at("action").get<std::string>();
-        const std::string status = t.status();
+        const instance_status status = t.status();
         const workflow_step* step = def->step(t.cursor());
         if (action == "step") {
-          if (status != "running" || !step || !step->process.empty()) return out;
+          if (status != instance_status::running || !step || !step->process.empty()) return out;
           self->run_control_step(t, *def, *step);
         } else if (action == "step_failed") {
           const std::string error = args.at("error").get<std::string>();
           if (args.value("mode", "") == "compensate") {
-            if (status != "compensating") return out;
+            if (status != instance_status::compensating) return out;
             const std::string failed_step = args.at("step").get<std::string>();
             if (const workflow_step* f = def->step(failed_step)) {
               self->fail_compensation(
@@ -828,10 +832,11 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
                   absl::StrCat(t.rec().value("error", ""), "; the compensation of step '",
                                failed_step, "' failed: ", error);
               t.history(failed_step, "compensation failed");
-              t.finish("failed");
+              t.finish(instance_status::failed);
             }
           } else {
-            if (status != "running" || !step || step->name != args.at("step")) return out;
+            if (status != instance_status::running || !step || step->name != args.at("step"))
+              return out;
             self->fail_step(t, *step,
                             static_cast<absl::StatusCode>(args.value("code", 2 /* unknown */)),
                             error);
@@ -839,7 +844,7 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
         } else if (action == "timeout") {
           const std::int64_t wait_due = t.rec().value("wait_deadline_us", std::int64_t{0});
           const std::int64_t life_due = t.rec().value("deadline_us", std::int64_t{0});
-          if (detail::instance_txn::status_is_final(status)) return out;
+          if (detail::is_final(status)) return out;
           // (Compensations, and their retries, run to the end: the instance's own deadline no
           // longer applies to them.)
           if (life_due > 0 && life_due <= t.now() && !t.compensation_retry()) {
@@ -848,13 +853,13 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
                                     absl::StrCat("its parent '", t.id(), "' ran past its timeout"));
             t.fail_path("the instance ran past its timeout");
           } else if (const std::int64_t wake = t.rec().value("sleep_until_us", std::int64_t{0});
-                     status == "waiting" && wake > 0 && wake <= t.now() && step) {
+                     status == instance_status::waiting && wake > 0 && wake <= t.now() && step) {
             t.rec().erase("sleep_until_us");
             t.history(step->name, "woke");
             t.go(step->next);
             t.refresh_timer();
           } else if (const std::int64_t retry = t.rec().value("retry_at_us", std::int64_t{0});
-                     status == "waiting" && retry > 0 && retry <= t.now() &&
+                     status == instance_status::waiting && retry > 0 && retry <= t.now() &&
                      (step || t.compensation_retry())) {
             t.rec().erase("retry_at_us");
             const json& r = t.rec()["retry"];
@@ -862,13 +867,14 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
               // Back to compensating: the same compensation runs again.
               t.history(r.value("step", ""),
                         absl::StrCat("retrying compensation: attempt ", r.value("attempt", 0)));
-              t.set_status("compensating");
+              t.set_status(instance_status::compensating);
             } else {
               t.history(step->name, absl::StrCat("retrying: attempt ", r.value("attempt", 0)));
-              t.set_status("running");
+              t.set_status(instance_status::running);
             }
             t.refresh_timer();
-          } else if (status == "waiting" && wait_due > 0 && wait_due <= t.now() && step) {
+          } else if (status == instance_status::waiting && wait_due > 0 && wait_due <= t.now() &&
+                     step) {
             t.clear_wait();
             t.history(step->name, "timed out");
             if (!step->on_timeout.empty()) {
@@ -882,7 +888,7 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
           }
         } else if (action == "cancel") {
           // Compensations, and their retries, run to the end.
-          if (status == "compensating" || t.compensation_retry()) return out;
+          if (status == instance_status::compensating || t.compensation_retry()) return out;
           POP_RETURN_IF_ERROR(detail::cancel_instance(t, args.value("reason", "cancelled")));
         } else {
           return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));

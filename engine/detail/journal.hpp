@@ -136,10 +136,10 @@ class journal {
   struct waiter;
   void take_waiters(std::vector<waiter*>& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static void wake(std::vector<waiter*>& taken);
-  // Writes the descriptions taken from described_ (with the token, or after the writer
-  // thread stopped).
   // Steps a prepared statement without results once and resets it; errors as sql_error.
   absl::Status run_prepared(sqlite3_stmt* stmt, const char* what);
+  // Writes the descriptions taken from described_ (with the token, or after the writer
+  // thread stopped).
   absl::Status write_descriptions(std::vector<std::pair<std::string, std::string>> items);
 
   const std::string path_;

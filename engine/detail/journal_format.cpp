@@ -252,7 +252,7 @@ absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node
                                               version, " is not a JSON object"));
     }
     info.snapshot_version = static_cast<std::uint64_t>(version);
-    root = make_root(std::move(parsed));
+    root = make_root(parsed);
   }
   statement rows;
   POP_RETURN_IF_ERROR(prepare(db, path,

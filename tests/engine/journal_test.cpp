@@ -450,7 +450,18 @@ TEST_CASE("the journal's record encoder writes exactly what json::dump() would")
     RC_ASSERT(text == expected.dump());
     RC_ASSERT(json::parse(text) == expected);
   });
-  rc::prop("packed values: the text of the value they decode to, or the same refusal", [] {
+  rc::prop("packed values of valid text: the text of the value they decode to", [] {
+    const json value = *pop::test::any_json(2, pop::test::valid_text());
+    const std::string path = *tricky_text();
+    std::string packed;
+    RC_ASSERT(pop::detail::packed::encode(value, packed));
+    pop::detail::record_encoder want;
+    want.set(path, value);
+    pop::detail::record_encoder got;
+    got.set_packed(path, packed.data());
+    RC_ASSERT(std::move(got).writes_text() == std::move(want).writes_text());
+  });
+  rc::prop("packed values of any text: the same text, or the same refusal", [] {
     const json value = *pop::test::any_json(2);
     const std::string path = *tricky_text();
     std::string packed;

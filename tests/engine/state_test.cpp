@@ -106,11 +106,13 @@ TEST_CASE("a packed value decodes to exactly the value packed, and reads in plac
     RC_ASSERT(d::packed::size(bytes.data()) == (value.is_structured() ? value.size() : 0));
     RC_ASSERT(d::packed::length(bytes.data()) == bytes.size());
     // With a limit: packed exactly when the whole form fits, never growing far past the limit.
-    const std::size_t limit = *rc::gen::inRange<std::size_t>(0, 2 * bytes.size() + 2);
-    std::string limited;
-    RC_ASSERT(d::packed::encode(value, limited, limit) == (bytes.size() <= limit));
-    if (bytes.size() <= limit) RC_ASSERT(limited == bytes);
-    RC_ASSERT(limited.size() <= limit + 16);
+    for (const std::size_t limit : {bytes.size(), bytes.size() - 1,
+                                    *rc::gen::inRange<std::size_t>(0, 2 * bytes.size() + 2)}) {
+      std::string limited;
+      RC_ASSERT(d::packed::encode(value, limited, limit) == (bytes.size() <= limit));
+      if (bytes.size() <= limit) RC_ASSERT(limited == bytes);
+      RC_ASSERT(limited.size() <= limit + 16);
+    }
     // In a state: small strings, arrays and objects are stored packed; every read agrees.
     // (Keys here may be any text, so the tree is built directly, not through engine::open.)
     const d::node_ptr root = d::make_root(json{{"v", value}});

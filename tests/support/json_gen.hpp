@@ -52,8 +52,23 @@ inline rc::Gen<std::string> any_text() {
                         rc::gen::arbitrary<std::string>());
 }
 
-// Any JSON value, nested up to `depth`, of every kind and number kind nlohmann keeps.
-inline rc::Gen<json> any_json(int depth) {
+// Valid UTF-8 text with everything JSON text escapes: quotes, backslashes, slashes, control
+// characters, NUL, DEL and multi-byte characters, empty or long.
+inline rc::Gen<std::string> valid_text() {
+  return rc::gen::map(rc::gen::container<std::vector<std::string>>(rc::gen::element<std::string>(
+                          "a", "Z", "0", ".", " ", "\"", "\\", "/", "\n", "\t", "\b", "\f", "\r",
+                          std::string(1, '\0'), "\x01", "\x1f", "\x7f", "\xc3\xa9", "\xe2\x98\x83",
+                          "\xf0\x9f\x98\x80", std::string(40, 'k'))),
+                      [](const std::vector<std::string>& parts) {
+                        std::string out;
+                        for (const std::string& p : parts) out += p;
+                        return out;
+                      });
+}
+
+// Any JSON value, nested up to `depth`, of every kind and number kind nlohmann keeps; its
+// strings and keys from `text` (any_text: also invalid UTF-8).
+inline rc::Gen<json> any_json(int depth, rc::Gen<std::string> text = any_text()) {
   std::vector<rc::Gen<json>> kinds = {
       rc::gen::just(json(nullptr)),
       rc::gen::map(rc::gen::arbitrary<bool>(), [](bool b) { return json(b); }),
@@ -61,21 +76,23 @@ inline rc::Gen<json> any_json(int depth) {
       rc::gen::map(rc::gen::arbitrary<std::uint64_t>(), [](std::uint64_t v) { return json(v); }),
       rc::gen::map(rc::gen::inRange<std::int64_t>(-40, 40), [](std::int64_t v) { return json(v); }),
       rc::gen::map(rc::gen::inRange<std::uint64_t>(0, 40), [](std::uint64_t v) { return json(v); }),
-      rc::gen::map(rc::gen::element(0.0, -0.0, 1.5, -1e300, 5e-324),
+      rc::gen::map(rc::gen::element(0.0, -0.0, 1.5, -1e300, 5e-324, 0.1, 1e21),
                    [](double v) { return json(v); }),
-      rc::gen::map(any_text(), [](std::string t) { return json(std::move(t)); }),
+      rc::gen::map(text, [](std::string t) { return json(std::move(t)); }),
   };
   if (depth > 0) {
+    // Each container draws its own size (up to 40: past the short forms' 31).
     kinds.push_back(rc::gen::map(
-        rc::gen::container<std::vector<json>>(*rc::gen::inRange(0, 40), any_json(depth - 1)),
+        rc::gen::resize(40, rc::gen::container<std::vector<json>>(any_json(depth - 1, text))),
         [](std::vector<json> v) { return json(std::move(v)); }));
-    kinds.push_back(rc::gen::map(rc::gen::container<std::map<std::string, json>>(
-                                     *rc::gen::inRange(0, 40), any_text(), any_json(depth - 1)),
-                                 [](std::map<std::string, json> m) {
-                                   json out = json::object();
-                                   for (auto& [k, v] : m) out[k] = std::move(v);
-                                   return out;
-                                 }));
+    kinds.push_back(rc::gen::map(
+        rc::gen::resize(
+            40, rc::gen::container<std::map<std::string, json>>(text, any_json(depth - 1, text))),
+        [](std::map<std::string, json> m) {
+          json out = json::object();
+          for (auto& [k, v] : m) out[k] = std::move(v);
+          return out;
+        }));
   }
   return rc::gen::join(rc::gen::elementOf(kinds));
 }

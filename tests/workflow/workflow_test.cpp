@@ -14,6 +14,7 @@
 
 #include "absl/strings/match.h"
 #include "pop/relay/inbox.hpp"
+#include "pop/workflow/detail/workflow_parts.hpp"
 #include "pop/workflow/workflow.hpp"
 #include "pop/workflow/workflow_runner.hpp"
 #include "tests/support/temp_dir.hpp"
@@ -41,6 +42,35 @@ const json timed = {
       {"done", {{"end", true}}}}}};
 
 }  // namespace
+
+TEST_CASE("an instance's status is typed in the logic and stored by its name", "[workflow]") {
+  using pop::detail::instance_status;
+  const std::vector<std::pair<instance_status, std::string>> all = {
+      {instance_status::running, "running"},
+      {instance_status::waiting, "waiting"},
+      {instance_status::compensating, "compensating"},
+      {instance_status::completed, "completed"},
+      {instance_status::failed, "failed"},
+      {instance_status::compensated, "compensated"},
+      {instance_status::cancelled, "cancelled"},
+      {instance_status::stuck, "stuck"}};
+  for (const auto& [status, name] : all) {
+    CHECK(pop::detail::status_name(status) == name);
+    CHECK(pop::detail::parse_status(name) == status);
+    CHECK(json(status) == name);
+    CHECK(json(name).get<instance_status>() == status);
+    const bool final =
+        name == "completed" || name == "failed" || name == "compensated" || name == "cancelled";
+    CHECK(pop::detail::is_final(status) == final);
+    CHECK(pop::detail::is_runnable(status) == (name == "running" || name == "compensating"));
+  }
+  // A name from another program's version reads as unknown: neither runnable nor final.
+  CHECK(pop::detail::parse_status("paused") == instance_status::unknown);
+  CHECK(json("paused").get<instance_status>() == instance_status::unknown);
+  CHECK(json(7).get<instance_status>() == instance_status::unknown);
+  CHECK_FALSE(pop::detail::is_final(instance_status::unknown));
+  CHECK_FALSE(pop::detail::is_runnable(instance_status::unknown));
+}
 
 TEST_CASE("a process step commits its writes and the cursor move in one transaction",
           "[workflow]") {

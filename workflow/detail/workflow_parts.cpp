@@ -6,6 +6,40 @@
 
 namespace pop::detail {
 
+std::string_view status_name(instance_status s) {
+  switch (s) {
+    case instance_status::running:
+      return "running";
+    case instance_status::waiting:
+      return "waiting";
+    case instance_status::compensating:
+      return "compensating";
+    case instance_status::completed:
+      return "completed";
+    case instance_status::failed:
+      return "failed";
+    case instance_status::compensated:
+      return "compensated";
+    case instance_status::cancelled:
+      return "cancelled";
+    case instance_status::stuck:
+      return "stuck";
+    case instance_status::unknown:
+      break;
+  }
+  return "unknown";
+}
+
+instance_status parse_status(std::string_view name) {
+  for (const instance_status s :
+       {instance_status::running, instance_status::waiting, instance_status::compensating,
+        instance_status::completed, instance_status::failed, instance_status::compensated,
+        instance_status::cancelled, instance_status::stuck}) {
+    if (status_name(s) == name) return s;
+  }
+  return instance_status::unknown;
+}
+
 std::string step_process(std::string_view process) {
   return absl::StrCat("workflow.step:", detail::to_absl(process));
 }
@@ -133,7 +167,7 @@ json new_record(std::string_view workflow, const std::string& definition_version
                 std::string_view parent, std::string_view parent_step) {
   json rec = {{"workflow", workflow},
               {"definition", {{"name", workflow}, {"version", definition_version}}},
-              {"status", "running"},
+              {"status", instance_status::running},
               {"cursor", start},
               {"inputs", std::move(inputs)},
               {"received", json::object()},
@@ -150,8 +184,8 @@ json new_record(std::string_view workflow, const std::string& definition_version
 }
 
 absl::Status cancel_instance(instance_txn& t, const std::string& reason) {
-  const std::string status = t.status();
-  if (instance_txn::status_is_final(status)) {
+  const instance_status status = t.status();
+  if (is_final(status)) {
     return absl::FailedPreconditionError(
         absl::StrCat("workflow instance '", t.id(), "' has already ended (", status, ")"));
   }
@@ -172,7 +206,7 @@ void cancel_children(instance_txn& t, const std::string& reason) {
   if (const auto fan = t.rec().find("fan_out"); fan != t.rec().end() && fan->is_object()) {
     const json fan_children = fan->value("children", json::object());
     for (const auto& [id, st] : fan_children.items()) {
-      if (st == "running") children.push_back(id);
+      if (st.get<instance_status>() == instance_status::running) children.push_back(id);
     }
   }
   for (const std::string& id : children) cancel_child(t, id, reason);
@@ -181,8 +215,8 @@ void cancel_children(instance_txn& t, const std::string& reason) {
 
 void cancel_child(instance_txn& t, const std::string& id, const std::string& reason) {
   instance_txn child(t.opts(), t.ctx(), t.out(), id, t.now());
-  if (!child.load() || instance_txn::status_is_final(child.status()) ||
-      child.status() == "compensating" || child.compensation_retry()) {
+  if (!child.load() || is_final(child.status()) ||
+      child.status() == instance_status::compensating || child.compensation_retry()) {
     return;
   }
   if (cancel_instance(child, reason).ok()) child.save();
@@ -193,21 +227,22 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
   instance_txn t(o, ctx, out, args.at("id").get<std::string>(), args.at("now").get<std::int64_t>());
   if (!t.load()) return absl::NotFoundError(absl::StrCat("no workflow instance '", t.id(), "'"));
   const std::string action = args.at("action").get<std::string>();
-  const std::string status = t.status();
+  const instance_status status = t.status();
+  const std::string status_text = t.status_text();
   const auto refuse = [&](const char* wanted) {
-    return absl::FailedPreconditionError(absl::StrCat("workflow instance '", t.id(), "' is ",
-                                                      status.empty() ? "without status" : status,
-                                                      "; ", action, " needs it ", wanted));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "workflow instance '", t.id(), "' is ",
+        status_text.empty() ? "without status" : status_text, "; ", action, " needs it ", wanted));
   };
   if (action == "park") {
     // Only from the status the caller saw: a concurrent step or operator action wins.
-    if (status != args.at("expect").get<std::string>() || status == "stuck" ||
-        instance_txn::status_is_final(status)) {
+    if (status_text != args.at("expect").get<std::string>() || status == instance_status::stuck ||
+        is_final(status)) {
       return out;
     }
     t.park(args.at("reason").get<std::string>(), args.value("kind", "operator"));
   } else if (action == "resume") {
-    if (status != "stuck") return refuse("stuck");
+    if (status != instance_status::stuck) return refuse("stuck");
     if (!t.rec()["stuck"].value("resumable", true)) {
       return absl::FailedPreconditionError(
           absl::StrCat("workflow instance '", t.id(),
@@ -220,11 +255,11 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     const std::string before = t.rec()["stuck"].value("status", "running");
     t.unpark();
     t.history(t.cursor(), args.value("by", "resumed by an operator"));
-    t.set_status(before);
+    t.restore_status(before);
     t.refresh_timer();
   } else if (action == "restart") {
-    if (status != "stuck" && status != "failed" && status != "compensated" &&
-        status != "cancelled") {
+    if (status != instance_status::stuck && status != instance_status::failed &&
+        status != instance_status::compensated && status != instance_status::cancelled) {
       return refuse("stuck, failed, compensated or cancelled");
     }
     const std::string step = args.at("step").get<std::string>();
@@ -253,7 +288,7 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
     t.go(step);
     t.refresh_timer();
   } else if (action == "cancel") {
-    if (status == "compensating" || t.compensation_retry()) {
+    if (status == instance_status::compensating || t.compensation_retry()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "workflow instance '", t.id(), "' is already compensating (on its failure path)"));
     }
@@ -267,19 +302,19 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
           parent.rec()["fan_out"].value("children", json::object()).contains(t.id())) {
         // One of its fan-out's children: recorded, and the parent parked for an operator (joining
         // needs the parent's definition, which this action does not have).
-        parent.rec()["fan_out"]["children"][t.id()] = t.status();
-        const std::string what = absl::StrCat("its child '", t.id(),
-                                              "' was cancelled by an operator (", t.status(), ")");
-        if (parent.status() == "waiting") {
+        parent.rec()["fan_out"]["children"][t.id()] = t.status_text();
+        const std::string what = absl::StrCat(
+            "its child '", t.id(), "' was cancelled by an operator (", t.status_text(), ")");
+        if (parent.status() == instance_status::waiting) {
           parent.park(what + "; restart it from a step or cancel it", "operator", false);
         } else if (parent.stuck_waiting()) {
           parent.cannot_resume(what);
         }
         parent.save();
       } else if (loaded && parent.rec().value("child", "") == t.id()) {
-        const std::string what = absl::StrCat("its child '", t.id(),
-                                              "' was cancelled by an operator (", t.status(), ")");
-        if (parent.status() == "waiting") {
+        const std::string what = absl::StrCat(
+            "its child '", t.id(), "' was cancelled by an operator (", t.status_text(), ")");
+        if (parent.status() == instance_status::waiting) {
           parent.park(what + "; restart it from a step or cancel it", "operator", false);
           parent.save();
         } else if (parent.stuck_waiting(t.id())) {
@@ -310,10 +345,11 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     instance_txn t(o, ctx, out, id_json.get<std::string>(), now);
     if (!t.load()) return absl::NotFoundError(absl::StrCat("no workflow instance '", t.id(), "'"));
     const std::string from = t.version();
-    const std::string status = t.status();
+    const instance_status status = t.status();
+    const std::string status_text = t.status_text();
     const auto refuse = [&](const std::string& why) {
       return absl::FailedPreconditionError(
-          absl::StrCat("workflow instance '", t.id(), "' (version '", from, "', ", status,
+          absl::StrCat("workflow instance '", t.id(), "' (version '", from, "', ", status_text,
                        ") cannot move to version '", to, "' of workflow '", workflow, "': ", why));
     };
     if (t.workflow() != workflow) {
@@ -323,9 +359,10 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     if (const std::string wanted = args.value("from", ""); !wanted.empty() && from != wanted) {
       return refuse(absl::StrCat("it runs version '", from, "', not '", wanted, "'"));
     }
-    if (instance_txn::status_is_final(status)) return refuse("it has ended");
-    const json* stuck = status == "stuck" ? &t.rec()["stuck"] : nullptr;
-    const std::string effective = stuck ? stuck->value("status", "running") : status;
+    if (is_final(status)) return refuse("it has ended");
+    const json* stuck = status == instance_status::stuck ? &t.rec()["stuck"] : nullptr;
+    const std::string effective_name = stuck ? stuck->value("status", "running") : status_text;
+    const instance_status effective = parse_status(effective_name);
     const auto kind_of = [&](const std::string& step) -> std::string {
       const auto it = target.find(step);
       return it == target.end() ? "" : it->value("kind", "");
@@ -335,13 +372,13 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     const std::string at =
         cursor == next_cursor ? absl::StrCat("step '", cursor, "'")
                               : absl::StrCat("step '", cursor, "' (mapped to '", next_cursor, "')");
-    if (effective == "running" && kind_of(next_cursor).empty()) {
+    if (effective == instance_status::running && kind_of(next_cursor).empty()) {
       return refuse(absl::StrCat("it is at ", at, ", which the new version lacks"));
     }
     if (t.compensation_retry()) {
       return refuse("it waits to retry a compensation on its way to its end");
     }
-    if (effective == "waiting") {
+    if (effective == instance_status::waiting) {
       if (t.rec().contains("fan_out")) {
         // Its children were started from the old step's branches or list: joining them under
         // another step's could not be right.
@@ -403,7 +440,7 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
         target.at(next_cursor).value("timeout_ms", std::int64_t{0}) == 0) {
       t.rec().erase("wait_deadline_us");  // the new step waits without a timeout
     }
-    if (effective == "waiting" && t.rec().contains("wait_key")) {
+    if (effective == instance_status::waiting && t.rec().contains("wait_key")) {
       // The wait index lists the topics it takes: the new step's.
       const auto it = target.find(next_cursor);
       out.set(absl::StrCat(o.index, ".waits.", t.rec()["wait_key"].get<std::string>(), ".", t.id()),
@@ -417,7 +454,7 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
          kind == "missing_compensation")) {
       // Parked for lack of what the new version has: it goes on.
       t.unpark();
-      t.set_status(effective);
+      t.restore_status(effective_name);
       t.refresh_timer();
     } else if (stuck) {
       out.set(t.index_path("stuck", t.id()),

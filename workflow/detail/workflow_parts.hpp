@@ -51,6 +51,44 @@ inline std::uint64_t fnv1a(std::string_view text) {
 // null `spec`: `inputs`. kInvalidArgument naming the child input whose parent input is missing.
 absl::StatusOr<json> child_inputs(const json& spec, const json& inputs);
 
+// The status of an instance. Its record stores it by name (the JSON conversion below); a name
+// this program does not know reads as `unknown`, which is neither runnable nor final.
+enum class instance_status {
+  running,
+  waiting,
+  compensating,
+  completed,
+  failed,
+  compensated,
+  cancelled,
+  stuck,
+  unknown,
+};
+NLOHMANN_JSON_SERIALIZE_ENUM(instance_status, {
+                                                  {instance_status::unknown, nullptr},
+                                                  {instance_status::running, "running"},
+                                                  {instance_status::waiting, "waiting"},
+                                                  {instance_status::compensating, "compensating"},
+                                                  {instance_status::completed, "completed"},
+                                                  {instance_status::failed, "failed"},
+                                                  {instance_status::compensated, "compensated"},
+                                                  {instance_status::cancelled, "cancelled"},
+                                                  {instance_status::stuck, "stuck"},
+                                              })
+// The name a record stores for `s` ("unknown" for unknown).
+std::string_view status_name(instance_status s);
+// The status named `name`, or unknown.
+instance_status parse_status(std::string_view name);
+// Ended for good: completed, failed, compensated or cancelled.
+inline bool is_final(instance_status s) {
+  return s == instance_status::completed || s == instance_status::failed ||
+         s == instance_status::compensated || s == instance_status::cancelled;
+}
+// Advanced by advance() and the runner: running or compensating.
+inline bool is_runnable(instance_status s) {
+  return s == instance_status::running || s == instance_status::compensating;
+}
+
 json new_record(std::string_view workflow, const std::string& definition_version,
                 const std::string& start, json inputs, std::int64_t now, std::int64_t deadline,
                 std::string_view parent, std::string_view parent_step);
@@ -79,13 +117,18 @@ class instance_txn {
     rec_ = std::move(*r);
     // The runnable index agrees with the stored status: a step that stays runnable need not
     // write it again.
-    const std::string loaded = status();
-    indexed_runnable_ = loaded == "running" || loaded == "compensating" ? 1 : 0;
+    indexed_runnable_ = is_runnable(status()) ? 1 : 0;
     return true;
   }
   json& rec() { return rec_; }
   const std::string& id() const { return id_; }
-  std::string status() const { return rec_.value("status", ""); }
+  instance_status status() const {
+    const auto it = rec_.find("status");
+    return it != rec_.end() && it->is_string() ? parse_status(it->get_ref<const std::string&>())
+                                               : instance_status::unknown;
+  }
+  // The status as the record stores it (for messages: an unknown one by its own name).
+  std::string status_text() const { return rec_.value("status", ""); }
   std::string cursor() const { return rec_.value("cursor", ""); }
   std::string workflow() const { return rec_.value("workflow", ""); }
   // The version of its workflow it runs on (empty for records from before versions).
@@ -114,7 +157,7 @@ class instance_txn {
   void create(const std::string& def_name, const std::string& version, const std::string& start,
               json inputs, std::int64_t deadline) {
     rec_ = new_record(def_name, version, start, std::move(inputs), now_, deadline, "", "");
-    set_status("running");
+    set_status(instance_status::running);
     refresh_timer();
   }
 
@@ -137,17 +180,23 @@ class instance_txn {
   void go(const std::string& step) {
     rec_.erase("retry");  // a new step starts with its own attempts
     rec_["cursor"] = step;
-    set_status("running");
+    set_status(instance_status::running);
   }
 
-  void set_status(const std::string& status) {
-    rec_["status"] = status;
-    if (!status_is_final(status) && rec_.contains("ended_at_us")) {
+  void set_status(instance_status status) {
+    write_status(status, std::string(status_name(status)));
+  }
+  // Restores a status saved by name (when unparking), as it was, even one this program does not
+  // know.
+  void restore_status(const std::string& name) { write_status(parse_status(name), name); }
+  void write_status(instance_status status, const std::string& name) {
+    rec_["status"] = name;
+    if (!is_final(status) && rec_.contains("ended_at_us")) {
       // Restarted after it ended: no longer due for purging.
       rec_.erase("ended_at_us");
       out_.erase(index_path("ended", id_));
     }
-    const bool runnable = status == "running" || status == "compensating";
+    const bool runnable = is_runnable(status);
     if (indexed_runnable_ == (runnable ? 1 : 0)) return;
     if (runnable) {
       out_.set(index_path("runnable", id_), true);
@@ -175,16 +224,12 @@ class instance_txn {
       const std::int64_t d = rec_.value(f, std::int64_t{0});
       if (d > 0 && (due == 0 || d < due)) due = d;
     }
-    const bool ended = status_is_final(status()) || status() == "stuck";
+    const bool ended = is_final(status()) || status() == instance_status::stuck;
     if (due > 0 && !ended) {
       out_.set(index_path("timers", id_), due);
     } else {
       out_.erase(index_path("timers", id_));
     }
-  }
-
-  static bool status_is_final(const std::string& s) {
-    return s == "completed" || s == "failed" || s == "compensated" || s == "cancelled";
   }
 
   // Takes the failure path: compensations if any, else failed.
@@ -195,9 +240,9 @@ class instance_txn {
       // Compensations run to the end: the instance's own deadline no longer applies.
       rec_.erase("deadline_us");
       refresh_timer();
-      set_status("compensating");
+      set_status(instance_status::compensating);
     } else {
-      finish("failed");
+      finish(instance_status::failed);
     }
   }
 
@@ -205,13 +250,13 @@ class instance_txn {
   // defined in the program; "missing_step"; "operator"). An index entry lets define() find the
   // instances that a returning definition unparks.
   void park(const std::string& reason, const std::string& kind, bool resumable = true) {
-    rec_["stuck"] = {{"status", status()},
+    rec_["stuck"] = {{"status", status_text()},
                      {"reason", reason},
                      {"kind", kind},
                      {"at_us", now_},
                      {"resumable", resumable}};
     history(cursor(), absl::StrCat("stuck: ", reason));
-    set_status("stuck");
+    set_status(instance_status::stuck);
     refresh_timer();
     out_.set(index_path("stuck", id_),
              json{{"workflow", workflow()}, {"version", version()}, {"kind", kind}});
@@ -223,9 +268,12 @@ class instance_txn {
   }
   // A stuck instance that was waiting: true if its wait is for child `child` (or any if empty).
   bool stuck_waiting(std::string_view child = {}) const {
-    if (status() != "stuck") return false;
+    if (status() != instance_status::stuck) return false;
     const auto st = rec_.find("stuck");
-    if (st == rec_.end() || st->value("status", "") != "waiting") return false;
+    if (st == rec_.end() ||
+        st->value("status", instance_status::unknown) != instance_status::waiting) {
+      return false;
+    }
     return child.empty() || rec_.value("child", "") == child;
   }
   // What happened to a stuck instance that it can no longer resume from: an operator must restart
@@ -240,8 +288,10 @@ class instance_txn {
 
   // Ends the instance with `status` (completed, failed, compensated); a cancelled instance that
   // ends on its failure path ends "cancelled".
-  void finish(const std::string& status) {
-    set_status(status != "completed" && rec_.contains("cancelled") ? "cancelled" : status);
+  void finish(instance_status status) {
+    set_status(status != instance_status::completed && rec_.contains("cancelled")
+                   ? instance_status::cancelled
+                   : status);
     rec_.erase("wait_deadline_us");
     rec_.erase("deadline_us");
     rec_.erase("retry");
