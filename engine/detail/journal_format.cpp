@@ -337,17 +337,6 @@ void record_encoder::set_packed(std::string_view path, const char* packed) {
   text_ += ']';
 }
 
-namespace {
-
-template <class Int>
-void append_integer(std::string& out, Int value) {
-  char digits[24];
-  const auto end = std::to_chars(digits, digits + sizeof(digits), value).ptr;
-  out.append(digits, end);
-}
-
-}  // namespace
-
 void record_encoder::set_message(std::string_view path, const outbox_message& m) {
   open(path);
   // outbox_message::to_json()'s members, in its (alphabetical) order.

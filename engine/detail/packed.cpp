@@ -3,6 +3,7 @@
 #include <charconv>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 #include "pop/contracts/path.hpp"
 
@@ -190,13 +191,6 @@ void put_object_head(std::uint64_t count, std::string& out) {
 
 namespace {
 
-template <class Int>
-void append_integer(std::string& out, Int value) {
-  char digits[24];
-  const auto end = std::to_chars(digits, digits + sizeof(digits), value).ptr;
-  out.append(digits, end);
-}
-
 const char* write_json_at(const char* at, std::string& out,
                           absl::FunctionRef<void(double)> write_double,
                           absl::FunctionRef<void(std::string_view)> write_string) {
@@ -274,62 +268,73 @@ bool fits(const char* at, std::size_t max_members, std::size_t& budget) {
   return true;
 }
 
+namespace {
+
+// Where a write or erase at `rest` below a packed object lands: the innermost object on the way
+// that exists, the segment looked up in it, the segments left after that one, and its slot.
+struct target {
+  const char* object = nullptr;
+  std::string_view segment;
+  std::string_view rest;
+  std::uint64_t count = 0;
+  const char* members = nullptr;
+  slot found;
+};
+
+// The target of `rest` (valid, non-empty) below the packed value at `at`: the walk stops at the
+// last segment or at the first one missing; nullopt if a value on the way is not an object.
+std::optional<target> descend(const char* at, std::string_view rest) {
+  while (true) {
+    if (!is_object(at)) return std::nullopt;
+    target t;
+    t.object = at;
+    t.segment = take_segment(rest);
+    t.rest = rest;
+    t.found = find_slot(at, t.segment, t.count, t.members);
+    if (!t.found.found || rest.empty()) return t;
+    at = t.found.value;
+  }
+}
+
+}  // namespace
+
 bool assign(const char* at, std::string_view rest, std::string_view value, std::string& out) {
   const char* const begin = at;
   const char* const end = skip(at);
+  const std::optional<target> t = descend(at, rest);
+  if (!t) return false;
   out.clear();
-  while (true) {
-    if (!is_object(at)) return false;
-    const std::string_view segment = take_segment(rest);
-    std::uint64_t count = 0;
-    const char* members = nullptr;
-    const slot s = find_slot(at, segment, count, members);
-    if (s.found && !rest.empty()) {
-      at = s.value;  // descend into the member (checked to be an object on the next turn)
-      continue;
-    }
-    if (s.found) {  // replace the member's value
-      out.append(begin, s.value);
-      out.append(value);
-      out.append(s.end, end);
-      return true;
-    }
-    // Insert the member, with objects for the remaining segments around the value.
-    out.append(begin, at);
-    put_object_head(count + 1, out);
-    out.append(members, s.key);
-    put_text(segment, out);
-    while (!rest.empty()) {
-      put_object_head(1, out);
-      put_text(take_segment(rest), out);
-    }
+  if (t->found.found) {  // replace the member's value
+    out.append(begin, t->found.value);
     out.append(value);
-    out.append(s.key, end);
+    out.append(t->found.end, end);
     return true;
   }
+  // Insert the member, with objects for the remaining segments around the value.
+  out.append(begin, t->object);
+  put_object_head(t->count + 1, out);
+  out.append(t->members, t->found.key);
+  put_text(t->segment, out);
+  for (std::string_view left = t->rest; !left.empty();) {
+    put_object_head(1, out);
+    put_text(take_segment(left), out);
+  }
+  out.append(value);
+  out.append(t->found.key, end);
+  return true;
 }
 
 bool erase(const char* at, std::string_view rest, std::string& out) {
   const char* const begin = at;
   const char* const end = skip(at);
-  while (true) {
-    if (!is_object(at)) return false;
-    const std::string_view segment = take_segment(rest);
-    std::uint64_t count = 0;
-    const char* members = nullptr;
-    const slot s = find_slot(at, segment, count, members);
-    if (!s.found) return false;
-    if (!rest.empty()) {
-      at = s.value;
-      continue;
-    }
-    out.clear();
-    out.append(begin, at);
-    put_object_head(count - 1, out);
-    out.append(members, s.key);
-    out.append(s.end, end);
-    return true;
-  }
+  const std::optional<target> t = descend(at, rest);
+  if (!t || !t->found.found) return false;
+  out.clear();
+  out.append(begin, t->object);
+  put_object_head(t->count - 1, out);
+  out.append(t->members, t->found.key);
+  out.append(t->found.end, end);
+  return true;
 }
 
 namespace {

@@ -2,6 +2,7 @@
 // state tree are kept in, read in place without building nlohmann::json nodes.
 #pragma once
 
+#include <charconv>
 #include <cstddef>
 #include <limits>
 #include <string>
@@ -9,6 +10,18 @@
 
 #include "absl/functional/function_ref.h"
 #include "pop/contracts/json.hpp"
+
+namespace pop::detail {
+
+// Appends `value` in decimal, as JSON text writes an integer.
+template <class Int>
+void append_integer(std::string& out, Int value) {
+  char digits[24];
+  const auto end = std::to_chars(digits, digits + sizeof(digits), value).ptr;
+  out.append(digits, end);
+}
+
+}  // namespace pop::detail
 
 namespace pop::detail::packed {
 

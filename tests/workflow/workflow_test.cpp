@@ -68,6 +68,7 @@ TEST_CASE("an instance's status is typed in the logic and stored by its name", "
   CHECK(pop::detail::parse_status("paused") == instance_status::unknown);
   CHECK(json("paused").get<instance_status>() == instance_status::unknown);
   CHECK(json(7).get<instance_status>() == instance_status::unknown);
+  CHECK(json(instance_status::unknown) == "unknown");
   CHECK_FALSE(pop::detail::is_final(instance_status::unknown));
   CHECK_FALSE(pop::detail::is_runnable(instance_status::unknown));
 }

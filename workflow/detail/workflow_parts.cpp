@@ -6,36 +6,29 @@
 
 namespace pop::detail {
 
+namespace {
+constexpr std::pair<instance_status, std::string_view> status_names[] = {
+    {instance_status::running, "running"},
+    {instance_status::waiting, "waiting"},
+    {instance_status::compensating, "compensating"},
+    {instance_status::completed, "completed"},
+    {instance_status::failed, "failed"},
+    {instance_status::compensated, "compensated"},
+    {instance_status::cancelled, "cancelled"},
+    {instance_status::stuck, "stuck"},
+};
+}  // namespace
+
 std::string_view status_name(instance_status s) {
-  switch (s) {
-    case instance_status::running:
-      return "running";
-    case instance_status::waiting:
-      return "waiting";
-    case instance_status::compensating:
-      return "compensating";
-    case instance_status::completed:
-      return "completed";
-    case instance_status::failed:
-      return "failed";
-    case instance_status::compensated:
-      return "compensated";
-    case instance_status::cancelled:
-      return "cancelled";
-    case instance_status::stuck:
-      return "stuck";
-    case instance_status::unknown:
-      break;
+  for (const auto& [status, name] : status_names) {
+    if (status == s) return name;
   }
   return "unknown";
 }
 
 instance_status parse_status(std::string_view name) {
-  for (const instance_status s :
-       {instance_status::running, instance_status::waiting, instance_status::compensating,
-        instance_status::completed, instance_status::failed, instance_status::compensated,
-        instance_status::cancelled, instance_status::stuck}) {
-    if (status_name(s) == name) return s;
+  for (const auto& [status, text] : status_names) {
+    if (text == name) return status;
   }
   return instance_status::unknown;
 }

@@ -64,21 +64,17 @@ enum class instance_status {
   stuck,
   unknown,
 };
-NLOHMANN_JSON_SERIALIZE_ENUM(instance_status, {
-                                                  {instance_status::unknown, nullptr},
-                                                  {instance_status::running, "running"},
-                                                  {instance_status::waiting, "waiting"},
-                                                  {instance_status::compensating, "compensating"},
-                                                  {instance_status::completed, "completed"},
-                                                  {instance_status::failed, "failed"},
-                                                  {instance_status::compensated, "compensated"},
-                                                  {instance_status::cancelled, "cancelled"},
-                                                  {instance_status::stuck, "stuck"},
-                                              })
 // The name a record stores for `s` ("unknown" for unknown).
 std::string_view status_name(instance_status s);
 // The status named `name`, or unknown.
 instance_status parse_status(std::string_view name);
+// JSON conversions (nlohmann finds them by argument-dependent lookup): by name.
+inline void to_json(json& j, instance_status s) {
+  j = std::string(status_name(s));
+}
+inline void from_json(const json& j, instance_status& s) {
+  s = j.is_string() ? parse_status(j.get_ref<const std::string&>()) : instance_status::unknown;
+}
 // Ended for good: completed, failed, compensated or cancelled.
 inline bool is_final(instance_status s) {
   return s == instance_status::completed || s == instance_status::failed ||
