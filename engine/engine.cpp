@@ -271,16 +271,19 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       record->at_us = options_.clock->now_us();
       record->process = std::string(who);
       detail::record_encoder encoded;
+      // A value as it is stored: packed bytes and JSON written as they are, others materialised.
+      const auto set = [&](std::string_view path, const detail::location& at) {
+        if (const char* packed = at.packed_value()) {
+          encoded.set_packed(path, packed);
+        } else if (const json* stored = detail::stored_json(at)) {
+          encoded.set(path, *stored);
+        } else {
+          encoded.set(path, detail::materialise(at));
+        }
+      };
       for (const detail::prepared_write& w : prep.writes) {
         if (w.value) {
-          const detail::location at{w.value.get(), nullptr};
-          if (const char* packed = at.packed_value()) {
-            encoded.set_packed(w.target.str(), packed);
-          } else if (const json* stored = detail::stored_json(at)) {
-            encoded.set(w.target.str(), *stored);
-          } else {
-            encoded.set(w.target.str(), detail::materialise(at));
-          }
+          set(w.target.str(), {w.value.get(), nullptr});
         } else {
           encoded.erase(w.target.str());
         }
@@ -290,12 +293,8 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
         const detail::location found = detail::lookup(*done.root, at);
         if (const outbox_message* typed = found.inner ? nullptr : found.node->message()) {
           encoded.set_message(at, *typed);  // no JSON form kept in the state for it
-        } else if (const char* packed = found.packed_value()) {
-          encoded.set_packed(at, packed);
-        } else if (const json* stored = detail::stored_json(found)) {
-          encoded.set(at, *stored);
         } else {
-          encoded.set(at, detail::materialise(found));
+          set(at, found);
         }
       }
       record->writes = std::move(encoded).writes_text();

@@ -4,6 +4,7 @@
 #include <array>
 #include <cassert>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -85,17 +86,26 @@ node_ptr make_map(pmap<node_ptr> members) {
   return std::make_shared<value_node>(value_node::map_form{}, std::move(members));
 }
 
-// make_node for a value the caller keeps: nothing is moved out of it, so the nodes of a large
-// state are allocated while it lives and it is freed in one piece afterwards (freeing its parts
-// one by one while building would scatter the tree over the holes they leave, and keep those
-// pages resident).
-node_ptr make_node_from(const json& value) {
+// The node of `value`: small values whole (packed when they pack), large objects as member
+// maps. From an rvalue, member values are moved into their nodes; from a const value nothing is
+// moved, so the nodes of a large state are allocated while it lives and it is freed in one piece
+// afterwards (see make_root: freeing its parts one by one while building would scatter the tree
+// over the holes they leave, and keep those pages resident).
+template <class J>
+node_ptr build_node(J&& value) {
   std::size_t budget = blob_max_elements;
-  if (!value.is_object() || fits_blob(value, budget)) return make_blob(value);
+  if (!value.is_object() || fits_blob(value, budget)) return make_blob(std::forward<J>(value));
+  auto& object =
+      *value.template get_ptr<std::conditional_t<std::is_const_v<std::remove_reference_t<J>>,
+                                                 const json::object_t*, json::object_t*>>();
   std::vector<std::pair<std::string, node_ptr>> entries;
-  entries.reserve(value.size());
-  for (const auto& [key, member] : value.get_ref<const json::object_t&>()) {
-    entries.emplace_back(key, make_node_from(member));
+  entries.reserve(object.size());
+  for (auto& [key, member] : object) {
+    if constexpr (std::is_const_v<std::remove_reference_t<J>>) {
+      entries.emplace_back(key, build_node(member));
+    } else {
+      entries.emplace_back(key, build_node(std::move(member)));
+    }
   }
   return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
 }
@@ -276,13 +286,7 @@ node_ptr make_message_node(outbox_message m) {
 }
 
 node_ptr make_node(json value) {
-  std::size_t budget = blob_max_elements;
-  if (!value.is_object() || fits_blob(value, budget)) return make_blob(std::move(value));
-  auto& object = value.get_ref<json::object_t&>();
-  std::vector<std::pair<std::string, node_ptr>> entries;
-  entries.reserve(object.size());
-  for (auto& [key, member] : object) entries.emplace_back(key, make_node(std::move(member)));
-  return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
+  return build_node(std::move(value));
 }
 
 // `n` itself if it is a member map, else its object (which must be one) as a member map.
@@ -300,7 +304,7 @@ node_ptr make_root(const json& object) {
   std::vector<std::pair<std::string, node_ptr>> entries;
   entries.reserve(object.size());
   for (const auto& [key, member] : object.get_ref<const json::object_t&>()) {
-    entries.emplace_back(key, make_node_from(member));
+    entries.emplace_back(key, build_node(member));
   }
   return make_map(pmap<node_ptr>::from_sorted(std::move(entries)));
 }

@@ -171,6 +171,26 @@ TEST_CASE("when the attempts are used up a step fails, compensates or pauses, as
   }
 }
 
+TEST_CASE("a stuck instance resumes to a status this program does not know by its own name",
+          "[workflow][retry]") {
+  fixture f;
+  f.define({{"attempts", 1}, {"initial_ms", 10}, {"jitter", 0}, {"on_exhausted", "pause"}});
+  f.failures = 100;
+  REQUIRE(f.wf->start("r", "i", {{"tag", "x"}}).ok());
+  run_all(*f.wf);
+  REQUIRE(f.get("i").status == "stuck");
+  // As a later version of the program might have parked it: from a status this one lacks.
+  const pop::snapshot s = f.e->snapshot();
+  REQUIRE(f.e->compare_and_swap(s.version(), {{"system.workflows.i.stuck.status", "paused-by-v3"}},
+                                pop::cas_mode::keys)
+              .ok());
+  REQUIRE(f.wf->resume("i").ok());
+  CHECK(f.get("i").status == "paused-by-v3");  // kept as written, not "unknown" or null
+  CHECK_FALSE(f.wf->advance("i").value());     // neither runnable
+  CHECK(f.wf->runnable(10).empty());
+  CHECK(f.wf->metrics().stuck == 0);
+}
+
 TEST_CASE("non-retryable codes fail at once, and jitter spreads the delay within its bounds",
           "[workflow][retry]") {
   {
