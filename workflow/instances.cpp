@@ -536,9 +536,7 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
                  {"step", step_name},
                  {"error", c.status().ToString()},
                  {"code", static_cast<int>(c.status().code())}};
-  if (detail::parse_status(w.status) == instance_status::compensating) {
-    failed["mode"] = "compensate";
-  }
+  if (status == instance_status::compensating) failed["mode"] = "compensate";
   POP_ASSIGN_OR_RETURN(commit f, engine_.execute(control_process(w.workflow, d->version), failed));
   return f.changed;
 }
