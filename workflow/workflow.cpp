@@ -269,7 +269,7 @@ void workflows::settle(detail::instance_txn& t) const {
     // The parent cannot take its child's outcome here: parked, not failed, for an operator.
     parent.park(absl::StrCat(r.def ? absl::StrCat("its step '", at_step, "' is not in its workflow")
                                    : r.reason,
-                             " when its child '", t.id(), "' ended (", status,
+                             " when its child '", t.id(), "' ended (", t.status_text(),
                              "): restart it from a step, migrate or cancel it"),
                 r.def ? "missing_step" : r.kind, false);
     parent.save();
@@ -281,12 +281,12 @@ void workflows::settle(detail::instance_txn& t) const {
     parent.history(step->name, absl::StrCat("child ", t.id(), " completed"));
     parent.go(step->next);
   } else {
-    parent.history(step->name, absl::StrCat("child ", t.id(), " ", status));
+    parent.history(step->name, absl::StrCat("child ", t.id(), " ", t.status_text()));
     if (!step->on_error.empty()) {
       parent.go(step->on_error);
     } else {
       parent.fail_path(
-          absl::StrCat("child '", t.id(), "' ", status, ": ", t.rec().value("error", "")));
+          absl::StrCat("child '", t.id(), "' ", t.status_text(), ": ", t.rec().value("error", "")));
     }
   }
   settle(parent);
@@ -424,11 +424,11 @@ void workflows::settle_fan_out(detail::instance_txn& parent, detail::instance_tx
     return;
   }
   if (!any && status != instance_status::completed) {
-    join(false,
-         absl::StrCat("child '", child.id(), "' ", status, ": ", child.rec().value("error", "")));
+    join(false, absl::StrCat("child '", child.id(), "' ", child.status_text(), ": ",
+                             child.rec().value("error", "")));
     return;
   }
-  parent.history(step.name, absl::StrCat("child ", child.id(), " ", status));
+  parent.history(step.name, absl::StrCat("child ", child.id(), " ", child.status_text()));
   const std::size_t total = fan.value("total", std::size_t{0});
   if (fan.value("kind", "") == "map" && fan.value("next", std::size_t{0}) < total) {
     // A map keeps max_concurrency children running: the next element takes this one's place.

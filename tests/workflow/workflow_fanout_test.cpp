@@ -98,6 +98,12 @@ TEST_CASE("join all: the first branch that fails cancels the others and takes on
   CHECK(p.status == "failed");
   CHECK(p.error == "fell back");
   CHECK(p.received.at("f") == json{{"p-f-1-0", "cancelled"}, {"p-f-1-1", "failed"}});
+  // The join's history names the child that failed and how.
+  bool named = false;
+  for (const pop::workflow_instance::event& ev : p.events) {
+    named = named || absl::StartsWith(ev.outcome, "child 'p-f-1-1' failed: ");
+  }
+  CHECK(named);
   CHECK(f.get("p-f-1-0").status == "cancelled");
   CHECK(state(f.e, "domain.log").is_null());
 }

@@ -332,6 +332,15 @@ TEST_CASE("a sub-workflow runs as a child and its outcome moves the parent", "[w
   CHECK(wf.inspect("p-child-1").value().status == "completed");
   CHECK(wf.inspect("p-bad-1").value().status == "failed");
   CHECK(state(e, "domain.log") == json::array({"h", "h", "h"}));
+  // The history names each child's outcome by its status.
+  std::vector<std::string> outcomes;
+  for (const pop::workflow_instance::event& ev : p.events) outcomes.push_back(ev.outcome);
+  CHECK(std::find(outcomes.begin(), outcomes.end(), "child p-child-1 completed") != outcomes.end());
+  CHECK(std::find(outcomes.begin(), outcomes.end(), "child p-bad-1 failed") != outcomes.end());
+  // Cancelling an ended instance says how it ended.
+  const absl::Status again = wf.cancel("p-bad-1");
+  CHECK(again.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(absl::StrContains(again.message(), "has already ended (failed)"));
 }
 
 TEST_CASE("a child is started with its own inputs, taken from the parent's", "[workflow]") {

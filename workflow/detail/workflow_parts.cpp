@@ -180,7 +180,7 @@ absl::Status cancel_instance(instance_txn& t, const std::string& reason) {
   const instance_status status = t.status();
   if (is_final(status)) {
     return absl::FailedPreconditionError(
-        absl::StrCat("workflow instance '", t.id(), "' has already ended (", status, ")"));
+        absl::StrCat("workflow instance '", t.id(), "' has already ended (", t.status_text(), ")"));
   }
   t.history(t.cursor(), "cancelled");
   t.rec()["cancelled"] = {{"reason", reason}, {"at_us", t.now()}};
@@ -277,7 +277,8 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
       moved = absl::StrCat(", from version '", t.version(), "' to '", to, "'");
       t.rec()["definition"] = {{"name", t.workflow()}, {"version", to}};
     }
-    t.history(step, absl::StrCat("restarted here by an operator (was ", status, moved, ")"));
+    t.history(step, absl::StrCat("restarted here by an operator (was ",
+                                 to_absl(status_name(status)), moved, ")"));
     t.go(step);
     t.refresh_timer();
   } else if (action == "cancel") {

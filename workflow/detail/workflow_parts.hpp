@@ -52,8 +52,10 @@ inline std::uint64_t fnv1a(std::string_view text) {
 absl::StatusOr<json> child_inputs(const json& spec, const json& inputs);
 
 // The status of an instance. Its record stores it by name (the JSON conversion below); a name
-// this program does not know reads as `unknown`, which is neither runnable nor final.
-enum class instance_status {
+// this program does not know reads as `unknown`, which is neither runnable nor final. Its
+// underlying type is char so that absl::StrCat refuses it at compile time (it would print the
+// number): messages name a status through status_name().
+enum class instance_status : char {
   running,
   waiting,
   compensating,
