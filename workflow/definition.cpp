@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "pop/contracts/status.hpp"
+#include "pop/workflow/detail/machine.hpp"
 #include "pop/workflow/detail/workflow_parts.hpp"
 
 namespace pop {
@@ -318,7 +319,7 @@ absl::Status workflows::check(const workflow_definition& def) const {
     if (!s.branch.empty()) {
       for (const workflow_condition& c : s.branch) {
         if (!c.predicate.empty()) {
-          if (!predicates_.contains(c.predicate)) {
+          if (!machine_->predicate(c.predicate)) {
             return bad(absl::StrCat(where, " uses unknown predicate '", c.predicate, "'"));
           }
         } else {
@@ -365,7 +366,7 @@ absl::Status workflows::check(const workflow_definition& def) const {
     }
     if (!s.call.empty()) {
       if (s.call == def.name) return bad(absl::StrCat(where, " calls its own workflow"));
-      if (!definitions_.contains(s.call)) {
+      if (!machine_->find(s.call)) {
         return bad(absl::StrCat(where, " calls unknown workflow '", s.call, "' (define it first)"));
       }
       POP_RETURN_IF_ERROR(target("next", s.next, true));
@@ -395,7 +396,7 @@ absl::Status workflows::check(const workflow_definition& def) const {
     }
     const auto callable = [&](const std::string& name, const std::string& at) -> absl::Status {
       if (name == def.name) return bad(absl::StrCat(at, " calls its own workflow"));
-      if (!definitions_.contains(name)) {
+      if (!machine_->find(name)) {
         return bad(absl::StrCat(at, " calls unknown workflow '", name, "' (define it first)"));
       }
       return absl::OkStatus();

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "pop/contracts/status.hpp"
+#include "pop/workflow/detail/machine.hpp"
 #include "pop/workflow/detail/workflow_parts.hpp"
 
 namespace pop {
@@ -253,23 +254,20 @@ subscription workflows::wait_for(
   return sub;
 }
 
-absl::StatusOr<commit> workflows::operate(std::string_view id, std::string_view action, json args) {
-  args["id"] = id;
-  args["action"] = action;
-  args["now"] = engine_.clock().now_us();
-  absl::StatusOr<commit> c = engine_.execute(workflow_operate_process, args);
+absl::StatusOr<commit> workflows::operate(detail::operator_call call) {
+  call.now = engine_.clock().now_us();
+  absl::StatusOr<commit> c = engine_.execute(workflow_operate_process, detail::to_args(call));
   if (!c.ok()) {
-    return annotate(c.status(), absl::StrCat("workflow instance '", detail::to_absl(id), "', ",
-                                             detail::to_absl(action)));
+    return annotate(c.status(), absl::StrCat("workflow instance '", call.id, "', ",
+                                             detail::to_absl(detail::action_name(call.action))));
   }
   return c;
 }
 
 absl::StatusOr<bool> workflows::park(const workflow_instance& w, std::string reason,
                                      const char* kind) {
-  POP_ASSIGN_OR_RETURN(
-      const commit c,
-      operate(w.id, "park", {{"expect", w.status}, {"reason", std::move(reason)}, {"kind", kind}}));
+  POP_ASSIGN_OR_RETURN(const commit c,
+                       operate({w.id, 0, detail::park_action{w.status, std::move(reason), kind}}));
   return c.changed;
 }
 
@@ -294,10 +292,10 @@ absl::Status workflows::resume_parked(const std::string& name, const std::string
       });
   for (std::size_t i = 0; i < ids.size(); ++i) {
     absl::StatusOr<commit> c =
-        operate(ids[i], "resume",
-                {{"kind", parked_kinds[i]},
-                 {"by", absl::StrCat("resumed: version '", version, "' of workflow '", name,
-                                     "' is defined again")}});
+        operate({ids[i], 0,
+                 detail::resume_action{
+                     parked_kinds[i], absl::StrCat("resumed: version '", version, "' of workflow '",
+                                                   name, "' is defined again")}});
     // One that cannot be resumed (something happened while it was stuck) stays parked.
     if (!c.ok() && c.status().code() != absl::StatusCode::kFailedPrecondition) return c.status();
   }
@@ -308,18 +306,15 @@ absl::Status workflows::cancel(std::string_view id, std::string reason) {
   POP_ASSIGN_OR_RETURN(const workflow_instance w, inspect(id, false));
   if (const std::shared_ptr<const defined> d = find_definition(w.workflow, w.definition_version)) {
     // With the definition here, a parent waiting for it moves on in the same commit.
-    return engine_
-        .execute(control_process(w.workflow, d->version), {{"id", id},
-                                                           {"action", "cancel"},
-                                                           {"reason", std::move(reason)},
-                                                           {"now", engine_.clock().now_us()}})
-        .status();
+    const detail::control_call c{std::string(id), engine_.clock().now_us(),
+                                 detail::cancel_event{std::move(reason)}};
+    return engine_.execute(control_process(w.workflow, d->version), detail::to_args(c)).status();
   }
-  return operate(id, "cancel", {{"reason", std::move(reason)}}).status();
+  return operate({std::string(id), 0, detail::cancel_action{std::move(reason)}}).status();
 }
 
 absl::StatusOr<std::uint64_t> workflows::resume(std::string_view id) {
-  POP_ASSIGN_OR_RETURN(const commit c, operate(id, "resume", json::object()));
+  POP_ASSIGN_OR_RETURN(const commit c, operate({std::string(id), 0, detail::resume_action{}}));
   return c.version;
 }
 
@@ -344,8 +339,9 @@ absl::StatusOr<std::uint64_t> workflows::restart_from(std::string_view id, std::
     return absl::InvalidArgumentError(
         absl::StrCat("workflow instance '", detail::to_absl(id), "': restart needs a step name"));
   }
-  POP_ASSIGN_OR_RETURN(const commit c,
-                       operate(id, "restart", {{"step", step}, {"version", on_version}}));
+  POP_ASSIGN_OR_RETURN(
+      const commit c,
+      operate({std::string(id), 0, detail::restart_action{std::string(step), on_version}}));
   return c.version;
 }
 
@@ -474,7 +470,7 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   const std::shared_ptr<const defined>& d = r.def;
   const std::int64_t now = engine_.clock().now_us();
   std::string process;
-  json args = {{"id", id}, {"now", now}};
+  json args;
   std::string step_name;
   if (status == instance_status::running) {
     const workflow_step* step = d->step(w.cursor);
@@ -486,29 +482,28 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
                   "missing_step");
     }
     step_name = step->name;
-    if (!step->process.empty()) {
-      process = step_process(step->process);
-      args["step"] = step->name;
+    if (const auto* p = std::get_if<detail::process_kind>(d->kind(step_name))) {
+      process = step_process(p->process);
+      args = detail::to_args(detail::step_call{w.id, now, step_name, false});
     } else {
       process = control_process(w.workflow, d->version);
-      args["action"] = "step";
+      args = detail::to_args(detail::control_call{w.id, now, detail::run_step_event{}});
     }
   } else if (status == instance_status::compensating) {
     const value_view done_view = rec.member("done");
     const json done = done_view ? done_view.to_json() : json::array();
     if (!done.is_array() || done.empty() || !done.back().is_string()) return false;
     step_name = done.back().get<std::string>();
-    const workflow_step* step = d->step(step_name);
-    if (!step || step->compensate.empty()) {
+    const auto* p = std::get_if<detail::process_kind>(d->kind(step_name));
+    if (!p || p->compensate.empty()) {
       return park(w,
                   absl::StrCat("step '", step_name, "' of workflow '", w.workflow,
                                "' has no compensation in this program (definition version ",
                                d->version, ") but the instance must compensate it"),
                   "missing_compensation");
     }
-    process = step_process(step->compensate);
-    args["step"] = step_name;
-    args["mode"] = "compensate";
+    process = step_process(p->compensate);
+    args = detail::to_args(detail::step_call{w.id, now, step_name, true});
   } else {
     return false;
   }
@@ -530,14 +525,12 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
       break;
   }
   // The step's process threw or broke its contract: that is the step failing.
-  json failed = {{"id", id},
-                 {"now", now},
-                 {"action", "step_failed"},
-                 {"step", step_name},
-                 {"error", c.status().ToString()},
-                 {"code", static_cast<int>(c.status().code())}};
-  if (status == instance_status::compensating) failed["mode"] = "compensate";
-  POP_ASSIGN_OR_RETURN(commit f, engine_.execute(control_process(w.workflow, d->version), failed));
+  const detail::control_call failed{
+      w.id, now,
+      detail::step_failed_event{step_name, c.status().code(), c.status().ToString(),
+                                status == instance_status::compensating}};
+  POP_ASSIGN_OR_RETURN(
+      commit f, engine_.execute(control_process(w.workflow, d->version), detail::to_args(failed)));
   return f.changed;
 }
 
@@ -690,9 +683,10 @@ absl::StatusOr<std::size_t> workflows::expire(std::int64_t now, std::int64_t& ne
       if (parked) ++moved;
       continue;
     }
-    POP_ASSIGN_OR_RETURN(commit c,
-                         engine_.execute(control_process(w->workflow, r.def->version),
-                                         {{"id", id}, {"action", "timeout"}, {"now", now}}));
+    POP_ASSIGN_OR_RETURN(
+        commit c, engine_.execute(control_process(w->workflow, r.def->version),
+                                  detail::to_args(detail::control_call{std::string(id), now,
+                                                                       detail::timer_event{}})));
     if (c.changed) ++moved;
   }
   return moved;
@@ -729,99 +723,11 @@ absl::StatusOr<outbox_message> workflows::with_start(outbox_message signal,
 }
 
 absl::StatusOr<result> workflows::resume(const context& ctx, const outbox_message& m) const {
-  result out;
-  if (const auto start = m.headers.find(std::string(start_workflow_header));
-      start != m.headers.end()) {
-    // Signal-with-start: the instance first, in this commit, if it does not exist.
-    const auto id = m.headers.find(std::string(start_id_header));
-    const auto inputs_text = m.headers.find(std::string(start_inputs_header));
-    const std::string what =
-        absl::StrCat("message ", m.id, ": signal-with-start of workflow '", start->second, "'");
-    if (id == m.headers.end() || !validate_segment(id->second).ok()) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": header ",
-                                                     detail::to_absl(start_id_header),
-                                                     " is missing or not an instance id"));
-    }
-    json inputs = inputs_text == m.headers.end() ? json::object()
-                                                 : json::parse(inputs_text->second, nullptr, false);
-    if (!inputs.is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, ": header ", detail::to_absl(start_inputs_header), " is not a JSON object"));
-    }
-    detail::instance_txn t(options_, ctx, out, id->second, m.created_at_us);
-    if (t.load() && detail::is_final(t.status())) {
-      // It has ended: the signal is for nobody (not kept for another instance on its key).
-      return out;
-    }
-    if (!t.rec().is_object()) {
-      const std::shared_ptr<const defined> def = find_definition(start->second);
-      if (!def) {
-        return absl::NotFoundError(absl::StrCat(what, ": no such workflow is defined"));
-      }
-      t.create(def->def.name, def->version, def->def.start, std::move(inputs), 0);
-      t.history(def->def.start, absl::StrCat("started by signal ", m.topic, " (", m.id, ")"));
-      t.save();
-    }
-  }
-  if (!path::parse(absl::StrCat("k.", m.key)).ok()) return out;
-  const std::string waits = absl::StrCat(options_.index, ".waits.", m.key);
-  std::vector<std::string> ids;
-  ctx.view(waits).for_each_member([&](std::string_view id, const value_view&) {
-    ids.emplace_back(id);
-    return true;
-  });
-  const std::int64_t now = m.created_at_us > 0 ? m.created_at_us : 0;
-  bool taken = false;
-  for (const std::string& id : ids) {
-    detail::instance_txn t(options_, ctx, out, id, now);
-    if (!t.load() || (t.status() != instance_status::waiting && !t.stuck_waiting())) continue;
-    const resolved r = resolve(t.workflow(), t.version());
-    const std::shared_ptr<const defined>& d = r.def;
-    const workflow_step* step = d ? d->step(t.cursor()) : nullptr;
-    if (step && !step->wait.contains(m.topic)) continue;
-    if (!step || t.status() == instance_status::stuck) {
-      // It cannot take the message now (its definition or step is missing here, or it is
-      // parked): rather than drop it, keep it in the instance and park it for an operator.
-      const std::string what = absl::StrCat("message ", m.topic, " (", m.id, ") arrived");
-      taken = true;
-      t.rec()["received"][m.topic] = m.payload;
-      if (t.status() == instance_status::waiting) {
-        t.park(absl::StrCat(d ? "its step '" + t.cursor() + "' is not in its workflow" : r.reason,
-                            " when ", what,
-                            ": restart it from the step that handles it, or migrate it"),
-               d ? "missing_step" : r.kind, false);
-      } else {
-        t.cannot_resume(what);
-      }
-      t.save();
-      continue;
-    }
-    const auto next = step->wait.find(m.topic);
-    taken = true;
-    t.rec()["received"][m.topic] = m.payload;
-    t.clear_wait();
-    t.history(step->name, absl::StrCat("received ", m.topic, " (", m.id, ")"));
-    t.go(next->second);
-    t.save();
-  }
-  if (!taken && waited_topic(m.topic)) {
-    // Nobody waits for it yet: kept for the next wait on its key and topic.
-    out.set(absl::StrCat(options_.index, ".mailbox.", m.key, ".", m.id),
-            json{{"topic", m.topic}, {"payload", m.payload}, {"at_us", now}});
-  }
-  return out;
+  return machine_->receive(ctx, m);
 }
 
 bool workflows::waited_topic(std::string_view topic) const {
-  std::lock_guard lock(mu_);
-  for (const auto& [name, versions] : definitions_) {
-    for (const std::shared_ptr<const defined>& d : versions) {
-      for (const workflow_step& s : d->def.steps) {
-        if (s.wait.contains(std::string(topic))) return true;
-      }
-    }
-  }
-  return false;
+  return machine_->waited_topic(topic);
 }
 
 }  // namespace pop

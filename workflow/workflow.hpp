@@ -22,6 +22,10 @@ namespace pop {
 
 namespace detail {
 class instance_txn;
+class machine;
+struct defined_workflow;
+struct resolution;
+struct operator_call;
 }  // namespace detail
 
 // A condition a branch step tests: a built-in comparison of the value at `path` with `value`, or
@@ -272,6 +276,7 @@ class workflows {
       engine& e, workflow_options opts = {});
   workflows(const workflows&) = delete;
   workflows& operator=(const workflows&) = delete;
+  ~workflows();
 
   // Registers process `spec.name` on the engine (callable directly too) and as a workflow step.
   // Errors as engine::register_process, plus kInvalidArgument for declarations inside the
@@ -419,8 +424,8 @@ class workflows {
  private:
   workflows(engine& e, workflow_options opts);  // validated by create()
   struct registered_process;
-  struct registered_predicate;
-  struct defined;
+  using defined = detail::defined_workflow;
+  using resolved = detail::resolution;
   absl::Status check(const workflow_definition& def) const;
   absl::Status register_control(const std::shared_ptr<const defined>& d);
   // The newest version of workflow `name`, or null.
@@ -430,16 +435,9 @@ class workflows {
   std::shared_ptr<const defined> find_definition(std::string_view name,
                                                  std::string_view version) const;
   // What instance `w` runs on, or why it cannot run here (parked with `kind`).
-  struct resolved {
-    std::shared_ptr<const defined> def;
-    std::string reason;
-    const char* kind = "";
-  };
   resolved resolve(std::string_view workflow, std::string_view version) const;
-  // If `t`'s instance ended and has a parent waiting on it, moves the parent on (same commit).
-  void settle(detail::instance_txn& t) const;
-  // Runs operator action `action` on instance `id` with `args` through the operate process.
-  absl::StatusOr<commit> operate(std::string_view id, std::string_view action, json args);
+  // Runs operator action `call` (its time: now) through the operate process.
+  absl::StatusOr<commit> operate(detail::operator_call call);
   // Parks instance `w` (seen with status w.status) as stuck with `reason`, of `kind`
   // ("undefined", "missing_step", "missing_compensation").
   absl::StatusOr<bool> park(const workflow_instance& w, std::string reason, const char* kind);
@@ -463,33 +461,12 @@ class workflows {
   // Resumes the instances of version `version` of workflow `name` that were parked because it was
   // not defined.
   absl::Status resume_parked(const std::string& name, const std::string& version);
-  // Step `step` of `t`'s instance failed with `code` and `error`: retried as its policy says, or
-  // its on_error, failure path or a pause for an operator.
-  void fail_step(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
-                 const std::string& error) const;
-  // A compensation of `step` failed: retried as the step's retry policy says (waiting, then
-  // compensating again), else the instance fails naming it.
-  void fail_compensation(detail::instance_txn& t, const workflow_step& step, absl::StatusCode code,
-                         const std::string& error) const;
-  // Starts the children of fan-out step `step` (parallel or map) of `t`'s instance.
-  void start_fan_out(detail::instance_txn& t, const workflow_step& step, const json& inputs) const;
-  // Starts the fan-out's next child with `child_inputs`; false (and the failure path) if its
-  // workflow is not defined.
-  bool start_fan_child(detail::instance_txn& t, const workflow_step& step, json child_inputs) const;
-  // Child `child` of `parent`'s fan-out at `step` ended: records it, starts the next element of a
-  // map, or joins.
-  void settle_fan_out(detail::instance_txn& parent, detail::instance_txn& child,
-                      const workflow_step& step) const;
-  // Runs step `step` (not a process step) of `t`'s instance, of definition `d`.
-  void run_control_step(detail::instance_txn& t, const defined& d, const workflow_step& step) const;
-
   engine& engine_;
   const workflow_options options_;
   mutable std::mutex mu_;
   std::map<std::string, std::shared_ptr<const registered_process>, std::less<>> processes_;
-  std::map<std::string, std::shared_ptr<const registered_predicate>, std::less<>> predicates_;
-  // Every version of each workflow, oldest first.
-  std::map<std::string, std::vector<std::shared_ptr<const defined>>, std::less<>> definitions_;
+  // What this program defines, and the transitions of instances.
+  std::unique_ptr<detail::machine> machine_;
   std::atomic<std::int64_t> last_purge_us_{0};
   std::atomic<std::int64_t> last_retention_purge_us_{0};
   std::atomic<bool> legacy_ended_indexed_{false};  // index_legacy_ended finished

@@ -7,6 +7,15 @@
 namespace pop::detail {
 
 namespace {
+template <class... F>
+struct overloaded : F... {
+  using F::operator()...;
+};
+template <class... F>
+overloaded(F...) -> overloaded<F...>;
+}  // namespace
+
+namespace {
 constexpr std::pair<instance_status, std::string_view> status_names[] = {
     {instance_status::running, "running"},
     {instance_status::waiting, "waiting"},
@@ -142,16 +151,18 @@ absl::StatusOr<json> child_inputs(const json& spec, const json& inputs) {
   return out;
 }
 
-bool compare(const json& actual, const std::string& op, const json& expected) {
-  if (op == "eq") return actual == expected;
-  if (op == "ne") return actual != expected;
+bool compare(const json& actual, condition_op op, const json& expected) {
+  if (op == condition_op::eq) return actual == expected;
+  if (op == condition_op::ne) return actual != expected;
   const bool numbers = actual.is_number() && expected.is_number();
   const bool strings = actual.is_string() && expected.is_string();
   if (!numbers && !strings) return false;
-  if (op == "lt")
+  if (op == condition_op::lt) {
     return numbers ? actual.get<double>() < expected.get<double>() : actual < expected;
-  if (op == "gt")
+  }
+  if (op == condition_op::gt) {
     return numbers ? actual.get<double>() > expected.get<double>() : actual > expected;
+  }
   return false;
 }
 
@@ -215,112 +226,134 @@ void cancel_child(instance_txn& t, const std::string& id, const std::string& rea
   if (cancel_instance(child, reason).ok()) child.save();
 }
 
+namespace {
+
+// Cancelled by an operator, `t`'s instance ended while its parent waits for it: the parent is
+// parked for an operator (moving it on needs its definition, which operate() does not have).
+void park_parent_of_cancelled(const workflow_options& o, const context& ctx, result& out,
+                              instance_txn& t) {
+  instance_txn parent(o, ctx, out, t.rec()["parent"], t.now());
+  const bool loaded = parent.load();
+  if (loaded && parent.rec().contains("fan_out") &&
+      parent.rec()["fan_out"].value("children", json::object()).contains(t.id())) {
+    // One of its fan-out's children: recorded, and the parent parked for an operator (joining
+    // needs the parent's definition, which this action does not have).
+    parent.rec()["fan_out"]["children"][t.id()] = t.status_text();
+    const std::string what = absl::StrCat("its child '", t.id(), "' was cancelled by an operator (",
+                                          t.status_text(), ")");
+    if (parent.status() == instance_status::waiting) {
+      parent.park(what + "; restart it from a step or cancel it", "operator", false);
+    } else if (parent.stuck_waiting()) {
+      parent.cannot_resume(what);
+    }
+    parent.save();
+  } else if (loaded && parent.rec().value("child", "") == t.id()) {
+    const std::string what = absl::StrCat("its child '", t.id(), "' was cancelled by an operator (",
+                                          t.status_text(), ")");
+    if (parent.status() == instance_status::waiting) {
+      parent.park(what + "; restart it from a step or cancel it", "operator", false);
+      parent.save();
+    } else if (parent.stuck_waiting(t.id())) {
+      parent.cannot_resume(what);
+      parent.save();
+    }
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, const json& args) {
+  POP_ASSIGN_OR_RETURN(const operator_call call, operator_call_from(args));
   result out;
-  instance_txn t(o, ctx, out, args.at("id").get<std::string>(), args.at("now").get<std::int64_t>());
+  instance_txn t(o, ctx, out, call.id, call.now);
   if (!t.load()) return absl::NotFoundError(absl::StrCat("no workflow instance '", t.id(), "'"));
-  const std::string action = args.at("action").get<std::string>();
   const instance_status status = t.status();
   const std::string status_text = t.status_text();
   const auto refuse = [&](const char* wanted) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "workflow instance '", t.id(), "' is ",
-        status_text.empty() ? "without status" : status_text, "; ", action, " needs it ", wanted));
+    return absl::FailedPreconditionError(
+        absl::StrCat("workflow instance '", t.id(), "' is ",
+                     status_text.empty() ? "without status" : status_text, "; ",
+                     to_absl(action_name(call.action)), " needs it ", wanted));
   };
-  if (action == "park") {
-    // Only from the status the caller saw: a concurrent step or operator action wins.
-    if (status_text != args.at("expect").get<std::string>() || status == instance_status::stuck ||
-        is_final(status)) {
-      return out;
-    }
-    t.park(args.at("reason").get<std::string>(), args.value("kind", "operator"));
-  } else if (action == "resume") {
-    if (status != instance_status::stuck) return refuse("stuck");
-    if (!t.rec()["stuck"].value("resumable", true)) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("workflow instance '", t.id(),
-                       "' cannot be resumed: ", t.rec()["stuck"].value("reason", "")));
-    }
-    if (const std::string kind = args.value("kind", "");
-        !kind.empty() && t.rec()["stuck"].value("kind", "") != kind) {
-      return out;  // define() resumes only what a missing definition parked
-    }
-    const std::string before = t.rec()["stuck"].value("status", "running");
-    t.unpark();
-    t.history(t.cursor(), args.value("by", "resumed by an operator"));
-    t.restore_status(before);
-    t.refresh_timer();
-  } else if (action == "restart") {
-    if (status != instance_status::stuck && status != instance_status::failed &&
-        status != instance_status::compensated && status != instance_status::cancelled) {
-      return refuse("stuck, failed, compensated or cancelled");
-    }
-    const std::string step = args.at("step").get<std::string>();
-    t.clear_wait();
-    t.unpark();
-    // Children still running belong to where it was: cancelled, not re-created under their ids.
-    cancel_children(t, absl::StrCat("its parent '", t.id(), "' was restarted by an operator"));
-    t.rec()["history_base"] = t.rec().value("history_next", std::int64_t{0});
-    for (const char* field : {"child", "parent_step_of_child", "cancelled", "retry", "fan_out"}) {
-      t.rec().erase(field);
-    }
-    t.rec()["error"] = "";
-    t.rec()["visits"] = json::object();
-    // Steps from `step` on run again and are recorded again for compensation: forget them from
-    // their first occurrence, so a later failure compensates each once.
-    if (json& done = t.rec()["done"]; done.is_array()) {
-      const auto first = std::find(done.begin(), done.end(), json(step));
-      done.erase(first, done.end());
-    }
-    std::string moved;
-    if (const std::string to = args.value("version", ""); !to.empty() && to != t.version()) {
-      moved = absl::StrCat(", from version '", t.version(), "' to '", to, "'");
-      t.rec()["definition"] = {{"name", t.workflow()}, {"version", to}};
-    }
-    t.history(step, absl::StrCat("restarted here by an operator (was ",
-                                 to_absl(status_name(status)), moved, ")"));
-    t.go(step);
-    t.refresh_timer();
-  } else if (action == "cancel") {
-    if (status == instance_status::compensating || t.compensation_retry()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "workflow instance '", t.id(), "' is already compensating (on its failure path)"));
-    }
-    POP_RETURN_IF_ERROR(cancel_instance(t, args.value("reason", "cancelled")));
-    // Its parent waits for it, and moving the parent on needs the parent's definition, which this
-    // action does not have: the parent is parked for an operator to decide.
-    if (t.ended() && t.rec().contains("parent")) {
-      instance_txn parent(o, ctx, out, t.rec()["parent"], t.now());
-      const bool loaded = parent.load();
-      if (loaded && parent.rec().contains("fan_out") &&
-          parent.rec()["fan_out"].value("children", json::object()).contains(t.id())) {
-        // One of its fan-out's children: recorded, and the parent parked for an operator (joining
-        // needs the parent's definition, which this action does not have).
-        parent.rec()["fan_out"]["children"][t.id()] = t.status_text();
-        const std::string what = absl::StrCat(
-            "its child '", t.id(), "' was cancelled by an operator (", t.status_text(), ")");
-        if (parent.status() == instance_status::waiting) {
-          parent.park(what + "; restart it from a step or cancel it", "operator", false);
-        } else if (parent.stuck_waiting()) {
-          parent.cannot_resume(what);
-        }
-        parent.save();
-      } else if (loaded && parent.rec().value("child", "") == t.id()) {
-        const std::string what = absl::StrCat(
-            "its child '", t.id(), "' was cancelled by an operator (", t.status_text(), ")");
-        if (parent.status() == instance_status::waiting) {
-          parent.park(what + "; restart it from a step or cancel it", "operator", false);
-          parent.save();
-        } else if (parent.stuck_waiting(t.id())) {
-          parent.cannot_resume(what);
-          parent.save();
-        }
-      }
-    }
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));
-  }
-  t.save();
+  // Each action returns true if it changed the instance.
+  const absl::StatusOr<bool> changed = std::visit(
+      overloaded{
+          [&](const park_action& a) -> absl::StatusOr<bool> {
+            // Only from the status the caller saw: a concurrent step or operator action wins.
+            if (status_text != a.expect || status == instance_status::stuck || is_final(status)) {
+              return false;
+            }
+            t.park(a.reason, a.kind);
+            return true;
+          },
+          [&](const resume_action& a) -> absl::StatusOr<bool> {
+            if (status != instance_status::stuck) return refuse("stuck");
+            if (!t.rec()["stuck"].value("resumable", true)) {
+              return absl::FailedPreconditionError(
+                  absl::StrCat("workflow instance '", t.id(),
+                               "' cannot be resumed: ", t.rec()["stuck"].value("reason", "")));
+            }
+            if (!a.kind.empty() && t.rec()["stuck"].value("kind", "") != a.kind) {
+              return false;  // define() resumes only what a missing definition parked
+            }
+            const std::string before = t.rec()["stuck"].value("status", "running");
+            t.unpark();
+            t.history(t.cursor(), a.by);
+            t.restore_status(before);
+            t.refresh_timer();
+            return true;
+          },
+          [&](const restart_action& a) -> absl::StatusOr<bool> {
+            if (status != instance_status::stuck && status != instance_status::failed &&
+                status != instance_status::compensated && status != instance_status::cancelled) {
+              return refuse("stuck, failed, compensated or cancelled");
+            }
+            t.clear_wait();
+            t.unpark();
+            // Children still running belong to where it was: cancelled, not re-created under
+            // their ids.
+            cancel_children(t,
+                            absl::StrCat("its parent '", t.id(), "' was restarted by an operator"));
+            t.rec()["history_base"] = t.rec().value("history_next", std::int64_t{0});
+            for (const char* field :
+                 {"child", "parent_step_of_child", "cancelled", "retry", "fan_out"}) {
+              t.rec().erase(field);
+            }
+            t.rec()["error"] = "";
+            t.rec()["visits"] = json::object();
+            // Steps from `step` on run again and are recorded again for compensation: forget
+            // them from their first occurrence, so a later failure compensates each once.
+            if (json& done = t.rec()["done"]; done.is_array()) {
+              const auto first = std::find(done.begin(), done.end(), json(a.step));
+              done.erase(first, done.end());
+            }
+            std::string moved;
+            if (!a.version.empty() && a.version != t.version()) {
+              moved = absl::StrCat(", from version '", t.version(), "' to '", a.version, "'");
+              t.rec()["definition"] = {{"name", t.workflow()}, {"version", a.version}};
+            }
+            t.history(a.step, absl::StrCat("restarted here by an operator (was ",
+                                           to_absl(status_name(status)), moved, ")"));
+            t.go(a.step);
+            t.refresh_timer();
+            return true;
+          },
+          [&](const cancel_action& a) -> absl::StatusOr<bool> {
+            if (status == instance_status::compensating || t.compensation_retry()) {
+              return absl::FailedPreconditionError(
+                  absl::StrCat("workflow instance '", t.id(),
+                               "' is already compensating (on its failure path)"));
+            }
+            POP_RETURN_IF_ERROR(cancel_instance(t, a.reason));
+            // Its parent waits for it, and moving the parent on needs the parent's definition,
+            // which this action does not have: the parent is parked for an operator to decide.
+            if (t.ended() && t.rec().contains("parent")) park_parent_of_cancelled(o, ctx, out, t);
+            return true;
+          },
+      },
+      call.action);
+  if (!changed.ok()) return changed.status();
+  if (*changed) t.save();
   return out;
 }
 

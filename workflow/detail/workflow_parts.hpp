@@ -17,6 +17,7 @@
 #include "pop/contracts/status.hpp"
 #include "pop/engine/context.hpp"
 #include "pop/engine/result.hpp"
+#include "pop/workflow/detail/model.hpp"
 #include "pop/workflow/workflow.hpp"
 
 namespace pop::detail {
@@ -38,7 +39,7 @@ std::string static_prefix(const std::string& p);
 std::vector<std::string> outermost(const std::vector<std::string>& paths);
 // `text` with "{name}" replaced by the string value of input `name`.
 absl::StatusOr<std::string> substitute(const std::string& text, const json& inputs);
-bool compare(const json& actual, const std::string& op, const json& expected);
+bool compare(const json& actual, condition_op op, const json& expected);
 // FNV-1a of `text`: definition version hashes (recorded in instances, so it must not change) and
 // the retry jitter.
 inline std::uint64_t fnv1a(std::string_view text) {
@@ -411,21 +412,6 @@ using detail::substitute;
 struct workflows::registered_process {
   process_contract contract;
   process_fn fn;
-};
-
-struct workflows::registered_predicate {
-  std::vector<std::string> inputs;
-  predicate_fn fn;
-};
-
-struct workflows::defined {
-  workflow_definition def;
-  std::string version;  // a hash of the definition's JSON, recorded in every instance
-  std::map<std::string, const workflow_step*, std::less<>> steps;
-  const workflow_step* step(std::string_view name) const {
-    const auto it = steps.find(name);
-    return it == steps.end() ? nullptr : it->second;
-  }
 };
 
 }  // namespace pop

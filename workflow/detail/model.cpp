@@ -1,0 +1,244 @@
+#include "pop/workflow/detail/model.hpp"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "pop/contracts/status.hpp"
+
+namespace pop::detail {
+
+namespace {
+
+template <class... F>
+struct overloaded : F... {
+  using F::operator()...;
+};
+template <class... F>
+overloaded(F...) -> overloaded<F...>;
+
+exhausted_action parse_exhausted(const std::string& s) {
+  return s == "pause"        ? exhausted_action::pause
+         : s == "compensate" ? exhausted_action::compensate
+                             : exhausted_action::fail;
+}
+
+condition_op parse_op(const workflow_condition& c) {
+  if (!c.predicate.empty()) return condition_op::predicate;
+  if (c.op == "ne") return condition_op::ne;
+  if (c.op == "lt") return condition_op::lt;
+  if (c.op == "gt") return condition_op::gt;
+  if (c.op == "exists") return condition_op::exists;
+  return condition_op::eq;
+}
+
+// Field `name` of `args` as a T, or kInvalidArgument naming it; `fallback` when absent, if given.
+template <class T>
+absl::StatusOr<T> field(const json& args, std::string_view name,
+                        std::optional<T> fallback = std::nullopt) {
+  const auto it = args.find(name);
+  if (it == args.end()) {
+    if (fallback) return *std::move(fallback);
+    return absl::InvalidArgumentError(
+        absl::StrCat("workflow process arguments lack '", to_absl(name), "'"));
+  }
+  try {
+    return it->get<T>();
+  } catch (const json::exception&) {
+    return absl::InvalidArgumentError(absl::StrCat("workflow process argument '", to_absl(name),
+                                                   "' is ", it->dump(), ", of the wrong type"));
+  }
+}
+
+}  // namespace
+
+step_kind kind_of(const workflow_step& s) {
+  if (!s.process.empty()) {
+    return process_kind{s.process, s.compensate, parse_exhausted(s.retry.on_exhausted)};
+  }
+  if (!s.branch.empty()) {
+    branch_kind b;
+    b.otherwise = s.next;
+    for (const workflow_condition& c : s.branch) {
+      b.conditions.push_back({parse_op(c), c.path, c.value, c.predicate, c.next});
+    }
+    return b;
+  }
+  if (!s.wait.empty()) return wait_kind{s.wait, s.key, s.timeout_ms, s.on_timeout};
+  if (!s.call.empty()) return call_kind{s.call, s.call_inputs};
+  if (!s.fail.empty()) return fail_kind{s.fail};
+  if (s.sleep_ms > 0) return sleep_kind{s.sleep_ms};
+  if (s.continue_as_new) return continue_as_new_kind{};
+  const join_mode join = s.join == "any" ? join_mode::any : join_mode::all;
+  if (!s.parallel.empty()) return fan_out_kind{s.parallel, std::nullopt, join};
+  if (!s.map.call.empty()) return fan_out_kind{{}, s.map, join};
+  return end_kind{};
+}
+
+std::string_view kind_name(const step_kind& k) {
+  return std::visit(
+      overloaded{
+          [](const process_kind&) { return std::string_view("process"); },
+          [](const branch_kind&) { return std::string_view("branch"); },
+          [](const wait_kind&) { return std::string_view("wait"); },
+          [](const call_kind&) { return std::string_view("call"); },
+          [](const sleep_kind&) { return std::string_view("sleep"); },
+          [](const fail_kind&) { return std::string_view("fail"); },
+          [](const end_kind&) { return std::string_view("end"); },
+          [](const continue_as_new_kind&) { return std::string_view("continue_as_new"); },
+          [](const fan_out_kind& f) { return std::string_view(f.map ? "map" : "parallel"); },
+      },
+      k);
+}
+
+std::shared_ptr<const defined_workflow> compile(workflow_definition def, std::string version) {
+  auto d = std::make_shared<defined_workflow>();
+  d->def = std::move(def);
+  d->version = std::move(version);
+  for (const workflow_step& s : d->def.steps) {
+    d->steps.emplace(s.name, defined_workflow::compiled{&s, kind_of(s)});
+  }
+  return d;
+}
+
+json to_args(const control_call& c) {
+  json args = {{"id", c.id}, {"now", c.now}};
+  std::visit(overloaded{
+                 [&](const run_step_event&) { args["action"] = "step"; },
+                 [&](const step_failed_event& e) {
+                   args["action"] = "step_failed";
+                   args["step"] = e.step;
+                   args["error"] = e.error;
+                   args["code"] = static_cast<int>(e.code);
+                   if (e.compensation) args["mode"] = "compensate";
+                 },
+                 [&](const timer_event&) { args["action"] = "timeout"; },
+                 [&](const cancel_event& e) {
+                   args["action"] = "cancel";
+                   args["reason"] = e.reason;
+                 },
+             },
+             c.event);
+  return args;
+}
+
+absl::StatusOr<control_call> control_call_from(const json& args) {
+  if (!args.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workflow control arguments are ", args.dump(), ", not an object"));
+  }
+  control_call c;
+  POP_ASSIGN_OR_RETURN(c.id, field<std::string>(args, "id"));
+  POP_ASSIGN_OR_RETURN(c.now, field<std::int64_t>(args, "now"));
+  POP_ASSIGN_OR_RETURN(const std::string action, field<std::string>(args, "action"));
+  if (action == "step") {
+    c.event = run_step_event{};
+  } else if (action == "step_failed") {
+    step_failed_event e;
+    POP_ASSIGN_OR_RETURN(e.step, field<std::string>(args, "step"));
+    POP_ASSIGN_OR_RETURN(e.error, field<std::string>(args, "error"));
+    POP_ASSIGN_OR_RETURN(const int code,
+                         field<int>(args, "code", static_cast<int>(absl::StatusCode::kUnknown)));
+    e.code = static_cast<absl::StatusCode>(code);
+    POP_ASSIGN_OR_RETURN(const std::string mode, field<std::string>(args, "mode", ""));
+    e.compensation = mode == "compensate";
+    c.event = std::move(e);
+  } else if (action == "timeout") {
+    c.event = timer_event{};
+  } else if (action == "cancel") {
+    cancel_event e;
+    POP_ASSIGN_OR_RETURN(e.reason, field<std::string>(args, "reason", e.reason));
+    c.event = std::move(e);
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));
+  }
+  return c;
+}
+
+json to_args(const step_call& c) {
+  json args = {{"id", c.id}, {"now", c.now}, {"step", c.step}};
+  if (c.compensation) args["mode"] = "compensate";
+  return args;
+}
+
+absl::StatusOr<step_call> step_call_from(const json& args) {
+  if (!args.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workflow step arguments are ", args.dump(), ", not an object"));
+  }
+  step_call c;
+  POP_ASSIGN_OR_RETURN(c.id, field<std::string>(args, "id"));
+  POP_ASSIGN_OR_RETURN(c.now, field<std::int64_t>(args, "now"));
+  POP_ASSIGN_OR_RETURN(c.step, field<std::string>(args, "step"));
+  POP_ASSIGN_OR_RETURN(const std::string mode, field<std::string>(args, "mode", ""));
+  c.compensation = mode == "compensate";
+  return c;
+}
+
+std::string_view action_name(const operator_action& a) {
+  return std::visit(overloaded{
+                        [](const park_action&) { return std::string_view("park"); },
+                        [](const resume_action&) { return std::string_view("resume"); },
+                        [](const restart_action&) { return std::string_view("restart"); },
+                        [](const cancel_action&) { return std::string_view("cancel"); },
+                    },
+                    a);
+}
+
+json to_args(const operator_call& c) {
+  json args = {{"id", c.id}, {"now", c.now}, {"action", action_name(c.action)}};
+  std::visit(overloaded{
+                 [&](const park_action& a) {
+                   args["expect"] = a.expect;
+                   args["reason"] = a.reason;
+                   args["kind"] = a.kind;
+                 },
+                 [&](const resume_action& a) {
+                   if (!a.kind.empty()) args["kind"] = a.kind;
+                   args["by"] = a.by;
+                 },
+                 [&](const restart_action& a) {
+                   args["step"] = a.step;
+                   args["version"] = a.version;
+                 },
+                 [&](const cancel_action& a) { args["reason"] = a.reason; },
+             },
+             c.action);
+  return args;
+}
+
+absl::StatusOr<operator_call> operator_call_from(const json& args) {
+  if (!args.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workflow operator arguments are ", args.dump(), ", not an object"));
+  }
+  operator_call c;
+  POP_ASSIGN_OR_RETURN(c.id, field<std::string>(args, "id"));
+  POP_ASSIGN_OR_RETURN(c.now, field<std::int64_t>(args, "now"));
+  POP_ASSIGN_OR_RETURN(const std::string action, field<std::string>(args, "action"));
+  if (action == "park") {
+    park_action a;
+    POP_ASSIGN_OR_RETURN(a.expect, field<std::string>(args, "expect"));
+    POP_ASSIGN_OR_RETURN(a.reason, field<std::string>(args, "reason"));
+    POP_ASSIGN_OR_RETURN(a.kind, field<std::string>(args, "kind", a.kind));
+    c.action = std::move(a);
+  } else if (action == "resume") {
+    resume_action a;
+    POP_ASSIGN_OR_RETURN(a.kind, field<std::string>(args, "kind", ""));
+    POP_ASSIGN_OR_RETURN(a.by, field<std::string>(args, "by", a.by));
+    c.action = std::move(a);
+  } else if (action == "restart") {
+    restart_action a;
+    POP_ASSIGN_OR_RETURN(a.step, field<std::string>(args, "step"));
+    POP_ASSIGN_OR_RETURN(a.version, field<std::string>(args, "version", ""));
+    c.action = std::move(a);
+  } else if (action == "cancel") {
+    cancel_action a;
+    POP_ASSIGN_OR_RETURN(a.reason, field<std::string>(args, "reason", a.reason));
+    c.action = std::move(a);
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("unknown workflow action '", action, "'"));
+  }
+  return c;
+}
+
+}  // namespace pop::detail
