@@ -473,16 +473,16 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   json args;
   std::string step_name;
   if (status == instance_status::running) {
-    const workflow_step* step = d->step(w.cursor);
-    if (!step) {
+    const detail::defined_workflow::compiled* at = d->find(w.cursor);
+    if (!at) {
       return park(w,
                   absl::StrCat("its step '", w.cursor, "' is not in workflow '", w.workflow,
                                "' as defined in this program (definition version ", d->version,
                                "; the instance started with ", w.definition_version, ")"),
                   "missing_step");
     }
-    step_name = step->name;
-    if (const auto* p = std::get_if<detail::process_kind>(d->kind(step_name))) {
+    step_name = w.cursor;
+    if (const auto* p = std::get_if<detail::process_kind>(&at->kind)) {
       process = step_process(p->process);
       args = detail::to_args(detail::step_call{w.id, now, step_name, false});
     } else {

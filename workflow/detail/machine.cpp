@@ -114,8 +114,9 @@ void machine::settle(instance_txn& t) const {
     if (parent.status() != instance_status::waiting) return;
     const resolution r = resolve(parent.workflow(), parent.version());
     const std::string at_step = fan->value("step", "");
-    const workflow_step* step = r.def ? r.def->step(at_step) : nullptr;
-    const fan_out_kind* kind = step ? std::get_if<fan_out_kind>(r.def->kind(at_step)) : nullptr;
+    const defined_workflow::compiled* at = r.def ? r.def->find(at_step) : nullptr;
+    const workflow_step* step = at ? at->step : nullptr;
+    const fan_out_kind* kind = at ? std::get_if<fan_out_kind>(&at->kind) : nullptr;
     if (!kind) {
       parent.park(absl::StrCat(r.def ? "its fan-out step is not in its workflow" : r.reason,
                                " when its child '", t.id(), "' ended (", t.status_text(),
@@ -586,8 +587,9 @@ absl::StatusOr<result> machine::step(const process_fn& fn, const context& ctx,
   if (!t.load()) return out;
   const std::shared_ptr<const defined_workflow> d = find(t.workflow(), t.version());
   if (!d) return out;
-  const workflow_step* step = d->step(c.step);
-  const process_kind* kind = step ? std::get_if<process_kind>(d->kind(c.step)) : nullptr;
+  const defined_workflow::compiled* at = d->find(c.step);
+  const workflow_step* step = at ? at->step : nullptr;
+  const process_kind* kind = at ? std::get_if<process_kind>(&at->kind) : nullptr;
   if (!kind) return out;
   if (c.compensation) {
     json& done = t.rec()["done"];
@@ -630,9 +632,9 @@ absl::StatusOr<result> machine::step(const process_fn& fn, const context& ctx,
   // A wait right after a step that emits its request is entered in the same commit: the reply
   // cannot arrive (through the relay, which publishes only committed messages) before the
   // instance waits for it.
-  if (const step_kind* next = d->kind(step->next);
-      next != nullptr && std::holds_alternative<wait_kind>(*next)) {
-    run_control_step(t, *d, *d->step(step->next), *next);
+  if (const defined_workflow::compiled* next = d->find(step->next);
+      next != nullptr && std::holds_alternative<wait_kind>(next->kind)) {
+    run_control_step(t, *d, *next->step, next->kind);
   }
   settle(t);  // (that wait may have ended it: a parent moves on in this commit)
   t.save_last();
@@ -646,8 +648,9 @@ absl::StatusOr<result> machine::control(const defined_workflow& d, const context
   if (!t.load()) return absl::NotFoundError(absl::StrCat("no workflow instance '", t.id(), "'"));
   const instance_status status = t.status();
   const std::string cursor = t.cursor();
-  const workflow_step* step = d.step(cursor);
-  const step_kind* kind = d.kind(cursor);
+  const defined_workflow::compiled* at = d.find(cursor);
+  const workflow_step* step = at ? at->step : nullptr;
+  const step_kind* kind = at ? &at->kind : nullptr;
   // Each event returns true if it changed the instance.
   absl::StatusOr<bool> changed = std::visit(
       overloaded{
@@ -662,10 +665,10 @@ absl::StatusOr<result> machine::control(const defined_workflow& d, const context
           [&](const step_failed_event& e) -> absl::StatusOr<bool> {
             if (e.compensation) {
               if (status != instance_status::compensating) return false;
-              const workflow_step* f = d.step(e.step);
-              const process_kind* fk = f ? std::get_if<process_kind>(d.kind(e.step)) : nullptr;
+              const defined_workflow::compiled* f = d.find(e.step);
+              const process_kind* fk = f ? std::get_if<process_kind>(&f->kind) : nullptr;
               if (fk) {
-                fail_compensation(t, *f, *fk, e.code, e.error);
+                fail_compensation(t, *f->step, *fk, e.code, e.error);
               } else {
                 t.rec()["error"] =
                     absl::StrCat(t.rec().value("error", ""), "; the compensation of step '", e.step,
@@ -790,8 +793,9 @@ absl::StatusOr<result> machine::receive(const context& ctx, const outbox_message
     if (!t.load() || (t.status() != instance_status::waiting && !t.stuck_waiting())) continue;
     const resolution r = resolve(t.workflow(), t.version());
     const std::shared_ptr<const defined_workflow>& d = r.def;
-    const workflow_step* step = d ? d->step(t.cursor()) : nullptr;
-    const wait_kind* wait = step ? std::get_if<wait_kind>(d->kind(t.cursor())) : nullptr;
+    const defined_workflow::compiled* at = d ? d->find(t.cursor()) : nullptr;
+    const workflow_step* step = at ? at->step : nullptr;
+    const wait_kind* wait = at ? std::get_if<wait_kind>(&at->kind) : nullptr;
     if (step && (wait == nullptr || !wait->topics.contains(m.topic))) continue;
     if (!step || t.status() == instance_status::stuck) {
       // It cannot take the message now (its definition or step is missing here, or it is

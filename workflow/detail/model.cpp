@@ -1,5 +1,6 @@
 #include "pop/workflow/detail/model.hpp"
 
+#include <type_traits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -31,7 +32,8 @@ condition_op parse_op(const workflow_condition& c) {
   return condition_op::eq;
 }
 
-// Field `name` of `args` as a T, or kInvalidArgument naming it; `fallback` when absent, if given.
+// Field `name` of `args` as a T (std::string, std::int64_t or int), or kInvalidArgument naming
+// it; `fallback` when absent, if given.
 template <class T>
 absl::StatusOr<T> field(const json& args, std::string_view name,
                         std::optional<T> fallback = std::nullopt) {
@@ -41,12 +43,22 @@ absl::StatusOr<T> field(const json& args, std::string_view name,
     return absl::InvalidArgumentError(
         absl::StrCat("workflow process arguments lack '", to_absl(name), "'"));
   }
-  try {
-    return it->get<T>();
-  } catch (const json::exception&) {
-    return absl::InvalidArgumentError(absl::StrCat("workflow process argument '", to_absl(name),
-                                                   "' is ", it->dump(), ", of the wrong type"));
+  if constexpr (std::is_same_v<T, std::string>) {
+    if (it->is_string()) return it->template get_ref<const std::string&>();
+  } else {
+    if (it->is_number_integer()) return it->template get<T>();
   }
+  return absl::InvalidArgumentError(absl::StrCat("workflow process argument '", to_absl(name),
+                                                 "' is ", it->dump(), ", of the wrong type"));
+}
+
+// An object with "id" and "now", the start of every call's arguments (built member by member:
+// an initializer list copies each value once more).
+json call_args(const std::string& id, std::int64_t now) {
+  json args(json::value_t::object);
+  args["id"] = id;
+  args["now"] = now;
+  return args;
 }
 
 }  // namespace
@@ -101,7 +113,7 @@ std::shared_ptr<const defined_workflow> compile(workflow_definition def, std::st
 }
 
 json to_args(const control_call& c) {
-  json args = {{"id", c.id}, {"now", c.now}};
+  json args = call_args(c.id, c.now);
   std::visit(overloaded{
                  [&](const run_step_event&) { args["action"] = "step"; },
                  [&](const step_failed_event& e) {
@@ -155,7 +167,8 @@ absl::StatusOr<control_call> control_call_from(const json& args) {
 }
 
 json to_args(const step_call& c) {
-  json args = {{"id", c.id}, {"now", c.now}, {"step", c.step}};
+  json args = call_args(c.id, c.now);
+  args["step"] = c.step;
   if (c.compensation) args["mode"] = "compensate";
   return args;
 }
@@ -185,7 +198,8 @@ std::string_view action_name(const operator_action& a) {
 }
 
 json to_args(const operator_call& c) {
-  json args = {{"id", c.id}, {"now", c.now}, {"action", action_name(c.action)}};
+  json args = call_args(c.id, c.now);
+  args["action"] = action_name(c.action);
   std::visit(overloaded{
                  [&](const park_action& a) {
                    args["expect"] = a.expect;

@@ -86,6 +86,11 @@ struct defined_workflow {
   std::string version;  // recorded in every instance started on it
   std::map<std::string, compiled, std::less<>> steps;
 
+  // Step `name` compiled, or null.
+  const compiled* find(std::string_view name) const {
+    const auto it = steps.find(name);
+    return it == steps.end() ? nullptr : &it->second;
+  }
   const workflow_step* step(std::string_view name) const {
     const auto it = steps.find(name);
     return it == steps.end() ? nullptr : it->second.step;
