@@ -69,53 +69,41 @@ workflow_instance workflow_instance::from_record(std::string_view id, json rec,
     w.raw = std::move(rec);
     return w;
   }
-  w.workflow = rec.value("workflow", "");
-  if (const auto d = rec.find("definition"); d != rec.end() && d->is_object()) {
-    w.definition_version = d->value("version", "");
-  }
-  w.status = rec.value("status", "");
-  w.cursor = rec.value("cursor", "");
-  w.inputs = rec.value("inputs", json::object());
-  w.received = rec.value("received", json::object());
+  // The one decoder of the record (detail::instance_record), then the public view of it.
+  const detail::instance_record r = detail::instance_record::from_json(rec);
+  w.workflow = r.workflow;
+  w.definition_version = r.version;
+  w.status = std::string(r.status_name());
+  w.cursor = r.cursor;
+  w.inputs = r.inputs;
+  w.received = r.received;
   // Entries of a record from before they had their own keys, then the keyed ones in order.
-  w.history = rec.value("history", json::array());
-  if (!w.history.is_array()) w.history = json::array();
+  w.history = r.legacy_history.is_array() ? r.legacy_history : json::array();
   if (history.is_object()) {
     for (const auto& [seq, entry] : history.items()) w.history.push_back(entry);
   }
-  w.error = rec.value("error", "");
-  if (const auto st = rec.find("stuck"); st != rec.end() && st->is_object()) {
-    w.stuck_reason = st->value("reason", "");
-  }
-  const auto text = [&](const char* field) {
-    const auto it = rec.find(field);
-    return it != rec.end() && it->is_string() ? it->get<std::string>() : std::string();
-  };
-  const auto number = [&](const json& j, const char* field) {
-    const auto it = j.find(field);
-    return it != j.end() && it->is_number_integer() ? it->get<std::int64_t>() : std::int64_t{0};
-  };
-  w.parent = text("parent");
-  w.child = text("child");
-  w.wait_key = text("wait_key");
-  w.wait_deadline_us = number(rec, "wait_deadline_us");
-  w.deadline_us = number(rec, "deadline_us");
-  w.sleep_until_us = number(rec, "sleep_until_us");
-  w.started_at_us = number(rec, "started_at_us");
-  w.ended_at_us = number(rec, "ended_at_us");
-  w.run = number(rec, "run");
-  w.retry_at_us = number(rec, "retry_at_us");
-  if (const auto r = rec.find("retry"); r != rec.end() && r->is_object()) {
-    w.attempt = static_cast<int>(number(*r, "attempt"));
-  }
+  w.error = r.error;
+  if (r.stuck) w.stuck_reason = r.stuck->reason;
+  w.parent = r.parent.value_or("");
+  w.child = r.child.value_or("");
+  w.wait_key = r.wait_key.value_or("");
+  w.wait_deadline_us = r.wait_deadline_us.value_or(0);
+  w.deadline_us = r.deadline_us.value_or(0);
+  w.sleep_until_us = r.sleep_until_us.value_or(0);
+  w.started_at_us = r.started_at_us;
+  w.ended_at_us = r.ended_at_us.value_or(0);
+  w.run = r.run.value_or(0);
+  w.retry_at_us = r.retry_at_us.value_or(0);
+  if (r.retry) w.attempt = static_cast<int>(r.retry->attempt);
   w.updated_at_us = w.started_at_us;
-  if (w.history.is_array()) {
-    for (const json& h : w.history) {
-      if (!h.is_object()) continue;
-      workflow_instance::event e{h.value("step", ""), h.value("outcome", ""), number(h, "at_us")};
-      w.updated_at_us = std::max(w.updated_at_us, e.at_us);
-      w.events.push_back(std::move(e));
-    }
+  for (const json& h : w.history) {
+    if (!h.is_object()) continue;
+    const auto at = h.find("at_us");
+    workflow_instance::event e{
+        h.value("step", ""), h.value("outcome", ""),
+        at != h.end() && at->is_number_integer() ? at->get<std::int64_t>() : std::int64_t{0}};
+    w.updated_at_us = std::max(w.updated_at_us, e.at_us);
+    w.events.push_back(std::move(e));
   }
   w.raw = std::move(rec);
   return w;

@@ -189,15 +189,14 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
                                  args.at("now").get<std::int64_t>());
           if (t.load()) {
             // Starting the same instance again (a retried request) is not an error.
-            const bool same = t.rec().value("workflow", "") == args.at("workflow") &&
-                              t.rec().value("inputs", json::object()) == args.at("inputs");
+            const bool same =
+                t.rec().workflow == args.at("workflow") && t.rec().inputs == args.at("inputs");
             if (same && args.value("idempotent", true)) return out;
             return absl::AlreadyExistsError(absl::StrCat(
                 "workflow instance '", t.id(), "' already exists",
                 same ? ""
-                     : absl::StrCat(" (workflow '", t.rec().value("workflow", ""),
-                                    "' with other inputs: ",
-                                    t.rec().value("inputs", json::object()).dump(), ")")));
+                     : absl::StrCat(" (workflow '", t.rec().workflow,
+                                    "' with other inputs: ", t.rec().inputs.dump(), ")")));
           }
           const std::int64_t deadline = args.value("deadline_us", std::int64_t{0});
           t.create(args.at("workflow").get<std::string>(), args.at("version").get<std::string>(),

@@ -94,16 +94,14 @@ resolution machine::resolve(std::string_view workflow, std::string_view version)
 // ---- transitions -----------------------------------------------------------------------------
 
 void machine::settle(instance_txn& t) const {
-  if (!t.ended() || !t.rec().contains("parent")) return;
-  const std::string parent_id = t.rec()["parent"];
-  instance_txn parent(t.opts(), t.ctx(), t.out(), parent_id, t.now());
+  if (!t.ended() || !t.rec().parent) return;
+  instance_txn parent(t.opts(), t.ctx(), t.out(), *t.rec().parent, t.now());
   if (!parent.load()) return;
-  if (const auto fan = parent.rec().find("fan_out");
-      fan != parent.rec().end() && fan->is_object() &&
-      fan->value("children", json::object()).contains(t.id())) {
+  if (std::optional<instance_record::fan_out_info>& fan = parent.rec().fan_out;
+      fan && fan->children.contains(t.id())) {
     if (parent.status() == instance_status::stuck) {
       // Parked while its children ran: an operator restarts it (resuming could not join).
-      (*fan)["children"][t.id()] = t.status_text();
+      fan->children[t.id()] = t.status();
       if (parent.stuck_waiting()) {
         parent.cannot_resume(
             absl::StrCat("its child '", t.id(), "' ended (", t.status_text(), ")"));
@@ -113,7 +111,7 @@ void machine::settle(instance_txn& t) const {
     }
     if (parent.status() != instance_status::waiting) return;
     const resolution r = resolve(parent.workflow(), parent.version());
-    const std::string at_step = fan->value("step", "");
+    const std::string at_step = fan->step;
     const defined_workflow::compiled* at = r.def ? r.def->find(at_step) : nullptr;
     const workflow_step* step = at ? at->step : nullptr;
     const fan_out_kind* kind = at ? std::get_if<fan_out_kind>(&at->kind) : nullptr;
@@ -130,7 +128,7 @@ void machine::settle(instance_txn& t) const {
     parent.save();
     return;
   }
-  if (parent.rec().value("child", "") != t.id()) return;
+  if (parent.rec().child != t.id()) return;
   if (parent.stuck_waiting(t.id())) {
     // Parked while this child ran: resuming it would wait for an outcome that has come.
     parent.cannot_resume(absl::StrCat("its child '", t.id(), "' ended (", t.status_text(), ")"));
@@ -139,7 +137,7 @@ void machine::settle(instance_txn& t) const {
   }
   if (parent.status() != instance_status::waiting) return;
   const resolution r = resolve(parent.workflow(), parent.version());
-  const std::string at_step = parent.rec().value("parent_step_of_child", "");
+  const std::string at_step = parent.rec().parent_step_of_child.value_or("");
   const workflow_step* step = r.def ? r.def->step(at_step) : nullptr;
   const instance_status status = t.status();
   if (!step) {
@@ -152,8 +150,8 @@ void machine::settle(instance_txn& t) const {
     parent.save();
     return;
   }
-  parent.rec().erase("child");
-  parent.rec().erase("parent_step_of_child");
+  parent.rec().child.reset();
+  parent.rec().parent_step_of_child.reset();
   if (status == instance_status::completed) {
     parent.history(step->name, absl::StrCat("child ", t.id(), " completed"));
     parent.go(step->next);
@@ -162,8 +160,7 @@ void machine::settle(instance_txn& t) const {
     if (!step->on_error.empty()) {
       parent.go(step->on_error);
     } else {
-      parent.fail_path(
-          absl::StrCat("child '", t.id(), "' ", t.status_text(), ": ", t.rec().value("error", "")));
+      parent.fail_path(absl::StrCat("child '", t.id(), "' ", t.status_text(), ": ", t.rec().error));
     }
   }
   settle(parent);
@@ -205,26 +202,26 @@ void machine::start_fan_out(instance_txn& t, const workflow_step& step, const fa
     batch.push_back(*std::move(in));
   }
   const std::int64_t visit = t.call_number(step.name);
-  t.rec()["fan_out"] = {{"kind", map ? "map" : "parallel"},
-                        {"step", step.name},
-                        {"base", absl::StrCat(t.id(), "-", step.name, "-", visit)},
-                        {"children", json::object()},
-                        {"next", 0},
-                        {"total", total}};
+  t.rec().fan_out = instance_record::fan_out_info{map ? "map" : "parallel",
+                                                  step.name,
+                                                  absl::StrCat(t.id(), "-", step.name, "-", visit),
+                                                  {},
+                                                  0,
+                                                  static_cast<std::int64_t>(total)};
   if (total == 0) {
-    t.rec().erase("fan_out");
-    t.rec()["received"][step.name] = json::object();
+    t.rec().fan_out.reset();
+    t.rec().received[step.name] = json::object();
     t.history(step.name, "no children to run");
     t.go(step.next);
     return;
   }
   // Checked before any child is written, so a refused fan-out leaves none behind.
-  const std::string base = t.rec()["fan_out"].value("base", "");
+  const std::string base = t.rec().fan_out->base;
   for (std::size_t i = 0; i < first; ++i) {
     const std::string id = absl::StrCat(base, "-", i);
     const std::string& call = map ? map->call : fan.branches[i].call;
     if (t.exists(id) || !find(call)) {
-      t.rec().erase("fan_out");
+      t.rec().fan_out.reset();
       t.history(step.name, "cannot start its children");
       t.fail_path(absl::StrCat(
           "step '", step.name, "': ",
@@ -242,8 +239,8 @@ void machine::start_fan_out(instance_txn& t, const workflow_step& step, const fa
 
 bool machine::start_fan_child(instance_txn& t, const workflow_step& step, const fan_out_kind& kind,
                               json child_inputs) const {
-  json& fan = t.rec()["fan_out"];
-  const std::size_t i = fan.value("next", std::size_t{0});
+  instance_record::fan_out_info& fan = *t.rec().fan_out;
+  const std::size_t i = static_cast<std::size_t>(fan.next);
   const std::string& call = kind.map ? kind.map->call : kind.branches.at(i).call;
   const std::shared_ptr<const defined_workflow> d = find(call);
   if (!d) {
@@ -251,7 +248,7 @@ bool machine::start_fan_child(instance_txn& t, const workflow_step& step, const 
     t.fail_path(absl::StrCat("step '", step.name, "' calls unknown workflow '", call, "'"));
     return false;
   }
-  const std::string id = absl::StrCat(fan.value("base", ""), "-", i);
+  const std::string id = absl::StrCat(fan.base, "-", i);
   if (t.exists(id)) {
     t.history(step.name, "child id taken");
     cancel_children(t, absl::StrCat("its parent '", t.id(), "' failed to start a child"));
@@ -261,29 +258,33 @@ bool machine::start_fan_child(instance_txn& t, const workflow_step& step, const 
   }
   t.out().set(t.instance_path(id),
               new_record(call, d->version, d->def.start, std::move(child_inputs), t.now(), 0,
-                         t.id(), step.name));
+                         t.id(), step.name)
+                  .to_json());
   t.out().set(t.index_path("runnable", id), true);
-  fan["children"][id] = instance_status::running;
-  fan["next"] = i + 1;
+  fan.children[id] = instance_status::running;
+  fan.next = static_cast<std::int64_t>(i) + 1;
   return true;
 }
 
 void machine::settle_fan_out(instance_txn& parent, instance_txn& child, const workflow_step& step,
                              const fan_out_kind& kind) const {
-  json& fan = parent.rec()["fan_out"];
-  json& children = fan["children"];
+  instance_record::fan_out_info& fan = *parent.rec().fan_out;
+  std::map<std::string, instance_status>& children = fan.children;
   const instance_status status = child.status();
   children[child.id()] = status;
   const bool any = kind.join == join_mode::any;
   const auto join = [&](bool ok, const std::string& why) {
     // The children still running are not needed any more.
-    for (auto& [id, st] : children.items()) {
-      if (st.get<instance_status>() != instance_status::running) continue;
-      cancel_child(parent, id, absl::StrCat("its parent '", parent.id(), "' joined: ", why));
-      st = instance_status::cancelled;
+    json outcomes(json::value_t::object);
+    for (auto& [id, st] : children) {
+      if (st == instance_status::running) {
+        cancel_child(parent, id, absl::StrCat("its parent '", parent.id(), "' joined: ", why));
+        st = instance_status::cancelled;
+      }
+      outcomes[id] = st;
     }
-    parent.rec()["received"][step.name] = children;
-    parent.rec().erase("fan_out");
+    parent.rec().received[step.name] = std::move(outcomes);
+    parent.rec().fan_out.reset();
     parent.history(step.name, why);
     if (ok) {
       parent.go(step.next);
@@ -298,29 +299,29 @@ void machine::settle_fan_out(instance_txn& parent, instance_txn& child, const wo
     return;
   }
   if (!any && status != instance_status::completed) {
-    join(false, absl::StrCat("child '", child.id(), "' ", child.status_text(), ": ",
-                             child.rec().value("error", "")));
+    join(false,
+         absl::StrCat("child '", child.id(), "' ", child.status_text(), ": ", child.rec().error));
     return;
   }
   parent.history(step.name, absl::StrCat("child ", child.id(), " ", child.status_text()));
-  const std::size_t total = fan.value("total", std::size_t{0});
-  if (kind.map && fan.value("next", std::size_t{0}) < total) {
+  const std::int64_t total = fan.total;
+  if (kind.map && fan.next < total) {
     // A map keeps max_concurrency children running: the next element takes this one's place.
     const workflow_map& map = *kind.map;
-    const json inputs = parent.rec().value("inputs", json::object());
+    const json& inputs = parent.rec().inputs;
     absl::StatusOr<json> in =
         map.inputs.is_null() ? json::object() : child_inputs(map.inputs, inputs);
     if (!in.ok()) {
       join(false, std::string(in.status().message()));
       return;
     }
-    (*in)[map.as] = inputs.at(map.over).at(fan.value("next", std::size_t{0}));
+    (*in)[map.as] = inputs.at(map.over).at(static_cast<std::size_t>(fan.next));
     if (!start_fan_child(parent, step, kind, *std::move(in))) return;
   }
-  for (const auto& [id, st] : children.items()) {
-    if (st.get<instance_status>() == instance_status::running) return;
+  for (const auto& [id, st] : children) {
+    if (st == instance_status::running) return;
   }
-  if (fan.value("next", std::size_t{0}) < total) return;
+  if (fan.next < total) return;
   if (any) {
     join(false, "no child completed");
   } else {
@@ -345,10 +346,9 @@ std::int64_t retry_delay_us(const workflow_retry& p, const std::string& seed, in
 }
 
 // The record of a retry of `step` (its compensation if `compensation`) as attempt `attempt`.
-json retry_state(const std::string& step, int attempt, bool compensation) {
-  json retry = {{"step", step}, {"attempt", attempt}};
-  if (compensation) retry["compensation"] = true;
-  return retry;
+instance_record::retry_info retry_state(const std::string& step, std::int64_t attempt,
+                                        bool compensation) {
+  return {step, attempt, compensation};
 }
 
 // After `what` of `step` failed with `code` ("error" for the step's process, "compensation 'x'
@@ -360,7 +360,7 @@ std::optional<std::string> retry_or_exhausted(instance_txn& t, const workflow_st
                                               std::string_view what, bool compensation) {
   const workflow_retry& p = step.retry;
   const int attempt = t.retrying(step.name) && t.compensation_retry() == compensation
-                          ? t.rec()["retry"].value("attempt", 1)
+                          ? static_cast<int>(t.rec().retry->attempt)
                           : 1;
   const std::string code_name = absl::StatusCodeToString(code);
   const bool permanent =
@@ -370,8 +370,8 @@ std::optional<std::string> retry_or_exhausted(instance_txn& t, const workflow_st
         p, absl::StrCat(t.id(), "/", step.name, compensation ? "/compensation" : ""), attempt);
     t.history(step.name, absl::StrCat(to_absl(what), " (attempt ", attempt, " of ", p.attempts,
                                       "): ", error, "; retrying in ", delay_us / 1000, " ms"));
-    t.rec()["retry"] = retry_state(step.name, attempt + 1, compensation);
-    t.rec()["retry_at_us"] = t.now() + delay_us;
+    t.rec().retry = retry_state(step.name, attempt + 1, compensation);
+    t.rec().retry_at_us = t.now() + delay_us;
     t.set_status(instance_status::waiting);
     t.refresh_timer();
     return std::nullopt;
@@ -390,11 +390,11 @@ void machine::fail_step(instance_txn& t, const workflow_step& step, const proces
   const std::string reason = absl::StrCat("step '", step.name, "' failed", *after, ": ", error);
   if (kind.on_exhausted == exhausted_action::pause) {
     // Resumed by an operator, it runs the step again with a fresh set of attempts.
-    t.rec()["retry"] = retry_state(step.name, 1, false);
+    t.rec().retry = retry_state(step.name, 1, false);
     t.park(absl::StrCat(reason, ": resume it to try again"), "retries_exhausted");
     return;
   }
-  t.rec().erase("retry");
+  t.rec().retry.reset();
   if (!step.on_error.empty() && kind.on_exhausted != exhausted_action::compensate) {
     t.go(step.on_error);
   } else {
@@ -412,21 +412,20 @@ void machine::fail_compensation(instance_txn& t, const workflow_step& step,
   t.history(step.name, absl::StrCat("compensation failed", *after, ": ", error));
   if (kind.on_exhausted == exhausted_action::pause) {
     // Resumed by an operator, the compensation runs again with a fresh set of attempts.
-    t.rec()["retry"] = retry_state(step.name, 1, true);
+    t.rec().retry = retry_state(step.name, 1, true);
     t.park(absl::StrCat(what, " of step '", step.name, "' failed", *after, ": ", error,
                         ": resume it to try again"),
            "retries_exhausted");
     return;
   }
-  t.rec()["error"] =
-      absl::StrCat(t.rec().value("error", ""), "; ", what, " failed", *after, ": ", error);
+  t.rec().error = absl::StrCat(t.rec().error, "; ", what, " failed", *after, ": ", error);
   t.finish(instance_status::failed);
 }
 
 void machine::run_control_step(instance_txn& t, const defined_workflow& d,
                                const workflow_step& step, const step_kind& kind) const {
   if (!t.visit(step)) return;
-  const json inputs = t.rec().value("inputs", json::object());
+  const json inputs = t.rec().inputs;
   std::visit(
       overloaded{
           [&](const process_kind&) {
@@ -444,16 +443,16 @@ void machine::run_control_step(instance_txn& t, const defined_workflow& d,
             // The next run starts from scratch but for its inputs and id: the old run's history
             // keys go in this commit, so the state an instance holds stays bounded however long
             // it lives.
-            const std::int64_t run = t.rec().value("run", std::int64_t{0}) + 1;
+            instance_record& rec = t.rec();
+            const std::int64_t run = rec.run.value_or(0) + 1;
             t.out().erase(absl::StrCat(t.opts().history, ".", t.id()));
-            json& rec = t.rec();
-            rec.erase("history");
-            rec["history_next"] = 0;
-            rec["run"] = run;
-            rec["visits"] = json::object();
-            rec["done"] = json::array();
-            rec["received"] = json::object();
-            rec["error"] = "";
+            rec.legacy_history = json();
+            rec.history_next = 0;
+            rec.run = run;
+            rec.visits.clear();
+            rec.done.clear();
+            rec.received = json::object();
+            rec.error.clear();
             // The next run takes the newest version of its workflow (as a new instance would):
             // how a long-lived instance moves to new code. Its version stays if the newest has no
             // such start.
@@ -462,7 +461,8 @@ void machine::run_control_step(instance_txn& t, const defined_workflow& d,
             if (newest != nullptr && newest->version != d.version &&
                 newest->step(newest->def.start) != nullptr) {
               next = newest.get();
-              rec["definition"] = {{"name", t.workflow()}, {"version", newest->version}};
+              rec.definition_name = rec.workflow;
+              rec.version = newest->version;
               t.history(step.name, absl::StrCat("continued as new: run ", run, " on version '",
                                                 newest->version, "' (was '", d.version, "')"));
             } else {
@@ -524,7 +524,7 @@ void machine::run_control_step(instance_txn& t, const defined_workflow& d,
               const std::string topic = early->second.value("topic", "");
               // The key's last message takes the key with it.
               t.out().erase(kept.size() == 1 ? mailbox : absl::StrCat(mailbox, ".", early->first));
-              t.rec()["received"][topic] = early->second.value("payload", json());
+              t.rec().received[topic] = early->second.value("payload", json());
               t.history(step.name,
                         absl::StrCat("received ", topic, " (", early->first, ") from the mailbox"));
               t.go(k.topics.at(topic));
@@ -532,15 +532,15 @@ void machine::run_control_step(instance_txn& t, const defined_workflow& d,
             }
             std::vector<std::string> topics;
             for (const auto& [topic, next] : k.topics) topics.push_back(topic);
-            t.rec()["wait_key"] = key_text;
+            t.rec().wait_key = key_text;
             t.out().set(absl::StrCat(t.opts().index, ".waits.", key_text, ".", t.id()), topics);
-            if (k.timeout_ms > 0) t.rec()["wait_deadline_us"] = t.now() + k.timeout_ms * 1000;
+            if (k.timeout_ms > 0) t.rec().wait_deadline_us = t.now() + k.timeout_ms * 1000;
             t.history(step.name, "waiting");
             t.set_status(instance_status::waiting);
             t.refresh_timer();
           },
           [&](const sleep_kind& k) {
-            t.rec()["sleep_until_us"] = t.now() + k.ms * 1000;
+            t.rec().sleep_until_us = t.now() + k.ms * 1000;
             t.history(step.name, absl::StrCat("sleeping ", k.ms, " ms"));
             t.set_status(instance_status::waiting);
             t.refresh_timer();
@@ -568,11 +568,12 @@ void machine::run_control_step(instance_txn& t, const defined_workflow& d,
               return;
             }
             json child = new_record(k.workflow, child_def->version, child_def->def.start,
-                                    *std::move(filled), t.now(), 0, t.id(), step.name);
+                                    *std::move(filled), t.now(), 0, t.id(), step.name)
+                             .to_json();
             t.out().set(t.instance_path(child_id), std::move(child));
             t.out().set(t.index_path("runnable", child_id), true);
-            t.rec()["child"] = child_id;
-            t.rec()["parent_step_of_child"] = step.name;
+            t.rec().child = child_id;
+            t.rec().parent_step_of_child = step.name;
             t.history(step.name, absl::StrCat("called ", child_id));
             t.set_status(instance_status::waiting);
           },
@@ -592,7 +593,7 @@ absl::StatusOr<result> machine::step(const process_fn& fn, const context& ctx,
   const process_kind* kind = at ? std::get_if<process_kind>(&at->kind) : nullptr;
   if (!kind) return out;
   if (c.compensation) {
-    json& done = t.rec()["done"];
+    std::vector<std::string>& done = t.rec().done;
     if (t.status() != instance_status::compensating || done.empty() || done.back() != c.step) {
       return out;
     }
@@ -602,9 +603,9 @@ absl::StatusOr<result> machine::step(const process_fn& fn, const context& ctx,
       fail_compensation(t, *step, *kind, r.status().code(), r.status().ToString());
     } else {
       out = *std::move(r);
-      t.rec().erase("retry");
+      t.rec().retry.reset();
       t.history(c.step, "compensated");
-      done.erase(done.size() - 1);
+      done.pop_back();
       if (done.empty()) t.finish(instance_status::compensated);
     }
     settle(t);
@@ -627,7 +628,7 @@ absl::StatusOr<result> machine::step(const process_fn& fn, const context& ctx,
   }
   out = *std::move(r);
   t.history(c.step, "ok");
-  if (!kind->compensate.empty()) t.rec()["done"].push_back(c.step);
+  if (!kind->compensate.empty()) t.rec().done.push_back(c.step);
   t.go(step->next);
   // A wait right after a step that emits its request is entered in the same commit: the reply
   // cannot arrive (through the relay, which publishes only committed messages) before the
@@ -670,9 +671,8 @@ absl::StatusOr<result> machine::control(const defined_workflow& d, const context
               if (fk) {
                 fail_compensation(t, *f->step, *fk, e.code, e.error);
               } else {
-                t.rec()["error"] =
-                    absl::StrCat(t.rec().value("error", ""), "; the compensation of step '", e.step,
-                                 "' failed: ", e.error);
+                t.rec().error = absl::StrCat(t.rec().error, "; the compensation of step '", e.step,
+                                             "' failed: ", e.error);
                 t.history(e.step, "compensation failed");
                 t.finish(instance_status::failed);
               }
@@ -684,8 +684,8 @@ absl::StatusOr<result> machine::control(const defined_workflow& d, const context
             return true;
           },
           [&](const timer_event&) -> absl::StatusOr<bool> {
-            const std::int64_t wait_due = t.rec().value("wait_deadline_us", std::int64_t{0});
-            const std::int64_t life_due = t.rec().value("deadline_us", std::int64_t{0});
+            const std::int64_t wait_due = t.rec().wait_deadline_us.value_or(0);
+            const std::int64_t life_due = t.rec().deadline_us.value_or(0);
             if (is_final(status)) return false;
             // (Compensations, and their retries, run to the end: the instance's own deadline no
             // longer applies to them.)
@@ -693,24 +693,24 @@ absl::StatusOr<result> machine::control(const defined_workflow& d, const context
               t.history(cursor, "instance timed out");
               cancel_children(t, absl::StrCat("its parent '", t.id(), "' ran past its timeout"));
               t.fail_path("the instance ran past its timeout");
-            } else if (const std::int64_t wake = t.rec().value("sleep_until_us", std::int64_t{0});
+            } else if (const std::int64_t wake = t.rec().sleep_until_us.value_or(0);
                        status == instance_status::waiting && wake > 0 && wake <= t.now() && step) {
-              t.rec().erase("sleep_until_us");
+              t.rec().sleep_until_us.reset();
               t.history(step->name, "woke");
               t.go(step->next);
               t.refresh_timer();
-            } else if (const std::int64_t retry = t.rec().value("retry_at_us", std::int64_t{0});
+            } else if (const std::int64_t retry = t.rec().retry_at_us.value_or(0);
                        status == instance_status::waiting && retry > 0 && retry <= t.now() &&
                        (step || t.compensation_retry())) {
-              t.rec().erase("retry_at_us");
-              const json& r = t.rec()["retry"];
+              t.rec().retry_at_us.reset();
+              const instance_record::retry_info r =
+                  t.rec().retry.value_or(instance_record::retry_info{"", 0, false});
               if (t.compensation_retry()) {
                 // Back to compensating: the same compensation runs again.
-                t.history(r.value("step", ""),
-                          absl::StrCat("retrying compensation: attempt ", r.value("attempt", 0)));
+                t.history(r.step, absl::StrCat("retrying compensation: attempt ", r.attempt));
                 t.set_status(instance_status::compensating);
               } else {
-                t.history(step->name, absl::StrCat("retrying: attempt ", r.value("attempt", 0)));
+                t.history(step->name, absl::StrCat("retrying: attempt ", r.attempt));
                 t.set_status(instance_status::running);
               }
               t.refresh_timer();
@@ -769,7 +769,7 @@ absl::StatusOr<result> machine::receive(const context& ctx, const outbox_message
       // It has ended: the signal is for nobody (not kept for another instance on its key).
       return out;
     }
-    if (!t.rec().is_object()) {
+    if (!t.loaded()) {
       const std::shared_ptr<const defined_workflow> def = find(start->second);
       if (!def) {
         return absl::NotFoundError(absl::StrCat(what, ": no such workflow is defined"));
@@ -802,7 +802,7 @@ absl::StatusOr<result> machine::receive(const context& ctx, const outbox_message
       // parked): rather than drop it, keep it in the instance and park it for an operator.
       const std::string what = absl::StrCat("message ", m.topic, " (", m.id, ") arrived");
       taken = true;
-      t.rec()["received"][m.topic] = m.payload;
+      t.rec().received[m.topic] = m.payload;
       if (t.status() == instance_status::waiting) {
         t.park(absl::StrCat(d ? "its step '" + t.cursor() + "' is not in its workflow" : r.reason,
                             " when ", what,
@@ -816,7 +816,7 @@ absl::StatusOr<result> machine::receive(const context& ctx, const outbox_message
     }
     const auto next = wait->topics.find(m.topic);
     taken = true;
-    t.rec()["received"][m.topic] = m.payload;
+    t.rec().received[m.topic] = m.payload;
     t.clear_wait();
     t.history(step->name, absl::StrCat("received ", m.topic, " (", m.id, ")"));
     t.go(next->second);

@@ -15,33 +15,6 @@ template <class... F>
 overloaded(F...) -> overloaded<F...>;
 }  // namespace
 
-namespace {
-constexpr std::pair<instance_status, std::string_view> status_names[] = {
-    {instance_status::running, "running"},
-    {instance_status::waiting, "waiting"},
-    {instance_status::compensating, "compensating"},
-    {instance_status::completed, "completed"},
-    {instance_status::failed, "failed"},
-    {instance_status::compensated, "compensated"},
-    {instance_status::cancelled, "cancelled"},
-    {instance_status::stuck, "stuck"},
-};
-}  // namespace
-
-std::string_view status_name(instance_status s) {
-  for (const auto& [status, name] : status_names) {
-    if (status == s) return name;
-  }
-  return "unknown";
-}
-
-instance_status parse_status(std::string_view name) {
-  for (const auto& [status, text] : status_names) {
-    if (text == name) return status;
-  }
-  return instance_status::unknown;
-}
-
 std::string step_process(std::string_view process) {
   return absl::StrCat("workflow.step:", detail::to_absl(process));
 }
@@ -166,23 +139,22 @@ bool compare(const json& actual, condition_op op, const json& expected) {
   return false;
 }
 
-json new_record(std::string_view workflow, const std::string& definition_version,
-                const std::string& start, json inputs, std::int64_t now, std::int64_t deadline,
-                std::string_view parent, std::string_view parent_step) {
-  json rec = {{"workflow", workflow},
-              {"definition", {{"name", workflow}, {"version", definition_version}}},
-              {"status", instance_status::running},
-              {"cursor", start},
-              {"inputs", std::move(inputs)},
-              {"received", json::object()},
-              {"visits", json::object()},
-              {"done", json::array()},
-              {"error", ""},
-              {"started_at_us", now}};
-  if (deadline > 0) rec["deadline_us"] = deadline;
+instance_record new_record(std::string_view workflow, const std::string& definition_version,
+                           const std::string& start, json inputs, std::int64_t now,
+                           std::int64_t deadline, std::string_view parent,
+                           std::string_view parent_step) {
+  instance_record rec;
+  rec.workflow = std::string(workflow);
+  rec.definition_name = std::string(workflow);
+  rec.version = definition_version;
+  rec.set_status(instance_status::running);
+  rec.cursor = start;
+  rec.inputs = std::move(inputs);
+  rec.started_at_us = now;
+  if (deadline > 0) rec.deadline_us = deadline;
   if (!parent.empty()) {
-    rec["parent"] = parent;
-    rec["parent_step"] = parent_step;
+    rec.parent = std::string(parent);
+    rec.parent_step = std::string(parent_step);
   }
   return rec;
 }
@@ -194,7 +166,7 @@ absl::Status cancel_instance(instance_txn& t, const std::string& reason) {
         absl::StrCat("workflow instance '", t.id(), "' has already ended (", t.status_text(), ")"));
   }
   t.history(t.cursor(), "cancelled");
-  t.rec()["cancelled"] = {{"reason", reason}, {"at_us", t.now()}};
+  t.rec().cancelled = instance_record::cancel_info{reason, t.now()};
   t.unpark();
   // The children it waits for are cancelled with it (each compensates on its own).
   cancel_children(t, absl::StrCat("its parent '", t.id(), "' was cancelled"));
@@ -204,17 +176,16 @@ absl::Status cancel_instance(instance_txn& t, const std::string& reason) {
 
 void cancel_children(instance_txn& t, const std::string& reason) {
   std::vector<std::string> children;
-  if (const auto c = t.rec().find("child"); c != t.rec().end() && c->is_string()) {
-    children.push_back(*c);
-  }
-  if (const auto fan = t.rec().find("fan_out"); fan != t.rec().end() && fan->is_object()) {
-    const json fan_children = fan->value("children", json::object());
-    for (const auto& [id, st] : fan_children.items()) {
-      if (st.get<instance_status>() == instance_status::running) children.push_back(id);
+  if (t.rec().child) children.push_back(*t.rec().child);
+  if (t.rec().fan_out) {
+    for (const auto& [id, st] : t.rec().fan_out->children) {
+      if (st == instance_status::running) children.push_back(id);
     }
   }
   for (const std::string& id : children) cancel_child(t, id, reason);
-  for (const char* field : {"child", "parent_step_of_child", "fan_out"}) t.rec().erase(field);
+  t.rec().child.reset();
+  t.rec().parent_step_of_child.reset();
+  t.rec().fan_out.reset();
 }
 
 void cancel_child(instance_txn& t, const std::string& id, const std::string& reason) {
@@ -232,13 +203,12 @@ namespace {
 // parked for an operator (moving it on needs its definition, which operate() does not have).
 void park_parent_of_cancelled(const workflow_options& o, const context& ctx, result& out,
                               instance_txn& t) {
-  instance_txn parent(o, ctx, out, t.rec()["parent"], t.now());
+  instance_txn parent(o, ctx, out, t.rec().parent.value_or(""), t.now());
   const bool loaded = parent.load();
-  if (loaded && parent.rec().contains("fan_out") &&
-      parent.rec()["fan_out"].value("children", json::object()).contains(t.id())) {
+  if (loaded && parent.rec().fan_out && parent.rec().fan_out->children.contains(t.id())) {
     // One of its fan-out's children: recorded, and the parent parked for an operator (joining
     // needs the parent's definition, which this action does not have).
-    parent.rec()["fan_out"]["children"][t.id()] = t.status_text();
+    parent.rec().fan_out->children[t.id()] = t.status();
     const std::string what = absl::StrCat("its child '", t.id(), "' was cancelled by an operator (",
                                           t.status_text(), ")");
     if (parent.status() == instance_status::waiting) {
@@ -247,7 +217,7 @@ void park_parent_of_cancelled(const workflow_options& o, const context& ctx, res
       parent.cannot_resume(what);
     }
     parent.save();
-  } else if (loaded && parent.rec().value("child", "") == t.id()) {
+  } else if (loaded && parent.rec().child == t.id()) {
     const std::string what = absl::StrCat("its child '", t.id(), "' was cancelled by an operator (",
                                           t.status_text(), ")");
     if (parent.status() == instance_status::waiting) {
@@ -288,15 +258,16 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
           },
           [&](const resume_action& a) -> absl::StatusOr<bool> {
             if (status != instance_status::stuck) return refuse("stuck");
-            if (!t.rec()["stuck"].value("resumable", true)) {
-              return absl::FailedPreconditionError(
-                  absl::StrCat("workflow instance '", t.id(),
-                               "' cannot be resumed: ", t.rec()["stuck"].value("reason", "")));
+            const instance_record::stuck_info stuck =
+                t.rec().stuck.value_or(instance_record::stuck_info{.status = "running"});
+            if (!stuck.resumable) {
+              return absl::FailedPreconditionError(absl::StrCat(
+                  "workflow instance '", t.id(), "' cannot be resumed: ", stuck.reason));
             }
-            if (!a.kind.empty() && t.rec()["stuck"].value("kind", "") != a.kind) {
+            if (!a.kind.empty() && stuck.kind != a.kind) {
               return false;  // define() resumes only what a missing definition parked
             }
-            const std::string before = t.rec()["stuck"].value("status", "running");
+            const std::string before = stuck.status.empty() ? "running" : stuck.status;
             t.unpark();
             t.history(t.cursor(), a.by);
             t.restore_status(before);
@@ -314,23 +285,23 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
             // their ids.
             cancel_children(t,
                             absl::StrCat("its parent '", t.id(), "' was restarted by an operator"));
-            t.rec()["history_base"] = t.rec().value("history_next", std::int64_t{0});
-            for (const char* field :
-                 {"child", "parent_step_of_child", "cancelled", "retry", "fan_out"}) {
-              t.rec().erase(field);
-            }
-            t.rec()["error"] = "";
-            t.rec()["visits"] = json::object();
+            instance_record& rec = t.rec();
+            rec.history_base = rec.history_next.value_or(0);
+            rec.child.reset();
+            rec.parent_step_of_child.reset();
+            rec.cancelled.reset();
+            rec.retry.reset();
+            rec.fan_out.reset();
+            rec.error.clear();
+            rec.visits.clear();
             // Steps from `step` on run again and are recorded again for compensation: forget
             // them from their first occurrence, so a later failure compensates each once.
-            if (json& done = t.rec()["done"]; done.is_array()) {
-              const auto first = std::find(done.begin(), done.end(), json(a.step));
-              done.erase(first, done.end());
-            }
+            rec.done.erase(std::find(rec.done.begin(), rec.done.end(), a.step), rec.done.end());
             std::string moved;
             if (!a.version.empty() && a.version != t.version()) {
               moved = absl::StrCat(", from version '", t.version(), "' to '", a.version, "'");
-              t.rec()["definition"] = {{"name", t.workflow()}, {"version", a.version}};
+              rec.definition_name = rec.workflow;
+              rec.version = a.version;
             }
             t.history(a.step, absl::StrCat("restarted here by an operator (was ",
                                            to_absl(status_name(status)), moved, ")"));
@@ -347,7 +318,7 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
             POP_RETURN_IF_ERROR(cancel_instance(t, a.reason));
             // Its parent waits for it, and moving the parent on needs the parent's definition,
             // which this action does not have: the parent is parked for an operator to decide.
-            if (t.ended() && t.rec().contains("parent")) park_parent_of_cancelled(o, ctx, out, t);
+            if (t.ended() && t.rec().parent) park_parent_of_cancelled(o, ctx, out, t);
             return true;
           },
       },
@@ -387,8 +358,13 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
       return refuse(absl::StrCat("it runs version '", from, "', not '", wanted, "'"));
     }
     if (is_final(status)) return refuse("it has ended");
-    const json* stuck = status == instance_status::stuck ? &t.rec()["stuck"] : nullptr;
-    const std::string effective_name = stuck ? stuck->value("status", "running") : status_text;
+    instance_record& rec = t.rec();
+    const std::optional<instance_record::stuck_info> stuck =
+        status == instance_status::stuck
+            ? std::optional(rec.stuck.value_or(instance_record::stuck_info{.status = "running"}))
+            : std::nullopt;
+    const std::string effective_name =
+        stuck ? (stuck->status.empty() ? "running" : stuck->status) : status_text;
     const instance_status effective = parse_status(effective_name);
     const auto kind_of = [&](const std::string& step) -> std::string {
       const auto it = target.find(step);
@@ -406,16 +382,16 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
       return refuse("it waits to retry a compensation on its way to its end");
     }
     if (effective == instance_status::waiting) {
-      if (t.rec().contains("fan_out")) {
+      if (rec.fan_out) {
         // Its children were started from the old step's branches or list: joining them under
         // another step's could not be right.
         return refuse(absl::StrCat("it waits for the children of its fan-out ", at,
                                    ": migrate it once they have ended, or restart it"));
       }
-      const char* wanted = t.rec().contains("retry_at_us")      ? "process"
-                           : t.rec().contains("child")          ? "call"
-                           : t.rec().contains("sleep_until_us") ? "sleep"
-                                                                : "wait";
+      const char* wanted = rec.retry_at_us      ? "process"
+                           : rec.child          ? "call"
+                           : rec.sleep_until_us ? "sleep"
+                                                : "wait";
       if (kind_of(next_cursor) != wanted) {
         return refuse(absl::StrCat("it waits at ", at, " (a ", wanted,
                                    " step), and the new version has ",
@@ -423,60 +399,56 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
                                        ? std::string("no such step")
                                        : absl::StrCat("a ", kind_of(next_cursor), " step there")));
       }
-      if (const auto key = t.rec().find("wait_key");
-          key != t.rec().end() && std::string_view(wanted) == "wait") {
+      if (rec.wait_key && std::string_view(wanted) == "wait") {
         // The new step must wait on the key the instance waits on.
-        const json inputs = t.rec().value("inputs", json::object());
+        const json& inputs = rec.inputs;
         const std::string input = target.at(next_cursor).value("key", "");
         const auto value = inputs.find(input);
         const std::string text =
             value == inputs.end()
                 ? ""
                 : (value->is_string() ? value->get<std::string>() : value->dump());
-        if (text != key->get<std::string>()) {
-          return refuse(absl::StrCat("it waits on key '", key->get<std::string>(), "' and step '",
+        if (text != *rec.wait_key) {
+          return refuse(absl::StrCat("it waits on key '", *rec.wait_key, "' and step '",
                                      next_cursor, "' of the new version waits on input '", input,
                                      "' ('", text, "')"));
         }
       }
     }
-    json done = json::array();
-    for (const json& d : t.rec().value("done", json::array())) {
-      const std::string step = mapped(d.get<std::string>());
+    std::vector<std::string> done;
+    for (const std::string& d : rec.done) {
+      const std::string step = mapped(d);
       const auto it = target.find(step);
       if (it == target.end() || !it->value("compensate", false)) {
-        return refuse(absl::StrCat("its completed step '", d.get<std::string>(), "' would be '",
-                                   step, "', which has no compensation in the new version"));
+        return refuse(absl::StrCat("its completed step '", d, "' would be '", step,
+                                   "', which has no compensation in the new version"));
       }
       done.push_back(step);
     }
-    json visits = json::object();
-    const json old_visits = t.rec().value("visits", json::object());
-    for (const auto& [step, n] : old_visits.items()) {
+    std::map<std::string, std::int64_t> visits;
+    for (const auto& [step, n] : rec.visits) {
       if (target.contains(mapped(step))) visits[mapped(step)] = n;
     }
-    t.rec()["definition"] = {{"name", workflow}, {"version", to}};
-    t.rec()["cursor"] = next_cursor;
-    t.rec()["done"] = std::move(done);
-    t.rec()["visits"] = std::move(visits);
-    if (t.rec().contains("parent_step_of_child")) t.rec()["parent_step_of_child"] = next_cursor;
-    if (const auto r = t.rec().find("retry"); r != t.rec().end() && r->is_object()) {
-      (*r)["step"] = mapped(r->value("step", ""));
+    rec.definition_name = workflow;
+    rec.version = to;
+    rec.cursor = next_cursor;
+    rec.done = std::move(done);
+    rec.visits = std::move(visits);
+    if (rec.parent_step_of_child) rec.parent_step_of_child = next_cursor;
+    if (rec.retry) rec.retry->step = mapped(rec.retry->step);
+    if (rec.wait_deadline_us && target.at(next_cursor).value("timeout_ms", std::int64_t{0}) == 0) {
+      rec.wait_deadline_us.reset();  // the new step waits without a timeout
     }
-    if (t.rec().contains("wait_deadline_us") &&
-        target.at(next_cursor).value("timeout_ms", std::int64_t{0}) == 0) {
-      t.rec().erase("wait_deadline_us");  // the new step waits without a timeout
-    }
-    if (effective == instance_status::waiting && t.rec().contains("wait_key")) {
+    if (effective == instance_status::waiting && rec.wait_key) {
       // The wait index lists the topics it takes: the new step's.
       const auto it = target.find(next_cursor);
-      out.set(absl::StrCat(o.index, ".waits.", t.rec()["wait_key"].get<std::string>(), ".", t.id()),
+      out.set(absl::StrCat(o.index, ".waits.", *rec.wait_key, ".", t.id()),
               it->value("topics", json::array()));
     }
     t.history(next_cursor, absl::StrCat("migrated from version '", from, "' to '", to, "'",
                                         cursor == next_cursor ? "" : absl::StrCat(" (", at, ")")));
-    const std::string kind = stuck ? stuck->value("kind", "") : "";
-    if (stuck && stuck->value("resumable", true) &&
+    const std::string kind = stuck ? stuck->kind : "";
+    if (stuck && stuck->resumable &&
         (kind == "undefined" || kind == "missing_version" || kind == "missing_step" ||
          kind == "missing_compensation")) {
       // Parked for lack of what the new version has: it goes on.

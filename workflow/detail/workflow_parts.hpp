@@ -18,6 +18,7 @@
 #include "pop/engine/context.hpp"
 #include "pop/engine/result.hpp"
 #include "pop/workflow/detail/model.hpp"
+#include "pop/workflow/detail/record.hpp"
 #include "pop/workflow/workflow.hpp"
 
 namespace pop::detail {
@@ -52,52 +53,17 @@ inline std::uint64_t fnv1a(std::string_view text) {
 // null `spec`: `inputs`. kInvalidArgument naming the child input whose parent input is missing.
 absl::StatusOr<json> child_inputs(const json& spec, const json& inputs);
 
-// The status of an instance. Its record stores it by name (the JSON conversion below); a name
-// this program does not know reads as `unknown`, which is neither runnable nor final. Its
-// underlying type is char so that absl::StrCat refuses it at compile time (it would print the
-// number): messages name a status through status_name().
-enum class instance_status : char {
-  running,
-  waiting,
-  compensating,
-  completed,
-  failed,
-  compensated,
-  cancelled,
-  stuck,
-  unknown,
-};
-// The name a record stores for `s` ("unknown" for unknown).
-std::string_view status_name(instance_status s);
-// The status named `name`, or unknown.
-instance_status parse_status(std::string_view name);
-// JSON conversions (nlohmann finds them by argument-dependent lookup): by name.
-inline void to_json(json& j, instance_status s) {
-  j = std::string(status_name(s));
-}
-inline void from_json(const json& j, instance_status& s) {
-  s = j.is_string() ? parse_status(j.get_ref<const std::string&>()) : instance_status::unknown;
-}
-// Ended for good: completed, failed, compensated or cancelled.
-inline bool is_final(instance_status s) {
-  return s == instance_status::completed || s == instance_status::failed ||
-         s == instance_status::compensated || s == instance_status::cancelled;
-}
-// Advanced by advance() and the runner: running or compensating.
-inline bool is_runnable(instance_status s) {
-  return s == instance_status::running || s == instance_status::compensating;
-}
-
-json new_record(std::string_view workflow, const std::string& definition_version,
-                const std::string& start, json inputs, std::int64_t now, std::int64_t deadline,
-                std::string_view parent, std::string_view parent_step);
+// The record of a new instance of `workflow` (version `definition_version`) at step `start`,
+// running; a child names its `parent` and the parent's step.
+instance_record new_record(std::string_view workflow, const std::string& definition_version,
+                           const std::string& start, json inputs, std::int64_t now,
+                           std::int64_t deadline, std::string_view parent,
+                           std::string_view parent_step);
 
 // One transaction on one instance, inside a process run: reads through `ctx`, collects writes in
 // `out`. Every state change of an instance goes through here.
 class instance_txn {
  public:
-  using find_fn = std::function<std::shared_ptr<const void>(std::string_view)>;
-
   instance_txn(const workflow_options& o, const context& ctx, result& out, std::string id,
                std::int64_t now)
       : o_(o), ctx_(ctx), out_(out), id_(std::move(id)), now_(now) {}
@@ -111,41 +77,37 @@ class instance_txn {
 
   // Loads the record; false if there is none.
   bool load() {
-    std::optional<json> r = ctx_.find<json>(instance_path(id_));
-    if (!r) return false;
-    rec_ = std::move(*r);
+    const value_view v = ctx_.view(instance_path(id_));
+    if (!v) return false;
+    rec_ = instance_record::from_view(v);
+    loaded_ = true;
     // The runnable index agrees with the stored status: a step that stays runnable need not
     // write it again.
-    indexed_runnable_ = is_runnable(status()) ? 1 : 0;
+    indexed_runnable_ = is_runnable(rec_.status) ? 1 : 0;
     return true;
   }
-  json& rec() { return rec_; }
+  // True if load() found the record (or create() made it).
+  bool loaded() const { return loaded_; }
+  instance_record& rec() { return rec_; }
+  const instance_record& rec() const { return rec_; }
   const std::string& id() const { return id_; }
-  instance_status status() const {
-    const auto it = rec_.find("status");
-    return it != rec_.end() && it->is_string() ? parse_status(it->get_ref<const std::string&>())
-                                               : instance_status::unknown;
-  }
+  instance_status status() const { return rec_.status; }
   // The status as the record stores it (for messages: an unknown one by its own name).
-  std::string status_text() const { return rec_.value("status", ""); }
-  std::string cursor() const { return rec_.value("cursor", ""); }
-  std::string workflow() const { return rec_.value("workflow", ""); }
+  std::string status_text() const { return std::string(rec_.status_name()); }
+  std::string cursor() const { return rec_.cursor; }
+  std::string workflow() const { return rec_.workflow; }
   // The version of its workflow it runs on (empty for records from before versions).
-  std::string version() const {
-    const auto d = rec_.find("definition");
-    return d != rec_.end() && d->is_object() ? d->value("version", "") : "";
-  }
+  std::string version() const { return rec_.version; }
 
   // The number in the ids of the children step `step` starts now: its visit in the first run,
   // and never one it used before (not after a restart or a continue-as-new, which reset visits),
   // so a child id never names an older child's record.
   std::int64_t call_number(const std::string& step) {
-    json& calls = rec_["calls"];
-    if (!calls.is_object()) calls = json::object();
-    const json& visits = rec_["visits"];
-    const std::int64_t n = std::max<std::int64_t>(
-        calls.value(step, std::int64_t{0}) + 1,
-        visits.is_object() ? visits.value(step, std::int64_t{1}) : std::int64_t{1});
+    std::map<std::string, std::int64_t>& calls = rec_.calls ? *rec_.calls : rec_.calls.emplace();
+    const auto visit = rec_.visits.find(step);
+    const auto last = calls.find(step);
+    const std::int64_t n = std::max<std::int64_t>((last == calls.end() ? 0 : last->second) + 1,
+                                                  visit == rec_.visits.end() ? 1 : visit->second);
     calls[step] = n;
     return n;
   }
@@ -156,6 +118,7 @@ class instance_txn {
   void create(const std::string& def_name, const std::string& version, const std::string& start,
               json inputs, std::int64_t deadline) {
     rec_ = new_record(def_name, version, start, std::move(inputs), now_, deadline, "", "");
+    loaded_ = true;
     set_status(instance_status::running);
     refresh_timer();
   }
@@ -164,63 +127,53 @@ class instance_txn {
   // same however long the history is.
   void history(const std::string& step, const std::string& outcome) {
     // A record from before entries had keys keeps its list; numbering continues after it.
-    const auto legacy = rec_.find("history");
-    const std::int64_t next = rec_.value(
-        "history_next",
-        static_cast<std::int64_t>(legacy != rec_.end() && legacy->is_array() ? legacy->size() : 0));
+    const std::int64_t next = rec_.history_next.value_or(
+        rec_.legacy_history.is_array() ? static_cast<std::int64_t>(rec_.legacy_history.size()) : 0);
     char seq[24];
     std::snprintf(seq, sizeof seq, "%012lld", static_cast<long long>(next));
-    out_.set(absl::StrCat(o_.history, ".", id_, ".", seq),
-             json{{"step", step}, {"outcome", outcome}, {"at_us", now_}});
-    rec_["history_next"] = next + 1;
+    json entry(json::value_t::object);
+    entry["step"] = step;
+    entry["outcome"] = outcome;
+    entry["at_us"] = now_;
+    out_.set(absl::StrCat(o_.history, ".", id_, ".", seq), std::move(entry));
+    rec_.history_next = next + 1;
   }
 
   // Moves the cursor to `step`, running.
   void go(const std::string& step) {
-    rec_.erase("retry");  // a new step starts with its own attempts
-    rec_["cursor"] = step;
+    rec_.retry.reset();  // a new step starts with its own attempts
+    rec_.cursor = step;
     set_status(instance_status::running);
   }
 
   void set_status(instance_status status) {
-    write_status(status, std::string(status_name(status)));
+    rec_.set_status(status);
+    status_changed();
   }
   // Restores a status saved by name (when unparking), as it was, even one this program does not
   // know.
-  void restore_status(const std::string& name) { write_status(parse_status(name), name); }
-  void write_status(instance_status status, const std::string& name) {
-    rec_["status"] = name;
-    if (!is_final(status) && rec_.contains("ended_at_us")) {
-      // Restarted after it ended: no longer due for purging.
-      rec_.erase("ended_at_us");
-      out_.erase(index_path("ended", id_));
-    }
-    const bool runnable = is_runnable(status);
-    if (indexed_runnable_ == (runnable ? 1 : 0)) return;
-    if (runnable) {
-      out_.set(index_path("runnable", id_), true);
-    } else {
-      out_.erase(index_path("runnable", id_));
-    }
-    indexed_runnable_ = runnable ? 1 : 0;
+  void restore_status(const std::string& name) {
+    rec_.set_status_name(name);
+    status_changed();
   }
 
   // Removes the wait and timer index entries of a waiting instance.
   void clear_wait() {
-    if (rec_.contains("wait_key")) {
-      out_.erase(absl::StrCat(o_.index, ".waits.", rec_["wait_key"].get<std::string>(), ".", id_));
-      rec_.erase("wait_key");
+    if (rec_.wait_key) {
+      out_.erase(absl::StrCat(o_.index, ".waits.", *rec_.wait_key, ".", id_));
+      rec_.wait_key.reset();
     }
-    rec_.erase("wait_deadline_us");
-    rec_.erase("sleep_until_us");
-    rec_.erase("retry_at_us");
+    rec_.wait_deadline_us.reset();
+    rec_.sleep_until_us.reset();
+    rec_.retry_at_us.reset();
     refresh_timer();
   }
 
   void refresh_timer() {
     std::int64_t due = 0;
-    for (const char* f : {"wait_deadline_us", "deadline_us", "sleep_until_us", "retry_at_us"}) {
-      const std::int64_t d = rec_.value(f, std::int64_t{0});
+    for (const std::optional<std::int64_t>* f :
+         {&rec_.wait_deadline_us, &rec_.deadline_us, &rec_.sleep_until_us, &rec_.retry_at_us}) {
+      const std::int64_t d = f->value_or(0);
       if (d > 0 && (due == 0 || d < due)) due = d;
     }
     const bool ended = is_final(status()) || status() == instance_status::stuck;
@@ -233,11 +186,11 @@ class instance_txn {
 
   // Takes the failure path: compensations if any, else failed.
   void fail_path(const std::string& reason) {
-    rec_["error"] = reason;
+    rec_.error = reason;
     clear_wait();
-    if (!rec_["done"].empty()) {
+    if (!rec_.done.empty()) {
       // Compensations run to the end: the instance's own deadline no longer applies.
-      rec_.erase("deadline_us");
+      rec_.deadline_us.reset();
       refresh_timer();
       set_status(instance_status::compensating);
     } else {
@@ -249,85 +202,71 @@ class instance_txn {
   // defined in the program; "missing_step"; "operator"). An index entry lets define() find the
   // instances that a returning definition unparks.
   void park(const std::string& reason, const std::string& kind, bool resumable = true) {
-    rec_["stuck"] = {{"status", status_text()},
-                     {"reason", reason},
-                     {"kind", kind},
-                     {"at_us", now_},
-                     {"resumable", resumable}};
-    history(cursor(), absl::StrCat("stuck: ", reason));
+    rec_.stuck = instance_record::stuck_info{status_text(), reason, kind, now_, resumable};
+    history(rec_.cursor, absl::StrCat("stuck: ", reason));
     set_status(instance_status::stuck);
     refresh_timer();
-    out_.set(index_path("stuck", id_),
-             json{{"workflow", workflow()}, {"version", version()}, {"kind", kind}});
+    json entry(json::value_t::object);
+    entry["workflow"] = rec_.workflow;
+    entry["version"] = rec_.version;
+    entry["kind"] = kind;
+    out_.set(index_path("stuck", id_), std::move(entry));
   }
   // Forgets that the instance was stuck (the caller sets its new status).
   void unpark() {
-    rec_.erase("stuck");
+    rec_.stuck.reset();
     out_.erase(index_path("stuck", id_));
   }
   // A stuck instance that was waiting: true if its wait is for child `child` (or any if empty).
   bool stuck_waiting(std::string_view child = {}) const {
-    if (status() != instance_status::stuck) return false;
-    const auto st = rec_.find("stuck");
-    if (st == rec_.end() ||
-        st->value("status", instance_status::unknown) != instance_status::waiting) {
+    if (status() != instance_status::stuck || !rec_.stuck ||
+        parse_status(rec_.stuck->status) != instance_status::waiting) {
       return false;
     }
-    return child.empty() || rec_.value("child", "") == child;
+    return child.empty() || (rec_.child && *rec_.child == child);
   }
   // What happened to a stuck instance that it can no longer resume from: an operator must restart
   // it from a step or cancel it.
   void cannot_resume(const std::string& what) {
-    json& st = rec_["stuck"];
-    st["resumable"] = false;
-    st["reason"] = absl::StrCat(st.value("reason", ""), "; then ", what,
-                                ": restart it from a step or cancel it");
-    history(cursor(), absl::StrCat("while stuck: ", what));
+    instance_record::stuck_info& st = rec_.stuck ? *rec_.stuck : rec_.stuck.emplace();
+    st.resumable = false;
+    st.reason = absl::StrCat(st.reason, "; then ", what, ": restart it from a step or cancel it");
+    history(rec_.cursor, absl::StrCat("while stuck: ", what));
   }
 
   // Ends the instance with `status` (completed, failed, compensated); a cancelled instance that
   // ends on its failure path ends "cancelled".
   void finish(instance_status status) {
-    set_status(status != instance_status::completed && rec_.contains("cancelled")
-                   ? instance_status::cancelled
-                   : status);
-    rec_.erase("wait_deadline_us");
-    rec_.erase("deadline_us");
-    rec_.erase("retry");
+    set_status(status != instance_status::completed && rec_.cancelled ? instance_status::cancelled
+                                                                      : status);
+    rec_.wait_deadline_us.reset();
+    rec_.deadline_us.reset();
+    rec_.retry.reset();
     refresh_timer();
     // Indexed by the time it ended, for purging after the retention period.
-    rec_["ended_at_us"] = now_;
+    rec_.ended_at_us = now_;
     out_.set(index_path("ended", id_), now_);
     ended_ = true;
   }
   bool ended() const { return ended_; }
 
   // True if the instance is retrying `step` (a retry is not a visit).
-  bool retrying(const std::string& step) const {
-    const auto r = rec_.find("retry");
-    return r != rec_.end() && r->is_object() && r->value("step", "") == step;
-  }
+  bool retrying(const std::string& step) const { return rec_.retry && rec_.retry->step == step; }
   // True if the retry it waits for (or runs) is of a compensation.
-  bool compensation_retry() const {
-    const auto r = rec_.find("retry");
-    return r != rec_.end() && r->is_object() && r->value("compensation", false);
-  }
+  bool compensation_retry() const { return rec_.retry && rec_.retry->compensation; }
 
   // Counts a visit to `step`; false (and the failure path) if that exceeds its bound.
   bool visit(const workflow_step& step) {
     // The bound counts from the run's (or an operator restart's) start; the steps that end a run
     // or start the next are always allowed.
-    if (const std::int64_t entries = rec_.value("history_next", std::int64_t{0}) -
-                                     rec_.value("history_base", std::int64_t{0});
+    if (const std::int64_t entries = rec_.history_next.value_or(0) - rec_.history_base.value_or(0);
         o_.max_history > 0 && entries >= o_.max_history && !step.end && !step.continue_as_new) {
       fail_path(absl::StrCat("its history reached ", entries,
                              " entries (workflow_options::max_history): a long-lived instance "
                              "continues as new (a continue_as_new step) to start over"));
       return false;
     }
-    json& visits = rec_["visits"];
-    const int n = visits.value(step.name, 0) + 1;
-    visits[step.name] = n;
+    const std::int64_t n = ++rec_.visits[step.name];
     const int bound = step.max_visits > 0 ? step.max_visits : 1;
     if (n > bound) {
       history(step.name, "loop bound exceeded");
@@ -340,17 +279,17 @@ class instance_txn {
 
   // The arguments a step process gets: the inputs, plus "_instance" and "_received".
   json args() const {
-    json a = rec_.value("inputs", json::object());
+    json a = rec_.inputs;
     a["_instance"] = id_;
-    if (rec_.contains("received") && !rec_["received"].empty()) a["_received"] = rec_["received"];
+    if (!rec_.received.empty()) a["_received"] = rec_.received;
     return a;
   }
 
-  void save() { out_.set(instance_path(id_), rec_); }
+  void save() { out_.set(instance_path(id_), rec_.to_json()); }
   // save() as the transaction's last use of the record: moved into the result, not copied.
   void save_last() {
-    out_.set(instance_path(id_), std::move(rec_));
-    rec_ = json();
+    out_.set(instance_path(id_), std::move(rec_).to_json());
+    rec_ = instance_record();
   }
 
   const context& ctx() const { return ctx_; }
@@ -359,12 +298,30 @@ class instance_txn {
   const workflow_options& opts() const { return o_; }
 
  private:
+  // Keeps the ended and runnable index entries in step with the status just set.
+  void status_changed() {
+    if (!is_final(rec_.status) && rec_.ended_at_us) {
+      // Restarted after it ended: no longer due for purging.
+      rec_.ended_at_us.reset();
+      out_.erase(index_path("ended", id_));
+    }
+    const bool runnable = is_runnable(rec_.status);
+    if (indexed_runnable_ == (runnable ? 1 : 0)) return;
+    if (runnable) {
+      out_.set(index_path("runnable", id_), true);
+    } else {
+      out_.erase(index_path("runnable", id_));
+    }
+    indexed_runnable_ = runnable ? 1 : 0;
+  }
+
   const workflow_options& o_;
   const context& ctx_;
   result& out_;
   std::string id_;
   std::int64_t now_;
-  json rec_;
+  instance_record rec_;
+  bool loaded_ = false;
   bool ended_ = false;
   int indexed_runnable_ = -1;  // whether <index>.runnable.<id> is set (1) or not (0); -1: unknown
 };
