@@ -187,8 +187,12 @@ instance_record instance_record::from_json(json&& j) {
 }
 
 instance_record instance_record::from_view(const value_view& v) {
-  // Decoded whole, then its members moved out: cheaper than a view per member.
-  return from_json(v.to_json());
+  instance_record r;
+  v.for_each_member_json([&](std::string_view key, json&& member) {
+    read_member(r, key, std::move(member));
+    return true;
+  });
+  return r;
 }
 
 json instance_record::to_json() const& {
