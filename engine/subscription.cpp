@@ -22,6 +22,16 @@ void commit_listeners::notify(std::uint64_t version) const {
   for (const auto& [id, fn] : fns_) fn(version);
 }
 
+bool commit_listeners::empty() const {
+  std::shared_lock lock(mu_);
+  return fns_.empty();
+}
+
+subscription subscribe(const std::shared_ptr<commit_listeners>& listeners,
+                       std::function<void(std::uint64_t)> fn) {
+  return subscription(listeners, listeners->add(std::move(fn)));
+}
+
 }  // namespace detail
 
 subscription::subscription(subscription&& other) noexcept

@@ -20,12 +20,22 @@ class commit_listeners {
   // Removes listener `id`, waiting for calls in progress to return.
   void remove(std::uint64_t id);
   void notify(std::uint64_t version) const;
+  // True if no listener is registered.
+  bool empty() const;
 
  private:
   mutable std::shared_mutex mu_;
   std::uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<std::uint64_t, std::function<void(std::uint64_t)>> fns_ ABSL_GUARDED_BY(mu_);
 };
+}  // namespace detail
+
+class subscription;
+namespace detail {
+// Registers `fn` with `listeners` (a set of listeners other than an engine's, e.g. one a library
+// notifies itself) and returns the subscription that keeps it.
+subscription subscribe(const std::shared_ptr<commit_listeners>& listeners,
+                       std::function<void(std::uint64_t)> fn);
 }  // namespace detail
 
 // Keeps a commit listener registered until reset or destroyed. Movable, not copyable.
@@ -44,6 +54,8 @@ class subscription {
 
  private:
   friend class engine;
+  friend subscription detail::subscribe(const std::shared_ptr<detail::commit_listeners>&,
+                                        std::function<void(std::uint64_t)>);
   subscription(std::weak_ptr<detail::commit_listeners> listeners, std::uint64_t id)
       : listeners_(std::move(listeners)), id_(id) {}
   std::weak_ptr<detail::commit_listeners> listeners_;

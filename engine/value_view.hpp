@@ -60,6 +60,14 @@ class value_view {
   // which uses this form when it can). Valid while this view or its snapshot lives.
   const outbox_message* message() const;
 
+  // True if this view and `other` show the very same stored value (the same node of the state
+  // tree and the same place in it). A commit shares every value it leaves unchanged with the
+  // snapshot before it, so a view of the same path in two snapshots that does not share may have
+  // changed, and one that shares has not (a cheap test of "did anything below here change?").
+  bool shares(const value_view& other) const {
+    return node_ == other.node_ && inner_ == other.inner_ && packed_ == other.packed_;
+  }
+
   // The value as JSON (null if absent). O(size of this value).
   json to_json() const;
   // The value converted with nlohmann's from_json; throws json::exception on a type mismatch.

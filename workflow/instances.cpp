@@ -211,6 +211,19 @@ std::string to_prometheus(const workflow_metrics& m, std::string_view prefix) {
 
 subscription workflows::wait_for(
     std::string_view id, std::function<void(absl::StatusOr<workflow_instance>)> done) const {
+  const path ended_index = path::parse(absl::StrCat(options_.index, ".ended")).value();
+  std::call_once(watching_, [&] {
+    watch_ = engine_.on_commit([this, ended_index](std::uint64_t version) {
+      if (ended_waiters_->empty()) return;
+      const value_view ended = engine_.snapshot().view(ended_index);
+      {
+        std::lock_guard lock(watch_mu_);
+        if (ended.shares(last_ended_)) return;  // no instance ended (or was purged)
+        last_ended_ = ended;
+      }
+      ended_waiters_->notify(version);
+    });
+  });
   struct waiter {
     std::mutex mu;
     bool fired = false;
@@ -220,11 +233,13 @@ subscription workflows::wait_for(
   auto w = std::make_shared<waiter>();
   w->done = std::move(done);
   w->id = std::string(id);
-  const auto check = [this, w] {
+  const auto check = [this, w, ended_index](bool first) {
     {
       std::lock_guard lock(w->mu);
       if (w->fired) return;
     }
+    // After the first look, an instance has ended only if the ended index has its id.
+    if (!first && !engine_.snapshot().view(ended_index).member(w->id)) return;
     absl::StatusOr<workflow_instance> now = inspect(w->id, false);
     if (now.ok() && !ended(now->status)) return;
     std::function<void(absl::StatusOr<workflow_instance>)> fn;
@@ -237,8 +252,8 @@ subscription workflows::wait_for(
     fn(std::move(now));
   };
   // Subscribed before the first look: a commit in between cannot be missed.
-  subscription sub = engine_.on_commit([check](std::uint64_t) { check(); });
-  check();
+  subscription sub = detail::subscribe(ended_waiters_, [check](std::uint64_t) { check(false); });
+  check(true);
   return sub;
 }
 

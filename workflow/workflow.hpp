@@ -472,6 +472,16 @@ class workflows {
   std::atomic<bool> legacy_ended_indexed_{false};  // index_legacy_ended finished
   std::atomic<std::uint64_t> steps_{0};
   detail::atomic_histogram step_latency_;
+  // wait_for's waiters: told after a commit that changed the index of ended instances, each then
+  // looks for its own id there (a commit that ends nothing costs them nothing).
+  std::shared_ptr<detail::commit_listeners> ended_waiters_ =
+      std::make_shared<detail::commit_listeners>();
+  mutable std::mutex watch_mu_;
+  mutable value_view last_ended_;  // the ended index as the last look saw it (watch_mu_)
+  mutable std::once_flag watching_;
+  // The engine subscription that tells the waiters, made by the first wait_for; declared last so
+  // it is gone before anything it uses.
+  mutable subscription watch_;
 };
 
 }  // namespace pop

@@ -95,45 +95,45 @@ absl::Status pipeline::wire_payments() {
   return from_payments_->start();
 }
 
-bool pipeline::drive() {
-  // Reads only each instance's status: no record is materialised.
-  int in_flight = 0;
-  int final_instances = 0;
-  engine_->snapshot()
-      .view(pop::path::parse(workflows_->options().instances).value())
-      .for_each_member([&](std::string_view, const pop::value_view& w) {
-        const pop::value_view st = w.member("status");
-        const std::string status = st ? st.get<std::string>() : "";
-        if (status == "completed" || status == "compensated" || status == "failed") {
-          ++final_instances;
-        } else {
-          ++in_flight;
-        }
-        return true;
-      });
-  while (next_order_ <= s_.orders && in_flight < s_.concurrency) {
-    const std::string id = order_id(next_order_);
+bool pipeline::start_orders() {
+  while (next_order_ <= s_.orders && in_flight_ < s_.concurrency) {
+    const std::string id = order_id(next_order_++);
     if (!workflows_->inspect(id).ok()) {
       const absl::StatusOr<std::uint64_t> v =
-          workflows_->start("order", id, order_inputs(s_, next_order_));
+          workflows_->start("order", id, order_inputs(s_, next_order_ - 1));
       if (!v.ok() && v.status().code() != absl::StatusCode::kAlreadyExists) {
-        std::cerr << "\norder_pipeline: starting " << id << ": " << v.status() << "\n";
-      } else {
-        ++in_flight;
+        error_ = pop::annotate(v.status(), "starting " + id);
+        return false;
       }
     }
-    ++next_order_;
+    ++in_flight_;
+    // Called once it has ended (at once if it had): handled on the io_context's thread.
+    waits_[id] = workflows_->wait_for(id, [this, id](absl::StatusOr<pop::workflow_instance>) {
+      asio::post(io_, [this, id] {
+        order_ended(id);
+        if (look_) look_();
+      });
+    });
   }
+  return true;
+}
+
+void pipeline::order_ended(const std::string& id) {
+  waits_.erase(id);
+  --in_flight_;
+  ++final_;
   if (s_.progress) {
     const int width = 40;
-    const int filled = width * final_instances / s_.orders;
+    const int filled = width * final_ / s_.orders;
     std::fprintf(stderr, "\r[%s%s] %d/%d orders final",
                  std::string(static_cast<std::size_t>(filled), '#').c_str(),
-                 std::string(static_cast<std::size_t>(width - filled), ' ').c_str(),
-                 final_instances, s_.orders);
+                 std::string(static_cast<std::size_t>(width - filled), ' ').c_str(), final_,
+                 s_.orders);
   }
-  return final_instances == s_.orders && next_order_ > s_.orders &&
-         engine_->snapshot().pending_count() == 0;
+}
+
+bool pipeline::done() const {
+  return final_ == s_.orders && next_order_ > s_.orders && engine_->snapshot().pending_count() == 0;
 }
 
 run_result pipeline::run() {
@@ -148,7 +148,8 @@ run_result pipeline::run() {
     stop_relay.emit(asio::cancellation_type::terminal);
     stop_runner.emit(asio::cancellation_type::terminal);
   };
-  // One look at the state per burst of commits: a commit posts a look unless one is pending.
+  // A look after an order ended, and once per burst of commits (the outbox empties after the
+  // last order ended): a commit posts a look unless one is pending. A look reads no instance.
   std::atomic<bool> look_posted{false};
   std::function<void()> look = [&] {
     look_posted = false;
@@ -160,7 +161,12 @@ run_result pipeline::run() {
       stop_all();
       return;
     }
-    if (drive()) {
+    if (!start_orders()) {
+      std::cerr << "\norder_pipeline: " << error_ << "\n";
+      stop_all();
+      return;
+    }
+    if (done()) {
       r.finished = true;
       stop_all();
     }
@@ -168,6 +174,7 @@ run_result pipeline::run() {
   const auto post_look = [&] {
     if (!look_posted.exchange(true)) asio::post(io_, look);
   };
+  look_ = look;
   const pop::subscription woken = engine_->on_commit([&](std::uint64_t) { post_look(); });
   asio::co_spawn(
       io_, relay_->run(),
@@ -186,6 +193,7 @@ run_result pipeline::run() {
   const auto started = std::chrono::steady_clock::now();
   post_look();
   io_.run();
+  look_ = nullptr;  // it refers to this call's locals
   if (from_payments_) r.ingress_status = from_payments_->stop();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   if (s_.progress) std::fprintf(stderr, "\n");

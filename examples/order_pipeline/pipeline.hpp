@@ -3,6 +3,8 @@
 #pragma once
 
 #include <fstream>
+#include <functional>
+#include <map>
 #include <memory>
 #include <ostream>
 
@@ -41,7 +43,8 @@ class pipeline {
 
   // Starts the orders (keeping s.concurrency in flight, skipping those a previous run on the
   // journal started) and runs until every order is final and the outbox is empty, or until the
-  // relay or the runner stops by itself. Woken by commits: nothing polls.
+  // relay or the runner stops by itself. Nothing polls: workflows::wait_for reports each order's
+  // end, which starts the next.
   run_result run();
 
   // Prints the summary and checks the invariants; false if one fails.
@@ -50,8 +53,14 @@ class pipeline {
  private:
   explicit pipeline(const settings& s) : s_(s) {}
   absl::Status wire_payments();
-  // One look at the state: starts orders, draws the progress bar; true once the run is done.
-  bool drive();
+  // Starts orders while fewer than s.concurrency are in flight, each watched with
+  // workflows::wait_for (an order a previous run on the journal started is watched, not started
+  // again). False (and `error_` set) if one cannot be started.
+  bool start_orders();
+  // Order `id` ended: the next one starts.
+  void order_ended(const std::string& id);
+  // True once every order is final and the outbox is empty.
+  bool done() const;
 
   settings s_;
   std::unique_ptr<pop::engine> engine_;
@@ -69,6 +78,11 @@ class pipeline {
   std::unique_ptr<pop::relay> relay_;
   std::unique_ptr<pop::workflow_runner> runner_;
   int next_order_ = 1;
+  int in_flight_ = 0;
+  int final_ = 0;
+  std::map<std::string, pop::subscription> waits_;  // the orders in flight
+  absl::Status error_;
+  std::function<void()> look_;  // run()'s look at the run: starts orders, ends the run when done
 };
 
 }  // namespace order_pipeline

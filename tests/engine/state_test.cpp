@@ -9,6 +9,7 @@
 #include "pop/engine/snapshot.hpp"
 #include "pop/engine/value_view.hpp"
 #include "tests/support/json_gen.hpp"
+#include "tests/support/must.hpp"
 #include "tests/support/temp_dir.hpp"
 
 using pop::json;
@@ -250,6 +251,33 @@ TEST_CASE("a write shares every untouched subtree with the previous version", "[
   // Erasing a missing path returns the same root: no copy at all.
   CHECK(d::erase(next, "domain.big.nope") == next);
   CHECK(d::erase(next, "domain.big.k7.deeper") == next);
+}
+
+TEST_CASE("views of a value a commit left alone share it; views of a changed one do not",
+          "[state]") {
+  json big = json::object();
+  for (int i = 0; i < 100; ++i) big["k" + std::to_string(i)] = {{"n", i}};
+  auto e = pop::test::must(pop::engine::open(
+      {.initial_state = {{"data", {{"big", big}, {"small", {{"a", 1}}}, {"other", big}}}}}));
+  REQUIRE(e->register_process({.name = "set", .inputs = {"data"}, .outputs = {"data"}},
+                              [](const pop::context&, const json& args) {
+                                pop::result r;
+                                r.set(args.at("at").get<std::string>(), args.at("v"));
+                                return r;
+                              })
+              .ok());
+  const pop::snapshot before = e->snapshot();
+  REQUIRE(e->execute("set", {{"at", "data.big.k3.n"}, {"v", -1}}).ok());
+  const pop::snapshot after = e->snapshot();
+  const auto view = [](const pop::snapshot& s, const char* at) {
+    return s.view(pop::path::parse(at).value());
+  };
+  CHECK(view(after, "data.other").shares(view(before, "data.other")));
+  CHECK(view(after, "data.big.k4").shares(view(before, "data.big.k4")));
+  CHECK(!view(after, "data.big").shares(view(before, "data.big")));
+  CHECK(!view(after, "data.big.k3").shares(view(before, "data.big.k3")));
+  CHECK(view(after, "data.nope").shares(view(before, "data.nope")));  // absent both times
+  CHECK(!view(after, "data.small").shares(view(after, "data.other")));
 }
 
 TEST_CASE("a view reads one deep value and iterates members without materialising", "[state]") {

@@ -5,6 +5,7 @@
 
 #include "tests/support/must.hpp"
 
+#include <numeric>
 #include <optional>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -915,6 +916,56 @@ TEST_CASE("wait_for calls back once when an instance ends, and its awaitable for
   REQUIRE(awaited.has_value());
   CHECK(awaited->status().code() == absl::StatusCode::kCancelled);
   CHECK(wf.inspect("w3").value().status == "running");
+}
+
+TEST_CASE("many waiters: each is called once, when its own instance ends, however it ends",
+          "[workflow][wait_for]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse(linear)).ok());
+  constexpr int n = 40;
+  std::vector<int> calls(n, 0);
+  std::vector<std::string> statuses(n);
+  std::vector<pop::subscription> subs;
+  for (int i = 0; i < n; ++i) {
+    const std::string id = "m" + std::to_string(i);
+    REQUIRE(wf.start("linear", id, {{"tag", id}}).ok());
+    subs.push_back(
+        wf.wait_for(id, [&calls, &statuses, i](absl::StatusOr<pop::workflow_instance> w) {
+          ++calls[static_cast<std::size_t>(i)];
+          statuses[static_cast<std::size_t>(i)] = w.ok() ? w->status : w.status().ToString();
+        }));
+  }
+  // Commits that end no instance call nobody.
+  for (int i = 0; i < n; ++i) REQUIRE(wf.advance("m" + std::to_string(i)).value());
+  CHECK(std::count(calls.begin(), calls.end(), 0) == n);
+  // Ended one at a time, in an order of their own: exactly the one that ended is called.
+  for (int k = 0; k < n; ++k) {
+    const int i = (k * 7) % n;
+    const std::string id = "m" + std::to_string(i);
+    if (i % 5 == 0) {
+      REQUIRE(wf.cancel(id, "not needed").ok());  // ends it without running its steps
+    } else {
+      while (wf.advance(id).value()) {
+      }
+    }
+    CHECK(calls[static_cast<std::size_t>(i)] == 1);
+    CHECK(std::accumulate(calls.begin(), calls.end(), 0) == k + 1);
+  }
+  CHECK(statuses[0] == "cancelled");
+  CHECK(statuses[1] == "completed");
+  // A waiter reset before its instance ends is never called.
+  REQUIRE(wf.start("linear", "late", {{"tag", "x"}}).ok());
+  int late_calls = 0;
+  pop::subscription late =
+      wf.wait_for("late", [&](absl::StatusOr<pop::workflow_instance>) { ++late_calls; });
+  late.reset();
+  while (wf.advance("late").value()) {
+  }
+  CHECK(late_calls == 0);
+  CHECK(std::accumulate(calls.begin(), calls.end(), 0) == n);
 }
 
 TEST_CASE("list filters instances and metrics count them in the Prometheus format",
