@@ -268,7 +268,7 @@ absl::StatusOr<commit> workflows::operate(detail::operator_call call) {
 }
 
 absl::StatusOr<bool> workflows::park(const workflow_instance& w, std::string reason,
-                                     const char* kind) {
+                                     detail::park_kind kind) {
   POP_ASSIGN_OR_RETURN(const commit c,
                        operate({w.id, 0, detail::park_action{w.status, std::move(reason), kind}}));
   return c.changed;
@@ -276,16 +276,17 @@ absl::StatusOr<bool> workflows::park(const workflow_instance& w, std::string rea
 
 absl::Status workflows::resume_parked(const std::string& name, const std::string& version) {
   std::vector<std::string> ids;
-  std::vector<std::string> parked_kinds;
+  std::vector<detail::park_kind> parked_kinds;
   engine_.snapshot()
       .view(path::parse(absl::StrCat(options_.index, ".stuck")).value())
       .for_each_member([&](std::string_view id, const value_view& v) {
         const json entry = v.to_json();
         // Parked for lack of this version (or of the workflow, on a record from before
         // versions, which takes the newest).
-        const std::string kind = entry.is_object() ? entry.value("kind", "") : "";
+        const detail::park_kind kind =
+            detail::parse_park_kind(entry.is_object() ? entry.value("kind", "") : "");
         const std::string parked_version = entry.is_object() ? entry.value("version", "") : "";
-        if ((kind == "undefined" || kind == "missing_version") &&
+        if ((kind == detail::park_kind::undefined || kind == detail::park_kind::missing_version) &&
             entry.value("workflow", "") == name &&
             (parked_version.empty() || parked_version == version)) {
           ids.emplace_back(id);
@@ -435,7 +436,7 @@ absl::StatusOr<std::size_t> workflows::reconcile() {
         if (r.def && status != instance_status::compensating && !r.def->step(w.cursor)) {
           r.reason = absl::StrCat("its step '", w.cursor, "' is not in workflow '", w.workflow,
                                   "' version '", r.def->version, "' as defined in this program");
-          r.kind = "missing_step";
+          r.kind = detail::park_kind::missing_step;
           r.def = nullptr;
         }
         if (!r.def) orphans.emplace_back(std::move(w), std::move(r));
@@ -482,7 +483,7 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
                   absl::StrCat("its step '", w.cursor, "' is not in workflow '", w.workflow,
                                "' as defined in this program (definition version ", d->version,
                                "; the instance started with ", w.definition_version, ")"),
-                  "missing_step");
+                  detail::park_kind::missing_step);
     }
     step_name = w.cursor;
     if (const auto* p = std::get_if<detail::process_kind>(&at->kind)) {
@@ -503,7 +504,7 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
                   absl::StrCat("step '", step_name, "' of workflow '", w.workflow,
                                "' has no compensation in this program (definition version ",
                                d->version, ") but the instance must compensate it"),
-                  "missing_compensation");
+                  detail::park_kind::missing_compensation);
     }
     process = step_process(p->compensate);
     args = detail::to_args(detail::step_call{w.id, now, step_name, true});

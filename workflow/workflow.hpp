@@ -26,6 +26,7 @@ class machine;
 struct defined_workflow;
 struct resolution;
 struct operator_call;
+enum class park_kind : char;
 }  // namespace detail
 
 // A condition a branch step tests: a built-in comparison of the value at `path` with `value`, or
@@ -438,9 +439,8 @@ class workflows {
   resolved resolve(std::string_view workflow, std::string_view version) const;
   // Runs operator action `call` (its time: now) through the operate process.
   absl::StatusOr<commit> operate(detail::operator_call call);
-  // Parks instance `w` (seen with status w.status) as stuck with `reason`, of `kind`
-  // ("undefined", "missing_step", "missing_compensation").
-  absl::StatusOr<bool> park(const workflow_instance& w, std::string reason, const char* kind);
+  // Parks instance `w` (seen with status w.status) as stuck with `reason`, of `kind`.
+  absl::StatusOr<bool> park(const workflow_instance& w, std::string reason, detail::park_kind kind);
   // The stored record of instance `id` in `snap`: kInvalidArgument for an id that is not a path
   // segment, kNotFound naming the snapshot's version if there is none.
   absl::StatusOr<value_view> record_view(const snapshot& snap, std::string_view id) const;

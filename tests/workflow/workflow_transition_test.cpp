@@ -327,8 +327,8 @@ TEST_CASE("the events' codecs round-trip and name what is wrong", "[workflow]") 
   CHECK(failed.compensation);
 
   const std::vector<d::operator_call> ops = {
-      {"a", 1, d::park_action{"running", "r", "operator"}},
-      {"b", 2, d::resume_action{"undefined", "by"}},
+      {"a", 1, d::park_action{"running", "r", d::park_kind::by_operator}},
+      {"b", 2, d::resume_action{d::park_kind::undefined, "by"}},
       {"c", 3, d::restart_action{"s", "v2"}},
       {"d", 4, d::cancel_action{"why"}},
   };
@@ -398,6 +398,7 @@ TEST_CASE("the instance record has one codec: every field round-trips, unknown m
   CHECK(r.status == d::instance_status::unknown);
   CHECK(r.status_name() == "paused_by_v9");
   CHECK(r.stuck->status == "waiting");
+  CHECK(r.stuck->kind == d::park_kind::by_operator);
   CHECK(!r.stuck->resumable);
   CHECK(r.retry->attempt == 3);
   CHECK(r.fan_out->children.at("i1-fan-1-0") == d::instance_status::completed);
@@ -418,6 +419,14 @@ TEST_CASE("the instance record has one codec: every field round-trips, unknown m
       json{{"system", {{"workflows", {{"i1", stored}}}}}}, json::object());
   INFO(read.status());
   REQUIRE(read.ok());
+
+  // A reason for parking this program does not know is kept by name, as a status is.
+  json future = stored;
+  future["stuck"]["kind"] = "quarantined_by_v9";
+  const d::instance_record f = d::instance_record::from_json(future);
+  CHECK(f.stuck->kind == d::park_kind::unknown);
+  CHECK(!d::for_lack_of_definition(f.stuck->kind));
+  CHECK(f.to_json() == future);
 
   // Optional members are absent when unset; members of the wrong type read as absent.
   const json minimal = d::instance_record().to_json();

@@ -74,21 +74,21 @@ std::vector<std::shared_ptr<const defined_workflow>> machine::all() const {
 
 resolution machine::resolve(std::string_view workflow, std::string_view version) const {
   if (std::shared_ptr<const defined_workflow> d = find(workflow, version)) {
-    return {std::move(d), "", ""};
+    return {std::move(d), "", park_kind::unknown};
   }
   const std::vector<std::string> defined_versions = versions(workflow);
   if (defined_versions.empty()) {
     return {nullptr,
             absl::StrCat("its workflow '", to_absl(workflow), "' (definition version ",
                          to_absl(version), ") is not defined in this program"),
-            "undefined"};
+            park_kind::undefined};
   }
   return {nullptr,
           absl::StrCat("its definition version '", to_absl(version), "' of workflow '",
                        to_absl(workflow), "' is not defined in this program (it defines ",
                        absl::StrJoin(defined_versions, ", "),
                        "): define that version beside the new one, or migrate the instance"),
-          "missing_version"};
+          park_kind::missing_version};
 }
 
 // ---- transitions -----------------------------------------------------------------------------
@@ -119,7 +119,7 @@ void machine::settle(instance_txn& t) const {
       parent.park(absl::StrCat(r.def ? "its fan-out step is not in its workflow" : r.reason,
                                " when its child '", t.id(), "' ended (", t.status_text(),
                                "): restart it from a step, migrate or cancel it"),
-                  r.def ? "missing_step" : r.kind, false);
+                  r.def ? park_kind::missing_step : r.kind, false);
       parent.save();
       return;
     }
@@ -146,7 +146,7 @@ void machine::settle(instance_txn& t) const {
                                    : r.reason,
                              " when its child '", t.id(), "' ended (", t.status_text(),
                              "): restart it from a step, migrate or cancel it"),
-                r.def ? "missing_step" : r.kind, false);
+                r.def ? park_kind::missing_step : r.kind, false);
     parent.save();
     return;
   }
@@ -391,7 +391,7 @@ void machine::fail_step(instance_txn& t, const workflow_step& step, const proces
   if (kind.on_exhausted == exhausted_action::pause) {
     // Resumed by an operator, it runs the step again with a fresh set of attempts.
     t.rec().retry = retry_state(step.name, 1, false);
-    t.park(absl::StrCat(reason, ": resume it to try again"), "retries_exhausted");
+    t.park(absl::StrCat(reason, ": resume it to try again"), park_kind::retries_exhausted);
     return;
   }
   t.rec().retry.reset();
@@ -415,7 +415,7 @@ void machine::fail_compensation(instance_txn& t, const workflow_step& step,
     t.rec().retry = retry_state(step.name, 1, true);
     t.park(absl::StrCat(what, " of step '", step.name, "' failed", *after, ": ", error,
                         ": resume it to try again"),
-           "retries_exhausted");
+           park_kind::retries_exhausted);
     return;
   }
   t.rec().error = absl::StrCat(t.rec().error, "; ", what, " failed", *after, ": ", error);
@@ -807,7 +807,7 @@ absl::StatusOr<result> machine::receive(const context& ctx, const outbox_message
         t.park(absl::StrCat(d ? "its step '" + t.cursor() + "' is not in its workflow" : r.reason,
                             " when ", what,
                             ": restart it from the step that handles it, or migrate it"),
-               d ? "missing_step" : r.kind, false);
+               d ? park_kind::missing_step : r.kind, false);
       } else {
         t.cannot_resume(what);
       }

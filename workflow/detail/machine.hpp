@@ -31,7 +31,7 @@ struct predicate_entry {
 struct resolution {
   std::shared_ptr<const defined_workflow> def;
   std::string reason;
-  const char* kind = "";
+  park_kind kind = park_kind::unknown;
 };
 
 class machine {

@@ -204,10 +204,10 @@ json to_args(const operator_call& c) {
                  [&](const park_action& a) {
                    args["expect"] = a.expect;
                    args["reason"] = a.reason;
-                   args["kind"] = a.kind;
+                   args["kind"] = park_kind_name(a.kind);
                  },
                  [&](const resume_action& a) {
-                   if (!a.kind.empty()) args["kind"] = a.kind;
+                   if (a.kind) args["kind"] = park_kind_name(*a.kind);
                    args["by"] = a.by;
                  },
                  [&](const restart_action& a) {
@@ -233,11 +233,13 @@ absl::StatusOr<operator_call> operator_call_from(const json& args) {
     park_action a;
     POP_ASSIGN_OR_RETURN(a.expect, field<std::string>(args, "expect"));
     POP_ASSIGN_OR_RETURN(a.reason, field<std::string>(args, "reason"));
-    POP_ASSIGN_OR_RETURN(a.kind, field<std::string>(args, "kind", a.kind));
+    POP_ASSIGN_OR_RETURN(const std::string kind, field<std::string>(args, "kind", "operator"));
+    a.kind = parse_park_kind(kind);
     c.action = std::move(a);
   } else if (action == "resume") {
     resume_action a;
-    POP_ASSIGN_OR_RETURN(a.kind, field<std::string>(args, "kind", ""));
+    POP_ASSIGN_OR_RETURN(const std::string kind, field<std::string>(args, "kind", ""));
+    if (!kind.empty()) a.kind = parse_park_kind(kind);
     POP_ASSIGN_OR_RETURN(a.by, field<std::string>(args, "by", a.by));
     c.action = std::move(a);
   } else if (action == "restart") {

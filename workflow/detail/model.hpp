@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "pop/contracts/json.hpp"
+#include "pop/workflow/detail/record.hpp"
 #include "pop/workflow/workflow.hpp"
 
 namespace pop::detail {
@@ -151,11 +152,11 @@ absl::StatusOr<step_call> step_call_from(const json& args);
 struct park_action {
   std::string expect;
   std::string reason;
-  std::string kind = "operator";  // why: see instance_txn::park
+  park_kind kind = park_kind::by_operator;
 };
 // Put a stuck instance back in the status it had; only one parked with `kind` if that is set.
 struct resume_action {
-  std::string kind;
+  std::optional<park_kind> kind;
   std::string by = "resumed by an operator";  // its history entry
 };
 // Move a stuck or ended instance to `step`, running, on version `version` (empty: its own).

@@ -116,8 +116,13 @@ void read_member(instance_record& r, std::string_view key, json value) {
     set_text(r.wait_key);
   } else if (key == "stuck") {
     if (value.is_object()) {
-      r.stuck = rec::stuck_info{text_of(value, "status"), text_of(value, "reason"),
-                                text_of(value, "kind"), integer_of(value, "at_us"),
+      const std::string kind = text_of(value, "kind");
+      const park_kind parsed = parse_park_kind(kind);
+      r.stuck = rec::stuck_info{text_of(value, "status"),
+                                text_of(value, "reason"),
+                                parsed,
+                                parsed == park_kind::unknown ? kind : std::string(),
+                                integer_of(value, "at_us"),
                                 flag_of(value, "resumable", true)};
     }
   } else if (key == "retry") {
@@ -146,7 +151,30 @@ void read_member(instance_record& r, std::string_view key, json value) {
   }
 }
 
+constexpr std::pair<park_kind, std::string_view> park_kind_names[] = {
+    {park_kind::undefined, "undefined"},
+    {park_kind::missing_version, "missing_version"},
+    {park_kind::missing_step, "missing_step"},
+    {park_kind::missing_compensation, "missing_compensation"},
+    {park_kind::retries_exhausted, "retries_exhausted"},
+    {park_kind::by_operator, "operator"},
+};
+
 }  // namespace
+
+std::string_view park_kind_name(park_kind k) {
+  for (const auto& [kind, name] : park_kind_names) {
+    if (kind == k) return name;
+  }
+  return "unknown";
+}
+
+park_kind parse_park_kind(std::string_view name) {
+  for (const auto& [kind, text] : park_kind_names) {
+    if (text == name) return kind;
+  }
+  return park_kind::unknown;
+}
 
 std::string_view status_name(instance_status s) {
   for (const auto& [status, name] : status_names) {
@@ -290,7 +318,7 @@ json instance_record::encode(Record&& r) {
     json st(json::value_t::object);
     json::object_t& so = st.get_ref<json::object_t&>();
     put(so, "at_us", r.stuck->at_us);
-    put(so, "kind", r.stuck->kind);
+    put(so, "kind", r.stuck->kind_name());
     put(so, "reason", r.stuck->reason);
     put(so, "resumable", r.stuck->resumable);
     put(so, "status", r.stuck->status);

@@ -50,6 +50,27 @@ inline bool is_runnable(instance_status s) {
   return s == instance_status::running || s == instance_status::compensating;
 }
 
+// Why an instance is parked stuck; stored by name ("undefined", "missing_version",
+// "missing_step", "missing_compensation", "retries_exhausted", "operator"), a name this program
+// does not know reading as `unknown`.
+enum class park_kind : char {
+  undefined,             // its workflow is not defined in this program
+  missing_version,       // its version is not
+  missing_step,          // the step it is at (or waits on) is not in its version here
+  missing_compensation,  // a step it must compensate has no compensation here
+  retries_exhausted,     // a step's retries ran out with on_exhausted "pause"
+  by_operator,           // an operator (or something an operator must decide) parked it
+  unknown,
+};
+std::string_view park_kind_name(park_kind k);
+park_kind parse_park_kind(std::string_view name);
+// Parked for lack of something a program may define (undefined, missing_version, missing_step,
+// missing_compensation): a definition or a migration that brings it resumes the instance.
+inline bool for_lack_of_definition(park_kind k) {
+  return k == park_kind::undefined || k == park_kind::missing_version ||
+         k == park_kind::missing_step || k == park_kind::missing_compensation;
+}
+
 // A workflow instance's record. Optional fields are absent from the stored JSON when empty;
 // members this program does not know are kept as they are (`extra`), so a record written by a
 // newer program survives a step of an older one.
@@ -58,9 +79,15 @@ struct instance_record {
   struct stuck_info {
     std::string status{};  // the status it had, by name (kept even if this program lacks it)
     std::string reason{};
-    std::string kind{};  // "undefined", "missing_version", "missing_step", ... (see park())
+    park_kind kind = park_kind::unknown;
+    std::string kind_text{};  // the stored name when kind is unknown (kept as it was)
     std::int64_t at_us = 0;
     bool resumable = true;
+    // The kind by name, as stored.
+    std::string_view kind_name() const {
+      return kind == park_kind::unknown && !kind_text.empty() ? std::string_view(kind_text)
+                                                              : park_kind_name(kind);
+    }
     bool operator==(const stuck_info&) const = default;
   };
   // A failed step (or compensation) waiting to run again, as attempt `attempt`.

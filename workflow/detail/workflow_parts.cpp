@@ -212,7 +212,7 @@ void park_parent_of_cancelled(const workflow_options& o, const context& ctx, res
     const std::string what = absl::StrCat("its child '", t.id(), "' was cancelled by an operator (",
                                           t.status_text(), ")");
     if (parent.status() == instance_status::waiting) {
-      parent.park(what + "; restart it from a step or cancel it", "operator", false);
+      parent.park(what + "; restart it from a step or cancel it", park_kind::by_operator, false);
     } else if (parent.stuck_waiting()) {
       parent.cannot_resume(what);
     }
@@ -221,7 +221,7 @@ void park_parent_of_cancelled(const workflow_options& o, const context& ctx, res
     const std::string what = absl::StrCat("its child '", t.id(), "' was cancelled by an operator (",
                                           t.status_text(), ")");
     if (parent.status() == instance_status::waiting) {
-      parent.park(what + "; restart it from a step or cancel it", "operator", false);
+      parent.park(what + "; restart it from a step or cancel it", park_kind::by_operator, false);
       parent.save();
     } else if (parent.stuck_waiting(t.id())) {
       parent.cannot_resume(what);
@@ -264,7 +264,7 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
               return absl::FailedPreconditionError(absl::StrCat(
                   "workflow instance '", t.id(), "' cannot be resumed: ", stuck.reason));
             }
-            if (!a.kind.empty() && stuck.kind != a.kind) {
+            if (a.kind && stuck.kind != *a.kind) {
               return false;  // define() resumes only what a missing definition parked
             }
             const std::string before = stuck.status.empty() ? "running" : stuck.status;
@@ -447,17 +447,14 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     }
     t.history(next_cursor, absl::StrCat("migrated from version '", from, "' to '", to, "'",
                                         cursor == next_cursor ? "" : absl::StrCat(" (", at, ")")));
-    const std::string kind = stuck ? stuck->kind : "";
-    if (stuck && stuck->resumable &&
-        (kind == "undefined" || kind == "missing_version" || kind == "missing_step" ||
-         kind == "missing_compensation")) {
+    if (stuck && stuck->resumable && for_lack_of_definition(stuck->kind)) {
       // Parked for lack of what the new version has: it goes on.
       t.unpark();
       t.restore_status(effective_name);
       t.refresh_timer();
     } else if (stuck) {
       out.set(t.index_path("stuck", t.id()),
-              json{{"workflow", workflow}, {"version", to}, {"kind", kind}});
+              json{{"workflow", workflow}, {"version", to}, {"kind", stuck->kind_name()}});
     }
     t.refresh_timer();
     t.save();

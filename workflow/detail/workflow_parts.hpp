@@ -198,18 +198,17 @@ class instance_txn {
     }
   }
 
-  // Parks the instance as stuck with `reason`; `kind` says why ("undefined": its workflow is not
-  // defined in the program; "missing_step"; "operator"). An index entry lets define() find the
-  // instances that a returning definition unparks.
-  void park(const std::string& reason, const std::string& kind, bool resumable = true) {
-    rec_.stuck = instance_record::stuck_info{status_text(), reason, kind, now_, resumable};
+  // Parks the instance as stuck with `reason`; `kind` says why. An index entry lets define() find
+  // the instances that a returning definition unparks.
+  void park(const std::string& reason, park_kind kind, bool resumable = true) {
+    rec_.stuck = instance_record::stuck_info{status_text(), reason, kind, "", now_, resumable};
     history(rec_.cursor, absl::StrCat("stuck: ", reason));
     set_status(instance_status::stuck);
     refresh_timer();
     json entry(json::value_t::object);
     entry["workflow"] = rec_.workflow;
     entry["version"] = rec_.version;
-    entry["kind"] = kind;
+    entry["kind"] = park_kind_name(kind);
     out_.set(index_path("stuck", id_), std::move(entry));
   }
   // Forgets that the instance was stuck (the caller sets its new status).
