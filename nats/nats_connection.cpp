@@ -96,9 +96,11 @@ absl::Status validate(const nats_connection_options& o) {
           absl::StrCat("nats_connection_options.servers: '", s, "' is not a server URL"));
     }
   }
-  if (o.connect_timeout.count() <= 0 || o.api_timeout.count() <= 0) {
+  if (o.connect_timeout.count() <= 0 || o.api_timeout.count() <= 0 ||
+      o.write_deadline.count() <= 0) {
     return absl::InvalidArgumentError(
-        "nats_connection_options: connect_timeout and api_timeout must be positive");
+        "nats_connection_options: connect_timeout, api_timeout and write_deadline must be "
+        "positive");
   }
   if (o.reconnect_wait.count() < 0 || o.max_reconnect < -1 || o.reconnect_buffer_bytes <= 0) {
     return absl::InvalidArgumentError(
@@ -155,6 +157,8 @@ absl::StatusOr<std::unique_ptr<nats_connection>> nats_connection::connect(
   POP_RETURN_IF_ERROR(check(natsOptions_SetName(no.get(), o.name.c_str()), "name"));
   POP_RETURN_IF_ERROR(
       check(natsOptions_SetTimeout(no.get(), o.connect_timeout.count()), "timeout"));
+  POP_RETURN_IF_ERROR(
+      check(natsOptions_SetWriteDeadline(no.get(), o.write_deadline.count()), "write_deadline"));
   POP_RETURN_IF_ERROR(
       check(natsOptions_SetMaxReconnect(no.get(), o.max_reconnect), "max_reconnect"));
   POP_RETURN_IF_ERROR(

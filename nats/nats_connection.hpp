@@ -42,8 +42,11 @@ struct nats_connection_options {
   nats_tls_options tls{};
   std::chrono::milliseconds connect_timeout{2'000};  // per connection attempt
   std::chrono::milliseconds api_timeout{5'000};      // JetStream API requests (stream, consumer)
-  int max_reconnect = -1;                            // attempts after a disconnect; -1: forever
-  std::chrono::milliseconds reconnect_wait{100};     // between attempts to the same server
+  // A socket write blocked this long (a server that stopped reading) drops the connection, which
+  // then reconnects, instead of blocking the publishing or acknowledging thread for good.
+  std::chrono::milliseconds write_deadline{2'000};
+  int max_reconnect = -1;                         // attempts after a disconnect; -1: forever
+  std::chrono::milliseconds reconnect_wait{100};  // between attempts to the same server
   int reconnect_buffer_bytes = 8 << 20;  // publishes buffered while disconnected (positive);
                                          // beyond, a publish fails (kUnavailable), retried later
   bool retry_initial_connect = false;    // connect() returns at once and connects in background

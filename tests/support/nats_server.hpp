@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -53,6 +54,9 @@ class nats_server {
     const std::string store = store_.string();
     std::error_code ec;
     std::filesystem::remove(store_ / "server.log", ec);  // readiness is read from a fresh log
+    // Quiet unless asked: its log goes to the store directory. (Built before the fork: the child
+    // of a threaded process must not allocate.)
+    const std::string log = store + "/server.log";
     pid_ = fork();
     if (pid_ < 0) throw std::runtime_error("nats_server: fork failed");
     if (pid_ == 0) {
@@ -65,8 +69,6 @@ class nats_server {
         dup2(null_fd, 1);
         dup2(null_fd, 2);
       }
-      // Quiet unless asked: its log goes to the store directory.
-      const std::string log = store + "/server.log";
       execlp("nats-server", "nats-server", "-js", "-a", "127.0.0.1", "-p", port.c_str(), "-sd",
              store.c_str(), "-l", log.c_str(), static_cast<char*>(nullptr));
       _exit(127);
@@ -86,12 +88,22 @@ class nats_server {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
   }
-  // Stops it with SIGTERM (SIGKILL if `hard`) and waits for it to exit.
+  // Stops it with SIGTERM (SIGKILL if `hard`, or if it has not exited 10 s after SIGTERM) and
+  // waits for it to exit.
   void stop(bool hard = false) {
     if (pid_ <= 0) return;
     kill(pid_, hard ? SIGKILL : SIGTERM);
     int st = 0;
-    waitpid(pid_, &st, 0);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (waitpid(pid_, &st, WNOHANG) != pid_) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        std::fprintf(stderr, "nats_server: nats-server did not exit 10 s after SIGTERM: killed\n");
+        kill(pid_, SIGKILL);
+        waitpid(pid_, &st, 0);  // bounded: SIGKILL cannot be ignored
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
     pid_ = -1;
   }
   void restart() {
