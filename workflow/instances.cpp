@@ -457,8 +457,9 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   POP_ASSIGN_OR_RETURN(const value_view rec, record_view(snap, id));
   const auto text = [](const value_view& f) {
     if (!f || f.is_object()) return std::string();
-    const json j = f.to_json();
-    return j.is_string() ? j.get<std::string>() : std::string();
+    json j = f.to_json();
+    std::string* s = j.get_ptr<std::string*>();
+    return s ? std::move(*s) : std::string();
   };
   workflow_instance w;
   w.id = std::string(id);

@@ -586,7 +586,7 @@ absl::StatusOr<result> machine::step(const process_fn& fn, const context& ctx,
   result out;
   instance_txn t(options_, ctx, out, c.id, c.now);
   if (!t.load()) return out;
-  const std::shared_ptr<const defined_workflow> d = find(t.workflow(), t.version());
+  const std::shared_ptr<const defined_workflow> d = find(t.rec().workflow, t.rec().version);
   if (!d) return out;
   const defined_workflow::compiled* at = d->find(c.step);
   const workflow_step* step = at ? at->step : nullptr;
@@ -612,7 +612,7 @@ absl::StatusOr<result> machine::step(const process_fn& fn, const context& ctx,
     t.save_last();
     return out;
   }
-  if (t.status() != instance_status::running || t.cursor() != c.step) return out;
+  if (t.status() != instance_status::running || t.rec().cursor != c.step) return out;
   if (!t.retrying(c.step) && !t.visit(*step)) {
     settle(t);
     t.save_last();
