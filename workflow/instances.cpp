@@ -233,13 +233,20 @@ subscription workflows::wait_for(
   auto w = std::make_shared<waiter>();
   w->done = std::move(done);
   w->id = std::string(id);
-  const auto check = [this, w, ended_index](bool first) {
+  // (An id that is not a path segment fails the first look with inspect()'s error.)
+  const absl::StatusOr<path> record =
+      path::parse(absl::StrCat(options_.instances, ".", detail::to_absl(id)));
+  const auto check = [this, w, ended_index, record](bool first) {
     {
       std::lock_guard lock(w->mu);
       if (w->fired) return;
     }
-    // After the first look, an instance has ended only if the ended index has its id.
-    if (!first && !engine_.snapshot().view(ended_index).member(w->id)) return;
+    // After the first look, an instance has ended only if the ended index has its id, or its
+    // record is gone (purged after it ended: then kNotFound).
+    if (!first) {
+      const snapshot snap = engine_.snapshot();
+      if (!record.ok() || (!snap.view(ended_index).member(w->id) && snap.view(*record))) return;
+    }
     absl::StatusOr<workflow_instance> now = inspect(w->id, false);
     if (now.ok() && !ended(now->status)) return;
     std::function<void(absl::StatusOr<workflow_instance>)> fn;

@@ -329,9 +329,11 @@ class workflows {
   // cancelled):
   // at once, on this thread, if it already has or does not exist (kNotFound), else from the
   // thread of the commit that ended it. Keep the returned subscription: resetting or destroying
-  // it stops the wait (and waits for a call in progress); do not reset it from inside `done`.
-  // Each waiting call looks at its instance once per commit until it fires. This object must
-  // outlive it. See also pop::wait_for (workflow_runner.hpp), the awaitable form.
+  // it stops the wait (and waits for a call in progress); do not reset it, or call wait_for,
+  // from inside `done`. A commit that ends no instance costs the waiters nothing; after one that
+  // does (or purges one), each looks up its id in the index of ended instances. An instance
+  // purged before its waiter saw it end is reported as kNotFound. This object must outlive the
+  // subscription. See also pop::wait_for (workflow_runner.hpp), the awaitable form.
   [[nodiscard]] subscription wait_for(
       std::string_view id, std::function<void(absl::StatusOr<workflow_instance>)> done) const;
   // Whether `status` is one an instance ends with.

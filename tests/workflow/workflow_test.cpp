@@ -966,6 +966,24 @@ TEST_CASE("many waiters: each is called once, when its own instance ends, howeve
   }
   CHECK(late_calls == 0);
   CHECK(std::accumulate(calls.begin(), calls.end(), 0) == n);
+
+  // A record gone before its waiter saw the instance end (as a purge removes one): kNotFound.
+  REQUIRE(wf.start("linear", "gone", {{"tag", "x"}}).ok());
+  std::optional<absl::StatusOr<pop::workflow_instance>> gone;
+  pop::subscription gone_sub =
+      wf.wait_for("gone", [&](absl::StatusOr<pop::workflow_instance> w) { gone = w; });
+  REQUIRE(e.register_process({.name = "remove_record", .inputs = {"system"}, .outputs = {"system"}},
+                             [](const pop::context&, const json&) {
+                               pop::result r;
+                               r.erase("system.workflows.gone");
+                               r.set("system.workflow_index.ended.someone_else",
+                                     1);  // the index changes
+                               return r;
+                             })
+              .ok());
+  REQUIRE(e.execute("remove_record", json::object()).ok());
+  REQUIRE(gone.has_value());
+  CHECK(gone->status().code() == absl::StatusCode::kNotFound);
 }
 
 TEST_CASE("list filters instances and metrics count them in the Prometheus format",

@@ -72,8 +72,9 @@ inline bool for_lack_of_definition(park_kind k) {
 }
 
 // A workflow instance's record. Optional fields are absent from the stored JSON when empty;
-// members this program does not know are kept as they are (`extra`), so a record written by a
-// newer program survives a step of an older one.
+// top-level members this program does not know are kept as they are (`extra`), so a record
+// written by a newer program survives a step of an older one (members it does not know inside
+// the known ones, such as a new field of "stuck", are not kept).
 struct instance_record {
   // Parked for an operator (status stuck): what it was, and why.
   struct stuck_info {
