@@ -49,14 +49,9 @@ absl::StatusOr<std::uint64_t> workflows::start(std::string_view workflow, std::s
   const std::int64_t now = engine_.clock().now_us();
   // The version and its start step go with the call: the start process is shared by every
   // workflows object of the engine and knows none of their definitions.
-  json args = {{"workflow", workflow},
-               {"version", def->version},
-               {"start", def->def.start},
-               {"id", id},
-               {"inputs", std::move(inputs)},
-               {"now", now},
-               {"idempotent", options_.idempotent_start}};
-  if (timeout_ms > 0) args["deadline_us"] = now + timeout_ms * 1000;
+  const json args = detail::to_args(detail::start_call{
+      std::string(id), now, std::string(workflow), def->version, def->def.start, std::move(inputs),
+      timeout_ms > 0 ? now + timeout_ms * 1000 : 0, options_.idempotent_start});
   POP_ASSIGN_OR_RETURN(commit c, engine_.execute(start_process, args));
   return c.version;
 }

@@ -184,23 +184,20 @@ absl::Status workflows::register_control(const std::shared_ptr<const defined>& d
     POP_RETURN_IF_ERROR(engine_.register_process(
         {.name = std::string(start_process), .inputs = owned, .outputs = owned},
         [o = options_](const context& ctx, const json& args) -> absl::StatusOr<result> {
+          POP_ASSIGN_OR_RETURN(detail::start_call c, detail::start_call_from(args));
           result out;
-          detail::instance_txn t(o, ctx, out, args.at("id").get<std::string>(),
-                                 args.at("now").get<std::int64_t>());
+          detail::instance_txn t(o, ctx, out, c.id, c.now);
           if (t.load()) {
             // Starting the same instance again (a retried request) is not an error.
-            const bool same =
-                t.rec().workflow == args.at("workflow") && t.rec().inputs == args.at("inputs");
-            if (same && args.value("idempotent", true)) return out;
+            const bool same = t.rec().workflow == c.workflow && t.rec().inputs == c.inputs;
+            if (same && c.idempotent) return out;
             return absl::AlreadyExistsError(absl::StrCat(
                 "workflow instance '", t.id(), "' already exists",
                 same ? ""
                      : absl::StrCat(" (workflow '", t.rec().workflow,
                                     "' with other inputs: ", t.rec().inputs.dump(), ")")));
           }
-          const std::int64_t deadline = args.value("deadline_us", std::int64_t{0});
-          t.create(args.at("workflow").get<std::string>(), args.at("version").get<std::string>(),
-                   args.at("start").get<std::string>(), args.at("inputs"), deadline);
+          t.create(c.workflow, c.version, c.start, std::move(c.inputs), c.deadline_us);
           t.save_last();
           return out;
         }));

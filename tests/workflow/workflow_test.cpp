@@ -1146,3 +1146,34 @@ TEST_CASE("a child that ends at the wait right after a process step moves its pa
   CHECK(kids == 1);
   CHECK(wf->inspect("m").value().status == "failed");  // it waited forever before
 }
+
+TEST_CASE("the engine's workflow processes refuse malformed arguments and change nothing",
+          "[workflow]") {
+  pop::engine e;
+  auto wf_owner = pop::test::must(pop::workflows::create(e));
+  pop::workflows& wf = *wf_owner;
+  register_steps(wf);
+  REQUIRE(wf.define(parse(linear)).ok());
+  REQUIRE(wf.start("linear", "ok1", {{"tag", "x"}}).ok());
+  const std::uint64_t before = e.version();
+  const std::vector<std::pair<std::string, json>> calls = {
+      {"workflow.start", {{"id", "x"}}},
+      {"workflow.start",
+       {{"id", "a.b"},
+        {"now", 1},
+        {"workflow", "linear"},
+        {"version", "v"},
+        {"start", "s"},
+        {"inputs", json::object()}}},
+      {"workflow.operate", {{"id", "ok1"}, {"now", 1}, {"action", "dance"}}},
+      {"workflow.operate", {{"id", "ok1"}, {"action", "resume"}}},
+      {"workflow.operate", json::array()},
+  };
+  for (const auto& [process, args] : calls) {
+    INFO(process << " " << args.dump());
+    const absl::StatusOr<pop::commit> c = e.execute(process, args);
+    CHECK(c.status().code() == absl::StatusCode::kInvalidArgument);
+  }
+  CHECK(e.version() == before);
+  CHECK(wf.inspect("ok1").value().status == "running");
+}

@@ -338,6 +338,19 @@ TEST_CASE("the events' codecs round-trip and name what is wrong", "[workflow]") 
   const d::step_call s{"i", 5, "send", true};
   CHECK(d::to_args(d::step_call_from(d::to_args(s)).value()) == d::to_args(s));
 
+  const d::start_call start{"s1", 6, "ship", "v1", "check", {{"order", "o1"}}, 99, false};
+  const d::start_call start_back = d::start_call_from(d::to_args(start)).value();
+  CHECK(d::to_args(start_back) == d::to_args(start));
+  CHECK(start_back.deadline_us == 99);
+  CHECK(!start_back.idempotent);
+  // An id that is not one path segment would nest one instance in another: refused.
+  const absl::StatusOr<d::start_call> nested =
+      d::start_call_from(d::to_args(d::start_call{"a.b", 1, "ship", "v1", "check"}));
+  CHECK(nested.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(absl::StrContains(nested.status().message(), "'id'"));
+  CHECK(d::control_call_from({{"id", "a.b"}, {"now", 1}, {"action", "step"}}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+
   const absl::StatusOr<d::control_call> unknown =
       d::control_call_from({{"id", "i"}, {"now", 1}, {"action", "dance"}});
   CHECK(unknown.status().code() == absl::StatusCode::kInvalidArgument);

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "pop/contracts/path.hpp"
 #include "pop/contracts/status.hpp"
 
 namespace pop::detail {
@@ -50,6 +51,15 @@ absl::StatusOr<T> field(const json& args, std::string_view name,
   }
   return absl::InvalidArgumentError(absl::StrCat("workflow process argument '", to_absl(name),
                                                  "' is ", it->dump(), ", of the wrong type"));
+}
+
+// OK if `id` can name an instance: one path segment ("a.b" would nest it in instance "a").
+absl::Status instance_id(const std::string& id) {
+  if (absl::Status s = validate_segment(id); !s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workflow process argument 'id': ", s.message()));
+  }
+  return absl::OkStatus();
 }
 
 // An object with "id" and "now", the start of every call's arguments (built member by member:
@@ -140,6 +150,7 @@ absl::StatusOr<control_call> control_call_from(const json& args) {
   }
   control_call c;
   POP_ASSIGN_OR_RETURN(c.id, field<std::string>(args, "id"));
+  POP_RETURN_IF_ERROR(instance_id(c.id));
   POP_ASSIGN_OR_RETURN(c.now, field<std::int64_t>(args, "now"));
   POP_ASSIGN_OR_RETURN(const std::string action, field<std::string>(args, "action"));
   if (action == "step") {
@@ -180,10 +191,49 @@ absl::StatusOr<step_call> step_call_from(const json& args) {
   }
   step_call c;
   POP_ASSIGN_OR_RETURN(c.id, field<std::string>(args, "id"));
+  POP_RETURN_IF_ERROR(instance_id(c.id));
   POP_ASSIGN_OR_RETURN(c.now, field<std::int64_t>(args, "now"));
   POP_ASSIGN_OR_RETURN(c.step, field<std::string>(args, "step"));
   POP_ASSIGN_OR_RETURN(const std::string mode, field<std::string>(args, "mode", ""));
   c.compensation = mode == "compensate";
+  return c;
+}
+
+json to_args(start_call c) {
+  json args = call_args(c.id, c.now);
+  args["workflow"] = std::move(c.workflow);
+  args["version"] = std::move(c.version);
+  args["start"] = std::move(c.start);
+  args["inputs"] = std::move(c.inputs);
+  if (c.deadline_us > 0) args["deadline_us"] = c.deadline_us;
+  args["idempotent"] = c.idempotent;
+  return args;
+}
+
+absl::StatusOr<start_call> start_call_from(const json& args) {
+  if (!args.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workflow start arguments are ", args.dump(), ", not an object"));
+  }
+  start_call c;
+  POP_ASSIGN_OR_RETURN(c.id, field<std::string>(args, "id"));
+  POP_RETURN_IF_ERROR(instance_id(c.id));
+  POP_ASSIGN_OR_RETURN(c.now, field<std::int64_t>(args, "now"));
+  POP_ASSIGN_OR_RETURN(c.workflow, field<std::string>(args, "workflow"));
+  POP_ASSIGN_OR_RETURN(c.version, field<std::string>(args, "version"));
+  POP_ASSIGN_OR_RETURN(c.start, field<std::string>(args, "start"));
+  POP_ASSIGN_OR_RETURN(c.deadline_us, field<std::int64_t>(args, "deadline_us", 0));
+  const auto inputs = args.find("inputs");
+  if (inputs == args.end() || !inputs->is_object()) {
+    return absl::InvalidArgumentError("workflow start arguments lack 'inputs' (an object)");
+  }
+  c.inputs = *inputs;
+  const auto idempotent = args.find("idempotent");
+  if (idempotent != args.end() && !idempotent->is_boolean()) {
+    return absl::InvalidArgumentError(absl::StrCat("workflow process argument 'idempotent' is ",
+                                                   idempotent->dump(), ", of the wrong type"));
+  }
+  c.idempotent = idempotent == args.end() || idempotent->get<bool>();
   return c;
 }
 
@@ -227,6 +277,7 @@ absl::StatusOr<operator_call> operator_call_from(const json& args) {
   }
   operator_call c;
   POP_ASSIGN_OR_RETURN(c.id, field<std::string>(args, "id"));
+  POP_RETURN_IF_ERROR(instance_id(c.id));
   POP_ASSIGN_OR_RETURN(c.now, field<std::int64_t>(args, "now"));
   POP_ASSIGN_OR_RETURN(const std::string action, field<std::string>(args, "action"));
   if (action == "park") {

@@ -146,6 +146,22 @@ struct step_call {
 json to_args(const step_call& c);
 absl::StatusOr<step_call> step_call_from(const json& args);
 
+// The arguments of the start process: start instance `id` of version `version` of `workflow` at
+// its step `start` with `inputs` (a deadline_us of 0: none); an existing instance with the same
+// workflow and inputs is left as it is if `idempotent`.
+struct start_call {
+  std::string id;
+  std::int64_t now = 0;
+  std::string workflow;
+  std::string version;
+  std::string start;
+  json inputs = json::object();
+  std::int64_t deadline_us = 0;
+  bool idempotent = true;
+};
+json to_args(start_call c);
+absl::StatusOr<start_call> start_call_from(const json& args);
+
 // ---- operator actions (workflow_operate_process) ---------------------------------------------
 
 // Park a running or waiting instance, if it still has status `expect`, as stuck with `reason`.
