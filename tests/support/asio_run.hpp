@@ -6,6 +6,7 @@
 #include <chrono>
 #include <exception>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include <boost/asio/awaitable.hpp>
@@ -21,15 +22,29 @@
 namespace pop::test {
 
 // Runs `work` on `io` until it and everything it started are done; returns its status. An
-// exception escaping `work` is rethrown; a coroutine that never finished fails the test.
-inline absl::Status run_on(boost::asio::io_context& io, boost::asio::awaitable<absl::Status> work) {
+// exception escaping `work` is rethrown; a coroutine that never finished fails the test, and so
+// does one still running after `limit` (it is cancelled first, so the test ends with a message
+// rather than at CTest's timeout).
+inline absl::Status run_on(boost::asio::io_context& io, boost::asio::awaitable<absl::Status> work,
+                           std::chrono::seconds limit = std::chrono::seconds(60)) {
   std::optional<absl::Status> out;
-  boost::asio::co_spawn(io, std::move(work), [&](std::exception_ptr e, absl::Status s) {
-    if (e) std::rethrow_exception(e);
-    out = std::move(s);
-  });
+  boost::asio::cancellation_signal stop;
+  boost::asio::co_spawn(
+      io, std::move(work),
+      boost::asio::bind_cancellation_slot(stop.slot(), [&](std::exception_ptr e, absl::Status s) {
+        if (e) std::rethrow_exception(e);
+        out = std::move(s);
+      }));
   io.restart();
-  io.run();
+  io.run_for(limit);
+  if (!io.stopped()) {  // work left at the limit
+    stop.emit(boost::asio::cancellation_type::terminal);
+    io.run_for(std::chrono::seconds(5));
+    io.stop();
+    FAIL("run_on: the coroutine (or what it started) was still running after "
+         << limit.count() << " s; it was cancelled"
+         << (out ? " and returned " + out->ToString() : std::string(" and did not return")));
+  }
   io.restart();
   REQUIRE(out.has_value());
   return *out;
