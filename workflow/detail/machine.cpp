@@ -11,15 +11,6 @@
 
 namespace pop::detail {
 
-namespace {
-template <class... F>
-struct overloaded : F... {
-  using F::operator()...;
-};
-template <class... F>
-overloaded(F...) -> overloaded<F...>;
-}  // namespace
-
 // ---- what this program defines ---------------------------------------------------------------
 
 void machine::add(std::shared_ptr<const defined_workflow> d) {

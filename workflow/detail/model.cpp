@@ -11,13 +11,6 @@ namespace pop::detail {
 
 namespace {
 
-template <class... F>
-struct overloaded : F... {
-  using F::operator()...;
-};
-template <class... F>
-overloaded(F...) -> overloaded<F...>;
-
 exhausted_action parse_exhausted(const std::string& s) {
   return s == "pause"        ? exhausted_action::pause
          : s == "compensate" ? exhausted_action::compensate

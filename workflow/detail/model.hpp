@@ -21,6 +21,14 @@
 
 namespace pop::detail {
 
+// Visits a std::variant with one lambda per alternative: std::visit(overloaded{...}, v).
+template <class... F>
+struct overloaded : F... {
+  using F::operator()...;
+};
+template <class... F>
+overloaded(F...) -> overloaded<F...>;
+
 // How a fan-out joins its children (workflow_step::join).
 enum class join_mode : char { all, any };
 // What a process step does when its retries are used up (workflow_retry::on_exhausted).

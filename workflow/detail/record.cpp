@@ -162,32 +162,40 @@ constexpr std::pair<park_kind, std::string_view> park_kind_names[] = {
 
 }  // namespace
 
-std::string_view park_kind_name(park_kind k) {
-  for (const auto& [kind, name] : park_kind_names) {
-    if (kind == k) return name;
+namespace {
+
+// The name of `value` in `table`, or "unknown"; and the value named `name`, or `unknown`.
+template <class E, std::size_t N>
+std::string_view name_in(const std::pair<E, std::string_view> (&table)[N], E value) {
+  for (const auto& [v, name] : table) {
+    if (v == value) return name;
   }
   return "unknown";
+}
+template <class E, std::size_t N>
+E parse_in(const std::pair<E, std::string_view> (&table)[N], std::string_view name, E unknown) {
+  for (const auto& [v, text] : table) {
+    if (text == name) return v;
+  }
+  return unknown;
+}
+
+}  // namespace
+
+std::string_view park_kind_name(park_kind k) {
+  return name_in(park_kind_names, k);
 }
 
 park_kind parse_park_kind(std::string_view name) {
-  for (const auto& [kind, text] : park_kind_names) {
-    if (text == name) return kind;
-  }
-  return park_kind::unknown;
+  return parse_in(park_kind_names, name, park_kind::unknown);
 }
 
 std::string_view status_name(instance_status s) {
-  for (const auto& [status, name] : status_names) {
-    if (status == s) return name;
-  }
-  return "unknown";
+  return name_in(status_names, s);
 }
 
 instance_status parse_status(std::string_view name) {
-  for (const auto& [status, text] : status_names) {
-    if (text == name) return status;
-  }
-  return instance_status::unknown;
+  return parse_in(status_names, name, instance_status::unknown);
 }
 
 std::string_view instance_record::status_name() const {

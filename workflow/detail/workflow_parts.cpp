@@ -6,15 +6,6 @@
 
 namespace pop::detail {
 
-namespace {
-template <class... F>
-struct overloaded : F... {
-  using F::operator()...;
-};
-template <class... F>
-overloaded(F...) -> overloaded<F...>;
-}  // namespace
-
 std::string step_process(std::string_view process) {
   return absl::StrCat("workflow.step:", detail::to_absl(process));
 }
