@@ -209,10 +209,7 @@ void instance_record::set_status_name(std::string_view name) {
 }
 
 instance_record instance_record::from_json(const json& j) {
-  instance_record r;
-  if (!j.is_object()) return r;
-  for (const auto& [key, value] : j.items()) read_member(r, key, value);
-  return r;
+  return from_json(json(j));
 }
 
 instance_record instance_record::from_json(json&& j) {
