@@ -1,7 +1,8 @@
 // Benchmarks of the workflow engine beside a plain execute of the same process:
 //   build/bench/workflow_bench --benchmark_counters_tabular=true
 // BM_workflow_step_overhead: one process step (advance) against an execute of its process;
-// BM_workflow_steps: 1,000 instances x 10 trivial steps, in memory and with a journal;
+// BM_workflow_steps: 1,000 instances x 10 trivial steps, in memory and with a journal (each
+// pass over the instances one engine::batch; journal_each: every step waits for its record);
 // BM_workflow_history: the cost of a step once an instance has 10 or 10,000 history entries;
 // BM_workflow_runner: the same 1,000 x 10 steps driven by workflow_runner::settle() on
 // `threads` io_context threads with as many instances advanced at once (how a service runs it);
@@ -132,8 +133,29 @@ void workflow_steps(benchmark::State& state, bool journal, Drive drive) {
   state.SetItemsProcessed(steps);
 }
 
-// advance() on every runnable instance, one after the other on this thread, until none moves.
-std::int64_t advance_all(pop::engine&, pop::workflows& wf) {
+// advance() on every runnable instance, one after the other on this thread, until none moves;
+// each pass over the runnable instances is one engine::batch (as workflow_runner's rounds are):
+// its steps share journal transactions and are durable when the pass ends.
+std::int64_t advance_all(pop::engine& e, pop::workflows& wf) {
+  std::int64_t steps = 0;
+  for (bool moved = true; moved;) {
+    moved = false;
+    const absl::Status durable = e.batch([&] {
+      for (const std::string& id : wf.runnable(100'000)) {
+        if (wf.advance(id).value()) {
+          moved = true;
+          ++steps;
+        }
+      }
+      return absl::OkStatus();
+    });
+    if (!durable.ok()) std::abort();
+  }
+  return steps;
+}
+
+// The same without a batch: every advance() returns only once its step is durable.
+std::int64_t advance_each(pop::engine&, pop::workflows& wf) {
   std::int64_t steps = 0;
   for (bool moved = true; moved;) {
     moved = false;
@@ -184,6 +206,13 @@ BENCHMARK(BM_workflow_steps_memory)
     ->UseRealTime();
 BENCHMARK(BM_workflow_steps_journal)
     ->Name("BM_workflow_steps/journal")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+void BM_workflow_steps_journal_each(benchmark::State& state) {
+  workflow_steps(state, true, advance_each);
+}
+BENCHMARK(BM_workflow_steps_journal_each)
+    ->Name("BM_workflow_steps/journal_each")
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 

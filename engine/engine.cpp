@@ -35,6 +35,22 @@ namespace {
 
 using detail::process_runner;
 
+// The engine::batch calls running on this thread, innermost first (one per engine: a nested
+// batch of the same engine joins the outer one).
+struct batch_frame {
+  const engine* owner;
+  std::uint64_t last = 0;  // the newest version committed in it
+  batch_frame* outer;
+};
+thread_local batch_frame* innermost_batch = nullptr;
+
+batch_frame* batch_of(const engine* e) {
+  for (batch_frame* f = innermost_batch; f != nullptr; f = f->outer) {
+    if (f->owner == e) return f;
+  }
+  return nullptr;
+}
+
 absl::Status validate_options(const options& o) {
   POP_RETURN_IF_ERROR(detail::parse_outbox_path(o.outbox_path, "options.outbox_path").status());
   if (!o.initial_state.is_object()) {
@@ -307,11 +323,47 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
                                  " by '", detail::to_absl(who), "': ", e.what())));
       return journal_->wait_durable(done.version);
     }
+    if (batch_frame* batch = batch_of(this)) {
+      // Acknowledged (and notified) when the batch ends, once durable.
+      journal_->fill(record, /*wake_writer=*/true);
+      batch->last = std::max(batch->last, done.version);
+      return absl::OkStatus();
+    }
     journal_->fill(record);
     POP_RETURN_IF_ERROR(journal_->wait_durable(done.version));
   }
   listeners_->notify(done.version);
   return absl::OkStatus();
+}
+
+absl::Status engine::batch(absl::FunctionRef<absl::Status()> body) {
+  if (!journal_ || batch_of(this) != nullptr) return body();
+  batch_frame frame{this, 0, innermost_batch};
+  innermost_batch = &frame;
+  // Ends the batch however body leaves: its commits are waited for and notified even if it threw.
+  struct ending {
+    engine& e;
+    batch_frame& frame;
+    bool done = false;
+    absl::Status finish() {
+      done = true;
+      innermost_batch = frame.outer;
+      if (frame.last == 0) return absl::OkStatus();
+      POP_RETURN_IF_ERROR(e.journal_->wait_durable(frame.last));
+      e.listeners_->notify(frame.last);
+      return absl::OkStatus();
+    }
+    ~ending() {
+      if (!done) static_cast<void>(finish());
+    }
+  } end{*this, frame};
+  absl::Status status = body();
+  absl::Status durable = end.finish();
+  if (!durable.ok()) {
+    return annotate(durable, absl::StrCat("batch: its commits up to version ", frame.last,
+                                          " are not all durable"));
+  }
+  return status;
 }
 
 absl::Status engine::check_pending_bound(const detail::version_state& base,

@@ -60,8 +60,21 @@ struct round_state {
   std::vector<absl::StatusOr<bool>> results;
   std::atomic<std::size_t> next{0};
 
-  void work(workflows& wf) {
-    for (std::size_t i; (i = next.fetch_add(1)) < ids.size();) results[i] = wf.advance(ids[i]);
+  // The steps one worker takes share journal transactions (engine::batch): they are durable,
+  // and reported, when it returns; a step the journal then failed to keep reports that failure.
+  void work(engine& e, workflows& wf) {
+    std::vector<std::size_t> taken;
+    const absl::Status durable = e.batch([&] {
+      for (std::size_t i; (i = next.fetch_add(1)) < ids.size();) {
+        results[i] = wf.advance(ids[i]);
+        taken.push_back(i);
+      }
+      return absl::OkStatus();
+    });
+    if (durable.ok()) return;
+    for (const std::size_t i : taken) {
+      if (results[i].ok()) results[i] = durable;
+    }
   }
 };
 
@@ -117,14 +130,15 @@ asio::awaitable<absl::Status> workflow_runner::loop_on_strand(std::shared_ptr<vo
     const std::size_t workers =
         std::min(round->ids.size(), std::max<std::size_t>(options_.parallelism, 1));
     if (workers <= 1) {
-      round->work(workflows_);
+      round->work(engine_, workflows_);
     } else {
       auto done = std::make_shared<done_channel>(state->strand(), workers);
       for (std::size_t w = 0; w < workers; ++w) {
-        asio::post(state->strand().get_inner_executor(), [round, done, &wf = workflows_] {
-          round->work(wf);
-          done->try_send(boost::system::error_code());
-        });
+        asio::post(state->strand().get_inner_executor(),
+                   [round, done, &e = engine_, &wf = workflows_] {
+                     round->work(e, wf);
+                     done->try_send(boost::system::error_code());
+                   });
       }
       // Not cancellable: the loop returns only after every worker of the round has finished.
       for (std::size_t w = 0; w < workers; ++w) {

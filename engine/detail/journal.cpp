@@ -141,8 +141,8 @@ journal::journal(std::string path, durability level, const journal_options& opts
       lock_fd_(lock_fd),
       head_fd_(head_fd),
       db_(db),
-      snapshot_version_(snapshot_version),
-      durable_(version) {}
+      durable_(version),
+      snapshot_base_(snapshot_version) {}
 
 journal::~journal() {
   {
@@ -182,11 +182,34 @@ std::shared_ptr<journal_record> journal::reserve(std::uint64_t version,
   return r;
 }
 
-// (Nobody needs waking: the committer that filled `r` calls wait_durable() next and writes it
-// unless somebody else is writing, who then hands over to a waiter.)
-void journal::fill(const std::shared_ptr<journal_record>& r) {
-  std::lock_guard lock(mu_);
-  r->filled = true;
+// (Usually nobody needs waking: the committer that filled `r` calls wait_durable() next and
+// writes it unless somebody else is writing, who then hands over to a waiter. A batch's committer
+// goes on instead: an idle writer thread is woken once enough records wait to fill a group worth
+// a transaction (a wake-up per record cost the committer more than the record; a busy writer
+// takes what is queued when it hands over, and the batch's end wakes it for the rest).
+//
+// A record keeps its version's state only if a snapshot may be due at it (snapshot_every versions
+// or snapshot_bytes of records have passed since the last snapshot); any other drops it here, on
+// the committing thread. (The writer thread used to drop them after each group, freeing the
+// replaced tree nodes there: the committers' allocator arena then bounced between the two
+// threads, a tenth of a batch's time.)
+void journal::fill(const std::shared_ptr<journal_record>& r, bool wake_writer) {
+  constexpr std::size_t worth_waking = 32;
+  bool wake = false;
+  std::shared_ptr<const version_state> dropped;
+  {
+    std::lock_guard lock(mu_);
+    r->filled = true;
+    filled_bytes_ += r->writes.size() + r->messages.size() + r->process.size() + 32;
+    if (!snapshot_due(r->version)) dropped = std::move(r->state);
+    wake = wake_writer && !writing_ && queue_.size() >= worth_waking;
+  }
+  if (wake) work_cv_.notify_one();
+}
+
+bool journal::snapshot_due(std::uint64_t version) const {
+  return version - snapshot_base_ >= options_.snapshot_every ||
+         filled_bytes_ >= options_.snapshot_bytes;
 }
 
 void journal::fail(const std::shared_ptr<journal_record>& r, absl::Status why) {
@@ -252,16 +275,23 @@ void journal::write_front_group(std::unique_lock<std::mutex>& lock) {
     lock.lock();
     if (s.ok()) {
       durable_ = last;
-      if (last - snapshot_version_ >= options_.snapshot_every ||
-          bytes_since_snapshot_ >= options_.snapshot_bytes) {
+      const journal_record* due = nullptr;  // the group's newest record that kept its state
+      for (const std::shared_ptr<journal_record>& r : group) {
+        if (r->state) due = r.get();
+      }
+      if (due != nullptr && snapshot_due(due->version)) {
         // The group's committers go first; the token is kept for the snapshot, so no group is
         // written before it.
         std::vector<waiter*> taken;
         take_waiters(taken);
         lock.unlock();
         wake(taken);
-        s = write_snapshot(*group.back());
+        s = write_snapshot(*due);
         lock.lock();
+        if (s.ok()) {
+          snapshot_base_ = due->version;
+          filled_bytes_ = 0;
+        }
       }
     }
   }
@@ -385,15 +415,12 @@ absl::Status journal::write_group(std::deque<std::shared_ptr<journal_record>>& g
       static_cast<void>(exec(db_, path_, "ROLLBACK"));
       return s;
     }
-    bytes_since_snapshot_ += r->writes.size() + r->messages.size() + r->process.size() + 32;
   }
   sqlite3_reset(insert_);
   if (absl::Status s = run_prepared(commit_, "COMMIT"); !s.ok()) {
     static_cast<void>(exec(db_, path_, "ROLLBACK"));
     return s;
   }
-  // Older states are no longer needed once written (except the last one, for a snapshot).
-  for (std::size_t i = 0; i + 1 < group.size(); ++i) group[i]->state.reset();
   return absl::OkStatus();
 }
 
@@ -432,8 +459,6 @@ absl::Status journal::write_snapshot(const journal_record& last) {
     static_cast<void>(exec(db_, path_, "ROLLBACK"));
     return s;
   }
-  snapshot_version_ = last.version;
-  bytes_since_snapshot_ = 0;
   return absl::OkStatus();
 }
 

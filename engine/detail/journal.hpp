@@ -35,7 +35,8 @@ struct journal_record {
   std::string process;
   std::string writes;    // JSON: [[path, value] or [path] (a delete), ...], messages included
   std::string messages;  // JSON: the ids of the messages it emitted
-  std::shared_ptr<const version_state> state;  // kept only until written, for snapshots
+  // Its version's state, kept only if a snapshot is due at it (see journal::fill).
+  std::shared_ptr<const version_state> state;
   bool filled = false;
   absl::Status error;  // set by fail(): the journal stops at this record
 };
@@ -55,8 +56,9 @@ struct journal_start {
 // wrote. The writer thread does this under contention; a lone committer (no other commit call in
 // progress, its record the only one queued) writes its own record on its own thread, with no
 // hand-off to the writer thread and back. Every snapshot_every versions
-// (or snapshot_bytes of records) the token holder writes a snapshot after the group that crossed
-// the bound (its committers released first) and prunes the records and snapshots before it. Prefix
+// (or snapshot_bytes of records) the token holder writes a snapshot of the newest record past the
+// bound in the group that crossed it (its committers released first) and prunes the records and
+// snapshots before it. Prefix
 // property: a record is written only after every record before it, so a crash loses a suffix, never
 // a hole.
 //
@@ -81,8 +83,10 @@ class journal {
   // Reserves the record of `version` (the next version), for `state`. Call in version order.
   std::shared_ptr<journal_record> reserve(std::uint64_t version,
                                           std::shared_ptr<const version_state> state);
-  // Marks a reserved record filled and lets the writer take it.
-  void fill(const std::shared_ptr<journal_record>& r);
+  // Marks a reserved record filled and lets the writer take it; drops its state unless a snapshot
+  // may be due at it. A committer that will not wait for
+  // it next (one in an engine::batch) passes `wake_writer`, so the writer thread writes it.
+  void fill(const std::shared_ptr<journal_record>& r, bool wake_writer = false);
   // Marks a reserved record as impossible to write: the journal fails with `why` when it reaches
   // it (every waiter gets the failure), so no later commit waits for it forever.
   void fail(const std::shared_ptr<journal_record>& r, absl::Status why);
@@ -125,6 +129,9 @@ class journal {
   // Gives the token back: wakes the committers whose versions are durable (all of them after a
   // failure) and the writer thread if it has work.
   void hand_over(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // True if a snapshot is due at `version`: snapshot_every versions or snapshot_bytes of records
+  // since the last one.
+  bool snapshot_due(std::uint64_t version) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The writer thread: groups under contention, and descriptions.
   void run_writer();
   absl::Status write_group(std::deque<std::shared_ptr<journal_record>>& group);
@@ -154,8 +161,6 @@ class journal {
   sqlite3_stmt* begin_ = nullptr;
   sqlite3_stmt* commit_ = nullptr;
   // The token holder's only (the token's hand-over through mu_ orders their accesses):
-  std::uint64_t snapshot_version_;
-  std::uint64_t bytes_since_snapshot_ = 0;
   std::vector<std::pair<std::string, std::string>> unwritten_;  // (then close)
 
   mutable std::mutex mu_;
@@ -169,6 +174,10 @@ class journal {
   std::vector<waiter*> waiters_ ABSL_GUARDED_BY(mu_);
   std::deque<std::shared_ptr<journal_record>> queue_ ABSL_GUARDED_BY(mu_);
   std::uint64_t durable_ ABSL_GUARDED_BY(mu_);
+  // When the next snapshot is due (see fill()): the version of the last one and the record bytes
+  // filled since.
+  std::uint64_t snapshot_base_ ABSL_GUARDED_BY(mu_);
+  std::uint64_t filled_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Status failed_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::pair<std::string, std::string>> described_ ABSL_GUARDED_BY(mu_);

@@ -4,6 +4,7 @@
 #include "tests/support/must.hpp"
 #include "tests/support/temp_dir.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <random>
 #include <set>
@@ -240,16 +241,38 @@ TEST_CASE("concurrent journaled commits are durable when acknowledged, with snap
     std::atomic<int> not_durable{0};
     std::atomic<int> failed{0};
     std::vector<std::thread> threads;
+    // With `batched`, odd writers commit in engine::batch calls of 10: acknowledged when each
+    // batch returns, while the even ones' commits are acknowledged one by one.
+    const bool batched = GENERATE(false, true);
+    INFO("batched: " << batched);
     for (int w = 0; w < writers; ++w) {
       threads.emplace_back([&, w] {
-        for (int i = 0; i < commits_per_writer; ++i) {
+        const auto put = [&](int i) -> std::uint64_t {
           const absl::StatusOr<pop::commit> c =
               e->execute("put", {{"w", "w" + std::to_string(w)}, {"i", i}});
           if (!c.ok() || !c->changed) {
             failed.fetch_add(1);
-            continue;
+            return 0;
           }
-          if (e->durable_version() < c->version) not_durable.fetch_add(1);
+          return c->version;
+        };
+        if (batched && w % 2 == 1) {
+          for (int i = 0; i < commits_per_writer; i += 10) {
+            std::uint64_t last = 0;
+            const absl::Status b = e->batch([&] {
+              for (int k = i; k < i + 10 && k < commits_per_writer; ++k) {
+                last = std::max(last, put(k));
+              }
+              return absl::OkStatus();
+            });
+            if (!b.ok()) failed.fetch_add(1);
+            if (e->durable_version() < last) not_durable.fetch_add(1);
+          }
+          return;
+        }
+        for (int i = 0; i < commits_per_writer; ++i) {
+          const std::uint64_t v = put(i);
+          if (v != 0 && e->durable_version() < v) not_durable.fetch_add(1);
         }
       });
     }

@@ -16,6 +16,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include "absl/strings/match.h"
+#include "pop/contracts/status.hpp"
 #include "pop/engine/detail/journal_format.hpp"
 #include "pop/engine/detail/packed.hpp"
 #include "pop/relay/dead_letters.hpp"
@@ -223,6 +224,105 @@ TEST_CASE("snapshots bound the journal and reopening replays only the records af
   CHECK(info.snapshot_version >= 30);
   CHECK(info.records == 35 - info.snapshot_version);
   CHECK(open_engine(o)->snapshot().to_json() == expected);
+}
+
+TEST_CASE("a batch's commits are acknowledged and notified when it returns, durable",
+          "[journal][batch]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  pop::options o = journaled(file);
+  o.journal_tuning.snapshot_every = 10;  // snapshots fall inside the batch
+  json expected;
+  {
+    auto e = open_engine(o);
+    std::vector<std::uint64_t> notified;
+    pop::subscription sub = e->on_commit([&](std::uint64_t v) { notified.push_back(v); });
+    std::vector<std::uint64_t> versions;
+    const absl::Status batch = e->batch([&] {
+      for (int i = 0; i < 35; ++i) {
+        POP_ASSIGN_OR_RETURN(const pop::commit c,
+                             e->execute("take", {{"sku", i % 2 ? "A1" : "B2"},
+                                                 {"order", "o-" + std::to_string(i)}}));
+        versions.push_back(c.version);
+        // Each returns once installed: the next one sees it, nobody is told of it yet.
+        if (e->snapshot().version() != c.version) return absl::InternalError("not installed");
+        if (!notified.empty()) return absl::InternalError("notified inside the batch");
+      }
+      return absl::OkStatus();
+    });
+    REQUIRE(batch.ok());
+    CHECK(versions.size() == 35);
+    CHECK(versions.back() == 35);
+    CHECK(e->durable_version() == 35);
+    REQUIRE(!notified.empty());
+    CHECK(notified.back() == 35);
+    expected = e->snapshot().to_json();
+  }
+  const pop::journal_info info = pop::verify_journal(file).value();
+  CHECK(info.last_version == 35);
+  CHECK(info.snapshot_version >= 30);  // the snapshot due at each tenth version was written
+  CHECK(info.records == 35 - info.snapshot_version);
+  CHECK(open_engine(o)->snapshot().to_json() == expected);
+}
+
+TEST_CASE("a failing batch returns its body's error and keeps what it committed", "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  {
+    auto e = open_engine(journaled(file));
+    const absl::Status batch = e->batch([&]() -> absl::Status {
+      POP_RETURN_IF_ERROR(e->execute("take", {{"sku", "A1"}, {"order", "o-1"}}).status());
+      POP_RETURN_IF_ERROR(e->execute("take", {{"sku", "nope"}, {"order", "o-2"}}).status());
+      return absl::OkStatus();
+    });
+    CHECK(batch.code() == absl::StatusCode::kNotFound);  // "take" read a stock that is not there
+    CHECK(e->version() == 1);
+    CHECK(e->durable_version() == 1);
+  }
+  auto reopened = open_engine(journaled(file));
+  CHECK(reopened->version() == 1);
+  CHECK(reopened->snapshot().root().at("domain.stock.A1").get<int>() == 9);
+}
+
+TEST_CASE("a batch defers only its own engine's commits, and nested batches join the outer one",
+          "[journal][batch]") {
+  temp_dir dir;
+  auto a = open_engine(journaled(dir.file("a.db")));
+  auto b = open_engine(journaled(dir.file("b.db")));
+  auto memory = pop::engine::open({}).value();
+  int a_told = 0;
+  int b_told = 0;
+  int memory_told = 0;
+  pop::subscription sa = a->on_commit([&](std::uint64_t) { ++a_told; });
+  pop::subscription sb = b->on_commit([&](std::uint64_t) { ++b_told; });
+  pop::subscription sm = memory->on_commit([&](std::uint64_t) { ++memory_told; });
+  const absl::Status outer = a->batch([&] {
+    POP_RETURN_IF_ERROR(a->compare_and_swap(a->version(), {{"domain.x", 1}}).status());
+    const absl::Status inner = a->batch([&] {
+      return a->compare_and_swap(a->version(), {{"domain.y", 2}}).status();
+    });
+    POP_RETURN_IF_ERROR(inner);
+    // The inner batch's end is the outer one's: nothing acknowledged yet.
+    if (a_told != 0) return absl::InternalError("the inner batch notified");
+    // Another engine's commit on this thread waits for its own journal as usual.
+    POP_RETURN_IF_ERROR(b->compare_and_swap(b->version(), {{"domain.z", 3}}).status());
+    if (b_told != 1 || b->durable_version() != 1) return absl::InternalError("b deferred");
+    // b's own batch inside a's is a batch of b's.
+    POP_RETURN_IF_ERROR(b->batch([&] {
+      return b->compare_and_swap(b->version(), {{"domain.z", 4}}).status();
+    }));
+    if (b_told != 2 || b->durable_version() != 2) return absl::InternalError("b not settled");
+    // An in-memory engine just runs the body.
+    POP_RETURN_IF_ERROR(memory->batch([&] {
+      POP_RETURN_IF_ERROR(memory->compare_and_swap(0, {{"domain.m", 1}}).status());
+      return memory_told == 1 ? absl::OkStatus() : absl::InternalError("memory deferred");
+    }));
+    return absl::OkStatus();
+  });
+  REQUIRE(outer.ok());
+  CHECK(a_told >= 1);
+  CHECK(a->durable_version() == 2);
+  CHECK(a->snapshot().root().at("domain.y").get<int>() == 2);
 }
 
 TEST_CASE("a crash image reopens at the last durable commit", "[journal]") {
