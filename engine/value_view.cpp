@@ -29,6 +29,24 @@ std::size_t value_view::size() const {
   return detail::size_of(location());
 }
 
+std::optional<std::string_view> value_view::as_string() const {
+  if (!node_) return std::nullopt;
+  if (const char* p = location().packed_value()) return detail::packed::string_at(p);
+  if (const json* j = direct()) {
+    if (const auto* s = j->get_ptr<const std::string*>()) return std::string_view(*s);
+  }
+  return std::nullopt;
+}
+
+std::optional<std::int64_t> value_view::as_integer() const {
+  if (!node_) return std::nullopt;
+  if (const char* p = location().packed_value()) return detail::packed::integer_at(p);
+  if (const json* j = direct(); j != nullptr && j->is_number_integer()) {
+    return j->get<std::int64_t>();
+  }
+  return std::nullopt;
+}
+
 value_view value_view::member(std::string_view key) const {
   if (!node_) return {};
   if (const char* p = location().packed_value()) {
@@ -58,17 +76,23 @@ void value_view::for_each_member(
     absl::FunctionRef<bool(std::string_view key, const value_view& member)> visit,
     std::string_view from) const {
   if (!node_) return;
+  // Members inside this node's value share one view, moved from member to member (a view per
+  // member would take a reference to the node each: a visible part of reading a record).
   if (const char* p = location().packed_value()) {
+    value_view m(node_, nullptr, nullptr);
     detail::packed::for_each_member(p, from, [&](std::string_view key, const char* value) {
-      return visit(key, value_view(node_, nullptr, value));
+      m.packed_ = value;
+      return visit(key, m);
     });
     return;
   }
   if (const json* j = direct()) {
     if (!j->is_object()) return;
     const auto& object = j->get_ref<const json::object_t&>();
+    value_view m(node_, nullptr);
     for (auto it = object.lower_bound(from); it != object.end(); ++it) {
-      if (!visit(it->first, value_view(node_, &it->second))) return;
+      m.inner_ = &it->second;
+      if (!visit(it->first, m)) return;
     }
     return;
   }

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -37,6 +38,12 @@ class value_view {
   bool is_object() const;
   // The number of members of an object, elements of an array, 0 for absent and scalar values.
   std::size_t size() const;
+  // The string stored here, without copying it (valid while this view or its snapshot lives), or
+  // nullopt if the value is not a string.
+  std::optional<std::string_view> as_string() const;
+  // The integer stored here (either JSON integer kind, converted as get<std::int64_t>() would),
+  // or nullopt if the value is not an integer. Neither materialises anything.
+  std::optional<std::int64_t> as_integer() const;
 
   // The member `key` of an object; absent if this is not an object or has no such member.
   value_view member(std::string_view key) const;

@@ -457,20 +457,27 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
   // transaction reads it again anyway.
   const snapshot snap = engine_.snapshot();
   POP_ASSIGN_OR_RETURN(const value_view rec, record_view(snap, id));
-  const auto text = [](const value_view& f) {
-    if (!f || f.is_object()) return std::string();
-    json j = f.to_json();
-    std::string* s = j.get_ptr<std::string*>();
-    return s ? std::move(*s) : std::string();
-  };
+  const auto text = [](const value_view& f) { return std::string(f.as_string().value_or("")); };
   workflow_instance w;
   w.id = std::string(id);
-  w.status = text(rec.member("status"));
+  // One pass over the record's members (a lookup each would scan it four times).
+  value_view compensated;  // "done": the steps to compensate
+  rec.for_each_member([&](std::string_view key, const value_view& m) {
+    if (key == "status") {
+      w.status = text(m);
+    } else if (key == "workflow") {
+      w.workflow = text(m);
+    } else if (key == "definition") {
+      w.definition_version = text(m.member("version"));
+    } else if (key == "cursor") {
+      w.cursor = text(m);
+    } else if (key == "done") {
+      compensated = m;
+    }
+    return true;
+  });
   const instance_status status = detail::parse_status(w.status);
   if (!detail::is_runnable(status)) return false;
-  w.workflow = text(rec.member("workflow"));
-  w.definition_version = text(rec.at("definition.version"));
-  w.cursor = text(rec.member("cursor"));
   const resolved r = resolve(w.workflow, w.definition_version);
   // One instance that cannot advance must not stop the others: it is parked for an operator.
   if (!r.def) return park(w, r.reason, r.kind);
@@ -497,8 +504,7 @@ absl::StatusOr<bool> workflows::advance(std::string_view id) {
       args = detail::to_args(detail::control_call{w.id, now, detail::run_step_event{}});
     }
   } else if (status == instance_status::compensating) {
-    const value_view done_view = rec.member("done");
-    const json done = done_view ? done_view.to_json() : json::array();
+    const json done = compensated ? compensated.to_json() : json::array();
     if (!done.is_array() || done.empty() || !done.back().is_string()) return false;
     step_name = done.back().get<std::string>();
     const auto* p = std::get_if<detail::process_kind>(d->kind(step_name));

@@ -1,6 +1,7 @@
 #include "pop/engine/detail/packed.hpp"
 
 #include <charconv>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -112,6 +113,23 @@ std::string_view get_text(const char*& at) {
   at += n;
   return text;
 }
+
+}  // namespace
+
+std::optional<std::string_view> string_at(const char* at) {
+  const head h = get_head(at);
+  if (h.kind != tag::string) return std::nullopt;
+  return std::string_view(at, h.n);
+}
+
+std::optional<std::int64_t> integer_at(const char* at) {
+  const head h = get_head(at);
+  if (h.kind == tag::integer) return static_cast<std::int64_t>((h.n >> 1) ^ (~(h.n & 1) + 1));
+  if (h.kind == tag::unsigned_integer) return static_cast<std::int64_t>(h.n);
+  return std::nullopt;
+}
+
+namespace {
 
 json decode_at(const char*& at) {
   const head h = get_head(at);
@@ -398,7 +416,66 @@ bool encode_into(const json& value, std::string& out, std::size_t limit) {
   return false;
 }
 
+// encode_into with encode_checked's checks; `budget` null when elements are not counted.
+bool encode_checked_into(const json& value, std::string& out, std::size_t limit,
+                         std::size_t max_members, std::size_t* budget, std::size_t depth) {
+  if (out.size() > limit) return false;
+  const auto counted = [&] {
+    if (budget == nullptr) return true;
+    if (*budget == 0) return false;
+    --*budget;
+    return true;
+  };
+  switch (value.type()) {
+    case json::value_t::string: {
+      const auto& text = value.get_ref<const json::string_t&>();
+      if (out.size() + text.size() > limit || !check_utf8(text, {}).ok()) return false;
+      put_head(tag::string, tag::short_string, text.size(), short_string_max, out);
+      out.append(text);
+      return true;
+    }
+    case json::value_t::number_float:
+      if (!std::isfinite(value.get_ref<const json::number_float_t&>())) return false;
+      return encode_into(value, out, limit);
+    case json::value_t::array:
+      if (depth > max_value_depth) return false;
+      put_head(tag::array, tag::short_array, value.size(), short_max, out);
+      for (const json& element : value) {
+        if (!counted() ||
+            !encode_checked_into(element, out, limit, max_members, budget, depth + 1)) {
+          return false;
+        }
+      }
+      return true;
+    case json::value_t::object: {
+      if (depth > max_value_depth || (budget != nullptr && value.size() > max_members)) {
+        return false;
+      }
+      put_head(tag::object, tag::short_object, value.size(), short_max, out);
+      for (const auto& [key, member] : value.get_ref<const json::object_t&>()) {
+        if (out.size() + key.size() > limit || !counted() || !check_utf8(key, {}).ok()) {
+          return false;
+        }
+        put_text(key, out);
+        if (!encode_checked_into(member, out, limit, max_members, budget, depth + 1)) {
+          return false;
+        }
+      }
+      return true;
+    }
+    default:  // literals and integers, and what has no JSON form (refused there)
+      return encode_into(value, out, limit);
+  }
+}
+
 }  // namespace
+
+bool encode_checked(const json& value, std::string& out, std::size_t limit, bool count_elements,
+                    std::size_t max_members, std::size_t budget) {
+  return encode_checked_into(value, out, limit, max_members, count_elements ? &budget : nullptr,
+                             1) &&
+         out.size() <= limit;
+}
 
 bool encode(const json& value, std::string& out, std::size_t limit) {
   return encode_into(value, out, limit) && out.size() <= limit;

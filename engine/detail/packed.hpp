@@ -5,6 +5,7 @@
 #include <charconv>
 #include <cstddef>
 #include <limits>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -62,6 +63,14 @@ enum class tag : unsigned char {
 bool encode(const json& value, std::string& out,
             std::size_t limit = std::numeric_limits<std::size_t>::max());
 
+// encode() for a value about to be stored, checking in the same walk what check_storable() and
+// the tree's whole-storage rule check: every string and key valid UTF-8, every number finite,
+// and (if `count_elements`) no object with more than `max_members` members and at most `budget`
+// nested elements and members in all. Returns false if any of that fails or the value does not
+// pack within `limit` (the caller then checks and stores it the general way).
+bool encode_checked(const json& value, std::string& out, std::size_t limit, bool count_elements,
+                    std::size_t max_members, std::size_t budget);
+
 // The JSON value whose packed form starts at `at`. O(size of that value).
 json decode(const char* at);
 
@@ -71,6 +80,12 @@ inline bool is_object(const char* at) {
   return t == static_cast<unsigned char>(tag::object) ||
          (t & 0xe0) == static_cast<unsigned char>(tag::short_object);
 }
+
+// The string at `at` (a view of its bytes), or nullopt if the value there is not a string.
+std::optional<std::string_view> string_at(const char* at);
+// The integer at `at` as an int64 (either integer kind, as json::get<std::int64_t>() converts
+// it), or nullopt if the value there is not an integer.
+std::optional<std::int64_t> integer_at(const char* at);
 
 // The number of members of an object or elements of an array at `at`; 0 for other values.
 std::size_t size(const char* at);

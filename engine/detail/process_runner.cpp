@@ -121,7 +121,9 @@ absl::Status process_runner::prepare_writes(const process_contract& c, const sna
                                                       p->str(), "', outside its declared outputs ",
                                                       c.outputs().to_string()));
     }
-    if (w.value && !check_storable(*w.value, {}).ok()) {
+    // A small value is checked and packed in one walk; any other is checked here.
+    node_ptr small = w.value && *p != outbox ? make_checked_small_node(*w.value) : nullptr;
+    if (w.value && !small && !check_storable(*w.value, {}).ok()) {
       return check_storable(*w.value, absl::StrCat(who(), " wrote '", p->str(), "'"));
     }
     if (*p == outbox) {
@@ -136,7 +138,8 @@ absl::Status process_runner::prepare_writes(const process_contract& c, const sna
     if (!check_outbox_write(*p, outbox, w.value, {}).ok()) {
       return check_outbox_write(*p, outbox, w.value, who());
     }
-    out.writes.push_back({*std::move(p), w.value ? make_node(*std::move(w.value)) : nullptr});
+    if (!small && w.value) small = make_node(*std::move(w.value));
+    out.writes.push_back({*std::move(p), std::move(small)});
   }
   return absl::OkStatus();
 }

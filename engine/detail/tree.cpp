@@ -289,6 +289,17 @@ node_ptr make_node(json value) {
   return build_node(std::move(value));
 }
 
+node_ptr make_checked_small_node(const json& value) {
+  if (!value.is_string() && !value.is_structured()) return nullptr;
+  thread_local std::string bytes;
+  bytes.clear();
+  if (!packed::encode_checked(value, bytes, packed_max, value.is_object(), blob_max_members,
+                              blob_max_elements)) {
+    return nullptr;
+  }
+  return make_packed(bytes);
+}
+
 // `n` itself if it is a member map, else its object (which must be one) as a member map.
 node_ptr as_member_map(const node_ptr& n) {
   if (n->is_map()) return n;

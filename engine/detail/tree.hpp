@@ -91,6 +91,9 @@ inline constexpr std::size_t blob_max_elements = 64;
 
 // Returns a node holding `value`: small values as a blob, large objects as member maps. O(size).
 node_ptr make_node(json value);
+// make_node(value) for a value that is storable (as check_storable() says) and packs whole,
+// checked and packed in one walk; nullptr for any other value (check it and make_node it).
+node_ptr make_checked_small_node(const json& value);
 // Returns a node holding message `m`, typed.
 node_ptr make_message_node(outbox_message m);
 // Returns a root node holding the members of `object`: always a member map, so top-level writes

@@ -2,6 +2,9 @@
 #include <rapidcheck/catch.h>
 #include <catch2/catch.hpp>
 
+#include <cmath>
+#include <limits>
+
 #include "pop/engine/detail/packed.hpp"
 #include "pop/engine/detail/process_runner.hpp"
 #include "pop/engine/detail/tree.hpp"
@@ -136,7 +139,76 @@ TEST_CASE("a packed value decodes to exactly the value packed, and reads in plac
     const bool packed = at.node->packed_bytes() != nullptr;
     RC_ASSERT(packed ==
               ((value.is_string() || value.is_structured()) && bytes.size() <= 512 && whole));
+    // The checked form (what a process's write takes) packs exactly those that are storable too,
+    // into the same bytes.
+    const d::node_ptr checked = d::make_checked_small_node(value);
+    RC_ASSERT((checked != nullptr) == (packed && pop::check_storable(value, "v").ok()));
+    if (checked) {
+      RC_ASSERT(std::string_view(checked->packed_bytes(), bytes.size()) == bytes);
+    }
   });
+}
+
+TEST_CASE("views read strings and integers in place, and members visited stay readable",
+          "[state]") {
+  const std::string long_text(2000, 'x');  // stored as JSON, not packed
+  json wide = json::object();              // a member map (more than 16 members)
+  for (int i = 0; i < 20; ++i) wide["k" + std::to_string(i)] = i - 3;
+  const json record = {{"name", "ada"}, {"n", -5}, {"u", 7u}, {"big", 1ull << 63}, {"f", 1.5}};
+  const json blob = {{"a", long_text}, {"b", 2}};  // an object stored whole as JSON
+  const d::node_ptr root =
+      d::make_root(json{{"r", record}, {"long", long_text}, {"wide", wide}, {"blob", blob}});
+  const pop::snapshot s = d::process_runner::make_snapshot(
+      std::make_shared<const d::version_state>(d::version_state{1, root, nullptr}));
+  const pop::value_view r = s.root().member("r");
+  REQUIRE(d::lookup(*root, "r").node->packed_bytes() != nullptr);
+  CHECK(r.member("name").as_string() == std::optional<std::string_view>("ada"));
+  CHECK(r.member("n").as_integer() == -5);
+  CHECK(r.member("u").as_integer() == 7);
+  CHECK(r.member("big").as_integer() == s.root().at("r.big").get<std::int64_t>());
+  CHECK_FALSE(r.member("f").as_integer());
+  CHECK_FALSE(r.member("n").as_string());
+  CHECK_FALSE(r.as_string());
+  CHECK_FALSE(r.member("missing").as_integer());
+  CHECK(s.root().member("long").as_string() == std::optional<std::string_view>(long_text));
+  CHECK(s.root().at("wide.k4").as_integer() == 1);
+  CHECK_FALSE(s.root().member("wide").as_integer());
+  // Members visited share one view while visited; a copy taken then keeps its own member.
+  CHECK(s.root().at("blob.b").as_integer() == 2);
+  for (const pop::value_view& parent : {r, s.root().member("wide"), s.root().member("blob")}) {
+    std::vector<std::pair<std::string, pop::value_view>> kept;
+    parent.for_each_member([&](std::string_view key, const pop::value_view& m) {
+      kept.emplace_back(std::string(key), m);
+      return true;
+    });
+    REQUIRE(kept.size() == parent.size());
+    for (const auto& [key, m] : kept) {
+      INFO(key);
+      CHECK(m.to_json() == parent.member(key).to_json());
+    }
+  }
+}
+
+TEST_CASE("the one-walk checked packing refuses what check_storable refuses", "[state]") {
+  const std::string bad_utf8 = "\xff\xfe";
+  const json deep = [] {
+    json v = json::array();
+    for (int i = 0; i < 600; ++i) v = json::array({v});
+    return v;
+  }();
+  for (const json& v :
+       {json{{"a", bad_utf8}}, json{{bad_utf8, 1}}, json::array({1, std::nan("")}),
+        json{{"x", {{"y", std::numeric_limits<double>::infinity()}}}}, json(bad_utf8), deep}) {
+    INFO(v.dump(-1, ' ', false, json::error_handler_t::replace).substr(0, 60));
+    CHECK_FALSE(pop::check_storable(v, "v").ok());
+    CHECK(d::make_checked_small_node(v) == nullptr);
+  }
+  // Within the limits and storable: packed; an object past 16 members: not (a member map).
+  CHECK(d::make_checked_small_node(json{{"a", 1.5}, {"b", "text"}}) != nullptr);
+  json wide = json::object();
+  for (int i = 0; i < 17; ++i) wide["k" + std::to_string(i)] = i;
+  CHECK(d::make_checked_small_node(wide) == nullptr);
+  CHECK(d::make_checked_small_node(json(5)) == nullptr);  // scalars are not packed
 }
 
 TEST_CASE("a small record is packed in about the length of its text", "[state]") {

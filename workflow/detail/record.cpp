@@ -54,66 +54,16 @@ json counts_json(const std::map<std::string, std::int64_t>& m) {
   return out;
 }
 
-// Reads member `key` of a stored record into `r`.
-void read_member(instance_record& r, std::string_view key, json value) {
+// Reads the rarer members of a record (compensations done, park, retry, cancel and fan-out
+// records) and unknown ones (kept in `extra`) from their JSON.
+void read_json_member(instance_record& r, std::string_view key, json value) {
   using rec = instance_record;
-  const auto set_text = [&](std::optional<std::string>& f) { f = text(value); };
-  const auto set_int = [&](std::optional<std::int64_t>& f) { f = integer(value); };
-  if (key == "workflow") {
-    r.workflow = text(value).value_or("");
-  } else if (key == "definition") {
-    if (value.is_object()) {
-      r.definition_name = text_of(value, "name");
-      r.version = text_of(value, "version");
-    }
-  } else if (key == "status") {
-    r.set_status_name(text(value).value_or(""));
-  } else if (key == "cursor") {
-    r.cursor = text(value).value_or("");
-  } else if (key == "inputs") {
-    if (value.is_object()) r.inputs = std::move(value);
-  } else if (key == "received") {
-    if (value.is_object()) r.received = std::move(value);
-  } else if (key == "visits") {
-    r.visits = counts(value);
-  } else if (key == "calls") {
-    if (value.is_object()) r.calls = counts(value);
-  } else if (key == "done") {
+  if (key == "done") {
     if (value.is_array()) {
-      for (const json& d : value) {
-        if (const auto* s = d.get_ptr<const std::string*>()) r.done.push_back(*s);
+      for (json& d : value) {
+        if (auto* s = d.get_ptr<std::string*>()) r.done.push_back(std::move(*s));
       }
     }
-  } else if (key == "error") {
-    r.error = text(value).value_or("");
-  } else if (key == "started_at_us") {
-    r.started_at_us = integer(value).value_or(0);
-  } else if (key == "deadline_us") {
-    set_int(r.deadline_us);
-  } else if (key == "wait_deadline_us") {
-    set_int(r.wait_deadline_us);
-  } else if (key == "sleep_until_us") {
-    set_int(r.sleep_until_us);
-  } else if (key == "retry_at_us") {
-    set_int(r.retry_at_us);
-  } else if (key == "ended_at_us") {
-    set_int(r.ended_at_us);
-  } else if (key == "history_next") {
-    set_int(r.history_next);
-  } else if (key == "history_base") {
-    set_int(r.history_base);
-  } else if (key == "run") {
-    set_int(r.run);
-  } else if (key == "parent") {
-    set_text(r.parent);
-  } else if (key == "parent_step") {
-    set_text(r.parent_step);
-  } else if (key == "child") {
-    set_text(r.child);
-  } else if (key == "parent_step_of_child") {
-    set_text(r.parent_step_of_child);
-  } else if (key == "wait_key") {
-    set_text(r.wait_key);
   } else if (key == "stuck") {
     if (value.is_object()) {
       const std::string kind = text_of(value, "kind");
@@ -144,10 +94,103 @@ void read_member(instance_record& r, std::string_view key, json value) {
       }
       r.fan_out = std::move(f);
     }
-  } else if (key == "history") {
-    r.legacy_history = std::move(value);
   } else {
     r.extra[std::string(key)] = std::move(value);
+  }
+}
+
+// Member access for read_member, over a JSON member (moved from) and over a stored one (a view:
+// scalars and counts read in place, nothing decoded that is not kept).
+std::optional<std::int64_t> integer(const value_view& v) {
+  return v.as_integer();
+}
+std::optional<std::string> text(const value_view& v) {
+  const std::optional<std::string_view> s = v.as_string();
+  return s ? std::optional<std::string>(*s) : std::nullopt;
+}
+bool is_object(const json& j) {
+  return j.is_object();
+}
+bool is_object(const value_view& v) {
+  return v.is_object();
+}
+json take(json& j) {
+  return std::move(j);
+}
+json take(const value_view& v) {
+  return v.to_json();
+}
+std::string text_of(const value_view& v, const char* key) {
+  return text(v.member(key)).value_or("");
+}
+std::map<std::string, std::int64_t> counts(const value_view& v) {
+  std::map<std::string, std::int64_t> out;
+  v.for_each_member([&](std::string_view k, const value_view& m) {
+    if (const std::optional<std::int64_t> n = m.as_integer()) out.emplace_hint(out.end(), k, *n);
+    return true;
+  });
+  return out;
+}
+
+// Reads member `key` of a stored record (a json& or a value_view) into `r`.
+template <class Member>
+void read_member(instance_record& r, std::string_view key, Member& value) {
+  const auto set_text = [&](std::optional<std::string>& f) { f = text(value); };
+  const auto set_int = [&](std::optional<std::int64_t>& f) { f = integer(value); };
+  if (key == "workflow") {
+    r.workflow = text(value).value_or("");
+  } else if (key == "definition") {
+    if (is_object(value)) {
+      r.definition_name = text_of(value, "name");
+      r.version = text_of(value, "version");
+    }
+  } else if (key == "status") {
+    r.set_status_name(text(value).value_or(""));
+  } else if (key == "cursor") {
+    r.cursor = text(value).value_or("");
+  } else if (key == "inputs") {
+    if (is_object(value)) r.inputs = take(value);
+  } else if (key == "received") {
+    if (is_object(value)) r.received = take(value);
+  } else if (key == "visits") {
+    r.visits = counts(value);
+  } else if (key == "calls") {
+    if (is_object(value)) r.calls = counts(value);
+  } else if (key == "error") {
+    r.error = text(value).value_or("");
+  } else if (key == "started_at_us") {
+    r.started_at_us = integer(value).value_or(0);
+  } else if (key == "deadline_us") {
+    set_int(r.deadline_us);
+  } else if (key == "wait_deadline_us") {
+    set_int(r.wait_deadline_us);
+  } else if (key == "sleep_until_us") {
+    set_int(r.sleep_until_us);
+  } else if (key == "retry_at_us") {
+    set_int(r.retry_at_us);
+  } else if (key == "ended_at_us") {
+    set_int(r.ended_at_us);
+  } else if (key == "history_next") {
+    set_int(r.history_next);
+  } else if (key == "history_base") {
+    set_int(r.history_base);
+  } else if (key == "run") {
+    set_int(r.run);
+  } else if (key == "parent") {
+    set_text(r.parent);
+  } else if (key == "parent_step") {
+    set_text(r.parent_step);
+  } else if (key == "child") {
+    set_text(r.child);
+  } else if (key == "parent_step_of_child") {
+    set_text(r.parent_step_of_child);
+  } else if (key == "wait_key") {
+    set_text(r.wait_key);
+  } else if (key == "history") {
+    r.legacy_history = take(value);
+  } else {
+    // The rarer members, and unknown ones, as JSON.
+    read_json_member(r, key, take(value));
   }
 }
 
@@ -215,14 +258,14 @@ instance_record instance_record::from_json(const json& j) {
 instance_record instance_record::from_json(json&& j) {
   instance_record r;
   if (!j.is_object()) return r;
-  for (auto& [key, value] : j.get_ref<json::object_t&>()) read_member(r, key, std::move(value));
+  for (auto& [key, value] : j.get_ref<json::object_t&>()) read_member(r, key, value);
   return r;
 }
 
 instance_record instance_record::from_view(const value_view& v) {
   instance_record r;
-  v.for_each_member_json([&](std::string_view key, json&& member) {
-    read_member(r, key, std::move(member));
+  v.for_each_member([&](std::string_view key, const value_view& member) {
+    read_member(r, key, member);
     return true;
   });
   return r;
