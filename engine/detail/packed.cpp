@@ -477,6 +477,215 @@ bool encode_checked(const json& value, std::string& out, std::size_t limit, bool
          out.size() <= limit;
 }
 
+namespace {
+
+// The checks of valid() on the value at `at` (before `end`); advances `at` past it.
+struct validator {
+  const char* end;
+  bool count_elements;
+  std::size_t max_members;
+  std::size_t budget;
+
+  bool varint(const char*& at, std::uint64_t& v) const {
+    v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (at == end) return false;
+      const auto byte = static_cast<unsigned char>(*at++);
+      v |= static_cast<std::uint64_t>(byte & 0x7f) << shift;
+      if ((byte & 0x80) == 0) return true;
+    }
+    return false;
+  }
+  bool text(const char*& at, std::uint64_t n, std::string_view& out) const {
+    if (n > static_cast<std::uint64_t>(end - at)) return false;
+    out = std::string_view(at, n);
+    at += n;
+    return check_utf8(out, {}).ok();
+  }
+  bool counted() {
+    if (!count_elements) return true;
+    if (budget == 0) return false;
+    --budget;
+    return true;
+  }
+  bool value(const char*& at, std::size_t depth) {
+    if (at == end) return false;
+    const auto t = static_cast<unsigned char>(*at);
+    const auto in = [&](tag short_t, unsigned span) {
+      const auto base = static_cast<unsigned char>(short_t);
+      return t >= base && t < base + span;
+    };
+    head h{};
+    if (in(tag::short_string, 64) || in(tag::short_object, 32) || in(tag::short_array, 32) ||
+        in(tag::short_unsigned_integer, 32) || in(tag::short_integer, 32)) {
+      h = get_head(at);  // one byte, within bounds
+    } else {
+      ++at;
+      h.kind = static_cast<tag>(t);
+      switch (h.kind) {
+        case tag::null_value:
+        case tag::false_value:
+        case tag::true_value:
+          return true;
+        case tag::integer:
+        case tag::unsigned_integer:
+        case tag::string:
+        case tag::array:
+        case tag::object:
+          if (!varint(at, h.n)) return false;
+          break;
+        case tag::floating: {
+          if (end - at < static_cast<std::ptrdiff_t>(sizeof(double))) return false;
+          double d = 0;
+          std::memcpy(&d, at, sizeof d);
+          at += sizeof d;
+          return std::isfinite(d);
+        }
+        default:
+          return false;
+      }
+    }
+    std::string_view unused;
+    switch (h.kind) {
+      case tag::string:
+        return text(at, h.n, unused);
+      case tag::array:
+        if (depth > max_value_depth) return false;
+        for (std::uint64_t n = h.n; n > 0; --n) {
+          if (!counted() || !value(at, depth + 1)) return false;
+        }
+        return true;
+      case tag::object: {
+        if (depth > max_value_depth || (count_elements && h.n > max_members)) return false;
+        std::string_view last;
+        for (std::uint64_t n = h.n; n > 0; --n) {
+          std::uint64_t length = 0;
+          std::string_view key;
+          if (!counted() || !varint(at, length) || !text(at, length, key)) return false;
+          if (n != h.n && !(last < key)) return false;
+          last = key;
+          if (!value(at, depth + 1)) return false;
+        }
+        return true;
+      }
+      default:  // integers
+        return true;
+    }
+  }
+};
+
+}  // namespace
+
+bool valid(std::string_view bytes, bool count_elements, std::size_t max_members,
+           std::size_t budget) {
+  if (bytes.empty()) return false;
+  const auto top = static_cast<unsigned char>(bytes.front());
+  const bool container = top == static_cast<unsigned char>(tag::string) ||
+                         top == static_cast<unsigned char>(tag::array) ||
+                         top == static_cast<unsigned char>(tag::object) ||
+                         top >= static_cast<unsigned char>(tag::short_object);
+  const bool scalar_short = top >= static_cast<unsigned char>(tag::short_unsigned_integer);
+  if (!container || scalar_short) return false;
+  validator v{bytes.data() + bytes.size(), count_elements, max_members, budget};
+  const char* at = bytes.data();
+  return v.value(at, 1) && at == v.end;
+}
+
+namespace {
+constexpr std::uint64_t packed_subtype = 0x706f70;  // "pop"
+}  // namespace
+
+json as_json(std::string_view bytes) {
+  return json::binary(std::vector<std::uint8_t>(bytes.begin(), bytes.end()), packed_subtype);
+}
+
+const json::binary_t* bytes_of(const json& j) {
+  if (!j.is_binary()) return nullptr;
+  const json::binary_t& b = j.get_binary();
+  return b.has_subtype() && b.subtype() == packed_subtype ? &b : nullptr;
+}
+
+void writer::element() {
+  if (!open_.empty() && !open_.back().object) ++open_.back().count;
+}
+
+void writer::null() {
+  element();
+  put_tag(tag::null_value, out_);
+}
+
+void writer::boolean(bool b) {
+  element();
+  put_tag(b ? tag::true_value : tag::false_value, out_);
+}
+
+void writer::integer(std::int64_t v) {
+  element();
+  if (v >= 0 && static_cast<std::uint64_t>(v) <= short_max) {
+    out_.push_back(static_cast<char>(static_cast<unsigned char>(tag::short_integer) + v));
+    return;
+  }
+  put_tag(tag::integer, out_);
+  put_varint((static_cast<std::uint64_t>(v) << 1) ^ static_cast<std::uint64_t>(v >> 63), out_);
+}
+
+void writer::string(std::string_view text) {
+  element();
+  put_head(tag::string, tag::short_string, text.size(), short_string_max, out_);
+  out_.append(text);
+}
+
+void writer::value(const json& j) {
+  element();
+  if (!encode_into(j, out_, std::numeric_limits<std::size_t>::max())) ok_ = false;
+}
+
+void writer::begin_object() {
+  element();
+  open_.push_back({out_.size(), 0, true});
+  out_.push_back('\0');
+}
+
+void writer::begin_array() {
+  element();
+  open_.push_back({out_.size(), 0, false});
+  out_.push_back('\0');
+}
+
+void writer::key(std::string_view k) {
+  if (open_.empty() || !open_.back().object) {
+    ok_ = false;
+    return;
+  }
+  open& o = open_.back();
+  if (o.last_key_size != std::string::npos &&
+      !(std::string_view(out_).substr(o.last_key, o.last_key_size) < k)) {
+    ok_ = false;
+  }
+  ++o.count;
+  put_varint(k.size(), out_);
+  o.last_key = out_.size();
+  o.last_key_size = k.size();
+  out_.append(k);
+}
+
+void writer::end() {
+  if (open_.empty()) {
+    ok_ = false;
+    return;
+  }
+  const open o = open_.back();
+  open_.pop_back();
+  std::string header;
+  put_head(o.object ? tag::object : tag::array, o.object ? tag::short_object : tag::short_array,
+           o.count, short_max, header);
+  if (header.size() == 1) {
+    out_[o.at] = header[0];
+  } else {
+    out_.replace(o.at, 1, header);  // (more than 31 members or elements: rare)
+  }
+}
+
 bool encode(const json& value, std::string& out, std::size_t limit) {
   return encode_into(value, out, limit) && out.size() <= limit;
 }

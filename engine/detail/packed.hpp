@@ -8,7 +8,9 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/functional/function_ref.h"
 #include "pop/contracts/json.hpp"
 
@@ -70,6 +72,56 @@ bool encode(const json& value, std::string& out,
 // pack within `limit` (the caller then checks and stores it the general way).
 bool encode_checked(const json& value, std::string& out, std::size_t limit, bool count_elements,
                     std::size_t max_members, std::size_t budget);
+
+// Whether `bytes` are exactly one packed string, array or object that a stored value may be:
+// well formed (every length within the bytes, known tags, object keys in strictly increasing
+// order, nothing after the value), storable as check_storable() says (valid UTF-8, finite
+// numbers, nesting within max_value_depth) and, if `count_elements`, within the whole-storage
+// limits (as encode_checked). Never reads outside `bytes`.
+bool valid(std::string_view bytes, bool count_elements, std::size_t max_members,
+           std::size_t budget);
+
+// Builds a packed value part by part, for encoders that know their value's shape (no JSON is
+// built). Open an object or array, add its members (key() before each value) or elements, and
+// end() it; keys must come in strictly increasing order. ok() is false if they did not or a
+// value() had no JSON form; the bytes are then not a value.
+class writer {
+ public:
+  writer() { out_.reserve(256); }
+  void null();
+  void boolean(bool b);
+  void integer(std::int64_t v);
+  void string(std::string_view text);
+  void value(const json& j);  // any JSON value, packed as encode() packs it
+  void begin_object();
+  void begin_array();
+  void key(std::string_view k);
+  void end();
+  bool ok() const { return ok_ && open_.empty(); }
+  std::string& bytes() { return out_; }
+
+ private:
+  struct open {
+    std::size_t at;  // where its one-byte header is reserved
+    std::uint64_t count = 0;
+    bool object;
+    std::size_t last_key = 0;  // the offset and length in out_ of its last key, if any
+    std::size_t last_key_size = std::string::npos;
+  };
+  void element();  // counts a value in the innermost open array (objects count keys)
+  std::string out_;
+  absl::InlinedVector<open, 4> open_;
+  bool ok_ = true;
+};
+
+// A JSON value that stands for the packed value `bytes` in a process's result: the engine stores
+// those bytes as they are, once valid() (whole-storage limits included) says they may be (else
+// the write is kInvalidArgument). This is how a part of this library that encodes its records
+// straight into packed form (the workflow engine's instance records) writes them without
+// building JSON. Only outside the outbox; nothing else in the state is binary JSON.
+json as_json(std::string_view bytes);
+// The bytes `j` stands for if as_json() made it, else nullptr.
+const json::binary_t* bytes_of(const json& j);
 
 // The JSON value whose packed form starts at `at`. O(size of that value).
 json decode(const char* at);

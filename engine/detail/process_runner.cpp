@@ -7,6 +7,7 @@
 #include "absl/strings/str_join.h"
 #include "pop/contracts/process_error.hpp"
 #include "pop/contracts/status.hpp"
+#include "pop/engine/detail/packed.hpp"
 
 namespace pop::detail {
 
@@ -121,8 +122,25 @@ absl::Status process_runner::prepare_writes(const process_contract& c, const sna
                                                       p->str(), "', outside its declared outputs ",
                                                       c.outputs().to_string()));
     }
-    // A small value is checked and packed in one walk; any other is checked here.
-    node_ptr small = w.value && *p != outbox ? make_checked_small_node(*w.value) : nullptr;
+    // A small value is checked and packed in one walk; any other is checked here. A value that
+    // stands for packed bytes (packed::as_json) is checked as bytes and stored as they are.
+    node_ptr small;
+    if (const json::binary_t* bytes = w.value ? packed::bytes_of(*w.value) : nullptr) {
+      if (p->overlaps(outbox)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(who(), " wrote '", p->str(), "' in or above the outbox '", outbox.str(),
+                         "' as packed bytes, which only values outside the outbox may be"));
+      }
+      small = make_packed_node(
+          std::string_view(reinterpret_cast<const char*>(bytes->data()), bytes->size()));
+      if (!small) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            who(), " wrote '", p->str(),
+            "' as packed bytes that are not a valid packed value (malformed or not storable)"));
+      }
+    } else if (w.value && *p != outbox) {
+      small = make_checked_small_node(*w.value);
+    }
     if (w.value && !small && !check_storable(*w.value, {}).ok()) {
       return check_storable(*w.value, absl::StrCat(who(), " wrote '", p->str(), "'"));
     }

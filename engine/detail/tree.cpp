@@ -289,6 +289,16 @@ node_ptr make_node(json value) {
   return build_node(std::move(value));
 }
 
+node_ptr make_packed_node(std::string_view bytes) {
+  if (bytes.size() <= packed_max &&
+      packed::valid(bytes, packed::is_object(bytes.data()), blob_max_members, blob_max_elements)) {
+    return make_packed(bytes);
+  }
+  // Past the limits of a packed node (or not a value at all): as make_node would store it.
+  if (!packed::valid(bytes, false, 0, 0)) return nullptr;
+  return make_node(packed::decode(bytes.data()));
+}
+
 node_ptr make_checked_small_node(const json& value) {
   if (!value.is_string() && !value.is_structured()) return nullptr;
   thread_local std::string bytes;

@@ -94,6 +94,10 @@ node_ptr make_node(json value);
 // make_node(value) for a value that is storable (as check_storable() says) and packs whole,
 // checked and packed in one walk; nullptr for any other value (check it and make_node it).
 node_ptr make_checked_small_node(const json& value);
+// The node of the value packed in `bytes`, as make_node would make it from that value: a packed
+// node holding the bytes as they are when they are within packed_max bytes and the whole-storage
+// limits; nullptr if they are not a valid packed value (packed::valid).
+node_ptr make_packed_node(std::string_view bytes);
 // Returns a node holding message `m`, typed.
 node_ptr make_message_node(outbox_message m);
 // Returns a root node holding the members of `object`: always a member map, so top-level writes

@@ -3,8 +3,11 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <memory>
 
+#include "absl/strings/match.h"
 #include "pop/engine/detail/packed.hpp"
 #include "pop/engine/detail/process_runner.hpp"
 #include "pop/engine/detail/tree.hpp"
@@ -187,6 +190,123 @@ TEST_CASE("views read strings and integers in place, and members visited stay re
       CHECK(m.to_json() == parent.member(key).to_json());
     }
   }
+}
+
+TEST_CASE("packed bytes are checked as a stored value is, and never read outside themselves",
+          "[state]") {
+  rc::prop("valid() accepts what encode() packs and survives any damage to it", [] {
+    const json value = *any_json(2);
+    std::string bytes;
+    RC_ASSERT(d::packed::encode(value, bytes));
+    const bool container = value.is_string() || value.is_structured();
+    RC_ASSERT(d::packed::valid(bytes, false, 0, 0) ==
+              (container && pop::check_storable(value, "v").ok()));
+    // Damaged copies (a byte changed, cut short, one added), each in its own allocation of
+    // exactly its size, so a read past the end is caught under AddressSanitizer.
+    std::string damaged = bytes;
+    const auto at = *rc::gen::inRange<std::size_t>(0, damaged.size());
+    damaged[at] = static_cast<char>(*rc::gen::inRange(0, 256));
+    for (const std::string& b : {damaged, bytes.substr(0, at), bytes + "x"}) {
+      const std::unique_ptr<char[]> exact(new char[b.size() + 1]);
+      std::memcpy(exact.get(), b.data(), b.size());
+      if (d::packed::valid(std::string_view(exact.get(), b.size()), false, 0, 0)) {
+        static_cast<void>(d::packed::decode(exact.get()));  // a valid value decodes
+      }
+    }
+  });
+}
+
+TEST_CASE("the packed writer builds what encode() packs, and refuses keys out of order",
+          "[state]") {
+  d::packed::writer w;
+  w.begin_object();
+  w.key("a");
+  w.integer(-40);
+  w.key("b");
+  w.begin_array();
+  w.string("x");
+  w.boolean(true);
+  w.null();
+  w.value(json{{"k", 1.5}});
+  w.end();
+  w.key("c");
+  w.begin_object();
+  for (int i = 0; i < 40; ++i) {  // more than 31 members: the long header
+    w.key("m" + std::string(i < 10 ? "0" : "") + std::to_string(i));
+    w.integer(i);
+  }
+  w.end();
+  w.end();
+  REQUIRE(w.ok());
+  json want = {{"a", -40}, {"b", json::array({"x", true, nullptr, {{"k", 1.5}}})}};
+  for (int i = 0; i < 40; ++i) {
+    want["c"]["m" + std::string(i < 10 ? "0" : "") + std::to_string(i)] = i;
+  }
+  std::string encoded;
+  REQUIRE(d::packed::encode(want, encoded));
+  CHECK(w.bytes() == encoded);
+
+  d::packed::writer unordered;
+  unordered.begin_object();
+  unordered.key("b");
+  unordered.integer(1);
+  unordered.key("a");
+  unordered.integer(2);
+  unordered.end();
+  CHECK_FALSE(unordered.ok());
+  CHECK_FALSE(d::packed::valid(unordered.bytes(), false, 0, 0));  // the engine would refuse it
+  d::packed::writer open;
+  open.begin_array();
+  CHECK_FALSE(open.ok());
+}
+
+TEST_CASE("a process may write a value as packed bytes: checked, then stored as they are",
+          "[state]") {
+  pop::engine e;
+  std::string bytes;
+  REQUIRE(e.register_process({.name = "put", .outputs = {"domain.r", "domain.outbox_queue"}},
+                             [&](const pop::context&, const json& args) {
+                               pop::result r;
+                               r.set(args.at("at").get<std::string>(), d::packed::as_json(bytes));
+                               return r;
+                             })
+              .ok());
+  const auto packed = [](const json& v) {
+    std::string b;
+    REQUIRE(d::packed::encode(v, b));
+    return b;
+  };
+  // A record, and one past the whole-storage limits (stored as a member map, as make_node would).
+  json wide = json::object();
+  for (int i = 0; i < 20; ++i) wide["k" + std::to_string(i)] = i;
+  for (const json& v : {json{{"a", 1}, {"b", "x"}}, wide, json("text")}) {
+    bytes = packed(v);
+    REQUIRE(e.execute("put", {{"at", "domain.r"}}).ok());
+    CHECK(e.snapshot().root().at("domain.r").to_json() == v);
+  }
+  const std::uint64_t version = e.version();
+  const json before = e.snapshot().to_json();
+  // Refused, naming the process and the path, with nothing committed: bytes that are not a value,
+  // not storable, a scalar (never packed), and any write in the outbox (above it, no process may
+  // write: its contract is refused at registration).
+  const std::string good = packed(json{{"a", 1}});
+  for (const auto& [b, at] : std::vector<std::pair<std::string, std::string>>{
+           {good.substr(0, good.size() - 1), "domain.r"},
+           {good + "x", "domain.r"},
+           {std::string("\xff"), "domain.r"},
+           {packed(json{{"s", "ok"}}).replace(3, 1, "\xff"), "domain.r"},
+           {packed(json(7)), "domain.r"},
+           {good, "domain.outbox_queue"},
+           {good, "domain.outbox_queue.00000000000000000001-000000"}}) {
+    bytes = b;
+    const absl::Status s = e.execute("put", {{"at", at}}).status();
+    INFO(s);
+    CHECK(s.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(absl::StrContains(s.message(), "'put'"));
+    CHECK(absl::StrContains(s.message(), at));
+  }
+  CHECK(e.version() == version);
+  CHECK(e.snapshot().to_json() == before);
 }
 
 TEST_CASE("the one-walk checked packing refuses what check_storable refuses", "[state]") {

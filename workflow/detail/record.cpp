@@ -1,5 +1,7 @@
 #include "pop/workflow/detail/record.hpp"
 
+#include "pop/engine/detail/packed.hpp"
+
 #include <type_traits>
 #include <utility>
 
@@ -377,6 +379,112 @@ json instance_record::encode(Record&& r) {
   put_text("wait_key", std::forward<Record>(r).wait_key);
   put(o, "workflow", std::forward<Record>(r).workflow);
   return j;
+}
+
+std::optional<std::string> instance_record::to_packed() const {
+  if (!extra.empty() || !legacy_history.is_null()) return std::nullopt;
+  packed::writer w;
+  const auto text = [&](const char* key, std::string_view v) {
+    w.key(key);
+    w.string(v);
+  };
+  const auto integer = [&](const char* key, std::int64_t v) {
+    w.key(key);
+    w.integer(v);
+  };
+  const auto opt_text = [&](const char* key, const std::optional<std::string>& v) {
+    if (v) text(key, *v);
+  };
+  const auto opt_int = [&](const char* key, const std::optional<std::int64_t>& v) {
+    if (v) integer(key, *v);
+  };
+  const auto counts = [&](const char* key, const std::map<std::string, std::int64_t>& m) {
+    w.key(key);
+    w.begin_object();
+    for (const auto& [k, v] : m) integer(k.c_str(), v);
+    w.end();
+  };
+  // In key order, as encode() writes them.
+  w.begin_object();
+  if (calls) counts("calls", *calls);
+  if (cancelled) {
+    w.key("cancelled");
+    w.begin_object();
+    integer("at_us", cancelled->at_us);
+    text("reason", cancelled->reason);
+    w.end();
+  }
+  opt_text("child", child);
+  text("cursor", cursor);
+  opt_int("deadline_us", deadline_us);
+  w.key("definition");
+  w.begin_object();
+  text("name", definition_name);
+  text("version", version);
+  w.end();
+  w.key("done");
+  w.begin_array();
+  for (const std::string& d : done) w.string(d);
+  w.end();
+  opt_int("ended_at_us", ended_at_us);
+  text("error", error);
+  if (fan_out) {
+    w.key("fan_out");
+    w.begin_object();
+    text("base", fan_out->base);
+    w.key("children");
+    w.begin_object();
+    for (const auto& [id, st] : fan_out->children) text(id.c_str(), detail::status_name(st));
+    w.end();
+    text("kind", fan_out->kind);
+    integer("next", fan_out->next);
+    text("step", fan_out->step);
+    integer("total", fan_out->total);
+    w.end();
+  }
+  opt_int("history_base", history_base);
+  opt_int("history_next", history_next);
+  w.key("inputs");
+  w.value(inputs);
+  opt_text("parent", parent);
+  opt_text("parent_step", parent_step);
+  opt_text("parent_step_of_child", parent_step_of_child);
+  w.key("received");
+  w.value(received);
+  if (retry) {
+    w.key("retry");
+    w.begin_object();
+    integer("attempt", retry->attempt);
+    if (retry->compensation) {
+      w.key("compensation");
+      w.boolean(true);
+    }
+    text("step", retry->step);
+    w.end();
+  }
+  opt_int("retry_at_us", retry_at_us);
+  opt_int("run", run);
+  opt_int("sleep_until_us", sleep_until_us);
+  integer("started_at_us", started_at_us);
+  text("status", status_name());
+  if (stuck) {
+    w.key("stuck");
+    w.begin_object();
+    integer("at_us", stuck->at_us);
+    text("kind", stuck->kind_name());
+    text("reason", stuck->reason);
+    w.key("resumable");
+    w.boolean(stuck->resumable);
+    text("status", stuck->status);
+    w.end();
+  }
+  counts("visits", visits);
+  opt_int("wait_deadline_us", wait_deadline_us);
+  opt_text("wait_key", wait_key);
+  text("workflow", workflow);
+  w.end();
+  if (!w.ok()) return std::nullopt;
+  return std::move(w.bytes());
 }
 
 }  // namespace pop::detail

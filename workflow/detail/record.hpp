@@ -164,6 +164,11 @@ struct instance_record {
   // The stored JSON; the rvalue form moves inputs, received messages and unknown members.
   json to_json() const&;
   json to_json() &&;
+  // The stored form straight in packed bytes (engine/detail/packed.hpp), exactly what packing
+  // to_json() would give, with no JSON built; nullopt for a record this cannot write so (one
+  // with members a newer program added, or from before history entries had keys): write
+  // to_json() then.
+  std::optional<std::string> to_packed() const;
 
   bool operator==(const instance_record&) const = default;
 

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/status.hpp"
 #include "pop/engine/context.hpp"
+#include "pop/engine/detail/packed.hpp"
 #include "pop/engine/result.hpp"
 #include "pop/workflow/detail/model.hpp"
 #include "pop/workflow/detail/record.hpp"
@@ -131,11 +132,17 @@ class instance_txn {
         rec_.legacy_history.is_array() ? static_cast<std::int64_t>(rec_.legacy_history.size()) : 0);
     char seq[24];
     std::snprintf(seq, sizeof seq, "%012lld", static_cast<long long>(next));
-    json entry(json::value_t::object);
-    entry["step"] = step;
-    entry["outcome"] = outcome;
-    entry["at_us"] = now_;
-    out_.set(absl::StrCat(o_.history, ".", id_, ".", seq), std::move(entry));
+    // {"at_us", "outcome", "step"}, written straight in packed form.
+    packed::writer entry;
+    entry.begin_object();
+    entry.key("at_us");
+    entry.integer(now_);
+    entry.key("outcome");
+    entry.string(outcome);
+    entry.key("step");
+    entry.string(step);
+    entry.end();
+    out_.set(absl::StrCat(o_.history, ".", id_, ".", seq), packed::as_json(entry.bytes()));
     rec_.history_next = next + 1;
   }
 
@@ -284,10 +291,21 @@ class instance_txn {
     return a;
   }
 
-  void save() { out_.set(instance_path(id_), rec_.to_json()); }
-  // save() as the transaction's last use of the record: moved into the result, not copied.
+  // Writes the record: straight in packed form (no JSON built) when it can be written so.
+  void save() {
+    if (std::optional<std::string> bytes = rec_.to_packed()) {
+      out_.set(instance_path(id_), packed::as_json(*bytes));
+    } else {
+      out_.set(instance_path(id_), rec_.to_json());
+    }
+  }
+  // save() as the transaction's last use of the record (which it may move from).
   void save_last() {
-    out_.set(instance_path(id_), std::move(rec_).to_json());
+    if (std::optional<std::string> bytes = rec_.to_packed()) {
+      out_.set(instance_path(id_), packed::as_json(*bytes));
+    } else {
+      out_.set(instance_path(id_), std::move(rec_).to_json());
+    }
     rec_ = instance_record();
   }
 
