@@ -290,6 +290,7 @@ node_ptr make_node(json value) {
 }
 
 node_ptr make_packed_node(std::string_view bytes) {
+  if (bytes.empty()) return nullptr;
   if (bytes.size() <= packed_max &&
       packed::valid(bytes, packed::is_object(bytes.data()), blob_max_members, blob_max_elements)) {
     return make_packed(bytes);

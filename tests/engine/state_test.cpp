@@ -294,6 +294,7 @@ TEST_CASE("a process may write a value as packed bytes: checked, then stored as 
            {good.substr(0, good.size() - 1), "domain.r"},
            {good + "x", "domain.r"},
            {std::string("\xff"), "domain.r"},
+           {std::string(), "domain.r"},
            {packed(json{{"s", "ok"}}).replace(3, 1, "\xff"), "domain.r"},
            {packed(json(7)), "domain.r"},
            {good, "domain.outbox_queue"},
