@@ -377,9 +377,13 @@ absl::StatusOr<std::size_t> workflows::migrate(const workflow_migration& m) {
                                                      "' does not have"));
     }
   }
-  json ids = json::array();
+  detail::migrate_call call{.workflow = m.workflow,
+                            .to = to->version,
+                            .from = m.from_version,
+                            .steps = {m.steps.begin(), m.steps.end()},
+                            .now = engine_.clock().now_us()};
   if (!m.ids.empty()) {
-    for (const std::string& id : m.ids) ids.push_back(id);
+    call.ids = m.ids;
   } else {
     const snapshot snap = engine_.snapshot();
     snap.view(path::parse(options_.instances).value())
@@ -393,33 +397,22 @@ absl::StatusOr<std::size_t> workflows::migrate(const workflow_migration& m) {
           const std::string version =
               d != rec.end() && d->is_object() ? d->value("version", "") : "";
           if (version != to->version && (m.from_version.empty() || version == m.from_version)) {
-            ids.push_back(id);
+            call.ids.emplace_back(id);
           }
           return true;
         });
   }
-  if (ids.empty()) return 0;
-  json target = json::object();
+  if (call.ids.empty()) return 0;
   for (const workflow_step& s : to->def.steps) {
-    json topics = json::array();
-    for (const auto& [topic, next] : s.wait) topics.push_back(topic);
-    target[s.name] = {{"kind", kind_name(s)},
-                      {"compensate", !s.compensate.empty()},
-                      {"topics", topics},
-                      {"key", s.key},
-                      {"timeout_ms", s.timeout_ms}};
+    detail::migrate_call::target_step& t = call.target[s.name];
+    t.kind = detail::id_of(*to->kind(s.name));
+    t.compensate = !s.compensate.empty();
+    for (const auto& [topic, next] : s.wait) t.topics.push_back(topic);
+    t.key = s.key;
+    t.timeout_ms = s.timeout_ms;
   }
-  json steps = json::object();
-  for (const auto& [old_step, new_step] : m.steps) steps[old_step] = new_step;
-  const std::size_t n = ids.size();
-  absl::StatusOr<commit> c =
-      engine_.execute(detail::migrate_process, {{"workflow", m.workflow},
-                                                {"to", to->version},
-                                                {"from", m.from_version},
-                                                {"steps", std::move(steps)},
-                                                {"target", std::move(target)},
-                                                {"ids", std::move(ids)},
-                                                {"now", engine_.clock().now_us()}});
+  const std::size_t n = call.ids.size();
+  absl::StatusOr<commit> c = engine_.execute(detail::migrate_process, detail::to_args(call));
   if (!c.ok()) return annotate(c.status(), where);
   return n;
 }

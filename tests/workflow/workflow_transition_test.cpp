@@ -321,6 +321,29 @@ TEST_CASE("the events' codecs round-trip and name what is wrong", "[workflow]") 
     CHECK(back.event.index() == c.event.index());
     CHECK(d::to_args(back) == d::to_args(c));
   }
+  // The migration's: the new version's steps by kind, typed both ways.
+  d::migrate_call m{.workflow = "ship",
+                    .to = "v2",
+                    .from = "v1",
+                    .steps = {{"old", "new"}},
+                    .ids = {"i1", "i2"},
+                    .now = 7};
+  m.target["new"] = {d::kind_id::wait, false, {"order.ack"}, "order", 500};
+  m.target["pay"] = {d::kind_id::process, true, {}, "", 0};
+  const d::migrate_call mb = d::migrate_call_from(d::to_args(m)).value();
+  CHECK(mb.target.at("new").kind == d::kind_id::wait);
+  CHECK(mb.target.at("new").topics == std::vector<std::string>{"order.ack"});
+  CHECK(mb.target.at("pay").compensate);
+  CHECK(mb.steps == m.steps);
+  CHECK(mb.ids == m.ids);
+  CHECK(d::to_args(mb) == d::to_args(m));
+  json odd_kind = d::to_args(m);
+  odd_kind["target"]["new"]["kind"] = "teleport";
+  CHECK(d::migrate_call_from(odd_kind).status().code() == absl::StatusCode::kInvalidArgument);
+  json dotted = d::to_args(m);
+  dotted["ids"] = {"a.b"};
+  CHECK(d::migrate_call_from(dotted).status().code() == absl::StatusCode::kInvalidArgument);
+
   const auto failed =
       std::get<d::step_failed_event>(d::control_call_from(d::to_args(calls[1])).value().event);
   CHECK(failed.code == absl::StatusCode::kDataLoss);

@@ -230,6 +230,95 @@ absl::StatusOr<start_call> start_call_from(const json& args) {
   return c;
 }
 
+namespace {
+
+constexpr std::pair<kind_id, std::string_view> kind_id_names[] = {
+    {kind_id::process, "process"}, {kind_id::branch, "branch"},
+    {kind_id::wait, "wait"},       {kind_id::call, "call"},
+    {kind_id::sleep, "sleep"},     {kind_id::fail, "fail"},
+    {kind_id::end, "end"},         {kind_id::continue_as_new, "continue_as_new"},
+    {kind_id::fan_out, "fan_out"},
+};
+
+}  // namespace
+
+std::string_view kind_id_name(kind_id k) {
+  for (const auto& [id, text] : kind_id_names) {
+    if (id == k) return text;
+  }
+  return "unknown";
+}
+
+json to_args(const migrate_call& c) {
+  json target = json::object();
+  for (const auto& [name, t] : c.target) {
+    target[name] = {{"kind", kind_id_name(t.kind)},
+                    {"compensate", t.compensate},
+                    {"topics", t.topics},
+                    {"key", t.key},
+                    {"timeout_ms", t.timeout_ms}};
+  }
+  return {{"workflow", c.workflow},      {"to", c.to},   {"from", c.from}, {"steps", c.steps},
+          {"target", std::move(target)}, {"ids", c.ids}, {"now", c.now}};
+}
+
+absl::StatusOr<migrate_call> migrate_call_from(const json& args) {
+  const auto bad = [](std::string_view what) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("workflow migration arguments: ", to_absl(what), " is missing or malformed"));
+  };
+  if (!args.is_object()) return bad("the whole");
+  migrate_call c;
+  POP_ASSIGN_OR_RETURN(c.workflow, field<std::string>(args, "workflow"));
+  POP_ASSIGN_OR_RETURN(c.to, field<std::string>(args, "to"));
+  POP_ASSIGN_OR_RETURN(c.from, field<std::string>(args, "from", std::string()));
+  POP_ASSIGN_OR_RETURN(c.now, field<std::int64_t>(args, "now"));
+  const auto steps = args.find("steps");
+  const auto target = args.find("target");
+  const auto ids = args.find("ids");
+  if (steps == args.end() || !steps->is_object()) return bad("'steps'");
+  if (target == args.end() || !target->is_object()) return bad("'target'");
+  if (ids == args.end() || !ids->is_array()) return bad("'ids'");
+  for (const auto& [from, to] : steps->items()) {
+    if (!to.is_string()) return bad(absl::StrCat("'steps.", from, "'"));
+    c.steps.emplace(from, to.get<std::string>());
+  }
+  for (const auto& [name, t] : target->items()) {
+    const std::string where = absl::StrCat("'target.", name, "'");
+    if (!t.is_object()) return bad(where);
+    migrate_call::target_step step;
+    const std::string kind = t.value("kind", "");
+    bool known = false;
+    for (const auto& [id, text] : kind_id_names) {
+      if (text == kind) {
+        step.kind = id;
+        known = true;
+      }
+    }
+    const auto topics = t.find("topics");
+    const auto timeout = t.find("timeout_ms");
+    if (!known || !t.value("compensate", json()).is_boolean() || topics == t.end() ||
+        !topics->is_array() || !t.value("key", json()).is_string() || timeout == t.end() ||
+        !timeout->is_number_integer()) {
+      return bad(where);
+    }
+    step.compensate = t.at("compensate").get<bool>();
+    for (const json& topic : *topics) {
+      if (!topic.is_string()) return bad(where);
+      step.topics.push_back(topic.get<std::string>());
+    }
+    step.key = t.at("key").get<std::string>();
+    step.timeout_ms = timeout->get<std::int64_t>();
+    c.target.emplace(name, std::move(step));
+  }
+  for (const json& id : *ids) {
+    if (!id.is_string()) return bad("'ids'");
+    c.ids.push_back(id.get<std::string>());
+    POP_RETURN_IF_ERROR(instance_id(c.ids.back()));
+  }
+  return c;
+}
+
 std::string_view action_name(const operator_action& a) {
   return std::visit(overloaded{
                         [](const park_action&) { return std::string_view("park"); },

@@ -203,4 +203,45 @@ absl::StatusOr<operator_call> operator_call_from(const json& args);
 // The name of `a` as the arguments and messages say it ("park", "resume", ...).
 std::string_view action_name(const operator_action& a);
 
+// The kind of a step without its data: the alternatives of step_kind, in their order.
+enum class kind_id : char {
+  process,
+  branch,
+  wait,
+  call,
+  sleep,
+  fail,
+  end,
+  continue_as_new,
+  fan_out,
+};
+// The name of `k` in messages and in the migration's arguments ("process", "wait", ...).
+std::string_view kind_id_name(kind_id k);
+inline kind_id id_of(const step_kind& k) {
+  static_assert(std::variant_size_v<step_kind> == 9, "kind_id lists step_kind's alternatives");
+  return static_cast<kind_id>(k.index());
+}
+
+// A migration (the migrate process): the instances `ids` of `workflow` move to version `to`
+// (only those on version `from`, if set), their steps renamed as `steps` maps them, checked
+// against what the new version's steps are (`target`, by name).
+struct migrate_call {
+  struct target_step {
+    kind_id kind = kind_id::end;
+    bool compensate = false;            // a process step with a compensation
+    std::vector<std::string> topics{};  // a wait step's topics
+    std::string key{};                  // a wait step's key input
+    std::int64_t timeout_ms = 0;        // a wait step's timeout
+  };
+  std::string workflow{};
+  std::string to{};
+  std::string from{};
+  std::map<std::string, std::string> steps{};
+  std::map<std::string, target_step> target{};
+  std::vector<std::string> ids{};
+  std::int64_t now = 0;
+};
+json to_args(const migrate_call& c);
+absl::StatusOr<migrate_call> migrate_call_from(const json& args);
+
 }  // namespace pop::detail

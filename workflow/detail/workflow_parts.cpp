@@ -321,17 +321,20 @@ absl::StatusOr<result> operate(const workflow_options& o, const context& ctx, co
 
 absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, const json& args) {
   result out;
-  const std::string workflow = args.at("workflow").get<std::string>();
-  const std::string to = args.at("to").get<std::string>();
-  const json& steps = args.at("steps");
-  const json& target = args.at("target");
-  const std::int64_t now = args.at("now").get<std::int64_t>();
+  POP_ASSIGN_OR_RETURN(const migrate_call call, migrate_call_from(args));
+  const std::string& workflow = call.workflow;
+  const std::string& to = call.to;
   const auto mapped = [&](const std::string& step) {
-    const auto it = steps.find(step);
-    return it == steps.end() ? step : it->get<std::string>();
+    const auto it = call.steps.find(step);
+    return it == call.steps.end() ? step : it->second;
   };
-  for (const json& id_json : args.at("ids")) {
-    instance_txn t(o, ctx, out, id_json.get<std::string>(), now);
+  // The new version's step `step`, or null.
+  const auto target = [&](const std::string& step) -> const migrate_call::target_step* {
+    const auto it = call.target.find(step);
+    return it == call.target.end() ? nullptr : &it->second;
+  };
+  for (const std::string& id : call.ids) {
+    instance_txn t(o, ctx, out, id, call.now);
     if (!t.load()) return absl::NotFoundError(absl::StrCat("no workflow instance '", t.id(), "'"));
     const std::string from = t.version();
     const instance_status status = t.status();
@@ -345,8 +348,8 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
       return refuse(absl::StrCat("it is an instance of workflow '", t.workflow(), "'"));
     }
     if (from == to) return refuse("it runs that version already");
-    if (const std::string wanted = args.value("from", ""); !wanted.empty() && from != wanted) {
-      return refuse(absl::StrCat("it runs version '", from, "', not '", wanted, "'"));
+    if (!call.from.empty() && from != call.from) {
+      return refuse(absl::StrCat("it runs version '", from, "', not '", call.from, "'"));
     }
     if (is_final(status)) return refuse("it has ended");
     instance_record& rec = t.rec();
@@ -357,16 +360,13 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     const std::string effective_name =
         stuck ? (stuck->status.empty() ? "running" : stuck->status) : status_text;
     const instance_status effective = parse_status(effective_name);
-    const auto kind_of = [&](const std::string& step) -> std::string {
-      const auto it = target.find(step);
-      return it == target.end() ? "" : it->value("kind", "");
-    };
     const std::string cursor = t.cursor();
     const std::string next_cursor = mapped(cursor);
     const std::string at =
         cursor == next_cursor ? absl::StrCat("step '", cursor, "'")
                               : absl::StrCat("step '", cursor, "' (mapped to '", next_cursor, "')");
-    if (effective == instance_status::running && kind_of(next_cursor).empty()) {
+    const migrate_call::target_step* next = target(next_cursor);
+    if (effective == instance_status::running && !next) {
       return refuse(absl::StrCat("it is at ", at, ", which the new version lacks"));
     }
     if (t.compensation_retry()) {
@@ -379,21 +379,22 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
         return refuse(absl::StrCat("it waits for the children of its fan-out ", at,
                                    ": migrate it once they have ended, or restart it"));
       }
-      const char* wanted = rec.retry_at_us      ? "process"
-                           : rec.child          ? "call"
-                           : rec.sleep_until_us ? "sleep"
-                                                : "wait";
-      if (kind_of(next_cursor) != wanted) {
-        return refuse(absl::StrCat("it waits at ", at, " (a ", wanted,
-                                   " step), and the new version has ",
-                                   kind_of(next_cursor).empty()
-                                       ? std::string("no such step")
-                                       : absl::StrCat("a ", kind_of(next_cursor), " step there")));
+      // What it waits in: a retry of a process step, a child, a sleep, or a message.
+      const kind_id wanted = rec.retry_at_us      ? kind_id::process
+                             : rec.child          ? kind_id::call
+                             : rec.sleep_until_us ? kind_id::sleep
+                                                  : kind_id::wait;
+      if (!next || next->kind != wanted) {
+        return refuse(
+            absl::StrCat("it waits at ", at, " (a ", to_absl(kind_id_name(wanted)),
+                         " step), and the new version has ",
+                         next ? absl::StrCat("a ", to_absl(kind_id_name(next->kind)), " step there")
+                              : std::string("no such step")));
       }
-      if (rec.wait_key && std::string_view(wanted) == "wait") {
+      if (rec.wait_key && wanted == kind_id::wait) {
         // The new step must wait on the key the instance waits on.
         const json& inputs = rec.inputs;
-        const std::string input = target.at(next_cursor).value("key", "");
+        const std::string& input = next->key;
         const auto value = inputs.find(input);
         const std::string text =
             value == inputs.end()
@@ -409,8 +410,8 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     std::vector<std::string> done;
     for (const std::string& d : rec.done) {
       const std::string step = mapped(d);
-      const auto it = target.find(step);
-      if (it == target.end() || !it->value("compensate", false)) {
+      const migrate_call::target_step* then = target(step);
+      if (!then || !then->compensate) {
         return refuse(absl::StrCat("its completed step '", d, "' would be '", step,
                                    "', which has no compensation in the new version"));
       }
@@ -418,7 +419,7 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     }
     std::map<std::string, std::int64_t> visits;
     for (const auto& [step, n] : rec.visits) {
-      if (target.contains(mapped(step))) visits[mapped(step)] = n;
+      if (target(mapped(step))) visits[mapped(step)] = n;
     }
     rec.definition_name = workflow;
     rec.version = to;
@@ -427,14 +428,13 @@ absl::StatusOr<result> migrate(const workflow_options& o, const context& ctx, co
     rec.visits = std::move(visits);
     if (rec.parent_step_of_child) rec.parent_step_of_child = next_cursor;
     if (rec.retry) rec.retry->step = mapped(rec.retry->step);
-    if (rec.wait_deadline_us && target.at(next_cursor).value("timeout_ms", std::int64_t{0}) == 0) {
+    if (rec.wait_deadline_us && (!next || next->timeout_ms == 0)) {
       rec.wait_deadline_us.reset();  // the new step waits without a timeout
     }
     if (effective == instance_status::waiting && rec.wait_key) {
       // The wait index lists the topics it takes: the new step's.
-      const auto it = target.find(next_cursor);
       out.set(absl::StrCat(o.index, ".waits.", *rec.wait_key, ".", t.id()),
-              it->value("topics", json::array()));
+              next ? json(next->topics) : json::array());
     }
     t.history(next_cursor, absl::StrCat("migrated from version '", from, "' to '", to, "'",
                                         cursor == next_cursor ? "" : absl::StrCat(" (", at, ")")));
