@@ -354,7 +354,11 @@ absl::Status engine::batch(absl::FunctionRef<absl::Status()> body) {
       return absl::OkStatus();
     }
     ~ending() {
-      if (!done) static_cast<void>(finish());
+      if (done) return;
+      try {  // (unwinding from body's exception: nothing may escape)
+        static_cast<void>(finish());
+      } catch (...) {
+      }
     }
   } end{*this, frame};
   absl::Status status = body();

@@ -157,13 +157,17 @@ class engine {
   // Group commit on one thread. Runs `body`; the commits this thread makes on this engine inside
   // it (execute, compare_and_swap, clear_messages, and what is built on them, such as workflow
   // steps) return as soon as they are installed instead of each waiting for the journal, which
-  // writes them in shared transactions on its own thread meanwhile. They are acknowledged when
-  // batch() returns OK, not before: only then are they all durable at options.durability (a
-  // crash earlier may lose a suffix of them, never a hole; the relay publishes none before it is
-  // durable), and commit notifications for them come then. Returns the journal's failure if one
-  // of them could not be made durable, else body's status (its commits stay committed either
-  // way). Commits of other threads, or of another engine, are not affected; a nested batch of
-  // the same engine joins the outer one. An in-memory engine just runs body.
+  // writes them in shared transactions (on its thread as groups of them queue up, the rest when
+  // the batch ends). They are acknowledged when batch() returns OK, not before: only then are
+  // they all durable at options.durability (a crash earlier may lose a suffix of them, never a
+  // hole; the relay publishes none before it is durable), and commit notifications for them come
+  // then. Returns the journal's failure if one of them could not be made durable, else body's
+  // status (its commits stay committed either way). Commits of other threads, or of another
+  // engine, are not affected; a nested batch of the same engine joins the outer one (so code
+  // that acknowledges its own commits, such as a workflow runner's round, must not run inside
+  // a batch of its engine). A batch holds what it has not yet written in memory: keep batches
+  // to a bounded amount of work (the workflow runner's are one round). An in-memory engine just
+  // runs body.
   [[nodiscard]] absl::Status batch(absl::FunctionRef<absl::Status()> body);
 
   // The low-level commit primitive: applies `writes` in order at a new version if `mode` allows.

@@ -50,7 +50,8 @@ class value_view {
   // The value at a dotted `relative` path below this one (assumed valid); absent if missing.
   value_view at(std::string_view relative) const;
   // Visits the members of an object in key order, starting at the first key >= `from`, until
-  // `visit` returns false. O(log n + members visited).
+  // `visit` returns false. O(log n + members visited). The member view passed is valid only
+  // during its call (members may share one view that moves on): copy it to keep it.
   void for_each_member(
       absl::FunctionRef<bool(std::string_view key, const value_view& member)> visit,
       std::string_view from = {}) const;

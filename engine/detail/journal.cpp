@@ -183,10 +183,12 @@ std::shared_ptr<journal_record> journal::reserve(std::uint64_t version,
 }
 
 // (Usually nobody needs waking: the committer that filled `r` calls wait_durable() next and
-// writes it unless somebody else is writing, who then hands over to a waiter. A batch's committer
-// goes on instead: an idle writer thread is woken once enough records wait to fill a group worth
-// a transaction (a wake-up per record cost the committer more than the record; a busy writer
-// takes what is queued when it hands over, and the batch's end wakes it for the rest).
+// writes it unless somebody else is writing, who then hands over to a waiter. Two cases do: a
+// committer that already waits for a later record found this one unfilled and woke nobody; and a
+// batch's committer goes on without waiting, so an idle writer thread is woken once enough
+// records wait to fill a group worth a transaction (a wake-up per record cost the committer more
+// than the record). The rest of a batch's records are written when the writer next hands over,
+// or at the batch's end, by the writer or by the batch's own thread.)
 //
 // A record keeps its version's state only if a snapshot may be due at it (snapshot_every versions
 // or snapshot_bytes of records have passed since the last snapshot); any other drops it here, on
@@ -200,11 +202,18 @@ void journal::fill(const std::shared_ptr<journal_record>& r, bool wake_writer) {
   {
     std::lock_guard lock(mu_);
     r->filled = true;
-    filled_bytes_ += r->writes.size() + r->messages.size() + r->process.size() + 32;
+    filled_bytes_ += record_bytes(*r);
     if (!snapshot_due(r->version)) dropped = std::move(r->state);
-    wake = wake_writer && !writing_ && queue_.size() >= worth_waking;
+    // Committers already waiting (they found the front unfilled and woke nobody) need the writer
+    // once the front is filled, batch or not.
+    wake = !writing_ && queue_.front()->filled &&
+           (!waiters_.empty() || (wake_writer && queue_.size() >= worth_waking));
   }
   if (wake) work_cv_.notify_one();
+}
+
+std::size_t journal::record_bytes(const journal_record& r) {
+  return r.writes.size() + r.messages.size() + r.process.size() + 32;
 }
 
 bool journal::snapshot_due(std::uint64_t version) const {
@@ -289,8 +298,15 @@ void journal::write_front_group(std::unique_lock<std::mutex>& lock) {
         s = write_snapshot(*due);
         lock.lock();
         if (s.ok()) {
+          // What was filled after the snapshot's version counts toward the next one.
           snapshot_base_ = due->version;
           filled_bytes_ = 0;
+          for (const std::shared_ptr<journal_record>& r : group) {
+            if (r->version > due->version) filled_bytes_ += record_bytes(*r);
+          }
+          for (const std::shared_ptr<journal_record>& r : queue_) {
+            if (r->filled) filled_bytes_ += record_bytes(*r);
+          }
         }
       }
     }

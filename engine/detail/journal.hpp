@@ -84,8 +84,8 @@ class journal {
   std::shared_ptr<journal_record> reserve(std::uint64_t version,
                                           std::shared_ptr<const version_state> state);
   // Marks a reserved record filled and lets the writer take it; drops its state unless a snapshot
-  // may be due at it. A committer that will not wait for
-  // it next (one in an engine::batch) passes `wake_writer`, so the writer thread writes it.
+  // may be due at it. A committer that will not wait for it next (one in an engine::batch) passes
+  // `wake_writer`: an idle writer thread is then woken once a group's worth of records waits.
   void fill(const std::shared_ptr<journal_record>& r, bool wake_writer = false);
   // Marks a reserved record as impossible to write: the journal fails with `why` when it reaches
   // it (every waiter gets the failure), so no later commit waits for it forever.
@@ -129,6 +129,8 @@ class journal {
   // Gives the token back: wakes the committers whose versions are durable (all of them after a
   // failure) and the writer thread if it has work.
   void hand_over(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The bytes a record counts for toward snapshot_bytes.
+  static std::size_t record_bytes(const journal_record& r);
   // True if a snapshot is due at `version`: snapshot_every versions or snapshot_bytes of records
   // since the last one.
   bool snapshot_due(std::uint64_t version) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

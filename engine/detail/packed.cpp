@@ -485,12 +485,14 @@ struct validator {
   bool count_elements;
   std::size_t max_members;
   std::size_t budget;
+  bool contents = true;  // also check strings (UTF-8) and numbers (finite), not only the form
 
   bool varint(const char*& at, std::uint64_t& v) const {
     v = 0;
     for (int shift = 0; shift < 64; shift += 7) {
       if (at == end) return false;
       const auto byte = static_cast<unsigned char>(*at++);
+      if (shift == 63 && byte > 1) return false;  // past 64 bits
       v |= static_cast<std::uint64_t>(byte & 0x7f) << shift;
       if ((byte & 0x80) == 0) return true;
     }
@@ -500,7 +502,7 @@ struct validator {
     if (n > static_cast<std::uint64_t>(end - at)) return false;
     out = std::string_view(at, n);
     at += n;
-    return check_utf8(out, {}).ok();
+    return !contents || check_utf8(out, {}).ok();
   }
   bool counted() {
     if (!count_elements) return true;
@@ -539,7 +541,7 @@ struct validator {
           double d = 0;
           std::memcpy(&d, at, sizeof d);
           at += sizeof d;
-          return std::isfinite(d);
+          return !contents || std::isfinite(d);
         }
         default:
           return false;
@@ -603,6 +605,13 @@ const json::binary_t* bytes_of(const json& j) {
   if (!j.is_binary()) return nullptr;
   const json::binary_t& b = j.get_binary();
   return b.has_subtype() && b.subtype() == packed_subtype ? &b : nullptr;
+}
+
+bool well_formed(std::string_view bytes) {
+  if (bytes.empty()) return false;
+  validator v{bytes.data() + bytes.size(), false, 0, 0, false};
+  const char* at = bytes.data();
+  return v.value(at, 1) && at == v.end;
 }
 
 void writer::element() {

@@ -81,10 +81,17 @@ bool encode_checked(const json& value, std::string& out, std::size_t limit, bool
 bool valid(std::string_view bytes, bool count_elements, std::size_t max_members,
            std::size_t budget);
 
+// Whether `bytes` are exactly one packed value of any kind, well formed as valid() checks it
+// (within the bytes, known tags, keys in order, nesting within max_value_depth) but whatever its
+// strings and numbers hold: a value decode() may read.
+bool well_formed(std::string_view bytes);
+
 // Builds a packed value part by part, for encoders that know their value's shape (no JSON is
 // built). Open an object or array, add its members (key() before each value) or elements, and
-// end() it; keys must come in strictly increasing order. ok() is false if they did not or a
-// value() had no JSON form; the bytes are then not a value.
+// end() it; keys must come in strictly increasing order. ok() is false if they did not, a
+// value() had no JSON form or something is left open; it does not check that each key has
+// exactly one value or that there is one value in all (valid() does, as the engine does).
+// The bytes are a value only if ok().
 class writer {
  public:
   writer() { out_.reserve(256); }

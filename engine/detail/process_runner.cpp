@@ -134,9 +134,16 @@ absl::Status process_runner::prepare_writes(const process_contract& c, const sna
       small = make_packed_node(
           std::string_view(reinterpret_cast<const char*>(bytes->data()), bytes->size()));
       if (!small) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            who(), " wrote '", p->str(),
-            "' as packed bytes that are not a valid packed value (malformed or not storable)"));
+        // Say what is wrong as for any value, when the bytes can be read.
+        const std::string_view b(reinterpret_cast<const char*>(bytes->data()), bytes->size());
+        if (packed::well_formed(b)) {
+          absl::Status s = check_storable(packed::decode(b.data()),
+                                          absl::StrCat(who(), " wrote '", p->str(), "'"));
+          if (!s.ok()) return s;
+        }
+        return absl::InvalidArgumentError(
+            absl::StrCat(who(), " wrote '", p->str(),
+                         "' as packed bytes that are not a valid packed value (malformed)"));
       }
     } else if (w.value && *p != outbox) {
       small = make_checked_small_node(*w.value);

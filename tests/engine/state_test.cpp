@@ -306,6 +306,15 @@ TEST_CASE("a process may write a value as packed bytes: checked, then stored as 
     CHECK(absl::StrContains(s.message(), "'put'"));
     CHECK(absl::StrContains(s.message(), at));
   }
+  // Bytes that are well formed but not storable are refused as that value would be: naming where.
+  bytes = packed(json{{"s", "ok"}}).replace(4, 1, "\xff");  // the "o"
+  const absl::Status utf8 = e.execute("put", {{"at", "domain.r"}}).status();
+  INFO(utf8);
+  CHECK(absl::StrContains(utf8.message(), "not valid UTF-8"));
+  CHECK(absl::StrContains(utf8.message(), "'/s'"));
+  // A varint past 64 bits is malformed (an integer tag, then ten bytes of 0xff and a 0x7f).
+  CHECK_FALSE(
+      d::packed::valid(std::string("\x91\x03") + std::string(9, '\xff') + "\x7f", false, 0, 0));
   CHECK(e.version() == version);
   CHECK(e.snapshot().to_json() == before);
 }

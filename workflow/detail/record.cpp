@@ -384,11 +384,11 @@ json instance_record::encode(Record&& r) {
 std::optional<std::string> instance_record::to_packed() const {
   if (!extra.empty() || !legacy_history.is_null()) return std::nullopt;
   packed::writer w;
-  const auto text = [&](const char* key, std::string_view v) {
+  const auto text = [&](std::string_view key, std::string_view v) {
     w.key(key);
     w.string(v);
   };
-  const auto integer = [&](const char* key, std::int64_t v) {
+  const auto integer = [&](std::string_view key, std::int64_t v) {
     w.key(key);
     w.integer(v);
   };
@@ -401,7 +401,7 @@ std::optional<std::string> instance_record::to_packed() const {
   const auto counts = [&](const char* key, const std::map<std::string, std::int64_t>& m) {
     w.key(key);
     w.begin_object();
-    for (const auto& [k, v] : m) integer(k.c_str(), v);
+    for (const auto& [k, v] : m) integer(k, v);
     w.end();
   };
   // In key order, as encode() writes them.
@@ -434,7 +434,7 @@ std::optional<std::string> instance_record::to_packed() const {
     text("base", fan_out->base);
     w.key("children");
     w.begin_object();
-    for (const auto& [id, st] : fan_out->children) text(id.c_str(), detail::status_name(st));
+    for (const auto& [id, st] : fan_out->children) text(id, detail::status_name(st));
     w.end();
     text("kind", fan_out->kind);
     integer("next", fan_out->next);
