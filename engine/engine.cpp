@@ -76,9 +76,10 @@ absl::Status validate_options(const options& o) {
         "options.durability is none but options.journal is '", o.journal,
         "': choose durability::process or durability::power, or leave the journal empty"));
   }
-  if (o.journal_tuning.snapshot_every < 1 || o.journal_tuning.max_group < 1) {
+  if (o.journal_tuning.snapshot_every < 1 || o.journal_tuning.max_group < 1 ||
+      o.journal_tuning.max_batch_lag < 1) {
     return absl::InvalidArgumentError(
-        "options.journal_tuning.snapshot_every and max_group must be at least 1");
+        "options.journal_tuning.snapshot_every, max_group and max_batch_lag must be at least 1");
   }
   return absl::OkStatus();
 }
@@ -324,9 +325,14 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       return journal_->wait_durable(done.version);
     }
     if (batch_frame* batch = batch_of(this)) {
-      // Acknowledged (and notified) when the batch ends, once durable.
+      // Acknowledged (and notified) when the batch ends, once durable. A batch far ahead of its
+      // journal waits for part of it, so what it holds unwritten stays bounded.
       journal_->fill(record, /*wake_writer=*/true);
       batch->last = std::max(batch->last, done.version);
+      const std::uint64_t lag = options_.journal_tuning.max_batch_lag;
+      if (done.version > lag && journal_->durable_version() < done.version - lag) {
+        POP_RETURN_IF_ERROR(journal_->wait_durable(done.version - lag));
+      }
       return absl::OkStatus();
     }
     journal_->fill(record);

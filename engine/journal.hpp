@@ -28,6 +28,8 @@ struct journal_options {
   std::uint64_t snapshot_every = 100'000;      // versions between full-state snapshots
   std::uint64_t snapshot_bytes = 64ull << 20;  // or journal bytes written since the last one
   std::size_t max_group = 8192;                // most commits sharing one SQLite transaction
+  std::uint64_t max_batch_lag = 8192;  // versions an engine::batch may run ahead of the journal
+                                       // before its next commit waits for part of them
 };
 
 // The journal format this build writes and reads.

@@ -268,6 +268,26 @@ TEST_CASE("a batch's commits are acknowledged and notified when it returns, dura
   CHECK(open_engine(o)->snapshot().to_json() == expected);
 }
 
+TEST_CASE("a batch runs at most max_batch_lag versions ahead of its journal", "[journal][batch]") {
+  temp_dir dir;
+  pop::options o = journaled(dir.file("shop.db"));
+  o.journal_tuning.max_batch_lag = 16;
+  auto e = open_engine(o);
+  std::uint64_t worst = 0;
+  const absl::Status batch = e->batch([&]() -> absl::Status {
+    for (int i = 0; i < 300; ++i) {
+      POP_RETURN_IF_ERROR(e->compare_and_swap(e->version(), {{"domain.n", i}}).status());
+      worst = std::max(worst, e->version() - e->durable_version());
+    }
+    return absl::OkStatus();
+  });
+  REQUIRE(batch.ok());
+  CHECK(worst <= 16);
+  CHECK(e->durable_version() == 300);
+  o.journal_tuning.max_batch_lag = 0;
+  CHECK(pop::engine::open(o).status().code() == absl::StatusCode::kInvalidArgument);
+}
+
 TEST_CASE("a failing batch returns its body's error and keeps what it committed", "[journal]") {
   temp_dir dir;
   const std::string file = dir.file("shop.db");
