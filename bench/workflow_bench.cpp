@@ -133,20 +133,23 @@ void workflow_steps(benchmark::State& state, bool journal, Drive drive) {
   state.SetItemsProcessed(steps);
 }
 
-// advance() on every runnable instance, one after the other on this thread, until none moves;
-// each pass over the runnable instances is one engine::batch (as workflow_runner's rounds are):
-// its steps share journal transactions and are durable when the pass ends.
+// One pass: advance() on every runnable instance, one after the other on this thread; the
+// number of steps taken.
+std::int64_t advance_pass(pop::workflows& wf) {
+  std::int64_t steps = 0;
+  for (const std::string& id : wf.runnable(100'000)) {
+    if (wf.advance(id).value()) ++steps;
+  }
+  return steps;
+}
+
+// Passes until none moves; each pass is one engine::batch (as workflow_runner's rounds are): its
+// steps share journal transactions and are durable when the pass ends.
 std::int64_t advance_all(pop::engine& e, pop::workflows& wf) {
   std::int64_t steps = 0;
-  for (bool moved = true; moved;) {
-    moved = false;
+  for (std::int64_t moved = 1; moved > 0; steps += moved) {
     const absl::Status durable = e.batch([&] {
-      for (const std::string& id : wf.runnable(100'000)) {
-        if (wf.advance(id).value()) {
-          moved = true;
-          ++steps;
-        }
-      }
+      moved = advance_pass(wf);
       return absl::OkStatus();
     });
     if (!durable.ok()) std::abort();
@@ -157,15 +160,7 @@ std::int64_t advance_all(pop::engine& e, pop::workflows& wf) {
 // The same without a batch: every advance() returns only once its step is durable.
 std::int64_t advance_each(pop::engine&, pop::workflows& wf) {
   std::int64_t steps = 0;
-  for (bool moved = true; moved;) {
-    moved = false;
-    for (const std::string& id : wf.runnable(100'000)) {
-      if (wf.advance(id).value()) {
-        moved = true;
-        ++steps;
-      }
-    }
-  }
+  for (std::int64_t moved = 1; moved > 0; steps += moved) moved = advance_pass(wf);
   return steps;
 }
 

@@ -327,10 +327,10 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
     if (batch_frame* batch = batch_of(this)) {
       // Acknowledged (and notified) when the batch ends, once durable. A batch far ahead of its
       // journal waits for part of it, so what it holds unwritten stays bounded.
-      journal_->fill(record, /*wake_writer=*/true);
+      const std::uint64_t durable = journal_->fill(record, /*wake_writer=*/true);
       batch->last = std::max(batch->last, done.version);
       const std::uint64_t lag = options_.journal_tuning.max_batch_lag;
-      if (done.version > lag && journal_->durable_version() < done.version - lag) {
+      if (done.version > lag && durable < done.version - lag) {
         POP_RETURN_IF_ERROR(journal_->wait_durable(done.version - lag));
       }
       return absl::OkStatus();

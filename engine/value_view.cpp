@@ -102,27 +102,6 @@ void value_view::for_each_member(
   }
 }
 
-void value_view::for_each_member_json(
-    absl::FunctionRef<bool(std::string_view key, json&& member)> visit) const {
-  if (!node_) return;
-  if (const char* p = location().packed_value()) {
-    detail::packed::for_each_member(p, {}, [&](std::string_view key, const char* value) {
-      return visit(key, detail::packed::decode(value));
-    });
-    return;
-  }
-  if (const json* j = direct()) {
-    if (!j->is_object()) return;
-    for (const auto& [key, member] : j->get_ref<const json::object_t&>()) {
-      if (!visit(key, json(member))) return;
-    }
-    return;
-  }
-  for (auto it = node_->members().begin(); it != node_->members().end(); ++it) {
-    if (!visit(it.key(), value_view(it.value(), nullptr).to_json())) return;
-  }
-}
-
 std::vector<std::string> value_view::keys() const {
   std::vector<std::string> out;
   out.reserve(size());

@@ -55,11 +55,6 @@ class value_view {
   void for_each_member(
       absl::FunctionRef<bool(std::string_view key, const value_view& member)> visit,
       std::string_view from = {}) const;
-  // Visits the members of an object in key order, each as JSON, until `visit` returns false: the
-  // same as to_json() on each member of for_each_member, without a view per member (for reading
-  // a whole record into fields).
-  void for_each_member_json(
-      absl::FunctionRef<bool(std::string_view key, json&& member)> visit) const;
   // The member names of an object, in order.
   std::vector<std::string> keys() const;
 

@@ -195,9 +195,10 @@ std::shared_ptr<journal_record> journal::reserve(std::uint64_t version,
 // the committing thread. (The writer thread used to drop them after each group, freeing the
 // replaced tree nodes there: the committers' allocator arena then bounced between the two
 // threads, a tenth of a batch's time.)
-void journal::fill(const std::shared_ptr<journal_record>& r, bool wake_writer) {
+std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_writer) {
   constexpr std::size_t worth_waking = 32;
   bool wake = false;
+  std::uint64_t durable = 0;
   std::shared_ptr<const version_state> dropped;
   {
     std::lock_guard lock(mu_);
@@ -208,8 +209,10 @@ void journal::fill(const std::shared_ptr<journal_record>& r, bool wake_writer) {
     // once the front is filled, batch or not.
     wake = !writing_ && queue_.front()->filled &&
            (!waiters_.empty() || (wake_writer && queue_.size() >= worth_waking));
+    durable = durable_;
   }
   if (wake) work_cv_.notify_one();
+  return durable;
 }
 
 std::size_t journal::record_bytes(const journal_record& r) {

@@ -86,7 +86,8 @@ class journal {
   // Marks a reserved record filled and lets the writer take it; drops its state unless a snapshot
   // may be due at it. A committer that will not wait for it next (one in an engine::batch) passes
   // `wake_writer`: an idle writer thread is then woken once a group's worth of records waits.
-  void fill(const std::shared_ptr<journal_record>& r, bool wake_writer = false);
+  // Returns durable_version() as of the call.
+  std::uint64_t fill(const std::shared_ptr<journal_record>& r, bool wake_writer = false);
   // Marks a reserved record as impossible to write: the journal fails with `why` when it reaches
   // it (every waiter gets the failure), so no later commit waits for it forever.
   void fail(const std::shared_ptr<journal_record>& r, absl::Status why);

@@ -243,10 +243,7 @@ constexpr std::pair<kind_id, std::string_view> kind_id_names[] = {
 }  // namespace
 
 std::string_view kind_id_name(kind_id k) {
-  for (const auto& [id, text] : kind_id_names) {
-    if (id == k) return text;
-  }
-  return "unknown";
+  return name_in(kind_id_names, k);
 }
 
 json to_args(const migrate_call& c) {
@@ -287,21 +284,15 @@ absl::StatusOr<migrate_call> migrate_call_from(const json& args) {
     const std::string where = absl::StrCat("'target.", name, "'");
     if (!t.is_object()) return bad(where);
     migrate_call::target_step step;
-    const std::string kind = t.value("kind", "");
-    bool known = false;
-    for (const auto& [id, text] : kind_id_names) {
-      if (text == kind) {
-        step.kind = id;
-        known = true;
-      }
-    }
+    const std::optional<kind_id> kind = find_in(kind_id_names, t.value("kind", ""));
     const auto topics = t.find("topics");
     const auto timeout = t.find("timeout_ms");
-    if (!known || !t.value("compensate", json()).is_boolean() || topics == t.end() ||
+    if (!kind || !t.value("compensate", json()).is_boolean() || topics == t.end() ||
         !topics->is_array() || !t.value("key", json()).is_string() || timeout == t.end() ||
         !timeout->is_number_integer()) {
       return bad(where);
     }
+    step.kind = *kind;
     step.compensate = t.at("compensate").get<bool>();
     for (const json& topic : *topics) {
       if (!topic.is_string()) return bad(where);

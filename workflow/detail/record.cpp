@@ -207,32 +207,12 @@ constexpr std::pair<park_kind, std::string_view> park_kind_names[] = {
 
 }  // namespace
 
-namespace {
-
-// The name of `value` in `table`, or "unknown"; and the value named `name`, or `unknown`.
-template <class E, std::size_t N>
-std::string_view name_in(const std::pair<E, std::string_view> (&table)[N], E value) {
-  for (const auto& [v, name] : table) {
-    if (v == value) return name;
-  }
-  return "unknown";
-}
-template <class E, std::size_t N>
-E parse_in(const std::pair<E, std::string_view> (&table)[N], std::string_view name, E unknown) {
-  for (const auto& [v, text] : table) {
-    if (text == name) return v;
-  }
-  return unknown;
-}
-
-}  // namespace
-
 std::string_view park_kind_name(park_kind k) {
   return name_in(park_kind_names, k);
 }
 
 park_kind parse_park_kind(std::string_view name) {
-  return parse_in(park_kind_names, name, park_kind::unknown);
+  return find_in(park_kind_names, name).value_or(park_kind::unknown);
 }
 
 std::string_view status_name(instance_status s) {
@@ -240,7 +220,7 @@ std::string_view status_name(instance_status s) {
 }
 
 instance_status parse_status(std::string_view name) {
-  return parse_in(status_names, name, instance_status::unknown);
+  return find_in(status_names, name).value_or(instance_status::unknown);
 }
 
 std::string_view instance_record::status_name() const {

@@ -2,17 +2,36 @@
 // <instances>.<id>, typed, with its one codec (JSON both ways, and straight from a stored value).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "pop/contracts/json.hpp"
 #include "pop/engine/value_view.hpp"
 
 namespace pop::detail {
+
+// Enum <-> name tables (the names records and arguments store): the name of `value` in `table`
+// ("unknown" if it has none), and the value named `name` (nullopt if none is).
+template <class E, std::size_t N>
+std::string_view name_in(const std::pair<E, std::string_view> (&table)[N], E value) {
+  for (const auto& [v, name] : table) {
+    if (v == value) return name;
+  }
+  return "unknown";
+}
+template <class E, std::size_t N>
+std::optional<E> find_in(const std::pair<E, std::string_view> (&table)[N], std::string_view name) {
+  for (const auto& [v, text] : table) {
+    if (text == name) return v;
+  }
+  return std::nullopt;
+}
 
 // The status of an instance. The record stores it by name; a name this program does not know
 // reads as `unknown`, which is neither runnable nor final. Its underlying type is char so that

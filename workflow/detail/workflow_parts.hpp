@@ -292,21 +292,18 @@ class instance_txn {
   }
 
   // Writes the record: straight in packed form (no JSON built) when it can be written so.
-  void save() {
-    if (std::optional<std::string> bytes = rec_.to_packed()) {
-      out_.set(instance_path(id_), packed::as_json(*bytes));
-    } else {
-      out_.set(instance_path(id_), rec_.to_json());
-    }
-  }
+  void save() { out_.set(instance_path(id_), stored(rec_)); }
   // save() as the transaction's last use of the record (which it may move from).
   void save_last() {
-    if (std::optional<std::string> bytes = rec_.to_packed()) {
-      out_.set(instance_path(id_), packed::as_json(*bytes));
-    } else {
-      out_.set(instance_path(id_), std::move(rec_).to_json());
-    }
+    out_.set(instance_path(id_), stored(std::move(rec_)));
     rec_ = instance_record();
+  }
+
+  // `r` as a write's value: its packed bytes, or its JSON when it cannot be packed directly.
+  template <class Record>
+  static json stored(Record&& r) {
+    if (std::optional<std::string> bytes = r.to_packed()) return packed::as_json(*bytes);
+    return std::forward<Record>(r).to_json();
   }
 
   const context& ctx() const { return ctx_; }
