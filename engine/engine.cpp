@@ -114,7 +114,8 @@ engine::engine(options opts, std::unique_ptr<detail::journal> journal, detail::j
   initial->outbox_path = outbox_;
   initial->version = start.version;
   initial->root = std::move(start.root);
-  std::unique_lock lock(head_mu_);
+  absl::MutexLock lock(&head_mu_);
+  head_version_.store(initial->version, std::memory_order_release);
   head_ = std::move(initial);
 }
 
@@ -211,7 +212,7 @@ std::shared_ptr<const engine::registered> engine::find(std::string_view name) co
 }
 
 std::shared_ptr<const detail::version_state> engine::head() const {
-  std::shared_lock lock(head_mu_);
+  absl::ReaderMutexLock lock(&head_mu_);
   return head_;
 }
 
@@ -220,7 +221,7 @@ pop::snapshot engine::snapshot() const {
 }
 
 std::uint64_t engine::version() const {
-  return head()->version;
+  return head_version_.load(std::memory_order_acquire);
 }
 
 std::uint64_t engine::durable_version() const {
@@ -259,8 +260,8 @@ std::string engine::find_conflict(const path_set& access, std::uint64_t since) c
 }
 
 std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
-                                                        detail::node_ptr root,
-                                                        std::string written) {
+                                                        detail::node_ptr root, std::string written,
+                                                        bool head_locked) {
   auto next = std::make_shared<detail::version_state>();
   next->version = version;
   next->root = std::move(root);
@@ -268,9 +269,16 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
   std::shared_ptr<detail::journal_record> record;
   if (journal_) record = journal_->reserve(version, next);
   std::shared_ptr<const detail::version_state> previous;
-  {
-    std::unique_lock lock(head_mu_);
+  const auto publish = [&] {
     previous = std::exchange(head_, std::move(next));
+    head_version_.store(version, std::memory_order_release);
+  };
+  if (head_locked) {
+    head_mu_.AssertHeld();
+    publish();
+  } else {
+    absl::MutexLock lock(&head_mu_);
+    publish();
   }
   assert(written.empty() || written.back() == '\n');  // add_written's form
   const std::size_t ancestor = detail::common_ancestor(written);
@@ -376,6 +384,27 @@ absl::Status engine::batch(absl::FunctionRef<absl::Status()> body) {
   return status;
 }
 
+bool engine::commit_in_place(prepared& prep, applied& out,
+                             std::shared_ptr<detail::journal_record>& record) {
+  absl::MutexLock head_lock(&head_mu_);
+  // Readers copy head_ only under head_mu_, so while it is held a count of 1 stays 1.
+  if (!detail::sole_owner(head_) || !detail::sole_owner(head_->root)) return false;
+  const detail::version_state& h = *head_;
+  if (options_.max_pending != 0 && !prep.messages.empty()) {
+    // Writes in place never touch the outbox: only the messages grow it.
+    const detail::location at = detail::lookup(*h.root, outbox_->str());
+    const std::size_t before = at.exists() ? detail::size_of(at) : 0;
+    if (before + prep.messages.size() > options_.max_pending) return false;
+  }
+  if (!process_runner::can_apply_in_place(*h.root, prep, *outbox_)) return false;
+  // The head's version is replaced below, and no one else can see it meanwhile.
+  detail::node_ptr root = std::move(const_cast<detail::version_state&>(h).root);
+  out = process_runner::apply_in_place(std::move(root), h.version, *outbox_, prep,
+                                       options_.clock->now_us(), "commit");
+  record = install(out.version, out.root, std::move(out.written), /*head_locked=*/true);
+  return true;
+}
+
 absl::Status engine::check_pending_bound(const detail::version_state& base,
                                          const detail::node_ptr& next, std::string_view who) const {
   if (options_.max_pending == 0) return absl::OkStatus();
@@ -399,12 +428,14 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     std::string& conflict, std::string_view process_name) {
   const std::string who = "commit";
   std::shared_ptr<detail::journal_record> record;
-  // Build the new version outside the lock while the process's snapshot is still the head. If a
-  // commit slipped in meanwhile (one that does not overlap), build again under the lock on the
-  // newer head: at most one build is wasted, and none when the snapshot is already known to be
-  // stale (redone builds were most of the work of many producers on few cores).
+  // A version that only the engine and this commit hold (no snapshot, view or journal record has
+  // it) is changed in place under the lock: no path is copied, nothing is freed. Otherwise build
+  // the new version outside the lock while the process's snapshot is still the head. If a commit
+  // slipped in meanwhile (one that does not overlap), build again under the lock on the newer
+  // head: at most one build is wasted, and none when the snapshot is already known to be stale
+  // (redone builds were most of the work of many producers on few cores).
   bool built = false;
-  if (version() == base->version) {
+  if (base.use_count() > 2 && version() == base->version) {
     POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, options_.clock->now_us(), who));
     built = true;
   }
@@ -417,6 +448,18 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
       base = std::move(current);
       built = false;
     }
+    current.reset();
+    // (Not after a wasted build: that one took the messages out of `prep`.)
+    if (!built && !out.root) {
+      base.reset();  // (the head is base: commit_in_place looks at who else holds it)
+      if (commit_in_place(prep, out, record)) {
+        lock.unlock();
+        if (!record) out.root.reset();  // (see below)
+        POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name));
+        return commit_status::committed;
+      }
+      base = head();
+    }
     if (!built) {
       POP_ASSIGN_OR_RETURN(
           out, process_runner::apply(*base, prep, options_.clock->now_us(), who,
@@ -428,18 +471,20 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     }
     record = install(out.version, out.root, std::move(out.written));
   }
+  // No journal record reads the new root: let the next commit find it held by the head alone.
+  if (!record) out.root.reset();
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name));
   return commit_status::committed;
 }
 
-void engine::record(const registered& proc, int attempt, const pop::snapshot& snap,
-                    const prepared* prep, const applied* done, attempt_outcome outcome,
-                    std::string detail, std::chrono::steady_clock::time_point start) {
+void engine::record(const registered& proc, int attempt, std::uint64_t seen, const prepared* prep,
+                    const applied* done, attempt_outcome outcome, std::string detail,
+                    std::chrono::steady_clock::time_point start) {
   if (!audit_.enabled()) return;
   audit_record r;
   r.process = proc.contract.name();
   r.attempt = attempt;
-  r.snapshot_version = snap.version();
+  r.snapshot_version = seen;
   r.outcome = outcome;
   r.detail = std::move(detail);
   if (prep) {
@@ -468,31 +513,32 @@ absl::StatusOr<commit> engine::execute(std::string_view name, const json& args) 
   std::string conflict;
   for (int attempt = 1; attempt <= max_attempts; ++attempt) {
     const auto start = std::chrono::steady_clock::now();
-    const pop::snapshot snap(head());
+    pop::snapshot snap(head());
+    const std::uint64_t seen = snap.version();
     absl::StatusOr<prepared> prep = process_runner::run(*proc, snap, args);
     if (!prep.ok()) {
-      record(*proc, attempt, snap, nullptr, nullptr, outcome_of(prep.status()),
+      record(*proc, attempt, seen, nullptr, nullptr, outcome_of(prep.status()),
              prep.status().ToString(), start);
       return prep.status();
     }
     if (prep->empty()) {
-      record(*proc, attempt, snap, &*prep, nullptr, attempt_outcome::committed, {}, start);
-      return commit{snap.version(), false, attempt, {}};
+      record(*proc, attempt, seen, &*prep, nullptr, attempt_outcome::committed, {}, start);
+      return commit{seen, false, attempt, {}};
     }
     applied done;
     absl::StatusOr<commit_status> status =
-        commit_prepared(snap.state_, *prep, done, conflict, proc->contract.name());
+        commit_prepared(std::move(snap.state_), *prep, done, conflict, proc->contract.name());
     if (!status.ok()) {
-      record(*proc, attempt, snap, &*prep, nullptr, outcome_of(status.status()),
+      record(*proc, attempt, seen, &*prep, nullptr, outcome_of(status.status()),
              status.status().ToString(), start);
       return status.status();
     }
     if (*status == commit_status::committed) {
-      record(*proc, attempt, snap, &*prep, &done, attempt_outcome::committed, {}, start);
+      record(*proc, attempt, seen, &*prep, &done, attempt_outcome::committed, {}, start);
       return commit{done.version, true, attempt, std::move(done.message_ids)};
     }
     const bool last = attempt == max_attempts;
-    record(*proc, attempt, snap, &*prep, nullptr,
+    record(*proc, attempt, seen, &*prep, nullptr,
            last ? attempt_outcome::aborted : attempt_outcome::conflict_retried,
            absl::StrCat("conflict on ", conflict), start);
     if (!last) backoff(options_.retry, attempt);

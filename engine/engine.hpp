@@ -1,6 +1,7 @@
 // Defines pop::engine: the process registry, execution, commits (CAS) and commit notifications.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -13,10 +14,10 @@
 #include <vector>
 
 #include <mutex>
-#include <shared_mutex>
 #include "absl/base/thread_annotations.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "pop/contracts/clock.hpp"
 #include "pop/contracts/json.hpp"
 #include "pop/contracts/outbox_message.hpp"
@@ -191,7 +192,8 @@ class engine {
   [[nodiscard]] absl::StatusOr<clear_result> clear_message_views(
       const pop::snapshot& seen, std::span<const std::string_view> ids);
 
-  // The newest committed state. O(1); never blocks a commit for longer than a pointer copy.
+  // The newest committed state. O(1); never blocks a commit for longer than a pointer copy, and
+  // waits at most for a commit being applied in place (about a microsecond).
   pop::snapshot snapshot() const;
   // The newest committed version. O(1).
   std::uint64_t version() const;
@@ -232,10 +234,17 @@ class engine {
 
   std::shared_ptr<const detail::version_state> head() const;
   std::shared_ptr<const registered> find(std::string_view name) const;
-  // Commits `prep`, computed on `snap`, unless a newer commit overlaps prep.access().
+  // Commits `prep`, computed on `snap`, unless a newer commit overlaps prep.access(). Pass the
+  // caller's only pointer to `snap`: a version no one else holds is changed in place.
   absl::StatusOr<commit_status> commit_prepared(std::shared_ptr<const detail::version_state> snap,
                                                 prepared& prep, applied& out, std::string& conflict,
                                                 std::string_view process_name);
+  // Applies `prep` to the head in place and installs it, if no one but the engine holds the head
+  // and can_apply_in_place says it cannot fail (nor pass max_pending); false if not (nothing is
+  // changed then).
+  bool commit_in_place(prepared& prep, applied& out,
+                       std::shared_ptr<detail::journal_record>& record)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // kResourceExhausted naming `who` if `next` grows the outbox of `base` past max_pending.
   absl::Status check_pending_bound(const detail::version_state& base, const detail::node_ptr& next,
                                    std::string_view who) const;
@@ -245,13 +254,14 @@ class engine {
   // True if a commit after `since` removed or changed an outbox message of version <= `since`.
   bool outbox_entries_changed(std::uint64_t since) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Makes `root` the head at `version`; returns the journal record to fill, if journaling.
+  // `head_locked`: the caller holds head_mu_ already (exclusively).
   std::shared_ptr<detail::journal_record> install(std::uint64_t version, detail::node_ptr root,
-                                                  std::string written)
+                                                  std::string written, bool head_locked = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Journals the commit `done` of `prep` by `who`, waits until it is durable, then notifies.
   absl::Status finish_commit(const std::shared_ptr<detail::journal_record>& record,
                              const prepared& prep, const applied& done, std::string_view who);
-  void record(const registered& proc, int attempt, const pop::snapshot& snap, const prepared* prep,
+  void record(const registered& proc, int attempt, std::uint64_t seen, const prepared* prep,
               const applied* done, attempt_outcome outcome, std::string detail,
               std::chrono::steady_clock::time_point start);
 
@@ -263,8 +273,11 @@ class engine {
   // Lock order: commit_mu_ before head_mu_.
   std::mutex commit_mu_;
   std::deque<logged_commit> log_ ABSL_GUARDED_BY(commit_mu_);
-  mutable std::shared_mutex head_mu_;
+  // An absl::Mutex: it spins a while before it sleeps, and a commit applied in place holds it
+  // for the microsecond the change takes (a futex sleep and wake-up would cost more).
+  mutable absl::Mutex head_mu_;
   std::shared_ptr<const detail::version_state> head_ ABSL_GUARDED_BY(head_mu_);
+  std::atomic<std::uint64_t> head_version_{0};  // head_->version, read without the lock
 
   std::shared_ptr<detail::commit_listeners> listeners_{};
   audit_log audit_;

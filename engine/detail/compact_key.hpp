@@ -12,6 +12,35 @@
 
 namespace pop::detail {
 
+// Byte-order comparison of `a` and `b` (<0, 0, >0), inline and eight bytes at a time: map keys are
+// short (or share long prefixes, as message ids do), where a call to memcmp costs more than the
+// comparison itself.
+inline int compare_bytes(std::string_view a, std::string_view b) {
+  const std::size_t n = a.size() < b.size() ? a.size() : b.size();
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    std::uint64_t x;
+    std::uint64_t y;
+    std::memcpy(&x, a.data() + i, 8);
+    std::memcpy(&y, b.data() + i, 8);
+    if (x != y) {
+      x = __builtin_bswap64(x);
+      y = __builtin_bswap64(y);
+      return x < y ? -1 : 1;
+    }
+  }
+  for (; i < n; ++i) {
+    const auto x = static_cast<unsigned char>(a[i]);
+    const auto y = static_cast<unsigned char>(b[i]);
+    if (x != y) return x < y ? -1 : 1;
+  }
+  return a.size() < b.size() ? -1 : (a.size() > b.size() ? 1 : 0);
+}
+// Whether `a` and `b` hold the same bytes, as compare_bytes compares them.
+inline bool equal_bytes(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && compare_bytes(a, b) == 0;
+}
+
 // An immutable byte string of 32 bytes. Up to 31 bytes are stored inline (an outbox message id
 // is 27); a longer one lives in a shared, reference-counted block, so copying any key never
 // allocates. Copies may be made and destroyed on different threads. Compares as its bytes.

@@ -37,6 +37,18 @@ namespace pop::detail {
 // the root to the changed leaf, O(log n) nodes), so any number of threads may read the same or
 // different versions concurrently. A pmap is a single shared_ptr: cheap to copy. V must be
 // copyable; copying a V happens when a leaf holding it is copied.
+// Whether `p` is the only pointer to its object: no one else holds it, nor can anyone copy it
+// unless the caller lets them (a count of 1 does not grow by itself). Then the caller may change
+// the object: the copy made here (an acquire-release increment of the count) orders the last
+// other holder's reads, made before it let go, before the caller's changes. (Not
+// std::atomic_thread_fence: ThreadSanitizer does not model fences.)
+template <class T>
+bool sole_owner(const std::shared_ptr<T>& p) {
+  if (p.use_count() != 1) return false;
+  const std::shared_ptr<T> touch = p;
+  return true;
+}
+
 template <class V>
 class pmap {
  public:
@@ -102,7 +114,29 @@ class pmap {
     if (n == nullptr) return nullptr;
     while (!n->leaf) n = n->in.children[child_index(*n, key)].get();
     std::size_t i = entry_index(*n, key);
-    if (i < n->entries.size() && n->entries[i].key == key) return &n->entries[i].value;
+    if (i < n->entries.size() && equal_bytes(n->entries[i].key.view(), key)) {
+      return &n->entries[i].value;
+    }
+    return nullptr;
+  }
+
+  // find(key), also saying whether every node on the way to it may be changed in place by a
+  // set(..., edit, owned) (see set): then so may the value found, if nothing else holds it.
+  const V* find(std::string_view key, std::uint64_t edit, bool owned, bool& path_owned) const {
+    path_owned = false;
+    if (!root_) return nullptr;
+    bool mine_so_far = mine(root_, edit, owned);
+    const node* n = root_.get();
+    while (!n->leaf) {
+      const node_ptr& child = n->in.children[child_index(*n, key)];
+      mine_so_far = mine(child, edit, mine_so_far);
+      n = child.get();
+    }
+    std::size_t i = entry_index(*n, key);
+    if (i < n->entries.size() && equal_bytes(n->entries[i].key.view(), key)) {
+      path_owned = mine_so_far;
+      return &n->entries[i].value;
+    }
     return nullptr;
   }
 
@@ -119,7 +153,12 @@ class pmap {
   // by later calls with the same token instead of being copied again, so k changes cost one copy
   // of each touched node, not k. Only legal while no map but the batch's own results holds those
   // nodes: pass a fresh new_edit() per batch and publish only its final map.
-  pmap set(std::string_view key, V value, std::uint64_t edit = 0) const {
+  //
+  // `owned`: nothing but the caller can reach this map (the map's holder is the caller's own, and
+  // the caller is the only one who can reach that). Then every node that nothing else holds either
+  // (use_count 1, on a path of such nodes from the root) is changed in place too, whichever batch
+  // made it: a commit on a version no one else holds edits it in place instead of copying paths.
+  pmap set(std::string_view key, V value, std::uint64_t edit = 0, bool owned = false) const {
     if (!root_) {
       auto leaf = new_node(true);
       leaf->count = 1;
@@ -127,7 +166,7 @@ class pmap {
       leaf->entries.push_back(entry{compact_key(key), std::move(value)});
       return pmap(std::move(leaf));
     }
-    auto [left, right] = insert(root_, key, std::move(value), edit);
+    auto [left, right] = insert(root_, key, std::move(value), edit, owned);
     if (!right) return pmap(std::move(left));
     auto root = new_node(false);
     root->edit = edit;
@@ -141,20 +180,21 @@ class pmap {
 
   // Returns a map equal to this one without `key`. If `key` is absent, returns *this (same
   // root, see same_root). *this is unchanged (unless batched, see set). O(log n) nodes copied.
-  pmap erase(std::string_view key, std::uint64_t edit = 0) const {
+  // `owned`: as for set.
+  pmap erase(std::string_view key, std::uint64_t edit = 0, bool owned = false) const {
     bool erased = false;
     return erase_if(
-        key, [](const V&) { return true; }, erased, edit);
+        key, [](const V&) { return true; }, erased, edit, owned);
   }
 
   // erase(key) if `key` is present and `pred(value)` holds, in one descent; `erased` says
   // whether it was.
   template <class Pred>
-  pmap erase_if(std::string_view key, const Pred& pred, bool& erased,
-                std::uint64_t edit = 0) const {
+  pmap erase_if(std::string_view key, const Pred& pred, bool& erased, std::uint64_t edit = 0,
+                bool owned = false) const {
     erased = false;
     if (!root_) return *this;
-    auto [found, root] = remove(root_, key, edit, pred);
+    auto [found, root] = remove(root_, key, edit, pred, owned);
     if (!found) return *this;
     erased = true;
     if (root->count == 0) return pmap();
@@ -292,16 +332,17 @@ class pmap {
 
   // Index of the child of inner node `n` whose subtree would hold `key`.
   static std::size_t child_index(const node& n, std::string_view key) {
-    auto it =
-        std::upper_bound(n.in.keys.begin(), n.in.keys.end(), key,
-                         [](std::string_view k, const compact_key& s) { return k < s.view(); });
+    auto it = std::upper_bound(
+        n.in.keys.begin(), n.in.keys.end(), key,
+        [](std::string_view k, const compact_key& s) { return compare_bytes(k, s.view()) < 0; });
     return it == n.in.keys.begin() ? 0 : static_cast<std::size_t>(it - n.in.keys.begin()) - 1;
   }
 
   // Index of the first entry of leaf `n` whose key is >= `key`.
   static std::size_t entry_index(const node& n, std::string_view key) {
-    auto it = std::lower_bound(n.entries.begin(), n.entries.end(), key,
-                               [](const entry& e, std::string_view k) { return e.key.view() < k; });
+    auto it = std::lower_bound(
+        n.entries.begin(), n.entries.end(), key,
+        [](const entry& e, std::string_view k) { return compare_bytes(e.key.view(), k) < 0; });
     return static_cast<std::size_t>(it - n.entries.begin());
   }
 
@@ -328,13 +369,25 @@ class pmap {
     return std::allocate_shared<node>(cached_allocator<node>{}, std::forward<Args>(args)...);
   }
 
-  // `n` itself if batch `edit` created it, else a copy owned by that batch (one allocation: the
-  // entries are inline, with room for the insert that usually follows).
-  static std::shared_ptr<node> editable(const node_ptr& n, std::uint64_t edit) {
-    if (edit != 0 && n->edit == edit) return std::const_pointer_cast<node>(n);
+  // Whether `n` may be changed in place by batch `edit`: the batch created it, or it is reached
+  // only through nodes the caller alone can reach (`owned`) and nothing else holds it (only a
+  // holder of a node on the way could copy the pointer meanwhile).
+  static bool mine(const node_ptr& n, std::uint64_t edit, bool owned) {
+    if (edit != 0 && n->edit == edit) return true;
+    return owned && sole_owner(n);
+  }
+
+  // `n` itself if it may be changed in place (`in_place`, see mine), else a copy owned by batch
+  // `edit` (one allocation: the entries are inline, with room for the insert that usually
+  // follows).
+  static std::shared_ptr<node> editable(const node_ptr& n, std::uint64_t edit, bool in_place) {
+    if (in_place) return std::const_pointer_cast<node>(n);
     auto copy = new_node(*n);
     copy->edit = edit;
     return copy;
+  }
+  static std::shared_ptr<node> editable(const node_ptr& n, std::uint64_t edit) {
+    return editable(n, edit, mine(n, edit, false));
   }
 
   // Splits an overfull node into two halves; the first half stays in `n`.
@@ -363,12 +416,13 @@ class pmap {
   // it had to split.
   // (`copy` may be `n` itself when batched: read what is needed from `n` before changing it.)
   static std::pair<node_ptr, node_ptr> insert(const node_ptr& np, std::string_view key, V&& value,
-                                              std::uint64_t edit) {
+                                              std::uint64_t edit, bool owned) {
     const node& n = *np;
+    const bool in_place = mine(np, edit, owned);
     if (n.leaf) {
       std::size_t i = entry_index(n, key);
-      const bool replace = i < n.entries.size() && n.entries[i].key == key;
-      auto copy = editable(np, edit);
+      const bool replace = i < n.entries.size() && equal_bytes(n.entries[i].key.view(), key);
+      auto copy = editable(np, edit, in_place);
       if (replace) {
         copy->entries[i].value = std::move(value);
         return {std::move(copy), nullptr};
@@ -382,8 +436,8 @@ class pmap {
     {
       std::size_t c = child_index(n, key);
       const std::size_t old_count = n.in.children[c]->count;
-      auto [left, right] = insert(n.in.children[c], key, std::move(value), edit);
-      auto copy = editable(np, edit);
+      auto [left, right] = insert(n.in.children[c], key, std::move(value), edit, in_place);
+      auto copy = editable(np, edit, in_place);
       copy->count = copy->count - old_count + left->count;
       copy->in.keys[c] = min_key(*left);
       copy->in.children[c] = std::move(left);
@@ -430,22 +484,23 @@ class pmap {
   // may be under min_width (the parent fixes that) or empty (only for a root leaf).
   template <class Pred>
   static std::pair<bool, node_ptr> remove(const node_ptr& np, std::string_view key,
-                                          std::uint64_t edit, const Pred& pred) {
+                                          std::uint64_t edit, const Pred& pred, bool owned) {
     const node& n = *np;
+    const bool in_place = mine(np, edit, owned);
     if (n.leaf) {
       std::size_t i = entry_index(n, key);
       if (i == n.entries.size() || n.entries[i].key != key || !pred(n.entries[i].value)) {
         return {false, nullptr};
       }
-      auto copy = editable(np, edit);
+      auto copy = editable(np, edit, in_place);
       copy->entries.erase(copy->entries.begin() + static_cast<std::ptrdiff_t>(i));
       copy->count = copy->entries.size();
       return {true, std::move(copy)};
     }
     std::size_t c = child_index(n, key);
-    auto [found, child] = remove(n.in.children[c], key, edit, pred);
+    auto [found, child] = remove(n.in.children[c], key, edit, pred, in_place);
     if (!found) return {false, nullptr};
-    auto copy = editable(np, edit);
+    auto copy = editable(np, edit, in_place);
     copy->count -= 1;
     if (width(*child) >= min_width || copy->in.children.size() == 1) {
       copy->in.keys[c] = min_key(*child);
@@ -486,7 +541,7 @@ class pmap {
       std::size_t k = lo;
       while (i < n.entries.size() && k < hi) {
         const std::string_view key(keys[k]);
-        const auto order = n.entries[i].key.view() <=> key;
+        const int order = compare_bytes(n.entries[i].key.view(), key);
         if (order < 0) {
           ++i;
         } else if (order > 0) {

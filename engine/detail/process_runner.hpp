@@ -143,6 +143,17 @@ struct process_runner {
   static absl::StatusOr<applied> apply(const version_state& base, prepared& prep,
                                        std::int64_t now_us, const std::string& who,
                                        const applied* earlier = nullptr);
+  // Whether applying `prep` on `root` cannot fail (so may be done in place, apply_in_place): every
+  // write's parents are objects or missing, no two writes and no write and the outbox overlap, and
+  // the outbox, if messages are appended, is a member map under member maps.
+  static bool can_apply_in_place(const value_node& root, const prepared& prep, const path& outbox);
+  // apply() on `root`, changed in place wherever nothing else holds its nodes (see assign's
+  // `owned`): the caller holds the only pointer to `root` and can_apply_in_place said yes. An
+  // allocation failure part way ends the process (std::terminate), as a half-applied change
+  // cannot be taken back.
+  static applied apply_in_place(node_ptr root, std::uint64_t base_version, const path& outbox,
+                                prepared& prep, std::int64_t now_us,
+                                const std::string& who) noexcept;
 };
 
 }  // namespace pop::detail

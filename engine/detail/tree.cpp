@@ -172,6 +172,12 @@ bool owned_by(const value_node& node, std::uint64_t edit) {
   return edit != 0 && node.members().edit() == edit;
 }
 
+// Whether the map node `node` may be changed in place: the batch created it, or it is reached only
+// through nodes the caller alone can reach (`owned`) and nothing else holds it (see pmap::set).
+bool mine(const node_ptr& node, std::uint64_t edit, bool owned) {
+  return owned_by(*node, edit) || (owned && sole_owner(node));
+}
+
 // The packed node `bytes` (a packed object) with `value` written at `rest` below it, spliced in
 // place without decoding; nullptr if that cannot be done so (a value on the way is not an object,
 // or the result is too large to stay whole): the caller then takes the JSON way.
@@ -202,15 +208,20 @@ node_ptr assign_packed(const char* bytes, std::string_view rest, const value_nod
 }
 
 absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, node_ptr value,
-                                   std::string_view full, std::uint64_t edit) {
+                                   std::string_view full, std::uint64_t edit, bool owned) {
   if (rest.empty()) return value;
   if (node && node->is_map()) {
     const std::string_view segment = take_segment(rest);
-    const node_ptr* child = node->members().find(segment);
-    POP_ASSIGN_OR_RETURN(node_ptr updated, assign_at(child ? *child : node_ptr(), rest,
-                                                     std::move(value), full, edit));
-    const bool owned = owned_by(*node, edit);
-    return with_members(node, owned, node->members().set(segment, std::move(updated), edit));
+    const bool in_place = mine(node, edit, owned);
+    bool child_owned = false;
+    const node_ptr* child = node->members().find(segment, edit, in_place, child_owned);
+    static const node_ptr none;
+    // (By reference: a copy of the child's pointer would count as another holder.)
+    POP_ASSIGN_OR_RETURN(node_ptr updated, assign_at(child ? *child : none, rest, std::move(value),
+                                                     full, edit, child_owned));
+    if (child && updated == *child) return node;  // changed in place below
+    return with_members(node, in_place,
+                        node->members().set(segment, std::move(updated), edit, in_place));
   }
   if (node) {
     if (const char* bytes = node->packed_bytes()) {
@@ -229,20 +240,21 @@ absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, 
   return make_node(std::move(doc));
 }
 
-node_ptr erase_at(const node_ptr& node, std::string_view rest, std::uint64_t edit) {
+node_ptr erase_at(const node_ptr& node, std::string_view rest, std::uint64_t edit, bool owned) {
   if (node->is_map()) {
     const std::string_view segment = take_segment(rest);
+    const bool in_place = mine(node, edit, owned);
     if (rest.empty()) {
       if (!node->members().find(segment)) return node;
-      const bool owned = owned_by(*node, edit);
-      return with_members(node, owned, node->members().erase(segment, edit));
+      return with_members(node, in_place, node->members().erase(segment, edit, in_place));
     }
-    const node_ptr* child = node->members().find(segment);
+    bool child_owned = false;
+    const node_ptr* child = node->members().find(segment, edit, in_place, child_owned);
     if (!child) return node;
-    node_ptr updated = erase_at(*child, rest, edit);
-    if (updated == *child) return node;
-    const bool owned = owned_by(*node, edit);
-    return with_members(node, owned, node->members().set(segment, std::move(updated), edit));
+    node_ptr updated = erase_at(*child, rest, edit, child_owned);
+    if (updated == *child) return node;  // unchanged, or changed in place below
+    return with_members(node, in_place,
+                        node->members().set(segment, std::move(updated), edit, in_place));
   }
   if (const char* bytes = node->packed_bytes()) {
     thread_local std::string spliced;
@@ -385,12 +397,12 @@ json materialise(const location& at) {
 }
 
 absl::StatusOr<node_ptr> assign(const node_ptr& root, std::string_view path_text, node_ptr value,
-                                std::uint64_t edit) {
-  return assign_at(root, path_text, std::move(value), path_text, edit);
+                                std::uint64_t edit, bool owned) {
+  return assign_at(root, path_text, std::move(value), path_text, edit, owned);
 }
 
-node_ptr erase(const node_ptr& root, std::string_view path_text, std::uint64_t edit) {
-  return erase_at(root, path_text, edit);
+node_ptr erase(const node_ptr& root, std::string_view path_text, std::uint64_t edit, bool owned) {
+  return erase_at(root, path_text, edit, owned);
 }
 
 node_ptr with_maps_along(const node_ptr& root, std::string_view path_text, std::uint64_t edit) {

@@ -143,10 +143,16 @@ json materialise(const location& at);
 // `edit` (from new_edit(), or 0) batches several writes: see pmap::set. With a non-zero token,
 // only the final root of the batch may be published, and `root` must not be shared with a
 // published version except through nodes the batch did not create.
+// `owned`: the caller's `root` is the only pointer to that node anyone can copy (no version, view
+// or snapshot holds it): every node reached from it that nothing else holds is changed in place
+// (see pmap::set), so a write copies only what is shared. Then a failure part way (an error, or
+// an exception) leaves `root` partly changed: the caller checks first that none can occur.
 absl::StatusOr<node_ptr> assign(const node_ptr& root, std::string_view path_text, node_ptr value,
-                                std::uint64_t edit = 0);
+                                std::uint64_t edit = 0, bool owned = false);
 // Returns a new root without `path_text`; the same root if it was absent. O(depth * log n).
-node_ptr erase(const node_ptr& root, std::string_view path_text, std::uint64_t edit = 0);
+// `owned`: as for assign.
+node_ptr erase(const node_ptr& root, std::string_view path_text, std::uint64_t edit = 0,
+               bool owned = false);
 // Returns a root in which every object on `path_text` (an existing one; a missing tail is left
 // missing) is a member map rather than a blob, so writes below it copy O(log n) instead of the
 // whole object: the outbox is kept this way, however few messages it holds. Values are unchanged.
