@@ -52,6 +52,21 @@ TEST_CASE("concurrent transfers conserve the total in every snapshot and lose no
   std::atomic<int> notified{0};
   pop::subscription sub = e.on_commit([&](std::uint64_t) { notified.fetch_add(1); });
   std::vector<std::thread> threads;
+  // A view kept without its snapshot: commits applied in place must leave its version alone.
+  threads.emplace_back([&] {
+    while (!done.load()) {
+      const pop::value_view held = e.snapshot().view(pop::path::parse("domain.accounts").value());
+      for (int look = 0; look < 3; ++look) {
+        int total = 0;
+        held.for_each_member([&](std::string_view, const pop::value_view& v) {
+          total += v.get<int>();
+          return true;
+        });
+        if (total != accounts * 100) violations.fetch_add(1);
+        std::this_thread::yield();  // (lets commits in while the view is held; not a wait)
+      }
+    }
+  });
   for (int r = 0; r < 2; ++r) {
     threads.emplace_back([&] {
       std::uint64_t last = 0;
@@ -95,10 +110,9 @@ TEST_CASE("concurrent transfers conserve the total in every snapshot and lose no
       }
     });
   }
-  for (std::size_t i = 2; i < threads.size(); ++i) threads[i].join();
+  for (std::size_t i = 3; i < threads.size(); ++i) threads[i].join();
   done = true;
-  threads[0].join();
-  threads[1].join();
+  for (std::size_t i = 0; i < 3; ++i) threads[i].join();
 
   CHECK(violations == 0);
   CHECK(committed == writers * transfers_per_writer);

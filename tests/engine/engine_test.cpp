@@ -6,6 +6,9 @@
 #include "tests/support/processes.hpp"
 
 #include <atomic>
+#include <map>
+#include <optional>
+#include <random>
 #include <thread>
 
 #include "pop/engine/dry_run.hpp"
@@ -457,6 +460,115 @@ TEST_CASE("registration rejects bad specs with clear errors", "[engine]") {
         absl::StatusCode::kInvalidArgument);
   CHECK(e.processes() == std::vector<std::string>{"p"});
   CHECK(e.execute("nobody").status().code() == absl::StatusCode::kNotFound);
+}
+
+TEST_CASE("commits applied in place change nothing that a snapshot or a view still holds",
+          "[engine]") {
+  // A commit on a version that only the engine holds changes its nodes in place; one that
+  // anything else holds (a snapshot, or a view kept after its snapshot is gone) copies what it
+  // changes. Random transfers, clears and holds, checked against a model.
+  constexpr int accounts = 300;  // enough for a map of several levels
+  for (const unsigned seed : {1u, 2u, 3u}) {
+    CAPTURE(seed);
+    std::mt19937 rng(seed);
+    json initial = {{"domain", {{"accounts", json::object()}, {"meta", {{"name", "bank"}}}}}};
+    std::map<std::string, int> model;
+    const auto name = [](int i) {
+      std::string n = std::to_string(i);
+      return "a" + std::string(3 - n.size(), '0') + n;
+    };
+    for (int i = 0; i < accounts; ++i) {
+      initial["domain"]["accounts"][name(i)] = 100;
+      model[name(i)] = 100;
+    }
+    auto e_owner = pop::test::must(
+        pop::engine::open(pop::options{.outbox_path = "system.outbox", .initial_state = initial}));
+    pop::engine& e = *e_owner;
+    REQUIRE(e.register_process({.name = "transfer",
+                                .inputs = {"domain.accounts"},
+                                .outputs = {"domain.accounts"},
+                                .emits = {"t.done"}},
+                               [](const pop::context& ctx, const json& a) {
+                                 const std::string from =
+                                     "domain.accounts." + a.at(0).get<std::string>();
+                                 const std::string to =
+                                     "domain.accounts." + a.at(1).get<std::string>();
+                                 pop::result r;
+                                 r.set(from, ctx.get<int>(from) - 1);
+                                 r.set(to, ctx.get<int>(to) + 1);
+                                 r.emit("t.done", a, a.at(1).get<std::string>());
+                                 return r;
+                               })
+                .ok());
+    const auto accounts_json = [&] {
+      json j = json::object();
+      for (const auto& [k, v] : model) j[k] = v;
+      return j;
+    };
+    struct held {
+      std::optional<pop::snapshot> snap;    // a whole version
+      std::optional<pop::value_view> view;  // a view kept after its snapshot is gone
+      json expected;
+    };
+    std::vector<held> kept;
+    std::size_t pending = 0;
+    const auto check_kept = [&] {
+      for (const held& h : kept) {
+        if (h.snap) {
+          REQUIRE(h.snap->read("domain.accounts").value() == h.expected);
+        } else {
+          REQUIRE(h.view->to_json() == h.expected);
+        }
+      }
+    };
+    for (int step = 0; step < 400; ++step) {
+      const unsigned what = rng() % 10;
+      if (what < 6) {
+        const int from = static_cast<int>(rng() % accounts);
+        const int to = (from + 1 + static_cast<int>(rng() % (accounts - 1))) % accounts;
+        REQUIRE(e.execute("transfer", json::array({name(from), name(to)})).ok());
+        --model[name(from)];
+        ++model[name(to)];
+        ++pending;
+      } else if (what == 6) {
+        kept.push_back({e.snapshot(), std::nullopt, accounts_json()});
+      } else if (what == 7) {
+        // A view of the accounts, of one account, or of the outbox, without its snapshot.
+        const int pick = static_cast<int>(rng() % 3);
+        const pop::snapshot s = e.snapshot();
+        if (pick == 0) {
+          kept.push_back(
+              {std::nullopt, s.view(pop::path::parse("domain.accounts").value()), accounts_json()});
+        } else if (pick == 1) {
+          const std::string a = name(static_cast<int>(rng() % accounts));
+          kept.push_back(
+              {std::nullopt, s.view(pop::path::parse("domain.accounts." + a).value()), model[a]});
+        } else {
+          const pop::value_view q = s.view(pop::path::parse("system.outbox").value());
+          kept.push_back({std::nullopt, q, q.exists() ? q.to_json() : json()});
+        }
+      } else if (what == 8 && !kept.empty()) {
+        kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(rng() % kept.size()));
+      } else if (pending > 0) {
+        // The relay's clear: the oldest messages, by id.
+        const pop::snapshot s = e.snapshot();
+        std::vector<std::string> ids;
+        const std::vector<pop::outbox_message> queued = s.pending_messages().value();
+        for (const auto& m : queued) {
+          if (ids.size() < 1 + rng() % 8) ids.push_back(m.id);
+        }
+        const auto cleared = e.clear_messages(s, ids);
+        REQUIRE(cleared.ok());
+        pending -= cleared->removed;
+      }
+      const pop::snapshot now = e.snapshot();
+      REQUIRE(now.read("domain.accounts").value() == accounts_json());
+      REQUIRE(now.read("domain.meta.name").value() == "bank");
+      REQUIRE(now.pending_messages().value().size() == pending);
+      if (step % 20 == 0) check_kept();
+    }
+    check_kept();
+  }
 }
 
 TEST_CASE("invalid writes are refused and commit nothing", "[engine]") {

@@ -151,6 +151,41 @@ void check_batched_history(const std::vector<op>& ops) {
   for (const auto& [version, model_of] : published) RC_ASSERT(equal_in_order(version, model_of));
 }
 
+// Applies `ops` as an owner would (set / erase with owned = true): the map's nodes that nothing
+// else holds are changed in place. ops[i].keep keeps a copy of the map (which then shares its
+// nodes, so later changes must copy them). Checks every step against a std::map, that every
+// kept copy is unchanged, and that replacing a value in a map no copy shares keeps its root.
+void check_owned_history(const std::vector<op>& ops) {
+  map current;
+  model expected;
+  std::vector<std::pair<map, model>> kept;
+  for (const op& o : ops) {
+    if (o.erase) {
+      current = current.erase(o.key, 0, true);
+      expected.erase(o.key);
+    } else {
+      const bool replace = expected.count(o.key) == 1;
+      const bool shared = !kept.empty() && kept.back().first.same_root(current);
+      map next = current.set(o.key, make_value(o.value), 0, true);
+      // (Only the newest copy can share the root: every change after it made a new one.)
+      if (replace && !shared && !current.empty()) RC_ASSERT(next.same_root(current));
+      if (shared) RC_ASSERT(!next.same_root(current));
+      current = next;
+      expected[o.key] = o.value;
+    }
+    RC_ASSERT(current.check_invariants());
+    RC_ASSERT(find_agrees(current, expected, o.key));
+    if (o.keep) {
+      RC_ASSERT(equal_in_order(current, expected));
+      kept.emplace_back(current, expected);
+      for (const auto& [version, model_of] : kept) RC_ASSERT(equal_in_order(version, model_of));
+      if (kept.size() > 4) kept.erase(kept.begin());  // a dropped copy frees its nodes to change
+    }
+  }
+  RC_ASSERT(equal_in_order(current, expected));
+  for (const auto& [version, model_of] : kept) RC_ASSERT(equal_in_order(version, model_of));
+}
+
 // Returns operations on `keys` that erase with probability erase_eighths / 8. Single
 // operations are not shrunk: shrinking each of thousands of elements, each attempt replaying
 // the whole history, takes many minutes. A failing history still shrinks by length.
@@ -271,6 +306,34 @@ TEST_CASE("batched changes agree with std::map and never alter a published versi
   });
 }
 
+TEST_CASE("changes by the map's only owner agree with std::map and never alter a kept copy",
+          "[pmap]") {
+  constexpr int keys = static_cast<int>(2 * map::max_width * map::max_width);
+  rc::prop("owned set and erase over 2 * max_width^2 keys", [] {
+    auto key = rc::gen::map(rc::gen::inRange(0, keys), numbered_key);
+    check_owned_history(grow_mix_shrink(key, keys));
+  });
+}
+
+TEST_CASE("an owned change copies a node another map still holds, and only that path", "[pmap]") {
+  map m = map::from_sorted(numbered_entries(1000));
+  const map copy = m;  // shares every node
+  map changed = m.set(numbered_key(5), make_value(-5), 0, true);
+  CHECK_FALSE(changed.same_root(copy));
+  CHECK(**copy.find(numbered_key(5)) == 5);
+  CHECK(**changed.find(numbered_key(5)) == -5);
+  m = map();  // now `changed` alone holds its root, and nodes off the copied path are shared
+  map again = changed.set(numbered_key(5), make_value(-6), 0, true);
+  CHECK(again.same_root(changed));  // its own path: changed in place
+  CHECK(**again.find(numbered_key(5)) == -6);
+  map far = again.set(numbered_key(900), make_value(-900), 0, true);
+  CHECK(far.same_root(again));  // root in place, the shared leaf below copied
+  CHECK(**copy.find(numbered_key(900)) == 900);
+  CHECK(**far.find(numbered_key(900)) == -900);
+  CHECK(far.check_invariants());
+  CHECK(copy.check_invariants());
+}
+
 TEST_CASE("20000 sequential inserts then random erases down to empty agree with std::map",
           "[pmap]") {
   for (std::uint32_t seed : {1u, 2u, 3u}) {
@@ -346,8 +409,24 @@ TEST_CASE("compact_key keeps any text, inline or shared, and orders like std::st
     for (const std::string& u : texts) {
       CHECK((compact_key(t) < compact_key(u)) == (t < u));
       CHECK((compact_key(t) == compact_key(u)) == (t == u));
+      const int order = pop::detail::compare_bytes(t, u);
+      CHECK((order < 0) == (t < u));
+      CHECK((order == 0) == (t == u));
     }
   }
+}
+
+TEST_CASE("compare_bytes orders any bytes as std::string does", "[pmap]") {
+  rc::prop("random strings, with shared prefixes and bytes past 0x7f", [] {
+    const auto prefix = *rc::gen::container<std::string>(rc::gen::character<char>());
+    const auto a = prefix + *rc::gen::container<std::string>(rc::gen::character<char>());
+    const auto b = prefix + *rc::gen::container<std::string>(rc::gen::character<char>());
+    const int order = pop::detail::compare_bytes(a, b);
+    RC_ASSERT((order < 0) == (a < b));
+    RC_ASSERT((order == 0) == (a == b));
+    RC_ASSERT((order > 0) == (a > b));
+    RC_ASSERT(pop::detail::equal_bytes(a, b) == (a == b));
+  });
 }
 
 TEST_CASE("erase_sorted_if removes exactly the listed keys its predicate accepts", "[pmap]") {
