@@ -114,7 +114,7 @@ engine::engine(options opts, std::unique_ptr<detail::journal> journal, detail::j
   initial->outbox_path = outbox_;
   initial->version = start.version;
   initial->root = std::move(start.root);
-  absl::MutexLock lock(&head_mu_);
+  std::unique_lock lock(head_mu_);
   head_version_.store(initial->version, std::memory_order_release);
   head_ = std::move(initial);
 }
@@ -211,8 +211,46 @@ std::shared_ptr<const engine::registered> engine::find(std::string_view name) co
   return it == registry_->by_name.end() ? nullptr : it->second;
 }
 
+namespace {
+
+// A short pause in a spin-wait.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Tries `try_lock` a while, spinning, before `lock` (which may sleep).
+template <class Try, class Lock>
+void spin_then_lock(Try try_lock, Lock lock) {
+  for (int i = 0; i < 128; ++i) {
+    if (try_lock()) return;
+    cpu_relax();
+  }
+  lock();
+}
+
+}  // namespace
+
+std::shared_lock<std::shared_mutex> engine::lock_head_shared() const {
+  spin_then_lock([&] { return head_mu_.try_lock_shared(); }, [&] { head_mu_.lock_shared(); });
+  return std::shared_lock(head_mu_, std::adopt_lock);
+}
+
+std::unique_lock<std::shared_mutex> engine::lock_head() const {
+  spin_then_lock([&] { return head_mu_.try_lock(); }, [&] { head_mu_.lock(); });
+  return std::unique_lock(head_mu_, std::adopt_lock);
+}
+
+std::unique_lock<std::mutex> engine::lock_commits() {
+  spin_then_lock([&] { return commit_mu_.try_lock(); }, [&] { commit_mu_.lock(); });
+  return std::unique_lock(commit_mu_, std::adopt_lock);
+}
+
 std::shared_ptr<const detail::version_state> engine::head() const {
-  absl::ReaderMutexLock lock(&head_mu_);
+  const std::shared_lock lock = lock_head_shared();
   return head_;
 }
 
@@ -274,10 +312,9 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
     head_version_.store(version, std::memory_order_release);
   };
   if (head_locked) {
-    head_mu_.AssertHeld();
     publish();
   } else {
-    absl::MutexLock lock(&head_mu_);
+    const std::unique_lock lock = lock_head();
     publish();
   }
   assert(written.empty() || written.back() == '\n');  // add_written's form
@@ -289,8 +326,7 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
 }
 
 absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>& record,
-                                   const prepared& prep, const applied& done,
-                                   std::string_view who) {
+                                   const prepared& prep, applied& done, std::string_view who) {
   if (record) {
     try {
       record->at_us = options_.clock->now_us();
@@ -324,6 +360,9 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       }
       record->writes = std::move(encoded).writes_text();
       record->messages = detail::record_encoder::messages_text(done.message_ids);
+      // Encoded: let the next commit find the new root held by the head alone (see
+      // commit_in_place) while this one waits for its journal.
+      done.root.reset();
     } catch (const std::exception& e) {
       // Values are checked before they are committed, so this is a bug; never leave the record
       // unfilled (later commits would wait for it forever): fail the journal instead.
@@ -386,7 +425,10 @@ absl::Status engine::batch(absl::FunctionRef<absl::Status()> body) {
 
 bool engine::commit_in_place(prepared& prep, applied& out,
                              std::shared_ptr<detail::journal_record>& record) {
-  absl::MutexLock head_lock(&head_mu_);
+  const std::int64_t now_us = options_.clock->now_us();  // (user code: not under head_mu_)
+  // What the change removes is freed after head_mu_ is released (declared before the lock).
+  std::vector<detail::node_ptr> removed;
+  const std::unique_lock head_lock = lock_head();
   // Readers copy head_ only under head_mu_, so while it is held a count of 1 stays 1.
   if (!detail::sole_owner(head_) || !detail::sole_owner(head_->root)) return false;
   const detail::version_state& h = *head_;
@@ -397,11 +439,16 @@ bool engine::commit_in_place(prepared& prep, applied& out,
     if (before + prep.messages.size() > options_.max_pending) return false;
   }
   if (!process_runner::can_apply_in_place(*h.root, prep, *outbox_)) return false;
-  // The head's version is replaced below, and no one else can see it meanwhile.
-  detail::node_ptr root = std::move(const_cast<detail::version_state&>(h).root);
-  out = process_runner::apply_in_place(std::move(root), h.version, *outbox_, prep,
-                                       options_.clock->now_us(), "commit");
-  record = install(out.version, out.root, std::move(out.written), /*head_locked=*/true);
+  // From taking the root to installing the new head nothing may fail: the head would be left
+  // without its root. Only an allocation can, and then the process ends (noexcept).
+  [&]() noexcept {
+    const detail::pmap<detail::node_ptr>::retire_scope retiring(removed);
+    // The head's version is replaced below, and no one else can see it meanwhile.
+    detail::node_ptr root = std::move(const_cast<detail::version_state&>(h).root);
+    out = process_runner::apply_in_place(std::move(root), h.version, *outbox_, prep, now_us,
+                                         "commit");
+    record = install(out.version, out.root, std::move(out.written), /*head_locked=*/true);
+  }();
   return true;
 }
 
@@ -435,12 +482,12 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
   // head: at most one build is wasted, and none when the snapshot is already known to be stale
   // (redone builds were most of the work of many producers on few cores).
   bool built = false;
-  if (base.use_count() > 2 && version() == base->version) {
+  if ((base.use_count() > 2 || !detail::sole_owner(base->root)) && version() == base->version) {
     POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, options_.clock->now_us(), who));
     built = true;
   }
   {
-    std::unique_lock lock(commit_mu_);
+    std::unique_lock lock = lock_commits();
     std::shared_ptr<const detail::version_state> current = head();
     if (current->version != base->version) {
       conflict = find_conflict(prep.access(*outbox_), base->version);
@@ -577,7 +624,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
   applied out;
   std::shared_ptr<detail::journal_record> record;
   {
-    std::unique_lock lock(commit_mu_);
+    std::unique_lock lock = lock_commits();
     const std::shared_ptr<const detail::version_state> current = head();
     if (expected_version > current->version) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -647,7 +694,7 @@ absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& se
   std::vector<std::string_view> removed;
   std::shared_ptr<detail::journal_record> record;
   {
-    std::unique_lock lock(commit_mu_);
+    std::unique_lock lock = lock_commits();
     const std::shared_ptr<const detail::version_state> current = head();
     const bool moved = current->version != seen.version();
     // Erasing only removes: every entry still in the head's outbox is the head's own node, so an

@@ -14,10 +14,10 @@
 #include <vector>
 
 #include <mutex>
+#include <shared_mutex>
 #include "absl/base/thread_annotations.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "pop/contracts/clock.hpp"
 #include "pop/contracts/json.hpp"
 #include "pop/contracts/outbox_message.hpp"
@@ -233,6 +233,10 @@ class engine {
   enum class commit_status { committed, conflict };
 
   std::shared_ptr<const detail::version_state> head() const;
+  std::shared_lock<std::shared_mutex> lock_head_shared() const;
+  std::unique_lock<std::shared_mutex> lock_head() const;
+  // commit_mu_, also tried a while before sleeping: commits hold it for microseconds.
+  std::unique_lock<std::mutex> lock_commits();
   std::shared_ptr<const registered> find(std::string_view name) const;
   // Commits `prep`, computed on `snap`, unless a newer commit overlaps prep.access(). Pass the
   // caller's only pointer to `snap`: a version no one else holds is changed in place.
@@ -259,8 +263,9 @@ class engine {
                                                   std::string written, bool head_locked = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Journals the commit `done` of `prep` by `who`, waits until it is durable, then notifies.
+  // Releases done.root once the record is encoded.
   absl::Status finish_commit(const std::shared_ptr<detail::journal_record>& record,
-                             const prepared& prep, const applied& done, std::string_view who);
+                             const prepared& prep, applied& done, std::string_view who);
   void record(const registered& proc, int attempt, std::uint64_t seen, const prepared* prep,
               const applied* done, attempt_outcome outcome, std::string detail,
               std::chrono::steady_clock::time_point start);
@@ -273,9 +278,11 @@ class engine {
   // Lock order: commit_mu_ before head_mu_.
   std::mutex commit_mu_;
   std::deque<logged_commit> log_ ABSL_GUARDED_BY(commit_mu_);
-  // An absl::Mutex: it spins a while before it sleeps, and a commit applied in place holds it
-  // for the microsecond the change takes (a futex sleep and wake-up would cost more).
-  mutable absl::Mutex head_mu_;
+  // A commit applied in place holds it for the microsecond the change takes: it is taken by
+  // trying a while before sleeping (lock_head_shared / lock_head), as a futex sleep and wake-up
+  // would cost more. (A std::shared_mutex: ThreadSanitizer sees it, unlike a prebuilt
+  // absl::Mutex.)
+  mutable std::shared_mutex head_mu_;
   std::shared_ptr<const detail::version_state> head_ ABSL_GUARDED_BY(head_mu_);
   std::atomic<std::uint64_t> head_version_{0};  // head_->version, read without the lock
 

@@ -177,11 +177,24 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     counters_.commit_to_publish.add(commit_to_publish_);
   }
 
-  // Lets a scan see the deliveries not yet cleared (recorded_ maps them to nullptr). Done only
-  // when a scan comes before their clear: a busy relay clears first and never indexes them.
-  void index_deliveries() {
-    for (; indexed_ < delivered_.size(); ++indexed_)
-      recorded_.emplace(delivered_[indexed_], nullptr);
+  // Lets a scan see the deliveries not yet cleared: sorted_delivered_ holds them in id order, the
+  // order the scan meets them in, so the scan skips each by one comparison (no hash of its id).
+  // Done only when a scan comes before their clear: a busy relay clears first.
+  void sort_deliveries() {
+    if (merged_ == delivered_.size()) return;
+    const auto mid = static_cast<std::ptrdiff_t>(sorted_delivered_.size());
+    sorted_delivered_.insert(sorted_delivered_.end(),
+                             delivered_.begin() + static_cast<std::ptrdiff_t>(merged_),
+                             delivered_.end());
+    merged_ = delivered_.size();
+    // (A round delivers in scan order: the new ones are sorted, and usually all past the old.)
+    const auto first_new = sorted_delivered_.begin() + mid;
+    if (!std::is_sorted(first_new, sorted_delivered_.end())) {
+      std::sort(first_new, sorted_delivered_.end());
+    }
+    if (mid > 0 && first_new != sorted_delivered_.end() && *first_new < *(first_new - 1)) {
+      std::inplace_merge(sorted_delivered_.begin(), first_new, sorted_delivered_.end());
+    }
   }
 
   template <class Fn>
@@ -257,7 +270,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     // a message with a lower id (a requeued one) must not overtake them.
     for (const auto& [id, f] : flights_) block(f->message.key);
     for (const outcome& o : outcomes_) block(o.key);  // (failures: deliveries are elsewhere)
-    index_deliveries();
+    sort_deliveries();
+    std::size_t next_delivered = 0;  // sorted_delivered_[0, this) are before the scan's position
     // When the snapshot is durable, no id can be newer than the durable version: skip parsing.
     const bool all_durable = snap.version() <= durable;
     if (key_cache_.size() > 4 * options_.batch_size + 65'536) key_cache_.clear();
@@ -280,9 +294,19 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             block(f->second->message.key);
             return true;
           }
+          // Delivered and not yet cleared: skipped (a delivery does not block its key).
+          while (next_delivered < sorted_delivered_.size() &&
+                 sorted_delivered_[next_delivered] < id) {
+            ++next_delivered;
+          }
+          if (next_delivered < sorted_delivered_.size() &&
+              sorted_delivered_[next_delivered] == id) {
+            ++next_delivered;
+            return true;
+          }
           if (const auto o = recorded_.empty() ? recorded_.end() : recorded_.find(id);
               o != recorded_.end()) {
-            if (o->second != nullptr) block(o->second->key);
+            block(o->second->key);
             return true;
           }
           if (waiting_outcomes() >= options_.batch_size ||
@@ -551,14 +575,14 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       if (r->removed > 0) counters_.clears.fetch_add(1, std::memory_order_relaxed);
       counters_.delivered.fetch_add(r->removed, std::memory_order_relaxed);
     }
-    for (std::size_t i = 0; i < indexed_; ++i) recorded_.erase(delivered_[i]);
     if (!key_cache_.empty()) {
       for (const std::string_view id : delivered_) key_cache_.erase(detail::to_absl(id));
     }
     delivered_.clear();
+    sorted_delivered_.clear();
+    merged_ = 0;
     delivered_ids_.clear();
     pinned_.clear();
-    indexed_ = 0;
     return status;
   }
 
@@ -615,8 +639,9 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   std::vector<std::string_view> delivered_;
   std::deque<std::string> delivered_ids_;
   std::vector<snapshot> pinned_;
-  std::size_t indexed_ = 0;  // delivered_[0, this) are in recorded_
-  // The ids of outcomes_ (viewing their outcome's id) and of indexed deliveries (nullptr).
+  std::vector<std::string_view> sorted_delivered_;  // delivered_[0, merged_), in id order
+  std::size_t merged_ = 0;
+  // The ids of outcomes_, each viewing its outcome's id.
   absl::flat_hash_map<std::string_view, const outcome*> recorded_;
   latency_histogram publish_latency_;  // recorded this round; see merge_histograms
   latency_histogram commit_to_publish_;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <bit>
 #include <compare>
 #include <cstddef>
 #include <cstdint>
@@ -24,8 +25,10 @@ inline int compare_bytes(std::string_view a, std::string_view b) {
     std::memcpy(&x, a.data() + i, 8);
     std::memcpy(&y, b.data() + i, 8);
     if (x != y) {
-      x = __builtin_bswap64(x);
-      y = __builtin_bswap64(y);
+      if constexpr (std::endian::native == std::endian::little) {
+        x = __builtin_bswap64(x);
+        y = __builtin_bswap64(y);
+      }
       return x < y ? -1 : 1;
     }
   }

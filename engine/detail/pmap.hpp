@@ -33,15 +33,16 @@ namespace pop::detail {
 //   - an inner node's keys[i] is the minimum key of the subtree children[i].
 // check_invariants() verifies all of these.
 //
-// Threading and lifetime: nodes are never mutated once published (a write copies the path from
-// the root to the changed leaf, O(log n) nodes), so any number of threads may read the same or
-// different versions concurrently. A pmap is a single shared_ptr: cheap to copy. V must be
-// copyable; copying a V happens when a leaf holding it is copied.
-// Whether `p` is the only pointer to its object: no one else holds it, nor can anyone copy it
-// unless the caller lets them (a count of 1 does not grow by itself). Then the caller may change
-// the object: the copy made here (an acquire-release increment of the count) orders the last
-// other holder's reads, made before it let go, before the caller's changes. (Not
-// std::atomic_thread_fence: ThreadSanitizer does not model fences.)
+// Threading and lifetime: a node is never changed while anything but its changer can reach it
+// (a write copies the path from the root to the changed leaf, O(log n) nodes, except for nodes
+// its batch made or that only an `owned` caller reaches: see set), so any number of threads may
+// read the same or different versions concurrently. A pmap is a single shared_ptr: cheap to copy. V
+// must be copyable; copying a V happens when a leaf holding it is copied. Whether `p` is the only
+// pointer to its object: no one else holds it, nor can anyone copy it unless the caller lets them
+// (a count of 1 does not grow by itself). Then the caller may change the object: the copy made here
+// (an acquire-release increment of the count) orders the last other holder's reads, made before it
+// let go, before the caller's changes. (Not std::atomic_thread_fence: ThreadSanitizer does not
+// model fences.)
 template <class T>
 bool sole_owner(const std::shared_ptr<T>& p) {
   if (p.use_count() != 1) return false;
@@ -140,6 +141,20 @@ class pmap {
     return nullptr;
   }
 
+  // While a retire_scope is active on this thread, a value that an owned change (set, erase)
+  // removes from a node changed in place is moved into it instead of being destroyed there: the
+  // caller frees it later (say, outside a lock; a removed value can be a large subtree).
+  class retire_scope {
+   public:
+    explicit retire_scope(std::vector<V>& into) : outer_(retired_) { retired_ = &into; }
+    retire_scope(const retire_scope&) = delete;
+    retire_scope& operator=(const retire_scope&) = delete;
+    ~retire_scope() { retired_ = outer_; }
+
+   private:
+    std::vector<V>* outer_;
+  };
+
   // Returns a token for a batch of changes (see `edit` below); unique in the process.
   static std::uint64_t new_edit() {
     static std::atomic<std::uint64_t> next{1};
@@ -147,7 +162,7 @@ class pmap {
   }
 
   // Returns a map equal to this one with `key` mapped to `value` (inserted, or replacing the
-  // old value). *this is unchanged. O(log n) nodes copied.
+  // old value). *this is unchanged (unless batched or owned, below). O(log n) nodes copied.
   //
   // `edit` batches changes: nodes created by a call with a non-zero token are changed in place
   // by later calls with the same token instead of being copied again, so k changes cost one copy
@@ -179,7 +194,8 @@ class pmap {
   }
 
   // Returns a map equal to this one without `key`. If `key` is absent, returns *this (same
-  // root, see same_root). *this is unchanged (unless batched, see set). O(log n) nodes copied.
+  // root, see same_root). *this is unchanged (unless batched or owned, see set). O(log n) nodes
+  // copied.
   // `owned`: as for set.
   pmap erase(std::string_view key, std::uint64_t edit = 0, bool owned = false) const {
     bool erased = false;
@@ -299,7 +315,7 @@ class pmap {
       }
     }
     const bool leaf;
-    std::uint64_t edit = 0;  // the batch that created it; 0: never changed in place
+    std::uint64_t edit = 0;  // the batch that created it; 0: none (changed in place only if owned)
     std::size_t count = 0;
     union {
       inline_vec<entry, node_capacity> entries;
@@ -390,6 +406,12 @@ class pmap {
     return editable(n, edit, mine(n, edit, false));
   }
 
+  // Hands a value removed in place to the active retire_scope, if any.
+  static void retire(V&& value) {
+    if (retired_ != nullptr) retired_->push_back(std::move(value));
+  }
+  static inline thread_local std::vector<V>* retired_ = nullptr;
+
   // Splits an overfull node into two halves; the first half stays in `n`.
   static std::pair<node_ptr, node_ptr> split(std::shared_ptr<node> n) {
     auto right = new_node(n->leaf);
@@ -424,6 +446,7 @@ class pmap {
       const bool replace = i < n.entries.size() && equal_bytes(n.entries[i].key.view(), key);
       auto copy = editable(np, edit, in_place);
       if (replace) {
+        if (in_place) retire(std::move(copy->entries[i].value));
         copy->entries[i].value = std::move(value);
         return {std::move(copy), nullptr};
       }
@@ -493,6 +516,7 @@ class pmap {
         return {false, nullptr};
       }
       auto copy = editable(np, edit, in_place);
+      if (in_place) retire(std::move(copy->entries[i].value));
       copy->entries.erase(copy->entries.begin() + static_cast<std::ptrdiff_t>(i));
       copy->count = copy->entries.size();
       return {true, std::move(copy)};

@@ -149,8 +149,8 @@ struct process_runner {
   static bool can_apply_in_place(const value_node& root, const prepared& prep, const path& outbox);
   // apply() on `root`, changed in place wherever nothing else holds its nodes (see assign's
   // `owned`): the caller holds the only pointer to `root` and can_apply_in_place said yes. An
-  // allocation failure part way ends the process (std::terminate), as a half-applied change
-  // cannot be taken back.
+  // allocation failure part way ends the process (noexcept), as a half-applied change cannot be
+  // taken back. Values it removes go to the thread's pmap retire_scope, if any.
   static applied apply_in_place(node_ptr root, std::uint64_t base_version, const path& outbox,
                                 prepared& prep, std::int64_t now_us,
                                 const std::string& who) noexcept;

@@ -159,8 +159,7 @@ bool json_erase(json& doc, std::string_view rest) {
 }
 
 // The map node `node` (a member map) with `members` instead: `node` itself, changed in place, if
-// the edit batch `edit` created it (its members' root carries the token: no published version
-// holds it), else a new node.
+// `owned` (only the caller can reach it: see mine), else a new node.
 node_ptr with_members(const node_ptr& node, bool owned, pmap<node_ptr> members) {
   if (!owned) return make_map(std::move(members));
   const_cast<value_node&>(*node).replace_members(std::move(members));

@@ -28,8 +28,8 @@ using node_ptr = std::shared_ptr<const value_node>;
 // large or too odd to pack, as nlohmann::json); or an outbox message a commit appended, kept
 // typed (no JSON is built for it unless someone reads it as JSON, and then once). An object grows
 // out of packed form when a write makes it large. The form is invisible to readers:
-// materialising any of them gives the same JSON. Immutable once published; shared between
-// versions and threads.
+// materialising any of them gives the same JSON. Shared between versions and threads, and never
+// changed while anything but its changer can reach it (see assign's `owned`).
 class value_node {
  public:
   struct blob_form {};
@@ -57,9 +57,9 @@ class value_node {
   // message builds its JSON on the first call (thread-safe); the reference lives as long as the
   // node.
   const json& as_json() const;
-  // Replaces the members of a map node that an edit batch created and no version has published
-  // yet (see assign), so the batch's later writes change its own nodes instead of allocating new
-  // ones. Only for is_map().
+  // Replaces the members of a map node that only its changer can reach (one an edit batch created
+  // and no version has published yet, or one an owned write reaches; see assign), so later writes
+  // change it instead of allocating new nodes. Only for is_map().
   void replace_members(pmap<node_ptr> members) {
     *std::get_if<pmap<node_ptr>>(&form_) = std::move(members);
   }
