@@ -67,9 +67,36 @@ value_view value_view::member(std::string_view key) const {
 }
 
 value_view value_view::at(std::string_view relative) const {
-  value_view v = *this;
-  while (!relative.empty() && v.exists()) v = v.member(detail::take_segment(relative));
-  return v;
+  if (!node_ || relative.empty()) return *this;
+  // Descends as member() does, but takes a reference only to the node the result is in (one per
+  // level would be an atomic increment and decrement each).
+  const detail::node_ptr* holder = &node_;
+  const json* inner = inner_;
+  const char* packed = packed_;
+  while (!relative.empty()) {
+    const std::string_view key = detail::take_segment(relative);
+    const detail::location here{holder->get(), inner, packed};
+    if (const char* p = here.packed_value()) {
+      packed = detail::packed::member(p, key);
+      if (!packed) return {};
+      inner = nullptr;
+      continue;
+    }
+    if (const json* j = detail::stored_json(here)) {
+      if (!j->is_object()) return {};
+      const auto& object = j->get_ref<const json::object_t&>();
+      const auto it = object.find(key);
+      if (it == object.end()) return {};
+      inner = &it->second;
+      packed = nullptr;
+      continue;
+    }
+    holder = (*holder)->members().find(key);
+    if (!holder) return {};
+    inner = nullptr;
+    packed = nullptr;
+  }
+  return value_view(*holder, inner, packed);
 }
 
 void value_view::for_each_member(

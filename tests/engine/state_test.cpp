@@ -605,3 +605,45 @@ TEST_CASE("a commit's common ancestor rules out exactly the changes that overlap
     }
   });
 }
+
+TEST_CASE("a view reached with at() equals one reached member by member, in every stored form",
+          "[state]") {
+  // Objects of every size (member maps, packed records, JSON blobs), arrays and scalars below.
+  rc::prop("at(path) against member() chains and the JSON", [] {
+    const json doc = *any_json(4, rc::gen::element<std::string>("a", "b", "c", "k1", "k2"));
+    const d::node_ptr root = d::make_root(json{{"d", doc}});
+    const pop::snapshot s = d::process_runner::make_snapshot(
+        std::make_shared<const d::version_state>(d::version_state{1, root, nullptr}));
+    // Every path of up to four segments over the generator's keys (and one that is never there).
+    const std::vector<std::string> keys = {"a", "b", "c", "k1", "k2", "zz"};
+    std::vector<std::vector<std::string>> paths = {{"d"}};
+    for (std::size_t i = 0; i < paths.size(); ++i) {
+      if (paths[i].size() == 4) continue;
+      for (const std::string& k : keys) {
+        paths.push_back(paths[i]);
+        paths.back().push_back(k);
+      }
+    }
+    for (const std::vector<std::string>& segs : paths) {
+      std::string text;
+      pop::value_view chained = s.root();
+      const json* expected = nullptr;
+      json whole = json{{"d", doc}};
+      expected = &whole;
+      for (const std::string& seg : segs) {
+        text += (text.empty() ? "" : ".") + seg;
+        chained = chained.member(seg);
+        expected = expected != nullptr && expected->is_object() && expected->contains(seg)
+                       ? &(*expected)[seg]
+                       : nullptr;
+      }
+      const pop::value_view direct = s.root().at(text);
+      RC_ASSERT(direct.exists() == chained.exists());
+      RC_ASSERT(direct.exists() == (expected != nullptr));
+      if (expected != nullptr) {
+        RC_ASSERT(direct.to_json() == *expected);
+        RC_ASSERT(direct.shares(chained));
+      }
+    }
+  });
+}
