@@ -244,11 +244,6 @@ std::unique_lock<std::shared_mutex> engine::lock_head() const {
   return std::unique_lock(head_mu_, std::adopt_lock);
 }
 
-std::unique_lock<std::mutex> engine::lock_commits() {
-  spin_then_lock([&] { return commit_mu_.try_lock(); }, [&] { commit_mu_.lock(); });
-  return std::unique_lock(commit_mu_, std::adopt_lock);
-}
-
 std::shared_ptr<const detail::version_state> engine::head() const {
   const std::shared_lock lock = lock_head_shared();
   return head_;
@@ -487,7 +482,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     built = true;
   }
   {
-    std::unique_lock lock = lock_commits();
+    std::unique_lock lock(commit_mu_);
     std::shared_ptr<const detail::version_state> current = head();
     if (current->version != base->version) {
       conflict = find_conflict(prep.access(*outbox_), base->version);
@@ -624,7 +619,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
   applied out;
   std::shared_ptr<detail::journal_record> record;
   {
-    std::unique_lock lock = lock_commits();
+    std::unique_lock lock(commit_mu_);
     const std::shared_ptr<const detail::version_state> current = head();
     if (expected_version > current->version) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -694,7 +689,7 @@ absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& se
   std::vector<std::string_view> removed;
   std::shared_ptr<detail::journal_record> record;
   {
-    std::unique_lock lock = lock_commits();
+    std::unique_lock lock(commit_mu_);
     const std::shared_ptr<const detail::version_state> current = head();
     const bool moved = current->version != seen.version();
     // Erasing only removes: every entry still in the head's outbox is the head's own node, so an

@@ -235,8 +235,6 @@ class engine {
   std::shared_ptr<const detail::version_state> head() const;
   std::shared_lock<std::shared_mutex> lock_head_shared() const;
   std::unique_lock<std::shared_mutex> lock_head() const;
-  // commit_mu_, also tried a while before sleeping: commits hold it for microseconds.
-  std::unique_lock<std::mutex> lock_commits();
   std::shared_ptr<const registered> find(std::string_view name) const;
   // Commits `prep`, computed on `snap`, unless a newer commit overlaps prep.access(). Pass the
   // caller's only pointer to `snap`: a version no one else holds is changed in place.
