@@ -420,6 +420,10 @@ absl::Status engine::batch(absl::FunctionRef<absl::Status()> body) {
 
 bool engine::commit_in_place(prepared& prep, applied& out,
                              std::shared_ptr<detail::journal_record>& record) {
+  // A first look without head_mu_ (head_ changes only under commit_mu_, which is held): most
+  // commits of many producers find the head held by the others' snapshots, and then need not
+  // wait for the exclusive lock, which readers coming and going can keep away for long.
+  if (head_.use_count() != 1 || head_->root.use_count() != 1) return false;
   const std::int64_t now_us = options_.clock->now_us();  // (user code: not under head_mu_)
   // What the change removes is freed after head_mu_ is released (declared before the lock).
   std::vector<detail::node_ptr> removed;
