@@ -120,6 +120,18 @@ void check_history(const std::vector<op>& ops, const std::string& probe_alphabet
   }
 }
 
+// Checks `current` after op `o`: sound, and agreeing with `expected` on o.key; if o.keep, keeps it
+// in `kept` and checks that every kept version still equals its model.
+void check_step(const map& current, const model& expected, const op& o,
+                std::vector<std::pair<map, model>>& kept) {
+  RC_ASSERT(current.check_invariants());
+  RC_ASSERT(find_agrees(current, expected, o.key));
+  if (!o.keep) return;
+  RC_ASSERT(equal_in_order(current, expected));
+  kept.emplace_back(current, expected);
+  for (const auto& [version, model_of] : kept) RC_ASSERT(equal_in_order(version, model_of));
+}
+
 // Applies `ops` in batches: ops[i].keep ends a batch, and every batch uses a fresh edit token
 // (nodes it created are changed in place by its later ops). Checks every step against a
 // std::map, and that every version published at the end of an earlier batch is unchanged.
@@ -136,16 +148,8 @@ void check_batched_history(const std::vector<op>& ops) {
       current = current.set(o.key, make_value(o.value), edit);
       expected[o.key] = o.value;
     }
-    RC_ASSERT(current.check_invariants());
-    RC_ASSERT(find_agrees(current, expected, o.key));
-    if (o.keep) {
-      RC_ASSERT(equal_in_order(current, expected));
-      published.emplace_back(current, expected);
-      edit = map::new_edit();
-      for (const auto& [version, model_of] : published) {
-        RC_ASSERT(equal_in_order(version, model_of));
-      }
-    }
+    check_step(current, expected, o, published);
+    if (o.keep) edit = map::new_edit();
   }
   RC_ASSERT(equal_in_order(current, expected));
   for (const auto& [version, model_of] : published) RC_ASSERT(equal_in_order(version, model_of));
@@ -173,14 +177,8 @@ void check_owned_history(const std::vector<op>& ops) {
       current = next;
       expected[o.key] = o.value;
     }
-    RC_ASSERT(current.check_invariants());
-    RC_ASSERT(find_agrees(current, expected, o.key));
-    if (o.keep) {
-      RC_ASSERT(equal_in_order(current, expected));
-      kept.emplace_back(current, expected);
-      for (const auto& [version, model_of] : kept) RC_ASSERT(equal_in_order(version, model_of));
-      if (kept.size() > 4) kept.erase(kept.begin());  // a dropped copy frees its nodes to change
-    }
+    check_step(current, expected, o, kept);
+    if (kept.size() > 4) kept.erase(kept.begin());  // a dropped copy frees its nodes to change
   }
   RC_ASSERT(equal_in_order(current, expected));
   for (const auto& [version, model_of] : kept) RC_ASSERT(equal_in_order(version, model_of));
