@@ -316,12 +316,16 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
   const std::size_t ancestor = detail::common_ancestor(written);
   log_.push_back({version, std::move(written), ancestor});
   while (log_.size() > options_.conflict_window) log_.pop_front();
-  // `previous` is released here, outside head_mu_: freeing an old version can take a while.
+  // `previous` is released here, outside head_mu_: freeing an old version can take a while. (An
+  // in-place commit calls this under head_mu_, with `previous` holding no tree any more.)
   return record;
 }
 
 absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>& record,
                                    const prepared& prep, applied& done, std::string_view who) {
+  // Let the next commit find the new root held by the head alone (see commit_in_place) while this
+  // one waits for its journal and its listeners run; the record is encoded from it first.
+  detail::node_ptr root = std::move(done.root);
   if (record) {
     try {
       record->at_us = options_.clock->now_us();
@@ -346,7 +350,7 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       }
       for (const std::string& id : done.message_ids) {
         const std::string at = absl::StrCat(outbox_->str(), ".", id);
-        const detail::location found = detail::lookup(*done.root, at);
+        const detail::location found = detail::lookup(*root, at);
         if (const outbox_message* typed = found.inner ? nullptr : found.node->message()) {
           encoded.set_message(at, *typed);  // no JSON form kept in the state for it
         } else {
@@ -355,9 +359,6 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       }
       record->writes = std::move(encoded).writes_text();
       record->messages = detail::record_encoder::messages_text(done.message_ids);
-      // Encoded: let the next commit find the new root held by the head alone (see
-      // commit_in_place) while this one waits for its journal.
-      done.root.reset();
     } catch (const std::exception& e) {
       // Values are checked before they are committed, so this is a bug; never leave the record
       // unfilled (later commits would wait for it forever): fail the journal instead.
@@ -366,6 +367,7 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
                                  " by '", detail::to_absl(who), "': ", e.what())));
       return journal_->wait_durable(done.version);
     }
+    root.reset();
     if (batch_frame* batch = batch_of(this)) {
       // Acknowledged (and notified) when the batch ends, once durable. A batch far ahead of its
       // journal waits for part of it, so what it holds unwritten stays bounded.
@@ -380,6 +382,7 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
     journal_->fill(record);
     POP_RETURN_IF_ERROR(journal_->wait_durable(done.version));
   }
+  root.reset();
   listeners_->notify(done.version);
   return absl::OkStatus();
 }
@@ -419,17 +422,12 @@ absl::Status engine::batch(absl::FunctionRef<absl::Status()> body) {
 }
 
 bool engine::commit_in_place(prepared& prep, applied& out,
-                             std::shared_ptr<detail::journal_record>& record) {
-  // A first look without head_mu_ (head_ changes only under commit_mu_, which is held): most
-  // commits of many producers find the head held by the others' snapshots, and then need not
-  // wait for the exclusive lock, which readers coming and going can keep away for long.
+                             std::shared_ptr<detail::journal_record>& record, bool applicable) {
+  // The first looks without head_mu_ (head_ and its tree change only under commit_mu_, which is
+  // held; readers only read): most commits of many producers find the head held by the others'
+  // snapshots, and then need not wait for the exclusive lock, which readers coming and going can
+  // keep away for long; and the checks below do not hold readers up.
   if (head_.use_count() != 1 || head_->root.use_count() != 1) return false;
-  const std::int64_t now_us = options_.clock->now_us();  // (user code: not under head_mu_)
-  // What the change removes is freed after head_mu_ is released (declared before the lock).
-  std::vector<detail::node_ptr> removed;
-  const std::unique_lock head_lock = lock_head();
-  // Readers copy head_ only under head_mu_, so while it is held a count of 1 stays 1.
-  if (!detail::sole_owner(head_) || !detail::sole_owner(head_->root)) return false;
   const detail::version_state& h = *head_;
   if (options_.max_pending != 0 && !prep.messages.empty()) {
     // Writes in place never touch the outbox: only the messages grow it.
@@ -437,7 +435,14 @@ bool engine::commit_in_place(prepared& prep, applied& out,
     const std::size_t before = at.exists() ? detail::size_of(at) : 0;
     if (before + prep.messages.size() > options_.max_pending) return false;
   }
-  if (!process_runner::can_apply_in_place(*h.root, prep, *outbox_)) return false;
+  if (!applicable && !process_runner::can_apply_in_place(*h.root, prep, *outbox_)) return false;
+  const std::int64_t now_us = options_.clock->now_us();  // (user code: not under head_mu_)
+  // What the change removes is freed after head_mu_ is released (declared before the lock).
+  std::vector<detail::node_ptr> removed;
+  removed.reserve(prep.writes.size());  // (a write removes at most one value)
+  const std::unique_lock head_lock = lock_head();
+  // Readers copy head_ only under head_mu_, so while it is held a count of 1 stays 1.
+  if (!detail::sole_owner(head_) || !detail::sole_owner(head_->root)) return false;
   // From taking the root to installing the new head nothing may fail: the head would be left
   // without its root. Only an allocation can, and then the process ends (noexcept).
   [&]() noexcept {
@@ -481,7 +486,10 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
   // head: at most one build is wasted, and none when the snapshot is already known to be stale
   // (redone builds were most of the work of many producers on few cores).
   bool built = false;
-  if ((base.use_count() > 2 || !detail::sole_owner(base->root)) && version() == base->version) {
+  // (Holding `base`, no commit changes its tree meanwhile.)
+  bool applicable = base.use_count() <= 2 && detail::sole_owner(base->root) &&
+                    process_runner::can_apply_in_place(*base->root, prep, *outbox_);
+  if (!applicable && version() == base->version) {
     POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, options_.clock->now_us(), who));
     built = true;
   }
@@ -493,14 +501,14 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
       if (!conflict.empty()) return commit_status::conflict;
       base = std::move(current);
       built = false;
+      applicable = false;  // (checked on another version)
     }
     current.reset();
     // (Not after a wasted build: that one took the messages out of `prep`.)
     if (!built && !out.root) {
       base.reset();  // (the head is base: commit_in_place looks at who else holds it)
-      if (commit_in_place(prep, out, record)) {
+      if (commit_in_place(prep, out, record, applicable)) {
         lock.unlock();
-        if (!record) out.root.reset();  // (see below)
         POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name));
         return commit_status::committed;
       }
@@ -517,8 +525,6 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     }
     record = install(out.version, out.root, std::move(out.written));
   }
-  // No journal record reads the new root: let the next commit find it held by the head alone.
-  if (!record) out.root.reset();
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name));
   return commit_status::committed;
 }

@@ -244,8 +244,9 @@ class engine {
   // Applies `prep` to the head in place and installs it, if no one but the engine holds the head
   // and can_apply_in_place says it cannot fail (nor pass max_pending); false if not (nothing is
   // changed then).
+  // `applicable`: can_apply_in_place said yes for the head already.
   bool commit_in_place(prepared& prep, applied& out,
-                       std::shared_ptr<detail::journal_record>& record)
+                       std::shared_ptr<detail::journal_record>& record, bool applicable)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // kResourceExhausted naming `who` if `next` grows the outbox of `base` past max_pending.
   absl::Status check_pending_bound(const detail::version_state& base, const detail::node_ptr& next,
@@ -261,7 +262,7 @@ class engine {
                                                   std::string written, bool head_locked = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Journals the commit `done` of `prep` by `who`, waits until it is durable, then notifies.
-  // Releases done.root once the record is encoded.
+  // Releases done.root (when the record is encoded).
   absl::Status finish_commit(const std::shared_ptr<detail::journal_record>& record,
                              const prepared& prep, applied& done, std::string_view who);
   void record(const registered& proc, int attempt, std::uint64_t seen, const prepared* prep,

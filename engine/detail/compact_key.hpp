@@ -17,6 +17,8 @@ namespace pop::detail {
 // short (or share long prefixes, as message ids do), where a call to memcmp costs more than the
 // comparison itself.
 inline int compare_bytes(std::string_view a, std::string_view b) {
+  static_assert(std::endian::native == std::endian::little ||
+                std::endian::native == std::endian::big);
   const std::size_t n = a.size() < b.size() ? a.size() : b.size();
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {

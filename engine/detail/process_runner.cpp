@@ -337,8 +337,13 @@ bool process_runner::can_apply_in_place(const value_node& root, const prepared& 
   // A write fails only where an object on its way is not one; one write can make that so for
   // another below it, so writes that overlap each other (or the outbox, where the messages go)
   // are left to the copying apply. Few writes: the pairs are compared.
+  // A large change is built the copying way, outside the head's lock: readers wait for an in-place
+  // one.
   constexpr std::size_t most_writes = 16;
-  if (prep.writes.size() > most_writes || !root.is_map()) return false;
+  constexpr std::size_t most_messages = 64;
+  if (prep.writes.size() > most_writes || prep.messages.size() > most_messages || !root.is_map()) {
+    return false;
+  }
   for (std::size_t i = 0; i < prep.writes.size(); ++i) {
     const path& p = prep.writes[i].target;
     if (p.overlaps(outbox)) return false;

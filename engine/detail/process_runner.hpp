@@ -145,7 +145,8 @@ struct process_runner {
                                        const applied* earlier = nullptr);
   // Whether applying `prep` on `root` cannot fail (so may be done in place, apply_in_place): every
   // write's parents are objects or missing, no two writes and no write and the outbox overlap, and
-  // the outbox, if messages are appended, is a member map under member maps.
+  // the outbox, if messages are appended, is a member map under member maps; and whether it is
+  // small (at most 16 writes and 64 messages: readers of the head wait for an in-place change).
   static bool can_apply_in_place(const value_node& root, const prepared& prep, const path& outbox);
   // apply() on `root`, changed in place wherever nothing else holds its nodes (see assign's
   // `owned`): the caller holds the only pointer to `root` and can_apply_in_place said yes. An

@@ -333,6 +333,38 @@ TEST_CASE("an owned change copies a node another map still holds, and only that 
   CHECK(copy.check_invariants());
 }
 
+TEST_CASE("values an owned change removes go to the retire scope, not away, while one is active",
+          "[pmap]") {
+  map m = map::from_sorted(numbered_entries(100));
+  std::weak_ptr<const int> replaced(*m.find(numbered_key(3)));
+  std::weak_ptr<const int> erased(*m.find(numbered_key(4)));
+  std::vector<value> retired;
+  {
+    const map::retire_scope scope(retired);
+    m = m.set(numbered_key(3), make_value(-3), 0, true);  // in place: the old value is retired
+    m = m.erase(numbered_key(4), 0, true);
+  }
+  REQUIRE(retired.size() == 2);
+  CHECK_FALSE(replaced.expired());  // kept alive by the scope's vector, not freed in the change
+  CHECK_FALSE(erased.expired());
+  CHECK(**m.find(numbered_key(3)) == -3);
+  CHECK(m.find(numbered_key(4)) == nullptr);
+  retired.clear();
+  CHECK(replaced.expired());  // freed when the caller lets go
+  CHECK(erased.expired());
+  // Without a scope, or for a change that copies, nothing is retired.
+  std::weak_ptr<const int> plain(*m.find(numbered_key(5)));
+  m = m.set(numbered_key(5), make_value(-5), 0, true);
+  CHECK(plain.expired());
+  const map copy = m;
+  {
+    const map::retire_scope scope(retired);
+    m = m.set(numbered_key(6), make_value(-6), 0, true);  // shared with `copy`: copied
+  }
+  CHECK(retired.empty());
+  CHECK(**copy.find(numbered_key(6)) == 6);
+}
+
 TEST_CASE("20000 sequential inserts then random erases down to empty agree with std::map",
           "[pmap]") {
   for (std::uint32_t seed : {1u, 2u, 3u}) {

@@ -647,3 +647,32 @@ TEST_CASE("a view reached with at() equals one reached member by member, in ever
     }
   });
 }
+
+TEST_CASE("at() reads into a stored outbox message as member() does", "[state]") {
+  pop::engine e;
+  REQUIRE(
+      e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&, const json& a) {
+         pop::result r;
+         r.emit("t", a, "k1");
+         return r;
+       }).ok());
+  const std::string id = e.execute("emit", {{"n", 1}, {"s", "x"}}).value().message_ids.at(0);
+  const pop::snapshot s = e.snapshot();
+  const pop::value_view stored = s.view(s.outbox_path()).member(id);
+  REQUIRE(stored.message() != nullptr);  // kept typed
+  const std::string at = s.outbox_path().str() + "." + id;
+  for (const std::string rest : {"key", "topic", "payload", "payload.n", "payload.s", "nothing"}) {
+    CAPTURE(rest);
+    const pop::value_view direct = s.root().at(at + "." + rest);
+    pop::value_view chained = stored;
+    for (std::string_view left = rest; chained.exists() && !left.empty();) {
+      const std::size_t dot = std::min(left.find('.'), left.size());
+      chained = chained.member(left.substr(0, dot));
+      left.remove_prefix(std::min(dot + 1, left.size()));
+    }
+    REQUIRE(direct.exists() == chained.exists());
+    if (direct.exists()) CHECK(direct.to_json() == chained.to_json());
+  }
+  CHECK(s.root().at(at + ".payload.n").get<int>() == 1);
+  CHECK(s.root().at(at + ".key").get<std::string>() == "k1");
+}
