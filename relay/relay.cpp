@@ -55,6 +55,7 @@ using steady = std::chrono::steady_clock;
 // One message being published asynchronously.
 struct flight {
   outbox_message message;
+  std::optional<snapshot> seen;  // the snapshot the message was read from (for its clear)
   asio::cancellation_signal cancel;
   steady::time_point started;    // for the latency metric: real time
   std::int64_t deadline_us = 0;  // on the engine's clock
@@ -144,6 +145,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       // Deliveries of this round view their ids in its snapshot: it is kept until they are
       // cleared (pinned before the scan, so even a scan cut short by an exception is covered).
       const std::size_t delivered_before = delivered_.size();
+      round_pin_ = static_cast<std::uint32_t>(pinned_.size());
       const snapshot& snap = pinned_.emplace_back(engine_.snapshot());
       r.earliest = schedule(snap);
       r.more = clear_now();
@@ -351,7 +353,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
           }
           // A message as a commit stored it is published as it is, with no copy.
           if (typed && typed->id == id) {
-            if (!start_publish(*typed, true)) block(key);
+            if (!start_publish(*typed, true, snap)) block(key);
             return true;
           }
           // Read straight from the stored value (no intermediate copy of it).
@@ -374,7 +376,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             add_outcome(std::move(o));
             return true;
           }
-          if (!start_publish(*m, false)) block(key);
+          if (!start_publish(*m, false, snap)) block(key);
           return true;
         });
     return earliest;
@@ -383,7 +385,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   // Publishes `m` synchronously if the sink can, else launches it. Returns true if `m` was
   // acknowledged already (so its key is free for the next message). `stored`: `m` is the message
   // in the round's snapshot (its id may be viewed until the snapshot is unpinned).
-  bool start_publish(const outbox_message& m, bool stored) {
+  // `from`: the round's snapshot, which `m` was read from.
+  bool start_publish(const outbox_message& m, bool stored, const snapshot& from) {
     const steady::time_point start = steady::now();
     std::optional<absl::Status> now;
     try {
@@ -395,11 +398,12 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
     if (now) {
       const bool ok = now->ok();
-      finish(m, *std::move(now), start, stored);
+      finish(m, *std::move(now), start, stored, round_pin_);
       return ok;
     }
     auto f = std::make_shared<flight>();
     f->message = m;
+    f->seen = from;
     f->started = start;
     f->deadline_us =
         engine_.clock().now_us() +
@@ -436,14 +440,22 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
     // A publish cut short by the stop is not an attempt: the message stays queued unchanged.
     if (!(self->stopping_ && !status.ok())) {
-      self->finish(f->message, std::move(status), f->started, false);
+      self->finish(f->message, std::move(status), f->started, false, self->pin(*f->seen));
     }
     self->wake();
   }
 
-  // Records the outcome of publishing `m` (see start_publish for `stored`).
-  void finish(const outbox_message& m, absl::Status status, steady::time_point started,
-              bool stored) {
+  // The index in pinned_ of snapshot `s`, pinning it if it is not the newest pinned already.
+  // (Called between rounds: a round pins its own snapshot first.)
+  std::uint32_t pin(const snapshot& s) {
+    if (pinned_.empty() || pinned_.back().version() != s.version()) pinned_.push_back(s);
+    return static_cast<std::uint32_t>(pinned_.size() - 1);
+  }
+
+  // Records the outcome of publishing `m` (see start_publish for `stored`), read from
+  // pinned_[from].
+  void finish(const outbox_message& m, absl::Status status, steady::time_point started, bool stored,
+              std::uint32_t from) {
     const auto took =
         std::chrono::duration_cast<std::chrono::microseconds>(steady::now() - started);
     record_local(publish_latency_, took);
@@ -463,6 +475,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       } else {
         delivered_.push_back(delivered_ids_.emplace_back(m.id));
       }
+      delivered_from_.push_back(from);
       return;
     }
     outcome o;
@@ -557,16 +570,33 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         if (!key_cache_.empty()) key_cache_.erase(outcomes_[i].id);
       }
       POP_RETURN_IF_ERROR(
-          record_outcomes(n, std::span<const std::string_view>(delivered_).subspan(cleared, m)));
+          record_outcomes(n, std::span<const std::string_view>(delivered_).subspan(cleared, m),
+                          std::span<const std::uint32_t>(delivered_from_).subspan(cleared, m)));
       outcomes_.erase(outcomes_.begin(), outcomes_.begin() + static_cast<std::ptrdiff_t>(n));
       cleared += m;
     }
     failures_waiting_ = false;
+    // Each delivery is cleared against the snapshot it was read from, so exactly what was
+    // published goes: an entry another writer changed since (a process rewriting a pending
+    // message) stays, and is published again with its new content. Deliveries of one snapshot
+    // share a clear (a round's are contiguous; a publish that finished later may come between).
     absl::Status status = absl::OkStatus();
-    for (std::size_t i = cleared; i < delivered_.size() && status.ok(); i += options_.batch_size) {
-      const std::size_t n = std::min(options_.batch_size, delivered_.size() - i);
-      absl::StatusOr<clear_result> r = engine_.clear_message_views(
-          engine_.snapshot(), std::span<const std::string_view>(delivered_).subspan(i, n));
+    std::vector<std::size_t> order;  // delivered_ indices from `cleared`, grouped by snapshot
+    order.reserve(delivered_.size() - cleared);
+    for (std::size_t i = cleared; i < delivered_.size(); ++i) order.push_back(i);
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return delivered_from_[a] < delivered_from_[b];
+    });
+    std::vector<std::string_view> group;
+    for (std::size_t k = 0; k < order.size() && status.ok();) {
+      const std::uint32_t from = delivered_from_[order[k]];
+      group.clear();
+      for (; k < order.size() && delivered_from_[order[k]] == from &&
+             group.size() < options_.batch_size;
+           ++k) {
+        group.push_back(delivered_[order[k]]);
+      }
+      absl::StatusOr<clear_result> r = engine_.clear_message_views(pinned_[from], group);
       if (!r.ok()) {
         // Those messages stay queued and are published again (never lost).
         status = annotate(r.status(), "relay: clearing delivered messages");
@@ -579,6 +609,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       for (const std::string_view id : delivered_) key_cache_.erase(detail::to_absl(id));
     }
     delivered_.clear();
+    delivered_from_.clear();
     sorted_delivered_.clear();
     merged_ = 0;
     delivered_ids_.clear();
@@ -586,17 +617,23 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     return status;
   }
 
-  // Records the first `n` outcomes and `deliveries` in one transaction. After 64 lost races they
-  // are dropped: those messages stay queued and are published again (a duplicate, never a loss).
-  absl::Status record_outcomes(std::size_t n, std::span<const std::string_view> deliveries) {
+  // Records the first `n` outcomes and `deliveries` (read from pinned_[from[i]]) in one
+  // transaction. After 64 lost races they are dropped: those messages stay queued and are
+  // published again (a duplicate, never a loss).
+  absl::Status record_outcomes(std::size_t n, std::span<const std::string_view> deliveries,
+                               std::span<const std::uint32_t> from) {
     for (int tries = 0; tries < 64; ++tries) {
       const snapshot snap = engine_.snapshot();
       const value_view queue = snap.view(snap.outbox_path());
       std::vector<write> writes;
       tally t;
       for (std::size_t i = 0; i < n; ++i) build(queue, outcomes_[i], writes, t);
-      for (const std::string_view id : deliveries) {
-        if (!queue.member(id)) continue;  // removed meanwhile
+      for (std::size_t i = 0; i < deliveries.size(); ++i) {
+        const std::string_view id = deliveries[i];
+        const value_view now = queue.member(id);
+        if (!now) continue;  // removed meanwhile
+        const snapshot& then = pinned_[from[i]];
+        if (!now.shares(then.view(then.outbox_path()).member(id))) continue;  // changed meanwhile
         writes.push_back({absl::StrCat(outbox_, ".", detail::to_absl(id)), std::nullopt});
         ++t.delivered;
       }
@@ -637,8 +674,11 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   // The ids of deliveries not yet cleared: views of messages in pinned_ snapshots, or of
   // delivered_ids_ (copies, for messages that were not read from a snapshot).
   std::vector<std::string_view> delivered_;
+  std::vector<std::uint32_t> delivered_from_;  // for each delivery, the pinned_ snapshot it was
+                                               // read from
   std::deque<std::string> delivered_ids_;
   std::vector<snapshot> pinned_;
+  std::uint32_t round_pin_ = 0;                     // the current round's snapshot in pinned_
   std::vector<std::string_view> sorted_delivered_;  // delivered_[0, merged_), in id order
   std::size_t merged_ = 0;
   // The ids of outcomes_, each viewing its outcome's id.

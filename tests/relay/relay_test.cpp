@@ -68,6 +68,67 @@ TEST_CASE("the relay publishes every pending message in commit order and empties
   CHECK(m.commit_to_publish_latency.count == 300);
 }
 
+TEST_CASE("a message rewritten after its publish and before the clear is published again",
+          "[relay]") {
+  // The clear removes exactly what was published: an entry another writer changed meanwhile (a
+  // process rewriting a pending message) stays, and its new content is published.
+  pop::engine e;
+  register_emitter(e);
+  const std::string id = emit(e, "k", json{{"v", 1}});
+  scripted_sink sink;
+  bool rewritten = false;
+  sink.script = [&](const pop::outbox_message& m) {
+    if (!rewritten) {
+      rewritten = true;
+      pop::outbox_message changed = m;
+      changed.payload = json{{"v", 2}};
+      const auto r =
+          e.compare_and_swap(e.version(), {{e.outbox_path().str() + "." + m.id, changed.to_json()}},
+                             pop::cas_mode::keys);
+      CHECK((r.ok() && r->committed));
+    }
+    return act::ok;
+  };
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
+  asio::io_context io;
+  REQUIRE(run_on(io, r_owner->drain()).ok());
+  REQUIRE(sink.calls.size() == 2);
+  CHECK(sink.calls[0].message.payload == json{{"v", 1}});
+  CHECK(sink.calls[1].message.id == id);
+  CHECK(sink.calls[1].message.payload == json{{"v", 2}});
+  CHECK(e.snapshot().pending_count() == 0);
+
+  // The same when the delivery is recorded together with a failure (one transaction for both).
+  const std::string failing = emit(e, "a", json{{"v", 1}});
+  const std::string changing = emit(e, "b", json{{"v", 1}});
+  sink.calls.clear();
+  rewritten = false;
+  bool failed = false;
+  sink.script = [&](const pop::outbox_message& m) {
+    if (m.id == failing && !failed) {
+      failed = true;
+      return act::fail;
+    }
+    if (m.id == changing && !rewritten) {
+      rewritten = true;
+      pop::outbox_message changed = m;
+      changed.payload = json{{"v", 2}};
+      const auto r =
+          e.compare_and_swap(e.version(), {{e.outbox_path().str() + "." + m.id, changed.to_json()}},
+                             pop::cas_mode::keys);
+      CHECK((r.ok() && r->committed));
+    }
+    return act::ok;
+  };
+  REQUIRE(run_on(io, r_owner->drain()).ok());
+  std::vector<json> changing_payloads;
+  for (const auto& c : sink.calls) {
+    if (c.message.id == changing) changing_payloads.push_back(c.message.payload);
+  }
+  CHECK(changing_payloads == std::vector<json>{json{{"v", 1}}, json{{"v", 2}}});
+  CHECK(e.snapshot().pending_count() == 0);
+}
+
 TEST_CASE("asynchronous publishes run several at once and keep per-key order", "[relay]") {
   pop::engine e;
   register_emitter(e);
