@@ -77,16 +77,19 @@ TEST_CASE("a message rewritten after its publish and before the clear is publish
   const std::string id = emit(e, "k", json{{"v", 1}});
   scripted_sink sink;
   bool rewritten = false;
+  // Rewrites `m`'s entry with payload {"v": 2}, once, as another writer would.
+  const auto rewrite_once = [&](const pop::outbox_message& m) {
+    if (rewritten) return;
+    rewritten = true;
+    pop::outbox_message changed = m;
+    changed.payload = json{{"v", 2}};
+    const auto r =
+        e.compare_and_swap(e.version(), {{e.outbox_path().str() + "." + m.id, changed.to_json()}},
+                           pop::cas_mode::keys);
+    CHECK((r.ok() && r->committed));
+  };
   sink.script = [&](const pop::outbox_message& m) {
-    if (!rewritten) {
-      rewritten = true;
-      pop::outbox_message changed = m;
-      changed.payload = json{{"v", 2}};
-      const auto r =
-          e.compare_and_swap(e.version(), {{e.outbox_path().str() + "." + m.id, changed.to_json()}},
-                             pop::cas_mode::keys);
-      CHECK((r.ok() && r->committed));
-    }
+    rewrite_once(m);
     return act::ok;
   };
   auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay()));
@@ -109,15 +112,7 @@ TEST_CASE("a message rewritten after its publish and before the clear is publish
       failed = true;
       return act::fail;
     }
-    if (m.id == changing && !rewritten) {
-      rewritten = true;
-      pop::outbox_message changed = m;
-      changed.payload = json{{"v", 2}};
-      const auto r =
-          e.compare_and_swap(e.version(), {{e.outbox_path().str() + "." + m.id, changed.to_json()}},
-                             pop::cas_mode::keys);
-      CHECK((r.ok() && r->committed));
-    }
+    if (m.id == changing) rewrite_once(m);
     return act::ok;
   };
   REQUIRE(run_on(io, r_owner->drain()).ok());
