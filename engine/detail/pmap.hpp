@@ -20,6 +20,18 @@
 
 namespace pop::detail {
 
+// Whether `p` is the only pointer to its object: no one else holds it, nor can anyone copy it
+// unless the caller lets them (a count of 1 does not grow by itself). Then the caller may change
+// the object: the copy made here (an acquire-release increment of the count) orders the last other
+// holder's reads, made before it let go, before the caller's changes. (Not
+// std::atomic_thread_fence: ThreadSanitizer does not model fences.)
+template <class T>
+bool sole_owner(const std::shared_ptr<T>& p) {
+  if (p.use_count() != 1) return false;
+  const std::shared_ptr<T> touch = p;
+  return true;
+}
+
 // An immutable ordered map from string keys (plain byte order, stored as compact_key) to values of
 // type V. "Modifying" calls return a new map that shares every untouched node with the old one.
 //
@@ -37,19 +49,7 @@ namespace pop::detail {
 // (a write copies the path from the root to the changed leaf, O(log n) nodes, except for nodes
 // its batch made or that only an `owned` caller reaches: see set), so any number of threads may
 // read the same or different versions concurrently. A pmap is a single shared_ptr: cheap to copy. V
-// must be copyable; copying a V happens when a leaf holding it is copied. Whether `p` is the only
-// pointer to its object: no one else holds it, nor can anyone copy it unless the caller lets them
-// (a count of 1 does not grow by itself). Then the caller may change the object: the copy made here
-// (an acquire-release increment of the count) orders the last other holder's reads, made before it
-// let go, before the caller's changes. (Not std::atomic_thread_fence: ThreadSanitizer does not
-// model fences.)
-template <class T>
-bool sole_owner(const std::shared_ptr<T>& p) {
-  if (p.use_count() != 1) return false;
-  const std::shared_ptr<T> touch = p;
-  return true;
-}
-
+// must be copyable; copying a V happens when a leaf holding it is copied.
 template <class V>
 class pmap {
  public:
@@ -111,6 +111,7 @@ class pmap {
   // pointer stays valid while any pmap sharing the node that holds it is alive. O(log n), no
   // allocation.
   const V* find(std::string_view key) const {
+    // (Not the owned find below: reads are the hottest path, and this one checks no ownership.)
     const node* n = root_.get();
     if (n == nullptr) return nullptr;
     while (!n->leaf) n = n->in.children[child_index(*n, key)].get();

@@ -224,11 +224,11 @@ absl::Status process_runner::check_not_outbox_parent(const path& p, const path& 
   return absl::OkStatus();
 }
 
-// Applies `prep` on top of `base`, giving its messages ids of version base.version + 1.
 namespace {
 
-// The body of apply and apply_in_place: `prep` applied on `root` (of version `base_version`);
-// `owned`: changed in place where nothing else holds it (see assign).
+// The body of apply and apply_in_place: `prep` applied on `root` (of version `base_version`),
+// giving its messages ids of version base_version + 1; `owned`: changed in place where nothing
+// else holds it (see assign).
 absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_version,
                                  const path& outbox, prepared& prep, std::int64_t now_us,
                                  const std::string& who, const applied* earlier) {
@@ -236,24 +236,39 @@ absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_v
   out.version = base_version + 1;
   // One batch: nodes copied by one write are changed in place by the next ones.
   const std::uint64_t edit = new_edit();
-  // What allocates is made before the first change (an in-place apply, which cannot fail
-  // otherwise, is then cut short by an allocation failure only in the tree's own nodes).
   // (a message's path: the outbox's, '.', a 27-character id, '\n')
   std::size_t written_size = prep.messages.size() * (outbox.str().size() + 29);
   for (const prepared_write& w : prep.writes) written_size += w.target.str().size() + 1;
   out.written.reserve(written_size);
-  for (const prepared_write& w : prep.writes) add_written(out.written, w.target.str());
+  for (const prepared_write& w : prep.writes) {
+    if (w.value) {
+      absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value, edit, owned);
+      if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base_version));
+      root = *std::move(r);
+    } else {
+      root = erase(root, w.target.str(), edit, owned);
+    }
+    add_written(out.written, w.target.str());
+  }
   const std::int64_t created = now_us;
+  if (!prep.messages.empty()) {
+    // The outbox is always a member map, so an append copies O(log n) of it, never the queue.
+    // (In place it is one already, under maps: see can_apply_in_place; these change nothing.)
+    if (!lookup(*root, outbox.str()).exists()) {
+      absl::StatusOr<node_ptr> r = assign(root, outbox.str(), make_empty_map(), edit, owned);
+      if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base_version));
+      root = *std::move(r);
+    }
+    root = with_maps_along(root, outbox.str(), edit);
+  }
   out.message_ids.reserve(prep.messages.size());
-  std::vector<std::pair<std::size_t, node_ptr>> stored_messages;  // (path offset, node)
-  stored_messages.reserve(prep.messages.size());
   for (std::size_t i = 0; i < prep.messages.size(); ++i) {
     message_draft& m = prep.messages[i];
     std::string id = make_message_id(out.version, static_cast<std::uint32_t>(i));
     // A message's path: the outbox's, '.', its id; a valid path (options validation leaves room
-    // below the outbox for any id). Written into the log and viewed there.
+    // below the outbox for any id). Written into the log first and viewed there.
     const std::size_t path_at = out.written.size();
-    out.written.append(outbox.str()).append(".").append(id).push_back('\n');
+    out.written.append(outbox.str()).append(".").append(id);
     outbox_message stored;
     stored.id = id;
     stored.topic = m.topic;  // (kept in `prep` for the audit log)
@@ -276,52 +291,28 @@ absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_v
     }
     stored.created_at_us = created;
     stored.version = out.version;
-    stored_messages.emplace_back(path_at, make_message_node(std::move(stored)));
-    out.message_ids.push_back(std::move(id));
-  }
-  for (const prepared_write& w : prep.writes) {
-    if (w.value) {
-      absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value, edit, owned);
-      if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base_version));
-      root = *std::move(r);
-    } else {
-      root = erase(root, w.target.str(), edit, owned);
-    }
-  }
-  if (!prep.messages.empty()) {
-    // The outbox is always a member map, so an append copies O(log n) of it, never the queue.
-    if (!lookup(*root, outbox.str()).exists()) {
-      // (Never in place: can_apply_in_place wants the outbox there.)
-      absl::StatusOr<node_ptr> r = assign(root, outbox.str(), make_empty_map(), edit, owned);
-      if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base_version));
-      root = *std::move(r);
-    }
-    // (In place: its parents are maps already, or it is not in place; see can_apply_in_place.)
-    root = with_maps_along(root, outbox.str(), edit);
-  }
-  for (auto& [path_at, node] : stored_messages) {
-    std::string_view target = std::string_view(out.written).substr(path_at);
-    target = target.substr(0, target.find('\n'));
-    absl::StatusOr<node_ptr> r = assign(root, target, std::move(node), edit, owned);
+    const std::string_view target = std::string_view(out.written).substr(path_at);
+    absl::StatusOr<node_ptr> r =
+        assign(root, target, make_message_node(std::move(stored)), edit, owned);
     if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base_version));
     root = *std::move(r);
+    out.written.push_back('\n');
+    out.message_ids.push_back(std::move(id));
   }
   out.root = std::move(root);
   return out;
 }
 
-// Whether every object on the way to `p` below `root` is an object, or missing (then made).
-bool parents_are_objects(const value_node& root, std::string_view p, bool self_too) {
+// Whether every parent of `p` below `root` is an object, or missing (then made).
+bool parents_are_objects(const value_node& root, std::string_view p) {
   location at{&root, nullptr};
-  while (true) {
-    const std::size_t dot = p.find('.');
-    if (dot == std::string_view::npos && !self_too) return true;
+  for (std::size_t dot = p.find('.'); dot != std::string_view::npos; dot = p.find('.')) {
     at = member(at, p.substr(0, dot));
     if (!at.exists()) return true;
     if (!at.is_object()) return false;
-    if (dot == std::string_view::npos) return true;
     p.remove_prefix(dot + 1);
   }
+  return true;
 }
 
 }  // namespace
@@ -350,7 +341,7 @@ bool process_runner::can_apply_in_place(const value_node& root, const prepared& 
     for (std::size_t j = 0; j < i; ++j) {
       if (p.overlaps(prep.writes[j].target)) return false;
     }
-    if (prep.writes[i].value && !parents_are_objects(root, p.str(), false)) return false;
+    if (prep.writes[i].value && !parents_are_objects(root, p.str())) return false;
   }
   if (prep.messages.empty()) return true;
   // The outbox and its parents: objects kept as member maps (as they are once a message was
