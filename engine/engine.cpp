@@ -504,7 +504,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
       applicable = false;  // (checked on another version)
     }
     current.reset();
-    // (Not after a wasted build: that one took the messages out of `prep`.)
+    // (Not after a wasted build: its tree, still held, shares nodes with the head.)
     if (!built && !out.root) {
       base.reset();  // (the head is base: commit_in_place looks at who else holds it)
       if (commit_in_place(prep, out, record, applicable)) {
@@ -515,9 +515,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
       base = head();
     }
     if (!built) {
-      POP_ASSIGN_OR_RETURN(
-          out, process_runner::apply(*base, prep, options_.clock->now_us(), who,
-                                     out.root ? &out : nullptr));  // (the wasted build's messages)
+      POP_ASSIGN_OR_RETURN(out, process_runner::apply(*base, prep, options_.clock->now_us(), who));
     }
     if (options_.max_pending != 0) {
       POP_RETURN_IF_ERROR(check_pending_bound(

@@ -106,6 +106,12 @@ class writer {
   void end();
   bool ok() const { return ok_ && open_.empty(); }
   std::string& bytes() { return out_; }
+  // Empties the writer for another value, keeping its buffer.
+  void clear() {
+    out_.clear();
+    open_.clear();
+    ok_ = true;
+  }
 
  private:
   struct open {

@@ -270,6 +270,10 @@ class pmap {
     return it;
   }
 
+  // Returns the number of nodes (leaves and inner nodes) of the tree. A debugging aid for tests
+  // of its shape. O(n).
+  std::size_t node_count() const { return root_ ? nodes_below(*root_) : 0; }
+
   // Returns whether every invariant listed on the class holds. A debugging aid for tests.
   // O(n).
   bool check_invariants() const {
@@ -413,11 +417,13 @@ class pmap {
   }
   static inline thread_local std::vector<V>* retired_ = nullptr;
 
-  // Splits an overfull node into two halves; the first half stays in `n`.
-  static std::pair<node_ptr, node_ptr> split(std::shared_ptr<node> n) {
+  // Splits an overfull node in two; the first part stays in `n`. Into halves, unless the entry
+  // that overfilled it went to its end (`at_end`): then the second part takes only min_width, so
+  // keys added in increasing order (message ids, say) leave nodes 13/16 full instead of half.
+  static std::pair<node_ptr, node_ptr> split(std::shared_ptr<node> n, bool at_end) {
     auto right = new_node(n->leaf);
     right->edit = n->edit;
-    std::size_t half = width(*n) / 2;
+    const std::size_t half = at_end ? width(*n) - min_width : width(*n) / 2;
     if (n->leaf) {
       right->entries.assign(std::make_move_iterator(n->entries.begin() + half),
                             std::make_move_iterator(n->entries.end()));
@@ -454,7 +460,7 @@ class pmap {
       copy->entries.insert(copy->entries.begin() + static_cast<std::ptrdiff_t>(i),
                            entry{compact_key(key), std::move(value)});
       copy->count = copy->entries.size();
-      if (width(*copy) > max_width) return split(std::move(copy));
+      if (width(*copy) > max_width) return split(std::move(copy), i + 1 == copy->entries.size());
       return {std::move(copy), nullptr};
     }
     {
@@ -471,7 +477,9 @@ class pmap {
         copy->in.keys.insert(copy->in.keys.begin() + at, min_key(*right));
         copy->in.children.insert(copy->in.children.begin() + at, std::move(right));
       }
-      if (width(*copy) > max_width) return split(std::move(copy));
+      if (width(*copy) > max_width) {
+        return split(std::move(copy), c + 2 == copy->in.children.size());
+      }
       return {std::move(copy), nullptr};
     }
   }
@@ -665,6 +673,14 @@ class pmap {
   }
 
   // Checks subtree `n` at `depth`; `previous` is the last key seen in order.
+  static std::size_t nodes_below(const node& n) {
+    std::size_t count = 1;
+    if (!n.leaf) {
+      for (const node_ptr& child : n.in.children) count += nodes_below(*child);
+    }
+    return count;
+  }
+
   static bool check_node(const node& n, bool is_root, std::size_t depth, std::size_t& leaf_depth,
                          const compact_key*& previous) {
     if (width(n) > max_width || (!is_root && width(n) < min_width)) return false;

@@ -230,8 +230,8 @@ namespace {
 // giving its messages ids of version base_version + 1; `owned`: changed in place where nothing
 // else holds it (see assign).
 absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_version,
-                                 const path& outbox, prepared& prep, std::int64_t now_us,
-                                 const std::string& who, const applied* earlier) {
+                                 const path& outbox, const prepared& prep, std::int64_t now_us,
+                                 const std::string& who) {
   applied out;
   out.version = base_version + 1;
   // One batch: nodes copied by one write are changed in place by the next ones.
@@ -263,37 +263,16 @@ absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_v
   }
   out.message_ids.reserve(prep.messages.size());
   for (std::size_t i = 0; i < prep.messages.size(); ++i) {
-    message_draft& m = prep.messages[i];
+    const message_draft& m = prep.messages[i];
     std::string id = make_message_id(out.version, static_cast<std::uint32_t>(i));
     // A message's path: the outbox's, '.', its id; a valid path (options validation leaves room
     // below the outbox for any id). Written into the log first and viewed there.
     const std::size_t path_at = out.written.size();
     out.written.append(outbox.str()).append(".").append(id);
-    outbox_message stored;
-    stored.id = id;
-    stored.topic = m.topic;  // (kept in `prep` for the audit log)
-    if (earlier != nullptr) {
-      // The first build stored them typed (make_message_node below).
-      const location at =
-          lookup(*earlier->root, absl::StrCat(outbox.str(), ".", earlier->message_ids.at(i)));
-      const outbox_message* before = at.exists() && !at.inner ? at.node->message() : nullptr;
-      if (before == nullptr) {
-        return absl::InternalError(
-            absl::StrCat(who, ": message ", i, " of the first build is gone"));
-      }
-      stored.key = before->key;
-      stored.payload = before->payload;
-      stored.headers = before->headers;
-    } else {
-      stored.key = std::move(m.key);
-      stored.payload = std::move(m.payload);
-      stored.headers = std::move(m.headers);
-    }
-    stored.created_at_us = created;
-    stored.version = out.version;
     const std::string_view target = std::string_view(out.written).substr(path_at);
-    absl::StatusOr<node_ptr> r =
-        assign(root, target, make_message_node(std::move(stored)), edit, owned);
+    absl::StatusOr<node_ptr> r = assign(
+        root, target, make_message_node(static_cast<std::uint32_t>(i), m, created, out.version),
+        edit, owned);
     if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base_version));
     root = *std::move(r);
     out.written.push_back('\n');
@@ -317,10 +296,9 @@ bool parents_are_objects(const value_node& root, std::string_view p) {
 
 }  // namespace
 
-absl::StatusOr<applied> process_runner::apply(const version_state& base, prepared& prep,
-                                              std::int64_t now_us, const std::string& who,
-                                              const applied* earlier) {
-  return apply_on(base.root, false, base.version, *base.outbox_path, prep, now_us, who, earlier);
+absl::StatusOr<applied> process_runner::apply(const version_state& base, const prepared& prep,
+                                              std::int64_t now_us, const std::string& who) {
+  return apply_on(base.root, false, base.version, *base.outbox_path, prep, now_us, who);
 }
 
 bool process_runner::can_apply_in_place(const value_node& root, const prepared& prep,
@@ -359,11 +337,11 @@ bool process_runner::can_apply_in_place(const value_node& root, const prepared& 
 }
 
 applied process_runner::apply_in_place(node_ptr root, std::uint64_t base_version,
-                                       const path& outbox, prepared& prep, std::int64_t now_us,
-                                       const std::string& who) noexcept {
+                                       const path& outbox, const prepared& prep,
+                                       std::int64_t now_us, const std::string& who) noexcept {
   // can_apply_in_place ruled out every error: one here is a bug, and `root` may be half changed.
   absl::StatusOr<applied> out =
-      apply_on(std::move(root), true, base_version, outbox, prep, now_us, who, nullptr);
+      apply_on(std::move(root), true, base_version, outbox, prep, now_us, who);
   if (!out.ok()) {
     std::fprintf(stderr, "pop: an in-place commit failed after its checks passed: %s\n",
                  out.status().ToString().c_str());

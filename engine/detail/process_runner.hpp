@@ -137,12 +137,10 @@ struct process_runner {
   static absl::Status check_not_outbox_parent(const path& p, const path& outbox,
                                               const std::string& who);
   // Applies `prep` on top of `base`, giving its messages ids of version base.version + 1 and
-  // the creation time `now_us`. The messages' keys, payloads and headers are moved out of `prep`
-  // into the stored messages; applying the same `prep` again (on a newer head) must pass the first
-  // result as `earlier`, whose messages they are then copied from.
-  static absl::StatusOr<applied> apply(const version_state& base, prepared& prep,
-                                       std::int64_t now_us, const std::string& who,
-                                       const applied* earlier = nullptr);
+  // the creation time `now_us`. `prep` is left as it was: it may be applied again (on a newer
+  // head).
+  static absl::StatusOr<applied> apply(const version_state& base, const prepared& prep,
+                                       std::int64_t now_us, const std::string& who);
   // Whether applying `prep` on `root` cannot fail (so may be done in place, apply_in_place): every
   // write's parents are objects or missing, no two writes and no write and the outbox overlap, and
   // the outbox, if messages are appended, is a member map under member maps; and whether it is
@@ -153,7 +151,7 @@ struct process_runner {
   // allocation failure part way ends the process (noexcept), as a half-applied change cannot be
   // taken back. Values it removes go to the thread's pmap retire_scope, if any.
   static applied apply_in_place(node_ptr root, std::uint64_t base_version, const path& outbox,
-                                prepared& prep, std::int64_t now_us,
+                                const prepared& prep, std::int64_t now_us,
                                 const std::string& who) noexcept;
 };
 

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/path.hpp"
 #include "pop/contracts/status.hpp"
+#include "pop/engine/detail/message_record.hpp"
 #include "pop/engine/detail/packed.hpp"
 
 namespace pop::detail {
@@ -27,10 +28,11 @@ bool fits_blob(const json& j, std::size_t& budget) {
   return true;
 }
 
-// A packed node and its bytes in one allocation of about their size.
-template <std::size_t N>
+// A node of form `Form` (packed, or a message record) and its bytes in one allocation of about
+// their size.
+template <class Form, std::size_t N>
 struct packed_block {
-  explicit packed_block(std::string_view packed) : node(value_node::packed_form{}, bytes) {
+  explicit packed_block(std::string_view packed) : node(Form{}, bytes) {
     std::memcpy(bytes, packed.data(), packed.size());
   }
   const value_node node;
@@ -44,25 +46,31 @@ constexpr std::size_t packed_capacity(std::size_t i) {
 }
 constexpr std::size_t packed_max = packed_capacity(packed_classes - 1);
 
-template <std::size_t N>
+template <class Form, std::size_t N>
 node_ptr make_packed_block(std::string_view packed) {
-  auto block = std::make_shared<const packed_block<N>>(packed);
+  auto block = std::make_shared<const packed_block<Form, N>>(packed);
   const value_node* node = &block->node;
   return node_ptr(std::move(block), node);  // (owns the block)
 }
 
-template <std::size_t... I>
+template <class Form, std::size_t... I>
 constexpr auto packed_makers(std::index_sequence<I...>) {
   return std::array<node_ptr (*)(std::string_view), sizeof...(I)>{
-      &make_packed_block<packed_capacity(I)>...};
+      &make_packed_block<Form, packed_capacity(I)>...};
+}
+
+// A node of form `Form` holding `packed` (at most packed_max bytes).
+template <class Form>
+node_ptr make_packed_as(std::string_view packed) {
+  static constexpr auto makers = packed_makers<Form>(std::make_index_sequence<packed_classes>{});
+  const std::size_t n = packed.size();
+  const std::size_t i = n <= 128 ? (n + 7) / 8 - 1 : 15 + (n - 128 + 31) / 32;
+  return makers[i](packed);
 }
 
 // A packed node holding `packed` (at most packed_max bytes).
 node_ptr make_packed(std::string_view packed) {
-  static constexpr auto makers = packed_makers(std::make_index_sequence<packed_classes>{});
-  const std::size_t n = packed.size();
-  const std::size_t i = n <= 128 ? (n + 7) / 8 - 1 : 15 + (n - 128 + 31) / 32;
-  return makers[i](packed);
+  return make_packed_as<value_node::packed_form>(packed);
 }
 
 // For a string, array or object of up to packed_max bytes packed, a packed node; else nullptr.
@@ -273,7 +281,7 @@ const json& value_node::as_json() const {
   assert(std::holds_alternative<typed>(form_));
   const typed& t = *std::get_if<typed>(&form_);
   if (const json* built = t.json_form.load(std::memory_order_acquire)) return *built;
-  auto fresh = std::make_unique<const json>(t.message->to_json());
+  auto fresh = std::make_unique<const json>(message_copy().to_json());
   const json* expected = nullptr;
   if (t.json_form.compare_exchange_strong(expected, fresh.get(), std::memory_order_acq_rel)) {
     return *fresh.release();
@@ -281,19 +289,73 @@ const json& value_node::as_json() const {
   return *expected;  // another reader built it first
 }
 
+const outbox_message* value_node::message() const {
+  const typed* t = std::get_if<typed>(&form_);
+  if (t == nullptr) return nullptr;
+  if (const outbox_message* m = t->decoded.load(std::memory_order_acquire)) return m;
+  auto fresh = std::make_unique<const outbox_message>(decode_message_record(t->record));
+  const outbox_message* expected = nullptr;
+  if (t->decoded.compare_exchange_strong(expected, fresh.get(), std::memory_order_acq_rel)) {
+    return fresh.release();
+  }
+  return expected;  // another reader decoded it first
+}
+
+outbox_message value_node::message_copy() const {
+  const typed& t = *std::get_if<typed>(&form_);
+  if (const outbox_message* m = t.decoded.load(std::memory_order_acquire)) return *m;
+  return decode_message_record(t.record);
+}
+
 namespace {
-// A typed message node and its message in one allocation.
+// A typed message node and its message in one allocation: for a message whose payload has no
+// record (see encode_message_record).
 struct message_block {
   explicit message_block(outbox_message m) : message(std::move(m)), node(&message) {}
   const outbox_message message;
   const value_node node;
 };
-}  // namespace
 
-node_ptr make_message_node(outbox_message m) {
-  auto block = std::make_shared<const message_block>(std::move(m));
+// A typed message node and a record too long for a packed_block.
+struct long_record_block {
+  explicit long_record_block(std::string r)
+      : record(std::move(r)), node(value_node::message_form{}, record.data()) {}
+  const std::string record;
+  const value_node node;
+};
+
+// The node of the message record `w` holds.
+node_ptr make_record_node(packed::writer& w) {
+  const std::string& record = w.bytes();
+  if (record.size() <= packed_max) return make_packed_as<value_node::message_form>(record);
+  auto block = std::make_shared<const long_record_block>(record);
   const value_node* node = &block->node;
   return node_ptr(std::move(block), node);  // (owns the block)
+}
+
+thread_local packed::writer record_writer;
+}  // namespace
+
+node_ptr make_message_node(const outbox_message& m) {
+  if (encode_message_record(m, record_writer)) return make_record_node(record_writer);
+  auto block = std::make_shared<const message_block>(m);
+  const value_node* node = &block->node;
+  return node_ptr(std::move(block), node);  // (owns the block)
+}
+
+node_ptr make_message_node(std::uint32_t index, const message_draft& draft,
+                           std::int64_t created_at_us, std::uint64_t version) {
+  if (encode_message_record(index, draft, created_at_us, version, record_writer)) {
+    return make_record_node(record_writer);
+  }
+  outbox_message m{.id = make_message_id(version, index),
+                   .topic = draft.topic,
+                   .key = draft.key,
+                   .payload = draft.payload,
+                   .headers = draft.headers,
+                   .created_at_us = created_at_us,
+                   .version = version};
+  return make_message_node(m);
 }
 
 node_ptr make_node(json value) {
@@ -345,7 +407,7 @@ node_ptr make_root(const json& object) {
 bool location::is_object() const {
   if (inner) return inner->is_object();
   if (const char* p = packed_value()) return packed::is_object(p);
-  return node->is_map() || node->message() != nullptr || node->as_json().is_object();
+  return node->is_map() || node->is_message() || node->as_json().is_object();
 }
 
 std::size_t size_of(const location& at) {
@@ -385,7 +447,7 @@ json materialise(const location& at) {
   if (const char* p = at.packed_value()) return packed::decode(p);
   // A typed message is converted without keeping its JSON form (a whole-state copy, such as a
   // journal snapshot, would otherwise double the memory of every pending message).
-  if (const outbox_message* m = at.node->message()) return m->to_json();
+  if (at.node->is_message()) return at.node->message_copy().to_json();
   if (!at.node->is_map()) return at.node->as_json();
   json out = json::object();
   auto& object = out.get_ref<json::object_t&>();
@@ -424,7 +486,7 @@ node_ptr with_typed_messages(const node_ptr& root, std::string_view outbox_path)
   const auto add = [&](std::string_view id, json stored) {
     absl::StatusOr<outbox_message> m = outbox_message::from_json(stored);
     if (m.ok() && m->id == id && m->to_json() == stored) {
-      entries.emplace_back(std::string(id), make_message_node(*std::move(m)));
+      entries.emplace_back(std::string(id), make_message_node(*m));
     } else {
       entries.emplace_back(std::string(id), make_node(std::move(stored)));
     }
@@ -434,7 +496,7 @@ node_ptr with_typed_messages(const node_ptr& root, std::string_view outbox_path)
     for (auto& [id, member] : j.get_ref<json::object_t&>()) add(id, std::move(member));
   } else {
     for (auto it = queue.node->members().begin(); it != queue.node->members().end(); ++it) {
-      if (it.value()->message()) {
+      if (it.value()->is_message()) {
         entries.emplace_back(std::string(it.key()), it.value());  // typed already
       } else {
         add(it.key(), materialise({it.value().get(), nullptr}));

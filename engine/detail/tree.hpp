@@ -15,6 +15,7 @@
 #include "pop/contracts/json.hpp"
 #include "pop/contracts/outbox_message.hpp"
 #include "pop/engine/detail/pmap.hpp"
+#include "pop/engine/result.hpp"
 
 namespace pop::detail {
 
@@ -26,7 +27,9 @@ using node_ptr = std::shared_ptr<const value_node>;
 // object, array or string in the bytes of packed.hpp, in the node's own allocation: a small record
 // is one allocation of about its text's size, read in place); a blob (a scalar, or a value too
 // large or too odd to pack, as nlohmann::json); or an outbox message a commit appended, kept
-// typed (no JSON is built for it unless someone reads it as JSON, and then once). An object grows
+// typed: as the compact record of message_record.hpp in the node's own allocation, decoded into an
+// outbox_message on the first message() (the relay's read) and built as JSON only if someone
+// reads it as JSON (then once). An object grows
 // out of packed form when a write makes it large. The form is invisible to readers:
 // materialising any of them gives the same JSON. Shared between versions and threads, and never
 // changed while anything but its changer can reach it (see assign's `owned`).
@@ -35,12 +38,17 @@ class value_node {
   struct blob_form {};
   struct map_form {};
   struct packed_form {};
+  struct message_form {};
   value_node(blob_form, json value) : form_(std::in_place_type<json>, std::move(value)) {}
   value_node(map_form, pmap<node_ptr> members)
       : form_(std::in_place_type<pmap<node_ptr>>, std::move(members)) {}
   // A typed message node viewing `m`, which the caller keeps alive as long as the node (see
   // make_message_node: one allocation holds both).
-  explicit value_node(const outbox_message* m) : form_(std::in_place_type<typed>, m) {}
+  explicit value_node(const outbox_message* m) : form_(std::in_place_type<typed>, nullptr, m) {}
+  // A typed message node viewing the message record at `record` (message_record.hpp), which the
+  // caller keeps alive as long as the node (see make_message_node).
+  value_node(message_form, const char* record)
+      : form_(std::in_place_type<typed>, record, nullptr) {}
   // A packed node viewing the packed bytes at `bytes`, which the caller keeps alive as long as the
   // node (see make_node: one allocation holds both).
   value_node(packed_form, const char* bytes) : form_(std::in_place_type<packed>, bytes) {}
@@ -63,19 +71,28 @@ class value_node {
   void replace_members(pmap<node_ptr> members) {
     *std::get_if<pmap<node_ptr>>(&form_) = std::move(members);
   }
-  // The message a commit stored, when kept typed; nullptr otherwise.
-  const outbox_message* message() const {
-    const typed* t = std::get_if<typed>(&form_);
-    return t ? t->message : nullptr;
-  }
+  // Whether this is a typed message node.
+  bool is_message() const { return form_.index() == 2; }
+  // The message a commit stored, when kept typed (decoded from its record on the first call,
+  // thread-safe; the pointer lives as long as the node); nullptr otherwise.
+  const outbox_message* message() const;
+  // The message of a typed message node (is_message()), decoded for this call only if it has not
+  // been yet: for whole-state reads that should not leave a decoded copy in every node.
+  outbox_message message_copy() const;
 
  private:
   struct typed {
-    explicit typed(const outbox_message* m) : message(m) {}
+    typed(const char* r, const outbox_message* m) : record(r), decoded(m) {}
     typed(const typed&) = delete;
     typed& operator=(const typed&) = delete;
-    ~typed() { delete json_form.load(std::memory_order_acquire); }
-    const outbox_message* message;  // not owned
+    ~typed() {
+      delete json_form.load(std::memory_order_acquire);
+      if (record != nullptr) delete decoded.load(std::memory_order_acquire);
+    }
+    // The message's record (not owned), or nullptr when the node was made with the message
+    // itself (not owned either, then).
+    const char* record;
+    mutable std::atomic<const outbox_message*> decoded;  // owned if `record`
     mutable std::atomic<const json*> json_form{nullptr};
   };
   struct packed {
@@ -99,7 +116,11 @@ node_ptr make_checked_small_node(const json& value);
 // limits; nullptr if they are not a valid packed value (packed::valid).
 node_ptr make_packed_node(std::string_view bytes);
 // Returns a node holding message `m`, typed.
-node_ptr make_message_node(outbox_message m);
+node_ptr make_message_node(const outbox_message& m);
+// Returns a node holding message `draft` as commit `version` stores it as its `index`-th message,
+// created at `created_at_us`, typed. Nothing is moved out of `draft`.
+node_ptr make_message_node(std::uint32_t index, const message_draft& draft,
+                           std::int64_t created_at_us, std::uint64_t version);
 // Returns a root node holding the members of `object`: always a member map, so top-level writes
 // never copy the whole state. Nothing is moved out of `object`: the caller frees it in one piece
 // once the tree is built (freeing its parts one by one while building would scatter the tree over

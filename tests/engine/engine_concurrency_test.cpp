@@ -224,6 +224,33 @@ TEST_CASE("threads reading one stored message as JSON at once all see the same v
   CHECK(stored.to_json() == stored.message()->to_json());
 }
 
+TEST_CASE("threads decoding one stored message at once all get the same message",
+          "[engine][concurrency]") {
+  pop::engine e;
+  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
+                                                                  const json& args) {
+             pop::result r;
+             r.emit("t", args, "k");
+             return r;
+           }).ok());
+  for (int round = 0; round < 20; ++round) {
+    const std::string id = e.execute("emit", {{"n", round}}).value().message_ids.at(0);
+    const pop::snapshot s = e.snapshot();
+    // Kept as a record: the first message() decodes it, whichever thread that is.
+    const pop::value_view stored = s.view(e.outbox_path()).member(id);
+    std::vector<const pop::outbox_message*> seen(4);
+    std::vector<std::thread> readers;
+    for (std::size_t t = 0; t < seen.size(); ++t) {
+      readers.emplace_back([&, t] { seen[t] = stored.message(); });
+    }
+    for (auto& t : readers) t.join();
+    REQUIRE(seen[0] != nullptr);
+    for (const pop::outbox_message* m : seen) CHECK(m == seen[0]);
+    CHECK(seen[0]->payload == json{{"n", round}});
+    CHECK(seen[0]->id == id);
+  }
+}
+
 TEST_CASE("concurrent journaled commits are durable when acknowledged, with snapshots meanwhile",
           "[engine][concurrency][journal]") {
   // Committers write their own groups when alone and the journal's thread writes them under

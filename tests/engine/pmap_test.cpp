@@ -365,6 +365,27 @@ TEST_CASE("values an owned change removes go to the retire scope, not away, whil
   CHECK(**copy.find(numbered_key(6)) == 6);
 }
 
+TEST_CASE("keys added in increasing order fill nodes to 13 of 16, one at a time or owned",
+          "[pmap]") {
+  // A node that overflows at its end keeps 13 entries and gives min_width (4) to the new one:
+  // 20,000 ascending keys take about 20000/13 leaves, not the 20000/8.5 of even splits.
+  for (const bool owned : {false, true}) {
+    CAPTURE(owned);
+    map m;
+    constexpr int n = 20000;
+    for (int i = 0; i < n; ++i) {
+      char key[16];
+      std::snprintf(key, sizeof key, "%08d", i);
+      m = m.set(key, make_value(i), 0, owned);
+    }
+    REQUIRE(m.size() == n);
+    REQUIRE(m.check_invariants());
+    const std::size_t leaves = n / 13 + 1;
+    CHECK(m.node_count() <= leaves + leaves / 12 + 2);  // and the inner nodes, 13 wide as well
+    CHECK(m.node_count() >= n / 16);
+  }
+}
+
 TEST_CASE("20000 sequential inserts then random erases down to empty agree with std::map",
           "[pmap]") {
   for (std::uint32_t seed : {1u, 2u, 3u}) {

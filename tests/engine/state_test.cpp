@@ -524,6 +524,84 @@ TEST_CASE("appended messages are kept typed in an outbox that is always a member
   CHECK(stored.member("payload").message() == nullptr);
 }
 
+TEST_CASE("a message kept as a compact record reads back exactly as it was, field by field",
+          "[state]") {
+  rc::prop("record, decode, JSON", [] {
+    pop::outbox_message m;
+    m.version = *rc::gen::oneOf(rc::gen::arbitrary<std::uint64_t>(),
+                                rc::gen::inRange<std::uint64_t>(0, 100));
+    const auto index = *rc::gen::inRange<std::uint32_t>(0, 1'000'000);
+    // The id a commit gives (kept as its index), one of another version, or any text.
+    switch (*rc::gen::inRange(0, 3)) {
+      case 0:
+        m.id = pop::make_message_id(m.version, index);
+        break;
+      case 1:
+        m.id = pop::make_message_id(m.version + 1, index);
+        break;
+      default:
+        m.id = *pop::test::any_text();
+    }
+    m.topic = *pop::test::any_text();
+    m.key = *pop::test::any_text();
+    m.payload = *any_json(2);
+    m.headers = *rc::gen::container<std::map<std::string, std::string>>(pop::test::any_text(),
+                                                                        pop::test::any_text());
+    m.created_at_us = *rc::gen::arbitrary<std::int64_t>();
+    m.attempts = *rc::gen::arbitrary<std::uint32_t>();
+    m.last_error = *pop::test::any_text();
+    m.next_attempt_at_us = *rc::gen::arbitrary<std::int64_t>();
+    m.failures = *rc::gen::container<std::vector<pop::delivery_failure>>(
+        rc::gen::build<pop::delivery_failure>(
+            rc::gen::set(&pop::delivery_failure::attempt),
+            rc::gen::set(&pop::delivery_failure::at_us),
+            rc::gen::set(&pop::delivery_failure::error, pop::test::valid_text())));
+    const d::node_ptr node = d::make_message_node(m);
+    RC_ASSERT(node->is_message());
+    // As JSON first (decoded for that read only), then typed (decoded once, kept).
+    RC_ASSERT(same(d::materialise({node.get(), nullptr}), m.to_json()));
+    const pop::outbox_message* typed = node->message();
+    RC_ASSERT(typed != nullptr);
+    RC_ASSERT(node->message() == typed);
+    RC_ASSERT(*typed == m);
+    RC_ASSERT(same(typed->payload, m.payload));  // number kinds kept too
+    RC_ASSERT(same(node->as_json(), m.to_json()));
+  });
+}
+
+TEST_CASE("a commit's messages are kept as records that read back as emitted", "[state]") {
+  // A payload too large for the smaller blocks, and one with no JSON text form (binary), which
+  // is kept as a decoded message instead.
+  pop::engine e;
+  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
+                                                                  const json& args) {
+             pop::result r;
+             r.emit("t", args, "k", {{"h", "v"}});
+             return r;
+           }).ok());
+  for (const json& payload :
+       {json{{"n", 1}}, json{{"long", std::string(2000, 'x')}}, json(std::string(600, 'y'))}) {
+    INFO(payload.dump().size());
+    const std::string id = e.execute("emit", payload).value().message_ids.at(0);
+    const pop::snapshot s = e.snapshot();
+    const pop::value_view stored = s.view(e.outbox_path()).member(id);
+    CHECK(stored.to_json().at("payload") == payload);
+    REQUIRE(stored.message() != nullptr);
+    CHECK(stored.message()->payload == payload);
+    CHECK(stored.message()->id == id);
+    CHECK(stored.message()->headers == std::map<std::string, std::string>{{"h", "v"}});
+    CHECK(stored.message()->version == s.version());
+    CHECK(stored.to_json() == stored.message()->to_json());
+  }
+  pop::outbox_message binary;
+  binary.id = pop::make_message_id(3, 0);
+  binary.version = 3;
+  binary.payload = json::binary({1, 2, 3});
+  const d::node_ptr node = d::make_message_node(binary);
+  REQUIRE(node->message() != nullptr);
+  CHECK(*node->message() == binary);
+}
+
 TEST_CASE("messages pending at open are kept typed and read back exactly as given", "[state]") {
   pop::outbox_message m;
   m.version = 0;

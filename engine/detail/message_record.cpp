@@ -1,0 +1,170 @@
+#include "pop/engine/detail/message_record.hpp"
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace pop::detail {
+namespace {
+
+// The fields of a message to record, viewed. The record's names, in the order packed objects
+// keep them: a attempts, c created_at_us, e last_error, f failures, h headers, i id, k key,
+// n next_attempt_at_us, p payload, t topic, v version. The id is kept as its index (an integer)
+// when it is make_message_id(version, index), as every id a commit gives is; else as a string.
+struct fields {
+  std::string_view id{};  // if !index
+  std::optional<std::uint32_t> index;
+  std::string_view topic;
+  std::string_view key;
+  const json& payload;
+  const std::map<std::string, std::string>& headers;
+  std::int64_t created_at_us;
+  std::uint64_t version;
+  std::uint32_t attempts = 0;
+  std::string_view last_error{};
+  std::int64_t next_attempt_at_us = 0;
+  const std::vector<delivery_failure>* failures = nullptr;
+};
+
+bool encode(const fields& f, packed::writer& w) {
+  w.clear();
+  w.begin_object();
+  w.key("a");
+  w.integer(f.attempts);
+  w.key("c");
+  w.integer(f.created_at_us);
+  w.key("e");
+  w.string(f.last_error);
+  w.key("f");
+  if (f.failures != nullptr && !f.failures->empty()) {
+    w.value(json(*f.failures));
+  } else {
+    w.begin_array();
+    w.end();
+  }
+  w.key("h");
+  w.begin_object();
+  for (const auto& [name, value] : f.headers) {
+    w.key(name);
+    w.string(value);
+  }
+  w.end();
+  w.key("i");
+  if (f.index) {
+    w.integer(*f.index);
+  } else {
+    w.string(f.id);
+  }
+  w.key("k");
+  w.string(f.key);
+  w.key("n");
+  w.integer(f.next_attempt_at_us);
+  w.key("p");
+  w.value(f.payload);
+  w.key("t");
+  w.string(f.topic);
+  w.key("v");
+  w.value(json(f.version));  // (unsigned: every version, kept exactly)
+  w.end();
+  return w.ok();
+}
+
+std::string_view text_at(const char* at) {
+  return packed::string_at(at).value_or("");
+}
+
+// The index of `m`'s id if the id is make_message_id(m.version, index).
+std::optional<std::uint32_t> index_of(const outbox_message& m) {
+  const auto parsed = parse_message_id(m.id);
+  if (!parsed.ok() || parsed->first != m.version ||
+      make_message_id(parsed->first, parsed->second) != m.id) {
+    return std::nullopt;
+  }
+  return parsed->second;
+}
+
+}  // namespace
+
+bool encode_message_record(const outbox_message& m, packed::writer& w) {
+  return encode({.id = m.id,
+                 .index = index_of(m),
+                 .topic = m.topic,
+                 .key = m.key,
+                 .payload = m.payload,
+                 .headers = m.headers,
+                 .created_at_us = m.created_at_us,
+                 .version = m.version,
+                 .attempts = m.attempts,
+                 .last_error = m.last_error,
+                 .next_attempt_at_us = m.next_attempt_at_us,
+                 .failures = &m.failures},
+                w);
+}
+
+bool encode_message_record(std::uint32_t index, const message_draft& draft,
+                           std::int64_t created_at_us, std::uint64_t version, packed::writer& w) {
+  return encode({.index = index,
+                 .topic = draft.topic,
+                 .key = draft.key,
+                 .payload = draft.payload,
+                 .headers = draft.headers,
+                 .created_at_us = created_at_us,
+                 .version = version},
+                w);
+}
+
+outbox_message decode_message_record(const char* record) {
+  outbox_message m;
+  std::optional<std::int64_t> index;
+  packed::for_each_member(record, "", [&](std::string_view name, const char* at) {
+    switch (name.front()) {
+      case 'a':
+        m.attempts = static_cast<std::uint32_t>(packed::integer_at(at).value_or(0));
+        break;
+      case 'c':
+        m.created_at_us = packed::integer_at(at).value_or(0);
+        break;
+      case 'e':
+        m.last_error = text_at(at);
+        break;
+      case 'f':
+        if (packed::size(at) != 0) {
+          m.failures = packed::decode(at).get<std::vector<delivery_failure>>();
+        }
+        break;
+      case 'h':
+        packed::for_each_member(at, "", [&](std::string_view header, const char* value) {
+          m.headers.emplace_hint(m.headers.end(), header, text_at(value));
+          return true;
+        });
+        break;
+      case 'i':
+        index = packed::integer_at(at);
+        if (!index) m.id = text_at(at);
+        break;
+      case 'k':
+        m.key = text_at(at);
+        break;
+      case 'n':
+        m.next_attempt_at_us = packed::integer_at(at).value_or(0);
+        break;
+      case 'p':
+        m.payload = packed::decode(at);
+        break;
+      case 't':
+        m.topic = text_at(at);
+        break;
+      case 'v':
+        m.version = packed::decode(at).get<std::uint64_t>();
+        break;
+      default:
+        break;
+    }
+    return true;
+  });
+  if (index) m.id = make_message_id(m.version, static_cast<std::uint32_t>(*index));
+  return m;
+}
+
+}  // namespace pop::detail

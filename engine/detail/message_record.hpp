@@ -1,0 +1,27 @@
+// Defines the compact record an outbox message is kept in while it is pending: its fields in
+// the packed form of packed.hpp under one-letter names, so a queued message costs about its
+// payload's text plus its id, topic and key, not a tree of nlohmann::json nodes.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+#include "pop/contracts/outbox_message.hpp"
+#include "pop/engine/detail/packed.hpp"
+#include "pop/engine/result.hpp"
+
+namespace pop::detail {
+
+// Writes into `w` (cleared first) the record of `m`. False if its payload has no JSON text form
+// (a binary or discarded value): then keep the message some other way.
+bool encode_message_record(const outbox_message& m, packed::writer& w);
+// Writes into `w` (cleared first) the record of message `draft` as commit `version` stores it
+// as its `index`-th message (id make_message_id(version, index)), created at `created_at_us` and
+// never attempted. Nothing is moved out of `draft`. False as above.
+bool encode_message_record(std::uint32_t index, const message_draft& draft,
+                           std::int64_t created_at_us, std::uint64_t version, packed::writer& w);
+
+// The message whose record starts at `record` (bytes an encode_message_record wrote).
+outbox_message decode_message_record(const char* record);
+
+}  // namespace pop::detail
