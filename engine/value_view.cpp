@@ -20,6 +20,11 @@ const outbox_message* value_view::message() const {
   return node_ && !inner_ && !packed_ ? node_->message() : nullptr;
 }
 
+std::optional<outbox_message> value_view::typed_message() const {
+  if (!node_ || inner_ || packed_ || !node_->is_message()) return std::nullopt;
+  return node_->message_copy();
+}
+
 bool value_view::is_object() const {
   return node_ && location().is_object();
 }

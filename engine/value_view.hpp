@@ -58,9 +58,10 @@ class value_view {
   // The member names of an object, in order.
   std::vector<std::string> keys() const;
 
-  // The outbox message stored here as a commit appended it (typed: no JSON is decoded), or
-  // nullptr if this value is not one or is stored as JSON (read it with get<outbox_message>(),
-  // which uses this form when it can). Valid while this view or its snapshot lives.
+  // The outbox message stored here as a commit appended it (typed: decoded from its compact
+  // record on the first call, once, no JSON built), or nullptr if this value is not one or is
+  // stored as JSON (read it with get<outbox_message>(), which uses this form when it can, without
+  // keeping a decoded copy). Valid while this view or its snapshot lives.
   const outbox_message* message() const;
 
   // True if this view and `other` show the very same stored value (the same node of the state
@@ -78,7 +79,7 @@ class value_view {
   template <class T>
   T get() const {
     if constexpr (std::is_same_v<T, outbox_message>) {
-      if (const outbox_message* m = message()) return *m;
+      if (std::optional<outbox_message> m = typed_message()) return *std::move(m);
     }
     if (const json* j = direct()) return j->get<T>();
     json built = to_json();  // a member map or a packed value: built for this call only
@@ -98,6 +99,9 @@ class value_view {
   detail::location location() const;
   // The JSON value itself when it is stored as JSON (not a member map, not packed), else null.
   const json* direct() const;
+  // A copy of the typed message stored here (see message()), decoded for this call only if it
+  // was not yet; nullopt if this value is not one.
+  std::optional<outbox_message> typed_message() const;
 
   detail::node_ptr node_;         // the node holding the value (for inner values, the blob)
   const json* inner_ = nullptr;   // the value inside node_->blob, or null for node_ itself
