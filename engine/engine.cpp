@@ -351,8 +351,9 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       for (const std::string& id : done.message_ids) {
         const std::string at = absl::StrCat(outbox_->str(), ".", id);
         const detail::location found = detail::lookup(*root, at);
-        if (const outbox_message* typed = found.inner ? nullptr : found.node->message()) {
-          encoded.set_message(at, *typed);  // no JSON form kept in the state for it
+        if (!found.inner && found.node->is_message()) {
+          // (decoded for this only: a pending message keeps its compact record alone)
+          encoded.set_message(at, found.node->message_copy());
         } else {
           set(at, found);
         }

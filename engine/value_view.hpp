@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -63,6 +64,16 @@ class value_view {
   // stored as JSON (read it with get<outbox_message>(), which uses this form when it can, without
   // keeping a decoded copy). Valid while this view or its snapshot lives.
   const outbox_message* message() const;
+
+  // What a relay's scan needs of a typed message (see message()), read without decoding it: its
+  // key (a view valid while this view or its snapshot lives), next attempt and creation times.
+  struct message_schedule {
+    std::string_view key;
+    std::int64_t next_attempt_at_us = 0;
+    std::int64_t created_at_us = 0;
+  };
+  // The schedule of the typed message stored here, or nullopt if this value is not one.
+  std::optional<message_schedule> schedule() const;
 
   // True if this view and `other` show the very same stored value (the same node of the state
   // tree and the same place in it). A commit shares every value it leaves unchanged with the

@@ -317,9 +317,10 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
           }
           // A message's key never changes while it is queued: remember it, so messages behind a
           // busy key are skipped without reading them (the scan repeats every round).
-          // A message as a commit stored it is read typed; one written as JSON (a retry's record,
-          // a requeue) is read from its fields.
-          const outbox_message* typed = stored.message();
+          // A message as a commit stored it is read typed (its key and due time from its record,
+          // decoded only to be published); one written as JSON (a retry's record, a requeue) is
+          // read from its fields.
+          const std::optional<value_view::message_schedule> typed = stored.schedule();
           std::string key;
           if (typed) {
             key = typed->key;
@@ -352,8 +353,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
             return true;
           }
           // A message as a commit stored it is published as it is, with no copy.
-          if (typed && typed->id == id) {
-            if (!start_publish(*typed, true, snap)) block(key);
+          if (const outbox_message* m = typed ? stored.message() : nullptr; m && m->id == id) {
+            if (!start_publish(*m, true, snap)) block(key);
             return true;
           }
           // Read straight from the stored value (no intermediate copy of it).
@@ -767,7 +768,7 @@ relay_metrics relay::metrics() const {
   const value_view queue = snap.view(snap.outbox_path());
   m.pending = queue.size();
   queue.for_each_member([&](std::string_view, const value_view& first) {
-    if (const outbox_message* typed = first.message()) {
+    if (const auto typed = first.schedule()) {
       const auto age_us = engine_.clock().now_us() - typed->created_at_us;
       m.oldest_pending_age_s = static_cast<double>(std::max<std::int64_t>(age_us, 0)) / 1e6;
       return false;

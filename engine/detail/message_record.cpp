@@ -114,6 +114,27 @@ bool encode_message_record(std::uint32_t index, const message_draft& draft,
                 w);
 }
 
+message_schedule record_schedule(const char* record) {
+  message_schedule s;
+  // (c, then the fields up to n: one pass over the record's heads)
+  packed::for_each_member(record, "c", [&](std::string_view name, const char* at) {
+    switch (name.front()) {
+      case 'c':
+        s.created_at_us = packed::integer_at(at).value_or(0);
+        return true;
+      case 'k':
+        s.key = text_at(at);
+        return true;
+      case 'n':
+        s.next_attempt_at_us = packed::integer_at(at).value_or(0);
+        return false;
+      default:
+        return true;
+    }
+  });
+  return s;
+}
+
 outbox_message decode_message_record(const char* record) {
   outbox_message m;
   std::optional<std::int64_t> index;

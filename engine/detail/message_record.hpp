@@ -24,4 +24,13 @@ bool encode_message_record(std::uint32_t index, const message_draft& draft,
 // The message whose record starts at `record` (bytes an encode_message_record wrote).
 outbox_message decode_message_record(const char* record);
 
+// What the relay's scan reads of a pending message, viewed in its record or message.
+struct message_schedule {
+  std::string_view key;
+  std::int64_t next_attempt_at_us = 0;
+  std::int64_t created_at_us = 0;
+};
+// The schedule of the message whose record starts at `record`, read without decoding it.
+message_schedule record_schedule(const char* record);
+
 }  // namespace pop::detail

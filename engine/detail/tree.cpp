@@ -301,6 +301,14 @@ const outbox_message* value_node::message() const {
   return expected;  // another reader decoded it first
 }
 
+message_schedule value_node::schedule() const {
+  const typed& t = *std::get_if<typed>(&form_);
+  if (const outbox_message* m = t.decoded.load(std::memory_order_acquire)) {
+    return {m->key, m->next_attempt_at_us, m->created_at_us};
+  }
+  return record_schedule(t.record);
+}
+
 outbox_message value_node::message_copy() const {
   const typed& t = *std::get_if<typed>(&form_);
   if (const outbox_message* m = t.decoded.load(std::memory_order_acquire)) return *m;
@@ -334,10 +342,19 @@ node_ptr make_record_node(packed::writer& w) {
 }
 
 thread_local packed::writer record_writer;
+
+// The node of the record in `record_writer`, whose buffer is kept for the next one unless a
+// large message made it large.
+node_ptr take_record_node() {
+  node_ptr node = make_record_node(record_writer);
+  constexpr std::size_t kept_capacity = 64 * 1024;
+  if (record_writer.bytes().capacity() > kept_capacity) record_writer = packed::writer();
+  return node;
+}
 }  // namespace
 
 node_ptr make_message_node(const outbox_message& m) {
-  if (encode_message_record(m, record_writer)) return make_record_node(record_writer);
+  if (encode_message_record(m, record_writer)) return take_record_node();
   auto block = std::make_shared<const message_block>(m);
   const value_node* node = &block->node;
   return node_ptr(std::move(block), node);  // (owns the block)
@@ -346,7 +363,7 @@ node_ptr make_message_node(const outbox_message& m) {
 node_ptr make_message_node(std::uint32_t index, const message_draft& draft,
                            std::int64_t created_at_us, std::uint64_t version) {
   if (encode_message_record(index, draft, created_at_us, version, record_writer)) {
-    return make_record_node(record_writer);
+    return take_record_node();
   }
   outbox_message m{.id = make_message_id(version, index),
                    .topic = draft.topic,

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "pop/contracts/json.hpp"
 #include "pop/contracts/outbox_message.hpp"
+#include "pop/engine/detail/message_record.hpp"
 #include "pop/engine/detail/pmap.hpp"
 #include "pop/engine/result.hpp"
 
@@ -72,13 +73,16 @@ class value_node {
     *std::get_if<pmap<node_ptr>>(&form_) = std::move(members);
   }
   // Whether this is a typed message node.
-  bool is_message() const { return form_.index() == 2; }
+  bool is_message() const { return std::holds_alternative<typed>(form_); }
   // The message a commit stored, when kept typed (decoded from its record on the first call,
   // thread-safe; the pointer lives as long as the node); nullptr otherwise.
   const outbox_message* message() const;
   // The message of a typed message node (is_message()), decoded for this call only if it has not
   // been yet: for whole-state reads that should not leave a decoded copy in every node.
   outbox_message message_copy() const;
+  // The key, next attempt and creation times of a typed message node (is_message()), read
+  // without decoding it; the key is a view into the node.
+  message_schedule schedule() const;
 
  private:
   struct typed {

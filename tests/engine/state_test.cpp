@@ -558,6 +558,11 @@ TEST_CASE("a message kept as a compact record reads back exactly as it was, fiel
             rc::gen::set(&pop::delivery_failure::error, pop::test::valid_text())));
     const d::node_ptr node = d::make_message_node(m);
     RC_ASSERT(node->is_message());
+    // What the relay's scan reads, from the record itself.
+    const d::message_schedule due = node->schedule();
+    RC_ASSERT(due.key == m.key);
+    RC_ASSERT(due.next_attempt_at_us == m.next_attempt_at_us);
+    RC_ASSERT(due.created_at_us == m.created_at_us);
     // As JSON first (decoded for that read only), then typed (decoded once, kept).
     RC_ASSERT(same(d::materialise({node.get(), nullptr}), m.to_json()));
     const pop::outbox_message* typed = node->message();
@@ -566,6 +571,7 @@ TEST_CASE("a message kept as a compact record reads back exactly as it was, fiel
     RC_ASSERT(*typed == m);
     RC_ASSERT(same(typed->payload, m.payload));  // number kinds kept too
     RC_ASSERT(same(node->as_json(), m.to_json()));
+    RC_ASSERT(node->schedule().key == m.key);  // (from the decoded message now)
   });
 }
 
@@ -592,6 +598,10 @@ TEST_CASE("a commit's messages are kept as records that read back as emitted", "
     CHECK(stored.message()->headers == std::map<std::string, std::string>{{"h", "v"}});
     CHECK(stored.message()->version == s.version());
     CHECK(stored.to_json() == stored.message()->to_json());
+    REQUIRE(stored.schedule().has_value());
+    CHECK(stored.schedule()->key == "k");
+    CHECK(stored.schedule()->created_at_us == stored.message()->created_at_us);
+    CHECK_FALSE(stored.member("payload").schedule().has_value());
   }
   pop::outbox_message binary;
   binary.id = pop::make_message_id(3, 0);
@@ -600,6 +610,7 @@ TEST_CASE("a commit's messages are kept as records that read back as emitted", "
   const d::node_ptr node = d::make_message_node(binary);
   REQUIRE(node->message() != nullptr);
   CHECK(*node->message() == binary);
+  CHECK(node->schedule().key.empty());
 }
 
 TEST_CASE("messages pending at open are kept typed and read back exactly as given", "[state]") {
