@@ -9,8 +9,9 @@ namespace pop::detail {
 namespace {
 
 // The fields of a message to record, viewed. The record's names, in the order packed objects
-// keep them: a attempts, c created_at_us, e last_error, f failures, h headers, i id, k key,
-// n next_attempt_at_us, p payload, t topic, v version. The id is kept as its index (an integer)
+// keep them: a key, b next_attempt_at_us, c created_at_us (what the relay's scan reads first,
+// record_schedule), d attempts, e last_error, f failures, h headers, i id, p payload, t topic,
+// v version. The id is kept as its index (an integer)
 // when it is make_message_id(version, index), as every id a commit gives is; else as a string.
 struct fields {
   std::string_view id{};  // if !index
@@ -31,9 +32,13 @@ bool encode(const fields& f, packed::writer& w) {
   w.clear();
   w.begin_object();
   w.key("a");
-  w.integer(f.attempts);
+  w.string(f.key);
+  w.key("b");
+  w.integer(f.next_attempt_at_us);
   w.key("c");
   w.integer(f.created_at_us);
+  w.key("d");
+  w.integer(f.attempts);
   w.key("e");
   w.string(f.last_error);
   w.key("f");
@@ -56,10 +61,6 @@ bool encode(const fields& f, packed::writer& w) {
   } else {
     w.string(f.id);
   }
-  w.key("k");
-  w.string(f.key);
-  w.key("n");
-  w.integer(f.next_attempt_at_us);
   w.key("p");
   w.value(f.payload);
   w.key("t");
@@ -116,20 +117,20 @@ bool encode_message_record(std::uint32_t index, const message_draft& draft,
 
 message_schedule record_schedule(const char* record) {
   message_schedule s;
-  // (c, then the fields up to n: one pass over the record's heads)
-  packed::for_each_member(record, "c", [&](std::string_view name, const char* at) {
+  // (its first three members)
+  packed::for_each_member(record, "", [&](std::string_view name, const char* at) {
     switch (name.front()) {
-      case 'c':
-        s.created_at_us = packed::integer_at(at).value_or(0);
-        return true;
-      case 'k':
+      case 'a':
         s.key = text_at(at);
         return true;
-      case 'n':
+      case 'b':
         s.next_attempt_at_us = packed::integer_at(at).value_or(0);
+        return true;
+      case 'c':
+        s.created_at_us = packed::integer_at(at).value_or(0);
         return false;
       default:
-        return true;
+        return false;
     }
   });
   return s;
@@ -141,10 +142,16 @@ outbox_message decode_message_record(const char* record) {
   packed::for_each_member(record, "", [&](std::string_view name, const char* at) {
     switch (name.front()) {
       case 'a':
-        m.attempts = static_cast<std::uint32_t>(packed::integer_at(at).value_or(0));
+        m.key = text_at(at);
+        break;
+      case 'b':
+        m.next_attempt_at_us = packed::integer_at(at).value_or(0);
         break;
       case 'c':
         m.created_at_us = packed::integer_at(at).value_or(0);
+        break;
+      case 'd':
+        m.attempts = static_cast<std::uint32_t>(packed::integer_at(at).value_or(0));
         break;
       case 'e':
         m.last_error = text_at(at);
@@ -163,12 +170,6 @@ outbox_message decode_message_record(const char* record) {
       case 'i':
         index = packed::integer_at(at);
         if (!index) m.id = text_at(at);
-        break;
-      case 'k':
-        m.key = text_at(at);
-        break;
-      case 'n':
-        m.next_attempt_at_us = packed::integer_at(at).value_or(0);
         break;
       case 'p':
         m.payload = packed::decode(at);
