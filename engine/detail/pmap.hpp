@@ -22,13 +22,24 @@ namespace pop::detail {
 
 // Whether `p` is the only pointer to its object: no one else holds it, nor can anyone copy it
 // unless the caller lets them (a count of 1 does not grow by itself). Then the caller may change
-// the object: the copy made here (an acquire-release increment of the count) orders the last other
-// holder's reads, made before it let go, before the caller's changes. (Not
-// std::atomic_thread_fence: ThreadSanitizer does not model fences.)
+// the object: an acquire fence after reading the count orders the last other holder's reads,
+// made before it let go (its decrement is a release), before the caller's changes. Under
+// ThreadSanitizer, which does not model fences, a copy of the pointer does it instead (its
+// acquire-release increment; two atomic read-modify-writes, so only there).
 template <class T>
 bool sole_owner(const std::shared_ptr<T>& p) {
   if (p.use_count() != 1) return false;
+#if defined(__SANITIZE_THREAD__)
   const std::shared_ptr<T> touch = p;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+  const std::shared_ptr<T> touch = p;
+#else
+  std::atomic_thread_fence(std::memory_order_acquire);
+#endif
+#else
+  std::atomic_thread_fence(std::memory_order_acquire);
+#endif
   return true;
 }
 
