@@ -351,9 +351,10 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       for (const std::string& id : done.message_ids) {
         const std::string at = absl::StrCat(outbox_->str(), ".", id);
         const detail::location found = detail::lookup(*root, at);
-        if (!found.inner && found.node->is_message()) {
-          // (decoded for this only: a pending message keeps its compact record alone)
-          encoded.set_message(at, found.node->message_copy());
+        if (const char* rec = found.inner ? nullptr : found.node->message_record()) {
+          encoded.set_message_record(at, rec);  // written from the record, nothing decoded
+        } else if (!found.inner && found.node->is_message()) {
+          encoded.set_message(at, *found.node->message());
         } else {
           set(at, found);
         }

@@ -65,6 +65,9 @@ class record_encoder {
   // Appends a write of message `m` at `path`: the same text as set(path, m.to_json()), without
   // building that JSON first.
   void set_message(std::string_view path, const outbox_message& m);
+  // set_message(path, decode_message_record(record)), written from the message's compact record
+  // (message_record.hpp) without decoding it.
+  void set_message_record(std::string_view path, const char* record);
   void erase(std::string_view path) {
     open(path);
     text_ += ']';

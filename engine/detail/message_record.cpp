@@ -136,56 +136,74 @@ message_schedule record_schedule(const char* record) {
   return s;
 }
 
-outbox_message decode_message_record(const char* record) {
-  outbox_message m;
-  std::optional<std::int64_t> index;
+record_fields fields_of(const char* record) {
+  record_fields f;
   packed::for_each_member(record, "", [&](std::string_view name, const char* at) {
     switch (name.front()) {
       case 'a':
-        m.key = text_at(at);
+        f.key = at;
         break;
       case 'b':
-        m.next_attempt_at_us = packed::integer_at(at).value_or(0);
+        f.next_attempt_at_us = at;
         break;
       case 'c':
-        m.created_at_us = packed::integer_at(at).value_or(0);
+        f.created_at_us = at;
         break;
       case 'd':
-        m.attempts = static_cast<std::uint32_t>(packed::integer_at(at).value_or(0));
+        f.attempts = at;
         break;
       case 'e':
-        m.last_error = text_at(at);
+        f.last_error = at;
         break;
       case 'f':
-        if (packed::size(at) != 0) {
-          m.failures = packed::decode(at).get<std::vector<delivery_failure>>();
-        }
+        f.failures = at;
         break;
       case 'h':
-        packed::for_each_member(at, "", [&](std::string_view header, const char* value) {
-          m.headers.emplace_hint(m.headers.end(), header, text_at(value));
-          return true;
-        });
+        f.headers = at;
         break;
       case 'i':
-        index = packed::integer_at(at);
-        if (!index) m.id = text_at(at);
+        f.id = at;
         break;
       case 'p':
-        m.payload = packed::decode(at);
+        f.payload = at;
         break;
       case 't':
-        m.topic = text_at(at);
+        f.topic = at;
         break;
       case 'v':
-        m.version = packed::decode(at).get<std::uint64_t>();
+        f.version = at;
         break;
       default:
         break;
     }
     return true;
   });
-  if (index) m.id = make_message_id(m.version, static_cast<std::uint32_t>(*index));
+  return f;
+}
+
+outbox_message decode_message_record(const char* record) {
+  const record_fields f = fields_of(record);
+  outbox_message m;
+  m.version = packed::decode(f.version).get<std::uint64_t>();
+  if (const std::optional<std::int64_t> index = packed::integer_at(f.id)) {
+    m.id = make_message_id(m.version, static_cast<std::uint32_t>(*index));
+  } else {
+    m.id = text_at(f.id);
+  }
+  m.topic = text_at(f.topic);
+  m.key = text_at(f.key);
+  m.payload = packed::decode(f.payload);
+  packed::for_each_member(f.headers, "", [&](std::string_view header, const char* value) {
+    m.headers.emplace_hint(m.headers.end(), header, text_at(value));
+    return true;
+  });
+  m.created_at_us = packed::integer_at(f.created_at_us).value_or(0);
+  m.attempts = static_cast<std::uint32_t>(packed::integer_at(f.attempts).value_or(0));
+  m.last_error = text_at(f.last_error);
+  m.next_attempt_at_us = packed::integer_at(f.next_attempt_at_us).value_or(0);
+  if (packed::size(f.failures) != 0) {
+    m.failures = packed::decode(f.failures).get<std::vector<delivery_failure>>();
+  }
   return m;
 }
 

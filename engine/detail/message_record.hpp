@@ -24,6 +24,24 @@ bool encode_message_record(std::uint32_t index, const message_draft& draft,
 // The message whose record starts at `record` (bytes an encode_message_record wrote).
 outbox_message decode_message_record(const char* record);
 
+// The fields of a record, each where its packed value starts: `id` is a string, or an integer
+// (the index of make_message_id(version, index)); `version` an unsigned integer; `failures` an
+// array of delivery_failure objects; `headers` an object of strings.
+struct record_fields {
+  const char* key = nullptr;
+  const char* next_attempt_at_us = nullptr;
+  const char* created_at_us = nullptr;
+  const char* attempts = nullptr;
+  const char* last_error = nullptr;
+  const char* failures = nullptr;
+  const char* headers = nullptr;
+  const char* id = nullptr;
+  const char* payload = nullptr;
+  const char* topic = nullptr;
+  const char* version = nullptr;
+};
+record_fields fields_of(const char* record);
+
 // What the relay's scan reads of a pending message, viewed in its record or message.
 struct message_schedule {
   std::string_view key;

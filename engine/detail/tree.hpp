@@ -80,6 +80,12 @@ class value_node {
   // The message of a typed message node (is_message()), decoded for this call only if it has not
   // been yet: for whole-state reads that should not leave a decoded copy in every node.
   outbox_message message_copy() const;
+  // The compact record of a typed message node (message_record.hpp), or nullptr if it is not one
+  // or keeps its message decoded only (a payload with no record).
+  const char* message_record() const {
+    const typed* t = std::get_if<typed>(&form_);
+    return t ? t->record : nullptr;
+  }
   // The key, next attempt and creation times of a typed message node (is_message()), read
   // without decoding it; the key is a view into the node.
   message_schedule schedule() const;

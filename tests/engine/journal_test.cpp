@@ -18,6 +18,7 @@
 #include "absl/strings/match.h"
 #include "pop/contracts/status.hpp"
 #include "pop/engine/detail/journal_format.hpp"
+#include "pop/engine/detail/message_record.hpp"
 #include "pop/engine/detail/packed.hpp"
 #include "pop/relay/dead_letters.hpp"
 #include "pop/relay/relay.hpp"
@@ -604,6 +605,31 @@ TEST_CASE("the journal's record encoder writes exactly what json::dump() would")
     } catch (const json::type_error&) {
     }
     RC_ASSERT(got == want);
+  });
+  rc::prop("message records: the text of the message they decode to", [] {
+    pop::outbox_message m;
+    m.version = *rc::gen::arbitrary<std::uint64_t>();
+    m.id = *rc::gen::arbitrary<bool>()
+               ? pop::make_message_id(m.version, *rc::gen::inRange<std::uint32_t>(0, 999'999))
+               : *tricky_text();
+    m.topic = *tricky_text();
+    m.key = *tricky_text();
+    m.payload = *pop::test::any_json(2, pop::test::valid_text());
+    const int headers = *rc::gen::inRange(0, 3);
+    for (int h = 0; h < headers; ++h) m.headers[*tricky_text()] = *tricky_text();
+    m.created_at_us = *rc::gen::arbitrary<std::int64_t>();
+    m.attempts = *rc::gen::arbitrary<std::uint32_t>();
+    m.last_error = *tricky_text();
+    m.next_attempt_at_us = *rc::gen::arbitrary<std::int64_t>();
+    if (*rc::gen::arbitrary<bool>()) m.failures.push_back({2, 17, *tricky_text()});
+    pop::detail::packed::writer record;
+    RC_ASSERT(pop::detail::encode_message_record(m, record));
+    const std::string path = *tricky_text();
+    pop::detail::record_encoder want;
+    want.set_message(path, m);
+    pop::detail::record_encoder got;
+    got.set_message_record(path, record.bytes().data());
+    RC_ASSERT(std::move(got).writes_text() == std::move(want).writes_text());
   });
   rc::prop("message ids", [] {
     const auto ids = *rc::gen::container<std::vector<std::string>>(tricky_text());
