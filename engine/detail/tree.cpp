@@ -28,13 +28,27 @@ bool fits_blob(const json& j, std::size_t& budget) {
   return true;
 }
 
-// A node of form `Form` (packed, or a message record) and its bytes in one allocation of about
-// their size.
-template <class Form, std::size_t N>
+// Every node of a large state is one of these: a typed message keeps its state beside the node
+// (message_state), so that one form does not make all the others larger.
+static_assert(sizeof(value_node) <= 3 * sizeof(void*));
+
+// A packed node and its bytes in one allocation of about their size.
+template <std::size_t N>
 struct packed_block {
-  explicit packed_block(std::string_view packed) : node(Form{}, bytes) {
+  explicit packed_block(std::string_view packed) : node(value_node::packed_form{}, bytes) {
     std::memcpy(bytes, packed.data(), packed.size());
   }
+  const value_node node;
+  char bytes[N];
+};
+
+// A typed message node, its state and its record in one allocation of about their size.
+template <std::size_t N>
+struct record_block {
+  explicit record_block(std::string_view record) : state(bytes, nullptr), node(&state) {
+    std::memcpy(bytes, record.data(), record.size());
+  }
+  const message_state state;
   const value_node node;
   char bytes[N];
 };
@@ -46,23 +60,24 @@ constexpr std::size_t packed_capacity(std::size_t i) {
 }
 constexpr std::size_t packed_max = packed_capacity(packed_classes - 1);
 
-template <class Form, std::size_t N>
-node_ptr make_packed_block(std::string_view packed) {
-  auto block = std::make_shared<const packed_block<Form, N>>(packed);
+template <template <std::size_t> class Block, std::size_t N>
+node_ptr make_block(std::string_view bytes) {
+  auto block = std::make_shared<const Block<N>>(bytes);
   const value_node* node = &block->node;
   return node_ptr(std::move(block), node);  // (owns the block)
 }
 
-template <class Form, std::size_t... I>
-constexpr auto packed_makers(std::index_sequence<I...>) {
+template <template <std::size_t> class Block, std::size_t... I>
+constexpr auto block_makers(std::index_sequence<I...>) {
   return std::array<node_ptr (*)(std::string_view), sizeof...(I)>{
-      &make_packed_block<Form, packed_capacity(I)>...};
+      &make_block<Block, packed_capacity(I)>...};
 }
 
-// A node of form `Form` holding `packed` (at most packed_max bytes).
-template <class Form>
-node_ptr make_packed_as(std::string_view packed) {
-  static constexpr auto makers = packed_makers<Form>(std::make_index_sequence<packed_classes>{});
+// The node of a `Block` (packed_block or record_block) holding `packed` (at most packed_max
+// bytes), of the smallest capacity that holds them.
+template <template <std::size_t> class Block>
+node_ptr make_sized(std::string_view packed) {
+  static constexpr auto makers = block_makers<Block>(std::make_index_sequence<packed_classes>{});
   const std::size_t n = packed.size();
   const std::size_t i = n <= 128 ? (n + 7) / 8 - 1 : 15 + (n - 128 + 31) / 32;
   return makers[i](packed);
@@ -70,7 +85,7 @@ node_ptr make_packed_as(std::string_view packed) {
 
 // A packed node holding `packed` (at most packed_max bytes).
 node_ptr make_packed(std::string_view packed) {
-  return make_packed_as<value_node::packed_form>(packed);
+  return make_sized<packed_block>(packed);
 }
 
 // For a string, array or object of up to packed_max bytes packed, a packed node; else nullptr.
@@ -279,7 +294,7 @@ node_ptr erase_at(const node_ptr& node, std::string_view rest, std::uint64_t edi
 const json& value_node::as_json() const {
   if (const json* blob = std::get_if<json>(&form_)) return *blob;
   assert(std::holds_alternative<typed>(form_));
-  const typed& t = *std::get_if<typed>(&form_);
+  const message_state& t = *std::get_if<typed>(&form_)->state;
   if (const json* built = t.json_form.load(std::memory_order_acquire)) return *built;
   auto fresh = std::make_unique<const json>(message_copy().to_json());
   const json* expected = nullptr;
@@ -290,19 +305,20 @@ const json& value_node::as_json() const {
 }
 
 const outbox_message* value_node::message() const {
-  const typed* t = std::get_if<typed>(&form_);
-  if (t == nullptr) return nullptr;
-  if (const outbox_message* m = t->decoded.load(std::memory_order_acquire)) return m;
-  auto fresh = std::make_unique<const outbox_message>(decode_message_record(t->record));
+  const typed* form = std::get_if<typed>(&form_);
+  if (form == nullptr) return nullptr;
+  const message_state& t = *form->state;
+  if (const outbox_message* m = t.decoded.load(std::memory_order_acquire)) return m;
+  auto fresh = std::make_unique<const outbox_message>(decode_message_record(t.record));
   const outbox_message* expected = nullptr;
-  if (t->decoded.compare_exchange_strong(expected, fresh.get(), std::memory_order_acq_rel)) {
+  if (t.decoded.compare_exchange_strong(expected, fresh.get(), std::memory_order_acq_rel)) {
     return fresh.release();
   }
   return expected;  // another reader decoded it first
 }
 
 message_schedule value_node::schedule() const {
-  const typed& t = *std::get_if<typed>(&form_);
+  const message_state& t = *std::get_if<typed>(&form_)->state;
   if (const outbox_message* m = t.decoded.load(std::memory_order_acquire)) {
     return {m->key, m->next_attempt_at_us, m->created_at_us};
   }
@@ -310,7 +326,7 @@ message_schedule value_node::schedule() const {
 }
 
 outbox_message value_node::message_copy() const {
-  const typed& t = *std::get_if<typed>(&form_);
+  const message_state& t = *std::get_if<typed>(&form_)->state;
   if (const outbox_message* m = t.decoded.load(std::memory_order_acquire)) return *m;
   return decode_message_record(t.record);
 }
@@ -319,23 +335,26 @@ namespace {
 // A typed message node and its message in one allocation: for a message whose payload has no
 // record (see encode_message_record).
 struct message_block {
-  explicit message_block(outbox_message m) : message(std::move(m)), node(&message) {}
+  explicit message_block(outbox_message m)
+      : message(std::move(m)), state(nullptr, &message), node(&state) {}
   const outbox_message message;
+  const message_state state;
   const value_node node;
 };
 
-// A typed message node and a record too long for a packed_block.
+// A typed message node and a record too long for a record_block.
 struct long_record_block {
   explicit long_record_block(std::string r)
-      : record(std::move(r)), node(value_node::message_form{}, record.data()) {}
+      : record(std::move(r)), state(record.data(), nullptr), node(&state) {}
   const std::string record;
+  const message_state state;
   const value_node node;
 };
 
 // The node of the message record `w` holds.
 node_ptr make_record_node(packed::writer& w) {
   const std::string& record = w.bytes();
-  if (record.size() <= packed_max) return make_packed_as<value_node::message_form>(record);
+  if (record.size() <= packed_max) return make_sized<record_block>(record);
   auto block = std::make_shared<const long_record_block>(record);
   const value_node* node = &block->node;
   return node_ptr(std::move(block), node);  // (owns the block)

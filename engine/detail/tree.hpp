@@ -23,6 +23,23 @@ namespace pop::detail {
 class value_node;
 using node_ptr = std::shared_ptr<const value_node>;
 
+// What a typed message node views, kept beside it in its block (so the node itself stays as
+// small as the other forms): the message's compact record, and what is built from it on demand.
+struct message_state {
+  message_state(const char* r, const outbox_message* m) : record(r), decoded(m) {}
+  message_state(const message_state&) = delete;
+  message_state& operator=(const message_state&) = delete;
+  ~message_state() {
+    delete json_form.load(std::memory_order_acquire);
+    if (record != nullptr) delete decoded.load(std::memory_order_acquire);
+  }
+  // The record (message_record.hpp; not owned), or nullptr when the message was given decoded
+  // (not owned either, then).
+  const char* record;
+  mutable std::atomic<const outbox_message*> decoded;  // owned if `record`
+  mutable std::atomic<const json*> json_form{nullptr};
+};
+
 // One value of the state tree, in one of four forms. A member map (a large JSON object: a
 // persistent B+-tree of child nodes, so a write copies O(log n) of it); a packed value (a small
 // object, array or string in the bytes of packed.hpp, in the node's own allocation: a small record
@@ -39,17 +56,12 @@ class value_node {
   struct blob_form {};
   struct map_form {};
   struct packed_form {};
-  struct message_form {};
   value_node(blob_form, json value) : form_(std::in_place_type<json>, std::move(value)) {}
   value_node(map_form, pmap<node_ptr> members)
       : form_(std::in_place_type<pmap<node_ptr>>, std::move(members)) {}
   // A typed message node viewing `m`, which the caller keeps alive as long as the node (see
   // make_message_node: one allocation holds both).
-  explicit value_node(const outbox_message* m) : form_(std::in_place_type<typed>, nullptr, m) {}
-  // A typed message node viewing the message record at `record` (message_record.hpp), which the
-  // caller keeps alive as long as the node (see make_message_node).
-  value_node(message_form, const char* record)
-      : form_(std::in_place_type<typed>, record, nullptr) {}
+  explicit value_node(const message_state* m) : form_(std::in_place_type<typed>, m) {}
   // A packed node viewing the packed bytes at `bytes`, which the caller keeps alive as long as the
   // node (see make_node: one allocation holds both).
   value_node(packed_form, const char* bytes) : form_(std::in_place_type<packed>, bytes) {}
@@ -84,7 +96,7 @@ class value_node {
   // or keeps its message decoded only (a payload with no record).
   const char* message_record() const {
     const typed* t = std::get_if<typed>(&form_);
-    return t ? t->record : nullptr;
+    return t ? t->state->record : nullptr;
   }
   // The key, next attempt and creation times of a typed message node (is_message()), read
   // without decoding it; the key is a view into the node.
@@ -92,18 +104,8 @@ class value_node {
 
  private:
   struct typed {
-    typed(const char* r, const outbox_message* m) : record(r), decoded(m) {}
-    typed(const typed&) = delete;
-    typed& operator=(const typed&) = delete;
-    ~typed() {
-      delete json_form.load(std::memory_order_acquire);
-      if (record != nullptr) delete decoded.load(std::memory_order_acquire);
-    }
-    // The message's record (not owned), or nullptr when the node was made with the message
-    // itself (not owned either, then).
-    const char* record;
-    mutable std::atomic<const outbox_message*> decoded;  // owned if `record`
-    mutable std::atomic<const json*> json_form{nullptr};
+    explicit typed(const message_state* s) : state(s) {}
+    const message_state* state;  // not owned
   };
   struct packed {
     explicit packed(const char* b) : bytes(b) {}
