@@ -251,9 +251,9 @@ absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_v
     add_written(out.written, w.target.str());
   }
   const std::int64_t created = now_us;
-  if (!prep.messages.empty()) {
+  if (!prep.messages.empty() && !owned) {
     // The outbox is always a member map, so an append copies O(log n) of it, never the queue.
-    // (In place it is one already, under maps: see can_apply_in_place; these change nothing.)
+    // (In place it is one already, under maps, as can_apply_in_place checked: nothing to do.)
     if (!lookup(*root, outbox.str()).exists()) {
       absl::StatusOr<node_ptr> r = assign(root, outbox.str(), make_empty_map(), edit, owned);
       if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base_version));
