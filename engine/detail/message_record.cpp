@@ -1,5 +1,6 @@
 #include "pop/engine/detail/message_record.hpp"
 
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
@@ -28,47 +29,49 @@ struct fields {
   const std::vector<delivery_failure>* failures = nullptr;
 };
 
-bool encode(const fields& f, packed::writer& w) {
-  w.clear();
-  w.begin_object();
-  w.key("a");
-  w.string(f.key);
-  w.key("b");
-  w.integer(f.next_attempt_at_us);
-  w.key("c");
-  w.integer(f.created_at_us);
-  w.key("d");
-  w.integer(f.attempts);
-  w.key("e");
-  w.string(f.last_error);
-  w.key("f");
+bool encode(const fields& f, std::string& out) {
+  out.clear();
+  packed::append_object_head(11, out);
+  packed::append_key("a", out);
+  packed::append_string(f.key, out);
+  packed::append_key("b", out);
+  packed::append_int(f.next_attempt_at_us, out);
+  packed::append_key("c", out);
+  packed::append_int(f.created_at_us, out);
+  packed::append_key("d", out);
+  packed::append_int(f.attempts, out);
+  packed::append_key("e", out);
+  packed::append_string(f.last_error, out);
+  packed::append_key("f", out);
   if (f.failures != nullptr && !f.failures->empty()) {
-    w.value(json(*f.failures));
+    if (!packed::encode(json(*f.failures), out)) return false;
   } else {
-    w.begin_array();
-    w.end();
+    static const json none = json::array();
+    packed::encode(none, out);
   }
-  w.key("h");
-  w.begin_object();
-  for (const auto& [name, value] : f.headers) {
-    w.key(name);
-    w.string(value);
+  packed::append_key("h", out);
+  packed::append_object_head(f.headers.size(), out);
+  for (const auto& [name, value] : f.headers) {  // (a std::map: in increasing order)
+    packed::append_key(name, out);
+    packed::append_string(value, out);
   }
-  w.end();
-  w.key("i");
+  packed::append_key("i", out);
   if (f.index) {
-    w.integer(*f.index);
+    packed::append_int(*f.index, out);
   } else {
-    w.string(f.id);
+    packed::append_string(f.id, out);
   }
-  w.key("p");
-  w.value(f.payload);
-  w.key("t");
-  w.string(f.topic);
-  w.key("v");
-  w.value(json(f.version));  // (unsigned: every version, kept exactly)
-  w.end();
-  return w.ok();
+  packed::append_key("p", out);
+  if (!packed::encode(f.payload, out)) return false;
+  packed::append_key("t", out);
+  packed::append_string(f.topic, out);
+  packed::append_key("v", out);
+  if (f.version <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+    packed::append_int(static_cast<std::int64_t>(f.version), out);
+  } else {
+    packed::encode(json(f.version), out);  // (kept exactly, as an unsigned integer)
+  }
+  return true;
 }
 
 std::string_view text_at(const char* at) {
@@ -87,7 +90,7 @@ std::optional<std::uint32_t> index_of(const outbox_message& m) {
 
 }  // namespace
 
-bool encode_message_record(const outbox_message& m, packed::writer& w) {
+bool encode_message_record(const outbox_message& m, std::string& out) {
   return encode({.id = m.id,
                  .index = index_of(m),
                  .topic = m.topic,
@@ -100,11 +103,11 @@ bool encode_message_record(const outbox_message& m, packed::writer& w) {
                  .last_error = m.last_error,
                  .next_attempt_at_us = m.next_attempt_at_us,
                  .failures = &m.failures},
-                w);
+                out);
 }
 
 bool encode_message_record(std::uint32_t index, const message_draft& draft,
-                           std::int64_t created_at_us, std::uint64_t version, packed::writer& w) {
+                           std::int64_t created_at_us, std::uint64_t version, std::string& out) {
   return encode({.index = index,
                  .topic = draft.topic,
                  .key = draft.key,
@@ -112,7 +115,7 @@ bool encode_message_record(std::uint32_t index, const message_draft& draft,
                  .headers = draft.headers,
                  .created_at_us = created_at_us,
                  .version = version},
-                w);
+                out);
 }
 
 message_schedule record_schedule(const char* record) {

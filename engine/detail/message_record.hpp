@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 #include "pop/contracts/outbox_message.hpp"
@@ -12,14 +13,14 @@
 
 namespace pop::detail {
 
-// Writes into `w` (cleared first) the record of `m`. False if its payload has no JSON text form
-// (a binary or discarded value): then keep the message some other way.
-bool encode_message_record(const outbox_message& m, packed::writer& w);
-// Writes into `w` (cleared first) the record of message `draft` as commit `version` stores it
+// Writes into `out` (cleared first) the record of `m`. False if its payload has no JSON text
+// form (a binary or discarded value): then keep the message some other way.
+bool encode_message_record(const outbox_message& m, std::string& out);
+// Writes into `out` (cleared first) the record of message `draft` as commit `version` stores it
 // as its `index`-th message (id make_message_id(version, index)), created at `created_at_us` and
 // never attempted. Nothing is moved out of `draft`. False as above.
 bool encode_message_record(std::uint32_t index, const message_draft& draft,
-                           std::int64_t created_at_us, std::uint64_t version, packed::writer& w);
+                           std::int64_t created_at_us, std::uint64_t version, std::string& out);
 
 // The message whose record starts at `record` (bytes an encode_message_record wrote).
 outbox_message decode_message_record(const char* record);

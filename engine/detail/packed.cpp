@@ -628,20 +628,36 @@ void writer::boolean(bool b) {
   put_tag(b ? tag::true_value : tag::false_value, out_);
 }
 
-void writer::integer(std::int64_t v) {
-  element();
+void append_object_head(std::size_t members, std::string& out) {
+  put_object_head(members, out);
+}
+
+void append_key(std::string_view key, std::string& out) {
+  put_text(key, out);
+}
+
+void append_string(std::string_view text, std::string& out) {
+  put_head(tag::string, tag::short_string, text.size(), short_string_max, out);
+  out.append(text);
+}
+
+void append_int(std::int64_t v, std::string& out) {
   if (v >= 0 && static_cast<std::uint64_t>(v) <= short_max) {
-    out_.push_back(static_cast<char>(static_cast<unsigned char>(tag::short_integer) + v));
+    out.push_back(static_cast<char>(static_cast<unsigned char>(tag::short_integer) + v));
     return;
   }
-  put_tag(tag::integer, out_);
-  put_varint((static_cast<std::uint64_t>(v) << 1) ^ static_cast<std::uint64_t>(v >> 63), out_);
+  put_tag(tag::integer, out);
+  put_varint((static_cast<std::uint64_t>(v) << 1) ^ static_cast<std::uint64_t>(v >> 63), out);
+}
+
+void writer::integer(std::int64_t v) {
+  element();
+  append_int(v, out_);
 }
 
 void writer::string(std::string_view text) {
   element();
-  put_head(tag::string, tag::short_string, text.size(), short_string_max, out_);
-  out_.append(text);
+  append_string(text, out_);
 }
 
 void writer::value(const json& j) {

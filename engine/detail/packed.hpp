@@ -106,12 +106,6 @@ class writer {
   void end();
   bool ok() const { return ok_ && open_.empty(); }
   std::string& bytes() { return out_; }
-  // Empties the writer for another value, keeping its buffer.
-  void clear() {
-    out_.clear();
-    open_.clear();
-    ok_ = true;
-  }
 
  private:
   struct open {
@@ -126,6 +120,14 @@ class writer {
   absl::InlinedVector<open, 4> open_;
   bool ok_ = true;
 };
+
+// The pieces of packed form, appended to `out` as a writer writes them but without its checks:
+// for encoders of a fixed shape (message_record.cpp), which must write an object's head with the
+// number of members that follow, each a key (in strictly increasing order) and a value.
+void append_object_head(std::size_t members, std::string& out);
+void append_key(std::string_view key, std::string& out);
+void append_string(std::string_view text, std::string& out);
+void append_int(std::int64_t v, std::string& out);
 
 // A JSON value that stands for the packed value `bytes` in a process's result: the engine stores
 // those bytes as they are, once valid() (whole-storage limits included) says they may be (else

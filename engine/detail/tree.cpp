@@ -352,28 +352,27 @@ struct long_record_block {
 };
 
 // The node of the message record `w` holds.
-node_ptr make_record_node(packed::writer& w) {
-  const std::string& record = w.bytes();
+node_ptr make_record_node(const std::string& record) {
   if (record.size() <= packed_max) return make_sized<record_block>(record);
   auto block = std::make_shared<const long_record_block>(record);
   const value_node* node = &block->node;
   return node_ptr(std::move(block), node);  // (owns the block)
 }
 
-thread_local packed::writer record_writer;
+thread_local std::string record_bytes;
 
-// The node of the record in `record_writer`, whose buffer is kept for the next one unless a
+// The node of the record in `record_bytes`, whose buffer is kept for the next one unless a
 // large message made it large.
 node_ptr take_record_node() {
-  node_ptr node = make_record_node(record_writer);
+  node_ptr node = make_record_node(record_bytes);
   constexpr std::size_t kept_capacity = 64 * 1024;
-  if (record_writer.bytes().capacity() > kept_capacity) record_writer = packed::writer();
+  if (record_bytes.capacity() > kept_capacity) std::string().swap(record_bytes);
   return node;
 }
 }  // namespace
 
 node_ptr make_message_node(const outbox_message& m) {
-  if (encode_message_record(m, record_writer)) return take_record_node();
+  if (encode_message_record(m, record_bytes)) return take_record_node();
   auto block = std::make_shared<const message_block>(m);
   const value_node* node = &block->node;
   return node_ptr(std::move(block), node);  // (owns the block)
@@ -381,7 +380,7 @@ node_ptr make_message_node(const outbox_message& m) {
 
 node_ptr make_message_node(std::uint32_t index, const message_draft& draft,
                            std::int64_t created_at_us, std::uint64_t version) {
-  if (encode_message_record(index, draft, created_at_us, version, record_writer)) {
+  if (encode_message_record(index, draft, created_at_us, version, record_bytes)) {
     return take_record_node();
   }
   outbox_message m{.id = make_message_id(version, index),
