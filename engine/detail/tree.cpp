@@ -235,6 +235,10 @@ absl::StatusOr<node_ptr> assign_at(const node_ptr& node, std::string_view rest, 
   if (node && node->is_map()) {
     const std::string_view segment = take_segment(rest);
     const bool in_place = mine(node, edit, owned);
+    if (rest.empty()) {  // a member of this map: set in one descent, without finding it first
+      return with_members(node, in_place,
+                          node->members().set(segment, std::move(value), edit, in_place));
+    }
     bool child_owned = false;
     const node_ptr* child = node->members().find(segment, edit, in_place, child_owned);
     static const node_ptr none;

@@ -68,6 +68,46 @@ TEST_CASE("bad paths are rejected with a message that says what is wrong", "[con
   CHECK(P("a").child("").status().code() == absl::StatusCode::kInvalidArgument);
 }
 
+TEST_CASE("a path is valid exactly when its segments are, by the rules written out",
+          "[contracts]") {
+  // The reference: the rules as stated (path.hpp), segment by segment.
+  const auto valid = [](const std::string& text) {
+    if (text.empty() || text.size() > pop::max_path_length) return false;
+    std::size_t depth = 0;
+    std::size_t start = 0;
+    while (true) {
+      const std::size_t dot = text.find('.', start);
+      const std::string segment = text.substr(start, dot - start);
+      ++depth;
+      if (!pop::validate_segment(segment).ok()) return false;
+      if (dot == std::string::npos) break;
+      start = dot + 1;
+    }
+    return depth <= pop::max_path_depth;
+  };
+  rc::prop("parse accepts exactly the valid paths", [&] {
+    const auto piece =
+        rc::gen::oneOf(rc::gen::element<std::string>("a", "Z", "0", "_", "-", ".", "..", " ",
+                                                     "\xc3\xa9", "/", std::string(1, '\0'),
+                                                     std::string(127, 'x'), std::string(128, 'y')),
+                       rc::gen::arbitrary<std::string>());
+    const std::string text = *rc::gen::map(rc::gen::container<std::vector<std::string>>(piece),
+                                           [](std::vector<std::string> parts) {
+                                             std::string out;
+                                             for (const std::string& p : parts) out += p;
+                                             return out;
+                                           });
+    RC_ASSERT(pop::path::parse(text).ok() == valid(text));
+  });
+  // Limits exactly at and past their edges.
+  CHECK(pop::path::parse(std::string(128, 'a')).ok());
+  CHECK_FALSE(pop::path::parse(std::string(129, 'a')).ok());
+  std::string deep = "a";
+  for (int i = 1; i < 32; ++i) deep += ".a";
+  CHECK(pop::path::parse(deep).ok());
+  CHECK_FALSE(pop::path::parse(deep + ".a").ok());
+}
+
 TEST_CASE("paths overlap when one is a segment-wise prefix of the other", "[contracts]") {
   CHECK(P("a.b").overlaps(P("a.b.c")));
   CHECK(P("a.b.c").overlaps(P("a.b")));
