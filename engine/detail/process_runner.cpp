@@ -313,13 +313,23 @@ bool process_runner::can_apply_in_place(const value_node& root, const prepared& 
   if (prep.writes.size() > most_writes || prep.messages.size() > most_messages || !root.is_map()) {
     return false;
   }
+  std::string_view checked_parent;  // the parent path last found to be objects all the way
+  bool checked = false;
   for (std::size_t i = 0; i < prep.writes.size(); ++i) {
     const path& p = prep.writes[i].target;
     if (p.overlaps(outbox)) return false;
     for (std::size_t j = 0; j < i; ++j) {
       if (p.overlaps(prep.writes[j].target)) return false;
     }
-    if (prep.writes[i].value && !parents_are_objects(root, p.str())) return false;
+    if (!prep.writes[i].value) continue;
+    // (Writes side by side, as into one map, share the answer.)
+    const std::size_t dot = p.str().rfind('.');
+    const std::string_view parent =
+        std::string_view(p.str()).substr(0, dot == std::string::npos ? 0 : dot);
+    if (checked && parent == checked_parent) continue;
+    if (!parents_are_objects(root, p.str())) return false;
+    checked_parent = parent;
+    checked = true;
   }
   if (prep.messages.empty()) return true;
   // The outbox and its parents: objects kept as member maps (as they are once a message was
