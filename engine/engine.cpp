@@ -564,7 +564,9 @@ absl::StatusOr<commit> engine::execute(std::string_view name, const json& args) 
   const int max_attempts = options_.retry.max_attempts;
   std::string conflict;
   for (int attempt = 1; attempt <= max_attempts; ++attempt) {
-    const auto start = std::chrono::steady_clock::now();
+    // (The attempt's duration is only for the audit log: no clock read without one.)
+    const auto start = audit_.enabled() ? std::chrono::steady_clock::now()
+                                        : std::chrono::steady_clock::time_point();
     pop::snapshot snap(head());
     const std::uint64_t seen = snap.version();
     absl::StatusOr<prepared> prep = process_runner::run(*proc, snap, args);

@@ -43,9 +43,8 @@ snapshot process_runner::make_snapshot(std::shared_ptr<const version_state> stat
 absl::StatusOr<prepared> process_runner::run(const registered& proc, const snapshot& snap,
                                              const json& args) {
   const process_contract& c = proc.contract;
-  const auto start = std::chrono::steady_clock::now();
   std::optional<std::chrono::steady_clock::time_point> deadline;
-  if (c.timeout().count() > 0) deadline = start + c.timeout();
+  if (c.timeout().count() > 0) deadline = std::chrono::steady_clock::now() + c.timeout();
   context ctx(c, snap, deadline);
 
   // (Default-constructed: kUnknown with no message, and no allocation; every path assigns it.)
