@@ -273,19 +273,21 @@ std::string engine::find_conflict(const path_set& access, std::uint64_t since) c
     return absl::StrCat("its snapshot (version ", since, ") is older than the conflict window of ",
                         options_.conflict_window, " commits");
   }
+  // Appended messages lie below the outbox: only a change that touches it can overlap them.
+  const bool outbox_matters = access.overlaps(outbox_->str());
+  std::string_view found;
+  const auto overlapping = [&](std::string_view p) {
+    found = p;
+    return access.overlaps(p);
+  };
   for (auto it = log_.begin() + static_cast<std::ptrdiff_t>(since + 1 - log_.front().version);
        it != log_.end(); ++it) {
-    // One comparison rules out a commit whose paths all lie under a path this change does not
-    // overlap (a relay clearing thousands of messages, for a producer writing elsewhere).
-    if (it->ancestor > 0 &&
-        !access.overlaps(std::string_view(it->written).substr(0, it->ancestor))) {
-      continue;
-    }
-    std::string_view found;
-    if (detail::any_written(it->written, [&](std::string_view p) {
-          found = p;
-          return access.overlaps(p);
-        })) {
+    const std::string_view written(it->written);
+    // One comparison rules out a commit whose other paths all lie under a path this change does
+    // not overlap (a relay clearing thousands of messages, for a producer writing elsewhere).
+    const bool others_clear = it->ancestor > 0 && !access.overlaps(written.substr(0, it->ancestor));
+    if ((!others_clear && detail::any_written(written.substr(0, it->messages_at), overlapping)) ||
+        (outbox_matters && detail::any_written(written.substr(it->messages_at), overlapping))) {
       return absl::StrCat("'", detail::to_absl(found), "' (written by version ", it->version, ")");
     }
   }
@@ -294,7 +296,7 @@ std::string engine::find_conflict(const path_set& access, std::uint64_t since) c
 
 std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
                                                         detail::node_ptr root, std::string written,
-                                                        bool head_locked) {
+                                                        std::size_t messages_at, bool head_locked) {
   auto next = std::make_shared<detail::version_state>();
   next->version = version;
   next->root = std::move(root);
@@ -313,8 +315,10 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
     publish();
   }
   assert(written.empty() || written.back() == '\n');  // add_written's form
-  const std::size_t ancestor = detail::common_ancestor(written);
-  log_.push_back({version, std::move(written), ancestor});
+  messages_at = std::min(messages_at, written.size());
+  const std::size_t ancestor =
+      detail::common_ancestor(std::string_view(written).substr(0, messages_at));
+  log_.push_back({version, std::move(written), messages_at, ancestor});
   while (log_.size() > options_.conflict_window) log_.pop_front();
   // `previous` is released here, outside head_mu_: freeing an old version can take a while. (An
   // in-place commit calls this under head_mu_, with `previous` holding no tree any more.)
@@ -453,7 +457,8 @@ bool engine::commit_in_place(prepared& prep, applied& out,
     detail::node_ptr root = std::move(const_cast<detail::version_state&>(h).root);
     out = process_runner::apply_in_place(std::move(root), h.version, *outbox_, prep, now_us,
                                          "commit");
-    record = install(out.version, out.root, std::move(out.written), /*head_locked=*/true);
+    record = install(out.version, out.root, std::move(out.written), out.messages_at,
+                     /*head_locked=*/true);
   }();
   return true;
 }
@@ -523,7 +528,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
       POP_RETURN_IF_ERROR(check_pending_bound(
           *base, out.root, absl::StrCat("process '", detail::to_absl(process_name), "'")));
     }
-    record = install(out.version, out.root, std::move(out.written));
+    record = install(out.version, out.root, std::move(out.written), out.messages_at);
   }
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name));
   return commit_status::committed;
@@ -660,7 +665,7 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
     }
     POP_ASSIGN_OR_RETURN(out, process_runner::apply(*current, prep, options_.clock->now_us(), who));
     POP_RETURN_IF_ERROR(check_pending_bound(*current, out.root, who));
-    record = install(out.version, out.root, std::move(out.written));
+    record = install(out.version, out.root, std::move(out.written), out.messages_at);
   }
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "compare_and_swap"));
   return cas_result{true, out.version};

@@ -227,8 +227,11 @@ class engine {
   using applied = detail::applied;
   struct logged_commit {
     std::uint64_t version;
-    std::string written;       // the paths it wrote, each followed by '\n'
-    std::size_t ancestor = 0;  // written[0, ancestor): the path containing all of them, if any
+    std::string written;  // the paths it wrote, each followed by '\n'
+    // written[messages_at, end): the paths of the messages it appended (only a change that
+    // touches the outbox can overlap them); the paths before: what else it wrote.
+    std::size_t messages_at = 0;
+    std::size_t ancestor = 0;  // written[0, ancestor): the path containing all of those, if any
   };
   enum class commit_status { committed, conflict };
 
@@ -257,9 +260,12 @@ class engine {
   // True if a commit after `since` removed or changed an outbox message of version <= `since`.
   bool outbox_entries_changed(std::uint64_t since) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Makes `root` the head at `version`; returns the journal record to fill, if journaling.
-  // `head_locked`: the caller holds head_mu_ already (exclusively).
+  // `written`: the paths it wrote, those of appended messages from `messages_at` on (see
+  // applied). `head_locked`: the caller holds head_mu_ already (exclusively).
   std::shared_ptr<detail::journal_record> install(std::uint64_t version, detail::node_ptr root,
-                                                  std::string written, bool head_locked = false)
+                                                  std::string written,
+                                                  std::size_t messages_at = std::string::npos,
+                                                  bool head_locked = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Journals the commit `done` of `prep` by `who`, waits until it is durable, then notifies.
   // Releases done.root (when the record is encoded).

@@ -260,6 +260,7 @@ absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_v
     }
     root = with_maps_along(root, outbox.str(), edit);
   }
+  out.messages_at = out.written.size();
   out.message_ids.reserve(prep.messages.size());
   for (std::size_t i = 0; i < prep.messages.size(); ++i) {
     const message_draft& m = prep.messages[i];

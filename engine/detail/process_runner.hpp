@@ -54,6 +54,9 @@ struct applied {
   std::uint64_t version = 0;
   node_ptr root;
   std::string written;  // every path written, message paths included: written_paths' form
+  // Where in `written` the paths of appended messages start (they come last): a check against a
+  // change that does not touch the outbox can stop there.
+  std::size_t messages_at = std::string::npos;
   std::vector<std::string> message_ids;
 };
 

@@ -321,6 +321,51 @@ TEST_CASE("a conflicting process re-runs on the newer snapshot and emits its mes
   CHECK(audit[1].message_ids == done->message_ids);
 }
 
+TEST_CASE("a message appended meanwhile conflicts with a process that read the outbox, only",
+          "[engine]") {
+  auto e_owner = pop::test::must(pop::engine::open(
+      pop::options{.initial_state = {{"domain", {{"x", 0}, {"count", 0}, {"other", 0}}}}}));
+  pop::engine& e = *e_owner;
+  // Emits a message and writes elsewhere: the commit's other paths do not overlap either reader.
+  REQUIRE(e.register_process({.name = "emit", .outputs = {"domain.other"}, .emits = {"t"}},
+                             [](const pop::context&, const json&) {
+                               pop::result r;
+                               r.set("domain.other", 1);
+                               r.emit("t", {{"n", 1}}, "k");
+                               return r;
+                             })
+              .ok());
+  int runs = 0;
+  REQUIRE(e.register_process(
+               {.name = "count", .inputs = {"domain.outbox_queue"}, .outputs = {"domain.count"}},
+               [&](const pop::context& ctx, const json&) {
+                 const std::size_t seen = ctx.view("domain.outbox_queue").size();
+                 if (runs++ == 0) REQUIRE(e.execute("emit").ok());
+                 pop::result r;
+                 r.set("domain.count", static_cast<std::int64_t>(seen));
+                 return r;
+               })
+              .ok());
+  const auto counted = e.execute("count");
+  REQUIRE(counted.ok());
+  CHECK(counted->attempts == 2);  // its read of the queue was stale
+  CHECK(state_at(e, "domain.count") == 1);
+  int elsewhere_runs = 0;
+  REQUIRE(e.register_process({.name = "elsewhere", .inputs = {"domain.x"}, .outputs = {"domain.x"}},
+                             [&](const pop::context& ctx, const json&) {
+                               const int x = ctx.get<int>("domain.x");
+                               if (elsewhere_runs++ == 0) REQUIRE(e.execute("emit").ok());
+                               pop::result r;
+                               r.set("domain.x", x + 1);
+                               return r;
+                             })
+              .ok());
+  const auto moved = e.execute("elsewhere");
+  REQUIRE(moved.ok());
+  CHECK(moved->attempts == 1);  // nothing it read or wrote was touched
+  CHECK(state_at(e, "domain.x") == 1);
+}
+
 TEST_CASE("write skew never commits both sides", "[engine]") {
   // Each withdrawal keeps alice + bob >= 0 on its own snapshot; together they would break it.
   auto e_owner = pop::test::must(
