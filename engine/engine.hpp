@@ -230,7 +230,7 @@ class engine {
     std::string written;  // the paths it wrote, each followed by '\n'
     // written[messages_at, end): the paths of the messages it appended (only a change that
     // touches the outbox can overlap them); the paths before: what else it wrote.
-    std::size_t messages_at = 0;
+    std::size_t messages_at = std::string::npos;
     std::size_t ancestor = 0;  // written[0, ancestor): the path containing all of those, if any
   };
   enum class commit_status { committed, conflict };

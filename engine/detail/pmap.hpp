@@ -683,7 +683,7 @@ class pmap {
     recount(n);
   }
 
-  // Checks subtree `n` at `depth`; `previous` is the last key seen in order.
+  // The number of nodes of subtree `n`, itself included.
   static std::size_t nodes_below(const node& n) {
     std::size_t count = 1;
     if (!n.leaf) {
@@ -692,6 +692,7 @@ class pmap {
     return count;
   }
 
+  // Checks subtree `n` at `depth`; `previous` is the last key seen in order.
   static bool check_node(const node& n, bool is_root, std::size_t depth, std::size_t& leaf_depth,
                          const compact_key*& previous) {
     if (width(n) > max_width || (!is_root && width(n) < min_width)) return false;

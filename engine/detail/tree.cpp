@@ -30,7 +30,7 @@ bool fits_blob(const json& j, std::size_t& budget) {
 
 // Every node of a large state is one of these: a typed message keeps its state beside the node
 // (message_state), so that one form does not make all the others larger.
-static_assert(sizeof(value_node) <= 3 * sizeof(void*));
+static_assert(sizeof(void*) != 8 || sizeof(value_node) <= 24);
 
 // A packed node and its bytes in one allocation of about their size.
 template <std::size_t N>
@@ -355,7 +355,7 @@ struct long_record_block {
   const value_node node;
 };
 
-// The node of the message record `w` holds.
+// The node of message record `record`.
 node_ptr make_record_node(const std::string& record) {
   if (record.size() <= packed_max) return make_sized<record_block>(record);
   auto block = std::make_shared<const long_record_block>(record);

@@ -65,6 +65,9 @@ class value_node {
   // A packed node viewing the packed bytes at `bytes`, which the caller keeps alive as long as the
   // node (see make_node: one allocation holds both).
   value_node(packed_form, const char* bytes) : form_(std::in_place_type<packed>, bytes) {}
+  // Typed and packed nodes view their block: a copy would outlive it.
+  value_node(const value_node&) = delete;
+  value_node& operator=(const value_node&) = delete;
 
   bool is_map() const { return form_.index() == 1; }
   // The member map. Only for is_map().
