@@ -380,39 +380,32 @@ void record_encoder::set_message(std::string_view path, const outbox_message& m)
 void record_encoder::set_message_record(std::string_view path, const char* record) {
   open(path);
   const record_fields f = fields_of(record);
-  const auto value = [&](const char* at) {
-    packed::write_json(
-        at, text_, [&](double d) { out_.dump(json(d), false, false, 0); },
-        [&](std::string_view s) { append_json_string(text_, s); });
-  };
   // outbox_message::to_json()'s members, in its (alphabetical) order, as set_message writes them.
-  text_ += ",{\"attempts\":";
-  value(f.attempts);
-  text_ += ",\"created_at_us\":";
-  value(f.created_at_us);
-  text_ += ",\"failures\":";
-  value(f.failures);
-  text_ += ",\"headers\":";
-  value(f.headers);
-  text_ += ",\"id\":";
-  if (const std::optional<std::int64_t> index = packed::integer_at(f.id)) {
-    const auto version = packed::decode(f.version).get<std::uint64_t>();
-    append_json_string(text_, make_message_id(version, static_cast<std::uint32_t>(*index)));
-  } else {
-    value(f.id);
+  const std::pair<const char*, const char*> members[] = {
+      {",{\"attempts\":", f.attempts},
+      {",\"created_at_us\":", f.created_at_us},
+      {",\"failures\":", f.failures},
+      {",\"headers\":", f.headers},
+      {",\"id\":", f.id},
+      {",\"key\":", f.key},
+      {",\"last_error\":", f.last_error},
+      {",\"next_attempt_at_us\":", f.next_attempt_at_us},
+      {",\"payload\":", f.payload},
+      {",\"topic\":", f.topic},
+      {",\"version\":", f.version}};
+  for (const auto& [name, at] : members) {
+    text_ += name;
+    const std::optional<std::int64_t> index =
+        at == f.id ? packed::integer_at(at) : std::optional<std::int64_t>();
+    if (index) {  // an id kept as its index in its commit
+      const auto version = packed::decode(f.version).get<std::uint64_t>();
+      append_json_string(text_, make_message_id(version, static_cast<std::uint32_t>(*index)));
+    } else {
+      packed::write_json(
+          at, text_, [&](double d) { out_.dump(json(d), false, false, 0); },
+          [&](std::string_view s) { append_json_string(text_, s); });
+    }
   }
-  text_ += ",\"key\":";
-  value(f.key);
-  text_ += ",\"last_error\":";
-  value(f.last_error);
-  text_ += ",\"next_attempt_at_us\":";
-  value(f.next_attempt_at_us);
-  text_ += ",\"payload\":";
-  value(f.payload);
-  text_ += ",\"topic\":";
-  value(f.topic);
-  text_ += ",\"version\":";
-  value(f.version);
   text_ += "}]";
 }
 

@@ -200,15 +200,22 @@ TEST_CASE("concurrent appends to the outbox never conflict with each other or wi
   CHECK(seen.rbegin()->first == producers - 1);
 }
 
-TEST_CASE("threads reading one stored message as JSON at once all see the same value",
-          "[engine][concurrency]") {
-  pop::engine e;
+namespace {
+// Registers "emit": one message of topic "t", key "k", its arguments as payload.
+void register_emit(pop::engine& e) {
   REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
                                                                   const json& args) {
              pop::result r;
              r.emit("t", args, "k");
              return r;
            }).ok());
+}
+}  // namespace
+
+TEST_CASE("threads reading one stored message as JSON at once all see the same value",
+          "[engine][concurrency]") {
+  pop::engine e;
+  register_emit(e);
   const std::string id = e.execute("emit", {{"n", 1}}).value().message_ids.at(0);
   const pop::snapshot s = e.snapshot();
   // The message is kept typed; its JSON form is built by whichever reader comes first.
@@ -227,12 +234,7 @@ TEST_CASE("threads reading one stored message as JSON at once all see the same v
 TEST_CASE("threads decoding one stored message at once all get the same message",
           "[engine][concurrency]") {
   pop::engine e;
-  REQUIRE(e.register_process({.name = "emit", .emits = {"t"}}, [](const pop::context&,
-                                                                  const json& args) {
-             pop::result r;
-             r.emit("t", args, "k");
-             return r;
-           }).ok());
+  register_emit(e);
   for (int round = 0; round < 20; ++round) {
     const std::string id = e.execute("emit", {{"n", round}}).value().message_ids.at(0);
     const pop::snapshot s = e.snapshot();
