@@ -22,8 +22,7 @@ const outbox_message* value_view::message() const {
 
 std::optional<value_view::message_schedule> value_view::schedule() const {
   if (!node_ || inner_ || packed_ || !node_->is_message()) return std::nullopt;
-  const detail::message_schedule s = node_->schedule();
-  return message_schedule{s.key, s.next_attempt_at_us, s.created_at_us};
+  return node_->schedule();
 }
 
 std::optional<outbox_message> value_view::typed_message() const {

@@ -10,6 +10,7 @@
 #include "pop/contracts/outbox_message.hpp"
 #include "pop/engine/detail/packed.hpp"
 #include "pop/engine/result.hpp"
+#include "pop/engine/value_view.hpp"
 
 namespace pop::detail {
 
@@ -43,12 +44,8 @@ struct record_fields {
 };
 record_fields fields_of(const char* record);
 
-// What the relay's scan reads of a pending message, viewed in its record or message.
-struct message_schedule {
-  std::string_view key;
-  std::int64_t next_attempt_at_us = 0;
-  std::int64_t created_at_us = 0;
-};
+// What the relay's scan reads of a pending message (value_view::schedule()).
+using message_schedule = value_view::message_schedule;
 // The schedule of the message whose record starts at `record`, read without decoding it.
 message_schedule record_schedule(const char* record);
 
