@@ -153,7 +153,8 @@ std::string fresh_file(const char* name) {
       (std::filesystem::current_path() /
        (std::string("compare-") + name + "-" + std::to_string(::getpid()) + ".db"))
           .string();
-  for (const char* suffix : {"", "-wal", "-shm", "-head"}) std::filesystem::remove(file + suffix);
+  for (const char* suffix : {"", "-wal", "-shm", "-head", "-log"})
+    std::filesystem::remove(file + suffix);
   return file;
 }
 
@@ -179,7 +180,8 @@ class sqlite_design final : public design {
     relay_ = std::thread([this] { relay(); });
   }
   ~sqlite_design() override {
-    for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(file_ + suffix);
+    for (const char* suffix : {"", "-wal", "-shm", "-head", "-log"})
+      std::filesystem::remove(file_ + suffix);
   }
   void commit(int producer, std::int64_t seq) override {
     conn& c = *conns_[static_cast<std::size_t>(producer)];
@@ -311,7 +313,7 @@ class pop_design final : public design {
   }
   ~pop_design() override {
     if (!file_.empty()) {
-      for (const char* suffix : {"", "-wal", "-shm", "-head"})
+      for (const char* suffix : {"", "-wal", "-shm", "-head", "-log"})
         std::filesystem::remove(file_ + suffix);
     }
   }

@@ -35,12 +35,14 @@ std::string journal_file(const char* name) {
       (std::filesystem::current_path() /
        (std::string("journal-bench-") + name + "-" + std::to_string(::getpid()) + ".db"))
           .string();
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(file + suffix);
+  for (const char* suffix : {"", "-wal", "-shm", "-head", "-log"})
+    std::filesystem::remove(file + suffix);
   return file;
 }
 
 void remove_journal(const std::string& file) {
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(file + suffix);
+  for (const char* suffix : {"", "-wal", "-shm", "-head", "-log"})
+    std::filesystem::remove(file + suffix);
 }
 
 // Per-thread commit latencies, merged by thread 0 after the loop's closing barrier.

@@ -109,7 +109,8 @@ void workflow_steps(benchmark::State& state, bool journal, Drive drive) {
   std::int64_t steps = 0;
   for (auto _ : state) {
     state.PauseTiming();
-    for (const char* suffix : {"", "-wal", "-shm", "-head"}) std::filesystem::remove(file + suffix);
+    for (const char* suffix : {"", "-wal", "-shm", "-head", "-log"})
+      std::filesystem::remove(file + suffix);
     pop::options o;
     o.audit_capacity = 0;
     if (journal) o.journal = file;
@@ -129,7 +130,8 @@ void workflow_steps(benchmark::State& state, bool journal, Drive drive) {
     e.reset();
     state.ResumeTiming();
   }
-  for (const char* suffix : {"", "-wal", "-shm", "-head"}) std::filesystem::remove(file + suffix);
+  for (const char* suffix : {"", "-wal", "-shm", "-head", "-log"})
+    std::filesystem::remove(file + suffix);
   state.SetItemsProcessed(steps);
 }
 

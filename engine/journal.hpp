@@ -18,7 +18,9 @@ namespace pop {
 // compare_and_swap() returns it.
 enum class durability {
   none,     // no journal: the state lives in memory only and dies with the process
-  process,  // survives a crash of the process (kill -9): SQLite WAL, synchronous=NORMAL; the last
+  process,  // survives a crash of the process (kill -9): each commit is copied into the commit
+            // log "<journal>-log" (a file mapped shared: in the kernel's page cache once copied)
+            // and written into SQLite (WAL, synchronous=NORMAL) in groups soon after; the last
             // acknowledged commits may be lost if the machine loses power
   power,    // survives power loss too: SQLite WAL, synchronous=FULL (every group commit syncs)
 };
@@ -30,6 +32,10 @@ struct journal_options {
   std::size_t max_group = 8192;                // most commits sharing one SQLite transaction
   std::uint64_t max_batch_lag = 8192;  // versions an engine::batch may run ahead of the journal
                                        // before its next commit waits for part of them
+  // Bytes of the commit log at durability::process (rounded up to 4 KiB, at least 64 KiB; a
+  // record over a quarter of it waits for SQLite instead). 0: no log, every commit waits for
+  // SQLite (several times slower under many writers).
+  std::size_t log_bytes = 8u << 20;
 };
 
 // The journal format this build writes and reads.

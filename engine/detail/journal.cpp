@@ -21,6 +21,62 @@
 #include "pop/engine/snapshot.hpp"
 
 namespace pop::detail {
+namespace {
+
+// Binds a pop_commits row to `insert` (version, at_us, process, writes, messages, checksum).
+void bind_record(sqlite3_stmt* insert, std::uint64_t version, std::int64_t at_us,
+                 const std::string& process, const std::string& writes, const std::string& messages,
+                 std::int64_t checksum) {
+  sqlite3_reset(insert);
+  sqlite3_bind_int64(insert, 1, static_cast<std::int64_t>(version));
+  sqlite3_bind_int64(insert, 2, at_us);
+  sqlite3_bind_text(insert, 3, process.data(), static_cast<int>(process.size()), SQLITE_STATIC);
+  sqlite3_bind_text(insert, 4, writes.data(), static_cast<int>(writes.size()), SQLITE_STATIC);
+  sqlite3_bind_text(insert, 5, messages.data(), static_cast<int>(messages.size()), SQLITE_STATIC);
+  sqlite3_bind_int64(insert, 6, checksum);
+}
+
+// Records worth waking the writer thread for (a group worth a transaction): a wake-up per record
+// cost a committer more than its record.
+constexpr std::size_t worth_waking = 32;
+// How long the writer thread lets a group of logged records gather before it writes fewer.
+constexpr std::chrono::milliseconds gather_time{2};
+
+constexpr const char* insert_record_sql =
+    "INSERT INTO pop_commits(version, at_us, process, writes, messages, checksum) VALUES (?, ?, "
+    "?, ?, ?, ?)";
+
+// Replays the records the commit log holds after the database's last version onto `root` and
+// writes them into the database, in one transaction: the journal is then whole without its log.
+absl::Status recover_logged(sqlite3* db, const std::string& path,
+                            const std::vector<const commit_log::entry*>& recovered, node_ptr& root,
+                            journal_info& info) {
+  if (recovered.empty()) return absl::OkStatus();
+  for (const commit_log::entry* e : recovered) {
+    POP_RETURN_IF_ERROR(replay(root, e->writes, e->version, path));
+  }
+  statement insert;
+  POP_RETURN_IF_ERROR(prepare(db, path, insert_record_sql, insert));
+  POP_RETURN_IF_ERROR(exec(db, path, "BEGIN IMMEDIATE"));
+  for (const commit_log::entry* e : recovered) {
+    bind_record(insert.s, e->version, e->at_us, e->process, e->writes, e->messages, e->checksum);
+    if (const int rc = sqlite3_step(insert.s); rc != SQLITE_DONE) {
+      absl::Status s =
+          sql_error(db, rc, path, absl::StrCat("moving version ", e->version, " from its log"));
+      static_cast<void>(exec(db, path, "ROLLBACK"));
+      return s;
+    }
+  }
+  if (absl::Status s = exec(db, path, "COMMIT"); !s.ok()) {
+    static_cast<void>(exec(db, path, "ROLLBACK"));
+    return s;
+  }
+  info.last_version = recovered.back()->version;
+  info.records += recovered.size();
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, durability level,
                                                        const journal_options& opts,
@@ -96,6 +152,32 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
       !s.ok()) {
     return fail(s);
   }
+  // Commits acknowledged from the commit log that a crash kept from SQLite go into SQLite first.
+  std::uint32_t known_epoch = 0;
+  absl::StatusOr<commit_log::contents> logged = read_log_of(c.db, path, info, known_epoch);
+  if (!logged.ok()) return fail(logged.status());
+  if (existing) {
+    if (absl::Status s =
+            recover_logged(c.db, path, log_continuation(*logged, info.last_version), root, info);
+        !s.ok()) {
+      return fail(s);
+    }
+  }
+  std::unique_ptr<commit_log> log;
+  if (level == durability::process && opts.log_bytes > 0) {
+    // A new epoch above every earlier one: nothing of an earlier log reads as the new log's.
+    const std::uint32_t epoch = std::max(known_epoch, logged->epoch) + 1;
+    absl::StatusOr<std::unique_ptr<commit_log>> created =
+        commit_log::create(log_path(path), opts.log_bytes, epoch);
+    if (!created.ok()) return fail(created.status());
+    log = *std::move(created);
+    if (absl::Status s = set_meta(c.db, path, "log_epoch", std::to_string(epoch)); !s.ok()) {
+      return fail(s);
+    }
+  } else if (known_epoch != 0) {
+    if (absl::Status s = set_meta(c.db, path, "log_epoch", "0"); !s.ok()) return fail(s);
+    ::unlink(log_path(path).c_str());
+  }
   // Mark the journal in use, in the main file itself, so a lost write-ahead log is noticed.
   if (absl::Status s = set_meta(c.db, path, "clean", "0"); !s.ok()) return fail(s);
   if (absl::Status s = exec(c.db, path, "PRAGMA wal_checkpoint(FULL)"); !s.ok()) return fail(s);
@@ -113,12 +195,9 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
   start.version = info.last_version;
   start.root = std::move(root);
   std::unique_ptr<journal> j(new journal(path, level, opts, fd, head_fd, c.release(),
-                                         info.last_version, info.snapshot_version,
-                                         std::move(clock)));
-  if (int prc = sqlite3_prepare_v2(j->db_,
-                                   "INSERT INTO pop_commits(version, at_us, process, writes, "
-                                   "messages, checksum) VALUES (?, ?, ?, ?, ?, ?)",
-                                   -1, &j->insert_, nullptr);
+                                         info.last_version, info.snapshot_version, std::move(clock),
+                                         std::move(log)));
+  if (int prc = sqlite3_prepare_v2(j->db_, insert_record_sql, -1, &j->insert_, nullptr);
       prc != SQLITE_OK) {
     return sql_error(j->db_, prc, path, "preparing the record insert");
   }
@@ -133,7 +212,7 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
 
 journal::journal(std::string path, durability level, const journal_options& opts, int lock_fd,
                  int head_fd, sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version,
-                 std::shared_ptr<const clock> clock)
+                 std::shared_ptr<const clock> clock, std::unique_ptr<commit_log> log)
     : path_(std::move(path)),
       clock_(std::move(clock)),
       level_(level),
@@ -142,6 +221,8 @@ journal::journal(std::string path, durability level, const journal_options& opts
       head_fd_(head_fd),
       db_(db),
       durable_(version),
+      acked_(version),
+      log_(std::move(log)),
       snapshot_base_(snapshot_version) {}
 
 journal::~journal() {
@@ -161,7 +242,11 @@ journal::~journal() {
 }
 
 void journal::close_cleanly() {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
+  // Records acknowledged from the log that SQLite lacks yet go into it first.
+  while (failed_.ok() && !writing_ && !queue_.empty() && queue_.front()->filled) {
+    write_front(lock);
+  }
   if (!failed_.ok() || !queue_.empty()) return;  // leave it marked in use: reopening checks it
   unwritten_.insert(unwritten_.end(), described_.begin(), described_.end());
   described_.clear();
@@ -196,23 +281,63 @@ std::shared_ptr<journal_record> journal::reserve(std::uint64_t version,
 // replaced tree nodes there: the committers' allocator arena then bounced between the two
 // threads, a tenth of a batch's time.)
 std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_writer) {
-  constexpr std::size_t worth_waking = 32;
-  bool wake = false;
-  std::uint64_t durable = 0;
+  r->checksum = record_checksum(static_cast<std::int64_t>(r->version), r->at_us, r->process,
+                                r->writes, r->messages);
+  bool notify = false;
+  std::uint64_t acked = 0;
   std::shared_ptr<const version_state> dropped;
+  std::vector<waiter*> taken;
   {
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
     r->filled = true;
     filled_bytes_ += record_bytes(*r);
     if (!snapshot_due(r->version)) dropped = std::move(r->state);
+    if (log_) log_record(*r, lock);
+    if (r->logged) {
+      advance_acked();
+      take_waiters(taken);  // later committers that found this record missing
+    }
     // Committers already waiting (they found the front unfilled and woke nobody) need the writer
-    // once the front is filled, batch or not.
-    wake = !writing_ && queue_.front()->filled &&
-           (!waiters_.empty() || (wake_writer && queue_.size() >= worth_waking));
-    durable = durable_;
+    // once the front is filled, batch or not; logged records once a group's worth waits.
+    notify =
+        !writing_ && queue_.front()->filled &&
+        (!waiters_.empty() || ((wake_writer || log_ != nullptr) && queue_.size() >= worth_waking));
+    acked = acked_;
   }
-  if (wake) work_cv_.notify_one();
-  return durable;
+  if (notify) work_cv_.notify_one();
+  wake(taken);
+  return acked;
+}
+
+void journal::log_record(journal_record& r, std::unique_lock<std::mutex>& lock) {
+  if (!r.error.ok() || !log_->fits(r.process.size() + r.writes.size() + r.messages.size())) {
+    return;  // acknowledged once SQLite holds it
+  }
+  while (!log_->append(r.version, r.at_us, r.process, r.writes, r.messages, r.checksum)) {
+    // No room until the writer has put older records into SQLite and freed theirs.
+    if (!failed_.ok() || r.version <= durable_) return;  // (then nothing to wait for)
+    ++room_waiters_;
+    work_cv_.notify_one();
+    room_cv_.wait(lock, [&] {
+      return !failed_.ok() || r.version <= durable_ || log_->used() < log_->capacity() / 2;
+    });
+    --room_waiters_;
+  }
+  r.logged = true;
+}
+
+void journal::advance_acked() {
+  acked_ = std::max(acked_, durable_);
+  while (!queue_.empty() && acked_ + 1 >= queue_.front()->version) {
+    const std::size_t i = acked_ + 1 - queue_.front()->version;
+    if (i >= queue_.size() || !queue_[i]->logged) break;
+    ++acked_;
+  }
+}
+
+bool journal::group_ready() const {
+  return !writing_ && !queue_.empty() && queue_.front()->filled &&
+         (!waiters_.empty() || queue_.size() >= worth_waking || room_waiters_ > 0 || !log_);
 }
 
 std::size_t journal::record_bytes(const journal_record& r) {
@@ -234,7 +359,7 @@ absl::Status journal::wait_durable(std::uint64_t version) {
   waiter w(version);
   std::unique_lock lock(mu_);
   for (;;) {
-    if (durable_ >= version) return absl::OkStatus();
+    if (acked_ >= version) return absl::OkStatus();
     if (!failed_.ok()) return failed_;
     const bool ready = !writing_ && !queue_.empty() && queue_.front()->filled;
     // A lone committer writes its record itself: no hand-off to the writer thread and back.
@@ -287,6 +412,8 @@ void journal::write_front_group(std::unique_lock<std::mutex>& lock) {
     lock.lock();
     if (s.ok()) {
       durable_ = last;
+      advance_acked();
+      if (log_) log_->release_through(durable_);
       const journal_record* due = nullptr;  // the group's newest record that kept its state
       for (const std::shared_ptr<journal_record>& r : group) {
         if (r->state) due = r.get();
@@ -324,10 +451,11 @@ void journal::hand_over(std::unique_lock<std::mutex>& lock) {
   writing_ = false;
   std::vector<waiter*> taken;
   take_waiters(taken);
-  const bool writer_work =
-      failed_.ok() && (!described_.empty() || (!queue_.empty() && queue_.front()->filled));
+  const bool writer_work = failed_.ok() && (!described_.empty() || group_ready());
+  const bool room_waited = room_waiters_ > 0;
   lock.unlock();
   if (writer_work) work_cv_.notify_one();
+  if (room_waited) room_cv_.notify_all();
   wake(taken);
   lock.lock();
 }
@@ -335,8 +463,8 @@ void journal::hand_over(std::unique_lock<std::mutex>& lock) {
 void journal::take_waiters(std::vector<waiter*>& out) {
   const bool all = !failed_.ok();
   std::erase_if(waiters_, [&](waiter* w) {
-    if (!all && w->version > durable_) return false;
-    w->durable = w->version <= durable_;
+    if (!all && w->version > acked_) return false;
+    w->durable = w->version <= acked_;
     out.push_back(w);
     return true;
   });
@@ -350,7 +478,7 @@ void journal::wake(std::vector<waiter*>& taken) {
 
 std::uint64_t journal::durable_version() const {
   std::lock_guard lock(mu_);
-  return durable_;
+  return acked_;
 }
 
 absl::Status journal::failure() const {
@@ -384,12 +512,22 @@ absl::Status journal::write_descriptions(std::vector<std::pair<std::string, std:
 void journal::run_writer() {
   std::unique_lock lock(mu_);
   for (;;) {
-    work_cv_.wait(lock, [&] {
-      return stop_ || (failed_.ok() && !writing_ &&
-                       ((!queue_.empty() && queue_.front()->filled) || !described_.empty()));
-    });
+    const auto work = [&] {
+      return stop_ || (failed_.ok() && (group_ready() || (!writing_ && !described_.empty())));
+    };
+    if (log_ && !queue_.empty()) {
+      // Logged records are acknowledged already: a group may gather, but not for long.
+      if (!work_cv_.wait_for(lock, gather_time, work)) {
+        if (failed_.ok() && !writing_ && !queue_.empty() && queue_.front()->filled) {
+          write_front(lock);
+        }
+        continue;
+      }
+    } else {
+      work_cv_.wait(lock, work);
+    }
     if (stop_) return;
-    if (!queue_.empty() && queue_.front()->filled) {
+    if (group_ready()) {
       write_front(lock);
       continue;
     }
@@ -416,18 +554,7 @@ absl::Status journal::run_prepared(sqlite3_stmt* stmt, const char* what) {
 absl::Status journal::write_group(std::deque<std::shared_ptr<journal_record>>& group) {
   POP_RETURN_IF_ERROR(run_prepared(begin_, "BEGIN IMMEDIATE"));
   for (const std::shared_ptr<journal_record>& r : group) {
-    const auto v = static_cast<std::int64_t>(r->version);
-    sqlite3_reset(insert_);
-    sqlite3_bind_int64(insert_, 1, v);
-    sqlite3_bind_int64(insert_, 2, r->at_us);
-    sqlite3_bind_text(insert_, 3, r->process.data(), static_cast<int>(r->process.size()),
-                      SQLITE_STATIC);
-    sqlite3_bind_text(insert_, 4, r->writes.data(), static_cast<int>(r->writes.size()),
-                      SQLITE_STATIC);
-    sqlite3_bind_text(insert_, 5, r->messages.data(), static_cast<int>(r->messages.size()),
-                      SQLITE_STATIC);
-    sqlite3_bind_int64(insert_, 6,
-                       record_checksum(v, r->at_us, r->process, r->writes, r->messages));
+    bind_record(insert_, r->version, r->at_us, r->process, r->writes, r->messages, r->checksum);
     const int rc = sqlite3_step(insert_);
     if (rc != SQLITE_DONE) {
       absl::Status s = sql_error(db_, rc, path_, absl::StrCat("writing version ", r->version));

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "pop/contracts/clock.hpp"
 #include "pop/contracts/json.hpp"
+#include "pop/engine/detail/commit_log.hpp"
 #include "pop/engine/detail/tree.hpp"
 #include "pop/engine/detail/wake_event.hpp"
 #include "pop/engine/journal.hpp"
@@ -33,12 +34,14 @@ struct journal_record {
   std::uint64_t version = 0;
   std::int64_t at_us = 0;
   std::string process;
-  std::string writes;    // JSON: [[path, value] or [path] (a delete), ...], messages included
-  std::string messages;  // JSON: the ids of the messages it emitted
+  std::string writes;         // JSON: [[path, value] or [path] (a delete), ...], messages included
+  std::string messages;       // JSON: the ids of the messages it emitted
+  std::int64_t checksum = 0;  // record_checksum() of the above, set by fill()
   // Its version's state, kept only if a snapshot is due at it (see journal::fill).
   std::shared_ptr<const version_state> state;
   bool filled = false;
-  absl::Status error;  // set by fail(): the journal stops at this record
+  bool logged = false;  // copied into the commit log (journal::mu_)
+  absl::Status error;   // set by fail(): the journal stops at this record
 };
 
 // The state a journal was opened at.
@@ -61,6 +64,15 @@ struct journal_start {
 // snapshots before it. Prefix
 // property: a record is written only after every record before it, so a crash loses a suffix, never
 // a hole.
+//
+// Commit log: at durability::process, fill() also copies each record into the commit log (see
+// commit_log.hpp), a file mapped shared: the record then survives a crash of the process, so its
+// committer is acknowledged at once (acked_) instead of waiting for the group that writes it into
+// SQLite. The writer thread writes the groups as above, woken once a group's worth of records
+// waits (or after a short wait for one), and frees their space in the log once SQLite holds them;
+// opening a journal moves what SQLite lacks from the log into it. A record too large for the log,
+// or one filled while the log has no room and the writer has written it meanwhile, is
+// acknowledged once SQLite holds it, as at durability::power; the versions after it wait for it.
 //
 // Failure: if SQLite fails, the journal stops, failure() returns the error from then on, and
 // every waiter gets it; the engine refuses further commits.
@@ -91,7 +103,8 @@ class journal {
   // Marks a reserved record as impossible to write: the journal fails with `why` when it reaches
   // it (every waiter gets the failure), so no later commit waits for it forever.
   void fail(const std::shared_ptr<journal_record>& r, absl::Status why);
-  // Blocks until `version` is durable. OK, or the journal's failure.
+  // Blocks until `version` is durable at the journal's level (in the log or in SQLite). OK, or
+  // the journal's failure.
   absl::Status wait_durable(std::uint64_t version);
 
   // Marks a commit call in progress for its lifetime (from before its process runs to its
@@ -111,6 +124,7 @@ class journal {
    private:
     journal* j_;
   };
+  // The newest version durable at the journal's level (acked_).
   std::uint64_t durable_version() const;
   absl::Status failure() const;
   // Records metadata `key` = `value` (a description for tools: a process spec, a workflow
@@ -120,7 +134,7 @@ class journal {
  private:
   journal(std::string path, durability level, const journal_options& opts, int lock_fd, int head_fd,
           sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version,
-          std::shared_ptr<const clock> clock);
+          std::shared_ptr<const clock> clock, std::unique_ptr<commit_log> log);
   // Writes the filled records at the front of the queue (up to max_group) as one group, with
   // the token (writing_) that one committer or the writer thread holds at a time; then
   // hand_over(). Called with mu_ held (through `lock`); returns with it held.
@@ -139,8 +153,17 @@ class journal {
   void run_writer();
   absl::Status write_group(std::deque<std::shared_ptr<journal_record>>& group);
   absl::Status write_snapshot(const journal_record& last);
+  // Writes what is queued, then marks the journal closed cleanly (on destruction).
   void close_cleanly();
-  // Takes the committers waiting for a version up to durable_ (every one after a failure) out of
+  // Advances acked_ over durable_ and the logged records after it.
+  void advance_acked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Copies `r` into the log if it fits, waiting for room (unless SQLite gets it first).
+  void log_record(journal_record& r, std::unique_lock<std::mutex>& lock)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // True if the writer thread should write now: a group's worth of records waits, or a
+  // committer waits for one.
+  bool group_ready() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes the committers waiting for a version up to acked_ (every one after a failure) out of
   // waiters_ into `out`; the caller releases them with wake() after leaving mu_. Each waits on its
   // own event, so a group wakes exactly its committers, and none takes mu_ again to return.
   struct waiter;
@@ -176,7 +199,12 @@ class journal {
   };
   std::vector<waiter*> waiters_ ABSL_GUARDED_BY(mu_);
   std::deque<std::shared_ptr<journal_record>> queue_ ABSL_GUARDED_BY(mu_);
-  std::uint64_t durable_ ABSL_GUARDED_BY(mu_);
+  std::uint64_t durable_ ABSL_GUARDED_BY(mu_);  // the newest version SQLite holds
+  // The newest version acknowledged: every version up to it is in SQLite or in the log.
+  std::uint64_t acked_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<commit_log> log_ ABSL_GUARDED_BY(mu_);  // null at durability::power
+  std::condition_variable room_cv_;            // the log has room again (or the journal failed)
+  int room_waiters_ ABSL_GUARDED_BY(mu_) = 0;  // committers waiting on room_cv_
   // When the next snapshot is due (see fill()): the version of the last one and the record bytes
   // filled since.
   std::uint64_t snapshot_base_ ABSL_GUARDED_BY(mu_);

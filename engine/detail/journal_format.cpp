@@ -3,9 +3,11 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -38,6 +40,10 @@ struct fnv64 {
 std::int64_t record_checksum(std::int64_t version, std::int64_t at_us, std::string_view process,
                              std::string_view writes, std::string_view messages) {
   return fnv64().add(version).add(at_us).add(process).add(writes).add(messages).value();
+}
+
+std::int64_t bytes_checksum(std::string_view bytes) {
+  return fnv64().add(bytes).value();
 }
 
 std::int64_t snapshot_checksum(std::int64_t version, std::int64_t at_us, std::string_view state) {
@@ -90,6 +96,59 @@ absl::Status read_meta(sqlite3* db, const std::string& path, journal_info& info,
 
 std::string head_path(const std::string& path) {
   return path + "-head";
+}
+
+std::string log_path(const std::string& path) {
+  return path + "-log";
+}
+
+std::vector<const commit_log::entry*> log_continuation(const commit_log::contents& log,
+                                                       std::uint64_t after, std::uint64_t until) {
+  std::vector<const commit_log::entry*> newer;
+  for (const commit_log::entry& e : log.entries) {
+    if (e.version > after && e.version <= until) newer.push_back(&e);
+  }
+  std::sort(newer.begin(), newer.end(), [](const commit_log::entry* a, const commit_log::entry* b) {
+    return a->version < b->version;
+  });
+  std::vector<const commit_log::entry*> out;
+  for (const commit_log::entry* e : newer) {
+    const std::uint64_t expected = after + 1 + out.size();
+    if (e->version < expected) continue;  // (a repeated version: never written so, but harmless)
+    if (e->version != expected) break;
+    out.push_back(e);
+  }
+  return out;
+}
+
+absl::StatusOr<commit_log::contents> read_log_of(sqlite3* db, const std::string& path,
+                                                 const journal_info& info, std::uint32_t& epoch) {
+  POP_ASSIGN_OR_RETURN(const std::optional<std::string> known,
+                       read_meta_value(db, path, "log_epoch"));
+  epoch = known ? static_cast<std::uint32_t>(std::strtoul(known->c_str(), nullptr, 10)) : 0;
+  if (epoch == 0) return commit_log::contents{};
+  POP_ASSIGN_OR_RETURN(commit_log::contents log, commit_log::read(log_path(path)));
+  if (log.epoch >= epoch) return log;
+  if (!info.clean && file_size(log_path(path)) != 0) {
+    return absl::DataLossError(absl::StrCat(
+        "journal '", path, "' was not closed cleanly and its commit log '", log_path(path),
+        "' is missing or older than the journal (epoch ", log.epoch, ", expected ", epoch,
+        "): the commits it acknowledged last may be lost; restore the file (nothing was changed), "
+        "or create it empty to accept the "
+        "journal as it is"));
+  }
+  return commit_log::contents{};
+}
+
+absl::StatusOr<std::optional<std::string>> read_meta_value(sqlite3* db, const std::string& path,
+                                                           const char* key) {
+  statement s;
+  POP_RETURN_IF_ERROR(prepare(db, path, "SELECT value FROM pop_meta WHERE key = ?", s));
+  sqlite3_bind_text(s.s, 1, key, -1, SQLITE_STATIC);
+  const int rc = sqlite3_step(s.s);
+  if (rc == SQLITE_DONE) return std::nullopt;
+  if (rc != SQLITE_ROW) return sql_error(db, rc, path, absl::StrCat("reading metadata ", key));
+  return column_text(s.s, 0);
 }
 
 std::string head_text(std::uint64_t version) {
@@ -509,6 +568,24 @@ absl::Status load_read_only(sqlite3* db, const std::string& path, journal_info& 
     }
   }
   if (s.ok()) s = load(db, path, info, root, until);
+  if (s.ok()) {
+    // The commits acknowledged from the commit log and not yet in SQLite (an engine running, or
+    // one that crashed and was not opened since).
+    std::uint32_t epoch = 0;
+    absl::StatusOr<commit_log::contents> log = read_log_of(db, path, info, epoch);
+    if (!log.ok()) s = log.status();
+    for (const commit_log::entry* e : log.ok() ? log_continuation(*log, info.last_version, until)
+                                               : std::vector<const commit_log::entry*>{}) {
+      s = replay(root, e->writes, e->version, path);
+      if (!s.ok()) break;
+      info.last_version = e->version;
+      ++info.records;
+    }
+    if (s.ok() && newest) {
+      const std::vector<const commit_log::entry*> after = log_continuation(*log, *newest);
+      if (!after.empty()) *newest = after.back()->version;
+    }
+  }
   static_cast<void>(exec(db, path, "COMMIT"));
   return s;
 }
@@ -585,16 +662,15 @@ absl::StatusOr<std::vector<journal_record_info>> read_journal(const std::string&
   sqlite3_bind_int64(rows.s, 2,
                      static_cast<std::int64_t>(std::min<std::size_t>(limit, 1ULL << 62)));
   std::vector<journal_record_info> out;
-  int step;
-  while ((step = sqlite3_step(rows.s)) == SQLITE_ROW) {
+  const auto add = [&](std::uint64_t version, std::int64_t at_us, std::string process,
+                       const std::string& writes, const std::string& messages,
+                       std::int64_t checksum) {
     journal_record_info r;
-    r.version = static_cast<std::uint64_t>(sqlite3_column_int64(rows.s, 0));
-    r.at_us = sqlite3_column_int64(rows.s, 1);
-    r.process = detail::column_text(rows.s, 2);
-    const std::string writes = detail::column_text(rows.s, 3);
-    const std::string messages = detail::column_text(rows.s, 4);
+    r.version = version;
+    r.at_us = at_us;
+    r.process = std::move(process);
     if (detail::record_checksum(static_cast<std::int64_t>(r.version), r.at_us, r.process, writes,
-                                messages) != sqlite3_column_int64(rows.s, 5)) {
+                                messages) != checksum) {
       return absl::DataLossError(absl::StrCat("journal '", path, "': the record of version ",
                                               r.version, " fails its checksum"));
     }
@@ -611,8 +687,29 @@ absl::StatusOr<std::vector<journal_record_info>> read_journal(const std::string&
       if (id.is_string()) r.message_ids.push_back(id);
     }
     out.push_back(std::move(r));
+    return absl::OkStatus();
+  };
+  int step;
+  while ((step = sqlite3_step(rows.s)) == SQLITE_ROW) {
+    POP_RETURN_IF_ERROR(add(static_cast<std::uint64_t>(sqlite3_column_int64(rows.s, 0)),
+                            sqlite3_column_int64(rows.s, 1), detail::column_text(rows.s, 2),
+                            detail::column_text(rows.s, 3), detail::column_text(rows.s, 4),
+                            sqlite3_column_int64(rows.s, 5)));
   }
   if (step != SQLITE_DONE) return detail::sql_error(c.db, step, path, "reading its records");
+  if (out.size() < limit) {
+    // Then the commits only the commit log holds yet (see load_read_only).
+    POP_ASSIGN_OR_RETURN(const std::uint64_t newest, detail::newest_version(c.db, path));
+    std::uint32_t epoch = 0;
+    POP_ASSIGN_OR_RETURN(const detail::commit_log::contents log,
+                         detail::read_log_of(c.db, path, info, epoch));
+    for (const detail::commit_log::entry* e : detail::log_continuation(log, newest)) {
+      if (out.size() >= limit) break;
+      if (e->version < from_version) continue;
+      POP_RETURN_IF_ERROR(
+          add(e->version, e->at_us, e->process, e->writes, e->messages, e->checksum));
+    }
+  }
   return out;
 }
 

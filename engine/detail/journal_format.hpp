@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "pop/contracts/json.hpp"
 #include "pop/contracts/outbox_message.hpp"
+#include "pop/engine/detail/commit_log.hpp"
 #include "pop/engine/detail/sqlite.hpp"
 #include "pop/engine/detail/tree.hpp"
 #include "pop/engine/journal.hpp"
@@ -91,12 +92,32 @@ class record_encoder {
 // The checksum of a pop_commits row: FNV-1a 64 over its fields.
 std::int64_t record_checksum(std::int64_t version, std::int64_t at_us, std::string_view process,
                              std::string_view writes, std::string_view messages);
+// FNV-1a 64 of `bytes` (the check of a commit log record's head).
+std::int64_t bytes_checksum(std::string_view bytes);
 // The checksum of a pop_snapshots row: FNV-1a 64 over its fields.
 std::int64_t snapshot_checksum(std::int64_t version, std::int64_t at_us, std::string_view state);
 // Reads pop_meta into `info`; `found` is false if the table does not exist.
 absl::Status read_meta(sqlite3* db, const std::string& path, journal_info& info, bool& found);
 // The head file of journal `path`: "<path>-head".
 std::string head_path(const std::string& path);
+// The commit log of journal `path`: "<path>-log" (see commit_log.hpp).
+std::string log_path(const std::string& path);
+// The records of `log` that continue a database holding the versions up to `after`: versions
+// after + 1, after + 2, ... (up to `until`) without a gap, oldest first. (Records past a gap were
+// never acknowledged: the record before them was torn by a crash.)
+std::vector<const commit_log::entry*> log_continuation(
+    const commit_log::contents& log, std::uint64_t after,
+    std::uint64_t until = std::numeric_limits<std::uint64_t>::max());
+// The commit log of the journal open at `db` (with `info` read from it), if it is the log the
+// journal last used (its epoch is at least the journal's "log_epoch"); else empty (no log, or one
+// of another journal). kDataLoss if the journal was not closed cleanly and its log is missing or
+// older (unless the file exists empty: accepted as it is). `epoch` gets the journal's
+// "log_epoch" (0: it has used no log).
+absl::StatusOr<commit_log::contents> read_log_of(sqlite3* db, const std::string& path,
+                                                 const journal_info& info, std::uint32_t& epoch);
+// The value of metadata `key`, or nullopt if it has none.
+absl::StatusOr<std::optional<std::string>> read_meta_value(sqlite3* db, const std::string& path,
+                                                           const char* key);
 // The head file's content for `version` (head_size bytes).
 std::string head_text(std::uint64_t version);
 // The version the head file of `path` names, or nullopt if it is missing or unreadable.

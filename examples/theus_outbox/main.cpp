@@ -228,7 +228,8 @@ int main(int argc, char** argv) {
   bool ok = chapter_25(producers, per);
   ok &= chapter_18(producers, per, pop::cas_mode::strict, db);
   ok &= chapter_18(producers, per, pop::cas_mode::keys, db);
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(db + suffix);
+  for (const char* suffix : {"", "-wal", "-shm", "-head", "-log"})
+    std::filesystem::remove(db + suffix);
   std::cout << (ok ? "all checks passed\n" : "a check failed\n");
   return ok ? 0 : 1;
 }

@@ -88,7 +88,7 @@ void sql(const std::string& file, const std::string& statement) {
 
 // Copies the journal's files as they are now: the image a crash at this moment would leave.
 void copy_crash_image(const std::string& from, const std::string& to) {
-  for (const char* suffix : {"", "-wal", "-head"}) {
+  for (const char* suffix : {"", "-wal", "-head", "-log"}) {
     const std::string bytes = file_bytes(from + suffix);
     if (!bytes.empty()) pop::test::write_bytes(to + suffix, bytes);
   }
@@ -366,6 +366,127 @@ TEST_CASE("a crash image reopens at the last durable commit", "[journal]") {
   CHECK(open_engine(journaled(image))->snapshot().to_json() == expected);
 }
 
+TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the commit log",
+          "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  const std::string image = dir.file("image.db");
+  const std::string torn = dir.file("torn.db");
+  auto e = open_engine(journaled(file));
+  REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-first"}}).ok());
+  const std::uint64_t before = e->version();
+  json expected;
+  json expected_torn;
+  {
+    // Another SQLite client holds the write lock: the journal's writer cannot write a group
+    // (it retries for seconds), so what follows is acknowledged from the commit log alone.
+    sqlite3* other = nullptr;
+    REQUIRE(sqlite3_open(file.c_str(), &other) == SQLITE_OK);
+    REQUIRE(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+    for (int i = 0; i < 6; ++i) {
+      if (i == 5) expected_torn = e->snapshot().to_json();
+      REQUIRE(e->execute("take", {{"sku", "B2"},
+                                  {"order", "o-" + std::to_string(i)},
+                                  {"note", "LOGGED" + std::to_string(1000 + i)}})
+                  .ok());
+    }
+    CHECK(e->durable_version() == before + 6);
+    copy_crash_image(file, image);
+    copy_crash_image(file, torn);
+    REQUIRE(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
+    sqlite3_close(other);
+    expected = e->snapshot().to_json();
+  }
+  // The database holds none of the six: a reader sees them through the log.
+  const pop::journal_info info = pop::verify_journal(image).value();
+  CHECK(info.last_version == before + 6);
+  const std::vector<pop::journal_record_info> records =
+      pop::read_journal(image, before + 1).value();
+  REQUIRE(records.size() == 6);
+  CHECK(records.back().version == before + 6);
+  CHECK(records.back().process == "take");
+  CHECK(pop::read_journal_state(image).value().state == expected);
+  {
+    auto reopened = open_engine(journaled(image));
+    CHECK(reopened->version() == before + 6);
+    CHECK(reopened->snapshot().to_json() == expected);
+    REQUIRE(reopened->execute("take", {{"sku", "A1"}, {"order", "o-after"}}).ok());
+  }
+  // Moved into the database on reopening: whole without its log.
+  CHECK(pop::verify_journal(image).value().last_version == before + 7);
+  // A crash that tore the last record (its committer was never told) loses that record only.
+  std::string bytes = file_bytes(torn + "-log");
+  const std::size_t at = bytes.find("LOGGED1005");
+  REQUIRE(at != std::string::npos);
+  bytes[at + 7] = '9';
+  pop::test::write_bytes(torn + "-log", bytes);
+  auto reopened = open_engine(journaled(torn));
+  CHECK(reopened->version() == before + 5);
+  CHECK(reopened->snapshot().to_json() == expected_torn);
+}
+
+TEST_CASE("the commit log wraps around its end, reuses released space and reads whole records",
+          "[journal]") {
+  using pop::detail::commit_log;
+  temp_dir dir;
+  const std::string path = dir.file("unit.db-log");
+  auto log = commit_log::create(path, 64 << 10, 7).value();
+  const auto record = [](std::uint64_t v) {
+    return "[\"W" + std::to_string(10000 + v) + "\"," + std::string(900 + v % 17, 'x') + "]";
+  };
+  const auto append = [&](std::uint64_t v) {
+    const std::string w = record(v);
+    return log->append(v, 5, "p", w, "[]",
+                       pop::detail::record_checksum(static_cast<std::int64_t>(v), 5, "p", w, "[]"));
+  };
+  const auto versions = [&] {
+    std::vector<std::uint64_t> out;
+    const commit_log::contents c = commit_log::read(path).value();
+    CHECK(c.epoch == 7);
+    for (const commit_log::entry& e : c.entries) {
+      CHECK(e.writes == record(e.version));
+      CHECK(e.process == "p");
+      out.push_back(e.version);
+    }
+    return out;
+  };
+  const auto range = [](std::uint64_t from, std::uint64_t to) {
+    std::vector<std::uint64_t> out;
+    for (std::uint64_t v = from; v <= to; ++v) out.push_back(v);
+    return out;
+  };
+  CHECK(log->fits(1000));
+  CHECK(!log->fits(16 << 10));
+  std::uint64_t v = 0;
+  while (append(v + 1)) ++v;
+  REQUIRE(v > 50);
+  CHECK(versions() == range(1, v));
+  // Space comes back from the tail only; the ring then wraps (a padding record at its end).
+  log->release_through(v / 2);
+  const std::uint64_t full = v;
+  while (append(v + 1)) ++v;
+  CHECK(v > full + full / 3);
+  CHECK(versions() == range(full / 2 + 1, v));
+  log->release_through(v);
+  CHECK(log->used() == 0);
+  CHECK(versions().empty());
+  for (std::uint64_t i = 0; i < 3; ++i) REQUIRE(append(++v));
+  CHECK(versions() == range(v - 2, v));
+  // A torn record ends the log there.
+  std::string bytes = file_bytes(path);
+  const std::size_t at = bytes.rfind("W" + std::to_string(10000 + v - 1));
+  REQUIRE(at != std::string::npos);
+  bytes[at + 1] = '#';
+  pop::test::write_bytes(path, bytes);
+  CHECK(versions() == range(v - 2, v - 2));
+  // A new epoch reads nothing of the old one's bytes.
+  log = commit_log::create(path, 64 << 10, 8).value();
+  const commit_log::contents fresh = commit_log::read(path).value();
+  CHECK(fresh.epoch == 8);
+  CHECK(fresh.entries.empty());
+  CHECK(commit_log::read(dir.file("none-log")).value().entries.empty());
+}
+
 TEST_CASE("a crash image whose log the sqlite3 tool checkpointed reopens with every commit",
           "[journal]") {
   temp_dir dir;
@@ -449,7 +570,10 @@ TEST_CASE("damaged, foreign, newer and busy journals are refused and left as the
   SECTION("a lost write-ahead log after a crash") {
     const std::string image = dir.file("image.db");
     {
-      auto e = open_engine(journaled(file));
+      // Without a commit log an acknowledged commit is in SQLite's write-ahead log alone.
+      pop::options o = journaled(file);
+      o.journal_tuning.log_bytes = 0;
+      auto e = open_engine(o);
       REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-x"}}).ok());
       copy_crash_image(file, image);
     }
@@ -460,6 +584,20 @@ TEST_CASE("damaged, foreign, newer and busy journals are refused and left as the
     // Without the head file there is no telling what was lost: still refused.
     std::remove((image + "-head").c_str());
     refused(image, absl::StatusCode::kDataLoss, "write-ahead log");
+  }
+  SECTION("a lost commit log after a crash") {
+    const std::string image = dir.file("image.db");
+    {
+      auto e = open_engine(journaled(file));
+      REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-x"}}).ok());
+      copy_crash_image(file, image);
+    }
+    REQUIRE(std::filesystem::exists(image + "-log"));
+    std::remove((image + "-log").c_str());
+    refused(image, absl::StatusCode::kDataLoss, "commit log");
+    // An empty log accepts the journal as it is.
+    pop::test::write_bytes(image + "-log", "");
+    CHECK(pop::engine::open(journaled(image)).ok());
   }
   SECTION("a journal with another outbox path") {
     pop::options o = journaled(file);

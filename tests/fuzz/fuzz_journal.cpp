@@ -12,7 +12,8 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static const std::string file = "/tmp/pop-fuzz-journal-" + std::to_string(::getpid()) + ".db";
-  for (const char* suffix : {"", "-wal", "-shm", "-head"}) std::remove((file + suffix).c_str());
+  for (const char* suffix : {"", "-wal", "-shm", "-head", "-log"})
+    std::remove((file + suffix).c_str());
   if (std::FILE* f = std::fopen(file.c_str(), "wb")) {
     std::fwrite(data, 1, size, f);
     std::fclose(f);
