@@ -254,6 +254,10 @@ class engine {
   // kResourceExhausted naming `who` if `next` grows the outbox of `base` past max_pending.
   absl::Status check_pending_bound(const detail::version_state& base, const detail::node_ptr& next,
                                    std::string_view who) const;
+  // True if every path of `access` holds the same stored value in `now` as in `then` (see
+  // engine.cpp): no commit between them could conflict.
+  static bool untouched_since(const path_set& access, const detail::value_node& then,
+                              const detail::value_node& now);
   // The first logged write after `since` that overlaps `access`, as "path (version N)", or empty.
   std::string find_conflict(const path_set& access, std::uint64_t since) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);

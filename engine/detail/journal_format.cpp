@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
@@ -479,16 +480,20 @@ std::string record_encoder::messages_text(const std::vector<std::string>& ids) {
 }
 
 void append_json_string(std::string& out, std::string_view text) {
-  // ASCII is escaped here; text with other bytes goes through nlohmann, which also checks that
-  // it is UTF-8 (rare in paths, ids and keys).
-  for (const char c : text) {
-    if (static_cast<unsigned char>(c) >= 0x80) {
-      out += json(std::string(text)).dump();
-      return;
-    }
-  }
+  // Bytes written as they are: printable ASCII but '"' and '\\'.
+  static constexpr auto plain = [] {
+    std::array<bool, 256> t{};
+    for (int c = 0x20; c < 0x80; ++c) t[static_cast<std::size_t>(c)] = c != '"' && c != '\\';
+    return t;
+  }();
+  const std::size_t start = out.size();
   out += '"';
-  for (const char c : text) {
+  std::size_t run = 0;  // where the plain bytes not yet appended begin
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (plain[c]) continue;
+    out.append(text.data() + run, i - run);
+    run = i + 1;
     switch (c) {
       case '"':
         out += "\\\"";
@@ -512,16 +517,20 @@ void append_json_string(std::string& out, std::string_view text) {
         out += "\\t";
         break;
       default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          static constexpr char hex[] = "0123456789abcdef";
-          out += "\\u00";
-          out += hex[(static_cast<unsigned char>(c) >> 4) & 0xF];
-          out += hex[static_cast<unsigned char>(c) & 0xF];
-        } else {
-          out += c;
+        if (c >= 0x80) {
+          // Text with bytes beyond ASCII goes through nlohmann, which also checks that it is
+          // UTF-8 (rare in paths, ids and keys).
+          out.resize(start);
+          out += json(std::string(text)).dump();
+          return;
         }
+        static constexpr char hex[] = "0123456789abcdef";
+        out += "\\u00";
+        out += hex[(c >> 4) & 0xF];
+        out += hex[c & 0xF];
     }
   }
+  out.append(text.data() + run, text.size() - run);
   out += '"';
 }
 
