@@ -299,8 +299,9 @@ std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_
     }
     // Committers already waiting (they found the front unfilled and woke nobody) need the writer
     // once the front is filled, batch or not; logged records once a group's worth waits.
+    // (The queue may be empty: the writer may have written `r` while it waited for room.)
     notify =
-        !writing_ && queue_.front()->filled &&
+        !writing_ && !queue_.empty() && queue_.front()->filled &&
         (!waiters_.empty() || ((wake_writer || log_ != nullptr) && queue_.size() >= worth_waking));
     acked = acked_;
   }

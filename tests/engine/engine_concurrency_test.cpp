@@ -266,6 +266,11 @@ TEST_CASE("concurrent journaled commits are durable when acknowledged, with snap
   o.durability = pop::durability::process;
   o.journal_tuning.snapshot_every = 40;
   o.journal_tuning.max_group = 4;  // several groups at once
+  // The commit log as configured by default; none (every commit waits for SQLite); and the
+  // smallest (wrapping around many times, committers waiting for room).
+  o.journal_tuning.log_bytes =
+      GENERATE(std::size_t{8} << 20, std::size_t{0}, std::size_t{64} << 10);
+  INFO("log_bytes: " << o.journal_tuning.log_bytes);
   o.retry.max_attempts = 1000;
   json expected;
   {

@@ -7,8 +7,10 @@
 
 #include <sqlite3.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <thread>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -382,6 +384,7 @@ TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the co
     // (it retries for seconds), so what follows is acknowledged from the commit log alone.
     sqlite3* other = nullptr;
     REQUIRE(sqlite3_open(file.c_str(), &other) == SQLITE_OK);
+    sqlite3_busy_timeout(other, 5000);
     REQUIRE(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
     for (int i = 0; i < 6; ++i) {
       if (i == 5) expected_torn = e->snapshot().to_json();
@@ -423,6 +426,49 @@ TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the co
   auto reopened = open_engine(journaled(torn));
   CHECK(reopened->version() == before + 5);
   CHECK(reopened->snapshot().to_json() == expected_torn);
+}
+
+TEST_CASE("a full commit log holds committers back until SQLite takes its records", "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  pop::options o = journaled(file);
+  o.journal_tuning.log_bytes = 64 << 10;  // the smallest: 6 records of about 10 KiB fit
+  auto e = open_engine(o);
+  constexpr std::uint64_t fit = 6;
+  constexpr int commits = 40;
+  const std::string note(9800, 'n');
+  sqlite3* other = nullptr;
+  REQUIRE(sqlite3_open(file.c_str(), &other) == SQLITE_OK);
+  sqlite3_busy_timeout(other, 5000);
+  REQUIRE(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+  const std::uint64_t base = e->version();
+  std::atomic<int> failed{0};
+  std::thread committer([&] {
+    for (int i = 0; i < commits; ++i) {
+      if (!e->execute("take", {{"sku", "B2"}, {"order", "o-" + std::to_string(i)}, {"note", note}})
+               .ok()) {
+        failed.fetch_add(1);
+      }
+    }
+  });
+  // The writer cannot write while `other` holds the lock, so the log fills: the commit after the
+  // sixth is installed (versions are, before their records are logged) and waits for room.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(4);
+  while (e->version() < base + fit + 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  const std::uint64_t installed = e->version();
+  const std::uint64_t acknowledged = e->durable_version();
+  REQUIRE(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(other);
+  committer.join();
+  CHECK(installed == base + fit + 1);
+  CHECK(acknowledged == base + fit);
+  CHECK(failed.load() == 0);
+  CHECK(e->durable_version() == base + commits);
+  const json expected = e->snapshot().to_json();
+  e.reset();
+  CHECK(open_engine(o)->snapshot().to_json() == expected);
 }
 
 TEST_CASE("the commit log wraps around its end, reuses released space and reads whole records",
