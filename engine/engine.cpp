@@ -81,6 +81,11 @@ absl::Status validate_options(const options& o) {
     return absl::InvalidArgumentError(
         "options.journal_tuning.snapshot_every, max_group and max_batch_lag must be at least 1");
   }
+  if (o.journal_tuning.log_bytes > (std::size_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat("options.journal_tuning.log_bytes is ",
+                                                   o.journal_tuning.log_bytes,
+                                                   ", above the largest commit log of 1 GiB"));
+  }
   return absl::OkStatus();
 }
 

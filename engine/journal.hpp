@@ -32,9 +32,11 @@ struct journal_options {
   std::size_t max_group = 8192;                // most commits sharing one SQLite transaction
   std::uint64_t max_batch_lag = 8192;  // versions an engine::batch may run ahead of the journal
                                        // before its next commit waits for part of them
-  // Bytes of the commit log at durability::process (rounded up to 4 KiB, at least 64 KiB; a
-  // record over a quarter of it waits for SQLite instead). 0: no log, every commit waits for
-  // SQLite (several times slower under many writers).
+  // Bytes of the commit log at durability::process (rounded up to 4 KiB, at least 64 KiB, at most
+  // 1 GiB; a record over a quarter of it waits for SQLite instead). 0: no log, every commit waits
+  // for SQLite (about half the throughput under many writers). The log is a file mapped into
+  // memory, its blocks reserved when it is created: on a copy-on-write file system (btrfs, ZFS)
+  // a full disk can still fail a write into it, which ends the process (SIGBUS); there, prefer 0.
   std::size_t log_bytes = 8u << 20;
 };
 

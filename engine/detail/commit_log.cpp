@@ -142,11 +142,16 @@ absl::StatusOr<std::unique_ptr<commit_log>> commit_log::create(const std::string
                                                                std::uint32_t epoch) {
   capacity = std::max<std::size_t>((capacity + 4095) & ~std::size_t{4095}, 64 << 10);
   const std::size_t bytes = header_bytes + capacity;
-  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) return io_error(path, "cannot create it");
+  // Made whole under another name and renamed over the old log: a crash leaves the old log (its
+  // records in SQLite already) or the new one, empty, never a torn header, and nothing of the old
+  // file's bytes is in the new one.
+  const std::string fresh = path + ".new";
+  const int fd = ::open(fresh.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return io_error(fresh, "cannot create it");
   const auto fail = [&](const char* what) {
-    absl::Status s = io_error(path, what);
+    absl::Status s = io_error(fresh, what);
     ::close(fd);
+    ::unlink(fresh.c_str());
     return s;
   };
   // Blocks reserved now: a store into a mapped page the disk has no room for would kill the
@@ -159,14 +164,17 @@ absl::StatusOr<std::unique_ptr<commit_log>> commit_log::create(const std::string
   void* map = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
   if (map == MAP_FAILED) return fail("cannot map it");
   char* header = static_cast<char*>(map);
-  const std::uint64_t zero = 0;
   const std::uint64_t cap = capacity;
-  // The epoch and tail first: a create torn here leaves old records unreadable or old (and
-  // every old record was moved into SQLite before this was called).
-  std::memcpy(header + at_epoch, &epoch, sizeof epoch);
-  std::memcpy(header + at_tail, &zero, sizeof zero);
-  std::memcpy(header + at_capacity, &cap, sizeof cap);
   std::memcpy(header, magic, sizeof magic);
+  std::memcpy(header + at_capacity, &cap, sizeof cap);
+  std::memcpy(header + at_epoch, &epoch, sizeof epoch);  // (the tail is 0: the file was empty)
+  if (::rename(fresh.c_str(), path.c_str()) != 0) {
+    absl::Status s = io_error(path, "cannot put the new log in place");
+    ::munmap(map, bytes);
+    ::close(fd);
+    ::unlink(fresh.c_str());
+    return s;
+  }
   return std::unique_ptr<commit_log>(
       new commit_log(fd, static_cast<char*>(map), bytes, capacity, epoch));
 }

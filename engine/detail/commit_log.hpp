@@ -55,8 +55,7 @@ class commit_log {
   // file does not exist or has no valid header (a log never used, or one torn while created).
   static absl::StatusOr<contents> read(const std::string& path);
   // Creates the log at `path` empty, with `capacity` bytes of ring (rounded up to 4 KiB, at least
-  // 64 KiB), replacing what the file held, at `epoch`: one above every epoch the file held
-  // before, so nothing it held reads as a record of the new log.
+  // 64 KiB), at `epoch`, replacing the file atomically (a new file renamed over it).
   static absl::StatusOr<std::unique_ptr<commit_log>> create(const std::string& path,
                                                             std::size_t capacity,
                                                             std::uint32_t epoch);

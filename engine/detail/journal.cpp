@@ -154,8 +154,9 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
   }
   // Commits acknowledged from the commit log that a crash kept from SQLite go into SQLite first.
   std::uint32_t known_epoch = 0;
-  absl::StatusOr<commit_log::contents> logged = read_log_of(c.db, path, info, known_epoch);
+  absl::StatusOr<commit_log::contents> logged = commit_log::read(log_path(path));
   if (!logged.ok()) return fail(logged.status());
+  if (absl::Status s = check_log(c.db, path, info, *logged, known_epoch); !s.ok()) return fail(s);
   if (existing) {
     if (absl::Status s =
             recover_logged(c.db, path, log_continuation(*logged, info.last_version), root, info);
@@ -299,10 +300,12 @@ std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_
     }
     // Committers already waiting (they found the front unfilled and woke nobody) need the writer
     // once the front is filled, batch or not; logged records once a group's worth waits.
-    // (The queue may be empty: the writer may have written `r` while it waited for room.)
-    notify =
-        !writing_ && !queue_.empty() && queue_.front()->filled &&
-        (!waiters_.empty() || ((wake_writer || log_ != nullptr) && queue_.size() >= worth_waking));
+    // With a log: once a group's worth waits (or a committer waits for room), or if the writer
+    // sleeps with nothing to gather (it then lets a group gather for a moment). (The queue may
+    // be empty: the writer may have written `r` while it waited for room.)
+    notify = log_ ? group_ready() || (writer_idle_ && !writing_ && !queue_.empty())
+                  : !writing_ && queue_.front()->filled &&
+                        (!waiters_.empty() || (wake_writer && queue_.size() >= worth_waking));
     acked = acked_;
   }
   if (notify) work_cv_.notify_one();
@@ -314,9 +317,11 @@ void journal::log_record(journal_record& r, std::unique_lock<std::mutex>& lock) 
   if (!r.error.ok() || !log_->fits(r.process.size() + r.writes.size() + r.messages.size())) {
     return;  // acknowledged once SQLite holds it
   }
-  while (!log_->append(r.version, r.at_us, r.process, r.writes, r.messages, r.checksum)) {
+  for (;;) {
+    // (While it waited for room the writer may have written it into SQLite: then nothing to do.)
+    if (!failed_.ok() || r.version <= durable_) return;
+    if (log_->append(r.version, r.at_us, r.process, r.writes, r.messages, r.checksum)) break;
     // No room until the writer has put older records into SQLite and freed theirs.
-    if (!failed_.ok() || r.version <= durable_) return;  // (then nothing to wait for)
     ++room_waiters_;
     work_cv_.notify_one();
     room_cv_.wait(lock, [&] {
@@ -407,14 +412,17 @@ void journal::write_front_group(std::unique_lock<std::mutex>& lock) {
     s = queue_.front()->error;
   } else {
     lock.unlock();
-    s = write_group(group);
+    const absl::Status written = write_group(group);
     const std::uint64_t last = group.back()->version;
-    if (s.ok()) s = write_head(head_fd_, path_, last);
+    s = written.ok() ? write_head(head_fd_, path_, last) : written;
     lock.lock();
-    if (s.ok()) {
+    if (written.ok()) {
+      // In SQLite: durable even if the head file could not be written (the journal then fails).
       durable_ = last;
       advance_acked();
       if (log_) log_->release_through(durable_);
+    }
+    if (s.ok()) {
       const journal_record* due = nullptr;  // the group's newest record that kept its state
       for (const std::shared_ptr<journal_record>& r : group) {
         if (r->state) due = r.get();
@@ -516,7 +524,7 @@ void journal::run_writer() {
     const auto work = [&] {
       return stop_ || (failed_.ok() && (group_ready() || (!writing_ && !described_.empty())));
     };
-    if (log_ && !queue_.empty()) {
+    if (log_ && failed_.ok() && !queue_.empty()) {
       // Logged records are acknowledged already: a group may gather, but not for long.
       if (!work_cv_.wait_for(lock, gather_time, work)) {
         if (failed_.ok() && !writing_ && !queue_.empty() && queue_.front()->filled) {
@@ -525,7 +533,10 @@ void journal::run_writer() {
         continue;
       }
     } else {
-      work_cv_.wait(lock, work);
+      writer_idle_ = true;
+      work_cv_.wait(lock, [&] { return work() || (log_ && failed_.ok() && !queue_.empty()); });
+      writer_idle_ = false;
+      if (!work()) continue;  // logged records arrived: let a group gather
     }
     if (stop_) return;
     if (group_ready()) {

@@ -203,8 +203,9 @@ class journal {
   // The newest version acknowledged: every version up to it is in SQLite or in the log.
   std::uint64_t acked_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<commit_log> log_ ABSL_GUARDED_BY(mu_);  // null at durability::power
-  std::condition_variable room_cv_;            // the log has room again (or the journal failed)
-  int room_waiters_ ABSL_GUARDED_BY(mu_) = 0;  // committers waiting on room_cv_
+  std::condition_variable room_cv_;                // the log has room again (or the journal failed)
+  int room_waiters_ ABSL_GUARDED_BY(mu_) = 0;      // committers waiting on room_cv_
+  bool writer_idle_ ABSL_GUARDED_BY(mu_) = false;  // the writer thread waits with no timeout
   // When the next snapshot is due (see fill()): the version of the last one and the record bytes
   // filled since.
   std::uint64_t snapshot_base_ ABSL_GUARDED_BY(mu_);

@@ -122,23 +122,21 @@ std::vector<const commit_log::entry*> log_continuation(const commit_log::content
   return out;
 }
 
-absl::StatusOr<commit_log::contents> read_log_of(sqlite3* db, const std::string& path,
-                                                 const journal_info& info, std::uint32_t& epoch) {
-  POP_ASSIGN_OR_RETURN(const std::optional<std::string> known,
+absl::Status check_log(sqlite3* db, const std::string& path, const journal_info& info,
+                       commit_log::contents& log, std::uint32_t& known) {
+  POP_ASSIGN_OR_RETURN(const std::optional<std::string> value,
                        read_meta_value(db, path, "log_epoch"));
-  epoch = known ? static_cast<std::uint32_t>(std::strtoul(known->c_str(), nullptr, 10)) : 0;
-  if (epoch == 0) return commit_log::contents{};
-  POP_ASSIGN_OR_RETURN(commit_log::contents log, commit_log::read(log_path(path)));
-  if (log.epoch >= epoch) return log;
-  if (!info.clean && file_size(log_path(path)) != 0) {
+  known = value ? static_cast<std::uint32_t>(std::strtoul(value->c_str(), nullptr, 10)) : 0;
+  if (known != 0 && (log.epoch == known || log.epoch == known + 1)) return absl::OkStatus();
+  log.entries.clear();
+  if (known != 0 && !info.clean && file_size(log_path(path)) != 0) {
     return absl::DataLossError(absl::StrCat(
         "journal '", path, "' was not closed cleanly and its commit log '", log_path(path),
-        "' is missing or older than the journal (epoch ", log.epoch, ", expected ", epoch,
-        "): the commits it acknowledged last may be lost; restore the file (nothing was changed), "
-        "or create it empty to accept the "
-        "journal as it is"));
+        "' is missing or not its own (epoch ", log.epoch, ", expected ", known,
+        "): the commits it acknowledged last may be lost; restore the file (nothing was "
+        "changed), or create it empty to accept the journal as it is"));
   }
-  return commit_log::contents{};
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::optional<std::string>> read_meta_value(sqlite3* db, const std::string& path,
@@ -564,8 +562,10 @@ absl::Status open_read_only(const std::string& path, connection& c, journal_info
 
 absl::Status load_read_only(sqlite3* db, const std::string& path, journal_info& info,
                             node_ptr& root, std::uint64_t until, std::uint64_t* newest) {
-  // One read transaction: an engine writing a snapshot (and pruning the records before it) while
-  // this reads must not make the records look like they have a gap.
+  // The commit log first (see check_log), then one read transaction: an engine writing a
+  // snapshot (and pruning the records before it) while this reads must not make the records look
+  // like they have a gap.
+  POP_ASSIGN_OR_RETURN(commit_log::contents log, commit_log::read(log_path(path)));
   POP_RETURN_IF_ERROR(exec(db, path, "BEGIN"));
   absl::Status s = absl::OkStatus();
   if (newest) {
@@ -580,18 +580,18 @@ absl::Status load_read_only(sqlite3* db, const std::string& path, journal_info& 
   if (s.ok()) {
     // The commits acknowledged from the commit log and not yet in SQLite (an engine running, or
     // one that crashed and was not opened since).
-    std::uint32_t epoch = 0;
-    absl::StatusOr<commit_log::contents> log = read_log_of(db, path, info, epoch);
-    if (!log.ok()) s = log.status();
-    for (const commit_log::entry* e : log.ok() ? log_continuation(*log, info.last_version, until)
-                                               : std::vector<const commit_log::entry*>{}) {
-      s = replay(root, e->writes, e->version, path);
-      if (!s.ok()) break;
-      info.last_version = e->version;
-      ++info.records;
+    std::uint32_t known = 0;
+    s = check_log(db, path, info, log, known);
+    if (s.ok()) {
+      for (const commit_log::entry* e : log_continuation(log, info.last_version, until)) {
+        s = replay(root, e->writes, e->version, path);
+        if (!s.ok()) break;
+        info.last_version = e->version;
+        ++info.records;
+      }
     }
     if (s.ok() && newest) {
-      const std::vector<const commit_log::entry*> after = log_continuation(*log, *newest);
+      const std::vector<const commit_log::entry*> after = log_continuation(log, *newest);
       if (!after.empty()) *newest = after.back()->version;
     }
   }
@@ -661,6 +661,16 @@ absl::StatusOr<std::vector<journal_record_info>> read_journal(const std::string&
   journal_info info;
   detail::connection c;
   POP_RETURN_IF_ERROR(detail::open_read_only(path, c, info));
+  // The commit log first, then the database in one read transaction (see check_log): the records
+  // it holds and those the log adds have no gap between them.
+  POP_ASSIGN_OR_RETURN(detail::commit_log::contents log,
+                       detail::commit_log::read(detail::log_path(path)));
+  POP_RETURN_IF_ERROR(detail::exec(c.db, path, "BEGIN"));
+  struct ending {
+    sqlite3* db;
+    const std::string& path;
+    ~ending() { static_cast<void>(detail::exec(db, path, "COMMIT")); }
+  } end_read{c.db, path};
   detail::statement rows;
   POP_RETURN_IF_ERROR(
       detail::prepare(c.db, path,
@@ -709,9 +719,8 @@ absl::StatusOr<std::vector<journal_record_info>> read_journal(const std::string&
   if (out.size() < limit) {
     // Then the commits only the commit log holds yet (see load_read_only).
     POP_ASSIGN_OR_RETURN(const std::uint64_t newest, detail::newest_version(c.db, path));
-    std::uint32_t epoch = 0;
-    POP_ASSIGN_OR_RETURN(const detail::commit_log::contents log,
-                         detail::read_log_of(c.db, path, info, epoch));
+    std::uint32_t known = 0;
+    POP_RETURN_IF_ERROR(detail::check_log(c.db, path, info, log, known));
     for (const detail::commit_log::entry* e : detail::log_continuation(log, newest)) {
       if (out.size() >= limit) break;
       if (e->version < from_version) continue;

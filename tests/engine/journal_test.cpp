@@ -428,6 +428,67 @@ TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the co
   CHECK(reopened->snapshot().to_json() == expected_torn);
 }
 
+TEST_CASE("a commit log left by another journal is never replayed", "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  const std::string image = dir.file("image.db");
+  {
+    // A crash image whose log holds three commits SQLite lacks.
+    auto e = open_engine(journaled(file));
+    sqlite3* other = nullptr;
+    REQUIRE(sqlite3_open(file.c_str(), &other) == SQLITE_OK);
+    sqlite3_busy_timeout(other, 5000);
+    REQUIRE(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+    for (int i = 0; i < 3; ++i) {
+      REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-" + std::to_string(i)}}).ok());
+    }
+    copy_crash_image(file, image);
+    REQUIRE(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
+    sqlite3_close(other);
+  }
+  REQUIRE(pop::verify_journal(image).value().last_version == 3);
+  // Its database is deleted; its log is left behind. A new journal there starts afresh, and so
+  // does it after a crash of its own.
+  for (const char* suffix : {"", "-wal", "-head"}) std::remove((image + suffix).c_str());
+  const json initial = journaled(image).initial_state;
+  const std::string second = dir.file("second.db");
+  {
+    auto e = open_engine(journaled(image));
+    CHECK(e->version() == 0);
+    CHECK(e->snapshot().read("domain.stock").value() == initial["domain"]["stock"]);
+    copy_crash_image(image, second);
+  }
+  CHECK(!std::filesystem::exists(image + "-log.new"));
+  auto reopened = open_engine(journaled(second));
+  CHECK(reopened->version() == 0);
+  CHECK(reopened->snapshot().read("domain.stock").value() == initial["domain"]["stock"]);
+}
+
+TEST_CASE("commits acknowledged from the commit log reach SQLite without further commits",
+          "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  auto e = open_engine(journaled(file));
+  REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-1"}}).ok());
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(file.c_str(), &db) == SQLITE_OK);
+  sqlite3_busy_timeout(db, 5000);
+  const auto rows = [&] {
+    sqlite3_stmt* s = nullptr;
+    REQUIRE(sqlite3_prepare_v2(db, "SELECT count(*) FROM pop_commits", -1, &s, nullptr) ==
+            SQLITE_OK);
+    REQUIRE(sqlite3_step(s) == SQLITE_ROW);
+    const int n = sqlite3_column_int(s, 0);
+    sqlite3_finalize(s);
+    return n;
+  };
+  // The writer thread, idle when the record came, lets a group gather briefly and writes it.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (rows() < 1 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  CHECK(rows() == 1);
+  sqlite3_close(db);
+}
+
 TEST_CASE("a full commit log holds committers back until SQLite takes its records", "[journal]") {
   temp_dir dir;
   const std::string file = dir.file("shop.db");
@@ -690,6 +751,9 @@ TEST_CASE("journal options are validated", "[journal]") {
   CHECK(pop::engine::open(o).status().code() == absl::StatusCode::kInvalidArgument);
   o.durability = pop::durability::process;
   o.journal_tuning.max_group = 0;
+  CHECK(pop::engine::open(o).status().code() == absl::StatusCode::kInvalidArgument);
+  o.journal_tuning.max_group = 8;
+  o.journal_tuning.log_bytes = (std::size_t{1} << 30) + 1;
   CHECK(pop::engine::open(o).status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(pop::engine::open(journaled("/nonexistent-dir/x.db")).status().code() ==
         absl::StatusCode::kUnavailable);
