@@ -354,6 +354,23 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
   // one waits for its journal and its listeners run; the record is encoded from it first.
   detail::node_ptr root = std::move(done.root);
   if (record) {
+    // The appended messages' nodes, held while the record is encoded, so that the root is let go
+    // first: an in-place commit needs the head's root held by the head alone, and the next one
+    // comes while this one encodes. (null: not a member of a member-map outbox; then the root is
+    // kept and the message found in it.)
+    std::vector<detail::node_ptr> appended;
+    bool all_found = true;
+    if (!done.message_ids.empty()) {
+      const detail::location queue = detail::lookup(*root, outbox_->str());
+      const bool map = queue.exists() && !queue.inner && !queue.packed && queue.node->is_map();
+      appended.reserve(done.message_ids.size());
+      for (const std::string& id : done.message_ids) {
+        const detail::node_ptr* n = map ? queue.node->members().find(id) : nullptr;
+        appended.push_back(n ? *n : nullptr);
+        all_found = all_found && n != nullptr;
+      }
+    }
+    if (all_found) root.reset();
     try {
       record->at_us = options_.clock->now_us();
       record->process = std::string(who);
@@ -375,9 +392,10 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
           encoded.erase(w.target.str());
         }
       }
-      for (const std::string& id : done.message_ids) {
-        const std::string at = absl::StrCat(outbox_->str(), ".", id);
-        const detail::location found = detail::lookup(*root, at);
+      for (std::size_t i = 0; i < done.message_ids.size(); ++i) {
+        const std::string at = absl::StrCat(outbox_->str(), ".", done.message_ids[i]);
+        const detail::location found =
+            appended[i] ? detail::location{appended[i].get(), nullptr} : detail::lookup(*root, at);
         if (const char* rec = found.inner ? nullptr : found.node->message_record()) {
           encoded.set_message_record(at, rec);  // written from the record, nothing decoded
         } else if (!found.inner && found.node->is_message()) {

@@ -262,8 +262,10 @@ std::shared_ptr<journal_record> journal::reserve(std::uint64_t version,
                                                  std::shared_ptr<const version_state> state) {
   auto r = std::make_shared<journal_record>();
   r->version = version;
-  r->state = std::move(state);
   std::lock_guard lock(mu_);
+  // Kept only if a snapshot may be due at it: a record holding its version's state keeps the
+  // next commit from changing the head in place (see engine::commit_in_place).
+  if (snapshot_due(version)) r->state = std::move(state);
   queue_.push_back(r);
   return r;
 }

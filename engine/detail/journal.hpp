@@ -92,7 +92,8 @@ class journal {
   journal(const journal&) = delete;
   journal& operator=(const journal&) = delete;
 
-  // Reserves the record of `version` (the next version), for `state`. Call in version order.
+  // Reserves the record of `version` (the next version); keeps `state` only if a snapshot may be
+  // due at it. Call in version order.
   std::shared_ptr<journal_record> reserve(std::uint64_t version,
                                           std::shared_ptr<const version_state> state);
   // Marks a reserved record filled and lets the writer take it; drops its state unless a snapshot

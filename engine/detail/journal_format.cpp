@@ -377,13 +377,24 @@ absl::Status insert_snapshot(sqlite3* db, const std::string& path, std::uint64_t
 
 // record_encoder: JSON text written as it goes, byte for byte what json::dump() would write.
 
-record_encoder::record_encoder()
-    : out_(nlohmann::detail::output_adapter<char>(text_), ' ', json::error_handler_t::strict) {}
+record_encoder::record_encoder() {
+  text_.reserve(384);  // a small commit's record, without growing it step by step
+}
+
+nlohmann::detail::serializer<json>& record_encoder::out() {
+  // Made on first use: most records need none (packed values and message records are written
+  // directly), and making one allocates.
+  if (!out_) {
+    out_.emplace(nlohmann::detail::output_adapter<char>(text_), ' ',
+                 json::error_handler_t::strict);
+  }
+  return *out_;
+}
 
 void record_encoder::set(std::string_view path, const json& value) {
   open(path);
   text_ += ',';
-  out_.dump(value, false, false, 0);
+  out().dump(value, false, false, 0);
   text_ += ']';
 }
 
@@ -391,7 +402,7 @@ void record_encoder::set_packed(std::string_view path, const char* packed) {
   open(path);
   text_ += ',';
   packed::write_json(
-      packed, text_, [&](double d) { out_.dump(json(d), false, false, 0); },
+      packed, text_, [&](double d) { out().dump(json(d), false, false, 0); },
       [&](std::string_view s) { append_json_string(text_, s); });
   text_ += ']';
 }
@@ -407,7 +418,7 @@ void record_encoder::set_message(std::string_view path, const outbox_message& m)
   if (m.failures.empty()) {
     text_ += "[]";
   } else {
-    out_.dump(json(m.failures), false, false, 0);
+    out().dump(json(m.failures), false, false, 0);
   }
   text_ += ",\"headers\":{";
   bool first = true;
@@ -427,7 +438,7 @@ void record_encoder::set_message(std::string_view path, const outbox_message& m)
   text_ += ",\"next_attempt_at_us\":";
   append_integer(text_, m.next_attempt_at_us);
   text_ += ",\"payload\":";
-  out_.dump(m.payload, false, false, 0);
+  out().dump(m.payload, false, false, 0);
   text_ += ",\"topic\":";
   append_json_string(text_, m.topic);
   text_ += ",\"version\":";
@@ -460,7 +471,7 @@ void record_encoder::set_message_record(std::string_view path, const char* recor
       append_json_string(text_, make_message_id(version, static_cast<std::uint32_t>(*index)));
     } else {
       packed::write_json(
-          at, text_, [&](double d) { out_.dump(json(d), false, false, 0); },
+          at, text_, [&](double d) { out().dump(json(d), false, false, 0); },
           [&](std::string_view s) { append_json_string(text_, s); });
     }
   }
@@ -468,7 +479,9 @@ void record_encoder::set_message_record(std::string_view path, const char* recor
 }
 
 std::string record_encoder::messages_text(const std::vector<std::string>& ids) {
-  std::string text = "[";
+  std::string text;
+  text.reserve(2 + ids.size() * 32);
+  text += '[';
   for (const std::string& id : ids) {
     if (text.size() > 1) text += ',';
     append_json_string(text, id);

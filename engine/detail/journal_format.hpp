@@ -86,7 +86,8 @@ class record_encoder {
     append_json_string(text_, path);
   }
   std::string text_ = "[";
-  nlohmann::detail::serializer<json> out_;  // appends to text_
+  nlohmann::detail::serializer<json>& out();
+  std::optional<nlohmann::detail::serializer<json>> out_;  // appends to text_ (see out())
 };
 
 // The checksum of a pop_commits row: FNV-1a 64 over its fields.
