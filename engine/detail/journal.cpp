@@ -395,6 +395,7 @@ void journal::write_front(std::unique_lock<std::mutex>& lock) {
   } catch (const std::exception& e) {
     // (Say, bad_alloc.) The token must be handed back, or every later commit would wait forever.
     if (!lock.owns_lock()) lock.lock();
+    has_failed_.store(true, std::memory_order_release);
     failed_ = absl::InternalError(absl::StrCat("the journal failed after version ", durable_,
                                                ": unexpected exception: ", e.what(),
                                                "; the engine refuses further commits"));
@@ -453,6 +454,7 @@ void journal::write_front_group(std::unique_lock<std::mutex>& lock) {
     }
   }
   if (!s.ok()) {
+    has_failed_.store(true, std::memory_order_release);
     failed_ = annotate(s, absl::StrCat("the journal failed after version ", durable_,
                                        "; the engine refuses further commits"));
   }
@@ -493,6 +495,8 @@ std::uint64_t journal::durable_version() const {
 }
 
 absl::Status journal::failure() const {
+  // (Every commit asks: without the lock when the journal has not failed.)
+  if (!has_failed_.load(std::memory_order_acquire)) return absl::OkStatus();
   std::lock_guard lock(mu_);
   return failed_;
 }

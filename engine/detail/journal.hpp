@@ -212,6 +212,7 @@ class journal {
   std::uint64_t snapshot_base_ ABSL_GUARDED_BY(mu_);
   std::uint64_t filled_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Status failed_ ABSL_GUARDED_BY(mu_);
+  std::atomic<bool> has_failed_{false};  // set (under mu_) when failed_ is
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::pair<std::string, std::string>> described_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;  // the token: somebody is writing to db_
