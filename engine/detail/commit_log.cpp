@@ -7,8 +7,10 @@
 
 #include <cerrno>
 #include <cstring>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "pop/contracts/status.hpp"
 #include "pop/engine/detail/journal_format.hpp"
 
 namespace pop::detail {
@@ -57,46 +59,62 @@ absl::Status io_error(const std::string& path, const char* what) {
       absl::StrCat("commit log '", path, "': ", what, ": ", std::strerror(errno)));
 }
 
-// The valid records of a ring from `tail` on (see commit_log).
-std::vector<commit_log::entry> scan(const char* ring, std::size_t capacity, std::uint32_t epoch,
-                                    std::uint64_t tail) {
-  std::vector<commit_log::entry> out;
+// The head at absolute offset `abs` of a ring, if it is a valid head written there in `epoch`.
+std::optional<record_head> head_at(const char* ring, std::size_t capacity, std::uint32_t epoch,
+                                   std::uint64_t abs) {
+  const std::size_t pos = abs % capacity;
+  if (capacity - pos < head_bytes) return std::nullopt;
+  const auto h = load_at<record_head>(ring + pos);
+  if (h.abs != abs || h.epoch != epoch || h.check != head_check(h) || h.size < head_bytes ||
+      h.size > capacity - pos || h.size % 8 != 0) {
+    return std::nullopt;
+  }
+  return h;
+}
+
+// The valid records of a ring from `tail` on (see commit_log) into `out.entries`, and where a
+// record that does not check is followed by one that does (`out.damaged_at`).
+void scan(const char* ring, std::size_t capacity, std::uint64_t tail, commit_log::contents& out) {
   std::uint64_t abs = tail;
   while (abs - tail < capacity) {
-    const std::size_t pos = abs % capacity;
-    const std::size_t room = capacity - pos;
+    const std::size_t room = capacity - abs % capacity;
     if (room < head_bytes) {  // the implicit padding of a ring's last bytes
       abs += room;
       continue;
     }
-    const auto h = load_at<record_head>(ring + pos);
-    if (h.abs != abs || h.epoch != epoch || h.check != head_check(h) || h.size < head_bytes ||
-        h.size > room || h.size % 8 != 0 || abs - tail + h.size > capacity) {
-      break;
-    }
-    if (h.kind == kind_record) {
+    const std::optional<record_head> h = head_at(ring, capacity, out.epoch, abs);
+    if (!h || abs - tail + h->size > capacity) break;
+    if (h->kind == kind_record) {
       const std::uint64_t fields =
-          std::uint64_t{h.process_len} + h.writes_len + std::uint64_t{h.messages_len};
-      if (head_bytes + fields > h.size) break;
-      const char* p = ring + pos + head_bytes;
+          std::uint64_t{h->process_len} + h->writes_len + std::uint64_t{h->messages_len};
+      if (head_bytes + fields > h->size) break;
+      const char* p = ring + abs % capacity + head_bytes;
       commit_log::entry e;
-      e.version = h.version;
-      e.at_us = h.at_us;
-      e.process.assign(p, h.process_len);
-      e.writes.assign(p + h.process_len, h.writes_len);
-      e.messages.assign(p + h.process_len + h.writes_len, h.messages_len);
-      e.checksum = h.checksum;
+      e.version = h->version;
+      e.at_us = h->at_us;
+      e.process.assign(p, h->process_len);
+      e.writes.assign(p + h->process_len, h->writes_len);
+      e.messages.assign(p + h->process_len + h->writes_len, h->messages_len);
+      e.checksum = h->checksum;
       if (record_checksum(static_cast<std::int64_t>(e.version), e.at_us, e.process, e.writes,
                           e.messages) != e.checksum) {
-        break;  // torn while written
+        break;
       }
-      out.push_back(std::move(e));
-    } else if (h.kind != kind_padding) {
+      out.entries.push_back(std::move(e));
+    } else if (h->kind != kind_padding) {
       break;
     }
-    abs += h.size;
+    abs += h->size;
   }
-  return out;
+  // Records are appended one at a time and a record's head is stored after its fields, so a
+  // crash leaves nothing valid after the record it tore (beyond it lie bytes of an earlier lap,
+  // whose heads name other offsets, or zeros). A valid head further on means damage instead.
+  for (std::uint64_t at = abs + 8; at - tail < capacity; at += 8) {
+    if (head_at(ring, capacity, out.epoch, at)) {
+      out.damaged_at = abs;
+      return;
+    }
+  }
 }
 
 }  // namespace
@@ -126,14 +144,29 @@ absl::StatusOr<commit_log::contents> commit_log::read(const std::string& path) {
     return out;
   }
   std::string ring(capacity, '\0');
-  for (std::size_t done = 0; done < capacity;) {
-    const ssize_t n =
-        ::pread(fd, ring.data() + done, capacity - done, static_cast<off_t>(header_bytes + done));
-    if (n <= 0) return io_error(path, "cannot read it");
-    done += static_cast<std::size_t>(n);
+  const auto read_ring = [&]() -> absl::Status {
+    if (::pread(fd, header, header_bytes, 0) != static_cast<ssize_t>(header_bytes)) {
+      return io_error(path, "cannot read it");
+    }
+    for (std::size_t done = 0; done < capacity;) {
+      const ssize_t n =
+          ::pread(fd, ring.data() + done, capacity - done, static_cast<off_t>(header_bytes + done));
+      if (n <= 0) return io_error(path, "cannot read it");
+      done += static_cast<std::size_t>(n);
+    }
+    out = contents{};
+    out.epoch = load_at<std::uint32_t>(header + at_epoch);
+    scan(ring.data(), capacity, load_at<std::uint64_t>(header + at_tail), out);
+    return absl::OkStatus();
+  };
+  POP_RETURN_IF_ERROR(read_ring());
+  if (out.damaged_at) {
+    // An engine appending while this reads can make a record look torn with valid ones after it
+    // (read before and after it was written): damage only if a second reading agrees.
+    const std::uint64_t first = *out.damaged_at;
+    POP_RETURN_IF_ERROR(read_ring());
+    if (out.damaged_at != first) out.damaged_at.reset();
   }
-  out.epoch = load_at<std::uint32_t>(header + at_epoch);
-  out.entries = scan(ring.data(), capacity, out.epoch, load_at<std::uint64_t>(header + at_tail));
   return out;
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -49,6 +50,9 @@ class commit_log {
   struct contents {
     std::vector<entry> entries;  // the valid records from the tail on, in the log's order
     std::uint32_t epoch = 0;     // the log's epoch (0 if there is no log)
+    // Where a record that does not check is followed by valid ones: damage, not a crash (which
+    // tears only the last record). Absent if the log ends cleanly or at a torn last record.
+    std::optional<std::uint64_t> damaged_at;
   };
 
   // The log at `path`, read without changing it (an engine may be appending to it): empty if the

@@ -127,7 +127,16 @@ absl::Status check_log(sqlite3* db, const std::string& path, const journal_info&
   POP_ASSIGN_OR_RETURN(const std::optional<std::string> value,
                        read_meta_value(db, path, "log_epoch"));
   known = value ? static_cast<std::uint32_t>(std::strtoul(value->c_str(), nullptr, 10)) : 0;
-  if (known != 0 && (log.epoch == known || log.epoch == known + 1)) return absl::OkStatus();
+  if (known != 0 && (log.epoch == known || log.epoch == known + 1)) {
+    if (log.damaged_at) {
+      return absl::DataLossError(
+          absl::StrCat("journal '", path, "': its commit log '", log_path(path),
+                       "' is damaged at offset ", *log.damaged_at,
+                       " of its ring, with acknowledged commits after it (a crash tears only "
+                       "the last record); nothing was changed"));
+    }
+    return absl::OkStatus();
+  }
   log.entries.clear();
   if (known != 0 && !info.clean && file_size(log_path(path)) != 0) {
     return absl::DataLossError(absl::StrCat(
@@ -385,8 +394,7 @@ nlohmann::detail::serializer<json>& record_encoder::out() {
   // Made on first use: most records need none (packed values and message records are written
   // directly), and making one allocates.
   if (!out_) {
-    out_.emplace(nlohmann::detail::output_adapter<char>(text_), ' ',
-                 json::error_handler_t::strict);
+    out_.emplace(nlohmann::detail::output_adapter<char>(text_), ' ', json::error_handler_t::strict);
   }
   return *out_;
 }

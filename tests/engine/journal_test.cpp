@@ -374,6 +374,7 @@ TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the co
   const std::string file = dir.file("shop.db");
   const std::string image = dir.file("image.db");
   const std::string torn = dir.file("torn.db");
+  const std::string damaged = dir.file("damaged.db");
   auto e = open_engine(journaled(file));
   REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-first"}}).ok());
   const std::uint64_t before = e->version();
@@ -396,6 +397,7 @@ TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the co
     CHECK(e->durable_version() == before + 6);
     copy_crash_image(file, image);
     copy_crash_image(file, torn);
+    copy_crash_image(file, damaged);
     REQUIRE(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
     sqlite3_close(other);
     expected = e->snapshot().to_json();
@@ -426,6 +428,21 @@ TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the co
   auto reopened = open_engine(journaled(torn));
   CHECK(reopened->version() == before + 5);
   CHECK(reopened->snapshot().to_json() == expected_torn);
+  // A record that fails its checksum with valid ones after it is damage, not a crash: refused,
+  // and nothing is changed.
+  bytes = file_bytes(damaged + "-log");
+  const std::size_t middle = bytes.find("LOGGED1002");
+  REQUIRE(middle != std::string::npos);
+  bytes[middle + 7] = '9';
+  pop::test::write_bytes(damaged + "-log", bytes);
+  const std::string before_open = file_bytes(damaged);
+  const auto refused = pop::engine::open(journaled(damaged));
+  CHECK(refused.status().code() == absl::StatusCode::kDataLoss);
+  CHECK_THAT(std::string(refused.status().message()), Catch::Contains("commit log"));
+  CHECK_THAT(std::string(refused.status().message()), Catch::Contains("is damaged"));
+  CHECK(pop::verify_journal(damaged).status().code() == absl::StatusCode::kDataLoss);
+  CHECK(file_bytes(damaged) == before_open);
+  CHECK(file_bytes(damaged + "-log") == bytes);
 }
 
 TEST_CASE("a commit log left by another journal is never replayed", "[journal]") {
@@ -579,13 +596,21 @@ TEST_CASE("the commit log wraps around its end, reuses released space and reads 
   CHECK(versions().empty());
   for (std::uint64_t i = 0; i < 3; ++i) REQUIRE(append(++v));
   CHECK(versions() == range(v - 2, v));
-  // A torn record ends the log there.
-  std::string bytes = file_bytes(path);
-  const std::size_t at = bytes.rfind("W" + std::to_string(10000 + v - 1));
-  REQUIRE(at != std::string::npos);
-  bytes[at + 1] = '#';
-  pop::test::write_bytes(path, bytes);
+  // A torn last record ends the log there; a bad record with valid ones after it is damage.
+  const std::string whole = file_bytes(path);
+  const auto spoil = [&](std::uint64_t version) {
+    std::string bytes = whole;
+    const std::size_t at = bytes.rfind("W" + std::to_string(10000 + version));
+    REQUIRE(at != std::string::npos);
+    bytes[at + 1] = '#';
+    pop::test::write_bytes(path, bytes);
+  };
+  spoil(v);
+  CHECK(versions() == range(v - 2, v - 1));
+  CHECK(!commit_log::read(path).value().damaged_at);
+  spoil(v - 1);
   CHECK(versions() == range(v - 2, v - 2));
+  CHECK(commit_log::read(path).value().damaged_at.has_value());
   // A new epoch reads nothing of the old one's bytes.
   log = commit_log::create(path, 64 << 10, 8).value();
   const commit_log::contents fresh = commit_log::read(path).value();
