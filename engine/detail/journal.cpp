@@ -300,11 +300,11 @@ std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_
       advance_acked();
       take_waiters(taken);  // later committers that found this record missing
     }
-    // Committers already waiting (they found the front unfilled and woke nobody) need the writer
-    // once the front is filled, batch or not; logged records once a group's worth waits.
-    // With a log: once a group's worth waits (or a committer waits for room), or if the writer
-    // sleeps with nothing to gather (it then lets a group gather for a moment). (The queue may
-    // be empty: the writer may have written `r` while it waited for room.)
+    // The writer is needed: without a log, by committers already waiting (they found the front
+    // unfilled and woke nobody) once the front is filled, batch or not; with one, once a group's
+    // worth waits (or a committer waits for room), or if it sleeps with nothing to gather (it
+    // then lets a group gather for a moment). (The queue may be empty: the writer may have
+    // written `r` while it waited for room.)
     notify = log_ ? group_ready() || (writer_idle_ && !writing_ && !queue_.empty())
                   : !writing_ && queue_.front()->filled &&
                         (!waiters_.empty() || (wake_writer && queue_.size() >= worth_waking));
