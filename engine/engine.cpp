@@ -300,11 +300,13 @@ std::string engine::find_conflict(const path_set& access, std::uint64_t since) c
 }
 
 // True if every path of `access` holds the very same stored value in `now` as in `then` (an
-// older version, held): then no commit between them wrote any of them, or a path above or below
-// one, and find_conflict would find nothing. (A write makes new nodes all along its path and never
-// changes a node an older version holds, and a held node's address is not reused.) A path absent
-// in `then` is left to find_conflict: a write there and a delete after it leave no trace in the
-// trees.
+// older version, held): then no commit between them changed any of them, or a path above or
+// below one, so committing on `now` is what committing on `then` would have been. (A write makes
+// new nodes all along its path and never changes a node an older version holds, and a held
+// node's address is not reused.) It compares values, not writes: where find_conflict would also
+// count a write that changed nothing (a delete of a path that did not exist) or a snapshot older
+// than its window, this commits; both are serializable. A path absent in `then` is left to
+// find_conflict: a write there and a delete after it leave no trace in the trees.
 bool engine::untouched_since(const path_set& access, const detail::value_node& then,
                              const detail::value_node& now) {
   for (const path& p : access) {

@@ -63,7 +63,8 @@ struct options {
   std::size_t audit_capacity = 4096;    // attempts kept in the audit log; 0 disables it
   std::size_t conflict_window = 65536;  // recent commits whose written paths are kept to
                                         // validate commits; an attempt on an older snapshot
-                                        // is treated as conflicting and re-run
+                                        // is re-run unless every path it read or wrote still
+                                        // holds the same stored value (and existed then)
   std::size_t max_pending = 0;          // backpressure: a commit that would leave more messages
                                         // pending fails with kResourceExhausted; 0: no bound
   std::string journal{};                // SQLite journal file; empty: in memory only

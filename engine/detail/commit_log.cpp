@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <optional>
@@ -138,9 +139,10 @@ absl::StatusOr<commit_log::contents> commit_log::read(const std::string& path) {
       std::memcmp(header, magic, sizeof magic) != 0) {
     return out;
   }
+  // (No larger log is made: a larger capacity is a damaged header, read as no log.)
   const auto capacity = load_at<std::uint64_t>(header + at_capacity);
-  if (capacity < head_bytes || capacity % 8 != 0 ||
-      static_cast<std::uint64_t>(st.st_size) < header_bytes + capacity) {
+  if (capacity < head_bytes || capacity % 8 != 0 || capacity > (std::uint64_t{1} << 30) ||
+      static_cast<std::uint64_t>(st.st_size) - header_bytes < capacity) {
     return out;
   }
   std::string ring(capacity, '\0');

@@ -156,7 +156,10 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
   std::uint32_t known_epoch = 0;
   absl::StatusOr<commit_log::contents> logged = commit_log::read(log_path(path));
   if (!logged.ok()) return fail(logged.status());
-  if (absl::Status s = check_log(c.db, path, info, *logged, known_epoch); !s.ok()) return fail(s);
+  if (absl::Status s = check_log(c.db, path, info, *logged, known_epoch, /*reread=*/false);
+      !s.ok()) {
+    return fail(s);
+  }
   if (existing) {
     if (absl::Status s =
             recover_logged(c.db, path, log_continuation(*logged, info.last_version), root, info);
@@ -166,8 +169,10 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
   }
   std::unique_ptr<commit_log> log;
   if (level == durability::process && opts.log_bytes > 0) {
-    // A new epoch above every earlier one: nothing of an earlier log reads as the new log's.
-    const std::uint32_t epoch = std::max(known_epoch, logged->epoch) + 1;
+    // A new epoch above the journal's (a log one above it was made by an open that crashed
+    // before recording it: it acknowledged nothing, and is replaced by a fresh file).
+    const std::uint32_t epoch =
+        logged->epoch == known_epoch + 1 ? logged->epoch : std::max(known_epoch, logged->epoch) + 1;
     absl::StatusOr<std::unique_ptr<commit_log>> created =
         commit_log::create(log_path(path), opts.log_bytes, epoch);
     if (!created.ok()) return fail(created.status());

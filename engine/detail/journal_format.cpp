@@ -123,11 +123,19 @@ std::vector<const commit_log::entry*> log_continuation(const commit_log::content
 }
 
 absl::Status check_log(sqlite3* db, const std::string& path, const journal_info& info,
-                       commit_log::contents& log, std::uint32_t& known) {
+                       commit_log::contents& log, std::uint32_t& known, bool reread) {
   POP_ASSIGN_OR_RETURN(const std::optional<std::string> value,
                        read_meta_value(db, path, "log_epoch"));
   known = value ? static_cast<std::uint32_t>(std::strtoul(value->c_str(), nullptr, 10)) : 0;
-  if (known != 0 && (log.epoch == known || log.epoch == known + 1)) {
+  const auto own = [&] { return known != 0 && (log.epoch == known || log.epoch == known + 1); };
+  if (reread && !own() && known != 0) {
+    // An engine opening the journal meanwhile may have put a new log in place (after moving the
+    // old one's records into the database this reads): read it again.
+    POP_ASSIGN_OR_RETURN(log, commit_log::read(log_path(path)));
+  }
+  // A journal closed cleanly had its log drained into the database: whatever the log holds is
+  // there already (or, written by an older pop that knew no log, not this history's).
+  if (own() && !info.clean) {
     if (log.damaged_at) {
       return absl::DataLossError(
           absl::StrCat("journal '", path, "': its commit log '", log_path(path),
@@ -138,6 +146,7 @@ absl::Status check_log(sqlite3* db, const std::string& path, const journal_info&
     return absl::OkStatus();
   }
   log.entries.clear();
+  log.damaged_at.reset();
   if (known != 0 && !info.clean && file_size(log_path(path)) != 0) {
     return absl::DataLossError(absl::StrCat(
         "journal '", path, "' was not closed cleanly and its commit log '", log_path(path),
@@ -602,7 +611,7 @@ absl::Status load_read_only(sqlite3* db, const std::string& path, journal_info& 
     // The commits acknowledged from the commit log and not yet in SQLite (an engine running, or
     // one that crashed and was not opened since).
     std::uint32_t known = 0;
-    s = check_log(db, path, info, log, known);
+    s = check_log(db, path, info, log, known, /*reread=*/true);
     if (s.ok()) {
       for (const commit_log::entry* e : log_continuation(log, info.last_version, until)) {
         s = replay(root, e->writes, e->version, path);
@@ -741,7 +750,7 @@ absl::StatusOr<std::vector<journal_record_info>> read_journal(const std::string&
     // Then the commits only the commit log holds yet (see load_read_only).
     POP_ASSIGN_OR_RETURN(const std::uint64_t newest, detail::newest_version(c.db, path));
     std::uint32_t known = 0;
-    POP_RETURN_IF_ERROR(detail::check_log(c.db, path, info, log, known));
+    POP_RETURN_IF_ERROR(detail::check_log(c.db, path, info, log, known, /*reread=*/true));
     for (const detail::commit_log::entry* e : detail::log_continuation(log, newest)) {
       if (out.size() >= limit) break;
       if (e->version < from_version) continue;

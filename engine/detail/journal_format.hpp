@@ -110,14 +110,17 @@ std::vector<const commit_log::entry*> log_continuation(
     const commit_log::contents& log, std::uint64_t after,
     std::uint64_t until = std::numeric_limits<std::uint64_t>::max());
 // Keeps `log` (the commit log of journal `path`, as commit_log::read() gave it) only if it is the
-// log the journal open at `db` (with `info` read from it) last used: its epoch is the journal's
-// "log_epoch" or one above (a log made just before the crash that kept the journal from
-// recording it); else clears its entries. kDataLoss if the journal was not closed cleanly and its
-// log is missing or another (unless the file exists empty: the journal is then accepted as it
-// is). `known` gets the journal's "log_epoch" (0: it has used no log). Read the log before the
-// database: the writer frees log records only once the database holds them.
+// log the journal open at `db` (with `info` read from it) last used and may hold commits the
+// database lacks: its epoch is the journal's "log_epoch" or one above (a log made just before a
+// crash kept the journal from recording it), and the journal was not closed cleanly (closing
+// drains the log); else clears its entries. kDataLoss if the journal was not closed cleanly and
+// its log is missing, another, or damaged (unless the file exists empty: the journal is then
+// accepted as it is). `known` gets the journal's "log_epoch" (0: it has used no log). Read the
+// log before the database: the writer frees log records only once the database holds them.
+// `reread`: a reader alongside a possible engine; a log older than the database names is read
+// again (an engine opening meanwhile replaces it).
 absl::Status check_log(sqlite3* db, const std::string& path, const journal_info& info,
-                       commit_log::contents& log, std::uint32_t& known);
+                       commit_log::contents& log, std::uint32_t& known, bool reread);
 // The value of metadata `key`, or nullopt if it has none.
 absl::StatusOr<std::optional<std::string>> read_meta_value(sqlite3* db, const std::string& path,
                                                            const char* key);
