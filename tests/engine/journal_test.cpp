@@ -88,6 +88,30 @@ void sql(const std::string& file, const std::string& statement) {
   REQUIRE(rc == SQLITE_OK);
 }
 
+// Another SQLite client holding the journal's write lock from construction to release(): the
+// journal's writer cannot write a group meanwhile (it retries for 5 s, then fails the journal),
+// so commits are acknowledged from the commit log alone.
+class write_lock {
+ public:
+  explicit write_lock(const std::string& file) {
+    REQUIRE(sqlite3_open(file.c_str(), &db_) == SQLITE_OK);
+    sqlite3_busy_timeout(db_, 5000);
+    REQUIRE(sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+  }
+  write_lock(const write_lock&) = delete;
+  write_lock& operator=(const write_lock&) = delete;
+  ~write_lock() { release(); }
+  void release() {
+    if (db_ == nullptr) return;
+    CHECK(sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
+    sqlite3_close(db_);
+    db_ = nullptr;
+  }
+
+ private:
+  sqlite3* db_ = nullptr;
+};
+
 // Copies the journal's files as they are now: the image a crash at this moment would leave.
 void copy_crash_image(const std::string& from, const std::string& to) {
   for (const char* suffix : {"", "-wal", "-head", "-log"}) {
@@ -381,12 +405,8 @@ TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the co
   json expected;
   json expected_torn;
   {
-    // Another SQLite client holds the write lock: the journal's writer cannot write a group
-    // (it retries for seconds), so what follows is acknowledged from the commit log alone.
-    sqlite3* other = nullptr;
-    REQUIRE(sqlite3_open(file.c_str(), &other) == SQLITE_OK);
-    sqlite3_busy_timeout(other, 5000);
-    REQUIRE(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+    // What follows is acknowledged from the commit log alone.
+    write_lock other(file);
     for (int i = 0; i < 6; ++i) {
       if (i == 5) expected_torn = e->snapshot().to_json();
       REQUIRE(e->execute("take", {{"sku", "B2"},
@@ -398,8 +418,7 @@ TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the co
     copy_crash_image(file, image);
     copy_crash_image(file, torn);
     copy_crash_image(file, damaged);
-    REQUIRE(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
-    sqlite3_close(other);
+    other.release();
     expected = e->snapshot().to_json();
   }
   // The database holds none of the six: a reader sees them through the log.
@@ -452,16 +471,12 @@ TEST_CASE("a commit log left by another journal is never replayed", "[journal]")
   {
     // A crash image whose log holds three commits SQLite lacks.
     auto e = open_engine(journaled(file));
-    sqlite3* other = nullptr;
-    REQUIRE(sqlite3_open(file.c_str(), &other) == SQLITE_OK);
-    sqlite3_busy_timeout(other, 5000);
-    REQUIRE(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+    write_lock other(file);
     for (int i = 0; i < 3; ++i) {
       REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-" + std::to_string(i)}}).ok());
     }
     copy_crash_image(file, image);
-    REQUIRE(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
-    sqlite3_close(other);
+    other.release();
   }
   REQUIRE(pop::verify_journal(image).value().last_version == 3);
   // Its database is deleted; its log is left behind. A new journal there starts afresh, and so
@@ -558,10 +573,7 @@ TEST_CASE("a full commit log holds committers back until SQLite takes its record
   constexpr std::uint64_t fit = 6;
   constexpr int commits = 40;
   const std::string note(9800, 'n');
-  sqlite3* other = nullptr;
-  REQUIRE(sqlite3_open(file.c_str(), &other) == SQLITE_OK);
-  sqlite3_busy_timeout(other, 5000);
-  REQUIRE(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+  write_lock other(file);
   const std::uint64_t base = e->version();
   std::atomic<int> failed{0};
   std::thread committer([&] {
@@ -581,8 +593,7 @@ TEST_CASE("a full commit log holds committers back until SQLite takes its record
   }
   const std::uint64_t installed = e->version();
   const std::uint64_t acknowledged = e->durable_version();
-  REQUIRE(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
-  sqlite3_close(other);
+  other.release();
   committer.join();
   CHECK(installed == base + fit + 1);
   CHECK(acknowledged == base + fit);
