@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/post.hpp>
@@ -24,18 +25,25 @@ namespace asio = boost::asio;
 namespace pop {
 
 // One publish awaiting its acknowledgement. Touched only on `timer`'s executor (the relay's
-// strand), except for being found and removed from pending_ under mu_.
+// strand), except for what mu_ guards.
 struct nats_sink::pending {
-  explicit pending(const asio::any_io_executor& ex)
-      : timer(ex, asio::steady_timer::time_point::max()) {
+  pending(const asio::any_io_executor& ex, std::string what)
+      : timer(ex, asio::steady_timer::time_point::max()), where(std::move(what)) {
     // The relay's strand, held as its concrete type: posting to it from a libnats thread then
     // copies only a std::shared_ptr, never a type-erased executor's own reference count.
     if (const auto* s = ex.target<asio::strand<asio::any_io_executor>>()) strand = *s;
   }
   asio::steady_timer timer;
   std::optional<asio::strand<asio::any_io_executor>> strand;
+  const std::string where;  // names the message in errors
   absl::Status status{};
   bool done = false;
+  // Guarded by mu_. While js_PublishMsgAsync runs, libnats may already deliver the message's
+  // acknowledgement (or its timeout: the call can wait for the connection's lock for longer than
+  // ack_timeout, say while libnats reconnects) and still read the message afterwards. on_ack then
+  // leaves the message here, and publish() destroys it once the call has returned.
+  bool in_call = true;
+  natsMsg* deferred = nullptr;
 };
 
 namespace {
@@ -138,6 +146,12 @@ nats_sink::~nats_sink() {
     pending_.clear();
   }
   if (js_ == nullptr) return;
+  // libnats makes what tracks acknowledgements on the first publish it takes, and its pending
+  // list cannot be asked for before that.
+  if (!published_.load(std::memory_order_relaxed)) {
+    jsCtx_Destroy(js_);
+    return;
+  }
   // No acknowledgement callback may run once this object is gone: wait a little for those still
   // outstanding, then take the rest back from libnats (it then drops their late acknowledgements).
   jsPubOptions po;
@@ -163,28 +177,28 @@ std::string nats_sink::subject(const outbox_message& m) const {
 
 void nats_sink::on_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* closure) {
   auto* self = static_cast<nats_sink*>(closure);
-  absl::Status status;
+  // The message is not read here: its publish may still be encoding it (see pending::in_call).
+  // What names it in an error comes from its entry.
+  std::string failure;  // empty: acknowledged
+  bool down = false;
   if (pa != nullptr) {
     self->acked_.fetch_add(1, std::memory_order_relaxed);
     if (pa->Duplicate) self->duplicates_.fetch_add(1, std::memory_order_relaxed);
   } else {
     self->failed_.fetch_add(1, std::memory_order_relaxed);
-    const char* id = nullptr;
-    natsMsgHeader_Get(msg, detail::header_msg_id, &id);
     const natsStatus err = pae != nullptr ? pae->Err : NATS_ERR;
-    std::string text = absl::StrCat("nats_sink: publish of ", id != nullptr ? id : "?", " to '",
-                                    natsMsg_GetSubject(msg), "' failed: ", natsStatus_GetText(err));
-    if (pae != nullptr && pae->ErrText != nullptr) absl::StrAppend(&text, " (", pae->ErrText, ")");
+    failure = absl::StrCat(" failed: ", natsStatus_GetText(err));
+    if (pae != nullptr && pae->ErrText != nullptr) {
+      absl::StrAppend(&failure, " (", pae->ErrText, ")");
+    }
     if (pae != nullptr && pae->ErrCode != 0) {
-      absl::StrAppend(&text, " [JetStream error ", static_cast<int>(pae->ErrCode), "]");
+      absl::StrAppend(&failure, " [JetStream error ", static_cast<int>(pae->ErrCode), "]");
     }
     // Every failure here is worth retrying. One the stream did not refuse (no ack in time, no
     // stream answering, the connection gone) says the broker is down: not counted as an attempt.
-    status = absl::UnavailableError(text);
-    if ((pae == nullptr || pae->ErrCode == 0) && broker_down(err)) {
-      status = destination_unavailable(std::move(status));
-    }
+    down = (pae == nullptr || pae->ErrCode == 0) && broker_down(err);
   }
+  bool keep = false;
   {
     // The post happens under mu_, and publish() takes mu_ once its wait ends (or its frame is
     // destroyed): so no copy of the relay's strand is still held here by the time publish()
@@ -194,6 +208,15 @@ void nats_sink::on_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, voi
       if (auto it = self->pending_.find(msg); it != self->pending_.end()) {
         std::shared_ptr<pending> p = std::move(it->second);
         self->pending_.erase(it);
+        if (p->in_call) {
+          p->deferred = msg;
+          keep = true;
+        }
+        absl::Status status;
+        if (!failure.empty()) {
+          status = absl::UnavailableError(absl::StrCat(p->where, ":", failure));
+          if (down) status = destination_unavailable(std::move(status));
+        }
         pending& target = *p;
         auto complete = [p = std::move(p), status = std::move(status)]() mutable {
           p->status = std::move(status);
@@ -209,7 +232,7 @@ void nats_sink::on_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, voi
       }
     }
   }
-  natsMsg_Destroy(msg);
+  if (!keep) natsMsg_Destroy(msg);
 }
 
 asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
@@ -258,7 +281,7 @@ asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
   }
   if (s != NATS_OK) co_return detail::from_nats(s, absl::StrCat(where, ": setting headers"));
 
-  auto p = std::make_shared<pending>(co_await asio::this_coro::executor);
+  auto p = std::make_shared<pending>(co_await asio::this_coro::executor, where);
   {
     std::lock_guard lock(mu_);
     pending_.emplace(raw, p);
@@ -269,12 +292,17 @@ asio::awaitable<absl::Status> nats_sink::publish(const outbox_message& m) {
   if (!options_.expect_stream.empty()) po.ExpectStream = options_.expect_stream.c_str();
   natsMsg* handed = msg.release();
   s = js_PublishMsgAsync(js_, &handed, &po);
-  if (s != NATS_OK) {
+  natsMsg* acked_meanwhile = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    p->in_call = false;
+    acked_meanwhile = std::exchange(p->deferred, nullptr);
     // libnats did not take the message (handed is still ours): no acknowledgement will come.
-    {
-      std::lock_guard lock(mu_);
-      pending_.erase(raw);
-    }
+    if (s != NATS_OK) pending_.erase(raw);
+  }
+  // (Acknowledged during the call: libnats returned OK and has let go of it too.)
+  natsMsg_Destroy(acked_meanwhile);
+  if (s != NATS_OK) {
     natsMsg_Destroy(handed);
     failed_.fetch_add(1, std::memory_order_relaxed);
     absl::Status st = detail::from_nats(s, where);

@@ -135,6 +135,47 @@ void poll_until(pop::nats_ingress& in, Pred done) {
   REQUIRE(done());
 }
 
+// A relay running on its own thread until stop(), or until this object goes, whichever comes
+// first: declared after the relay and its sink, it cancels the relay and ends its coroutine (its
+// frame included, which a pending publish's cleanup reaches into the sink from) before either
+// goes, on every way out of a test.
+class running_relay {
+ public:
+  explicit running_relay(pop::relay& relay) {
+    asio::co_spawn(
+        *io_, relay.run(),
+        asio::bind_cancellation_slot(stop_.slot(), [this](std::exception_ptr, absl::Status s) {
+          status_ = std::move(s);
+          ended_ = true;
+        }));
+    thread_ = std::thread([this] { io_->run(); });
+  }
+  ~running_relay() {
+    if (thread_.joinable()) static_cast<void>(stop());
+  }
+  running_relay(const running_relay&) = delete;
+  running_relay& operator=(const running_relay&) = delete;
+
+  // Cancels the relay, waits (at most 15 s) for it to end and returns how it ended.
+  absl::Status stop() {
+    asio::post(*io_, [this] { stop_.emit(asio::cancellation_type::terminal); });
+    const bool ended =
+        pop::test::eventually([&] { return ended_.load(); }, std::chrono::seconds(15));
+    io_->stop();
+    thread_.join();
+    io_.reset();  // destroys what the relay left, while the relay and its sink still exist
+    if (!ended) return absl::DeadlineExceededError("the relay did not stop within 15 s");
+    return status_;
+  }
+
+ private:
+  std::unique_ptr<asio::io_context> io_ = std::make_unique<asio::io_context>();
+  asio::cancellation_signal stop_;
+  absl::Status status_;
+  std::atomic<bool> ended_{false};
+  std::thread thread_;
+};
+
 }  // namespace
 
 TEST_CASE(
@@ -297,6 +338,10 @@ TEST_CASE("bad options are refused with errors naming them", "[nats]") {
   CHECK(std::string(no_deadline.status().message()).find("write_deadline") != std::string::npos);
   // The engine state is untouched by every refusal.
   CHECK(c.e->version() == 0);
+  // A sink that never published goes away cleanly (libnats made nothing for its acks).
+  auto idle = pop::nats_sink::create(*nc, {.source = "idle"});
+  REQUIRE(idle.ok());
+  idle->reset();
 }
 
 TEST_CASE("stream creation is idempotent and updates the duplicate window", "[nats]") {
@@ -477,40 +522,7 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
                           .max_attempts = 2,
                           .initial_backoff = std::chrono::milliseconds(20),
                           .max_backoff = std::chrono::milliseconds(200)}));
-  pop::relay& relay = *relay_owner;
-  asio::io_context io;
-  asio::cancellation_signal stop;
-  absl::Status relay_status;
-  std::atomic<bool> relay_ended{false};
-  asio::co_spawn(io, relay.run(),
-                 asio::bind_cancellation_slot(stop.slot(), [&](std::exception_ptr, absl::Status s) {
-                   relay_status = s;
-                   relay_ended = true;
-                 }));
-  std::thread io_thread([&] { io.run(); });
-  // Stops the relay and joins its thread, within a bound, on every way out of this test.
-  bool joined = false;
-  const auto stop_relay = [&] {
-    if (joined) return;
-    joined = true;
-    asio::post(io, [&] { stop.emit(asio::cancellation_type::terminal); });
-    if (!pop::test::eventually([&] { return relay_ended.load(); }, std::chrono::seconds(15))) {
-      io.stop();
-      io_thread.join();
-      FAIL("the relay did not stop within 15 s of its cancellation");
-    }
-    io_thread.join();
-  };
-  struct on_exit {
-    std::function<void()> fn;
-    ~on_exit() { fn(); }
-  } join_guard{[&] {
-    if (!joined) {
-      joined = true;
-      io.stop();
-      io_thread.join();
-    }
-  }};
+  running_relay relay(*relay_owner);
   for (int r = 0; r < rounds; ++r) {
     for (int k = 0; k < keys; ++k) {
       REQUIRE(
@@ -545,7 +557,7 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
   }
   INFO("applied " << in->stats().applied << " of " << total << ", pending "
                   << p->snapshot().pending_count() << ", reconnects " << nc->stats().reconnects);
-  stop_relay();
+  const absl::Status relay_status = relay.stop();
   REQUIRE(in->stop().ok());
   CHECK(relay_status.code() == absl::StatusCode::kCancelled);
   CHECK(nc->stats().reconnects >= 2);
