@@ -4,13 +4,17 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <optional>
 #include <stdexcept>
+#include <string_view>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "pop/contracts/status.hpp"
 #include "pop/nats/detail/nats_codec.hpp"
 #include "pop/nats/detail/nats_status.hpp"
@@ -38,6 +42,51 @@ bool retryable(absl::StatusCode c) {
 
 bool fatal(absl::StatusCode c) {
   return c == absl::StatusCode::kDataLoss || c == absl::StatusCode::kInternal;
+}
+
+// The stream sequence and delivery count in a JetStream delivery's reply subject:
+// "$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>", or the
+// newer form with "<domain>.<account hash>." before the stream and a token after.
+struct delivery {
+  std::uint64_t seq = 0;
+  std::uint64_t delivered = 0;
+};
+std::optional<delivery> parse_ack_subject(std::string_view reply) {
+  constexpr std::string_view prefix = "$JS.ACK.";
+  if (reply.substr(0, prefix.size()) != prefix) return std::nullopt;
+  const std::vector<absl::string_view> t =
+      absl::StrSplit(detail::to_absl(reply.substr(prefix.size())), '.');
+  std::size_t at = 0;  // index of <delivered>
+  if (t.size() == 7) {
+    at = 2;
+  } else if (t.size() >= 9) {
+    at = 4;
+  } else {
+    return std::nullopt;
+  }
+  delivery d;
+  if (!absl::SimpleAtoi(t[at], &d.delivered) || !absl::SimpleAtoi(t[at + 1], &d.seq)) {
+    return std::nullopt;
+  }
+  return d;
+}
+
+// Sends `kind` ("+ACK", "-NAK", "+WPI") for a delivery; the server ignores a lost one (it then
+// redelivers, which the inbox absorbs).
+void acknowledge(natsConnection* nc, natsMsg* msg, const char* kind) {
+  const char* reply = natsMsg_GetReply(msg);
+  if (reply == nullptr || *reply == '\0') return;
+  static_cast<void>(natsConnection_PublishString(nc, reply, kind));
+}
+
+// A pull response that carries no message: its Status header ("100" idle heartbeat, "404" no
+// messages, "408" request expired, "409" a limit or a leadership change, "503" no JetStream), or
+// empty if `msg` is a message of the stream.
+std::string pull_status(natsMsg* msg) {
+  if (natsMsg_GetDataLength(msg) > 0) return {};
+  const char* v = nullptr;
+  if (natsMsgHeader_Get(msg, "Status", &v) != NATS_OK || v == nullptr) return {};
+  return std::string(v).substr(0, 3);
 }
 
 }  // namespace
@@ -123,16 +172,19 @@ absl::StatusOr<std::unique_ptr<nats_ingress>> nats_ingress::create(engine& e, in
   }
   const bool unacked = ci->NumAckPending > 0;
   jsConsumerInfo_Destroy(ci);
-  jsSubOptions so;
-  jsSubOptions_Init(&so);
-  so.Stream = opt.stream.c_str();
-  so.Consumer = opt.durable.c_str();
-  so.ManualAck = true;
-  jerr = static_cast<jsErrCode>(0);
-  s = js_PullSubscribe(&self.sub_, self.js_,
-                       opt.filter_subject.empty() ? nullptr : opt.filter_subject.c_str(),
-                       opt.durable.c_str(), &jo, &so, &jerr);
-  POP_RETURN_IF_ERROR(detail::from_nats(s, absl::StrCat(where, ": subscribing"), jerr));
+  // Pulled by hand (see pull()): a plain subscription to an inbox of our own.
+  natsInbox* inbox = nullptr;
+  POP_RETURN_IF_ERROR(detail::from_nats(natsInbox_Create(&inbox), absl::StrCat(where, ": inbox")));
+  self.reply_prefix_ = inbox;
+  natsInbox_Destroy(inbox);
+  self.nc_ = c.handle();
+  self.next_subject_ = absl::StrCat("$JS.API.CONSUMER.MSG.NEXT.", opt.stream, ".", opt.durable);
+  s = natsConnection_SubscribeSync(&self.sub_, self.nc_,
+                                   absl::StrCat(self.reply_prefix_, ".*").c_str());
+  POP_RETURN_IF_ERROR(detail::from_nats(s, absl::StrCat(where, ": subscribing")));
+  // Never dropped by the client: the server's max_ack_pending bounds what is delivered.
+  POP_RETURN_IF_ERROR(detail::from_nats(natsSubscription_SetPendingLimits(self.sub_, -1, -1),
+                                        absl::StrCat(where, ": subscribing")));
   if (unacked && opt.redeliveries_first) {
     self.hold_until_ = std::chrono::steady_clock::now() + opt.ack_wait;
   }
@@ -141,7 +193,10 @@ absl::StatusOr<std::unique_ptr<nats_ingress>> nats_ingress::create(engine& e, in
 
 nats_ingress::~nats_ingress() {
   static_cast<void>(stop());
-  if (sub_ != nullptr) natsSubscription_Destroy(sub_);
+  if (sub_ != nullptr) {
+    static_cast<void>(natsSubscription_Unsubscribe(sub_));
+    natsSubscription_Destroy(sub_);
+  }
   if (js_ != nullptr) jsCtx_Destroy(js_);
 }
 
@@ -188,12 +243,12 @@ absl::Status nats_ingress::dead_letter(natsMsg* msg, std::uint64_t seq, const ab
 }
 
 absl::Status nats_ingress::handle(natsMsg* msg) {
-  jsMsgMetaData* meta = nullptr;
   std::uint64_t seq = 0;
-  if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
-    seq = meta->Sequence.Stream;
-    if (meta->NumDelivered > 1) counters_->redelivered.fetch_add(1, std::memory_order_relaxed);
-    jsMsgMetaData_Destroy(meta);
+  if (const char* reply = natsMsg_GetReply(msg)) {
+    if (const std::optional<delivery> d = parse_ack_subject(reply)) {
+      seq = d->seq;
+      if (d->delivered > 1) counters_->redelivered.fetch_add(1, std::memory_order_relaxed);
+    }
   }
   // Names the message in errors; built only when one happens.
   const auto where = [&] {
@@ -248,7 +303,7 @@ absl::Status nats_ingress::handle(natsMsg* msg) {
       backoff = std::min(backoff * 2, options_.retry_max);
       if (std::chrono::steady_clock::now() - last_progress > options_.ack_wait / 3) {
         // Still working on it: the server must not redeliver it meanwhile.
-        static_cast<void>(natsMsg_InProgress(msg, nullptr));
+        acknowledge(nc_, msg, "+WPI");
         last_progress = std::chrono::steady_clock::now();
       }
     }
@@ -256,8 +311,78 @@ absl::Status nats_ingress::handle(natsMsg* msg) {
   if (!outcome.ok()) POP_RETURN_IF_ERROR(dead_letter(msg, seq, outcome));
   // The commit is durable (execute returned): acknowledge. A lost ack means a redelivery, which
   // the inbox absorbs.
-  static_cast<void>(natsMsg_Ack(msg, nullptr));
+  acknowledge(nc_, msg, "+ACK");
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<natsMsg*>> nats_ingress::pull(std::chrono::milliseconds wait) {
+  const auto batch = static_cast<std::size_t>(options_.batch);
+  const auto where = [&] {
+    return absl::StrCat("nats_ingress '", options_.durable, "': fetching from '", options_.stream,
+                        "'");
+  };
+  const auto deadline = std::chrono::steady_clock::now() + wait;
+  std::vector<natsMsg*> got;
+  std::string reply;  // this call's pull request, once sent
+  bool no_wait = false;
+  // Asks for the rest of the batch: at once ("no_wait": what the stream has now, then 404), or
+  // waiting until the deadline (then 408).
+  const auto request = [&](bool at_once) -> natsStatus {
+    reply = absl::StrCat(reply_prefix_, ".", ++requests_);
+    no_wait = at_once;
+    std::string body = absl::StrCat("{\"batch\":", batch - got.size());
+    if (at_once) {
+      absl::StrAppend(&body, ",\"no_wait\":true}");
+    } else {
+      const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(
+          deadline - std::chrono::steady_clock::now());
+      // A little less than the wait, so the server ends the request before this call gives up.
+      const std::int64_t ns = left.count() >= 20'000'000
+                                  ? left.count() - 10'000'000
+                                  : std::max<std::int64_t>(left.count(), 1'000'000);
+      absl::StrAppend(&body, ",\"expires\":", ns, "}");
+    }
+    return natsConnection_PublishRequest(nc_, next_subject_.c_str(), reply.c_str(), body.data(),
+                                         static_cast<int>(body.size()));
+  };
+  const auto fail = [&](natsStatus s) -> absl::StatusOr<std::vector<natsMsg*>> {
+    if (!got.empty()) return std::move(got);
+    return absl::UnavailableError(detail::from_nats(s, where()).message());
+  };
+  while (got.size() < batch) {
+    std::int64_t wait_ms = 0;  // what is queued already is taken without waiting
+    if (!reply.empty()) {
+      wait_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    deadline - std::chrono::steady_clock::now())
+                    .count();
+      if (wait_ms <= 0) break;
+    }
+    natsMsg* m = nullptr;
+    const natsStatus s = natsSubscription_NextMsg(&m, sub_, wait_ms);
+    if (s == NATS_TIMEOUT) {
+      if (!reply.empty()) break;  // the wait is over
+      if (const natsStatus r = request(batch - got.size() > 1); r != NATS_OK) return fail(r);
+      continue;
+    }
+    if (s != NATS_OK) return fail(s);
+    const std::string status = pull_status(m);
+    if (status.empty()) {
+      got.push_back(m);  // a message of the stream (also one an earlier request brought)
+      continue;
+    }
+    const char* subject = natsMsg_GetSubject(m);
+    const bool mine = subject != nullptr && reply == subject;
+    natsMsg_Destroy(m);
+    if (!mine || status == "100") continue;  // an earlier request's end, or a heartbeat
+    if (status == "404" && no_wait && got.empty()) {
+      // Nothing now: wait for what comes.
+      if (const natsStatus r = request(false); r != NATS_OK) return fail(r);
+      continue;
+    }
+    if (status == "503") return fail(NATS_NO_RESPONDERS);
+    break;  // 404, 408, 409: this request is over
+  }
+  return got;
 }
 
 absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
@@ -270,31 +395,29 @@ absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
     }
     hold_until_ = {};
   }
-  natsMsgList list{};
-  jsErrCode jerr = static_cast<jsErrCode>(0);
-  const natsStatus s = natsSubscription_Fetch(&list, sub_, options_.batch,
-                                              std::max<std::int64_t>(1, wait.count()), &jerr);
-  if (s == NATS_TIMEOUT) return 0;
-  if (s != NATS_OK) {
-    absl::Status st = detail::from_nats(s,
-                                        absl::StrCat("nats_ingress '", options_.durable,
-                                                     "': fetching from '", options_.stream, "'"),
-                                        jerr);
-    return absl::UnavailableError(st.message());
-  }
-  counters_->fetched.fetch_add(static_cast<std::uint64_t>(list.Count), std::memory_order_relaxed);
+  absl::StatusOr<std::vector<natsMsg*>> pulled = pull(wait);
+  if (!pulled.ok()) return pulled.status();
+  // Destroyed on every way out.
+  struct destroy_all {
+    std::vector<natsMsg*>& msgs;
+    ~destroy_all() {
+      for (natsMsg* m : msgs) natsMsg_Destroy(m);
+    }
+  } owned{*pulled};
+  if (pulled->empty()) return 0;
+  counters_->fetched.fetch_add(pulled->size(), std::memory_order_relaxed);
   // Lanes: one per key, in stream order within it; messages without a key each alone.
   std::vector<std::vector<natsMsg*>> lanes;
   absl::flat_hash_map<std::string, std::size_t> lane_of;
-  for (int i = 0; i < list.Count; ++i) {
-    const std::string key = header(list.Msgs[i], detail::header_key);
+  for (natsMsg* msg : *pulled) {
+    const std::string key = header(msg, detail::header_key);
     if (key.empty()) {
-      lanes.push_back({list.Msgs[i]});
+      lanes.push_back({msg});
       continue;
     }
     const auto [it, fresh] = lane_of.try_emplace(key, lanes.size());
     if (fresh) lanes.emplace_back();
-    lanes[it->second].push_back(list.Msgs[i]);
+    lanes[it->second].push_back(msg);
   }
   std::atomic<bool> failed{false};
   std::vector<std::size_t> lane_settled(lanes.size(), 0);
@@ -333,11 +456,10 @@ absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
     // messages, so per-key order holds after a stop or an error too.
     for (std::size_t l = 0; l < lanes.size(); ++l) {
       for (std::size_t i = lane_settled[l]; i < lanes[l].size(); ++i) {
-        static_cast<void>(natsMsg_Nak(lanes[l][i], nullptr));
+        acknowledge(nc_, lanes[l][i], "-NAK");
       }
     }
   }
-  natsMsgList_Destroy(&list);
   if (!failure.ok()) return failure;
   return settled.load();
 }

@@ -20,6 +20,7 @@
 #include "pop/relay/inbox.hpp"
 #include "pop/relay/metrics.hpp"
 
+typedef struct __natsConnection natsConnection;
 typedef struct __natsSubscription natsSubscription;
 typedef struct __natsMsg natsMsg;
 
@@ -124,6 +125,9 @@ class nats_ingress {
   struct counters;
   nats_ingress(engine& e, inbox& in, nats_ingress_options opts, topic_table<std::string> routes,
                path dead_letters);  // validated by create()
+  // Up to options_.batch deliveries: those already queued, then those a pull request brings
+  // within `wait`. kUnavailable if none came and the server could not be asked.
+  absl::StatusOr<std::vector<natsMsg*>> pull(std::chrono::milliseconds wait);
   // Handles one message; returns OK once it is settled and acknowledged.
   absl::Status handle(natsMsg* msg);
   // Handles `msgs` (one key's, in order) until one fails; returns how many were settled.
@@ -137,8 +141,16 @@ class nats_ingress {
   const nats_ingress_options options_;
   const topic_table<std::string> routes_;
   const path dead_letters_;
+  // Pull requests go to next_subject_ with replies to "<reply_prefix_>.<n>", n counting requests;
+  // the deliveries arrive on sub_, a plain subscription to "<reply_prefix_>.*". (libnats 3.4.1's
+  // own pull fetch overfills its batch array when deliveries from an earlier fetch are still
+  // queued.)
+  natsConnection* nc_ = nullptr;
   natsSubscription* sub_ = nullptr;
   jsCtx* js_ = nullptr;
+  std::string reply_prefix_;
+  std::string next_subject_;
+  std::uint64_t requests_ = 0;
   std::chrono::steady_clock::time_point hold_until_{};
   std::atomic<bool> stopping_{false};
   std::atomic<bool> running_{false};

@@ -572,6 +572,51 @@ TEST_CASE("a broker restart in the middle of a run loses nothing and keeps per-k
   CHECK(p->snapshot().pending_count() == 0);
 }
 
+TEST_CASE("a batch never holds more than options.batch messages even with late deliveries queued",
+          "[nats]") {
+  // A fetch whose wait ends before the server has sent all it asked for leaves the rest to arrive
+  // afterwards, queued in the client for the next fetch. libnats 3.4.1 (Debian 12) then overfills
+  // its own batch array when those are more than half the batch: the ingress must not let it.
+  pop::test::nats_server server;
+  auto nc = connect_to(server);
+  make_stream(*nc);
+  constexpr int keys = 8, per_key = 400, batch = 64;
+  {
+    auto p = producer();
+    for (int k = 0; k < keys; ++k) {
+      for (int from = 0; from < per_key; from += 50) {
+        REQUIRE(
+            p->execute("emit", {{"key", "k" + std::to_string(k)}, {"n", 50}, {"from", from}}).ok());
+      }
+    }
+    auto sink = pop::nats_sink::create(*nc, {.source = "orders"});
+    REQUIRE(sink.ok());
+    auto relay_owner = pop::test::must(pop::relay::create(*p, **sink));
+    asio::io_context io;
+    REQUIRE(run_on(io, relay_owner->drain()).ok());
+  }
+  consumer c;
+  auto in = ingress_for(c, *nc, {.batch = batch});
+  const std::size_t total = static_cast<std::size_t>(keys * per_key);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  std::size_t largest = 0;
+  int round = 0;
+  while (in->stats().applied < total && std::chrono::steady_clock::now() < deadline) {
+    // Waits too short for a whole batch, then longer ones that find the late arrivals queued.
+    const auto wait = std::chrono::milliseconds(round++ % 3 == 0 ? 1 : 100);
+    absl::StatusOr<std::size_t> n = in->poll(wait);
+    REQUIRE((n.ok() || n.status().code() == absl::StatusCode::kUnavailable));
+    if (n.ok()) largest = std::max(largest, *n);
+  }
+  CHECK(largest <= static_cast<std::size_t>(batch));
+  CHECK(in->stats().applied == total);
+  for (int k = 0; k < keys; ++k) {
+    json expected = json::array();
+    for (int i = 0; i < per_key; ++i) expected.push_back(i);
+    CHECK(c.got("k" + std::to_string(k)) == expected);
+  }
+}
+
 TEST_CASE(
     "a consumer killed with kill -9 and restarted applies every message exactly once, in order per "
     "key",
