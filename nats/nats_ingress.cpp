@@ -317,70 +317,85 @@ absl::Status nats_ingress::handle(natsMsg* msg) {
 
 absl::StatusOr<std::vector<natsMsg*>> nats_ingress::pull(std::chrono::milliseconds wait) {
   const auto batch = static_cast<std::size_t>(options_.batch);
-  const auto where = [&] {
-    return absl::StrCat("nats_ingress '", options_.durable, "': fetching from '", options_.stream,
-                        "'");
-  };
   const auto deadline = std::chrono::steady_clock::now() + wait;
   std::vector<natsMsg*> got;
-  std::string reply;  // this call's pull request, once sent
-  bool no_wait = false;
-  // Asks for the rest of the batch: at once ("no_wait": what the stream has now, then 404), or
-  // waiting until the deadline (then 408).
-  const auto request = [&](bool at_once) -> natsStatus {
-    reply = absl::StrCat(reply_prefix_, ".", ++requests_);
-    no_wait = at_once;
+  const auto fail = [&](natsStatus s) -> absl::StatusOr<std::vector<natsMsg*>> {
+    if (!got.empty()) return std::move(got);
+    return absl::UnavailableError(
+        detail::from_nats(s, absl::StrCat("nats_ingress '", options_.durable, "': fetching from '",
+                                          options_.stream, "'"))
+            .message());
+  };
+  // Takes what is queued, without waiting.
+  const auto take_queued = [&]() -> natsStatus {
+    while (got.size() < batch) {
+      natsMsg* m = nullptr;
+      const natsStatus s = natsSubscription_NextMsg(&m, sub_, 0);
+      if (s == NATS_TIMEOUT) return NATS_OK;
+      if (s != NATS_OK) return s;
+      if (pull_status(m).empty()) {
+        got.push_back(m);  // (status messages here end earlier requests: dropped)
+      } else {
+        natsMsg_Destroy(m);
+      }
+    }
+    return NATS_OK;
+  };
+  // Sends a pull request for the rest of the batch, then receives until the batch is full, this
+  // request ends (404: nothing more now; 408: expired; 409: a limit) or the deadline passes, or,
+  // with `first_only`, until something came (the request stays open: what it brings later waits
+  // in the queue for the next call). 503: no JetStream answers.
+  const auto request = [&](bool at_once, bool first_only) -> natsStatus {
+    const std::string reply = absl::StrCat(reply_prefix_, ".", ++requests_);
     std::string body = absl::StrCat("{\"batch\":", batch - got.size());
     if (at_once) {
       absl::StrAppend(&body, ",\"no_wait\":true}");
     } else {
-      const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(
-          deadline - std::chrono::steady_clock::now());
+      const std::int64_t left = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                    deadline - std::chrono::steady_clock::now())
+                                    .count();
+      if (left < 1'000'000) return NATS_TIMEOUT;
       // A little less than the wait, so the server ends the request before this call gives up.
-      const std::int64_t ns = left.count() >= 20'000'000
-                                  ? left.count() - 10'000'000
-                                  : std::max<std::int64_t>(left.count(), 1'000'000);
-      absl::StrAppend(&body, ",\"expires\":", ns, "}");
+      absl::StrAppend(&body, ",\"expires\":", left >= 20'000'000 ? left - 10'000'000 : left, "}");
     }
-    return natsConnection_PublishRequest(nc_, next_subject_.c_str(), reply.c_str(), body.data(),
-                                         static_cast<int>(body.size()));
+    if (const natsStatus s = natsConnection_PublishRequest(
+            nc_, next_subject_.c_str(), reply.c_str(), body.data(), static_cast<int>(body.size()));
+        s != NATS_OK) {
+      return s;
+    }
+    while (got.size() < batch) {
+      const std::int64_t wait_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                       deadline - std::chrono::steady_clock::now())
+                                       .count();
+      if (wait_ms <= 0) return NATS_OK;
+      natsMsg* m = nullptr;
+      const natsStatus s = natsSubscription_NextMsg(&m, sub_, wait_ms);
+      if (s == NATS_TIMEOUT) return NATS_OK;
+      if (s != NATS_OK) return s;
+      const std::string status = pull_status(m);
+      if (status.empty()) {
+        got.push_back(m);  // a message of the stream (also one an earlier request brought)
+        if (first_only) return take_queued();
+        continue;
+      }
+      const char* subject = natsMsg_GetSubject(m);
+      const bool mine = subject != nullptr && reply == subject;
+      natsMsg_Destroy(m);
+      if (!mine || status == "100") continue;  // an earlier request's end, or a heartbeat
+      return status == "503" ? NATS_NO_RESPONDERS : NATS_OK;
+    }
+    return NATS_OK;
   };
-  const auto fail = [&](natsStatus s) -> absl::StatusOr<std::vector<natsMsg*>> {
-    if (!got.empty()) return std::move(got);
-    return absl::UnavailableError(detail::from_nats(s, where()).message());
-  };
-  while (got.size() < batch) {
-    std::int64_t wait_ms = 0;  // what is queued already is taken without waiting
-    if (!reply.empty()) {
-      wait_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                    deadline - std::chrono::steady_clock::now())
-                    .count();
-      if (wait_ms <= 0) break;
-    }
-    natsMsg* m = nullptr;
-    const natsStatus s = natsSubscription_NextMsg(&m, sub_, wait_ms);
-    if (s == NATS_TIMEOUT) {
-      if (!reply.empty()) break;  // the wait is over
-      if (const natsStatus r = request(batch - got.size() > 1); r != NATS_OK) return fail(r);
-      continue;
-    }
-    if (s != NATS_OK) return fail(s);
-    const std::string status = pull_status(m);
-    if (status.empty()) {
-      got.push_back(m);  // a message of the stream (also one an earlier request brought)
-      continue;
-    }
-    const char* subject = natsMsg_GetSubject(m);
-    const bool mine = subject != nullptr && reply == subject;
-    natsMsg_Destroy(m);
-    if (!mine || status == "100") continue;  // an earlier request's end, or a heartbeat
-    if (status == "404" && no_wait && got.empty()) {
-      // Nothing now: wait for what comes.
-      if (const natsStatus r = request(false); r != NATS_OK) return fail(r);
-      continue;
-    }
-    if (status == "503") return fail(NATS_NO_RESPONDERS);
-    break;  // 404, 408, 409: this request is over
+  // What earlier requests brought; else what the stream has now; else the first that comes.
+  if (const natsStatus s = take_queued(); s != NATS_OK) return fail(s);
+  if (!got.empty()) return got;
+  if (const natsStatus s = request(/*at_once=*/true, /*first_only=*/false); s != NATS_OK) {
+    return fail(s);
+  }
+  if (!got.empty()) return got;
+  if (const natsStatus s = request(/*at_once=*/false, /*first_only=*/true);
+      s != NATS_OK && s != NATS_TIMEOUT) {
+    return fail(s);
   }
   return got;
 }
