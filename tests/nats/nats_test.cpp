@@ -135,6 +135,23 @@ void poll_until(pop::nats_ingress& in, Pred done) {
   REQUIRE(done());
 }
 
+// Publishes `per_key` messages for each of keys k0..k<keys-1> to the stream (payload seq 0, 1,
+// ...), through a producer engine, a relay and a nats_sink, and waits until all are stored.
+void publish_keys(pop::nats_connection& nc, int keys, int per_key) {
+  auto p = producer();
+  for (int k = 0; k < keys; ++k) {
+    for (int from = 0; from < per_key; from += 50) {
+      REQUIRE(
+          p->execute("emit", {{"key", "k" + std::to_string(k)}, {"n", 50}, {"from", from}}).ok());
+    }
+  }
+  auto sink = pop::nats_sink::create(nc, {.source = "orders"});
+  REQUIRE(sink.ok());
+  auto relay_owner = pop::test::must(pop::relay::create(*p, **sink));
+  asio::io_context io;
+  REQUIRE(run_on(io, relay_owner->drain()).ok());
+}
+
 // A relay running on its own thread until stop(), or until this object goes, whichever comes
 // first: declared after the relay and its sink, it cancels the relay and ends its coroutine (its
 // frame included, which a pending publish's cleanup reaches into the sink from) before either
@@ -581,20 +598,7 @@ TEST_CASE("a batch never holds more than options.batch messages even with late d
   auto nc = connect_to(server);
   make_stream(*nc);
   constexpr int keys = 8, per_key = 400, batch = 64;
-  {
-    auto p = producer();
-    for (int k = 0; k < keys; ++k) {
-      for (int from = 0; from < per_key; from += 50) {
-        REQUIRE(
-            p->execute("emit", {{"key", "k" + std::to_string(k)}, {"n", 50}, {"from", from}}).ok());
-      }
-    }
-    auto sink = pop::nats_sink::create(*nc, {.source = "orders"});
-    REQUIRE(sink.ok());
-    auto relay_owner = pop::test::must(pop::relay::create(*p, **sink));
-    asio::io_context io;
-    REQUIRE(run_on(io, relay_owner->drain()).ok());
-  }
+  publish_keys(*nc, keys, per_key);
   consumer c;
   auto in = ingress_for(c, *nc, {.batch = batch});
   const std::size_t total = static_cast<std::size_t>(keys * per_key);
@@ -625,21 +629,7 @@ TEST_CASE(
   auto nc = connect_to(server);
   make_stream(*nc);
   constexpr int keys = 8, per_key = 1000;
-  {
-    auto p = producer();
-    for (int k = 0; k < keys; ++k) {
-      for (int from = 0; from < per_key; from += 50) {
-        REQUIRE(
-            p->execute("emit", {{"key", "k" + std::to_string(k)}, {"n", 50}, {"from", from}}).ok());
-      }
-    }
-    auto sink = pop::nats_sink::create(*nc, {.source = "orders"});
-    REQUIRE(sink.ok());
-    auto relay_owner = pop::test::must(pop::relay::create(*p, **sink));
-    pop::relay& relay = *relay_owner;
-    asio::io_context io;
-    REQUIRE(run_on(io, relay.drain()).ok());
-  }
+  publish_keys(*nc, keys, per_key);
   REQUIRE(stored(*nc) == keys * per_key);
 
   pop::test::temp_dir dir;
