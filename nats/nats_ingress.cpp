@@ -81,12 +81,17 @@ void acknowledge(natsConnection* nc, natsMsg* msg, const char* kind) {
 
 // A pull response that carries no message: its Status header ("100" idle heartbeat, "404" no
 // messages, "408" request expired, "409" a limit or a leadership change, "503" no JetStream), or
-// empty if `msg` is a message of the stream.
-std::string pull_status(natsMsg* msg) {
-  if (natsMsg_GetDataLength(msg) > 0) return {};
+// nullptr for a message of the stream (those always have a reply subject: where acks go).
+const char* pull_status(natsMsg* msg) {
+  const char* reply = natsMsg_GetReply(msg);
+  if ((reply != nullptr && *reply != '\0') || natsMsg_GetDataLength(msg) > 0) return nullptr;
   const char* v = nullptr;
-  if (natsMsgHeader_Get(msg, "Status", &v) != NATS_OK || v == nullptr) return {};
-  return std::string(v).substr(0, 3);
+  if (natsMsgHeader_Get(msg, "Status", &v) != NATS_OK || v == nullptr) return nullptr;
+  return v;
+}
+
+bool status_is(const char* status, std::string_view code) {
+  return std::string_view(status).substr(0, 3) == code;
 }
 
 }  // namespace
@@ -316,88 +321,144 @@ absl::Status nats_ingress::handle(natsMsg* msg) {
 }
 
 absl::StatusOr<std::vector<natsMsg*>> nats_ingress::pull(std::chrono::milliseconds wait) {
+  using clock = std::chrono::steady_clock;
   const auto batch = static_cast<std::size_t>(options_.batch);
-  const auto deadline = std::chrono::steady_clock::now() + wait;
+  const clock::time_point deadline = clock::now() + wait;
   std::vector<natsMsg*> got;
-  const auto fail = [&](natsStatus s) -> absl::StatusOr<std::vector<natsMsg*>> {
-    if (!got.empty()) return std::move(got);
-    return absl::UnavailableError(
-        detail::from_nats(s, absl::StrCat("nats_ingress '", options_.durable, "': fetching from '",
-                                          options_.stream, "'"))
-            .message());
-  };
-  // Takes what is queued, without waiting.
-  const auto take_queued = [&]() -> natsStatus {
-    while (got.size() < batch) {
-      natsMsg* m = nullptr;
-      const natsStatus s = natsSubscription_NextMsg(&m, sub_, 0);
-      if (s == NATS_TIMEOUT) return NATS_OK;
-      if (s != NATS_OK) return s;
-      if (pull_status(m).empty()) {
-        got.push_back(m);  // (status messages here end earlier requests: dropped)
-      } else {
+  try {
+    got.reserve(batch);
+    const auto fail = [&](natsStatus s) -> absl::StatusOr<std::vector<natsMsg*>> {
+      if (!got.empty()) return std::move(got);
+      return absl::UnavailableError(
+          detail::from_nats(s, absl::StrCat("nats_ingress '", options_.durable,
+                                            "': fetching from '", options_.stream, "'"))
+              .message());
+    };
+    // Takes what is queued, without waiting. (A status here ends an earlier request.)
+    const auto take_queued = [&]() -> natsStatus {
+      while (got.size() < batch) {
+        natsMsg* m = nullptr;
+        const natsStatus s = natsSubscription_NextMsg(&m, sub_, 0);
+        if (s == NATS_TIMEOUT) return NATS_OK;
+        if (s != NATS_OK) return s;
+        if (const char* status = pull_status(m)) {
+          const char* subject = natsMsg_GetSubject(m);
+          if (subject != nullptr && open_reply_ == subject && !status_is(status, "100")) {
+            open_reply_.clear();
+          }
+          natsMsg_Destroy(m);
+        } else {
+          got.push_back(m);
+        }
+      }
+      return NATS_OK;
+    };
+    // Receives until the batch is full, request `reply` ends (404: nothing more now; 408:
+    // expired; 409: a limit or a leadership change, kUnavailable; 503: no JetStream, too) or
+    // `until` passes; with `first_only`, until something came.
+    const auto receive = [&](const std::string& reply, clock::time_point until,
+                             bool first_only) -> natsStatus {
+      while (got.size() < batch) {
+        const std::int64_t wait_ms =
+            std::chrono::duration_cast<std::chrono::milliseconds>(until - clock::now()).count();
+        if (wait_ms <= 0) return NATS_OK;
+        natsMsg* m = nullptr;
+        const natsStatus s = natsSubscription_NextMsg(&m, sub_, wait_ms);
+        if (s == NATS_TIMEOUT) return NATS_OK;
+        if (s != NATS_OK) return s;
+        const char* status = pull_status(m);
+        if (status == nullptr) {
+          got.push_back(m);  // a message of the stream (also one an earlier request brought)
+          if (first_only) return take_queued();
+          continue;
+        }
+        const char* subject = natsMsg_GetSubject(m);
+        const bool ended = !status_is(status, "100");
+        const bool mine = subject != nullptr && reply == subject;
+        if (ended && subject != nullptr && open_reply_ == subject) open_reply_.clear();
+        const natsStatus outcome = status_is(status, "503")   ? NATS_NO_RESPONDERS
+                                   : status_is(status, "409") ? NATS_ERR
+                                                              : NATS_OK;
         natsMsg_Destroy(m);
+        if (mine && ended) return outcome;
       }
-    }
-    return NATS_OK;
-  };
-  // Sends a pull request for the rest of the batch, then receives until the batch is full, this
-  // request ends (404: nothing more now; 408: expired; 409: a limit) or the deadline passes, or,
-  // with `first_only`, until something came (the request stays open: what it brings later waits
-  // in the queue for the next call). 503: no JetStream answers.
-  const auto request = [&](bool at_once, bool first_only) -> natsStatus {
-    const std::string reply = absl::StrCat(reply_prefix_, ".", ++requests_);
-    std::string body = absl::StrCat("{\"batch\":", batch - got.size());
-    if (at_once) {
-      absl::StrAppend(&body, ",\"no_wait\":true}");
-    } else {
-      const std::int64_t left = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                    deadline - std::chrono::steady_clock::now())
-                                    .count();
-      if (left < 1'000'000) return NATS_TIMEOUT;
-      // A little less than the wait, so the server ends the request before this call gives up.
-      absl::StrAppend(&body, ",\"expires\":", left >= 20'000'000 ? left - 10'000'000 : left, "}");
-    }
-    if (const natsStatus s = natsConnection_PublishRequest(
-            nc_, next_subject_.c_str(), reply.c_str(), body.data(), static_cast<int>(body.size()));
-        s != NATS_OK) {
-      return s;
-    }
-    while (got.size() < batch) {
-      const std::int64_t wait_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                                       deadline - std::chrono::steady_clock::now())
-                                       .count();
-      if (wait_ms <= 0) return NATS_OK;
-      natsMsg* m = nullptr;
-      const natsStatus s = natsSubscription_NextMsg(&m, sub_, wait_ms);
-      if (s == NATS_TIMEOUT) return NATS_OK;
-      if (s != NATS_OK) return s;
-      const std::string status = pull_status(m);
-      if (status.empty()) {
-        got.push_back(m);  // a message of the stream (also one an earlier request brought)
-        if (first_only) return take_queued();
-        continue;
+      return NATS_OK;
+    };
+    // Sends a pull request for the rest of the batch, ending by `until` at the latest; with
+    // `at_once`, once what the stream has now is sent.
+    const auto request = [&](bool at_once, clock::time_point until,
+                             std::string& reply) -> natsStatus {
+      const std::int64_t ns =
+          std::chrono::duration_cast<std::chrono::nanoseconds>(until - clock::now()).count();
+      if (ns < 1'000'000) return NATS_TIMEOUT;
+      reply = absl::StrCat(reply_prefix_, ".", ++requests_);
+      const std::string body =
+          absl::StrCat("{\"batch\":", batch - got.size(), at_once ? ",\"no_wait\":true" : "",
+                       ",\"expires\":", ns, "}");
+      return natsConnection_PublishRequest(nc_, next_subject_.c_str(), reply.c_str(), body.data(),
+                                           static_cast<int>(body.size()));
+    };
+    // What earlier requests brought; else what the open waiting request brings; else what the
+    // stream has now; else the first delivery of a new waiting request, which stays open.
+    if (const natsStatus s = take_queued(); s != NATS_OK) return fail(s);
+    if (!got.empty()) return got;
+    if (!open_reply_.empty() && clock::now() < open_until_) {
+      const std::string reply = open_reply_;
+      if (const natsStatus s = receive(reply, std::min(deadline, open_until_), true);
+          s != NATS_OK) {
+        return fail(s);
       }
-      const char* subject = natsMsg_GetSubject(m);
-      const bool mine = subject != nullptr && reply == subject;
-      natsMsg_Destroy(m);
-      if (!mine || status == "100") continue;  // an earlier request's end, or a heartbeat
-      return status == "503" ? NATS_NO_RESPONDERS : NATS_OK;
+      if (!got.empty() || clock::now() >= deadline) return got;
     }
-    return NATS_OK;
+    open_reply_.clear();
+    std::string reply;
+    // (No later than the wait: a request cut short at max_ack_pending does not end by itself.)
+    if (natsStatus s = request(/*at_once=*/true, deadline, reply); s != NATS_OK) {
+      return s == NATS_TIMEOUT ? std::move(got) : fail(s);
+    }
+    if (const natsStatus s = receive(reply, deadline, false); s != NATS_OK) return fail(s);
+    if (!got.empty()) return got;
+    // A little less than the wait, so the server ends it before this call gives up.
+    const clock::time_point until =
+        deadline - (wait >= std::chrono::milliseconds(20) ? std::chrono::milliseconds(10)
+                                                          : std::chrono::milliseconds(0));
+    if (natsStatus s = request(/*at_once=*/false, until, reply); s != NATS_OK) {
+      return s == NATS_TIMEOUT ? std::move(got) : fail(s);
+    }
+    open_reply_ = reply;
+    open_until_ = until;
+    if (const natsStatus s = receive(reply, deadline, true); s != NATS_OK) return fail(s);
+    return got;
+  } catch (...) {
+    for (natsMsg* m : got) natsMsg_Destroy(m);
+    throw;
+  }
+}
+
+void nats_ingress::nak_pending() {
+  const auto nak = [&](natsMsg* m) {
+    if (pull_status(m) == nullptr) acknowledge(nc_, m, "-NAK");
+    natsMsg_Destroy(m);
   };
-  // What earlier requests brought; else what the stream has now; else the first that comes.
-  if (const natsStatus s = take_queued(); s != NATS_OK) return fail(s);
-  if (!got.empty()) return got;
-  if (const natsStatus s = request(/*at_once=*/true, /*first_only=*/false); s != NATS_OK) {
-    return fail(s);
+  // What the open request may still bring, until it ends or expires.
+  while (!open_reply_.empty() && std::chrono::steady_clock::now() < open_until_) {
+    const std::int64_t wait_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                     open_until_ - std::chrono::steady_clock::now())
+                                     .count() +
+                                 1;
+    natsMsg* m = nullptr;
+    if (natsSubscription_NextMsg(&m, sub_, wait_ms) != NATS_OK) break;
+    const char* status = pull_status(m);
+    const char* subject = natsMsg_GetSubject(m);
+    if (status != nullptr && !status_is(status, "100") && subject != nullptr &&
+        open_reply_ == subject) {
+      open_reply_.clear();
+    }
+    nak(m);
   }
-  if (!got.empty()) return got;
-  if (const natsStatus s = request(/*at_once=*/false, /*first_only=*/true);
-      s != NATS_OK && s != NATS_TIMEOUT) {
-    return fail(s);
-  }
-  return got;
+  open_reply_.clear();
+  natsMsg* m = nullptr;
+  while (natsSubscription_NextMsg(&m, sub_, 0) == NATS_OK) nak(m);
 }
 
 absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
@@ -474,6 +535,7 @@ absl::StatusOr<std::size_t> nats_ingress::poll(std::chrono::milliseconds wait) {
         acknowledge(nc_, lanes[l][i], "-NAK");
       }
     }
+    nak_pending();
   }
   if (!failure.ok()) return failure;
   return settled.load();

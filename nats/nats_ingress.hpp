@@ -128,6 +128,9 @@ class nats_ingress {
   // Up to options_.batch deliveries: those already queued, then those a pull request brings
   // within `wait`. kUnavailable if none came and the server could not be asked.
   absl::StatusOr<std::vector<natsMsg*>> pull(std::chrono::milliseconds wait);
+  // Naks every delivery queued or still due from the open request, in arrival order (after a
+  // batch failed: they come back after what it did not settle, so per-key order holds).
+  void nak_pending();
   // Handles one message; returns OK once it is settled and acknowledged.
   absl::Status handle(natsMsg* msg);
   // Handles `msgs` (one key's, in order) until one fails; returns how many were settled.
@@ -151,6 +154,10 @@ class nats_ingress {
   std::string reply_prefix_;
   std::string next_subject_;
   std::uint64_t requests_ = 0;
+  // The waiting request still open on the server, if any (one at a time: each would hold a
+  // batch's worth of the consumer's max_waiting and deliveries), and when it expires.
+  std::string open_reply_;
+  std::chrono::steady_clock::time_point open_until_{};
   std::chrono::steady_clock::time_point hold_until_{};
   std::atomic<bool> stopping_{false};
   std::atomic<bool> running_{false};
