@@ -248,7 +248,11 @@ TEST_CASE("snapshots bound the journal and reopening replays only the records af
   }
   const pop::journal_info info = pop::verify_journal(file).value();
   CHECK(info.last_version == 35);
-  CHECK(info.snapshot_version >= 30);
+  // A snapshot is taken at the newest version of the group that reaches snapshot_every versions
+  // since the last one (groups form as the writer thread finds them: 27 happens as well as 30),
+  // and the next is due snapshot_every versions later: never that many records to replay.
+  CHECK(info.snapshot_version > 0);
+  CHECK(info.last_version - info.snapshot_version < o.journal_tuning.snapshot_every);
   CHECK(info.records == 35 - info.snapshot_version);
   CHECK(open_engine(o)->snapshot().to_json() == expected);
 }
