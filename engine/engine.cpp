@@ -321,11 +321,14 @@ bool engine::untouched_since(const path_set& access, const detail::value_node& t
 
 std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
                                                         detail::node_ptr root, std::string written,
-                                                        std::size_t messages_at, bool head_locked) {
+                                                        std::size_t messages_at,
+                                                        bool rewrote_outbox, bool head_locked) {
   auto next = std::make_shared<detail::version_state>();
   next->version = version;
   next->root = std::move(root);
   next->outbox_path = outbox_;
+  // (head_ changes only under commit_mu_, which is held.)
+  next->outbox_rewritten_at = rewrote_outbox ? version : head_->outbox_rewritten_at;
   std::shared_ptr<detail::journal_record> record;
   if (journal_) record = journal_->reserve(version, next);
   std::shared_ptr<const detail::version_state> previous;
@@ -501,7 +504,7 @@ bool engine::commit_in_place(prepared& prep, applied& out,
     out = process_runner::apply_in_place(std::move(root), h.version, *outbox_, prep, now_us,
                                          "commit");
     record = install(out.version, out.root, std::move(out.written), out.messages_at,
-                     /*head_locked=*/true);
+                     out.rewrote_outbox, /*head_locked=*/true);
   }();
   return true;
 }
@@ -576,7 +579,8 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
       POP_RETURN_IF_ERROR(check_pending_bound(
           *base, out.root, absl::StrCat("process '", detail::to_absl(process_name), "'")));
     }
-    record = install(out.version, out.root, std::move(out.written), out.messages_at);
+    record =
+        install(out.version, out.root, std::move(out.written), out.messages_at, out.rewrote_outbox);
   }
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name));
   return commit_status::committed;
@@ -713,7 +717,8 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
     }
     POP_ASSIGN_OR_RETURN(out, process_runner::apply(*current, prep, options_.clock->now_us(), who));
     POP_RETURN_IF_ERROR(check_pending_bound(*current, out.root, who));
-    record = install(out.version, out.root, std::move(out.written), out.messages_at);
+    record =
+        install(out.version, out.root, std::move(out.written), out.messages_at, out.rewrote_outbox);
   }
   POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "compare_and_swap"));
   return cas_result{true, out.version};

@@ -266,10 +266,12 @@ class engine {
   bool outbox_entries_changed(std::uint64_t since) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Makes `root` the head at `version`; returns the journal record to fill, if journaling.
   // `written`: the paths it wrote, those of appended messages from `messages_at` on (see
-  // applied). `head_locked`: the caller holds head_mu_ already (exclusively).
+  // applied). `rewrote_outbox`: see applied. `head_locked`: the caller holds head_mu_ already
+  // (exclusively).
   std::shared_ptr<detail::journal_record> install(std::uint64_t version, detail::node_ptr root,
                                                   std::string written,
                                                   std::size_t messages_at = std::string::npos,
+                                                  bool rewrote_outbox = false,
                                                   bool head_locked = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Journals the commit `done` of `prep` by `who`, waits until it is durable, then notifies.

@@ -23,6 +23,10 @@ struct version_state {
   std::uint64_t version = 0;
   node_ptr root;
   std::shared_ptr<const path> outbox_path;
+  // The newest version whose commit wrote a value into or over the outbox (a process or
+  // compare_and_swap rewriting or inserting an entry) rather than only appending messages
+  // or removing entries; 0 if none since the engine opened.
+  std::uint64_t outbox_rewritten_at = 0;
 };
 }  // namespace detail
 
@@ -49,6 +53,13 @@ class snapshot {
   [[nodiscard]] absl::StatusOr<json> read(std::string_view path_text) const;
   // The whole state as JSON. O(n).
   json to_json() const { return root().to_json(); }
+
+  // The newest version, at most this one, in which a commit wrote a value into the outbox other
+  // than by emitting messages (a process or compare_and_swap rewriting or inserting an entry, a
+  // relay recording a failed attempt); 0 if none since the engine opened. While it stays the
+  // same, every entry added to the outbox was emitted, with an id above every earlier
+  // commit's: a reader that has seen the queue up to an id needs to look only past it.
+  std::uint64_t outbox_rewritten_at() const { return state_->outbox_rewritten_at; }
 
   // The number of pending outbox messages. O(1).
   std::size_t pending_count() const { return view(outbox_path()).size(); }

@@ -277,109 +277,138 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     // When the snapshot is durable, no id can be newer than the durable version: skip parsing.
     const bool all_durable = snap.version() <= durable;
     if (key_cache_.size() > 4 * options_.batch_size + 65'536) key_cache_.clear();
+    // Where the scan starts: past the entries an earlier round found all delivered (see cursor_).
+    if (!cursor_.empty() && snap.outbox_rewritten_at() != cursor_rewritten_at_) cursor_.clear();
+    cursor_rewritten_at_ = snap.outbox_rewritten_at();
+    const std::string start = cursor_;
+    // Whether every entry scanned so far is delivered (the cursor follows while it is), and
+    // whether the entry being scanned was.
+    bool delivered_prefix = true;
+    bool passed_this = false;
+    const auto passed = [&](std::string_view id) {
+      // Only an id a commit made (of this version or older): every later append sorts after it.
+      if (!delivered_prefix) return;
+      if (const auto v = parse_message_id(id); v.ok() && v->first <= snap.version()) {
+        cursor_.assign(id);
+        passed_this = true;
+      }
+    };
+    const auto visit = [&](std::string_view id, const value_view& stored) {
+      // (An id claiming a version past the snapshot's was not made by a commit; it is left
+      // to the checks below.)
+      if (!all_durable) {
+        if (const auto v = parse_message_id(id);
+            v.ok() && v->first > durable && v->first <= snap.version()) {
+          return false;
+        }
+      }
+      // Looked up as a view: most entries are skipped, and need no copy of their id.
+      const absl::string_view id_view = detail::to_absl(id);
+      // (Both lookups are skipped when their maps are empty: a synchronous sink keeps
+      // flights_ empty, and a round after a clear has nothing recorded.)
+      if (const auto f = flights_.empty() ? flights_.end() : flights_.find(id_view);
+          f != flights_.end()) {
+        block(f->second->message.key);
+        return true;
+      }
+      // Delivered and not yet cleared: skipped (a delivery does not block its key).
+      while (next_delivered < sorted_delivered_.size() && sorted_delivered_[next_delivered] < id) {
+        ++next_delivered;
+      }
+      if (next_delivered < sorted_delivered_.size() && sorted_delivered_[next_delivered] == id) {
+        ++next_delivered;
+        passed(id);
+        return true;
+      }
+      if (const auto o = recorded_.empty() ? recorded_.end() : recorded_.find(id);
+          o != recorded_.end()) {
+        block(o->second->key);
+        return true;
+      }
+      if (waiting_outcomes() >= options_.batch_size || flights_.size() >= options_.max_in_flight) {
+        return false;
+      }
+      // A message's key never changes while it is queued: remember it, so messages behind a
+      // busy key are skipped without reading them (the scan repeats every round).
+      // A message as a commit stored it is read typed (its key and due time from its record,
+      // decoded only to be published); one written as JSON (a retry's record, a requeue) is
+      // read from its fields.
+      const std::optional<value_view::message_schedule> typed = stored.schedule();
+      std::string key;
+      if (typed) {
+        key = typed->key;
+      } else if (const auto cached = key_cache_.find(id_view); cached != key_cache_.end()) {
+        key = cached->second;
+      } else {
+        try {
+          if (const value_view k = stored.member(outbox_fields::key)) key = k.get<std::string>();
+        } catch (const json::exception&) {
+          // Left to from_json below, which names the bad field.
+        }
+        key_cache_.emplace(std::string(id), key);
+      }
+      if (!key.empty() && blocked_.contains(key)) return true;
+      std::int64_t due = typed ? typed->next_attempt_at_us : 0;
+      if (!typed) {
+        try {
+          // Only an integer: converting another number would be undefined behaviour.
+          if (const value_view d = stored.member(outbox_fields::next_attempt_at_us)) {
+            if (const json v = d.to_json(); v.is_number_integer()) due = v.get<std::int64_t>();
+          }
+        } catch (const json::exception&) {
+          // Left to from_json below, which names the bad field.
+        }
+      }
+      if (due > now) {
+        earliest = earliest ? std::min(*earliest, due) : due;
+        block(key);
+        return true;
+      }
+      // A message as a commit stored it is published as it is, with no copy.
+      if (const outbox_message* m = typed ? stored.message() : nullptr; m && m->id == id) {
+        if (start_publish(*m, true, snap)) {
+          passed(id);
+        } else {
+          block(key);
+        }
+        return true;
+      }
+      // Read straight from the stored value (no intermediate copy of it).
+      absl::StatusOr<outbox_message> m = absl::UnknownError("unread");
+      try {
+        m = stored.get<outbox_message>();
+      } catch (const std::exception&) {
+        m = outbox_message::from_json(stored.to_json());  // for the precise error
+      }
+      const std::string id_text(id);
+      if (!m.ok() || m->id != id_text) {
+        json raw = stored.to_json();
+        outcome o;
+        o.what = outcome::kind::malformed;
+        o.id = id_text;
+        o.status = m.ok() ? absl::DataLossError(absl::StrCat("its id field is '", m->id, "'"))
+                          : m.status();
+        o.at_us = now;
+        o.raw = std::move(raw);
+        add_outcome(std::move(o));
+        return true;
+      }
+      if (start_publish(*m, false, snap)) {
+        passed(id);
+      } else {
+        block(key);
+      }
+      return true;
+    };
     snap.view(snap.outbox_path())
-        .for_each_member([&](std::string_view id, const value_view& stored) {
-          // (An id claiming a version past the snapshot's was not made by a commit; it is left
-          // to the checks below.)
-          if (!all_durable) {
-            if (const auto v = parse_message_id(id);
-                v.ok() && v->first > durable && v->first <= snap.version()) {
-              return false;
-            }
-          }
-          // Looked up as a view: most entries are skipped, and need no copy of their id.
-          const absl::string_view id_view = detail::to_absl(id);
-          // (Both lookups are skipped when their maps are empty: a synchronous sink keeps
-          // flights_ empty, and a round after a clear has nothing recorded.)
-          if (const auto f = flights_.empty() ? flights_.end() : flights_.find(id_view);
-              f != flights_.end()) {
-            block(f->second->message.key);
-            return true;
-          }
-          // Delivered and not yet cleared: skipped (a delivery does not block its key).
-          while (next_delivered < sorted_delivered_.size() &&
-                 sorted_delivered_[next_delivered] < id) {
-            ++next_delivered;
-          }
-          if (next_delivered < sorted_delivered_.size() &&
-              sorted_delivered_[next_delivered] == id) {
-            ++next_delivered;
-            return true;
-          }
-          if (const auto o = recorded_.empty() ? recorded_.end() : recorded_.find(id);
-              o != recorded_.end()) {
-            block(o->second->key);
-            return true;
-          }
-          if (waiting_outcomes() >= options_.batch_size ||
-              flights_.size() >= options_.max_in_flight) {
-            return false;
-          }
-          // A message's key never changes while it is queued: remember it, so messages behind a
-          // busy key are skipped without reading them (the scan repeats every round).
-          // A message as a commit stored it is read typed (its key and due time from its record,
-          // decoded only to be published); one written as JSON (a retry's record, a requeue) is
-          // read from its fields.
-          const std::optional<value_view::message_schedule> typed = stored.schedule();
-          std::string key;
-          if (typed) {
-            key = typed->key;
-          } else if (const auto cached = key_cache_.find(id_view); cached != key_cache_.end()) {
-            key = cached->second;
-          } else {
-            try {
-              if (const value_view k = stored.member(outbox_fields::key))
-                key = k.get<std::string>();
-            } catch (const json::exception&) {
-              // Left to from_json below, which names the bad field.
-            }
-            key_cache_.emplace(std::string(id), key);
-          }
-          if (!key.empty() && blocked_.contains(key)) return true;
-          std::int64_t due = typed ? typed->next_attempt_at_us : 0;
-          if (!typed) {
-            try {
-              // Only an integer: converting another number would be undefined behaviour.
-              if (const value_view d = stored.member(outbox_fields::next_attempt_at_us)) {
-                if (const json v = d.to_json(); v.is_number_integer()) due = v.get<std::int64_t>();
-              }
-            } catch (const json::exception&) {
-              // Left to from_json below, which names the bad field.
-            }
-          }
-          if (due > now) {
-            earliest = earliest ? std::min(*earliest, due) : due;
-            block(key);
-            return true;
-          }
-          // A message as a commit stored it is published as it is, with no copy.
-          if (const outbox_message* m = typed ? stored.message() : nullptr; m && m->id == id) {
-            if (!start_publish(*m, true, snap)) block(key);
-            return true;
-          }
-          // Read straight from the stored value (no intermediate copy of it).
-          absl::StatusOr<outbox_message> m = absl::UnknownError("unread");
-          try {
-            m = stored.get<outbox_message>();
-          } catch (const std::exception&) {
-            m = outbox_message::from_json(stored.to_json());  // for the precise error
-          }
-          const std::string id_text(id);
-          if (!m.ok() || m->id != id_text) {
-            json raw = stored.to_json();
-            outcome o;
-            o.what = outcome::kind::malformed;
-            o.id = id_text;
-            o.status = m.ok() ? absl::DataLossError(absl::StrCat("its id field is '", m->id, "'"))
-                              : m.status();
-            o.at_us = now;
-            o.raw = std::move(raw);
-            add_outcome(std::move(o));
-            return true;
-          }
-          if (!start_publish(*m, false, snap)) block(key);
-          return true;
-        });
+        .for_each_member(
+            [&](std::string_view id, const value_view& stored) {
+              passed_this = false;
+              const bool go_on = visit(id, stored);
+              delivered_prefix = delivered_prefix && passed_this;
+              return go_on;
+            },
+            start);
     return earliest;
   }
 
@@ -579,20 +608,28 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     failures_waiting_ = false;
     // Each delivery is cleared against the snapshot it was read from, so exactly what was
     // published goes: an entry another writer changed since (a process rewriting a pending
-    // message) stays, and is published again with its new content. Deliveries of one snapshot
-    // share a clear (a round's are contiguous; a publish that finished later may come between).
+    // message) stays, and is published again with its new content. An entry is the same in a
+    // later snapshot with the same outbox_rewritten_at if it is there at all (until then
+    // entries were only appended or removed), so deliveries are cleared against the newest
+    // pinned snapshot of their run of equal outbox_rewritten_at: usually one clear for all.
+    std::vector<std::uint32_t> newest(pinned_.size());  // pinned_ index -> snapshot to clear by
+    for (std::size_t i = pinned_.size(); i-- > 0;) {
+      const bool same_as_next = i + 1 < pinned_.size() && pinned_[i].outbox_rewritten_at() ==
+                                                              pinned_[i + 1].outbox_rewritten_at();
+      newest[i] = same_as_next ? newest[i + 1] : static_cast<std::uint32_t>(i);
+    }
     absl::Status status = absl::OkStatus();
     std::vector<std::size_t> order;  // delivered_ indices from `cleared`, grouped by snapshot
     order.reserve(delivered_.size() - cleared);
     for (std::size_t i = cleared; i < delivered_.size(); ++i) order.push_back(i);
     std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-      return delivered_from_[a] < delivered_from_[b];
+      return newest[delivered_from_[a]] < newest[delivered_from_[b]];
     });
     std::vector<std::string_view> group;
     for (std::size_t k = 0; k < order.size() && status.ok();) {
-      const std::uint32_t from = delivered_from_[order[k]];
+      const std::uint32_t from = newest[delivered_from_[order[k]]];
       group.clear();
-      for (; k < order.size() && delivered_from_[order[k]] == from &&
+      for (; k < order.size() && newest[delivered_from_[order[k]]] == from &&
              group.size() < options_.batch_size;
            ++k) {
         group.push_back(delivered_[order[k]]);
@@ -600,9 +637,13 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       absl::StatusOr<clear_result> r = engine_.clear_message_views(pinned_[from], group);
       if (!r.ok()) {
         // Those messages stay queued and are published again (never lost).
+        cursor_.clear();
         status = annotate(r.status(), "relay: clearing delivered messages");
         break;
       }
+      // One left queued (changed since, so published again; or removed by someone else) may be
+      // behind the cursor.
+      if (r->removed != group.size()) cursor_.clear();
       if (r->removed > 0) counters_.clears.fetch_add(1, std::memory_order_relaxed);
       counters_.delivered.fetch_add(r->removed, std::memory_order_relaxed);
     }
@@ -634,14 +675,20 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         const value_view now = queue.member(id);
         if (!now) continue;  // removed meanwhile
         const snapshot& then = pinned_[from[i]];
-        if (!now.shares(then.view(then.outbox_path()).member(id))) continue;  // changed meanwhile
+        if (!now.shares(then.view(then.outbox_path()).member(id))) {
+          cursor_.clear();  // changed meanwhile: stays, and is published again
+          continue;
+        }
         writes.push_back({absl::StrCat(outbox_, ".", detail::to_absl(id)), std::nullopt});
         ++t.delivered;
       }
       if (writes.empty()) return absl::OkStatus();
       absl::StatusOr<cas_result> r =
           engine_.compare_and_swap(snap.version(), std::move(writes), cas_mode::keys);
-      if (!r.ok()) return annotate(r.status(), "relay: recording publish outcomes");
+      if (!r.ok()) {
+        cursor_.clear();
+        return annotate(r.status(), "relay: recording publish outcomes");
+      }
       if (r->committed) {
         counters_.clears.fetch_add(1, std::memory_order_relaxed);
         counters_.delivered.fetch_add(t.delivered, std::memory_order_relaxed);
@@ -651,6 +698,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       }
       counters_.clear_conflicts.fetch_add(1, std::memory_order_relaxed);
     }
+    cursor_.clear();  // given up: the deliveries stay queued
     return absl::OkStatus();
   }
 
@@ -689,6 +737,13 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   std::uint64_t published_ = 0;                              // publishes acknowledged this round
   absl::flat_hash_set<std::string> blocked_;                 // scratch for schedule()
   absl::flat_hash_map<std::string, std::string> key_cache_;  // queued id -> its key
+  // The last id of the outbox's leading run of entries all delivered (empty: none): a round's
+  // scan starts there, so it costs O(new messages), not O(pending). Valid while the outbox's
+  // outbox_rewritten_at stays cursor_rewritten_at_ (until then, entries are only appended
+  // after it or removed) and every delivery before it is cleared or waiting to be (forgotten
+  // when a clear leaves one in the queue).
+  std::string cursor_;
+  std::uint64_t cursor_rewritten_at_ = 0;
   std::int64_t outage_since_us_ = 0;  // first destination_unavailable since the last delivery
 };
 

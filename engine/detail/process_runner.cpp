@@ -241,6 +241,7 @@ absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_v
   out.written.reserve(written_size);
   for (const prepared_write& w : prep.writes) {
     if (w.value) {
+      out.rewrote_outbox = out.rewrote_outbox || w.target.overlaps(outbox);
       absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value, edit, owned);
       if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base_version));
       root = *std::move(r);

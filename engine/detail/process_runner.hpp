@@ -57,6 +57,8 @@ struct applied {
   // Where in `written` the paths of appended messages start (they come last): a check against a
   // change that does not touch the outbox can stop there.
   std::size_t messages_at = std::string::npos;
+  // A write put a value into or over the outbox (see version_state::outbox_rewritten_at).
+  bool rewrote_outbox = false;
   std::vector<std::string> message_ids;
 };
 

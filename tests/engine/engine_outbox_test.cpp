@@ -275,3 +275,43 @@ TEST_CASE("a process is tested against a fixture with no engine and nothing mock
   CHECK(via_engine->writes == std::vector<pop::write>{{"domain.inventory.B2", json(0)}});
   CHECK(e.version() == 0);
 }
+
+TEST_CASE("outbox_rewritten_at moves only when a commit writes a value into the outbox",
+          "[engine]") {
+  pop::engine e;
+  REQUIRE(e.register_process({.name = "emit", .outputs = {"domain.n"}, .emits = {"t"}},
+                             [](const pop::context&, const json&) {
+                               pop::result r;
+                               r.set("domain.n", 1);
+                               r.emit("t", json{{"a", 1}}, "k");
+                               return r;
+                             })
+              .ok());
+  const auto rewritten_at = [&] { return e.snapshot().outbox_rewritten_at(); };
+  const std::string outbox = e.outbox_path().str();
+  CHECK(rewritten_at() == 0);
+  const pop::commit first = pop::test::must(e.execute("emit", json::object()));
+  pop::test::must(e.execute("emit", json::object()));
+  CHECK(rewritten_at() == 0);  // appends
+  pop::test::must(e.compare_and_swap(e.version(), {{"domain.other", 1}}));
+  CHECK(rewritten_at() == 0);  // elsewhere
+  const std::vector<std::string> ids = {first.message_ids.at(0)};
+  CHECK(pop::test::must(e.clear_messages(e.snapshot(), ids)).removed == 1);
+  CHECK(rewritten_at() == 0);  // removals
+  pop::outbox_message m = e.snapshot().pending_messages().value().at(0);
+  m.payload = 2;
+  const pop::cas_result rewrite = pop::test::must(
+      e.compare_and_swap(e.version(), {{outbox + "." + m.id, m.to_json()}}, pop::cas_mode::keys));
+  REQUIRE(rewrite.committed);
+  CHECK(rewritten_at() == rewrite.version);
+  pop::test::must(e.execute("emit", json::object()));
+  pop::test::must(e.compare_and_swap(e.version(), {{outbox + "." + m.id, std::nullopt}}));
+  CHECK(rewritten_at() == rewrite.version);  // kept by later appends and removals
+  m.id = pop::make_message_id(2, 5);         // an old version's id, as a requeue writes back
+  const pop::cas_result inserted = pop::test::must(
+      e.compare_and_swap(e.version(), {{outbox + "." + m.id, m.to_json()}}, pop::cas_mode::keys));
+  CHECK(rewritten_at() == inserted.version);  // an entry inserted by hand
+  // A failed commit changes nothing.
+  CHECK_FALSE(e.compare_and_swap(e.version(), {{outbox + ".x-2", json()}}).ok());
+  CHECK(rewritten_at() == inserted.version);
+}

@@ -222,6 +222,114 @@ TEST_CASE("deliveries are cleared together within clear_delay, failures and a st
   CHECK(left[0].id == bad);
 }
 
+TEST_CASE("deliveries read in many rounds are cleared by one commit", "[relay]") {
+  // Nothing rewrote the outbox between the rounds, so each delivered entry is known unchanged in
+  // the newest round's snapshot: one clear against it covers all (not one per round).
+  pop::engine e;  // the system clock: clear_delay is real time
+  register_emitter(e);
+  scripted_sink sink;
+  pop::relay_options o = quick_relay();
+  o.clear_delay = std::chrono::hours(1);  // never reached by this test
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
+  pop::relay& r = *r_owner;
+  asio::io_context io;
+  asio::cancellation_signal stop;
+  std::optional<absl::Status> result;
+  pop::test::spawn_stoppable(io, r.run(), stop, result);
+  io.poll();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 8; ++i) {
+    ids.push_back(emit(e, "k" + std::to_string(i % 3)));
+    io.poll();  // a round (and a snapshot) per message
+  }
+  CHECK(sink.acked == ids);
+  CHECK(r.metrics().clears == 0);
+  const std::uint64_t before = e.version();
+  stop.emit(asio::cancellation_type::terminal);
+  io.run();
+  REQUIRE(result.has_value());
+  CHECK(r.metrics().clears == 1);
+  CHECK(r.metrics().delivered == 8);
+  CHECK(e.version() == before + 1);
+  CHECK(e.snapshot().pending_count() == 0);
+}
+
+TEST_CASE("a message rewritten behind the relay's scan position is published again", "[relay]") {
+  // A round starts its scan after the leading entries it found delivered. X is delivered, then
+  // rewritten; the next round passes X (delivered, not yet cleared) and delivers Y; the clear
+  // then leaves X (changed since its publish): the scan must start before X again.
+  pop::engine e;
+  register_emitter(e);
+  scripted_sink sink;
+  sink.script = [](const pop::outbox_message& m) { return m.key == "bad" ? act::fail : act::ok; };
+  pop::relay_options o = quick_relay(/*max_attempts=*/1);  // a failure is dead-lettered at once
+  o.clear_delay = std::chrono::hours(1);  // clears come with the failure and the stop only
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
+  pop::relay& r = *r_owner;
+  asio::io_context io;
+  asio::cancellation_signal stop;
+  std::optional<absl::Status> result;
+  pop::test::spawn_stoppable(io, r.run(), stop, result);
+  io.poll();
+  const std::string x = emit(e, "a", json{{"v", 1}});
+  io.poll();
+  REQUIRE(sink.acked == std::vector<std::string>{x});
+  pop::outbox_message changed = e.snapshot().pending_messages().value().at(0);
+  changed.payload = json{{"v", 2}};
+  const auto rewrite = e.compare_and_swap(
+      e.version(), {{e.outbox_path().str() + "." + x, changed.to_json()}}, pop::cas_mode::keys);
+  REQUIRE((rewrite.ok() && rewrite->committed));
+  const std::string y = emit(e, "b");
+  io.poll();
+  CHECK(sink.acked == std::vector<std::string>{x, y});
+  // The failure is recorded at once, with the deliveries: Y is cleared, X stays.
+  emit(e, "bad");
+  io.poll();
+  CHECK(r.metrics().dead_lettered == 1);
+  REQUIRE(sink.calls.size() == 4);
+  CHECK(sink.calls[3].message.id == x);
+  CHECK(sink.calls[3].message.payload == json{{"v", 2}});
+  stop.emit(asio::cancellation_type::terminal);
+  io.run();
+  CHECK(e.snapshot().pending_count() == 0);
+}
+
+TEST_CASE("a dead letter requeued behind the relay's scan position is published", "[relay]") {
+  // A requeued message keeps its old id, below those the relay has passed since.
+  pop::engine e;
+  register_emitter(e);
+  scripted_sink sink;
+  bool failed = false;
+  sink.script = [&](const pop::outbox_message& m) {
+    if (m.key != "x" || failed) return act::ok;
+    failed = true;
+    return act::fail;
+  };
+  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay(/*max_attempts=*/1)));
+  pop::relay& r = *r_owner;
+  asio::io_context io;
+  asio::cancellation_signal stop;
+  std::optional<absl::Status> result;
+  pop::test::spawn_stoppable(io, r.run(), stop, result);
+  io.poll();
+  const std::string a = emit(e, "x");
+  io.poll();
+  REQUIRE(r.metrics().dead_lettered == 1);
+  std::vector<std::string> later;
+  for (int i = 0; i < 3; ++i) {
+    later.push_back(emit(e, "y"));
+    io.poll();
+  }
+  CHECK(sink.acked == later);
+  REQUIRE(pop::test::must(pop::dead_letters::create(e))->requeue(a).ok());
+  io.poll();
+  CHECK(sink.acked.size() == 4);
+  CHECK(sink.acked.back() == a);
+  stop.emit(asio::cancellation_type::terminal);
+  io.run();
+  CHECK(e.snapshot().pending_count() == 0);
+}
+
 TEST_CASE("a failing message holds back only later messages with its key", "[relay]") {
   pop::engine e;
   register_emitter(e);
