@@ -24,7 +24,12 @@ absl::StatusOr<dry_run_result> dry_run_contract(const detail::registered& proc, 
   POP_RETURN_IF_ERROR(check_storable(
       fixture, absl::StrCat("dry run of process '", proc.contract.name(), "': the fixture")));
   // A fixture may seed the outbox as a list, as options.initial_state may.
-  POP_ASSIGN_OR_RETURN(json seeded, detail::initial_outbox(fixture, *outbox, now_us));
+  // (A fixture holding messages of later versions, say a dry run's state, is taken to be of the
+  // newest of them: this run's messages never take their ids.)
+  std::uint64_t newest = version;
+  POP_ASSIGN_OR_RETURN(json seeded,
+                       detail::initial_outbox(fixture, *outbox, now_us, std::nullopt, &newest));
+  version = newest;
   auto state = std::make_shared<detail::version_state>();
   state->version = version;
   state->root = detail::make_root(seeded);

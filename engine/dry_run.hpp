@@ -25,7 +25,9 @@ struct dry_run_result {
 
 // Settings of a dry run.
 struct dry_run_options {
-  std::uint64_t version = 0;  // the fixture's version; messages get version+1
+  // The fixture's version (raised to the newest version of a message id in its outbox); messages
+  // get version+1.
+  std::uint64_t version = 0;
   std::string outbox_path = "domain.outbox_queue";
 };
 

@@ -130,7 +130,7 @@ absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
   POP_RETURN_IF_ERROR(validate_options(opts));
   const path outbox = path::parse(opts.outbox_path).value();
   POP_ASSIGN_OR_RETURN(json initial, detail::initial_outbox(std::move(opts.initial_state), outbox,
-                                                            opts.clock->now_us()));
+                                                            opts.clock->now_us(), 0));
   // The engine keeps no copy of the initial state: once in the tree (or the journal) it is gone.
   opts.initial_state = json();
   detail::journal_start start;

@@ -609,14 +609,18 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     // Each delivery is cleared against the snapshot it was read from, so exactly what was
     // published goes: an entry another writer changed since (a process rewriting a pending
     // message) stays, and is published again with its new content. An entry is the same in a
-    // later snapshot with the same outbox_rewritten_at if it is there at all (until then
-    // entries were only appended or removed), so deliveries are cleared against the newest
-    // pinned snapshot of their run of equal outbox_rewritten_at: usually one clear for all.
+    // newer snapshot with the same outbox_rewritten_at if it is there at all (until then entries
+    // were only appended or removed), so deliveries are cleared against the newest pinned
+    // snapshot with their snapshot's outbox_rewritten_at: usually one clear for all. (pinned_ is
+    // not in version order: a publish that finished late pins its older snapshot again.)
+    absl::flat_hash_map<std::uint64_t, std::uint32_t> newest_of;  // rewritten_at -> pinned_ index
+    for (std::uint32_t i = 0; i < pinned_.size(); ++i) {
+      const auto [at, fresh] = newest_of.try_emplace(pinned_[i].outbox_rewritten_at(), i);
+      if (!fresh && pinned_[at->second].version() < pinned_[i].version()) at->second = i;
+    }
     std::vector<std::uint32_t> newest(pinned_.size());  // pinned_ index -> snapshot to clear by
-    for (std::size_t i = pinned_.size(); i-- > 0;) {
-      const bool same_as_next = i + 1 < pinned_.size() && pinned_[i].outbox_rewritten_at() ==
-                                                              pinned_[i + 1].outbox_rewritten_at();
-      newest[i] = same_as_next ? newest[i + 1] : static_cast<std::uint32_t>(i);
+    for (std::uint32_t i = 0; i < pinned_.size(); ++i) {
+      newest[i] = newest_of.at(pinned_[i].outbox_rewritten_at());
     }
     absl::Status status = absl::OkStatus();
     std::vector<std::size_t> order;  // delivered_ indices from `cleared`, grouped by snapshot

@@ -2,6 +2,7 @@
 // per-thread cache for the next allocation of that size.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <mutex>
@@ -32,11 +33,16 @@ template <std::size_t Size>
 class block_cache {
  public:
   static constexpr std::size_t limit = 512;
-  static constexpr std::size_t depot_lists = 16;
+  // At most 16 lists, and about 8 MiB of blocks, wait in the depot.
+  static constexpr std::size_t depot_lists =
+      std::clamp<std::size_t>((std::size_t{8} << 20) / (limit * Size), 1, 16);
 
   static void* take() {
 #if POP_BLOCK_CACHE
-    if (head_ == nullptr && depot_count_.load(std::memory_order_relaxed) != 0) refill();
+    if (head_ == nullptr && !exiting_ && depot_count_.load(std::memory_order_relaxed) != 0) {
+      free_at_exit();
+      refill();
+    }
     if (head_ != nullptr) {
       void* block = head_;
       head_ = next(block);
@@ -50,7 +56,7 @@ class block_cache {
   static void give(void* block) {
 #if POP_BLOCK_CACHE
     if (!exiting_) {
-      static thread_local releaser on_exit;  // frees the list when the thread ends
+      free_at_exit();
       if (count_ == limit && !to_depot()) {
         ::operator delete(block);
         return;
@@ -74,6 +80,12 @@ class block_cache {
   }
   static void*& next_list(void* block) {
     return static_cast<void**>(block)[1];
+  }
+
+  // Makes sure this thread's list is freed when the thread ends.
+  static void free_at_exit() {
+    static thread_local releaser on_exit;
+    (void)on_exit;
   }
 
   // Moves this thread's full list to the depot, if it has room; true if it did.

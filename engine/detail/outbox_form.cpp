@@ -1,5 +1,7 @@
 #include "pop/engine/detail/outbox_form.hpp"
 
+#include <algorithm>
+
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -157,7 +159,9 @@ absl::Status check_message_write(const path& target, const path& outbox,
   return check_stored(*value, id, who);
 }
 
-absl::StatusOr<json> initial_outbox(json state, const path& outbox, std::int64_t now_us) {
+absl::StatusOr<json> initial_outbox(json state, const path& outbox, std::int64_t now_us,
+                                    std::optional<std::uint64_t> newest,
+                                    std::uint64_t* newest_seen) {
   json* at = &state;
   for (const std::string_view segment : outbox.segments()) {
     if (!at->is_object()) break;
@@ -189,10 +193,19 @@ absl::StatusOr<json> initial_outbox(json state, const path& outbox, std::int64_t
         ", not an outbox; leave it out or seed it as [] (an empty outbox) or a list of messages"));
   }
   for (const auto& [id, m] : at->items()) {
-    if (!parse_message_id(id).ok()) {
+    const auto parsed = parse_message_id(id);
+    if (!parsed.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(
           who, " holds entry '", id, "', which is not a message id; seed new messages as a list"));
     }
+    if (newest && parsed->first > *newest) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          who, " holds entry '", id, "' of version ", parsed->first, ", after the state's version ",
+          *newest,
+          " (ids of later versions are given to emitted messages); seed new messages as "
+          "a list"));
+    }
+    if (newest_seen) *newest_seen = std::max(*newest_seen, parsed->first);
     POP_RETURN_IF_ERROR(check_stored(m, id, who));
   }
   return state;

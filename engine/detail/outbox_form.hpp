@@ -56,8 +56,12 @@ struct outbox_changes {
 
 // Returns `state` (options.initial_state) with its outbox in stored form: absent stays absent,
 // a list becomes messages of version 0 (ids make_message_id(0, i), created at `now_us`), an
-// object must already hold stored messages. kInvalidArgument otherwise, saying what to write.
+// object must already hold stored messages, with ids of version `newest` (the state's) or older
+// if given (later ones are given to emitted messages). kInvalidArgument otherwise, saying what
+// to write. `newest_seen`, if given, is raised to the newest version of an id held.
 [[nodiscard]] absl::StatusOr<json> initial_outbox(json state, const path& outbox,
-                                                  std::int64_t now_us);
+                                                  std::int64_t now_us,
+                                                  std::optional<std::uint64_t> newest,
+                                                  std::uint64_t* newest_seen = nullptr);
 
 }  // namespace pop::detail

@@ -225,6 +225,22 @@ absl::Status process_runner::check_not_outbox_parent(const path& p, const path& 
 
 namespace {
 
+// OK unless `target`, a message's entry in `outbox`, has an id of version `version` (the commit's
+// own) or later: those ids are the engine's to give to emitted messages, which would replace the
+// entry (and a reader that has seen the queue up to an id relies on later ones being emitted).
+absl::Status check_entry_version(const path& target, const path& outbox, std::uint64_t version,
+                                 const std::string& who) {
+  if (target.str().size() <= outbox.str().size()) return absl::OkStatus();
+  const std::string_view id = std::string_view(target.str()).substr(outbox.str().size() + 1);
+  const auto parsed = parse_message_id(id);
+  if (!parsed.ok() || parsed->first < version) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      who, " wrote '", target.str(), "': message id '", to_absl(id), "' is of version ",
+      parsed->first, ", and ids of version ", version,
+      " (this commit's) and later are given to emitted messages; an entry written by hand needs "
+      "an id of an earlier version (emit new messages instead)"));
+}
+
 // The body of apply and apply_in_place: `prep` applied on `root` (of version `base_version`),
 // giving its messages ids of version base_version + 1; `owned`: changed in place where nothing
 // else holds it (see assign).
@@ -241,7 +257,10 @@ absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_v
   out.written.reserve(written_size);
   for (const prepared_write& w : prep.writes) {
     if (w.value) {
-      out.rewrote_outbox = out.rewrote_outbox || w.target.overlaps(outbox);
+      if (w.target.overlaps(outbox)) {
+        out.rewrote_outbox = true;
+        POP_RETURN_IF_ERROR(check_entry_version(w.target, outbox, out.version, who));
+      }
       absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value, edit, owned);
       if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base_version));
       root = *std::move(r);

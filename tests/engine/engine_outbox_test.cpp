@@ -274,6 +274,14 @@ TEST_CASE("a process is tested against a fixture with no engine and nothing mock
   REQUIRE(via_engine.ok());
   CHECK(via_engine->writes == std::vector<pop::write>{{"domain.inventory.B2", json(0)}});
   CHECK(e.version() == 0);
+
+  // A run's state is a fixture for the next: its message's id is of a later version than the
+  // given one, which the next run takes as the fixture's, so the ids never collide.
+  const auto next = pop::dry_run(spec, reserve, run->state, {{"sku", "A1"}}, {.version = 5});
+  REQUIRE(next.ok());
+  REQUIRE(next->messages.size() == 1);
+  CHECK(next->messages[0].id == pop::make_message_id(43, 0));
+  CHECK(next->state["domain"]["outbox_queue"].size() == 2);
 }
 
 TEST_CASE("outbox_rewritten_at moves only when a commit writes a value into the outbox",
@@ -314,4 +322,40 @@ TEST_CASE("outbox_rewritten_at moves only when a commit writes a value into the 
   // A failed commit changes nothing.
   CHECK_FALSE(e.compare_and_swap(e.version(), {{outbox + ".x-2", json()}}).ok());
   CHECK(rewritten_at() == inserted.version);
+}
+
+TEST_CASE("an outbox entry written by hand with an id of a version to come is refused",
+          "[engine]") {
+  // Ids of the committing version and later are given to emitted messages: an entry written
+  // under one would be replaced by a later commit's message.
+  pop::engine e;
+  const std::string outbox = e.outbox_path().str();
+  pop::outbox_message m;
+  m.topic = "t";
+  m.payload = 1;
+  pop::test::must(e.compare_and_swap(0, {{"domain.a", 1}}));
+  const std::uint64_t before = e.version();  // 1
+  for (const std::uint64_t v : {before + 1, before + 5}) {
+    m.id = pop::make_message_id(v, 0);
+    const auto r = e.compare_and_swap(before, {{outbox + "." + m.id, m.to_json()}});
+    CHECK(r.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(r.status().message()),
+               Catch::Contains(m.id) && Catch::Contains("version " + std::to_string(v)));
+    CHECK(e.version() == before);
+    CHECK(e.snapshot().pending_count() == 0);
+  }
+  m.id = pop::make_message_id(before, 3);  // of a version already committed: fine
+  CHECK(
+      pop::test::must(e.compare_and_swap(before, {{outbox + "." + m.id, m.to_json()}})).committed);
+
+  // options.initial_state likewise (the state is version 0).
+  m.id = pop::make_message_id(1, 0);
+  const auto opened =
+      pop::engine::open({.initial_state = {{"domain", {{"outbox_queue", {{m.id, m.to_json()}}}}}}});
+  CHECK(opened.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(opened.status().message()), Catch::Contains(m.id));
+  m.id = pop::make_message_id(0, 4);
+  CHECK(
+      pop::engine::open({.initial_state = {{"domain", {{"outbox_queue", {{m.id, m.to_json()}}}}}}})
+          .ok());
 }

@@ -800,7 +800,7 @@ TEST_CASE(
   // compare_and_swap that would grow a full queue is refused the same way.
   REQUIRE(e.execute("emit", {{"n", 1}}).ok());
   pop::outbox_message copy = pending[0];
-  copy.id = pop::make_message_id(999, 0);
+  copy.id = pop::make_message_id(1, 99);  // an id of a past version no message has
   const auto grow =
       e.compare_and_swap(e.version(), {{"domain.outbox_queue." + copy.id, copy.to_json()}});
   CHECK(grow.status().code() == absl::StatusCode::kResourceExhausted);
