@@ -12,23 +12,29 @@
 namespace pop {
 
 std::string make_message_id(std::uint64_t version, std::uint32_t index) {
+  std::string id;
+  make_message_id(version, index, id);
+  return id;
+}
+
+void make_message_id(std::uint64_t version, std::uint32_t index, std::string& out) {
   if (index < 1'000'000) {
     // The usual case, written digit by digit (snprintf was a few percent of a small commit).
-    std::string id(27, '0');
+    out.assign(27, '0');
     for (int i = 19; i >= 0 && version != 0; --i, version /= 10) {
-      id[static_cast<std::size_t>(i)] = static_cast<char>('0' + version % 10);
+      out[static_cast<std::size_t>(i)] = static_cast<char>('0' + version % 10);
     }
-    id[20] = '-';
+    out[20] = '-';
     for (int i = 26; i >= 21 && index != 0; --i, index /= 10) {
-      id[static_cast<std::size_t>(i)] = static_cast<char>('0' + index % 10);
+      out[static_cast<std::size_t>(i)] = static_cast<char>('0' + index % 10);
     }
-    return id;
+    return;
   }
   char buf[32];
   const int n =
       std::snprintf(buf, sizeof buf, "%020llu-%06u", static_cast<unsigned long long>(version),
                     static_cast<unsigned>(index));
-  return std::string(buf, static_cast<std::size_t>(n));
+  out.assign(buf, static_cast<std::size_t>(n));
 }
 
 absl::StatusOr<std::pair<std::uint64_t, std::uint32_t>> parse_message_id(std::string_view id) {

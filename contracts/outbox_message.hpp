@@ -19,6 +19,8 @@ inline constexpr std::uint32_t max_messages_per_commit = 999'999;
 // digits, '-', the index zero-padded to 6 digits ("00000000000000000017-000000"), so ids sort in
 // commit order as plain strings and are valid path segments.
 std::string make_message_id(std::uint64_t version, std::uint32_t index);
+// The same id written into `out` (its contents replaced; its allocation reused).
+void make_message_id(std::uint64_t version, std::uint32_t index, std::string& out);
 
 // The (version, index) an id encodes, or kInvalidArgument if `id` is not of make_message_id's form.
 [[nodiscard]] absl::StatusOr<std::pair<std::uint64_t, std::uint32_t>> parse_message_id(

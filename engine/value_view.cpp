@@ -20,6 +20,12 @@ const outbox_message* value_view::message() const {
   return node_ && !inner_ && !packed_ ? node_->message() : nullptr;
 }
 
+bool value_view::message_into(outbox_message& into) const {
+  if (!node_ || inner_ || packed_ || !node_->is_message()) return false;
+  node_->message_into(into);
+  return true;
+}
+
 std::optional<value_view::message_schedule> value_view::schedule() const {
   if (!node_ || inner_ || packed_ || !node_->is_message()) return std::nullopt;
   return node_->schedule();

@@ -64,6 +64,10 @@ class value_view {
   // stored as JSON (read it with get<outbox_message>(), which uses this form when it can, without
   // keeping a decoded copy). Valid while this view or its snapshot lives.
   const outbox_message* message() const;
+  // The typed message stored here (see message()) written over `into`, reusing the allocations
+  // of its strings, and nothing kept: for a reader that goes through many messages once (a
+  // relay). False, and `into` unchanged, if this value is not one.
+  bool message_into(outbox_message& into) const;
 
   // What a relay's scan needs of a typed message (see message()), read without decoding it: its
   // key (a view valid while this view or its snapshot lives), next attempt and creation times.

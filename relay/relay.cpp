@@ -364,9 +364,10 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         block(key);
         return true;
       }
-      // A message as a commit stored it is published as it is, with no copy.
-      if (const outbox_message* m = typed ? stored.message() : nullptr; m && m->id == id) {
-        if (start_publish(*m, true, snap)) {
+      // A message as a commit stored it is decoded into the relay's own message, whose
+      // allocations serve message after message (nothing decoded is kept in the state).
+      if (typed && stored.message_into(decoded_) && decoded_.id == id) {
+        if (start_publish(decoded_, id, snap)) {
           passed(id);
         } else {
           block(key);
@@ -393,7 +394,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         add_outcome(std::move(o));
         return true;
       }
-      if (start_publish(*m, false, snap)) {
+      if (start_publish(*m, {}, snap)) {
         passed(id);
       } else {
         block(key);
@@ -413,10 +414,10 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   }
 
   // Publishes `m` synchronously if the sink can, else launches it. Returns true if `m` was
-  // acknowledged already (so its key is free for the next message). `stored`: `m` is the message
-  // in the round's snapshot (its id may be viewed until the snapshot is unpinned).
+  // acknowledged already (so its key is free for the next message). `stored`: `m`'s id as the
+  // round's snapshot holds it (viewed until the snapshot is unpinned), or empty.
   // `from`: the round's snapshot, which `m` was read from.
-  bool start_publish(const outbox_message& m, bool stored, const snapshot& from) {
+  bool start_publish(const outbox_message& m, std::string_view stored, const snapshot& from) {
     const steady::time_point start = steady::now();
     std::optional<absl::Status> now;
     try {
@@ -470,7 +471,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
     // A publish cut short by the stop is not an attempt: the message stays queued unchanged.
     if (!(self->stopping_ && !status.ok())) {
-      self->finish(f->message, std::move(status), f->started, false, self->pin(*f->seen));
+      self->finish(f->message, std::move(status), f->started, {}, self->pin(*f->seen));
     }
     self->wake();
   }
@@ -484,8 +485,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
 
   // Records the outcome of publishing `m` (see start_publish for `stored`), read from
   // pinned_[from].
-  void finish(const outbox_message& m, absl::Status status, steady::time_point started, bool stored,
-              std::uint32_t from) {
+  void finish(const outbox_message& m, absl::Status status, steady::time_point started,
+              std::string_view stored, std::uint32_t from) {
     const auto took =
         std::chrono::duration_cast<std::chrono::microseconds>(steady::now() - started);
     record_local(publish_latency_, took);
@@ -498,10 +499,10 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     if (status.ok()) {
       ++published_;
       record_local(commit_to_publish_, std::chrono::microseconds(at_us - m.created_at_us));
-      // A delivery is only an id to clear: a view of the stored message's, else a copy.
+      // A delivery is only an id to clear: a view of the stored entry's, else a copy.
       if (waiting_outcomes() == 0) outcomes_since_ = steady::now();
-      if (stored) {
-        delivered_.push_back(m.id);
+      if (!stored.empty()) {
+        delivered_.push_back(stored);
       } else {
         delivered_.push_back(delivered_ids_.emplace_back(m.id));
       }
@@ -748,6 +749,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   // when a clear leaves one in the queue).
   std::string cursor_;
   std::uint64_t cursor_rewritten_at_ = 0;
+  outbox_message decoded_;            // scratch for schedule(): the message being published
   std::int64_t outage_since_us_ = 0;  // first destination_unavailable since the last delivery
 };
 

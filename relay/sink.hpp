@@ -31,7 +31,8 @@ class sink {
 
   // The fast path for sinks that finish synchronously: returns the outcome of publishing `m`
   // right now, or nullopt if this message needs the asynchronous publish(). Called on the relay's
-  // strand; it cannot be cancelled or timed out, so it must be short. The default returns nullopt.
+  // strand; it cannot be cancelled or timed out, so it must be short; `m` is valid only during
+  // the call (copy what is kept). The default returns nullopt.
   virtual std::optional<absl::Status> publish_now(const outbox_message& m) {
     static_cast<void>(m);
     return std::nullopt;

@@ -185,29 +185,35 @@ record_fields fields_of(const char* record) {
 }
 
 outbox_message decode_message_record(const char* record) {
-  const record_fields f = fields_of(record);
   outbox_message m;
+  decode_message_record(record, m);
+  return m;
+}
+
+void decode_message_record(const char* record, outbox_message& m) {
+  const record_fields f = fields_of(record);
   m.version = packed::decode(f.version).get<std::uint64_t>();
   if (const std::optional<std::int64_t> index = packed::integer_at(f.id)) {
-    m.id = make_message_id(m.version, static_cast<std::uint32_t>(*index));
+    make_message_id(m.version, static_cast<std::uint32_t>(*index), m.id);
   } else {
-    m.id = text_at(f.id);
+    m.id.assign(text_at(f.id));
   }
-  m.topic = text_at(f.topic);
-  m.key = text_at(f.key);
+  m.topic.assign(text_at(f.topic));
+  m.key.assign(text_at(f.key));
   m.payload = packed::decode(f.payload);
+  m.headers.clear();
   packed::for_each_member(f.headers, "", [&](std::string_view header, const char* value) {
     m.headers.emplace_hint(m.headers.end(), header, text_at(value));
     return true;
   });
   m.created_at_us = packed::integer_at(f.created_at_us).value_or(0);
   m.attempts = static_cast<std::uint32_t>(packed::integer_at(f.attempts).value_or(0));
-  m.last_error = text_at(f.last_error);
+  m.last_error.assign(text_at(f.last_error));
   m.next_attempt_at_us = packed::integer_at(f.next_attempt_at_us).value_or(0);
+  m.failures.clear();
   if (packed::size(f.failures) != 0) {
     m.failures = packed::decode(f.failures).get<std::vector<delivery_failure>>();
   }
-  return m;
 }
 
 }  // namespace pop::detail

@@ -25,6 +25,8 @@ bool encode_message_record(std::uint32_t index, const message_draft& draft,
 
 // The message whose record starts at `record` (bytes an encode_message_record wrote).
 outbox_message decode_message_record(const char* record);
+// The same, written over `into` (reusing the allocations of its strings).
+void decode_message_record(const char* record, outbox_message& into);
 
 // The fields of a record, each where its packed value starts: `id` is a string, or an integer
 // (the index of make_message_id(version, index)); `version` an unsigned integer; `failures` an

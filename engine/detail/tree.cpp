@@ -329,6 +329,15 @@ message_schedule value_node::schedule() const {
   return record_schedule(t.record);
 }
 
+void value_node::message_into(outbox_message& into) const {
+  const message_state& t = *std::get_if<typed>(&form_)->state;
+  if (const outbox_message* m = t.decoded.load(std::memory_order_acquire)) {
+    into = *m;
+    return;
+  }
+  decode_message_record(t.record, into);
+}
+
 outbox_message value_node::message_copy() const {
   const message_state& t = *std::get_if<typed>(&form_)->state;
   if (const outbox_message* m = t.decoded.load(std::memory_order_acquire)) return *m;

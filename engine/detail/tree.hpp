@@ -95,6 +95,8 @@ class value_node {
   // The message of a typed message node (is_message()), decoded for this call only if it has not
   // been yet: for whole-state reads that should not leave a decoded copy in every node.
   outbox_message message_copy() const;
+  // The same, written over `into` (its strings' allocations reused), never kept.
+  void message_into(outbox_message& into) const;
   // The compact record of a typed message node (message_record.hpp), or nullptr if it is not one
   // or keeps its message decoded only (a payload with no record).
   const char* message_record() const {

@@ -359,3 +359,38 @@ TEST_CASE("an outbox entry written by hand with an id of a version to come is re
       pop::engine::open({.initial_state = {{"domain", {{"outbox_queue", {{m.id, m.to_json()}}}}}}})
           .ok());
 }
+
+TEST_CASE("message_into decodes a stored message over one reused, leaving nothing of the last",
+          "[engine]") {
+  pop::engine e;
+  REQUIRE(
+      e.register_process({.name = "emit", .emits = {"t", "u"}}, [](const pop::context&,
+                                                                   const json& args) {
+         pop::result r;
+         if (args.at("n") == 1) {
+           r.emit("t", json{{"a", json::array({1, 2})}}, "key-one", {{"h", "v"}, {"trace", "x"}});
+         } else {
+           r.emit("u", 7);
+         }
+         return r;
+       }).ok());
+  pop::test::must(e.execute("emit", {{"n", 1}}));
+  pop::test::must(e.execute("emit", {{"n", 2}}));
+  const pop::snapshot s = e.snapshot();
+  std::vector<pop::outbox_message> expected = s.pending_messages().value();
+  REQUIRE(expected.size() == 2);
+  pop::outbox_message into;
+  into.last_error = "left from before";
+  into.failures.push_back({.at_us = 1, .error = "old"});
+  std::size_t i = 0;
+  s.view(s.outbox_path()).for_each_member([&](std::string_view id, const pop::value_view& v) {
+    REQUIRE(v.message_into(into));
+    CHECK(into == expected.at(i++));
+    CHECK(into.id == id);
+    return true;
+  });
+  CHECK(i == 2);
+  // A value that is not a typed message leaves `into` as it was.
+  CHECK_FALSE(s.root().message_into(into));
+  CHECK(into == expected.at(1));
+}
