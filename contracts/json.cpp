@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -15,6 +16,11 @@ std::size_t first_bad_utf8(std::string_view text) {
   const auto* s = reinterpret_cast<const unsigned char*>(text.data());
   const std::size_t n = text.size();
   std::size_t i = 0;
+  // ASCII, the usual text, eight bytes at a time.
+  for (std::uint64_t word = 0; i + 8 <= n; i += 8) {
+    std::memcpy(&word, s + i, 8);
+    if ((word & 0x8080808080808080ULL) != 0) break;
+  }
   while (i < n) {
     const unsigned char c = s[i];
     if (c < 0x80) {

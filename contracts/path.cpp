@@ -54,19 +54,26 @@ namespace {
 // Whether `text` is a valid path, in one pass over its characters (the usual case: a fault is
 // then described by check_path_text).
 bool valid_path_text(std::string_view text) {
-  if (text.empty() || text.size() > max_path_length) return false;
+  // Each byte: 1 a segment character, 2 a dot, 0 neither.
+  static constexpr std::array<unsigned char, 256> kind = [] {
+    std::array<unsigned char, 256> table{};
+    for (std::size_t c = 0; c < 256; ++c) table[c] = segment_chars[c] ? 1 : 0;
+    table['.'] = 2;
+    return table;
+  }();
+  const std::size_t n = text.size();
+  if (n == 0 || n > max_path_length) return false;
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
   std::size_t depth = 1;
-  std::size_t segment = 0;  // the length of the segment so far
-  for (const char c : text) {
-    if (c == '.') {
-      if (segment == 0) return false;
-      ++depth;
-      segment = 0;
-    } else if (!is_segment_char(c) || ++segment > max_segment_length) {
-      return false;
-    }
+  std::size_t start = 0;  // where the current segment starts
+  for (std::size_t i = 0; i < n; ++i) {
+    const unsigned char k = kind[s[i]];
+    if (k == 1) continue;
+    if (k == 0 || i == start || i - start > max_segment_length) return false;
+    ++depth;
+    start = i + 1;
   }
-  return segment != 0 && depth <= max_path_depth;
+  return n != start && n - start <= max_segment_length && depth <= max_path_depth;
 }
 
 // OK if `text` is a valid path, else kInvalidArgument saying what is wrong.
@@ -230,6 +237,13 @@ bool path_set::covers(const path& p) const {
 }
 
 bool path_set::covers(std::string_view text) const {
+  // A small set (a process's contract, typically) is cheaper to compare one by one.
+  if (paths_.size() <= 8) {
+    for (const path& m : paths_) {
+      if (detail::path_contains(m.str(), text)) return true;
+    }
+    return false;
+  }
   // An ancestor of p sorts at or before p; check each prefix of p by exact search.
   std::size_t end = 0;
   while (true) {

@@ -36,17 +36,20 @@ class result {
  public:
   // Sets `path` to `value`.
   result& set(std::string path, json value) {
+    room_for_writes();
     writes_.push_back({std::move(path), std::move(value)});
     return *this;
   }
   // Sets `path` to `value` (anything nlohmann can convert to JSON).
   template <class T>
   result& set(std::string path, T&& value) {
+    room_for_writes();
     writes_.push_back({std::move(path), json(std::forward<T>(value))});
     return *this;
   }
   // Deletes `path` and everything below it (no effect if absent).
   result& erase(std::string path) {
+    room_for_writes();
     writes_.push_back({std::move(path), std::nullopt});
     return *this;
   }
@@ -63,6 +66,11 @@ class result {
   std::vector<message_draft>& messages() { return messages_; }
 
  private:
+  // Most processes write a few paths: room for four at the first, not a reallocation per write.
+  void room_for_writes() {
+    if (writes_.capacity() == 0) writes_.reserve(4);
+  }
+
   std::vector<write> writes_{};
   std::vector<message_draft> messages_{};
 };
