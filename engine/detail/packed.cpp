@@ -12,11 +12,19 @@ namespace pop::detail::packed {
 namespace {
 
 void put_varint(std::uint64_t v, std::string& out) {
+  if (v < 0x80) {
+    out.push_back(static_cast<char>(v));
+    return;
+  }
+  // (Longer ones, times and lengths, gathered and appended at once: one capacity check.)
+  char bytes[10];
+  std::size_t n = 0;
   while (v >= 0x80) {
-    out.push_back(static_cast<char>((v & 0x7f) | 0x80));
+    bytes[n++] = static_cast<char>((v & 0x7f) | 0x80);
     v >>= 7;
   }
-  out.push_back(static_cast<char>(v));
+  bytes[n++] = static_cast<char>(v);
+  out.append(bytes, n);
 }
 
 std::uint64_t get_varint(const char*& at) {
