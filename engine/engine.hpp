@@ -116,7 +116,9 @@ class engine {
   // not an object, not storable JSON as check_storable says, or an outbox that is not [], a list
   // of new messages or an object of stored messages; retry policy, conflict window, durability).
   // An outbox seeded as a list (Theus's `outbox_queue: []`) starts as that many messages of
-  // version 0. The engine keeps no copy of options.initial_state. With options.journal, opens or
+  // version 0; one seeded as an object of stored messages must hold ids of version 0 only (later
+  // ones are given to the engine's own commits, whose messages would replace them). The engine
+  // keeps no copy of options.initial_state. With options.journal, opens or
   // creates the journal:
   // a new one starts at version 0 with options.initial_state; an existing one resumes at its last
   // acknowledged version with its state and outbox (initial_state is ignored). Journal errors:
@@ -174,8 +176,10 @@ class engine {
 
   // The low-level commit primitive: applies `writes` in order at a new version if `mode` allows.
   // Returns {committed, new version} or {not committed, current version}; kInvalidArgument for an
-  // empty or bad write list or an expected_version ahead of the head; kResourceExhausted if it
-  // would grow the outbox past options.max_pending (nothing is written on any error).
+  // empty or bad write list, an expected_version ahead of the head, or a new outbox entry whose
+  // id is of the committing version or later (those ids are given to emitted messages);
+  // kResourceExhausted if it would grow the outbox past options.max_pending (nothing is written
+  // on any error).
   [[nodiscard]] absl::StatusOr<cas_result> compare_and_swap(std::uint64_t expected_version,
                                                             std::vector<write> writes,
                                                             cas_mode mode = cas_mode::strict);

@@ -225,15 +225,18 @@ absl::Status process_runner::check_not_outbox_parent(const path& p, const path& 
 
 namespace {
 
-// OK unless `target`, a message's entry in `outbox`, has an id of version `version` (the commit's
-// own) or later: those ids are the engine's to give to emitted messages, which would replace the
-// entry (and a reader that has seen the queue up to an id relies on later ones being emitted).
-absl::Status check_entry_version(const path& target, const path& outbox, std::uint64_t version,
-                                 const std::string& who) {
+// OK unless `target`, a new entry in `outbox` (not in `root`), has an id of version `version`
+// (the commit's own) or later: those ids are the engine's to give to emitted messages, which
+// would replace the entry (and a reader that has seen the queue up to an id relies on later ones
+// being emitted). An entry already there may be rewritten (a retry record, say, of one a build
+// before this check let in).
+absl::Status check_entry_version(const node_ptr& root, const path& target, const path& outbox,
+                                 std::uint64_t version, const std::string& who) {
   if (target.str().size() <= outbox.str().size()) return absl::OkStatus();
   const std::string_view id = std::string_view(target.str()).substr(outbox.str().size() + 1);
   const auto parsed = parse_message_id(id);
   if (!parsed.ok() || parsed->first < version) return absl::OkStatus();
+  if (lookup(*root, target.str()).exists()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat(
       who, " wrote '", target.str(), "': message id '", to_absl(id), "' is of version ",
       parsed->first, ", and ids of version ", version,
@@ -259,7 +262,7 @@ absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_v
     if (w.value) {
       if (w.target.overlaps(outbox)) {
         out.rewrote_outbox = true;
-        POP_RETURN_IF_ERROR(check_entry_version(w.target, outbox, out.version, who));
+        POP_RETURN_IF_ERROR(check_entry_version(root, w.target, outbox, out.version, who));
       }
       absl::StatusOr<node_ptr> r = assign(root, w.target.str(), w.value, edit, owned);
       if (!r.ok()) return annotate(r.status(), absl::StrCat(who, " at version ", base_version));

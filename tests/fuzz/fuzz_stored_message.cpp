@@ -15,7 +15,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (pop::outbox_message::from_json(m->to_json()).value() != *m) __builtin_trap();
   }
   static_cast<void>(pop::detail::draft_from_entry(j, "fuzz"));
-  static_cast<void>(pop::detail::initial_outbox({{"q", j}}, pop::path::parse("q").value(), 0));
+  static_cast<void>(
+      pop::detail::initial_outbox({{"q", j}}, pop::path::parse("q").value(), 0, std::nullopt));
   if (pop::check_storable(j, "fuzz").ok()) static_cast<void>(j.dump());  // must not throw
   static_cast<void>(
       pop::parse_message_id(std::string_view(reinterpret_cast<const char*>(data), size)));
