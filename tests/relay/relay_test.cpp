@@ -79,6 +79,27 @@ class gated_sink final : public pop::sink {
   std::map<std::string, asio::steady_timer*> gates_;
 };
 
+// A relay of `e` running on a one-thread io_context (polled once at the start) until stop().
+struct polled_relay {
+  polled_relay(pop::engine& e, pop::sink& sink, const pop::relay_options& o)
+      : owner(pop::test::must(pop::relay::create(e, sink, o))) {
+    pop::test::spawn_stoppable(io, owner->run(), signal, result);
+    io.poll();
+  }
+  pop::relay& operator*() { return *owner; }
+  pop::relay* operator->() { return owner.get(); }
+  // Cancels the run and runs the io_context until it ended.
+  void stop() {
+    signal.emit(asio::cancellation_type::terminal);
+    io.run();
+  }
+
+  std::unique_ptr<pop::relay> owner;  // (outlives the io_context and the run's frames in it)
+  asio::io_context io;
+  asio::cancellation_signal signal;
+  std::optional<absl::Status> result;
+};
+
 }  // namespace
 
 TEST_CASE("the relay publishes every pending message in commit order and empties the outbox",
@@ -263,26 +284,19 @@ TEST_CASE("deliveries read in many rounds are cleared by one commit", "[relay]")
   scripted_sink sink;
   pop::relay_options o = quick_relay();
   o.clear_delay = std::chrono::hours(1);  // never reached by this test
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
-  pop::relay& r = *r_owner;
-  asio::io_context io;
-  asio::cancellation_signal stop;
-  std::optional<absl::Status> result;
-  pop::test::spawn_stoppable(io, r.run(), stop, result);
-  io.poll();
+  polled_relay r(e, sink, o);
   std::vector<std::string> ids;
   for (int i = 0; i < 8; ++i) {
     ids.push_back(emit(e, "k" + std::to_string(i % 3)));
-    io.poll();  // a round (and a snapshot) per message
+    r.io.poll();  // a round (and a snapshot) per message
   }
   CHECK(sink.acked == ids);
-  CHECK(r.metrics().clears == 0);
+  CHECK(r->metrics().clears == 0);
   const std::uint64_t before = e.version();
-  stop.emit(asio::cancellation_type::terminal);
-  io.run();
-  REQUIRE(result.has_value());
-  CHECK(r.metrics().clears == 1);
-  CHECK(r.metrics().delivered == 8);
+  r.stop();
+  REQUIRE(r.result.has_value());
+  CHECK(r->metrics().clears == 1);
+  CHECK(r->metrics().delivered == 8);
   CHECK(e.version() == before + 1);
   CHECK(e.snapshot().pending_count() == 0);
 }
@@ -296,26 +310,19 @@ TEST_CASE("deliveries that finish out of commit order are cleared once, none pub
   gated_sink sink;
   pop::relay_options o = quick_relay();
   o.clear_delay = std::chrono::hours(1);  // clears come with the stop only
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
-  pop::relay& r = *r_owner;
-  asio::io_context io;
-  asio::cancellation_signal stop;
-  std::optional<absl::Status> result;
-  pop::test::spawn_stoppable(io, r.run(), stop, result);
-  io.poll();
+  polled_relay r(e, sink, o);
   const std::string x = emit(e, "a");
-  io.poll();
+  r.io.poll();
   const std::string y = emit(e, "b");
-  io.poll();
+  r.io.poll();
   REQUIRE(sink.release(y));
-  io.poll();
+  r.io.poll();
   REQUIRE(sink.release(x));
-  io.poll();
+  r.io.poll();
   CHECK(sink.acked == std::vector<std::string>{y, x});
-  stop.emit(asio::cancellation_type::terminal);
-  io.run();
-  REQUIRE(result.has_value());
-  CHECK(r.metrics().delivered == 2);
+  r.stop();
+  REQUIRE(r.result.has_value());
+  CHECK(r->metrics().delivered == 2);
   CHECK(e.snapshot().pending_count() == 0);
 }
 
@@ -329,15 +336,9 @@ TEST_CASE("a message rewritten behind the relay's scan position is published aga
   sink.script = [](const pop::outbox_message& m) { return m.key == "bad" ? act::fail : act::ok; };
   pop::relay_options o = quick_relay(/*max_attempts=*/1);  // a failure is dead-lettered at once
   o.clear_delay = std::chrono::hours(1);  // clears come with the failure and the stop only
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, o));
-  pop::relay& r = *r_owner;
-  asio::io_context io;
-  asio::cancellation_signal stop;
-  std::optional<absl::Status> result;
-  pop::test::spawn_stoppable(io, r.run(), stop, result);
-  io.poll();
+  polled_relay r(e, sink, o);
   const std::string x = emit(e, "a", json{{"v", 1}});
-  io.poll();
+  r.io.poll();
   REQUIRE(sink.acked == std::vector<std::string>{x});
   pop::outbox_message changed = e.snapshot().pending_messages().value().at(0);
   changed.payload = json{{"v", 2}};
@@ -345,17 +346,16 @@ TEST_CASE("a message rewritten behind the relay's scan position is published aga
       e.version(), {{e.outbox_path().str() + "." + x, changed.to_json()}}, pop::cas_mode::keys);
   REQUIRE((rewrite.ok() && rewrite->committed));
   const std::string y = emit(e, "b");
-  io.poll();
+  r.io.poll();
   CHECK(sink.acked == std::vector<std::string>{x, y});
   // The failure is recorded at once, with the deliveries: Y is cleared, X stays.
   emit(e, "bad");
-  io.poll();
-  CHECK(r.metrics().dead_lettered == 1);
+  r.io.poll();
+  CHECK(r->metrics().dead_lettered == 1);
   REQUIRE(sink.calls.size() == 4);
   CHECK(sink.calls[3].message.id == x);
   CHECK(sink.calls[3].message.payload == json{{"v", 2}});
-  stop.emit(asio::cancellation_type::terminal);
-  io.run();
+  r.stop();
   CHECK(e.snapshot().pending_count() == 0);
 }
 
@@ -370,28 +370,21 @@ TEST_CASE("a dead letter requeued behind the relay's scan position is published"
     failed = true;
     return act::fail;
   };
-  auto r_owner = pop::test::must(pop::relay::create(e, sink, quick_relay(/*max_attempts=*/1)));
-  pop::relay& r = *r_owner;
-  asio::io_context io;
-  asio::cancellation_signal stop;
-  std::optional<absl::Status> result;
-  pop::test::spawn_stoppable(io, r.run(), stop, result);
-  io.poll();
+  polled_relay r(e, sink, quick_relay(/*max_attempts=*/1));
   const std::string a = emit(e, "x");
-  io.poll();
-  REQUIRE(r.metrics().dead_lettered == 1);
+  r.io.poll();
+  REQUIRE(r->metrics().dead_lettered == 1);
   std::vector<std::string> later;
   for (int i = 0; i < 3; ++i) {
     later.push_back(emit(e, "y"));
-    io.poll();
+    r.io.poll();
   }
   CHECK(sink.acked == later);
   REQUIRE(pop::test::must(pop::dead_letters::create(e))->requeue(a).ok());
-  io.poll();
+  r.io.poll();
   CHECK(sink.acked.size() == 4);
   CHECK(sink.acked.back() == a);
-  stop.emit(asio::cancellation_type::terminal);
-  io.run();
+  r.stop();
   CHECK(e.snapshot().pending_count() == 0);
 }
 
