@@ -97,6 +97,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     detail::engine_watch watch = detail::watch_engine(engine_, shared_from_this());
 
     absl::Status status = absl::OkStatus();
+    std::size_t busy_rounds = 0;
     for (;;) {
       if (co_await cancelled()) {
         status =
@@ -106,6 +107,21 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       expire_flights();
       round_result r;
       if (status = run_round(r); !status.ok()) break;
+      // Rounds in a row that each published several messages: eight say the commits keep coming
+      // faster than rounds (a burst of a few commits at once is over sooner).
+      busy_rounds = r.delivered >= 2 ? busy_rounds + 1 : 0;
+      if (busy_rounds >= 8 && !until_empty && options_.linger.count() > 0 &&
+          engine_.clock().moves_by_itself() && !(co_await cancelled())) {
+        // Commits keep coming faster than rounds: let more gather (what the round left to
+        // record waits for the next one too). Commits meanwhile post no wake-up (the flag stays
+        // set): the next round's snapshot, taken after it is cleared, has them. (A publish
+        // finishing or a stop ends the wait early.)
+        notified_.store(true);
+        timer_.expires_after(options_.linger);
+        co_await timer_.async_wait(asio::as_tuple(asio::use_awaitable));
+        wake_pending_ = false;
+        continue;
+      }
       if (r.more) {
         // Synchronous publishes finished: record them and look again, letting other work (and a
         // cancellation) in between rounds.
@@ -133,6 +149,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   struct round_result {
     bool more = false;                     // outcomes are waiting to be recorded: go again at once
     bool idle = false;                     // nothing pending and nothing in flight
+    std::size_t delivered = 0;             // messages the round published and saw acknowledged
     std::optional<std::int64_t> earliest;  // when the first held-back message becomes due
   };
 
@@ -148,6 +165,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       round_pin_ = static_cast<std::uint32_t>(pinned_.size());
       const snapshot& snap = pinned_.emplace_back(engine_.snapshot());
       r.earliest = schedule(snap);
+      r.delivered = delivered_.size() - delivered_before;
       r.more = clear_now();
       r.idle = flights_.empty() && snap.pending_count() == 0;
       if (delivered_.size() == delivered_before) pinned_.pop_back();  // (`snap` ends here)
@@ -768,6 +786,9 @@ absl::Status validate(const relay_options& o, const path& outbox) {
   }
   if (o.publish_timeout.count() <= 0) {
     return absl::InvalidArgumentError("relay_options.publish_timeout must be positive");
+  }
+  if (o.linger.count() < 0 || o.linger > std::chrono::milliseconds(10)) {
+    return absl::InvalidArgumentError("relay_options.linger must be from 0 to 10 ms");
   }
   if (o.clear_delay.count() < 0 || o.clear_delay > std::chrono::hours(1)) {
     return absl::InvalidArgumentError("relay_options.clear_delay must be from 0 to 1 hour");

@@ -326,6 +326,40 @@ TEST_CASE("deliveries that finish out of commit order are cleared once, none pub
   CHECK(e.snapshot().pending_count() == 0);
 }
 
+TEST_CASE("after rounds of several messages in a row the relay lingers, then publishes what came",
+          "[relay]") {
+  pop::engine e;  // the system clock: the linger is real time
+  register_emitter(e);
+  scripted_sink sink;
+  pop::relay_options o = quick_relay();
+  o.linger = std::chrono::milliseconds(10);
+  o.clear_delay = std::chrono::hours(1);  // (clears come with the stop)
+  polled_relay r(e, sink, o);
+  std::vector<std::string> ids;
+  // Eight rounds of two messages each (fewer could be a burst): then the relay lingers.
+  auto round_end = std::chrono::steady_clock::now();
+  for (int round = 0; round < 8; ++round) {
+    for (int i = 0; i < 2; ++i) ids.push_back(emit(e, "k" + std::to_string(i)));
+    r.io.poll();
+    round_end = std::chrono::steady_clock::now();
+    REQUIRE(sink.acked == ids);
+  }
+  ids.push_back(emit(e, "k0"));
+  ids.push_back(emit(e, "k1"));
+  r.io.poll();
+  // Commits during the linger wake nothing: they wait for its end (unless this thread was held
+  // up past it).
+  if (std::chrono::steady_clock::now() - round_end < o.linger) CHECK(sink.acked.size() == 16);
+  // The linger's timer ends it; the next round publishes both.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (sink.acked.size() < ids.size() && std::chrono::steady_clock::now() < deadline) {
+    r.io.run_one_until(deadline);
+  }
+  CHECK(sink.acked == ids);
+  r.stop();
+  CHECK(e.snapshot().pending_count() == 0);
+}
+
 TEST_CASE("a message rewritten behind the relay's scan position is published again", "[relay]") {
   // A round starts its scan after the leading entries it found delivered. X is delivered, then
   // rewritten; the next round passes X (delivered, not yet cleared) and delivers Y; the clear
@@ -828,6 +862,14 @@ TEST_CASE("relay options are validated and a relay runs once at a time", "[relay
   bad.max_attempts = 0;
   CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
              Catch::Contains("max_attempts"));
+  bad = {};
+  bad.linger = std::chrono::milliseconds(11);
+  CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
+             Catch::Contains("linger"));
+  bad = {};
+  bad.linger = std::chrono::microseconds(-1);
+  CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
+             Catch::Contains("linger"));
   bad = {};
   bad.clear_delay = std::chrono::hours(2);
   CHECK_THAT(std::string(pop::relay::create(e, sink, bad).status().message()),
