@@ -2,10 +2,7 @@
 // per-thread cache for the next allocation of that size.
 #pragma once
 
-#include <algorithm>
-#include <atomic>
 #include <cstddef>
-#include <mutex>
 #include <new>
 
 namespace pop::detail {
@@ -24,28 +21,18 @@ namespace pop::detail {
 // Up to `limit` freed blocks of `Size` bytes, per thread. A commit copies about ten B+-tree nodes
 // of one size and frees as many from the version it replaced: taking them from this list instead
 // of malloc (whose own per-thread cache holds only seven of a size) was most of malloc's cost in
-// a commit. A block freed on another thread joins that thread's list. Blocks often flow one way,
-// made by a committing thread and freed by one that let go of an old version last (a relay): a
-// full list moves whole to a shared depot (one lock per `limit` blocks), where a thread whose
-// list is empty takes it. Blocks beyond the depot's `depot_lists`, and every block once the
-// thread is exiting, go back to operator delete.
+// a commit. A block freed on another thread joins that thread's list; blocks beyond the limit,
+// and every block once the thread is exiting, go back to operator delete.
 template <std::size_t Size>
 class block_cache {
  public:
   static constexpr std::size_t limit = 512;
-  // At most 16 lists, and about 8 MiB of blocks, wait in the depot.
-  static constexpr std::size_t depot_lists =
-      std::clamp<std::size_t>((std::size_t{8} << 20) / (limit * Size), 1, 16);
 
   static void* take() {
 #if POP_BLOCK_CACHE
-    if (head_ == nullptr && !exiting_ && depot_count_.load(std::memory_order_relaxed) != 0) {
-      free_at_exit();
-      refill();
-    }
     if (head_ != nullptr) {
       void* block = head_;
-      head_ = next(block);
+      head_ = *static_cast<void**>(block);
       --count_;
       return block;
     }
@@ -55,13 +42,9 @@ class block_cache {
 
   static void give(void* block) {
 #if POP_BLOCK_CACHE
-    if (!exiting_) {
-      free_at_exit();
-      if (count_ == limit && !to_depot()) {
-        ::operator delete(block);
-        return;
-      }
-      next(block) = head_;
+    if (!exiting_ && count_ < limit) {
+      static thread_local releaser on_exit;  // frees the list when the thread ends
+      *static_cast<void**>(block) = head_;
       head_ = block;
       ++count_;
       return;
@@ -71,43 +54,7 @@ class block_cache {
   }
 
  private:
-  static_assert(Size >= 2 * sizeof(void*));
-
-  // A block's link to the next in its list; a depot list's first block links the next list by
-  // its second word.
-  static void*& next(void* block) {
-    return static_cast<void**>(block)[0];
-  }
-  static void*& next_list(void* block) {
-    return static_cast<void**>(block)[1];
-  }
-
-  // Makes sure this thread's list is freed when the thread ends.
-  static void free_at_exit() {
-    static thread_local releaser on_exit;
-    (void)on_exit;
-  }
-
-  // Moves this thread's full list to the depot, if it has room; true if it did.
-  static bool to_depot() {
-    const std::lock_guard lock(depot_mu_);
-    if (depot_count_.load(std::memory_order_relaxed) == depot_lists) return false;
-    next_list(head_) = depot_;
-    depot_ = head_;
-    depot_count_.store(depot_count_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-    head_ = nullptr;
-    count_ = 0;
-    return true;
-  }
-  // Takes a full list from the depot for this thread's empty one, if there is one.
-  static void refill() {
-    const std::lock_guard lock(depot_mu_);
-    if (depot_ == nullptr) return;
-    head_ = depot_;
-    depot_ = next_list(depot_);
-    depot_count_.store(depot_count_.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
-    count_ = limit;
-  }
+  static_assert(Size >= sizeof(void*));
 
   struct releaser {
     releaser() = default;
@@ -129,10 +76,6 @@ class block_cache {
   static inline thread_local void* head_ = nullptr;
   static inline thread_local std::size_t count_ = 0;
   static inline thread_local bool exiting_ = false;
-  // Full lists given up by threads (their blocks stay allocated until the process ends).
-  static inline std::mutex depot_mu_;
-  static inline void* depot_ = nullptr;                    // guarded by depot_mu_
-  static inline std::atomic<std::size_t> depot_count_{0};  // written under depot_mu_
 };
 
 // A std::allocator-compatible allocator whose single-object allocations go through block_cache.

@@ -14,7 +14,6 @@
 #include <random>
 #include <set>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -584,32 +583,4 @@ TEST_CASE("erase_sorted_if of a run of neighbours keeps every invariant, whateve
       }
     }
   }
-}
-
-TEST_CASE("blocks freed on one thread reach another through the block cache's depot", "[pmap]") {
-#if POP_BLOCK_CACHE
-  // A size no other code uses, so that only this test's blocks are in its lists.
-  using cache = pop::detail::block_cache<4096 + 48>;
-  constexpr std::size_t n = 2 * cache::limit + 1;
-  std::vector<void*> blocks;
-  std::thread([&] {
-    for (std::size_t i = 0; i < n; ++i) blocks.push_back(cache::take());
-  }).join();
-  // Freed on a second thread: its list fills, and each full list goes to the depot.
-  std::thread([&] {
-    for (void* b : blocks) cache::give(b);
-  }).join();
-  // A third thread takes both full lists, never a new block.
-  const std::set<void*> freed(blocks.begin(), blocks.end());
-  std::vector<void*> taken;
-  std::thread([&] {
-    for (std::size_t i = 0; i < 2 * cache::limit; ++i) taken.push_back(cache::take());
-    for (void* b : taken) cache::give(b);
-  }).join();
-  std::size_t reused = 0;
-  for (void* b : taken) reused += freed.count(b);
-  CHECK(reused == 2 * cache::limit);
-#else
-  SUCCEED("no block cache in this build (AddressSanitizer)");
-#endif
 }
