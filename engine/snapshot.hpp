@@ -58,7 +58,8 @@ class snapshot {
   // than by emitting messages (a process or compare_and_swap rewriting or inserting an entry, a
   // relay recording a failed attempt); 0 if none since the engine opened. While it stays the
   // same, every entry added to the outbox was emitted, with an id above every earlier
-  // commit's: a reader that has seen the queue up to an id needs to look only past it.
+  // commit's (new entries written by hand with ids of later versions are refused): a reader
+  // that has seen the queue up to an id needs to look only past it.
   std::uint64_t outbox_rewritten_at() const { return state_->outbox_rewritten_at; }
 
   // The number of pending outbox messages. O(1).
