@@ -342,10 +342,7 @@ absl::StatusOr<std::vector<natsMsg*>> nats_ingress::pull(std::chrono::millisecon
         if (s == NATS_TIMEOUT) return NATS_OK;
         if (s != NATS_OK) return s;
         if (const char* status = pull_status(m)) {
-          const char* subject = natsMsg_GetSubject(m);
-          if (subject != nullptr && open_reply_ == subject && !status_is(status, "100")) {
-            open_reply_.clear();
-          }
+          forget_if_ended(m, status);
           natsMsg_Destroy(m);
         } else {
           got.push_back(m);
@@ -375,7 +372,7 @@ absl::StatusOr<std::vector<natsMsg*>> nats_ingress::pull(std::chrono::millisecon
         const char* subject = natsMsg_GetSubject(m);
         const bool ended = !status_is(status, "100");
         const bool mine = subject != nullptr && reply == subject;
-        if (ended && subject != nullptr && open_reply_ == subject) open_reply_.clear();
+        forget_if_ended(m, status);
         const natsStatus outcome = status_is(status, "503")   ? NATS_NO_RESPONDERS
                                    : status_is(status, "409") ? NATS_ERR
                                                               : NATS_OK;
@@ -435,6 +432,13 @@ absl::StatusOr<std::vector<natsMsg*>> nats_ingress::pull(std::chrono::millisecon
   }
 }
 
+void nats_ingress::forget_if_ended(natsMsg* m, const char* status) {
+  const char* subject = natsMsg_GetSubject(m);
+  if (!status_is(status, "100") && subject != nullptr && open_reply_ == subject) {
+    open_reply_.clear();
+  }
+}
+
 void nats_ingress::nak_pending() {
   const auto nak = [&](natsMsg* m) {
     if (pull_status(m) == nullptr) acknowledge(nc_, m, "-NAK");
@@ -448,12 +452,7 @@ void nats_ingress::nak_pending() {
                                  1;
     natsMsg* m = nullptr;
     if (natsSubscription_NextMsg(&m, sub_, wait_ms) != NATS_OK) break;
-    const char* status = pull_status(m);
-    const char* subject = natsMsg_GetSubject(m);
-    if (status != nullptr && !status_is(status, "100") && subject != nullptr &&
-        open_reply_ == subject) {
-      open_reply_.clear();
-    }
+    if (const char* status = pull_status(m)) forget_if_ended(m, status);
     nak(m);
   }
   open_reply_.clear();

@@ -131,6 +131,9 @@ class nats_ingress {
   // Naks every delivery queued or still due from the open request, in arrival order (after a
   // batch failed: they come back after what it did not settle, so per-key order holds).
   void nak_pending();
+  // Forgets the open request if `m`, a pull status (`status`, pull_status's), ends it (any but
+  // 100, an idle heartbeat).
+  void forget_if_ended(natsMsg* m, const char* status);
   // Handles one message; returns OK once it is settled and acknowledged.
   absl::Status handle(natsMsg* msg);
   // Handles `msgs` (one key's, in order) until one fails; returns how many were settled.
