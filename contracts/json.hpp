@@ -33,4 +33,26 @@ inline constexpr std::size_t max_value_depth = 512;
 // "a number", "a boolean", "null", "binary data".
 std::string_view type_with_article(const json& value);
 
+// Empties `value` (it becomes null) at the cost of its parts. nlohmann's destructor takes every
+// array and object apart through a heap-allocated stack (so that deep nesting cannot overflow the
+// call stack): for a small flat payload, an argument list say, that allocation and the moves cost
+// more than the parts. A container holding no container is cleared directly here; a nested one is
+// left to nlohmann.
+inline void discard(json& value) noexcept {
+  const auto flat = [](const auto& items, auto element) {
+    for (const auto& item : items) {
+      if (element(item).is_structured()) return false;
+    }
+    return true;
+  };
+  if (value.is_array()) {
+    auto& items = value.get_ref<json::array_t&>();
+    if (flat(items, [](const json& j) -> const json& { return j; })) items.clear();
+  } else if (value.is_object()) {
+    auto& members = value.get_ref<json::object_t&>();
+    if (flat(members, [](const auto& m) -> const json& { return m.second; })) members.clear();
+  }
+  value = nullptr;
+}
+
 }  // namespace pop

@@ -34,6 +34,14 @@ struct prepared_write {
 
 // What one run of a process returned, validated against its contract and ready to apply.
 struct prepared {
+  prepared() = default;
+  prepared(prepared&&) = default;
+  prepared& operator=(prepared&&) = default;
+  // (Payloads, usually small and flat, taken apart without nlohmann's stack: see discard.)
+  ~prepared() {
+    for (message_draft& m : messages) discard(m.payload);
+  }
+
   path_set reads;
   std::vector<prepared_write> writes;
   std::vector<message_draft> messages;
