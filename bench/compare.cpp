@@ -23,6 +23,7 @@
 #include <filesystem>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -284,7 +285,7 @@ class recording_sink final : public pop::sink {
 // pop: a process updates one order and emits one event; a relay runs on its own thread.
 class pop_design final : public design {
  public:
-  pop_design(recorder& r, pop::durability level) : sink_(r) {
+  pop_design(recorder& r, pop::durability level, std::optional<std::int64_t> spin_us) : sink_(r) {
     pop::options o;
     o.audit_capacity = 0;
     if (level != pop::durability::none) {
@@ -305,7 +306,9 @@ class pop_design final : public design {
           return r;
         });
     if (!s.ok()) std::abort();
-    relay_ = pop::relay::create(*engine_, sink_).value();
+    pop::relay_options ro;
+    if (spin_us) ro.spin = std::chrono::microseconds(*spin_us);
+    relay_ = pop::relay::create(*engine_, sink_, ro).value();
     asio::co_spawn(
         io_, relay_->run(),
         asio::bind_cancellation_slot(stop_.slot(), [](std::exception_ptr, absl::Status) {}));
@@ -344,19 +347,23 @@ class pop_design final : public design {
   std::thread thread_;
 };
 
-std::unique_ptr<design> make_design(const std::string& name, recorder& r, int producers) {
+std::unique_ptr<design> make_design(const std::string& name, recorder& r, int producers,
+                                    std::optional<std::int64_t> spin_us) {
   if (name == "mutex") return std::make_unique<mutex_design>(r);
   if (name == "sqlite") return std::make_unique<sqlite_design>(r, producers);
-  if (name == "pop-memory") return std::make_unique<pop_design>(r, pop::durability::none);
-  if (name == "pop-process") return std::make_unique<pop_design>(r, pop::durability::process);
-  if (name == "pop-power") return std::make_unique<pop_design>(r, pop::durability::power);
+  if (name == "pop-memory") return std::make_unique<pop_design>(r, pop::durability::none, spin_us);
+  if (name == "pop-process") {
+    return std::make_unique<pop_design>(r, pop::durability::process, spin_us);
+  }
+  if (name == "pop-power") return std::make_unique<pop_design>(r, pop::durability::power, spin_us);
   return nullptr;
 }
 
 int usage() {
   std::fprintf(stderr,
                "usage: pop_compare --design mutex|sqlite|pop-memory|pop-process|pop-power "
-               "[--producers P] [--commits N] [--rate COMMITS_PER_S]\n");
+               "[--producers P] [--commits N] [--rate COMMITS_PER_S] [--spin US]\n"
+               "  --spin: pop's relay_options::spin in microseconds (default: the relay's)\n");
   return 2;
 }
 
@@ -365,6 +372,7 @@ int usage() {
 int main(int argc, char** argv) {
   std::string name;
   workload w;
+  std::optional<std::int64_t> spin_us;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     const std::string value = argv[i + 1];
@@ -376,13 +384,15 @@ int main(int argc, char** argv) {
       w.commits = std::stoll(value);
     } else if (flag == "--rate") {
       w.rate = std::stod(value);
+    } else if (flag == "--spin") {
+      spin_us = std::stoll(value);
     } else {
       return usage();
     }
   }
   if (argc % 2 == 0 || w.producers < 1 || w.per_producer() < 1) return usage();
   recorder rec(w.producers);
-  std::unique_ptr<design> d = make_design(name, rec, w.producers);
+  std::unique_ptr<design> d = make_design(name, rec, w.producers, spin_us);
   if (!d) return usage();
   const std::int64_t per = w.per_producer();
   const std::size_t total = static_cast<std::size_t>(per) * static_cast<std::size_t>(w.producers);

@@ -129,6 +129,10 @@ std::string to_prometheus(const relay_metrics& m, std::string_view prefix) {
                 d(m.clears));
   append_metric(out, prefix, "clear_conflicts_total", "counter",
                 "Outcome transactions that lost a race and were redone.", d(m.clear_conflicts));
+  append_metric(out, prefix, "spins_total", "counter",
+                "Times the relay looked for commits instead of sleeping.", d(m.spins));
+  append_metric(out, prefix, "spin_catches_total", "counter",
+                "Spins that a commit ended before their time was up.", d(m.spin_catches));
   append_histogram(out, prefix, "publish_latency_seconds",
                    "Time from the start of a publish to its outcome.", m.publish_latency);
   append_histogram(out, prefix, "commit_to_publish_latency_seconds",

@@ -58,18 +58,20 @@ void append_histogram(std::string& out, std::string_view prefix, std::string_vie
 // What a relay reports: the outbox as one snapshot shows it, plus the relay's own counters since
 // it was constructed.
 struct relay_metrics {
-  std::uint64_t version = 0;            // the snapshot the outbox figures come from
-  std::size_t pending = 0;              // messages in the outbox
-  double oldest_pending_age_s = 0;      // age of the oldest pending message; 0 if none
-  std::size_t dead_letters = 0;         // messages at the dead-letter path
-  std::size_t in_flight = 0;            // publishes awaiting the sink now
-  std::uint64_t published = 0;          // publishes the sink acknowledged
-  std::uint64_t delivered = 0;          // acknowledged messages removed from the outbox
-  std::uint64_t retried = 0;            // failed attempts recorded for a later retry
-  std::uint64_t dead_lettered = 0;      // messages moved to the dead-letter path
-  std::uint64_t clears = 0;             // transactions that recorded outcomes
-  std::uint64_t clear_conflicts = 0;    // such transactions that lost a race and were redone
-  latency_histogram publish_latency{};  // from the start of a publish to its outcome
+  std::uint64_t version = 0;          // the snapshot the outbox figures come from
+  std::size_t pending = 0;            // messages in the outbox
+  double oldest_pending_age_s = 0;    // age of the oldest pending message; 0 if none
+  std::size_t dead_letters = 0;       // messages at the dead-letter path
+  std::size_t in_flight = 0;          // publishes awaiting the sink now
+  std::uint64_t published = 0;        // publishes the sink acknowledged
+  std::uint64_t delivered = 0;        // acknowledged messages removed from the outbox
+  std::uint64_t retried = 0;          // failed attempts recorded for a later retry
+  std::uint64_t dead_lettered = 0;    // messages moved to the dead-letter path
+  std::uint64_t clears = 0;           // transactions that recorded outcomes
+  std::uint64_t clear_conflicts = 0;  // such transactions that lost a race and were redone
+  std::uint64_t spins = 0;         // times the relay looked for commits instead of sleeping (spin)
+  std::uint64_t spin_catches = 0;  // such times a commit came before the spin ended
+  latency_histogram publish_latency{};            // from the start of a publish to its outcome
   latency_histogram commit_to_publish_latency{};  // from a message's commit to its acknowledgement
 };
 

@@ -43,6 +43,8 @@ struct relay_counters {
   std::atomic<std::uint64_t> dead_lettered{0};
   std::atomic<std::uint64_t> clears{0};
   std::atomic<std::uint64_t> clear_conflicts{0};
+  std::atomic<std::uint64_t> spins{0};
+  std::atomic<std::uint64_t> spin_catches{0};
   atomic_histogram publish_latency;
   atomic_histogram commit_to_publish;
 };
@@ -83,7 +85,17 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
 
   const strand_type& strand() const { return strand_; }
   std::atomic<bool>& notified() { return notified_; }
-  // Makes the loop look again (strand only).
+  // Makes the loop look again (strand only); `posted`: when the commit posted this wake-up.
+  void wake(steady::time_point posted) {
+    if (sleeping_ && posted >= slept_at_) {  // (a commit made while it slept)
+      // How long waking the sleeping loop took, smoothed: what spinning saves (see spun).
+      const double took = std::chrono::duration<double, std::micro>(steady::now() - posted).count();
+      wake_us_ = wake_us_ < 0 ? took : 0.75 * wake_us_ + 0.25 * took;
+      sleeping_ = false;
+    }
+    wake();
+  }
+  // Makes the loop look again (strand only), for what is not a commit (a publish finished).
   void wake() {
     wake_pending_ = true;
     timer_.cancel();
@@ -98,6 +110,13 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
 
     absl::Status status = absl::OkStatus();
     std::size_t busy_rounds = 0;
+    // Spinning (see spun) is armed by a round that published, while published messages come
+    // apart: a linger or more between them on average, smoothed over rounds (denser ones gather
+    // while the relay sleeps or lingers, in fewer, larger rounds), and while waking the sleeping
+    // loop is slow (spin_worth_us or more, smoothed; until a wake-up is measured it is not).
+    bool spin_armed = false;
+    double gap_us = -1;  // the mean time between published messages; < 0: none yet
+    steady::time_point last_published{};
     for (;;) {
       if (co_await cancelled()) {
         status =
@@ -110,6 +129,20 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       // Rounds in a row that each published several messages: eight say the commits keep coming
       // faster than rounds (a burst of a few commits at once is over sooner).
       busy_rounds = r.delivered >= 2 ? busy_rounds + 1 : 0;
+      if (r.delivered > 0 && options_.spin.count() > 0) {
+        const steady::time_point now = steady::now();
+        if (gap_us >= 0) {
+          const double gap =
+              std::chrono::duration<double, std::micro>(now - last_published).count() /
+              static_cast<double>(r.delivered);
+          gap_us = 0.75 * gap_us + 0.25 * gap;
+        } else {
+          gap_us = static_cast<double>(options_.spin.count());
+        }
+        last_published = now;
+        spin_armed =
+            gap_us >= static_cast<double>(options_.linger.count()) && wake_us_ >= spin_worth_us;
+      }
       if (busy_rounds >= 8 && !until_empty && options_.linger.count() > 0 &&
           engine_.clock().moves_by_itself() && !(co_await cancelled())) {
         // Commits keep coming faster than rounds: let more gather (what the round left to
@@ -133,8 +166,16 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         steady::time_point deadline = next_deadline(r.earliest);
         if (waiting_outcomes() > 0)
           deadline = std::min(deadline, outcomes_since_ + options_.clear_delay);
+        // (A spin that finds nothing disarms it until a round publishes again.)
+        if (spin_armed) {
+          if (co_await spun(until_empty, deadline)) continue;
+          spin_armed = false;
+        }
         timer_.expires_at(deadline);
+        sleeping_ = true;
+        slept_at_ = steady::now();
         co_await timer_.async_wait(asio::as_tuple(asio::use_awaitable));
+        sleeping_ = false;
       }
       wake_pending_ = false;
     }
@@ -224,6 +265,26 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     } catch (const std::exception& e) {
       return absl::InternalError(absl::StrCat("relay: unexpected exception: ", e.what()));
     }
+  }
+
+  // Looks for a commit (or anything else that would wake the loop) for up to options_.spin, on
+  // the strand, letting other handlers run in between. True if one came: look again at once.
+  // (A commit that set notified_ has posted a wake-up too; the round it brings finds the state
+  // already looked at, at worst.)
+  // Stops at `deadline` (then the timer, set to it, fires at once).
+  asio::awaitable<bool> spun(bool until_empty, steady::time_point deadline) {
+    if (options_.spin.count() <= 0 || until_empty || !engine_.clock().moves_by_itself()) {
+      co_return false;
+    }
+    const steady::time_point until = std::min(deadline, steady::now() + options_.spin);
+    counters_.spins.fetch_add(1, std::memory_order_relaxed);
+    while (!notified_.load(std::memory_order_acquire) && !wake_pending_) {
+      if (steady::now() >= until || co_await cancelled()) co_return false;
+      co_await asio::post(strand_, asio::use_awaitable);
+    }
+    wake_pending_ = false;
+    counters_.spin_catches.fetch_add(1, std::memory_order_relaxed);
+    co_return true;
   }
 
   asio::awaitable<bool> cancelled() {
@@ -736,6 +797,12 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   std::mt19937_64 rng_;
   std::atomic<bool> notified_{false};
   bool wake_pending_ = false;
+  bool sleeping_ = false;  // the loop waits on timer_ (not lingering), since slept_at_
+  steady::time_point slept_at_{};
+  double wake_us_ = -1;  // how long waking the sleeping loop takes, smoothed; < 0: not known
+  // A wake-up this slow (in microseconds) is worth spinning for: well above a thread's wake-up
+  // on an idle core of a machine that keeps its cores ready (a few microseconds).
+  static constexpr double spin_worth_us = 10;
   bool stopping_ = false;
   bool until_empty_ = false;           // drain(): clear at once
   bool failures_waiting_ = false;      // an outcome in outcomes_ is not a delivery
@@ -789,6 +856,9 @@ absl::Status validate(const relay_options& o, const path& outbox) {
   }
   if (o.linger.count() < 0 || o.linger > std::chrono::milliseconds(10)) {
     return absl::InvalidArgumentError("relay_options.linger must be from 0 to 10 ms");
+  }
+  if (o.spin.count() < 0 || o.spin > std::chrono::milliseconds(10)) {
+    return absl::InvalidArgumentError("relay_options.spin must be from 0 to 10 ms");
   }
   if (o.clear_delay.count() < 0 || o.clear_delay > std::chrono::hours(1)) {
     return absl::InvalidArgumentError("relay_options.clear_delay must be from 0 to 1 hour");
@@ -875,6 +945,8 @@ relay_metrics relay::metrics() const {
   m.dead_lettered = c.dead_lettered.load(std::memory_order_relaxed);
   m.clears = c.clears.load(std::memory_order_relaxed);
   m.clear_conflicts = c.clear_conflicts.load(std::memory_order_relaxed);
+  m.spins = c.spins.load(std::memory_order_relaxed);
+  m.spin_catches = c.spin_catches.load(std::memory_order_relaxed);
   m.publish_latency = c.publish_latency.snapshot();
   m.commit_to_publish_latency = c.commit_to_publish.snapshot();
   return m;

@@ -40,7 +40,7 @@ class wake_state {
       : strand_(std::move(s)), timer(strand_) {}
   const asio::strand<asio::any_io_executor>& strand() const { return strand_; }
   std::atomic<bool>& notified() { return notified_; }
-  void wake() {
+  void wake(std::chrono::steady_clock::time_point /*posted*/) {
     pending = true;
     timer.cancel();
   }
