@@ -97,8 +97,8 @@ void scan(const char* ring, std::size_t capacity, std::uint64_t tail, commit_log
       e.writes.assign(p + h->process_len, h->writes_len);
       e.messages.assign(p + h->process_len + h->writes_len, h->messages_len);
       e.checksum = h->checksum;
-      if (record_checksum(static_cast<std::int64_t>(e.version), e.at_us, e.process, e.writes,
-                          e.messages) != e.checksum) {
+      if (!record_checksum_matches(e.checksum, static_cast<std::int64_t>(e.version), e.at_us,
+                                   e.process, e.writes, e.messages)) {
         break;
       }
       out.entries.push_back(std::move(e));

@@ -126,6 +126,16 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
           "', but options.outbox_path is '", outbox_path, "'; open it with the same outbox path")));
     }
     if (absl::Status s = load(c.db, path, info, root); !s.ok()) return fail(s);
+    if (info.format_version < journal_format_version) {
+      // Records appended from now on take format 2's checksums: say so, so that a build reading
+      // only format 1 refuses the journal instead of finding its new records damaged.
+      if (absl::Status s =
+              set_meta(c.db, path, "format_version", std::to_string(journal_format_version));
+          !s.ok()) {
+        return fail(s);
+      }
+      info.format_version = journal_format_version;
+    }
   } else {
     if (absl::Status s = exec(c.db, path, "PRAGMA journal_mode=WAL"); !s.ok()) return fail(s);
     // Schema, metadata and the first snapshot in one transaction: a crash while creating the

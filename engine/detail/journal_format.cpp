@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
@@ -33,6 +34,27 @@ struct fnv64 {
     return *this;
   }
   fnv64& add(std::int64_t v) { return add(std::to_string(v)); }
+  // FNV-1a's step taken on 8 bytes at a time (little-endian words), the last 0-7 bytes one by
+  // one: the same mixing per step, an eighth of the steps (a record's text is most of a
+  // durable commit's checksum time).
+  fnv64& add_words(std::string_view s) {
+    std::size_t i = 0;
+    for (; i + 8 <= s.size(); i += 8) {
+      std::uint64_t w = 0;
+      std::memcpy(&w, s.data() + i, 8);
+      if constexpr (std::endian::native == std::endian::big) w = __builtin_bswap64(w);
+      h ^= w;
+      h *= 1099511628211ULL;
+    }
+    for (; i < s.size(); ++i) {
+      h ^= static_cast<unsigned char>(s[i]);
+      h *= 1099511628211ULL;
+    }
+    h ^= 0xff;  // field separator
+    h *= 1099511628211ULL;
+    return *this;
+  }
+  fnv64& add_words(std::int64_t v) { return add_words(std::to_string(v)); }
   std::int64_t value() const { return static_cast<std::int64_t>(h); }
 };
 
@@ -40,7 +62,25 @@ struct fnv64 {
 
 std::int64_t record_checksum(std::int64_t version, std::int64_t at_us, std::string_view process,
                              std::string_view writes, std::string_view messages) {
+  return fnv64()
+      .add_words(version)
+      .add_words(at_us)
+      .add_words(process)
+      .add_words(writes)
+      .add_words(messages)
+      .value();
+}
+
+std::int64_t record_checksum_v1(std::int64_t version, std::int64_t at_us, std::string_view process,
+                                std::string_view writes, std::string_view messages) {
   return fnv64().add(version).add(at_us).add(process).add(writes).add(messages).value();
+}
+
+bool record_checksum_matches(std::int64_t stored, std::int64_t version, std::int64_t at_us,
+                             std::string_view process, std::string_view writes,
+                             std::string_view messages) {
+  return record_checksum(version, at_us, process, writes, messages) == stored ||
+         record_checksum_v1(version, at_us, process, writes, messages) == stored;
 }
 
 std::int64_t bytes_checksum(std::string_view bytes) {
@@ -350,8 +390,9 @@ absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node
     const std::string process = column_text(rows.s, 2);
     const std::string writes = column_text(rows.s, 3);
     const std::string messages = column_text(rows.s, 4);
-    if (record_checksum(static_cast<std::int64_t>(version), sqlite3_column_int64(rows.s, 1),
-                        process, writes, messages) != sqlite3_column_int64(rows.s, 5)) {
+    if (!record_checksum_matches(sqlite3_column_int64(rows.s, 5),
+                                 static_cast<std::int64_t>(version),
+                                 sqlite3_column_int64(rows.s, 1), process, writes, messages)) {
       return absl::DataLossError(absl::StrCat("journal '", path, "': the record of version ",
                                               version, " fails its checksum"));
     }
@@ -718,8 +759,8 @@ absl::StatusOr<std::vector<journal_record_info>> read_journal(const std::string&
     r.version = version;
     r.at_us = at_us;
     r.process = std::move(process);
-    if (detail::record_checksum(static_cast<std::int64_t>(r.version), r.at_us, r.process, writes,
-                                messages) != checksum) {
+    if (!detail::record_checksum_matches(checksum, static_cast<std::int64_t>(r.version), r.at_us,
+                                         r.process, writes, messages)) {
       return absl::DataLossError(absl::StrCat("journal '", path, "': the record of version ",
                                               r.version, " fails its checksum"));
     }

@@ -90,9 +90,19 @@ class record_encoder {
   std::optional<nlohmann::detail::serializer<json>> out_;  // appends to text_ (see out())
 };
 
-// The checksum of a pop_commits row: FNV-1a 64 over its fields.
+// The checksum of a pop_commits row: FNV-1a 64 over its fields, taken 8 bytes at a time (from
+// journal format 2).
 std::int64_t record_checksum(std::int64_t version, std::int64_t at_us, std::string_view process,
                              std::string_view writes, std::string_view messages);
+// The checksum format 1 gave a record: FNV-1a 64 over its fields byte by byte. A journal of
+// format 1 opened by a format 2 build keeps its records' and takes new ones' in the new form.
+std::int64_t record_checksum_v1(std::int64_t version, std::int64_t at_us, std::string_view process,
+                                std::string_view writes, std::string_view messages);
+// Whether `stored` is the record's checksum in either form. (A damaged record matches neither
+// but by a chance of about 2^-63.)
+bool record_checksum_matches(std::int64_t stored, std::int64_t version, std::int64_t at_us,
+                             std::string_view process, std::string_view writes,
+                             std::string_view messages);
 // FNV-1a 64 of `bytes` (the check of a commit log record's head).
 std::int64_t bytes_checksum(std::string_view bytes);
 // The checksum of a pop_snapshots row: FNV-1a 64 over its fields.

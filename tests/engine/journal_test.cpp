@@ -704,6 +704,79 @@ TEST_CASE("a crash image whose log the sqlite3 tool checkpointed reopens with ev
   REQUIRE(reopened->execute("take", {{"sku", "A1"}, {"order", "o-after"}}).ok());
 }
 
+TEST_CASE(
+    "a format 1 journal (checksums byte by byte) opens, keeps its records and becomes format 2",
+    "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("old.db");
+  json expected;
+  {
+    auto e = open_engine(journaled(file));
+    for (int i = 0; i < 12; ++i) {
+      REQUIRE(e->execute("take", {{"sku", "A1"},
+                                  {"order", "o-" + std::to_string(i)},
+                                  {"note", "MARK" + std::to_string(1000 + i)}})
+                  .ok());
+    }
+    expected = e->snapshot().to_json();
+  }
+  // What a format 1 build wrote: every record's checksum in the byte-by-byte form.
+  {
+    sqlite3* db = nullptr;
+    REQUIRE(sqlite3_open(file.c_str(), &db) == SQLITE_OK);
+    sqlite3_stmt* rows = nullptr;
+    REQUIRE(sqlite3_prepare_v2(db,
+                               "SELECT version, at_us, process, writes, messages FROM pop_commits",
+                               -1, &rows, nullptr) == SQLITE_OK);
+    std::vector<std::pair<std::int64_t, std::int64_t>> sums;
+    const auto text = [&](int column) {
+      return std::string(reinterpret_cast<const char*>(sqlite3_column_text(rows, column)),
+                         static_cast<std::size_t>(sqlite3_column_bytes(rows, column)));
+    };
+    while (sqlite3_step(rows) == SQLITE_ROW) {
+      const std::int64_t v = sqlite3_column_int64(rows, 0);
+      const std::int64_t at = sqlite3_column_int64(rows, 1);
+      const std::int64_t old_sum =
+          pop::detail::record_checksum_v1(v, at, text(2), text(3), text(4));
+      CHECK(old_sum != pop::detail::record_checksum(v, at, text(2), text(3), text(4)));
+      sums.emplace_back(v, old_sum);
+    }
+    sqlite3_finalize(rows);
+    REQUIRE(sums.size() == 12);
+    sqlite3_close(db);
+    for (const auto& [v, sum] : sums) {
+      sql(file, "UPDATE pop_commits SET checksum = " + std::to_string(sum) +
+                    " WHERE version = " + std::to_string(v));
+    }
+    sql(file, "UPDATE pop_meta SET value = '1' WHERE key = 'format_version'");
+  }
+  CHECK(pop::verify_journal(file).value().format_version == 1);  // (reading changes nothing)
+
+  SECTION("it opens with its state, takes new commits and is format 2 from then on") {
+    {
+      auto e = open_engine(journaled(file));
+      CHECK(e->snapshot().to_json() == expected);
+      REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-new"}}).ok());
+      expected = e->snapshot().to_json();
+    }
+    const pop::journal_info info = pop::verify_journal(file).value();
+    CHECK(info.format_version == 2);
+    CHECK(info.last_version == 13);
+    CHECK(open_engine(journaled(file))->snapshot().to_json() == expected);
+  }
+  SECTION("a damaged record of it still fails its checksum") {
+    std::string bytes = file_bytes(file);
+    const std::size_t at = bytes.find("MARK1007");
+    REQUIRE(at != std::string::npos);
+    bytes[at + 5] = '9';
+    pop::test::write_bytes(file, bytes);
+    const absl::StatusOr<std::unique_ptr<pop::engine>> e = pop::engine::open(journaled(file));
+    REQUIRE(!e.ok());
+    CHECK(e.status().code() == absl::StatusCode::kDataLoss);
+    CHECK(absl::StrContains(e.status().message(), "fails its checksum"));
+  }
+}
+
 TEST_CASE("damaged, foreign, newer and busy journals are refused and left as they were",
           "[journal]") {
   temp_dir dir;
@@ -755,8 +828,8 @@ TEST_CASE("damaged, foreign, newer and busy journals are refused and left as the
     refused(file, absl::StatusCode::kDataLoss, "gap: after version 16 comes version 18");
   }
   SECTION("a newer format version") {
-    sql(file, "UPDATE pop_meta SET value = '2' WHERE key = 'format_version'");
-    refused(file, absl::StatusCode::kFailedPrecondition, "journal format 2");
+    sql(file, "UPDATE pop_meta SET value = '3' WHERE key = 'format_version'");
+    refused(file, absl::StatusCode::kFailedPrecondition, "journal format 3");
   }
   SECTION("a lost write-ahead log after a crash") {
     const std::string image = dir.file("image.db");

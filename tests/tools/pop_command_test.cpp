@@ -478,10 +478,10 @@ TEST_CASE("pop gives clear errors and distinct exit codes, and changes nothing o
   const std::string newer = dir.file("newer.db");
   std::filesystem::copy_file(file, newer);
   std::filesystem::copy_file(file + "-head", newer + "-head");
-  sql(newer, "UPDATE pop_meta SET value = '2' WHERE key = 'format_version'");
+  sql(newer, "UPDATE pop_meta SET value = '3' WHERE key = 'format_version'");
   r = pop_command({"state", newer});
   CHECK(r.code == 5);
-  CHECK(contains(r.err, "journal format 2"));
+  CHECK(contains(r.err, "journal format 3"));
 
   const std::string damaged = dir.file("damaged.db");
   std::filesystem::copy_file(file, damaged);
