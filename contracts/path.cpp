@@ -232,6 +232,20 @@ void path_set::insert_all(const path_set& other) {
   paths_ = std::move(merged);
 }
 
+const path* path_set::find(std::string_view text) const {
+  // (Few members, as a process's reads usually are: compared one by one.)
+  if (paths_.size() <= 8) {
+    for (const path& m : paths_) {
+      if (m.str() == text) return &m;
+    }
+    return nullptr;
+  }
+  const auto it = std::lower_bound(
+      paths_.begin(), paths_.end(), text,
+      [](const path& m, std::string_view t) { return detail::compare_paths(m.str(), t) < 0; });
+  return it != paths_.end() && it->str() == text ? &*it : nullptr;
+}
+
 bool path_set::covers(const path& p) const {
   return covers(std::string_view(p.str()));
 }

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <initializer_list>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -37,6 +38,12 @@ class path {
   }
   [[nodiscard]] static absl::StatusOr<path> parse(const char* text) {
     return parse(std::string_view(text));
+  }
+  // `text` as a path, keeping its buffer and not checked again, if it is `valid`'s text (so it is
+  // valid too); nothing (and `text` as it was) otherwise.
+  [[nodiscard]] static std::optional<path> same_as(std::string&& text, const path& valid) {
+    if (text != valid.text_) return std::nullopt;
+    return path(std::move(text));
   }
 
   // The text form, e.g. "domain.orders".
@@ -93,6 +100,8 @@ class path_set {
   // Adds every member of `other`.
   void insert_all(const path_set& other);
 
+  // The member whose text is `text`, or nullptr.
+  const path* find(std::string_view text) const;
   // True if some member contains `p` (equals it or is its ancestor): `p` is covered by the set.
   bool covers(const path& p) const;
   // The same for a path's text (a valid path, as path::str() gives).

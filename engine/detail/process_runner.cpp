@@ -113,7 +113,12 @@ absl::Status process_runner::prepare_writes(const process_contract& c, const sna
   const auto who = [&] { return process_at(c, snap.version()); };
   out.writes.reserve(r.writes().size());
   for (write& w : r.writes()) {
-    absl::StatusOr<path> p = path::parse(std::move(w.path));  // (kept as it was on error)
+    // (A path the process read was checked then: the usual read-modify-write is not checked
+    // again.)
+    const path* read = out.reads.find(w.path);
+    std::optional<path> same = read ? path::same_as(std::move(w.path), *read) : std::nullopt;
+    absl::StatusOr<path> p =
+        same ? *std::move(same) : path::parse(std::move(w.path));  // (kept as it was on error)
     if (!p.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat(who(), " wrote a bad path: ", p.status().message()));
