@@ -115,7 +115,9 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     // while the relay sleeps or lingers, in fewer, larger rounds), and while waking the sleeping
     // loop is slow (spin_worth_us or more, smoothed; until a wake-up is measured it is not).
     bool spin_armed = false;
-    double gap_us = -1;  // the mean time between published messages; < 0: none yet
+    double gap_us = -1;             // the mean time between published messages; < 0: none yet
+    bool caught = false;            // this round was started by a spin that caught a wake-up
+    std::size_t empty_catches = 0;  // such rounds in a row that published nothing
     steady::time_point last_published{};
     for (;;) {
       if (co_await cancelled()) {
@@ -142,7 +144,13 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         last_published = now;
         spin_armed =
             gap_us >= static_cast<double>(options_.linger.count()) && wake_us_ >= spin_worth_us;
+        empty_catches = 0;
+      } else if (caught && !r.more && ++empty_catches >= 4) {
+        // Spins keep catching commits that publish nothing (commits that emit no message, say,
+        // or the relay's own clears): stop spinning until a round publishes again.
+        spin_armed = false;
       }
+      caught = false;
       if (busy_rounds >= 8 && !until_empty && options_.linger.count() > 0 &&
           engine_.clock().moves_by_itself() && !(co_await cancelled())) {
         // Commits keep coming faster than rounds: let more gather (what the round left to
@@ -168,8 +176,13 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
           deadline = std::min(deadline, outcomes_since_ + options_.clear_delay);
         // (A spin that finds nothing disarms it until a round publishes again.)
         if (spin_armed) {
-          if (co_await spun(until_empty, deadline)) continue;
+          if (co_await spun(until_empty, deadline)) {
+            caught = true;
+            continue;
+          }
           spin_armed = false;
+          // (A stop during the spin: a wait started after it would not see it.)
+          if (co_await cancelled()) continue;
         }
         timer_.expires_at(deadline);
         sleeping_ = true;

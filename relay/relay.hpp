@@ -49,10 +49,11 @@ struct relay_options {
   // published without waking a sleeping thread. It spins only where that is worth it: while
   // waking it has been taking 10 us or more (as where an idle processor must be woken first, seen
   // on virtual machines; measured on each wake-up by a commit) and while published messages come
-  // a linger or more apart on average (denser ones are batched by sleeping and lingering). Its
-  // thread is busy meanwhile: at a steady few thousand commits per second or more, about one
-  // core; metrics() counts spins. 0 never spins; at most 10 ms. Not in drain(), nor with a clock
-  // moved by hand.
+  // a linger or more apart on average (denser ones are batched by sleeping and lingering); a spin
+  // that catches nothing, or four in a row that catch only commits publishing nothing, end it
+  // until a round publishes again. Its thread is busy meanwhile: at a steady few thousand commits
+  // per second or more, about one core; metrics() counts spins. 0 never spins; at most 10 ms. Not
+  // in drain(), nor with a clock moved by hand.
   std::chrono::microseconds spin{200};
 };
 

@@ -126,16 +126,6 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
           "', but options.outbox_path is '", outbox_path, "'; open it with the same outbox path")));
     }
     if (absl::Status s = load(c.db, path, info, root); !s.ok()) return fail(s);
-    if (info.format_version < journal_format_version) {
-      // Records appended from now on take format 2's checksums: say so, so that a build reading
-      // only format 1 refuses the journal instead of finding its new records damaged.
-      if (absl::Status s =
-              set_meta(c.db, path, "format_version", std::to_string(journal_format_version));
-          !s.ok()) {
-        return fail(s);
-      }
-      info.format_version = journal_format_version;
-    }
   } else {
     if (absl::Status s = exec(c.db, path, "PRAGMA journal_mode=WAL"); !s.ok()) return fail(s);
     // Schema, metadata and the first snapshot in one transaction: a crash while creating the
@@ -193,6 +183,17 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
   } else if (known_epoch != 0) {
     if (absl::Status s = set_meta(c.db, path, "log_epoch", "0"); !s.ok()) return fail(s);
     ::unlink(log_path(path).c_str());
+  }
+  if (existing && info.format_version < journal_format_version) {
+    // Records appended from now on take format 2's checksums: say so (once the journal is known
+    // sound and recovered), so that a build reading only format 1 refuses it instead of finding
+    // its new records damaged.
+    if (absl::Status s =
+            set_meta(c.db, path, "format_version", std::to_string(journal_format_version));
+        !s.ok()) {
+      return fail(s);
+    }
+    info.format_version = journal_format_version;
   }
   // Mark the journal in use, in the main file itself, so a lost write-ahead log is noticed.
   if (absl::Status s = set_meta(c.db, path, "clean", "0"); !s.ok()) return fail(s);

@@ -35,8 +35,10 @@ struct fnv64 {
   }
   fnv64& add(std::int64_t v) { return add(std::to_string(v)); }
   // FNV-1a's step taken on 8 bytes at a time (little-endian words), the last 0-7 bytes one by
-  // one: the same mixing per step, an eighth of the steps (a record's text is most of a
-  // durable commit's checksum time).
+  // one: an eighth of the steps (a record's text is most of a durable commit's checksum time).
+  // A multiplication carries a word's bits only upward, so each word step also folds the high
+  // half down (else flips of two words' top bits would cancel), and mixed() ends with a
+  // finalizer that spreads every bit over all 64.
   fnv64& add_words(std::string_view s) {
     std::size_t i = 0;
     for (; i + 8 <= s.size(); i += 8) {
@@ -45,6 +47,7 @@ struct fnv64 {
       if constexpr (std::endian::native == std::endian::big) w = __builtin_bswap64(w);
       h ^= w;
       h *= 1099511628211ULL;
+      h ^= h >> 32;
     }
     for (; i < s.size(); ++i) {
       h ^= static_cast<unsigned char>(s[i]);
@@ -56,6 +59,16 @@ struct fnv64 {
   }
   fnv64& add_words(std::int64_t v) { return add_words(std::to_string(v)); }
   std::int64_t value() const { return static_cast<std::int64_t>(h); }
+  // value() through MurmurHash3's 64-bit finalizer (for add_words).
+  std::int64_t mixed() const {
+    std::uint64_t k = h;
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    k *= 0xc4ceb9fe1a85ec53ULL;
+    k ^= k >> 33;
+    return static_cast<std::int64_t>(k);
+  }
 };
 
 }  // namespace
@@ -68,7 +81,7 @@ std::int64_t record_checksum(std::int64_t version, std::int64_t at_us, std::stri
       .add_words(process)
       .add_words(writes)
       .add_words(messages)
-      .value();
+      .mixed();
 }
 
 std::int64_t record_checksum_v1(std::int64_t version, std::int64_t at_us, std::string_view process,

@@ -1060,6 +1060,39 @@ TEST_CASE("the journal's record encoder writes exactly what json::dump() would")
     RC_ASSERT(pop::detail::encode_message_record(index, d, created, version, got));
     RC_ASSERT(got == want);
   });
+  rc::prop("a record's checksum changes with any one or two flipped bits of its fields", [] {
+    std::string writes = *rc::gen::container<std::string>(rc::gen::arbitrary<char>());
+    std::string messages = *rc::gen::container<std::string>(rc::gen::arbitrary<char>());
+    RC_PRE(writes.size() + messages.size() >= 1);
+    const auto sum = [&] { return pop::detail::record_checksum(7, 9, "p", writes, messages); };
+    const std::int64_t before = sum();
+    const auto flip = [&](std::size_t bit) {
+      std::string& field = bit / 8 < writes.size() ? writes : messages;
+      const std::size_t byte = bit / 8 < writes.size() ? bit / 8 : bit / 8 - writes.size();
+      field[byte] = static_cast<char>(static_cast<unsigned char>(field[byte]) ^ (1u << (bit % 8)));
+    };
+    const std::size_t bits = 8 * (writes.size() + messages.size());
+    const std::size_t first = *rc::gen::inRange<std::size_t>(0, bits);
+    flip(first);
+    RC_ASSERT(sum() != before);
+    const std::size_t second = *rc::gen::inRange<std::size_t>(0, bits);
+    RC_PRE(second != first);
+    flip(second);
+    RC_ASSERT(sum() != before);
+  });
+  SECTION("flipping the top bits of two words of a record does not cancel out") {
+    // (Word-wise FNV without folding would give the same checksum: a multiplication carries a
+    // bit only upward, and 2^63 times an odd number is 2^63.)
+    std::string writes(24, 'a');
+    const std::int64_t before = pop::detail::record_checksum(7, 9, "p", writes, "[]");
+    for (const std::size_t byte : {std::size_t{7}, std::size_t{15}}) writes[byte] ^= '\x80';
+    CHECK(pop::detail::record_checksum(7, 9, "p", writes, "[]") != before);
+    writes[15] ^= '\x80';
+    std::string messages(16, 'b');
+    messages[7] ^= '\x80';
+    CHECK(pop::detail::record_checksum(7, 9, "p", writes, messages) !=
+          pop::detail::record_checksum(7, 9, "p", std::string(24, 'a'), std::string(16, 'b')));
+  }
   rc::prop("message ids", [] {
     const auto ids = *rc::gen::container<std::vector<std::string>>(tricky_text());
     RC_ASSERT(pop::detail::record_encoder::messages_text(ids) == json(ids).dump());
