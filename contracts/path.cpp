@@ -4,6 +4,10 @@
 #include <array>
 #include <string>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/status.hpp"
 
@@ -54,6 +58,42 @@ namespace {
 // Whether `text` is a valid path, in one pass over its characters (the usual case: a fault is
 // then described by check_path_text).
 bool valid_path_text(std::string_view text) {
+  const std::size_t n = text.size();
+  if (n == 0 || n > max_path_length) return false;
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+  std::size_t depth = 1;
+  std::size_t start = 0;  // where the current segment starts
+  // A dot at `i`: the segment before it must be 1 to max_segment_length characters.
+  const auto dot = [&](std::size_t i) {
+    if (i == start || i - start > max_segment_length) return false;
+    ++depth;
+    start = i + 1;
+    return true;
+  };
+  std::size_t i = 0;
+#if defined(__SSE2__)
+  // Sixteen bytes at a time: which are segment characters and which are dots, as bit masks.
+  // (Signed byte comparisons: bytes from 0x80 up are negative and match no range.)
+  const auto in_range = [](__m128i v, char lo, char hi) {
+    return _mm_and_si128(_mm_cmpgt_epi8(v, _mm_set1_epi8(static_cast<char>(lo - 1))),
+                         _mm_cmplt_epi8(v, _mm_set1_epi8(static_cast<char>(hi + 1))));
+  };
+  for (; i + 16 <= n; i += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i letter = in_range(_mm_or_si128(v, _mm_set1_epi8(0x20)), 'a', 'z');
+    const __m128i digit = in_range(v, '0', '9');
+    const __m128i other =
+        _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('_')), _mm_cmpeq_epi8(v, _mm_set1_epi8('-')));
+    const __m128i dots = _mm_cmpeq_epi8(v, _mm_set1_epi8('.'));
+    const auto segment =
+        static_cast<unsigned>(_mm_movemask_epi8(_mm_or_si128(_mm_or_si128(letter, digit), other)));
+    auto dot_bits = static_cast<unsigned>(_mm_movemask_epi8(dots));
+    if ((segment | dot_bits) != 0xffffu) return false;
+    for (; dot_bits != 0; dot_bits &= dot_bits - 1) {
+      if (!dot(i + static_cast<std::size_t>(__builtin_ctz(dot_bits)))) return false;
+    }
+  }
+#endif
   // Each byte: 1 a segment character, 2 a dot, 0 neither.
   static constexpr std::array<unsigned char, 256> kind = [] {
     std::array<unsigned char, 256> table{};
@@ -61,17 +101,10 @@ bool valid_path_text(std::string_view text) {
     table['.'] = 2;
     return table;
   }();
-  const std::size_t n = text.size();
-  if (n == 0 || n > max_path_length) return false;
-  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  std::size_t depth = 1;
-  std::size_t start = 0;  // where the current segment starts
-  for (std::size_t i = 0; i < n; ++i) {
+  for (; i < n; ++i) {
     const unsigned char k = kind[s[i]];
     if (k == 1) continue;
-    if (k == 0 || i == start || i - start > max_segment_length) return false;
-    ++depth;
-    start = i + 1;
+    if (k == 0 || !dot(i)) return false;
   }
   return n != start && n - start <= max_segment_length && depth <= max_path_depth;
 }

@@ -87,9 +87,13 @@ TEST_CASE("a path is valid exactly when its segments are, by the rules written o
   };
   rc::prop("parse accepts exactly the valid paths", [&] {
     const auto piece =
-        rc::gen::oneOf(rc::gen::element<std::string>("a", "Z", "0", "_", "-", ".", "..", " ",
-                                                     "\xc3\xa9", "/", std::string(1, '\0'),
-                                                     std::string(127, 'x'), std::string(128, 'y')),
+        rc::gen::oneOf(rc::gen::element<std::string>(
+                           "a", "Z", "0", "_", "-", ".", "..", " ", "\xc3\xa9", "/",
+                           std::string(1, '\0'), std::string(127, 'x'), std::string(128, 'y'),
+                           // (each just outside a range of segment characters, as compared
+                           // sixteen bytes at a time, and the bytes with the high bit set)
+                           "@", "[", "`", "{", ":", "\x7f", "\x80", "\xc1", "\xfa", "\xff",
+                           "abcdefghijklmnop", "ABCDEFGHIJ.0123-_"),
                        rc::gen::arbitrary<std::string>());
     const std::string text = *rc::gen::map(rc::gen::container<std::vector<std::string>>(piece),
                                            [](std::vector<std::string> parts) {
