@@ -116,7 +116,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     // loop is slow (spin_worth_us or more, smoothed; until a wake-up is measured it is not).
     bool spin_armed = false;
     double gap_us = -1;             // the mean time between published messages; < 0: none yet
-    bool caught = false;            // this round was started by a spin that caught a wake-up
+    bool caught = false;            // this round was started by a spin that caught a commit
     std::size_t empty_catches = 0;  // such rounds in a row that published nothing
     steady::time_point last_published{};
     for (;;) {
@@ -177,7 +177,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         // (A spin that finds nothing disarms it until a round publishes again.)
         if (spin_armed) {
           if (co_await spun(until_empty, deadline)) {
-            caught = true;
+            caught = spin_caught_commit_;
             continue;
           }
           spin_armed = false;
@@ -295,8 +295,11 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       if (steady::now() >= until || co_await cancelled()) co_return false;
       co_await asio::post(strand_, asio::use_awaitable);
     }
+    // (A wake-up queued by a commit a round already took, or a finished publish's, is not a
+    // commit caught.)
+    spin_caught_commit_ = notified_.load(std::memory_order_acquire);
+    if (spin_caught_commit_) counters_.spin_catches.fetch_add(1, std::memory_order_relaxed);
     wake_pending_ = false;
-    counters_.spin_catches.fetch_add(1, std::memory_order_relaxed);
     co_return true;
   }
 
@@ -810,7 +813,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   std::mt19937_64 rng_;
   std::atomic<bool> notified_{false};
   bool wake_pending_ = false;
-  bool sleeping_ = false;  // the loop waits on timer_ (not lingering), since slept_at_
+  bool spin_caught_commit_ = false;  // the last spin ended by a commit (see spun)
+  bool sleeping_ = false;            // the loop waits on timer_ (not lingering), since slept_at_
   steady::time_point slept_at_{};
   double wake_us_ = -1;  // how long waking the sleeping loop takes, smoothed; < 0: not known
   // A wake-up this slow (in microseconds) is worth spinning for: well above a thread's wake-up

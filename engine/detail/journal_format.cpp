@@ -34,20 +34,23 @@ struct fnv64 {
     return *this;
   }
   fnv64& add(std::int64_t v) { return add(std::to_string(v)); }
-  // FNV-1a's step taken on 8 bytes at a time (little-endian words), the last 0-7 bytes one by
-  // one: an eighth of the steps (a record's text is most of a durable commit's checksum time).
-  // A multiplication carries a word's bits only upward, so each word step also folds the high
-  // half down (else flips of two words' top bits would cancel), and mixed() ends with a
-  // finalizer that spreads every bit over all 64.
+  // The text 8 bytes at a time (little-endian words) by MurmurHash3's x64 body step, the last
+  // 0-7 bytes by FNV-1a's: an eighth of format 1's steps (a record's text is most of a durable
+  // commit's checksum time). A multiplication carries a word's bits only upward, so a step
+  // that only xors and multiplies (FNV's on words) lets flips of top bits cancel out across
+  // words: Murmur's rotations carry every bit into the low half before the next multiplication,
+  // where a flip's effect depends on the data. mixed() ends with Murmur's finalizer.
   fnv64& add_words(std::string_view s) {
     std::size_t i = 0;
     for (; i + 8 <= s.size(); i += 8) {
-      std::uint64_t w = 0;
-      std::memcpy(&w, s.data() + i, 8);
-      if constexpr (std::endian::native == std::endian::big) w = __builtin_bswap64(w);
-      h ^= w;
-      h *= 1099511628211ULL;
-      h ^= h >> 32;
+      std::uint64_t k = 0;
+      std::memcpy(&k, s.data() + i, 8);
+      if constexpr (std::endian::native == std::endian::big) k = __builtin_bswap64(k);
+      k *= 0x87c37b91114253d5ULL;
+      k = std::rotl(k, 31);
+      k *= 0x4cf5ad432745937fULL;
+      h ^= k;
+      h = std::rotl(h, 27) * 5 + 0x52dce729;
     }
     for (; i < s.size(); ++i) {
       h ^= static_cast<unsigned char>(s[i]);

@@ -90,8 +90,9 @@ class record_encoder {
   std::optional<nlohmann::detail::serializer<json>> out_;  // appends to text_ (see out())
 };
 
-// The checksum of a pop_commits row: FNV-1a 64 over its fields, taken 8 bytes at a time with the
-// high half folded down after each word, then a finalizer (from journal format 2).
+// The checksum of a pop_commits row (from journal format 2): its fields 8 bytes at a time by
+// MurmurHash3's x64 step, their last 0-7 bytes and separators by FNV-1a 64's, then Murmur's
+// finalizer.
 std::int64_t record_checksum(std::int64_t version, std::int64_t at_us, std::string_view process,
                              std::string_view writes, std::string_view messages);
 // The checksum format 1 gave a record: FNV-1a 64 over its fields byte by byte. A journal of
