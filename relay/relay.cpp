@@ -110,7 +110,8 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
 
     absl::Status status = absl::OkStatus();
     std::size_t busy_rounds = 0;
-    // Spinning (see spun) is armed by a round that published, while published messages come
+    // Spinning (see spun) is armed by a round that saw publishes acknowledged (since the round
+    // before: a synchronous sink's in it, an asynchronous one's in between), while they come
     // apart: a linger or more between them on average, smoothed over rounds (denser ones gather
     // while the relay sleeps or lingers, in fewer, larger rounds), and while waking the sleeping
     // loop is slow (spin_worth_us or more, smoothed; until a wake-up is measured it is not).
@@ -118,6 +119,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     double gap_us = -1;             // the mean time between published messages; < 0: none yet
     bool caught = false;            // this round was started by a spin that caught a commit
     std::size_t empty_catches = 0;  // such rounds in a row that published nothing
+    std::uint64_t acked_seen = 0;   // acked_total_ at the last round
     steady::time_point last_published{};
     for (;;) {
       if (co_await cancelled()) {
@@ -131,12 +133,16 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       // Rounds in a row that each published several messages: eight say the commits keep coming
       // faster than rounds (a burst of a few commits at once is over sooner).
       busy_rounds = r.delivered >= 2 ? busy_rounds + 1 : 0;
-      if (r.delivered > 0 && options_.spin.count() > 0) {
+      // Acknowledged since the last round: in it (a synchronous sink), or between (the
+      // completions of asynchronous publishes).
+      const std::uint64_t acked = acked_total_ - acked_seen;
+      acked_seen = acked_total_;
+      if (acked > 0 && options_.spin.count() > 0) {
         const steady::time_point now = steady::now();
         if (gap_us >= 0) {
           const double gap =
               std::chrono::duration<double, std::micro>(now - last_published).count() /
-              static_cast<double>(r.delivered);
+              static_cast<double>(acked);
           gap_us = 0.75 * gap_us + 0.25 * gap;
         } else {
           gap_us = static_cast<double>(options_.spin.count());
@@ -593,6 +599,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
     if (status.ok()) {
       ++published_;
+      ++acked_total_;
       record_local(commit_to_publish_, std::chrono::microseconds(at_us - m.created_at_us));
       // A delivery is only an id to clear: a view of the stored entry's, else a copy.
       if (waiting_outcomes() == 0) outcomes_since_ = steady::now();
@@ -814,6 +821,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   std::atomic<bool> notified_{false};
   bool wake_pending_ = false;
   bool spin_caught_commit_ = false;  // the last spin ended by a commit (see spun)
+  std::uint64_t acked_total_ = 0;    // publishes acknowledged by the sink, ever
   bool sleeping_ = false;            // the loop waits on timer_ (not lingering), since slept_at_
   steady::time_point slept_at_{};
   double wake_us_ = -1;  // how long waking the sleeping loop takes, smoothed; < 0: not known

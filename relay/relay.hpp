@@ -44,7 +44,7 @@ struct relay_options {
   // that mostly find the head theirs alone. Publishing waits at most this much longer. 0 never
   // waits; at most 10 ms. Not in drain(), nor with a clock moved by hand.
   std::chrono::microseconds linger{20};
-  // After a round that published, how long the relay keeps looking for new commits before it
+  // After a publish is acknowledged, how long the relay keeps looking for new commits before it
   // sleeps (yielding to other handlers on its executor in between): a commit within it is
   // published without waking a sleeping thread. It spins only where that is worth it: while
   // waking it has been taking 10 us or more (as where an idle processor must be woken first, seen

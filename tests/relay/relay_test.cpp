@@ -431,6 +431,46 @@ TEST_CASE("where waking the relay is slow it spins after publishing and catches 
   }
 }
 
+TEST_CASE("with an asynchronous sink the relay spins too, after an acknowledgement", "[relay]") {
+  pop::engine e;  // the system clock: spins are real time
+  register_emitter(e);
+  gated_sink sink;  // each publish waits until the test releases it
+  pop::relay_options o = quick_relay();
+  o.spin = std::chrono::microseconds(10'000);
+  o.clear_delay = std::chrono::hours(1);  // (clears come with the stop)
+  polled_relay r(e, sink, o);
+  const std::string a = emit(e, "a");
+  // A slow wake-up (see the test above), then a's publish starts and is acknowledged later.
+  const auto posted = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - posted < std::chrono::microseconds(50)) {
+  }
+  r.io.poll();
+  REQUIRE(sink.release(a));
+  std::string b;
+  std::function<void(int)> later = [&](int turns) {
+    if (turns > 0) {
+      asio::post(r.io, [&later, turns] { later(turns - 1); });
+    } else {
+      b = emit(e, "b");
+    }
+  };
+  later(20);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (b.empty() && std::chrono::steady_clock::now() < deadline) r.io.run_one_until(deadline);
+  REQUIRE(!b.empty());
+  while (!sink.release(b) && std::chrono::steady_clock::now() < deadline) {
+    r.io.run_one_until(deadline);
+  }
+  while (sink.acked.size() < 2 && std::chrono::steady_clock::now() < deadline) {
+    r.io.run_one_until(deadline);
+  }
+  CHECK(sink.acked == std::vector<std::string>{a, b});
+  CHECK(r->metrics().spin_catches >= 1);  // b came while it spun after a's acknowledgement
+  r.stop();
+  REQUIRE(r.result.has_value());
+  CHECK(e.snapshot().pending_count() == 0);
+}
+
 TEST_CASE("a message rewritten behind the relay's scan position is published again", "[relay]") {
   // A round starts its scan after the leading entries it found delivered. X is delivered, then
   // rewritten; the next round passes X (delivered, not yet cleared) and delivers Y; the clear
