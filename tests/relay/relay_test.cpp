@@ -101,6 +101,24 @@ struct polled_relay {
   std::optional<absl::Status> result;
 };
 
+// Holds this thread until 50 us after `posted` (a commit's wake-up), as a machine whose idle
+// cores wake slowly would hold the relay's: spinning is then worth its processor time to it.
+void wake_up_slowly(std::chrono::steady_clock::time_point posted) {
+  while (std::chrono::steady_clock::now() - posted < std::chrono::microseconds(50)) {
+  }
+}
+
+// Calls `fn` from a handler `turns` turns of `io` from now: behind what is queued meanwhile.
+void after_turns(asio::io_context& io, int turns, std::function<void()> fn) {
+  if (turns == 0) {
+    fn();
+    return;
+  }
+  asio::post(io, [&io, turns, fn = std::move(fn)]() mutable {
+    after_turns(io, turns - 1, std::move(fn));
+  });
+}
+
 }  // namespace
 
 TEST_CASE("the relay publishes every pending message in commit order and empties the outbox",
@@ -374,22 +392,11 @@ TEST_CASE("where waking the relay is slow it spins after publishing and catches 
     polled_relay r(e, sink, o);             // asleep: nothing to publish
     sink.acked.clear();
     const std::string a = emit(e, "a");
-    // Its wake-up is handled 50 us after the commit posted it, as on a machine whose idle cores
-    // wake slowly: a spin is then worth its processor time.
-    const auto posted = std::chrono::steady_clock::now();
-    while (std::chrono::steady_clock::now() - posted < std::chrono::microseconds(50)) {
-    }
+    wake_up_slowly(std::chrono::steady_clock::now());
     // A commit made from a handler queued behind the relay's round: after a few turns of the
     // io_context, when the relay, done with "a", looks for commits or sleeps.
     std::string b;
-    std::function<void(int)> later = [&](int turns) {
-      if (turns > 0) {
-        asio::post(r.io, [&later, turns] { later(turns - 1); });
-      } else {
-        b = emit(e, "b");
-      }
-    };
-    later(20);
+    after_turns(r.io, 20, [&] { b = emit(e, "b"); });
     r.io.poll();
     // Published either way; with a spin, without sleeping in between.
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
@@ -440,21 +447,11 @@ TEST_CASE("with an asynchronous sink the relay spins too, after an acknowledgeme
   o.clear_delay = std::chrono::hours(1);  // (clears come with the stop)
   polled_relay r(e, sink, o);
   const std::string a = emit(e, "a");
-  // A slow wake-up (see the test above), then a's publish starts and is acknowledged later.
-  const auto posted = std::chrono::steady_clock::now();
-  while (std::chrono::steady_clock::now() - posted < std::chrono::microseconds(50)) {
-  }
-  r.io.poll();
+  wake_up_slowly(std::chrono::steady_clock::now());
+  r.io.poll();  // a's publish starts; the test acknowledges it next
   REQUIRE(sink.release(a));
   std::string b;
-  std::function<void(int)> later = [&](int turns) {
-    if (turns > 0) {
-      asio::post(r.io, [&later, turns] { later(turns - 1); });
-    } else {
-      b = emit(e, "b");
-    }
-  };
-  later(20);
+  after_turns(r.io, 20, [&] { b = emit(e, "b"); });
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
   while (b.empty() && std::chrono::steady_clock::now() < deadline) r.io.run_one_until(deadline);
   REQUIRE(!b.empty());
