@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 #include <limits>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <thread>
@@ -227,6 +228,28 @@ inline void cpu_relax() {
 #endif
 }
 
+// Encodes what of `prep`'s journal record does not depend on the version its commit gets (see
+// detail::precoded_record); false if a value cannot be encoded (then the record is encoded
+// from the tree, which reports it).
+bool precode(const detail::prepared& prep, detail::precoded_record& out) {
+  try {
+    for (const detail::prepared_write& w : prep.writes) {
+      if (w.value) {
+        out.text.set_stored(w.target.str(), {w.value.get(), nullptr});
+      } else {
+        out.text.erase(w.target.str());
+      }
+    }
+    out.messages.resize(prep.messages.size());
+    for (std::size_t i = 0; i < prep.messages.size(); ++i) {
+      detail::record_encoder::encode_draft(prep.messages[i], out.messages[i]);
+    }
+  } catch (const std::exception&) {
+    return false;
+  }
+  return true;
+}
+
 // Tries `try_lock` a while, spinning, before `lock` (which may sleep).
 template <class Try, class Lock>
 void spin_then_lock(Try try_lock, Lock lock) {
@@ -354,18 +377,21 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
 }
 
 absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>& record,
-                                   const prepared& prep, applied& done, std::string_view who) {
+                                   const prepared& prep, applied& done, std::string_view who,
+                                   std::unique_lock<std::mutex>& lock,
+                                   detail::precoded_record* precoded,
+                                   std::span<const std::string_view> cleared) {
   // Let the next commit find the new root held by the head alone (see commit_in_place) while this
   // one waits for its journal and its listeners run; the record is encoded from it first.
   detail::node_ptr root = std::move(done.root);
   if (record) {
-    // The appended messages' nodes, held while the record is encoded, so that the root is let go
-    // first: an in-place commit needs the head's root held by the head alone, and the next one
-    // comes while this one encodes. (null: not a member of a member-map outbox; then the root is
-    // kept and the message found in it.)
+    // Precoded, the record needs nothing of the tree. Otherwise the appended messages' nodes,
+    // held while the record is encoded, so that the root is let go first: an in-place commit
+    // needs the head's root held by the head alone. (null: not a member of a member-map outbox;
+    // then the root is kept and the message found in it.)
     std::vector<detail::node_ptr> appended;
     bool all_found = true;
-    if (!done.message_ids.empty()) {
+    if (!precoded && !done.message_ids.empty()) {
       const detail::location queue = detail::lookup(*root, outbox_->str());
       const bool map = queue.exists() && !queue.inner && !queue.packed && queue.node->is_map();
       appended.reserve(done.message_ids.size());
@@ -379,25 +405,28 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
     try {
       record->at_us = options_.clock->now_us();
       record->process = std::string(who);
-      detail::record_encoder encoded;
-      // A value as it is stored: packed bytes and JSON written as they are, others materialised.
-      const auto set = [&](std::string_view path, const detail::location& at) {
-        if (const char* packed = at.packed_value()) {
-          encoded.set_packed(path, packed);
-        } else if (const json* stored = detail::stored_json(at)) {
-          encoded.set(path, *stored);
-        } else {
-          encoded.set(path, detail::materialise(at));
-        }
-      };
-      for (const detail::prepared_write& w : prep.writes) {
-        if (w.value) {
-          set(w.target.str(), {w.value.get(), nullptr});
-        } else {
-          encoded.erase(w.target.str());
+      std::optional<detail::record_encoder> own;
+      detail::record_encoder& encoded = precoded ? precoded->text : own.emplace();
+      if (!precoded) {
+        for (const detail::prepared_write& w : prep.writes) {
+          if (w.value) {
+            encoded.set_stored(w.target.str(), {w.value.get(), nullptr});
+          } else {
+            encoded.erase(w.target.str());
+          }
         }
       }
+      std::string at;  // (one buffer for every cleared id's path)
+      for (const std::string_view id : cleared) {
+        at.assign(outbox_->str()).append(".").append(id);
+        encoded.erase(at);
+      }
       for (std::size_t i = 0; i < done.message_ids.size(); ++i) {
+        if (precoded) {
+          encoded.set_draft(outbox_->str(), done.message_ids[i], precoded->messages[i],
+                            done.created_at_us, done.version);
+          continue;
+        }
         const std::string at = absl::StrCat(outbox_->str(), ".", done.message_ids[i]);
         const detail::location found =
             appended[i] ? detail::location{appended[i].get(), nullptr} : detail::lookup(*root, at);
@@ -406,7 +435,7 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
         } else if (!found.inner && found.node->is_message()) {
           encoded.set_message(at, *found.node->message());
         } else {
-          set(at, found);
+          encoded.set_stored(at, found);
         }
       }
       record->writes = std::move(encoded).writes_text();
@@ -417,6 +446,7 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       journal_->fail(record, absl::InternalError(absl::StrCat(
                                  "cannot encode the journal record of version ", done.version,
                                  " by '", detail::to_absl(who), "': ", e.what())));
+      lock.unlock();
       return journal_->wait_durable(done.version);
     }
     root.reset();
@@ -424,6 +454,7 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       // Acknowledged (and notified) when the batch ends, once durable. A batch far ahead of its
       // journal waits for part of it, so what it holds unwritten stays bounded.
       const std::uint64_t durable = journal_->fill(record, /*wake_writer=*/true);
+      lock.unlock();
       batch->last = std::max(batch->last, done.version);
       const std::uint64_t lag = options_.journal_tuning.max_batch_lag;
       if (done.version > lag && durable < done.version - lag) {
@@ -431,10 +462,13 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       }
       return absl::OkStatus();
     }
-    journal_->fill(record);
-    POP_RETURN_IF_ERROR(journal_->wait_durable(done.version));
+    // (At durability::process it is usually acknowledged once filled: copied into the log.)
+    const std::uint64_t acked = journal_->fill(record);
+    lock.unlock();
+    if (acked < done.version) POP_RETURN_IF_ERROR(journal_->wait_durable(done.version));
   }
   root.reset();
+  if (lock.owns_lock()) lock.unlock();
   listeners_->notify(done.version);
   return absl::OkStatus();
 }
@@ -539,6 +573,10 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
   // head: at most one build is wasted, and none when the snapshot is already known to be stale
   // (redone builds were most of the work of many producers on few cores).
   bool built = false;
+  // What of the record does not depend on the version it gets, encoded before the lock.
+  std::optional<detail::precoded_record> precoded;
+  if (journal_ && !precode(prep, precoded.emplace())) precoded.reset();
+  detail::precoded_record* const pre = precoded ? &*precoded : nullptr;
   // (Holding `base`, no commit changes its tree meanwhile.)
   bool applicable = base.use_count() <= 2 && detail::sole_owner(base->root) &&
                     process_runner::can_apply_in_place(*base->root, prep, *outbox_);
@@ -566,8 +604,7 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     if (!built && !out.root) {
       base.reset();  // (the head is base: commit_in_place looks at who else holds it)
       if (commit_in_place(prep, out, record, applicable)) {
-        lock.unlock();
-        POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name));
+        POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name, lock, pre));
         return commit_status::committed;
       }
       base = head();
@@ -581,8 +618,8 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     }
     record =
         install(out.version, out.root, std::move(out.written), out.messages_at, out.rewrote_outbox);
+    POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name, lock, pre));
   }
-  POP_RETURN_IF_ERROR(finish_commit(record, prep, out, process_name));
   return commit_status::committed;
 }
 
@@ -719,8 +756,8 @@ absl::StatusOr<cas_result> engine::compare_and_swap(std::uint64_t expected_versi
     POP_RETURN_IF_ERROR(check_pending_bound(*current, out.root, who));
     record =
         install(out.version, out.root, std::move(out.written), out.messages_at, out.rewrote_outbox);
+    POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "compare_and_swap", lock));
   }
-  POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "compare_and_swap"));
   return cas_result{true, out.version};
 }
 
@@ -754,7 +791,7 @@ absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& se
     return absl::OkStatus();
   };
   const std::string& outbox = outbox_->str();
-  prepared prep;  // its writes only for the journal
+  prepared prep;  // empty: the ids removed are journaled as deletes (finish_commit)
   applied out;
   std::vector<std::string_view> removed;
   std::shared_ptr<detail::journal_record> record;
@@ -808,22 +845,8 @@ absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& se
       written.append(outbox).append(".").append(id).append("\n");
     }
     record = install(out.version, out.root, std::move(written));
+    POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "clear_messages", lock, nullptr, removed));
   }
-  if (record) {
-    try {
-      prep.writes.reserve(removed.size());
-      for (const std::string_view id : removed) {
-        prep.writes.push_back({outbox_->child(id).value(), nullptr});  // ids were validated
-      }
-    } catch (const std::exception& e) {
-      // A reserved record must be filled or failed, or later commits would wait for it forever.
-      journal_->fail(
-          record, absl::InternalError(absl::StrCat("cannot prepare the journal record of version ",
-                                                   out.version, " by clear_messages: ", e.what())));
-      return journal_->wait_durable(out.version);
-    }
-  }
-  POP_RETURN_IF_ERROR(finish_commit(record, prep, out, "clear_messages"));
   return clear_result{out.version, removed.size()};
 }
 

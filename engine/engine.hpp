@@ -35,6 +35,7 @@ namespace pop {
 struct dry_run_result;
 namespace detail {
 struct journal_record;
+struct precoded_record;
 struct journal_start;
 class journal;
 struct prepared;
@@ -279,9 +280,17 @@ class engine {
                                                   bool head_locked = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(commit_mu_);
   // Journals the commit `done` of `prep` by `who`, waits until it is durable, then notifies.
-  // Releases done.root (when the record is encoded).
+  // Releases done.root (when the record is encoded). Called with `lock` holding commit_mu_ (the
+  // lock of the install that reserved `record`); releases it once the record is filled, before
+  // any wait: records are filled in version order, so no committer waits for an earlier one
+  // still being encoded by a thread preempted after its install. `precoded`: prep's part of the
+  // record, encoded before the lock (or null). `cleared`: ids of messages removed from the
+  // outbox (by clear_messages), journaled as deletes after prep's writes.
   absl::Status finish_commit(const std::shared_ptr<detail::journal_record>& record,
-                             const prepared& prep, applied& done, std::string_view who);
+                             const prepared& prep, applied& done, std::string_view who,
+                             std::unique_lock<std::mutex>& lock,
+                             detail::precoded_record* precoded = nullptr,
+                             std::span<const std::string_view> cleared = {});
   void record(const registered& proc, int attempt, std::uint64_t seen, const prepared* prep,
               const applied* done, attempt_outcome outcome, std::string detail,
               std::chrono::steady_clock::time_point start);

@@ -472,6 +472,16 @@ void record_encoder::set(std::string_view path, const json& value) {
   text_ += ']';
 }
 
+void record_encoder::set_stored(std::string_view path, const location& at) {
+  if (const char* p = at.packed_value()) {
+    set_packed(path, p);
+  } else if (const json* stored = stored_json(at)) {
+    set(path, *stored);
+  } else {
+    set(path, materialise(at));
+  }
+}
+
 void record_encoder::set_packed(std::string_view path, const char* packed) {
   open(path);
   text_ += ',';
@@ -549,6 +559,50 @@ void record_encoder::set_message_record(std::string_view path, const char* recor
           [&](std::string_view s) { append_json_string(text_, s); });
     }
   }
+  text_ += "}]";
+}
+
+void record_encoder::encode_draft(const message_draft& draft, draft_text& out) {
+  // outbox_message::to_json()'s members, in its (alphabetical) order, as set_message writes them
+  // for a message just appended: no attempts, failures or error yet, due at once.
+  std::string& b = out.before_id;
+  b.assign(",\"failures\":[],\"headers\":{");
+  bool first = true;
+  for (const auto& [name, value] : draft.headers) {
+    if (!first) b += ',';
+    first = false;
+    append_json_string(b, name);
+    b += ':';
+    append_json_string(b, value);
+  }
+  b += "},\"id\":";
+  std::string& a = out.after_id;
+  a.assign(",\"key\":");
+  append_json_string(a, draft.key);
+  a += ",\"last_error\":\"\",\"next_attempt_at_us\":0,\"payload\":";
+  nlohmann::detail::serializer<json>(nlohmann::detail::output_adapter<char>(a), ' ',
+                                     json::error_handler_t::strict)
+      .dump(draft.payload, false, false, 0);
+  a += ",\"topic\":";
+  append_json_string(a, draft.topic);
+  a += ",\"version\":";
+}
+
+void record_encoder::set_draft(std::string_view outbox, std::string_view id, const draft_text& text,
+                               std::int64_t created_at_us, std::uint64_t version) {
+  text_ += text_.size() == 1 ? "[" : ",[";
+  append_json_string(text_, outbox);
+  text_.pop_back();  // (the closing quote: the id follows in the same string)
+  text_ += '.';
+  text_ += id;  // (an id is letters and digits: nothing to escape)
+  text_ += "\",{\"attempts\":0,\"created_at_us\":";
+  append_integer(text_, created_at_us);
+  text_ += text.before_id;
+  text_ += '"';
+  text_ += id;
+  text_ += '"';
+  text_ += text.after_id;
+  append_integer(text_, version);
   text_ += "}]";
 }
 

@@ -69,10 +69,26 @@ class record_encoder {
   // set_message(path, decode_message_record(record)), written from the message's compact record
   // (message_record.hpp) without decoding it.
   void set_message_record(std::string_view path, const char* record);
+  // Appends a write at `path` of the value at `at` as it is stored: packed bytes and JSON written
+  // as they are, others materialised first.
+  void set_stored(std::string_view path, const location& at);
   void erase(std::string_view path) {
     open(path);
     text_ += ']';
   }
+  // What set_message() writes for a message a commit appends, encoded from its draft before the
+  // commit gets its version: everything but its creation time, id and version.
+  struct draft_text {
+    std::string before_id;  // ,"failures":...,"id":
+    std::string after_id;   // ,"key":...,"version":
+  };
+  // Encodes `draft` as its draft_text; throws json::type_error for a payload or string JSON text
+  // cannot hold.
+  static void encode_draft(const message_draft& draft, draft_text& out);
+  // Appends the write at "<outbox>.<id>" of the message `text` was encoded from, as commit
+  // `version` stores it, created at `created_at_us`: the text set_message() writes for it.
+  void set_draft(std::string_view outbox, std::string_view id, const draft_text& text,
+                 std::int64_t created_at_us, std::uint64_t version);
   // The writes as JSON text.
   std::string writes_text() && {
     text_ += ']';
@@ -88,6 +104,14 @@ class record_encoder {
   std::string text_ = "[";
   nlohmann::detail::serializer<json>& out();
   std::optional<nlohmann::detail::serializer<json>> out_;  // appends to text_ (see out())
+};
+
+// A commit's record encoded before the commit lock, from what does not depend on the version the
+// commit gets: its writes (in `text`), then its messages' drafts. The commit appends its messages
+// with set_draft once it has their ids.
+struct precoded_record {
+  record_encoder text;
+  std::vector<record_encoder::draft_text> messages;
 };
 
 // The checksum of a pop_commits row (from journal format 2): its fields 8 bytes at a time by

@@ -278,6 +278,7 @@ absl::StatusOr<applied> apply_on(node_ptr root, bool owned, std::uint64_t base_v
     add_written(out.written, w.target.str());
   }
   const std::int64_t created = now_us;
+  out.created_at_us = created;
   if (!prep.messages.empty() && !owned) {
     // The outbox is always a member map, so an append copies O(log n) of it, never the queue.
     // (In place it is one already, under maps, as can_apply_in_place checked: nothing to do.)

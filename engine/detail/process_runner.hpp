@@ -67,7 +67,8 @@ struct applied {
   std::size_t messages_at = std::string::npos;
   // A write put a value into or over the outbox (see version_state::outbox_rewritten_at).
   bool rewrote_outbox = false;
-  std::vector<std::string> message_ids;
+  std::vector<std::string> message_ids;  // make_message_id(version, i) for each message i
+  std::int64_t created_at_us = 0;        // the messages' creation time
 };
 
 // The paths one commit wrote, as the engine keeps them for conflict checks: their texts, each
