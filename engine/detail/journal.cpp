@@ -607,7 +607,7 @@ absl::Status journal::write_group(std::deque<std::shared_ptr<journal_record>>& g
 absl::Status journal::write_snapshot(const journal_record& last) {
   std::string state;
   try {
-    state = materialise({last.state->root.get(), nullptr}).dump();
+    state = record_encoder::value_text({last.state->root.get(), nullptr});
   } catch (const std::exception& e) {
     return absl::InternalError(
         absl::StrCat("cannot encode the snapshot of version ", last.version, ": ", e.what()));

@@ -493,8 +493,14 @@ void record_encoder::set_packed(std::string_view path, const char* packed) {
 
 void record_encoder::set_message(std::string_view path, const outbox_message& m) {
   open(path);
+  text_ += ',';
+  message(m);
+  text_ += ']';
+}
+
+void record_encoder::message(const outbox_message& m) {
   // outbox_message::to_json()'s members, in its (alphabetical) order.
-  text_ += ",{\"attempts\":";
+  text_ += "{\"attempts\":";
   append_integer(text_, m.attempts);
   text_ += ",\"created_at_us\":";
   append_integer(text_, m.created_at_us);
@@ -527,15 +533,21 @@ void record_encoder::set_message(std::string_view path, const outbox_message& m)
   append_json_string(text_, m.topic);
   text_ += ",\"version\":";
   append_integer(text_, m.version);
-  text_ += "}]";
+  text_ += '}';
 }
 
 void record_encoder::set_message_record(std::string_view path, const char* record) {
   open(path);
+  text_ += ',';
+  message_record(record);
+  text_ += ']';
+}
+
+void record_encoder::message_record(const char* record) {
   const record_fields f = fields_of(record);
   // outbox_message::to_json()'s members, in its (alphabetical) order, as set_message writes them.
   const std::pair<const char*, const char*> members[] = {
-      {",{\"attempts\":", f.attempts},
+      {"{\"attempts\":", f.attempts},
       {",\"created_at_us\":", f.created_at_us},
       {",\"failures\":", f.failures},
       {",\"headers\":", f.headers},
@@ -559,7 +571,45 @@ void record_encoder::set_message_record(std::string_view path, const char* recor
           [&](std::string_view s) { append_json_string(text_, s); });
     }
   }
-  text_ += "}]";
+  text_ += '}';
+}
+
+void record_encoder::value(const location& at) {
+  if (const char* p = at.packed_value()) {
+    packed::write_json(
+        p, text_, [&](double d) { out().dump(json(d), false, false, 0); },
+        [&](std::string_view t) { append_json_string(text_, t); });
+  } else if (at.inner) {
+    out().dump(*at.inner, false, false, 0);
+  } else if (at.node->is_message()) {
+    if (const char* record = at.node->message_record()) {
+      message_record(record);
+    } else {
+      message(*at.node->message());
+    }
+  } else if (!at.node->is_map()) {
+    out().dump(at.node->as_json(), false, false, 0);
+  } else {
+    // A member map's keys come in order, as std::map (nlohmann's object) keeps them.
+    text_ += '{';
+    bool first = true;
+    const pmap<node_ptr>& members = at.node->members();
+    for (auto it = members.begin(); it != members.end(); ++it) {
+      if (!first) text_ += ',';
+      first = false;
+      append_json_string(text_, it.key());
+      text_ += ':';
+      value({it.value().get(), nullptr});
+    }
+    text_ += '}';
+  }
+}
+
+std::string record_encoder::value_text(const location& at) {
+  record_encoder encoded;
+  encoded.text_.clear();
+  encoded.value(at);
+  return std::move(encoded.text_);
 }
 
 void record_encoder::encode_draft(const message_draft& draft, draft_text& out) {

@@ -89,6 +89,10 @@ class record_encoder {
   // `version` stores it, created at `created_at_us`: the text set_message() writes for it.
   void set_draft(std::string_view outbox, std::string_view id, const draft_text& text,
                  std::int64_t created_at_us, std::uint64_t version);
+  // The JSON text of the value at `at` (which must exist): materialise(at).dump(), written from
+  // the tree as it is stored (packed bytes and message records read in place) without building
+  // that JSON. Throws json::type_error as dump() would.
+  static std::string value_text(const location& at);
   // The writes as JSON text.
   std::string writes_text() && {
     text_ += ']';
@@ -97,6 +101,10 @@ class record_encoder {
   static std::string messages_text(const std::vector<std::string>& ids);
 
  private:
+  // Appends the value at `at` / message `m` / the message of `record` as JSON.
+  void value(const location& at);
+  void message(const outbox_message& m);
+  void message_record(const char* record);
   void open(std::string_view path) {
     text_ += text_.size() == 1 ? "[" : ",[";
     append_json_string(text_, path);

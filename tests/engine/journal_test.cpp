@@ -1090,6 +1090,36 @@ TEST_CASE("the journal's record encoder writes exactly what json::dump() would")
     got.set_draft(outbox, m.id, text, created, version);
     RC_ASSERT(std::move(got).writes_text() == std::move(want).writes_text());
   });
+  rc::prop("a state's text written from its tree: what materialise().dump() writes", [] {
+    // Objects of up to 40 members: past blob_max_members some become member maps.
+    json state = json::object();
+    const auto members = *rc::gen::resize(
+        40, rc::gen::container<std::map<std::string, json>>(
+                pop::test::valid_text(), pop::test::any_json(3, pop::test::valid_text())));
+    for (const auto& [k, v] : members) state["k" + k] = v;
+    pop::detail::node_ptr root = pop::detail::make_root(state);
+    // Messages kept typed: from a record (an emitted one) and decoded (one given whole).
+    const int messages = *rc::gen::inRange(0, 4);
+    for (int i = 0; i < messages; ++i) {
+      pop::message_draft d;
+      d.topic = *tricky_text();
+      d.key = *tricky_text();
+      d.payload = *pop::test::any_json(2, pop::test::valid_text());
+      d.headers[*tricky_text()] = *tricky_text();
+      const auto index = static_cast<std::uint32_t>(i);
+      const std::string id = pop::make_message_id(9, index);
+      pop::detail::node_ptr node = pop::detail::make_message_node(index, d, 1234, 9);
+      if (i % 2 == 1) {
+        pop::outbox_message m = node->message_copy();
+        m.attempts = 2;
+        m.failures.push_back({5, 6, *tricky_text()});
+        node = pop::detail::make_message_node(m);
+      }
+      root = pop::test::must(pop::detail::assign(root, "outbox." + id, std::move(node)));
+    }
+    const pop::detail::location all{root.get(), nullptr};
+    RC_ASSERT(pop::detail::record_encoder::value_text(all) == pop::detail::materialise(all).dump());
+  });
   rc::prop("a record's checksum changes with one to four flipped bits of its fields", [] {
     std::string writes = *rc::gen::container<std::string>(rc::gen::arbitrary<char>());
     std::string messages = *rc::gen::container<std::string>(rc::gen::arbitrary<char>());
