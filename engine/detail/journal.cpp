@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -278,18 +279,16 @@ std::shared_ptr<journal_record> journal::reserve(std::uint64_t version,
                                                  std::shared_ptr<const version_state> state) {
   auto r = std::make_shared<journal_record>();
   r->version = version;
-  std::lock_guard lock(mu_);
-  // Kept only if a snapshot may be due at it: a record holding its version's state keeps the
-  // next commit from changing the head in place (see engine::commit_in_place).
-  if (snapshot_due(version)) r->state = std::move(state);
-  queue_.push_back(r);
+  // Kept until fill() (under the engine's commit lock, as this) decides whether a snapshot may
+  // be due at it.
+  r->state = std::move(state);
   return r;
 }
 
 // (Usually nobody needs waking: the committer that filled `r` calls wait_durable() next and
-// writes it unless somebody else is writing, who then hands over to a waiter. Two cases do: a
-// committer that already waits for a later record found this one unfilled and woke nobody; and a
-// batch's committer goes on without waiting, so an idle writer thread is woken once enough
+// writes it unless somebody else is writing, who then hands over to a waiter. Two cases do:
+// committers already waiting for earlier records while nobody writes (at durability::power); and
+// a batch's committer goes on without waiting, so an idle writer thread is woken once enough
 // records wait to fill a group worth a transaction (a wake-up per record cost the committer more
 // than the record). The rest of a batch's records are written when the writer next hands over,
 // or at the batch's end, by the writer or by the batch's own thread.)
@@ -308,6 +307,8 @@ std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_
   std::vector<waiter*> taken;
   {
     std::unique_lock lock(mu_);
+    assert(queue_.empty() || queue_.back()->version + 1 == r->version);
+    queue_.push_back(r);
     r->filled = true;
     filled_bytes_ += record_bytes(*r);
     if (!snapshot_due(r->version)) dropped = std::move(r->state);
@@ -375,8 +376,10 @@ bool journal::snapshot_due(std::uint64_t version) const {
 
 void journal::fail(const std::shared_ptr<journal_record>& r, absl::Status why) {
   std::lock_guard lock(mu_);
+  queue_.push_back(r);
   r->error = std::move(why);
   r->filled = true;
+  r->state.reset();
 }
 
 absl::Status journal::wait_durable(std::uint64_t version) {

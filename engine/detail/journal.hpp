@@ -28,8 +28,9 @@ namespace pop::detail {
 
 struct version_state;
 
-// One committed version on its way to the journal. Reserved in version order under the engine's
-// commit lock, filled afterwards by the committing thread, written by the journal's thread.
+// One committed version on its way to the journal. Made by reserve() and filled (or failed) by
+// the committing thread, in version order under the engine's commit lock; written by the
+// journal's thread.
 struct journal_record {
   std::uint64_t version = 0;
   std::int64_t at_us = 0;
@@ -92,17 +93,18 @@ class journal {
   journal(const journal&) = delete;
   journal& operator=(const journal&) = delete;
 
-  // Reserves the record of `version` (the next version); keeps `state` only if a snapshot may be
-  // due at it. Call in version order.
+  // Makes the record of `version` (the next version), holding `state` until fill().
   std::shared_ptr<journal_record> reserve(std::uint64_t version,
                                           std::shared_ptr<const version_state> state);
-  // Marks a reserved record filled and lets the writer take it; drops its state unless a snapshot
-  // may be due at it. A committer that will not wait for it next (one in an engine::batch) passes
-  // `wake_writer`: an idle writer thread is then woken once a group's worth of records waits.
-  // Returns durable_version() as of the call.
+  // Queues a reserved record, filled, and lets the writer take it; drops its state unless a
+  // snapshot may be due at it. Records are filled (or failed) in version order, each once. A
+  // committer that will not wait for it next (one in an engine::batch) passes `wake_writer`: an
+  // idle writer thread is then woken once a group's worth of records waits. Returns
+  // durable_version() as of the call.
   std::uint64_t fill(const std::shared_ptr<journal_record>& r, bool wake_writer = false);
-  // Marks a reserved record as impossible to write: the journal fails with `why` when it reaches
-  // it (every waiter gets the failure), so no later commit waits for it forever.
+  // Queues a reserved record as impossible to write (instead of fill()): the journal fails with
+  // `why` when it reaches it (every waiter gets the failure), so no later commit waits for it
+  // forever.
   void fail(const std::shared_ptr<journal_record>& r, absl::Status why);
   // Blocks until `version` is durable at the journal's level (in the log or in SQLite). OK, or
   // the journal's failure.
