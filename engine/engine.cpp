@@ -574,9 +574,12 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
   // (redone builds were most of the work of many producers on few cores).
   bool built = false;
   // What of the record does not depend on the version it gets, encoded before the lock.
-  std::optional<detail::precoded_record> precoded;
-  if (journal_ && !precode(prep, precoded.emplace())) precoded.reset();
-  detail::precoded_record* const pre = precoded ? &*precoded : nullptr;
+  std::unique_ptr<detail::precoded_record> precoded;
+  if (journal_) {
+    precoded = std::make_unique<detail::precoded_record>();
+    if (!precode(prep, *precoded)) precoded.reset();
+  }
+  detail::precoded_record* const pre = precoded.get();
   // (Holding `base`, no commit changes its tree meanwhile.)
   bool applicable = base.use_count() <= 2 && detail::sole_owner(base->root) &&
                     process_runner::can_apply_in_place(*base->root, prep, *outbox_);

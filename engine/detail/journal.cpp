@@ -315,10 +315,10 @@ std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_
     if (log_) log_record(*r, lock);
     if (r->logged) {
       advance_acked();
-      take_waiters(taken);  // later committers that found this record missing
+      take_waiters(taken);  // committers of versions acknowledged now
     }
-    // The writer is needed: without a log, by committers already waiting (they found the front
-    // unfilled and woke nobody) once the front is filled, batch or not; with one, once a group's
+    // The writer is needed: without a log, by committers already waiting while nobody writes,
+    // batch or not; with one, once a group's
     // worth waits (or a committer waits for room), or if it sleeps with nothing to gather (it
     // then lets a group gather for a moment). (The queue may be empty: the writer may have
     // written `r` while it waited for room.)
