@@ -391,18 +391,18 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
     // then the root is kept and the message found in it.)
     std::vector<detail::node_ptr> appended;
     bool all_found = true;
-    if (!precoded && !done.message_ids.empty()) {
-      const detail::location queue = detail::lookup(*root, outbox_->str());
-      const bool map = queue.exists() && !queue.inner && !queue.packed && queue.node->is_map();
-      appended.reserve(done.message_ids.size());
-      for (const std::string& id : done.message_ids) {
-        const detail::node_ptr* n = map ? queue.node->members().find(id) : nullptr;
-        appended.push_back(n ? *n : nullptr);
-        all_found = all_found && n != nullptr;
-      }
-    }
-    if (all_found) root.reset();
     try {
+      if (!precoded && !done.message_ids.empty()) {
+        const detail::location queue = detail::lookup(*root, outbox_->str());
+        const bool map = queue.exists() && !queue.inner && !queue.packed && queue.node->is_map();
+        appended.reserve(done.message_ids.size());
+        for (const std::string& id : done.message_ids) {
+          const detail::node_ptr* n = map ? queue.node->members().find(id) : nullptr;
+          appended.push_back(n ? *n : nullptr);
+          all_found = all_found && n != nullptr;
+        }
+      }
+      if (all_found) root.reset();
       record->at_us = options_.clock->now_us();
       record->process = std::string(who);
       std::optional<detail::record_encoder> own;
@@ -441,11 +441,14 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       record->writes = std::move(encoded).writes_text();
       record->messages = detail::record_encoder::messages_text(done.message_ids);
     } catch (const std::exception& e) {
-      // Values are checked before they are committed, so this is a bug; never leave the record
-      // unfilled (later commits would wait for it forever): fail the journal instead.
-      journal_->fail(record, absl::InternalError(absl::StrCat(
-                                 "cannot encode the journal record of version ", done.version,
-                                 " by '", detail::to_absl(who), "': ", e.what())));
+      // Values are checked before they are committed, so this is a bug (or memory ran out); never
+      // leave the record unqueued (the journal would have a gap at its version): fail the
+      // journal instead. (Should even that not be possible, the process ends: noexcept.)
+      [&]() noexcept {
+        journal_->fail(record, absl::InternalError(absl::StrCat(
+                                   "cannot encode the journal record of version ", done.version,
+                                   " by '", detail::to_absl(who), "': ", e.what())));
+      }();
       lock.unlock();
       return journal_->wait_durable(done.version);
     }

@@ -298,7 +298,7 @@ std::shared_ptr<journal_record> journal::reserve(std::uint64_t version,
 // the committing thread. (The writer thread used to drop them after each group, freeing the
 // replaced tree nodes there: the committers' allocator arena then bounced between the two
 // threads, a tenth of a batch's time.)
-std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_writer) {
+std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_writer) noexcept {
   r->checksum = record_checksum(static_cast<std::int64_t>(r->version), r->at_us, r->process,
                                 r->writes, r->messages);
   bool notify = false;
@@ -374,7 +374,7 @@ bool journal::snapshot_due(std::uint64_t version) const {
          filled_bytes_ >= options_.snapshot_bytes;
 }
 
-void journal::fail(const std::shared_ptr<journal_record>& r, absl::Status why) {
+void journal::fail(const std::shared_ptr<journal_record>& r, absl::Status why) noexcept {
   std::lock_guard lock(mu_);
   queue_.push_back(r);
   r->error = std::move(why);

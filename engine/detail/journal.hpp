@@ -38,7 +38,8 @@ struct journal_record {
   std::string writes;         // JSON: [[path, value] or [path] (a delete), ...], messages included
   std::string messages;       // JSON: the ids of the messages it emitted
   std::int64_t checksum = 0;  // record_checksum() of the above, set by fill()
-  // Its version's state, kept only if a snapshot is due at it (see journal::fill).
+  // Its version's state: from reserve() until fill(), which keeps it only if a snapshot may be
+  // due at it.
   std::shared_ptr<const version_state> state;
   bool filled = false;
   bool logged = false;  // copied into the commit log (journal::mu_)
@@ -101,11 +102,13 @@ class journal {
   // committer that will not wait for it next (one in an engine::batch) passes `wake_writer`: an
   // idle writer thread is then woken once a group's worth of records waits. Returns
   // durable_version() as of the call.
-  std::uint64_t fill(const std::shared_ptr<journal_record>& r, bool wake_writer = false);
+  // noexcept: a record reserved and neither filled nor failed would leave a gap at its version
+  // (only an allocation could fail here; then the process ends).
+  std::uint64_t fill(const std::shared_ptr<journal_record>& r, bool wake_writer = false) noexcept;
   // Queues a reserved record as impossible to write (instead of fill()): the journal fails with
   // `why` when it reaches it (every waiter gets the failure), so no later commit waits for it
   // forever.
-  void fail(const std::shared_ptr<journal_record>& r, absl::Status why);
+  void fail(const std::shared_ptr<journal_record>& r, absl::Status why) noexcept;
   // Blocks until `version` is durable at the journal's level (in the log or in SQLite). OK, or
   // the journal's failure.
   absl::Status wait_durable(std::uint64_t version);
