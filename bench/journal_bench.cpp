@@ -20,6 +20,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 
+#include "pop/contracts/status.hpp"
 #include "pop/relay/relay.hpp"
 
 namespace asio = boost::asio;
@@ -257,6 +258,69 @@ void BM_classic_outbox_table(benchmark::State& state) {
     classic_shared = nullptr;
   }
 }
+
+// Reopening a journal: the snapshot loaded and every record after it replayed. Arg: records
+// after the snapshot (each a write and a message, with a clear of the messages every 1,000).
+// What snapshot_every and snapshot_bytes trade: how long an open may take.
+void BM_reopen(benchmark::State& state) {
+  const auto records = static_cast<std::int64_t>(state.range(0));
+  const std::string file = journal_file("reopen");
+  pop::options o;
+  o.journal = file;
+  o.durability = pop::durability::process;
+  o.audit_capacity = 0;
+  o.journal_tuning.snapshot_every = std::uint64_t{1} << 40;
+  o.journal_tuning.snapshot_bytes = std::uint64_t{1} << 40;
+  const auto register_place = [](pop::engine& e) {
+    const absl::Status s =
+        e.register_process({.name = "place", .outputs = {"domain.items"}, .emits = {"item.placed"}},
+                           [](const pop::context&, const json& args) {
+                             pop::result r;
+                             r.set("domain.items." + args.at(0).get<std::string>(), args.at(1));
+                             r.emit("item.placed", args, args.at(0).get<std::string>());
+                             return r;
+                           });
+    if (!s.ok()) std::abort();
+  };
+  std::int64_t written = 0;
+  {
+    auto e = pop::engine::open(o).value();
+    register_place(*e);
+    const absl::Status s = e->batch([&]() -> absl::Status {
+      while (written < records) {
+        const std::string key = "w" + std::to_string(written % 64);
+        POP_RETURN_IF_ERROR(e->execute("place", json::array({key, written})).status());
+        ++written;
+        if (written % 1000 == 0) {
+          const pop::snapshot snap = e->snapshot();
+          std::vector<std::string> ids;
+          snap.view(e->outbox_path()).for_each_member([&](std::string_view id, const auto&) {
+            ids.emplace_back(id);
+            return true;
+          });
+          POP_RETURN_IF_ERROR(e->clear_messages(snap, ids).status());
+          ++written;
+        }
+      }
+      return absl::OkStatus();
+    });
+    if (!s.ok()) std::abort();
+  }
+  for (auto _ : state) {
+    auto e = pop::engine::open(o);
+    if (!e.ok()) std::abort();
+    benchmark::DoNotOptimize(e);
+    state.PauseTiming();
+    e->reset();
+    state.ResumeTiming();
+  }
+  state.counters["records"] = static_cast<double>(written);
+  state.counters["records_per_s"] =
+      benchmark::Counter(static_cast<double>(written) * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
+  remove_journal(file);
+}
+BENCHMARK(BM_reopen)->Arg(100'000)->Arg(250'000)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void levels_and_writers(benchmark::internal::Benchmark* b) {
   for (const int level : {1, 2}) b->Arg(level);

@@ -409,8 +409,9 @@ absl::Status journal::wait_durable(std::uint64_t version) {
 
 void journal::write_front(std::unique_lock<std::mutex>& lock) {
   writing_ = true;
+  std::deque<std::shared_ptr<journal_record>> group;
   try {
-    write_front_group(lock);
+    write_front_group(lock, group);
   } catch (const std::exception& e) {
     // (Say, bad_alloc.) The token must be handed back, or every later commit would wait forever.
     if (!lock.owns_lock()) lock.lock();
@@ -419,11 +420,11 @@ void journal::write_front(std::unique_lock<std::mutex>& lock) {
                                                ": unexpected exception: ", e.what(),
                                                "; the engine refuses further commits"));
   }
-  hand_over(lock);
+  hand_over(lock, &group);
 }
 
-void journal::write_front_group(std::unique_lock<std::mutex>& lock) {
-  std::deque<std::shared_ptr<journal_record>> group;
+void journal::write_front_group(std::unique_lock<std::mutex>& lock,
+                                std::deque<std::shared_ptr<journal_record>>& group) {
   while (!queue_.empty() && queue_.front()->filled && queue_.front()->error.ok() &&
          group.size() < options_.max_group) {
     group.push_back(std::move(queue_.front()));
@@ -479,7 +480,8 @@ void journal::write_front_group(std::unique_lock<std::mutex>& lock) {
   }
 }
 
-void journal::hand_over(std::unique_lock<std::mutex>& lock) {
+void journal::hand_over(std::unique_lock<std::mutex>& lock,
+                        std::deque<std::shared_ptr<journal_record>>* written) {
   writing_ = false;
   std::vector<waiter*> taken;
   take_waiters(taken);
@@ -489,6 +491,9 @@ void journal::hand_over(std::unique_lock<std::mutex>& lock) {
   if (writer_work) work_cv_.notify_one();
   if (room_waited) room_cv_.notify_all();
   wake(taken);
+  // Freed without mu_: committers fill their records under it (and under the engine's commit
+  // lock), and freeing a group of hundreds of records held them all up.
+  if (written != nullptr) written->clear();
   lock.lock();
 }
 

@@ -146,10 +146,16 @@ class journal {
   // hand_over(). Called with mu_ held (through `lock`); returns with it held.
   void write_front(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // write_front's work, which may throw (write_front then fails the journal).
-  void write_front_group(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The records written are left in `group` (freed by hand_over, without mu_).
+  void write_front_group(std::unique_lock<std::mutex>& lock,
+                         std::deque<std::shared_ptr<journal_record>>& group)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Gives the token back: wakes the committers whose versions are durable (all of them after a
   // failure) and the writer thread if it has work.
-  void hand_over(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `written`: records to free once mu_ is released (or null).
+  void hand_over(std::unique_lock<std::mutex>& lock,
+                 std::deque<std::shared_ptr<journal_record>>* written = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The bytes a record counts for toward snapshot_bytes.
   static std::size_t record_bytes(const journal_record& r);
   // True if a snapshot is due at `version`: snapshot_every versions or snapshot_bytes of records
