@@ -146,7 +146,6 @@ absl::StatusOr<std::unique_ptr<engine>> engine::open(options opts) {
   // Messages pending at open (in the initial state or replayed from the journal) are kept typed
   // like those a commit appends, so the relay reads them without decoding.
   start.root = detail::with_typed_messages(start.root, outbox.str());
-  detail::advise_huge_pages(*start.root, std::size_t{1} << 16);
   // Freed only now, in one piece: the tree and its typed messages were allocated while it lived,
   // each in order at the top of the heap, not scattered over the holes of a freed state.
   initial = json();

@@ -287,12 +287,6 @@ class pmap {
     return it;
   }
 
-  // Calls `fn(const void* node)` for every node of the tree (leaves and inner nodes). O(n).
-  template <class F>
-  void for_each_node(F&& fn) const {
-    if (root_) visit_nodes(*root_, fn);
-  }
-
   // Returns the number of nodes (leaves and inner nodes) of the tree. A debugging aid for tests
   // of its shape. O(n).
   std::size_t node_count() const { return root_ ? nodes_below(*root_) : 0; }
@@ -705,14 +699,6 @@ class pmap {
     }
     for (std::size_t i = 0; i < kids.size(); ++i) mins[i] = min_key(*kids[i]);
     recount(n);
-  }
-
-  template <class F>
-  static void visit_nodes(const node& n, F& fn) {
-    fn(static_cast<const void*>(&n));
-    if (!n.leaf) {
-      for (const node_ptr& child : n.in.children) visit_nodes(*child, fn);
-    }
   }
 
   // The number of nodes of subtree `n`, itself included.

@@ -1,7 +1,5 @@
 #include "pop/engine/detail/tree.hpp"
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <array>
 #include <cassert>
@@ -586,49 +584,6 @@ node_ptr erase_members(const node_ptr& root, std::string_view map_path,
   if (erased == 0) return root;
   // Every object on the way exists, so this cannot fail.
   return assign(root, map_path, make_map(std::move(members)), edit).value();
-}
-
-namespace {
-
-// Appends the 2 MB regions of `n` and of every node below it to `regions` (consecutive repeats
-// once: a tree built in order lies in few runs), counting the nodes.
-void huge_regions(const value_node& n, std::vector<std::uintptr_t>& regions, std::size_t& nodes) {
-  const auto add = [&](const void* p) {
-    const std::uintptr_t region = reinterpret_cast<std::uintptr_t>(p) >> 21;
-    if (regions.empty() || regions.back() != region) regions.push_back(region);
-    ++nodes;
-  };
-  add(&n);
-  if (!n.is_map()) return;
-  n.members().for_each_node(add);
-  for (auto it = n.members().begin(); it != n.members().end(); ++it) {
-    huge_regions(*it.value(), regions, nodes);
-  }
-}
-
-}  // namespace
-
-std::size_t advise_huge_pages(const value_node& root, std::size_t min_nodes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  std::vector<std::uintptr_t> regions;
-  std::size_t nodes = 0;
-  huge_regions(root, regions, nodes);
-  if (nodes < min_nodes) return 0;
-  std::sort(regions.begin(), regions.end());
-  regions.erase(std::unique(regions.begin(), regions.end()), regions.end());
-  constexpr int collapse = 25;  // MADV_COLLAPSE (Linux 6.1; glibc 2.36 does not name it)
-  for (const std::uintptr_t region : regions) {
-    void* at = reinterpret_cast<void*>(region << 21);
-    if (::madvise(at, std::size_t{1} << 21, MADV_HUGEPAGE) == 0) {
-      static_cast<void>(::madvise(at, std::size_t{1} << 21, collapse));
-    }
-  }
-  return regions.size();
-#else
-  static_cast<void>(root);
-  static_cast<void>(min_nodes);
-  return 0;
-#endif
 }
 
 node_ptr make_empty_map() {

@@ -209,12 +209,6 @@ node_ptr erase_members(const node_ptr& root, std::string_view map_path,
                        std::span<const std::string_view> keys,
                        const std::function<bool(std::string_view, const node_ptr&)>& remove,
                        std::vector<std::string_view>& removed, std::uint64_t edit);
-// Asks the kernel to back the memory holding the tree under `root` with transparent huge pages
-// (2 MB; madvise MADV_HUGEPAGE, then MADV_COLLAPSE where the kernel has it), if it has at least
-// `min_nodes` nodes: a descent through a state of a million entries otherwise misses the TLB at
-// nearly every level. Only the 2 MB regions holding its nodes are advised; failures are ignored
-// (a kernel without transparent huge pages). O(n). Returns the number of regions advised.
-std::size_t advise_huge_pages(const value_node& root, std::size_t min_nodes);
 // Returns an empty object in member-map form.
 node_ptr make_empty_map();
 // A fresh batch token for assign / erase.

@@ -765,17 +765,3 @@ TEST_CASE("at() reads into a stored outbox message as member() does", "[state]")
   CHECK(s.root().at(at + ".payload.n").get<int>() == 1);
   CHECK(s.root().at(at + ".key").get<std::string>() == "k1");
 }
-
-TEST_CASE("a large tree's memory is advised for huge pages, a small one's is not, values intact",
-          "[state]") {
-  json accounts = json::object();
-  for (int i = 0; i < 70'000; ++i) accounts["a" + std::to_string(i)] = {{"balance", i}};
-  const d::node_ptr root = d::make_root(json{{"accounts", accounts}, {"n", 1}});
-  CHECK(d::advise_huge_pages(*root, std::size_t{1} << 30) == 0);  // under the threshold
-  // 70,000 packed values and their map's nodes: several 2 MB regions.
-  CHECK(d::advise_huge_pages(*root, std::size_t{1} << 16) >= 2);
-  // (Whether the kernel backs them with huge pages is its choice; the values must not change.)
-  CHECK(d::materialise({root.get(), nullptr}) == json{{"accounts", accounts}, {"n", 1}});
-  const d::node_ptr small = d::make_root(json{{"a", 1}});
-  CHECK(d::advise_huge_pages(*small, std::size_t{1} << 16) == 0);
-}
