@@ -74,6 +74,19 @@ class null_sink final : public pop::sink {
   }
 };
 
+// Registers "place": writes args[1] at domain.items.<args[0]> and emits it, keyed by args[0].
+void register_place(pop::engine& e) {
+  const absl::Status s =
+      e.register_process({.name = "place", .outputs = {"domain.items"}, .emits = {"item.placed"}},
+                         [](const pop::context&, const json& args) {
+                           pop::result r;
+                           r.set("domain.items." + args.at(0).get<std::string>(), args.at(1));
+                           r.emit("item.placed", args, args.at(0).get<std::string>());
+                           return r;
+                         });
+  if (!s.ok()) std::abort();
+}
+
 // pop: each commit is one process run writing one value and emitting one message, journaled at
 // the level, while a relay publishes and clears on its own thread.
 struct pop_fixture {
@@ -91,15 +104,7 @@ struct pop_fixture {
     o.durability = level;
     o.audit_capacity = 0;
     engine = pop::engine::open(o).value();
-    const absl::Status s = engine->register_process(
-        {.name = "place", .outputs = {"domain.items"}, .emits = {"item.placed"}},
-        [](const pop::context&, const json& args) {
-          pop::result r;
-          r.set("domain.items." + args.at(0).get<std::string>(), args.at(1));
-          r.emit("item.placed", args, args.at(0).get<std::string>());
-          return r;
-        });
-    if (!s.ok()) std::abort();
+    register_place(*engine);
     relay = pop::relay::create(*engine, sink).value();
     asio::co_spawn(
         io, relay->run(),
@@ -271,17 +276,6 @@ void BM_reopen(benchmark::State& state) {
   o.audit_capacity = 0;
   o.journal_tuning.snapshot_every = std::uint64_t{1} << 40;
   o.journal_tuning.snapshot_bytes = std::uint64_t{1} << 40;
-  const auto register_place = [](pop::engine& e) {
-    const absl::Status s =
-        e.register_process({.name = "place", .outputs = {"domain.items"}, .emits = {"item.placed"}},
-                           [](const pop::context&, const json& args) {
-                             pop::result r;
-                             r.set("domain.items." + args.at(0).get<std::string>(), args.at(1));
-                             r.emit("item.placed", args, args.at(0).get<std::string>());
-                             return r;
-                           });
-    if (!s.ok()) std::abort();
-  };
   std::int64_t written = 0;
   {
     auto e = pop::engine::open(o).value();

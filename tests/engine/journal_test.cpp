@@ -934,6 +934,33 @@ rc::Gen<std::string> tricky_text() {
                       });
 }
 
+// A message a process emits, of tricky text and any payload.
+rc::Gen<pop::message_draft> any_draft() {
+  return rc::gen::exec([] {
+    pop::message_draft d;
+    d.topic = *tricky_text();
+    d.key = *tricky_text();
+    d.payload = *pop::test::any_json(2, pop::test::valid_text());
+    const int headers = *rc::gen::inRange(0, 3);
+    for (int h = 0; h < headers; ++h) d.headers[*tricky_text()] = *tricky_text();
+    return d;
+  });
+}
+
+// The message `d` becomes as commit `version`'s `index`-th, created at `created`.
+pop::outbox_message as_appended(const pop::message_draft& d, std::uint64_t version,
+                                std::uint32_t index, std::int64_t created) {
+  pop::outbox_message m;
+  m.id = pop::make_message_id(version, index);
+  m.topic = d.topic;
+  m.key = d.key;
+  m.payload = d.payload;
+  m.headers = d.headers;
+  m.created_at_us = created;
+  m.version = version;
+  return m;
+}
+
 }  // namespace
 
 TEST_CASE("the journal's record encoder writes exactly what json::dump() would") {
@@ -1037,23 +1064,11 @@ TEST_CASE("the journal's record encoder writes exactly what json::dump() would")
     RC_ASSERT(std::move(got).writes_text() == std::move(want).writes_text());
   });
   rc::prop("an emitted message's record: the bytes of the same message never tried", [] {
-    pop::message_draft d;
-    d.topic = *tricky_text();
-    d.key = *tricky_text();
-    d.payload = *pop::test::any_json(2, pop::test::valid_text());
-    const int headers = *rc::gen::inRange(0, 3);
-    for (int h = 0; h < headers; ++h) d.headers[*tricky_text()] = *tricky_text();
+    const pop::message_draft d = *any_draft();
     const auto version = *rc::gen::arbitrary<std::uint64_t>();
     const auto index = *rc::gen::inRange<std::uint32_t>(0, 999'999);
     const auto created = *rc::gen::arbitrary<std::int64_t>();
-    pop::outbox_message m;
-    m.id = pop::make_message_id(version, index);
-    m.topic = d.topic;
-    m.key = d.key;
-    m.payload = d.payload;
-    m.headers = d.headers;
-    m.created_at_us = created;
-    m.version = version;
+    const pop::outbox_message m = as_appended(d, version, index, created);
     std::string want;
     RC_ASSERT(pop::detail::encode_message_record(m, want));
     std::string got = "left over";
@@ -1061,25 +1076,13 @@ TEST_CASE("the journal's record encoder writes exactly what json::dump() would")
     RC_ASSERT(got == want);
   });
   rc::prop("an emitted message precoded from its draft: the bytes set_message writes", [] {
-    pop::message_draft d;
-    d.topic = *tricky_text();
-    d.key = *tricky_text();
-    d.payload = *pop::test::any_json(2, pop::test::valid_text());
-    const int headers = *rc::gen::inRange(0, 3);
-    for (int h = 0; h < headers; ++h) d.headers[*tricky_text()] = *tricky_text();
+    const pop::message_draft d = *any_draft();
     const auto version = *rc::gen::arbitrary<std::uint64_t>();
     const auto index = *rc::gen::inRange<std::uint32_t>(0, 999'999);
     const auto created = *rc::gen::arbitrary<std::int64_t>();
     const std::string outbox = *tricky_text();
     const bool after_a_write = *rc::gen::arbitrary<bool>();
-    pop::outbox_message m;
-    m.id = pop::make_message_id(version, index);
-    m.topic = d.topic;
-    m.key = d.key;
-    m.payload = d.payload;
-    m.headers = d.headers;
-    m.created_at_us = created;
-    m.version = version;
+    const pop::outbox_message m = as_appended(d, version, index, created);
     pop::detail::record_encoder want;
     if (after_a_write) want.erase("a.b");
     want.set_message(outbox + "." + m.id, m);
