@@ -428,15 +428,9 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
           continue;
         }
         const std::string at = absl::StrCat(outbox_->str(), ".", done.message_ids[i]);
-        const detail::location found =
-            appended[i] ? detail::location{appended[i].get(), nullptr} : detail::lookup(*root, at);
-        if (const char* rec = found.inner ? nullptr : found.node->message_record()) {
-          encoded.set_message_record(at, rec);  // written from the record, nothing decoded
-        } else if (!found.inner && found.node->is_message()) {
-          encoded.set_message(at, *found.node->message());
-        } else {
-          encoded.set_stored(at, found);
-        }
+        // (A typed message is written from its record, nothing decoded.)
+        encoded.set_stored(at, appended[i] ? detail::location{appended[i].get(), nullptr}
+                                           : detail::lookup(*root, at));
       }
       record->writes = std::move(encoded).writes_text();
       record->messages = detail::record_encoder::messages_text(done.message_ids);

@@ -262,7 +262,7 @@ journal::~journal() {
 void journal::close_cleanly() {
   std::unique_lock lock(mu_);
   // Records acknowledged from the log that SQLite lacks yet go into it first.
-  while (failed_.ok() && !writing_ && !queue_.empty() && queue_.front()->filled) {
+  while (failed_.ok() && !writing_ && !queue_.empty()) {
     write_front(lock);
   }
   if (!failed_.ok() || !queue_.empty()) return;  // leave it marked in use: reopening checks it
@@ -309,7 +309,6 @@ std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_
     std::unique_lock lock(mu_);
     assert(queue_.empty() || queue_.back()->version + 1 == r->version);
     queue_.push_back(r);
-    r->filled = true;
     filled_bytes_ += record_bytes(*r);
     if (!snapshot_due(r->version)) dropped = std::move(r->state);
     if (log_) log_record(*r, lock);
@@ -318,13 +317,12 @@ std::uint64_t journal::fill(const std::shared_ptr<journal_record>& r, bool wake_
       take_waiters(taken);  // committers of versions acknowledged now
     }
     // The writer is needed: without a log, by committers already waiting while nobody writes,
-    // batch or not; with one, once a group's
-    // worth waits (or a committer waits for room), or if it sleeps with nothing to gather (it
-    // then lets a group gather for a moment). (The queue may be empty: the writer may have
-    // written `r` while it waited for room.)
-    notify = log_ ? group_ready() || (writer_idle_ && !writing_ && !queue_.empty())
-                  : !writing_ && queue_.front()->filled &&
-                        (!waiters_.empty() || (wake_writer && queue_.size() >= worth_waking));
+    // batch or not; with one, once a group's worth waits (or a committer waits for room), or if
+    // it sleeps with nothing to gather (it then lets a group gather for a moment). (The queue
+    // may be empty: the writer may have written `r` while it waited for room.)
+    notify =
+        log_ ? group_ready() || (writer_idle_ && !writing_ && !queue_.empty())
+             : !writing_ && (!waiters_.empty() || (wake_writer && queue_.size() >= worth_waking));
     acked = acked_;
   }
   if (notify) work_cv_.notify_one();
@@ -361,7 +359,7 @@ void journal::advance_acked() {
 }
 
 bool journal::group_ready() const {
-  return !writing_ && !queue_.empty() && queue_.front()->filled &&
+  return !writing_ && !queue_.empty() &&
          (!waiters_.empty() || queue_.size() >= worth_waking || room_waiters_ > 0 || !log_);
 }
 
@@ -378,7 +376,6 @@ void journal::fail(const std::shared_ptr<journal_record>& r, absl::Status why) n
   std::lock_guard lock(mu_);
   queue_.push_back(r);
   r->error = std::move(why);
-  r->filled = true;
   r->state.reset();
 }
 
@@ -388,7 +385,7 @@ absl::Status journal::wait_durable(std::uint64_t version) {
   for (;;) {
     if (acked_ >= version) return absl::OkStatus();
     if (!failed_.ok()) return failed_;
-    const bool ready = !writing_ && !queue_.empty() && queue_.front()->filled;
+    const bool ready = !writing_ && !queue_.empty();
     // A lone committer writes its record itself: no hand-off to the writer thread and back.
     // Under contention the writer thread writes the groups: they are larger, and a committer
     // preempted while it held the token would stall every other one.
@@ -425,8 +422,7 @@ void journal::write_front(std::unique_lock<std::mutex>& lock) {
 
 void journal::write_front_group(std::unique_lock<std::mutex>& lock,
                                 std::deque<std::shared_ptr<journal_record>>& group) {
-  while (!queue_.empty() && queue_.front()->filled && queue_.front()->error.ok() &&
-         group.size() < options_.max_group) {
+  while (!queue_.empty() && queue_.front()->error.ok() && group.size() < options_.max_group) {
     group.push_back(std::move(queue_.front()));
     queue_.pop_front();
   }
@@ -467,7 +463,7 @@ void journal::write_front_group(std::unique_lock<std::mutex>& lock,
             if (r->version > due->version) filled_bytes_ += record_bytes(*r);
           }
           for (const std::shared_ptr<journal_record>& r : queue_) {
-            if (r->filled) filled_bytes_ += record_bytes(*r);
+            filled_bytes_ += record_bytes(*r);
           }
         }
       }
@@ -557,7 +553,7 @@ void journal::run_writer() {
     if (log_ && failed_.ok() && !queue_.empty()) {
       // Logged records are acknowledged already: a group may gather, but not for long.
       if (!work_cv_.wait_for(lock, gather_time, work)) {
-        if (failed_.ok() && !writing_ && !queue_.empty() && queue_.front()->filled) {
+        if (failed_.ok() && !writing_ && !queue_.empty()) {
           write_front(lock);
         }
         continue;

@@ -41,7 +41,6 @@ struct journal_record {
   // Its version's state: from reserve() until fill(), which keeps it only if a snapshot may be
   // due at it.
   std::shared_ptr<const version_state> state;
-  bool filled = false;
   bool logged = false;  // copied into the commit log (journal::mu_)
   absl::Status error;   // set by fail(): the journal stops at this record
 };
@@ -55,8 +54,9 @@ struct journal_start {
 // The journal of one engine: an SQLite database in WAL mode holding a snapshot of the whole state
 // and one record per committed version after it.
 //
-// Writing: whoever holds the token (writing_) takes every filled record at the front of the queue
-// (up to max_group) and writes them in one transaction, so concurrent commits share one sync
+// Writing: whoever holds the token (writing_) takes the records at the front of the queue (fill()
+// queues them whole; up to max_group) and writes them in one transaction, so concurrent commits
+// share one sync
 // (group commit); then it advances durable_version() and wakes the committers whose records it
 // wrote. The writer thread does this under contention; a lone committer (no other commit call in
 // progress, its record the only one queued) writes its own record on its own thread, with no
@@ -141,7 +141,7 @@ class journal {
   journal(std::string path, durability level, const journal_options& opts, int lock_fd, int head_fd,
           sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version,
           std::shared_ptr<const clock> clock, std::unique_ptr<commit_log> log);
-  // Writes the filled records at the front of the queue (up to max_group) as one group, with
+  // Writes the records at the front of the queue (up to max_group) as one group, with
   // the token (writing_) that one committer or the writer thread holds at a time; then
   // hand_over(). Called with mu_ held (through `lock`); returns with it held.
   void write_front(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "pop/contracts/status.hpp"
@@ -452,6 +453,24 @@ absl::Status insert_snapshot(sqlite3* db, const std::string& path, std::uint64_t
 
 // record_encoder: JSON text written as it goes, byte for byte what json::dump() would write.
 
+namespace {
+
+// Appends a message's headers as a JSON object (names in order, as std::map keeps them).
+void append_headers(std::string& out, const std::map<std::string, std::string>& headers) {
+  out += '{';
+  bool first = true;
+  for (const auto& [name, value] : headers) {
+    if (!first) out += ',';
+    first = false;
+    append_json_string(out, name);
+    out += ':';
+    append_json_string(out, value);
+  }
+  out += '}';
+}
+
+}  // namespace
+
 record_encoder::record_encoder() {
   text_.reserve(384);  // a small commit's record, without growing it step by step
 }
@@ -473,22 +492,23 @@ void record_encoder::set(std::string_view path, const json& value) {
 }
 
 void record_encoder::set_stored(std::string_view path, const location& at) {
-  if (const char* p = at.packed_value()) {
-    set_packed(path, p);
-  } else if (const json* stored = stored_json(at)) {
-    set(path, *stored);
-  } else {
-    set(path, materialise(at));
-  }
+  open(path);
+  text_ += ',';
+  value(at);
+  text_ += ']';
 }
 
 void record_encoder::set_packed(std::string_view path, const char* packed) {
   open(path);
   text_ += ',';
+  packed_value(packed);
+  text_ += ']';
+}
+
+void record_encoder::packed_value(const char* packed) {
   packed::write_json(
       packed, text_, [&](double d) { out().dump(json(d), false, false, 0); },
       [&](std::string_view s) { append_json_string(text_, s); });
-  text_ += ']';
 }
 
 void record_encoder::set_message(std::string_view path, const outbox_message& m) {
@@ -510,16 +530,9 @@ void record_encoder::message(const outbox_message& m) {
   } else {
     out().dump(json(m.failures), false, false, 0);
   }
-  text_ += ",\"headers\":{";
-  bool first = true;
-  for (const auto& [name, value] : m.headers) {
-    if (!first) text_ += ',';
-    first = false;
-    append_json_string(text_, name);
-    text_ += ':';
-    append_json_string(text_, value);
-  }
-  text_ += "},\"id\":";
+  text_ += ",\"headers\":";
+  append_headers(text_, m.headers);
+  text_ += ",\"id\":";
   append_json_string(text_, m.id);
   text_ += ",\"key\":";
   append_json_string(text_, m.key);
@@ -566,9 +579,7 @@ void record_encoder::message_record(const char* record) {
       const auto version = packed::decode(f.version).get<std::uint64_t>();
       append_json_string(text_, make_message_id(version, static_cast<std::uint32_t>(*index)));
     } else {
-      packed::write_json(
-          at, text_, [&](double d) { out().dump(json(d), false, false, 0); },
-          [&](std::string_view s) { append_json_string(text_, s); });
+      packed_value(at);
     }
   }
   text_ += '}';
@@ -576,9 +587,7 @@ void record_encoder::message_record(const char* record) {
 
 void record_encoder::value(const location& at) {
   if (const char* p = at.packed_value()) {
-    packed::write_json(
-        p, text_, [&](double d) { out().dump(json(d), false, false, 0); },
-        [&](std::string_view t) { append_json_string(text_, t); });
+    packed_value(p);
   } else if (at.inner) {
     out().dump(*at.inner, false, false, 0);
   } else if (at.node->is_message()) {
@@ -616,16 +625,9 @@ void record_encoder::encode_draft(const message_draft& draft, draft_text& out) {
   // outbox_message::to_json()'s members, in its (alphabetical) order, as set_message writes them
   // for a message just appended: no attempts, failures or error yet, due at once.
   std::string& b = out.before_id;
-  b.assign(",\"failures\":[],\"headers\":{");
-  bool first = true;
-  for (const auto& [name, value] : draft.headers) {
-    if (!first) b += ',';
-    first = false;
-    append_json_string(b, name);
-    b += ':';
-    append_json_string(b, value);
-  }
-  b += "},\"id\":";
+  b.assign(",\"failures\":[],\"headers\":");
+  append_headers(b, draft.headers);
+  b += ",\"id\":";
   std::string& a = out.after_id;
   a.assign(",\"key\":");
   append_json_string(a, draft.key);

@@ -69,8 +69,8 @@ class record_encoder {
   // set_message(path, decode_message_record(record)), written from the message's compact record
   // (message_record.hpp) without decoding it.
   void set_message_record(std::string_view path, const char* record);
-  // Appends a write at `path` of the value at `at` as it is stored: packed bytes and JSON written
-  // as they are, others materialised first.
+  // Appends a write at `path` of the value at `at` as it is stored: packed bytes, message records
+  // and JSON written as they are, member maps member by member (see value_text).
   void set_stored(std::string_view path, const location& at);
   void erase(std::string_view path) {
     open(path);
@@ -101,8 +101,10 @@ class record_encoder {
   static std::string messages_text(const std::vector<std::string>& ids);
 
  private:
-  // Appends the value at `at` / message `m` / the message of `record` as JSON.
+  // Appends the value at `at` / message `m` / the message of `record` / packed value `packed`
+  // as JSON.
   void value(const location& at);
+  void packed_value(const char* packed);
   void message(const outbox_message& m);
   void message_record(const char* record);
   void open(std::string_view path) {
