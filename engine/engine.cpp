@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <condition_variable>
 #include <limits>
 #include <optional>
 #include <random>
@@ -28,6 +29,25 @@ namespace detail {
 struct process_registry {
   mutable std::shared_mutex mu;
   absl::flat_hash_map<std::string, std::shared_ptr<const registered>> by_name ABSL_GUARDED_BY(mu);
+};
+
+// Flow control's state (see options::pace_pending), shared by the engine and the holds.
+struct pace_gate {
+  std::atomic<std::size_t> holds{0};
+  std::atomic<std::size_t> pending{0};  // at the last commit seen while holds > 0
+  std::atomic<bool> stalled{false};     // a wait timed out; until a commit removes messages
+  std::atomic<std::size_t> waiting{0};
+  std::atomic<std::uint64_t> paced{0};
+  std::atomic<std::uint64_t> timed_out{0};
+  std::mutex mu;  // for cv only: the state above is atomic
+  std::condition_variable cv;
+
+  // Wakes the waiters, if any, to look at the state again (changed before this call).
+  void wake() {
+    if (waiting.load() == 0) return;
+    const std::lock_guard lock(mu);
+    cv.notify_all();
+  }
 };
 
 }  // namespace detail
@@ -77,6 +97,10 @@ absl::Status validate_options(const options& o) {
         "options.durability is none but options.journal is '", o.journal,
         "': choose durability::process or durability::power, or leave the journal empty"));
   }
+  if (o.pace_wait < std::chrono::microseconds(1) || o.pace_wait > std::chrono::seconds(60)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "options.pace_wait must be from 1 us to 60 s, not ", o.pace_wait.count(), " us"));
+  }
   if (o.journal_tuning.snapshot_every < 1 || o.journal_tuning.max_group < 1 ||
       o.journal_tuning.max_batch_lag < 1) {
     return absl::InvalidArgumentError(
@@ -114,6 +138,7 @@ engine::engine(options opts, std::unique_ptr<detail::journal> journal, detail::j
       outbox_(std::make_shared<const path>(path::parse(options_.outbox_path).value())),
       registry_(std::make_unique<detail::process_registry>()),
       listeners_(std::make_shared<detail::commit_listeners>()),
+      pace_(std::make_shared<detail::pace_gate>()),
       audit_(options_.audit_capacity),
       journal_(std::move(journal)) {
   auto initial = std::make_shared<detail::version_state>();
@@ -352,6 +377,7 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
   next->outbox_path = outbox_;
   // (head_ changes only under commit_mu_, which is held.)
   next->outbox_rewritten_at = rewrote_outbox ? version : head_->outbox_rewritten_at;
+  const detail::value_node* const installed = next->root.get();  // (held by head_ below)
   std::shared_ptr<detail::journal_record> record;
   if (journal_) record = journal_->reserve(version, next);
   std::shared_ptr<const detail::version_state> previous;
@@ -364,6 +390,11 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
   } else {
     const std::unique_lock lock = lock_head();
     publish();
+  }
+  if (options_.pace_pending != 0 && pace_->holds.load() != 0) {
+    const std::size_t now = pending_in(*installed);
+    if (now < pace_->pending.exchange(now)) pace_->stalled.store(false);  // the relay moves
+    if (now <= options_.pace_pending) pace_->wake();
   }
   assert(written.empty() || written.back() == '\n');  // add_written's form
   messages_at = std::min(messages_at, written.size());
@@ -647,6 +678,55 @@ void engine::record(const registered& proc, int attempt, std::uint64_t seen, con
   audit_.append(std::move(r));
 }
 
+std::size_t engine::pending_in(const detail::value_node& root) const {
+  const detail::location at = detail::lookup(root, outbox_->str());
+  return at.exists() ? detail::size_of(at) : 0;
+}
+
+std::shared_ptr<void> engine::hold_pace() {
+  if (pace_->holds.fetch_add(1) == 0) {
+    // The count was not kept while no one held the pace: take it now (a commit may come between
+    // the two; the next one sets it again).
+    pace_->pending.store(pending_in(*head()->root));
+    pace_->stalled.store(false);
+  }
+  // (The gate, not the engine: a hold may outlive it.)
+  return std::shared_ptr<void>(nullptr, [gate = pace_](void*) {
+    gate->holds.fetch_sub(1);
+    gate->wake();
+  });
+}
+
+pace_stats engine::pacing() const {
+  return {pace_->holds.load(), pace_->pending.load(), pace_->waiting.load(), pace_->paced.load(),
+          pace_->timed_out.load()};
+}
+
+void engine::pace(const registered& proc) {
+  detail::pace_gate& gate = *pace_;
+  const std::size_t bound = options_.pace_pending;
+  if (bound == 0 || proc.contract.emits().empty() || gate.holds.load() == 0) return;
+  const auto free_to_run = [&] {
+    return gate.pending.load() <= bound || gate.holds.load() == 0 || gate.stalled.load();
+  };
+  if (free_to_run()) return;
+  // (waiting is raised before the state is looked at again under mu: a commit that changes it
+  // after that look sees the waiter and takes mu to wake it.)
+  gate.waiting.fetch_add(1);
+  gate.paced.fetch_add(1, std::memory_order_relaxed);
+  {
+    std::unique_lock lock(gate.mu);
+    if (!gate.cv.wait_for(lock, options_.pace_wait, free_to_run)) {
+      // No progress for pace_wait: the relay is stuck (a sink that hangs, say). Everyone runs
+      // until a commit removes messages again.
+      gate.timed_out.fetch_add(1, std::memory_order_relaxed);
+      gate.stalled.store(true);
+      gate.cv.notify_all();
+    }
+  }
+  gate.waiting.fetch_sub(1);
+}
+
 absl::StatusOr<commit> engine::execute(std::string_view name, const json& args) {
   const std::shared_ptr<const registered> proc = find(name);
   if (!proc) {
@@ -654,6 +734,7 @@ absl::StatusOr<commit> engine::execute(std::string_view name, const json& args) 
         absl::StrCat("no process named '", detail::to_absl(name), "' is registered"));
   }
   if (journal_) POP_RETURN_IF_ERROR(journal_->failure());
+  pace(*proc);
   const detail::journal::activity active(journal_.get());
   const int max_attempts = options_.retry.max_attempts;
   std::string conflict;

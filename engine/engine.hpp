@@ -42,6 +42,7 @@ struct prepared;
 struct applied;
 struct registered;
 struct process_registry;
+struct pace_gate;
 }  // namespace detail
 
 // A process: a pure function of the snapshot (through its context) and the call's arguments,
@@ -68,7 +69,16 @@ struct options {
                                         // holds the same stored value (and existed then)
   std::size_t max_pending = 0;          // backpressure: a commit that would leave more messages
                                         // pending fails with kResourceExhausted; 0: no bound
-  std::string journal{};                // SQLite journal file; empty: in memory only
+  // Flow control. While a relay publishes the outbox without failures (it holds the engine's
+  // pace: see hold_pace), a process that may emit messages waits before it runs while more than
+  // pace_pending messages are pending, until the relay's clears bring them down to that or
+  // pace_wait passes. Producers faster than the relay are held to its pace instead of growing
+  // the outbox (and every journal snapshot with it) without bound. Nothing waits while no relay
+  // holds the pace, and a wait that times out (the relay made no progress) lets every process
+  // run at once until a commit removes messages again. 0: never waits.
+  std::size_t pace_pending = 16384;
+  std::chrono::microseconds pace_wait{100'000};  // the longest one wait; 1 us to 60 s
+  std::string journal{};                         // SQLite journal file; empty: in memory only
   pop::durability durability = pop::durability::process;  // with a journal: process or power
   journal_options journal_tuning{};                       // snapshot interval, group size
   // Where the engine and everything built on it (relay, inbox, workflows, NATS adapters) read
@@ -95,6 +105,15 @@ enum class cas_mode {
 struct cas_result {
   bool committed = false;
   std::uint64_t version = 0;  // the new version if committed, else the current version
+};
+
+// What flow control has done (see options.pace_pending and engine::hold_pace).
+struct pace_stats {
+  std::size_t holds = 0;        // holds alive (running relays publishing without failures)
+  std::size_t pending = 0;      // messages pending at the last commit seen while a hold was alive
+  std::size_t waiting = 0;      // processes waiting now
+  std::uint64_t paced = 0;      // waits so far
+  std::uint64_t timed_out = 0;  // of them, those that ended after options.pace_wait
 };
 
 // What clear_messages() did.
@@ -211,6 +230,13 @@ class engine {
   // The clock of options.clock; components built on this engine read the time from it.
   const pop::clock& clock() const { return *options_.clock; }
 
+  // Holds producers to the pace of the caller, a relay that publishes the outbox: while any hold
+  // returned here is alive, options.pace_pending applies (see there). A relay takes one while it
+  // publishes without failures. Release it by destroying it; it may outlive the engine.
+  [[nodiscard]] std::shared_ptr<void> hold_pace();
+  // Flow control's counters.
+  pace_stats pacing() const;
+
   // Calls `on_version` after every commit with a version >= the one just committed, until the
   // returned subscription is reset or destroyed (which waits for running calls to finish). Calls
   // come from committing threads, possibly several at once and out of order; keep them short and
@@ -291,6 +317,10 @@ class engine {
                              std::unique_lock<std::mutex>& lock,
                              detail::precoded_record* precoded = nullptr,
                              std::span<const std::string_view> cleared = {});
+  // Waits before `proc` runs while flow control says so (options.pace_pending).
+  void pace(const registered& proc);
+  // The messages pending in `root`.
+  std::size_t pending_in(const detail::value_node& root) const;
   void record(const registered& proc, int attempt, std::uint64_t seen, const prepared* prep,
               const applied* done, attempt_outcome outcome, std::string detail,
               std::chrono::steady_clock::time_point start);
@@ -312,6 +342,7 @@ class engine {
   std::atomic<std::uint64_t> head_version_{0};  // head_->version, read without the lock
 
   std::shared_ptr<detail::commit_listeners> listeners_{};
+  std::shared_ptr<detail::pace_gate> pace_;  // shared with the holds, which may outlive the engine
   audit_log audit_;
   std::unique_ptr<detail::journal> journal_;
 };

@@ -120,6 +120,10 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     bool caught = false;            // this round was started by a spin that caught a commit
     std::size_t empty_catches = 0;  // such rounds in a row that published nothing
     std::uint64_t acked_seen = 0;   // acked_total_ at the last round
+    std::uint64_t failed_seen = 0;  // failed_total_ at the last round
+    // Held while publishes succeed (from the first acknowledged, until one fails): producers
+    // then wait for this relay when it falls far behind (see options::pace_pending).
+    std::shared_ptr<void> pace;
     steady::time_point last_published{};
     for (;;) {
       if (co_await cancelled()) {
@@ -137,6 +141,12 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       // completions of asynchronous publishes).
       const std::uint64_t acked = acked_total_ - acked_seen;
       acked_seen = acked_total_;
+      if (failed_total_ != failed_seen) {
+        failed_seen = failed_total_;
+        pace.reset();
+      } else if (acked > 0 && !pace) {
+        pace = engine_.hold_pace();
+      }
       if (acked > 0 && options_.spin.count() > 0) {
         const steady::time_point now = steady::now();
         if (gap_us >= 0) {
@@ -199,6 +209,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       wake_pending_ = false;
     }
     watch.commits.reset();
+    pace.reset();
     co_await stop_flights();
     if (absl::Status s = guarded([&] { return flush(); }); !s.ok() && status.ok()) status = s;
     merge_histograms();
@@ -611,6 +622,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       delivered_from_.push_back(from);
       return;
     }
+    ++failed_total_;
     outcome o;
     o.id = m.id;
     o.key = m.key;
@@ -822,6 +834,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
   bool wake_pending_ = false;
   bool spin_caught_commit_ = false;  // the last spin ended by a commit (see spun)
   std::uint64_t acked_total_ = 0;    // publishes acknowledged by the sink, ever
+  std::uint64_t failed_total_ = 0;   // publishes that failed (timed out included), ever
   bool sleeping_ = false;            // the loop waits on timer_ (not lingering), since slept_at_
   steady::time_point slept_at_{};
   double wake_us_ = -1;  // how long waking the sleeping loop takes, smoothed; < 0: not known

@@ -4,6 +4,7 @@
 
 #include "tests/support/must.hpp"
 #include "tests/support/processes.hpp"
+#include "tests/support/wait.hpp"
 
 #include <atomic>
 #include <map>
@@ -805,4 +806,133 @@ TEST_CASE(
       e.compare_and_swap(e.version(), {{"domain.outbox_queue." + copy.id, copy.to_json()}});
   CHECK(grow.status().code() == absl::StatusCode::kResourceExhausted);
   CHECK(e.snapshot().pending_count() == 3);
+}
+
+namespace {
+
+// An engine with flow control at `bound` pending messages and waits of up to `wait`, and two
+// processes: "emit" (args.n messages) and "quiet" (a write, no messages declared).
+std::unique_ptr<pop::engine> paced_engine(std::size_t bound, std::chrono::microseconds wait) {
+  auto e =
+      pop::test::must(pop::engine::open(pop::options{.pace_pending = bound, .pace_wait = wait}));
+  REQUIRE(e->register_process({.name = "emit", .outputs = {"domain.n"}, .emits = {"t"}},
+                              [](const pop::context&, const json& args) {
+                                pop::result r;
+                                r.set("domain.n", args.at("n"));
+                                for (int i = 0; i < args.at("n").get<int>(); ++i) r.emit("t", i);
+                                return r;
+                              })
+              .ok());
+  REQUIRE(e->register_process({.name = "quiet", .outputs = {"domain.q"}}, [](const pop::context&,
+                                                                             const json& args) {
+             pop::result r;
+             r.set("domain.q", args);
+             return r;
+           }).ok());
+  return e;
+}
+
+// Clears the `n` oldest pending messages of `e`.
+void clear_oldest(pop::engine& e, std::size_t n) {
+  const pop::snapshot s = e.snapshot();
+  std::vector<std::string> ids;
+  const std::vector<pop::outbox_message> pending = s.pending_messages().value();
+  for (const auto& m : pending) {
+    if (ids.size() < n) ids.push_back(m.id);
+  }
+  const absl::StatusOr<pop::clear_result> r = e.clear_messages(s, ids);
+  REQUIRE(r.status().ToString() == "OK");
+  REQUIRE(r->removed == n);
+}
+
+}  // namespace
+
+TEST_CASE("with the pace held, a process that emits waits while the outbox is over pace_pending",
+          "[engine][pacing]") {
+  // (A wait of 10 s at most: if the test fails, its thread still ends soon.)
+  auto owner = paced_engine(3, std::chrono::seconds(10));
+  pop::engine& e = *owner;
+  // Nobody holds the pace: the outbox grows past the bound without a wait.
+  REQUIRE(e.execute("emit", {{"n", 5}}).ok());
+  CHECK(e.pacing().paced == 0);
+  std::shared_ptr<void> hold = e.hold_pace();
+  CHECK(e.pacing().holds == 1);
+  CHECK(e.pacing().pending == 5);
+  // A process that declares no messages never waits.
+  REQUIRE(e.execute("quiet", 1).ok());
+  CHECK(e.pacing().paced == 0);
+  const std::uint64_t before = e.version();
+  std::optional<absl::StatusOr<pop::commit>> done;
+  std::jthread producer([&] { done = e.execute("emit", {{"n", 1}}); });
+  const bool waiting =
+      pop::test::eventually([&] { return e.pacing().waiting == 1; }, std::chrono::seconds(10));
+  CHECK(waiting);
+  // It waits before it runs: nothing of it is committed.
+  CHECK(e.version() == before);
+  // A clear down to the bound lets it run (the clear's version comes first).
+  clear_oldest(e, 2);
+  const std::uint64_t cleared_at = e.version();
+  producer.join();
+  REQUIRE(done.has_value());
+  REQUIRE(done->ok());
+  CHECK((*done)->version == cleared_at + 1);
+  CHECK(e.snapshot().pending_count() == 4);
+  CHECK(e.pacing().paced == 1);
+  CHECK(e.pacing().timed_out == 0);
+  CHECK(e.pacing().waiting == 0);
+}
+
+TEST_CASE("releasing the last hold of the pace lets waiting processes run", "[engine][pacing]") {
+  auto owner = paced_engine(1, std::chrono::seconds(10));
+  pop::engine& e = *owner;
+  REQUIRE(e.execute("emit", {{"n", 2}}).ok());
+  std::shared_ptr<void> hold = e.hold_pace();
+  std::shared_ptr<void> second = e.hold_pace();
+  CHECK(e.pacing().holds == 2);
+  std::optional<absl::StatusOr<pop::commit>> done;
+  std::jthread producer([&] { done = e.execute("emit", {{"n", 1}}); });
+  REQUIRE(pop::test::eventually([&] { return e.pacing().waiting == 1; }, std::chrono::seconds(10)));
+  hold.reset();
+  CHECK(e.pacing().holds == 1);
+  // (Still held by the other: it keeps waiting.)
+  CHECK(e.pacing().waiting == 1);
+  second.reset();
+  producer.join();
+  REQUIRE(done->ok());
+  CHECK(e.snapshot().pending_count() == 3);
+  CHECK(e.pacing().timed_out == 0);
+  // A hold may outlive its engine.
+  std::shared_ptr<void> late = e.hold_pace();
+  owner.reset();
+  late.reset();
+}
+
+TEST_CASE("a pace wait that times out lets processes run until a commit removes messages",
+          "[engine][pacing]") {
+  // (The wait is real time, a millisecond: it ends by itself, nothing is synchronized by it.)
+  auto owner = paced_engine(1, std::chrono::milliseconds(1));
+  pop::engine& e = *owner;
+  REQUIRE(e.execute("emit", {{"n", 3}}).ok());
+  std::shared_ptr<void> hold = e.hold_pace();
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  CHECK(e.pacing().paced == 1);
+  CHECK(e.pacing().timed_out == 1);
+  // Stalled: the next runs at once, and the outbox still grows.
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  CHECK(e.pacing().paced == 1);
+  CHECK(e.snapshot().pending_count() == 5);
+  // A clear shows progress: waits again (and times out again: still over the bound).
+  clear_oldest(e, 1);
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  CHECK(e.pacing().paced == 2);
+  CHECK(e.pacing().timed_out == 2);
+}
+
+TEST_CASE("options.pace_wait out of range is refused by name", "[engine][pacing]") {
+  for (const auto wait : {std::chrono::microseconds(0), std::chrono::microseconds(-5),
+                          std::chrono::microseconds(std::chrono::seconds(61))}) {
+    const auto e = pop::engine::open(pop::options{.pace_wait = wait});
+    REQUIRE(e.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(e.status().message()).find("options.pace_wait") != std::string::npos);
+  }
 }

@@ -320,6 +320,35 @@ TEST_CASE("deliveries read in many rounds are cleared by one commit", "[relay]")
   CHECK(e.snapshot().pending_count() == 0);
 }
 
+TEST_CASE("a relay holds its engine's pace while it publishes without failures",
+          "[relay][pacing]") {
+  pop::engine e;
+  register_emitter(e);
+  scripted_sink sink;
+  std::string poison;
+  sink.script = [&](const pop::outbox_message& m) { return m.id == poison ? act::fail : act::ok; };
+  pop::relay_options o = quick_relay(3);
+  o.initial_backoff = std::chrono::minutes(10);  // (no retry of the poison message in the test)
+  o.max_backoff = std::chrono::minutes(10);
+  polled_relay r(e, sink, o);
+  CHECK(e.pacing().holds == 0);  // nothing published yet
+  emit(e, "k1");
+  r.io.poll();
+  REQUIRE(sink.acked.size() == 1);
+  CHECK(e.pacing().holds == 1);
+  poison = emit(e, "k2");
+  r.io.poll();
+  REQUIRE(sink.ids(act::fail) == std::vector<std::string>{poison});
+  CHECK(e.pacing().holds == 0);  // a failed publish lets it go: producers never wait for it
+  emit(e, "k3");
+  r.io.poll();
+  REQUIRE(sink.acked.size() == 2);
+  CHECK(e.pacing().holds == 1);  // publishing again without failures
+  r.stop();
+  REQUIRE(r.result.has_value());
+  CHECK(e.pacing().holds == 0);  // a stopped relay holds nothing
+}
+
 TEST_CASE("deliveries that finish out of commit order are cleared once, none published again",
           "[relay]") {
   // Y (read in a later round) is acknowledged before X: the relay holds X's older snapshot after
