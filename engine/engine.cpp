@@ -602,11 +602,20 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
   // (redone builds were most of the work of many producers on few cores).
   bool built = false;
   // What of the record does not depend on the version it gets, encoded before the lock.
+  // (One per thread, reused: its message texts keep their buffers from commit to commit.)
+  thread_local std::unique_ptr<detail::precoded_record> spare;
   std::unique_ptr<detail::precoded_record> precoded;
   if (journal_) {
-    precoded = std::make_unique<detail::precoded_record>();
+    precoded = spare ? std::move(spare) : std::make_unique<detail::precoded_record>();
+    precoded->text.reset();
     if (!precode(prep, *precoded)) precoded.reset();
   }
+  struct give_back {
+    std::unique_ptr<detail::precoded_record>& p;
+    ~give_back() {
+      if (p && !spare) spare = std::move(p);
+    }
+  } const returned{precoded};
   detail::precoded_record* const pre = precoded.get();
   // (Holding `base`, no commit changes its tree meanwhile.)
   bool applicable = base.use_count() <= 2 && detail::sole_owner(base->root) &&

@@ -8,6 +8,7 @@
 #include <bit>
 #include <cerrno>
 #include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -475,19 +476,15 @@ record_encoder::record_encoder() {
   text_.reserve(384);  // a small commit's record, without growing it step by step
 }
 
-nlohmann::detail::serializer<json>& record_encoder::out() {
-  // Made on first use: most records need none (packed values and message records are written
-  // directly), and making one allocates.
-  if (!out_) {
-    out_.emplace(nlohmann::detail::output_adapter<char>(text_), ' ', json::error_handler_t::strict);
-  }
-  return *out_;
+void record_encoder::reset() {
+  text_.assign("[");
+  text_.reserve(384);
 }
 
 void record_encoder::set(std::string_view path, const json& value) {
   open(path);
   text_ += ',';
-  out().dump(value, false, false, 0);
+  append_json(text_, value);
   text_ += ']';
 }
 
@@ -507,7 +504,7 @@ void record_encoder::set_packed(std::string_view path, const char* packed) {
 
 void record_encoder::packed_value(const char* packed) {
   packed::write_json(
-      packed, text_, [&](double d) { out().dump(json(d), false, false, 0); },
+      packed, text_, [&](double d) { append_json(text_, json(d)); },
       [&](std::string_view s) { append_json_string(text_, s); });
 }
 
@@ -528,7 +525,7 @@ void record_encoder::message(const outbox_message& m) {
   if (m.failures.empty()) {
     text_ += "[]";
   } else {
-    out().dump(json(m.failures), false, false, 0);
+    append_json(text_, json(m.failures));
   }
   text_ += ",\"headers\":";
   append_headers(text_, m.headers);
@@ -541,7 +538,7 @@ void record_encoder::message(const outbox_message& m) {
   text_ += ",\"next_attempt_at_us\":";
   append_integer(text_, m.next_attempt_at_us);
   text_ += ",\"payload\":";
-  out().dump(m.payload, false, false, 0);
+  append_json(text_, m.payload);
   text_ += ",\"topic\":";
   append_json_string(text_, m.topic);
   text_ += ",\"version\":";
@@ -589,7 +586,7 @@ void record_encoder::value(const location& at) {
   if (const char* p = at.packed_value()) {
     packed_value(p);
   } else if (at.inner) {
-    out().dump(*at.inner, false, false, 0);
+    append_json(text_, *at.inner);
   } else if (at.node->is_message()) {
     if (const char* record = at.node->message_record()) {
       message_record(record);
@@ -597,7 +594,7 @@ void record_encoder::value(const location& at) {
       message(*at.node->message());
     }
   } else if (!at.node->is_map()) {
-    out().dump(at.node->as_json(), false, false, 0);
+    append_json(text_, at.node->as_json());
   } else {
     // A member map's keys come in order, as std::map (nlohmann's object) keeps them.
     text_ += '{';
@@ -632,9 +629,7 @@ void record_encoder::encode_draft(const message_draft& draft, draft_text& out) {
   a.assign(",\"key\":");
   append_json_string(a, draft.key);
   a += ",\"last_error\":\"\",\"next_attempt_at_us\":0,\"payload\":";
-  nlohmann::detail::serializer<json>(nlohmann::detail::output_adapter<char>(a), ' ',
-                                     json::error_handler_t::strict)
-      .dump(draft.payload, false, false, 0);
+  append_json(a, draft.payload);
   a += ",\"topic\":";
   append_json_string(a, draft.topic);
   a += ",\"version\":";
@@ -668,6 +663,67 @@ std::string record_encoder::messages_text(const std::vector<std::string>& ids) {
   }
   text += ']';
   return text;
+}
+
+void append_json(std::string& out, const json& value) {
+  switch (value.type()) {
+    case json::value_t::null:
+      out += "null";
+      return;
+    case json::value_t::boolean:
+      out += value.get<bool>() ? "true" : "false";
+      return;
+    case json::value_t::number_integer:
+      append_integer(out, value.get<std::int64_t>());
+      return;
+    case json::value_t::number_unsigned:
+      append_integer(out, value.get<std::uint64_t>());
+      return;
+    case json::value_t::number_float: {
+      // As nlohmann's serializer writes a double: "null" if not finite, else Grisu2's shortest
+      // form that reads back the same, from the same function into a buffer of the same size.
+      const double d = value.get<double>();
+      if (!std::isfinite(d)) {
+        out += "null";
+        return;
+      }
+      std::array<char, 64> digits{};
+      const char* end = nlohmann::detail::to_chars(digits.data(), digits.data() + digits.size(), d);
+      out.append(digits.data(), static_cast<std::size_t>(end - digits.data()));
+      return;
+    }
+    case json::value_t::string:
+      append_json_string(out, value.get_ref<const std::string&>());
+      return;
+    case json::value_t::array: {
+      out += '[';
+      bool first = true;
+      for (const json& element : value.get_ref<const json::array_t&>()) {
+        if (!first) out += ',';
+        first = false;
+        append_json(out, element);
+      }
+      out += ']';
+      return;
+    }
+    case json::value_t::object: {
+      out += '{';
+      bool first = true;
+      for (const auto& [key, member] : value.get_ref<const json::object_t&>()) {
+        if (!first) out += ',';
+        first = false;
+        append_json_string(out, key);
+        out += ':';
+        append_json(out, member);
+      }
+      out += '}';
+      return;
+    }
+    default:  // binary (never stored) and discarded
+      nlohmann::detail::serializer<json>(nlohmann::detail::output_adapter<char>(out), ' ',
+                                         json::error_handler_t::strict)
+          .dump(value, false, false, 0);
+  }
 }
 
 void append_json_string(std::string& out, std::string_view text) {

@@ -48,6 +48,9 @@ inline constexpr std::size_t head_size = 38;  // "pop-journal-head " + 20 digits
 // Appends `text` as a JSON string, exactly as json(text).dump() writes it; throws json::type_error
 // for text that is not UTF-8, as dump() does.
 void append_json_string(std::string& out, std::string_view text);
+// Appends `value` as JSON text, exactly as value.dump() writes it (throws as dump() does), without
+// making a serializer (which allocates) for it.
+void append_json(std::string& out, const json& value);
 
 // Encodes a commit record's writes and message ids: the writes as JSON [[path, value] | [path]
 // (a delete), ...], the ids as a JSON list. With replay() and read_journal(), the only code that
@@ -55,8 +58,10 @@ void append_json_string(std::string& out, std::string_view text);
 class record_encoder {
  public:
   record_encoder();
-  record_encoder(const record_encoder&) = delete;  // its serializer writes into its own text
+  record_encoder(const record_encoder&) = delete;
   record_encoder& operator=(const record_encoder&) = delete;
+  // Starts a new record, keeping the text's buffer if it still has one (see writes_text).
+  void reset();
   // Appends a write of `value` at `path`; throws json::type_error for a value JSON text cannot
   // hold. The text is written straight into the record: no copy of the value is made.
   void set(std::string_view path, const json& value);
@@ -112,8 +117,6 @@ class record_encoder {
     append_json_string(text_, path);
   }
   std::string text_ = "[";
-  nlohmann::detail::serializer<json>& out();
-  std::optional<nlohmann::detail::serializer<json>> out_;  // appends to text_ (see out())
 };
 
 // A commit's record encoded before the commit lock, from what does not depend on the version the

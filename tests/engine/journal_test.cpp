@@ -3,6 +3,9 @@
 #include <rapidcheck/catch.h>
 #include <catch2/catch.hpp>
 
+#include <bit>
+#include <limits>
+
 #include "tests/support/must.hpp"
 
 #include <sqlite3.h>
@@ -1122,6 +1125,34 @@ TEST_CASE("the journal's record encoder writes exactly what json::dump() would")
     }
     const pop::detail::location all{root.get(), nullptr};
     RC_ASSERT(pop::detail::record_encoder::value_text(all) == pop::detail::materialise(all).dump());
+  });
+  rc::prop("append_json writes what dump() writes, and throws where it throws", [] {
+    // Any text (invalid UTF-8 too) and any double (NaN and infinities, every bit pattern).
+    const json value = *rc::gen::oneOf(
+        pop::test::any_json(3),
+        rc::gen::map(rc::gen::arbitrary<std::uint64_t>(),
+                     [](std::uint64_t bits) { return json(std::bit_cast<double>(bits)); }),
+        rc::gen::map(rc::gen::arbitrary<std::vector<double>>(),
+                     [](std::vector<double> v) { return json(std::move(v)); }),
+        rc::gen::map(rc::gen::element(std::numeric_limits<double>::quiet_NaN(),
+                                      std::numeric_limits<double>::infinity(),
+                                      -std::numeric_limits<double>::infinity(), -0.0, 1e-320,
+                                      std::numeric_limits<double>::max()),
+                     [](double d) { return json(d); }));
+    std::optional<std::string> expected;
+    try {
+      expected = value.dump();
+    } catch (const json::type_error&) {
+    }
+    std::string out = "prefix";
+    try {
+      pop::detail::append_json(out, value);
+    } catch (const json::type_error&) {
+      RC_ASSERT(!expected.has_value());
+      return;
+    }
+    RC_ASSERT(expected.has_value());
+    RC_ASSERT(out == "prefix" + *expected);
   });
   rc::prop("a record's checksum changes with one to four flipped bits of its fields", [] {
     std::string writes = *rc::gen::container<std::string>(rc::gen::arbitrary<char>());
