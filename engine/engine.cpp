@@ -435,7 +435,7 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
       }
       if (all_found) root.reset();
       record->at_us = options_.clock->now_us();
-      record->process = std::string(who);
+      record->process.assign(who);  // (a reused record keeps its buffers: see journal::reserve)
       std::optional<detail::record_encoder> own;
       detail::record_encoder& encoded = precoded ? precoded->text : own.emplace();
       if (!precoded) {
@@ -463,8 +463,8 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
         encoded.set_stored(at, appended[i] ? detail::location{appended[i].get(), nullptr}
                                            : detail::lookup(*root, at));
       }
-      record->writes = std::move(encoded).writes_text();
-      record->messages = detail::record_encoder::messages_text(done.message_ids);
+      encoded.writes_text_into(record->writes);
+      detail::record_encoder::messages_text_into(done.message_ids, record->messages);
     } catch (const std::exception& e) {
       // Values are checked before they are committed, so this is a bug (or memory ran out); never
       // leave the record unqueued (the journal would have a gap at its version): fail the

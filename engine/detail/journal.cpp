@@ -277,7 +277,15 @@ void journal::close_cleanly() {
 
 std::shared_ptr<journal_record> journal::reserve(std::uint64_t version,
                                                  std::shared_ptr<const version_state> state) {
-  auto r = std::make_shared<journal_record>();
+  std::shared_ptr<journal_record> r;
+  {
+    const std::lock_guard lock(spare_mu_);
+    if (!spare_.empty()) {
+      r = std::move(spare_.back());
+      spare_.pop_back();
+    }
+  }
+  if (!r) r = std::make_shared<journal_record>();
   r->version = version;
   // Kept until fill() (under the engine's commit lock, as this) decides whether a snapshot may
   // be due at it.
@@ -489,8 +497,36 @@ void journal::hand_over(std::unique_lock<std::mutex>& lock,
   wake(taken);
   // Freed without mu_: committers fill their records under it (and under the engine's commit
   // lock), and freeing a group of hundreds of records held them all up.
-  if (written != nullptr) written->clear();
+  if (written != nullptr) recycle(*written);
   lock.lock();
+}
+
+void journal::recycle(std::deque<std::shared_ptr<journal_record>>& written) {
+  constexpr std::size_t kept_text = 4096;  // a record's buffers beyond this are freed
+  std::vector<std::shared_ptr<journal_record>> kept;
+  kept.reserve(std::min(written.size(), spare_records));
+  for (std::shared_ptr<journal_record>& r : written) {
+    // (A committer may still hold its record for a moment; then it is freed as before.)
+    if (kept.size() == spare_records || r.use_count() != 1) continue;
+    r->state.reset();
+    r->error = absl::OkStatus();
+    r->logged = false;
+    r->at_us = 0;
+    r->checksum = 0;
+    for (std::string* text : {&r->process, &r->writes, &r->messages}) {
+      if (text->capacity() > kept_text) {
+        std::string().swap(*text);
+      } else {
+        text->clear();
+      }
+    }
+    kept.push_back(std::move(r));
+  }
+  written.clear();
+  if (kept.empty()) return;
+  const std::lock_guard lock(spare_mu_);
+  const std::size_t room = spare_records - std::min(spare_.size(), spare_records);
+  for (std::size_t i = 0; i < kept.size() && i < room; ++i) spare_.push_back(std::move(kept[i]));
 }
 
 void journal::take_waiters(std::vector<waiter*>& out) {

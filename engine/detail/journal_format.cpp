@@ -655,14 +655,19 @@ void record_encoder::set_draft(std::string_view outbox, std::string_view id, con
 
 std::string record_encoder::messages_text(const std::vector<std::string>& ids) {
   std::string text;
-  text.reserve(2 + ids.size() * 32);
-  text += '[';
-  for (const std::string& id : ids) {
-    if (text.size() > 1) text += ',';
-    append_json_string(text, id);
-  }
-  text += ']';
+  messages_text_into(ids, text);
   return text;
+}
+
+void record_encoder::messages_text_into(const std::vector<std::string>& ids, std::string& out) {
+  out.clear();
+  out.reserve(2 + ids.size() * 32);
+  out += '[';
+  for (const std::string& id : ids) {
+    if (out.size() > 1) out += ',';
+    append_json_string(out, id);
+  }
+  out += ']';
 }
 
 void append_json(std::string& out, const json& value) {

@@ -103,7 +103,15 @@ class record_encoder {
     text_ += ']';
     return std::move(text_);
   }
+  // The same text into `out` (replacing what it held), keeping this encoder's buffer.
+  void writes_text_into(std::string& out) const {
+    out.reserve(text_.size() + 1);
+    out.assign(text_);
+    out += ']';
+  }
   static std::string messages_text(const std::vector<std::string>& ids);
+  // The same text into `out` (replacing what it held).
+  static void messages_text_into(const std::vector<std::string>& ids, std::string& out);
 
  private:
   // Appends the value at `at` / message `m` / the message of `record` / packed value `packed`
