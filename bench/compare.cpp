@@ -98,6 +98,14 @@ struct design {
   virtual void stop() = 0;
   // Transactions the relay spent recording what it published (pop only).
   virtual std::uint64_t relay_commits() const { return 0; }
+  // Commits that waited for the relay first (pop's flow control, options::pace_pending).
+  virtual std::uint64_t paced() const { return 0; }
+};
+
+// pop's settings a run may change.
+struct pop_tuning {
+  std::optional<std::int64_t> spin_us;  // relay_options::spin
+  std::optional<std::size_t> pace;      // options::pace_pending
 };
 
 // std::mutex over an unordered_map and a deque; a relay thread takes whole batches.
@@ -285,9 +293,10 @@ class recording_sink final : public pop::sink {
 // pop: a process updates one order and emits one event; a relay runs on its own thread.
 class pop_design final : public design {
  public:
-  pop_design(recorder& r, pop::durability level, std::optional<std::int64_t> spin_us) : sink_(r) {
+  pop_design(recorder& r, pop::durability level, const pop_tuning& tuning) : sink_(r) {
     pop::options o;
     o.audit_capacity = 0;
+    if (tuning.pace) o.pace_pending = *tuning.pace;
     if (level != pop::durability::none) {
       file_ = fresh_file(level == pop::durability::power ? "pop-power" : "pop-process");
       o.journal = file_;
@@ -307,7 +316,7 @@ class pop_design final : public design {
         });
     if (!s.ok()) std::abort();
     pop::relay_options ro;
-    if (spin_us) ro.spin = std::chrono::microseconds(*spin_us);
+    if (tuning.spin_us) ro.spin = std::chrono::microseconds(*tuning.spin_us);
     relay_ = pop::relay::create(*engine_, sink_, ro).value();
     asio::co_spawn(
         io_, relay_->run(),
@@ -328,10 +337,12 @@ class pop_design final : public design {
     }
   }
   std::uint64_t relay_commits() const override { return clears_; }
+  std::uint64_t paced() const override { return paced_; }
   void stop() override {
     asio::post(io_, [this] { stop_.emit(asio::cancellation_type::terminal); });
     thread_.join();
     clears_ = relay_->metrics().clears;
+    paced_ = engine_->pacing().paced;
     relay_.reset();
     engine_.reset();
   }
@@ -339,6 +350,7 @@ class pop_design final : public design {
  private:
   recording_sink sink_;
   std::uint64_t clears_ = 0;
+  std::uint64_t paced_ = 0;
   std::string file_;
   std::unique_ptr<pop::engine> engine_;
   std::unique_ptr<pop::relay> relay_;
@@ -348,22 +360,24 @@ class pop_design final : public design {
 };
 
 std::unique_ptr<design> make_design(const std::string& name, recorder& r, int producers,
-                                    std::optional<std::int64_t> spin_us) {
+                                    const pop_tuning& tuning) {
   if (name == "mutex") return std::make_unique<mutex_design>(r);
   if (name == "sqlite") return std::make_unique<sqlite_design>(r, producers);
-  if (name == "pop-memory") return std::make_unique<pop_design>(r, pop::durability::none, spin_us);
+  if (name == "pop-memory") return std::make_unique<pop_design>(r, pop::durability::none, tuning);
   if (name == "pop-process") {
-    return std::make_unique<pop_design>(r, pop::durability::process, spin_us);
+    return std::make_unique<pop_design>(r, pop::durability::process, tuning);
   }
-  if (name == "pop-power") return std::make_unique<pop_design>(r, pop::durability::power, spin_us);
+  if (name == "pop-power") return std::make_unique<pop_design>(r, pop::durability::power, tuning);
   return nullptr;
 }
 
 int usage() {
   std::fprintf(stderr,
                "usage: pop_compare --design mutex|sqlite|pop-memory|pop-process|pop-power "
-               "[--producers P] [--commits N] [--rate COMMITS_PER_S] [--spin US]\n"
-               "  --spin: pop's relay_options::spin in microseconds (default: the relay's)\n");
+               "[--producers P] [--commits N] [--rate COMMITS_PER_S] [--spin US] [--pace N]\n"
+               "  --spin: pop's relay_options::spin in microseconds (default: the relay's)\n"
+               "  --pace: pop's options::pace_pending (default: the engine's; 0: no flow "
+               "control)\n");
   return 2;
 }
 
@@ -372,7 +386,7 @@ int usage() {
 int main(int argc, char** argv) {
   std::string name;
   workload w;
-  std::optional<std::int64_t> spin_us;
+  pop_tuning tuning;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     const std::string value = argv[i + 1];
@@ -385,14 +399,16 @@ int main(int argc, char** argv) {
     } else if (flag == "--rate") {
       w.rate = std::stod(value);
     } else if (flag == "--spin") {
-      spin_us = std::stoll(value);
+      tuning.spin_us = std::stoll(value);
+    } else if (flag == "--pace") {
+      tuning.pace = std::stoull(value);
     } else {
       return usage();
     }
   }
   if (argc % 2 == 0 || w.producers < 1 || w.per_producer() < 1) return usage();
   recorder rec(w.producers);
-  std::unique_ptr<design> d = make_design(name, rec, w.producers, spin_us);
+  std::unique_ptr<design> d = make_design(name, rec, w.producers, tuning);
   if (!d) return usage();
   const std::int64_t per = w.per_producer();
   const std::size_t total = static_cast<std::size_t>(per) * static_cast<std::size_t>(w.producers);
@@ -437,6 +453,7 @@ int main(int argc, char** argv) {
                            {"p50_us", pct(0.50)},
                            {"p99_us", pct(0.99)},
                            {"relay_commits", d->relay_commits()},
+                           {"paced", d->paced()},
                            {"check", check}}
                           .dump()
                           .c_str());
