@@ -715,6 +715,9 @@ void engine::pace(const registered& proc) {
   detail::pace_gate& gate = *pace_;
   const std::size_t bound = options_.pace_pending;
   if (bound == 0 || proc.contract.emits().empty() || gate.holds.load() == 0) return;
+  // Not inside a batch: its commits are published only once it ends (durable), so clears could
+  // not come for what it adds (a batch is bounded by journal_tuning.max_batch_lag instead).
+  if (batch_of(this) != nullptr) return;
   const auto free_to_run = [&] {
     return gate.pending.load() <= bound || gate.holds.load() == 0 || gate.stalled.load();
   };

@@ -74,8 +74,9 @@ struct options {
   // pace_pending messages are pending, until the relay's clears bring them down to that or
   // pace_wait passes. Producers faster than the relay are held to its pace instead of growing
   // the outbox (and every journal snapshot with it) without bound. Nothing waits while no relay
-  // holds the pace, and a wait that times out (the relay made no progress) lets every process
-  // run at once until a commit removes messages again. 0: never waits.
+  // holds the pace, nor inside an engine::batch (whose commits the relay sees only at its end),
+  // and a wait that times out (the relay made no progress) lets every process run at once until
+  // a commit removes messages again. 0: never waits.
   std::size_t pace_pending = 16384;
   std::chrono::microseconds pace_wait{100'000};  // the longest one wait; 1 us to 60 s
   std::string journal{};                         // SQLite journal file; empty: in memory only

@@ -4,6 +4,7 @@
 
 #include "tests/support/must.hpp"
 #include "tests/support/processes.hpp"
+#include "tests/support/temp_dir.hpp"
 #include "tests/support/wait.hpp"
 
 #include <atomic>
@@ -926,6 +927,35 @@ TEST_CASE("a pace wait that times out lets processes run until a commit removes 
   REQUIRE(e.execute("emit", {{"n", 1}}).ok());
   CHECK(e.pacing().paced == 2);
   CHECK(e.pacing().timed_out == 2);
+}
+
+TEST_CASE("inside a batch nothing waits for the relay: it sees the batch's commits at its end",
+          "[engine][pacing]") {
+  pop::test::temp_dir dir;
+  // (A wait would last 10 s and time out: counted in paced.)
+  auto e = pop::test::must(pop::engine::open(pop::options{
+      .pace_pending = 1, .pace_wait = std::chrono::seconds(10), .journal = dir.file("j.db")}));
+  REQUIRE(e->register_process({.name = "emit", .outputs = {"domain.n"}, .emits = {"t"}},
+                              [](const pop::context&, const json& args) {
+                                pop::result r;
+                                r.set("domain.n", args.at("n"));
+                                for (int i = 0; i < args.at("n").get<int>(); ++i) r.emit("t", i);
+                                return r;
+                              })
+              .ok());
+  std::shared_ptr<void> hold = e->hold_pace();
+  REQUIRE(e->batch([&] {
+             for (int i = 0; i < 3; ++i) {
+               if (const auto c = e->execute("emit", {{"n", 2}}); !c.ok()) return c.status();
+             }
+             return absl::OkStatus();
+           }).ok());
+  CHECK(e->snapshot().pending_count() == 6);
+  CHECK(e->pacing().paced == 0);
+  // Outside it the same commit waits (and times out here: nothing clears).
+  std::jthread producer([&] { (void)e->execute("emit", {{"n", 1}}); });
+  CHECK(pop::test::eventually([&] { return e->pacing().waiting == 1; }, std::chrono::seconds(10)));
+  hold.reset();  // (lets it run)
 }
 
 TEST_CASE("options.pace_wait out of range is refused by name", "[engine][pacing]") {
