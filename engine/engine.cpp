@@ -1,6 +1,7 @@
 #include "pop/engine/engine.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cassert>
 #include <condition_variable>
 #include <limits>
@@ -33,9 +34,13 @@ struct process_registry {
 
 // Flow control's state (see options::pace_pending), shared by the engine and the holds.
 struct pace_gate {
+  static constexpr std::size_t slots = 8;  // holders whose threads are known (more hold, unmarked)
   std::atomic<std::size_t> holds{0};
-  std::atomic<std::size_t> pending{0};  // at the last commit seen while holds > 0
-  std::atomic<bool> stalled{false};     // a wait timed out; until a commit removes messages
+  std::array<std::atomic<bool>, slots> slot_taken{};
+  std::array<std::atomic<std::thread::id>, slots> holder_thread{};  // id(): none marked yet
+  std::atomic<std::size_t> pending{0};   // at the last commit seen while holds > 0
+  std::atomic<std::uint64_t> clears{0};  // commits seen removing messages (progress)
+  std::atomic<bool> stalled{false};      // a wait timed out; until pending is within bounds
   std::atomic<std::size_t> waiting{0};
   std::atomic<std::uint64_t> paced{0};
   std::atomic<std::uint64_t> timed_out{0};
@@ -47,6 +52,14 @@ struct pace_gate {
     if (waiting.load() == 0) return;
     const std::lock_guard lock(mu);
     cv.notify_all();
+  }
+  // Whether the calling thread is a holder's (see pace_hold::on_this_thread).
+  bool held_by_this_thread() const {
+    const std::thread::id me = std::this_thread::get_id();
+    for (std::size_t i = 0; i < slots; ++i) {
+      if (slot_taken[i].load() && holder_thread[i].load() == me) return true;
+    }
+    return false;
   }
 };
 
@@ -392,9 +405,16 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
     publish();
   }
   if (options_.pace_pending != 0 && pace_->holds.load() != 0) {
+    // (Waiters are woken by finish_commit, once head_mu_ is released.)
     const std::size_t now = pending_in(*installed);
-    if (now < pace_->pending.exchange(now)) pace_->stalled.store(false);  // the relay moves
-    if (now <= options_.pace_pending) pace_->wake();
+    if (now < pace_->pending.exchange(now)) {
+      pace_->clears.fetch_add(1);  // the relay moves: each waiter may run once
+      pace_wake_ = true;
+    }
+    if (now <= options_.pace_pending) {
+      pace_->stalled.store(false);
+      pace_wake_ = true;
+    }
   }
   assert(written.empty() || written.back() == '\n');  // add_written's form
   messages_at = std::min(messages_at, written.size());
@@ -412,6 +432,13 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
                                    std::unique_lock<std::mutex>& lock,
                                    detail::precoded_record* precoded,
                                    std::span<const std::string_view> cleared) {
+  // Processes waiting for the relay (see pace), woken as this returns (under commit_mu_ or not).
+  struct pace_waker {
+    detail::pace_gate* gate;
+    ~pace_waker() {
+      if (gate) gate->wake();
+    }
+  } const waker{std::exchange(pace_wake_, false) ? pace_.get() : nullptr};
   // Let the next commit find the new root held by the head alone (see commit_in_place) while this
   // one waits for its journal and its listeners run; the record is encoded from it first.
   detail::node_ptr root = std::move(done.root);
@@ -613,7 +640,14 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
   struct give_back {
     std::unique_ptr<detail::precoded_record>& p;
     ~give_back() {
-      if (p && !spare) spare = std::move(p);
+      // (Not one a large commit grew: kept per thread, it would hold that memory for good.)
+      constexpr std::size_t most = 64 << 10;
+      if (!p || spare || p->text.capacity() > most) return;
+      for (const auto& m : p->messages) {
+        if (m.before_id.capacity() + m.after_id.capacity() > most) return;
+      }
+      if (p->messages.size() > 64) return;
+      spare = std::move(p);
     }
   } const returned{precoded};
   detail::precoded_record* const pre = precoded.get();
@@ -692,48 +726,84 @@ std::size_t engine::pending_in(const detail::value_node& root) const {
   return at.exists() ? detail::size_of(at) : 0;
 }
 
-std::shared_ptr<void> engine::hold_pace() {
-  if (pace_->holds.fetch_add(1) == 0) {
-    // The count was not kept while no one held the pace: take it now (a commit may come between
-    // the two; the next one sets it again).
-    pace_->pending.store(pending_in(*head()->root));
-    pace_->stalled.store(false);
+pace_hold engine::hold_pace() {
+  detail::pace_gate& gate = *pace_;
+  if (gate.holds.fetch_add(1) == 0) {
+    // The count was not kept while no one held the pace: take it now, as a commit would.
+    const std::lock_guard lock(commit_mu_);
+    gate.pending.store(pending_in(*head()->root));
+    gate.stalled.store(false);
   }
-  // (The gate, not the engine: a hold may outlive it.)
-  return std::shared_ptr<void>(nullptr, [gate = pace_](void*) {
-    gate->holds.fetch_sub(1);
-    gate->wake();
-  });
+  std::size_t slot = 0;
+  for (; slot < detail::pace_gate::slots; ++slot) {
+    bool free = false;
+    if (gate.slot_taken[slot].compare_exchange_strong(free, true)) break;
+  }
+  return pace_hold(pace_, slot);
+}
+
+pace_hold::pace_hold(pace_hold&& other) noexcept
+    : gate_(std::move(other.gate_)), slot_(other.slot_) {}
+
+pace_hold& pace_hold::operator=(pace_hold&& other) noexcept {
+  if (this != &other) {
+    reset();
+    gate_ = std::move(other.gate_);
+    slot_ = other.slot_;
+  }
+  return *this;
+}
+
+void pace_hold::on_this_thread() {
+  if (gate_ && slot_ < detail::pace_gate::slots) {
+    gate_->holder_thread[slot_].store(std::this_thread::get_id());
+  }
+}
+
+void pace_hold::reset() {
+  if (!gate_) return;
+  if (slot_ < detail::pace_gate::slots) {
+    gate_->holder_thread[slot_].store(std::thread::id());
+    gate_->slot_taken[slot_].store(false);
+  }
+  gate_->holds.fetch_sub(1);
+  gate_->wake();
+  gate_.reset();
 }
 
 pace_stats engine::pacing() const {
-  return {pace_->holds.load(), pace_->pending.load(), pace_->waiting.load(), pace_->paced.load(),
-          pace_->timed_out.load()};
+  return {pace_->holds.load(), pace_->pending.load(),   pace_->waiting.load(),
+          pace_->paced.load(), pace_->timed_out.load(), pace_->stalled.load()};
 }
 
 void engine::pace(const registered& proc) {
   detail::pace_gate& gate = *pace_;
   const std::size_t bound = options_.pace_pending;
   if (bound == 0 || proc.contract.emits().empty() || gate.holds.load() == 0) return;
-  // Not inside a batch: its commits are published only once it ends (durable), so clears could
-  // not come for what it adds (a batch is bounded by journal_tuning.max_batch_lag instead).
+  if (gate.pending.load() <= bound || gate.stalled.load()) return;
+  // Not inside a batch of a journaled engine: its commits are published only once it ends
+  // (durable), so no clear could come for what it adds (max_batch_lag bounds a batch instead).
   if (batch_of(this) != nullptr) return;
+  if (gate.held_by_this_thread()) return;  // (the relay's own thread would wait for itself)
+  const std::uint64_t clears = gate.clears.load();
   const auto free_to_run = [&] {
-    return gate.pending.load() <= bound || gate.holds.load() == 0 || gate.stalled.load();
+    return gate.pending.load() <= bound || gate.clears.load() != clears || gate.holds.load() == 0 ||
+           gate.stalled.load();
   };
-  if (free_to_run()) return;
   // (waiting is raised before the state is looked at again under mu: a commit that changes it
   // after that look sees the waiter and takes mu to wake it.)
   gate.waiting.fetch_add(1);
-  gate.paced.fetch_add(1, std::memory_order_relaxed);
   {
     std::unique_lock lock(gate.mu);
-    if (!gate.cv.wait_for(lock, options_.pace_wait, free_to_run)) {
-      // No progress for pace_wait: the relay is stuck (a sink that hangs, say). Everyone runs
-      // until a commit removes messages again.
-      gate.timed_out.fetch_add(1, std::memory_order_relaxed);
-      gate.stalled.store(true);
-      gate.cv.notify_all();
+    if (!free_to_run()) {
+      gate.paced.fetch_add(1, std::memory_order_relaxed);
+      if (!gate.cv.wait_for(lock, options_.pace_wait, free_to_run)) {
+        // No clear for pace_wait: the relay is stuck (a sink that hangs, messages waiting out a
+        // backoff). Nothing waits until the count is within the bound again.
+        gate.timed_out.fetch_add(1, std::memory_order_relaxed);
+        gate.stalled.store(true);
+        gate.cv.notify_all();
+      }
     }
   }
   gate.waiting.fetch_sub(1);

@@ -71,15 +71,17 @@ struct options {
                                         // pending fails with kResourceExhausted; 0: no bound
   // Flow control. While a relay publishes the outbox without failures (it holds the engine's
   // pace: see hold_pace), a process that may emit messages waits before it runs while more than
-  // pace_pending messages are pending, until the relay's clears bring them down to that or
-  // pace_wait passes. Producers faster than the relay are held to its pace instead of growing
-  // the outbox (and every journal snapshot with it) without bound. Nothing waits while no relay
-  // holds the pace, nor inside an engine::batch (whose commits the relay sees only at its end),
-  // and a wait that times out (the relay made no progress) lets every process run at once until
-  // a commit removes messages again. 0: never waits.
+  // pace_pending messages are pending, until the relay's next clear (or the count is within the
+  // bound again), for at most pace_wait. Producers faster than the relay are held to its pace
+  // instead of growing the outbox (and every journal snapshot with it) without bound. Nothing
+  // waits while no relay holds the pace, on the thread the relay runs on (it would wait for
+  // itself), nor inside an engine::batch of a journaled engine (the relay sees its commits only
+  // at its end); and once a wait times out (no clear came), nothing waits until the count is
+  // within the bound again. 0: never waits.
   std::size_t pace_pending = 16384;
-  std::chrono::microseconds pace_wait{100'000};  // the longest one wait; 1 us to 60 s
-  std::string journal{};                         // SQLite journal file; empty: in memory only
+  // The longest one wait, 1 us to 60 s; real time (std::chrono::steady_clock), not options.clock.
+  std::chrono::microseconds pace_wait{100'000};
+  std::string journal{};  // SQLite journal file; empty: in memory only
   pop::durability durability = pop::durability::process;  // with a journal: process or power
   journal_options journal_tuning{};                       // snapshot interval, group size
   // Where the engine and everything built on it (relay, inbox, workflows, NATS adapters) read
@@ -111,10 +113,37 @@ struct cas_result {
 // What flow control has done (see options.pace_pending and engine::hold_pace).
 struct pace_stats {
   std::size_t holds = 0;        // holds alive (running relays publishing without failures)
-  std::size_t pending = 0;      // messages pending at the last commit seen while a hold was alive
+  std::size_t pending = 0;      // messages pending at the last commit seen while one was alive
   std::size_t waiting = 0;      // processes waiting now
-  std::uint64_t paced = 0;      // waits so far
-  std::uint64_t timed_out = 0;  // of them, those that ended after options.pace_wait
+  std::uint64_t paced = 0;      // processes that waited, so far
+  std::uint64_t timed_out = 0;  // of them, those whose wait lasted options.pace_wait
+  bool stalled = false;         // a wait timed out: none waits until the count is within bounds
+};
+
+// A hold on an engine's pace (see engine::hold_pace). Movable; destroying or resetting it ends
+// the hold. It may outlive its engine.
+class pace_hold {
+ public:
+  pace_hold() = default;
+  pace_hold(pace_hold&& other) noexcept;
+  pace_hold& operator=(pace_hold&& other) noexcept;
+  pace_hold(const pace_hold&) = delete;
+  pace_hold& operator=(const pace_hold&) = delete;
+  ~pace_hold() { reset(); }
+
+  // Marks the calling thread as the holder's: a process run on it never waits for the pace (it
+  // would wait for itself). A relay calls it from each round.
+  void on_this_thread();
+  // Ends the hold (no effect on an empty one).
+  void reset();
+  explicit operator bool() const { return gate_ != nullptr; }
+
+ private:
+  friend class engine;
+  pace_hold(std::shared_ptr<detail::pace_gate> gate, std::size_t slot)
+      : gate_(std::move(gate)), slot_(slot) {}
+  std::shared_ptr<detail::pace_gate> gate_;
+  std::size_t slot_ = 0;  // where the gate keeps its holder's thread (or past the last slot)
 };
 
 // What clear_messages() did.
@@ -175,7 +204,8 @@ class engine {
   // status the process returned or threw, annotated with its name (kUnknown for a plain
   // exception). On any error nothing is committed. Conflicting runs are retried with jittered
   // exponential backoff on a fresh snapshot; each run starts clean, so messages are never
-  // duplicated.
+  // duplicated. A process that may emit can first wait for the relay, up to options.pace_wait
+  // (flow control: see options.pace_pending).
   [[nodiscard]] absl::StatusOr<commit> execute(std::string_view name,
                                                const json& args = json::object());
 
@@ -233,8 +263,8 @@ class engine {
 
   // Holds producers to the pace of the caller, a relay that publishes the outbox: while any hold
   // returned here is alive, options.pace_pending applies (see there). A relay takes one while it
-  // publishes without failures. Release it by destroying it; it may outlive the engine.
-  [[nodiscard]] std::shared_ptr<void> hold_pace();
+  // publishes without failures, and marks its thread with pace_hold::on_this_thread.
+  [[nodiscard]] pace_hold hold_pace();
   // Flow control's counters.
   pace_stats pacing() const;
 
@@ -344,6 +374,7 @@ class engine {
 
   std::shared_ptr<detail::commit_listeners> listeners_{};
   std::shared_ptr<detail::pace_gate> pace_;  // shared with the holds, which may outlive the engine
+  bool pace_wake_ ABSL_GUARDED_BY(commit_mu_) = false;  // install saw a reason to wake waiters
   audit_log audit_;
   std::unique_ptr<detail::journal> journal_;
 };

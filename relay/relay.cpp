@@ -121,9 +121,11 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     std::size_t empty_catches = 0;  // such rounds in a row that published nothing
     std::uint64_t acked_seen = 0;   // acked_total_ at the last round
     std::uint64_t failed_seen = 0;  // failed_total_ at the last round
-    // Held while publishes succeed (from the first acknowledged, until one fails): producers
-    // then wait for this relay when it falls far behind (see options::pace_pending).
-    std::shared_ptr<void> pace;
+    // Held while publishes succeed and no failure is unresolved (from a round that saw publishes
+    // acknowledged, until a publish fails, a message waits out a backoff or the destination is
+    // down): producers then wait for this relay when it falls far behind (options::pace_pending),
+    // never for one that cannot publish.
+    pace_hold pace;
     steady::time_point last_published{};
     for (;;) {
       if (co_await cancelled()) {
@@ -141,12 +143,15 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       // completions of asynchronous publishes).
       const std::uint64_t acked = acked_total_ - acked_seen;
       acked_seen = acked_total_;
-      if (failed_total_ != failed_seen) {
-        failed_seen = failed_total_;
+      const bool failing = failed_total_ != failed_seen || failures_waiting_ ||
+                           r.earliest.has_value() || outage_since_us_ != 0;
+      failed_seen = failed_total_;
+      if (failing) {
         pace.reset();
       } else if (acked > 0 && !pace) {
         pace = engine_.hold_pace();
       }
+      pace.on_this_thread();  // (the strand may move between threads)
       if (acked > 0 && options_.spin.count() > 0) {
         const steady::time_point now = steady::now();
         if (gap_us >= 0) {

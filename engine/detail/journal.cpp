@@ -495,14 +495,13 @@ void journal::hand_over(std::unique_lock<std::mutex>& lock,
   if (writer_work) work_cv_.notify_one();
   if (room_waited) room_cv_.notify_all();
   wake(taken);
-  // Freed without mu_: committers fill their records under it (and under the engine's commit
-  // lock), and freeing a group of hundreds of records held them all up.
+  // Recycled (or freed) without mu_: committers fill their records under it (and under the
+  // engine's commit lock), and freeing a group of hundreds of records held them all up.
   if (written != nullptr) recycle(*written);
   lock.lock();
 }
 
 void journal::recycle(std::deque<std::shared_ptr<journal_record>>& written) {
-  constexpr std::size_t kept_text = 4096;  // a record's buffers beyond this are freed
   std::vector<std::shared_ptr<journal_record>> kept;
   kept.reserve(std::min(written.size(), spare_records));
   for (std::shared_ptr<journal_record>& r : written) {
@@ -514,7 +513,7 @@ void journal::recycle(std::deque<std::shared_ptr<journal_record>>& written) {
     r->at_us = 0;
     r->checksum = 0;
     for (std::string* text : {&r->process, &r->writes, &r->messages}) {
-      if (text->capacity() > kept_text) {
+      if (text->capacity() > spare_text) {
         std::string().swap(*text);
       } else {
         text->clear();

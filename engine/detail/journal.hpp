@@ -147,13 +147,13 @@ class journal {
   // hand_over(). Called with mu_ held (through `lock`); returns with it held.
   void write_front(std::unique_lock<std::mutex>& lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // write_front's work, which may throw (write_front then fails the journal).
-  // The records written are left in `group` (freed by hand_over, without mu_).
+  // The records written are left in `group` (recycled by hand_over, without mu_).
   void write_front_group(std::unique_lock<std::mutex>& lock,
                          std::deque<std::shared_ptr<journal_record>>& group)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Gives the token back: wakes the committers whose versions are durable (all of them after a
   // failure) and the writer thread if it has work.
-  // `written`: records to free once mu_ is released (or null).
+  // `written`: records to recycle (or free) once mu_ is released (or null).
   void hand_over(std::unique_lock<std::mutex>& lock,
                  std::deque<std::shared_ptr<journal_record>>* written = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -234,8 +234,10 @@ class journal {
   // Written records kept for reserve() to reuse, with their buffers: committers then allocate no
   // record and the writer frees none (records made on the committers' threads and freed on the
   // writer's kept the allocator busy moving memory between them: a fifth of a commit under many
-  // writers). At most spare_records of them.
-  static constexpr std::size_t spare_records = 4096;
+  // writers). At most spare_records of them, each keeping buffers of at most spare_text bytes
+  // (a few MiB at most in all).
+  static constexpr std::size_t spare_records = 2048;
+  static constexpr std::size_t spare_text = 2048;
   std::mutex spare_mu_;
   std::vector<std::shared_ptr<journal_record>> spare_ ABSL_GUARDED_BY(spare_mu_);
   std::thread writer_;

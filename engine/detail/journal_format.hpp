@@ -62,6 +62,8 @@ class record_encoder {
   record_encoder& operator=(const record_encoder&) = delete;
   // Starts a new record, keeping the text's buffer if it still has one (see writes_text).
   void reset();
+  // The bytes its text's buffer holds.
+  std::size_t capacity() const { return text_.capacity(); }
   // Appends a write of `value` at `path`; throws json::type_error for a value JSON text cannot
   // hold. The text is written straight into the record: no copy of the value is made.
   void set(std::string_view path, const json& value);

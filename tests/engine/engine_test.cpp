@@ -833,8 +833,8 @@ std::unique_ptr<pop::engine> paced_engine(std::size_t bound, std::chrono::micros
   return e;
 }
 
-// Clears the `n` oldest pending messages of `e`.
-void clear_oldest(pop::engine& e, std::size_t n) {
+// Clears the `n` oldest pending messages of `e`; returns the clear's version.
+std::uint64_t clear_oldest(pop::engine& e, std::size_t n) {
   const pop::snapshot s = e.snapshot();
   std::vector<std::string> ids;
   const std::vector<pop::outbox_message> pending = s.pending_messages().value();
@@ -844,6 +844,7 @@ void clear_oldest(pop::engine& e, std::size_t n) {
   const absl::StatusOr<pop::clear_result> r = e.clear_messages(s, ids);
   REQUIRE(r.status().ToString() == "OK");
   REQUIRE(r->removed == n);
+  return r->version;
 }
 
 }  // namespace
@@ -854,42 +855,49 @@ TEST_CASE("with the pace held, a process that emits waits while the outbox is ov
   auto owner = paced_engine(3, std::chrono::seconds(10));
   pop::engine& e = *owner;
   // Nobody holds the pace: the outbox grows past the bound without a wait.
-  REQUIRE(e.execute("emit", {{"n", 5}}).ok());
+  REQUIRE(e.execute("emit", {{"n", 6}}).ok());
   CHECK(e.pacing().paced == 0);
-  std::shared_ptr<void> hold = e.hold_pace();
+  pop::pace_hold hold = e.hold_pace();
+  CHECK(static_cast<bool>(hold));
   CHECK(e.pacing().holds == 1);
-  CHECK(e.pacing().pending == 5);
+  CHECK(e.pacing().pending == 6);
   // A process that declares no messages never waits.
   REQUIRE(e.execute("quiet", 1).ok());
   CHECK(e.pacing().paced == 0);
-  const std::uint64_t before = e.version();
-  std::optional<absl::StatusOr<pop::commit>> done;
-  std::jthread producer([&] { done = e.execute("emit", {{"n", 1}}); });
-  const bool waiting =
-      pop::test::eventually([&] { return e.pacing().waiting == 1; }, std::chrono::seconds(10));
-  CHECK(waiting);
-  // It waits before it runs: nothing of it is committed.
-  CHECK(e.version() == before);
-  // A clear down to the bound lets it run (the clear's version comes first).
-  clear_oldest(e, 2);
-  const std::uint64_t cleared_at = e.version();
-  producer.join();
-  REQUIRE(done.has_value());
-  REQUIRE(done->ok());
-  CHECK((*done)->version == cleared_at + 1);
+  for (const std::size_t clear : {1, 3}) {
+    const std::uint64_t before = e.version();
+    std::optional<absl::StatusOr<pop::commit>> done;
+    std::jthread producer([&] { done = e.execute("emit", {{"n", 1}}); });
+    const bool waiting =
+        pop::test::eventually([&] { return e.pacing().waiting == 1; }, std::chrono::seconds(10));
+    CHECK(waiting);
+    // It waits before it runs: nothing of it is committed.
+    CHECK(e.version() == before);
+    // A clear lets it run once, whether it leaves the outbox above the bound (6 - 1: the relay
+    // moves) or within it (6 - 3); the clear's version comes first.
+    const std::uint64_t cleared_at = clear_oldest(e, clear);
+    producer.join();
+    REQUIRE(done.has_value());
+    REQUIRE(done->ok());
+    CHECK((*done)->version == cleared_at + 1);
+  }
   CHECK(e.snapshot().pending_count() == 4);
-  CHECK(e.pacing().paced == 1);
+  CHECK(e.pacing().paced == 2);
   CHECK(e.pacing().timed_out == 0);
   CHECK(e.pacing().waiting == 0);
+  hold.reset();
+  CHECK(!hold);
+  CHECK(e.pacing().holds == 0);
 }
 
 TEST_CASE("releasing the last hold of the pace lets waiting processes run", "[engine][pacing]") {
   auto owner = paced_engine(1, std::chrono::seconds(10));
   pop::engine& e = *owner;
   REQUIRE(e.execute("emit", {{"n", 2}}).ok());
-  std::shared_ptr<void> hold = e.hold_pace();
-  std::shared_ptr<void> second = e.hold_pace();
+  pop::pace_hold hold = e.hold_pace();
+  pop::pace_hold second = e.hold_pace();
   CHECK(e.pacing().holds == 2);
+  const std::uint64_t before = e.version();
   std::optional<absl::StatusOr<pop::commit>> done;
   std::jthread producer([&] { done = e.execute("emit", {{"n", 1}}); });
   REQUIRE(pop::test::eventually([&] { return e.pacing().waiting == 1; }, std::chrono::seconds(10)));
@@ -897,33 +905,59 @@ TEST_CASE("releasing the last hold of the pace lets waiting processes run", "[en
   CHECK(e.pacing().holds == 1);
   // (Still held by the other: it keeps waiting.)
   CHECK(e.pacing().waiting == 1);
+  CHECK(e.version() == before);
   second.reset();
   producer.join();
   REQUIRE(done->ok());
   CHECK(e.snapshot().pending_count() == 3);
   CHECK(e.pacing().timed_out == 0);
-  // A hold may outlive its engine.
-  std::shared_ptr<void> late = e.hold_pace();
+  // A moved hold is one hold; a hold may outlive its engine.
+  pop::pace_hold late = e.hold_pace();
+  pop::pace_hold moved = std::move(late);
+  CHECK(e.pacing().holds == 1);
   owner.reset();
-  late.reset();
+  moved.reset();
 }
 
-TEST_CASE("a pace wait that times out lets processes run until a commit removes messages",
-          "[engine][pacing]") {
-  // (The wait is real time, a millisecond: it ends by itself, nothing is synchronized by it.)
-  auto owner = paced_engine(1, std::chrono::milliseconds(1));
+TEST_CASE("on the thread that holds the pace a process never waits for it", "[engine][pacing]") {
+  // (A wrong wait would last 10 s and be counted.)
+  auto owner = paced_engine(1, std::chrono::seconds(10));
   pop::engine& e = *owner;
   REQUIRE(e.execute("emit", {{"n", 3}}).ok());
-  std::shared_ptr<void> hold = e.hold_pace();
+  pop::pace_hold hold = e.hold_pace();
+  hold.on_this_thread();
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  CHECK(e.pacing().paced == 0);
+  CHECK(e.snapshot().pending_count() == 4);
+  // Another thread waits.
+  std::jthread producer([&] { (void)e.execute("emit", {{"n", 1}}); });
+  CHECK(pop::test::eventually([&] { return e.pacing().waiting == 1; }, std::chrono::seconds(10)));
+  hold.reset();  // (lets it run)
+}
+
+TEST_CASE("after a pace wait times out nothing waits until the outbox is within the bound",
+          "[engine][pacing]") {
+  // (The wait is real time, a millisecond: it ends by itself, nothing is synchronized by it.)
+  auto owner = paced_engine(2, std::chrono::milliseconds(1));
+  pop::engine& e = *owner;
+  REQUIRE(e.execute("emit", {{"n", 4}}).ok());
+  pop::pace_hold hold = e.hold_pace();
   REQUIRE(e.execute("emit", {{"n", 1}}).ok());
   CHECK(e.pacing().paced == 1);
   CHECK(e.pacing().timed_out == 1);
-  // Stalled: the next runs at once, and the outbox still grows.
+  CHECK(e.pacing().stalled);
+  // Stalled: the next run at once and the outbox still grows, even after a clear that leaves
+  // it above the bound.
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  clear_oldest(e, 1);
   REQUIRE(e.execute("emit", {{"n", 1}}).ok());
   CHECK(e.pacing().paced == 1);
-  CHECK(e.snapshot().pending_count() == 5);
-  // A clear shows progress: waits again (and times out again: still over the bound).
-  clear_oldest(e, 1);
+  CHECK(e.snapshot().pending_count() == 6);
+  // Within the bound again, the stall ends: over it, the next waits (and times out: no clear).
+  clear_oldest(e, 4);
+  CHECK(!e.pacing().stalled);
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  CHECK(e.pacing().paced == 1);  // (2 + 1 = 3 > 2 now)
   REQUIRE(e.execute("emit", {{"n", 1}}).ok());
   CHECK(e.pacing().paced == 2);
   CHECK(e.pacing().timed_out == 2);
@@ -943,7 +977,7 @@ TEST_CASE("inside a batch nothing waits for the relay: it sees the batch's commi
                                 return r;
                               })
               .ok());
-  std::shared_ptr<void> hold = e->hold_pace();
+  pop::pace_hold hold = e->hold_pace();
   REQUIRE(e->batch([&] {
              for (int i = 0; i < 3; ++i) {
                if (const auto c = e->execute("emit", {{"n", 2}}); !c.ok()) return c.status();

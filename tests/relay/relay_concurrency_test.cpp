@@ -4,6 +4,7 @@
 
 #include "tests/support/must.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <set>
@@ -17,6 +18,7 @@
 
 #include "pop/relay/inbox.hpp"
 #include "pop/relay/relay.hpp"
+#include "tests/support/asio_run.hpp"
 #include "tests/support/scripted_sink.hpp"
 #include "tests/support/wait.hpp"
 
@@ -166,4 +168,49 @@ TEST_CASE("concurrency: concurrent applications of one message id change the sta
   for (auto& t : threads) t.join();
   CHECK(applied == 1);
   CHECK(e.snapshot().read("domain.n").value() == 1);
+}
+
+TEST_CASE("producers faster than the relay wait for its clears and every message is published",
+          "[relay][pacing]") {
+  // A slow sink (asynchronous, one key: one publish at a time) and four producers: the outbox
+  // goes past the bound of 16 at once, so producers wait for the relay's clears, which wake them
+  // (no wait lasts its 10 s).
+  auto e = pop::test::must(
+      pop::engine::open(pop::options{.pace_pending = 16, .pace_wait = std::chrono::seconds(10)}));
+  pop::test::register_emitter(*e);
+  scripted_sink sink;
+  sink.synchronous = false;
+  sink.latency = std::chrono::microseconds(200);
+  auto relay = pop::test::must(pop::relay::create(*e, sink, pop::test::quick_relay()));
+  asio::io_context io;
+  asio::cancellation_signal signal;
+  std::optional<absl::Status> result;
+  pop::test::spawn_stoppable(io, relay->run(), signal, result);
+  std::jthread relay_thread([&] { io.run(); });
+  // The relay holds the pace once it has published.
+  (void)pop::test::emit(*e, "k");
+  REQUIRE(pop::test::eventually([&] { return e->pacing().holds == 1; }, std::chrono::seconds(10)));
+  constexpr int producers = 4;
+  constexpr int each = 150;
+  {
+    std::vector<std::jthread> threads;
+    for (int p = 0; p < producers; ++p) {
+      threads.emplace_back([&] {
+        for (int i = 0; i < each; ++i) (void)pop::test::emit(*e, "k");
+      });
+    }
+  }
+  const bool all = pop::test::eventually(
+      [&] { return sink.acked_count.load() == producers * each + 1; }, std::chrono::seconds(30));
+  CHECK(all);
+  CHECK(e->pacing().paced > 0);
+  CHECK(e->pacing().timed_out == 0);
+  asio::post(io, [&] { signal.emit(asio::cancellation_type::terminal); });
+  relay_thread.join();
+  // Published once each, in commit order (one key).
+  std::vector<std::string> committed;
+  for (const auto& c : sink.calls) committed.push_back(c.message.id);
+  CHECK(std::is_sorted(committed.begin(), committed.end()));
+  CHECK(std::adjacent_find(committed.begin(), committed.end()) == committed.end());
+  CHECK(committed.size() == producers * each + 1);
 }

@@ -327,26 +327,54 @@ TEST_CASE("a relay holds its engine's pace while it publishes without failures",
   scripted_sink sink;
   std::string poison;
   sink.script = [&](const pop::outbox_message& m) { return m.id == poison ? act::fail : act::ok; };
-  pop::relay_options o = quick_relay(3);
-  o.initial_backoff = std::chrono::minutes(10);  // (no retry of the poison message in the test)
-  o.max_backoff = std::chrono::minutes(10);
+  pop::relay_options o = quick_relay(1);  // (a failed message is dead-lettered at once)
   polled_relay r(e, sink, o);
   CHECK(e.pacing().holds == 0);  // nothing published yet
   emit(e, "k1");
   r.io.poll();
   REQUIRE(sink.acked.size() == 1);
   CHECK(e.pacing().holds == 1);
+  emit(e, "k1");
+  r.io.poll();
+  REQUIRE(sink.acked.size() == 2);
+  CHECK(e.pacing().holds == 1);  // (one hold, kept from round to round)
   poison = emit(e, "k2");
   r.io.poll();
   REQUIRE(sink.ids(act::fail) == std::vector<std::string>{poison});
   CHECK(e.pacing().holds == 0);  // a failed publish lets it go: producers never wait for it
   emit(e, "k3");
   r.io.poll();
-  REQUIRE(sink.acked.size() == 2);
-  CHECK(e.pacing().holds == 1);  // publishing again without failures
+  REQUIRE(sink.acked.size() == 3);
+  CHECK(e.pacing().holds == 1);  // publishing again, nothing unresolved
   r.stop();
   REQUIRE(r.result.has_value());
   CHECK(e.pacing().holds == 0);  // a stopped relay holds nothing
+}
+
+TEST_CASE("a relay holds no pace while a message waits out its backoff", "[relay][pacing]") {
+  pop::engine e;
+  register_emitter(e);
+  scripted_sink sink;
+  std::string poison;
+  sink.script = [&](const pop::outbox_message& m) { return m.id == poison ? act::fail : act::ok; };
+  pop::relay_options o = quick_relay(3);
+  o.initial_backoff = std::chrono::minutes(10);  // (no retry within the test)
+  o.max_backoff = std::chrono::minutes(10);
+  polled_relay r(e, sink, o);
+  emit(e, "k1");
+  r.io.poll();
+  CHECK(e.pacing().holds == 1);
+  poison = emit(e, "k2");
+  r.io.poll();
+  CHECK(e.pacing().holds == 0);
+  // Other keys publish, but the failed message is still pending (its key's later ones behind
+  // it): producers must not wait for a relay that cannot clear it.
+  emit(e, "k3");
+  emit(e, "k3");
+  r.io.poll();
+  REQUIRE(sink.acked.size() == 3);
+  CHECK(e.pacing().holds == 0);
+  r.stop();
 }
 
 TEST_CASE("deliveries that finish out of commit order are cleared once, none published again",
