@@ -811,11 +811,10 @@ TEST_CASE(
 
 namespace {
 
-// An engine with flow control at `bound` pending messages and waits of up to `wait`, and two
-// processes: "emit" (args.n messages) and "quiet" (a write, no messages declared).
-std::unique_ptr<pop::engine> paced_engine(std::size_t bound, std::chrono::microseconds wait) {
-  auto e =
-      pop::test::must(pop::engine::open(pop::options{.pace_pending = bound, .pace_wait = wait}));
+// An engine of options `o` (flow control) with two processes: "emit" (args.n messages) and
+// "quiet" (a write, no messages declared).
+std::unique_ptr<pop::engine> paced_engine(pop::options o) {
+  auto e = pop::test::must(pop::engine::open(std::move(o)));
   REQUIRE(e->register_process({.name = "emit", .outputs = {"domain.n"}, .emits = {"t"}},
                               [](const pop::context&, const json& args) {
                                 pop::result r;
@@ -852,7 +851,7 @@ std::uint64_t clear_oldest(pop::engine& e, std::size_t n) {
 TEST_CASE("with the pace held, a process that emits waits while the outbox is over pace_pending",
           "[engine][pacing]") {
   // (A wait of 10 s at most: if the test fails, its thread still ends soon.)
-  auto owner = paced_engine(3, std::chrono::seconds(10));
+  auto owner = paced_engine({.pace_pending = 3, .pace_wait = std::chrono::seconds(10)});
   pop::engine& e = *owner;
   // Nobody holds the pace: the outbox grows past the bound without a wait.
   REQUIRE(e.execute("emit", {{"n", 6}}).ok());
@@ -891,7 +890,7 @@ TEST_CASE("with the pace held, a process that emits waits while the outbox is ov
 }
 
 TEST_CASE("releasing the last hold of the pace lets waiting processes run", "[engine][pacing]") {
-  auto owner = paced_engine(1, std::chrono::seconds(10));
+  auto owner = paced_engine({.pace_pending = 1, .pace_wait = std::chrono::seconds(10)});
   pop::engine& e = *owner;
   REQUIRE(e.execute("emit", {{"n", 2}}).ok());
   pop::pace_hold hold = e.hold_pace();
@@ -921,7 +920,7 @@ TEST_CASE("releasing the last hold of the pace lets waiting processes run", "[en
 
 TEST_CASE("on the thread that holds the pace a process never waits for it", "[engine][pacing]") {
   // (A wrong wait would last 10 s and be counted.)
-  auto owner = paced_engine(1, std::chrono::seconds(10));
+  auto owner = paced_engine({.pace_pending = 1, .pace_wait = std::chrono::seconds(10)});
   pop::engine& e = *owner;
   REQUIRE(e.execute("emit", {{"n", 3}}).ok());
   pop::pace_hold hold = e.hold_pace();
@@ -938,7 +937,7 @@ TEST_CASE("on the thread that holds the pace a process never waits for it", "[en
 TEST_CASE("after a pace wait times out nothing waits until the outbox is within the bound",
           "[engine][pacing]") {
   // (The wait is real time, a millisecond: it ends by itself, nothing is synchronized by it.)
-  auto owner = paced_engine(2, std::chrono::milliseconds(1));
+  auto owner = paced_engine({.pace_pending = 2, .pace_wait = std::chrono::milliseconds(1)});
   pop::engine& e = *owner;
   REQUIRE(e.execute("emit", {{"n", 4}}).ok());
   pop::pace_hold hold = e.hold_pace();
@@ -967,16 +966,8 @@ TEST_CASE("inside a batch nothing waits for the relay: it sees the batch's commi
           "[engine][pacing]") {
   pop::test::temp_dir dir;
   // (A wait would last 10 s and time out: counted in paced.)
-  auto e = pop::test::must(pop::engine::open(pop::options{
-      .pace_pending = 1, .pace_wait = std::chrono::seconds(10), .journal = dir.file("j.db")}));
-  REQUIRE(e->register_process({.name = "emit", .outputs = {"domain.n"}, .emits = {"t"}},
-                              [](const pop::context&, const json& args) {
-                                pop::result r;
-                                r.set("domain.n", args.at("n"));
-                                for (int i = 0; i < args.at("n").get<int>(); ++i) r.emit("t", i);
-                                return r;
-                              })
-              .ok());
+  auto e = paced_engine(
+      {.pace_pending = 1, .pace_wait = std::chrono::seconds(10), .journal = dir.file("j.db")});
   pop::pace_hold hold = e->hold_pace();
   REQUIRE(e->batch([&] {
              for (int i = 0; i < 3; ++i) {
