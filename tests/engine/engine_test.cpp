@@ -770,50 +770,11 @@ TEST_CASE("engine options are validated", "[engine]") {
   CHECK((*custom)->snapshot().read("system.out").value().size() == 1);
 }
 
-TEST_CASE(
-    "a commit that would exceed max_pending fails with kResourceExhausted and commits nothing",
-    "[engine][backpressure]") {
-  auto e_owner = pop::test::must(pop::engine::open(pop::options{.max_pending = 3}));
-  pop::engine& e = *e_owner;
-  REQUIRE(e.register_process({.name = "emit", .outputs = {"domain.n"}, .emits = {"t"}},
-                             [](const pop::context&, const json& args) {
-                               pop::result r;
-                               r.set("domain.n", args.at("n"));
-                               for (int i = 0; i < args.at("n").get<int>(); ++i) r.emit("t", i);
-                               return r;
-                             })
-              .ok());
-  REQUIRE(e.execute("emit", {{"n", 2}}).ok());
-  const pop::snapshot before = e.snapshot();
-  const absl::StatusOr<pop::commit> over = e.execute("emit", {{"n", 2}});
-  REQUIRE(over.status().code() == absl::StatusCode::kResourceExhausted);
-  CHECK(std::string(over.status().message()).find("process 'emit'") != std::string::npos);
-  CHECK(std::string(over.status().message()).find("max_pending = 3") != std::string::npos);
-  CHECK(e.version() == before.version());
-  CHECK(e.snapshot().to_json() == before.to_json());
-  // Exactly at the bound is fine; so is a commit that shrinks a full queue.
-  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
-  CHECK(e.snapshot().pending_count() == 3);
-  const auto pending = e.snapshot().pending_messages().value();
-  const auto cleared =
-      e.compare_and_swap(e.version(), {{"domain.outbox_queue." + pending[0].id, std::nullopt}});
-  REQUIRE(cleared.ok());
-  CHECK(cleared->committed);
-  // compare_and_swap that would grow a full queue is refused the same way.
-  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
-  pop::outbox_message copy = pending[0];
-  copy.id = pop::make_message_id(1, 99);  // an id of a past version no message has
-  const auto grow =
-      e.compare_and_swap(e.version(), {{"domain.outbox_queue." + copy.id, copy.to_json()}});
-  CHECK(grow.status().code() == absl::StatusCode::kResourceExhausted);
-  CHECK(e.snapshot().pending_count() == 3);
-}
-
 namespace {
 
-// An engine of options `o` (flow control) with two processes: "emit" (args.n messages) and
+// An engine of options `o` with two processes: "emit" (args.n messages) and
 // "quiet" (a write, no messages declared).
-std::unique_ptr<pop::engine> paced_engine(pop::options o) {
+std::unique_ptr<pop::engine> emitting_engine(pop::options o) {
   auto e = pop::test::must(pop::engine::open(std::move(o)));
   REQUIRE(e->register_process({.name = "emit", .outputs = {"domain.n"}, .emits = {"t"}},
                               [](const pop::context&, const json& args) {
@@ -848,10 +809,41 @@ std::uint64_t clear_oldest(pop::engine& e, std::size_t n) {
 
 }  // namespace
 
+TEST_CASE(
+    "a commit that would exceed max_pending fails with kResourceExhausted and commits nothing",
+    "[engine][backpressure]") {
+  auto e_owner = emitting_engine({.max_pending = 3});
+  pop::engine& e = *e_owner;
+  REQUIRE(e.execute("emit", {{"n", 2}}).ok());
+  const pop::snapshot before = e.snapshot();
+  const absl::StatusOr<pop::commit> over = e.execute("emit", {{"n", 2}});
+  REQUIRE(over.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(std::string(over.status().message()).find("process 'emit'") != std::string::npos);
+  CHECK(std::string(over.status().message()).find("max_pending = 3") != std::string::npos);
+  CHECK(e.version() == before.version());
+  CHECK(e.snapshot().to_json() == before.to_json());
+  // Exactly at the bound is fine; so is a commit that shrinks a full queue.
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  CHECK(e.snapshot().pending_count() == 3);
+  const auto pending = e.snapshot().pending_messages().value();
+  const auto cleared =
+      e.compare_and_swap(e.version(), {{"domain.outbox_queue." + pending[0].id, std::nullopt}});
+  REQUIRE(cleared.ok());
+  CHECK(cleared->committed);
+  // compare_and_swap that would grow a full queue is refused the same way.
+  REQUIRE(e.execute("emit", {{"n", 1}}).ok());
+  pop::outbox_message copy = pending[0];
+  copy.id = pop::make_message_id(1, 99);  // an id of a past version no message has
+  const auto grow =
+      e.compare_and_swap(e.version(), {{"domain.outbox_queue." + copy.id, copy.to_json()}});
+  CHECK(grow.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(e.snapshot().pending_count() == 3);
+}
+
 TEST_CASE("with the pace held, a process that emits waits while the outbox is over pace_pending",
           "[engine][pacing]") {
   // (A wait of 10 s at most: if the test fails, its thread still ends soon.)
-  auto owner = paced_engine({.pace_pending = 3, .pace_wait = std::chrono::seconds(10)});
+  auto owner = emitting_engine({.pace_pending = 3, .pace_wait = std::chrono::seconds(10)});
   pop::engine& e = *owner;
   // Nobody holds the pace: the outbox grows past the bound without a wait.
   REQUIRE(e.execute("emit", {{"n", 6}}).ok());
@@ -890,7 +882,7 @@ TEST_CASE("with the pace held, a process that emits waits while the outbox is ov
 }
 
 TEST_CASE("releasing the last hold of the pace lets waiting processes run", "[engine][pacing]") {
-  auto owner = paced_engine({.pace_pending = 1, .pace_wait = std::chrono::seconds(10)});
+  auto owner = emitting_engine({.pace_pending = 1, .pace_wait = std::chrono::seconds(10)});
   pop::engine& e = *owner;
   REQUIRE(e.execute("emit", {{"n", 2}}).ok());
   pop::pace_hold hold = e.hold_pace();
@@ -920,7 +912,7 @@ TEST_CASE("releasing the last hold of the pace lets waiting processes run", "[en
 
 TEST_CASE("on the thread that holds the pace a process never waits for it", "[engine][pacing]") {
   // (A wrong wait would last 10 s and be counted.)
-  auto owner = paced_engine({.pace_pending = 1, .pace_wait = std::chrono::seconds(10)});
+  auto owner = emitting_engine({.pace_pending = 1, .pace_wait = std::chrono::seconds(10)});
   pop::engine& e = *owner;
   REQUIRE(e.execute("emit", {{"n", 3}}).ok());
   pop::pace_hold hold = e.hold_pace();
@@ -937,7 +929,7 @@ TEST_CASE("on the thread that holds the pace a process never waits for it", "[en
 TEST_CASE("after a pace wait times out nothing waits until the outbox is within the bound",
           "[engine][pacing]") {
   // (The wait is real time, a millisecond: it ends by itself, nothing is synchronized by it.)
-  auto owner = paced_engine({.pace_pending = 2, .pace_wait = std::chrono::milliseconds(1)});
+  auto owner = emitting_engine({.pace_pending = 2, .pace_wait = std::chrono::milliseconds(1)});
   pop::engine& e = *owner;
   REQUIRE(e.execute("emit", {{"n", 4}}).ok());
   pop::pace_hold hold = e.hold_pace();
@@ -966,7 +958,7 @@ TEST_CASE("inside a batch nothing waits for the relay: it sees the batch's commi
           "[engine][pacing]") {
   pop::test::temp_dir dir;
   // (A wait would last 10 s and time out: counted in paced.)
-  auto e = paced_engine(
+  auto e = emitting_engine(
       {.pace_pending = 1, .pace_wait = std::chrono::seconds(10), .journal = dir.file("j.db")});
   pop::pace_hold hold = e->hold_pace();
   REQUIRE(e->batch([&] {
