@@ -38,9 +38,12 @@ struct pace_gate {
   std::atomic<std::size_t> holds{0};
   std::array<std::atomic<bool>, slots> slot_taken{};
   std::array<std::atomic<std::thread::id>, slots> holder_thread{};  // id(): none marked yet
-  std::atomic<std::size_t> pending{0};   // at the last commit seen while holds > 0
-  std::atomic<std::uint64_t> clears{0};  // commits seen removing messages (progress)
-  std::atomic<bool> stalled{false};      // a wait timed out; until pending is within bounds
+  std::atomic<std::size_t> pending{0};  // at the last commit seen while holds > 0
+  // Waiters the last commit that removed messages lets run: as many as it removed (a process
+  // emits one message, usually), so producers add no more than the relay clears.
+  std::atomic<std::int64_t> credits{0};
+  std::atomic<bool> stalled{false};     // a wait timed out; until the relay moves again
+  std::atomic<std::uint64_t> taken{0};  // holds taken, ever
   std::atomic<std::size_t> waiting{0};
   std::atomic<std::uint64_t> paced{0};
   std::atomic<std::uint64_t> timed_out{0};
@@ -52,6 +55,13 @@ struct pace_gate {
     if (waiting.load() == 0) return;
     const std::lock_guard lock(mu);
     cv.notify_all();
+  }
+  // Takes one credit if there is one.
+  bool take_credit() {
+    std::int64_t c = credits.load();
+    while (c > 0 && !credits.compare_exchange_weak(c, c - 1)) {
+    }
+    return c > 0;
   }
   // Whether the calling thread is a holder's (see pace_hold::on_this_thread).
   bool held_by_this_thread() const {
@@ -407,15 +417,18 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
   if (options_.pace_pending != 0 && pace_->holds.load() != 0) {
     // (Waiters are woken by finish_commit, once head_mu_ is released.)
     const std::size_t now = pending_in(*installed);
-    if (now < pace_->pending.exchange(now)) {
-      pace_->clears.fetch_add(1);  // the relay moves: each waiter may run once
-      pace_wake_ = true;
-    }
-    if (now <= options_.pace_pending) {
+    const std::size_t before = pace_->pending.exchange(now);
+    if (now < before) {  // the relay moves: as many waiters may run as it removed
+      // (Within the bound they all run anyway: no credit is left for later.)
+      pace_->credits.store(now > options_.pace_pending ? static_cast<std::int64_t>(before - now)
+                                                       : 0);
       pace_->stalled.store(false);
       pace_wake_ = true;
+    } else if (now <= options_.pace_pending) {
+      pace_wake_ = pace_wake_ || pace_->waiting.load() != 0;
     }
   }
+
   assert(written.empty() || written.back() == '\n');  // add_written's form
   messages_at = std::min(messages_at, written.size());
   const std::size_t ancestor =
@@ -432,13 +445,9 @@ absl::Status engine::finish_commit(const std::shared_ptr<detail::journal_record>
                                    std::unique_lock<std::mutex>& lock,
                                    detail::precoded_record* precoded,
                                    std::span<const std::string_view> cleared) {
-  // Processes waiting for the relay (see pace), woken as this returns (under commit_mu_ or not).
-  struct pace_waker {
-    detail::pace_gate* gate;
-    ~pace_waker() {
-      if (gate) gate->wake();
-    }
-  } const waker{std::exchange(pace_wake_, false) ? pace_.get() : nullptr};
+  // Processes waiting for the relay (see pace), woken now: head_mu_ is released, and they run
+  // their processes before they want commit_mu_.
+  if (std::exchange(pace_wake_, false)) pace_->wake();
   // Let the next commit find the new root held by the head alone (see commit_in_place) while this
   // one waits for its journal and its listeners run; the record is encoded from it first.
   detail::node_ptr root = std::move(done.root);
@@ -641,13 +650,11 @@ absl::StatusOr<engine::commit_status> engine::commit_prepared(
     std::unique_ptr<detail::precoded_record>& p;
     ~give_back() {
       // (Not one a large commit grew: kept per thread, it would hold that memory for good.)
-      constexpr std::size_t most = 64 << 10;
-      if (!p || spare || p->text.capacity() > most) return;
-      for (const auto& m : p->messages) {
-        if (m.before_id.capacity() + m.after_id.capacity() > most) return;
-      }
-      if (p->messages.size() > 64) return;
-      spare = std::move(p);
+      constexpr std::size_t most = 64 << 10;  // bytes of buffers kept, in all
+      if (!p || spare) return;
+      std::size_t kept = p->text.capacity();
+      for (const auto& m : p->messages) kept += m.before_id.capacity() + m.after_id.capacity();
+      if (kept <= most && p->messages.size() <= 64) spare = std::move(p);
     }
   } const returned{precoded};
   detail::precoded_record* const pre = precoded.get();
@@ -728,12 +735,18 @@ std::size_t engine::pending_in(const detail::value_node& root) const {
 
 pace_hold engine::hold_pace() {
   detail::pace_gate& gate = *pace_;
-  if (gate.holds.fetch_add(1) == 0) {
-    // The count was not kept while no one held the pace: take it now, as a commit would.
+  {
+    // The count was not kept while no one held the pace: take it first, as a commit would (under
+    // commit_mu_, so no commit's count is overwritten by an older one).
     const std::lock_guard lock(commit_mu_);
-    gate.pending.store(pending_in(*head()->root));
-    gate.stalled.store(false);
+    if (gate.holds.load() == 0) {
+      gate.pending.store(pending_in(*head()->root));
+      gate.credits.store(0);
+      gate.stalled.store(false);
+    }
+    gate.holds.fetch_add(1);
   }
+  gate.taken.fetch_add(1, std::memory_order_relaxed);
   std::size_t slot = 0;
   for (; slot < detail::pace_gate::slots; ++slot) {
     bool free = false;
@@ -773,7 +786,8 @@ void pace_hold::reset() {
 
 pace_stats engine::pacing() const {
   return {pace_->holds.load(), pace_->pending.load(),   pace_->waiting.load(),
-          pace_->paced.load(), pace_->timed_out.load(), pace_->stalled.load()};
+          pace_->paced.load(), pace_->timed_out.load(), pace_->stalled.load(),
+          pace_->taken.load()};
 }
 
 void engine::pace(const registered& proc) {
@@ -785,10 +799,10 @@ void engine::pace(const registered& proc) {
   // (durable), so no clear could come for what it adds (max_batch_lag bounds a batch instead).
   if (batch_of(this) != nullptr) return;
   if (gate.held_by_this_thread()) return;  // (the relay's own thread would wait for itself)
-  const std::uint64_t clears = gate.clears.load();
+  // (A credit is taken last: only by a waiter nothing else lets run.)
   const auto free_to_run = [&] {
-    return gate.pending.load() <= bound || gate.clears.load() != clears || gate.holds.load() == 0 ||
-           gate.stalled.load();
+    return gate.pending.load() <= bound || gate.holds.load() == 0 || gate.stalled.load() ||
+           gate.take_credit();
   };
   // (waiting is raised before the state is looked at again under mu: a commit that changes it
   // after that look sees the waiter and takes mu to wake it.)
@@ -798,10 +812,12 @@ void engine::pace(const registered& proc) {
     if (!free_to_run()) {
       gate.paced.fetch_add(1, std::memory_order_relaxed);
       if (!gate.cv.wait_for(lock, options_.pace_wait, free_to_run)) {
-        // No clear for pace_wait: the relay is stuck (a sink that hangs, messages waiting out a
-        // backoff). Nothing waits until the count is within the bound again.
+        // No clear for pace_wait: the relay is stuck (a sink that hangs, a journal that cannot
+        // keep up). Nothing waits until it removes messages again.
         gate.timed_out.fetch_add(1, std::memory_order_relaxed);
         gate.stalled.store(true);
+        // (A commit that removed messages meanwhile may have cleared it just before.)
+        if (gate.credits.load() > 0 || gate.pending.load() <= bound) gate.stalled.store(false);
         gate.cv.notify_all();
       }
     }

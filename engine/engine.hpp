@@ -69,15 +69,16 @@ struct options {
                                         // holds the same stored value (and existed then)
   std::size_t max_pending = 0;          // backpressure: a commit that would leave more messages
                                         // pending fails with kResourceExhausted; 0: no bound
-  // Flow control. While a relay publishes the outbox without failures (it holds the engine's
-  // pace: see hold_pace), a process that may emit messages waits before it runs while more than
-  // pace_pending messages are pending, until the relay's next clear (or the count is within the
-  // bound again), for at most pace_wait. Producers faster than the relay are held to its pace
-  // instead of growing the outbox (and every journal snapshot with it) without bound. Nothing
-  // waits while no relay holds the pace, on the thread the relay runs on (it would wait for
-  // itself), nor inside an engine::batch of a journaled engine (the relay sees its commits only
-  // at its end); and once a wait times out (no clear came), nothing waits until the count is
-  // within the bound again. 0: never waits.
+  // Flow control. While a relay publishes the outbox (it holds the engine's pace: see
+  // hold_pace), a process that may emit messages waits before it runs while more than
+  // pace_pending messages are pending: each commit that removes messages (the relay's clears)
+  // lets as many waiting processes run as it removed, so producers faster than the relay are held
+  // to its pace instead of growing the outbox (and every journal snapshot with it) without
+  // bound. A wait lasts at most pace_wait; one that times out (no clear came) stalls flow control
+  // until the relay removes messages again. Nothing waits while no relay holds the pace, on a
+  // thread a holder marked as its own (the relay's: it would wait for itself), or inside an
+  // engine::batch of a journaled engine (the relay sees its commits only at its end).
+  // 0: never waits.
   std::size_t pace_pending = 16384;
   // The longest one wait, 1 us to 60 s; real time (std::chrono::steady_clock), not options.clock.
   std::chrono::microseconds pace_wait{100'000};
@@ -117,7 +118,8 @@ struct pace_stats {
   std::size_t waiting = 0;      // processes waiting now
   std::uint64_t paced = 0;      // processes that waited, so far
   std::uint64_t timed_out = 0;  // of them, those whose wait lasted options.pace_wait
-  bool stalled = false;         // a wait timed out: none waits until the count is within bounds
+  bool stalled = false;         // a wait timed out: none waits until the relay moves again
+  std::uint64_t taken = 0;      // holds taken, ever
 };
 
 // A hold on an engine's pace (see engine::hold_pace). Movable; destroying or resetting it ends
@@ -132,7 +134,9 @@ class pace_hold {
   ~pace_hold() { reset(); }
 
   // Marks the calling thread as the holder's: a process run on it never waits for the pace (it
-  // would wait for itself). A relay calls it from each round.
+  // would wait for itself). A relay calls it from each round (its strand may move between
+  // threads: the mark is the last one's). The engine keeps the marks of 8 holds; more holds
+  // still hold, unmarked.
   void on_this_thread();
   // Ends the hold (no effect on an empty one).
   void reset();

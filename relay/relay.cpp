@@ -121,10 +121,10 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     std::size_t empty_catches = 0;  // such rounds in a row that published nothing
     std::uint64_t acked_seen = 0;   // acked_total_ at the last round
     std::uint64_t failed_seen = 0;  // failed_total_ at the last round
-    // Held while publishes succeed and no failure is unresolved (from a round that saw publishes
-    // acknowledged, until a publish fails, a message waits out a backoff or the destination is
-    // down): producers then wait for this relay when it falls far behind (options::pace_pending),
-    // never for one that cannot publish.
+    // Held while publishes succeed (from a round that saw publishes acknowledged, until one that
+    // saw failures and no acknowledgement, or an outage of the destination): producers then wait
+    // for this relay's clears when it falls far behind (options::pace_pending), never for one that
+    // cannot publish.
     pace_hold pace;
     steady::time_point last_published{};
     for (;;) {
@@ -143,8 +143,9 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
       // completions of asynchronous publishes).
       const std::uint64_t acked = acked_total_ - acked_seen;
       acked_seen = acked_total_;
-      const bool failing = failed_total_ != failed_seen || failures_waiting_ ||
-                           r.earliest.has_value() || outage_since_us_ != 0;
+      // (A failing key among published ones keeps it: the relay's clears of the others pace
+      // producers, and a relay that clears nothing stalls their waits after pace_wait.)
+      const bool failing = outage_since_us_ != 0 || (failed_total_ != failed_seen && acked == 0);
       failed_seen = failed_total_;
       if (failing) {
         pace.reset();

@@ -78,9 +78,9 @@ struct relay_options {
 // touched, and the transaction conflicts only with another writer of the same ids (it is then
 // redone on a newer snapshot). A failing message holds back only later messages with its key.
 //
-// Flow control: while it publishes with no failure unresolved (no failed publish in its last
-// round, no message waiting out a backoff, no outage), a running relay holds its engine's pace
-// (engine::hold_pace), so producers wait for its clears when it falls more than
+// Flow control: while it publishes (from a round with publishes acknowledged until one with
+// failures and none acknowledged, or an outage of the destination), a running relay holds its
+// engine's pace (engine::hold_pace): producers then wait for its clears when it falls more than
 // options::pace_pending messages behind; never on the thread the relay runs on.
 //
 // Stopping: cancel the coroutine (terminal cancellation through the completion token's slot).

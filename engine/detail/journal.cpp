@@ -507,6 +507,8 @@ void journal::recycle(std::deque<std::shared_ptr<journal_record>>& written) {
   for (std::shared_ptr<journal_record>& r : written) {
     // (A committer may still hold its record for a moment; then it is freed as before.)
     if (kept.size() == spare_records || r.use_count() != 1) continue;
+    // (The count is read relaxed: order the committer's last use of it before the reuse.)
+    std::atomic_thread_fence(std::memory_order_acquire);
     r->state.reset();
     r->error = absl::OkStatus();
     r->logged = false;

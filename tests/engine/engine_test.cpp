@@ -855,17 +855,19 @@ TEST_CASE("with the pace held, a process that emits waits while the outbox is ov
   // A process that declares no messages never waits.
   REQUIRE(e.execute("quiet", 1).ok());
   CHECK(e.pacing().paced == 0);
+  std::uint64_t paced = 0;
   for (const std::size_t clear : {1, 3}) {
     const std::uint64_t before = e.version();
     std::optional<absl::StatusOr<pop::commit>> done;
     std::jthread producer([&] { done = e.execute("emit", {{"n", 1}}); });
+    ++paced;
     const bool waiting =
-        pop::test::eventually([&] { return e.pacing().waiting == 1; }, std::chrono::seconds(10));
+        pop::test::eventually([&] { return e.pacing().paced == paced; }, std::chrono::seconds(10));
     CHECK(waiting);
     // It waits before it runs: nothing of it is committed.
     CHECK(e.version() == before);
-    // A clear lets it run once, whether it leaves the outbox above the bound (6 - 1: the relay
-    // moves) or within it (6 - 3); the clear's version comes first.
+    // A clear lets it run, whether it leaves the outbox above the bound (6 - 1: the relay moves)
+    // or within it (6 - 3); the clear's version comes first.
     const std::uint64_t cleared_at = clear_oldest(e, clear);
     producer.join();
     REQUIRE(done.has_value());
@@ -881,6 +883,32 @@ TEST_CASE("with the pace held, a process that emits waits while the outbox is ov
   CHECK(e.pacing().holds == 0);
 }
 
+TEST_CASE("a clear lets as many waiting processes run as messages it removed", "[engine][pacing]") {
+  auto owner = emitting_engine({.pace_pending = 1, .pace_wait = std::chrono::seconds(10)});
+  pop::engine& e = *owner;
+  REQUIRE(e.execute("emit", {{"n", 5}}).ok());
+  pop::pace_hold hold = e.hold_pace();
+  std::atomic<int> failed{0};
+  std::vector<std::jthread> producers;
+  for (int i = 0; i < 3; ++i) {
+    producers.emplace_back([&] {
+      if (!e.execute("emit", {{"n", 1}}).ok()) ++failed;
+    });
+  }
+  REQUIRE(pop::test::eventually([&] { return e.pacing().paced == 3; }, std::chrono::seconds(10)));
+  const std::uint64_t cleared_at = clear_oldest(e, 2);
+  // Two run; the third waits for the next clear.
+  CHECK(pop::test::eventually([&] { return e.version() == cleared_at + 2; },
+                              std::chrono::seconds(10)));
+  CHECK(e.pacing().waiting == 1);
+  CHECK(e.snapshot().pending_count() == 5);
+  clear_oldest(e, 1);
+  producers.clear();  // (joins)
+  CHECK(failed == 0);
+  CHECK(e.snapshot().pending_count() == 5);
+  CHECK(e.pacing().timed_out == 0);
+}
+
 TEST_CASE("releasing the last hold of the pace lets waiting processes run", "[engine][pacing]") {
   auto owner = emitting_engine({.pace_pending = 1, .pace_wait = std::chrono::seconds(10)});
   pop::engine& e = *owner;
@@ -891,7 +919,7 @@ TEST_CASE("releasing the last hold of the pace lets waiting processes run", "[en
   const std::uint64_t before = e.version();
   std::optional<absl::StatusOr<pop::commit>> done;
   std::jthread producer([&] { done = e.execute("emit", {{"n", 1}}); });
-  REQUIRE(pop::test::eventually([&] { return e.pacing().waiting == 1; }, std::chrono::seconds(10)));
+  REQUIRE(pop::test::eventually([&] { return e.pacing().paced == 1; }, std::chrono::seconds(10)));
   hold.reset();
   CHECK(e.pacing().holds == 1);
   // (Still held by the other: it keeps waiting.)
@@ -902,12 +930,19 @@ TEST_CASE("releasing the last hold of the pace lets waiting processes run", "[en
   REQUIRE(done->ok());
   CHECK(e.snapshot().pending_count() == 3);
   CHECK(e.pacing().timed_out == 0);
-  // A moved hold is one hold; a hold may outlive its engine.
-  pop::pace_hold late = e.hold_pace();
-  pop::pace_hold moved = std::move(late);
+  // A moved hold is one hold, released once.
+  pop::pace_hold held = e.hold_pace();
+  pop::pace_hold moved = std::move(held);
   CHECK(e.pacing().holds == 1);
-  owner.reset();
+  held.reset();
+  CHECK(e.pacing().holds == 1);
   moved.reset();
+  CHECK(e.pacing().holds == 0);
+  CHECK(e.pacing().taken == 3);
+  // A hold may outlive its engine.
+  pop::pace_hold late = e.hold_pace();
+  owner.reset();
+  late.reset();
 }
 
 TEST_CASE("on the thread that holds the pace a process never waits for it", "[engine][pacing]") {
@@ -922,11 +957,11 @@ TEST_CASE("on the thread that holds the pace a process never waits for it", "[en
   CHECK(e.snapshot().pending_count() == 4);
   // Another thread waits.
   std::jthread producer([&] { (void)e.execute("emit", {{"n", 1}}); });
-  CHECK(pop::test::eventually([&] { return e.pacing().waiting == 1; }, std::chrono::seconds(10)));
+  CHECK(pop::test::eventually([&] { return e.pacing().paced == 1; }, std::chrono::seconds(10)));
   hold.reset();  // (lets it run)
 }
 
-TEST_CASE("after a pace wait times out nothing waits until the outbox is within the bound",
+TEST_CASE("after a pace wait times out nothing waits until the relay removes messages again",
           "[engine][pacing]") {
   // (The wait is real time, a millisecond: it ends by itself, nothing is synchronized by it.)
   auto owner = emitting_engine({.pace_pending = 2, .pace_wait = std::chrono::milliseconds(1)});
@@ -937,21 +972,24 @@ TEST_CASE("after a pace wait times out nothing waits until the outbox is within 
   CHECK(e.pacing().paced == 1);
   CHECK(e.pacing().timed_out == 1);
   CHECK(e.pacing().stalled);
-  // Stalled: the next run at once and the outbox still grows, even after a clear that leaves
-  // it above the bound.
+  // Stalled: the next ones run at once and the outbox still grows.
   REQUIRE(e.execute("emit", {{"n", 1}}).ok());
-  clear_oldest(e, 1);
   REQUIRE(e.execute("emit", {{"n", 1}}).ok());
   CHECK(e.pacing().paced == 1);
-  CHECK(e.snapshot().pending_count() == 6);
-  // Within the bound again, the stall ends: over it, the next waits (and times out: no clear).
-  clear_oldest(e, 4);
+  CHECK(e.snapshot().pending_count() == 7);
+  // A clear ends the stall and lets one run (it removed one); the next waits (and times out:
+  // nothing clears).
+  clear_oldest(e, 1);
   CHECK(!e.pacing().stalled);
   REQUIRE(e.execute("emit", {{"n", 1}}).ok());
-  CHECK(e.pacing().paced == 1);  // (2 + 1 = 3 > 2 now)
+  CHECK(e.pacing().paced == 1);
   REQUIRE(e.execute("emit", {{"n", 1}}).ok());
   CHECK(e.pacing().paced == 2);
   CHECK(e.pacing().timed_out == 2);
+  // A hold taken anew ends a stall too.
+  hold.reset();
+  hold = e.hold_pace();
+  CHECK(!e.pacing().stalled);
 }
 
 TEST_CASE("inside a batch nothing waits for the relay: it sees the batch's commits at its end",
@@ -969,9 +1007,9 @@ TEST_CASE("inside a batch nothing waits for the relay: it sees the batch's commi
            }).ok());
   CHECK(e->snapshot().pending_count() == 6);
   CHECK(e->pacing().paced == 0);
-  // Outside it the same commit waits (and times out here: nothing clears).
+  // Outside it the same commit waits (until the hold is released below).
   std::jthread producer([&] { (void)e->execute("emit", {{"n", 1}}); });
-  CHECK(pop::test::eventually([&] { return e->pacing().waiting == 1; }, std::chrono::seconds(10)));
+  CHECK(pop::test::eventually([&] { return e->pacing().paced == 1; }, std::chrono::seconds(10)));
   hold.reset();  // (lets it run)
 }
 
