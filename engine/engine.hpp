@@ -113,7 +113,7 @@ struct cas_result {
 
 // What flow control has done (see options.pace_pending and engine::hold_pace).
 struct pace_stats {
-  std::size_t holds = 0;        // holds alive (running relays publishing without failures)
+  std::size_t holds = 0;        // holds alive (running relays that publish)
   std::size_t pending = 0;      // messages pending at the last commit seen while one was alive
   std::size_t waiting = 0;      // processes waiting now
   std::uint64_t paced = 0;      // processes that waited, so far
