@@ -320,13 +320,28 @@ TEST_CASE("deliveries read in many rounds are cleared by one commit", "[relay]")
   CHECK(e.snapshot().pending_count() == 0);
 }
 
-TEST_CASE("a relay holds its engine's pace while it publishes without failures",
-          "[relay][pacing]") {
+namespace {
+
+// An engine with the emitter, and a sink that fails the message whose id is `poison` and
+// acknowledges every other.
+struct poisoned {
   pop::engine e;
-  register_emitter(e);
   scripted_sink sink;
   std::string poison;
-  sink.script = [&](const pop::outbox_message& m) { return m.id == poison ? act::fail : act::ok; };
+  poisoned() {
+    register_emitter(e);
+    sink.script = [this](const pop::outbox_message& m) {
+      return m.id == poison ? act::fail : act::ok;
+    };
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a relay holds its engine's pace while it publishes without failures",
+          "[relay][pacing]") {
+  poisoned p;
+  auto& [e, sink, poison] = p;
   pop::relay_options o = quick_relay(1);  // (a failed message is dead-lettered at once)
   polled_relay r(e, sink, o);
   CHECK(e.pacing().holds == 0);  // nothing published yet
@@ -357,11 +372,8 @@ TEST_CASE("a relay holds its engine's pace while it publishes without failures",
 
 TEST_CASE("a relay keeps the pace while other keys publish beside a failing one",
           "[relay][pacing]") {
-  pop::engine e;
-  register_emitter(e);
-  scripted_sink sink;
-  std::string poison;
-  sink.script = [&](const pop::outbox_message& m) { return m.id == poison ? act::fail : act::ok; };
+  poisoned p;
+  auto& [e, sink, poison] = p;
   pop::relay_options o = quick_relay(3);
   o.initial_backoff = std::chrono::minutes(10);  // (no retry within the test)
   o.max_backoff = std::chrono::minutes(10);
