@@ -21,6 +21,7 @@
 #include "pop/engine/detail/journal_format.hpp"
 #include "pop/engine/detail/outbox_form.hpp"
 #include "pop/engine/detail/process_runner.hpp"
+#include "pop/engine/detail/written_log.hpp"
 
 namespace pop {
 
@@ -160,6 +161,7 @@ engine::engine(options opts, std::unique_ptr<detail::journal> journal, detail::j
     : options_(std::move(opts)),
       outbox_(std::make_shared<const path>(path::parse(options_.outbox_path).value())),
       registry_(std::make_unique<detail::process_registry>()),
+      log_(std::make_unique<detail::written_log>()),
       listeners_(std::make_shared<detail::commit_listeners>()),
       pace_(std::make_shared<detail::pace_gate>()),
       audit_(options_.audit_capacity),
@@ -344,8 +346,9 @@ subscription engine::on_commit(std::function<void(std::uint64_t version)> on_ver
 
 std::string engine::find_conflict(const path_set& access, std::uint64_t since) const {
   // Versions in the log are consecutive, so the first entry after `since` is found by offset.
-  if (log_.empty() || log_.back().version <= since) return {};
-  if (log_.front().version > since + 1) {
+  const detail::written_log& log = *log_;
+  if (log.empty() || log.back().version <= since) return {};
+  if (log.front().version > since + 1) {
     return absl::StrCat("its snapshot (version ", since, ") is older than the conflict window of ",
                         options_.conflict_window, " commits");
   }
@@ -356,15 +359,15 @@ std::string engine::find_conflict(const path_set& access, std::uint64_t since) c
     found = p;
     return access.overlaps(p);
   };
-  for (auto it = log_.begin() + static_cast<std::ptrdiff_t>(since + 1 - log_.front().version);
-       it != log_.end(); ++it) {
-    const std::string_view written(it->written);
+  for (std::size_t i = since + 1 - log.front().version; i < log.size(); ++i) {
+    const detail::written_log::entry it = log[i];
+    const std::string_view written = it.written;
     // One comparison rules out a commit whose other paths all lie under a path this change does
     // not overlap (a relay clearing thousands of messages, for a producer writing elsewhere).
-    const bool others_clear = it->ancestor > 0 && !access.overlaps(written.substr(0, it->ancestor));
-    if ((!others_clear && detail::any_written(written.substr(0, it->messages_at), overlapping)) ||
-        (outbox_matters && detail::any_written(written.substr(it->messages_at), overlapping))) {
-      return absl::StrCat("'", detail::to_absl(found), "' (written by version ", it->version, ")");
+    const bool others_clear = it.ancestor > 0 && !access.overlaps(written.substr(0, it.ancestor));
+    if ((!others_clear && detail::any_written(written.substr(0, it.messages_at), overlapping)) ||
+        (outbox_matters && detail::any_written(written.substr(it.messages_at), overlapping))) {
+      return absl::StrCat("'", detail::to_absl(found), "' (written by version ", it.version, ")");
     }
   }
   return {};
@@ -433,8 +436,8 @@ std::shared_ptr<detail::journal_record> engine::install(std::uint64_t version,
   messages_at = std::min(messages_at, written.size());
   const std::size_t ancestor =
       detail::common_ancestor(std::string_view(written).substr(0, messages_at));
-  log_.push_back({version, std::move(written), messages_at, ancestor});
-  while (log_.size() > options_.conflict_window) log_.pop_front();
+  while (log_->size() >= options_.conflict_window) log_->pop_front();
+  log_->push_back(version, written, messages_at, ancestor);
   // `previous` is released here, outside head_mu_: freeing an old version can take a while. (An
   // in-place commit calls this under head_mu_, with `previous` holding no tree any more.)
   return record;
@@ -1030,12 +1033,12 @@ absl::StatusOr<clear_result> engine::clear_message_views(const pop::snapshot& se
 }
 
 bool engine::outbox_entries_changed(std::uint64_t since) const {
-  if (log_.empty() || log_.back().version <= since) return false;
-  if (log_.front().version > since + 1) return true;  // older than the window: assume so
+  const detail::written_log& log = *log_;
+  if (log.empty() || log.back().version <= since) return false;
+  if (log.front().version > since + 1) return true;  // older than the window: assume so
   const std::string& outbox = outbox_->str();
-  for (auto it = log_.begin() + static_cast<std::ptrdiff_t>(since + 1 - log_.front().version);
-       it != log_.end(); ++it) {
-    const bool changed = detail::any_written(it->written, [&](std::string_view text) {
+  for (std::size_t i = since + 1 - log.front().version; i < log.size(); ++i) {
+    const bool changed = detail::any_written(log[i].written, [&](std::string_view text) {
       if (text.size() <= outbox.size() + 1 || text.compare(0, outbox.size(), outbox) != 0 ||
           text[outbox.size()] != '.') {
         return false;

@@ -5,7 +5,6 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <memory>
 #include <span>
@@ -43,6 +42,7 @@ struct applied;
 struct registered;
 struct process_registry;
 struct pace_gate;
+class written_log;
 }  // namespace detail
 
 // A process: a pure function of the snapshot (through its context) and the call's arguments,
@@ -292,14 +292,6 @@ class engine {
   using registered = detail::registered;
   using prepared = detail::prepared;
   using applied = detail::applied;
-  struct logged_commit {
-    std::uint64_t version;
-    std::string written;  // the paths it wrote, each followed by '\n'
-    // written[messages_at, end): the paths of the messages it appended (only a change that
-    // touches the outbox can overlap them); the paths before: what else it wrote.
-    std::size_t messages_at = std::string::npos;
-    std::size_t ancestor = 0;  // written[0, ancestor): the path containing all of those, if any
-  };
   enum class commit_status { committed, conflict };
 
   std::shared_ptr<const detail::version_state> head() const;
@@ -367,7 +359,8 @@ class engine {
 
   // Lock order: commit_mu_ before head_mu_.
   std::mutex commit_mu_;
-  std::deque<logged_commit> log_ ABSL_GUARDED_BY(commit_mu_);
+  // The paths each recent commit wrote (options.conflict_window of them), for find_conflict.
+  const std::unique_ptr<detail::written_log> log_ ABSL_GUARDED_BY(commit_mu_);
   // A commit applied in place holds it for the microsecond the change takes: it is taken by
   // trying a while before sleeping (lock_head_shared / lock_head), as a futex sleep and wake-up
   // would cost more. (A std::shared_mutex: ThreadSanitizer sees it, unlike a prebuilt
