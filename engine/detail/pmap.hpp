@@ -477,7 +477,11 @@ class pmap {
     const node& n = *np;
     const bool in_place = mine(np, edit, owned);
     if (n.leaf) {
-      std::size_t i = entry_index(n, key);
+      // (Keys appended in order, as message ids are, go past the last entry: one comparison.)
+      const std::size_t i =
+          !n.entries.empty() && compare_bytes(n.entries[n.entries.size() - 1].key.view(), key) < 0
+              ? n.entries.size()
+              : entry_index(n, key);
       const bool replace = i < n.entries.size() && equal_bytes(n.entries[i].key.view(), key);
       auto copy = editable(np, edit, in_place);
       if (replace) {
@@ -492,13 +496,16 @@ class pmap {
       return {std::move(copy), nullptr};
     }
     {
-      std::size_t c = child_index(n, key);
+      const std::size_t c = compare_bytes(key, n.in.keys[n.in.keys.size() - 1].view()) >= 0
+                                ? n.in.keys.size() - 1  // (appended in order: one comparison)
+                                : child_index(n, key);
       if (far) prefetch(n.in.children[c].get());
       const std::size_t old_count = n.in.children[c]->count;
       auto [left, right] = insert(n.in.children[c], key, std::move(value), edit, in_place, far);
       auto copy = editable(np, edit, in_place);
       copy->count = copy->count - old_count + left->count;
-      copy->in.keys[c] = min_key(*left);
+      // (Only a key below the child's minimum changes it: the usual insert copies no key here.)
+      if (compare_bytes(key, copy->in.keys[c].view()) < 0) copy->in.keys[c] = min_key(*left);
       copy->in.children[c] = std::move(left);
       if (right) {
         copy->count += right->count;
