@@ -10,9 +10,11 @@
 
 #include <sqlite3.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <set>
 #include <thread>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -397,6 +399,73 @@ TEST_CASE("a crash image reopens at the last durable commit", "[journal]") {
   CHECK(!info.clean);
   CHECK(info.last_version == e->version());
   CHECK(open_engine(journaled(image))->snapshot().to_json() == expected);
+}
+
+// The journal's writer reuses the records it has written (their texts' buffers up to 2 KiB):
+// notes of 0 bytes to 4 KB, from four threads at once (so groups of many records), each note its
+// own, must come back exactly, whole and from a crash image taken between two runs of commits.
+TEST_CASE("reused journal records carry only their own commit's texts", "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  const std::string image = dir.file("image.db");
+  pop::options o = journaled(file);
+  constexpr int threads = 4;
+  for (int t = 0; t < threads; ++t) o.initial_state["domain"]["stock"]["S" + std::to_string(t)] = 0;
+  // The note of order i of thread t: its size cycles over and under the kept buffers' 2 KiB.
+  const auto note_of = [](int t, int i) {
+    constexpr std::size_t sizes[] = {0, 40, 1900, 2100, 4000, 700};
+    return std::string(sizes[static_cast<std::size_t>(i) % 6],
+                       static_cast<char>('a' + (t * 7 + i) % 26));
+  };
+  const auto order_of = [](int t, int i) {
+    return "t" + std::to_string(t) + "-" + std::to_string(i);
+  };
+  auto e = open_engine(o);
+  const auto run = [&](int from, int to) {
+    std::vector<std::thread> workers;
+    std::atomic<int> failed{0};
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        for (int i = from; i < to; ++i) {
+          const json args = {
+              {"sku", "S" + std::to_string(t)}, {"order", order_of(t, i)}, {"note", note_of(t, i)}};
+          if (!e->execute("take", args).ok()) ++failed;
+        }
+      });
+    }
+    for (std::thread& w : workers) w.join();
+    REQUIRE(failed.load() == 0);
+  };
+  // Every order placed in [0, upto) of each thread is there with its own note, and no other.
+  const auto check_orders = [&](const json& state, int upto) {
+    const json& orders = state.at("domain").at("orders");
+    CHECK(orders.size() == static_cast<std::size_t>(threads * upto));
+    for (int t = 0; t < threads; ++t) {
+      CHECK(state.at("domain").at("stock").at("S" + std::to_string(t)) == -upto);
+      for (int i = 0; i < upto; ++i) {
+        INFO(order_of(t, i));
+        REQUIRE(orders.contains(order_of(t, i)));
+        CHECK(orders.at(order_of(t, i)).at("note") == note_of(t, i));
+      }
+    }
+  };
+  run(0, 60);
+  copy_crash_image(file, image);
+  run(60, 120);
+  const std::uint64_t version = e->version();
+  e.reset();
+  o.journal = image;
+  check_orders(open_engine(o)->snapshot().to_json(), 60);
+  o.journal = file;
+  check_orders(open_engine(o)->snapshot().to_json(), 120);
+  // Each record names its own order, once: none carries another commit's writes.
+  const std::vector<pop::journal_record_info> history = pop::read_journal(file).value();
+  REQUIRE(history.size() == version);
+  std::set<std::string> orders;
+  for (const pop::journal_record_info& r : history) {
+    REQUIRE(r.writes.size() == 3);  // the stock, the order, the message
+    CHECK(orders.insert(r.writes[1]).second);
+  }
 }
 
 TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the commit log",
