@@ -133,6 +133,18 @@ std::string to_prometheus(const relay_metrics& m, std::string_view prefix) {
                 "Times the relay looked for commits instead of sleeping.", d(m.spins));
   append_metric(out, prefix, "spin_catches_total", "counter",
                 "Spins that a commit ended before their time was up.", d(m.spin_catches));
+  append_metric(out, prefix, "holding_pace", "gauge",
+                "1 while the relay holds its engine's pace (producers wait for its clears).",
+                m.holding_pace ? 1 : 0);
+  append_metric(out, prefix, "pace_waiting", "gauge",
+                "Processes waiting for the relay's clears now.", d(m.pace_waiting));
+  append_metric(out, prefix, "paced_total", "counter",
+                "Processes that waited for the relay's clears.", d(m.paced));
+  append_metric(out, prefix, "pace_timed_out_total", "counter",
+                "Waits for the relay's clears that lasted options.pace_wait.", d(m.pace_timed_out));
+  append_metric(out, prefix, "pace_stalled", "gauge",
+                "1 while flow control is off after a timed-out wait, until clears resume.",
+                m.pace_stalled ? 1 : 0);
   append_histogram(out, prefix, "publish_latency_seconds",
                    "Time from the start of a publish to its outcome.", m.publish_latency);
   append_histogram(out, prefix, "commit_to_publish_latency_seconds",

@@ -71,6 +71,14 @@ struct relay_metrics {
   std::uint64_t clear_conflicts = 0;  // such transactions that lost a race and were redone
   std::uint64_t spins = 0;         // times the relay looked for commits instead of sleeping (spin)
   std::uint64_t spin_catches = 0;  // such times a commit came before the spin ended
+  // Flow control (engine::pacing): whether this relay holds its engine's pace now, and the
+  // engine's processes waiting for a relay's clears now, that waited so far, and whose wait
+  // timed out; stalled: a wait timed out and none waits until a relay removes messages again.
+  bool holding_pace = false;
+  std::size_t pace_waiting = 0;
+  std::uint64_t paced = 0;
+  std::uint64_t pace_timed_out = 0;
+  bool pace_stalled = false;
   latency_histogram publish_latency{};            // from the start of a publish to its outcome
   latency_histogram commit_to_publish_latency{};  // from a message's commit to its acknowledgement
 };

@@ -45,6 +45,7 @@ struct relay_counters {
   std::atomic<std::uint64_t> clear_conflicts{0};
   std::atomic<std::uint64_t> spins{0};
   std::atomic<std::uint64_t> spin_catches{0};
+  std::atomic<bool> holding_pace{false};
   atomic_histogram publish_latency;
   atomic_histogram commit_to_publish;
 };
@@ -153,6 +154,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
         pace = engine_.hold_pace();
       }
       pace.on_this_thread();  // (the strand may move between threads)
+      counters_.holding_pace.store(static_cast<bool>(pace), std::memory_order_relaxed);
       if (acked > 0 && options_.spin.count() > 0) {
         const steady::time_point now = steady::now();
         if (gap_us >= 0) {
@@ -216,6 +218,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
     watch.commits.reset();
     pace.reset();
+    counters_.holding_pace.store(false, std::memory_order_relaxed);
     co_await stop_flights();
     if (absl::Status s = guarded([&] { return flush(); }); !s.ok() && status.ok()) status = s;
     merge_histograms();
@@ -991,6 +994,12 @@ relay_metrics relay::metrics() const {
   m.clear_conflicts = c.clear_conflicts.load(std::memory_order_relaxed);
   m.spins = c.spins.load(std::memory_order_relaxed);
   m.spin_catches = c.spin_catches.load(std::memory_order_relaxed);
+  m.holding_pace = c.holding_pace.load(std::memory_order_relaxed);
+  const pace_stats pacing = engine_.pacing();
+  m.pace_waiting = pacing.waiting;
+  m.paced = pacing.paced;
+  m.pace_timed_out = pacing.timed_out;
+  m.pace_stalled = pacing.stalled;
   m.publish_latency = c.publish_latency.snapshot();
   m.commit_to_publish_latency = c.commit_to_publish.snapshot();
   return m;

@@ -218,6 +218,11 @@ TEST_CASE("producers faster than the relay wait for its clears and every message
   CHECK(all);
   CHECK(e->pacing().paced > 0);
   CHECK(e->pacing().timed_out == 0);
+  // The relay's metrics report the same (metrics() may be called from any thread).
+  const pop::relay_metrics m = relay->metrics();
+  CHECK(m.paced == e->pacing().paced);
+  CHECK(m.pace_timed_out == 0);
+  CHECK(!m.pace_stalled);
   asio::post(io, [&] { signal.emit(asio::cancellation_type::terminal); });
   relay_thread.join();
   // Published once each, in commit order (one key).

@@ -345,10 +345,13 @@ TEST_CASE("a relay holds its engine's pace while it publishes without failures",
   pop::relay_options o = quick_relay(1);  // (a failed message is dead-lettered at once)
   polled_relay r(e, sink, o);
   CHECK(e.pacing().holds == 0);  // nothing published yet
+  CHECK(!r->metrics().holding_pace);
   emit(e, "k1");
   r.io.poll();
   REQUIRE(sink.acked.size() == 1);
   CHECK(e.pacing().holds == 1);
+  CHECK(r->metrics().holding_pace);
+  CHECK(pop::to_prometheus(r->metrics()).find("pop_relay_holding_pace 1\n") != std::string::npos);
   emit(e, "k1");
   r.io.poll();
   REQUIRE(sink.acked.size() == 2);
@@ -360,6 +363,7 @@ TEST_CASE("a relay holds its engine's pace while it publishes without failures",
   // A round whose publishes all failed lets it go: producers never wait for a relay that
   // cannot publish.
   CHECK(e.pacing().holds == 0);
+  CHECK(!r->metrics().holding_pace);
   emit(e, "k3");
   r.io.poll();
   REQUIRE(sink.acked.size() == 3);
@@ -368,6 +372,7 @@ TEST_CASE("a relay holds its engine's pace while it publishes without failures",
   r.stop();
   REQUIRE(r.result.has_value());
   CHECK(e.pacing().holds == 0);  // a stopped relay holds nothing
+  CHECK(!r->metrics().holding_pace);
 }
 
 TEST_CASE("a relay keeps the pace while other keys publish beside a failing one",
