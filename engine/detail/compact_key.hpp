@@ -15,30 +15,58 @@ namespace pop::detail {
 
 // Byte-order comparison of `a` and `b` (<0, 0, >0), inline and eight bytes at a time: map keys are
 // short (or share long prefixes, as message ids do), where a call to memcmp costs more than the
-// comparison itself.
+// comparison itself. A rest of under eight bytes is compared in one step, by loads that overlap
+// (the last eight bytes; or the first and last four, or two), not byte by byte.
 inline int compare_bytes(std::string_view a, std::string_view b) {
   static_assert(std::endian::native == std::endian::little ||
                 std::endian::native == std::endian::big);
-  const std::size_t n = a.size() < b.size() ? a.size() : b.size();
-  std::size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
+  // (Loads in big-endian order: their numeric order is the bytes' order.)
+  const auto load64 = [](const char* s) {
     std::uint64_t x;
-    std::uint64_t y;
-    std::memcpy(&x, a.data() + i, 8);
-    std::memcpy(&y, b.data() + i, 8);
-    if (x != y) {
-      if constexpr (std::endian::native == std::endian::little) {
-        x = __builtin_bswap64(x);
-        y = __builtin_bswap64(y);
-      }
-      return x < y ? -1 : 1;
+    std::memcpy(&x, s, 8);
+    if constexpr (std::endian::native == std::endian::little) x = __builtin_bswap64(x);
+    return x;
+  };
+  const auto load32 = [](const char* s) -> std::uint64_t {
+    std::uint32_t x;
+    std::memcpy(&x, s, 4);
+    if constexpr (std::endian::native == std::endian::little) x = __builtin_bswap32(x);
+    return x;
+  };
+  const auto load16 = [](const char* s) -> std::uint64_t {
+    std::uint16_t x;
+    std::memcpy(&x, s, 2);
+    if constexpr (std::endian::native == std::endian::little) x = __builtin_bswap16(x);
+    return x;
+  };
+  const std::size_t n = a.size() < b.size() ? a.size() : b.size();
+  const char* const p = a.data();
+  const char* const q = b.data();
+  std::uint64_t x = 0;
+  std::uint64_t y = 0;
+  if (n >= 8) {
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      x = load64(p + i);
+      y = load64(q + i);
+      if (x != y) return x < y ? -1 : 1;
     }
+    // The rest: the last eight bytes (those before them are equal).
+    if (i < n) {
+      x = load64(p + n - 8);
+      y = load64(q + n - 8);
+    }
+  } else if (n >= 4) {  // the first four and the last four, overlapping
+    x = load32(p) << 32 | load32(p + n - 4);
+    y = load32(q) << 32 | load32(q + n - 4);
+  } else if (n >= 2) {
+    x = load16(p) << 16 | load16(p + n - 2);
+    y = load16(q) << 16 | load16(q + n - 2);
+  } else if (n == 1) {
+    x = static_cast<unsigned char>(*p);
+    y = static_cast<unsigned char>(*q);
   }
-  for (; i < n; ++i) {
-    const auto x = static_cast<unsigned char>(a[i]);
-    const auto y = static_cast<unsigned char>(b[i]);
-    if (x != y) return x < y ? -1 : 1;
-  }
+  if (x != y) return x < y ? -1 : 1;
   return a.size() < b.size() ? -1 : (a.size() > b.size() ? 1 : 0);
 }
 // Whether `a` and `b` hold the same bytes, as compare_bytes compares them.

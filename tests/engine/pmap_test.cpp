@@ -479,6 +479,28 @@ TEST_CASE("compare_bytes orders any bytes as std::string does", "[pmap]") {
     RC_ASSERT((order > 0) == (a > b));
     RC_ASSERT(pop::detail::equal_bytes(a, b) == (a == b));
   });
+  // Every length up to 20 with one byte changed at every position, or cut after it, or one byte
+  // longer: the overlapping loads of a rest under eight bytes (and of the last eight) see each
+  // position.
+  std::mt19937 rng(7);
+  for (std::size_t n = 0; n <= 20; ++n) {
+    std::string a(n, '\0');
+    for (char& c : a) c = static_cast<char>(rng());
+    for (std::size_t j = 0; j < n; ++j) {
+      for (const int delta : {-1, 1, 0x80}) {
+        std::string b = a;
+        b[j] = static_cast<char>(static_cast<unsigned char>(b[j]) + delta);
+        for (const std::string& c : {b, b.substr(0, j + 1), b + "x"}) {
+          const int order = pop::detail::compare_bytes(a, c);
+          CHECK((order < 0) == (a < c));
+          CHECK((order == 0) == (a == c));
+          CHECK((order > 0) == (a > c));
+        }
+      }
+    }
+    CHECK(pop::detail::compare_bytes(a, a + '\0') < 0);
+    CHECK(pop::detail::compare_bytes(a, a) == 0);
+  }
 }
 
 TEST_CASE("erase_sorted_if removes exactly the listed keys its predicate accepts", "[pmap]") {
