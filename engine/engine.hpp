@@ -360,7 +360,7 @@ class engine {
   // Lock order: commit_mu_ before head_mu_.
   std::mutex commit_mu_;
   // The paths each recent commit wrote (options.conflict_window of them), for find_conflict.
-  const std::unique_ptr<detail::written_log> log_ ABSL_GUARDED_BY(commit_mu_);
+  const std::unique_ptr<detail::written_log> log_ ABSL_PT_GUARDED_BY(commit_mu_);
   // A commit applied in place holds it for the microsecond the change takes: it is taken by
   // trying a while before sleeping (lock_head_shared / lock_head), as a futex sleep and wake-up
   // would cost more. (A std::shared_mutex: ThreadSanitizer sees it, unlike a prebuilt

@@ -136,14 +136,17 @@ std::string to_prometheus(const relay_metrics& m, std::string_view prefix) {
   append_metric(out, prefix, "holding_pace", "gauge",
                 "1 while the relay holds its engine's pace (producers wait for its clears).",
                 m.holding_pace ? 1 : 0);
-  append_metric(out, prefix, "pace_waiting", "gauge",
-                "Processes waiting for the relay's clears now.", d(m.pace_waiting));
-  append_metric(out, prefix, "paced_total", "counter",
-                "Processes that waited for the relay's clears.", d(m.paced));
-  append_metric(out, prefix, "pace_timed_out_total", "counter",
-                "Waits for the relay's clears that lasted options.pace_wait.", d(m.pace_timed_out));
-  append_metric(out, prefix, "pace_stalled", "gauge",
-                "1 while flow control is off after a timed-out wait, until clears resume.",
+  // (The engine's figures, the same in every relay of one engine: named engine_*.)
+  append_metric(out, prefix, "engine_pace_waiting", "gauge",
+                "The engine's processes waiting for a relay's clears now.", d(m.pace_waiting));
+  append_metric(out, prefix, "engine_paced_total", "counter",
+                "The engine's processes that waited for a relay's clears.", d(m.paced));
+  append_metric(out, prefix, "engine_pace_timed_out_total", "counter",
+                "The engine's waits for a relay's clears that lasted options.pace_wait.",
+                d(m.pace_timed_out));
+  append_metric(out, prefix, "engine_pace_stalled", "gauge",
+                "1 while the engine's flow control is off after a timed-out wait, until clears "
+                "resume.",
                 m.pace_stalled ? 1 : 0);
   append_histogram(out, prefix, "publish_latency_seconds",
                    "Time from the start of a publish to its outcome.", m.publish_latency);

@@ -56,7 +56,7 @@ void append_histogram(std::string& out, std::string_view prefix, std::string_vie
 }  // namespace detail
 
 // What a relay reports: the outbox as one snapshot shows it, plus the relay's own counters since
-// it was constructed.
+// it was constructed (and its engine's flow control figures).
 struct relay_metrics {
   std::uint64_t version = 0;          // the snapshot the outbox figures come from
   std::size_t pending = 0;            // messages in the outbox
@@ -71,9 +71,10 @@ struct relay_metrics {
   std::uint64_t clear_conflicts = 0;  // such transactions that lost a race and were redone
   std::uint64_t spins = 0;         // times the relay looked for commits instead of sleeping (spin)
   std::uint64_t spin_catches = 0;  // such times a commit came before the spin ended
-  // Flow control (engine::pacing): whether this relay holds its engine's pace now, and the
-  // engine's processes waiting for a relay's clears now, that waited so far, and whose wait
-  // timed out; stalled: a wait timed out and none waits until a relay removes messages again.
+  // Flow control: whether this relay holds its engine's pace now; and, from engine::pacing() (the
+  // engine's figures, the same in every relay of one engine, not this relay's own), its processes
+  // waiting for a relay's clears now, that waited so far, and whose wait timed out; stalled: a
+  // wait timed out and none waits until a relay removes messages again.
   bool holding_pace = false;
   std::size_t pace_waiting = 0;
   std::uint64_t paced = 0;

@@ -127,6 +127,11 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     // for this relay's clears when it falls far behind (options::pace_pending), never for one that
     // cannot publish.
     pace_hold pace;
+    // (holding_pace follows it, also when the frame is destroyed while suspended.)
+    struct pace_flag {
+      std::atomic<bool>& holding;
+      ~pace_flag() { holding.store(false, std::memory_order_relaxed); }
+    } const pace_shown{counters_.holding_pace};
     steady::time_point last_published{};
     for (;;) {
       if (co_await cancelled()) {
@@ -218,7 +223,7 @@ class relay_run : public std::enable_shared_from_this<relay_run> {
     }
     watch.commits.reset();
     pace.reset();
-    counters_.holding_pace.store(false, std::memory_order_relaxed);
+    pace_shown.holding.store(false, std::memory_order_relaxed);
     co_await stop_flights();
     if (absl::Status s = guarded([&] { return flush(); }); !s.ok() && status.ok()) status = s;
     merge_histograms();

@@ -109,7 +109,8 @@ class relay {
   // out retry backoffs on the way). For tests, batch jobs and orderly shutdown.
   boost::asio::awaitable<absl::Status> drain();
 
-  // The outbox figures from the newest snapshot plus this relay's counters. Any thread.
+  // The outbox figures from the newest snapshot plus this relay's counters (and its engine's flow
+  // control figures). Any thread.
   relay_metrics metrics() const;
 
   const relay_options& options() const { return options_; }

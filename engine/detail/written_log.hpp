@@ -15,8 +15,9 @@ namespace pop::detail {
 
 // A window of consecutive commits, oldest first, each with the texts of the paths it wrote
 // (add_written's form). Texts are copied into blocks of block_size bytes that are reused once
-// every commit in them has left the window: a commit costs a copy, not an allocation, and leaving
-// the window frees nothing. (With one string per commit, the engine freed per commit a string
+// every commit in them has left the window: the log costs a commit a copy of its text (and, once
+// a block is full, the next block: the spare, else an allocation), and leaving the window frees
+// nothing. (With one string per commit, the engine freed per commit a string
 // allocated `conflict_window` commits earlier, long out of the cache: a tenth of an in-memory
 // execute.) Not thread-safe: the engine holds its commit lock.
 class written_log {

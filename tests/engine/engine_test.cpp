@@ -497,6 +497,28 @@ TEST_CASE("a snapshot older than the conflict window commits if nothing it read 
   CHECK(state_at(e, "domain") == domain);
 }
 
+TEST_CASE("a change exactly conflict_window commits old is checked, one older is refused",
+          "[engine]") {
+  for (const std::size_t window : {std::size_t{1}, std::size_t{3}}) {
+    INFO("conflict_window " << window);
+    auto e = pop::test::must(pop::engine::open(pop::options{
+        .initial_state = {{"domain", {{"a", 0}, {"b", 0}}}}, .conflict_window = window}));
+    const auto cas = [&](std::uint64_t expected, const char* path, int value) {
+      return pop::test::must(e->compare_and_swap(expected, {{path, value}}, pop::cas_mode::keys));
+    };
+    for (int i = 1; i <= 5; ++i) REQUIRE(cas(e->version(), "domain.a", i).committed);
+    // `window` commits since it, all in the log: checked, and none wrote domain.b.
+    CHECK(cas(e->version() - window, "domain.b", 1).committed);
+    // One more (none of them wrote domain.c): the log no longer has them all, so it cannot be
+    // checked.
+    CHECK(!cas(e->version() - window - 1, "domain.c", 2).committed);
+    // Within the window, a commit that wrote the same path is found.
+    REQUIRE(cas(e->version(), "domain.a", 6).committed);
+    CHECK(!cas(e->version() - 1, "domain.a", 7).committed);
+    CHECK(pop::test::must(e->snapshot().read("domain")) == json{{"a", 6}, {"b", 1}});
+  }
+}
+
 TEST_CASE("a process that keeps conflicting is aborted after the retry budget", "[engine]") {
   auto e_owner = pop::test::must(pop::engine::open(pop::options{.retry = {.max_attempts = 3}}));
   pop::engine& e = *e_owner;
