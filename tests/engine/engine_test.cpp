@@ -512,10 +512,14 @@ TEST_CASE("a change exactly conflict_window commits old is checked, one older is
     // One more (none of them wrote domain.c): the log no longer has them all, so it cannot be
     // checked.
     CHECK(!cas(e->version() - window - 1, "domain.c", 2).committed);
-    // Within the window, a commit that wrote the same path is found.
-    REQUIRE(cas(e->version(), "domain.a", 6).committed);
-    CHECK(!cas(e->version() - 1, "domain.a", 7).committed);
-    CHECK(pop::test::must(e->snapshot().read("domain")) == json{{"a", 6}, {"b", 1}});
+    // The oldest commit in the window, the only one that wrote domain.d, is found.
+    REQUIRE(cas(e->version(), "domain.d", 1).committed);
+    const std::uint64_t before_d = e->version() - 1;
+    for (std::size_t i = 1; i < window; ++i) REQUIRE(cas(e->version(), "domain.a", 6).committed);
+    CHECK(!cas(before_d, "domain.d", 2).committed);
+    CHECK(cas(before_d, "domain.e", 3).committed);  // (checked against the same commits)
+    CHECK(pop::test::must(e->snapshot().read("domain")) ==
+          json{{"a", window > 1 ? 6 : 5}, {"b", 1}, {"d", 1}, {"e", 3}});
   }
 }
 

@@ -160,6 +160,15 @@ TEST_CASE("metrics render in the Prometheus text format", "[relay][metrics]") {
   CHECK(text.find("pop_relay_publish_latency_seconds_bucket{le=\"+Inf\"} 3\n") !=
         std::string::npos);
   CHECK(text.find("pop_relay_commit_to_publish_latency_seconds_count 3\n") != std::string::npos);
+  // Flow control: the relay's hold, and its engine's figures (nothing waited here).
+  CHECK(text.find("# TYPE pop_relay_holding_pace gauge\npop_relay_holding_pace ") !=
+        std::string::npos);
+  CHECK(
+      text.find("# TYPE pop_relay_engine_paced_total counter\npop_relay_engine_paced_total 0\n") !=
+      std::string::npos);
+  CHECK(text.find("pop_relay_engine_pace_waiting 0\n") != std::string::npos);
+  CHECK(text.find("pop_relay_engine_pace_timed_out_total 0\n") != std::string::npos);
+  CHECK(text.find("pop_relay_engine_pace_stalled 0\n") != std::string::npos);
   const pop::latency_histogram h = r.metrics().commit_to_publish_latency;
   CHECK(h.quantile_us(0.5) > 0);
   CHECK(h.quantile_us(0.5) <= h.quantile_us(1.0));
