@@ -27,9 +27,11 @@ enum class durability {
 
 // Tuning of a journal; the defaults suit most engines.
 struct journal_options {
-  std::uint64_t snapshot_every = 100'000;      // versions between full-state snapshots
-  std::uint64_t snapshot_bytes = 64ull << 20;  // or journal bytes written since the last one
-  std::size_t max_group = 8192;                // most commits sharing one SQLite transaction
+  // Versions between full-state snapshots, or journal bytes written since the last one. An open
+  // that replays that many records (engines that never ran long enough to write one) writes one.
+  std::uint64_t snapshot_every = 100'000;
+  std::uint64_t snapshot_bytes = 64ull << 20;
+  std::size_t max_group = 8192;        // most commits sharing one SQLite transaction
   std::uint64_t max_batch_lag = 8192;  // versions an engine::batch may run ahead of the journal
                                        // before its next commit waits for part of them
   // Bytes of the commit log at durability::process (rounded up to 4 KiB, at least 64 KiB, at most
@@ -51,6 +53,7 @@ struct journal_info {
   std::uint64_t last_version = 0;      // the version a reopened engine resumes at
   std::uint64_t snapshot_version = 0;  // the newest snapshot; commits after it are replayed
   std::uint64_t records = 0;           // commit records after the snapshot
+  std::uint64_t record_bytes = 0;      // bytes of their texts (as options.snapshot_bytes counts)
   bool clean = false;                  // false: the last engine using it did not close it
   std::string outbox_path{};
 };

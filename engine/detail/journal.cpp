@@ -74,6 +74,9 @@ absl::Status recover_logged(sqlite3* db, const std::string& path,
   }
   info.last_version = recovered.back()->version;
   info.records += recovered.size();
+  for (const commit_log::entry* e : recovered) {
+    info.record_bytes += record_text_bytes(e->process.size(), e->writes.size(), e->messages.size());
+  }
   return absl::OkStatus();
 }
 
@@ -166,6 +169,26 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
             recover_logged(c.db, path, log_continuation(*logged, info.last_version), root, info);
         !s.ok()) {
       return fail(s);
+    }
+    // A snapshot's worth replayed (an engine that never ran long enough to write one, say one
+    // killed every few hundred commits): the snapshot now, so the next open does not replay them
+    // again, and each restart of a crash loop is not slower than the one before.
+    if (info.records > 0 &&
+        (info.records >= opts.snapshot_every || info.record_bytes >= opts.snapshot_bytes)) {
+      absl::Status s;
+      try {
+        s = detail::write_snapshot(c.db, path, info.last_version,
+                                   record_encoder::value_text({root.get(), nullptr}),
+                                   clock->now_us());
+      } catch (const std::exception& e) {
+        s = absl::InternalError(absl::StrCat("journal '", path,
+                                             "': cannot encode the snapshot of version ",
+                                             info.last_version, ": ", e.what()));
+      }
+      if (!s.ok()) return fail(s);
+      info.snapshot_version = info.last_version;
+      info.records = 0;
+      info.record_bytes = 0;
     }
   }
   std::unique_ptr<commit_log> log;
@@ -372,7 +395,7 @@ bool journal::group_ready() const {
 }
 
 std::size_t journal::record_bytes(const journal_record& r) {
-  return r.writes.size() + r.messages.size() + r.process.size() + 32;
+  return record_text_bytes(r.process.size(), r.writes.size(), r.messages.size());
 }
 
 bool journal::snapshot_due(std::uint64_t version) const {
@@ -653,34 +676,7 @@ absl::Status journal::write_snapshot(const journal_record& last) {
     return absl::InternalError(
         absl::StrCat("cannot encode the snapshot of version ", last.version, ": ", e.what()));
   }
-  POP_RETURN_IF_ERROR(exec(db_, path_, "BEGIN IMMEDIATE"));
-  absl::Status s = insert_snapshot(db_, path_, last.version, state, clock_->now_us());
-  if (s.ok()) {
-    statement prune;
-    s = prepare(db_, path_, "DELETE FROM pop_commits WHERE version <= ?", prune);
-    if (s.ok()) {
-      sqlite3_bind_int64(prune.s, 1, static_cast<std::int64_t>(last.version));
-      if (const int rc = sqlite3_step(prune.s); rc != SQLITE_DONE) {
-        s = sql_error(db_, rc, path_, "pruning records");
-      }
-    }
-  }
-  if (s.ok()) {
-    statement old;
-    s = prepare(db_, path_, "DELETE FROM pop_snapshots WHERE version < ?", old);
-    if (s.ok()) {
-      sqlite3_bind_int64(old.s, 1, static_cast<std::int64_t>(last.version));
-      if (const int rc = sqlite3_step(old.s); rc != SQLITE_DONE) {
-        s = sql_error(db_, rc, path_, "pruning snapshots");
-      }
-    }
-  }
-  if (s.ok()) s = exec(db_, path_, "COMMIT");
-  if (!s.ok()) {
-    static_cast<void>(exec(db_, path_, "ROLLBACK"));
-    return s;
-  }
-  return absl::OkStatus();
+  return detail::write_snapshot(db_, path_, last.version, state, clock_->now_us());
 }
 
 }  // namespace pop::detail

@@ -416,6 +416,7 @@ absl::Status load(sqlite3* db, const std::string& path, journal_info& info, node
     }
     POP_RETURN_IF_ERROR(replay(root, writes, version, path));
     ++info.records;
+    info.record_bytes += record_text_bytes(process.size(), writes.size(), messages.size());
     ++expected;
   }
   if (rc != SQLITE_DONE) return sql_error(db, rc, path, "reading its records");
@@ -450,6 +451,25 @@ absl::Status insert_snapshot(sqlite3* db, const std::string& path, std::uint64_t
   const int rc = sqlite3_step(s.s);
   if (rc != SQLITE_DONE) return sql_error(db, rc, path, "writing a snapshot");
   return absl::OkStatus();
+}
+
+absl::Status write_snapshot(sqlite3* db, const std::string& path, std::uint64_t version,
+                            const std::string& state, std::int64_t at) {
+  POP_RETURN_IF_ERROR(exec(db, path, "BEGIN IMMEDIATE"));
+  absl::Status s = insert_snapshot(db, path, version, state, at);
+  for (const auto& [sql, what] :
+       {std::pair{"DELETE FROM pop_commits WHERE version <= ?", "pruning records"},
+        std::pair{"DELETE FROM pop_snapshots WHERE version < ?", "pruning snapshots"}}) {
+    if (!s.ok()) break;
+    statement prune;
+    s = prepare(db, path, sql, prune);
+    if (!s.ok()) break;
+    sqlite3_bind_int64(prune.s, 1, static_cast<std::int64_t>(version));
+    if (const int rc = sqlite3_step(prune.s); rc != SQLITE_DONE) s = sql_error(db, rc, path, what);
+  }
+  if (s.ok()) s = exec(db, path, "COMMIT");
+  if (!s.ok()) static_cast<void>(exec(db, path, "ROLLBACK"));
+  return s;
 }
 
 // record_encoder: JSON text written as it goes, byte for byte what json::dump() would write.

@@ -224,5 +224,14 @@ absl::Status set_meta(sqlite3* db, const std::string& path, const char* key,
 // Writes the snapshot of `version` (the state as JSON text) taken at `at` microseconds.
 absl::Status insert_snapshot(sqlite3* db, const std::string& path, std::uint64_t version,
                              const std::string& state, std::int64_t at);
+// In one transaction: the snapshot of `version` (as insert_snapshot), and the records up to it and
+// older snapshots pruned. On failure the journal is as before.
+absl::Status write_snapshot(sqlite3* db, const std::string& path, std::uint64_t version,
+                            const std::string& state, std::int64_t at);
+// The bytes a record counts toward journal_options::snapshot_bytes.
+constexpr std::uint64_t record_text_bytes(std::size_t process, std::size_t writes,
+                                          std::size_t messages) {
+  return process + writes + messages + 32;
+}
 
 }  // namespace pop::detail

@@ -262,6 +262,76 @@ TEST_CASE("snapshots bound the journal and reopening replays only the records af
   CHECK(open_engine(o)->snapshot().to_json() == expected);
 }
 
+TEST_CASE(
+    "an open that replays a snapshot's worth of records writes a snapshot, so the next "
+    "open replays none",
+    "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  pop::options o = journaled(file);
+  o.journal_tuning.snapshot_every = 1000;
+  const auto commit = [&](int from, int to) {
+    auto e = open_engine(o);
+    for (int i = from; i < to; ++i) {
+      REQUIRE(e->compare_and_swap(e->version(),
+                                  {{"domain.counter", i}, {"domain.list.i" + std::to_string(i), i}})
+                  .value()
+                  .committed);
+    }
+    return e->snapshot().to_json();
+  };
+  // Engines that each run fewer commits than snapshot_every (as one killed every few hundred
+  // commits does) never write a snapshot while they run.
+  commit(0, 20);
+  json expected = commit(20, 40);
+  pop::journal_info info = pop::verify_journal(file).value();
+  REQUIRE(info.snapshot_version == 0);
+  REQUIRE(info.records == 40);
+  const std::uint64_t bytes_of_40 = info.record_bytes;
+  CHECK(bytes_of_40 > 40 * 32);
+  // Fewer records than snapshot_every, fewer bytes than snapshot_bytes: the open writes nothing.
+  o.journal_tuning.snapshot_every = 41;
+  o.journal_tuning.snapshot_bytes = bytes_of_40 + 1;
+  CHECK(open_engine(o)->snapshot().to_json() == expected);
+  info = pop::verify_journal(file).value();
+  CHECK(info.snapshot_version == 0);
+  CHECK(info.records == 40);
+  CHECK(info.record_bytes == bytes_of_40);
+  // Exactly snapshot_every records: the open writes the snapshot of the version it opens at and
+  // prunes the records before it.
+  o.journal_tuning.snapshot_every = 40;
+  CHECK(open_engine(o)->snapshot().to_json() == expected);
+  info = pop::verify_journal(file).value();
+  CHECK(info.snapshot_version == 40);
+  CHECK(info.last_version == 40);
+  CHECK(info.records == 0);
+  CHECK(info.record_bytes == 0);
+  CHECK(pop::read_journal(file).value().empty());
+  CHECK(pop::read_journal_state(file, 40).value().state == expected);
+  // By bytes: snapshot_bytes reached exactly, with fewer records than snapshot_every.
+  o.journal_tuning.snapshot_every = 1000;
+  expected = commit(40, 45);
+  info = pop::verify_journal(file).value();
+  REQUIRE(info.records == 5);
+  o.journal_tuning.snapshot_bytes = info.record_bytes + 1;
+  open_engine(o);
+  CHECK(pop::verify_journal(file).value().snapshot_version == 40);
+  o.journal_tuning.snapshot_bytes = info.record_bytes;
+  {
+    auto e = open_engine(o);
+    CHECK(e->version() == 45);
+    CHECK(e->snapshot().to_json() == expected);
+  }
+  info = pop::verify_journal(file).value();
+  CHECK(info.snapshot_version == 45);
+  CHECK(info.records == 0);
+  // What the snapshot holds is the state: an engine opened on it goes on from there.
+  auto e = open_engine(o);
+  CHECK(e->snapshot().to_json() == expected);
+  REQUIRE(e->compare_and_swap(45, {{"domain.counter", 45}}).value().committed);
+  CHECK(e->version() == 46);
+}
+
 TEST_CASE("a batch's commits are acknowledged and notified when it returns, durable",
           "[journal][batch]") {
   temp_dir dir;
