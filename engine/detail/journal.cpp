@@ -172,23 +172,24 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
     }
     // A snapshot's worth replayed (an engine that never ran long enough to write one, say one
     // killed every few hundred commits): the snapshot now, so the next open does not replay them
-    // again, and each restart of a crash loop is not slower than the one before.
+    // again, and each restart of a crash loop is not slower than the one before. Only a saving: if
+    // it cannot be written (rolled back, the journal as it was), the open goes on without it and
+    // the writer thread writes it when the next commit finds it due.
     if (info.records > 0 &&
         (info.records >= opts.snapshot_every || info.record_bytes >= opts.snapshot_bytes)) {
-      absl::Status s;
+      bool written = false;
       try {
-        s = detail::write_snapshot(c.db, path, info.last_version,
-                                   record_encoder::value_text({root.get(), nullptr}),
-                                   clock->now_us());
-      } catch (const std::exception& e) {
-        s = absl::InternalError(absl::StrCat("journal '", path,
-                                             "': cannot encode the snapshot of version ",
-                                             info.last_version, ": ", e.what()));
+        written = detail::write_snapshot(c.db, path, info.last_version,
+                                         record_encoder::value_text({root.get(), nullptr}),
+                                         clock->now_us())
+                      .ok();
+      } catch (const std::exception&) {  // (the state's text too large to build, say)
       }
-      if (!s.ok()) return fail(s);
-      info.snapshot_version = info.last_version;
-      info.records = 0;
-      info.record_bytes = 0;
+      if (written) {
+        info.snapshot_version = info.last_version;
+        info.records = 0;
+        info.record_bytes = 0;
+      }
     }
   }
   std::unique_ptr<commit_log> log;
@@ -236,8 +237,8 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
   start.version = info.last_version;
   start.root = std::move(root);
   std::unique_ptr<journal> j(new journal(path, level, opts, fd, head_fd, c.release(),
-                                         info.last_version, info.snapshot_version, std::move(clock),
-                                         std::move(log)));
+                                         info.last_version, info.snapshot_version,
+                                         info.record_bytes, std::move(clock), std::move(log)));
   if (int prc = sqlite3_prepare_v2(j->db_, insert_record_sql, -1, &j->insert_, nullptr);
       prc != SQLITE_OK) {
     return sql_error(j->db_, prc, path, "preparing the record insert");
@@ -253,7 +254,8 @@ absl::StatusOr<std::unique_ptr<journal>> journal::open(const std::string& path, 
 
 journal::journal(std::string path, durability level, const journal_options& opts, int lock_fd,
                  int head_fd, sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version,
-                 std::shared_ptr<const clock> clock, std::unique_ptr<commit_log> log)
+                 std::uint64_t replayed_bytes, std::shared_ptr<const clock> clock,
+                 std::unique_ptr<commit_log> log)
     : path_(std::move(path)),
       clock_(std::move(clock)),
       level_(level),
@@ -264,7 +266,8 @@ journal::journal(std::string path, durability level, const journal_options& opts
       durable_(version),
       acked_(version),
       log_(std::move(log)),
-      snapshot_base_(snapshot_version) {}
+      snapshot_base_(snapshot_version),
+      filled_bytes_(replayed_bytes) {}
 
 journal::~journal() {
   {

@@ -141,7 +141,8 @@ class journal {
  private:
   journal(std::string path, durability level, const journal_options& opts, int lock_fd, int head_fd,
           sqlite3* db, std::uint64_t version, std::uint64_t snapshot_version,
-          std::shared_ptr<const clock> clock, std::unique_ptr<commit_log> log);
+          std::uint64_t replayed_bytes, std::shared_ptr<const clock> clock,
+          std::unique_ptr<commit_log> log);
   // Writes the records at the front of the queue (up to max_group) as one group, with
   // the token (writing_) that one committer or the writer thread holds at a time; then
   // hand_over(). Called with mu_ held (through `lock`); returns with it held.
@@ -222,9 +223,9 @@ class journal {
   int room_waiters_ ABSL_GUARDED_BY(mu_) = 0;      // committers waiting on room_cv_
   bool writer_idle_ ABSL_GUARDED_BY(mu_) = false;  // the writer thread waits with no timeout
   // When the next snapshot is due (see fill()): the version of the last one and the record bytes
-  // filled since.
+  // filled since (those replayed at open included).
   std::uint64_t snapshot_base_ ABSL_GUARDED_BY(mu_);
-  std::uint64_t filled_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::uint64_t filled_bytes_ ABSL_GUARDED_BY(mu_);
   absl::Status failed_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> has_failed_{false};  // set (under mu_) when failed_ is
   bool stop_ ABSL_GUARDED_BY(mu_) = false;

@@ -862,6 +862,8 @@ absl::Status load_read_only(sqlite3* db, const std::string& path, journal_info& 
         if (!s.ok()) break;
         info.last_version = e->version;
         ++info.records;
+        info.record_bytes +=
+            record_text_bytes(e->process.size(), e->writes.size(), e->messages.size());
       }
     }
     if (s.ok() && newest) {

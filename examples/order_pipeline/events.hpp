@@ -2,7 +2,9 @@
 // get, written as JSON lines) and the reading of an events file back.
 #pragma once
 
+#include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <ostream>
@@ -44,6 +46,20 @@ class event_sink {
   std::map<std::string, std::set<std::string>> confirmation_ids_;
   std::uint64_t delivered_ = 0;
 };
+
+// Cuts the events file back to its last whole line. A run killed while it wrote a line can leave
+// it half written (a write is copied page by page and given up once the kill is pending); the next
+// run would append its first line to it, and the two would read as one bad line, losing an event.
+// The torn event was never acknowledged to the relay: it is delivered again.
+inline void drop_torn_line(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) return;
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::size_t end = text.rfind('\n');
+  const std::size_t whole = end == std::string::npos ? 0 : end + 1;
+  std::error_code ignored;  // (if it cannot be cut, the reader skips the bad line as before)
+  if (whole != text.size()) std::filesystem::resize_file(file, whole, ignored);
+}
 
 // Reads email.confirmation ids per order from an events file written by this and earlier runs.
 inline std::map<std::string, std::set<std::string>> confirmations_in(const std::string& file) {

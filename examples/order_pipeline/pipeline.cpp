@@ -47,6 +47,7 @@ absl::StatusOr<std::unique_ptr<pipeline>> pipeline::build(const settings& s) {
     p->events_out_ = &std::cout;
   } else if (s.sink != "none") {
     // A new journal starts a new run: its events file starts empty too.
+    if (p->engine_->version() != 0) drop_torn_line(s.sink);
     p->events_file_.open(s.sink, p->engine_->version() == 0 ? std::ios::trunc : std::ios::app);
     if (!p->events_file_) {
       return absl::UnavailableError("cannot open the sink file '" + s.sink + "'");

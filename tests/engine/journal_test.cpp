@@ -620,6 +620,80 @@ TEST_CASE("commits acknowledged while SQLite is locked survive a crash in the co
   CHECK(file_bytes(damaged + "-log") == bytes);
 }
 
+TEST_CASE(
+    "records recovered from the commit log count toward the snapshot an open writes, and a "
+    "failure after it loses nothing",
+    "[journal]") {
+  temp_dir dir;
+  const std::string file = dir.file("shop.db");
+  const std::string image = dir.file("image.db");
+  const std::string short_of = dir.file("short.db");
+  json expected;
+  std::uint64_t before = 0;
+  {
+    auto e = open_engine(journaled(file));
+    for (int i = 0; i < 4; ++i) {
+      REQUIRE(e->execute("take", {{"sku", "A1"}, {"order", "o-" + std::to_string(i)}}).ok());
+    }
+    before = e->version();
+    write_lock other(file);  // what follows is in the commit log alone
+    for (int i = 0; i < 6; ++i) {
+      REQUIRE(e->execute("take", {{"sku", "B2"}, {"order", "p-" + std::to_string(i)}}).ok());
+    }
+    copy_crash_image(file, image);
+    copy_crash_image(file, short_of);
+    other.release();
+    expected = e->snapshot().to_json();
+  }
+  // The closed journal holds all ten records in SQLite; the image holds four there and six in
+  // its log: a reader counts the same records and bytes in both.
+  const pop::journal_info whole = pop::verify_journal(file).value();
+  const pop::journal_info logged = pop::verify_journal(image).value();
+  REQUIRE(whole.snapshot_version == 0);
+  REQUIRE(whole.records == before + 6);
+  CHECK(logged.records == whole.records);
+  CHECK(logged.record_bytes == whole.record_bytes);
+  // One byte short of snapshot_bytes with the logged records counted: no snapshot at open.
+  pop::options o = journaled(short_of);
+  o.journal_tuning.snapshot_bytes = whole.record_bytes + 1;
+  CHECK(open_engine(o)->snapshot().to_json() == expected);
+  CHECK(pop::verify_journal(short_of).value().snapshot_version == 0);
+  // Exactly snapshot_bytes: the open moves the logged records into SQLite, then writes the
+  // snapshot. Its next step, a fresh commit log, fails here (a directory stands where its file is
+  // made): the open fails with the snapshot already written, as a kill at that moment leaves it.
+  o = journaled(image);
+  o.journal_tuning.snapshot_bytes = whole.record_bytes;
+  std::filesystem::create_directory(image + "-log.new");
+  CHECK_FALSE(pop::engine::open(o).ok());
+  pop::journal_info info = pop::verify_journal(image).value();
+  CHECK(info.snapshot_version == before + 6);
+  CHECK(info.records == 0);
+  CHECK(info.record_bytes == 0);
+  // The old log still holds the six records the snapshot covers: the next open replays none of
+  // them again (they would take stock twice).
+  std::filesystem::remove(image + "-log.new");
+  {
+    auto reopened = open_engine(o);
+    CHECK(reopened->version() == before + 6);
+    CHECK(reopened->snapshot().to_json() == expected);
+    REQUIRE(reopened->execute("take", {{"sku", "A1"}, {"order", "o-after"}}).ok());
+  }
+  info = pop::verify_journal(image).value();
+  CHECK(info.last_version == before + 7);
+  CHECK(info.snapshot_version == before + 6);
+  // One snapshot row is left: the older ones were pruned with the records.
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open_v2(image.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  sqlite3_stmt* count = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "SELECT count(*), min(version) FROM pop_snapshots", -1, &count,
+                             nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(count) == SQLITE_ROW);
+  CHECK(sqlite3_column_int64(count, 0) == 1);
+  CHECK(sqlite3_column_int64(count, 1) == static_cast<std::int64_t>(before + 6));
+  sqlite3_finalize(count);
+  sqlite3_close(db);
+}
+
 TEST_CASE("a commit log left by another journal is never replayed", "[journal]") {
   temp_dir dir;
   const std::string file = dir.file("shop.db");
