@@ -645,8 +645,9 @@ TEST_CASE(
     other.release();
     expected = e->snapshot().to_json();
   }
-  // The closed journal holds all ten records in SQLite; the image holds four there and six in
-  // its log: a reader counts the same records and bytes in both.
+  // The closed journal holds all ten records in SQLite; the image holds the last six in its log
+  // alone (the first four in SQLite or the log, as far as the writer had got): a reader counts
+  // the same records and bytes in both.
   const pop::journal_info whole = pop::verify_journal(file).value();
   const pop::journal_info logged = pop::verify_journal(image).value();
   REQUIRE(whole.snapshot_version == 0);

@@ -1,9 +1,13 @@
-// Unit tests of the order pipeline's processes: each runs with pop::dry_run against a fixture
-// state; no engine runs and nothing is mocked.
+// Unit tests of the order pipeline's processes (each runs with pop::dry_run against a fixture
+// state; no engine runs and nothing is mocked) and of its events file.
 #include <catch2/catch.hpp>
 
+#include <filesystem>
+
+#include "events.hpp"
 #include "order_processes.hpp"
 #include "pop/engine/dry_run.hpp"
+#include "tests/support/temp_dir.hpp"
 
 using pop::json;
 
@@ -86,4 +90,32 @@ TEST_CASE("release_stock returns the stock and cancels the order", "[example]") 
   CHECK(r.messages[0].topic == "email.cancelled");
   CHECK(run("release_stock", shop, {{"order", "o-404"}}).status().code() ==
         absl::StatusCode::kNotFound);
+}
+
+TEST_CASE("a line of the events file torn by a kill is cut before the next run appends",
+          "[example]") {
+  pop::test::temp_dir dir;
+  const std::string file = dir.file("events.jsonl");
+  const std::string whole =
+      R"({"id":"00000000000000000007-000000","topic":"email.confirmation","key":"o-1"})"
+      "\n";
+  const std::string next =
+      R"({"id":"00000000000000000012-000000","topic":"email.confirmation","key":"o-2"})"
+      "\n";
+  pop::test::write_bytes(file, whole + R"({"id":"00000000000000000009-0000)");
+  order_pipeline::drop_torn_line(file);
+  CHECK(pop::test::file_bytes(file) == whole);
+  // The next run's first line is read as its own event, not as the tail of the torn one.
+  pop::test::write_bytes(file, pop::test::file_bytes(file) + next);
+  const auto confirmed = order_pipeline::confirmations_in(file);
+  CHECK(confirmed.size() == 2);
+  CHECK(confirmed.count("o-2") == 1);
+  // Whole lines are kept; a file that is one torn line is emptied; no file stays none.
+  order_pipeline::drop_torn_line(file);
+  CHECK(pop::test::file_bytes(file) == whole + next);
+  pop::test::write_bytes(file, R"({"id":)");
+  order_pipeline::drop_torn_line(file);
+  CHECK(std::filesystem::file_size(file) == 0);
+  order_pipeline::drop_torn_line(dir.file("none.jsonl"));
+  CHECK_FALSE(std::filesystem::exists(dir.file("none.jsonl")));
 }
